@@ -1,0 +1,968 @@
+"""Tests for ecr_deploy.py.
+
+Pure parts (parsing, matching, spec rewriting) are table-driven. Every behaviour claim is
+proven against a real rig that the tests start themselves, once per session:
+  - moto_server: SQS and ECR over HTTP, reached by boto3 through AWS_ENDPOINT_URL;
+  - a private dockerd in swarm mode (own data root and socket);
+  - two TLS docker-registry servers posing as ECR hosts of two accounts in two regions,
+    each demanding user AWS with the password moto's ECR token carries, so a service only
+    pulls when the deployer forwarded the right registry auth.
+Without root or the binaries, rig tests skip; with ECR_DEPLOY_REQUIRE_RIG=1 (CI) they fail.
+"""
+from __future__ import annotations
+
+import base64
+import datetime
+import gzip
+import hashlib
+import io
+import itertools
+import json
+import os
+import pathlib
+import signal
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.parse
+import uuid
+import warnings
+
+import boto3
+import pytest
+import requests
+import requests_unixsocket
+
+import ecr_deploy as ed
+
+HERE = pathlib.Path(__file__).resolve().parent
+DEPLOYER = str(HERE / "ecr_deploy.py")
+SAMPLES = HERE.parent / "shared" / "samples"
+REQUIRE_RIG = os.environ.get("ECR_DEPLOY_REQUIRE_RIG") == "1"
+
+DIGEST_A = "sha256:" + "a" * 64
+DIGEST_B = "sha256:" + "b" * 64
+
+
+def event(account="123456789012", region="us-east-1", repository="team/web", tag="latest",
+          digest=DIGEST_A, action="PUSH", result="SUCCESS", **top) -> dict:
+    detail = {"result": result, "repository-name": repository, "image-digest": digest,
+              "action-type": action, "image-tag": tag}
+    body = {"version": "0", "id": str(uuid.uuid4()), "detail-type": "ECR Image Action",
+            "source": "aws.ecr", "account": account, "time": "2026-11-16T01:54:34Z",
+            "region": region, "resources": [], "detail": detail}
+    body.update(top)
+    return body
+
+
+def sns_envelope(inner: dict | str) -> dict:
+    message = inner if isinstance(inner, str) else json.dumps(inner)
+    return {"Type": "Notification", "MessageId": str(uuid.uuid4()),
+            "TopicArn": "arn:aws:sns:us-east-1:123456789012:ecr-push-fanout", "Message": message}
+
+
+def without(d: dict, key: str) -> dict:
+    return {k: v for k, v in d.items() if k != key}
+
+
+# =========================================================================== pure: events
+
+def sample(name: str) -> str:
+    path = SAMPLES / name
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    return path.read_text()
+
+
+def test_samples_parse_as_documented():
+    push = ed.parse_message(sample("ecr-push.json"))
+    assert push == ed.Push("123456789012", "us-west-2", "my-repository-name", "latest",
+                           "sha256:7f5b2640fe6fb4f46592dfd3410c4a79dac4f89e4782432e0378abcd1234abcd",
+                           "2026-11-16T01:54:34Z")
+    assert push.image == "123456789012.dkr.ecr.us-west-2.amazonaws.com/my-repository-name:latest"
+    assert ed.parse_message(sample("sns-wrapped-push.json")) == push
+    for name, reason in [("ecr-delete.json", "action-type is 'DELETE'"),
+                         ("ecr-push-untagged.json", "untagged"),
+                         ("ecr-scan.json", "detail-type is 'ECR Image Scan'")]:
+        ignored = ed.parse_message(sample(name))
+        assert isinstance(ignored, ed.Ignored) and reason in ignored.reason
+        assert not ignored.suspicious  # ordinary ECR traffic: logged at INFO, not WARNING
+
+
+GOOD = event()
+
+ACCEPTED = [
+    (GOOD, ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A, "2026-11-16T01:54:34Z")),
+    (event(region="cn-north-1"), "cn-north-1"),
+    (event(region="us-gov-west-1"), "us-gov-west-1"),
+    (event(region="ap-southeast-3"), "ap-southeast-3"),
+    (event(repository="a/b-c/d_e.f/g-h9"), "a/b-c/d_e.f/g-h9"),
+    (event(repository="x" * 256), "x" * 256),
+    (event(tag="_v1.2-rc.3"), "_v1.2-rc.3"),
+    (event(tag="V" * 128), "V" * 128),
+    (sns_envelope(GOOD), "team/web"),
+    (without(event(), "time"), "team/web"),
+]
+
+
+@pytest.mark.parametrize("body,expected", ACCEPTED, ids=range(len(ACCEPTED)))
+def test_valid_pushes_are_accepted(body, expected):
+    push = ed.parse_message(json.dumps(body))
+    assert isinstance(push, ed.Push), push
+    if isinstance(expected, ed.Push):
+        assert push == expected
+    else:
+        assert expected in (push.region, push.repository, push.tag)
+
+
+REJECTED = [  # (body text, words in the reason, suspicious)
+    ("", "empty", True),
+    ("   \n", "empty", True),
+    ("not json", "not valid JSON", True),
+    ("{\"truncated\": ", "not valid JSON", True),
+    ("\x00\xff\xfe binary \x9c", "not valid JSON", True),
+    ("[" * 100_000 + "]" * 100_000, "not valid JSON", True),
+    ("[]", "JSON list", True),
+    ("null", "JSON NoneType", True),
+    ("42", "JSON int", True),
+    ("\"a string\"", "JSON str", True),
+    (json.dumps(event(source="aws.s3")), "source is 'aws.s3'", False),
+    (json.dumps(without(event(), "source")), "source is None", False),
+    (json.dumps(event(**{"detail-type": "ECR Image Scan"})), "detail-type", False),
+    (json.dumps(without(event(), "detail")), "no detail", True),
+    (json.dumps(event(detail="PUSH")), "no detail", True),
+    (json.dumps(event(action="DELETE")), "action-type is 'DELETE'", False),
+    (json.dumps(event(result="FAILURE")), "result is 'FAILURE'", False),
+    (json.dumps(event(tag=None)), "untagged", False),
+    (json.dumps(event(tag="")), "untagged", False),
+    (json.dumps(event(account="12345678901")), "invalid account", True),
+    (json.dumps(event(account="1234567890123")), "invalid account", True),
+    (json.dumps(event(account="12345678901a")), "invalid account", True),
+    (json.dumps(event(account="١٢٣٤٥٦٧٨٩٠١٢")), "invalid account", True),  # Arabic-Indic digits
+    (json.dumps(event(account=123456789012)), "invalid account", True),
+    (json.dumps(event(account="123456789012\n")), "invalid account", True),
+    (json.dumps(event(region="EU-WEST-1")), "invalid region", True),
+    (json.dumps(event(region="eu-west-1.evil.com")), "invalid region", True),
+    (json.dumps(event(region="eu-west-1/x")), "invalid region", True),
+    (json.dumps(event(region="")), "invalid region", True),
+    (json.dumps(event(repository="Team/Web")), "invalid repository", True),
+    (json.dumps(event(repository="team//web")), "invalid repository", True),
+    (json.dumps(event(repository="team/../web")), "invalid repository", True),
+    (json.dumps(event(repository="team/web:evil")), "invalid repository", True),
+    (json.dumps(event(repository="team/web@sha256")), "invalid repository", True),
+    (json.dumps(event(repository="team/ web")), "invalid repository", True),
+    (json.dumps(event(repository="/team/web")), "invalid repository", True),
+    (json.dumps(event(repository="team/web/")), "invalid repository", True),
+    (json.dumps(event(repository="x" * 257)), "invalid repository", True),
+    (json.dumps(event(repository=["team/web"])), "invalid repository", True),
+    (json.dumps(event(tag=".hidden")), "invalid tag", True),
+    (json.dumps(event(tag="-rf")), "invalid tag", True),
+    (json.dumps(event(tag="v1:evil")), "invalid tag", True),
+    (json.dumps(event(tag="v1@sha256")), "invalid tag", True),
+    (json.dumps(event(tag="a/b")), "invalid tag", True),
+    (json.dumps(event(tag="v" * 129)), "invalid tag", True),
+    (json.dumps(event(tag="v1\n")), "invalid tag", True),
+    (json.dumps(event(digest="sha256:" + "A" * 64)), "invalid digest", True),
+    (json.dumps(event(digest="sha256:" + "a" * 63)), "invalid digest", True),
+    (json.dumps(event(digest="sha512:" + "a" * 128)), "invalid digest", True),
+    (json.dumps(event(digest="a" * 64)), "invalid digest", True),
+    (json.dumps(event(digest=None)), "invalid digest", True),
+    (json.dumps(sns_envelope("not json")), "SNS Message is not valid JSON", True),
+    (json.dumps(sns_envelope("[1]")), "SNS Message is a JSON list", True),
+    (json.dumps(sns_envelope(event(action="DELETE"))), "action-type", False),
+    (json.dumps(sns_envelope(sns_envelope(GOOD))), "source is None", False),  # one envelope only
+]
+
+
+@pytest.mark.parametrize("body,reason,suspicious", REJECTED, ids=range(len(REJECTED)))
+def test_rejected_bodies_give_a_reason_and_never_raise(body, reason, suspicious):
+    ignored = ed.parse_message(body)
+    assert isinstance(ignored, ed.Ignored)
+    assert reason in ignored.reason
+    assert ignored.suspicious is suspicious
+    assert "\n" not in ignored.reason  # one log line, whatever the input
+
+
+def test_non_text_bodies_are_ignored():
+    for body in (None, b"{}", 42, {"source": "aws.ecr"}):
+        assert isinstance(ed.parse_message(body), ed.Ignored)
+
+
+# =========================================================================== pure: images
+
+HOST = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
+
+
+@pytest.mark.parametrize("ref,expected", [
+    (f"{HOST}/team/web:v1", (f"{HOST}/team/web", HOST, "team/web", "v1", None)),
+    (f"{HOST}/team/web", (f"{HOST}/team/web", HOST, "team/web", "latest", None)),
+    (f"{HOST}/team/web@{DIGEST_A}", (f"{HOST}/team/web", HOST, "team/web", "latest", DIGEST_A)),
+    (f"{HOST}/team/web:v1@{DIGEST_A}", (f"{HOST}/team/web", HOST, "team/web", "v1", DIGEST_A)),
+    (f"{HOST.upper()}/team/web:v1", (f"{HOST.upper()}/team/web", HOST, "team/web", "v1", None)),
+    ("localhost:5000/web:v1", ("localhost:5000/web", "localhost:5000", "web", "v1", None)),
+    ("nginx", ("nginx", "docker.io", "nginx", "latest", None)),
+    ("library/nginx:1.25", ("library/nginx", "docker.io", "library/nginx", "1.25", None)),
+    ("", None),
+    (None, None),
+])
+def test_parse_image_ref(ref, expected):
+    assert ed.parse_image_ref(ref) == (ed.ImageRef(*expected) if expected else None)
+
+
+@pytest.mark.parametrize("host,expected", [
+    ("123456789012.dkr.ecr.us-east-1.amazonaws.com", ("123456789012", "us-east-1")),
+    ("123456789012.dkr.ecr-fips.us-east-1.amazonaws.com", ("123456789012", "us-east-1")),
+    ("123456789012.dkr-ecr.us-east-1.on.aws", ("123456789012", "us-east-1")),
+    ("123456789012.dkr-ecr-fips.us-gov-west-1.on.aws", ("123456789012", "us-gov-west-1")),
+    ("123456789012.dkr.ecr.cn-north-1.amazonaws.com.cn", ("123456789012", "cn-north-1")),
+    ("123456789012.DKR.ECR.US-EAST-1.AMAZONAWS.COM", ("123456789012", "us-east-1")),
+    ("123456789012.dkr.ecr.us-east-1.amazonaws.com.evil.com", None),
+    ("evil.com", None),
+    ("docker.io", None),
+    ("12345678901.dkr.ecr.us-east-1.amazonaws.com", None),
+    ("public.ecr.aws", None),
+])
+def test_ecr_registry(host, expected):
+    assert ed.ecr_registry(host) == expected
+
+
+def service(image, labels=None, sid="abcdef1234567890"):
+    return {"ID": sid, "Version": {"Index": 7},
+            "Spec": {"Name": "svc", "Labels": labels or {},
+                     "TaskTemplate": {"ContainerSpec": {"Image": image}}}}
+
+
+PUSH = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_B)
+STACK = {ed.STACK_IMAGE_LABEL: f"{HOST}/team/web:latest"}
+
+
+@pytest.mark.parametrize("svc,name", [
+    (service(f"{HOST}/team/web:latest@{DIGEST_A}"), f"{HOST}/team/web"),
+    (service(f"{HOST}/team/web:latest"), f"{HOST}/team/web"),
+    (service(f"{HOST}/team/web"), f"{HOST}/team/web"),  # implicit :latest
+    (service(f"{HOST}/team/web@{DIGEST_A}", STACK), f"{HOST}/team/web"),  # tag from the stack label
+    (service(f"{HOST.upper()}/team/web:latest"), f"{HOST.upper()}/team/web"),
+    (service("123456789012.dkr.ecr-fips.us-east-1.amazonaws.com/team/web:latest"),
+     "123456789012.dkr.ecr-fips.us-east-1.amazonaws.com/team/web"),
+    (service("123456789012.dkr-ecr.us-east-1.on.aws/team/web"), "123456789012.dkr-ecr.us-east-1.on.aws/team/web"),
+    (service(f"{HOST}/team/web:v1", STACK), f"{HOST}/team/web"),  # the label is preferred
+    (service(f"{HOST}/team/web:latest", {ed.STACK_IMAGE_LABEL: f"{HOST}/team/web:v1"}), None),
+    (service(f"{HOST}/team/web:v1"), None),
+    (service(f"{HOST}/team/api:latest"), None),
+    (service(f"{HOST}/team/web-api:latest"), None),
+    (service(f"{HOST}/team:latest"), None),
+    (service("210987654321.dkr.ecr.us-east-1.amazonaws.com/team/web:latest"), None),
+    (service("123456789012.dkr.ecr.eu-west-1.amazonaws.com/team/web:latest"), None),
+    (service("team/web:latest"), None),
+    (service("docker.io/team/web:latest"), None),
+    (service(None), None),
+])
+def test_uses_image(svc, name):
+    ref = ed.uses_image(svc, PUSH)
+    assert (ref.name if ref else None) == name
+
+
+def test_services_using_finds_every_match_and_applies_the_label_filter():
+    services = [service(f"{HOST}/team/web:latest", {"deploy": "yes"}, "1"),
+                service(f"{HOST}/team/web", {"deploy": "no"}, "2"),
+                service(f"{HOST}/team/web:latest", {}, "3"),
+                service(f"{HOST}/team/web:v1", {"deploy": "yes"}, "4")]
+    ids = lambda found: [s["ID"] for s in found]  # noqa: E731
+    assert ids(ed.services_using(services, PUSH, None)) == ["1", "2", "3"]
+    assert ids(ed.services_using(services, PUSH, ed.LabelFilter("deploy", None))) == ["1", "2"]
+    assert ids(ed.services_using(services, PUSH, ed.LabelFilter("deploy", "yes"))) == ["1"]
+    assert ids(ed.services_using(services, PUSH, ed.LabelFilter("other", None))) == []
+
+
+# =========================================================================== pure: specs
+
+FULL_SPEC = {
+    "Name": "web", "Labels": {"team": "a", ed.STACK_IMAGE_LABEL: f"{HOST}/team/web:latest"},
+    "TaskTemplate": {
+        "ContainerSpec": {"Image": f"{HOST}/team/web:latest@{DIGEST_A}", "Env": ["A=1"], "Init": True,
+                          "Mounts": [{"Type": "tmpfs", "Target": "/cache"}], "Args": ["x"]},
+        "Resources": {"Limits": {"MemoryBytes": 1 << 26}}, "RestartPolicy": {"Condition": "any"},
+        "ForceUpdate": 4},
+    "Mode": {"Replicated": {"Replicas": 3}}, "UpdateConfig": {"Parallelism": 1, "Order": "start-first"},
+}
+
+
+@pytest.mark.parametrize("spec,force_before", [
+    (FULL_SPEC, 4),
+    ({"Name": "bare", "TaskTemplate": {"ContainerSpec": {"Image": "x"}}}, 0),
+])
+def test_updated_spec_changes_only_image_and_force_update(spec, force_before):
+    before = json.loads(json.dumps(spec))
+    image = f"{HOST}/team/web:latest@{DIGEST_B}"
+    new = ed.updated_spec(spec, image)
+    assert spec == before  # the fetched spec is not mutated
+    assert new["TaskTemplate"]["ContainerSpec"]["Image"] == image
+    assert new["TaskTemplate"]["ForceUpdate"] == force_before + 1
+    new["TaskTemplate"]["ContainerSpec"]["Image"] = before["TaskTemplate"]["ContainerSpec"]["Image"]
+    new["TaskTemplate"]["ForceUpdate"] = force_before
+    before["TaskTemplate"].setdefault("ForceUpdate", 0)
+    assert new == before
+
+
+@pytest.mark.parametrize("ref,tag,expected", [
+    (f"{HOST}/team/web@{DIGEST_A}", "latest", f"{HOST}/team/web:latest@{DIGEST_B}"),
+    (f"{HOST}/team/web:v2", "v2", f"{HOST}/team/web:v2@{DIGEST_B}"),
+    (f"{HOST.upper()}/team/web", "latest", f"{HOST.upper()}/team/web:latest@{DIGEST_B}"),
+])
+def test_pinned_image_keeps_the_services_spelling(ref, tag, expected):
+    assert ed.pinned_image(ed.parse_image_ref(ref), tag, DIGEST_B) == expected
+
+
+def test_registry_auth_header_is_base64url_json():
+    header = ed.registry_auth_header("AWS", "s3cr?t>>", HOST)
+    assert "+" not in header and "/" not in header
+    assert json.loads(base64.urlsafe_b64decode(header)) == {
+        "username": "AWS", "password": "s3cr?t>>", "serveraddress": HOST}
+
+
+# =========================================================================== pure: configuration
+
+@pytest.mark.parametrize("argv,env,expected", [
+    (["--queue", "q"], {}, {"queue": "q", "once": False, "filter_label": None, "log_level": "INFO"}),
+    ([], {"DEPLOYER_QUEUE": "https://sqs.eu-west-1.amazonaws.com/1/q"}, {"queue": "https://sqs.eu-west-1.amazonaws.com/1/q"}),
+    (["--queue", "flag"], {"DEPLOYER_QUEUE": "env"}, {"queue": "flag"}),
+    (["--queue", "q", "--once", "--filter-label", "deploy"], {}, {"once": True, "filter_label": ("deploy", None)}),
+    (["--queue", "q"], {"DEPLOYER_FILTER_LABEL": "env=prod"}, {"filter_label": ("env", "prod")}),
+    (["--queue", "q", "--filter-label", "k="], {}, {"filter_label": ("k", "")}),
+    (["--queue", "q"], {"DEPLOYER_LOG_LEVEL": "debug"}, {"log_level": "DEBUG"}),
+    (["--queue", "q"], {"DEPLOYER_TRUST_EVENTS": "true"}, {"trust_events": True}),
+    (["--queue", "q"], {}, {"trust_events": False}),
+])
+def test_parse_args(monkeypatch, argv, env, expected):
+    for name in ("DEPLOYER_QUEUE", "DEPLOYER_FILTER_LABEL", "DEPLOYER_LOG_LEVEL", "DEPLOYER_TRUST_EVENTS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = vars(ed.parse_args(argv))
+    for key, value in expected.items():
+        assert args[key] == value
+
+
+@pytest.mark.parametrize("argv,env,message", [
+    ([], {}, "no queue given"),
+    (["--queue", ""], {}, "no queue given"),
+    ([], {"DEPLOYER_QUEUE": "  "}, "no queue given"),
+    (["--queue", "q", "--filter-label", "=x"], {}, "filter label"),
+    (["--queue", "q", "--log-level", "loud"], {}, "log level"),
+    (["--queue", "q"], {"DEPLOYER_LOG_LEVEL": "chatty"}, "log level"),
+    (["--queue", "q", "--bogus"], {}, "unrecognized"),
+])
+def test_usage_errors_exit_2(monkeypatch, capsys, argv, env, message):
+    for name in ("DEPLOYER_QUEUE", "DEPLOYER_LOG_LEVEL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_:
+        ed.parse_args(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_names_every_env_var(capsys):
+    with pytest.raises(SystemExit):
+        ed.parse_args(["--help"])
+    out = capsys.readouterr().out
+    for name in ("DEPLOYER_QUEUE", "DEPLOYER_FILTER_LABEL", "DEPLOYER_LOG_LEVEL", "DEPLOYER_TRUST_EVENTS",
+                 "DOCKER_HOST", "AWS_REGION", "AWS_ENDPOINT_URL"):
+        assert name in out
+
+
+# =========================================================================== the real rig
+
+def rig_unavailable(reason: str):
+    if REQUIRE_RIG:
+        pytest.fail(f"the real test rig is required (ECR_DEPLOY_REQUIRE_RIG=1) but {reason}")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout=60.0, interval=0.2, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def workdir():
+    # Short path: unix socket paths (dockerd, containerd) must stay under 108 bytes.
+    path = pathlib.Path(tempfile.mkdtemp(prefix="ecrd-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Aws:
+    """moto_server: SQS and ECR over real HTTP."""
+
+    def __init__(self, workdir: pathlib.Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(workdir / "moto.log", "ab")
+        self.env = {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": "testing",
+                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        self.proc = None
+        self.start()
+        self.sqs = self.client("sqs")
+
+    def start(self):
+        self.proc = subprocess.Popen([shutil.which("moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(self._up, 30, what="moto_server")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+    def _up(self):
+        try:
+            return requests.get(self.url + "/moto-api/", timeout=1).ok
+        except requests.RequestException:
+            return False
+
+    def client(self, service: str, region: str = "us-east-1"):
+        return boto3.client(service, region_name=region, endpoint_url=self.url,
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def new_queue(self, **attributes) -> str:
+        name = f"q-{uuid.uuid4().hex[:12]}"
+        return self.sqs.create_queue(QueueName=name, Attributes={k: str(v) for k, v in attributes.items()})["QueueUrl"]
+
+    def send(self, queue_url: str, *bodies) -> None:
+        for body in bodies:
+            self.sqs.send_message(QueueUrl=queue_url, MessageBody=body if isinstance(body, str) else json.dumps(body))
+
+    def queue_depth(self, queue_url: str) -> int:
+        """Messages still on the queue, visible or in flight."""
+        attrs = self.sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["All"])["Attributes"]
+        return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+@pytest.fixture(scope="session")
+def aws(workdir):
+    if not shutil.which("moto_server"):
+        rig_unavailable("moto_server is not installed (pip install 'moto[server]')")
+    rig = Aws(workdir)
+    yield rig
+    rig.stop()
+
+
+# ---- TLS registries posing as ECR
+
+class Registry:
+    """A docker-registry answering as the ECR hosts of one account and region."""
+
+    def __init__(self, account: str, region: str, ip: str, aliases=()):
+        self.account, self.region, self.ip = account, region, ip
+        self.host = f"{account}.dkr.ecr.{region}.amazonaws.com"
+        self.hosts = [self.host, *aliases]
+        self.password = f"{account}-auth-token"  # what moto's GetAuthorizationToken decodes to
+        self.proc = None
+
+
+REGISTRIES = [
+    Registry("123456789012", "us-east-1", "127.0.0.2",
+             aliases=["123456789012.dkr.ecr-fips.us-east-1.amazonaws.com", "123456789012.dkr-ecr.us-east-1.on.aws"]),
+    Registry("222222222222", "eu-west-1", "127.0.0.3"),
+]
+HOSTS_MARK = "# ecr-deploy test rig"
+
+
+def make_tls(workdir: pathlib.Path, hosts: list[str]) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(subject, key, issuer, issuer_key, extensions):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(hours=1))
+                   .not_valid_after(now + datetime.timedelta(days=2)))
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ecr-deploy test CA")])
+    ca = certificate(ca_name, ca_key, ca_name, ca_key, [(x509.BasicConstraints(ca=True, path_length=None), True)])
+    server = certificate(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]), key, ca_name, ca_key,
+                         [(x509.SubjectAlternativeName([x509.DNSName(h) for h in hosts]), False)])
+    pem = serialization.Encoding.PEM
+    paths = workdir / "ca.crt", workdir / "server.crt", workdir / "server.key"
+    paths[0].write_bytes(ca.public_bytes(pem))
+    paths[1].write_bytes(server.public_bytes(pem))
+    paths[2].write_bytes(key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+def bcrypt_hash(password: str) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt
+    return crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))
+
+
+@pytest.fixture(scope="session")
+def registries(workdir):
+    if os.geteuid() != 0:
+        rig_unavailable("the registries need root (/etc/hosts, /etc/docker/certs.d, port 443)")
+    if not shutil.which("docker-registry"):
+        rig_unavailable("docker-registry is not installed (apt-get install docker-registry)")
+    all_hosts = [h for r in REGISTRIES for h in r.hosts]
+    ca, cert, key = make_tls(workdir, all_hosts)
+    hosts_before = pathlib.Path("/etc/hosts").read_text()
+    with open("/etc/hosts", "a") as hosts_file:
+        hosts_file.write("".join(f"{r.ip} {h} {HOSTS_MARK}\n" for r in REGISTRIES for h in r.hosts))
+    for host in all_hosts:
+        certs = pathlib.Path("/etc/docker/certs.d") / host
+        certs.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ca, certs / "ca.crt")
+    for registry in REGISTRIES:
+        root = workdir / f"registry-{registry.account}"
+        root.mkdir()
+        (root / "htpasswd").write_text(f"AWS:{bcrypt_hash(registry.password)}\n")
+        (root / "config.yml").write_text(json.dumps({  # JSON is YAML
+            "version": 0.1, "log": {"level": "warn"},
+            "storage": {"filesystem": {"rootdirectory": str(root / "data")}},
+            "http": {"addr": f"{registry.ip}:443", "tls": {"certificate": str(cert), "key": str(key)}},
+            "auth": {"htpasswd": {"realm": "ecr", "path": str(root / "htpasswd")}}}))
+        registry.proc = subprocess.Popen(["docker-registry", "serve", str(root / "config.yml")],
+                                         stdout=open(root / "log", "ab"), stderr=subprocess.STDOUT)
+        registry.ca = str(ca)
+        wait_for(lambda: registry_up(registry), 30, what=f"registry {registry.host}")
+    yield REGISTRIES
+    for registry in REGISTRIES:
+        registry.proc.terminate()
+        registry.proc.wait(10)
+    pathlib.Path("/etc/hosts").write_text(hosts_before)
+    for host in all_hosts:
+        shutil.rmtree(pathlib.Path("/etc/docker/certs.d") / host, ignore_errors=True)
+
+
+def registry_up(registry: Registry) -> bool:
+    try:
+        reply = requests.get(f"https://{registry.host}/v2/", verify=registry.ca, timeout=1)
+    except requests.RequestException:
+        return False
+    return reply.status_code == 401  # up, and demanding credentials
+
+
+# ---- images: built in Python and pushed over the registry API, never via the local daemon,
+# so the swarm node must pull them (with the right credentials) to run them.
+
+def tar_layer(files: dict[str, tuple[bytes, int]]) -> tuple[bytes, str]:
+    """(gzipped layer, diff id) holding the given files."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for name, (content, mode) in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(content), mode, 0
+            tar.addfile(info, io.BytesIO(content))
+    data = raw.getvalue()
+    return gzip.compress(data, mtime=0), "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+BUSYBOX_LAYER: list = []
+
+
+def busybox_layer():
+    if not BUSYBOX_LAYER:
+        BUSYBOX_LAYER.append(tar_layer({"bin/busybox": (pathlib.Path("/bin/busybox").read_bytes(), 0o755)}))
+    return BUSYBOX_LAYER[0]
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class Images:
+    """Pushes images to the registries and mirrors them into moto's ECR."""
+
+    def __init__(self, aws: Aws, registries: list[Registry]):
+        self.aws, self.registries = aws, registries
+
+    def registry(self, account: str) -> Registry:
+        return next(r for r in self.registries if r.account == account)
+
+    def new_repository(self, account="123456789012", prefix="team") -> str:
+        registry = self.registry(account)
+        name = f"{prefix}/app-{uuid.uuid4().hex[:10]}"
+        self.aws.client("ecr", registry.region).create_repository(repositoryName=name, registryId=account)
+        return name
+
+    def push(self, repository: str, tag: str, content: str, account="123456789012", cmd=None) -> str:
+        registry = self.registry(account)
+        session = requests.Session()
+        session.auth, session.verify = ("AWS", registry.password), registry.ca
+        session.trust_env = False  # else REQUESTS_CA_BUNDLE overrides session.verify
+        base = f"https://{registry.host}/v2/{repository}"
+        bb_blob, bb_diff = busybox_layer()
+        v_blob, v_diff = tar_layer({"version": (content.encode(), 0o644)})
+        config = json.dumps({"architecture": "amd64", "os": "linux",
+                             "config": {"Cmd": cmd or ["/bin/busybox", "sleep", "3600"]},
+                             "rootfs": {"type": "layers", "diff_ids": [bb_diff, v_diff]}}).encode()
+        for blob in (bb_blob, v_blob, config):
+            start = session.post(f"{base}/blobs/uploads/")
+            assert start.status_code == 202, start.text
+            location = urllib.parse.urljoin(base, start.headers["Location"])
+            done = session.put(location, params={"digest": sha256(blob)}, data=blob,
+                               headers={"Content-Type": "application/octet-stream"})
+            assert done.status_code == 201, done.text
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                       "size": len(config), "digest": sha256(config)},
+            "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                        "size": len(blob), "digest": sha256(blob)} for blob in (bb_blob, v_blob)]})
+        reply = session.put(f"{base}/manifests/{tag}", data=manifest,
+                            headers={"Content-Type": "application/vnd.docker.distribution.manifest.v2+json"})
+        assert reply.status_code == 201, reply.text
+        digest = reply.headers["Docker-Content-Digest"]
+        assert digest == sha256(manifest.encode())
+        ecr = self.aws.client("ecr", registry.region)
+        ecr.put_image(registryId=account, repositoryName=repository, imageManifest=manifest,
+                      imageTag=tag, imageDigest=digest)
+        return digest
+
+
+@pytest.fixture(scope="session")
+def images(aws, registries):
+    return Images(aws, registries)
+
+
+# ---- a private dockerd in swarm mode
+
+class Swarm:
+    def __init__(self, workdir: pathlib.Path):
+        self.dir = workdir / "docker"
+        self.dir.mkdir()
+        self.socket = str(self.dir / "docker.sock")
+        self.docker_host = f"unix://{self.socket}"
+        self.base = "http+unix://" + urllib.parse.quote(self.socket, safe="")
+        self.http = requests_unixsocket.Session()
+        self.proc = None
+        self.start()
+        self.post("/swarm/init", json={"ListenAddr": f"127.0.0.1:{free_port()}", "AdvertiseAddr": "127.0.0.1"})
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            ["dockerd", "--data-root", str(self.dir / "data"), "--exec-root", str(self.dir / "x"),
+             "--pidfile", str(self.dir / "pid"), "-H", self.docker_host,
+             "--iptables=false", "--ip-masq=false", "--bridge=none"],
+            stdout=open(self.dir / "log", "ab"), stderr=subprocess.STDOUT)
+        wait_for(self._up, 60, what="dockerd")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def _up(self):
+        try:
+            return self.http.get(self.base + "/_ping", timeout=1).ok
+        except requests.RequestException:
+            return False
+
+    def call(self, method, path, **kwargs):
+        reply = self.http.request(method, self.base + path, timeout=30, **kwargs)
+        assert reply.ok, f"{method} {path}: {reply.status_code} {reply.text}"
+        return reply.json() if reply.content else None
+
+    def get(self, path, **kwargs):
+        return self.call("GET", path, **kwargs)
+
+    def post(self, path, **kwargs):
+        return self.call("POST", path, **kwargs)
+
+    def create_service(self, name, image, labels=None, registry: Registry | None = None, replicas=1):
+        spec = {"Name": name, "Labels": labels or {},
+                "TaskTemplate": {
+                    "ContainerSpec": {"Image": image, "Init": True, "StopGracePeriod": 1_000_000_000,
+                                      "Env": ["GREETING=hello"], "Mounts": [{"Type": "tmpfs", "Target": "/cache"}]},
+                    "RestartPolicy": {"Condition": "any", "Delay": 1_000_000_000}},
+                "Mode": {"Replicated": {"Replicas": replicas}},
+                "UpdateConfig": {"Parallelism": 2, "Order": "stop-first"}}
+        headers = {}
+        if registry:
+            headers["X-Registry-Auth"] = ed.registry_auth_header("AWS", registry.password, registry.host)
+        return self.post("/services/create", json=spec, headers=headers)["ID"]
+
+    def service(self, service_id):
+        return self.get(f"/services/{service_id}")
+
+    def tasks(self, service_id):
+        return self.get("/tasks", params={"filters": json.dumps({"service": [service_id]})})
+
+    def running_images(self, service_id) -> list[str]:
+        return sorted(t["Spec"]["ContainerSpec"]["Image"] for t in self.tasks(service_id)
+                      if t["DesiredState"] == "running" and t["Status"]["State"] == "running")
+
+    def wait_running(self, service_id, image, replicas=1, timeout=90):
+        wait_for(lambda: self.running_images(service_id) == [image] * replicas, timeout,
+                 what=f"{replicas} task(s) of {service_id} running {image}; tasks: "
+                      f"{[(t['Status']['State'], t['Status'].get('Err')) for t in self.tasks(service_id)]}")
+
+    def remove_all_services(self):
+        for svc in self.get("/services"):
+            self.call("DELETE", f"/services/{svc['ID']}")
+
+
+@pytest.fixture(scope="session")
+def swarm(workdir, registries):
+    if not shutil.which("dockerd"):
+        rig_unavailable("dockerd is not installed (apt-get install docker.io)")
+    if not pathlib.Path("/bin/busybox").exists():
+        rig_unavailable("/bin/busybox is missing (apt-get install busybox-static)")
+    rig = Swarm(workdir)
+    yield rig
+    rig.stop()
+
+
+@pytest.fixture
+def clean_swarm(swarm):
+    yield swarm
+    swarm.remove_all_services()
+
+
+# ---- running the deployer as operators do: a separate process
+
+def deployer_env(aws: Aws, swarm: Swarm | None = None, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DEPLOYER_", "AWS_", "DOCKER_"))}
+    env.update(aws.env)
+    env["DOCKER_HOST"] = swarm.docker_host if swarm else "unix:///nonexistent/docker.sock"
+    env.update(extra)
+    return env
+
+
+def run_once(env: dict, *args: str, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, DEPLOYER, "--once", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def updated_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if " Updated service " in line]
+
+
+# =========================================================================== rig tests
+
+def test_push_updates_every_matching_service_with_forwarded_registry_auth(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = images.push(repo, "latest", "v1")
+    v2 = images.push(repo, "latest", "v2")
+    other_tag = images.push(repo, "stable", "stable")
+    other_repo = images.new_repository()
+    other_digest = images.push(other_repo, "latest", "other")
+    host, fips, dualstack = registry.hosts
+
+    # web-a is created without registry auth: the node cannot pull, which proves the registry
+    # really demands the ECR token (the negative case).
+    ids = {
+        "web-a": swarm.create_service("web-a", f"{host}/{repo}:latest@{v1}"),
+        "web-fips": swarm.create_service("web-fips", f"{fips}/{repo}:latest@{v1}", registry=registry),
+        "web-dual": swarm.create_service("web-dual", f"{dualstack}/{repo}@{v1}", registry=registry),
+        "web-stack": swarm.create_service("web-stack", f"{host}/{repo}@{v1}", registry=registry,
+                                          labels={ed.STACK_IMAGE_LABEL: f"{host}/{repo}:latest", "team": "a"}),
+    }
+    untouched = {
+        "stable": swarm.create_service("stable", f"{host}/{repo}:stable@{other_tag}", registry=registry),
+        "other": swarm.create_service("other", f"{host}/{other_repo}:latest@{other_digest}", registry=registry),
+    }
+    wait_for(lambda: any("No such image" in (t["Status"].get("Err") or "") for t in swarm.tasks(ids["web-a"])),
+             60, what="web-a to fail pulling without registry auth")
+    assert swarm.running_images(ids["web-a"]) == []
+    swarm.wait_running(ids["web-stack"], f"{host}/{repo}@{v1}")
+    before = {name: swarm.service(sid) for name, sid in {**ids, **untouched}.items()}
+
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, tag="latest", digest=v2))
+    run = run_once(deployer_env(aws, swarm), "--queue", queue)
+    assert run.returncode == 0, run.stderr
+
+    expected = {"web-a": f"{host}/{repo}:latest@{v2}", "web-fips": f"{fips}/{repo}:latest@{v2}",
+                "web-dual": f"{dualstack}/{repo}:latest@{v2}", "web-stack": f"{host}/{repo}:latest@{v2}"}
+    for name, image in expected.items():
+        spec = swarm.service(ids[name])["Spec"]
+        old = before[name]["Spec"]
+        assert spec["TaskTemplate"]["ContainerSpec"]["Image"] == image
+        assert spec["TaskTemplate"]["ForceUpdate"] == old["TaskTemplate"].get("ForceUpdate", 0) + 1
+        # everything else the operator set is kept
+        for path in (("Labels",), ("Mode",), ("UpdateConfig",), ("TaskTemplate", "RestartPolicy"),
+                     ("TaskTemplate", "ContainerSpec", "Env"), ("TaskTemplate", "ContainerSpec", "Mounts"),
+                     ("TaskTemplate", "ContainerSpec", "Init"), ("TaskTemplate", "ContainerSpec", "StopGracePeriod")):
+            new_value, old_value = spec, old
+            for key in path:
+                new_value, old_value = new_value.get(key), old_value.get(key)
+            assert new_value == old_value, path
+        assert f"Updated service {name} ({ids[name][:12]}) to {image}" in run.stderr
+    assert len(updated_lines(run.stderr)) == 4
+    for sid in untouched.values():  # other tag, other repository: not even re-posted
+        assert swarm.service(sid)["Version"] == before[[n for n, s in untouched.items() if s == sid][0]]["Version"]
+    for name, image in expected.items():  # the tasks really run the new digest: auth was forwarded
+        swarm.wait_running(ids[name], image)
+    assert aws.queue_depth(queue) == 0
+
+
+def test_sns_wrapped_cross_account_push_in_another_region(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[1]  # account 222222222222 in eu-west-1
+    repo = images.new_repository(account=registry.account, prefix="shared")
+    v1 = images.push(repo, "prod", "v1", account=registry.account)
+    v2 = images.push(repo, "prod", "v2", account=registry.account)
+    sid = swarm.create_service("cross", f"{registry.host}/{repo}:prod@{v1}", registry=registry)
+    swarm.wait_running(sid, f"{registry.host}/{repo}:prod@{v1}")
+
+    queue = aws.new_queue()
+    aws.send(queue, sns_envelope(event(account=registry.account, region=registry.region, repository=repo,
+                                       tag="prod", digest=v2)))
+    run = run_once(deployer_env(aws, swarm), "--queue", queue)  # the deployer's own region is us-east-1
+    assert run.returncode == 0, run.stderr
+    image = f"{registry.host}/{repo}:prod@{v2}"
+    assert swarm.service(sid)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == image
+    swarm.wait_running(sid, image)
+    assert aws.queue_depth(queue) == 0
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_label_filter_limits_updates(aws, images, clean_swarm, how):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = images.push(repo, "latest", "v1")
+    v2 = images.push(repo, "latest", "v2")
+    image = f"{registry.host}/{repo}:latest@{v1}"
+    opted_in = swarm.create_service(f"in-{how}", image, labels={"ecr-deploy": "yes"}, registry=registry, replicas=0)
+    other_value = swarm.create_service(f"no-{how}", image, labels={"ecr-deploy": "no"}, registry=registry, replicas=0)
+    unlabelled = swarm.create_service(f"bare-{how}", image, registry=registry, replicas=0)
+    versions = {sid: swarm.service(sid)["Version"]["Index"] for sid in (other_value, unlabelled)}
+
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    args, extra = (["--filter-label", "ecr-deploy=yes"], {}) if how == "flag" else \
+        ([], {"DEPLOYER_FILTER_LABEL": "ecr-deploy=yes"})
+    run = run_once(deployer_env(aws, swarm, **extra), "--queue", queue, *args)
+    assert run.returncode == 0, run.stderr
+    assert swarm.service(opted_in)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"].endswith(v2)
+    for sid, version in versions.items():
+        assert swarm.service(sid)["Version"]["Index"] == version
+    assert len(updated_lines(run.stderr)) == 1
+
+
+def test_rejected_messages_are_deleted_and_change_nothing(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = images.push(repo, "latest", "v1")
+    v2 = images.push(repo, "latest", "v2")
+    sid = swarm.create_service("guarded", f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0)
+    version = swarm.service(sid)["Version"]["Index"]
+    # Every rejected shape, aimed at a real service's repository where it has one.
+    bodies = [body for body, _, _ in REJECTED if body.strip() and len(body) < 200_000]
+    bodies += [json.dumps(event(repository=repo, digest=v2, action="DELETE")),
+               json.dumps(event(repository=repo, digest=v2, result="FAILURE")),
+               json.dumps(event(repository=repo, digest=v2, tag=None)),
+               json.dumps(event(repository=repo + ":latest", digest=v2)),
+               json.dumps(event(repository=repo, digest=v2, tag="latest\nUpdated service")),
+               json.dumps(event(repository=repo, digest=v2, account="123456789012 ")),
+               json.dumps(sns_envelope(event(repository=repo, digest=v2, action="DELETE")))]
+    queue = aws.new_queue()
+    aws.send(queue, *bodies)
+    run = run_once(deployer_env(aws, swarm), "--queue", queue)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.count("Ignoring message") == len(bodies)
+    assert "Traceback" not in run.stderr
+    assert updated_lines(run.stderr) == []
+    assert swarm.service(sid)["Version"]["Index"] == version
+    assert aws.queue_depth(queue) == 0
+
+
+def test_docker_unreachable_exits_1_and_keeps_the_message(aws):
+    queue = aws.new_queue()
+    aws.send(queue, event())
+    run = run_once(deployer_env(aws, None), "--queue", queue)
+    assert run.returncode == 1
+    assert "cannot reach Docker at /nonexistent/docker.sock" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    assert aws.queue_depth(queue) == 1
+
+
+def test_unknown_queue_exits_1_with_a_clear_line(aws, swarm):
+    run = run_once(deployer_env(aws, swarm), "--queue", "no-such-queue")
+    assert run.returncode == 1
+    assert "no-such-queue" in run.stderr and "does not exist" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_usage_error_exits_2(aws):
+    run = subprocess.run([sys.executable, DEPLOYER], env=deployer_env(aws), capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "DEPLOYER_QUEUE" in run.stderr
+
+
+def test_sigterm_during_long_poll_exits_0_within_5_seconds(aws, swarm):
+    queue = aws.new_queue()
+    proc = subprocess.Popen([sys.executable, DEPLOYER, "--queue", queue], env=deployer_env(aws, swarm),
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert "watching" in line, line
+        time.sleep(1.5)  # now blocked in the 20 s long poll
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert time.monotonic() - sent < 5
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_loop_mode_deploys_and_logs_no_secrets(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = images.push(repo, "latest", "v1")
+    v2 = images.push(repo, "latest", "v2")
+    sid = swarm.create_service("loop", f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0)
+    queue = aws.new_queue()
+    proc = subprocess.Popen([sys.executable, DEPLOYER, "--queue", queue, "--log-level", "DEBUG"],
+                            env=deployer_env(aws, swarm), stderr=subprocess.PIPE, text=True)
+    try:
+        assert "watching" in proc.stderr.readline()
+        aws.send(queue, event(repository=repo, digest=v2))
+        wait_for(lambda: swarm.service(sid)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"].endswith(v2),
+                 30, what="loop mode to deploy")
+        wait_for(lambda: aws.queue_depth(queue) == 0, 10, what="the message to be deleted")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        log = proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert f"Updated service loop ({sid[:12]}) to {registry.host}/{repo}:latest@{v2}" in log
+    auth = ed.registry_auth_header("AWS", registry.password, registry.host)
+    token = base64.b64encode(f"AWS:{registry.password}".encode()).decode()
+    for secret in (registry.password, auth, auth[:40], token):
+        assert secret not in log
