@@ -16,7 +16,6 @@ import datetime
 import gzip
 import hashlib
 import io
-import itertools
 import json
 import os
 import pathlib
@@ -397,7 +396,7 @@ def wait_for(predicate, timeout=60.0, interval=0.2, what="condition"):
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what() if callable(what) else what}")
         time.sleep(interval)
 
 
@@ -724,8 +723,11 @@ class Swarm:
 
     def wait_running(self, service_id, image, replicas=1, timeout=90):
         wait_for(lambda: self.running_images(service_id) == [image] * replicas, timeout,
-                 what=f"{replicas} task(s) of {service_id} running {image}; tasks: "
-                      f"{[(t['Status']['State'], t['Status'].get('Err')) for t in self.tasks(service_id)]}")
+                 what=lambda: f"{replicas} task(s) of {service_id} running {image}; tasks: {self.task_states(service_id)}")
+
+    def task_states(self, service_id):
+        return [(t["Spec"]["ContainerSpec"]["Image"][-8:], t["DesiredState"], t["Status"]["State"], t["Status"].get("Err"))
+                for t in self.tasks(service_id)]
 
     def remove_all_services(self):
         for svc in self.get("/services"):
@@ -768,11 +770,23 @@ def updated_lines(log: str) -> list[str]:
     return [line for line in log.splitlines() if " Updated service " in line]
 
 
+def service_on_new_repo(images, swarm, name, contents=("v1", "v2"), replicas=0, registry=None):
+    """A fresh repository with one push of :latest per content (ECR ends at the last), and a
+    service pinned to the first. Returns (repository, digests, service id)."""
+    registry = registry or REGISTRIES[0]
+    repo = images.new_repository(account=registry.account)
+    digests = [images.push(repo, "latest", content, account=registry.account) for content in contents]
+    sid = swarm.create_service(name, f"{registry.host}/{repo}:latest@{digests[0]}", registry=registry,
+                               replicas=replicas)
+    return repo, digests, sid
+
+
 # =========================================================================== rig tests
 
 def test_push_updates_every_matching_service_with_forwarded_registry_auth(aws, images, clean_swarm):
     swarm, registry = clean_swarm, REGISTRIES[0]
     repo = images.new_repository()
+    v0 = images.push(repo, "latest", "v0")  # only web-a uses v0: no other service's pull can help it
     v1 = images.push(repo, "latest", "v1")
     v2 = images.push(repo, "latest", "v2")
     other_tag = images.push(repo, "stable", "stable")
@@ -783,7 +797,7 @@ def test_push_updates_every_matching_service_with_forwarded_registry_auth(aws, i
     # web-a is created without registry auth: the node cannot pull, which proves the registry
     # really demands the ECR token (the negative case).
     ids = {
-        "web-a": swarm.create_service("web-a", f"{host}/{repo}:latest@{v1}"),
+        "web-a": swarm.create_service("web-a", f"{host}/{repo}:latest@{v0}"),
         "web-fips": swarm.create_service("web-fips", f"{fips}/{repo}:latest@{v1}", registry=registry),
         "web-dual": swarm.create_service("web-dual", f"{dualstack}/{repo}@{v1}", registry=registry),
         "web-stack": swarm.create_service("web-stack", f"{host}/{repo}@{v1}", registry=registry,
@@ -794,7 +808,7 @@ def test_push_updates_every_matching_service_with_forwarded_registry_auth(aws, i
         "other": swarm.create_service("other", f"{host}/{other_repo}:latest@{other_digest}", registry=registry),
     }
     wait_for(lambda: any("No such image" in (t["Status"].get("Err") or "") for t in swarm.tasks(ids["web-a"])),
-             60, what="web-a to fail pulling without registry auth")
+             60, what=lambda: f"web-a to fail pulling without registry auth: {swarm.task_states(ids['web-a'])}")
     assert swarm.running_images(ids["web-a"]) == []
     swarm.wait_running(ids["web-stack"], f"{host}/{repo}@{v1}")
     before = {name: swarm.service(sid) for name, sid in {**ids, **untouched}.items()}
@@ -872,11 +886,8 @@ def test_label_filter_limits_updates(aws, images, clean_swarm, how):
 
 
 def test_rejected_messages_are_deleted_and_change_nothing(aws, images, clean_swarm):
-    swarm, registry = clean_swarm, REGISTRIES[0]
-    repo = images.new_repository()
-    v1 = images.push(repo, "latest", "v1")
-    v2 = images.push(repo, "latest", "v2")
-    sid = swarm.create_service("guarded", f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0)
+    swarm = clean_swarm
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "guarded")
     version = swarm.service(sid)["Version"]["Index"]
     # Every rejected shape, aimed at a real service's repository where it has one.
     bodies = [body for body, _, _ in REJECTED if body.strip() and len(body) < 200_000]
@@ -942,10 +953,7 @@ def test_sigterm_during_long_poll_exits_0_within_5_seconds(aws, swarm):
 
 def test_loop_mode_deploys_and_logs_no_secrets(aws, images, clean_swarm):
     swarm, registry = clean_swarm, REGISTRIES[0]
-    repo = images.new_repository()
-    v1 = images.push(repo, "latest", "v1")
-    v2 = images.push(repo, "latest", "v2")
-    sid = swarm.create_service("loop", f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0)
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "loop")
     queue = aws.new_queue()
     proc = subprocess.Popen([sys.executable, DEPLOYER, "--queue", queue, "--log-level", "DEBUG"],
                             env=deployer_env(aws, swarm), stderr=subprocess.PIPE, text=True)
@@ -966,3 +974,450 @@ def test_loop_mode_deploys_and_logs_no_secrets(aws, images, clean_swarm):
     token = base64.b64encode(f"AWS:{registry.password}".encode()).decode()
     for secret in (registry.password, auth, auth[:40], token):
         assert secret not in log
+
+
+# =========================================================================== issue 3: real event streams and faults
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+def json_containers(inner):
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
+    json_containers, max_leaves=20)
+FIELD_TEXT = st.one_of(st.text(max_size=140), st.sampled_from(
+    ["123456789012", "us-east-1", "team/web", "latest", DIGEST_A, "", " ", "..", "a:b", "a@b", "x\n", "PUSH",
+     "SUCCESS", "aws.ecr", "ECR Image Action", "١٢٣٤٥٦٧٨٩٠١٢", "sha256:" + "A" * 64, "T" * 129]))
+
+
+@st.composite
+def mutated_events(draw):
+    """Real-shaped events with fields replaced, removed or retyped, sometimes SNS-wrapped."""
+    body = event()
+    for _ in range(draw(st.integers(0, 4))):
+        target = draw(st.sampled_from([body, body["detail"]])) if isinstance(body.get("detail"), dict) else body
+        key = draw(st.sampled_from(sorted(target) + ["extra"]))
+        choice = draw(st.integers(0, 2))
+        if choice == 0:
+            target.pop(key, None)
+        else:
+            target[key] = draw(FIELD_TEXT) if choice == 1 else draw(JSON_VALUES)
+    text = json.dumps(body)
+    if draw(st.booleans()):
+        text = json.dumps(sns_envelope(text))
+    if draw(st.booleans()):  # byte-level damage
+        position = draw(st.integers(0, len(text)))
+        text = text[:position] + draw(st.text(max_size=3)) + text[position + draw(st.integers(0, 3)):]
+    return text
+
+
+def assert_total_and_valid(body):
+    result = ed.parse_message(body)  # must not raise
+    assert isinstance(result, (ed.Push, ed.Ignored))
+    if isinstance(result, ed.Push):
+        for name in ed.FIELD_GRAMMARS:
+            assert ed.is_valid(name, getattr(result, name)), (name, result)
+        assert ed.parse_image_ref(f"{result.image}@{result.digest}").repository == result.repository
+    else:
+        assert isinstance(result.reason, str) and "\n" not in result.reason
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.text(), st.binary().map(lambda b: b.decode("latin-1")), JSON_VALUES.map(json.dumps),
+                 JSON_VALUES.map(lambda v: json.dumps(sns_envelope(json.dumps(v)))), mutated_events()))
+def test_parser_fuzz_never_raises_and_never_yields_an_invalid_push(body):
+    assert_total_and_valid(body)
+
+
+def test_fuzz_mutations_do_reach_valid_pushes():
+    """Guard against a vacuous fuzz test: unmutated draws must come out as Pushes."""
+    assert isinstance(ed.parse_message(json.dumps(sns_envelope(event()))), ed.Push)
+
+
+def service_image_of(swarm, sid):
+    spec = swarm.service(sid)["Spec"]["TaskTemplate"]
+    return spec["ContainerSpec"]["Image"], spec.get("ForceUpdate", 0)
+
+
+def test_out_of_order_and_duplicate_events_never_roll_back(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo, (v1, v2, v3), sid = service_on_new_repo(images, swarm, "ordered", ("v1", "v2", "v3"))
+    queue = aws.new_queue()
+    aws.send(queue, *(event(repository=repo, digest=d) for d in (v3, v2, v3)))
+    run = run_once(deployer_env(aws, swarm), "--queue", queue)
+    assert run.returncode == 0, run.stderr
+    assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v3}", 1)
+    assert len(updated_lines(run.stderr)) == 1
+    version = swarm.service(sid)["Version"]["Index"]
+
+    aws.send(queue, event(repository=repo, digest=v2))  # a late, lone v2 event
+    run = run_once(deployer_env(aws, swarm), "--queue", queue)
+    assert run.returncode == 0, run.stderr
+    assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v3}", 1)
+    assert swarm.service(sid)["Version"]["Index"] == version
+    assert "already runs" in run.stderr
+    assert aws.queue_depth(queue) == 0
+
+
+def test_forged_digest_and_deleted_tag_deploy_nothing(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = images.push(repo, "latest", "v1")
+    gone = images.push(repo, "gone", "g1")
+    at_latest = swarm.create_service("forged", f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0)
+    at_gone = swarm.create_service("gone", f"{registry.host}/{repo}:gone@{gone}", registry=registry, replicas=0)
+    images.aws.client("ecr").batch_delete_image(repositoryName=repo, imageIds=[{"imageTag": "gone"}])
+    versions = {sid: swarm.service(sid)["Version"]["Index"] for sid in (at_latest, at_gone)}
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, tag="latest", digest=DIGEST_B),  # a digest ECR never had
+             event(repository=repo, tag="gone", digest=DIGEST_A),
+             event(repository=repo, tag="never-pushed", digest=DIGEST_A),
+             event(repository="team/no-such-repository", digest=DIGEST_A))
+    run = run_once(deployer_env(aws, swarm), "--queue", queue)
+    assert run.returncode == 0, run.stderr
+    for sid, version in versions.items():
+        assert swarm.service(sid)["Version"]["Index"] == version
+    assert updated_lines(run.stderr) == []
+    assert run.stderr.count("no longer exists in ECR") == 3
+    assert aws.queue_depth(queue) == 0
+
+
+def test_trust_events_deploys_the_event_digest(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    # ECR says v3, the event will say v2
+    repo, (v1, v2, v3), sid = service_on_new_repo(images, swarm, "trusting", ("v1", "v2", "v3"))
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    run = run_once(deployer_env(aws, swarm, DEPLOYER_TRUST_EVENTS="1"), "--queue", queue)
+    assert run.returncode == 0, run.stderr
+    assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v2}", 1)
+
+
+def burst(images, swarm, registry, n_images, services_per_image=1):
+    """n_images repositories at v1 with services on them, each pushed to v2 in ECR."""
+    ids, targets = [], {}
+    for i in range(n_images):
+        repo = images.new_repository()
+        v1 = images.push(repo, "latest", f"v1-{i}")
+        v2 = images.push(repo, "latest", f"v2-{i}")
+        targets[repo] = v2
+        for j in range(services_per_image):
+            sid = swarm.create_service(f"burst-{i}-{j}", f"{registry.host}/{repo}:latest@{v1}",
+                                       registry=registry, replicas=0)
+            ids.append((sid, f"{registry.host}/{repo}:latest@{v2}"))
+    return ids, targets
+
+
+def test_burst_coalesces_into_one_update_per_service(aws, images, clean_swarm, capsys):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    ids, targets = burst(images, swarm, registry, n_images=10, services_per_image=2)
+    queue = aws.new_queue()
+    bodies = [json.dumps(event(repository=repo, digest=digest)) for repo, digest in targets.items()] * 21
+    entries = [{"Id": str(i), "MessageBody": b} for i, b in enumerate(bodies)]
+    for start in range(0, len(entries), 10):
+        aws.sqs.send_message_batch(QueueUrl=queue, Entries=entries[start:start + 10])
+    started = time.monotonic()
+    run = run_once(deployer_env(aws, swarm), "--queue", queue)
+    elapsed = time.monotonic() - started
+    assert run.returncode == 0, run.stderr
+    for sid, image in ids:
+        assert service_image_of(swarm, sid) == (image, 1)
+    assert len(updated_lines(run.stderr)) == len(ids) == 20
+    assert aws.queue_depth(queue) == 0
+    with capsys.disabled():
+        print(f"\n[burst] {len(bodies)} events over {len(targets)} images -> {len(updated_lines(run.stderr))} "
+              f"updates in {elapsed:.2f}s (one --once run, incl. process start and the final 1 s poll)")
+
+
+def test_two_deployers_on_one_queue_update_each_service_exactly_once(aws, images, clean_swarm, capsys):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    ids, targets = burst(images, swarm, registry, n_images=6, services_per_image=2)
+    queue = aws.new_queue()
+    aws.send(queue, *[event(repository=repo, digest=digest) for repo, digest in targets.items()] * 5)
+    env = deployer_env(aws, swarm)
+    procs = [subprocess.Popen([sys.executable, DEPLOYER, "--once", "--queue", queue], env=env,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    logs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    for sid, image in ids:
+        assert service_image_of(swarm, sid) == (image, 1)  # ForceUpdate bumped exactly once
+    assert sum(len(updated_lines(log)) for log in logs) == len(ids)
+    assert aws.queue_depth(queue) == 0
+    with capsys.disabled():
+        print(f"\n[two deployers] updates per process: {[len(updated_lines(log)) for log in logs]}, "
+              f"conflict retries: {sum(log.count('changed while updating') for log in logs)}")
+
+
+class InterferingDocker(ed.Docker):
+    """The real Docker client, but another operator changes the service right after our inspect."""
+
+    def __init__(self, docker_host, swarm, times):
+        super().__init__(docker_host)
+        self.swarm, self.times = swarm, times
+
+    def service(self, service_id):
+        fresh = super().service(service_id)
+        if self.times:
+            self.times -= 1
+            spec = json.loads(json.dumps(fresh["Spec"]))
+            spec["Labels"]["touched"] = str(self.times)
+            self.swarm.post(f"/services/{service_id}/update", params={"version": fresh["Version"]["Index"]}, json=spec)
+        return fresh
+
+
+def test_update_out_of_sequence_is_retried_against_the_fresh_spec(aws, images, clean_swarm, caplog):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "contended")
+    session = boto3.Session(**{"aws_access_key_id": "testing", "aws_secret_access_key": "testing"})
+    ecr = ed.Ecr(session)
+    ecr._clients = {"us-east-1": aws.client("ecr", "us-east-1")}
+    deployer = ed.Deployer(None, ecr, InterferingDocker(swarm.docker_host, swarm, times=2), None)
+    push = ed.Push("123456789012", "us-east-1", repo, "latest", v2)
+    result = ed.CycleResult()
+    with caplog.at_level("INFO", logger="ecr-deploy"):
+        assert deployer.update_service(swarm.service(sid), push, v2, result)
+    assert caplog.text.count("changed while updating") == 2  # two conflicts, then success
+    spec = swarm.service(sid)["Spec"]
+    assert spec["TaskTemplate"]["ContainerSpec"]["Image"] == f"{registry.host}/{repo}:latest@{v2}"
+    assert spec["TaskTemplate"]["ForceUpdate"] == 1
+    assert spec["Labels"]["touched"] == "0"  # the concurrent change is kept, not overwritten
+
+
+# ---- faults: real HTTP hops that fail or stall chosen requests, and real daemons killed mid-run
+
+import threading  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+from socketserver import ThreadingUnixStreamServer  # noqa: E402
+
+HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "host"}
+
+
+class FaultProxy:
+    """Forwards HTTP to moto_server (TCP) or dockerd (unix socket); `rule` picks requests to fail or stall.
+
+    rule(key) -> None (forward) | an HTTP status to answer instead | "stall" (hold until released)
+    where key is "METHOD PATH X-Amz-Target". Every key is recorded in `seen`.
+    """
+
+    def __init__(self, upstream: str, unix_path: str | None = None):
+        self.rule, self.seen = None, []
+        self.stalled, self.released = threading.Event(), threading.Event()
+        http = requests_unixsocket.Session() if unix_path or upstream.startswith("http+unix") else requests.Session()
+        http.trust_env = False
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                key = f"{self.command} {self.path} {self.headers.get('X-Amz-Target', '')}".strip()
+                proxy.seen.append(key)
+                action = proxy.rule(key) if proxy.rule else None
+                if action == "stall":
+                    proxy.stalled.set()
+                    proxy.released.wait(120)
+                    action = 503
+                if action:
+                    payload = json.dumps({"message": "injected fault"}).encode()
+                    self.send_response(action)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
+                reply = http.request(self.command, upstream + self.path, data=body, headers=headers, timeout=60)
+                self.send_response(reply.status_code)
+                for name, value in reply.headers.items():
+                    if name.lower() not in HOP_HEADERS:
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(reply.content)))
+                self.end_headers()
+                self.wfile.write(reply.content)
+
+            do_GET = do_POST = do_DELETE = do_HEAD = do_PUT = forward
+
+        if unix_path:
+            Handler.address_string = lambda self: "unix"
+            self.server = ThreadingUnixStreamServer(unix_path, Handler)
+            self.url = f"unix://{unix_path}"
+        else:
+            self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+            self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Running:
+    """A loop-mode deployer process whose log is collected line by line as it runs."""
+
+    def __init__(self, env: dict, *args: str):
+        self.proc = subprocess.Popen([sys.executable, DEPLOYER, *args], env=env, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stderr.readline, "")),
+                                       daemon=True)
+        self.reader.start()
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait_line(self, text: str, timeout=60, count=1):
+        wait_for(lambda: self.log.count(text) >= count, timeout,
+                 what=lambda: f"{count}x {text!r} in the deployer's log:\n{self.log}")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=15)
+        self.reader.join(5)
+        return code
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def test_sigkill_between_update_and_delete_loses_nothing_and_redelivery_changes_nothing(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "killed")
+    queue = aws.new_queue(VisibilityTimeout=2)
+    aws.send(queue, event(repository=repo, digest=v2))
+    proxy = FaultProxy(aws.url)
+    proxy.rule = lambda key: "stall" if "DeleteMessage" in key else None
+    running = Running(deployer_env(aws, swarm, AWS_ENDPOINT_URL=proxy.url), "--queue", queue)
+    try:
+        assert proxy.stalled.wait(60), running.log  # the update is posted; the delete is in flight
+        running.proc.kill()
+        running.proc.wait()
+    finally:
+        running.kill()
+        proxy.close()
+    assert "Updated service killed" in running.log
+    assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v2}", 1)
+    assert aws.queue_depth(queue) == 1  # not lost: it comes back
+
+    time.sleep(2.5)  # visibility timeout
+    run = run_once(deployer_env(aws, swarm), "--queue", queue)
+    assert run.returncode == 0, run.stderr
+    assert "already runs" in run.stderr and "received 2 times" in run.stderr
+    assert updated_lines(run.stderr) == []
+    assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v2}", 1)
+    assert aws.queue_depth(queue) == 0
+
+
+def test_one_failed_service_keeps_only_its_message(aws, images, clean_swarm, workdir):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repos = [images.new_repository() for _ in range(2)]
+    old = [images.push(repo, "latest", "v1") for repo in repos]
+    new = [images.push(repo, "latest", "v2") for repo in repos]
+    good, bad = (swarm.create_service(name, f"{registry.host}/{repo}:latest@{digest}", registry=registry, replicas=0)
+                 for name, repo, digest in zip(("good", "bad"), repos, old))
+    queue = aws.new_queue(VisibilityTimeout=1)
+    aws.send(queue, *(event(repository=repo, digest=digest) for repo, digest in zip(repos, new)))
+    proxy = FaultProxy(swarm.base, unix_path=str(workdir / f"docker-proxy-{uuid.uuid4().hex[:6]}.sock"))
+    proxy.rule = lambda key: 500 if key.startswith("POST") and f"/services/{bad}/update" in key else None
+    try:
+        run = run_once(deployer_env(aws, swarm, DOCKER_HOST=proxy.url), "--queue", queue)
+    finally:
+        proxy.close()
+    assert run.returncode == 1, run.stderr
+    assert f"Cannot update service bad ({bad[:12]})" in run.stderr and "injected fault" in run.stderr
+    assert service_image_of(swarm, good)[0].endswith(new[0])
+    assert service_image_of(swarm, bad)[0].endswith(old[1])
+    assert aws.queue_depth(queue) == 1  # the good message is deleted, the failed one kept
+
+    time.sleep(1.5)
+    run = run_once(deployer_env(aws, swarm), "--queue", queue)
+    assert run.returncode == 0, run.stderr
+    assert "received 2 times" in run.stderr
+    assert service_image_of(swarm, bad) == (f"{registry.host}/{repos[1]}:latest@{new[1]}", 1)
+    assert aws.queue_depth(queue) == 0
+
+
+def test_loop_mode_survives_a_dockerd_restart(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "phoenix")
+    queue = aws.new_queue(VisibilityTimeout=1)
+    running = Running(deployer_env(aws, swarm), "--queue", queue)
+    try:
+        running.wait_line("watching")
+        swarm.stop()
+        aws.send(queue, event(repository=repo, digest=v2))
+        running.wait_line("cannot reach Docker", count=2)
+        down_for = time.monotonic()
+        time.sleep(3)
+        assert running.proc.poll() is None  # still alive
+        swarm.start()
+        wait_for(lambda: service_image_of(swarm, sid)[0].endswith(v2), 90,
+                 what=lambda: f"the deploy after dockerd came back:\n{running.log}")
+        down_for = time.monotonic() - down_for
+        assert running.stop() == 0
+    finally:
+        running.kill()
+    errors = running.log.count("cannot reach Docker")
+    assert errors <= 2 + down_for / 2, running.log  # backs off: no busy loop
+    assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v2}", 1)
+    assert aws.queue_depth(queue) == 0
+
+
+def test_loop_mode_survives_a_moto_server_restart(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "outage")
+    name = f"q-{uuid.uuid4().hex[:12]}"
+    queue = aws.sqs.create_queue(QueueName=name)["QueueUrl"]
+    running = Running(deployer_env(aws, swarm), "--queue", queue)
+    try:
+        running.wait_line("watching")
+        aws.stop()
+        running.wait_line("cannot receive", timeout=90)
+        assert running.proc.poll() is None
+        aws.start()  # same port, empty state: recreate what the outage lost
+        assert aws.sqs.create_queue(QueueName=name)["QueueUrl"] == queue
+        images.aws.client("ecr").create_repository(repositoryName=repo)
+        assert images.push(repo, "latest", "v2") == v2
+        aws.send(queue, event(repository=repo, digest=v2))
+        wait_for(lambda: service_image_of(swarm, sid)[0].endswith(v2), 90,
+                 what=lambda: f"the deploy after moto_server came back:\n{running.log}")
+        assert running.stop() == 0
+    finally:
+        running.kill()
+    assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v2}", 1)
+
+
+def test_ecr_tokens_are_cached_per_registry_and_expired_ones_only_within_a_cycle(aws, monkeypatch):
+    for name, value in aws.env.items():
+        monkeypatch.setenv(name, value)
+    ecr = ed.Ecr(boto3.Session())
+    calls = []
+    for region in ("us-east-1", "eu-west-1"):
+        ecr._client(region).meta.events.register(
+            "before-parameter-build.ecr.GetAuthorizationToken", lambda params, **_: calls.append(params["registryIds"]))
+    ecr.cycle = 1
+    assert ecr.credentials("123456789012", "us-east-1") == ("AWS", "123456789012-auth-token")
+    assert ecr.credentials("123456789012", "us-east-1") == ("AWS", "123456789012-auth-token")
+    assert ecr.credentials("222222222222", "eu-west-1") == ("AWS", "222222222222-auth-token")
+    assert calls == [["123456789012"], ["222222222222"]]  # one call per registry in a cycle
+    ecr.cycle = 2  # moto's tokens expired in 2015: not reused across cycles
+    ecr.credentials("123456789012", "us-east-1")
+    assert len(calls) == 3
+    # A token with life left (real ECR: 12 h) is reused across cycles until half of it has passed.
+    ecr._tokens[("123456789012", "us-east-1")].refresh_at = time.time() + 6 * 3600
+    ecr.cycle = 3
+    ecr.credentials("123456789012", "us-east-1")
+    assert len(calls) == 3
+    ecr._tokens[("123456789012", "us-east-1")].refresh_at = time.time() - 1
+    ecr.cycle = 4
+    ecr.credentials("123456789012", "us-east-1")
+    assert len(calls) == 4
