@@ -21,11 +21,13 @@ import random
 import re
 import signal
 import sys
+import tempfile
 import time
 import urllib.parse
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import NamedTuple
 
 import boto3
@@ -63,6 +65,18 @@ class LabelFilter(NamedTuple):
         return self.key in labels and (self.value is None or labels[self.key] == self.value)
 
 
+DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhd]?)")
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '30m', '6h', '1d' -> seconds."""
+    match = DURATION.fullmatch(str(text).strip().lower())
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 30m, 6h)")
+    return float(match[1]) * DURATION_UNITS[match[2]]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     parser = argparse.ArgumentParser(
@@ -76,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="SQS queue name (resolved once) or full queue URL (env DEPLOYER_QUEUE)")
     parser.add_argument("--once", action="store_true",
                         help="drain the queue once and exit (for cron); default: poll forever")
+    parser.add_argument("--wait", action="store_true",
+                        help="with --once: wait for the rollouts this run started and exit 1 if any "
+                        "did not complete")
     parser.add_argument("--filter-label", metavar="KEY[=VALUE]", default=env("DEPLOYER_FILTER_LABEL"),
                         help="only update services carrying this label, with any value if only KEY "
                         "is given (env DEPLOYER_FILTER_LABEL)")
@@ -86,19 +103,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="deploy the digest named in the event instead of asking ECR which digest "
                         "the tag points to now; saves the ecr:DescribeImages permission but lets stale, "
                         "replayed or forged events roll services back (env DEPLOYER_TRUST_EVENTS=1)")
+    parser.add_argument("--rollout-timeout", metavar="DURATION", default=env("DEPLOYER_ROLLOUT_TIMEOUT"),
+                        help="give up on a rollout after this long (e.g. 10m; env DEPLOYER_ROLLOUT_TIMEOUT); "
+                        "default: from the service's UpdateConfig, at least 5m")
+    parser.add_argument("--rollback-on-failure", action="store_true",
+                        default=env("DEPLOYER_ROLLBACK_ON_FAILURE", "").lower() in TRUE_WORDS,
+                        help="when a rollout pauses or times out, ask Swarm to roll back to the previous "
+                        "spec (env DEPLOYER_ROLLBACK_ON_FAILURE=1); services whose UpdateConfig already "
+                        "says FailureAction=rollback are left to Swarm")
+    parser.add_argument("--auth-refresh", metavar="DURATION", default=env("DEPLOYER_AUTH_REFRESH", "6h"),
+                        help="loop mode: this often, re-post every ECR service's unchanged spec with a "
+                        "fresh registry token so Swarm can always pull (0 = off; env DEPLOYER_AUTH_REFRESH; "
+                        "default 6h, ECR tokens live 12h)")
+    parser.add_argument("--refresh-auth", action="store_true",
+                        help="run one registry-auth refresh pass and exit (for cron); needs no queue")
+    parser.add_argument("--notify-url", metavar="URL", action="append",
+                        default=env("DEPLOYER_NOTIFY_URL", "").split(),
+                        help="POST a JSON document per rollout outcome (Slack/Teams incoming webhooks show "
+                        "its 'text'); repeatable (env DEPLOYER_NOTIFY_URL, space separated)")
+    parser.add_argument("--summary-file", metavar="PATH", default=env("DEPLOYER_SUMMARY_FILE"),
+                        help="write a JSON run summary here, atomically (env DEPLOYER_SUMMARY_FILE)")
+    parser.add_argument("--metrics-file", metavar="PATH", default=env("DEPLOYER_METRICS_FILE"),
+                        help="write Prometheus text metrics here, atomically, e.g. for node_exporter's "
+                        "textfile collector (env DEPLOYER_METRICS_FILE)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
 
     args.queue = (args.queue or "").strip()
-    if not args.queue:
+    if not args.queue and not args.refresh_auth:
         parser.error("no queue given: use --queue NAME_OR_URL or set DEPLOYER_QUEUE")
     if args.log_level not in LOG_LEVELS:
         parser.error(f"log level must be one of {', '.join(LOG_LEVELS)}, not {args.log_level!r}")
+    if args.wait and not args.once:
+        parser.error("--wait goes with --once (loop mode always follows its rollouts)")
     if args.filter_label:
         key, sep, value = args.filter_label.partition("=")
         if not key.strip():
             parser.error(f"filter label must be KEY or KEY=VALUE, not {args.filter_label!r}")
         args.filter_label = LabelFilter(key.strip(), value if sep else None)
+    try:
+        args.auth_refresh = parse_duration(args.auth_refresh)
+        args.rollout_timeout = parse_duration(args.rollout_timeout) if args.rollout_timeout else None
+    except ValueError as e:
+        parser.error(str(e))
+    for url in args.notify_url:
+        if not url.startswith(("https://", "http://")):
+            parser.error(f"--notify-url must be an http(s) URL, not {url!r}")
     return args
 
 
@@ -286,6 +336,88 @@ def registry_auth_header(username: str, password: str, server: str) -> str:
     """Docker's X-Registry-Auth: base64url JSON credentials. Never log it."""
     document = {"username": username, "password": password, "serveraddress": server}
     return base64.urlsafe_b64encode(json.dumps(document).encode()).decode()
+
+
+# --------------------------------------------------------------------------- rollouts (pure)
+
+# Swarm's UpdateStatus.State values that end a rollout.
+FINAL_STATES = ("completed", "paused", "rollback_completed", "rollback_paused")
+NO_UPDATE_GRACE = 5.0  # s: Swarm starts an update within milliseconds; none by then means none needed
+CLOCK_SLACK = 2.0  # s: StartedAt is the manager's clock; we run on a manager, allow a little skew
+MIN_ROLLOUT_TIMEOUT = 300.0
+PULL_ALLOWANCE = 120.0
+DOCKER_TIME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)")
+
+
+def parse_docker_time(text: object) -> float | None:
+    """Docker's RFC 3339 time with nanoseconds -> epoch seconds (None if absent or odd)."""
+    match = DOCKER_TIME.fullmatch(text) if isinstance(text, str) else None
+    if not match:
+        return None
+    zone = "+00:00" if match[3] == "Z" else match[3]
+    return datetime.fromisoformat(match[1] + zone).timestamp() + float(f"0.{match[2] or 0}")
+
+
+def rollout_state(service: dict, since: float) -> str | None:
+    """State of the update Swarm started at or after `since`; None while there is none."""
+    status = service.get("UpdateStatus") or {}
+    started = parse_docker_time(status.get("StartedAt"))
+    if started is None or started < since - CLOCK_SLACK:
+        return None
+    return status.get("State")
+
+
+def default_rollout_timeout(spec: dict) -> float:
+    """Roughly replicas x (delay + monitor) per parallel batch, plus pull time; at least 5 min."""
+    replicas = ((spec.get("Mode") or {}).get("Replicated") or {}).get("Replicas", 1)
+    config = spec.get("UpdateConfig") or {}
+    parallelism = config.get("Parallelism") or max(replicas, 1)  # 0 means all at once
+    batches = -(-replicas // parallelism)
+    per_batch = (config.get("Delay", 0) + config.get("Monitor", 5_000_000_000)) / 1e9
+    return max(MIN_ROLLOUT_TIMEOUT, batches * per_batch + PULL_ALLOWANCE)
+
+
+def failing_task_error(tasks: list[dict], image: str) -> str | None:
+    """The newest error of a task that ran `image` and failed: why a rollout paused."""
+    failed = [t for t in tasks if t.get("Spec", {}).get("ContainerSpec", {}).get("Image") == image
+              and t.get("Status", {}).get("State") in ("failed", "rejected", "shutdown")
+              and (t["Status"].get("Err") or "").strip()]
+    failed.sort(key=lambda t: t["Status"].get("Timestamp", ""))
+    return failed[-1]["Status"]["Err"].strip() if failed else None
+
+
+OUTCOME_WORDS = {"completed": "completed", "paused": "paused", "timed_out": "timed out",
+                 "rollback_completed": "rolled back", "rollback_paused": "rollback paused",
+                 "removed": "ended: service removed"}
+
+
+def notification(outcome: str, service: str, service_id: str, image: str, duration: float,
+                 node: str, message: str) -> dict:
+    """One JSON document per outcome: `text` for Slack/Teams webhooks, the rest for machines."""
+    text = f"ecr-deploy on {node}: rollout of {service} to {image} {OUTCOME_WORDS.get(outcome, outcome)} " \
+           f"after {duration:.1f}s" + (f": {message}" if message else "")
+    return {"text": text, "service": service, "service_id": service_id, "image": image,
+            "digest": image.rpartition("@")[2], "outcome": outcome, "duration_seconds": round(duration, 3),
+            "node": node, "message": message}
+
+
+def metrics_text(totals: dict) -> str:
+    """Prometheus text exposition of the process's totals."""
+    lines = ["# HELP ecr_deploy_messages_total SQS messages received, by what became of them.",
+             "# TYPE ecr_deploy_messages_total counter"]
+    lines += [f'ecr_deploy_messages_total{{result="{key}"}} {totals["messages"][key]}'
+              for key in ("deployed", "ignored", "failed")]
+    lines += ["# HELP ecr_deploy_service_updates_total Service updates posted to Swarm.",
+              "# TYPE ecr_deploy_service_updates_total counter",
+              f"ecr_deploy_service_updates_total {totals['services_updated']}",
+              "# HELP ecr_deploy_rollouts_total Rollouts followed to their end, by outcome.",
+              "# TYPE ecr_deploy_rollouts_total counter"]
+    lines += [f'ecr_deploy_rollouts_total{{outcome="{outcome}"}} {totals["rollouts"].get(outcome, 0)}'
+              for outcome in OUTCOME_WORDS]
+    lines += ["# HELP ecr_deploy_last_success_timestamp_seconds When a drain cycle last ended with nothing "
+              "left for retry.", "# TYPE ecr_deploy_last_success_timestamp_seconds gauge",
+              f"ecr_deploy_last_success_timestamp_seconds {totals['last_success'] or 0}"]
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- AWS shell
@@ -487,37 +619,70 @@ class Docker:
     def service(self, service_id: str) -> dict:
         return self.api("GET", f"/services/{urllib.parse.quote(service_id)}")
 
-    def update_service(self, service: dict, spec: dict, registry_auth: str) -> list[str]:
-        reply = self.api("POST", f"/services/{urllib.parse.quote(service['ID'])}/update",
-                         params={"version": service["Version"]["Index"]}, json=spec,
-                         headers={"X-Registry-Auth": registry_auth})
+    def update_service(self, service: dict, spec: dict, registry_auth: str, rollback: bool = False) -> list[str]:
+        params = {"version": service["Version"]["Index"]}
+        if rollback:
+            params["rollback"] = "previous"
+        reply = self.api("POST", f"/services/{urllib.parse.quote(service['ID'])}/update", params=params,
+                         json=spec, headers={"X-Registry-Auth": registry_auth})
         return (reply or {}).get("Warnings") or []
+
+    def tasks(self, service_id: str) -> list[dict]:
+        return self.api("GET", "/tasks", params={"filters": json.dumps({"service": [service_id]})})
+
+    def node_name(self) -> str:
+        return self.api("GET", "/info").get("Name", "?")
 
 
 # --------------------------------------------------------------------------- the drain cycle
 
 FIRST_WAIT_LOOP = 20  # seconds: SQS's longest long poll
 FIRST_WAIT_ONCE = 1  # never 0: a short poll samples only some SQS servers
+FIRST_WAIT_FOLLOWING = 2  # while rollouts are pending, poll the queue shorter to check them often
 FOLLOW_UP_WAIT = 1
 BATCH_CAP = 300  # messages per cycle: bounds memory and the time a message waits unacked
 UPDATE_ATTEMPTS = 5
+NOTIFY_TIMEOUT = 3.0
 
 
 @dataclass
 class CycleResult:
     received: int = 0
-    ignored: int = 0
+    ignored: int = 0  # not a deployable push, or the tag is gone from ECR
     deployed: int = 0  # messages whose push is fully handled
     kept: list[str] = field(default_factory=list)  # ids of messages left on the queue for retry
     updated: list[str] = field(default_factory=list)  # "name (id)" per service update
 
 
+@dataclass
+class Rollout:
+    """A service update (or rollback) being followed until Swarm says how it ended."""
+    service_id: str
+    label: str  # "name (id)"
+    image: str
+    push: Push
+    started: float  # time.time() just before the update was posted
+    deadline: float
+    rollback: bool = False
+
+
 class Deployer:
-    def __init__(self, queue: Queue, ecr: Ecr, docker: Docker, label_filter: LabelFilter | None,
-                 trust_events: bool = False):
+    def __init__(self, queue: Queue | None, ecr: Ecr, docker: Docker, label_filter: LabelFilter | None,
+                 trust_events: bool = False, follow_rollouts: bool = False, rollout_timeout: float | None = None,
+                 rollback_on_failure: bool = False, notify_urls: tuple[str, ...] = ()):
         self.queue, self.ecr, self.docker = queue, ecr, docker
         self.label_filter = label_filter
         self.trust_events = trust_events
+        self.follow_rollouts = follow_rollouts
+        self.rollout_timeout = rollout_timeout
+        self.rollback_on_failure = rollback_on_failure
+        self.notify_urls = notify_urls
+        self.pending: list[Rollout] = []
+        self.outcomes: list[str] = []  # of rollouts this process followed to the end
+        self.totals = {"messages": {"received": 0, "deployed": 0, "ignored": 0, "failed": 0},
+                       "services_updated": 0, "rollouts": defaultdict(int), "last_success": None}
+
+    # ---- receiving and acknowledging
 
     def receive_batch(self, first_wait: int, interruptible=nullcontext) -> list[dict]:
         """First receive long-polls; follow-ups drain a burst into one batch (deduplicated)."""
@@ -543,12 +708,12 @@ class Deployer:
             if isinstance(what, Ignored):
                 log.log(logging.WARNING if what.suspicious else logging.INFO,
                         "Ignoring message %s: %s", message["MessageId"], what.reason)
-                result.ignored += 1
                 done.append(message)
             else:
                 pushes[what.image_key].append((message, what))
+        result.ignored = len(done)
 
-        targets = self.resolve_targets(pushes, done)
+        targets = self.resolve_targets(pushes, done, result)
         if targets:
             try:
                 services = self.docker.services()
@@ -561,9 +726,22 @@ class Deployer:
         result.deployed = len(done) - result.ignored
         done_ids = {m["MessageId"] for m in done} - self.queue.delete(done)
         result.kept = [m["MessageId"] for m in messages if m["MessageId"] not in done_ids]
+        self.count(result)
         return result
 
-    def resolve_targets(self, pushes: dict, done: list[dict]) -> dict[tuple, tuple[Push, str]]:
+    def count(self, result: CycleResult) -> None:
+        messages = self.totals["messages"]
+        messages["received"] += result.received
+        messages["ignored"] += result.ignored
+        messages["deployed"] += result.deployed
+        messages["failed"] += len(result.kept)
+        self.totals["services_updated"] += len(result.updated)
+        if not result.kept:
+            self.totals["last_success"] = round(time.time(), 3)
+
+    # ---- deploying
+
+    def resolve_targets(self, pushes: dict, done: list[dict], result: CycleResult) -> dict[tuple, tuple[Push, str]]:
         """One ECR lookup per image: the digest its tag points to now (stale events lose)."""
         targets = {}
         for key, group in pushes.items():
@@ -579,6 +757,7 @@ class Deployer:
             if digest is None:
                 log.info("%s no longer exists in ECR; nothing to deploy", push.image)
                 done.extend(message for message, _ in group)
+                result.ignored += len(group)
                 continue
             if any(p.digest != digest for _, p in group):
                 log.info("ECR says %s is now %s (an event named another digest); deploying that",
@@ -591,11 +770,33 @@ class Deployer:
         users = services_using(services, push, self.label_filter)
         if not users:
             log.info("No service uses %s", push.image)
-        return all([self.update_service(service, push, digest, result) for service in users])
+        return all([self.pin_service(service, push, digest, result) for service in users])
 
-    def update_service(self, listed: dict, push: Push, digest: str, result: CycleResult) -> bool:
-        """Pin one service to the digest; retried when the service changed under us."""
-        label = f"{listed['Spec'].get('Name', '?')} ({listed['ID'][:12]})"
+    def pin_service(self, listed: dict, push: Push, digest: str, result: CycleResult) -> bool:
+        def plan(service: dict) -> tuple[dict, ImageRef] | None:
+            ref = uses_image(service, push)
+            if ref is None:
+                log.info("Service %s no longer uses %s; skipped", service_label(service), push.image)
+                return None
+            image = pinned_image(ref, push.tag, digest)
+            current = running_image(service)
+            if current and current.digest == digest:
+                log.info("Service %s already runs %s; nothing to do", service_label(service), image)
+                return None
+            return updated_spec(service["Spec"], image), ref
+
+        def updated(service: dict, spec: dict, started: float) -> None:
+            image = spec["TaskTemplate"]["ContainerSpec"]["Image"]
+            log.info("Updated service %s to %s", service_label(service), image)
+            result.updated.append(service_label(service))
+            self.follow(service, image, push, started)
+
+        return self.post_update(listed, push.account, push.region, plan, updated)
+
+    def post_update(self, listed: dict, account: str, region: str, plan, on_success) -> bool:
+        """Inspect fresh, let `plan` decide the new spec, post it with registry auth; on
+        "update out of sequence" (someone else changed the service) start over, with jitter."""
+        label = service_label(listed)
         for attempt in range(1, UPDATE_ATTEMPTS + 1):
             try:
                 service = self.docker.service(listed["ID"])  # fresh: version and spec as of now
@@ -605,20 +806,15 @@ class Deployer:
                     return True
                 log.error("Cannot inspect service %s: %s", label, e)
                 return False
-            ref = uses_image(service, push)
-            if ref is None:
-                log.info("Service %s no longer uses %s; skipped", label, push.image)
+            decision = plan(service)
+            if decision is None:
                 return True
-            image = pinned_image(ref, push.tag, digest)
-            current = running_image(service)
-            if current and current.digest == digest:
-                log.info("Service %s already runs %s; nothing to do", label, image)
-                return True
+            spec, ref = decision
             try:
-                username, password = self.ecr.credentials(push.account, push.region)
+                username, password = self.ecr.credentials(account, region)
+                started = time.time()
                 warnings = self.docker.update_service(
-                    service, updated_spec(service["Spec"], image),
-                    registry_auth_header(username, password, ref.name.partition("/")[0]))
+                    service, spec, registry_auth_header(username, password, ref.name.partition("/")[0]))
             except DockerError as e:
                 if e.out_of_sequence and attempt < UPDATE_ATTEMPTS:
                     log.info("Service %s changed while updating (attempt %d); retrying", label, attempt)
@@ -631,10 +827,160 @@ class Deployer:
                 return False
             for warning in warnings:
                 log.warning("Docker warns about service %s: %s", label, warning)
-            log.info("Updated service %s to %s", label, image)
-            result.updated.append(label)
+            on_success(service, spec, started)
             return True
         return False
+
+    # ---- following rollouts
+
+    def follow(self, service: dict, image: str, push: Push, started: float, rollback: bool = False) -> None:
+        if not self.follow_rollouts:
+            return
+        timeout = self.rollout_timeout or default_rollout_timeout(service["Spec"])
+        self.pending.append(Rollout(service["ID"], service_label(service), image, push, started,
+                                    started + timeout, rollback))
+
+    def check_rollouts(self) -> None:
+        """Ask Swarm how each pending rollout is doing; report and act on the ones that ended."""
+        for rollout in list(self.pending):
+            try:
+                service = self.docker.service(rollout.service_id)
+            except DockerError as e:
+                if e.status != 404:
+                    log.error("Cannot follow the rollout of %s: %s", rollout.label, e)
+                    continue
+                service = None
+            now = time.time()
+            state = rollout_state(service, rollout.started) if service else "removed"
+            if state is None and now - rollout.started > NO_UPDATE_GRACE:
+                state = "completed"  # Swarm had nothing to roll (e.g. no replicas): nothing can hang
+            if state not in (*FINAL_STATES, "removed") and now > rollout.deadline:
+                state = "timed_out"
+            if state in (*FINAL_STATES, "removed", "timed_out"):
+                self.pending.remove(rollout)
+                self.ended(rollout, state, service, now)
+
+    def ended(self, rollout: Rollout, outcome: str, service: dict | None, now: float) -> None:
+        duration = now - rollout.started
+        message = ""
+        if outcome in ("paused", "rollback_paused", "timed_out") and service:
+            swarm_says = (service.get("UpdateStatus") or {}).get("Message", "")
+            try:
+                task_error = failing_task_error(self.docker.tasks(rollout.service_id), rollout.image)
+            except DockerError:
+                task_error = None
+            message = "; ".join(filter(None, [swarm_says, task_error and f"task error: {task_error}"]))
+        level = logging.INFO if outcome == "completed" else logging.ERROR
+        what = "Rollback of" if rollout.rollback else "Rollout of"
+        log.log(level, "%s %s to %s %s after %.1fs%s", what, rollout.label, rollout.image,
+                OUTCOME_WORDS[outcome], duration, f": {message}" if message else "")
+        self.outcomes.append(outcome)
+        self.totals["rollouts"][outcome] += 1
+        self.notify(notification(outcome, rollout.label.split(" (")[0], rollout.service_id, rollout.image,
+                                 duration, self.node(), message))
+        if outcome in ("paused", "timed_out") and not rollout.rollback and service:
+            self.roll_back(rollout, service)
+
+    def roll_back(self, rollout: Rollout, service: dict) -> None:
+        """--rollback-on-failure: ask Swarm for the previous spec, then follow that too."""
+        if not self.rollback_on_failure:
+            return
+        if (service["Spec"].get("UpdateConfig") or {}).get("FailureAction") == "rollback":
+            return  # Swarm rolls it back by itself; the rollout's own state reports that
+        log.info("Rolling back service %s to its previous spec", rollout.label)
+        try:
+            username, password = self.ecr.credentials(rollout.push.account, rollout.push.region)
+            fresh = self.docker.service(rollout.service_id)
+            started = time.time()
+            self.docker.update_service(fresh, fresh["Spec"], registry_auth_header(
+                username, password, rollout.image.partition("/")[0]), rollback=True)
+        except (DockerError, AwsError) as e:
+            log.error("Cannot roll back service %s: %s", rollout.label, e)
+            return
+        self.follow(fresh, rollout.image, rollout.push, started, rollback=True)
+
+    _node = None
+
+    def node(self) -> str:
+        if self._node is None:
+            try:
+                self._node = self.docker.node_name()
+            except DockerError:
+                return "?"
+        return self._node
+
+    def notify(self, document: dict) -> None:
+        """Best effort: a dead webhook is logged, and never blocks a deployment for long."""
+        for url in self.notify_urls:
+            where = urllib.parse.urlsplit(url).netloc  # never log the path: webhook URLs are secrets
+            try:
+                requests.post(url, json=document, timeout=NOTIFY_TIMEOUT).raise_for_status()
+            except requests.RequestException as e:
+                status = getattr(e.response, "status_code", None)
+                log.warning("Cannot notify %s: %s", where, f"HTTP {status}" if status else type(e).__name__)
+
+    # ---- the registry-auth keeper
+
+    def refresh_auth(self) -> bool:
+        """Re-post every ECR service's unchanged spec with a fresh token (moby/moby#31063):
+        Swarm keeps the auth of the last update, and ECR tokens die after 12 h. Restarts nothing."""
+        self.ecr.cycle += 1
+        services = self.docker.services()
+        refreshed = []
+
+        def plan(service: dict):
+            ref = service_image(service)
+            if not ref or not ecr_registry(ref.host):
+                return None
+            return service["Spec"], ref
+
+        def done(service: dict, _spec: dict, _started: float) -> None:
+            refreshed.append(service_label(service))
+
+        results = []
+        for listed in services:
+            ref = service_image(listed)
+            registry = ecr_registry(ref.host) if ref else None
+            if registry and (self.label_filter is None or self.label_filter.admits(listed["Spec"].get("Labels"))):
+                results.append(self.post_update(listed, *registry, plan, done))
+        log.info("Refreshed registry auth of %d service(s)%s", len(refreshed),
+                 "" if all(results) else f"; {results.count(False)} failed")
+        return all(results)
+
+
+def service_label(service: dict) -> str:
+    return f"{service.get('Spec', {}).get('Name', '?')} ({service.get('ID', '?')[:12]})"
+
+
+# --------------------------------------------------------------------------- reports
+
+def write_atomically(path: str, text: str) -> None:
+    """Readers (cron wrappers, node_exporter) never see a half-written file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".ecr-deploy-")
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def write_reports(deployer: Deployer, args: argparse.Namespace) -> None:
+    try:
+        if args.summary_file:
+            summary = {"time": round(time.time(), 3), "messages": deployer.totals["messages"],
+                       "services_updated": deployer.totals["services_updated"],
+                       "rollouts": dict(deployer.totals["rollouts"]),
+                       "rollouts_pending": len(deployer.pending),
+                       "last_success": deployer.totals["last_success"]}
+            write_atomically(args.summary_file, json.dumps(summary, indent=2) + "\n")
+        if args.metrics_file:
+            write_atomically(args.metrics_file, metrics_text(deployer.totals))
+    except OSError as e:
+        log.error("Cannot write reports: %s", e)
 
 
 # --------------------------------------------------------------------------- main
@@ -687,7 +1033,7 @@ class Backoff:
         self.failures = 0
 
 
-def drain_once(deployer: Deployer, signals: Signals) -> int:
+def drain_once(deployer: Deployer, signals: Signals, args: argparse.Namespace) -> int:
     """Receive until the queue is empty; a message that failed is not retried in this run."""
     failed_ids: set[str] = set()
     while not signals.requested:
@@ -697,16 +1043,30 @@ def drain_once(deployer: Deployer, signals: Signals) -> int:
         failed_ids.update(deployer.handle(fresh).kept)
     if failed_ids:
         log.error("Some messages were left on the queue for retry")
-    return 1 if failed_ids else 0
+    while deployer.pending and not signals.requested:  # --wait
+        signals.sleep(1)
+        deployer.check_rollouts()
+    write_reports(deployer, args)
+    incomplete = [o for o in deployer.outcomes if o != "completed"] + [r.label for r in deployer.pending]
+    return 1 if failed_ids or incomplete else 0
 
 
-def poll_forever(deployer: Deployer, signals: Signals) -> int:
+def poll_forever(deployer: Deployer, signals: Signals, args: argparse.Namespace) -> int:
     backoff = Backoff()
+    next_refresh = time.monotonic() if args.auth_refresh else float("inf")
     while not signals.requested:
         try:
-            messages = deployer.receive_batch(FIRST_WAIT_LOOP, signals.interruptible)
+            if time.monotonic() >= next_refresh:
+                next_refresh = time.monotonic() + args.auth_refresh
+                deployer.refresh_auth()
+            wait = FIRST_WAIT_FOLLOWING if deployer.pending else FIRST_WAIT_LOOP
+            messages = deployer.receive_batch(wait, signals.interruptible)
             failed = len(deployer.handle(messages).kept) if messages else 0
-        except AwsError as e:
+            ended = len(deployer.outcomes)
+            deployer.check_rollouts()
+            if messages or len(deployer.outcomes) != ended:
+                write_reports(deployer, args)
+        except (AwsError, DockerError) as e:
             log.error("%s", e)
             failed = 1
         except Shutdown:
@@ -729,17 +1089,20 @@ def setup_logging(level: str) -> None:
 def start(args: argparse.Namespace, signals: Signals) -> Deployer:
     """Resolve the queue and reach Docker; in loop mode, wait out outages instead of failing."""
     session = boto3.Session()
-    queue = Queue(session, args.queue)
-    deployer = Deployer(queue, Ecr(session), Docker(os.environ.get("DOCKER_HOST")),
-                        args.filter_label, args.trust_events)
+    queue = Queue(session, args.queue) if args.queue else None
+    deployer = Deployer(queue, Ecr(session), Docker(os.environ.get("DOCKER_HOST")), args.filter_label,
+                        trust_events=args.trust_events, follow_rollouts=args.wait or not args.once,
+                        rollout_timeout=args.rollout_timeout, rollback_on_failure=args.rollback_on_failure,
+                        notify_urls=tuple(args.notify_url))
     backoff = Backoff()
     while True:
         try:
-            queue.resolve()
+            if queue and not args.refresh_auth:
+                queue.resolve()
             deployer.docker.negotiate()
             return deployer
         except (AwsError, DockerError) as e:
-            if args.once or isinstance(e, QueueNotFound):
+            if args.once or args.refresh_auth or isinstance(e, QueueNotFound):
                 raise
             log.error("%s; retrying", e)
             signals.sleep(backoff.next())
@@ -751,9 +1114,11 @@ def main(argv: list[str] | None = None) -> int:
     signals = Signals()
     try:
         deployer = start(args, signals)
+        if args.refresh_auth:
+            return 0 if deployer.refresh_auth() else 1
         log.info("ecr-deploy %s watching %s (Docker at %s, API %s)", __version__, deployer.queue.url,
                  deployer.docker.socket, deployer.docker.api_version)
-        return drain_once(deployer, signals) if args.once else poll_forever(deployer, signals)
+        return drain_once(deployer, signals, args) if args.once else poll_forever(deployer, signals, args)
     except (AwsError, DockerError, ValueError) as e:
         log.error("%s", e)
         return 1

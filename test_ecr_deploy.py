@@ -19,6 +19,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import signal
 import shutil
 import socket
@@ -698,14 +699,15 @@ class Swarm:
     def post(self, path, **kwargs):
         return self.call("POST", path, **kwargs)
 
-    def create_service(self, name, image, labels=None, registry: Registry | None = None, replicas=1):
+    def create_service(self, name, image, labels=None, registry: Registry | None = None, replicas=1,
+                       update_config=None):
         spec = {"Name": name, "Labels": labels or {},
                 "TaskTemplate": {
                     "ContainerSpec": {"Image": image, "Init": True, "StopGracePeriod": 1_000_000_000,
                                       "Env": ["GREETING=hello"], "Mounts": [{"Type": "tmpfs", "Target": "/cache"}]},
                     "RestartPolicy": {"Condition": "any", "Delay": 1_000_000_000}},
                 "Mode": {"Replicated": {"Replicas": replicas}},
-                "UpdateConfig": {"Parallelism": 2, "Order": "stop-first"}}
+                "UpdateConfig": {"Parallelism": 2, "Order": "stop-first", **(update_config or {})}}
         headers = {}
         if registry:
             headers["X-Registry-Auth"] = ed.registry_auth_header("AWS", registry.password, registry.host)
@@ -713,6 +715,13 @@ class Swarm:
 
     def service(self, service_id):
         return self.get(f"/services/{service_id}")
+
+    def scale(self, service_id, replicas):
+        """As `docker service scale` does: the spec re-posted with no registry auth."""
+        service = self.service(service_id)
+        spec = service["Spec"]
+        spec["Mode"]["Replicated"]["Replicas"] = replicas
+        self.post(f"/services/{service_id}/update", params={"version": service["Version"]["Index"]}, json=spec)
 
     def tasks(self, service_id):
         return self.get("/tasks", params={"filters": json.dumps({"service": [service_id]})})
@@ -1177,7 +1186,7 @@ def test_update_out_of_sequence_is_retried_against_the_fresh_spec(aws, images, c
     push = ed.Push("123456789012", "us-east-1", repo, "latest", v2)
     result = ed.CycleResult()
     with caplog.at_level("INFO", logger="ecr-deploy"):
-        assert deployer.update_service(swarm.service(sid), push, v2, result)
+        assert deployer.pin_service(swarm.service(sid), push, v2, result)
     assert caplog.text.count("changed while updating") == 2  # two conflicts, then success
     spec = swarm.service(sid)["Spec"]
     assert spec["TaskTemplate"]["ContainerSpec"]["Image"] == f"{registry.host}/{repo}:latest@{v2}"
@@ -1421,3 +1430,282 @@ def test_ecr_tokens_are_cached_per_registry_and_expired_ones_only_within_a_cycle
     ecr.cycle = 4
     ecr.credentials("123456789012", "us-east-1")
     assert len(calls) == 4
+
+
+
+# =========================================================================== issue 4: rollouts, auth keeper, reports
+
+import prometheus_client.parser  # noqa: E402
+
+RUNNING_AT = "2026-11-26T13:28:06.027504415Z"
+RUNNING_AT_EPOCH = datetime.datetime(2026, 11, 26, 13, 28, 6, tzinfo=datetime.timezone.utc).timestamp() + 0.027504415
+
+
+@pytest.mark.parametrize("text,expected", [
+    (RUNNING_AT, RUNNING_AT_EPOCH),
+    ("2026-11-26T13:28:06Z", RUNNING_AT_EPOCH - 0.027504415),
+    ("2026-11-26T14:28:06.5+01:00", RUNNING_AT_EPOCH - 0.027504415 + 0.5),
+    ("0001-01-01T00:00:00Z", datetime.datetime(1, 1, 1, tzinfo=datetime.timezone.utc).timestamp()),
+    ("yesterday", None), (None, None), ("", None),
+])
+def test_parse_docker_time(text, expected):
+    got = ed.parse_docker_time(text)
+    assert got == expected if expected is None else abs(got - expected) < 1e-6
+
+
+@pytest.mark.parametrize("status,since,expected", [
+    (None, RUNNING_AT_EPOCH, None),
+    ({"State": "completed", "StartedAt": RUNNING_AT}, RUNNING_AT_EPOCH - 0.5, "completed"),
+    ({"State": "paused", "StartedAt": RUNNING_AT}, RUNNING_AT_EPOCH + 1, "paused"),  # within clock slack
+    ({"State": "completed", "StartedAt": RUNNING_AT}, RUNNING_AT_EPOCH + 60, None),  # an older update's
+    ({"State": "updating", "StartedAt": RUNNING_AT}, RUNNING_AT_EPOCH, "updating"),
+    ({"State": "rollback_completed", "StartedAt": RUNNING_AT}, RUNNING_AT_EPOCH, "rollback_completed"),
+    ({"State": "completed"}, RUNNING_AT_EPOCH, None),
+])
+def test_rollout_state(status, since, expected):
+    assert ed.rollout_state({"UpdateStatus": status} if status else {}, since) == expected
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ({}, 300),
+    ({"Mode": {"Replicated": {"Replicas": 100}}, "UpdateConfig": {"Parallelism": 1, "Delay": 10 * 10**9}},
+     100 * 15 + 120),
+    ({"Mode": {"Replicated": {"Replicas": 100}}, "UpdateConfig": {"Parallelism": 10, "Monitor": 30 * 10**9}},
+     10 * 30 + 120),
+    ({"Mode": {"Replicated": {"Replicas": 50}}, "UpdateConfig": {"Parallelism": 0, "Monitor": 600 * 10**9}},
+     600 + 120),
+    ({"Mode": {"Global": {}}}, 300),
+])
+def test_default_rollout_timeout(spec, expected):
+    assert ed.default_rollout_timeout(spec) == expected
+
+
+def test_failing_task_error_picks_the_newest_failure_of_the_new_image():
+    def task(image, state, err, ts):
+        return {"Spec": {"ContainerSpec": {"Image": image}}, "Status": {"State": state, "Err": err, "Timestamp": ts}}
+    tasks = [task("new", "failed", "task: non-zero exit (1)", "2026-11-26T10:00:01Z"),
+             task("new", "failed", "task: non-zero exit (2)", "2026-11-26T10:00:03Z"),
+             task("old", "failed", "old trouble", "2026-11-26T10:00:09Z"),
+             task("new", "running", "", "2026-11-26T10:00:10Z")]
+    assert ed.failing_task_error(tasks, "new") == "task: non-zero exit (2)"
+    assert ed.failing_task_error(tasks[3:], "new") is None
+
+
+def test_notification_is_webhook_text_and_machine_fields():
+    doc = ed.notification("paused", "web", "abc", f"{HOST}/team/web:latest@{DIGEST_B}", 12.34, "mgr-1",
+                          "update paused")
+    assert doc["text"] == (f"ecr-deploy on mgr-1: rollout of web to {HOST}/team/web:latest@{DIGEST_B} paused "
+                           f"after 12.3s: update paused")
+    assert (doc["digest"], doc["outcome"], doc["duration_seconds"], doc["node"]) == (DIGEST_B, "paused", 12.34, "mgr-1")
+
+
+def test_metrics_text_parses_as_prometheus():
+    totals = {"messages": {"received": 9, "deployed": 5, "ignored": 3, "failed": 1}, "services_updated": 7,
+              "rollouts": {"completed": 4, "paused": 1}, "last_success": 1795699686.5}
+    families = {f.name: f for f in prometheus_client.parser.text_string_to_metric_families(ed.metrics_text(totals))}
+    values = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert values[("ecr_deploy_messages_total", (("result", "deployed"),))] == 5
+    assert values[("ecr_deploy_messages_total", (("result", "failed"),))] == 1
+    assert values[("ecr_deploy_service_updates_total", ())] == 7
+    assert values[("ecr_deploy_rollouts_total", (("outcome", "paused"),))] == 1
+    assert values[("ecr_deploy_rollouts_total", (("outcome", "timed_out"),))] == 0
+    assert values[("ecr_deploy_last_success_timestamp_seconds", ())] == 1795699686.5
+    assert families["ecr_deploy_last_success_timestamp_seconds"].type == "gauge"
+
+
+@pytest.mark.parametrize("text,seconds", [("90", 90), ("90s", 90), ("30m", 1800), ("6h", 21600), ("1d", 86400),
+                                          ("0", 0), ("1.5h", 5400)])
+def test_parse_duration(text, seconds):
+    assert ed.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--queue", "q", "--wait"], "--wait goes with --once"),
+    (["--queue", "q", "--auth-refresh", "soon"], "not a duration"),
+    (["--queue", "q", "--rollout-timeout", "-1"], "not a duration"),
+    (["--queue", "q", "--notify-url", "ftp://x"], "http(s) URL"),
+])
+def test_more_usage_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        ed.parse_args(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_refresh_auth_needs_no_queue_and_notify_urls_accumulate(monkeypatch):
+    monkeypatch.delenv("DEPLOYER_QUEUE", raising=False)
+    monkeypatch.setenv("DEPLOYER_NOTIFY_URL", "https://a.example/x https://b.example/y")
+    args = ed.parse_args(["--refresh-auth", "--notify-url", "http://c.example/z"])
+    assert args.notify_url == ["https://a.example/x", "https://b.example/y", "http://c.example/z"]
+    assert args.auth_refresh == 6 * 3600
+
+
+class Webhook:
+    """A real local HTTP server collecting what the deployer POSTs."""
+
+    def __init__(self):
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/SECRET-PATH"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def webhook():
+    hook = Webhook()
+    yield hook
+    hook.close()
+
+
+FAST_MONITOR = {"Monitor": 2_000_000_000}
+BROKEN_CMD = ["/bin/busybox", "false"]
+
+
+def failing_rollout(aws, images, swarm, name):
+    """A running service at v1, and ECR's :latest now at v2 whose command exits 1."""
+    registry = REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = images.push(repo, "latest", "v1")
+    v2 = images.push(repo, "latest", "v2-broken", cmd=BROKEN_CMD)
+    sid = swarm.create_service(name, f"{registry.host}/{repo}:latest@{v1}", registry=registry,
+                               update_config=FAST_MONITOR)
+    swarm.wait_running(sid, f"{registry.host}/{repo}:latest@{v1}")
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    return sid, queue, f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{v2}"
+
+
+def test_failed_rollout_is_reported_paused_and_wait_exits_1(aws, images, clean_swarm, webhook, tmp_path):
+    sid, queue, old, new = failing_rollout(aws, images, clean_swarm, "broken")
+    summary, metrics = tmp_path / "summary.json", tmp_path / "metrics.prom"
+    run = run_once(deployer_env(aws, clean_swarm), "--queue", queue, "--wait", "--notify-url", webhook.url,
+                   "--summary-file", str(summary), "--metrics-file", str(metrics))
+    assert run.returncode == 1, run.stderr
+    assert f"Rollout of broken ({sid[:12]}) to {new} paused after" in run.stderr
+    assert "task error: task: non-zero exit (1)" in run.stderr
+    assert clean_swarm.service(sid)["UpdateStatus"]["State"] == "paused"
+    assert clean_swarm.service(sid)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == new  # not rolled back
+    assert [d["outcome"] for d in webhook.received] == ["paused"]
+    assert webhook.received[0]["image"] == new and "non-zero exit" in webhook.received[0]["message"]
+    assert "SECRET-PATH" not in run.stderr
+    report = json.loads(summary.read_text())
+    assert report["rollouts"] == {"paused": 1} and report["services_updated"] == 1
+    assert report["messages"] == {"received": 1, "deployed": 1, "ignored": 0, "failed": 0}
+    families = {f.name: f for f in prometheus_client.parser.text_string_to_metric_families(metrics.read_text())}
+    samples = {(s.name, s.labels.get("outcome")): s.value for f in families.values() for s in f.samples}
+    assert samples[("ecr_deploy_rollouts_total", "paused")] == 1
+    assert samples[("ecr_deploy_rollouts_total", "completed")] == 0
+
+
+def test_rollback_on_failure_returns_the_service_to_its_previous_image(aws, images, clean_swarm, webhook):
+    sid, queue, old, new = failing_rollout(aws, images, clean_swarm, "rollme")
+    run = run_once(deployer_env(aws, clean_swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1"), "--queue", queue, "--wait",
+                   "--notify-url", webhook.url)
+    assert run.returncode == 1, run.stderr
+    assert f"Rollout of rollme ({sid[:12]}) to {new} paused after" in run.stderr
+    assert f"Rollback of rollme ({sid[:12]}) to {new} rolled back after" in run.stderr
+    service = clean_swarm.service(sid)
+    assert service["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == old
+    assert service["UpdateStatus"]["State"] == "rollback_completed"
+    clean_swarm.wait_running(sid, old)
+    assert [d["outcome"] for d in webhook.received] == ["paused", "rollback_completed"]
+
+
+def test_good_rollout_completes_and_a_dead_webhook_costs_at_most_its_timeout(aws, images, clean_swarm, webhook):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "good", replicas=1)
+    swarm.wait_running(sid, f"{registry.host}/{repo}:latest@{v1}")
+    blackhole = socket.socket()  # accepts connections, never answers
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(8)
+    dead = f"http://127.0.0.1:{blackhole.getsockname()[1]}/hook"
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    running = Running(deployer_env(aws, swarm), "--once", "--wait", "--queue", queue, "--notify-url", dead,
+                      "--notify-url", webhook.url)
+    try:
+        running.wait_line("completed after", timeout=120)
+        completed_at = time.monotonic()
+        code = running.proc.wait(60)
+        finished_at = time.monotonic()
+    finally:
+        running.kill()
+        blackhole.close()
+    assert code == 0, running.log
+    new = f"{registry.host}/{repo}:latest@{v2}"
+    assert re.search(rf"Rollout of good \({sid[:12]}\) to {re.escape(new)} completed after \d+\.\ds", running.log)
+    assert f"Cannot notify 127.0.0.1:{dead.split(':')[2].split('/')[0]}: ReadTimeout" in running.log
+    assert finished_at - completed_at < ed.NOTIFY_TIMEOUT + 2.5  # the dead URL cost its timeout, no more
+    assert [d["outcome"] for d in webhook.received] == ["completed"]
+    assert webhook.received[0]["duration_seconds"] > 0
+    swarm.wait_running(sid, new)
+
+
+def test_refresh_auth_restarts_nothing_and_lets_swarm_pull_later(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    kept = {"keeper": "yes"}
+    # Running, with auth: the refresh must not touch its tasks.
+    repo_c, (c1,), running_sid = service_on_new_repo(images, swarm, "steady", contents=("c1",), replicas=1)
+    swarm.post(f"/services/{running_sid}/update", params={"version": swarm.service(running_sid)["Version"]["Index"]},
+               json={**swarm.service(running_sid)["Spec"], "Labels": kept})
+    # Created WITHOUT auth, 0 replicas, images never pulled: scaling up needs the keeper's token.
+    repo_a, repo_b = images.new_repository(), images.new_repository()
+    image_a = f"{registry.host}/{repo_a}:latest@{images.push(repo_a, 'latest', 'a1')}"
+    image_b = f"{registry.host}/{repo_b}:latest@{images.push(repo_b, 'latest', 'b1')}"
+    refreshed = swarm.create_service("dormant", image_a, labels=kept, replicas=0)
+    control = swarm.create_service("control", image_b, labels={"keeper": "no"}, replicas=0)
+    swarm.wait_running(running_sid, f"{registry.host}/{repo_c}:latest@{c1}")
+    before = swarm.service(running_sid)
+    tasks_before = sorted(t["ID"] for t in swarm.tasks(running_sid))
+
+    run = subprocess.run([sys.executable, DEPLOYER, "--refresh-auth", "--filter-label", "keeper=yes"],
+                         env=deployer_env(aws, swarm), capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "Refreshed registry auth of 2 service(s)" in run.stderr
+    after = swarm.service(running_sid)
+    assert after["Version"]["Index"] > before["Version"]["Index"]
+    assert after["Spec"] == before["Spec"]  # ForceUpdate and everything else unchanged
+    time.sleep(2)
+    assert sorted(t["ID"] for t in swarm.tasks(running_sid)) == tasks_before  # nothing restarted
+
+    swarm.scale(refreshed, 1)
+    swarm.scale(control, 1)
+    swarm.wait_running(refreshed, image_a)
+    wait_for(lambda: any("No such image" in (t["Status"].get("Err") or "") for t in swarm.tasks(control)), 60,
+             what=lambda: f"the unrefreshed service to fail pulling: {swarm.task_states(control)}")
+    assert swarm.running_images(control) == []
+
+
+def test_loop_mode_follows_rollouts_and_refreshes_auth_periodically(aws, images, clean_swarm, tmp_path):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "looped", replicas=1)
+    swarm.wait_running(sid, f"{registry.host}/{repo}:latest@{v1}")
+    queue = aws.new_queue()
+    summary = tmp_path / "summary.json"
+    running = Running(deployer_env(aws, swarm), "--queue", queue, "--auth-refresh", "4s",
+                      "--summary-file", str(summary))
+    try:
+        running.wait_line("watching")
+        aws.send(queue, event(repository=repo, digest=v2))
+        running.wait_line(f"Rollout of looped ({sid[:12]}) to {registry.host}/{repo}:latest@{v2} completed after")
+        running.wait_line("Refreshed registry auth of", count=2, timeout=30)
+        assert running.stop() == 0
+    finally:
+        running.kill()
+    assert json.loads(summary.read_text())["rollouts"] == {"completed": 1}
+    assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v2}", 1)  # refreshes force nothing
