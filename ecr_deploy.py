@@ -20,8 +20,10 @@ import os
 import random
 import re
 import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 from collections import defaultdict
@@ -43,6 +45,7 @@ log = logging.getLogger("ecr-deploy")
 # --------------------------------------------------------------------------- configuration
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("auto", "text", "journal", "json")
 TRUE_WORDS = ("1", "true", "yes", "on")
 
 EPILOG = """\
@@ -53,6 +56,14 @@ environment:
 
 exit codes: 0 every received message handled; 1 something left on the queue for retry,
             or a runtime failure (unknown queue, unreachable Docker); 2 usage error
+
+examples:
+  systemd (loop mode; see systemd/ecr-deploy.service):
+    DEPLOYER_QUEUE=ecr-deploy AWS_REGION=eu-west-1 ecr_deploy.py
+  cron, drain once, never overlapping, to syslog:
+    * * * * * flock -n /run/ecr-deploy.lock ecr_deploy.py --once --queue ecr-deploy 2>&1 | logger -t ecr-deploy
+  dry run: what would be updated, nothing changed, no message deleted:
+    ecr_deploy.py --once --dry-run --queue ecr-deploy
 """
 
 
@@ -126,12 +137,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--metrics-file", metavar="PATH", default=env("DEPLOYER_METRICS_FILE"),
                         help="write Prometheus text metrics here, atomically, e.g. for node_exporter's "
                         "textfile collector (env DEPLOYER_METRICS_FILE)")
+    parser.add_argument("--dry-run", action="store_true",
+                        default=env("DEPLOYER_DRY_RUN", "").lower() in TRUE_WORDS,
+                        help="do everything up to the update call and log 'Would update ...'; delete no "
+                        "message, so they come back after the visibility timeout (env DEPLOYER_DRY_RUN=1)")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default=env("DEPLOYER_LOG_FORMAT", "auto"),
+                        help="auto (default): journal style under systemd, else timestamped text; "
+                        "json: one object per line (env DEPLOYER_LOG_FORMAT)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
 
     args.queue = (args.queue or "").strip()
     if not args.queue and not args.refresh_auth:
         parser.error("no queue given: use --queue NAME_OR_URL or set DEPLOYER_QUEUE")
+    if args.log_format not in LOG_FORMATS:
+        parser.error(f"log format must be one of {', '.join(LOG_FORMATS)}, not {args.log_format!r}")
     if args.log_level not in LOG_LEVELS:
         parser.error(f"log level must be one of {', '.join(LOG_LEVELS)}, not {args.log_level!r}")
     if args.wait and not args.once:
@@ -669,8 +689,11 @@ class Rollout:
 class Deployer:
     def __init__(self, queue: Queue | None, ecr: Ecr, docker: Docker, label_filter: LabelFilter | None,
                  trust_events: bool = False, follow_rollouts: bool = False, rollout_timeout: float | None = None,
-                 rollback_on_failure: bool = False, notify_urls: tuple[str, ...] = ()):
+                 rollback_on_failure: bool = False, notify_urls: tuple[str, ...] = (), dry_run: bool = False,
+                 systemd: Systemd | None = None):
         self.queue, self.ecr, self.docker = queue, ecr, docker
+        self.dry_run = dry_run
+        self.systemd = systemd or Systemd({})
         self.label_filter = label_filter
         self.trust_events = trust_events
         self.follow_rollouts = follow_rollouts
@@ -719,12 +742,17 @@ class Deployer:
                 services = self.docker.services()
             except DockerError as e:
                 log.error("%s; %d message(s) kept for retry", e, sum(len(pushes[k]) for k in targets))
+                self.systemd.status("docker unreachable: retrying" if e.status is None else "docker error: retrying")
                 targets = {}
             for key, (push, digest) in targets.items():
                 if self.deploy(push, digest, services, result):
                     done.extend(message for message, _ in pushes[key])
         result.deployed = len(done) - result.ignored
-        done_ids = {m["MessageId"] for m in done} - self.queue.delete(done)
+        if self.dry_run:
+            log.info("Dry run: %d message(s) left on the queue", len(messages))
+            done_ids = {m["MessageId"] for m in done}
+        else:
+            done_ids = {m["MessageId"] for m in done} - self.queue.delete(done)
         result.kept = [m["MessageId"] for m in messages if m["MessageId"] not in done_ids]
         self.count(result)
         return result
@@ -783,6 +811,7 @@ class Deployer:
             if current and current.digest == digest:
                 log.info("Service %s already runs %s; nothing to do", service_label(service), image)
                 return None
+            self.systemd.status(f"deploying {service['Spec'].get('Name', '?')}")
             return updated_spec(service["Spec"], image), ref
 
         def updated(service: dict, spec: dict, started: float) -> None:
@@ -810,6 +839,9 @@ class Deployer:
             if decision is None:
                 return True
             spec, ref = decision
+            if self.dry_run:
+                log.info("Would update service %s to %s", label, spec["TaskTemplate"]["ContainerSpec"]["Image"])
+                return True
             try:
                 username, password = self.ecr.credentials(account, region)
                 started = time.time()
@@ -924,6 +956,9 @@ class Deployer:
     def refresh_auth(self) -> bool:
         """Re-post every ECR service's unchanged spec with a fresh token (moby/moby#31063):
         Swarm keeps the auth of the last update, and ECR tokens die after 12 h. Restarts nothing."""
+        if self.dry_run:
+            log.info("Dry run: registry auth refresh skipped")
+            return True
         self.ecr.cycle += 1
         services = self.docker.services()
         refreshed = []
@@ -983,6 +1018,102 @@ def write_reports(deployer: Deployer, args: argparse.Namespace) -> None:
         log.error("Cannot write reports: %s", e)
 
 
+# --------------------------------------------------------------------------- logging and systemd
+
+# syslog priorities: journald reads a "<N>" prefix, so `journalctl -p warning` works.
+SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class OneLineFormatter(logging.Formatter):
+    """Formats records as `style` says; a message never spans lines (nor can forge one)."""
+
+    def __init__(self, style: str):
+        super().__init__()
+        self.style = style
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage().replace("\r", " ").replace("\n", " ")
+        if self.style == "journal":  # journald adds the time itself
+            return f"<{SYSLOG_PRIORITY.get(record.levelno, 6)}>{message}"
+        stamp = datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds")
+        if self.style == "json":
+            return json.dumps({"time": stamp, "level": record.levelname, "message": message})
+        return f"{stamp} {record.levelname} {message}"
+
+
+def log_style(choice: str, environ: dict, stderr_fd: int = 2) -> str:
+    """auto: journal style when stderr really is the journal stream systemd names, else text."""
+    if choice != "auto":
+        return choice
+    try:
+        stat = os.fstat(stderr_fd)
+    except OSError:
+        return "text"
+    return "journal" if environ.get("JOURNAL_STREAM") == f"{stat.st_dev}:{stat.st_ino}" else "text"
+
+
+def setup_logging(level: str, style: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(OneLineFormatter(style))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])  # botocore/urllib3 stay quiet:
+    log.setLevel(level)  # their debug output would carry ECR tokens
+
+
+class Systemd:
+    """sd_notify(3) over $NOTIFY_SOCKET with the standard library; a no-op outside systemd."""
+
+    HEALTHY_FOR = FIRST_WAIT_LOOP + 30 + 30 + 30  # s: a long poll, a read timeout, a backoff, and slack
+
+    def __init__(self, environ: dict):
+        address = environ.get("NOTIFY_SOCKET", "")
+        self._address = "\0" + address[1:] if address.startswith("@") else address  # abstract namespace
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) if address else None
+        usec = environ.get("WATCHDOG_USEC", "")
+        for_us = environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid())
+        self.watchdog_every = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 and for_us else None
+        self.alive_at = time.monotonic()
+        self._ready = False
+        self._status = None
+
+    def notify(self, *assignments: str) -> None:
+        if self._socket:
+            try:
+                self._socket.sendto("\n".join(assignments).encode(), self._address)
+            except OSError as e:
+                log.debug("sd_notify failed: %s", e)
+
+    def ready(self) -> None:
+        if not self._ready:
+            self._ready = True
+            self.notify("READY=1", "STATUS=idle")
+
+    def status(self, text: str) -> None:
+        if text != self._status:
+            self._status = text
+            self.notify(f"STATUS={text}")
+
+    def heartbeat(self) -> None:
+        """The main loop is making progress (called each turn)."""
+        self.alive_at = time.monotonic()
+
+    def start_watchdog(self) -> None:
+        """Ping from a thread, so a 20 s long poll does not starve the watchdog, but only while
+        the main loop keeps turning: a hung deployer is restarted by systemd."""
+        if not (self._socket and self.watchdog_every):
+            return
+
+        def ping() -> None:
+            while True:
+                if time.monotonic() - self.alive_at < self.HEALTHY_FOR:
+                    self.notify("WATCHDOG=1")
+                time.sleep(self.watchdog_every)
+
+        threading.Thread(target=ping, name="watchdog", daemon=True).start()
+
+    def stopping(self) -> None:
+        self.notify("STOPPING=1")
+
+
 # --------------------------------------------------------------------------- main
 
 class Shutdown(BaseException):
@@ -1034,33 +1165,39 @@ class Backoff:
 
 
 def drain_once(deployer: Deployer, signals: Signals, args: argparse.Namespace) -> int:
-    """Receive until the queue is empty; a message that failed is not retried in this run."""
-    failed_ids: set[str] = set()
+    """Receive until the queue is empty. A message seen once in this run is not handled again:
+    a failed one stays for a later run, and a dry run makes exactly one pass."""
+    seen: set[str] = set()
+    failed = False
     while not signals.requested:
-        fresh = [m for m in deployer.receive_batch(FIRST_WAIT_ONCE) if m["MessageId"] not in failed_ids]
+        fresh = [m for m in deployer.receive_batch(FIRST_WAIT_ONCE) if m["MessageId"] not in seen]
         if not fresh:
             break
-        failed_ids.update(deployer.handle(fresh).kept)
-    if failed_ids:
+        kept = deployer.handle(fresh).kept
+        failed = failed or bool(kept and not deployer.dry_run)
+        seen.update(m["MessageId"] for m in fresh)
+    if failed:
         log.error("Some messages were left on the queue for retry")
     while deployer.pending and not signals.requested:  # --wait
         signals.sleep(1)
         deployer.check_rollouts()
     write_reports(deployer, args)
     incomplete = [o for o in deployer.outcomes if o != "completed"] + [r.label for r in deployer.pending]
-    return 1 if failed_ids or incomplete else 0
+    return 1 if failed or incomplete else 0
 
 
 def poll_forever(deployer: Deployer, signals: Signals, args: argparse.Namespace) -> int:
-    backoff = Backoff()
+    systemd, backoff = deployer.systemd, Backoff()
     next_refresh = time.monotonic() if args.auth_refresh else float("inf")
     while not signals.requested:
+        systemd.heartbeat()
         try:
             if time.monotonic() >= next_refresh:
                 next_refresh = time.monotonic() + args.auth_refresh
                 deployer.refresh_auth()
             wait = FIRST_WAIT_FOLLOWING if deployer.pending else FIRST_WAIT_LOOP
             messages = deployer.receive_batch(wait, signals.interruptible)
+            systemd.ready()  # the first poll worked (Docker answered at start)
             failed = len(deployer.handle(messages).kept) if messages else 0
             ended = len(deployer.outcomes)
             deployer.check_rollouts()
@@ -1068,9 +1205,12 @@ def poll_forever(deployer: Deployer, signals: Signals, args: argparse.Namespace)
                 write_reports(deployer, args)
         except (AwsError, DockerError) as e:
             log.error("%s", e)
+            systemd.status(f"{'docker' if isinstance(e, DockerError) else 'AWS'} unreachable: retrying")
             failed = 1
         except Shutdown:
             break
+        if not failed:
+            systemd.status(f"following {len(deployer.pending)} rollout(s)" if deployer.pending else "idle")
         try:
             signals.sleep(backoff.next()) if failed else backoff.reset()
         except Shutdown:
@@ -1079,21 +1219,14 @@ def poll_forever(deployer: Deployer, signals: Signals, args: argparse.Namespace)
     return 0
 
 
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
-    logging.basicConfig(level=logging.WARNING, handlers=[handler])  # botocore/urllib3 stay quiet:
-    log.setLevel(level)  # their debug output would carry ECR tokens
-
-
-def start(args: argparse.Namespace, signals: Signals) -> Deployer:
+def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deployer:
     """Resolve the queue and reach Docker; in loop mode, wait out outages instead of failing."""
     session = boto3.Session()
     queue = Queue(session, args.queue) if args.queue else None
     deployer = Deployer(queue, Ecr(session), Docker(os.environ.get("DOCKER_HOST")), args.filter_label,
-                        trust_events=args.trust_events, follow_rollouts=args.wait or not args.once,
+                        trust_events=args.trust_events, follow_rollouts=(args.wait or not args.once) and not args.dry_run,
                         rollout_timeout=args.rollout_timeout, rollback_on_failure=args.rollback_on_failure,
-                        notify_urls=tuple(args.notify_url))
+                        notify_urls=tuple(args.notify_url), dry_run=args.dry_run, systemd=systemd)
     backoff = Backoff()
     while True:
         try:
@@ -1105,15 +1238,18 @@ def start(args: argparse.Namespace, signals: Signals) -> Deployer:
             if args.once or args.refresh_auth or isinstance(e, QueueNotFound):
                 raise
             log.error("%s; retrying", e)
+            systemd.status(f"{'docker' if isinstance(e, DockerError) else 'AWS'} unreachable: retrying")
+            systemd.heartbeat()
             signals.sleep(backoff.next())
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging(args.log_level)
-    signals = Signals()
+    setup_logging(args.log_level, log_style(args.log_format, os.environ))
+    signals, systemd = Signals(), Systemd(os.environ)
+    systemd.start_watchdog()
     try:
-        deployer = start(args, signals)
+        deployer = start(args, signals, systemd)
         if args.refresh_auth:
             return 0 if deployer.refresh_auth() else 1
         log.info("ecr-deploy %s watching %s (Docker at %s, API %s)", __version__, deployer.queue.url,
@@ -1124,6 +1260,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Shutdown:
         return 0
+    finally:
+        systemd.stopping()
 
 
 if __name__ == "__main__":
