@@ -154,6 +154,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"log format must be one of {', '.join(LOG_FORMATS)}, not {args.log_format!r}")
     if args.log_level not in LOG_LEVELS:
         parser.error(f"log level must be one of {', '.join(LOG_LEVELS)}, not {args.log_level!r}")
+    if args.dry_run and not args.once:
+        parser.error("--dry-run goes with --once: messages it does not delete come back, and in a loop "
+                     "every pass would count towards the queue's maxReceiveCount")
     if args.wait and not args.once:
         parser.error("--wait goes with --once (loop mode always follows its rollouts)")
     if args.filter_label:
@@ -412,9 +415,10 @@ OUTCOME_WORDS = {"completed": "completed", "paused": "paused", "timed_out": "tim
 
 
 def notification(outcome: str, service: str, service_id: str, image: str, duration: float,
-                 node: str, message: str) -> dict:
+                 node: str, message: str, rollback: bool = False) -> dict:
     """One JSON document per outcome: `text` for Slack/Teams webhooks, the rest for machines."""
-    text = f"ecr-deploy on {node}: rollout of {service} to {image} {OUTCOME_WORDS.get(outcome, outcome)} " \
+    words = OUTCOME_WORDS[outcome.removeprefix("rollback_") if rollback else outcome]
+    text = f"ecr-deploy on {node}: {'rollback' if rollback else 'rollout'} of {service} to {image} {words} " \
            f"after {duration:.1f}s" + (f": {message}" if message else "")
     return {"text": text, "service": service, "service_id": service_id, "image": image,
             "digest": image.rpartition("@")[2], "outcome": outcome, "duration_seconds": round(duration, 3),
@@ -471,6 +475,7 @@ class QueueNotFound(AwsError):
     """Fatal in every mode: waiting will not make a wrong queue name right."""
 
 
+QUEUE_MISSING = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
 AWS_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
 
 
@@ -479,7 +484,10 @@ class Queue:
         url_region = SQS_URL_REGION.match(name_or_url)
         region = (url_region[1] or url_region[2]) if url_region else None
         self.name = name_or_url
-        self._sqs = session.client("sqs", config=BOTO_CONFIG, region_name=session.region_name or region)
+        try:  # A queue URL names its region; it wins over the default region if they differ.
+            self._sqs = session.client("sqs", config=BOTO_CONFIG, region_name=region or session.region_name)
+        except botocore.exceptions.NoRegionError:
+            raise AwsError("no AWS region: set AWS_REGION, or give the queue's full URL") from None
         self.url = name_or_url if name_or_url.startswith(("https://", "http://")) else None
 
     def resolve(self) -> None:
@@ -489,7 +497,7 @@ class Queue:
         try:
             self.url = self._sqs.get_queue_url(QueueName=self.name)["QueueUrl"]
         except AWS_ERRORS as e:
-            if error_code(e) in ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
+            if error_code(e) in QUEUE_MISSING:
                 raise QueueNotFound(f"SQS queue {self.name!r} does not exist "
                                     f"in {self._sqs.meta.region_name}") from None
             raise AwsError.wrap(e, f"cannot find SQS queue {self.name!r}") from None
@@ -500,6 +508,8 @@ class Queue:
                 QueueUrl=self.url, MaxNumberOfMessages=SQS_MAX_MESSAGES, WaitTimeSeconds=wait_seconds,
                 MessageSystemAttributeNames=["ApproximateReceiveCount"])
         except AWS_ERRORS as e:
+            if error_code(e) in QUEUE_MISSING:
+                raise QueueNotFound(f"SQS queue {self.url} does not exist") from None
             raise AwsError.wrap(e, f"cannot receive from {self.url}") from None
         return reply.get("Messages", [])
 
@@ -538,6 +548,12 @@ class Ecr:
         self._tokens: dict[tuple[str, str], Token] = {}
         self.cycle = 0
 
+    def new_cycle(self, fresh_tokens: bool = False) -> None:
+        """A drain cycle (or refresh pass) begins: already-expired tokens are not reused past it."""
+        self.cycle += 1
+        if fresh_tokens:
+            self._tokens.clear()
+
     def _client(self, region: str):
         if region not in self._clients:
             self._clients[region] = self._session.client("ecr", region_name=region, config=BOTO_CONFIG)
@@ -564,10 +580,10 @@ class Ecr:
         if token is None or (now >= token.refresh_at and token.cycle != self.cycle):
             try:
                 data = self._client(region).get_authorization_token(registryIds=[account])["authorizationData"][0]
-            except (*AWS_ERRORS, KeyError, IndexError) as e:
+                username, _, password = base64.b64decode(data["authorizationToken"]).decode().partition(":")
+                expires = data["expiresAt"].timestamp()
+            except (*AWS_ERRORS, KeyError, IndexError, ValueError, AttributeError) as e:
                 raise AwsError.wrap(e, f"cannot get an ECR token for {account} in {region}") from None
-            username, _, password = base64.b64decode(data["authorizationToken"]).decode().partition(":")
-            expires = data["expiresAt"].timestamp()
             token = Token(username, password, now + max(0.0, (expires - now) / 2), self.cycle)
             self._tokens[(account, region)] = token
         return token.username, token.password
@@ -613,11 +629,14 @@ class Docker:
                               f"{reason[1] if reason else type(e).__name__}") from None
         if reply.status_code >= 400:
             try:
-                message = reply.json().get("message")
-            except ValueError:
-                message = reply.text.strip()
+                message = reply.json()["message"]
+            except (ValueError, KeyError, TypeError):
+                message = reply.text.strip()[:200]
             raise DockerError(f"{method} {path}: {reply.status_code} {message}", reply.status_code)
-        return reply.json() if reply.content else None
+        try:
+            return reply.json() if reply.content else None
+        except ValueError:
+            raise DockerError(f"{method} {path}: the answer is not JSON", reply.status_code) from None
 
     def api(self, method: str, path: str, **kwargs) -> object:
         if self._prefix is None:
@@ -678,12 +697,21 @@ class CycleResult:
 class Rollout:
     """A service update (or rollback) being followed until Swarm says how it ended."""
     service_id: str
-    label: str  # "name (id)"
-    image: str
-    push: Push
+    name: str
+    image: str  # what the service is being moved to
+    push: Push  # whose registry credentials apply
     started: float  # time.time() just before the update was posted
     deadline: float
     rollback: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.service_id[:12]})"
+
+
+# Swarm states in which re-posting the spec would disturb an update (see refresh_auth).
+BUSY_STATES = ("updating", "paused", "rollback_started", "rollback_paused")
+AUTH_REFRESH_RETRY = 300.0  # s: a failed refresh pass is retried this soon, not after a whole interval
 
 
 class Deployer:
@@ -692,18 +720,19 @@ class Deployer:
                  rollback_on_failure: bool = False, notify_urls: tuple[str, ...] = (), dry_run: bool = False,
                  systemd: Systemd | None = None):
         self.queue, self.ecr, self.docker = queue, ecr, docker
-        self.dry_run = dry_run
-        self.systemd = systemd or Systemd({})
         self.label_filter = label_filter
         self.trust_events = trust_events
         self.follow_rollouts = follow_rollouts
         self.rollout_timeout = rollout_timeout
         self.rollback_on_failure = rollback_on_failure
         self.notify_urls = notify_urls
+        self.dry_run = dry_run
+        self.systemd = systemd or Systemd({})
         self.pending: list[Rollout] = []
-        self.outcomes: list[str] = []  # of rollouts this process followed to the end
+        self.outcomes: list[str] = []  # of the rollouts this process followed to their end
         self.totals = {"messages": {"received": 0, "deployed": 0, "ignored": 0, "failed": 0},
                        "services_updated": 0, "rollouts": defaultdict(int), "last_success": None}
+        self._node_name: str | None = None
 
     # ---- receiving and acknowledging
 
@@ -719,9 +748,8 @@ class Deployer:
 
     def handle(self, messages: list[dict]) -> CycleResult:
         """Do what the messages ask, then delete exactly the ones whose work is done."""
-        self.ecr.cycle += 1
-        result = CycleResult(received=len(messages))
-        done: list[dict] = []
+        self.ecr.new_cycle()
+        ignored: list[dict] = []
         pushes: dict[tuple, list[tuple[dict, Push]]] = defaultdict(list)
         for message in messages:
             receive_count = int(message.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
@@ -731,28 +759,24 @@ class Deployer:
             if isinstance(what, Ignored):
                 log.log(logging.WARNING if what.suspicious else logging.INFO,
                         "Ignoring message %s: %s", message["MessageId"], what.reason)
-                done.append(message)
+                ignored.append(message)
             else:
                 pushes[what.image_key].append((message, what))
-        result.ignored = len(done)
 
-        targets = self.resolve_targets(pushes, done, result)
-        if targets:
-            try:
-                services = self.docker.services()
-            except DockerError as e:
-                log.error("%s; %d message(s) kept for retry", e, sum(len(pushes[k]) for k in targets))
-                self.systemd.status("docker unreachable: retrying" if e.status is None else "docker error: retrying")
-                targets = {}
-            for key, (push, digest) in targets.items():
-                if self.deploy(push, digest, services, result):
-                    done.extend(message for message, _ in pushes[key])
-        result.deployed = len(done) - result.ignored
+        result = CycleResult(received=len(messages))
+        targets, gone = self.resolve_targets(pushes)
+        ignored += [message for key in gone for message, _ in pushes[key]]
+        deployed = [message for key in self.deploy_all(targets, pushes, result) for message, _ in pushes[key]]
+
+        done = ignored + deployed
         if self.dry_run:
             log.info("Dry run: %d message(s) left on the queue", len(messages))
-            done_ids = {m["MessageId"] for m in done}
+            not_deleted: set[str] = set()
         else:
-            done_ids = {m["MessageId"] for m in done} - self.queue.delete(done)
+            not_deleted = self.queue.delete(done)
+        done_ids = {m["MessageId"] for m in done} - not_deleted
+        result.ignored = sum(m["MessageId"] in done_ids for m in ignored)
+        result.deployed = sum(m["MessageId"] in done_ids for m in deployed)
         result.kept = [m["MessageId"] for m in messages if m["MessageId"] not in done_ids]
         self.count(result)
         return result
@@ -769,10 +793,12 @@ class Deployer:
 
     # ---- deploying
 
-    def resolve_targets(self, pushes: dict, done: list[dict], result: CycleResult) -> dict[tuple, tuple[Push, str]]:
-        """One ECR lookup per image: the digest its tag points to now (stale events lose)."""
-        targets = {}
+    def resolve_targets(self, pushes: dict) -> tuple[dict[tuple, tuple[Push, str]], list[tuple]]:
+        """One ECR lookup per image: the digest its tag points to now (stale events lose).
+        Returns the images to deploy, and those whose tag is gone (nothing to deploy)."""
+        targets, gone = {}, []
         for key, group in pushes.items():
+            self.systemd.heartbeat()
             push = max((p for _, p in group), key=lambda p: p.time)
             if self.trust_events:
                 targets[key] = (push, push.digest)
@@ -784,21 +810,32 @@ class Deployer:
                 continue
             if digest is None:
                 log.info("%s no longer exists in ECR; nothing to deploy", push.image)
-                done.extend(message for message, _ in group)
-                result.ignored += len(group)
+                gone.append(key)
                 continue
             if any(p.digest != digest for _, p in group):
                 log.info("ECR says %s is now %s (an event named another digest); deploying that",
                          push.image, digest)
             targets[key] = (push, digest)
-        return targets
+        return targets, gone
 
-    def deploy(self, push: Push, digest: str, services: list[dict], result: CycleResult) -> bool:
-        """Roll every matching service to the digest; True when all of them are done."""
-        users = services_using(services, push, self.label_filter)
-        if not users:
-            log.info("No service uses %s", push.image)
-        return all([self.pin_service(service, push, digest, result) for service in users])
+    def deploy_all(self, targets: dict, pushes: dict, result: CycleResult) -> list[tuple]:
+        """List services once, roll each image's users; returns the images fully deployed."""
+        if not targets:
+            return []
+        try:
+            services = self.docker.services()
+        except DockerError as e:
+            log.error("%s; %d message(s) kept for retry", e, sum(len(pushes[key]) for key in targets))
+            self.systemd.status("docker unreachable: retrying" if e.status is None else "docker error: retrying")
+            return []
+        deployed = []
+        for key, (push, digest) in targets.items():
+            users = services_using(services, push, self.label_filter)
+            if not users:
+                log.info("No service uses %s", push.image)
+            if all([self.pin_service(service, push, digest, result) for service in users]):
+                deployed.append(key)
+        return deployed
 
     def pin_service(self, listed: dict, push: Push, digest: str, result: CycleResult) -> bool:
         def plan(service: dict) -> tuple[dict, ImageRef] | None:
@@ -810,6 +847,9 @@ class Deployer:
             current = running_image(service)
             if current and current.digest == digest:
                 log.info("Service %s already runs %s; nothing to do", service_label(service), image)
+                return None
+            if self.dry_run:
+                log.info("Would update service %s to %s", service_label(service), image)
                 return None
             self.systemd.status(f"deploying {service['Spec'].get('Name', '?')}")
             return updated_spec(service["Spec"], image), ref
@@ -823,10 +863,12 @@ class Deployer:
         return self.post_update(listed, push.account, push.region, plan, updated)
 
     def post_update(self, listed: dict, account: str, region: str, plan, on_success) -> bool:
-        """Inspect fresh, let `plan` decide the new spec, post it with registry auth; on
-        "update out of sequence" (someone else changed the service) start over, with jitter."""
+        """Inspect fresh, let `plan` decide the new spec (None: nothing to do), post it with
+        registry auth; on "update out of sequence" (someone else changed the service) start
+        over, with jitter so that two deployers fall out of step."""
         label = service_label(listed)
         for attempt in range(1, UPDATE_ATTEMPTS + 1):
+            self.systemd.heartbeat()
             try:
                 service = self.docker.service(listed["ID"])  # fresh: version and spec as of now
             except DockerError as e:
@@ -839,9 +881,6 @@ class Deployer:
             if decision is None:
                 return True
             spec, ref = decision
-            if self.dry_run:
-                log.info("Would update service %s to %s", label, spec["TaskTemplate"]["ContainerSpec"]["Image"])
-                return True
             try:
                 username, password = self.ecr.credentials(account, region)
                 started = time.time()
@@ -850,7 +889,7 @@ class Deployer:
             except DockerError as e:
                 if e.out_of_sequence and attempt < UPDATE_ATTEMPTS:
                     log.info("Service %s changed while updating (attempt %d); retrying", label, attempt)
-                    time.sleep(random.uniform(0.05, 0.25) * attempt)  # jitter: two deployers desynchronise
+                    time.sleep(random.uniform(0.05, 0.25) * attempt)
                     continue
                 log.error("Cannot update service %s: %s", label, e)
                 return False
@@ -868,26 +907,27 @@ class Deployer:
     def follow(self, service: dict, image: str, push: Push, started: float, rollback: bool = False) -> None:
         if not self.follow_rollouts:
             return
+        # A newer update of the same service supersedes the older one: Swarm reports only the newest.
+        self.pending = [r for r in self.pending if r.service_id != service["ID"]]
         timeout = self.rollout_timeout or default_rollout_timeout(service["Spec"])
-        self.pending.append(Rollout(service["ID"], service_label(service), image, push, started,
+        self.pending.append(Rollout(service["ID"], service["Spec"].get("Name", "?"), image, push, started,
                                     started + timeout, rollback))
 
     def check_rollouts(self) -> None:
         """Ask Swarm how each pending rollout is doing; report and act on the ones that ended."""
         for rollout in list(self.pending):
+            now = time.time()
             try:
                 service = self.docker.service(rollout.service_id)
+                state = rollout_state(service, rollout.started)
             except DockerError as e:
-                if e.status != 404:
+                service, state = None, "removed" if e.status == 404 else None
+                if state is None:
                     log.error("Cannot follow the rollout of %s: %s", rollout.label, e)
-                    continue
-                service = None
-            now = time.time()
-            state = rollout_state(service, rollout.started) if service else "removed"
-            if state is None and now - rollout.started > NO_UPDATE_GRACE:
+            if state is None and service and now - rollout.started > NO_UPDATE_GRACE:
                 state = "completed"  # Swarm had nothing to roll (e.g. no replicas): nothing can hang
             if state not in (*FINAL_STATES, "removed") and now > rollout.deadline:
-                state = "timed_out"
+                state = "timed_out"  # also when Docker cannot be asked: --wait must end
             if state in (*FINAL_STATES, "removed", "timed_out"):
                 self.pending.remove(rollout)
                 self.ended(rollout, state, service, now)
@@ -902,14 +942,14 @@ class Deployer:
             except DockerError:
                 task_error = None
             message = "; ".join(filter(None, [swarm_says, task_error and f"task error: {task_error}"]))
-        level = logging.INFO if outcome == "completed" else logging.ERROR
-        what = "Rollback of" if rollout.rollback else "Rollout of"
-        log.log(level, "%s %s to %s %s after %.1fs%s", what, rollout.label, rollout.image,
-                OUTCOME_WORDS[outcome], duration, f": {message}" if message else "")
+        words = OUTCOME_WORDS[outcome.removeprefix("rollback_") if rollout.rollback else outcome]
+        log.log(logging.INFO if outcome in ("completed", "rollback_completed") and not message else logging.ERROR,
+                "%s of %s to %s %s after %.1fs%s", "Rollback" if rollout.rollback else "Rollout", rollout.label,
+                rollout.image, words, duration, f": {message}" if message else "")
         self.outcomes.append(outcome)
         self.totals["rollouts"][outcome] += 1
-        self.notify(notification(outcome, rollout.label.split(" (")[0], rollout.service_id, rollout.image,
-                                 duration, self.node(), message))
+        self.notify(notification(outcome, rollout.name, rollout.service_id, rollout.image, duration,
+                                 self.node_name(), message, rollback=rollout.rollback))
         if outcome in ("paused", "timed_out") and not rollout.rollback and service:
             self.roll_back(rollout, service)
 
@@ -923,28 +963,30 @@ class Deployer:
         try:
             username, password = self.ecr.credentials(rollout.push.account, rollout.push.region)
             fresh = self.docker.service(rollout.service_id)
+            previous = (fresh.get("PreviousSpec") or {}).get("TaskTemplate", {}).get("ContainerSpec", {}).get("Image")
+            if not previous:
+                raise DockerError("Swarm holds no previous spec to roll back to")
             started = time.time()
             self.docker.update_service(fresh, fresh["Spec"], registry_auth_header(
-                username, password, rollout.image.partition("/")[0]), rollback=True)
+                username, password, previous.partition("/")[0]), rollback=True)
         except (DockerError, AwsError) as e:
             log.error("Cannot roll back service %s: %s", rollout.label, e)
             return
-        self.follow(fresh, rollout.image, rollout.push, started, rollback=True)
+        self.follow(fresh, previous, rollout.push, started, rollback=True)
 
-    _node = None
-
-    def node(self) -> str:
-        if self._node is None:
+    def node_name(self) -> str:
+        if self._node_name is None:
             try:
-                self._node = self.docker.node_name()
+                self._node_name = self.docker.node_name()
             except DockerError:
                 return "?"
-        return self._node
+        return self._node_name
 
     def notify(self, document: dict) -> None:
         """Best effort: a dead webhook is logged, and never blocks a deployment for long."""
         for url in self.notify_urls:
-            where = urllib.parse.urlsplit(url).netloc  # never log the path: webhook URLs are secrets
+            parts = urllib.parse.urlsplit(url)
+            where = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname  # the rest may be secret
             try:
                 requests.post(url, json=document, timeout=NOTIFY_TIMEOUT).raise_for_status()
             except requests.RequestException as e:
@@ -955,29 +997,29 @@ class Deployer:
 
     def refresh_auth(self) -> bool:
         """Re-post every ECR service's unchanged spec with a fresh token (moby/moby#31063):
-        Swarm keeps the auth of the last update, and ECR tokens die after 12 h. Restarts nothing."""
+        Swarm keeps the auth of the last update, and ECR tokens die after 12 h. Restarts nothing.
+        Swarm does make the re-posted spec the PreviousSpec, so services in the middle of an
+        update (or paused by a failed one, or being followed by us) are left alone this pass."""
         if self.dry_run:
             log.info("Dry run: registry auth refresh skipped")
             return True
-        self.ecr.cycle += 1
-        services = self.docker.services()
-        refreshed = []
+        self.ecr.new_cycle(fresh_tokens=True)  # a full lifetime for every token handed to Swarm
+        followed = {r.service_id for r in self.pending}
+        refreshed: list[str] = []
 
-        def plan(service: dict):
-            ref = service_image(service)
-            if not ref or not ecr_registry(ref.host):
+        def plan(service: dict) -> tuple[dict, ImageRef] | None:
+            if service["ID"] in followed or (service.get("UpdateStatus") or {}).get("State") in BUSY_STATES:
+                log.info("Service %s is mid-update; its registry auth is refreshed next time", service_label(service))
                 return None
-            return service["Spec"], ref
-
-        def done(service: dict, _spec: dict, _started: float) -> None:
-            refreshed.append(service_label(service))
+            return service["Spec"], service_image(service)
 
         results = []
-        for listed in services:
+        for listed in self.docker.services():
             ref = service_image(listed)
             registry = ecr_registry(ref.host) if ref else None
             if registry and (self.label_filter is None or self.label_filter.admits(listed["Spec"].get("Labels"))):
-                results.append(self.post_update(listed, *registry, plan, done))
+                results.append(self.post_update(listed, *registry, plan,
+                                                lambda service, *_: refreshed.append(service_label(service))))
         log.info("Refreshed registry auth of %d service(s)%s", len(refreshed),
                  "" if all(results) else f"; {results.count(False)} failed")
         return all(results)
@@ -1072,7 +1114,7 @@ class Systemd:
         for_us = environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid())
         self.watchdog_every = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 and for_us else None
         self.alive_at = time.monotonic()
-        self._ready = False
+        self.is_ready = False
         self._status = None
 
     def notify(self, *assignments: str) -> None:
@@ -1083,8 +1125,8 @@ class Systemd:
                 log.debug("sd_notify failed: %s", e)
 
     def ready(self) -> None:
-        if not self._ready:
-            self._ready = True
+        if not self.is_ready:
+            self.is_ready = True
             self.notify("READY=1", "STATUS=idle")
 
     def status(self, text: str) -> None:
@@ -1104,7 +1146,7 @@ class Systemd:
 
         def ping() -> None:
             while True:
-                if time.monotonic() - self.alive_at < self.HEALTHY_FOR:
+                if self.is_ready and time.monotonic() - self.alive_at < self.HEALTHY_FOR:
                     self.notify("WATCHDOG=1")
                 time.sleep(self.watchdog_every)
 
@@ -1137,10 +1179,10 @@ class Signals:
 
     @contextmanager
     def interruptible(self):
-        if self.requested:
-            raise Shutdown
-        self._interruptible = True
+        self._interruptible = True  # first, so a signal arriving now cannot be missed
         try:
+            if self.requested:
+                raise Shutdown
             yield
         finally:
             self._interruptible = False
@@ -1179,7 +1221,10 @@ def drain_once(deployer: Deployer, signals: Signals, args: argparse.Namespace) -
     if failed:
         log.error("Some messages were left on the queue for retry")
     while deployer.pending and not signals.requested:  # --wait
-        signals.sleep(1)
+        try:
+            signals.sleep(1)
+        except Shutdown:
+            break
         deployer.check_rollouts()
     write_reports(deployer, args)
     incomplete = [o for o in deployer.outcomes if o != "completed"] + [r.label for r in deployer.pending]
@@ -1193,9 +1238,15 @@ def poll_forever(deployer: Deployer, signals: Signals, args: argparse.Namespace)
         systemd.heartbeat()
         try:
             if time.monotonic() >= next_refresh:
-                next_refresh = time.monotonic() + args.auth_refresh
-                deployer.refresh_auth()
-            wait = FIRST_WAIT_FOLLOWING if deployer.pending else FIRST_WAIT_LOOP
+                next_refresh = time.monotonic() + min(args.auth_refresh, AUTH_REFRESH_RETRY)  # if it fails
+                if deployer.refresh_auth():
+                    next_refresh = time.monotonic() + args.auth_refresh
+            if not systemd.is_ready:
+                wait = FIRST_WAIT_ONCE  # a quick first poll proves the queue works: READY=1 without delay
+            elif deployer.pending:
+                wait = FIRST_WAIT_FOLLOWING
+            else:
+                wait = FIRST_WAIT_LOOP
             messages = deployer.receive_batch(wait, signals.interruptible)
             systemd.ready()  # the first poll worked (Docker answered at start)
             failed = len(deployer.handle(messages).kept) if messages else 0
@@ -1209,10 +1260,15 @@ def poll_forever(deployer: Deployer, signals: Signals, args: argparse.Namespace)
             failed = 1
         except Shutdown:
             break
+        except Exception as e:  # a bug must not stop deployments; the messages come back anyway
+            log.error("Unexpected error, retrying: %s: %s", type(e).__name__, e)
+            failed = 1
         if not failed:
+            backoff.reset()
             systemd.status(f"following {len(deployer.pending)} rollout(s)" if deployer.pending else "idle")
+            continue
         try:
-            signals.sleep(backoff.next()) if failed else backoff.reset()
+            signals.sleep(backoff.next())
         except Shutdown:
             break
     log.info("Stopping")
@@ -1221,7 +1277,8 @@ def poll_forever(deployer: Deployer, signals: Signals, args: argparse.Namespace)
 
 def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deployer:
     """Resolve the queue and reach Docker; in loop mode, wait out outages instead of failing."""
-    session = boto3.Session()
+    # boto3 itself reads only AWS_DEFAULT_REGION; AWS_REGION is what every other AWS SDK reads.
+    session = boto3.Session(region_name=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or None)
     queue = Queue(session, args.queue) if args.queue else None
     deployer = Deployer(queue, Ecr(session), Docker(os.environ.get("DOCKER_HOST")), args.filter_label,
                         trust_events=args.trust_events, follow_rollouts=(args.wait or not args.once) and not args.dry_run,

@@ -12,11 +12,13 @@ Without root or the binaries, rig tests skip; with ECR_DEPLOY_REQUIRE_RIG=1 (CI)
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import pathlib
 import re
@@ -417,8 +419,8 @@ class Aws:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(workdir / "moto.log", "ab")
         self.env = {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": "testing",
-                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",  # as the README says
+                    "AWS_EC2_METADATA_DISABLED": "true"}
         self.proc = None
         self.start()
         self.sqs = self.client("sqs")
@@ -524,41 +526,51 @@ def bcrypt_hash(password: str) -> str:
     return crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))
 
 
+@contextlib.contextmanager
+def serving_registries(workdir: pathlib.Path):
+    """Start the registries, name them in /etc/hosts and trust their CA in Docker; undo all at exit."""
+    all_hosts = [h for r in REGISTRIES for h in r.hosts]
+    ca, cert, key = make_tls(workdir, all_hosts)
+    hosts_before = pathlib.Path("/etc/hosts").read_text()
+    try:
+        with open("/etc/hosts", "a") as hosts_file:
+            hosts_file.write("".join(f"{r.ip} {h} {HOSTS_MARK}\n" for r in REGISTRIES for h in r.hosts))
+        for host in all_hosts:
+            certs = pathlib.Path("/etc/docker/certs.d") / host
+            certs.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ca, certs / "ca.crt")
+        for registry in REGISTRIES:
+            root = workdir / f"registry-{registry.account}"
+            root.mkdir()
+            (root / "htpasswd").write_text(f"AWS:{bcrypt_hash(registry.password)}\n")
+            (root / "config.yml").write_text(json.dumps({  # JSON is YAML
+                "version": 0.1, "log": {"level": "warn"},
+                "storage": {"filesystem": {"rootdirectory": str(root / "data")}},
+                "http": {"addr": f"{registry.ip}:443", "tls": {"certificate": str(cert), "key": str(key)}},
+                "auth": {"htpasswd": {"realm": "ecr", "path": str(root / "htpasswd")}}}))
+            registry.proc = subprocess.Popen(["docker-registry", "serve", str(root / "config.yml")],
+                                             stdout=open(root / "log", "ab"), stderr=subprocess.STDOUT)
+            registry.ca = str(ca)
+            wait_for(lambda: registry_up(registry), 30, what=f"registry {registry.host}")
+        yield REGISTRIES
+    finally:
+        for registry in REGISTRIES:
+            if registry.proc:
+                registry.proc.terminate()
+                registry.proc.wait(10)
+        pathlib.Path("/etc/hosts").write_text(hosts_before)
+        for host in all_hosts:
+            shutil.rmtree(pathlib.Path("/etc/docker/certs.d") / host, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def registries(workdir):
     if os.geteuid() != 0:
         rig_unavailable("the registries need root (/etc/hosts, /etc/docker/certs.d, port 443)")
     if not shutil.which("docker-registry"):
         rig_unavailable("docker-registry is not installed (apt-get install docker-registry)")
-    all_hosts = [h for r in REGISTRIES for h in r.hosts]
-    ca, cert, key = make_tls(workdir, all_hosts)
-    hosts_before = pathlib.Path("/etc/hosts").read_text()
-    with open("/etc/hosts", "a") as hosts_file:
-        hosts_file.write("".join(f"{r.ip} {h} {HOSTS_MARK}\n" for r in REGISTRIES for h in r.hosts))
-    for host in all_hosts:
-        certs = pathlib.Path("/etc/docker/certs.d") / host
-        certs.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ca, certs / "ca.crt")
-    for registry in REGISTRIES:
-        root = workdir / f"registry-{registry.account}"
-        root.mkdir()
-        (root / "htpasswd").write_text(f"AWS:{bcrypt_hash(registry.password)}\n")
-        (root / "config.yml").write_text(json.dumps({  # JSON is YAML
-            "version": 0.1, "log": {"level": "warn"},
-            "storage": {"filesystem": {"rootdirectory": str(root / "data")}},
-            "http": {"addr": f"{registry.ip}:443", "tls": {"certificate": str(cert), "key": str(key)}},
-            "auth": {"htpasswd": {"realm": "ecr", "path": str(root / "htpasswd")}}}))
-        registry.proc = subprocess.Popen(["docker-registry", "serve", str(root / "config.yml")],
-                                         stdout=open(root / "log", "ab"), stderr=subprocess.STDOUT)
-        registry.ca = str(ca)
-        wait_for(lambda: registry_up(registry), 30, what=f"registry {registry.host}")
-    yield REGISTRIES
-    for registry in REGISTRIES:
-        registry.proc.terminate()
-        registry.proc.wait(10)
-    pathlib.Path("/etc/hosts").write_text(hosts_before)
-    for host in all_hosts:
-        shutil.rmtree(pathlib.Path("/etc/docker/certs.d") / host, ignore_errors=True)
+    with serving_registries(workdir) as serving:
+        yield serving
 
 
 def registry_up(registry: Registry) -> bool:
@@ -927,6 +939,14 @@ def test_docker_unreachable_exits_1_and_keeps_the_message(aws):
     assert "Traceback" not in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
     assert aws.queue_depth(queue) == 1
+
+
+def test_no_region_exits_1_with_a_clear_line(aws, swarm):
+    env = deployer_env(aws, swarm)
+    del env["AWS_REGION"]
+    run = run_once(env, "--queue", "some-queue")
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().endswith("no AWS region: set AWS_REGION, or give the queue's full URL")
 
 
 def test_unknown_queue_exits_1_with_a_clear_line(aws, swarm):
@@ -1413,23 +1433,27 @@ def test_ecr_tokens_are_cached_per_registry_and_expired_ones_only_within_a_cycle
     for region in ("us-east-1", "eu-west-1"):
         ecr._client(region).meta.events.register(
             "before-parameter-build.ecr.GetAuthorizationToken", lambda params, **_: calls.append(params["registryIds"]))
-    ecr.cycle = 1
+    ecr.new_cycle()
     assert ecr.credentials("123456789012", "us-east-1") == ("AWS", "123456789012-auth-token")
     assert ecr.credentials("123456789012", "us-east-1") == ("AWS", "123456789012-auth-token")
     assert ecr.credentials("222222222222", "eu-west-1") == ("AWS", "222222222222-auth-token")
     assert calls == [["123456789012"], ["222222222222"]]  # one call per registry in a cycle
-    ecr.cycle = 2  # moto's tokens expired in 2015: not reused across cycles
+    ecr.new_cycle()  # moto's tokens expired in 2015: not reused across cycles
     ecr.credentials("123456789012", "us-east-1")
     assert len(calls) == 3
     # A token with life left (real ECR: 12 h) is reused across cycles until half of it has passed.
     ecr._tokens[("123456789012", "us-east-1")].refresh_at = time.time() + 6 * 3600
-    ecr.cycle = 3
+    ecr.new_cycle()
     ecr.credentials("123456789012", "us-east-1")
     assert len(calls) == 3
     ecr._tokens[("123456789012", "us-east-1")].refresh_at = time.time() - 1
-    ecr.cycle = 4
+    ecr.new_cycle()
     ecr.credentials("123456789012", "us-east-1")
     assert len(calls) == 4
+    ecr._tokens[("123456789012", "us-east-1")].refresh_at = time.time() + 6 * 3600
+    ecr.new_cycle(fresh_tokens=True)  # the auth keeper hands Swarm a token with its whole life ahead
+    ecr.credentials("123456789012", "us-east-1")
+    assert len(calls) == 5
 
 
 
@@ -1492,6 +1516,10 @@ def test_failing_task_error_picks_the_newest_failure_of_the_new_image():
 
 
 def test_notification_is_webhook_text_and_machine_fields():
+    rollback = ed.notification("rollback_completed", "web", "abc", f"{HOST}/team/web:v1@{DIGEST_A}", 3, "m", "",
+                               rollback=True)
+    assert rollback["text"] == f"ecr-deploy on m: rollback of web to {HOST}/team/web:v1@{DIGEST_A} completed after 3.0s"
+    assert rollback["outcome"] == "rollback_completed"
     doc = ed.notification("paused", "web", "abc", f"{HOST}/team/web:latest@{DIGEST_B}", 12.34, "mgr-1",
                           "update paused")
     assert doc["text"] == (f"ecr-deploy on mgr-1: rollout of web to {HOST}/team/web:latest@{DIGEST_B} paused "
@@ -1618,7 +1646,7 @@ def test_rollback_on_failure_returns_the_service_to_its_previous_image(aws, imag
                    "--notify-url", webhook.url)
     assert run.returncode == 1, run.stderr
     assert f"Rollout of rollme ({sid[:12]}) to {new} paused after" in run.stderr
-    assert f"Rollback of rollme ({sid[:12]}) to {new} rolled back after" in run.stderr
+    assert f"Rollback of rollme ({sid[:12]}) to {old} completed after" in run.stderr
     service = clean_swarm.service(sid)
     assert service["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == old
     assert service["UpdateStatus"]["State"] == "rollback_completed"
@@ -1709,3 +1737,237 @@ def test_loop_mode_follows_rollouts_and_refreshes_auth_periodically(aws, images,
         running.kill()
     assert json.loads(summary.read_text())["rollouts"] == {"completed": 1}
     assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v2}", 1)  # refreshes force nothing
+
+
+# =========================================================================== issue 5: operations
+
+UNIT = HERE / "systemd" / "ecr-deploy.service"
+
+
+def systemd_analyze():
+    path = shutil.which("systemd-analyze")
+    if not path:
+        rig_unavailable("systemd-analyze is not installed (apt-get install systemd)")
+    return path
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path):
+    # verify insists that ExecStart's program exists: point it at this checkout, change nothing else.
+    unit = UNIT.read_text()
+    assert "ExecStart=/opt/ecr-deploy/venv/bin/python3 /opt/ecr-deploy/ecr_deploy.py\n" in unit
+    local = unit.replace("/opt/ecr-deploy/venv/bin/python3", os.path.realpath(sys.executable)) \
+                .replace("/opt/ecr-deploy/ecr_deploy.py", DEPLOYER)
+    (tmp_path / "ecr-deploy.service").write_text(local)
+    run = subprocess.run([systemd_analyze(), "verify", str(tmp_path / "ecr-deploy.service")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and not run.stderr.strip(), run.stderr
+
+
+def test_unit_security_exposure_is_at_most_1_5():
+    run = subprocess.run([systemd_analyze(), "security", "--offline=true", "--no-pager", str(UNIT)],
+                         capture_output=True, text=True)
+    match = re.search(r"Overall exposure level for ecr-deploy\.service: (\d+\.\d+)", run.stdout + run.stderr)
+    assert match, run.stdout + run.stderr
+    assert float(match[1]) <= 1.5, run.stdout
+    unit = UNIT.read_text()  # ... while keeping what the deployer needs to work
+    for needed in ("Type=notify", "WatchdogSec=", "DynamicUser=yes", "SupplementaryGroups=docker",
+                   "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "Restart=always"):
+        assert needed in unit
+
+
+def test_unit_environment_example_names_only_real_settings():
+    example = (HERE / "systemd" / "ecr-deploy.env.example").read_text()
+    names = set(re.findall(r"^#?(DEPLOYER_[A-Z_]+)=", example, re.M))
+    help_text = subprocess.run([sys.executable, DEPLOYER, "--help"], capture_output=True, text=True).stdout
+    assert names and all(name in help_text for name in names), names
+
+
+def test_help_has_examples_and_version_is_printed():
+    help_text = subprocess.run([sys.executable, DEPLOYER, "--help"], capture_output=True, text=True).stdout
+    assert "examples:" in help_text and "flock -n" in help_text and "--dry-run" in help_text
+    version = subprocess.run([sys.executable, DEPLOYER, "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.strip() == f"ecr_deploy.py {ed.__version__}"
+
+
+def test_dry_run_needs_once(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        ed.parse_args(["--queue", "q", "--dry-run"])
+    assert exit_.value.code == 2 and "--dry-run goes with --once" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("level,expected", [
+    (logging.DEBUG, "<7>hello world"), (logging.INFO, "<6>hello world"),
+    (logging.WARNING, "<4>hello world"), (logging.ERROR, "<3>hello world"),
+])
+def test_journal_lines_carry_syslog_priorities_and_stay_one_line(level, expected):
+    record = logging.LogRecord("ecr-deploy", level, __file__, 1, "hello\n%s", ("world",), None)
+    assert ed.OneLineFormatter("journal").format(record) == expected
+    assert "\n" not in ed.OneLineFormatter("text").format(record)
+
+
+def test_log_style_detects_the_journal_stream_by_device_and_inode(tmp_path):
+    with open(tmp_path / "stderr", "w") as stderr:
+        stat = os.fstat(stderr.fileno())
+        matching = {"JOURNAL_STREAM": f"{stat.st_dev}:{stat.st_ino}"}
+        assert ed.log_style("auto", matching, stderr.fileno()) == "journal"
+        assert ed.log_style("auto", {"JOURNAL_STREAM": "1:2"}, stderr.fileno()) == "text"  # inherited, not ours
+        assert ed.log_style("auto", {}, stderr.fileno()) == "text"
+        assert ed.log_style("json", matching, stderr.fileno()) == "json"
+
+
+def run_logged(env, *args, journal=False):
+    """Run the deployer with stderr on a pipe; with journal=True, JOURNAL_STREAM names that pipe."""
+    read_end, write_end = os.pipe()
+    if journal:
+        stat = os.fstat(write_end)
+        env = {**env, "JOURNAL_STREAM": f"{stat.st_dev}:{stat.st_ino}"}
+    proc = subprocess.Popen([sys.executable, DEPLOYER, *args], env=env, stderr=write_end)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        out = pipe.read()
+    return proc.wait(30), out.splitlines()
+
+
+def test_log_formats_journal_text_and_json(aws, swarm):
+    queue = aws.new_queue()
+    env = deployer_env(aws, swarm)
+    code, lines = run_logged(env, "--once", "--queue", queue, journal=True)
+    assert code == 0 and lines and lines[0].startswith("<6>ecr-deploy ") and "watching" in lines[0]
+    code, lines = run_logged(env, "--once", "--queue", "no-such-queue", journal=True)
+    assert code == 1 and lines == ["<3>SQS queue 'no-such-queue' does not exist in us-east-1"]
+
+    code, lines = run_logged(env, "--once", "--queue", queue)
+    assert code == 0
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d INFO ecr-deploy .* watching .*", lines[0])
+
+    code, lines = run_logged(env, "--once", "--queue", "no-such-queue", "--log-format", "json")
+    assert code == 1
+    record = json.loads(lines[0])
+    assert record["level"] == "ERROR" and "no-such-queue" in record["message"]
+    datetime.datetime.fromisoformat(record["time"])
+
+
+class NotifySocket:
+    """A real datagram socket standing in for systemd's, collecting sd_notify messages."""
+
+    def __init__(self):
+        self.name = f"ecr-deploy-test-{uuid.uuid4().hex[:8]}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.name)  # abstract namespace, as systemd uses: NOTIFY_SOCKET=@name
+        self.sock.settimeout(0.2)
+        self.messages: list[str] = []
+
+    def drain(self):
+        while True:
+            try:
+                self.messages.extend(self.sock.recv(4096).decode().splitlines())
+            except (socket.timeout, BlockingIOError):
+                return self.messages
+
+    def wait_for(self, text, timeout=30):
+        wait_for(lambda: text in self.drain(), timeout, what=lambda: f"{text} among {self.messages}")
+
+
+def test_sd_notify_ready_watchdog_status_and_stopping_in_order(aws, images, clean_swarm):
+    swarm = clean_swarm
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "notified")
+    queue = aws.new_queue()
+    notify = NotifySocket()
+    env = deployer_env(aws, swarm, NOTIFY_SOCKET="@" + notify.name, WATCHDOG_USEC="1000000")
+    running = Running(env, "--queue", queue, "--auth-refresh", "0")
+    try:
+        notify.wait_for("READY=1")
+        notify.wait_for("WATCHDOG=1", timeout=5)  # every half of WATCHDOG_USEC, also mid long poll
+        watchdogs = notify.drain().count("WATCHDOG=1")
+        time.sleep(2)
+        assert notify.drain().count("WATCHDOG=1") >= watchdogs + 2
+        aws.send(queue, event(repository=repo, digest=v2))
+        notify.wait_for("STATUS=deploying notified")
+        running.wait_line("Updated service notified")
+        assert running.stop() == 0
+    finally:
+        running.kill()
+    messages = notify.drain()
+    ready, stopping = messages.index("READY=1"), messages.index("STOPPING=1")
+    assert ready < messages.index("WATCHDOG=1") < stopping == len(messages) - 1
+    assert messages.index("STATUS=idle") < messages.index("STATUS=deploying notified") < stopping
+
+
+def test_sd_notify_is_a_no_op_without_notify_socket():
+    systemd = ed.Systemd({})
+    systemd.ready()
+    systemd.status("idle")
+    systemd.stopping()
+    systemd.start_watchdog()
+    assert systemd._socket is None and systemd.watchdog_every is None
+    assert ed.Systemd({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "4000000"}).watchdog_every == 2.0
+    assert ed.Systemd({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "1"}).watchdog_every is None
+
+
+def test_dry_run_changes_nothing_and_deletes_nothing(aws, images, clean_swarm):
+    swarm = clean_swarm
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "dry-a")
+    sid_b = swarm.create_service("dry-b", f"{REGISTRIES[0].host}/{repo}@{v1}", registry=REGISTRIES[0], replicas=0)
+    before = {s: swarm.service(s)["Version"]["Index"] for s in (sid, sid_b)}
+    queue = aws.new_queue(VisibilityTimeout=30)
+    aws.send(queue, event(repository=repo, digest=v2), event(repository=repo, digest=v2), "junk")
+    run = run_once(deployer_env(aws, swarm, DEPLOYER_DRY_RUN="1"), "--queue", queue)
+    assert run.returncode == 0, run.stderr
+    image = f"{REGISTRIES[0].host}/{repo}:latest@{v2}"
+    assert f"Would update service dry-a ({sid[:12]}) to {image}" in run.stderr
+    assert f"Would update service dry-b ({sid_b[:12]}) to {image}" in run.stderr
+    assert updated_lines(run.stderr) == []
+    assert {s: swarm.service(s)["Version"]["Index"] for s in (sid, sid_b)} == before
+    assert aws.queue_depth(queue) == 3  # all still there, back after the visibility timeout
+
+
+def readme_blocks(tag: str) -> list[str]:
+    return re.findall(rf"```bash {tag}\n(.*?)```", (HERE / "README.md").read_text(), re.S)
+
+
+def test_readme_aws_setup_blocks_run_against_moto(aws, tmp_path):
+    real_aws = shutil.which("aws")
+    if not real_aws:
+        rig_unavailable("the AWS CLI is not installed (pip install awscli)")
+    # AWS CLI v1 pins SQS to its own endpoints, ignoring AWS_ENDPOINT_URL: a shim passes the flag.
+    shim = tmp_path / "bin" / "aws"
+    shim.parent.mkdir()
+    shim.write_text(f'#!/bin/sh\nexec {real_aws} --endpoint-url "$AWS_ENDPOINT_URL" "$@"\n')
+    shim.chmod(0o755)
+    blocks = readme_blocks("aws-setup")
+    assert len(blocks) == 4
+    suffix = uuid.uuid4().hex[:8]
+    region = "eu-west-1"
+    env = {**deployer_env(aws), "AWS_REGION": region, "AWS_DEFAULT_REGION": region,
+           "PATH": f"{shim.parent}:{os.environ['PATH']}",
+           "QUEUE": f"ecr-deploy-{suffix}", "SWARM": f"swarm-{suffix}"}
+    for block in blocks:  # each as the README says: in order, after setting the three variables
+        run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 0, f"{block}\n{run.stderr}"
+
+    sqs, queue = aws.client("sqs", region), env["QUEUE"]
+    url = sqs.get_queue_url(QueueName=queue)["QueueUrl"]
+    attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    redrive = json.loads(attrs["RedrivePolicy"])
+    assert redrive["deadLetterTargetArn"].endswith(f":{queue}-dlq") and int(redrive["maxReceiveCount"]) == 5
+    events = aws.client("events", region)
+    pattern = json.loads(events.describe_rule(Name=f"ecr-push-to-{queue}")["EventPattern"])
+    assert pattern["detail"] == {"action-type": ["PUSH"], "result": ["SUCCESS"]}
+    assert events.list_targets_by_rule(Rule=f"ecr-push-to-{queue}")["Targets"][0]["Arn"] == attrs["QueueArn"]
+    # Block 2b ran last: the queue now admits only the SNS topic, which EventBridge alone may publish to.
+    statement = json.loads(attrs["Policy"])["Statement"][0]
+    topic = statement["Condition"]["ArnEquals"]["aws:SourceArn"]
+    assert topic.endswith(":ecr-push") and statement["Resource"] == attrs["QueueArn"]
+    sns = aws.client("sns", region)
+    sns.publish(TopicArn=topic, Message=json.dumps(event()))  # the fan-out path, end to end
+    bodies = [m["Body"] for m in sqs.receive_message(QueueUrl=url, WaitTimeSeconds=1).get("Messages", [])]
+    assert [ed.parse_message(b) for b in bodies] == [ed.parse_message(json.dumps(event()))]
+    policies = aws.client("iam").list_policies(Scope="Local")["Policies"]
+    policy = next(p for p in policies if p["PolicyName"] == f"ecr-deploy-{env['SWARM']}")
+    document = aws.client("iam").get_policy_version(PolicyArn=policy["Arn"], VersionId=policy["DefaultVersionId"])
+    actions = {a for s in document["PolicyVersion"]["Document"]["Statement"]
+               for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
+    assert actions == {"sqs:GetQueueUrl", "sqs:ReceiveMessage", "sqs:DeleteMessage", "ecr:GetAuthorizationToken",
+                       "ecr:DescribeImages", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer",
+                       "ecr:BatchCheckLayerAvailability"}

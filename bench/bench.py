@@ -1,0 +1,384 @@
+#!/usr/bin/env python3
+"""ecr-deploy benchmark: latency, burst cost, idle cost, the docker CLI way side by side,
+cold start and memory — measured on the same real rig as the tests (moto_server, a private
+dockerd swarm, TLS registries posing as ECR), with counting proxies in front of the AWS
+endpoint (calls per API action) and the Docker socket (calls per method + path).
+
+    python3 bench/bench.py           # the full run, as a table (as root: it starts dockerd)
+    python3 bench/bench.py --json    # the same as JSON
+    python3 bench/bench.py --short   # a few iterations each: what CI runs so that it cannot rot
+
+Timings are reported, not asserted; only counts that must be exact (updates made) fail the run.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import json
+import os
+import pathlib
+import platform
+import queue as queues
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import ecr_deploy as ed  # noqa: E402
+import test_ecr_deploy as rig  # noqa: E402  (the tests' real rig, reused as is)
+
+FULL = {"latency_pushes": 30, "latency_interval": 1.0, "burst_images": 25, "burst_pushes_per_image": 20,
+        "idle_seconds": 60, "side_services": 20, "cold_runs": 10, "memory_messages": 5000}
+SHORT = {"latency_pushes": 5, "latency_interval": 0.3, "burst_images": 5, "burst_pushes_per_image": 4,
+         "idle_seconds": 21, "side_services": 5, "cold_runs": 2, "memory_messages": 400}
+SERVICE_ID = re.compile(r"/(services|tasks)/[^/?]+")
+
+
+def counted(keys: list[str]) -> collections.Counter:
+    """Proxy keys -> calls per AWS action, or per Docker method + path (ids folded)."""
+    counts = collections.Counter()
+    for key in keys:
+        parts = key.split()
+        if len(parts) == 3:  # AWS: "POST / Service.Action"
+            counts[parts[2].rpartition(".")[2]] += 1
+        else:  # Docker: "GET /v1.41/services/ID?x=y"
+            path = SERVICE_ID.sub(r"/\1/{id}", parts[1].split("?")[0])
+            counts[f"{parts[0]} {re.sub(r'^/v[0-9.]+', '', path)}"] += 1
+    return counts
+
+
+class ServiceEvents:
+    """Docker's event stream: when each service update was committed, as Swarm reports it."""
+
+    def __init__(self, swarm):
+        self.updates: queues.Queue = queues.Queue()
+        filters = json.dumps({"type": ["service"], "event": ["update"]})
+        self.reply = swarm.http.get(swarm.base + "/events", params={"filters": filters}, stream=True, timeout=None)
+
+        def read():
+            for line in self.reply.iter_lines():
+                if line:
+                    self.updates.put((time.monotonic(), json.loads(line)["Actor"]["ID"]))
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def wait(self, service_ids: set[str], after: float, timeout=60.0) -> float:
+        """Monotonic time at which every one of service_ids had an update committed after `after`."""
+        remaining, last = set(service_ids), after
+        deadline = time.monotonic() + timeout
+        while remaining:
+            at, sid = self.updates.get(timeout=max(0.01, deadline - time.monotonic()))
+            if at >= after and sid in remaining:
+                remaining.discard(sid)
+                last = at
+        return last
+
+    def close(self):
+        self.reply.close()
+
+
+def deployer(env: dict, *args: str) -> rig.Running:
+    running = rig.Running(env, *args)
+    running.wait_line("watching")
+    return running
+
+
+def image_of(swarm, sid: str) -> str:
+    return swarm.service(sid)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+# --------------------------------------------------------------------------- the measurements
+
+def measure_latency(aws, images, swarm, events, n: int, interval: float) -> dict:
+    registry = rig.REGISTRIES[0]
+    repo, (v0,), sid = rig.service_on_new_repo(images, swarm, "latency", contents=("v0",))
+    queue = aws.new_queue()
+    running = deployer(rig.deployer_env(aws, swarm), "--queue", queue, "--auth-refresh", "0")
+    latencies = []
+    try:
+        time.sleep(1.5)  # past the first (short) poll: now in the 20 s long poll, as in production
+        for i in range(n):
+            digest = images.push(repo, "latest", f"latency-{i}")
+            started = time.monotonic()
+            aws.send(queue, rig.event(repository=repo, digest=digest))
+            latencies.append(events.wait({sid}, started) - started)
+            assert image_of(swarm, sid) == f"{registry.host}/{repo}:latest@{digest}"
+            time.sleep(interval)
+    finally:
+        running.stop()
+    ms = [x * 1000 for x in latencies]
+    return {"pushes": n, "p50_ms": round(percentile(ms, 50), 1), "p95_ms": round(percentile(ms, 95), 1),
+            "max_ms": round(max(ms), 1)}
+
+
+def measure_burst(aws, images, swarm, workdir, n_images: int, per_image: int) -> dict:
+    registry = rig.REGISTRIES[0]
+    services, events = [], []
+    for i in range(n_images):
+        repo, (v1, v2), sid = rig.service_on_new_repo(images, swarm, f"burst-{i}")
+        services.append((sid, f"{registry.host}/{repo}:latest@{v2}"))
+        # Earlier pushes of the burst name older digests; ECR's tag is at the last (v2).
+        digests = ["sha256:" + uuid.uuid4().hex * 2 for _ in range(per_image - 1)] + [v2]
+        events.append([rig.event(repository=repo, digest=d) for d in digests])
+    bodies = [json.dumps(e) for round_ in zip(*events) for e in round_]  # interleaved, as CI pushes them
+    queue = aws.new_queue()
+    for start in range(0, len(bodies), 10):
+        aws.sqs.send_message_batch(QueueUrl=queue, Entries=[
+            {"Id": str(i), "MessageBody": b} for i, b in enumerate(bodies[start:start + 10])])
+    aws_proxy = rig.FaultProxy(aws.url)
+    docker_proxy = rig.FaultProxy(swarm.base, unix_path=str(workdir / f"bench-{uuid.uuid4().hex[:6]}.sock"))
+    try:
+        started = time.monotonic()
+        run = rig.run_once(rig.deployer_env(aws, swarm, AWS_ENDPOINT_URL=aws_proxy.url,
+                                            DOCKER_HOST=docker_proxy.url), "--queue", queue)
+        wall = time.monotonic() - started
+    finally:
+        aws_proxy.close()
+        docker_proxy.close()
+    assert run.returncode == 0, run.stderr
+    updates = len(rig.updated_lines(run.stderr))
+    for sid, image in services:
+        assert rig.service_image_of(swarm, sid) == (image, 1), sid
+    aws_calls, docker_calls = counted(aws_proxy.seen), counted(docker_proxy.seen)
+    sqs_calls = sum(v for k, v in aws_calls.items() if k in ("ReceiveMessage", "DeleteMessageBatch", "GetQueueUrl"))
+    return {"events": len(bodies), "images": n_images, "services": n_images, "updates": updates,
+            "wall_s": round(wall, 2), "sqs_calls": sqs_calls, "sqs_calls_per_message": round(sqs_calls / len(bodies), 3),
+            "aws_calls": dict(aws_calls), "docker_calls": dict(docker_calls),
+            "get_authorization_token_per_registry": aws_calls["GetAuthorizationToken"]}
+
+
+def measure_idle(aws, swarm, workdir, seconds: float) -> dict:
+    queue = aws.new_queue()
+    aws_proxy = rig.FaultProxy(aws.url)
+    docker_proxy = rig.FaultProxy(swarm.base, unix_path=str(workdir / f"bench-{uuid.uuid4().hex[:6]}.sock"))
+    running = deployer(rig.deployer_env(aws, swarm, AWS_ENDPOINT_URL=aws_proxy.url, DOCKER_HOST=docker_proxy.url),
+                       "--queue", queue, "--auth-refresh", "0")
+    try:
+        time.sleep(2)  # start-up (queue lookup, Docker ping, the first short poll) is not idling
+        aws_before, docker_before = len(aws_proxy.seen), len(docker_proxy.seen)
+        time.sleep(seconds)
+        aws_window, docker_window = aws_proxy.seen[aws_before:], docker_proxy.seen[docker_before:]
+    finally:
+        running.stop()
+        aws_proxy.close()
+        docker_proxy.close()
+    return {"seconds": seconds, "sqs_calls": len(aws_window),
+            "sqs_calls_per_minute": round(len(aws_window) * 60 / seconds, 2), "docker_calls": len(docker_window)}
+
+
+def measure_side_by_side(aws, images, swarm, events, workdir, n: int) -> dict:
+    registry = rig.REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = images.push(repo, "latest", "side-v1")
+    names = [f"side-{i}" for i in range(n)]
+    ids = {swarm.create_service(name, f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0): name
+           for name in names}
+    token = base64.b64decode(aws.client("ecr").get_authorization_token()["authorizationData"][0]
+                             ["authorizationToken"]).decode().partition(":")[2]
+    result = {"services": n}
+
+    # (a) the docker CLI way, as shepherd-style tools do it: login, then one CLI call per service
+    digest = images.push(repo, "latest", "side-cli")
+    cli_env = {**os.environ, "DOCKER_HOST": swarm.docker_host, "DOCKER_CONFIG": str(workdir / "docker-cli")}
+    docker = shutil.which("docker", path="/usr/bin") or shutil.which("docker")
+    subprocess.run([docker, "login", "-u", "AWS", "--password-stdin", registry.host], input=token, text=True,
+                   env=cli_env, check=True, capture_output=True)
+    started = time.monotonic()
+    for name in names:
+        subprocess.run([docker, "service", "update", "--detach", "--force", "--with-registry-auth",
+                        "--image", f"{registry.host}/{repo}:latest@{digest}", name],
+                       env=cli_env, check=True, capture_output=True)
+    result["cli_s"] = round(events.wait(set(ids), started) - started, 3)
+
+    # (b) ecr_deploy.py, already running: from SendMessage of one event until all specs show the digest
+    digest = images.push(repo, "latest", "side-deployer")
+    queue = aws.new_queue()
+    running = deployer(rig.deployer_env(aws, swarm), "--queue", queue, "--auth-refresh", "0")
+    try:
+        time.sleep(1.5)
+        started = time.monotonic()
+        aws.send(queue, rig.event(repository=repo, digest=digest))
+        result["deployer_s"] = round(events.wait(set(ids), started) - started, 3)
+    finally:
+        running.stop()
+    assert all(image_of(swarm, sid).endswith(digest) for sid in ids)
+
+    # (c) the floor: the same inspect + update calls against the Engine API in a bare loop
+    digest = images.push(repo, "latest", "side-floor")
+    auth = ed.registry_auth_header("AWS", token, registry.host)
+    started = time.monotonic()
+    for sid in ids:
+        service = swarm.get(f"/v1.41/services/{sid}")
+        swarm.post(f"/v1.41/services/{sid}/update", params={"version": service["Version"]["Index"]},
+                   json=ed.updated_spec(service["Spec"], f"{registry.host}/{repo}:latest@{digest}"),
+                   headers={"X-Registry-Auth": auth})
+    result["floor_s"] = round(events.wait(set(ids), started) - started, 3)
+    result["cli_over_deployer"] = round(result["cli_s"] / result["deployer_s"], 2)
+    result["deployer_over_floor"] = round(result["deployer_s"] / result["floor_s"], 2)
+    return result
+
+
+def measure_cold_start(aws, swarm, runs: int) -> dict:
+    queue = aws.new_queue()
+    env = rig.deployer_env(aws, swarm)
+    walls = []
+    for _ in range(runs):
+        started = time.monotonic()
+        run = rig.run_once(env, "--queue", queue)
+        walls.append(time.monotonic() - started)
+        assert run.returncode == 0, run.stderr
+    importtime = subprocess.run([sys.executable, "-X", "importtime", "-c", "import ecr_deploy"], cwd=ROOT,
+                                capture_output=True, text=True).stderr
+    top = []
+    for line in importtime.splitlines():  # "import time: self [us] | cumulative | imported package"
+        match = re.match(r"import time:\s+(\d+) \|\s+(\d+) \| (\S.*)$", line)
+        if match and not match[3].startswith(" "):
+            top.append((int(match[2]), match[3].strip()))
+    top.sort(reverse=True)
+    return {"runs": runs, "median_s": round(statistics.median(walls), 3),
+            "startup_s": round(statistics.median(walls) - ed.FIRST_WAIT_ONCE, 3),
+            "import_top_ms": {name: round(us / 1000, 1) for us, name in top[:6]}}
+
+
+def rss_kib(pid: int) -> tuple[int, int]:
+    status = pathlib.Path(f"/proc/{pid}/status").read_text()
+    value = lambda key: int(re.search(rf"^{key}:\s+(\d+) kB", status, re.M)[1])  # noqa: E731
+    return value("VmRSS"), value("VmHWM")
+
+
+def measure_memory(aws, images, swarm, messages: int) -> dict:
+    repos = []
+    for i in range(5):
+        repo, (v1, v2), sid = rig.service_on_new_repo(images, swarm, f"memory-{i}")
+        repos.append((repo, v2))
+    queue = aws.new_queue()
+    bodies = [json.dumps(rig.event(repository=repos[i % 5][0], digest=repos[i % 5][1])) if i % 10 else "junk"
+              for i in range(messages)]
+    for start in range(0, len(bodies), 10):
+        aws.sqs.send_message_batch(QueueUrl=queue, Entries=[
+            {"Id": str(i), "MessageBody": b} for i, b in enumerate(bodies[start:start + 10])])
+    running = deployer(rig.deployer_env(aws, swarm), "--queue", queue, "--auth-refresh", "0")
+    checkpoint = min(1000, messages // 5)
+    try:
+        rig.wait_for(lambda: aws.queue_depth(queue) <= messages - checkpoint, 600, interval=0.05)
+        rss_early, _ = rss_kib(running.proc.pid)
+        rig.wait_for(lambda: aws.queue_depth(queue) == 0, 600, interval=0.2)
+        time.sleep(1)
+        rss_late, peak = rss_kib(running.proc.pid)
+    finally:
+        running.stop()
+    return {"messages": messages, "checkpoint": checkpoint, "rss_at_checkpoint_mib": round(rss_early / 1024, 1),
+            "rss_at_end_mib": round(rss_late / 1024, 1), "peak_rss_mib": round(peak / 1024, 1),
+            "growth_mib": round((rss_late - rss_early) / 1024, 2)}
+
+
+# --------------------------------------------------------------------------- run and report
+
+TARGETS = [  # (section, key, comparison, target, label)
+    ("latency", "p50_ms", "<=", 30, "latency p50 (ms)"),
+    ("latency", "p95_ms", "<=", 60, "latency p95 (ms)"),
+    ("latency", "max_ms", None, None, "latency max (ms)"),
+    ("burst", "updates", "==", "services", "burst: updates"),
+    ("burst", "wall_s", "<=", 5, "burst: wall (s)"),
+    ("burst", "sqs_calls_per_message", "<=", 0.25, "burst: SQS calls per message"),
+    ("burst", "get_authorization_token_per_registry", "<=", 1, "burst: GetAuthorizationToken"),
+    ("idle", "sqs_calls_per_minute", "<=", 3.1, "idle: SQS calls per minute"),
+    ("idle", "docker_calls", "==", 0, "idle: Docker calls"),
+    ("side_by_side", "cli_s", None, None, "(a) docker CLI, N services (s)"),
+    ("side_by_side", "deployer_s", None, None, "(b) ecr-deploy, N services (s)"),
+    ("side_by_side", "floor_s", None, None, "(c) bare Engine API calls (s)"),
+    ("side_by_side", "cli_over_deployer", ">=", 5, "(a)/(b)"),
+    ("side_by_side", "deployer_over_floor", "<=", 1.3, "(b)/(c)"),
+    ("cold_start", "median_s", "<=", 1.5, "cold start, median wall (s)"),
+    ("memory", "peak_rss_mib", "<=", 50, "memory: peak RSS (MiB)"),
+    ("memory", "growth_mib", "<=", 2, "memory: growth checkpoint..end (MiB)"),
+]
+
+
+def verdicts(report: dict) -> list[tuple[str, object, str, str]]:
+    rows = []
+    for section, key, op, target, label in TARGETS:
+        value = report[section][key]
+        if isinstance(target, str):
+            target = report[section][target]
+        ok = {"<=": lambda: value <= target, ">=": lambda: value >= target, "==": lambda: value == target,
+              None: lambda: True}[op]()
+        rows.append((label, value, f"{op} {target}" if op else "", "ok" if ok else "MISSED"))
+    return rows
+
+
+def run(aws, registries, images, swarm, workdir, sizes: dict) -> dict:
+    events = ServiceEvents(swarm)
+    report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                          "kernel": platform.release()}, "sizes": sizes}
+    try:
+        report["latency"] = measure_latency(aws, images, swarm, events, sizes["latency_pushes"],
+                                            sizes["latency_interval"])
+        swarm.remove_all_services()
+        report["burst"] = measure_burst(aws, images, swarm, workdir, sizes["burst_images"],
+                                        sizes["burst_pushes_per_image"])
+        swarm.remove_all_services()
+        report["idle"] = measure_idle(aws, swarm, workdir, sizes["idle_seconds"])
+        report["side_by_side"] = measure_side_by_side(aws, images, swarm, events, workdir, sizes["side_services"])
+        swarm.remove_all_services()
+        report["cold_start"] = measure_cold_start(aws, swarm, sizes["cold_runs"])
+        report["memory"] = measure_memory(aws, images, swarm, sizes["memory_messages"])
+        swarm.remove_all_services()
+    finally:
+        events.close()
+    report["targets"] = [dict(zip(("measure", "value", "target", "verdict"), row)) for row in verdicts(report)]
+    return report
+
+
+def table(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"ecr-deploy benchmark — {m['cpus']} cores, Python {m['python']}, Linux {m['kernel']}",
+             f"{'measure':42} {'value':>10}  {'target':>10}  verdict"]
+    for row in report["targets"]:
+        lines.append(f"{row['measure']:42} {row['value']!s:>10}  {row['target']:>10}  {row['verdict']}")
+    lines.append(f"burst calls: AWS {report['burst']['aws_calls']}; Docker {report['burst']['docker_calls']}")
+    lines.append(f"import time, top (ms): {report['cold_start']['import_top_ms']}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--short", action="store_true", help="few iterations (CI)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        parser.error("run as root: the rig starts dockerd and registries on port 443")
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="ecrb-", dir="/tmp"))
+    aws = swarm = None
+    try:
+        aws = rig.Aws(workdir)
+        with rig.serving_registries(workdir) as registries:
+            swarm = rig.Swarm(workdir)
+            report = run(aws, registries, rig.Images(aws, registries), swarm, workdir,
+                         SHORT if args.short else FULL)
+    finally:
+        if swarm:
+            swarm.stop()
+        if aws:
+            aws.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps(report, indent=2) if args.json else table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
