@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
 
-import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.session
 import requests
 import requests_unixsocket
 
@@ -88,6 +88,10 @@ def parse_duration(text: str) -> float:
     return float(match[1]) * DURATION_UNITS[match[2]]
 
 
+def env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in TRUE_WORDS
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     parser = argparse.ArgumentParser(
@@ -110,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-level", type=str.upper, default=env("DEPLOYER_LOG_LEVEL", "INFO"),
                         help=f"one of {', '.join(LOG_LEVELS)} (env DEPLOYER_LOG_LEVEL; default INFO)")
     parser.add_argument("--trust-events", action="store_true",
-                        default=env("DEPLOYER_TRUST_EVENTS", "").lower() in TRUE_WORDS,
+                        default=env_true("DEPLOYER_TRUST_EVENTS"),
                         help="deploy the digest named in the event instead of asking ECR which digest "
                         "the tag points to now; saves the ecr:DescribeImages permission but lets stale, "
                         "replayed or forged events roll services back (env DEPLOYER_TRUST_EVENTS=1)")
@@ -118,7 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="give up on a rollout after this long (e.g. 10m; env DEPLOYER_ROLLOUT_TIMEOUT); "
                         "default: from the service's UpdateConfig, at least 5m")
     parser.add_argument("--rollback-on-failure", action="store_true",
-                        default=env("DEPLOYER_ROLLBACK_ON_FAILURE", "").lower() in TRUE_WORDS,
+                        default=env_true("DEPLOYER_ROLLBACK_ON_FAILURE"),
                         help="when a rollout pauses or times out, ask Swarm to roll back to the previous "
                         "spec (env DEPLOYER_ROLLBACK_ON_FAILURE=1); services whose UpdateConfig already "
                         "says FailureAction=rollback are left to Swarm")
@@ -138,7 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="write Prometheus text metrics here, atomically, e.g. for node_exporter's "
                         "textfile collector (env DEPLOYER_METRICS_FILE)")
     parser.add_argument("--dry-run", action="store_true",
-                        default=env("DEPLOYER_DRY_RUN", "").lower() in TRUE_WORDS,
+                        default=env_true("DEPLOYER_DRY_RUN"),
                         help="do everything up to the update call and log 'Would update ...'; delete no "
                         "message, so they come back after the visibility timeout (env DEPLOYER_DRY_RUN=1)")
     parser.add_argument("--log-format", choices=LOG_FORMATS, default=env("DEPLOYER_LOG_FORMAT", "auto"),
@@ -480,12 +484,13 @@ AWS_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError
 
 
 class Queue:
-    def __init__(self, session: boto3.Session, name_or_url: str):
+    def __init__(self, session: botocore.session.Session, name_or_url: str):
         url_region = SQS_URL_REGION.match(name_or_url)
         region = (url_region[1] or url_region[2]) if url_region else None
         self.name = name_or_url
         try:  # A queue URL names its region; it wins over the default region if they differ.
-            self._sqs = session.client("sqs", config=BOTO_CONFIG, region_name=region or session.region_name)
+            self._sqs = session.create_client("sqs", config=BOTO_CONFIG,
+                                              region_name=region or session.get_config_variable("region"))
         except botocore.exceptions.NoRegionError:
             raise AwsError("no AWS region: set AWS_REGION, or give the queue's full URL") from None
         self.url = name_or_url if name_or_url.startswith(("https://", "http://")) else None
@@ -542,7 +547,7 @@ class Token:
 
 
 class Ecr:
-    def __init__(self, session: boto3.Session):
+    def __init__(self, session: botocore.session.Session):
         self._session = session
         self._clients: dict[str, object] = {}
         self._tokens: dict[tuple[str, str], Token] = {}
@@ -556,7 +561,7 @@ class Ecr:
 
     def _client(self, region: str):
         if region not in self._clients:
-            self._clients[region] = self._session.client("ecr", region_name=region, config=BOTO_CONFIG)
+            self._clients[region] = self._session.create_client("ecr", region_name=region, config=BOTO_CONFIG)
         return self._clients[region]
 
     def current_digest(self, push: Push) -> str | None:
@@ -863,14 +868,15 @@ class Deployer:
         return self.post_update(listed, push.account, push.region, plan, updated)
 
     def post_update(self, listed: dict, account: str, region: str, plan, on_success) -> bool:
-        """Inspect fresh, let `plan` decide the new spec (None: nothing to do), post it with
-        registry auth; on "update out of sequence" (someone else changed the service) start
-        over, with jitter so that two deployers fall out of step."""
+        """Let `plan` decide the new spec (None: nothing to do) and post it with registry auth,
+        naming the version it was read at. The first attempt uses the listing made this cycle,
+        milliseconds old; if the service changed since, Swarm refuses ("update out of sequence")
+        and we inspect it afresh and start over, with jitter so two deployers fall out of step."""
         label = service_label(listed)
         for attempt in range(1, UPDATE_ATTEMPTS + 1):
             self.systemd.heartbeat()
             try:
-                service = self.docker.service(listed["ID"])  # fresh: version and spec as of now
+                service = listed if attempt == 1 else self.docker.service(listed["ID"])
             except DockerError as e:
                 if e.status == 404:
                     log.info("Service %s was removed; skipped", label)
@@ -887,7 +893,7 @@ class Deployer:
                 warnings = self.docker.update_service(
                     service, spec, registry_auth_header(username, password, ref.name.partition("/")[0]))
             except DockerError as e:
-                if e.out_of_sequence and attempt < UPDATE_ATTEMPTS:
+                if (e.out_of_sequence or e.status == 404) and attempt < UPDATE_ATTEMPTS:  # 404: removed?
                     log.info("Service %s changed while updating (attempt %d); retrying", label, attempt)
                     time.sleep(random.uniform(0.05, 0.25) * attempt)
                     continue
@@ -1275,10 +1281,20 @@ def poll_forever(deployer: Deployer, signals: Signals, args: argparse.Namespace)
     return 0
 
 
+def aws_session() -> botocore.session.Session:
+    """boto3's credential and config chain, from botocore itself: boto3's own import (s3transfer,
+    resources) would cost 3 MB of memory and 40 ms of start-up for nothing we use."""
+    session = botocore.session.get_session()
+    # botocore reads only AWS_DEFAULT_REGION; AWS_REGION is what every other AWS SDK reads.
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        session.set_config_variable("region", region)
+    return session
+
+
 def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deployer:
     """Resolve the queue and reach Docker; in loop mode, wait out outages instead of failing."""
-    # boto3 itself reads only AWS_DEFAULT_REGION; AWS_REGION is what every other AWS SDK reads.
-    session = boto3.Session(region_name=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or None)
+    session = aws_session()
     queue = Queue(session, args.queue) if args.queue else None
     deployer = Deployer(queue, Ecr(session), Docker(os.environ.get("DOCKER_HOST")), args.filter_label,
                         trust_events=args.trust_events, follow_rollouts=(args.wait or not args.once) and not args.dry_run,

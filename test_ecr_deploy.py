@@ -526,15 +526,20 @@ def bcrypt_hash(password: str) -> str:
     return crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))
 
 
+def write_hosts(ours: str) -> None:
+    hosts = pathlib.Path("/etc/hosts")
+    kept = "".join(line for line in hosts.read_text().splitlines(keepends=True) if HOSTS_MARK not in line)
+    hosts.write_text(kept + ours)
+
+
 @contextlib.contextmanager
 def serving_registries(workdir: pathlib.Path):
     """Start the registries, name them in /etc/hosts and trust their CA in Docker; undo all at exit."""
     all_hosts = [h for r in REGISTRIES for h in r.hosts]
     ca, cert, key = make_tls(workdir, all_hosts)
-    hosts_before = pathlib.Path("/etc/hosts").read_text()
+    ours = "".join(f"{r.ip} {h} {HOSTS_MARK}\n" for r in REGISTRIES for h in r.hosts)
     try:
-        with open("/etc/hosts", "a") as hosts_file:
-            hosts_file.write("".join(f"{r.ip} {h} {HOSTS_MARK}\n" for r in REGISTRIES for h in r.hosts))
+        write_hosts(ours)  # also replaces the lines of a run that was killed before it could clean up
         for host in all_hosts:
             certs = pathlib.Path("/etc/docker/certs.d") / host
             certs.mkdir(parents=True, exist_ok=True)
@@ -558,7 +563,7 @@ def serving_registries(workdir: pathlib.Path):
             if registry.proc:
                 registry.proc.terminate()
                 registry.proc.wait(10)
-        pathlib.Path("/etc/hosts").write_text(hosts_before)
+        write_hosts("")
         for host in all_hosts:
             shutil.rmtree(pathlib.Path("/etc/docker/certs.d") / host, ignore_errors=True)
 
@@ -1199,14 +1204,17 @@ class InterferingDocker(ed.Docker):
 def test_update_out_of_sequence_is_retried_against_the_fresh_spec(aws, images, clean_swarm, caplog):
     swarm, registry = clean_swarm, REGISTRIES[0]
     repo, (v1, v2), sid = service_on_new_repo(images, swarm, "contended")
-    session = boto3.Session(**{"aws_access_key_id": "testing", "aws_secret_access_key": "testing"})
-    ecr = ed.Ecr(session)
+    ecr = ed.Ecr(ed.aws_session())
     ecr._clients = {"us-east-1": aws.client("ecr", "us-east-1")}
-    deployer = ed.Deployer(None, ecr, InterferingDocker(swarm.docker_host, swarm, times=2), None)
+    listed = swarm.service(sid)  # the cycle's listing; then another operator changes the service
+    spec = listed["Spec"]
+    swarm.post(f"/services/{sid}/update", params={"version": listed["Version"]["Index"]},
+               json={**spec, "Labels": {**spec["Labels"], "touched": "after listing"}})
+    deployer = ed.Deployer(None, ecr, InterferingDocker(swarm.docker_host, swarm, times=1), None)
     push = ed.Push("123456789012", "us-east-1", repo, "latest", v2)
     result = ed.CycleResult()
     with caplog.at_level("INFO", logger="ecr-deploy"):
-        assert deployer.pin_service(swarm.service(sid), push, v2, result)
+        assert deployer.pin_service(listed, push, v2, result)
     assert caplog.text.count("changed while updating") == 2  # two conflicts, then success
     spec = swarm.service(sid)["Spec"]
     assert spec["TaskTemplate"]["ContainerSpec"]["Image"] == f"{registry.host}/{repo}:latest@{v2}"
@@ -1218,6 +1226,7 @@ def test_update_out_of_sequence_is_retried_against_the_fresh_spec(aws, images, c
 
 import threading  # noqa: E402
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+import socketserver  # noqa: E402
 from socketserver import ThreadingUnixStreamServer  # noqa: E402
 
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "host"}
@@ -1231,7 +1240,7 @@ class FaultProxy:
     """
 
     def __init__(self, upstream: str, unix_path: str | None = None):
-        self.rule, self.seen = None, []
+        self.rule, self.seen, self.seconds = None, [], []  # seconds: (key, upstream time) per request
         self.stalled, self.released = threading.Event(), threading.Event()
         http = requests_unixsocket.Session() if unix_path or upstream.startswith("http+unix") else requests.Session()
         http.trust_env = False
@@ -1261,7 +1270,9 @@ class FaultProxy:
                     self.wfile.write(payload)
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
+                started = time.monotonic()
                 reply = http.request(self.command, upstream + self.path, data=body, headers=headers, timeout=60)
+                proxy.seconds.append((key, time.monotonic() - started))
                 self.send_response(reply.status_code)
                 for name, value in reply.headers.items():
                     if name.lower() not in HOP_HEADERS:
@@ -1272,6 +1283,10 @@ class FaultProxy:
 
             do_GET = do_POST = do_DELETE = do_HEAD = do_PUT = forward
 
+        def quiet(server, request, client_address):  # a client that hung up mid-reply (SIGTERM): fine
+            if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+                socketserver.BaseServer.handle_error(server, request, client_address)
+
         if unix_path:
             Handler.address_string = lambda self: "unix"
             self.server = ThreadingUnixStreamServer(unix_path, Handler)
@@ -1280,6 +1295,7 @@ class FaultProxy:
             self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
             self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.server.daemon_threads = True
+        self.server.handle_error = quiet.__get__(self.server)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self):
@@ -1428,7 +1444,7 @@ def test_loop_mode_survives_a_moto_server_restart(aws, images, clean_swarm):
 def test_ecr_tokens_are_cached_per_registry_and_expired_ones_only_within_a_cycle(aws, monkeypatch):
     for name, value in aws.env.items():
         monkeypatch.setenv(name, value)
-    ecr = ed.Ecr(boto3.Session())
+    ecr = ed.Ecr(ed.aws_session())
     calls = []
     for region in ("us-east-1", "eu-west-1"):
         ecr._client(region).meta.events.register(
@@ -1971,3 +1987,21 @@ def test_readme_aws_setup_blocks_run_against_moto(aws, tmp_path):
     assert actions == {"sqs:GetQueueUrl", "sqs:ReceiveMessage", "sqs:DeleteMessage", "ecr:GetAuthorizationToken",
                        "ecr:DescribeImages", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer",
                        "ecr:BatchCheckLayerAvailability"}
+
+
+# =========================================================================== issue 6: the benchmark, short, so it cannot rot
+
+def test_benchmark_short_mode_runs_on_the_rig(aws, registries, images, clean_swarm, workdir, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench", HERE / "bench" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.run(aws, registries, images, clean_swarm, workdir, bench.SHORT)
+    # The counts are exact whatever the machine; timings are only reported.
+    assert report["burst"]["updates"] == report["burst"]["services"] == bench.SHORT["burst_images"]
+    assert report["burst"]["get_authorization_token_per_registry"] == 1
+    assert report["idle"]["docker_calls"] == 0
+    assert report["latency"]["pushes"] == bench.SHORT["latency_pushes"]
+    assert {row["measure"] for row in report["targets"]} >= {"latency p50 (ms)", "(a)/(b)", "memory: peak RSS (MiB)"}
+    with capsys.disabled():
+        print("\n" + bench.table(report))

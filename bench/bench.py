@@ -21,6 +21,7 @@ import pathlib
 import platform
 import queue as queues
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -29,6 +30,8 @@ import tempfile
 import threading
 import time
 import uuid
+
+import requests
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -43,17 +46,25 @@ SHORT = {"latency_pushes": 5, "latency_interval": 0.3, "burst_images": 5, "burst
 SERVICE_ID = re.compile(r"/(services|tasks)/[^/?]+")
 
 
+def call_name(key: str) -> str:
+    """A proxy key -> the AWS action, or the Docker method + path (ids folded)."""
+    parts = key.split()
+    if len(parts) == 3:  # AWS: "POST / Service.Action"
+        return parts[2].rpartition(".")[2]
+    path = SERVICE_ID.sub(r"/\1/{id}", parts[1].split("?")[0])  # Docker: "GET /v1.41/services/ID?x=y"
+    return f"{parts[0]} {re.sub(r'^/v[0-9.]+', '', path)}"
+
+
 def counted(keys: list[str]) -> collections.Counter:
-    """Proxy keys -> calls per AWS action, or per Docker method + path (ids folded)."""
-    counts = collections.Counter()
-    for key in keys:
-        parts = key.split()
-        if len(parts) == 3:  # AWS: "POST / Service.Action"
-            counts[parts[2].rpartition(".")[2]] += 1
-        else:  # Docker: "GET /v1.41/services/ID?x=y"
-            path = SERVICE_ID.sub(r"/\1/{id}", parts[1].split("?")[0])
-            counts[f"{parts[0]} {re.sub(r'^/v[0-9.]+', '', path)}"] += 1
-    return counts
+    return collections.Counter(call_name(key) for key in keys)
+
+
+def seconds_by_call(timings: list[tuple[str, float]]) -> dict:
+    """Where the wall time went: upstream seconds per call kind (moto's or dockerd's own time)."""
+    total = collections.defaultdict(float)
+    for key, seconds in timings:
+        total[call_name(key)] += seconds
+    return {name: round(value, 2) for name, value in sorted(total.items(), key=lambda kv: -kv[1])}
 
 
 class ServiceEvents:
@@ -65,9 +76,12 @@ class ServiceEvents:
         self.reply = swarm.http.get(swarm.base + "/events", params={"filters": filters}, stream=True, timeout=None)
 
         def read():
-            for line in self.reply.iter_lines():
-                if line:
-                    self.updates.put((time.monotonic(), json.loads(line)["Actor"]["ID"]))
+            try:
+                for line in self.reply.iter_lines():
+                    if line:
+                        self.updates.put((time.monotonic(), json.loads(line)["Actor"]["ID"]))
+            except requests.RequestException:
+                pass  # dockerd stopped: the stream is over
 
         threading.Thread(target=read, daemon=True).start()
 
@@ -81,9 +95,6 @@ class ServiceEvents:
                 remaining.discard(sid)
                 last = at
         return last
-
-    def close(self):
-        self.reply.close()
 
 
 def deployer(env: dict, *args: str) -> rig.Running:
@@ -142,10 +153,12 @@ def measure_burst(aws, images, swarm, workdir, n_images: int, per_image: int) ->
     aws_proxy = rig.FaultProxy(aws.url)
     docker_proxy = rig.FaultProxy(swarm.base, unix_path=str(workdir / f"bench-{uuid.uuid4().hex[:6]}.sock"))
     try:
+        cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.monotonic()
         run = rig.run_once(rig.deployer_env(aws, swarm, AWS_ENDPOINT_URL=aws_proxy.url,
                                             DOCKER_HOST=docker_proxy.url), "--queue", queue)
         wall = time.monotonic() - started
+        cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     finally:
         aws_proxy.close()
         docker_proxy.close()
@@ -156,8 +169,11 @@ def measure_burst(aws, images, swarm, workdir, n_images: int, per_image: int) ->
     aws_calls, docker_calls = counted(aws_proxy.seen), counted(docker_proxy.seen)
     sqs_calls = sum(v for k, v in aws_calls.items() if k in ("ReceiveMessage", "DeleteMessageBatch", "GetQueueUrl"))
     return {"events": len(bodies), "images": n_images, "services": n_images, "updates": updates,
-            "wall_s": round(wall, 2), "sqs_calls": sqs_calls, "sqs_calls_per_message": round(sqs_calls / len(bodies), 3),
+            "wall_s": round(wall, 2),
+            "deployer_cpu_s": round(cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime, 2),
+            "sqs_calls": sqs_calls, "sqs_calls_per_message": round(sqs_calls / len(bodies), 3),
             "aws_calls": dict(aws_calls), "docker_calls": dict(docker_calls),
+            "upstream_seconds": {**seconds_by_call(aws_proxy.seconds), **seconds_by_call(docker_proxy.seconds)},
             "get_authorization_token_per_registry": aws_calls["GetAuthorizationToken"]}
 
 
@@ -261,27 +277,32 @@ def rss_kib(pid: int) -> tuple[int, int]:
 
 
 def measure_memory(aws, images, swarm, messages: int) -> dict:
+    """A steady stream (moto slows down on deep queues): pushes for 5 images, every 10th message junk."""
     repos = []
     for i in range(5):
         repo, (v1, v2), sid = rig.service_on_new_repo(images, swarm, f"memory-{i}")
         repos.append((repo, v2))
     queue = aws.new_queue()
-    bodies = [json.dumps(rig.event(repository=repos[i % 5][0], digest=repos[i % 5][1])) if i % 10 else "junk"
-              for i in range(messages)]
-    for start in range(0, len(bodies), 10):
-        aws.sqs.send_message_batch(QueueUrl=queue, Entries=[
-            {"Id": str(i), "MessageBody": b} for i, b in enumerate(bodies[start:start + 10])])
     running = deployer(rig.deployer_env(aws, swarm), "--queue", queue, "--auth-refresh", "0")
-    checkpoint = min(1000, messages // 5)
+    time.sleep(1.5)
+    rss_start, _ = rss_kib(running.proc.pid)
+    checkpoint, rss_early = max(100, min(1000, messages // 5) // 100 * 100), None
     try:
-        rig.wait_for(lambda: aws.queue_depth(queue) <= messages - checkpoint, 600, interval=0.05)
-        rss_early, _ = rss_kib(running.proc.pid)
-        rig.wait_for(lambda: aws.queue_depth(queue) == 0, 600, interval=0.2)
+        for sent in range(0, messages, 100):
+            for start in range(sent, sent + 100, 10):
+                aws.sqs.send_message_batch(QueueUrl=queue, Entries=[
+                    {"Id": str(i), "MessageBody": json.dumps(rig.event(repository=repos[i % 5][0],
+                                                                       digest=repos[i % 5][1])) if i % 10 else "junk"}
+                    for i in range(start, start + 10)])
+            rig.wait_for(lambda: aws.queue_depth(queue) == 0, 120, interval=0.05)
+            if rss_early is None and sent + 100 >= checkpoint:
+                rss_early, _ = rss_kib(running.proc.pid)
         time.sleep(1)
         rss_late, peak = rss_kib(running.proc.pid)
     finally:
         running.stop()
-    return {"messages": messages, "checkpoint": checkpoint, "rss_at_checkpoint_mib": round(rss_early / 1024, 1),
+    return {"messages": messages, "checkpoint": checkpoint, "rss_idle_after_start_mib": round(rss_start / 1024, 1),
+            "rss_at_checkpoint_mib": round(rss_early / 1024, 1),
             "rss_at_end_mib": round(rss_late / 1024, 1), "peak_rss_mib": round(peak / 1024, 1),
             "growth_mib": round((rss_late - rss_early) / 1024, 2)}
 
@@ -322,24 +343,19 @@ def verdicts(report: dict) -> list[tuple[str, object, str, str]]:
 
 
 def run(aws, registries, images, swarm, workdir, sizes: dict) -> dict:
-    events = ServiceEvents(swarm)
+    events = ServiceEvents(swarm)  # the stream ends when dockerd stops
     report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "kernel": platform.release()}, "sizes": sizes}
-    try:
-        report["latency"] = measure_latency(aws, images, swarm, events, sizes["latency_pushes"],
-                                            sizes["latency_interval"])
-        swarm.remove_all_services()
-        report["burst"] = measure_burst(aws, images, swarm, workdir, sizes["burst_images"],
-                                        sizes["burst_pushes_per_image"])
-        swarm.remove_all_services()
-        report["idle"] = measure_idle(aws, swarm, workdir, sizes["idle_seconds"])
-        report["side_by_side"] = measure_side_by_side(aws, images, swarm, events, workdir, sizes["side_services"])
-        swarm.remove_all_services()
-        report["cold_start"] = measure_cold_start(aws, swarm, sizes["cold_runs"])
-        report["memory"] = measure_memory(aws, images, swarm, sizes["memory_messages"])
-        swarm.remove_all_services()
-    finally:
-        events.close()
+    report["latency"] = measure_latency(aws, images, swarm, events, sizes["latency_pushes"], sizes["latency_interval"])
+    swarm.remove_all_services()
+    report["burst"] = measure_burst(aws, images, swarm, workdir, sizes["burst_images"], sizes["burst_pushes_per_image"])
+    swarm.remove_all_services()
+    report["idle"] = measure_idle(aws, swarm, workdir, sizes["idle_seconds"])
+    report["side_by_side"] = measure_side_by_side(aws, images, swarm, events, workdir, sizes["side_services"])
+    swarm.remove_all_services()
+    report["cold_start"] = measure_cold_start(aws, swarm, sizes["cold_runs"])
+    report["memory"] = measure_memory(aws, images, swarm, sizes["memory_messages"])
+    swarm.remove_all_services()
     report["targets"] = [dict(zip(("measure", "value", "target", "verdict"), row)) for row in verdicts(report)]
     return report
 
