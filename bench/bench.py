@@ -261,9 +261,9 @@ def measure_cold_start(aws, swarm, runs: int) -> dict:
                                 capture_output=True, text=True).stderr
     top = []
     for line in importtime.splitlines():  # "import time: self [us] | cumulative | imported package"
-        match = re.match(r"import time:\s+(\d+) \|\s+(\d+) \| (\S.*)$", line)
-        if match and not match[3].startswith(" "):
-            top.append((int(match[2]), match[3].strip()))
+        match = re.match(r"import time:\s+(\d+) \|\s+(\d+) \| ( *)(\S+)$", line)
+        if match and len(match[3]) == 2:  # what ecr_deploy imports directly, with all it pulls in
+            top.append((int(match[2]), match[4]))
     top.sort(reverse=True)
     return {"runs": runs, "median_s": round(statistics.median(walls), 3),
             "startup_s": round(statistics.median(walls) - ed.FIRST_WAIT_ONCE, 3),
@@ -366,7 +366,12 @@ def table(report: dict) -> str:
              f"{'measure':42} {'value':>10}  {'target':>10}  verdict"]
     for row in report["targets"]:
         lines.append(f"{row['measure']:42} {row['value']!s:>10}  {row['target']:>10}  {row['verdict']}")
-    lines.append(f"burst calls: AWS {report['burst']['aws_calls']}; Docker {report['burst']['docker_calls']}")
+    burst = report["burst"]
+    lines.append(f"burst calls: AWS {burst['aws_calls']}; Docker {burst['docker_calls']}")
+    lines.append(f"burst time upstream (s): {burst['upstream_seconds']}; deployer CPU {burst['deployer_cpu_s']} s")
+    lines.append(f"memory (MiB): idle after start {report['memory']['rss_idle_after_start_mib']}, "
+                 f"after {report['memory']['checkpoint']} messages {report['memory']['rss_at_checkpoint_mib']}, "
+                 f"at the end {report['memory']['rss_at_end_mib']}")
     lines.append(f"import time, top (ms): {report['cold_start']['import_top_ms']}")
     return "\n".join(lines)
 
