@@ -6,8 +6,9 @@ topic). This program long-polls that queue and, for every push of REPO:TAG, upda
 Swarm service running that tag to the digest ECR says the tag points to *now*, pinned by
 digest, with fresh ECR credentials forwarded to Swarm.
 
-Read top-down: configuration, events (pure), images (pure), specs (pure), AWS shell,
-Docker shell, the drain cycle, main.
+Read top-down: configuration, events (pure), images (pure), specs (pure), rollouts (pure),
+AWS shell, Docker shell, the drain cycle (deploying, following rollouts, the auth keeper),
+reports, logging and systemd, main.
 """
 from __future__ import annotations
 
@@ -316,17 +317,16 @@ def ecr_registry(host: str) -> tuple[str, str] | None:
     return (match[1], match[2] or match[3]) if match else None
 
 
-def service_image(service: dict) -> ImageRef | None:
-    """The image a service is meant to run: the stack label if set, else the spec's image."""
+def running_image(service: dict) -> ImageRef | None:
+    """The image in the service's spec (what its tasks run, pinned or not)."""
     spec = service.get("Spec") or {}
-    label = (spec.get("Labels") or {}).get(STACK_IMAGE_LABEL)
-    if label:
-        return parse_image_ref(label)
     return parse_image_ref(spec.get("TaskTemplate", {}).get("ContainerSpec", {}).get("Image"))
 
 
-def running_image(service: dict) -> ImageRef | None:
-    return parse_image_ref(service["Spec"].get("TaskTemplate", {}).get("ContainerSpec", {}).get("Image"))
+def service_image(service: dict) -> ImageRef | None:
+    """The image a service is meant to run: the stack label if set, else the spec's image."""
+    label = ((service.get("Spec") or {}).get("Labels") or {}).get(STACK_IMAGE_LABEL)
+    return parse_image_ref(label) if label else running_image(service)
 
 
 def uses_image(service: dict, push: Push) -> ImageRef | None:
