@@ -12,11 +12,7 @@ Without root or the binaries, rig tests skip; with ECR_DEPLOY_REQUIRE_RIG=1 (CI)
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime
-import gzip
-import hashlib
-import io
 import json
 import logging
 import os
@@ -27,12 +23,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import tarfile
 import tempfile
+import threading
 import time
 import urllib.parse
 import uuid
-import warnings
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import boto3
 import pytest
@@ -40,25 +36,17 @@ import requests
 import requests_unixsocket
 
 import ecr_deploy as ed
+from rig.aws import DIGEST_A, Aws, event, moto_server_command
+from rig.common import DEPLOYER, ROOT as HERE, wait_for
+from rig.deployer import Running, deployer_env, run_once, updated_lines
+from rig.faults import FaultProxy
+from rig.registry import REGISTRIES, Images, serving_registries
+from rig.swarm import Swarm
 
-HERE = pathlib.Path(__file__).resolve().parent
-DEPLOYER = str(HERE / "ecr_deploy.py")
-SAMPLES = HERE.parent / "shared" / "samples"
+SAMPLES = HERE / "rig" / "samples"
 REQUIRE_RIG = os.environ.get("ECR_DEPLOY_REQUIRE_RIG") == "1"
 
-DIGEST_A = "sha256:" + "a" * 64
 DIGEST_B = "sha256:" + "b" * 64
-
-
-def event(account="123456789012", region="us-east-1", repository="team/web", tag="latest",
-          digest=DIGEST_A, action="PUSH", result="SUCCESS", **top) -> dict:
-    detail = {"result": result, "repository-name": repository, "image-digest": digest,
-              "action-type": action, "image-tag": tag}
-    body = {"version": "0", "id": str(uuid.uuid4()), "detail-type": "ECR Image Action",
-            "source": "aws.ecr", "account": account, "time": "2026-11-16T01:54:34Z",
-            "region": region, "resources": [], "detail": detail}
-    body.update(top)
-    return body
 
 
 def sns_envelope(inner: dict | str) -> dict:
@@ -378,29 +366,12 @@ def test_help_names_every_env_var(capsys):
         assert name in out
 
 
-# =========================================================================== the real rig
+# =========================================================================== the real rig (rig/), as fixtures
 
 def rig_unavailable(reason: str):
     if REQUIRE_RIG:
         pytest.fail(f"the real test rig is required (ECR_DEPLOY_REQUIRE_RIG=1) but {reason}")
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout=60.0, interval=0.2, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what() if callable(what) else what}")
-        time.sleep(interval)
 
 
 @pytest.fixture(scope="session")
@@ -411,161 +382,13 @@ def workdir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-class Aws:
-    """moto_server: SQS and ECR over real HTTP."""
-
-    def __init__(self, workdir: pathlib.Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(workdir / "moto.log", "ab")
-        self.env = {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": "testing",
-                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",  # as the README says
-                    "AWS_EC2_METADATA_DISABLED": "true"}
-        self.proc = None
-        self.start()
-        self.sqs = self.client("sqs")
-
-    def start(self):
-        self.proc = subprocess.Popen([shutil.which("moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for(self._up, 30, what="moto_server")
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(10)
-
-    def _up(self):
-        try:
-            return requests.get(self.url + "/moto-api/", timeout=1).ok
-        except requests.RequestException:
-            return False
-
-    def client(self, service: str, region: str = "us-east-1"):
-        return boto3.client(service, region_name=region, endpoint_url=self.url,
-                            aws_access_key_id="testing", aws_secret_access_key="testing")
-
-    def new_queue(self, **attributes) -> str:
-        name = f"q-{uuid.uuid4().hex[:12]}"
-        return self.sqs.create_queue(QueueName=name, Attributes={k: str(v) for k, v in attributes.items()})["QueueUrl"]
-
-    def send(self, queue_url: str, *bodies) -> None:
-        for body in bodies:
-            self.sqs.send_message(QueueUrl=queue_url, MessageBody=body if isinstance(body, str) else json.dumps(body))
-
-    def queue_depth(self, queue_url: str) -> int:
-        """Messages still on the queue, visible or in flight."""
-        attrs = self.sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["All"])["Attributes"]
-        return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
-
-
 @pytest.fixture(scope="session")
 def aws(workdir):
-    if not shutil.which("moto_server"):
+    if not moto_server_command():
         rig_unavailable("moto_server is not installed (pip install 'moto[server]')")
     rig = Aws(workdir)
     yield rig
     rig.stop()
-
-
-# ---- TLS registries posing as ECR
-
-class Registry:
-    """A docker-registry answering as the ECR hosts of one account and region."""
-
-    def __init__(self, account: str, region: str, ip: str, aliases=()):
-        self.account, self.region, self.ip = account, region, ip
-        self.host = f"{account}.dkr.ecr.{region}.amazonaws.com"
-        self.hosts = [self.host, *aliases]
-        self.password = f"{account}-auth-token"  # what moto's GetAuthorizationToken decodes to
-        self.proc = None
-
-
-REGISTRIES = [
-    Registry("123456789012", "us-east-1", "127.0.0.2",
-             aliases=["123456789012.dkr.ecr-fips.us-east-1.amazonaws.com", "123456789012.dkr-ecr.us-east-1.on.aws"]),
-    Registry("222222222222", "eu-west-1", "127.0.0.3"),
-]
-HOSTS_MARK = "# ecr-deploy test rig"
-
-
-def make_tls(workdir: pathlib.Path, hosts: list[str]) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def certificate(subject, key, issuer, issuer_key, extensions):
-        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(hours=1))
-                   .not_valid_after(now + datetime.timedelta(days=2)))
-        for extension, critical in extensions:
-            builder = builder.add_extension(extension, critical)
-        return builder.sign(issuer_key, hashes.SHA256())
-
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ecr-deploy test CA")])
-    ca = certificate(ca_name, ca_key, ca_name, ca_key, [(x509.BasicConstraints(ca=True, path_length=None), True)])
-    server = certificate(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]), key, ca_name, ca_key,
-                         [(x509.SubjectAlternativeName([x509.DNSName(h) for h in hosts]), False)])
-    pem = serialization.Encoding.PEM
-    paths = workdir / "ca.crt", workdir / "server.crt", workdir / "server.key"
-    paths[0].write_bytes(ca.public_bytes(pem))
-    paths[1].write_bytes(server.public_bytes(pem))
-    paths[2].write_bytes(key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
-                                           serialization.NoEncryption()))
-    return paths
-
-
-def bcrypt_hash(password: str) -> str:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import crypt
-    return crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))
-
-
-def write_hosts(ours: str) -> None:
-    hosts = pathlib.Path("/etc/hosts")
-    kept = "".join(line for line in hosts.read_text().splitlines(keepends=True) if HOSTS_MARK not in line)
-    hosts.write_text(kept + ours)
-
-
-@contextlib.contextmanager
-def serving_registries(workdir: pathlib.Path):
-    """Start the registries, name them in /etc/hosts and trust their CA in Docker; undo all at exit."""
-    all_hosts = [h for r in REGISTRIES for h in r.hosts]
-    ca, cert, key = make_tls(workdir, all_hosts)
-    ours = "".join(f"{r.ip} {h} {HOSTS_MARK}\n" for r in REGISTRIES for h in r.hosts)
-    try:
-        write_hosts(ours)  # also replaces the lines of a run that was killed before it could clean up
-        for host in all_hosts:
-            certs = pathlib.Path("/etc/docker/certs.d") / host
-            certs.mkdir(parents=True, exist_ok=True)
-            shutil.copy(ca, certs / "ca.crt")
-        for registry in REGISTRIES:
-            root = workdir / f"registry-{registry.account}"
-            root.mkdir()
-            (root / "htpasswd").write_text(f"AWS:{bcrypt_hash(registry.password)}\n")
-            (root / "config.yml").write_text(json.dumps({  # JSON is YAML
-                "version": 0.1, "log": {"level": "warn"},
-                "storage": {"filesystem": {"rootdirectory": str(root / "data")}},
-                "http": {"addr": f"{registry.ip}:443", "tls": {"certificate": str(cert), "key": str(key)}},
-                "auth": {"htpasswd": {"realm": "ecr", "path": str(root / "htpasswd")}}}))
-            registry.proc = subprocess.Popen(["docker-registry", "serve", str(root / "config.yml")],
-                                             stdout=open(root / "log", "ab"), stderr=subprocess.STDOUT)
-            registry.ca = str(ca)
-            wait_for(lambda: registry_up(registry), 30, what=f"registry {registry.host}")
-        yield REGISTRIES
-    finally:
-        for registry in REGISTRIES:
-            if registry.proc:
-                registry.proc.terminate()
-                registry.proc.wait(10)
-        write_hosts("")
-        for host in all_hosts:
-            shutil.rmtree(pathlib.Path("/etc/docker/certs.d") / host, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -578,186 +401,9 @@ def registries(workdir):
         yield serving
 
 
-def registry_up(registry: Registry) -> bool:
-    try:
-        reply = requests.get(f"https://{registry.host}/v2/", verify=registry.ca, timeout=1)
-    except requests.RequestException:
-        return False
-    return reply.status_code == 401  # up, and demanding credentials
-
-
-# ---- images: built in Python and pushed over the registry API, never via the local daemon,
-# so the swarm node must pull them (with the right credentials) to run them.
-
-def tar_layer(files: dict[str, tuple[bytes, int]]) -> tuple[bytes, str]:
-    """(gzipped layer, diff id) holding the given files."""
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w") as tar:
-        for name, (content, mode) in files.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(content), mode, 0
-            tar.addfile(info, io.BytesIO(content))
-    data = raw.getvalue()
-    return gzip.compress(data, mtime=0), "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-BUSYBOX_LAYER: list = []
-
-
-def busybox_layer():
-    if not BUSYBOX_LAYER:
-        BUSYBOX_LAYER.append(tar_layer({"bin/busybox": (pathlib.Path("/bin/busybox").read_bytes(), 0o755)}))
-    return BUSYBOX_LAYER[0]
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-class Images:
-    """Pushes images to the registries and mirrors them into moto's ECR."""
-
-    def __init__(self, aws: Aws, registries: list[Registry]):
-        self.aws, self.registries = aws, registries
-
-    def registry(self, account: str) -> Registry:
-        return next(r for r in self.registries if r.account == account)
-
-    def new_repository(self, account="123456789012", prefix="team") -> str:
-        registry = self.registry(account)
-        name = f"{prefix}/app-{uuid.uuid4().hex[:10]}"
-        self.aws.client("ecr", registry.region).create_repository(repositoryName=name, registryId=account)
-        return name
-
-    def push(self, repository: str, tag: str, content: str, account="123456789012", cmd=None) -> str:
-        registry = self.registry(account)
-        session = requests.Session()
-        session.auth, session.verify = ("AWS", registry.password), registry.ca
-        session.trust_env = False  # else REQUESTS_CA_BUNDLE overrides session.verify
-        base = f"https://{registry.host}/v2/{repository}"
-        bb_blob, bb_diff = busybox_layer()
-        v_blob, v_diff = tar_layer({"version": (content.encode(), 0o644)})
-        config = json.dumps({"architecture": "amd64", "os": "linux",
-                             "config": {"Cmd": cmd or ["/bin/busybox", "sleep", "3600"]},
-                             "rootfs": {"type": "layers", "diff_ids": [bb_diff, v_diff]}}).encode()
-        for blob in (bb_blob, v_blob, config):
-            start = session.post(f"{base}/blobs/uploads/")
-            assert start.status_code == 202, start.text
-            location = urllib.parse.urljoin(base, start.headers["Location"])
-            done = session.put(location, params={"digest": sha256(blob)}, data=blob,
-                               headers={"Content-Type": "application/octet-stream"})
-            assert done.status_code == 201, done.text
-        manifest = json.dumps({
-            "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-            "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
-                       "size": len(config), "digest": sha256(config)},
-            "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
-                        "size": len(blob), "digest": sha256(blob)} for blob in (bb_blob, v_blob)]})
-        reply = session.put(f"{base}/manifests/{tag}", data=manifest,
-                            headers={"Content-Type": "application/vnd.docker.distribution.manifest.v2+json"})
-        assert reply.status_code == 201, reply.text
-        digest = reply.headers["Docker-Content-Digest"]
-        assert digest == sha256(manifest.encode())
-        ecr = self.aws.client("ecr", registry.region)
-        ecr.put_image(registryId=account, repositoryName=repository, imageManifest=manifest,
-                      imageTag=tag, imageDigest=digest)
-        return digest
-
-
 @pytest.fixture(scope="session")
 def images(aws, registries):
     return Images(aws, registries)
-
-
-# ---- a private dockerd in swarm mode
-
-class Swarm:
-    def __init__(self, workdir: pathlib.Path):
-        self.dir = workdir / "docker"
-        self.dir.mkdir()
-        self.socket = str(self.dir / "docker.sock")
-        self.docker_host = f"unix://{self.socket}"
-        self.base = "http+unix://" + urllib.parse.quote(self.socket, safe="")
-        self.http = requests_unixsocket.Session()
-        self.proc = None
-        self.start()
-        self.post("/swarm/init", json={"ListenAddr": f"127.0.0.1:{free_port()}", "AdvertiseAddr": "127.0.0.1"})
-
-    def start(self):
-        self.proc = subprocess.Popen(
-            ["dockerd", "--data-root", str(self.dir / "data"), "--exec-root", str(self.dir / "x"),
-             "--pidfile", str(self.dir / "pid"), "-H", self.docker_host,
-             "--iptables=false", "--ip-masq=false", "--bridge=none"],
-            stdout=open(self.dir / "log", "ab"), stderr=subprocess.STDOUT)
-        wait_for(self._up, 60, what="dockerd")
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def _up(self):
-        try:
-            return self.http.get(self.base + "/_ping", timeout=1).ok
-        except requests.RequestException:
-            return False
-
-    def call(self, method, path, **kwargs):
-        reply = self.http.request(method, self.base + path, timeout=30, **kwargs)
-        assert reply.ok, f"{method} {path}: {reply.status_code} {reply.text}"
-        return reply.json() if reply.content else None
-
-    def get(self, path, **kwargs):
-        return self.call("GET", path, **kwargs)
-
-    def post(self, path, **kwargs):
-        return self.call("POST", path, **kwargs)
-
-    def create_service(self, name, image, labels=None, registry: Registry | None = None, replicas=1,
-                       update_config=None):
-        spec = {"Name": name, "Labels": labels or {},
-                "TaskTemplate": {
-                    "ContainerSpec": {"Image": image, "Init": True, "StopGracePeriod": 1_000_000_000,
-                                      "Env": ["GREETING=hello"], "Mounts": [{"Type": "tmpfs", "Target": "/cache"}]},
-                    "RestartPolicy": {"Condition": "any", "Delay": 1_000_000_000}},
-                "Mode": {"Replicated": {"Replicas": replicas}},
-                "UpdateConfig": {"Parallelism": 2, "Order": "stop-first", **(update_config or {})}}
-        headers = {}
-        if registry:
-            headers["X-Registry-Auth"] = ed.registry_auth_header("AWS", registry.password, registry.host)
-        return self.post("/services/create", json=spec, headers=headers)["ID"]
-
-    def service(self, service_id):
-        return self.get(f"/services/{service_id}")
-
-    def scale(self, service_id, replicas):
-        """As `docker service scale` does: the spec re-posted with no registry auth."""
-        service = self.service(service_id)
-        spec = service["Spec"]
-        spec["Mode"]["Replicated"]["Replicas"] = replicas
-        self.post(f"/services/{service_id}/update", params={"version": service["Version"]["Index"]}, json=spec)
-
-    def tasks(self, service_id):
-        return self.get("/tasks", params={"filters": json.dumps({"service": [service_id]})})
-
-    def running_images(self, service_id) -> list[str]:
-        return sorted(t["Spec"]["ContainerSpec"]["Image"] for t in self.tasks(service_id)
-                      if t["DesiredState"] == "running" and t["Status"]["State"] == "running")
-
-    def wait_running(self, service_id, image, replicas=1, timeout=90):
-        wait_for(lambda: self.running_images(service_id) == [image] * replicas, timeout,
-                 what=lambda: f"{replicas} task(s) of {service_id} running {image}; tasks: {self.task_states(service_id)}")
-
-    def task_states(self, service_id):
-        return [(t["Spec"]["ContainerSpec"]["Image"][-8:], t["DesiredState"], t["Status"]["State"], t["Status"].get("Err"))
-                for t in self.tasks(service_id)]
-
-    def remove_all_services(self):
-        for svc in self.get("/services"):
-            self.call("DELETE", f"/services/{svc['ID']}")
 
 
 @pytest.fixture(scope="session")
@@ -777,25 +423,6 @@ def clean_swarm(swarm):
     swarm.remove_all_services()
 
 
-# ---- running the deployer as operators do: a separate process
-
-def deployer_env(aws: Aws, swarm: Swarm | None = None, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DEPLOYER_", "AWS_", "DOCKER_"))}
-    env.update(aws.env)
-    env["DOCKER_HOST"] = swarm.docker_host if swarm else "unix:///nonexistent/docker.sock"
-    env.update(extra)
-    return env
-
-
-def run_once(env: dict, *args: str, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, DEPLOYER, "--once", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def updated_lines(log: str) -> list[str]:
-    return [line for line in log.splitlines() if " Updated service " in line]
-
-
 def service_on_new_repo(images, swarm, name, contents=("v1", "v2"), replicas=0, registry=None):
     """A fresh repository with one push of :latest per content (ECR ends at the last), and a
     service pinned to the first. Returns (repository, digests, service id)."""
@@ -807,7 +434,7 @@ def service_on_new_repo(images, swarm, name, contents=("v1", "v2"), replicas=0, 
     return repo, digests, sid
 
 
-# =========================================================================== rig tests
+# =========================================================================== deploying on the rig
 
 def test_push_updates_every_matching_service_with_forwarded_registry_auth(aws, images, clean_swarm):
     swarm, registry = clean_swarm, REGISTRIES[0]
@@ -1010,7 +637,7 @@ def test_loop_mode_deploys_and_logs_no_secrets(aws, images, clean_swarm):
         assert secret not in log
 
 
-# =========================================================================== issue 3: real event streams and faults
+# =========================================================================== real event streams and faults
 
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
@@ -1222,116 +849,7 @@ def test_update_out_of_sequence_is_retried_against_the_fresh_spec(aws, images, c
     assert spec["Labels"]["touched"] == "0"  # the concurrent change is kept, not overwritten
 
 
-# ---- faults: real HTTP hops that fail or stall chosen requests, and real daemons killed mid-run
-
-import threading  # noqa: E402
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
-import socketserver  # noqa: E402
-from socketserver import ThreadingUnixStreamServer  # noqa: E402
-
-HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "host"}
-
-
-class FaultProxy:
-    """Forwards HTTP to moto_server (TCP) or dockerd (unix socket); `rule` picks requests to fail or stall.
-
-    rule(key) -> None (forward) | an HTTP status to answer instead | "stall" (hold until released)
-    where key is "METHOD PATH X-Amz-Target". Every key is recorded in `seen`.
-    """
-
-    def __init__(self, upstream: str, unix_path: str | None = None):
-        self.rule, self.seen, self.seconds = None, [], []  # seconds: (key, upstream time) per request
-        self.stalled, self.released = threading.Event(), threading.Event()
-        http = requests_unixsocket.Session() if unix_path or upstream.startswith("http+unix") else requests.Session()
-        http.trust_env = False
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def forward(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                key = f"{self.command} {self.path} {self.headers.get('X-Amz-Target', '')}".strip()
-                proxy.seen.append(key)
-                action = proxy.rule(key) if proxy.rule else None
-                if action == "stall":
-                    proxy.stalled.set()
-                    proxy.released.wait(120)
-                    action = 503
-                if action:
-                    payload = json.dumps({"message": "injected fault"}).encode()
-                    self.send_response(action)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                    return
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
-                started = time.monotonic()
-                reply = http.request(self.command, upstream + self.path, data=body, headers=headers, timeout=60)
-                proxy.seconds.append((key, time.monotonic() - started))
-                self.send_response(reply.status_code)
-                for name, value in reply.headers.items():
-                    if name.lower() not in HOP_HEADERS:
-                        self.send_header(name, value)
-                self.send_header("Content-Length", str(len(reply.content)))
-                self.end_headers()
-                self.wfile.write(reply.content)
-
-            do_GET = do_POST = do_DELETE = do_HEAD = do_PUT = forward
-
-        def quiet(server, request, client_address):  # a client that hung up mid-reply (SIGTERM): fine
-            if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
-                socketserver.BaseServer.handle_error(server, request, client_address)
-
-        if unix_path:
-            Handler.address_string = lambda self: "unix"
-            self.server = ThreadingUnixStreamServer(unix_path, Handler)
-            self.url = f"unix://{unix_path}"
-        else:
-            self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-            self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.server.daemon_threads = True
-        self.server.handle_error = quiet.__get__(self.server)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.released.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class Running:
-    """A loop-mode deployer process whose log is collected line by line as it runs."""
-
-    def __init__(self, env: dict, *args: str):
-        self.proc = subprocess.Popen([sys.executable, DEPLOYER, *args], env=env, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self.reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stderr.readline, "")),
-                                       daemon=True)
-        self.reader.start()
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def wait_line(self, text: str, timeout=60, count=1):
-        wait_for(lambda: self.log.count(text) >= count, timeout,
-                 what=lambda: f"{count}x {text!r} in the deployer's log:\n{self.log}")
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=15)
-        self.reader.join(5)
-        return code
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
+# ---- faults: real HTTP hops that fail or stall chosen requests (rig/faults.py), and real daemons killed mid-run
 
 
 def test_sigkill_between_update_and_delete_loses_nothing_and_redelivery_changes_nothing(aws, images, clean_swarm):
@@ -1473,7 +991,7 @@ def test_ecr_tokens_are_cached_per_registry_and_expired_ones_only_within_a_cycle
 
 
 
-# =========================================================================== issue 4: rollouts, auth keeper, reports
+# =========================================================================== rollouts, the auth keeper, reports
 
 import prometheus_client.parser  # noqa: E402
 
@@ -1755,7 +1273,7 @@ def test_loop_mode_follows_rollouts_and_refreshes_auth_periodically(aws, images,
     assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v2}", 1)  # refreshes force nothing
 
 
-# =========================================================================== issue 5: operations
+# =========================================================================== operations: systemd, logs, dry run, README setup
 
 UNIT = HERE / "systemd" / "ecr-deploy.service"
 
@@ -1989,7 +1507,7 @@ def test_readme_aws_setup_blocks_run_against_moto(aws, tmp_path):
                        "ecr:BatchCheckLayerAvailability"}
 
 
-# =========================================================================== issue 6: the benchmark, short, so it cannot rot
+# =========================================================================== the benchmark, short, so it cannot rot
 
 def test_benchmark_short_mode_runs_on_the_rig(aws, registries, images, clean_swarm, workdir, capsys):
     import importlib.util
@@ -2005,3 +1523,57 @@ def test_benchmark_short_mode_runs_on_the_rig(aws, registries, images, clean_swa
     assert {row["measure"] for row in report["targets"]} >= {"latency p50 (ms)", "(a)/(b)", "memory: peak RSS (MiB)"}
     with capsys.disabled():
         print("\n" + bench.table(report))
+
+
+# =========================================================================== the Quick start: the demo and the test command
+
+def quick_start_blocks() -> list[str]:
+    """The first two fenced blocks of the README's Quick start, the section the README opens with."""
+    readme = (HERE / "README.md").read_text()
+    assert re.findall(r"^## (.+)$", readme, re.M)[0] == "Quick start"
+    section = readme.split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
+    return [block.strip() for block in re.findall(r"```\w*\n(.*?)```", section, re.S)[:2]]
+
+
+def test_quick_start_test_command_is_what_ci_runs():
+    demo, tests = quick_start_blocks()
+    assert (demo, tests) == ("python3 -m rig demo", "python3 -m rig test")
+    ci = [line for line in (HERE / ".ci" / "run").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert ci[-1] == tests
+    from rig import __main__ as rig_cli
+    assert rig_cli.TEST_COMMAND[-1] == pathlib.Path(__file__).name  # the suite it runs is this one
+
+
+def test_quick_start_demo_rolls_a_service_and_leaves_nothing_behind():
+    if os.geteuid() != 0 or not shutil.which("dockerd") or not shutil.which("docker-registry"):
+        rig_unavailable("the demo needs root, dockerd and docker-registry")
+    from rig import demo as demo_module
+    argv = quick_start_blocks()[0].split()
+    argv[0] = sys.executable  # the README's python3: this venv's, so the demo needs no bootstrap
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DEPLOYER_", "DOCKER_"))}
+    demo = subprocess.Popen(argv, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(demo.stdout.readline, "")), daemon=True).start()
+    output = lambda: "".join(lines)  # noqa: E731
+    try:
+        wait_for(lambda: "python3 -m rig push v3" in output(), 240, what=lambda: f"the demo's prompt:\n{output()}")
+        updated = [line for line in lines if "ecr_deploy.py |" in line and " Updated service web (" in line]
+        completed = [line for line in lines if " Rollout of web (" in line and " completed after " in line]
+        assert len(updated) == 1 and len(completed) == 1, output()
+        pushed = subprocess.run([sys.executable, "-m", "rig", "push", "v3"], cwd=HERE, env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert pushed.returncode == 0, pushed.stderr
+        digest = re.search(r"= (sha256:[0-9a-f]{64})", pushed.stdout)[1]
+        wait_for(lambda: f"demo/web:latest@{digest} completed after" in output(), 120,
+                 what=lambda: f"the second rollout:\n{output()}")
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(30) == 0, output()
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert "Stopped; nothing left behind." in output()
+    assert demo_module.REGISTRY.host not in pathlib.Path("/etc/hosts").read_text()
+    assert not (pathlib.Path("/etc/docker/certs.d") / demo_module.REGISTRY.host).exists()
+    assert not demo_module.STATE.exists()
+    leftovers = subprocess.run(["pgrep", "-f", "ecrd-demo-"], capture_output=True, text=True).stdout
+    assert leftovers == "" and not list(pathlib.Path("/tmp").glob("ecrd-demo-*"))

@@ -37,7 +37,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import ecr_deploy as ed  # noqa: E402
-import test_ecr_deploy as rig  # noqa: E402  (the tests' real rig, reused as is)
+import test_ecr_deploy as rig  # noqa: E402  (the rig, as the tests import it)
 
 FULL = {"latency_pushes": 30, "latency_interval": 1.0, "burst_images": 25, "burst_pushes_per_image": 20,
         "idle_seconds": 60, "side_services": 20, "cold_runs": 10, "memory_messages": 5000}

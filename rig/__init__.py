@@ -1,0 +1,15 @@
+"""The real test rig of ecr-deploy, shared by the tests, the benchmark and the demo.
+
+Every part is a real component started on this machine (as root), never a mock:
+  aws.py        moto_server: SQS and ECR over HTTP (boto3 reaches it through AWS_ENDPOINT_URL)
+  registry.py   TLS docker-registry servers answering as ECR hostnames and demanding the ECR
+                token, and images built in Python and pushed to them (mirrored into moto's ECR)
+  swarm.py      a private dockerd in swarm mode (own data root, exec root and socket)
+  deployer.py   ecr_deploy.py run as operators run it: a separate process
+  faults.py     real HTTP hops in front of moto or dockerd that fail or stall chosen requests
+  demo.py       the Quick start demo
+  __main__.py   `python3 -m rig demo|test|push`: installs what the rig needs (Debian packages,
+                and Python packages in a venv, .venv) with the standard library only, then runs
+
+This file imports nothing: `python3 -m rig` must start on a bare Debian python3.
+"""

@@ -1,0 +1,91 @@
+"""moto_server: SQS and ECR (and SNS, EventBridge, IAM for the README's setup blocks) over real HTTP."""
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+import uuid
+
+import boto3
+import requests
+
+from rig.common import free_port, wait_for
+
+DIGEST_A = "sha256:" + "a" * 64
+
+
+def moto_server_command() -> str | None:
+    """moto_server on PATH, else beside this interpreter (a venv's bin is not always on PATH)."""
+    beside = pathlib.Path(sys.executable).parent / "moto_server"
+    return shutil.which("moto_server") or (str(beside) if beside.exists() else None)
+
+
+class Aws:
+    """moto_server: SQS and ECR over real HTTP."""
+
+    def __init__(self, workdir: pathlib.Path, region: str = "us-east-1"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.region = region
+        self.log = open(workdir / "moto.log", "ab")
+        self.env = {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": "testing",
+                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": region,  # as the README says
+                    "AWS_EC2_METADATA_DISABLED": "true"}
+        self.proc = None
+        self.start()
+        self.sqs = self.client("sqs", region)
+
+    @classmethod
+    def attach(cls, url: str, region: str) -> Aws:
+        """The moto_server another process started (the demo's, for `python3 -m rig push`)."""
+        aws = cls.__new__(cls)
+        aws.url, aws.region, aws.proc = url, region, None
+        aws.sqs = aws.client("sqs", region)
+        return aws
+
+    def start(self):
+        # A session of its own: Ctrl-C in the demo's terminal reaches the demo, which stops the rig in order.
+        self.proc = subprocess.Popen([moto_server_command(), "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(self._up, 30, what="moto_server")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+    def _up(self):
+        try:
+            return requests.get(self.url + "/moto-api/", timeout=1).ok
+        except requests.RequestException:
+            return False
+
+    def client(self, service: str, region: str = "us-east-1"):
+        return boto3.client(service, region_name=region, endpoint_url=self.url,
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def new_queue(self, name: str | None = None, **attributes) -> str:
+        name = name or f"q-{uuid.uuid4().hex[:12]}"
+        return self.sqs.create_queue(QueueName=name, Attributes={k: str(v) for k, v in attributes.items()})["QueueUrl"]
+
+    def send(self, queue_url: str, *bodies) -> None:
+        for body in bodies:
+            self.sqs.send_message(QueueUrl=queue_url, MessageBody=body if isinstance(body, str) else json.dumps(body))
+
+    def queue_depth(self, queue_url: str) -> int:
+        """Messages still on the queue, visible or in flight."""
+        attrs = self.sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["All"])["Attributes"]
+        return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+def event(account="123456789012", region="us-east-1", repository="team/web", tag="latest",
+          digest=DIGEST_A, action="PUSH", result="SUCCESS", **top) -> dict:
+    """An EventBridge "ECR Image Action" event, shaped as ECR sends it."""
+    detail = {"result": result, "repository-name": repository, "image-digest": digest,
+              "action-type": action, "image-tag": tag}
+    body = {"version": "0", "id": str(uuid.uuid4()), "detail-type": "ECR Image Action",
+            "source": "aws.ecr", "account": account, "time": "2026-11-16T01:54:34Z",
+            "region": region, "resources": [], "detail": detail}
+    body.update(top)
+    return body

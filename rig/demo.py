@@ -1,0 +1,119 @@
+"""The Quick start demo: ecr-deploy rolling a real Swarm service, with no AWS account.
+
+Everything is real but the endpoints: moto_server plays SQS and ECR, a TLS docker-registry
+answers as the ECR hostname and demands the ECR token, a private dockerd runs the swarm. The
+deployer is ecr_deploy.py itself in loop mode, exactly as under systemd. Ctrl-C stops it all and
+removes every trace (processes, /etc/hosts lines, CA certificates, temporary files).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import pathlib
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+
+from rig.aws import Aws, event
+from rig.deployer import Running, deployer_env
+from rig.registry import Images, Registry, serving_registries
+from rig.swarm import Swarm
+
+REGISTRY = Registry("111122223333", "eu-central-1", "127.0.0.9")  # apart from the tests' registries
+REPOSITORY = "demo/web"
+SERVICE = "web"
+QUEUE = "ecr-deploy-demo"
+STATE = pathlib.Path("/run/ecr-deploy-demo.json")  # how `python3 -m rig push` finds the running demo
+PUSH_COMMAND = "python3 -m rig push"
+BROKEN_CMD = ["/bin/busybox", "sh", "-c", "echo this build is broken; exit 1"]
+
+
+def say(text: str) -> None:
+    print(f"\n>>> {text}", flush=True)
+
+
+def show_deployer_line(line: str) -> None:
+    print(f"    ecr_deploy.py | {line.rstrip()}", flush=True)
+
+
+def push_and_notify(aws: Aws, images: Images, queue_url: str, version: str, broken: bool = False) -> str:
+    """What a `docker push` to ECR causes: the image lands in the registry, ECR records the tag,
+    and EventBridge sends an "ECR Image Action" event to the queue."""
+    digest = images.push(REPOSITORY, "latest", version, account=REGISTRY.account, cmd=BROKEN_CMD if broken else None)
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    aws.send(queue_url, event(account=REGISTRY.account, region=REGISTRY.region, repository=REPOSITORY,
+                              digest=digest, time=now))
+    return digest
+
+
+def main() -> int:
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="ecrd-demo-", dir="/tmp"))
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
+        cleanup.callback(STATE.unlink, missing_ok=True)
+        say("Starting moto_server: SQS and ECR on 127.0.0.1, no AWS account needed")
+        aws = Aws(workdir, region=REGISTRY.region)
+        cleanup.callback(aws.stop)
+        say(f"Starting a TLS registry that answers as {REGISTRY.host} and, like ECR, wants the ECR token")
+        registries = cleanup.enter_context(serving_registries(workdir, [REGISTRY], instance="demo"))
+        say("Starting a private dockerd in swarm mode (its own socket and data; your Docker is not touched)")
+        swarm = Swarm(workdir, instance="demo")
+        cleanup.callback(swarm.stop)
+        cleanup.callback(swarm.remove_all_services)  # first: tasks stop before dockerd does
+        images = Images(aws, registries)
+        images.new_repository(account=REGISTRY.account, name=REPOSITORY)
+        v1 = images.push(REPOSITORY, "latest", "v1", account=REGISTRY.account)
+        image = f"{REGISTRY.host}/{REPOSITORY}:latest"
+        service_id = swarm.create_service(SERVICE, f"{image}@{v1}", registry=REGISTRY, replicas=2,
+                                          update_config={"Parallelism": 1, "Monitor": 3_000_000_000})
+        say(f"Service {SERVICE} runs {image}@{v1[:19]}… (2 replicas); waiting for its tasks")
+        swarm.wait_running(service_id, f"{image}@{v1}", replicas=2)
+        queue_url = aws.new_queue(QUEUE)
+        STATE.write_text(json.dumps({"aws": aws.url, "ca": REGISTRY.ca, "queue": queue_url}))
+
+        say(f"Starting ecr_deploy.py in loop mode on queue {QUEUE}; its own log follows")
+        env = deployer_env(aws, swarm, DEPLOYER_QUEUE=QUEUE, DEPLOYER_LOG_FORMAT="text")
+        deployer = Running(env, echo=show_deployer_line)
+        cleanup.callback(deployer.kill)
+        cleanup.callback(deployer.stop)
+        deployer.wait_line(" watching ")
+        say(f"docker push {image} (v2): the image goes to the registry, ECR records the tag, "
+            "EventBridge sends the push event to the queue")
+        v2 = push_and_notify(aws, images, queue_url, "v2")
+        deployer.wait_line(f"Updated service {SERVICE} ")
+        deployer.wait_line(f"Rollout of {SERVICE} ", timeout=120)
+        tasks = swarm.running_images(service_id)
+        say(f"Done: {len(tasks)} task(s) of {SERVICE} now run …@{v2[:19]}… — ECR push to running service, for real.\n"
+            f"    Push another version from a second terminal (as root, in this directory):\n\n"
+            f"        {PUSH_COMMAND} v3\n\n"
+            f"    or a build that crashes, and watch the rollout pause:  {PUSH_COMMAND} v4 --broken\n"
+            f"    Ctrl-C stops the demo and removes everything it made.")
+        stop.wait()
+        say("Stopping: the deployer, the swarm, the registry and moto_server; removing their files")
+    print("Stopped; nothing left behind.", flush=True)
+    return 0
+
+
+def push(args: list[str]) -> int:
+    """`python3 -m rig push VERSION [--broken]`, from a second terminal while the demo runs."""
+    broken = "--broken" in args
+    versions = [a for a in args if a != "--broken"]
+    if len(versions) > 1 or any(a.startswith("-") for a in versions):
+        sys.exit(f"usage: {PUSH_COMMAND} [VERSION] [--broken]")
+    if not STATE.exists():
+        sys.exit("[rig] no demo is running: start it with `python3 -m rig demo`")
+    state = json.loads(STATE.read_text())
+    version = versions[0] if versions else f"v{os.getpid()}"
+    aws = Aws.attach(state["aws"], REGISTRY.region)
+    REGISTRY.ca = state["ca"]
+    digest = push_and_notify(aws, Images(aws, [REGISTRY]), state["queue"], version, broken)
+    print(f"Pushed {REGISTRY.host}/{REPOSITORY}:latest ({version}{', broken' if broken else ''}) = {digest}\n"
+          "and sent its ECR push event; watch the demo's terminal.")
+    return 0

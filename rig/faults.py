@@ -1,0 +1,87 @@
+"""Real HTTP hops that fail or stall chosen requests, in front of moto_server or dockerd."""
+from __future__ import annotations
+
+import json
+import socketserver
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from socketserver import ThreadingUnixStreamServer
+
+import requests
+import requests_unixsocket
+
+HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "host"}
+
+
+class FaultProxy:
+    """Forwards HTTP to moto_server (TCP) or dockerd (unix socket); `rule` picks requests to fail or stall.
+
+    rule(key) -> None (forward) | an HTTP status to answer instead | "stall" (hold until released)
+    where key is "METHOD PATH X-Amz-Target". Every key is recorded in `seen`.
+    """
+
+    def __init__(self, upstream: str, unix_path: str | None = None):
+        self.rule, self.seen, self.seconds = None, [], []  # seconds: (key, upstream time) per request
+        self.stalled, self.released = threading.Event(), threading.Event()
+        http = requests_unixsocket.Session() if unix_path or upstream.startswith("http+unix") else requests.Session()
+        http.trust_env = False
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                key = f"{self.command} {self.path} {self.headers.get('X-Amz-Target', '')}".strip()
+                proxy.seen.append(key)
+                action = proxy.rule(key) if proxy.rule else None
+                if action == "stall":
+                    proxy.stalled.set()
+                    proxy.released.wait(120)
+                    action = 503
+                if action:
+                    payload = json.dumps({"message": "injected fault"}).encode()
+                    self.send_response(action)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
+                started = time.monotonic()
+                reply = http.request(self.command, upstream + self.path, data=body, headers=headers, timeout=60)
+                proxy.seconds.append((key, time.monotonic() - started))
+                self.send_response(reply.status_code)
+                for name, value in reply.headers.items():
+                    if name.lower() not in HOP_HEADERS:
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(reply.content)))
+                self.end_headers()
+                self.wfile.write(reply.content)
+
+            do_GET = do_POST = do_DELETE = do_HEAD = do_PUT = forward
+
+        def quiet(server, request, client_address):  # a client that hung up mid-reply (SIGTERM): fine
+            if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+                socketserver.BaseServer.handle_error(server, request, client_address)
+
+        if unix_path:
+            Handler.address_string = lambda self: "unix"
+            self.server = ThreadingUnixStreamServer(unix_path, Handler)
+            self.url = f"unix://{unix_path}"
+        else:
+            self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+            self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server.daemon_threads = True
+        self.server.handle_error = quiet.__get__(self.server)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,107 @@
+"""A private dockerd in swarm mode: its own data root, exec root, socket and containerd
+namespace, so it never touches the machine's own Docker."""
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import urllib.parse
+
+import requests
+import requests_unixsocket
+
+import ecr_deploy as ed
+from rig.common import free_port, wait_for
+
+
+class Swarm:
+    def __init__(self, workdir: pathlib.Path, instance: str = "tests"):
+        self.instance = instance
+        self.dir = workdir / "docker"
+        self.dir.mkdir()
+        self.socket = str(self.dir / "docker.sock")
+        self.docker_host = f"unix://{self.socket}"
+        self.base = "http+unix://" + urllib.parse.quote(self.socket, safe="")
+        self.http = requests_unixsocket.Session()
+        self.proc = None
+        self.start()
+        self.post("/swarm/init", json={"ListenAddr": f"127.0.0.1:{free_port()}", "AdvertiseAddr": "127.0.0.1"})
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            ["dockerd", "--data-root", str(self.dir / "data"), "--exec-root", str(self.dir / "x"),
+             "--pidfile", str(self.dir / "pid"), "-H", self.docker_host,
+             "--iptables=false", "--ip-masq=false", "--bridge=none",
+             # Where the machine runs containerd already (its own Docker), keep out of Docker's namespace.
+             "--containerd-namespace", f"ecrd-{self.instance}",
+             "--containerd-plugins-namespace", f"ecrd-{self.instance}-plugins"],
+            stdout=open(self.dir / "log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(self._up, 60, what="dockerd")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def _up(self):
+        try:
+            return self.http.get(self.base + "/_ping", timeout=1).ok
+        except requests.RequestException:
+            return False
+
+    def call(self, method, path, **kwargs):
+        reply = self.http.request(method, self.base + path, timeout=30, **kwargs)
+        assert reply.ok, f"{method} {path}: {reply.status_code} {reply.text}"
+        return reply.json() if reply.content else None
+
+    def get(self, path, **kwargs):
+        return self.call("GET", path, **kwargs)
+
+    def post(self, path, **kwargs):
+        return self.call("POST", path, **kwargs)
+
+    def create_service(self, name, image, labels=None, registry=None, replicas=1,
+                       update_config=None):
+        spec = {"Name": name, "Labels": labels or {},
+                "TaskTemplate": {
+                    "ContainerSpec": {"Image": image, "Init": True, "StopGracePeriod": 1_000_000_000,
+                                      "Env": ["GREETING=hello"], "Mounts": [{"Type": "tmpfs", "Target": "/cache"}]},
+                    "RestartPolicy": {"Condition": "any", "Delay": 1_000_000_000}},
+                "Mode": {"Replicated": {"Replicas": replicas}},
+                "UpdateConfig": {"Parallelism": 2, "Order": "stop-first", **(update_config or {})}}
+        headers = {}
+        if registry:
+            headers["X-Registry-Auth"] = ed.registry_auth_header("AWS", registry.password, registry.host)
+        return self.post("/services/create", json=spec, headers=headers)["ID"]
+
+    def service(self, service_id):
+        return self.get(f"/services/{service_id}")
+
+    def scale(self, service_id, replicas):
+        """As `docker service scale` does: the spec re-posted with no registry auth."""
+        service = self.service(service_id)
+        spec = service["Spec"]
+        spec["Mode"]["Replicated"]["Replicas"] = replicas
+        self.post(f"/services/{service_id}/update", params={"version": service["Version"]["Index"]}, json=spec)
+
+    def tasks(self, service_id):
+        return self.get("/tasks", params={"filters": json.dumps({"service": [service_id]})})
+
+    def running_images(self, service_id) -> list[str]:
+        return sorted(t["Spec"]["ContainerSpec"]["Image"] for t in self.tasks(service_id)
+                      if t["DesiredState"] == "running" and t["Status"]["State"] == "running")
+
+    def wait_running(self, service_id, image, replicas=1, timeout=90):
+        wait_for(lambda: self.running_images(service_id) == [image] * replicas, timeout,
+                 what=lambda: f"{replicas} task(s) of {service_id} running {image}; tasks: {self.task_states(service_id)}")
+
+    def task_states(self, service_id):
+        return [(t["Spec"]["ContainerSpec"]["Image"][-8:], t["DesiredState"], t["Status"]["State"], t["Status"].get("Err"))
+                for t in self.tasks(service_id)]
+
+    def remove_all_services(self):
+        for svc in self.get("/services"):
+            self.call("DELETE", f"/services/{svc['ID']}")
