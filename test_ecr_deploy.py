@@ -1,7 +1,7 @@
-"""Tests for ecr_deploy.py.
+"""Tests for ecr_deploy.py: `python3 -m rig test` (README, Quick start) runs them all.
 
 Pure parts (parsing, matching, spec rewriting) are table-driven. Every behaviour claim is
-proven against a real rig that the tests start themselves, once per session:
+proven against the real rig of rig/, which the tests start themselves, once per session:
   - moto_server: SQS and ECR over HTTP, reached by boto3 through AWS_ENDPOINT_URL;
   - a private dockerd in swarm mode (own data root and socket);
   - two TLS docker-registry servers posing as ECR hosts of two accounts in two regions,
@@ -414,7 +414,7 @@ def swarm(workdir, registries):
         rig_unavailable("/bin/busybox is missing (apt-get install busybox-static)")
     rig = Swarm(workdir)
     yield rig
-    rig.stop()
+    rig.close()
 
 
 @pytest.fixture
@@ -1548,6 +1548,8 @@ def test_quick_start_demo_rolls_a_service_and_leaves_nothing_behind():
     if os.geteuid() != 0 or not shutil.which("dockerd") or not shutil.which("docker-registry"):
         rig_unavailable("the demo needs root, dockerd and docker-registry")
     from rig import demo as demo_module
+    from rig.swarm import GWBRIDGE
+    gwbridge_before = GWBRIDGE.exists()
     argv = quick_start_blocks()[0].split()
     argv[0] = sys.executable  # the README's python3: this venv's, so the demo needs no bootstrap
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DEPLOYER_", "DOCKER_"))}
@@ -1577,3 +1579,4 @@ def test_quick_start_demo_rolls_a_service_and_leaves_nothing_behind():
     assert not demo_module.STATE.exists()
     leftovers = subprocess.run(["pgrep", "-f", "ecrd-demo-"], capture_output=True, text=True).stdout
     assert leftovers == "" and not list(pathlib.Path("/tmp").glob("ecrd-demo-*"))
+    assert GWBRIDGE.exists() == gwbridge_before

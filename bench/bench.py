@@ -393,7 +393,7 @@ def main() -> int:
                          SHORT if args.short else FULL)
     finally:
         if swarm:
-            swarm.stop()
+            swarm.close()
         if aws:
             aws.stop()
         shutil.rmtree(workdir, ignore_errors=True)

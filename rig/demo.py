@@ -65,7 +65,7 @@ def main() -> int:
         registries = cleanup.enter_context(serving_registries(workdir, [REGISTRY], instance="demo"))
         say("Starting a private dockerd in swarm mode (its own socket and data; your Docker is not touched)")
         swarm = Swarm(workdir, instance="demo")
-        cleanup.callback(swarm.stop)
+        cleanup.callback(swarm.close)
         cleanup.callback(swarm.remove_all_services)  # first: tasks stop before dockerd does
         images = Images(aws, registries)
         images.new_repository(account=REGISTRY.account, name=REPOSITORY)

@@ -13,6 +13,8 @@ import requests_unixsocket
 import ecr_deploy as ed
 from rig.common import free_port, wait_for
 
+GWBRIDGE = pathlib.Path("/sys/class/net/docker_gwbridge")
+
 
 class Swarm:
     def __init__(self, workdir: pathlib.Path, instance: str = "tests"):
@@ -24,6 +26,8 @@ class Swarm:
         self.base = "http+unix://" + urllib.parse.quote(self.socket, safe="")
         self.http = requests_unixsocket.Session()
         self.proc = None
+        # Swarm mode makes a docker_gwbridge interface, and it outlives dockerd.
+        self.made_gwbridge = not GWBRIDGE.exists()
         self.start()
         self.post("/swarm/init", json={"ListenAddr": f"127.0.0.1:{free_port()}", "AdvertiseAddr": "127.0.0.1"})
 
@@ -45,6 +49,12 @@ class Swarm:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+    def close(self):
+        """Stop dockerd for good and remove what it left on the host."""
+        self.stop()
+        if self.made_gwbridge and GWBRIDGE.exists():
+            subprocess.run(["ip", "link", "delete", "docker_gwbridge"], check=False)
 
     def _up(self):
         try:
