@@ -58,6 +58,11 @@ def apt_install(packages: list[str]) -> None:
     sys.exit("[rig] apt-get failed three times; see its output above")
 
 
+def run_or_exit(command: list[str], what: str) -> None:
+    if subprocess.run(command).returncode != 0:
+        sys.exit(f"[rig] {what} failed; see its output above")
+
+
 def requirements_stamp() -> str:
     return hashlib.sha256(b"".join(path.read_bytes() for path in REQUIREMENTS)).hexdigest()
 
@@ -73,12 +78,12 @@ def enter_venv() -> None:
     stamp = VENV / ".rig-requirements"
     if not python.exists():
         say(f"Creating a virtual environment in {VENV}")
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        run_or_exit([sys.executable, "-m", "venv", str(VENV)], "creating the venv")
     if not stamp.exists() or stamp.read_text() != requirements_stamp():
         say("Installing Python packages into it: " + ", ".join(
             line.strip() for line in REQUIREMENTS[1].read_text().splitlines() if line[:1].isalpha()))
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                        "-r", str(REQUIREMENTS[1])], check=True)
+        run_or_exit([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                     "-r", str(REQUIREMENTS[1])], "pip install")
         stamp.write_text(requirements_stamp())
     env = {**os.environ, "PATH": f"{VENV / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}",
            "VIRTUAL_ENV": str(VENV)}
