@@ -17,7 +17,7 @@ GWBRIDGE = pathlib.Path("/sys/class/net/docker_gwbridge")
 
 
 class Swarm:
-    def __init__(self, workdir: pathlib.Path, instance: str = "tests"):
+    def __init__(self, workdir: pathlib.Path, instance: str = "tests", start: bool = True):
         self.instance = instance
         self.dir = workdir / "docker"
         self.dir.mkdir()
@@ -28,19 +28,22 @@ class Swarm:
         self.proc = None
         # Swarm mode makes a docker_gwbridge interface, and it outlives dockerd.
         self.made_gwbridge = not GWBRIDGE.exists()
-        self.start()
-        self.post("/swarm/init", json={"ListenAddr": f"127.0.0.1:{free_port()}", "AdvertiseAddr": "127.0.0.1"})
+        if start:  # (a cluster's node is started, and joined, by its Cluster)
+            self.start()
+            self.post("/swarm/init", json={"ListenAddr": f"127.0.0.1:{free_port()}", "AdvertiseAddr": "127.0.0.1"})
+
+    def dockerd_command(self) -> list[str]:
+        return ["dockerd", "--data-root", str(self.dir / "data"), "--exec-root", str(self.dir / "x"),
+                "--pidfile", str(self.dir / "pid"), "-H", self.docker_host,
+                "--iptables=false", "--ip-masq=false", "--bridge=none",
+                # Where the machine runs containerd already (its own Docker), keep out of Docker's namespace.
+                "--containerd-namespace", f"ecrd-{self.instance}",
+                "--containerd-plugins-namespace", f"ecrd-{self.instance}-plugins"]
 
     def start(self):
-        self.proc = subprocess.Popen(
-            ["dockerd", "--data-root", str(self.dir / "data"), "--exec-root", str(self.dir / "x"),
-             "--pidfile", str(self.dir / "pid"), "-H", self.docker_host,
-             "--iptables=false", "--ip-masq=false", "--bridge=none",
-             # Where the machine runs containerd already (its own Docker), keep out of Docker's namespace.
-             "--containerd-namespace", f"ecrd-{self.instance}",
-             "--containerd-plugins-namespace", f"ecrd-{self.instance}-plugins"],
-            stdout=open(self.dir / "log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(self._up, 60, what="dockerd")
+        self.proc = subprocess.Popen(self.dockerd_command(), stdout=open(self.dir / "log", "ab"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(self._up, 60, what=f"dockerd {self.instance}")
 
     def stop(self):
         self.proc.terminate()
@@ -74,13 +77,14 @@ class Swarm:
         return self.call("POST", path, **kwargs)
 
     def create_service(self, name, image, labels=None, registry=None, replicas=1,
-                       update_config=None):
+                       update_config=None, mode=None, placement=None):
         spec = {"Name": name, "Labels": labels or {},
                 "TaskTemplate": {
                     "ContainerSpec": {"Image": image, "Init": True, "StopGracePeriod": 1_000_000_000,
                                       "Env": ["GREETING=hello"], "Mounts": [{"Type": "tmpfs", "Target": "/cache"}]},
-                    "RestartPolicy": {"Condition": "any", "Delay": 1_000_000_000}},
-                "Mode": {"Replicated": {"Replicas": replicas}},
+                    "RestartPolicy": {"Condition": "any", "Delay": 1_000_000_000},
+                    "Placement": placement or {}},
+                "Mode": mode or {"Replicated": {"Replicas": replicas}},
                 "UpdateConfig": {"Parallelism": 2, "Order": "stop-first", **(update_config or {})}}
         headers = {}
         if registry:
