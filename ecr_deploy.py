@@ -598,6 +598,9 @@ class Ecr:
 
 NEWEST_KNOWN_API = (1, 47)
 DOCKER_TIMEOUT = 30
+# A swarm manager holds API calls while the swarm has no leader (an election takes 10-20 s):
+# say so while it happens, rather than sit silent until the answer or the timeout.
+SLOW_DOCKER_CALL = 5.0
 ERRNO_TEXT = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
 
 
@@ -610,6 +613,23 @@ class DockerError(Exception):
     def out_of_sequence(self) -> bool:
         # dockerd 20.10 answers 500 "update out of sequence"; newer ones 409.
         return self.status == 409 or "out of sequence" in str(self).lower()
+
+
+@contextmanager
+def warning_if_slow(call: str):
+    """Log a warning if a Docker call takes longer than SLOW_DOCKER_CALL, and how long it took."""
+    started = time.monotonic()
+    timer = threading.Timer(SLOW_DOCKER_CALL, log.warning, args=(
+        "Docker has not answered %s for %.0fs; still waiting (a swarm manager holds calls while the "
+        "swarm elects a leader)", call, SLOW_DOCKER_CALL))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+    if time.monotonic() - started >= SLOW_DOCKER_CALL:  # (a failed call's error is logged by its caller)
+        log.info("Docker answered %s after %.1fs", call, time.monotonic() - started)
 
 
 class Docker:
@@ -646,7 +666,8 @@ class Docker:
     def api(self, method: str, path: str, **kwargs) -> object:
         if self._prefix is None:
             self.negotiate()
-        return self._request(method, self._prefix + path, **kwargs)
+        with warning_if_slow(f"{method} {path}"):
+            return self._request(method, self._prefix + path, **kwargs)
 
     def negotiate(self) -> str:
         """Pick the API version once: the daemon's, capped at the newest this code knows."""
