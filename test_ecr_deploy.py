@@ -1580,3 +1580,83 @@ def test_quick_start_demo_rolls_a_service_and_leaves_nothing_behind():
     leftovers = subprocess.run(["pgrep", "-f", "ecrd-demo-"], capture_output=True, text=True).stdout
     assert leftovers == "" and not list(pathlib.Path("/tmp").glob("ecrd-demo-*"))
     assert GWBRIDGE.exists() == gwbridge_before
+
+
+# =========================================================================== high availability: a real multi-node swarm
+# Three managers and a worker, each a real dockerd in its own network namespace (rig/cluster.py),
+# started once for these tests. Deployers run in the root namespace against one manager's
+# socket, as the unit on that manager would.
+
+from rig import cluster as cluster_rig  # noqa: E402
+
+SPREAD = {"Global": {}}  # one task on every node, the worker included
+QUICK_UPDATE = {"Parallelism": 0, "Monitor": 1_000_000_000}  # all tasks at once, watched for 1 s
+
+
+@pytest.fixture(scope="module")
+def cluster(workdir, registries):
+    for tool in ("ip", "iptables", "unshare"):
+        if not shutil.which(tool):
+            rig_unavailable(f"{tool} is not installed (apt-get install iproute2 iptables util-linux)")
+    started = time.monotonic()
+    rig = cluster_rig.Cluster(workdir, registries)
+    print(f"\n[cluster] {len(rig.managers)} managers + {len(rig.workers)} worker up in "
+          f"{time.monotonic() - started:.1f}s", file=sys.__stderr__)
+    yield rig
+    rig.close()
+
+
+@pytest.fixture
+def clean_cluster(cluster):
+    yield cluster
+    for node in cluster.nodes:  # a test that killed a node restarts it; if it failed first, do it here
+        if node.proc.poll() is not None:
+            cluster.restart(node)
+    cluster.remove_all_services()
+
+
+def spoil_registry_auth(node, sid, registry):
+    """Re-post the unchanged spec with a wrong password: nothing restarts, but from now on Swarm
+    hands the nodes credentials that cannot pull, unless a later update brings good ones."""
+    service = node.service(sid)
+    bad = ed.registry_auth_header("AWS", "not-the-token", registry.host)
+    node.post(f"/services/{sid}/update", params={"version": service["Version"]["Index"]}, json=service["Spec"],
+              headers={"X-Registry-Auth": bad})
+
+
+def tasks_by_node(node, sid) -> dict[str, str]:
+    """Node id -> the image its running task runs (as the managers see it)."""
+    return {t["NodeID"]: t["Spec"]["ContainerSpec"]["Image"] for t in node.tasks(sid)
+            if t["DesiredState"] == "running" and t["Status"]["State"] == "running"}
+
+
+def runs_everywhere(cluster, node, sid, image) -> bool:
+    return tasks_by_node(node, sid) == {n.node_id: image for n in cluster.nodes}
+
+
+def test_a_non_leader_manager_updates_tasks_on_every_node_with_forwarded_auth(aws, images, clean_cluster, capsys):
+    cluster, registry = clean_cluster, REGISTRIES[0]
+    follower = cluster.followers()[0]
+    repo = images.new_repository()
+    v1, v2 = images.push(repo, "latest", "v1"), images.push(repo, "latest", "v2")
+    old, new = f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{v2}"
+    sid = follower.create_service("spread", old, registry=registry, mode=SPREAD, update_config=QUICK_UPDATE)
+    wait_for(lambda: runs_everywhere(cluster, follower, sid, old), 60,
+             what=lambda: f"v1 on every node: {follower.task_states(sid)}")
+    spoil_registry_auth(follower, sid, registry)  # only the deployer's own auth can pull v2 now
+
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    sent = time.monotonic()
+    run = run_once(deployer_env(aws, follower), "--queue", queue, "--wait")
+    elapsed = time.monotonic() - sent
+    assert run.returncode == 0, run.stderr
+    assert f"Rollout of spread ({sid[:12]}) to {new} completed after" in run.stderr
+    assert service_image_of(follower, sid) == (new, 1)
+    assert runs_everywhere(cluster, follower, sid, new), follower.task_states(sid)
+    for node in cluster.nodes:  # each node's own dockerd pulled v2 and runs it
+        assert node.containers_running() == [new], node.hostname
+    assert aws.queue_depth(queue) == 0
+    with capsys.disabled():
+        print(f"\n[cluster] update via a non-leader manager, on all {len(cluster.nodes)} nodes: {elapsed:.1f}s "
+              "(one --once --wait run, from the event sent to the rollout completed)")
