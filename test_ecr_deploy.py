@@ -1660,3 +1660,62 @@ def test_a_non_leader_manager_updates_tasks_on_every_node_with_forwarded_auth(aw
     with capsys.disabled():
         print(f"\n[cluster] update via a non-leader manager, on all {len(cluster.nodes)} nodes: {elapsed:.1f}s "
               "(one --once --wait run, from the event sent to the rollout completed)")
+
+
+def answer_or_none(call):
+    """A manager's answer, or None while it cannot give one (no leader, or it is down)."""
+    try:
+        return call()
+    except (AssertionError, requests.RequestException):
+        return None
+
+
+def test_leader_killed_as_a_push_arrives_updates_once_after_the_election(aws, images, clean_cluster, capsys):
+    cluster, registry = clean_cluster, REGISTRIES[0]
+    leader = cluster.leader()
+    follower = cluster.followers()[0]
+    repo = images.new_repository()
+    v1, v2 = images.push(repo, "latest", "v1"), images.push(repo, "latest", "v2")
+    old, new = f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{v2}"
+    sid = follower.create_service("survivor", old, registry=registry, mode=SPREAD, update_config=QUICK_UPDATE)
+    wait_for(lambda: runs_everywhere(cluster, follower, sid, old), 60,
+             what=lambda: f"v1 on every node: {follower.task_states(sid)}")
+    queue = aws.new_queue()
+    # (The auth keeper's pass at start is left out: the call caught by the election is the push's.)
+    running = Running(deployer_env(aws, follower), "--queue", queue, "--auth-refresh", "0")
+    try:
+        running.wait_line("watching")
+        leader.kill()  # SIGKILL, as a crash or the OOM killer would
+        aws.send(queue, event(repository=repo, digest=v2))
+        killed = time.monotonic()
+
+        def updated() -> bool:
+            depth = aws.queue_depth(queue)  # read before the spec: a delete after this cannot hide
+            spec = answer_or_none(lambda: service_image_of(follower, sid))
+            assert depth == 1 or spec == (new, 1), f"message deleted before the update: {spec}"
+            return spec == (new, 1)
+
+        wait_for(updated, 90, interval=0.5, what=lambda: f"the update after the election:\n{running.log}")
+        spec_updated = time.monotonic() - killed
+        wait_for(lambda: aws.queue_depth(queue) == 0, 30, what="the message to be deleted after the update")
+        cluster.restart(leader)  # systemd's Restart=always; its task can only be replaced once it is back
+        running.wait_line(f"Rollout of survivor ({sid[:12]}) to {new} ", timeout=120)
+        converged = time.monotonic() - killed
+        assert running.proc.poll() is None  # rode it out
+        assert running.stop() == 0
+    finally:
+        running.kill()
+    log = running.log
+    # While there was no leader, the log said why nothing happened, then how long it took.
+    assert "Docker has not answered GET /services for 5s; still waiting" in log, log
+    assert (log.index("Docker has not answered GET /services") < log.index("Docker answered GET /services after")
+            < log.index("Updated service survivor")), log
+    assert len(updated_lines(log)) == 1 and service_image_of(follower, sid) == (new, 1)  # exactly once
+    assert "Traceback" not in log
+    # The rollout is reported as Swarm ended it, and it really ended so: v2 on every node.
+    state = follower.service(sid)["UpdateStatus"]["State"]
+    assert state == "completed" and f"Rollout of survivor ({sid[:12]}) to {new} completed after" in log
+    assert runs_everywhere(cluster, follower, sid, new), follower.task_states(sid)
+    with capsys.disabled():
+        print(f"\n[cluster] leader SIGKILLed with a push in flight: spec updated after {spec_updated:.1f}s, "
+              f"rollout {state} on every node after {converged:.1f}s (its dockerd restarted once the spec was updated)")
