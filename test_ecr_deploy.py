@@ -1719,3 +1719,80 @@ def test_leader_killed_as_a_push_arrives_updates_once_after_the_election(aws, im
     with capsys.disabled():
         print(f"\n[cluster] leader SIGKILLed with a push in flight: spec updated after {spec_updated:.1f}s, "
               f"rollout {state} on every node after {converged:.1f}s (its dockerd restarted once the spec was updated)")
+
+
+def test_two_deployers_on_two_managers_share_a_queue_and_survive_one_managers_death(aws, images, clean_cluster,
+                                                                                   capsys):
+    cluster, registry = clean_cluster, REGISTRIES[0]
+    doomed, survivor = cluster.followers()
+    ids, targets = burst(images, survivor, registry, n_images=4, services_per_image=2)
+    queue = aws.new_queue(VisibilityTimeout=5)  # what the doomed deployer held comes back this soon
+
+    def kill_its_manager_at_its_first_update(line: str):
+        if " Updated service " in line and doomed.proc.poll() is None:
+            doomed.kill()
+
+    deployers = [Running(deployer_env(aws, doomed), "--queue", queue, "--auth-refresh", "0",
+                         echo=kill_its_manager_at_its_first_update),
+                 Running(deployer_env(aws, survivor), "--queue", queue, "--auth-refresh", "0")]
+    try:
+        for running in deployers:
+            running.wait_line("watching")
+        aws.send(queue, *[event(repository=repo, digest=digest) for repo, digest in targets.items()] * 3)
+        sent = time.monotonic()
+        wait_for(lambda: all(service_image_of(survivor, sid) == (image, 1) for sid, image in ids)
+                 and aws.queue_depth(queue) == 0, 120, interval=0.5,
+                 what=lambda: "every service updated and the queue empty:\n" + "\n".join(r.log for r in deployers))
+        finished = time.monotonic() - sent
+        assert [r.stop() for r in deployers] == [0, 0]
+    finally:
+        for running in deployers:
+            running.kill()
+        if doomed.proc.poll() is not None:
+            cluster.restart(doomed)
+    logs = [r.log for r in deployers]
+    assert len(updated_lines(logs[0])) >= 1 and "cannot reach Docker" in logs[0], logs[0]  # died mid-burst
+    for sid, image in ids:  # exactly one update per service and digest, whoever made it
+        assert service_image_of(survivor, sid) == (image, 1)
+    named = [re.search(r"Updated service (\S+) ", line)[1] for log in logs for line in updated_lines(log)]
+    assert len(named) == len(set(named)), named  # no service updated by both
+    with capsys.disabled():
+        print(f"\n[cluster] two deployers, {len(targets) * 3} events for {len(ids)} services, one manager killed "
+              f"at its deployer's first update: done in {finished:.1f}s; updates per deployer "
+              f"{[len(updated_lines(log)) for log in logs]}")
+
+
+def test_auth_keeper_on_a_non_leader_manager_lets_a_task_moved_to_the_worker_pull(aws, images, clean_cluster):
+    cluster, registry = clean_cluster, REGISTRIES[0]
+    follower, worker = cluster.followers()[0], cluster.workers[0]
+    on_managers = {"Constraints": ["node.role==manager"]}
+    # Two services running on managers, their stored registry auth spoiled; the keeper refreshes one.
+    started = {}
+    for name, keeper in (("kept", "yes"), ("unkept", "no")):
+        repo = images.new_repository()
+        image = f"{registry.host}/{repo}:latest@{images.push(repo, 'latest', name)}"
+        sid = follower.create_service(name, image, labels={"keeper": keeper}, registry=registry, placement=on_managers)
+        started[name] = (sid, image)
+    for sid, image in started.values():
+        follower.wait_running(sid, image)
+        spoil_registry_auth(follower, sid, registry)
+
+    run = subprocess.run([sys.executable, DEPLOYER, "--refresh-auth", "--filter-label", "keeper=yes"],
+                         env=deployer_env(aws, follower), capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "Refreshed registry auth of 1 service(s)" in run.stderr
+
+    # Both move to the worker, which has never pulled either image: as `docker service update
+    # --constraint-add` does, without registry auth, so Swarm hands the worker what it stored.
+    for sid, _ in started.values():
+        service = follower.service(sid)
+        spec = service["Spec"]
+        spec["TaskTemplate"]["Placement"] = {"Constraints": ["node.role==worker"]}
+        follower.post(f"/services/{sid}/update", params={"version": service["Version"]["Index"]}, json=spec)
+    kept, unkept = started["kept"], started["unkept"]
+    wait_for(lambda: tasks_by_node(follower, kept[0]) == {worker.node_id: kept[1]}, 60,
+             what=lambda: f"the kept service on the worker: {follower.task_states(kept[0])}")
+    assert worker.containers_running() == [kept[1]]  # the worker pulled it with the keeper's token
+    wait_for(lambda: any("No such image" in (t["Status"].get("Err") or "") for t in follower.tasks(unkept[0])), 60,
+             what=lambda: f"the unkept service to fail pulling on the worker: {follower.task_states(unkept[0])}")
+    assert tasks_by_node(follower, unkept[0]) == {}
