@@ -1634,15 +1634,23 @@ def runs_everywhere(cluster, node, sid, image) -> bool:
     return tasks_by_node(node, sid) == {n.node_id: image for n in cluster.nodes}
 
 
-def test_a_non_leader_manager_updates_tasks_on_every_node_with_forwarded_auth(aws, images, clean_cluster, capsys):
-    cluster, registry = clean_cluster, REGISTRIES[0]
-    follower = cluster.followers()[0]
+def spread_service(images, cluster, node, name):
+    """A service with a task on every node running v1, and ECR's :latest now at v2.
+    Returns (service id, v1 image, v2 image, repository, v2 digest)."""
+    registry = REGISTRIES[0]
     repo = images.new_repository()
     v1, v2 = images.push(repo, "latest", "v1"), images.push(repo, "latest", "v2")
     old, new = f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{v2}"
-    sid = follower.create_service("spread", old, registry=registry, mode=SPREAD, update_config=QUICK_UPDATE)
-    wait_for(lambda: runs_everywhere(cluster, follower, sid, old), 60,
-             what=lambda: f"v1 on every node: {follower.task_states(sid)}")
+    sid = node.create_service(name, old, registry=registry, mode=SPREAD, update_config=QUICK_UPDATE)
+    wait_for(lambda: runs_everywhere(cluster, node, sid, old), 60,
+             what=lambda: f"v1 on every node: {node.task_states(sid)}")
+    return sid, old, new, repo, v2
+
+
+def test_a_non_leader_manager_updates_tasks_on_every_node_with_forwarded_auth(aws, images, clean_cluster, capsys):
+    cluster, registry = clean_cluster, REGISTRIES[0]
+    follower = cluster.followers()[0]
+    sid, old, new, repo, v2 = spread_service(images, cluster, follower, "spread")
     spoil_registry_auth(follower, sid, registry)  # only the deployer's own auth can pull v2 now
 
     queue = aws.new_queue()
@@ -1671,15 +1679,10 @@ def answer_or_none(call):
 
 
 def test_leader_killed_as_a_push_arrives_updates_once_after_the_election(aws, images, clean_cluster, capsys):
-    cluster, registry = clean_cluster, REGISTRIES[0]
+    cluster = clean_cluster
     leader = cluster.leader()
     follower = cluster.followers()[0]
-    repo = images.new_repository()
-    v1, v2 = images.push(repo, "latest", "v1"), images.push(repo, "latest", "v2")
-    old, new = f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{v2}"
-    sid = follower.create_service("survivor", old, registry=registry, mode=SPREAD, update_config=QUICK_UPDATE)
-    wait_for(lambda: runs_everywhere(cluster, follower, sid, old), 60,
-             what=lambda: f"v1 on every node: {follower.task_states(sid)}")
+    sid, old, new, repo, v2 = spread_service(images, cluster, follower, "survivor")
     queue = aws.new_queue()
     # (The auth keeper's pass at start is left out: the call caught by the election is the push's.)
     running = Running(deployer_env(aws, follower), "--queue", queue, "--auth-refresh", "0")
