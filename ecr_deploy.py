@@ -298,6 +298,7 @@ _DOMAIN = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[a-fA-F0-9:]+\])
 REFERENCE = re.compile(rf"({_DOMAIN})/({_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)(?::([\w][\w.-]{{0,127}}))?"
                        r"(?:@([A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}))?", re.ASCII)
 HEX_IDENTIFIER = re.compile(r"[a-f0-9]{64}")  # an image ID, never a repository name
+DIGEST_GRAMMAR = re.compile(r"sha256:[a-f0-9]{64}|sha384:[a-f0-9]{96}|sha512:[a-f0-9]{128}")  # go-digest's
 MAX_NAME_LENGTH = 255
 DOCKER_HUB = "docker.io"
 
@@ -325,6 +326,8 @@ def parse_image_ref(ref: object) -> ImageRef | None:
     if not match or len(match[1]) + 1 + len(match[2]) > MAX_NAME_LENGTH:
         return None
     _, repository, tag, digest = match.groups()
+    if digest and not DIGEST_GRAMMAR.fullmatch(digest):  # the grammar admits any algorithm; Docker checks it
+        return None
     suffix = len(f":{tag}" if tag else "") + len(f"@{digest}" if digest else "")
     return ImageRef(ref[:len(ref) - suffix], host.lower(), repository,
                     tag or (None if digest else "latest"), digest)
