@@ -1364,15 +1364,16 @@ FAST_MONITOR = {"Monitor": 2_000_000_000}
 BROKEN_CMD = ["/bin/busybox", "false"]
 
 
-def failing_rollout(aws, images, swarm, name):
-    """A running service at v1, and ECR's :latest now at v2 whose command exits 1."""
+def failing_rollout(aws, images, swarm, name, with_auth=True):
+    """A service at v1 (running, if created `with_auth`), and ECR's :latest now at v2 whose command exits 1."""
     registry = REGISTRIES[0]
     repo = images.new_repository()
     v1 = images.push(repo, "latest", "v1")
     v2 = images.push(repo, "latest", "v2-broken", cmd=BROKEN_CMD)
-    sid = swarm.create_service(name, f"{registry.host}/{repo}:latest@{v1}", registry=registry,
+    sid = swarm.create_service(name, f"{registry.host}/{repo}:latest@{v1}", registry=registry if with_auth else None,
                                update_config=FAST_MONITOR)
-    swarm.wait_running(sid, f"{registry.host}/{repo}:latest@{v1}")
+    if with_auth:
+        swarm.wait_running(sid, f"{registry.host}/{repo}:latest@{v1}")
     queue = aws.new_queue()
     aws.send(queue, event(repository=repo, digest=v2))
     return sid, queue, f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{v2}"
@@ -1400,17 +1401,30 @@ def test_failed_rollout_is_reported_paused_and_wait_exits_1(aws, images, clean_s
     assert samples[("ecr_deploy_rollouts_total", "completed")] == 0
 
 
+def run_skewed(skew: str, env: dict, *args: str) -> subprocess.CompletedProcess:
+    """The deployer in --once mode with its clock off by `skew` (faketime; dockerd keeps the true time)."""
+    if not shutil.which("faketime"):
+        rig_unavailable("faketime is not installed (apt-get install faketime)")
+    return subprocess.run(["faketime", "-f", skew, sys.executable, DEPLOYER, "--once", *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
 def test_rollback_on_failure_returns_the_service_to_its_previous_image(aws, images, clean_swarm, webhook):
-    sid, queue, old, new = failing_rollout(aws, images, clean_swarm, "rollme")
-    run = run_once(deployer_env(aws, clean_swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1"), "--queue", queue, "--wait",
-                   "--notify-url", webhook.url)
+    # v1 was created without registry auth, as if its auth had long expired: only a rollback that
+    # forwards a fresh token lets the node pull it (Swarm's rollback=previous would reuse the old auth).
+    # The deployer's clock is 5 s ahead of the leader's: rollouts are matched by spec, not by time.
+    sid, queue, old, new = failing_rollout(aws, images, clean_swarm, "rollme", with_auth=False)
+    run = run_skewed("+5s", deployer_env(aws, clean_swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1"), "--queue", queue,
+                     "--wait", "--notify-url", webhook.url)
     assert run.returncode == 1, run.stderr
     assert f"Rollout of rollme ({sid[:12]}) to {new} paused after" in run.stderr
+    assert f"Rolling back service rollme ({sid[:12]}) to its previous spec ({old})" in run.stderr
     assert f"Rollback of rollme ({sid[:12]}) to {old} completed after" in run.stderr
     service = clean_swarm.service(sid)
     assert service["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == old
-    assert service["UpdateStatus"]["State"] == "rollback_completed"
-    clean_swarm.wait_running(sid, old)
+    assert service["Spec"]["TaskTemplate"]["ForceUpdate"] == 2  # ours was 1: the rollback is a new spec
+    assert service["PreviousSpec"]["TaskTemplate"]["ContainerSpec"]["Image"] == new
+    clean_swarm.wait_running(sid, old)  # pulled with the fresh token
     assert [d["outcome"] for d in webhook.received] == ["paused", "rollback_completed"]
 
 
