@@ -1134,6 +1134,7 @@ class AuthKeeper:
         directory = (state_directory or "").split(":")[0]
         self.state_path = os.path.join(directory, KEEPER_STATE_FILE) if directory else None
         self.state = self.load()
+        self.announced = False
 
     def load(self) -> dict:
         if not self.state_path:
@@ -1159,7 +1160,13 @@ class AuthKeeper:
         """Loop mode, each turn: the pass the schedule owes, if any."""
         if not self.interval:
             return
-        due = keeper_due(self.state, time.time(), self.interval, self.retry_after)
+        now = time.time()
+        due = keeper_due(self.state, now, self.interval, self.retry_after)
+        passed_at = self.state.get("passed_at")
+        if not due and not self.announced and passed_at is not None:  # say once why a restart re-posts nothing
+            log.info("Registry auth was refreshed %.0fs ago (%s); the next pass is due in %.0fs",
+                     now - passed_at, self.state_path, passed_at + self.interval - now)
+        self.announced = True
         if due:
             self.run_pass(only=set(self.state.get("retry", [])) if due == "retry" else None)
 

@@ -1513,6 +1513,209 @@ def test_loop_mode_follows_rollouts_and_refreshes_auth_periodically(aws, images,
     assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v2}", 1)  # refreshes force nothing
 
 
+# ---- what the operator meant: which tag a service follows, Swarm jobs, the keeper's side effects, whose rollout
+
+def docker_cli(swarm, config_dir, *args, stdin=None):
+    """The real docker CLI against the rig's dockerd, with a throwaway DOCKER_CONFIG."""
+    if not shutil.which("docker"):
+        rig_unavailable("the docker CLI is not installed (apt-get install docker.io)")
+    env = {**os.environ, "DOCKER_HOST": swarm.docker_host, "DOCKER_CONFIG": str(config_dir)}
+    run = subprocess.run(["docker", *args], env=env, input=stdin, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, f"docker {' '.join(args)}: {run.stderr}"
+    return run.stdout
+
+
+def test_stack_services_follow_their_spec_tag_and_digest_pinned_ones_stay(aws, images, clean_swarm, tmp_path):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1, h1 = images.push(repo, "latest", "v1"), images.push(repo, "hotfix", "h1")
+    name = f"{registry.host}/{repo}"
+    compose = tmp_path / "stack.yml"
+    compose.write_text(json.dumps({"version": "3.8", "services": {  # JSON is YAML
+        "web": {"image": f"{name}:latest", "deploy": {"replicas": 0}},
+        "pinned": {"image": f"{name}@{v1}", "deploy": {"replicas": 0}}}}))
+    docker_cli(swarm, tmp_path, "login", "-u", "AWS", "--password-stdin", registry.host, stdin=registry.password)
+    docker_cli(swarm, tmp_path, "stack", "deploy", "--with-registry-auth", "-c", str(compose), "stk")
+    ids = {s["Spec"]["Name"]: s["ID"] for s in swarm.get("/services")}
+    web, pinned = ids["stk_web"], ids["stk_pinned"]
+    assert swarm.service(pinned)["Spec"]["Labels"][ed.STACK_IMAGE_LABEL] == f"{name}@{v1}"  # compose's digest
+    # An operator's hotfix: the spec moves to :hotfix, the stack label still says :latest.
+    docker_cli(swarm, tmp_path, "service", "update", "--detach", "--with-registry-auth", "--image",
+               f"{name}:hotfix", "stk_web")
+    assert service_image_of(swarm, web)[0] == f"{name}:hotfix@{h1}"
+    assert swarm.service(web)["Spec"]["Labels"][ed.STACK_IMAGE_LABEL] == f"{name}:latest"
+    versions = {sid: swarm.service(sid)["Version"]["Index"] for sid in (web, pinned)}
+
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, tag="latest", digest=images.push(repo, "latest", "v2")))
+    run = run_once(deployer_env(aws, swarm), "--queue", queue)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.count(f"Service stk_pinned ({pinned[:12]}) is pinned to {v1}; not following :latest") == 1
+    assert updated_lines(run.stderr) == []  # neither the hotfix is undone nor the pinned service moved
+    assert {sid: swarm.service(sid)["Version"]["Index"] for sid in (web, pinned)} == versions
+
+    h2 = images.push(repo, "hotfix", "h2")
+    aws.send(queue, event(repository=repo, tag="hotfix", digest=h2))
+    run = run_once(deployer_env(aws, swarm), "--queue", queue)
+    assert run.returncode == 0, run.stderr
+    assert service_image_of(swarm, web)[0] == f"{name}:hotfix@{h2}"  # pushes of the tag it runs reach it
+    assert service_image_of(swarm, pinned)[0] == f"{name}@{v1}"
+    assert aws.queue_depth(queue) == 0
+
+
+JOB = {"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}}
+
+
+def test_jobs_rerun_on_a_push_only_when_labelled_and_the_keeper_never_touches_them(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    j1 = images.push(repo, "latest", "j1", cmd=["/bin/busybox", "true"])
+    jobs = {name: swarm.create_service(name, f"{registry.host}/{repo}:latest@{j1}", registry=registry, mode=JOB,
+                                       labels=labels, RestartPolicy={"Condition": "none"})
+            for name, labels in (("migrate", {}), ("rerun", {ed.RERUN_JOB_LABEL: "true"}))}
+
+    def completed_runs(sid):
+        return sum(t["Status"]["State"] == "complete" for t in swarm.tasks(sid))
+
+    for sid in jobs.values():
+        wait_for(lambda: completed_runs(sid) == 1, 60, what=lambda: f"the job to complete: {swarm.task_states(sid)}")
+    before = {name: swarm.service(sid)["Version"]["Index"] for name, sid in jobs.items()}
+
+    run = subprocess.run([sys.executable, DEPLOYER, "--refresh-auth"], env=deployer_env(aws, swarm),
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "Refreshed registry auth of 0 service(s)" in run.stderr
+    assert {name: swarm.service(sid)["Version"]["Index"] for name, sid in jobs.items()} == before
+
+    j2 = images.push(repo, "latest", "j2", cmd=["/bin/busybox", "true"])
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=j2))
+    run = run_once(deployer_env(aws, swarm), "--queue", queue)
+    assert run.returncode == 0, run.stderr
+    migrate, rerun = jobs["migrate"], jobs["rerun"]
+    assert f"Service migrate ({migrate[:12]}) is a Swarm job, which an update would run again; skipped" in run.stderr
+    assert swarm.service(migrate)["Version"]["Index"] == before["migrate"]
+    assert f"Updated service rerun ({rerun[:12]}) to {registry.host}/{repo}:latest@{j2}" in run.stderr
+    wait_for(lambda: completed_runs(rerun) == 2, 60, what=lambda: f"the job to run again: {swarm.task_states(rerun)}")
+    time.sleep(1)
+    assert completed_runs(migrate) == 1 and len(swarm.tasks(migrate)) == 1  # never re-run
+    assert aws.queue_depth(queue) == 0  # the skipped job's message is done too
+
+
+def test_keeper_skips_starting_tasks_retries_only_failures_and_keeps_its_schedule_across_restarts(
+        aws, images, clean_swarm, workdir, tmp_path):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    image = f"{registry.host}/{repo}:latest@{images.push(repo, 'latest', 'k1')}"
+    ids = {name: swarm.create_service(name, image, registry=registry, replicas=0) for name in ("good", "bad")}
+    # A task no node can take stays pending: a re-post would replace it, a real rolling update.
+    ids["waiting"] = swarm.create_service("waiting", image, registry=registry,
+                                          Placement={"Constraints": ["node.labels.nowhere==true"]})
+    wait_for(lambda: [t["Status"]["State"] for t in swarm.tasks(ids["waiting"])] == ["pending"], 30,
+             what=lambda: f"a pending task: {swarm.task_states(ids['waiting'])}")
+
+    def versions():
+        return {name: swarm.service(sid)["Version"]["Index"] for name, sid in ids.items()}
+
+    state_file = tmp_path / "auth-keeper.json"
+    env = deployer_env(aws, swarm, STATE_DIRECTORY=str(tmp_path))
+    start = versions()
+    proxy = FaultProxy(swarm.base, unix_path=str(workdir / f"docker-proxy-{uuid.uuid4().hex[:6]}.sock"))
+    proxy.rule = lambda key: 500 if key.startswith("POST") and f"/services/{ids['bad']}/update" in key else None
+    try:
+        run = subprocess.run([sys.executable, DEPLOYER, "--refresh-auth"], env={**env, "DOCKER_HOST": proxy.url},
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        proxy.close()
+    assert run.returncode == 1, run.stderr
+    assert "Refreshed registry auth of 1 service(s); 1 skipped; 1 failed" in run.stderr
+    assert f"Service waiting ({ids['waiting'][:12]}) has tasks not yet started" in run.stderr
+    first = versions()
+    assert (first["good"] > start["good"], first["bad"], first["waiting"]) == (True, start["bad"], start["waiting"])
+    assert json.loads(state_file.read_text())["retry"] == [ids["bad"]]
+
+    # Five minutes later (the state file says so), a restarted loop retries only the service that failed.
+    state = json.loads(state_file.read_text())
+    state["attempt_at"] -= ed.AUTH_REFRESH_RETRY + 1
+    state_file.write_text(json.dumps(state))
+    queue = aws.new_queue()
+    running = Running(env, "--queue", queue, "--auth-refresh", "1h")
+    try:
+        running.wait_line("Refreshed registry auth of 1 service(s) (retrying those that failed)")
+        assert running.stop() == 0
+    finally:
+        running.kill()
+    second = versions()
+    assert (second["good"], second["bad"] > first["bad"], second["waiting"]) == (first["good"], True, first["waiting"])
+    assert json.loads(state_file.read_text())["retry"] == []
+
+    # A crash-looping unit: every start within the interval re-posts nothing.
+    running = Running(env, "--queue", queue, "--auth-refresh", "1h")
+    try:
+        running.wait_line("Registry auth was refreshed")
+        running.wait_line("watching")
+        assert running.stop() == 0
+    finally:
+        running.kill()
+    assert "Refreshed registry auth" not in running.log
+    assert versions() == second
+
+
+SLOW_MONITOR = {"Monitor": 30_000_000_000}  # an update stays "updating" this long after its tasks start
+
+
+def slow_rollout(images, swarm, name, update_config):
+    """A running service at v1 whose update to v2 takes 30 s; returns (repo, service id, v1 image, v2 digest)."""
+    registry = REGISTRIES[0]
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, name, replicas=1)
+    spec = swarm.service(sid)["Spec"]
+    spec["UpdateConfig"].update(update_config)
+    swarm.post(f"/services/{sid}/update", params={"version": swarm.service(sid)["Version"]["Index"]}, json=spec,
+               headers={"X-Registry-Auth": ed.registry_auth_header("AWS", registry.password, registry.host)})
+    swarm.wait_running(sid, f"{registry.host}/{repo}:latest@{v1}")
+    return repo, sid, f"{registry.host}/{repo}:latest@{v1}", v2
+
+
+def test_an_update_by_someone_else_supersedes_our_rollout_and_is_never_rolled_back(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo, sid, old, v2 = slow_rollout(images, swarm, "contested", SLOW_MONITOR)
+    hotfix = f"{registry.host}/{repo}:hotfix@{images.push(repo, 'hotfix', 'h1')}"
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    running = Running(deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1"), "--once", "--wait",
+                      "--queue", queue)
+    try:
+        running.wait_line("Updated service contested")
+        service = swarm.service(sid)
+        spec = service["Spec"]
+        spec["TaskTemplate"]["ContainerSpec"]["Image"] = hotfix  # `docker service update --image`
+        swarm.post(f"/services/{sid}/update", params={"version": service["Version"]["Index"]}, json=spec,
+                   headers={"X-Registry-Auth": ed.registry_auth_header("AWS", registry.password, registry.host)})
+        code = running.proc.wait(30)
+    finally:
+        running.kill()
+    assert code == 1, running.log  # --wait: our rollout did not complete
+    new = f"{registry.host}/{repo}:latest@{v2}"
+    assert f"Rollout of contested ({sid[:12]}) to {new} superseded by another update after" in running.log
+    assert "Rolling back" not in running.log
+    assert service_image_of(swarm, sid)[0] == hotfix
+
+
+def test_a_timed_out_rollout_is_rolled_back_even_where_swarm_rolls_back_failures(aws, images, clean_swarm):
+    swarm = clean_swarm
+    repo, sid, old, v2 = slow_rollout(images, swarm, "slow", {**SLOW_MONITOR, "FailureAction": "rollback"})
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    run = run_once(deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1"), "--queue", queue, "--wait",
+                   "--rollout-timeout", "3s")
+    assert run.returncode == 1, run.stderr
+    new = f"{REGISTRIES[0].host}/{repo}:latest@{v2}"
+    assert f"Rollout of slow ({sid[:12]}) to {new} timed out after" in run.stderr
+    assert f"Rolling back service slow ({sid[:12]}) to its previous spec ({old})" in run.stderr
+    assert service_image_of(swarm, sid)[0] == old
+    swarm.wait_running(sid, old)
+
+
 # =========================================================================== operations: systemd, logs, dry run, README setup
 
 UNIT = HERE / "systemd" / "ecr-deploy.service"
