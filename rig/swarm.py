@@ -84,6 +84,8 @@ class Swarm:
                     "RestartPolicy": {"Condition": "any", "Delay": 1_000_000_000}, **task_template},
                 "Mode": mode or {"Replicated": {"Replicas": replicas}},
                 "UpdateConfig": {"Parallelism": 2, "Order": "stop-first", **(update_config or {})}}
+        if ed.is_job(spec):
+            del spec["UpdateConfig"]  # Swarm refuses one for jobs
         headers = {}
         if registry:
             headers["X-Registry-Auth"] = ed.registry_auth_header("AWS", registry.password, registry.host)
