@@ -6,9 +6,10 @@ topic). This program long-polls that queue and, for every push of REPO:TAG, upda
 Swarm service running that tag to the digest ECR says the tag points to *now*, pinned by
 digest, with fresh ECR credentials forwarded to Swarm.
 
-Read top-down: configuration, events (pure), images (pure), specs (pure), rollouts (pure),
-AWS shell, Docker shell, the drain cycle (deploying, following rollouts, the auth keeper),
-reports, logging and systemd, main.
+Read top-down: configuration, events (pure), images (pure: references, which tag a service
+follows), specs (pure), rollouts (pure), AWS shell, Docker shell, the drain cycle (Deployer;
+Rollouts, which follows and rolls back; AuthKeeper, the registry-auth keeper), reports, logging
+and systemd, main.
 """
 from __future__ import annotations
 
@@ -124,13 +125,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "default: from the service's UpdateConfig, at least 5m")
     parser.add_argument("--rollback-on-failure", action="store_true",
                         default=env_true("DEPLOYER_ROLLBACK_ON_FAILURE"),
-                        help="when a rollout pauses or times out, ask Swarm to roll back to the previous "
-                        "spec (env DEPLOYER_ROLLBACK_ON_FAILURE=1); services whose UpdateConfig already "
-                        "says FailureAction=rollback are left to Swarm")
+                        help="when a rollout of ours pauses or times out, restore the previous spec with "
+                        "fresh registry auth (env DEPLOYER_ROLLBACK_ON_FAILURE=1); a failed rollout of a "
+                        "service whose UpdateConfig says FailureAction=rollback is left to Swarm")
     parser.add_argument("--auth-refresh", metavar="DURATION", default=env("DEPLOYER_AUTH_REFRESH", "6h"),
                         help="loop mode: this often, re-post every ECR service's unchanged spec with a "
-                        "fresh registry token so Swarm can always pull (0 = off; env DEPLOYER_AUTH_REFRESH; "
-                        "default 6h, ECR tokens live 12h)")
+                        "fresh registry token so Swarm can always pull; at most once per interval, also "
+                        "across restarts ($STATE_DIRECTORY/auth-keeper.json) (0 = off; env "
+                        "DEPLOYER_AUTH_REFRESH; default 6h, ECR tokens live 12h)")
     parser.add_argument("--refresh-auth", action="store_true",
                         help="run one registry-auth refresh pass and exit (for cron); needs no queue")
     parser.add_argument("--notify-url", metavar="URL", action="append",
