@@ -640,7 +640,7 @@ def test_push_updates_every_matching_service_with_forwarded_registry_auth(aws, i
     ids = {
         "web-a": swarm.create_service("web-a", f"{host}/{repo}:latest@{v0}"),
         "web-fips": swarm.create_service("web-fips", f"{fips}/{repo}:latest@{v1}", registry=registry),
-        "web-dual": swarm.create_service("web-dual", f"{dualstack}/{repo}@{v1}", registry=registry),
+        "web-dual": swarm.create_service("web-dual", f"{dualstack}/{repo}:latest@{v1}", registry=registry),
         "web-stack": swarm.create_service("web-stack", f"{host}/{repo}@{v1}", registry=registry,
                                           labels={ed.STACK_IMAGE_LABEL: f"{host}/{repo}:latest", "team": "a"}),
     }
