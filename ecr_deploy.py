@@ -319,7 +319,7 @@ def parse_image_ref(ref: object) -> ImageRef | None:
         return None
     first, slash, rest = ref.partition("/")
     if slash and (first == "localhost" or "." in first or ":" in first or first.lower() != first):
-        host, remainder = ("docker.io" if first == "index.docker.io" else first), rest
+        host, remainder = (DOCKER_HUB if first == "index.docker.io" else first), rest
     else:
         host, remainder = DOCKER_HUB, ref
     if host == DOCKER_HUB and "/" not in remainder:
