@@ -1884,7 +1884,7 @@ def test_sd_notify_is_a_no_op_without_notify_socket():
 def test_dry_run_changes_nothing_and_deletes_nothing(aws, images, clean_swarm):
     swarm = clean_swarm
     repo, (v1, v2), sid = service_on_new_repo(images, swarm, "dry-a")
-    sid_b = swarm.create_service("dry-b", f"{REGISTRIES[0].host}/{repo}@{v1}", registry=REGISTRIES[0], replicas=0)
+    sid_b = swarm.create_service("dry-b", f"{REGISTRIES[0].host}/{repo}:latest@{v1}", registry=REGISTRIES[0], replicas=0)
     before = {s: swarm.service(s)["Version"]["Index"] for s in (sid, sid_b)}
     queue = aws.new_queue(VisibilityTimeout=30)
     aws.send(queue, event(repository=repo, digest=v2), event(repository=repo, digest=v2), "junk")
