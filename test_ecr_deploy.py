@@ -36,7 +36,7 @@ import requests
 import requests_unixsocket
 
 import ecr_deploy as ed
-from rig.aws import DIGEST_A, Aws, event, moto_server_command
+from rig.aws import DIGEST_A, Aws, event, moto_server_command, scan_event
 from rig.common import DEPLOYER, ROOT as HERE, wait_for
 from rig.deployer import Running, deployer_env, run_once, updated_lines
 from rig.faults import FaultProxy
@@ -75,9 +75,10 @@ def test_samples_parse_as_documented():
                            "2026-11-16T01:54:34Z")
     assert push.image == "123456789012.dkr.ecr.us-west-2.amazonaws.com/my-repository-name:latest"
     assert ed.parse_message(sample("sns-wrapped-push.json")) == push
+    assert ed.parse_message(sample("ecr-scan.json")) == ed.ScanDone(
+        "123456789012", "us-west-2", "my-repository-name", push.digest, ("latest",), "2026-11-16T02:10:00Z")
     for name, reason in [("ecr-delete.json", "action-type is 'DELETE'"),
-                         ("ecr-push-untagged.json", "untagged"),
-                         ("ecr-scan.json", "detail-type is 'ECR Image Scan'")]:
+                         ("ecr-push-untagged.json", "untagged")]:
         ignored = ed.parse_message(sample(name))
         assert isinstance(ignored, ed.Ignored) and reason in ignored.reason
         assert not ignored.suspicious  # ordinary ECR traffic: logged at INFO, not WARNING
@@ -122,7 +123,7 @@ REJECTED = [  # (body text, words in the reason, suspicious)
     ("\"a string\"", "JSON str", True),
     (json.dumps(event(source="aws.s3")), "source is 'aws.s3'", False),
     (json.dumps(without(event(), "source")), "source is None", False),
-    (json.dumps(event(**{"detail-type": "ECR Image Scan"})), "detail-type", False),
+    (json.dumps(event(**{"detail-type": "ECR Image Scan"})), "scan-status is None", False),
     (json.dumps(without(event(), "detail")), "no detail", True),
     (json.dumps(event(detail="PUSH")), "no detail", True),
     (json.dumps(event(action="DELETE")), "action-type is 'DELETE'", False),
@@ -655,8 +656,8 @@ FIELD_TEXT = st.one_of(st.text(max_size=140), st.sampled_from(
 
 @st.composite
 def mutated_events(draw):
-    """Real-shaped events with fields replaced, removed or retyped, sometimes SNS-wrapped."""
-    body = event()
+    """Real-shaped events (pushes and scans) with fields replaced, removed or retyped, sometimes SNS-wrapped."""
+    body = draw(st.sampled_from([event, scan_event]))()
     for _ in range(draw(st.integers(0, 4))):
         target = draw(st.sampled_from([body, body["detail"]])) if isinstance(body.get("detail"), dict) else body
         key = draw(st.sampled_from(sorted(target) + ["extra"]))
@@ -676,8 +677,12 @@ def mutated_events(draw):
 
 def assert_total_and_valid(body):
     result = ed.parse_message(body)  # must not raise
-    assert isinstance(result, (ed.Push, ed.Ignored))
-    if isinstance(result, ed.Push):
+    assert isinstance(result, (ed.Push, ed.ScanDone, ed.Ignored))
+    if isinstance(result, ed.ScanDone):
+        assert result.tags and all(ed.is_valid("tag", tag) for tag in result.tags)
+        for name in ("account", "region", "repository", "digest"):
+            assert ed.is_valid(name, getattr(result, name)), (name, result)
+    elif isinstance(result, ed.Push):
         for name in ed.FIELD_GRAMMARS:
             assert ed.is_valid(name, getattr(result, name)), (name, result)
         assert ed.parse_image_ref(f"{result.image}@{result.digest}").repository == result.repository
@@ -695,6 +700,7 @@ def test_parser_fuzz_never_raises_and_never_yields_an_invalid_push(body):
 def test_fuzz_mutations_do_reach_valid_pushes():
     """Guard against a vacuous fuzz test: unmutated draws must come out as Pushes."""
     assert isinstance(ed.parse_message(json.dumps(sns_envelope(event()))), ed.Push)
+    assert isinstance(ed.parse_message(json.dumps(sns_envelope(scan_event()))), ed.ScanDone)
 
 
 def service_image_of(swarm, sid):
@@ -1580,3 +1586,127 @@ def test_quick_start_demo_rolls_a_service_and_leaves_nothing_behind():
     leftovers = subprocess.run(["pgrep", "-f", "ecrd-demo-"], capture_output=True, text=True).stdout
     assert leftovers == "" and not list(pathlib.Path("/tmp").glob("ecrd-demo-*"))
     assert GWBRIDGE.exists() == gwbridge_before
+
+
+# =========================================================================== scan gate: pure
+
+@pytest.mark.parametrize("body,expected", [
+    (scan_event(), ed.ScanDone("123456789012", "us-east-1", "team/web", DIGEST_A, ("latest",), "2026-11-16T02:10:00Z")),
+    (scan_event(tags=("v1", "latest", "v1")), ("v1", "latest")),
+    (sns_envelope(scan_event()), ("latest",)),
+    (scan_event(status="FAILED"), "scan-status is 'FAILED', not COMPLETE"),
+    (scan_event(status=None), "scan-status is None"),
+    (scan_event(tags=[]), "scan of an untagged image"),
+    (scan_event(tags=None), "invalid image-tags None"),
+    (scan_event(tags="latest"), "invalid image-tags 'latest'"),
+    (scan_event(tags=["latest", "v1:evil"]), "invalid image-tags"),
+    (scan_event(tags=["latest", 7]), "invalid image-tags"),
+    (scan_event(digest="sha256:" + "A" * 64), "invalid digest"),
+    (scan_event(repository="team/../web"), "invalid repository"),
+    (scan_event(account="12345678901"), "invalid account"),
+    (scan_event(region="us-east-1\n"), "invalid region"),
+    (scan_event(detail=[]), "no detail object"),
+])
+def test_scan_events_parse_strictly(body, expected):
+    what = ed.parse_message(json.dumps(body))
+    if isinstance(expected, ed.ScanDone):
+        assert what == expected
+        assert what.pushes() == [ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A,
+                                         "2026-11-16T02:10:00Z", from_scan=True)]
+    elif isinstance(expected, tuple):
+        assert what.tags == expected
+    else:
+        assert isinstance(what, ed.Ignored) and expected in what.reason
+
+
+@pytest.mark.parametrize("labels,default,expected", [
+    (None, None, None),
+    ({}, "HIGH", "HIGH"),
+    ({ed.SCAN_THRESHOLD_LABEL: "critical"}, None, "CRITICAL"),
+    ({ed.SCAN_THRESHOLD_LABEL: " Medium "}, "HIGH", "MEDIUM"),
+    ({ed.SCAN_THRESHOLD_LABEL: "off"}, "HIGH", None),
+    ({ed.SCAN_THRESHOLD_LABEL: "OFF"}, None, None),
+    ({"other": "CRITICAL"}, None, None),
+    ({ed.SCAN_THRESHOLD_LABEL: "SEVERE"}, "HIGH", ValueError),
+    ({ed.SCAN_THRESHOLD_LABEL: "UNTRIAGED"}, None, ValueError),
+    ({ed.SCAN_THRESHOLD_LABEL: ""}, None, ValueError),
+])
+def test_scan_threshold_label_wins_over_the_default(labels, default, expected):
+    if expected is ValueError:
+        with pytest.raises(ValueError, match="scan threshold must be one of CRITICAL, HIGH"):
+            ed.scan_threshold(labels, default)
+    else:
+        assert ed.scan_threshold(labels, default) == expected
+
+
+DONE = "COMPLETE"
+
+
+@pytest.mark.parametrize("status,counts,threshold,waited,decision,words", [
+    (DONE, {}, "CRITICAL", None, "deploy", "no findings (threshold CRITICAL)"),
+    (DONE, {"HIGH": 2, "MEDIUM": 1}, "CRITICAL", None, "deploy", "HIGH 2, MEDIUM 1"),
+    (DONE, {"CRITICAL": 1}, "CRITICAL", None, "blocked", "CRITICAL 1 (threshold CRITICAL)"),
+    (DONE, {"CRITICAL": 0, "HIGH": 1}, "HIGH", None, "blocked", "HIGH 1"),
+    (DONE, {"CRITICAL": 0, "HIGH": 0, "MEDIUM": 5}, "HIGH", None, "deploy", "MEDIUM 5"),
+    (DONE, {"INFORMATIONAL": 1}, "INFORMATIONAL", None, "blocked", "INFORMATIONAL 1"),
+    (DONE, {"INFORMATIONAL": 1}, "LOW", None, "deploy", "INFORMATIONAL 1"),
+    (DONE, {"LOW": 1}, "MEDIUM", None, "deploy", "LOW 1"),
+    (DONE, {"UNDEFINED": 9, "UNTRIAGED": 4}, "INFORMATIONAL", None, "deploy", "UNDEFINED 9, UNTRIAGED 4"),
+    (DONE, {"CRITICAL": 1, "UNTRIAGED": 4}, "HIGH", None, "blocked", "CRITICAL 1, UNTRIAGED 4"),
+    ("ACTIVE", {"MEDIUM": 1}, "HIGH", None, "deploy", "MEDIUM 1"),  # enhanced scanning
+    ("ACTIVE", {"HIGH": 1}, "HIGH", None, "blocked", "HIGH 1"),
+    ("IN_PROGRESS", {}, "HIGH", 42.0, "wait", "ECR scan is IN_PROGRESS, 42s after the push"),
+    ("PENDING", {}, "HIGH", 0.0, "wait", "PENDING"),
+    ("IN_PROGRESS", {}, "HIGH", 1800.0, "wait", "1800s"),  # the timeout itself is still within
+    ("IN_PROGRESS", {}, "HIGH", 1801.0, "blocked", "no finished ECR scan 1801s after the push (--scan-timeout 1800s"),
+    ("NOT_FOUND", {}, "HIGH", None, "blocked", "turn on scan on push"),
+    ("DENIED", {}, "CRITICAL", None, "blocked", "grant ecr:DescribeImageScanFindings"),
+    ("FAILED", {}, "CRITICAL", None, "blocked", "ECR scan FAILED: the description"),
+    ("UNSUPPORTED_IMAGE", {}, "CRITICAL", None, "blocked", "ECR scan UNSUPPORTED_IMAGE"),
+    ("SCAN_ELIGIBILITY_EXPIRED", {}, "CRITICAL", None, "blocked", "SCAN_ELIGIBILITY_EXPIRED"),
+])
+def test_scan_verdict(status, counts, threshold, waited, decision, words):
+    verdict = ed.scan_verdict(ed.Scan(status, counts, "the description", waited), threshold, timeout=1800.0)
+    assert verdict.decision == decision
+    assert words in verdict.reason
+
+
+@pytest.mark.parametrize("argv,env,expected", [
+    ([], {}, (None, 1800)),
+    (["--scan-threshold", "high"], {}, ("HIGH", 1800)),
+    ([], {"DEPLOYER_SCAN_THRESHOLD": "Critical", "DEPLOYER_SCAN_TIMEOUT": "10m"}, ("CRITICAL", 600)),
+    (["--scan-threshold", "off"], {"DEPLOYER_SCAN_THRESHOLD": "LOW"}, (None, 1800)),
+    (["--scan-timeout", "90s"], {}, (None, 90)),
+])
+def test_scan_flags(monkeypatch, argv, env, expected):
+    for name in ("DEPLOYER_SCAN_THRESHOLD", "DEPLOYER_SCAN_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = ed.parse_args(["--queue", "q", *argv])
+    assert (args.scan_threshold, args.scan_timeout) == expected
+
+
+@pytest.mark.parametrize("argv,env,message", [
+    (["--scan-threshold", "UNTRIAGED"], {}, "invalid severity value: 'UNTRIAGED'"),
+    ([], {"DEPLOYER_SCAN_THRESHOLD": "severe"}, "invalid severity value: 'severe'"),
+    (["--scan-timeout", "soon"], {}, "not a duration"),
+])
+def test_scan_flag_usage_errors_exit_2(monkeypatch, capsys, argv, env, message):
+    monkeypatch.delenv("DEPLOYER_SCAN_THRESHOLD", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_:
+        ed.parse_args(["--queue", "q", *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_blocked_notification_names_the_reason_and_no_duration():
+    doc = ed.notification("blocked", "web", "abc", f"{HOST}/team/web:latest@{DIGEST_B}", 0.0, "mgr-1",
+                          "ECR scan finds CRITICAL 1 (threshold HIGH)")
+    assert doc["text"] == (f"ecr-deploy on mgr-1: rollout of web to {HOST}/team/web:latest@{DIGEST_B} blocked by "
+                           f"its scan gate: ECR scan finds CRITICAL 1 (threshold HIGH)")
+    assert (doc["outcome"], doc["digest"]) == ("blocked", DIGEST_B)
+    assert 'ecr_deploy_rollouts_total{outcome="blocked"} 2' in ed.metrics_text(
+        {"messages": {"deployed": 0, "ignored": 0, "failed": 0}, "services_updated": 0,
+         "rollouts": {"blocked": 2}, "last_success": None})
