@@ -1710,3 +1710,116 @@ def test_blocked_notification_names_the_reason_and_no_duration():
     assert 'ecr_deploy_rollouts_total{outcome="blocked"} 2' in ed.metrics_text(
         {"messages": {"deployed": 0, "ignored": 0, "failed": 0}, "services_updated": 0,
          "rollouts": {"blocked": 2}, "last_success": None})
+
+
+# =========================================================================== scan gate: on the rig
+
+FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"  # Debian package faketime
+
+
+def service_image(swarm, sid):
+    return swarm.service(sid)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+
+
+def test_gated_services_deploy_clean_digests_and_block_the_rest(aws, images, clean_swarm, webhook, tmp_path):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region = registry.account, registry.region
+    stuck_repo = images.new_repository()
+    stuck = [images.push(stuck_repo, "latest", v) for v in ("v1", "v2")]
+    pushed_at = time.monotonic()
+    cases = {  # service: (label, scan of v2 as (status, counts) or None, what becomes of the service)
+        "gate-clean": ("HIGH", (DONE, {"MEDIUM": 3, "UNTRIAGED": 2, "UNDEFINED": 1}), "deployed"),
+        "gate-critical": (None, (DONE, {"CRITICAL": 1, "HIGH": 2}), "ECR scan finds CRITICAL 1, HIGH 2 (threshold HIGH)"),
+        "gate-off": ("off", "gate-critical", "deployed"),  # shares gate-critical's push
+        "gate-never": ("CRITICAL", None, "ECR has no scan of this image: turn on scan on push"),
+        "gate-failed": (None, ("FAILED", {}), "ECR scan FAILED: moto says FAILED"),
+        "gate-bad-label": ("SEVERE", (DONE, {}), "label ecr-deploy.scan-threshold: scan threshold must be one of"),
+    }
+    repos, ids = {}, {}
+    for name, (label, scan, _) in cases.items():
+        labels = {ed.SCAN_THRESHOLD_LABEL: label} if label else {}
+        if isinstance(scan, str):
+            repos[name] = repos[scan]
+        else:
+            repo = images.new_repository()
+            repos[name] = (repo, [images.push(repo, "latest", v) for v in ("v1", "v2")])
+            if scan:
+                aws.set_scan(account, region, repo, repos[name][1][1], *scan)
+        repo, (v1, v2) = repos[name]
+        ids[name] = swarm.create_service(name, f"{registry.host}/{repo}:latest@{v1}", labels=labels,
+                                         registry=registry, replicas=0)
+    ids["gate-stuck"] = swarm.create_service("gate-stuck", f"{registry.host}/{stuck_repo}:latest@{stuck[0]}",
+                                             registry=registry, replicas=0)
+    aws.set_scan(account, region, stuck_repo, stuck[1], "IN_PROGRESS")
+    repos["gate-stuck"] = (stuck_repo, stuck)
+    cases["gate-stuck"] = (None, None, "no finished ECR scan")
+    before = {name: swarm.service(sid)["Version"]["Index"] for name, sid in ids.items()}
+    queue = aws.new_queue()
+    aws.send(queue, *(event(repository=repo, digest=v2) for repo, v2 in {r: v2 for r, (_, v2) in repos.values()}.items()))
+    time.sleep(max(0.0, pushed_at + 2.1 - time.monotonic()))  # AWS's clock, to the second: more than 1 s
+    summary, metrics = tmp_path / "summary.json", tmp_path / "metrics.prom"
+    run = run_once(deployer_env(aws, swarm), "--queue", queue, "--scan-threshold", "HIGH", "--scan-timeout", "1s",
+                   "--notify-url", webhook.url, "--summary-file", str(summary), "--metrics-file", str(metrics))
+
+    assert run.returncode == 0, run.stderr  # blocked is an answer: every message is done
+    assert aws.queue_depth(queue) == 0
+    blocked = {}
+    for name, (_, _, outcome) in cases.items():
+        repo, (v1, v2) = repos[name]
+        old, new = f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{v2}"
+        if outcome == "deployed":
+            assert service_image(swarm, ids[name]) == new, name
+            assert f"Updated service {name} ({ids[name][:12]}) to {new}" in run.stderr
+        else:
+            assert swarm.service(ids[name])["Version"]["Index"] == before[name], name  # not even re-posted
+            line = next(line for line in run.stderr.splitlines() if f"Blocked service {name} " in line)
+            assert f" ERROR Blocked service {name} ({ids[name][:12]}) from {new}: {outcome}" in line
+            blocked[name] = (new, outcome)
+    assert "Service gate-clean" in run.stderr and "passes its scan gate" in run.stderr
+    assert "MEDIUM 3, UNDEFINED 1, UNTRIAGED 2 (threshold HIGH)" in run.stderr
+    assert len(updated_lines(run.stderr)) == 2
+    wait_for(lambda: len(webhook.received) == len(blocked), 10, what=lambda: webhook.received)
+    assert {(d["service"], d["outcome"], d["image"]) for d in webhook.received} == \
+        {(name, "blocked", image) for name, (image, _) in blocked.items()}
+    for document in webhook.received:
+        assert blocked[document["service"]][1] in document["message"] and "blocked by its scan gate" in document["text"]
+    assert json.loads(summary.read_text())["rollouts"] == {"blocked": len(blocked)}
+    assert f'ecr_deploy_rollouts_total{{outcome="blocked"}} {len(blocked)}' in metrics.read_text()
+
+
+def test_gated_service_deploys_within_seconds_of_its_scan_event(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region = registry.account, registry.region
+    repo = images.new_repository()
+    v1, v2 = (images.push(repo, "latest", v) for v in ("v1", "v2"))
+    sid = swarm.create_service("gate-waits", f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0,
+                               labels={ed.SCAN_THRESHOLD_LABEL: "CRITICAL"})  # the label alone gates
+    aws.set_scan(account, region, repo, v2, "IN_PROGRESS")
+    queue = aws.new_queue()
+    # Its clock two hours fast: the scan timeout (30 min) is measured by AWS's clock, or it would block.
+    env = deployer_env(aws, swarm, LD_PRELOAD=FAKETIME, FAKETIME="+2h")
+    deployer = Running(env, "--queue", queue)
+    try:
+        aws.send(queue, event(repository=repo, digest=v2))
+        deployer.wait_line("waits for its scan gate", timeout=30)
+        assert "ECR scan is IN_PROGRESS" in deployer.log
+        assert service_image(swarm, sid).endswith(v1)
+        sent = time.monotonic()
+        aws.send(queue, scan_event(repository=repo, digest=v1))  # an older digest's scan: nothing to do
+        deployer.wait_line("not the digest just scanned; nothing to deploy", timeout=30)
+        # at once: a message kept only for its scan is no failure, so no backoff (of 1 s or more) either
+        assert time.monotonic() - sent < 0.9, deployer.log
+
+        aws.set_scan(account, region, repo, v2, DONE, {"HIGH": 4}, again=True)
+        sent = time.monotonic()
+        aws.send(queue, scan_event(repository=repo, digest=v2, counts={"HIGH": 4}))
+        deployer.wait_line("Updated service gate-waits", timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        code = deployer.stop()
+    assert code == 0, deployer.log
+    assert took < 5, deployer.log  # no backoff for a message that only waited
+    assert service_image(swarm, sid) == f"{registry.host}/{repo}:latest@{v2}"
+    assert "passes its scan gate" in deployer.log and "HIGH 4 (threshold CRITICAL)" in deployer.log
+    assert " ERROR " not in deployer.log and "Traceback" not in deployer.log
+    assert aws.queue_depth(queue) == 1  # the push, in flight; both scan events are deleted
