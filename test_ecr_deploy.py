@@ -1725,7 +1725,7 @@ def test_gated_services_deploy_clean_digests_and_block_the_rest(aws, images, cle
     swarm, registry = clean_swarm, REGISTRIES[0]
     account, region = registry.account, registry.region
     stuck_repo = images.new_repository()
-    stuck = [images.push(stuck_repo, "latest", v) for v in ("v1", "v2")]
+    stuck = [aws.put_image(account, region, stuck_repo, "latest", v) for v in ("v1", "v2")]
     pushed_at = time.monotonic()
     cases = {  # service: (label, scan of v2 as (status, counts) or None, what becomes of the service)
         "gate-clean": ("HIGH", (DONE, {"MEDIUM": 3, "UNTRIAGED": 2, "UNDEFINED": 1}), "deployed"),
@@ -1742,7 +1742,7 @@ def test_gated_services_deploy_clean_digests_and_block_the_rest(aws, images, cle
             repos[name] = repos[scan]
         else:
             repo = images.new_repository()
-            repos[name] = (repo, [images.push(repo, "latest", v) for v in ("v1", "v2")])
+            repos[name] = (repo, [aws.put_image(account, region, repo, "latest", v) for v in ("v1", "v2")])
             if scan:
                 aws.set_scan(account, region, repo, repos[name][1][1], *scan)
         repo, (v1, v2) = repos[name]
@@ -1791,7 +1791,7 @@ def test_gated_service_deploys_within_seconds_of_its_scan_event(aws, images, cle
     swarm, registry = clean_swarm, REGISTRIES[0]
     account, region = registry.account, registry.region
     repo = images.new_repository()
-    v1, v2 = (images.push(repo, "latest", v) for v in ("v1", "v2"))
+    v1, v2 = (aws.put_image(account, region, repo, "latest", v) for v in ("v1", "v2"))
     sid = swarm.create_service("gate-waits", f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0,
                                labels={ed.SCAN_THRESHOLD_LABEL: "CRITICAL"})  # the label alone gates
     aws.set_scan(account, region, repo, v2, "IN_PROGRESS")

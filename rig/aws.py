@@ -1,6 +1,7 @@
 """moto_server: SQS and ECR (and SNS, EventBridge, IAM for the README's setup blocks) over real HTTP."""
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 import shutil
@@ -72,6 +73,18 @@ class Aws:
     def send(self, queue_url: str, *bodies) -> None:
         for body in bodies:
             self.sqs.send_message(QueueUrl=queue_url, MessageBody=body if isinstance(body, str) else json.dumps(body))
+
+    def put_image(self, account: str, region: str, repository: str, tag: str, content: str) -> str:
+        """An image in ECR only, not in a registry: enough for services without replicas, which never
+        pull, at a fraction of a real push's cost. Returns its digest."""
+        manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                               "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": 0,
+                                          "digest": "sha256:" + hashlib.sha256(content.encode()).hexdigest()},
+                               "layers": []})
+        digest = "sha256:" + hashlib.sha256(manifest.encode()).hexdigest()
+        self.client("ecr", region).put_image(registryId=account, repositoryName=repository, imageManifest=manifest,
+                                             imageTag=tag, imageDigest=digest)
+        return digest
 
     def set_scan(self, account: str, region: str, repository: str, digest: str, status: str = "COMPLETE",
                  counts: dict | None = None, again: bool = False) -> None:
