@@ -1480,11 +1480,15 @@ def test_readme_aws_setup_blocks_run_against_moto(aws, tmp_path):
     region = "eu-west-1"
     env = {**deployer_env(aws), "AWS_REGION": region, "AWS_DEFAULT_REGION": region,
            "PATH": f"{shim.parent}:{os.environ['PATH']}",
-           "QUEUE": f"ecr-deploy-{suffix}", "SWARM": f"swarm-{suffix}"}
-    for block in blocks:  # each as the README says: in order, after setting the three variables
-        run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], env=env, capture_output=True,
+           "QUEUE": f"ecr-deploy-{suffix}", "SWARM": f"swarm-{suffix}", "SCAN_GATE": ""}
+
+    def run_block(block, **extra):
+        run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], env={**env, **extra}, capture_output=True,
                              text=True, timeout=120)
         assert run.returncode == 0, f"{block}\n{run.stderr}"
+
+    for block in blocks:  # each as the README says: in order, after setting the variables
+        run_block(block)
 
     sqs, queue = aws.client("sqs", region), env["QUEUE"]
     url = sqs.get_queue_url(QueueName=queue)["QueueUrl"]
@@ -1509,8 +1513,13 @@ def test_readme_aws_setup_blocks_run_against_moto(aws, tmp_path):
     actions = {a for s in document["PolicyVersion"]["Document"]["Statement"]
                for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
     assert actions == {"sqs:GetQueueUrl", "sqs:ReceiveMessage", "sqs:DeleteMessage", "ecr:GetAuthorizationToken",
-                       "ecr:DescribeImages", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer",
-                       "ecr:BatchCheckLayerAvailability"}
+                       "ecr:DescribeImages", "ecr:DescribeImageScanFindings", "ecr:BatchGetImage",
+                       "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"}
+    run_block(blocks[1], SCAN_GATE="1")  # the scan gate's option: finished scans go to the queue too
+    pattern = json.loads(events.describe_rule(Name=f"ecr-push-to-{queue}")["EventPattern"])
+    assert pattern == {"source": ["aws.ecr"], "$or": [
+        {"detail-type": ["ECR Image Action"], "detail": {"action-type": ["PUSH"], "result": ["SUCCESS"]}},
+        {"detail-type": ["ECR Image Scan"], "detail": {"scan-status": ["COMPLETE"]}}]}
 
 
 # =========================================================================== the benchmark, short, so it cannot rot
