@@ -4,11 +4,12 @@
 EventBridge sends "ECR Image Action" events to an SQS queue (directly, or through an SNS
 topic). This program long-polls that queue and, for every push of REPO:TAG, updates every
 Swarm service running that tag to the digest ECR says the tag points to *now*, pinned by
-digest, with fresh ECR credentials forwarded to Swarm.
+digest, with fresh ECR credentials forwarded to Swarm. Services may opt in to a scan gate:
+rolled only to digests whose ECR scan is clean enough ("ECR Image Scan" events trigger them).
 
 Read top-down: configuration, events (pure), images (pure), specs (pure), rollouts (pure),
-AWS shell, Docker shell, the drain cycle (deploying, following rollouts, the auth keeper),
-reports, logging and systemd, main.
+scan gate (pure), AWS shell, Docker shell, the scan gate, the drain cycle (deploying, following
+rollouts, the auth keeper), reports, logging and systemd, main.
 """
 from __future__ import annotations
 
