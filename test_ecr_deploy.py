@@ -1804,6 +1804,13 @@ def test_gated_service_deploys_within_seconds_of_its_scan_event(aws, images, cle
     sid = swarm.create_service("gate-waits", f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0,
                                labels={ed.SCAN_THRESHOLD_LABEL: "CRITICAL"})  # the label alone gates
     aws.set_scan(account, region, repo, v2, "IN_PROGRESS")
+    once_queue = aws.new_queue()  # --once: the push waits on the queue for a later run, exit 1, no error
+    aws.send(once_queue, event(repository=repo, digest=v2))
+    run = run_once(deployer_env(aws, swarm), "--queue", once_queue)
+    assert run.returncode == 1, run.stderr
+    assert "waits for its scan gate" in run.stderr and " ERROR " not in run.stderr
+    assert aws.queue_depth(once_queue) == 1
+
     queue = aws.new_queue()
     # Its clock two hours fast: the scan timeout (30 min) is measured by AWS's clock, or it would block.
     env = deployer_env(aws, swarm, LD_PRELOAD=FAKETIME, FAKETIME="+2h")
