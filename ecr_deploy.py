@@ -559,7 +559,8 @@ def scan_verdict(scan: Scan, threshold: str, timeout: float) -> Verdict:
                                       f"(--scan-timeout {timeout:.0f}s; ECR says {scan.status})")
         waited = "" if scan.waited is None else f", {scan.waited:.0f}s after the push"
         return Verdict("wait", f"ECR scan is {scan.status}{waited}")
-    return Verdict("blocked", SCAN_FIXES.get(scan.status) or f"ECR scan {scan.status}: {scan.description}")
+    return Verdict("blocked", SCAN_FIXES.get(scan.status) or f"ECR scan {scan.status}: {scan.description} (scan it "
+                   f"again with aws ecr start-image-scan, or label the service {SCAN_THRESHOLD_LABEL}=off)")
 
 
 # --------------------------------------------------------------------------- AWS shell

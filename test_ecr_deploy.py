@@ -1670,7 +1670,8 @@ DONE = "COMPLETE"
     ("IN_PROGRESS", {}, "HIGH", 1801.0, "blocked", "no finished ECR scan 1801s after the push (--scan-timeout 1800s"),
     ("NOT_FOUND", {}, "HIGH", None, "blocked", "turn on scan on push"),
     ("DENIED", {}, "CRITICAL", None, "blocked", "grant ecr:DescribeImageScanFindings"),
-    ("FAILED", {}, "CRITICAL", None, "blocked", "ECR scan FAILED: the description"),
+    ("FAILED", {}, "CRITICAL", None, "blocked", "ECR scan FAILED: the description (scan it again with aws ecr "
+                                                "start-image-scan, or label the service ecr-deploy.scan-threshold=off)"),
     ("UNSUPPORTED_IMAGE", {}, "CRITICAL", None, "blocked", "ECR scan UNSUPPORTED_IMAGE"),
     ("SCAN_ELIGIBILITY_EXPIRED", {}, "CRITICAL", None, "blocked", "SCAN_ELIGIBILITY_EXPIRED"),
 ])
