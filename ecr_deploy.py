@@ -4,17 +4,20 @@
 EventBridge sends "ECR Image Action" events to an SQS queue (directly, or through an SNS
 topic). This program long-polls that queue and, for every push of REPO:TAG, updates every
 Swarm service running that tag to the digest ECR says the tag points to *now*, pinned by
-digest, with fresh ECR credentials forwarded to Swarm.
+digest, with fresh ECR credentials forwarded to Swarm. Services may opt in to a scan gate:
+rolled only to digests whose ECR scan is clean enough ("ECR Image Scan" events trigger them).
 
-Read top-down: configuration, events (pure), images (pure), specs (pure), rollouts (pure),
-AWS shell, Docker shell, the drain cycle (deploying, following rollouts, the auth keeper),
-reports, logging and systemd, main.
+Read top-down: configuration, events (pure), images (pure: references, which tag a service
+follows), specs (pure), rollouts (pure), scan gate (pure), AWS shell, Docker shell, the scan gate,
+the drain cycle (Deployer; Rollouts, which follows and rolls back; AuthKeeper, the registry-auth
+keeper), reports, logging and systemd, main.
 """
 from __future__ import annotations
 
 import argparse
 import base64
 import copy
+import email.utils
 import json
 import logging
 import os
@@ -124,13 +127,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "default: from the service's UpdateConfig, at least 5m")
     parser.add_argument("--rollback-on-failure", action="store_true",
                         default=env_true("DEPLOYER_ROLLBACK_ON_FAILURE"),
-                        help="when a rollout pauses or times out, ask Swarm to roll back to the previous "
-                        "spec (env DEPLOYER_ROLLBACK_ON_FAILURE=1); services whose UpdateConfig already "
-                        "says FailureAction=rollback are left to Swarm")
+                        help="when a rollout of ours pauses or times out, restore the previous spec with "
+                        "fresh registry auth (env DEPLOYER_ROLLBACK_ON_FAILURE=1); a failed rollout of a "
+                        "service whose UpdateConfig says FailureAction=rollback is left to Swarm")
     parser.add_argument("--auth-refresh", metavar="DURATION", default=env("DEPLOYER_AUTH_REFRESH", "6h"),
                         help="loop mode: this often, re-post every ECR service's unchanged spec with a "
-                        "fresh registry token so Swarm can always pull (0 = off; env DEPLOYER_AUTH_REFRESH; "
-                        "default 6h, ECR tokens live 12h)")
+                        "fresh registry token so Swarm can always pull; at most once per interval, also "
+                        "across restarts ($STATE_DIRECTORY/auth-keeper.json) (0 = off; env "
+                        "DEPLOYER_AUTH_REFRESH; default 6h, ECR tokens live 12h)")
     parser.add_argument("--refresh-auth", action="store_true",
                         help="run one registry-auth refresh pass and exit (for cron); needs no queue")
     parser.add_argument("--notify-url", metavar="URL", action="append",
@@ -149,6 +153,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-format", choices=LOG_FORMATS, default=env("DEPLOYER_LOG_FORMAT", "auto"),
                         help="auto (default): journal style under systemd, else timestamped text; "
                         "json: one object per line (env DEPLOYER_LOG_FORMAT)")
+    parser.add_argument("--scan-threshold", metavar="SEVERITY", type=severity,
+                        default=env("DEPLOYER_SCAN_THRESHOLD", "off"),
+                        help=f"roll services only to digests whose ECR scan has no finding at or above this "
+                        f"severity ({', '.join(SEVERITIES)}, or off: the default); a service's label "
+                        f"{SCAN_THRESHOLD_LABEL} wins (env DEPLOYER_SCAN_THRESHOLD)")
+    parser.add_argument("--scan-timeout", metavar="DURATION", default=env("DEPLOYER_SCAN_TIMEOUT", "30m"),
+                        help="block a gated deployment whose ECR scan has not finished this long after the "
+                        "push (env DEPLOYER_SCAN_TIMEOUT; default 30m)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
 
@@ -171,6 +183,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.filter_label = LabelFilter(key.strip(), value if sep else None)
     try:
         args.auth_refresh = parse_duration(args.auth_refresh)
+        args.scan_timeout = parse_duration(args.scan_timeout)
         args.rollout_timeout = parse_duration(args.rollout_timeout) if args.rollout_timeout else None
     except ValueError as e:
         parser.error(str(e))
@@ -202,6 +215,7 @@ class Push:
     tag: str
     digest: str
     time: str = ""  # the event's time, for ordering pushes under --trust-events
+    from_scan: bool = False  # made from a scan event: deploy only if the tag still points at the digest
 
     @property
     def image_key(self) -> tuple[str, str, str, str]:
@@ -213,14 +227,30 @@ class Push:
         return f"{self.account}.dkr.ecr.{self.region}.amazonaws.com{suffix}/{self.repository}:{self.tag}"
 
 
+@dataclass(frozen=True)
+class ScanDone:
+    """A completed ECR image scan of REPOSITORY@DIGEST, with the tags the image had then."""
+    account: str
+    region: str
+    repository: str
+    digest: str
+    tags: tuple[str, ...]
+    time: str = ""
+
+    def pushes(self) -> list[Push]:
+        """One push per tag: services following any of them may now pass their scan gate."""
+        return [Push(self.account, self.region, self.repository, tag, self.digest, self.time, from_scan=True)
+                for tag in self.tags]
+
+
 class Ignored(NamedTuple):
     """Why a message is not a deployable push; suspicious ones are logged as warnings."""
     reason: str
     suspicious: bool = False
 
 
-def parse_message(body: object) -> Push | Ignored:
-    """Any SQS message body -> a validated Push or the reason to ignore it. Never raises."""
+def parse_message(body: object) -> Push | ScanDone | Ignored:
+    """Any SQS message body -> a validated Push or ScanDone, or the reason to ignore it. Never raises."""
     event = load_json_object(body, "body")
     if isinstance(event, Ignored):
         return event
@@ -243,14 +273,16 @@ def load_json_object(text: object, what: str) -> dict | Ignored:
     return value
 
 
-def parse_event(event: dict) -> Push | Ignored:
+def parse_event(event: dict) -> Push | ScanDone | Ignored:
     if event.get("source") != "aws.ecr":
         return Ignored(f"source is {shown(event.get('source'))}, not aws.ecr")
-    if event.get("detail-type") != "ECR Image Action":
+    if event.get("detail-type") not in ("ECR Image Action", "ECR Image Scan"):
         return Ignored(f"detail-type is {shown(event.get('detail-type'))}, not ECR Image Action")
     detail = event.get("detail")
     if not isinstance(detail, dict):
         return Ignored("event has no detail object", suspicious=True)
+    if event["detail-type"] == "ECR Image Scan":
+        return parse_scan_event(event, detail)
     if detail.get("action-type") != "PUSH":
         return Ignored(f"action-type is {shown(detail.get('action-type'))}, not PUSH")
     if detail.get("result") != "SUCCESS":
@@ -260,11 +292,31 @@ def parse_event(event: dict) -> Push | Ignored:
     fields = {"account": event.get("account"), "region": event.get("region"),
               "repository": detail.get("repository-name"), "tag": detail.get("image-tag"),
               "digest": detail.get("image-digest")}
+    return invalid_field(fields) or Push(**fields, time=event_time(event))
+
+
+def parse_scan_event(event: dict, detail: dict) -> ScanDone | Ignored:
+    if detail.get("scan-status") != "COMPLETE":
+        return Ignored(f"scan-status is {shown(detail.get('scan-status'))}, not COMPLETE")
+    tags = detail.get("image-tags")
+    if not isinstance(tags, list) or not all(is_valid("tag", tag) for tag in tags):
+        return Ignored(f"invalid image-tags {shown(tags)}", suspicious=True)
+    if not tags:
+        return Ignored("scan of an untagged image")
+    fields = {"account": event.get("account"), "region": event.get("region"),
+              "repository": detail.get("repository-name"), "digest": detail.get("image-digest")}
+    return invalid_field(fields) or ScanDone(**fields, tags=tuple(dict.fromkeys(tags)), time=event_time(event))
+
+
+def invalid_field(fields: dict) -> Ignored | None:
     for name, value in fields.items():
         if not is_valid(name, value):
             return Ignored(f"invalid {name} {shown(value)}", suspicious=True)
-    event_time = event.get("time")
-    return Push(**fields, time=event_time if isinstance(event_time, str) else "")
+    return None
+
+
+def event_time(event: dict) -> str:
+    return event["time"] if isinstance(event.get("time"), str) else ""
 
 
 def is_valid(name: str, value: object) -> bool:
@@ -284,31 +336,53 @@ def shown(value: object) -> str:
 # --------------------------------------------------------------------------- images (pure)
 
 STACK_IMAGE_LABEL = "com.docker.stack.image"
+RERUN_JOB_LABEL = "ecr-deploy.rerun-job"  # "true": a push may re-run this Swarm job
 
-# Every spelling of an ECR registry host: standard, FIPS, dual-stack, China.
+# Every spelling of an ECR registry host: standard, FIPS, dual-stack, China. HTTPS's default
+# port written out (HOST:443) names the same registry; any other port is not ECR.
 ECR_HOST = re.compile(r"([0-9]{12})\.(?:dkr\.ecr(?:-fips)?\.([a-z0-9-]+)\.amazonaws\.com(?:\.cn)?"
-                      r"|dkr-ecr(?:-fips)?\.([a-z0-9-]+)\.on\.aws)")
+                      r"|dkr-ecr(?:-fips)?\.([a-z0-9-]+)\.on\.aws)(?::443)?")
+
+# The distribution/reference grammar (what Docker accepts as an image reference).
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?"
+REFERENCE = re.compile(rf"({_DOMAIN})/({_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)(?::([\w][\w.-]{{0,127}}))?"
+                       r"(?:@([A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}))?", re.ASCII)
+HEX_IDENTIFIER = re.compile(r"[a-f0-9]{64}")  # an image ID, never a repository name
+DIGEST_GRAMMAR = re.compile(r"sha256:[a-f0-9]{64}|sha384:[a-f0-9]{96}|sha512:[a-f0-9]{128}")  # go-digest's
+MAX_NAME_LENGTH = 255
+DOCKER_HUB = "docker.io"
 
 
 class ImageRef(NamedTuple):
     name: str  # HOST/REPOSITORY exactly as written: the part kept when pinning
-    host: str  # lower-cased
-    repository: str
-    tag: str  # "latest" when none is written
+    host: str  # the registry, lower-cased; docker.io for Docker Hub
+    repository: str  # path in the registry, normalised as Docker does (library/nginx)
+    tag: str | None  # "latest" when neither tag nor digest is written; None when only a digest is
     digest: str | None
 
 
 def parse_image_ref(ref: object) -> ImageRef | None:
-    if not isinstance(ref, str) or not ref:
+    """A Docker image reference parsed as Docker parses it (ParseNormalizedNamed); None if invalid."""
+    if not isinstance(ref, str) or not ref or HEX_IDENTIFIER.fullmatch(ref):
         return None
-    name, _, digest = ref.partition("@")
-    tag = "latest"
-    if name.rfind(":") > name.rfind("/"):
-        name, _, tag = name.rpartition(":")
-    host, slash, repository = name.partition("/")
-    if not slash or not ("." in host or ":" in host or host == "localhost"):
-        host, repository = "docker.io", name  # Docker Hub: never an ECR image
-    return ImageRef(name, host.lower(), repository, tag, digest or None)
+    first, slash, rest = ref.partition("/")
+    if slash and (first == "localhost" or "." in first or ":" in first or first.lower() != first):
+        host, remainder = (DOCKER_HUB if first == "index.docker.io" else first), rest
+    else:
+        host, remainder = DOCKER_HUB, ref
+    if host == DOCKER_HUB and "/" not in remainder:
+        remainder = "library/" + remainder  # official images: nginx is docker.io/library/nginx
+    match = REFERENCE.fullmatch(f"{host}/{remainder}")
+    if not match or len(match[1]) + 1 + len(match[2]) > MAX_NAME_LENGTH:
+        return None
+    _, repository, tag, digest = match.groups()
+    if digest and not DIGEST_GRAMMAR.fullmatch(digest):  # the grammar admits any algorithm; Docker checks it
+        return None
+    suffix = len(f":{tag}" if tag else "") + len(f"@{digest}" if digest else "")
+    return ImageRef(ref[:len(ref) - suffix], host.lower(), repository,
+                    tag or (None if digest else "latest"), digest)
 
 
 def ecr_registry(host: str) -> tuple[str, str] | None:
@@ -323,24 +397,47 @@ def running_image(service: dict) -> ImageRef | None:
     return parse_image_ref(spec.get("TaskTemplate", {}).get("ContainerSpec", {}).get("Image"))
 
 
-def service_image(service: dict) -> ImageRef | None:
-    """The image a service is meant to run: the stack label if set, else the spec's image."""
-    label = ((service.get("Spec") or {}).get("Labels") or {}).get(STACK_IMAGE_LABEL)
-    return parse_image_ref(label) if label else running_image(service)
+def following(service: dict) -> str | None:
+    """The tag a service follows; None when it is pinned. The spec's own tag wins: `docker service
+    update --image` changes the spec but never the stack label, which may be stale. Only a digest-only
+    spec (how `docker stack deploy` may write it) follows the label's tag, if the label names one for
+    the same repository; compose's `image: HOST/REPO@sha256:…` means pinned."""
+    ref = running_image(service)
+    if ref is None or ref.tag:
+        return ref and ref.tag
+    label = parse_image_ref(((service.get("Spec") or {}).get("Labels") or {}).get(STACK_IMAGE_LABEL))
+    same_repository = label and (label.host, label.repository) == (ref.host, ref.repository)
+    return label.tag if same_repository else None
+
+
+def in_repository(ref: ImageRef | None, push: Push) -> bool:
+    return bool(ref) and ecr_registry(ref.host) == (push.account, push.region) and ref.repository == push.repository
 
 
 def uses_image(service: dict, push: Push) -> ImageRef | None:
     """The service's reference to the pushed REPOSITORY:TAG, or None if it runs something else."""
-    ref = service_image(service)
-    if ref and ecr_registry(ref.host) == (push.account, push.region) \
-            and ref.repository == push.repository and ref.tag == push.tag:
-        return ref
-    return None
+    ref = running_image(service)
+    return ref if in_repository(ref, push) and following(service) == push.tag else None
+
+
+def pinned_digest(service: dict, push: Push) -> str | None:
+    """The digest a service of the pushed repository is pinned to (it follows no tag), else None."""
+    ref = running_image(service)
+    return ref.digest if in_repository(ref, push) and following(service) is None else None
 
 
 def services_using(services: list[dict], push: Push, label_filter: LabelFilter | None) -> list[dict]:
     return [s for s in services
             if uses_image(s, push) and (label_filter is None or label_filter.admits(s["Spec"].get("Labels")))]
+
+
+def is_job(spec: dict) -> bool:
+    """A Swarm job (ReplicatedJob, GlobalJob): every update of its spec runs it again."""
+    return bool({"ReplicatedJob", "GlobalJob"} & set(spec.get("Mode") or {}))
+
+
+def reruns_on_push(spec: dict) -> bool:
+    return str((spec.get("Labels") or {}).get(RERUN_JOB_LABEL, "")).strip().lower() == "true"
 
 
 # --------------------------------------------------------------------------- specs (pure)
@@ -367,36 +464,39 @@ def registry_auth_header(username: str, password: str, server: str) -> str:
 
 # --------------------------------------------------------------------------- rollouts (pure)
 
-# Swarm's UpdateStatus.State values that end a rollout.
-FINAL_STATES = ("completed", "paused", "rollback_completed", "rollback_paused")
+# Swarm's UpdateStatus.State values that end a rollout, and ours: another update replaced it.
+FINAL_STATES = ("completed", "paused", "rollback_completed", "rollback_paused", "superseded")
 NO_UPDATE_GRACE = 5.0  # s: Swarm starts an update within milliseconds; none by then means none needed
-CLOCK_SLACK = 2.0  # s: StartedAt is the manager's clock; we run on a manager, allow a little skew
 MIN_ROLLOUT_TIMEOUT = 300.0
 PULL_ALLOWANCE = 120.0
-DOCKER_TIME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)")
 
 
-def parse_docker_time(text: object) -> float | None:
-    """Docker's RFC 3339 time with nanoseconds -> epoch seconds (None if absent or odd)."""
-    match = DOCKER_TIME.fullmatch(text) if isinstance(text, str) else None
-    if not match:
-        return None
-    zone = "+00:00" if match[3] == "Z" else match[3]
-    return datetime.fromisoformat(match[1] + zone).timestamp() + float(f"0.{match[2] or 0}")
+def posted(spec: dict | None, image: str, force_update: int) -> bool:
+    """Is this the spec we posted? Our image and our ForceUpdate identify it (we bump ForceUpdate)."""
+    task = (spec or {}).get("TaskTemplate") or {}
+    return (task.get("ContainerSpec") or {}).get("Image") == image and task.get("ForceUpdate", 0) == force_update
 
 
-def rollout_state(service: dict, since: float) -> str | None:
-    """State of the update Swarm started at or after `since`; None while there is none."""
-    status = service.get("UpdateStatus") or {}
-    started = parse_docker_time(status.get("StartedAt"))
-    if started is None or started < since - CLOCK_SLACK:
-        return None
-    return status.get("State")
+def rollout_state(service: dict, image: str, force_update: int) -> str | None:
+    """State of the update that posted `image` with `force_update`, by spec identity, never by clocks
+    (the leader stamps UpdateStatus.StartedAt; we may run on another manager): swarmkit resets
+    UpdateStatus on every update, so while the spec is ours, so is its UpdateStatus. None: Swarm has
+    not started it (or had nothing to roll); "superseded": another update replaced ours."""
+    state = (service.get("UpdateStatus") or {}).get("State")
+    if posted(service.get("Spec"), image, force_update):
+        return state
+    rolled_back = state and state.startswith("rollback_")
+    previous = service.get("PreviousSpec")  # Swarm's own rollback clears it; `docker service rollback` keeps ours
+    if rolled_back and (previous is None or posted(previous, image, force_update)):
+        return state
+    return "superseded"
 
 
-def default_rollout_timeout(spec: dict) -> float:
-    """Roughly replicas x (delay + monitor) per parallel batch, plus pull time; at least 5 min."""
-    replicas = ((spec.get("Mode") or {}).get("Replicated") or {}).get("Replicas", 1)
+def default_rollout_timeout(spec: dict, global_tasks: int = 1) -> float:
+    """Roughly replicas x (delay + monitor) per parallel batch, plus pull time; at least 5 min.
+    A global service has as many replicas as it has tasks (one per eligible node)."""
+    mode = spec.get("Mode") or {}
+    replicas = (mode.get("Replicated") or {}).get("Replicas", 1) if "Global" not in mode else global_tasks
     config = spec.get("UpdateConfig") or {}
     parallelism = config.get("Parallelism") or max(replicas, 1)  # 0 means all at once
     batches = -(-replicas // parallelism)
@@ -415,15 +515,17 @@ def failing_task_error(tasks: list[dict], image: str) -> str | None:
 
 OUTCOME_WORDS = {"completed": "completed", "paused": "paused", "timed_out": "timed out",
                  "rollback_completed": "rolled back", "rollback_paused": "rollback paused",
-                 "removed": "ended: service removed"}
+                 "removed": "ended: service removed", "blocked": "blocked by its scan gate",
+                 "superseded": "superseded by another update"}
 
 
 def notification(outcome: str, service: str, service_id: str, image: str, duration: float,
                  node: str, message: str, rollback: bool = False) -> dict:
     """One JSON document per outcome: `text` for Slack/Teams webhooks, the rest for machines."""
     words = OUTCOME_WORDS[outcome.removeprefix("rollback_") if rollback else outcome]
-    text = f"ecr-deploy on {node}: {'rollback' if rollback else 'rollout'} of {service} to {image} {words} " \
-           f"after {duration:.1f}s" + (f": {message}" if message else "")
+    after = "" if outcome == "blocked" else f" after {duration:.1f}s"  # blocked: nothing was started
+    text = f"ecr-deploy on {node}: {'rollback' if rollback else 'rollout'} of {service} to {image} {words}" \
+           f"{after}" + (f": {message}" if message else "")
     return {"text": text, "service": service, "service_id": service_id, "image": image,
             "digest": image.rpartition("@")[2], "outcome": outcome, "duration_seconds": round(duration, 3),
             "node": node, "message": message}
@@ -446,6 +548,70 @@ def metrics_text(totals: dict) -> str:
               "left for retry.", "# TYPE ecr_deploy_last_success_timestamp_seconds gauge",
               f"ecr_deploy_last_success_timestamp_seconds {totals['last_success'] or 0}"]
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- scan gate (pure)
+
+SCAN_THRESHOLD_LABEL = "ecr-deploy.scan-threshold"
+# Worst first. UNDEFINED and UNTRIAGED (findings nobody rated yet) never block: no rank to compare.
+SEVERITIES = ("CRITICAL", "HIGH", "MEDIUM", "LOW", "INFORMATIONAL")
+SCAN_PENDING = ("PENDING", "IN_PROGRESS")
+SCAN_FINISHED = ("COMPLETE", "ACTIVE")  # ACTIVE: enhanced scanning, findings kept current
+SCAN_FIXES = {  # why a digest without usable findings is blocked, and what to do about it
+    "NOT_FOUND": "ECR has no scan of this image: turn on scan on push for the repository "
+                 f"(or registry scanning), or label the service {SCAN_THRESHOLD_LABEL}=off",
+    "DENIED": "not allowed to read ECR scan findings: grant ecr:DescribeImageScanFindings",
+}
+
+
+def severity(text: str) -> str | None:
+    """A threshold as the flag or label writes it -> a severity, or None for `off`."""
+    value = str(text).strip().upper()
+    if value == "OFF":
+        return None
+    if value not in SEVERITIES:
+        raise ValueError(f"scan threshold must be one of {', '.join(SEVERITIES)} or off, not {text!r}")
+    return value
+
+
+def scan_threshold(labels: dict | None, default: str | None) -> str | None:
+    """The service's own label wins over --scan-threshold; raises ValueError for a bad label."""
+    text = (labels or {}).get(SCAN_THRESHOLD_LABEL)
+    return default if text is None else severity(text)
+
+
+class Scan(NamedTuple):
+    """What ECR says about one digest's scan."""
+    status: str  # imageScanStatus.status, or NOT_FOUND / DENIED
+    counts: dict  # findingSeverityCounts
+    description: str = ""
+    waited: float | None = None  # s from the push to ECR's answer, by AWS's clock (pending scans only)
+
+
+class Verdict(NamedTuple):
+    decision: str  # deploy, wait or blocked
+    reason: str
+
+
+def counts_text(counts: dict) -> str:
+    ranked = [s for s in SEVERITIES if counts.get(s)] + sorted(s for s in counts if s not in SEVERITIES and counts[s])
+    return ", ".join(f"{s} {counts[s]}" for s in ranked) or "no findings"
+
+
+def scan_verdict(scan: Scan, threshold: str, timeout: float) -> Verdict:
+    """The gate's rule: deploy only a finished scan with nothing at or above the threshold."""
+    if scan.status in SCAN_FINISHED:
+        too_severe = any(scan.counts.get(s, 0) > 0 for s in SEVERITIES[:SEVERITIES.index(threshold) + 1])
+        return Verdict("blocked" if too_severe else "deploy",
+                       f"ECR scan finds {counts_text(scan.counts)} (threshold {threshold})")
+    if scan.status in SCAN_PENDING:
+        if scan.waited is not None and scan.waited > timeout:
+            return Verdict("blocked", f"no finished ECR scan {scan.waited:.0f}s after the push "
+                                      f"(--scan-timeout {timeout:.0f}s; ECR says {scan.status})")
+        waited = "" if scan.waited is None else f", {scan.waited:.0f}s after the push"
+        return Verdict("wait", f"ECR scan is {scan.status}{waited}")
+    return Verdict("blocked", SCAN_FIXES.get(scan.status) or f"ECR scan {scan.status}: {scan.description} (scan it "
+                   f"again with aws ecr start-image-scan, or label the service {SCAN_THRESHOLD_LABEL}=off)")
 
 
 # --------------------------------------------------------------------------- AWS shell
@@ -578,6 +744,30 @@ class Ecr:
             raise AwsError(f"ECR answered {len(digests)} image(s) for {push.image}, expected one")
         return digests[0]
 
+    def scan(self, account: str, region: str, repository: str, digest: str) -> Scan:
+        """ECR's scan of the digest (DescribeImageScanFindings). For a scan still pending, how
+        long since the push, both ends by AWS's clock: the deployer's own may be off."""
+        image_id = {"imageDigest": digest}
+        try:
+            reply = self._client(region).describe_image_scan_findings(
+                registryId=account, repositoryName=repository, imageId=image_id)
+        except AWS_ERRORS as e:
+            if error_code(e) in ("ScanNotFoundException", "AccessDeniedException"):
+                return Scan("NOT_FOUND" if error_code(e) == "ScanNotFoundException" else "DENIED", {})
+            raise AwsError.wrap(e, f"cannot read the ECR scan of {repository}@{digest}") from None
+        status = reply.get("imageScanStatus") or {}
+        scan = Scan(status.get("status", "?"), (reply.get("imageScanFindings") or {}).get("findingSeverityCounts") or {},
+                    status.get("description") or "")
+        if scan.status not in SCAN_PENDING:
+            return scan
+        try:
+            image = self._client(region).describe_images(registryId=account, repositoryName=repository,
+                                                         imageIds=[image_id])["imageDetails"][0]
+            now = email.utils.parsedate_to_datetime(reply["ResponseMetadata"]["HTTPHeaders"]["date"])
+            return scan._replace(waited=(now - image["imagePushedAt"]).total_seconds())
+        except (*AWS_ERRORS, KeyError, IndexError, TypeError, ValueError) as e:
+            raise AwsError.wrap(e, f"cannot tell when {repository}@{digest} was pushed") from None
+
     def credentials(self, account: str, region: str) -> tuple[str, str]:
         """(username, password) for the registry, cached and refreshed at half its lifetime."""
         now = time.time()
@@ -684,19 +874,46 @@ class Docker:
     def service(self, service_id: str) -> dict:
         return self.api("GET", f"/services/{urllib.parse.quote(service_id)}")
 
-    def update_service(self, service: dict, spec: dict, registry_auth: str, rollback: bool = False) -> list[str]:
+    def update_service(self, service: dict, spec: dict, registry_auth: str) -> list[str]:
         params = {"version": service["Version"]["Index"]}
-        if rollback:
-            params["rollback"] = "previous"
         reply = self.api("POST", f"/services/{urllib.parse.quote(service['ID'])}/update", params=params,
                          json=spec, headers={"X-Registry-Auth": registry_auth})
         return (reply or {}).get("Warnings") or []
 
-    def tasks(self, service_id: str) -> list[dict]:
-        return self.api("GET", "/tasks", params={"filters": json.dumps({"service": [service_id]})})
+    def tasks(self, service_id: str | None = None) -> list[dict]:
+        """The tasks of one service, or of all services."""
+        filters = {"filters": json.dumps({"service": [service_id]})} if service_id else {}
+        return self.api("GET", "/tasks", params=filters)
 
     def node_name(self) -> str:
         return self.api("GET", "/info").get("Name", "?")
+
+
+# --------------------------------------------------------------------------- the scan gate
+
+class ScanGate:
+    """Lets a gated service (its label, else --scan-threshold) roll only to a digest whose ECR scan
+    is clean enough. ECR is asked once per digest and drain cycle, however many services wait on it."""
+
+    def __init__(self, ecr: Ecr, default_threshold: str | None, timeout: float):
+        self.ecr, self.default_threshold, self.timeout = ecr, default_threshold, timeout
+        self._scans: dict[tuple, Scan] = {}
+
+    def new_cycle(self) -> None:
+        self._scans.clear()  # a pending scan may have finished since
+
+    def verdict(self, service: dict, push: Push, digest: str) -> Verdict | None:
+        """None for an ungated service; raises AwsError when ECR cannot be asked (retry later)."""
+        try:
+            threshold = scan_threshold(service["Spec"].get("Labels"), self.default_threshold)
+        except ValueError as e:
+            return Verdict("blocked", f"label {SCAN_THRESHOLD_LABEL}: {e}")
+        if threshold is None:
+            return None
+        key = (push.account, push.region, push.repository, digest)
+        if key not in self._scans:
+            self._scans[key] = self.ecr.scan(*key)
+        return scan_verdict(self._scans[key], threshold, self.timeout)
 
 
 # --------------------------------------------------------------------------- the drain cycle
@@ -717,6 +934,12 @@ class CycleResult:
     deployed: int = 0  # messages whose push is fully handled
     kept: list[str] = field(default_factory=list)  # ids of messages left on the queue for retry
     updated: list[str] = field(default_factory=list)  # "name (id)" per service update
+    waiting: list[str] = field(default_factory=list)  # the kept ones that only wait for an ECR scan
+
+    @property
+    def failed(self) -> list[str]:
+        """Kept because something went wrong (worth a backoff), not because a scan is pending."""
+        return [m for m in self.kept if m not in self.waiting]
 
 
 @dataclass
@@ -725,8 +948,9 @@ class Rollout:
     service_id: str
     name: str
     image: str  # what the service is being moved to
+    force_update: int  # the TaskTemplate.ForceUpdate we posted: with the image, our spec's identity
     push: Push  # whose registry credentials apply
-    started: float  # time.time() just before the update was posted
+    started: float  # time.monotonic() just before the update was posted
     deadline: float
     rollback: bool = False
 
@@ -735,30 +959,22 @@ class Rollout:
         return f"{self.name} ({self.service_id[:12]})"
 
 
-# Swarm states in which re-posting the spec would disturb an update (see refresh_auth).
-BUSY_STATES = ("updating", "paused", "rollback_started", "rollback_paused")
-AUTH_REFRESH_RETRY = 300.0  # s: a failed refresh pass is retried this soon, not after a whole interval
-
-
 class Deployer:
     def __init__(self, queue: Queue | None, ecr: Ecr, docker: Docker, label_filter: LabelFilter | None,
                  trust_events: bool = False, follow_rollouts: bool = False, rollout_timeout: float | None = None,
                  rollback_on_failure: bool = False, notify_urls: tuple[str, ...] = (), dry_run: bool = False,
-                 systemd: Systemd | None = None):
+                 systemd: Systemd | None = None, scan_gate: ScanGate | None = None, auth_refresh: float = 0.0,
+                 state_directory: str | None = None):
         self.queue, self.ecr, self.docker = queue, ecr, docker
+        self.scan_gate = scan_gate
         self.label_filter = label_filter
         self.trust_events = trust_events
-        self.follow_rollouts = follow_rollouts
-        self.rollout_timeout = rollout_timeout
-        self.rollback_on_failure = rollback_on_failure
-        self.notify_urls = notify_urls
         self.dry_run = dry_run
         self.systemd = systemd or Systemd({})
-        self.pending: list[Rollout] = []
-        self.outcomes: list[str] = []  # of the rollouts this process followed to their end
+        self.rollouts = Rollouts(self, follow_rollouts, rollout_timeout, rollback_on_failure, notify_urls)
+        self.keeper = AuthKeeper(self, auth_refresh, state_directory)
         self.totals = {"messages": {"received": 0, "deployed": 0, "ignored": 0, "failed": 0},
-                       "services_updated": 0, "rollouts": defaultdict(int), "last_success": None}
-        self._node_name: str | None = None
+                       "services_updated": 0, "rollouts": self.rollouts.counts, "last_success": None}
 
     # ---- receiving and acknowledging
 
@@ -775,8 +991,11 @@ class Deployer:
     def handle(self, messages: list[dict]) -> CycleResult:
         """Do what the messages ask, then delete exactly the ones whose work is done."""
         self.ecr.new_cycle()
+        if self.scan_gate:
+            self.scan_gate.new_cycle()
         ignored: list[dict] = []
         pushes: dict[tuple, list[tuple[dict, Push]]] = defaultdict(list)
+        keys_of: dict[str, set[tuple]] = {}  # message id -> the images it asks to deploy
         for message in messages:
             receive_count = int(message.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
             if receive_count > 1:
@@ -787,12 +1006,19 @@ class Deployer:
                         "Ignoring message %s: %s", message["MessageId"], what.reason)
                 ignored.append(message)
             else:
-                pushes[what.image_key].append((message, what))
+                asked = what.pushes() if isinstance(what, ScanDone) else [what]
+                for push in asked:
+                    pushes[push.image_key].append((message, push))
+                keys_of[message["MessageId"]] = {push.image_key for push in asked}
 
         result = CycleResult(received=len(messages))
         targets, gone = self.resolve_targets(pushes)
-        ignored += [message for key in gone for message, _ in pushes[key]]
-        deployed = [message for key in self.deploy_all(targets, pushes, result) for message, _ in pushes[key]]
+        deployed_keys, waiting_keys = self.deploy_all(targets, pushes, result)
+        finished = set(gone) | set(deployed_keys)
+        handled = [m for m in messages if keys_of.get(m["MessageId"], {None}) <= finished]
+        ignored += [m for m in handled if keys_of[m["MessageId"]] <= set(gone)]
+        deployed = [m for m in handled if not keys_of[m["MessageId"]] <= set(gone)]
+        result.waiting = [m for m, keys in keys_of.items() if keys & waiting_keys and keys <= finished | waiting_keys]
 
         done = ignored + deployed
         if self.dry_run:
@@ -812,9 +1038,9 @@ class Deployer:
         messages["received"] += result.received
         messages["ignored"] += result.ignored
         messages["deployed"] += result.deployed
-        messages["failed"] += len(result.kept)
+        messages["failed"] += len(result.failed)
         self.totals["services_updated"] += len(result.updated)
-        if not result.kept:
+        if not result.failed:
             self.totals["last_success"] = round(time.time(), 3)
 
     # ---- deploying
@@ -825,8 +1051,9 @@ class Deployer:
         targets, gone = {}, []
         for key, group in pushes.items():
             self.systemd.heartbeat()
-            push = max((p for _, p in group), key=lambda p: p.time)
-            if self.trust_events:
+            real = [p for _, p in group if not p.from_scan]  # a scan event may name an older digest
+            push = max(real or [p for _, p in group], key=lambda p: p.time)
+            if self.trust_events and real:
                 targets[key] = (push, push.digest)
                 continue
             try:
@@ -838,36 +1065,86 @@ class Deployer:
                 log.info("%s no longer exists in ECR; nothing to deploy", push.image)
                 gone.append(key)
                 continue
-            if any(p.digest != digest for _, p in group):
+            if not real and all(p.digest != digest for _, p in group):
+                log.info("%s now points to %s, not the digest just scanned; nothing to deploy", push.image, digest)
+                gone.append(key)
+                continue
+            if any(p.digest != digest for p in real):
                 log.info("ECR says %s is now %s (an event named another digest); deploying that",
                          push.image, digest)
             targets[key] = (push, digest)
         return targets, gone
 
-    def deploy_all(self, targets: dict, pushes: dict, result: CycleResult) -> list[tuple]:
-        """List services once, roll each image's users; returns the images fully deployed."""
+    def deploy_all(self, targets: dict, pushes: dict, result: CycleResult) -> tuple[list[tuple], set[tuple]]:
+        """List services once, roll each image's users; returns the images fully deployed, and
+        those where nothing failed but some service waits for an ECR scan."""
         if not targets:
-            return []
+            return [], set()
         try:
             services = self.docker.services()
         except DockerError as e:
             log.error("%s; %d message(s) kept for retry", e, sum(len(pushes[key]) for key in targets))
             self.systemd.status("docker unreachable: retrying" if e.status is None else "docker error: retrying")
-            return []
-        deployed = []
+            return [], set()
+        deployed, waiting = [], set()
         for key, (push, digest) in targets.items():
             users = services_using(services, push, self.label_filter)
+            for service in services:
+                pinned = pinned_digest(service, push)
+                if pinned and (self.label_filter is None or self.label_filter.admits(service["Spec"].get("Labels"))):
+                    log.info("Service %s is pinned to %s; not following :%s", service_label(service), pinned, push.tag)
             if not users:
                 log.info("No service uses %s", push.image)
-            if all([self.pin_service(service, push, digest, result) for service in users]):
+            done = [self.gated_pin(service, push, digest, result) for service in users]
+            if all(done):
                 deployed.append(key)
-        return deployed
+            elif None in done and False not in done:
+                waiting.add(key)
+        return deployed, waiting
+
+    def gated_pin(self, service: dict, push: Push, digest: str, result: CycleResult) -> bool | None:
+        """pin_service behind the scan gate: True done (or blocked), False failed, None waits for the scan."""
+        current = running_image(service)
+        try:
+            verdict = None if current and current.digest == digest or not self.scan_gate \
+                else self.scan_gate.verdict(service, push, digest)
+        except AwsError as e:
+            log.error("Cannot check the ECR scan for service %s: %s", service_label(service), e)
+            return False
+        if verdict is None:
+            return self.pin_service(service, push, digest, result)
+        image = pinned_image(uses_image(service, push), push.tag, digest)
+        if verdict.decision == "wait":
+            log.info("Service %s waits for its scan gate before %s: %s; message kept", service_label(service),
+                     image, verdict.reason)
+            return None
+        if verdict.decision == "blocked":
+            self.blocked(service, image, verdict.reason)
+            return True
+        log.info("Service %s passes its scan gate for %s: %s", service_label(service), image, verdict.reason)
+        return self.pin_service(service, push, digest, result)
+
+    def blocked(self, service: dict, image: str, reason: str) -> None:
+        """A final outcome, reported like a rollout's; the message is done (retrying changes nothing)."""
+        if self.dry_run:
+            log.info("Would block service %s from %s: %s", service_label(service), image, reason)
+            return
+        log.error("Blocked service %s from %s: %s", service_label(service), image, reason)
+        self.totals["rollouts"]["blocked"] += 1
+        if self.rollouts.enabled:
+            self.rollouts.outcomes.append("blocked")
+        self.rollouts.notify(notification("blocked", service["Spec"].get("Name", "?"), service["ID"], image, 0.0,
+                                          self.rollouts.node_name(), reason))
 
     def pin_service(self, listed: dict, push: Push, digest: str, result: CycleResult) -> bool:
         def plan(service: dict) -> tuple[dict, ImageRef] | None:
             ref = uses_image(service, push)
             if ref is None:
                 log.info("Service %s no longer uses %s; skipped", service_label(service), push.image)
+                return None
+            if is_job(service["Spec"]) and not reruns_on_push(service["Spec"]):
+                log.info("Service %s is a Swarm job, which an update would run again; skipped (label it "
+                         "%s=true to re-run it on every push)", service_label(service), RERUN_JOB_LABEL)
                 return None
             image = pinned_image(ref, push.tag, digest)
             current = running_image(service)
@@ -884,7 +1161,7 @@ class Deployer:
             image = spec["TaskTemplate"]["ContainerSpec"]["Image"]
             log.info("Updated service %s to %s", service_label(service), image)
             result.updated.append(service_label(service))
-            self.follow(service, image, push, started)
+            self.rollouts.follow(service, spec, push, started)
 
         return self.post_update(listed, push.account, push.region, plan, updated)
 
@@ -910,7 +1187,7 @@ class Deployer:
             spec, ref = decision
             try:
                 username, password = self.ecr.credentials(account, region)
-                started = time.time()
+                started = time.monotonic()
                 warnings = self.docker.update_service(
                     service, spec, registry_auth_header(username, password, ref.name.partition("/")[0]))
             except DockerError as e:
@@ -929,24 +1206,52 @@ class Deployer:
             return True
         return False
 
-    # ---- following rollouts
 
-    def follow(self, service: dict, image: str, push: Push, started: float, rollback: bool = False) -> None:
-        if not self.follow_rollouts:
+class Rollouts:
+    """Follows the rollouts this process started until Swarm says how each ended; reports them, and
+    with --rollback-on-failure rolls back the ones that paused or timed out."""
+
+    def __init__(self, deployer: Deployer, enabled: bool, timeout: float | None, rollback_on_failure: bool,
+                 notify_urls: tuple[str, ...]):
+        self.deployer, self.enabled, self.timeout = deployer, enabled, timeout
+        self.rollback_on_failure, self.notify_urls = rollback_on_failure, notify_urls
+        self.pending: list[Rollout] = []
+        self.outcomes: list[str] = []  # of the rollouts this process followed to their end
+        self.counts: dict[str, int] = defaultdict(int)
+        self._node_name: str | None = None
+
+    @property
+    def docker(self) -> Docker:
+        return self.deployer.docker
+
+    def following(self) -> set[str]:
+        return {r.service_id for r in self.pending}
+
+    def follow(self, service: dict, spec: dict, push: Push, started: float, rollback: bool = False) -> None:
+        if not self.enabled or is_job(spec):  # a job runs to completion; there is no rolling update to follow
             return
         # A newer update of the same service supersedes the older one: Swarm reports only the newest.
         self.pending = [r for r in self.pending if r.service_id != service["ID"]]
-        timeout = self.rollout_timeout or default_rollout_timeout(service["Spec"])
-        self.pending.append(Rollout(service["ID"], service["Spec"].get("Name", "?"), image, push, started,
-                                    started + timeout, rollback))
+        timeout = self.timeout or default_rollout_timeout(spec, self.global_tasks(service["ID"], spec))
+        task = spec["TaskTemplate"]
+        self.pending.append(Rollout(service["ID"], spec.get("Name", "?"), task["ContainerSpec"]["Image"],
+                                    task.get("ForceUpdate", 0), push, started, started + timeout, rollback))
 
-    def check_rollouts(self) -> None:
+    def global_tasks(self, service_id: str, spec: dict) -> int:
+        if "Global" not in (spec.get("Mode") or {}):
+            return 1
+        try:
+            return max(1, sum(t.get("DesiredState") == "running" for t in self.docker.tasks(service_id)))
+        except DockerError:
+            return 1
+
+    def check(self) -> None:
         """Ask Swarm how each pending rollout is doing; report and act on the ones that ended."""
         for rollout in list(self.pending):
-            now = time.time()
+            now = time.monotonic()
             try:
                 service = self.docker.service(rollout.service_id)
-                state = rollout_state(service, rollout.started)
+                state = rollout_state(service, rollout.image, rollout.force_update)
             except DockerError as e:
                 service, state = None, "removed" if e.status == 404 else None
                 if state is None:
@@ -957,6 +1262,9 @@ class Deployer:
                 state = "timed_out"  # also when Docker cannot be asked: --wait must end
             if state in (*FINAL_STATES, "removed", "timed_out"):
                 self.pending.remove(rollout)
+                # Our rollback is an ordinary update (see roll_back): its outcomes are a rollback's.
+                if rollout.rollback and state in ("completed", "paused"):
+                    state = f"rollback_{state}"
                 self.ended(rollout, state, service, now)
 
     def ended(self, rollout: Rollout, outcome: str, service: dict | None, now: float) -> None:
@@ -970,36 +1278,45 @@ class Deployer:
                 task_error = None
             message = "; ".join(filter(None, [swarm_says, task_error and f"task error: {task_error}"]))
         words = OUTCOME_WORDS[outcome.removeprefix("rollback_") if rollout.rollback else outcome]
-        log.log(logging.INFO if outcome in ("completed", "rollback_completed") and not message else logging.ERROR,
-                "%s of %s to %s %s after %.1fs%s", "Rollback" if rollout.rollback else "Rollout", rollout.label,
-                rollout.image, words, duration, f": {message}" if message else "")
+        log.log(logging.INFO if outcome in ("completed", "rollback_completed", "superseded") and not message
+                else logging.ERROR, "%s of %s to %s %s after %.1fs%s", "Rollback" if rollout.rollback else "Rollout",
+                rollout.label, rollout.image, words, duration, f": {message}" if message else "")
         self.outcomes.append(outcome)
-        self.totals["rollouts"][outcome] += 1
+        self.counts[outcome] += 1
         self.notify(notification(outcome, rollout.name, rollout.service_id, rollout.image, duration,
                                  self.node_name(), message, rollback=rollout.rollback))
-        if outcome in ("paused", "timed_out") and not rollout.rollback and service:
-            self.roll_back(rollout, service)
+        if self.rollback_on_failure and not rollout.rollback and service and (
+                outcome == "timed_out"  # Swarm rolls back failures, never slowness
+                or outcome == "paused" and (service["Spec"].get("UpdateConfig") or {}).get("FailureAction") != "rollback"):
+            self.roll_back(rollout)
 
-    def roll_back(self, rollout: Rollout, service: dict) -> None:
-        """--rollback-on-failure: ask Swarm for the previous spec, then follow that too."""
-        if not self.rollback_on_failure:
-            return
-        if (service["Spec"].get("UpdateConfig") or {}).get("FailureAction") == "rollback":
-            return  # Swarm rolls it back by itself; the rollout's own state reports that
-        log.info("Rolling back service %s to its previous spec", rollout.label)
+    def roll_back(self, rollout: Rollout) -> None:
+        """Restore the previous spec, only if the current one is still the spec we posted. Not with
+        Swarm's rollback=previous: that restores PreviousSpec with the registry auth it was posted
+        with, dead after 12 h, so nodes that must pull fail. We post PreviousSpec as an ordinary
+        update with a fresh token (ForceUpdate moves on, so it counts as a new spec), then follow it."""
         try:
-            username, password = self.ecr.credentials(rollout.push.account, rollout.push.region)
             fresh = self.docker.service(rollout.service_id)
-            previous = (fresh.get("PreviousSpec") or {}).get("TaskTemplate", {}).get("ContainerSpec", {}).get("Image")
-            if not previous:
+            if not posted(fresh.get("Spec"), rollout.image, rollout.force_update):
+                log.info("Service %s changed since our update; not rolling back a spec we did not post", rollout.label)
+                return
+            if not fresh.get("PreviousSpec"):
                 raise DockerError("Swarm holds no previous spec to roll back to")
-            started = time.time()
-            self.docker.update_service(fresh, fresh["Spec"], registry_auth_header(
-                username, password, previous.partition("/")[0]), rollback=True)
+            spec = copy.deepcopy(fresh["PreviousSpec"])
+            spec.setdefault("TaskTemplate", {})["ForceUpdate"] = rollout.force_update + 1
+            ref = running_image({"Spec": spec})
+            if ref is None:
+                raise DockerError("the previous spec names no valid image")
+            account, region = ecr_registry(ref.host) or (rollout.push.account, rollout.push.region)
+            username, password = self.deployer.ecr.credentials(account, region)
+            log.info("Rolling back service %s to its previous spec (%s)", rollout.label,
+                     spec["TaskTemplate"]["ContainerSpec"]["Image"])
+            started = time.monotonic()
+            self.docker.update_service(fresh, spec, registry_auth_header(username, password, ref.name.partition("/")[0]))
         except (DockerError, AwsError) as e:
             log.error("Cannot roll back service %s: %s", rollout.label, e)
             return
-        self.follow(fresh, previous, rollout.push, started, rollback=True)
+        self.follow(fresh, spec, rollout.push, started, rollback=True)
 
     def node_name(self) -> str:
         if self._node_name is None:
@@ -1020,36 +1337,135 @@ class Deployer:
                 status = getattr(e.response, "status_code", None)
                 log.warning("Cannot notify %s: %s", where, f"HTTP {status}" if status else type(e).__name__)
 
-    # ---- the registry-auth keeper
 
-    def refresh_auth(self) -> bool:
-        """Re-post every ECR service's unchanged spec with a fresh token (moby/moby#31063):
-        Swarm keeps the auth of the last update, and ECR tokens die after 12 h. Restarts nothing.
-        Swarm does make the re-posted spec the PreviousSpec, so services in the middle of an
-        update (or paused by a failed one, or being followed by us) are left alone this pass."""
-        if self.dry_run:
+# Swarm's task states in order (swarmkit api.TaskState); the keeper must not disturb a task before READY.
+TASK_STATES = ("new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting",
+               "running", "complete", "shutdown", "failed", "rejected", "remove", "orphaned")
+# Swarm update states in which re-posting the spec would disturb an update (see AuthKeeper).
+BUSY_STATES = ("updating", "paused", "rollback_started", "rollback_paused")
+AUTH_REFRESH_RETRY = 300.0  # s: services that failed a pass are retried this soon, not after a whole interval
+KEEPER_STATE_FILE = "auth-keeper.json"
+
+
+def services_with_starting_tasks(tasks: list[dict]) -> set[str]:
+    """Services with a task meant to run that has not reached READY. swarmkit ignores a change of
+    pull options only for tasks in READY..RUNNING (orchestrator.IsTaskDirty): a re-post replaces a
+    pending or preparing task, which starts a real rolling update."""
+    rank = {state: i for i, state in enumerate(TASK_STATES)}
+    ready, running = rank["ready"], rank["running"]
+    return {t.get("ServiceID") for t in tasks
+            if rank.get(t.get("DesiredState"), len(rank)) <= running
+            and rank.get((t.get("Status") or {}).get("State"), len(rank)) < ready}
+
+
+def keeper_due(state: dict, now: float, interval: float, retry_after: float) -> str | None:
+    """Which pass the keeper owes now: "full" (every service), "retry" (only those that failed) or None.
+    Wall-clock times, kept across restarts, so a crash-looping unit does not re-post every service each
+    time it starts; a clock that went back makes a pass due rather than never."""
+    attempt_at, passed_at = state.get("attempt_at"), state.get("passed_at")
+    if attempt_at is not None and attempt_at <= now < attempt_at + retry_after:
+        return None
+    if passed_at is None or not passed_at <= now < passed_at + interval:
+        return "full"
+    return "retry" if state.get("retry") else None
+
+
+class AuthKeeper:
+    """Keeps Swarm's registry auth of every ECR service alive (moby/moby#31063): Swarm keeps the auth of
+    a service's last update and ECR tokens die after 12 h, so every `interval` it re-posts each ECR
+    service's unchanged spec with a fresh token. A re-post is an update, with side effects (README):
+    the spec becomes PreviousSpec and the UpdateStatus of the last real rollout is replaced, and tasks
+    not yet READY are replaced; so it skips jobs, services mid-update or followed by us, and services
+    with starting tasks. At most one pass per interval, also across restarts ($STATE_DIRECTORY)."""
+
+    def __init__(self, deployer: Deployer, interval: float, state_directory: str | None):
+        self.deployer, self.interval = deployer, interval
+        self.retry_after = min(interval, AUTH_REFRESH_RETRY) if interval else AUTH_REFRESH_RETRY
+        # systemd's StateDirectory= sets STATE_DIRECTORY (several paths are colon separated).
+        directory = (state_directory or "").split(":")[0]
+        self.state_path = os.path.join(directory, KEEPER_STATE_FILE) if directory else None
+        self.state = self.load()
+        self.announced = False
+
+    def load(self) -> dict:
+        if not self.state_path:
+            return {}
+        try:
+            with open(self.state_path) as file:
+                state = json.load(file)
+            return state if isinstance(state, dict) else {}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            log.warning("Cannot read %s (%s); starting afresh", self.state_path, e)
+            return {}
+
+    def save(self) -> None:
+        if self.state_path:
+            try:
+                write_atomically(self.state_path, json.dumps(self.state) + "\n")
+            except OSError as e:
+                log.error("Cannot write %s: %s", self.state_path, e)
+
+    def run_if_due(self) -> None:
+        """Loop mode, each turn: the pass the schedule owes, if any."""
+        if not self.interval:
+            return
+        now = time.time()
+        due = keeper_due(self.state, now, self.interval, self.retry_after)
+        passed_at = self.state.get("passed_at")
+        if not due and not self.announced and passed_at is not None:  # say once why a restart re-posts nothing
+            log.info("Registry auth was refreshed %.0fs ago (%s); the next pass is due in %.0fs",
+                     now - passed_at, self.state_path, passed_at + self.interval - now)
+        self.announced = True
+        if due:
+            self.run_pass(only=set(self.state.get("retry", [])) if due == "retry" else None)
+
+    def run_pass(self, only: set[str] | None = None) -> bool:
+        """One pass over every ECR service (or `only` these ids); True if none failed."""
+        deployer = self.deployer
+        if deployer.dry_run:
             log.info("Dry run: registry auth refresh skipped")
             return True
-        self.ecr.new_cycle(fresh_tokens=True)  # a full lifetime for every token handed to Swarm
-        followed = {r.service_id for r in self.pending}
+        now = time.time()
+        self.state["attempt_at"] = now
+        self.save()  # before anything can fail: a Docker outage is retried after retry_after, not at once
+        deployer.ecr.new_cycle(fresh_tokens=True)  # a full lifetime for every token handed to Swarm
+        services, starting = deployer.docker.services(), services_with_starting_tasks(deployer.docker.tasks())
+        if only is None:
+            self.state["passed_at"] = now
+        followed = deployer.rollouts.following()
         refreshed: list[str] = []
+        skipped: list[str] = []
 
         def plan(service: dict) -> tuple[dict, ImageRef] | None:
             if service["ID"] in followed or (service.get("UpdateStatus") or {}).get("State") in BUSY_STATES:
                 log.info("Service %s is mid-update; its registry auth is refreshed next time", service_label(service))
-                return None
-            return service["Spec"], service_image(service)
+            elif service["ID"] in starting:
+                log.info("Service %s has tasks not yet started, which a re-post would replace; its registry "
+                         "auth is refreshed next time", service_label(service))
+            else:
+                return service["Spec"], running_image(service)
+            skipped.append(service["ID"])
+            return None
 
-        results = []
-        for listed in self.docker.services():
-            ref = service_image(listed)
+        failed = []
+        for listed in services:
+            ref = running_image(listed)
             registry = ecr_registry(ref.host) if ref else None
-            if registry and (self.label_filter is None or self.label_filter.admits(listed["Spec"].get("Labels"))):
-                results.append(self.post_update(listed, *registry, plan,
-                                                lambda service, *_: refreshed.append(service_label(service))))
-        log.info("Refreshed registry auth of %d service(s)%s", len(refreshed),
-                 "" if all(results) else f"; {results.count(False)} failed")
-        return all(results)
+            if not registry or is_job(listed["Spec"]) or (only is not None and listed["ID"] not in only):
+                continue  # a job re-runs on every update: never touched
+            if deployer.label_filter and not deployer.label_filter.admits(listed["Spec"].get("Labels")):
+                continue
+            if not deployer.post_update(listed, *registry, plan,
+                                        lambda service, *_: refreshed.append(service_label(service))):
+                failed.append(listed["ID"])
+        self.state["retry"] = failed
+        self.save()
+        log.info("Refreshed registry auth of %d service(s)%s%s%s", len(refreshed),
+                 " (retrying those that failed)" if only is not None else "",
+                 f"; {len(skipped)} skipped" if skipped else "", f"; {len(failed)} failed" if failed else "")
+        return not failed
 
 
 def service_label(service: dict) -> str:
@@ -1078,7 +1494,7 @@ def write_reports(deployer: Deployer, args: argparse.Namespace) -> None:
             summary = {"time": round(time.time(), 3), "messages": deployer.totals["messages"],
                        "services_updated": deployer.totals["services_updated"],
                        "rollouts": dict(deployer.totals["rollouts"]),
-                       "rollouts_pending": len(deployer.pending),
+                       "rollouts_pending": len(deployer.rollouts.pending),
                        "last_success": deployer.totals["last_success"]}
             write_atomically(args.summary_file, json.dumps(summary, indent=2) + "\n")
         if args.metrics_file:
@@ -1237,49 +1653,47 @@ def drain_once(deployer: Deployer, signals: Signals, args: argparse.Namespace) -
     """Receive until the queue is empty. A message seen once in this run is not handled again:
     a failed one stays for a later run, and a dry run makes exactly one pass."""
     seen: set[str] = set()
-    failed = False
+    failed = waiting = False
     while not signals.requested:
         fresh = [m for m in deployer.receive_batch(FIRST_WAIT_ONCE) if m["MessageId"] not in seen]
         if not fresh:
             break
-        kept = deployer.handle(fresh).kept
-        failed = failed or bool(kept and not deployer.dry_run)
+        result = deployer.handle(fresh)
+        failed = failed or bool(result.failed and not deployer.dry_run)
+        waiting = waiting or bool(result.waiting and not deployer.dry_run)
         seen.update(m["MessageId"] for m in fresh)
     if failed:
         log.error("Some messages were left on the queue for retry")
-    while deployer.pending and not signals.requested:  # --wait
+    while deployer.rollouts.pending and not signals.requested:  # --wait
         try:
             signals.sleep(1)
         except Shutdown:
             break
-        deployer.check_rollouts()
+        deployer.rollouts.check()
     write_reports(deployer, args)
-    incomplete = [o for o in deployer.outcomes if o != "completed"] + [r.label for r in deployer.pending]
-    return 1 if failed or incomplete else 0
+    rollouts = deployer.rollouts
+    incomplete = [o for o in rollouts.outcomes if o != "completed"] + [r.label for r in rollouts.pending]
+    return 1 if failed or waiting or incomplete else 0  # waiting: left on the queue, for a later run
 
 
 def poll_forever(deployer: Deployer, signals: Signals, args: argparse.Namespace) -> int:
     systemd, backoff = deployer.systemd, Backoff()
-    next_refresh = time.monotonic() if args.auth_refresh else float("inf")
     while not signals.requested:
         systemd.heartbeat()
         try:
-            if time.monotonic() >= next_refresh:
-                next_refresh = time.monotonic() + min(args.auth_refresh, AUTH_REFRESH_RETRY)  # if it fails
-                if deployer.refresh_auth():
-                    next_refresh = time.monotonic() + args.auth_refresh
+            deployer.keeper.run_if_due()
             if not systemd.is_ready:
                 wait = FIRST_WAIT_ONCE  # a quick first poll proves the queue works: READY=1 without delay
-            elif deployer.pending:
+            elif deployer.rollouts.pending:
                 wait = FIRST_WAIT_FOLLOWING
             else:
                 wait = FIRST_WAIT_LOOP
             messages = deployer.receive_batch(wait, signals.interruptible)
             systemd.ready()  # the first poll worked (Docker answered at start)
-            failed = len(deployer.handle(messages).kept) if messages else 0
-            ended = len(deployer.outcomes)
-            deployer.check_rollouts()
-            if messages or len(deployer.outcomes) != ended:
+            failed = len(deployer.handle(messages).failed) if messages else 0  # not those waiting for a scan
+            ended = len(deployer.rollouts.outcomes)
+            deployer.rollouts.check()
+            if messages or len(deployer.rollouts.outcomes) != ended:
                 write_reports(deployer, args)
         except (AwsError, DockerError) as e:
             log.error("%s", e)
@@ -1292,7 +1706,8 @@ def poll_forever(deployer: Deployer, signals: Signals, args: argparse.Namespace)
             failed = 1
         if not failed:
             backoff.reset()
-            systemd.status(f"following {len(deployer.pending)} rollout(s)" if deployer.pending else "idle")
+            pending = deployer.rollouts.pending
+            systemd.status(f"following {len(pending)} rollout(s)" if pending else "idle")
             continue
         try:
             signals.sleep(backoff.next())
@@ -1317,10 +1732,14 @@ def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deplo
     """Resolve the queue and reach Docker; in loop mode, wait out outages instead of failing."""
     session = aws_session()
     queue = Queue(session, args.queue) if args.queue else None
-    deployer = Deployer(queue, Ecr(session), Docker(os.environ.get("DOCKER_HOST")), args.filter_label,
+    ecr = Ecr(session)
+    deployer = Deployer(queue, ecr, Docker(os.environ.get("DOCKER_HOST")), args.filter_label,
                         trust_events=args.trust_events, follow_rollouts=(args.wait or not args.once) and not args.dry_run,
                         rollout_timeout=args.rollout_timeout, rollback_on_failure=args.rollback_on_failure,
-                        notify_urls=tuple(args.notify_url), dry_run=args.dry_run, systemd=systemd)
+                        notify_urls=tuple(args.notify_url), dry_run=args.dry_run, systemd=systemd,
+                        scan_gate=ScanGate(ecr, args.scan_threshold, args.scan_timeout),
+                        auth_refresh=0.0 if args.once else args.auth_refresh,
+                        state_directory=os.environ.get("STATE_DIRECTORY"))
     backoff = Backoff()
     while True:
         try:
@@ -1345,7 +1764,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         deployer = start(args, signals, systemd)
         if args.refresh_auth:
-            return 0 if deployer.refresh_auth() else 1
+            return 0 if deployer.keeper.run_pass() else 1
         log.info("ecr-deploy %s watching %s (Docker at %s, API %s)", __version__, deployer.queue.url,
                  deployer.docker.socket, deployer.docker.api_version)
         return drain_once(deployer, signals, args) if args.once else poll_forever(deployer, signals, args)
