@@ -2406,6 +2406,10 @@ def test_leader_killed_as_a_push_arrives_updates_once_after_the_election(aws, im
         wait_for(lambda: aws.queue_depth(queue) == 0, 30, what="the message to be deleted after the update")
         cluster.restart(leader)  # systemd's Restart=always; its task can only be replaced once it is back
         running.wait_line(f"Rollout of survivor ({sid[:12]}) to {new} ", timeout=120)
+        reported = time.monotonic() - killed
+        # Swarm may call the update completed while the node that came back still replaces its task.
+        wait_for(lambda: runs_everywhere(cluster, follower, sid, new), 60,
+                 what=lambda: f"v2 on every node: {follower.task_states(sid)}")
         converged = time.monotonic() - killed
         assert running.proc.poll() is None  # rode it out
         assert running.stop() == 0
@@ -2417,13 +2421,13 @@ def test_leader_killed_as_a_push_arrives_updates_once_after_the_election(aws, im
     assert log.index("Docker has not answered GET /services") < log.index("Updated service survivor"), log
     assert len(updated_lines(log)) == 1 and service_image_of(follower, sid) == (new, 1)  # exactly once
     assert "Traceback" not in log
-    # The rollout is reported as Swarm ended it, and it really ended so: v2 on every node.
+    # The rollout is reported as Swarm ended it; and v2 did reach every node (waited for above).
     state = follower.service(sid)["UpdateStatus"]["State"]
     assert state == "completed" and f"Rollout of survivor ({sid[:12]}) to {new} completed after" in log
-    assert runs_everywhere(cluster, follower, sid, new), follower.task_states(sid)
     with capsys.disabled():
         print(f"\n[cluster] leader SIGKILLed with a push in flight: spec updated after {spec_updated:.1f}s, "
-              f"rollout {state} on every node after {converged:.1f}s (its dockerd restarted once the spec was updated)")
+              f"rollout reported {state} after {reported:.1f}s, v2 on every node after {converged:.1f}s "
+              "(its dockerd restarted once the spec was updated)")
 
 
 def test_two_deployers_on_two_managers_share_a_queue_and_survive_one_managers_death(aws, images, clean_cluster,
