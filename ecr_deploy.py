@@ -535,6 +535,13 @@ class Scan(NamedTuple):
     counts: dict  # findingSeverityCounts
     description: str = ""
     waited: float | None = None  # s from the push to ECR's answer, by AWS's clock (pending scans only)
+    completed_at: datetime | None = None  # imageScanFindings.imageScanCompletedAt: findings are in
+
+
+def scan_finished(scan: Scan) -> bool:
+    """COMPLETE/ACTIVE count only with a completion time: enhanced scanning says COMPLETE (or ACTIVE)
+    for a while before Amazon Inspector's findings, and their counts, are in."""
+    return scan.status in SCAN_FINISHED and scan.completed_at is not None
 
 
 class Verdict(NamedTuple):
@@ -549,16 +556,17 @@ def counts_text(counts: dict) -> str:
 
 def scan_verdict(scan: Scan, threshold: str, timeout: float) -> Verdict:
     """The gate's rule: deploy only a finished scan with nothing at or above the threshold."""
-    if scan.status in SCAN_FINISHED:
+    if scan_finished(scan):
         too_severe = any(scan.counts.get(s, 0) > 0 for s in SEVERITIES[:SEVERITIES.index(threshold) + 1])
         return Verdict("blocked" if too_severe else "deploy",
                        f"ECR scan finds {counts_text(scan.counts)} (threshold {threshold})")
-    if scan.status in SCAN_PENDING:
+    if scan.status in SCAN_PENDING + SCAN_FINISHED:
+        status = scan.status if scan.status in SCAN_PENDING else f"{scan.status} without findings yet"
         if scan.waited is not None and scan.waited > timeout:
             return Verdict("blocked", f"no finished ECR scan {scan.waited:.0f}s after the push "
-                                      f"(--scan-timeout {timeout:.0f}s; ECR says {scan.status})")
+                                      f"(--scan-timeout {timeout:.0f}s; ECR says {status})")
         waited = "" if scan.waited is None else f", {scan.waited:.0f}s after the push"
-        return Verdict("wait", f"ECR scan is {scan.status}{waited}")
+        return Verdict("wait", f"ECR scan is {status}{waited}")
     return Verdict("blocked", SCAN_FIXES.get(scan.status) or f"ECR scan {scan.status}: {scan.description} (scan it "
                    f"again with aws ecr start-image-scan, or label the service {SCAN_THRESHOLD_LABEL}=off)")
 
@@ -704,10 +712,10 @@ class Ecr:
             if error_code(e) in ("ScanNotFoundException", "AccessDeniedException"):
                 return Scan("NOT_FOUND" if error_code(e) == "ScanNotFoundException" else "DENIED", {})
             raise AwsError.wrap(e, f"cannot read the ECR scan of {repository}@{digest}") from None
-        status = reply.get("imageScanStatus") or {}
-        scan = Scan(status.get("status", "?"), (reply.get("imageScanFindings") or {}).get("findingSeverityCounts") or {},
-                    status.get("description") or "")
-        if scan.status not in SCAN_PENDING:
+        status, findings = reply.get("imageScanStatus") or {}, reply.get("imageScanFindings") or {}
+        scan = Scan(status.get("status", "?"), findings.get("findingSeverityCounts") or {},
+                    status.get("description") or "", completed_at=findings.get("imageScanCompletedAt"))
+        if scan.status not in SCAN_PENDING + SCAN_FINISHED or scan_finished(scan):
             return scan
         try:
             image = self._client(region).describe_images(registryId=account, repositoryName=repository,

@@ -1649,6 +1649,7 @@ def test_scan_threshold_label_wins_over_the_default(labels, default, expected):
 
 
 DONE = "COMPLETE"
+SCANNED_AT = datetime.datetime(2026, 11, 16, 2, 9, 58, tzinfo=datetime.timezone.utc)
 
 
 @pytest.mark.parametrize("status,counts,threshold,waited,decision,words", [
@@ -1676,7 +1677,23 @@ DONE = "COMPLETE"
     ("SCAN_ELIGIBILITY_EXPIRED", {}, "CRITICAL", None, "blocked", "SCAN_ELIGIBILITY_EXPIRED"),
 ])
 def test_scan_verdict(status, counts, threshold, waited, decision, words):
-    verdict = ed.scan_verdict(ed.Scan(status, counts, "the description", waited), threshold, timeout=1800.0)
+    scan = ed.Scan(status, counts, "the description", waited, completed_at=SCANNED_AT)
+    verdict = ed.scan_verdict(scan, threshold, timeout=1800.0)
+    assert verdict.decision == decision
+    assert words in verdict.reason
+
+
+@pytest.mark.parametrize("status,counts,waited,decision,words", [
+    # Enhanced scanning answers COMPLETE with no counts for a few seconds after the push (aws/aws-sdk#289),
+    # or ACTIVE with findings [] (aws/aws-cli#6759): without imageScanCompletedAt, nothing is known yet.
+    (DONE, {}, 3.0, "wait", "ECR scan is COMPLETE without findings yet, 3s after the push"),
+    ("ACTIVE", {}, 3.0, "wait", "ECR scan is ACTIVE without findings yet"),
+    (DONE, {"MEDIUM": 1}, None, "wait", "ECR scan is COMPLETE without findings yet"),
+    (DONE, {}, 1801.0, "blocked", "no finished ECR scan 1801s after the push (--scan-timeout 1800s; "
+                                  "ECR says COMPLETE without findings yet)"),
+])
+def test_a_finished_scan_without_a_completion_time_is_not_clean(status, counts, waited, decision, words):
+    verdict = ed.scan_verdict(ed.Scan(status, counts, "", waited, completed_at=None), "CRITICAL", timeout=1800.0)
     assert verdict.decision == decision
     assert words in verdict.reason
 
@@ -1743,6 +1760,7 @@ def test_gated_services_deploy_clean_digests_and_block_the_rest(aws, images, cle
         "gate-off": ("off", "gate-critical", "deployed"),  # shares gate-critical's push
         "gate-never": ("CRITICAL", None, "ECR has no scan of this image: turn on scan on push"),
         "gate-failed": (None, ("FAILED", {}), "ECR scan FAILED: moto says FAILED"),
+        "gate-no-findings-yet": (None, (DONE, {}, False, False), "ECR says COMPLETE without findings yet"),
         "gate-bad-label": ("SEVERE", (DONE, {}), "label ecr-deploy.scan-threshold: scan threshold must be one of"),
     }
     repos, ids = {}, {}
@@ -1783,7 +1801,7 @@ def test_gated_services_deploy_clean_digests_and_block_the_rest(aws, images, cle
         else:
             assert swarm.service(ids[name])["Version"]["Index"] == before[name], name  # not even re-posted
             line = next(line for line in run.stderr.splitlines() if f"Blocked service {name} " in line)
-            assert f" ERROR Blocked service {name} ({ids[name][:12]}) from {new}: {outcome}" in line
+            assert f" ERROR Blocked service {name} ({ids[name][:12]}) from {new}: " in line and outcome in line
             blocked[name] = (new, outcome)
     assert "Service gate-clean" in run.stderr and "passes its scan gate" in run.stderr
     assert "MEDIUM 3, UNDEFINED 1, UNTRIAGED 2 (threshold HIGH)" in run.stderr
