@@ -32,7 +32,7 @@ import urllib.parse
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import NamedTuple
 
 import botocore.config
@@ -379,6 +379,11 @@ def service_image(service: dict) -> ImageRef | None:
     return parse_image_ref(label) if label else running_image(service)
 
 
+def runs_digest(service: dict, digest: str) -> bool:
+    current = running_image(service)
+    return current is not None and current.digest == digest
+
+
 def uses_image(service: dict, push: Push) -> ImageRef | None:
     """The service's reference to the pushed REPOSITORY:TAG, or None if it runs something else."""
     ref = service_image(service)
@@ -534,8 +539,20 @@ class Scan(NamedTuple):
     status: str  # imageScanStatus.status, or NOT_FOUND / DENIED
     counts: dict  # findingSeverityCounts
     description: str = ""
-    waited: float | None = None  # s from the push to ECR's answer, by AWS's clock (pending scans only)
+    waited: float | None = None  # s from the push event to ECR's answer, both by AWS's clock
     completed_at: datetime | None = None  # imageScanFindings.imageScanCompletedAt: findings are in
+    answered_at: datetime | None = None  # the Date of ECR's answer
+
+
+def seconds_after(event_time: str, answered_at: datetime | None) -> float | None:
+    """From an event's time to ECR's answer: both AWS's clocks (the deployer's own may be off).
+    None when either is missing or unreadable."""
+    try:
+        since = datetime.fromisoformat(event_time)
+        since = since if since.tzinfo else since.replace(tzinfo=timezone.utc)
+        return (answered_at - since).total_seconds()
+    except (ValueError, TypeError):
+        return None
 
 
 def scan_finished(scan: Scan) -> bool:
@@ -562,11 +579,13 @@ def scan_verdict(scan: Scan, threshold: str, timeout: float) -> Verdict:
                        f"ECR scan finds {counts_text(scan.counts)} (threshold {threshold})")
     if scan.status in SCAN_PENDING + SCAN_FINISHED:
         status = scan.status if scan.status in SCAN_PENDING else f"{scan.status} without findings yet"
-        if scan.waited is not None and scan.waited > timeout:
+        if scan.waited is None:  # fail closed: a wait that cannot be measured cannot be bounded
+            return Verdict("blocked", f"ECR scan is {status}, and the push event has no time to measure "
+                                      f"--scan-timeout from")
+        if scan.waited > timeout:
             return Verdict("blocked", f"no finished ECR scan {scan.waited:.0f}s after the push "
                                       f"(--scan-timeout {timeout:.0f}s; ECR says {status})")
-        waited = "" if scan.waited is None else f", {scan.waited:.0f}s after the push"
-        return Verdict("wait", f"ECR scan is {status}{waited}")
+        return Verdict("wait", f"ECR scan is {status}, {scan.waited:.0f}s after the push")
     return Verdict("blocked", SCAN_FIXES.get(scan.status) or f"ECR scan {scan.status}: {scan.description} (scan it "
                    f"again with aws ecr start-image-scan, or label the service {SCAN_THRESHOLD_LABEL}=off)")
 
@@ -702,28 +721,23 @@ class Ecr:
         return digests[0]
 
     def scan(self, account: str, region: str, repository: str, digest: str) -> Scan:
-        """ECR's scan of the digest (DescribeImageScanFindings). For a scan still pending, how
-        long since the push, both ends by AWS's clock: the deployer's own may be off."""
-        image_id = {"imageDigest": digest}
+        """ECR's scan of the digest (DescribeImageScanFindings), with the time of ECR's answer.
+        The counts are totals: one finding per page is enough."""
         try:
             reply = self._client(region).describe_image_scan_findings(
-                registryId=account, repositoryName=repository, imageId=image_id)
+                registryId=account, repositoryName=repository, imageId={"imageDigest": digest}, maxResults=1)
         except AWS_ERRORS as e:
             if error_code(e) in ("ScanNotFoundException", "AccessDeniedException"):
                 return Scan("NOT_FOUND" if error_code(e) == "ScanNotFoundException" else "DENIED", {})
             raise AwsError.wrap(e, f"cannot read the ECR scan of {repository}@{digest}") from None
         status, findings = reply.get("imageScanStatus") or {}, reply.get("imageScanFindings") or {}
-        scan = Scan(status.get("status", "?"), findings.get("findingSeverityCounts") or {},
-                    status.get("description") or "", completed_at=findings.get("imageScanCompletedAt"))
-        if scan.status not in SCAN_PENDING + SCAN_FINISHED or scan_finished(scan):
-            return scan
         try:
-            image = self._client(region).describe_images(registryId=account, repositoryName=repository,
-                                                         imageIds=[image_id])["imageDetails"][0]
-            now = email.utils.parsedate_to_datetime(reply["ResponseMetadata"]["HTTPHeaders"]["date"])
-            return scan._replace(waited=(now - image["imagePushedAt"]).total_seconds())
-        except (*AWS_ERRORS, KeyError, IndexError, TypeError, ValueError) as e:
-            raise AwsError.wrap(e, f"cannot tell when {repository}@{digest} was pushed") from None
+            answered_at = email.utils.parsedate_to_datetime(reply["ResponseMetadata"]["HTTPHeaders"]["date"])
+        except (KeyError, TypeError, ValueError):
+            answered_at = None
+        return Scan(status.get("status", "?"), findings.get("findingSeverityCounts") or {},
+                    status.get("description") or "", completed_at=findings.get("imageScanCompletedAt"),
+                    answered_at=answered_at)
 
     def credentials(self, account: str, region: str) -> tuple[str, str]:
         """(username, password) for the registry, cached and refreshed at half its lifetime."""
@@ -849,7 +863,8 @@ class ScanGate:
         key = (push.account, push.region, push.repository, digest)
         if key not in self._scans:
             self._scans[key] = self.ecr.scan(*key)
-        return scan_verdict(self._scans[key], threshold, self.timeout)
+        scan = self._scans[key]  # the wait runs from the newest push of the tag, not the digest's first
+        return scan_verdict(scan._replace(waited=seconds_after(push.time, scan.answered_at)), threshold, self.timeout)
 
 
 # --------------------------------------------------------------------------- the drain cycle
@@ -1044,13 +1059,16 @@ class Deployer:
 
     def gated_pin(self, service: dict, push: Push, digest: str, result: CycleResult) -> bool | None:
         """pin_service behind the scan gate: True done (or blocked), False failed, None waits for the scan."""
-        current = running_image(service)
+        if runs_digest(service, digest):
+            return self.pin_service(service, push, digest, result)  # says it has nothing to do
         try:
-            verdict = None if current and current.digest == digest or not self.scan_gate \
-                else self.scan_gate.verdict(service, push, digest)
+            verdict = self.scan_gate.verdict(service, push, digest) if self.scan_gate else None
         except AwsError as e:
             log.error("Cannot check the ECR scan for service %s: %s", service_label(service), e)
             return False
+        if verdict is None and push.from_scan:
+            log.info("Service %s has no scan gate: a scan event does not roll it", service_label(service))
+            return True
         if verdict is None:
             return self.pin_service(service, push, digest, result)
         image = pinned_image(uses_image(service, push), push.tag, digest)
@@ -1083,8 +1101,7 @@ class Deployer:
                 log.info("Service %s no longer uses %s; skipped", service_label(service), push.image)
                 return None
             image = pinned_image(ref, push.tag, digest)
-            current = running_image(service)
-            if current and current.digest == digest:
+            if runs_digest(service, digest):
                 log.info("Service %s already runs %s; nothing to do", service_label(service), image)
                 return None
             if self.dry_run:

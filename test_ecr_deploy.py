@@ -1669,6 +1669,7 @@ SCANNED_AT = datetime.datetime(2026, 11, 16, 2, 9, 58, tzinfo=datetime.timezone.
     ("PENDING", {}, "HIGH", 0.0, "wait", "PENDING"),
     ("IN_PROGRESS", {}, "HIGH", 1800.0, "wait", "1800s"),  # the timeout itself is still within
     ("IN_PROGRESS", {}, "HIGH", 1801.0, "blocked", "no finished ECR scan 1801s after the push (--scan-timeout 1800s"),
+    ("IN_PROGRESS", {}, "HIGH", None, "blocked", "ECR scan is IN_PROGRESS, and the push event has no time"),
     ("NOT_FOUND", {}, "HIGH", None, "blocked", "turn on scan on push"),
     ("DENIED", {}, "CRITICAL", None, "blocked", "grant ecr:DescribeImageScanFindings"),
     ("FAILED", {}, "CRITICAL", None, "blocked", "ECR scan FAILED: the description (scan it again with aws ecr "
@@ -1683,12 +1684,30 @@ def test_scan_verdict(status, counts, threshold, waited, decision, words):
     assert words in verdict.reason
 
 
+ANSWERED_AT = datetime.datetime(2026, 11, 16, 1, 55, 4, tzinfo=datetime.timezone.utc)  # ECR's Date header
+
+
+@pytest.mark.parametrize("event_time,answered_at,expected", [
+    ("2026-11-16T01:54:34Z", ANSWERED_AT, 30.0),  # EventBridge's spelling
+    ("2026-11-16T01:54:34.500Z", ANSWERED_AT, 29.5),
+    ("2026-11-16T01:54:34", ANSWERED_AT, 30.0),  # no zone: UTC, as EventBridge means it
+    ("2026-11-16T02:54:34+01:00", ANSWERED_AT, 30.0),
+    ("2026-11-16T01:56:04Z", ANSWERED_AT, -60.0),  # AWS's clocks disagree a little: still a number
+    ("", ANSWERED_AT, None),  # no event time (a hand-made message)
+    ("yesterday", ANSWERED_AT, None),
+    ("2026-11-16T01:54:34Z", None, None),  # no Date from ECR
+])
+def test_the_scan_wait_runs_from_the_push_event_by_aws_clocks(event_time, answered_at, expected):
+    assert ed.seconds_after(event_time, answered_at) == expected
+
+
 @pytest.mark.parametrize("status,counts,waited,decision,words", [
     # Enhanced scanning answers COMPLETE with no counts for a few seconds after the push (aws/aws-sdk#289),
     # or ACTIVE with findings [] (aws/aws-cli#6759): without imageScanCompletedAt, nothing is known yet.
     (DONE, {}, 3.0, "wait", "ECR scan is COMPLETE without findings yet, 3s after the push"),
     ("ACTIVE", {}, 3.0, "wait", "ECR scan is ACTIVE without findings yet"),
-    (DONE, {"MEDIUM": 1}, None, "wait", "ECR scan is COMPLETE without findings yet"),
+    (DONE, {"MEDIUM": 1}, 5.0, "wait", "ECR scan is COMPLETE without findings yet"),
+    (DONE, {}, None, "blocked", "the push event has no time to measure --scan-timeout from"),
     (DONE, {}, 1801.0, "blocked", "no finished ECR scan 1801s after the push (--scan-timeout 1800s; "
                                   "ECR says COMPLETE without findings yet)"),
 ])
@@ -1748,12 +1767,16 @@ def service_image(swarm, sid):
     return swarm.service(sid)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
 
 
+def event_time(epoch: float | None = None) -> str:
+    """Now (or then), as EventBridge writes an event's time: the scan wait runs from it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if epoch is None else epoch))
+
+
 def test_gated_services_deploy_clean_digests_and_block_the_rest(aws, images, clean_swarm, webhook, tmp_path):
     swarm, registry = clean_swarm, REGISTRIES[0]
     account, region = registry.account, registry.region
     stuck_repo = images.new_repository()
     stuck = [aws.put_image(account, region, stuck_repo, "latest", v) for v in ("v1", "v2")]
-    pushed_at = time.monotonic()
     cases = {  # service: (label, scan of v2 as (status, counts) or None, what becomes of the service)
         "gate-clean": ("HIGH", (DONE, {"MEDIUM": 3, "UNTRIAGED": 2, "UNDEFINED": 1}), "deployed"),
         "gate-critical": (None, (DONE, {"CRITICAL": 1, "HIGH": 2}), "ECR scan finds CRITICAL 1, HIGH 2 (threshold HIGH)"),
@@ -1783,8 +1806,10 @@ def test_gated_services_deploy_clean_digests_and_block_the_rest(aws, images, cle
     cases["gate-stuck"] = (None, None, "no finished ECR scan")
     before = {name: swarm.service(sid)["Version"]["Index"] for name, sid in ids.items()}
     queue = aws.new_queue()
-    aws.send(queue, *(event(repository=repo, digest=v2) for repo, v2 in {r: v2 for r, (_, v2) in repos.values()}.items()))
-    time.sleep(max(0.0, pushed_at + 2.1 - time.monotonic()))  # AWS's clock, to the second: more than 1 s
+    pushed_at = int(time.time())  # the events' time, to the second as EventBridge writes it
+    aws.send(queue, *(event(repository=repo, digest=v2, time=event_time(pushed_at))
+                      for repo, v2 in {r: v2 for r, (_, v2) in repos.values()}.items()))
+    time.sleep(max(0.0, pushed_at + 2.05 - time.time()))  # ECR's Date, to the second: more than 1 s later
     summary, metrics = tmp_path / "summary.json", tmp_path / "metrics.prom"
     run = run_once(deployer_env(aws, swarm), "--queue", queue, "--scan-threshold", "HIGH", "--scan-timeout", "1s",
                    "--notify-url", webhook.url, "--summary-file", str(summary), "--metrics-file", str(metrics))
@@ -1815,6 +1840,28 @@ def test_gated_services_deploy_clean_digests_and_block_the_rest(aws, images, cle
     assert f'ecr_deploy_rollouts_total{{outcome="blocked"}} {len(blocked)}' in metrics.read_text()
 
 
+def test_a_scan_event_rolls_only_gated_services(aws, images, clean_swarm):
+    """A scan event says the scan is done, not that the tag moved: ungated services wait for pushes."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region = registry.account, registry.region
+    repo = images.new_repository()
+    v1, v2 = (aws.put_image(account, region, repo, "latest", v) for v in ("v1", "v2"))
+    aws.set_scan(account, region, repo, v2, DONE, {"LOW": 1})
+    pinned = f"{registry.host}/{repo}:latest@{v1}"
+    gated = swarm.create_service("scan-gated", pinned, registry=registry, replicas=0,
+                                 labels={ed.SCAN_THRESHOLD_LABEL: "HIGH"})
+    ungated = swarm.create_service("scan-ungated", pinned, registry=registry, replicas=0)
+    ungated_version = swarm.service(ungated)["Version"]["Index"]
+    queue = aws.new_queue()
+    aws.send(queue, scan_event(repository=repo, digest=v2, counts={"LOW": 1}))
+    run = run_once(deployer_env(aws, swarm), "--queue", queue)
+    assert run.returncode == 0, run.stderr
+    assert service_image_of(swarm, gated)[0] == f"{registry.host}/{repo}:latest@{v2}"
+    assert swarm.service(ungated)["Version"]["Index"] == ungated_version, run.stderr
+    assert f"Service scan-ungated ({ungated[:12]}) has no scan gate: a scan event does not roll it" in run.stderr
+    assert aws.queue_depth(queue) == 0
+
+
 def test_gated_service_deploys_within_seconds_of_its_scan_event(aws, images, clean_swarm):
     swarm, registry = clean_swarm, REGISTRIES[0]
     account, region = registry.account, registry.region
@@ -1824,7 +1871,7 @@ def test_gated_service_deploys_within_seconds_of_its_scan_event(aws, images, cle
                                labels={ed.SCAN_THRESHOLD_LABEL: "CRITICAL"})  # the label alone gates
     aws.set_scan(account, region, repo, v2, "IN_PROGRESS")
     once_queue = aws.new_queue()  # --once: the push waits on the queue for a later run, exit 1, no error
-    aws.send(once_queue, event(repository=repo, digest=v2))
+    aws.send(once_queue, event(repository=repo, digest=v2, time=event_time()))
     run = run_once(deployer_env(aws, swarm), "--queue", once_queue)
     assert run.returncode == 1, run.stderr
     assert "waits for its scan gate" in run.stderr and " ERROR " not in run.stderr
@@ -1835,7 +1882,7 @@ def test_gated_service_deploys_within_seconds_of_its_scan_event(aws, images, cle
     env = deployer_env(aws, swarm, LD_PRELOAD=FAKETIME, FAKETIME="+2h")
     deployer = Running(env, "--queue", queue)
     try:
-        aws.send(queue, event(repository=repo, digest=v2))
+        aws.send(queue, event(repository=repo, digest=v2, time=event_time()))
         deployer.wait_line("waits for its scan gate", timeout=30)
         assert "ECR scan is IN_PROGRESS" in deployer.log
         assert service_image(swarm, sid).endswith(v1)
