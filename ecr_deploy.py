@@ -275,7 +275,7 @@ def parse_event(event: dict) -> Push | ScanDone | Ignored:
     if event.get("source") != "aws.ecr":
         return Ignored(f"source is {shown(event.get('source'))}, not aws.ecr")
     if event.get("detail-type") not in ("ECR Image Action", "ECR Image Scan"):
-        return Ignored(f"detail-type is {shown(event.get('detail-type'))}, not ECR Image Action")
+        return Ignored(f"detail-type is {shown(event.get('detail-type'))}, not ECR Image Action or ECR Image Scan")
     detail = event.get("detail")
     if not isinstance(detail, dict):
         return Ignored("event has no detail object", suspicious=True)
@@ -511,10 +511,22 @@ SCAN_THRESHOLD_LABEL = "ecr-deploy.scan-threshold"
 SEVERITIES = ("CRITICAL", "HIGH", "MEDIUM", "LOW", "INFORMATIONAL")
 SCAN_PENDING = ("PENDING", "IN_PROGRESS")
 SCAN_FINISHED = ("COMPLETE", "ACTIVE")  # ACTIVE: enhanced scanning, findings kept current
+OR_OFF = f"or label the service {SCAN_THRESHOLD_LABEL}=off"
 SCAN_FIXES = {  # why a digest without usable findings is blocked, and what to do about it
-    "NOT_FOUND": "ECR has no scan of this image: turn on scan on push for the repository "
-                 f"(or registry scanning), or label the service {SCAN_THRESHOLD_LABEL}=off",
-    "DENIED": "not allowed to read ECR scan findings: grant ecr:DescribeImageScanFindings",
+    "NOT_FOUND": f"ECR has no scan of this image: turn on scan on push for the repository (or registry scanning), "
+                 f"{OR_OFF}",
+    "DENIED": "not allowed to read ECR scan findings: grant ecr:DescribeImageScanFindings (for another account's "
+              "registry, its repository policy must allow it too)",
+    "SCAN_ELIGIBILITY_EXPIRED": "ECR scan SCAN_ELIGIBILITY_EXPIRED: Amazon Inspector no longer scans this image, "
+                                "older than its ECR re-scan duration; lengthen that duration in Amazon Inspector "
+                                f"or push a fresh build, {OR_OFF}",
+    "FINDINGS_UNAVAILABLE": "ECR scan FINDINGS_UNAVAILABLE: Amazon Inspector has no findings for this image; check "
+                            f"its coverage in the Amazon Inspector console and push it again, {OR_OFF}",
+    "LIMIT_EXCEEDED": "ECR scan LIMIT_EXCEEDED: ECR's scan quota is used up (basic scanning: one scan per image a "
+                      f"day); scan it again later with aws ecr start-image-scan, {OR_OFF}",
+    "IMAGE_ARCHIVED": "ECR scan IMAGE_ARCHIVED: the image is in ECR's archive storage class, where it is neither "
+                      "scanned nor pulled; restore it with aws ecr update-image-storage-class "
+                      f"--target-storage-class STANDARD, {OR_OFF}",
 }
 
 
@@ -536,7 +548,7 @@ def scan_threshold(labels: dict | None, default: str | None) -> str | None:
 
 class Scan(NamedTuple):
     """What ECR says about one digest's scan."""
-    status: str  # imageScanStatus.status, or NOT_FOUND / DENIED
+    status: str  # imageScanStatus.status, or NOT_FOUND / DENIED / GONE (no such image or repository)
     counts: dict  # findingSeverityCounts
     description: str = ""
     waited: float | None = None  # s from the push event to ECR's answer, both by AWS's clock
@@ -562,7 +574,7 @@ def scan_finished(scan: Scan) -> bool:
 
 
 class Verdict(NamedTuple):
-    decision: str  # deploy, wait or blocked
+    decision: str  # deploy, wait, blocked or gone
     reason: str
 
 
@@ -586,8 +598,10 @@ def scan_verdict(scan: Scan, threshold: str, timeout: float) -> Verdict:
             return Verdict("blocked", f"no finished ECR scan {scan.waited:.0f}s after the push "
                                       f"(--scan-timeout {timeout:.0f}s; ECR says {status})")
         return Verdict("wait", f"ECR scan is {status}, {scan.waited:.0f}s after the push")
+    if scan.status == "GONE":
+        return Verdict("gone", "the image is no longer in ECR; nothing to deploy")
     return Verdict("blocked", SCAN_FIXES.get(scan.status) or f"ECR scan {scan.status}: {scan.description} (scan it "
-                   f"again with aws ecr start-image-scan, or label the service {SCAN_THRESHOLD_LABEL}=off)")
+                   f"again with aws ecr start-image-scan, {OR_OFF})")
 
 
 # --------------------------------------------------------------------------- AWS shell
@@ -688,6 +702,10 @@ class Token:
     cycle: int  # drain cycle that fetched it: an already-expired token lives for that cycle only
 
 
+SCAN_ERRORS = {"ScanNotFoundException": "NOT_FOUND", "AccessDeniedException": "DENIED",
+               "ImageNotFoundException": "GONE", "RepositoryNotFoundException": "GONE"}
+
+
 class Ecr:
     def __init__(self, session: botocore.session.Session):
         self._session = session
@@ -727,8 +745,8 @@ class Ecr:
             reply = self._client(region).describe_image_scan_findings(
                 registryId=account, repositoryName=repository, imageId={"imageDigest": digest}, maxResults=1)
         except AWS_ERRORS as e:
-            if error_code(e) in ("ScanNotFoundException", "AccessDeniedException"):
-                return Scan("NOT_FOUND" if error_code(e) == "ScanNotFoundException" else "DENIED", {})
+            if error_code(e) in SCAN_ERRORS:
+                return Scan(SCAN_ERRORS[error_code(e)], {})
             raise AwsError.wrap(e, f"cannot read the ECR scan of {repository}@{digest}") from None
         status, findings = reply.get("imageScanStatus") or {}, reply.get("imageScanFindings") or {}
         try:
@@ -1076,6 +1094,9 @@ class Deployer:
             log.info("Service %s waits for its scan gate before %s: %s; message kept", service_label(service),
                      image, verdict.reason)
             return None
+        if verdict.decision == "gone":
+            log.info("Service %s not rolled to %s: %s", service_label(service), image, verdict.reason)
+            return True
         if verdict.decision == "blocked":
             self.blocked(service, image, verdict.reason)
             return True

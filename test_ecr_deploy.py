@@ -124,6 +124,8 @@ REJECTED = [  # (body text, words in the reason, suspicious)
     (json.dumps(event(source="aws.s3")), "source is 'aws.s3'", False),
     (json.dumps(without(event(), "source")), "source is None", False),
     (json.dumps(event(**{"detail-type": "ECR Image Scan"})), "scan-status is None", False),
+    (json.dumps(event(**{"detail-type": "ECR Lifecycle Action"})),
+     "detail-type is 'ECR Lifecycle Action', not ECR Image Action or ECR Image Scan", False),
     (json.dumps(without(event(), "detail")), "no detail", True),
     (json.dumps(event(detail="PUSH")), "no detail", True),
     (json.dumps(event(action="DELETE")), "action-type is 'DELETE'", False),
@@ -1675,7 +1677,14 @@ SCANNED_AT = datetime.datetime(2026, 11, 16, 2, 9, 58, tzinfo=datetime.timezone.
     ("FAILED", {}, "CRITICAL", None, "blocked", "ECR scan FAILED: the description (scan it again with aws ecr "
                                                 "start-image-scan, or label the service ecr-deploy.scan-threshold=off)"),
     ("UNSUPPORTED_IMAGE", {}, "CRITICAL", None, "blocked", "ECR scan UNSUPPORTED_IMAGE"),
-    ("SCAN_ELIGIBILITY_EXPIRED", {}, "CRITICAL", None, "blocked", "SCAN_ELIGIBILITY_EXPIRED"),
+    ("DENIED", {}, "CRITICAL", None, "blocked", "for another account's registry, its repository policy must allow"),
+    ("SCAN_ELIGIBILITY_EXPIRED", {}, "CRITICAL", None, "blocked", "lengthen that duration in Amazon Inspector"),
+    ("FINDINGS_UNAVAILABLE", {}, "CRITICAL", None, "blocked", "check its coverage in the Amazon Inspector console"),
+    ("LIMIT_EXCEEDED", {}, "CRITICAL", None, "blocked", "scan it again later with aws ecr start-image-scan"),
+    ("IMAGE_ARCHIVED", {}, "CRITICAL", None, "blocked", "aws ecr update-image-storage-class --target-storage-class "
+                                                        "STANDARD"),
+    ("IMAGE_SIZE_EXCEEDED", {}, "CRITICAL", None, "blocked", "ECR scan IMAGE_SIZE_EXCEEDED: the description (scan"),
+    ("GONE", {}, "CRITICAL", None, "gone", "the image is no longer in ECR; nothing to deploy"),
 ])
 def test_scan_verdict(status, counts, threshold, waited, decision, words):
     scan = ed.Scan(status, counts, "the description", waited, completed_at=SCANNED_AT)
@@ -1763,10 +1772,6 @@ def test_blocked_notification_names_the_reason_and_no_duration():
 FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"  # Debian package faketime
 
 
-def service_image(swarm, sid):
-    return swarm.service(sid)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
-
-
 def event_time(epoch: float | None = None) -> str:
     """Now (or then), as EventBridge writes an event's time: the scan wait runs from it."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if epoch is None else epoch))
@@ -1821,7 +1826,7 @@ def test_gated_services_deploy_clean_digests_and_block_the_rest(aws, images, cle
         repo, (v1, v2) = repos[name]
         old, new = f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{v2}"
         if outcome == "deployed":
-            assert service_image(swarm, ids[name]) == new, name
+            assert service_image_of(swarm, ids[name])[0] == new, name
             assert f"Updated service {name} ({ids[name][:12]}) to {new}" in run.stderr
         else:
             assert swarm.service(ids[name])["Version"]["Index"] == before[name], name  # not even re-posted
@@ -1862,7 +1867,26 @@ def test_a_scan_event_rolls_only_gated_services(aws, images, clean_swarm):
     assert aws.queue_depth(queue) == 0
 
 
-def test_gated_service_deploys_within_seconds_of_its_scan_event(aws, images, clean_swarm):
+def test_a_gated_push_of_an_image_gone_from_ecr_deploys_nothing_and_is_done(aws, images, clean_swarm):
+    """--trust-events skips DescribeImages: the scan call is the first to hear the image is gone."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = aws.put_image(registry.account, registry.region, repo, "latest", "v1")
+    sid = swarm.create_service("gate-gone", f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0,
+                               labels={ed.SCAN_THRESHOLD_LABEL: "HIGH"})
+    version = swarm.service(sid)["Version"]["Index"]
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=DIGEST_A, time=event_time()))  # DIGEST_A: never in ECR
+    run = run_once(deployer_env(aws, swarm), "--queue", queue, "--trust-events")
+    assert run.returncode == 0, run.stderr
+    assert aws.queue_depth(queue) == 0
+    assert swarm.service(sid)["Version"]["Index"] == version
+    assert f"Service gate-gone ({sid[:12]}) not rolled to {registry.host}/{repo}:latest@{DIGEST_A}: the image is " \
+           f"no longer in ECR; nothing to deploy" in run.stderr
+    assert " ERROR " not in run.stderr and "Traceback" not in run.stderr
+
+
+def test_gated_service_deploys_within_seconds_of_its_scan_event(aws, images, clean_swarm, tmp_path):
     swarm, registry = clean_swarm, REGISTRIES[0]
     account, region = registry.account, registry.region
     repo = images.new_repository()
@@ -1880,17 +1904,18 @@ def test_gated_service_deploys_within_seconds_of_its_scan_event(aws, images, cle
     queue = aws.new_queue()
     # Its clock two hours fast: the scan timeout (30 min) is measured by AWS's clock, or it would block.
     env = deployer_env(aws, swarm, LD_PRELOAD=FAKETIME, FAKETIME="+2h")
-    deployer = Running(env, "--queue", queue)
+    metrics = tmp_path / "metrics.prom"
+    deployer = Running(env, "--queue", queue, "--metrics-file", str(metrics))
     try:
         aws.send(queue, event(repository=repo, digest=v2, time=event_time()))
         deployer.wait_line("waits for its scan gate", timeout=30)
         assert "ECR scan is IN_PROGRESS" in deployer.log
-        assert service_image(swarm, sid).endswith(v1)
-        sent = time.monotonic()
+        assert service_image_of(swarm, sid)[0].endswith(v1)
         aws.send(queue, scan_event(repository=repo, digest=v1))  # an older digest's scan: nothing to do
         deployer.wait_line("not the digest just scanned; nothing to deploy", timeout=30)
-        # at once: a message kept only for its scan is no failure, so no backoff (of 1 s or more) either
-        assert time.monotonic() - sent < 0.9, deployer.log
+        # a message kept only for its scan is no failure, so no backoff either (the loop backs off on failures)
+        wait_for(lambda: 'result="ignored"} 1' in metrics.read_text(), 10, what=lambda: metrics.read_text())
+        assert 'ecr_deploy_messages_total{result="failed"} 0' in metrics.read_text()
 
         aws.set_scan(account, region, repo, v2, DONE, {"HIGH": 4}, again=True)
         sent = time.monotonic()
@@ -1901,7 +1926,7 @@ def test_gated_service_deploys_within_seconds_of_its_scan_event(aws, images, cle
         code = deployer.stop()
     assert code == 0, deployer.log
     assert took < 5, deployer.log  # no backoff for a message that only waited
-    assert service_image(swarm, sid) == f"{registry.host}/{repo}:latest@{v2}"
+    assert service_image_of(swarm, sid)[0] == f"{registry.host}/{repo}:latest@{v2}"
     assert "passes its scan gate" in deployer.log and "HIGH 4 (threshold CRITICAL)" in deployer.log
     assert " ERROR " not in deployer.log and "Traceback" not in deployer.log
     assert aws.queue_depth(queue) == 1  # the push, in flight; both scan events are deleted
