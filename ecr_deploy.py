@@ -272,8 +272,10 @@ def load_json_object(text: object, what: str) -> dict | Ignored:
 
 
 def parse_event(event: dict) -> Push | ScanDone | Ignored:
+    if event.get("source") == "aws.inspector2":
+        return parse_inspector_event(event)
     if event.get("source") != "aws.ecr":
-        return Ignored(f"source is {shown(event.get('source'))}, not aws.ecr")
+        return Ignored(f"source is {shown(event.get('source'))}, not aws.ecr or aws.inspector2")
     if event.get("detail-type") not in ("ECR Image Action", "ECR Image Scan"):
         return Ignored(f"detail-type is {shown(event.get('detail-type'))}, not ECR Image Action or ECR Image Scan")
     detail = event.get("detail")
@@ -304,6 +306,28 @@ def parse_scan_event(event: dict, detail: dict) -> ScanDone | Ignored:
     fields = {"account": event.get("account"), "region": event.get("region"),
               "repository": detail.get("repository-name"), "digest": detail.get("image-digest")}
     return invalid_field(fields) or ScanDone(**fields, tags=tuple(dict.fromkeys(tags)), time=event_time(event))
+
+
+INSPECTOR_REPOSITORY = re.compile(r"arn:aws(?:-cn|-us-gov)?:ecr:([^:]*):([^:]*):repository/(.*)")
+
+
+def parse_inspector_event(event: dict) -> ScanDone | Ignored:
+    """Amazon Inspector's "Inspector2 Scan" (enhanced scanning's first scan of an image): the same as
+    ECR's scan event, except that repository-name is the repository's ARN."""
+    if event.get("detail-type") != "Inspector2 Scan":
+        return Ignored(f"detail-type is {shown(event.get('detail-type'))}, not Inspector2 Scan")
+    detail = event.get("detail")
+    if not isinstance(detail, dict):
+        return Ignored("event has no detail object", suspicious=True)
+    if detail.get("scan-status") != "INITIAL_SCAN_COMPLETE":
+        return Ignored(f"scan-status is {shown(detail.get('scan-status'))}, not INITIAL_SCAN_COMPLETE")
+    if "repository-name" not in detail:
+        return Ignored("Inspector scan of something other than an ECR image")  # an EC2 instance, a Lambda
+    arn = INSPECTOR_REPOSITORY.fullmatch(detail["repository-name"]) \
+        if isinstance(detail["repository-name"], str) else None
+    if not arn or (arn[1], arn[2]) != (event.get("region"), event.get("account")):
+        return Ignored(f"invalid repository-name {shown(detail['repository-name'])}", suspicious=True)
+    return parse_scan_event(event, {**detail, "scan-status": "COMPLETE", "repository-name": arn[3]})
 
 
 def invalid_field(fields: dict) -> Ignored | None:

@@ -77,6 +77,8 @@ def test_samples_parse_as_documented():
     assert ed.parse_message(sample("sns-wrapped-push.json")) == push
     assert ed.parse_message(sample("ecr-scan.json")) == ed.ScanDone(
         "123456789012", "us-west-2", "my-repository-name", push.digest, ("latest",), "2026-11-16T02:10:00Z")
+    assert ed.parse_message(sample("inspector-scan.json")) == ed.ScanDone(
+        "123456789012", "us-west-2", "my-repository-name", push.digest, ("latest",), "2026-11-16T02:12:16Z")
     for name, reason in [("ecr-delete.json", "action-type is 'DELETE'"),
                          ("ecr-push-untagged.json", "untagged")]:
         ignored = ed.parse_message(sample(name))
@@ -1519,9 +1521,12 @@ def test_readme_aws_setup_blocks_run_against_moto(aws, tmp_path):
                        "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"}
     run_block(blocks[1], SCAN_GATE="1")  # the scan gate's option: finished scans go to the queue too
     pattern = json.loads(events.describe_rule(Name=f"ecr-push-to-{queue}")["EventPattern"])
-    assert pattern == {"source": ["aws.ecr"], "$or": [
-        {"detail-type": ["ECR Image Action"], "detail": {"action-type": ["PUSH"], "result": ["SUCCESS"]}},
-        {"detail-type": ["ECR Image Scan"], "detail": {"scan-status": ["COMPLETE"]}}]}
+    assert pattern == {"$or": [
+        {"source": ["aws.ecr"], "detail-type": ["ECR Image Action"],
+         "detail": {"action-type": ["PUSH"], "result": ["SUCCESS"]}},
+        {"source": ["aws.ecr"], "detail-type": ["ECR Image Scan"], "detail": {"scan-status": ["COMPLETE"]}},
+        {"source": ["aws.inspector2"], "detail-type": ["Inspector2 Scan"],
+         "detail": {"scan-status": ["INITIAL_SCAN_COMPLETE"]}}]}
 
 
 # =========================================================================== the benchmark, short, so it cannot rot
@@ -1626,6 +1631,41 @@ def test_scan_events_parse_strictly(body, expected):
                                          "2026-11-16T02:10:00Z", from_scan=True)]
     elif isinstance(expected, tuple):
         assert what.tags == expected
+    else:
+        assert isinstance(what, ed.Ignored) and expected in what.reason
+
+
+def inspector_event(**detail_changes) -> dict:
+    """Amazon Inspector's first scan of an ECR image (rig/samples/inspector-scan.json), detail changed."""
+    body = json.loads(sample("inspector-scan.json"))
+    body["detail"].update(detail_changes)
+    return body
+
+
+ARN = "arn:aws:ecr:us-west-2:123456789012:repository/"
+
+
+@pytest.mark.parametrize("body,expected", [
+    (inspector_event(**{"repository-name": ARN + "team/web"}), ("team/web", ("latest",))),
+    (inspector_event(**{"image-tags": ["v1", "latest"]}), ("my-repository-name", ("v1", "latest"))),
+    (inspector_event(**{"scan-status": "COMPLETE"}), "scan-status is 'COMPLETE', not INITIAL_SCAN_COMPLETE"),
+    (inspector_event(**{"repository-name": "my-repository-name"}), "invalid repository-name 'my-repository-name'"),
+    (inspector_event(**{"repository-name": ARN.replace("us-west-2", "eu-west-1") + "web"}), "invalid repository-name"),
+    (inspector_event(**{"repository-name": ARN.replace("123456789012", "210987654321") + "web"}),
+     "invalid repository-name"),
+    (inspector_event(**{"repository-name": ARN + "team/../web"}), "invalid repository"),
+    (inspector_event(**{"repository-name": ["web"]}), "invalid repository-name ['web']"),
+    (inspector_event(**{"image-tags": []}), "scan of an untagged image"),
+    (inspector_event(**{"image-digest": "sha256:EXAMPLE"}), "invalid digest"),
+    ({**inspector_event(), "detail-type": "Inspector2 Finding"}, "detail-type is 'Inspector2 Finding', not Inspector2 Scan"),
+    ({**inspector_event(), "detail": {"scan-status": "INITIAL_SCAN_COMPLETE", "instance-id": "i-087d63509b8c97098"}},
+     "Inspector scan of something other than an ECR image"),  # an EC2 instance's first scan
+])
+def test_inspector_scan_events_parse_strictly(body, expected):
+    what = ed.parse_message(json.dumps(body))
+    if isinstance(expected, tuple):
+        assert isinstance(what, ed.ScanDone) and (what.repository, what.tags) == expected
+        assert (what.account, what.region) == ("123456789012", "us-west-2")
     else:
         assert isinstance(what, ed.Ignored) and expected in what.reason
 
