@@ -573,17 +573,17 @@ def test_docker_unreachable_exits_1_and_keeps_the_message(aws):
     assert aws.queue_depth(queue) == 1
 
 
-def test_no_region_exits_1_with_a_clear_line(aws, swarm):
+def test_no_region_exits_3_with_a_clear_line(aws, swarm):
     env = deployer_env(aws, swarm)
     del env["AWS_REGION"]
     run = run_once(env, "--queue", "some-queue")
-    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.returncode == 3 and "Traceback" not in run.stderr
     assert run.stderr.strip().endswith("no AWS region: set AWS_REGION, or give the queue's full URL")
 
 
-def test_unknown_queue_exits_1_with_a_clear_line(aws, swarm):
+def test_unknown_queue_exits_3_with_a_clear_line(aws, swarm):
     run = run_once(deployer_env(aws, swarm), "--queue", "no-such-queue")
-    assert run.returncode == 1
+    assert run.returncode == 3
     assert "no-such-queue" in run.stderr and "does not exist" in run.stderr
     assert "Traceback" not in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
@@ -1368,14 +1368,14 @@ def test_log_formats_journal_text_and_json(aws, swarm):
     code, lines = run_logged(env, "--once", "--queue", queue, journal=True)
     assert code == 0 and lines and lines[0].startswith("<6>ecr-deploy ") and "watching" in lines[0]
     code, lines = run_logged(env, "--once", "--queue", "no-such-queue", journal=True)
-    assert code == 1 and lines == ["<3>SQS queue 'no-such-queue' does not exist in us-east-1"]
+    assert code == 3 and lines == ["<3>SQS queue 'no-such-queue' does not exist in us-east-1"]
 
     code, lines = run_logged(env, "--once", "--queue", queue)
     assert code == 0
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d INFO ecr-deploy .* watching .*", lines[0])
 
     code, lines = run_logged(env, "--once", "--queue", "no-such-queue", "--log-format", "json")
-    assert code == 1
+    assert code == 3
     record = json.loads(lines[0])
     assert record["level"] == "ERROR" and "no-such-queue" in record["message"]
     datetime.datetime.fromisoformat(record["time"])
