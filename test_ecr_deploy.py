@@ -1478,9 +1478,9 @@ def systemd_analyze():
 def test_unit_passes_systemd_analyze_verify(tmp_path):
     # verify insists that ExecStart's program exists: point it at this checkout, change nothing else.
     unit = UNIT.read_text()
-    assert "ExecStart=/opt/ecr-deploy/venv/bin/python3 /opt/ecr-deploy/ecr_deploy.py\n" in unit
+    assert "WorkingDirectory=/opt/ecr-deploy\nExecStart=/opt/ecr-deploy/venv/bin/python3 -m ecr_deploy\n" in unit
     local = unit.replace("/opt/ecr-deploy/venv/bin/python3", os.path.realpath(sys.executable)) \
-                .replace("/opt/ecr-deploy/ecr_deploy.py", DEPLOYER)
+                .replace("WorkingDirectory=/opt/ecr-deploy", f"WorkingDirectory={HERE}")
     (tmp_path / "ecr-deploy.service").write_text(local)
     run = subprocess.run([systemd_analyze(), "verify", str(tmp_path / "ecr-deploy.service")],
                          capture_output=True, text=True)
@@ -1495,7 +1495,8 @@ def test_unit_security_exposure_is_at_most_1_5():
     assert float(match[1]) <= 1.5, run.stdout
     unit = UNIT.read_text()  # ... while keeping what the deployer needs to work
     for needed in ("Type=notify", "WatchdogSec=", "DynamicUser=yes", "SupplementaryGroups=docker",
-                   "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "Restart=always"):
+                   "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "Restart=always",
+                   "SyslogIdentifier=ecr-deploy\n", "StateDirectoryMode=0700\n", "StartLimitBurst="):
         assert needed in unit
 
 
@@ -1710,7 +1711,9 @@ def test_benchmark_short_mode_runs_on_the_rig(aws, registries, images, clean_swa
     assert report["burst"]["get_authorization_token_per_registry"] == 1
     assert report["idle"]["docker_calls"] == 0
     assert report["latency"]["pushes"] == bench.SHORT["latency_pushes"]
-    assert {row["measure"] for row in report["targets"]} >= {"latency p50 (ms)", "(a)/(b)", "memory: peak RSS (MiB)"}
+    assert {row["measure"] for row in report["targets"]} >= {"latency p50 (ms)", "(a)/(b)", "memory: peak RSS (MiB)",
+                                                           "memory: deployer's share above it (MiB)"}
+    assert 20 < report["memory"]["floor_rss_mib"] < report["memory"]["rss_at_end_mib"]
     with capsys.disabled():
         print("\n" + bench.table(report))
 
