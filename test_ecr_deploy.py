@@ -1693,7 +1693,8 @@ def test_readme_aws_setup_blocks_run_against_moto(aws, tmp_path):
     document = aws.client("iam").get_policy_version(PolicyArn=policy["Arn"], VersionId=policy["DefaultVersionId"])
     actions = {a for s in document["PolicyVersion"]["Document"]["Statement"]
                for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
-    assert actions == {"sqs:GetQueueUrl", "sqs:ReceiveMessage", "sqs:DeleteMessage", "ecr:GetAuthorizationToken",
+    assert actions == {"sqs:GetQueueUrl", "sqs:GetQueueAttributes", "sqs:ReceiveMessage", "sqs:ChangeMessageVisibility",
+                       "sqs:DeleteMessage", "ecr:GetAuthorizationToken",
                        "ecr:DescribeImages", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer",
                        "ecr:BatchCheckLayerAvailability"}
 
