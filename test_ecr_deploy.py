@@ -935,6 +935,14 @@ def test_loop_mode_survives_a_dockerd_restart(aws, images, clean_swarm):
     assert aws.queue_depth(queue) == 0
 
 
+def deployed_then_stopped(aws, swarm, running, queue, repo, digest, sid, after):
+    """Once the outage is over: a push is deployed by the same process, which then stops cleanly."""
+    aws.send(queue, event(repository=repo, digest=digest))
+    wait_for(lambda: service_image_of(swarm, sid)[0].endswith(digest), 90,
+             what=lambda: f"the deploy after {after}:\n{running.log}")
+    assert running.stop() == 0
+
+
 def test_loop_mode_survives_a_moto_server_restart(aws, images, clean_swarm):
     swarm, registry = clean_swarm, REGISTRIES[0]
     repo, (v1, v2), sid = service_on_new_repo(images, swarm, "outage")
@@ -950,10 +958,7 @@ def test_loop_mode_survives_a_moto_server_restart(aws, images, clean_swarm):
         assert aws.sqs.create_queue(QueueName=name)["QueueUrl"] == queue
         images.aws.client("ecr").create_repository(repositoryName=repo)
         assert images.push(repo, "latest", "v2") == v2
-        aws.send(queue, event(repository=repo, digest=v2))
-        wait_for(lambda: service_image_of(swarm, sid)[0].endswith(v2), 90,
-                 what=lambda: f"the deploy after moto_server came back:\n{running.log}")
-        assert running.stop() == 0
+        deployed_then_stopped(aws, swarm, running, queue, repo, v2, sid, after="moto_server came back")
     finally:
         running.kill()
     assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v2}", 1)
@@ -1103,10 +1108,7 @@ def test_sqs_endpoint_that_never_answers_keeps_the_watchdog_fed_and_deploys_when
         assert max(b - a for a, b in zip([pings[0][0], *pinged_at], [*pinged_at, pings[-1][0]])) < 1.0, pings
         black_hole.clear()
         proxy.released.set()
-        aws.send(queue, event(repository=repo, digest=v2))
-        wait_for(lambda: service_image_of(swarm, sid)[0].endswith(v2), 60,
-                 what=lambda: f"the deploy after the endpoint answered again:\n{running.log}")
-        assert running.stop() == 0
+        deployed_then_stopped(aws, swarm, running, queue, repo, v2, sid, after="the endpoint answered again")
     finally:
         running.kill()
         proxy.close()
@@ -1512,6 +1514,9 @@ def test_help_has_examples_and_version_is_printed():
     assert "examples:" in help_text and "flock -n" in help_text and "--dry-run" in help_text
     version = subprocess.run([sys.executable, DEPLOYER, "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.strip() == f"ecr_deploy.py {ed.__version__}"
+    as_the_unit_runs_it = subprocess.run([sys.executable, "-m", "ecr_deploy", "--version"], cwd=HERE,
+                                         capture_output=True, text=True)
+    assert as_the_unit_runs_it.stdout == version.stdout
 
 
 def test_dry_run_needs_once(capsys):
