@@ -1141,7 +1141,11 @@ class Receiver:
         deadline = time.monotonic() + self.visibility_timeout * GATHER_SHARE
         while self._take(received, batch) and len(batch) < BATCH_CAP and time.monotonic() < deadline \
                 and not (batch and len(received) < SQS_MAX_MESSAGES):
-            received = self.queue.receive(FOLLOW_UP_WAIT)
+            try:
+                received = self.queue.receive(FOLLOW_UP_WAIT)
+            except AwsError as e:  # what is in hand is handled (and released) all the same
+                log.warning("%s; going on with the %d message(s) received", e, len(batch))
+                break
         return list(batch.values())
 
     def _take(self, received: list[dict], batch: dict[str, dict]) -> bool:
