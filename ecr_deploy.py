@@ -4,17 +4,19 @@
 EventBridge sends "ECR Image Action" events to an SQS queue (directly, or through an SNS
 topic). This program long-polls that queue and, for every push of REPO:TAG, updates every
 Swarm service running that tag to the digest ECR says the tag points to *now*, pinned by
-digest, with fresh ECR credentials forwarded to Swarm.
+digest, with fresh ECR credentials forwarded to Swarm. Services may opt in to a scan gate:
+rolled only to digests whose ECR scan is clean enough ("ECR Image Scan" events trigger them).
 
 Read top-down: configuration, events (pure), images (pure), specs (pure), rollouts (pure),
-AWS shell, Docker shell, the drain cycle (deploying, following rollouts, the auth keeper),
-receiving, reports, logging and systemd, main.
+scan gate (pure), AWS shell, Docker shell, the scan gate, the drain cycle (deploying, following
+rollouts, the auth keeper), receiving, reports, logging and systemd, main.
 """
 from __future__ import annotations
 
 import argparse
 import base64
 import copy
+import email.utils
 import json
 import logging
 import os
@@ -150,6 +152,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-format", choices=LOG_FORMATS, default=env("DEPLOYER_LOG_FORMAT", "auto"),
                         help="auto (default): journal style under systemd, else timestamped text; "
                         "json: one object per line (env DEPLOYER_LOG_FORMAT)")
+    parser.add_argument("--scan-threshold", metavar="SEVERITY", type=severity,
+                        default=env("DEPLOYER_SCAN_THRESHOLD", "off"),
+                        help=f"roll services only to digests whose ECR scan has no finding at or above this "
+                        f"severity ({', '.join(SEVERITIES)}, or off: the default); a service's label "
+                        f"{SCAN_THRESHOLD_LABEL} wins (env DEPLOYER_SCAN_THRESHOLD)")
+    parser.add_argument("--scan-timeout", metavar="DURATION", default=env("DEPLOYER_SCAN_TIMEOUT", "30m"),
+                        help="block a gated deployment whose ECR scan has not finished this long after the "
+                        "push (env DEPLOYER_SCAN_TIMEOUT; default 30m)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
 
@@ -172,6 +182,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.filter_label = LabelFilter(key.strip(), value if sep else None)
     try:
         args.auth_refresh = parse_duration(args.auth_refresh)
+        args.scan_timeout = parse_duration(args.scan_timeout)
         args.rollout_timeout = parse_duration(args.rollout_timeout) if args.rollout_timeout else None
     except ValueError as e:
         parser.error(str(e))
@@ -203,6 +214,7 @@ class Push:
     tag: str
     digest: str
     time: str = ""  # the event's time, for ordering pushes under --trust-events
+    from_scan: bool = False  # made from a scan event: deploy only if the tag still points at the digest
 
     @property
     def image_key(self) -> tuple[str, str, str, str]:
@@ -214,14 +226,30 @@ class Push:
         return f"{self.account}.dkr.ecr.{self.region}.amazonaws.com{suffix}/{self.repository}:{self.tag}"
 
 
+@dataclass(frozen=True)
+class ScanDone:
+    """A completed ECR image scan of REPOSITORY@DIGEST, with the tags the image had then."""
+    account: str
+    region: str
+    repository: str
+    digest: str
+    tags: tuple[str, ...]
+    time: str = ""
+
+    def pushes(self) -> list[Push]:
+        """One push per tag: services following any of them may now pass their scan gate."""
+        return [Push(self.account, self.region, self.repository, tag, self.digest, self.time, from_scan=True)
+                for tag in self.tags]
+
+
 class Ignored(NamedTuple):
     """Why a message is not a deployable push; suspicious ones are logged as warnings."""
     reason: str
     suspicious: bool = False
 
 
-def parse_message(body: object) -> Push | Ignored:
-    """Any SQS message body -> a validated Push or the reason to ignore it. Never raises."""
+def parse_message(body: object) -> Push | ScanDone | Ignored:
+    """Any SQS message body -> a validated Push or ScanDone, or the reason to ignore it. Never raises."""
     event = load_json_object(body, "body")
     if isinstance(event, Ignored):
         return event
@@ -244,14 +272,16 @@ def load_json_object(text: object, what: str) -> dict | Ignored:
     return value
 
 
-def parse_event(event: dict) -> Push | Ignored:
+def parse_event(event: dict) -> Push | ScanDone | Ignored:
     if event.get("source") != "aws.ecr":
         return Ignored(f"source is {shown(event.get('source'))}, not aws.ecr")
-    if event.get("detail-type") != "ECR Image Action":
+    if event.get("detail-type") not in ("ECR Image Action", "ECR Image Scan"):
         return Ignored(f"detail-type is {shown(event.get('detail-type'))}, not ECR Image Action")
     detail = event.get("detail")
     if not isinstance(detail, dict):
         return Ignored("event has no detail object", suspicious=True)
+    if event["detail-type"] == "ECR Image Scan":
+        return parse_scan_event(event, detail)
     if detail.get("action-type") != "PUSH":
         return Ignored(f"action-type is {shown(detail.get('action-type'))}, not PUSH")
     if detail.get("result") != "SUCCESS":
@@ -261,11 +291,31 @@ def parse_event(event: dict) -> Push | Ignored:
     fields = {"account": event.get("account"), "region": event.get("region"),
               "repository": detail.get("repository-name"), "tag": detail.get("image-tag"),
               "digest": detail.get("image-digest")}
+    return invalid_field(fields) or Push(**fields, time=event_time(event))
+
+
+def parse_scan_event(event: dict, detail: dict) -> ScanDone | Ignored:
+    if detail.get("scan-status") != "COMPLETE":
+        return Ignored(f"scan-status is {shown(detail.get('scan-status'))}, not COMPLETE")
+    tags = detail.get("image-tags")
+    if not isinstance(tags, list) or not all(is_valid("tag", tag) for tag in tags):
+        return Ignored(f"invalid image-tags {shown(tags)}", suspicious=True)
+    if not tags:
+        return Ignored("scan of an untagged image")
+    fields = {"account": event.get("account"), "region": event.get("region"),
+              "repository": detail.get("repository-name"), "digest": detail.get("image-digest")}
+    return invalid_field(fields) or ScanDone(**fields, tags=tuple(dict.fromkeys(tags)), time=event_time(event))
+
+
+def invalid_field(fields: dict) -> Ignored | None:
     for name, value in fields.items():
         if not is_valid(name, value):
             return Ignored(f"invalid {name} {shown(value)}", suspicious=True)
-    event_time = event.get("time")
-    return Push(**fields, time=event_time if isinstance(event_time, str) else "")
+    return None
+
+
+def event_time(event: dict) -> str:
+    return event["time"] if isinstance(event.get("time"), str) else ""
 
 
 def is_valid(name: str, value: object) -> bool:
@@ -416,15 +466,16 @@ def failing_task_error(tasks: list[dict], image: str) -> str | None:
 
 OUTCOME_WORDS = {"completed": "completed", "paused": "paused", "timed_out": "timed out",
                  "rollback_completed": "rolled back", "rollback_paused": "rollback paused",
-                 "removed": "ended: service removed"}
+                 "removed": "ended: service removed", "blocked": "blocked by its scan gate"}
 
 
 def notification(outcome: str, service: str, service_id: str, image: str, duration: float,
                  node: str, message: str, rollback: bool = False) -> dict:
     """One JSON document per outcome: `text` for Slack/Teams webhooks, the rest for machines."""
     words = OUTCOME_WORDS[outcome.removeprefix("rollback_") if rollback else outcome]
-    text = f"ecr-deploy on {node}: {'rollback' if rollback else 'rollout'} of {service} to {image} {words} " \
-           f"after {duration:.1f}s" + (f": {message}" if message else "")
+    after = "" if outcome == "blocked" else f" after {duration:.1f}s"  # blocked: nothing was started
+    text = f"ecr-deploy on {node}: {'rollback' if rollback else 'rollout'} of {service} to {image} {words}" \
+           f"{after}" + (f": {message}" if message else "")
     return {"text": text, "service": service, "service_id": service_id, "image": image,
             "digest": image.rpartition("@")[2], "outcome": outcome, "duration_seconds": round(duration, 3),
             "node": node, "message": message}
@@ -447,6 +498,70 @@ def metrics_text(totals: dict) -> str:
               "left for retry.", "# TYPE ecr_deploy_last_success_timestamp_seconds gauge",
               f"ecr_deploy_last_success_timestamp_seconds {totals['last_success'] or 0}"]
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- scan gate (pure)
+
+SCAN_THRESHOLD_LABEL = "ecr-deploy.scan-threshold"
+# Worst first. UNDEFINED and UNTRIAGED (findings nobody rated yet) never block: no rank to compare.
+SEVERITIES = ("CRITICAL", "HIGH", "MEDIUM", "LOW", "INFORMATIONAL")
+SCAN_PENDING = ("PENDING", "IN_PROGRESS")
+SCAN_FINISHED = ("COMPLETE", "ACTIVE")  # ACTIVE: enhanced scanning, findings kept current
+SCAN_FIXES = {  # why a digest without usable findings is blocked, and what to do about it
+    "NOT_FOUND": "ECR has no scan of this image: turn on scan on push for the repository "
+                 f"(or registry scanning), or label the service {SCAN_THRESHOLD_LABEL}=off",
+    "DENIED": "not allowed to read ECR scan findings: grant ecr:DescribeImageScanFindings",
+}
+
+
+def severity(text: str) -> str | None:
+    """A threshold as the flag or label writes it -> a severity, or None for `off`."""
+    value = str(text).strip().upper()
+    if value == "OFF":
+        return None
+    if value not in SEVERITIES:
+        raise ValueError(f"scan threshold must be one of {', '.join(SEVERITIES)} or off, not {text!r}")
+    return value
+
+
+def scan_threshold(labels: dict | None, default: str | None) -> str | None:
+    """The service's own label wins over --scan-threshold; raises ValueError for a bad label."""
+    text = (labels or {}).get(SCAN_THRESHOLD_LABEL)
+    return default if text is None else severity(text)
+
+
+class Scan(NamedTuple):
+    """What ECR says about one digest's scan."""
+    status: str  # imageScanStatus.status, or NOT_FOUND / DENIED
+    counts: dict  # findingSeverityCounts
+    description: str = ""
+    waited: float | None = None  # s from the push to ECR's answer, by AWS's clock (pending scans only)
+
+
+class Verdict(NamedTuple):
+    decision: str  # deploy, wait or blocked
+    reason: str
+
+
+def counts_text(counts: dict) -> str:
+    ranked = [s for s in SEVERITIES if counts.get(s)] + sorted(s for s in counts if s not in SEVERITIES and counts[s])
+    return ", ".join(f"{s} {counts[s]}" for s in ranked) or "no findings"
+
+
+def scan_verdict(scan: Scan, threshold: str, timeout: float) -> Verdict:
+    """The gate's rule: deploy only a finished scan with nothing at or above the threshold."""
+    if scan.status in SCAN_FINISHED:
+        too_severe = any(scan.counts.get(s, 0) > 0 for s in SEVERITIES[:SEVERITIES.index(threshold) + 1])
+        return Verdict("blocked" if too_severe else "deploy",
+                       f"ECR scan finds {counts_text(scan.counts)} (threshold {threshold})")
+    if scan.status in SCAN_PENDING:
+        if scan.waited is not None and scan.waited > timeout:
+            return Verdict("blocked", f"no finished ECR scan {scan.waited:.0f}s after the push "
+                                      f"(--scan-timeout {timeout:.0f}s; ECR says {scan.status})")
+        waited = "" if scan.waited is None else f", {scan.waited:.0f}s after the push"
+        return Verdict("wait", f"ECR scan is {scan.status}{waited}")
+    return Verdict("blocked", SCAN_FIXES.get(scan.status) or f"ECR scan {scan.status}: {scan.description} (scan it "
+                   f"again with aws ecr start-image-scan, or label the service {SCAN_THRESHOLD_LABEL}=off)")
 
 
 # --------------------------------------------------------------------------- AWS shell
@@ -647,6 +762,30 @@ class Ecr:
             raise AwsError(f"ECR answered {len(digests)} image(s) for {push.image}, expected one")
         return digests[0]
 
+    def scan(self, account: str, region: str, repository: str, digest: str) -> Scan:
+        """ECR's scan of the digest (DescribeImageScanFindings). For a scan still pending, how
+        long since the push, both ends by AWS's clock: the deployer's own may be off."""
+        image_id = {"imageDigest": digest}
+        try:
+            reply = self._client(region).describe_image_scan_findings(
+                registryId=account, repositoryName=repository, imageId=image_id)
+        except AWS_ERRORS as e:
+            if error_code(e) in ("ScanNotFoundException", "AccessDeniedException"):
+                return Scan("NOT_FOUND" if error_code(e) == "ScanNotFoundException" else "DENIED", {})
+            raise AwsError.wrap(e, f"cannot read the ECR scan of {repository}@{digest}") from None
+        status = reply.get("imageScanStatus") or {}
+        scan = Scan(status.get("status", "?"), (reply.get("imageScanFindings") or {}).get("findingSeverityCounts") or {},
+                    status.get("description") or "")
+        if scan.status not in SCAN_PENDING:
+            return scan
+        try:
+            image = self._client(region).describe_images(registryId=account, repositoryName=repository,
+                                                         imageIds=[image_id])["imageDetails"][0]
+            now = email.utils.parsedate_to_datetime(reply["ResponseMetadata"]["HTTPHeaders"]["date"])
+            return scan._replace(waited=(now - image["imagePushedAt"]).total_seconds())
+        except (*AWS_ERRORS, KeyError, IndexError, TypeError, ValueError) as e:
+            raise AwsError.wrap(e, f"cannot tell when {repository}@{digest} was pushed") from None
+
     def credentials(self, account: str, region: str) -> tuple[str, str]:
         """(username, password) for the registry, cached and refreshed at half its lifetime."""
         now = time.time()
@@ -760,6 +899,33 @@ class Docker:
         return self.api("GET", "/info").get("Name", "?")
 
 
+# --------------------------------------------------------------------------- the scan gate
+
+class ScanGate:
+    """Lets a gated service (its label, else --scan-threshold) roll only to a digest whose ECR scan
+    is clean enough. ECR is asked once per digest and drain cycle, however many services wait on it."""
+
+    def __init__(self, ecr: Ecr, default_threshold: str | None, timeout: float):
+        self.ecr, self.default_threshold, self.timeout = ecr, default_threshold, timeout
+        self._scans: dict[tuple, Scan] = {}
+
+    def new_cycle(self) -> None:
+        self._scans.clear()  # a pending scan may have finished since
+
+    def verdict(self, service: dict, push: Push, digest: str) -> Verdict | None:
+        """None for an ungated service; raises AwsError when ECR cannot be asked (retry later)."""
+        try:
+            threshold = scan_threshold(service["Spec"].get("Labels"), self.default_threshold)
+        except ValueError as e:
+            return Verdict("blocked", f"label {SCAN_THRESHOLD_LABEL}: {e}")
+        if threshold is None:
+            return None
+        key = (push.account, push.region, push.repository, digest)
+        if key not in self._scans:
+            self._scans[key] = self.ecr.scan(*key)
+        return scan_verdict(self._scans[key], threshold, self.timeout)
+
+
 # --------------------------------------------------------------------------- the drain cycle
 
 FIRST_WAIT_LOOP = 20  # seconds: SQS's longest long poll
@@ -778,6 +944,12 @@ class CycleResult:
     deployed: int = 0  # messages whose push is fully handled
     kept: list[str] = field(default_factory=list)  # ids of messages left on the queue for retry
     updated: list[str] = field(default_factory=list)  # "name (id)" per service update
+    waiting: list[str] = field(default_factory=list)  # the kept ones that only wait for an ECR scan
+
+    @property
+    def failed(self) -> list[str]:
+        """Kept because something went wrong (worth a backoff), not because a scan is pending."""
+        return [m for m in self.kept if m not in self.waiting]
 
 
 @dataclass
@@ -805,8 +977,9 @@ class Deployer:
     def __init__(self, queue: Queue | None, ecr: Ecr, docker: Docker, label_filter: LabelFilter | None,
                  trust_events: bool = False, follow_rollouts: bool = False, rollout_timeout: float | None = None,
                  rollback_on_failure: bool = False, notify_urls: tuple[str, ...] = (), dry_run: bool = False,
-                 systemd: Systemd | None = None):
+                 systemd: Systemd | None = None, scan_gate: ScanGate | None = None):
         self.queue, self.ecr, self.docker = queue, ecr, docker
+        self.scan_gate = scan_gate
         self.label_filter = label_filter
         self.trust_events = trust_events
         self.follow_rollouts = follow_rollouts
@@ -826,8 +999,11 @@ class Deployer:
     def handle(self, messages: list[dict]) -> CycleResult:
         """Do what the messages ask, then delete exactly the ones whose work is done."""
         self.ecr.new_cycle()
+        if self.scan_gate:
+            self.scan_gate.new_cycle()
         ignored: list[dict] = []
         pushes: dict[tuple, list[tuple[dict, Push]]] = defaultdict(list)
+        keys_of: dict[str, set[tuple]] = {}  # message id -> the images it asks to deploy
         for message in messages:
             receive_count = int(message.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
             if receive_count > 1:
@@ -838,12 +1014,19 @@ class Deployer:
                         "Ignoring message %s: %s", message["MessageId"], what.reason)
                 ignored.append(message)
             else:
-                pushes[what.image_key].append((message, what))
+                asked = what.pushes() if isinstance(what, ScanDone) else [what]
+                for push in asked:
+                    pushes[push.image_key].append((message, push))
+                keys_of[message["MessageId"]] = {push.image_key for push in asked}
 
         result = CycleResult(received=len(messages))
         targets, gone = self.resolve_targets(pushes)
-        ignored += [message for key in gone for message, _ in pushes[key]]
-        deployed = [message for key in self.deploy_all(targets, pushes, result) for message, _ in pushes[key]]
+        deployed_keys, waiting_keys = self.deploy_all(targets, pushes, result)
+        finished = set(gone) | set(deployed_keys)
+        handled = [m for m in messages if keys_of.get(m["MessageId"], {None}) <= finished]
+        ignored += [m for m in handled if keys_of[m["MessageId"]] <= set(gone)]
+        deployed = [m for m in handled if not keys_of[m["MessageId"]] <= set(gone)]
+        result.waiting = [m for m, keys in keys_of.items() if keys & waiting_keys and keys <= finished | waiting_keys]
 
         done = ignored + deployed
         if self.dry_run:
@@ -863,9 +1046,9 @@ class Deployer:
         messages["received"] += result.received
         messages["ignored"] += result.ignored
         messages["deployed"] += result.deployed
-        messages["failed"] += len(result.kept)
+        messages["failed"] += len(result.failed)
         self.totals["services_updated"] += len(result.updated)
-        if not result.kept:
+        if not result.failed:
             self.totals["last_success"] = round(time.time(), 3)
 
     # ---- deploying
@@ -876,8 +1059,9 @@ class Deployer:
         targets, gone = {}, []
         for key, group in pushes.items():
             self.systemd.heartbeat()
-            push = max((p for _, p in group), key=lambda p: p.time)
-            if self.trust_events:
+            real = [p for _, p in group if not p.from_scan]  # a scan event may name an older digest
+            push = max(real or [p for _, p in group], key=lambda p: p.time)
+            if self.trust_events and real:
                 targets[key] = (push, push.digest)
                 continue
             try:
@@ -889,30 +1073,72 @@ class Deployer:
                 log.info("%s no longer exists in ECR; nothing to deploy", push.image)
                 gone.append(key)
                 continue
-            if any(p.digest != digest for _, p in group):
+            if not real and all(p.digest != digest for _, p in group):
+                log.info("%s now points to %s, not the digest just scanned; nothing to deploy", push.image, digest)
+                gone.append(key)
+                continue
+            if any(p.digest != digest for p in real):
                 log.info("ECR says %s is now %s (an event named another digest); deploying that",
                          push.image, digest)
             targets[key] = (push, digest)
         return targets, gone
 
-    def deploy_all(self, targets: dict, pushes: dict, result: CycleResult) -> list[tuple]:
-        """List services once, roll each image's users; returns the images fully deployed."""
+    def deploy_all(self, targets: dict, pushes: dict, result: CycleResult) -> tuple[list[tuple], set[tuple]]:
+        """List services once, roll each image's users; returns the images fully deployed, and
+        those where nothing failed but some service waits for an ECR scan."""
         if not targets:
-            return []
+            return [], set()
         try:
             services = self.docker.services()
         except DockerError as e:
             log.error("%s; %d message(s) kept for retry", e, sum(len(pushes[key]) for key in targets))
             self.systemd.status("docker unreachable: retrying" if e.status is None else "docker error: retrying")
-            return []
-        deployed = []
+            return [], set()
+        deployed, waiting = [], set()
         for key, (push, digest) in targets.items():
             users = services_using(services, push, self.label_filter)
             if not users:
                 log.info("No service uses %s", push.image)
-            if all([self.pin_service(service, push, digest, result) for service in users]):
+            done = [self.gated_pin(service, push, digest, result) for service in users]
+            if all(done):
                 deployed.append(key)
-        return deployed
+            elif None in done and False not in done:
+                waiting.add(key)
+        return deployed, waiting
+
+    def gated_pin(self, service: dict, push: Push, digest: str, result: CycleResult) -> bool | None:
+        """pin_service behind the scan gate: True done (or blocked), False failed, None waits for the scan."""
+        current = running_image(service)
+        try:
+            verdict = None if current and current.digest == digest or not self.scan_gate \
+                else self.scan_gate.verdict(service, push, digest)
+        except AwsError as e:
+            log.error("Cannot check the ECR scan for service %s: %s", service_label(service), e)
+            return False
+        if verdict is None:
+            return self.pin_service(service, push, digest, result)
+        image = pinned_image(uses_image(service, push), push.tag, digest)
+        if verdict.decision == "wait":
+            log.info("Service %s waits for its scan gate before %s: %s; message kept", service_label(service),
+                     image, verdict.reason)
+            return None
+        if verdict.decision == "blocked":
+            self.blocked(service, image, verdict.reason)
+            return True
+        log.info("Service %s passes its scan gate for %s: %s", service_label(service), image, verdict.reason)
+        return self.pin_service(service, push, digest, result)
+
+    def blocked(self, service: dict, image: str, reason: str) -> None:
+        """A final outcome, reported like a rollout's; the message is done (retrying changes nothing)."""
+        if self.dry_run:
+            log.info("Would block service %s from %s: %s", service_label(service), image, reason)
+            return
+        log.error("Blocked service %s from %s: %s", service_label(service), image, reason)
+        self.totals["rollouts"]["blocked"] += 1
+        if self.follow_rollouts:
+            self.outcomes.append("blocked")
+        self.notify(notification("blocked", service["Spec"].get("Name", "?"), service["ID"], image, 0.0,
+                                 self.node_name(), reason))
 
     def pin_service(self, listed: dict, push: Push, digest: str, result: CycleResult) -> bool:
         def plan(service: dict) -> tuple[dict, ImageRef] | None:
@@ -1370,16 +1596,17 @@ class Backoff:
 def drain_once(deployer: Deployer, receiver: Receiver, signals: Signals, args: argparse.Namespace) -> int:
     """Receive until no message this run has not seen is left. Each is handled at most once
     (Receiver(once=True)): a failed one stays for a later run, and a dry run makes one pass."""
-    failed = False
+    failed = waiting = False
     while not signals.requested:
         batch = receiver.gather(FIRST_WAIT_ONCE)
         if not batch:
             break
         try:
-            kept = deployer.handle(batch).kept
+            result = deployer.handle(batch)
         finally:
             receiver.release(batch)
-        failed = failed or bool(kept and not deployer.dry_run)
+        failed = failed or bool(result.failed and not deployer.dry_run)
+        waiting = waiting or bool(result.waiting and not deployer.dry_run)
     if failed:
         log.error("Some messages were left on the queue for retry")
     while deployer.pending and not signals.requested:  # --wait
@@ -1390,7 +1617,7 @@ def drain_once(deployer: Deployer, receiver: Receiver, signals: Signals, args: a
         deployer.check_rollouts()
     write_reports(deployer, args)
     incomplete = [o for o in deployer.outcomes if o != "completed"] + [r.label for r in deployer.pending]
-    return 1 if failed or incomplete else 0
+    return 1 if failed or waiting or incomplete else 0  # waiting: left on the queue, for a later run
 
 
 def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args: argparse.Namespace) -> int:
@@ -1408,7 +1635,7 @@ def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args:
             messages = receiver.gather(wait, signals.interruptible)
             systemd.ready()  # the first poll worked (Docker answered at start)
             try:
-                failed = len(deployer.handle(messages).kept) if messages else 0
+                failed = len(deployer.handle(messages).failed) if messages else 0  # not those waiting for a scan
             finally:
                 receiver.release(messages)
             ended = len(deployer.outcomes)
@@ -1460,10 +1687,12 @@ def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deplo
     docker = Docker(os.environ.get("DOCKER_HOST"), on_request=systemd.heartbeat)
     session = aws_session()
     queue = Queue(session, args.queue, on_request=systemd.heartbeat) if args.queue else None
-    deployer = Deployer(queue, Ecr(session, on_request=systemd.heartbeat), docker, args.filter_label,
+    ecr = Ecr(session, on_request=systemd.heartbeat)
+    deployer = Deployer(queue, ecr, docker, args.filter_label,
                         trust_events=args.trust_events, follow_rollouts=(args.wait or not args.once) and not args.dry_run,
                         rollout_timeout=args.rollout_timeout, rollback_on_failure=args.rollback_on_failure,
-                        notify_urls=tuple(args.notify_url), dry_run=args.dry_run, systemd=systemd)
+                        notify_urls=tuple(args.notify_url), dry_run=args.dry_run, systemd=systemd,
+                        scan_gate=ScanGate(ecr, args.scan_threshold, args.scan_timeout))
     backoff = Backoff()
     while True:
         try:

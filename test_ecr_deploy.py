@@ -36,7 +36,7 @@ import requests
 import requests_unixsocket
 
 import ecr_deploy as ed
-from rig.aws import DIGEST_A, Aws, event, moto_server_command
+from rig.aws import DIGEST_A, Aws, event, moto_server_command, scan_event
 from rig.common import DEPLOYER, ROOT as HERE, wait_for
 from rig.deployer import Running, deployer_env, run_once, updated_lines
 from rig.faults import FaultProxy
@@ -75,9 +75,10 @@ def test_samples_parse_as_documented():
                            "2026-11-16T01:54:34Z")
     assert push.image == "123456789012.dkr.ecr.us-west-2.amazonaws.com/my-repository-name:latest"
     assert ed.parse_message(sample("sns-wrapped-push.json")) == push
+    assert ed.parse_message(sample("ecr-scan.json")) == ed.ScanDone(
+        "123456789012", "us-west-2", "my-repository-name", push.digest, ("latest",), "2026-11-16T02:10:00Z")
     for name, reason in [("ecr-delete.json", "action-type is 'DELETE'"),
-                         ("ecr-push-untagged.json", "untagged"),
-                         ("ecr-scan.json", "detail-type is 'ECR Image Scan'")]:
+                         ("ecr-push-untagged.json", "untagged")]:
         ignored = ed.parse_message(sample(name))
         assert isinstance(ignored, ed.Ignored) and reason in ignored.reason
         assert not ignored.suspicious  # ordinary ECR traffic: logged at INFO, not WARNING
@@ -122,7 +123,7 @@ REJECTED = [  # (body text, words in the reason, suspicious)
     ("\"a string\"", "JSON str", True),
     (json.dumps(event(source="aws.s3")), "source is 'aws.s3'", False),
     (json.dumps(without(event(), "source")), "source is None", False),
-    (json.dumps(event(**{"detail-type": "ECR Image Scan"})), "detail-type", False),
+    (json.dumps(event(**{"detail-type": "ECR Image Scan"})), "scan-status is None", False),
     (json.dumps(without(event(), "detail")), "no detail", True),
     (json.dumps(event(detail="PUSH")), "no detail", True),
     (json.dumps(event(action="DELETE")), "action-type is 'DELETE'", False),
@@ -655,8 +656,8 @@ FIELD_TEXT = st.one_of(st.text(max_size=140), st.sampled_from(
 
 @st.composite
 def mutated_events(draw):
-    """Real-shaped events with fields replaced, removed or retyped, sometimes SNS-wrapped."""
-    body = event()
+    """Real-shaped events (pushes and scans) with fields replaced, removed or retyped, sometimes SNS-wrapped."""
+    body = draw(st.sampled_from([event, scan_event]))()
     for _ in range(draw(st.integers(0, 4))):
         target = draw(st.sampled_from([body, body["detail"]])) if isinstance(body.get("detail"), dict) else body
         key = draw(st.sampled_from(sorted(target) + ["extra"]))
@@ -676,8 +677,12 @@ def mutated_events(draw):
 
 def assert_total_and_valid(body):
     result = ed.parse_message(body)  # must not raise
-    assert isinstance(result, (ed.Push, ed.Ignored))
-    if isinstance(result, ed.Push):
+    assert isinstance(result, (ed.Push, ed.ScanDone, ed.Ignored))
+    if isinstance(result, ed.ScanDone):
+        assert result.tags and all(ed.is_valid("tag", tag) for tag in result.tags)
+        for name in ("account", "region", "repository", "digest"):
+            assert ed.is_valid(name, getattr(result, name)), (name, result)
+    elif isinstance(result, ed.Push):
         for name in ed.FIELD_GRAMMARS:
             assert ed.is_valid(name, getattr(result, name)), (name, result)
         assert ed.parse_image_ref(f"{result.image}@{result.digest}").repository == result.repository
@@ -695,6 +700,7 @@ def test_parser_fuzz_never_raises_and_never_yields_an_invalid_push(body):
 def test_fuzz_mutations_do_reach_valid_pushes():
     """Guard against a vacuous fuzz test: unmutated draws must come out as Pushes."""
     assert isinstance(ed.parse_message(json.dumps(sns_envelope(event()))), ed.Push)
+    assert isinstance(ed.parse_message(json.dumps(sns_envelope(scan_event()))), ed.ScanDone)
 
 
 def service_image_of(swarm, sid):
@@ -1670,11 +1676,15 @@ def test_readme_aws_setup_blocks_run_against_moto(aws, tmp_path):
     region = "eu-west-1"
     env = {**deployer_env(aws), "AWS_REGION": region, "AWS_DEFAULT_REGION": region,
            "PATH": f"{shim.parent}:{os.environ['PATH']}",
-           "QUEUE": f"ecr-deploy-{suffix}", "SWARM": f"swarm-{suffix}"}
-    for block in blocks:  # each as the README says: in order, after setting the three variables
-        run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], env=env, capture_output=True,
+           "QUEUE": f"ecr-deploy-{suffix}", "SWARM": f"swarm-{suffix}", "SCAN_GATE": ""}
+
+    def run_block(block, **extra):
+        run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], env={**env, **extra}, capture_output=True,
                              text=True, timeout=120)
         assert run.returncode == 0, f"{block}\n{run.stderr}"
+
+    for block in blocks:  # each as the README says: in order, after setting the variables
+        run_block(block)
 
     sqs, queue = aws.client("sqs", region), env["QUEUE"]
     url = sqs.get_queue_url(QueueName=queue)["QueueUrl"]
@@ -1700,8 +1710,13 @@ def test_readme_aws_setup_blocks_run_against_moto(aws, tmp_path):
                for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
     assert actions == {"sqs:GetQueueUrl", "sqs:GetQueueAttributes", "sqs:ReceiveMessage", "sqs:ChangeMessageVisibility",
                        "sqs:DeleteMessage", "ecr:GetAuthorizationToken",
-                       "ecr:DescribeImages", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer",
-                       "ecr:BatchCheckLayerAvailability"}
+                       "ecr:DescribeImages", "ecr:DescribeImageScanFindings", "ecr:BatchGetImage",
+                       "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"}
+    run_block(blocks[1], SCAN_GATE="1")  # the scan gate's option: finished scans go to the queue too
+    pattern = json.loads(events.describe_rule(Name=f"ecr-push-to-{queue}")["EventPattern"])
+    assert pattern == {"source": ["aws.ecr"], "$or": [
+        {"detail-type": ["ECR Image Action"], "detail": {"action-type": ["PUSH"], "result": ["SUCCESS"]}},
+        {"detail-type": ["ECR Image Scan"], "detail": {"scan-status": ["COMPLETE"]}}]}
 
 
 # =========================================================================== the benchmark, short, so it cannot rot
@@ -1779,3 +1794,248 @@ def test_quick_start_demo_rolls_a_service_and_leaves_nothing_behind():
     leftovers = subprocess.run(["pgrep", "-f", "ecrd-demo-"], capture_output=True, text=True).stdout
     assert leftovers == "" and not list(pathlib.Path("/tmp").glob("ecrd-demo-*"))
     assert GWBRIDGE.exists() == gwbridge_before
+
+
+# =========================================================================== scan gate: pure
+
+@pytest.mark.parametrize("body,expected", [
+    (scan_event(), ed.ScanDone("123456789012", "us-east-1", "team/web", DIGEST_A, ("latest",), "2026-11-16T02:10:00Z")),
+    (scan_event(tags=("v1", "latest", "v1")), ("v1", "latest")),
+    (sns_envelope(scan_event()), ("latest",)),
+    (scan_event(status="FAILED"), "scan-status is 'FAILED', not COMPLETE"),
+    (scan_event(status=None), "scan-status is None"),
+    (scan_event(tags=[]), "scan of an untagged image"),
+    (scan_event(tags=None), "invalid image-tags None"),
+    (scan_event(tags="latest"), "invalid image-tags 'latest'"),
+    (scan_event(tags=["latest", "v1:evil"]), "invalid image-tags"),
+    (scan_event(tags=["latest", 7]), "invalid image-tags"),
+    (scan_event(digest="sha256:" + "A" * 64), "invalid digest"),
+    (scan_event(repository="team/../web"), "invalid repository"),
+    (scan_event(account="12345678901"), "invalid account"),
+    (scan_event(region="us-east-1\n"), "invalid region"),
+    (scan_event(detail=[]), "no detail object"),
+])
+def test_scan_events_parse_strictly(body, expected):
+    what = ed.parse_message(json.dumps(body))
+    if isinstance(expected, ed.ScanDone):
+        assert what == expected
+        assert what.pushes() == [ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A,
+                                         "2026-11-16T02:10:00Z", from_scan=True)]
+    elif isinstance(expected, tuple):
+        assert what.tags == expected
+    else:
+        assert isinstance(what, ed.Ignored) and expected in what.reason
+
+
+@pytest.mark.parametrize("labels,default,expected", [
+    (None, None, None),
+    ({}, "HIGH", "HIGH"),
+    ({ed.SCAN_THRESHOLD_LABEL: "critical"}, None, "CRITICAL"),
+    ({ed.SCAN_THRESHOLD_LABEL: " Medium "}, "HIGH", "MEDIUM"),
+    ({ed.SCAN_THRESHOLD_LABEL: "off"}, "HIGH", None),
+    ({ed.SCAN_THRESHOLD_LABEL: "OFF"}, None, None),
+    ({"other": "CRITICAL"}, None, None),
+    ({ed.SCAN_THRESHOLD_LABEL: "SEVERE"}, "HIGH", ValueError),
+    ({ed.SCAN_THRESHOLD_LABEL: "UNTRIAGED"}, None, ValueError),
+    ({ed.SCAN_THRESHOLD_LABEL: ""}, None, ValueError),
+])
+def test_scan_threshold_label_wins_over_the_default(labels, default, expected):
+    if expected is ValueError:
+        with pytest.raises(ValueError, match="scan threshold must be one of CRITICAL, HIGH"):
+            ed.scan_threshold(labels, default)
+    else:
+        assert ed.scan_threshold(labels, default) == expected
+
+
+DONE = "COMPLETE"
+
+
+@pytest.mark.parametrize("status,counts,threshold,waited,decision,words", [
+    (DONE, {}, "CRITICAL", None, "deploy", "no findings (threshold CRITICAL)"),
+    (DONE, {"HIGH": 2, "MEDIUM": 1}, "CRITICAL", None, "deploy", "HIGH 2, MEDIUM 1"),
+    (DONE, {"CRITICAL": 1}, "CRITICAL", None, "blocked", "CRITICAL 1 (threshold CRITICAL)"),
+    (DONE, {"CRITICAL": 0, "HIGH": 1}, "HIGH", None, "blocked", "HIGH 1"),
+    (DONE, {"CRITICAL": 0, "HIGH": 0, "MEDIUM": 5}, "HIGH", None, "deploy", "MEDIUM 5"),
+    (DONE, {"INFORMATIONAL": 1}, "INFORMATIONAL", None, "blocked", "INFORMATIONAL 1"),
+    (DONE, {"INFORMATIONAL": 1}, "LOW", None, "deploy", "INFORMATIONAL 1"),
+    (DONE, {"LOW": 1}, "MEDIUM", None, "deploy", "LOW 1"),
+    (DONE, {"UNDEFINED": 9, "UNTRIAGED": 4}, "INFORMATIONAL", None, "deploy", "UNDEFINED 9, UNTRIAGED 4"),
+    (DONE, {"CRITICAL": 1, "UNTRIAGED": 4}, "HIGH", None, "blocked", "CRITICAL 1, UNTRIAGED 4"),
+    ("ACTIVE", {"MEDIUM": 1}, "HIGH", None, "deploy", "MEDIUM 1"),  # enhanced scanning
+    ("ACTIVE", {"HIGH": 1}, "HIGH", None, "blocked", "HIGH 1"),
+    ("IN_PROGRESS", {}, "HIGH", 42.0, "wait", "ECR scan is IN_PROGRESS, 42s after the push"),
+    ("PENDING", {}, "HIGH", 0.0, "wait", "PENDING"),
+    ("IN_PROGRESS", {}, "HIGH", 1800.0, "wait", "1800s"),  # the timeout itself is still within
+    ("IN_PROGRESS", {}, "HIGH", 1801.0, "blocked", "no finished ECR scan 1801s after the push (--scan-timeout 1800s"),
+    ("NOT_FOUND", {}, "HIGH", None, "blocked", "turn on scan on push"),
+    ("DENIED", {}, "CRITICAL", None, "blocked", "grant ecr:DescribeImageScanFindings"),
+    ("FAILED", {}, "CRITICAL", None, "blocked", "ECR scan FAILED: the description (scan it again with aws ecr "
+                                                "start-image-scan, or label the service ecr-deploy.scan-threshold=off)"),
+    ("UNSUPPORTED_IMAGE", {}, "CRITICAL", None, "blocked", "ECR scan UNSUPPORTED_IMAGE"),
+    ("SCAN_ELIGIBILITY_EXPIRED", {}, "CRITICAL", None, "blocked", "SCAN_ELIGIBILITY_EXPIRED"),
+])
+def test_scan_verdict(status, counts, threshold, waited, decision, words):
+    verdict = ed.scan_verdict(ed.Scan(status, counts, "the description", waited), threshold, timeout=1800.0)
+    assert verdict.decision == decision
+    assert words in verdict.reason
+
+
+@pytest.mark.parametrize("argv,env,expected", [
+    ([], {}, (None, 1800)),
+    (["--scan-threshold", "high"], {}, ("HIGH", 1800)),
+    ([], {"DEPLOYER_SCAN_THRESHOLD": "Critical", "DEPLOYER_SCAN_TIMEOUT": "10m"}, ("CRITICAL", 600)),
+    (["--scan-threshold", "off"], {"DEPLOYER_SCAN_THRESHOLD": "LOW"}, (None, 1800)),
+    (["--scan-timeout", "90s"], {}, (None, 90)),
+])
+def test_scan_flags(monkeypatch, argv, env, expected):
+    for name in ("DEPLOYER_SCAN_THRESHOLD", "DEPLOYER_SCAN_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = ed.parse_args(["--queue", "q", *argv])
+    assert (args.scan_threshold, args.scan_timeout) == expected
+
+
+@pytest.mark.parametrize("argv,env,message", [
+    (["--scan-threshold", "UNTRIAGED"], {}, "invalid severity value: 'UNTRIAGED'"),
+    ([], {"DEPLOYER_SCAN_THRESHOLD": "severe"}, "invalid severity value: 'severe'"),
+    (["--scan-timeout", "soon"], {}, "not a duration"),
+])
+def test_scan_flag_usage_errors_exit_2(monkeypatch, capsys, argv, env, message):
+    monkeypatch.delenv("DEPLOYER_SCAN_THRESHOLD", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_:
+        ed.parse_args(["--queue", "q", *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_blocked_notification_names_the_reason_and_no_duration():
+    doc = ed.notification("blocked", "web", "abc", f"{HOST}/team/web:latest@{DIGEST_B}", 0.0, "mgr-1",
+                          "ECR scan finds CRITICAL 1 (threshold HIGH)")
+    assert doc["text"] == (f"ecr-deploy on mgr-1: rollout of web to {HOST}/team/web:latest@{DIGEST_B} blocked by "
+                           f"its scan gate: ECR scan finds CRITICAL 1 (threshold HIGH)")
+    assert (doc["outcome"], doc["digest"]) == ("blocked", DIGEST_B)
+    assert 'ecr_deploy_rollouts_total{outcome="blocked"} 2' in ed.metrics_text(
+        {"messages": {"deployed": 0, "ignored": 0, "failed": 0}, "services_updated": 0,
+         "rollouts": {"blocked": 2}, "last_success": None})
+
+
+# =========================================================================== scan gate: on the rig
+
+FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"  # Debian package faketime
+
+
+def service_image(swarm, sid):
+    return swarm.service(sid)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+
+
+def test_gated_services_deploy_clean_digests_and_block_the_rest(aws, images, clean_swarm, webhook, tmp_path):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region = registry.account, registry.region
+    stuck_repo = images.new_repository()
+    stuck = [aws.put_image(account, region, stuck_repo, "latest", v) for v in ("v1", "v2")]
+    pushed_at = time.monotonic()
+    cases = {  # service: (label, scan of v2 as (status, counts) or None, what becomes of the service)
+        "gate-clean": ("HIGH", (DONE, {"MEDIUM": 3, "UNTRIAGED": 2, "UNDEFINED": 1}), "deployed"),
+        "gate-critical": (None, (DONE, {"CRITICAL": 1, "HIGH": 2}), "ECR scan finds CRITICAL 1, HIGH 2 (threshold HIGH)"),
+        "gate-off": ("off", "gate-critical", "deployed"),  # shares gate-critical's push
+        "gate-never": ("CRITICAL", None, "ECR has no scan of this image: turn on scan on push"),
+        "gate-failed": (None, ("FAILED", {}), "ECR scan FAILED: moto says FAILED"),
+        "gate-bad-label": ("SEVERE", (DONE, {}), "label ecr-deploy.scan-threshold: scan threshold must be one of"),
+    }
+    repos, ids = {}, {}
+    for name, (label, scan, _) in cases.items():
+        labels = {ed.SCAN_THRESHOLD_LABEL: label} if label else {}
+        if isinstance(scan, str):
+            repos[name] = repos[scan]
+        else:
+            repo = images.new_repository()
+            repos[name] = (repo, [aws.put_image(account, region, repo, "latest", v) for v in ("v1", "v2")])
+            if scan:
+                aws.set_scan(account, region, repo, repos[name][1][1], *scan)
+        repo, (v1, v2) = repos[name]
+        ids[name] = swarm.create_service(name, f"{registry.host}/{repo}:latest@{v1}", labels=labels,
+                                         registry=registry, replicas=0)
+    ids["gate-stuck"] = swarm.create_service("gate-stuck", f"{registry.host}/{stuck_repo}:latest@{stuck[0]}",
+                                             registry=registry, replicas=0)
+    aws.set_scan(account, region, stuck_repo, stuck[1], "IN_PROGRESS")
+    repos["gate-stuck"] = (stuck_repo, stuck)
+    cases["gate-stuck"] = (None, None, "no finished ECR scan")
+    before = {name: swarm.service(sid)["Version"]["Index"] for name, sid in ids.items()}
+    queue = aws.new_queue()
+    aws.send(queue, *(event(repository=repo, digest=v2) for repo, v2 in {r: v2 for r, (_, v2) in repos.values()}.items()))
+    time.sleep(max(0.0, pushed_at + 2.1 - time.monotonic()))  # AWS's clock, to the second: more than 1 s
+    summary, metrics = tmp_path / "summary.json", tmp_path / "metrics.prom"
+    run = run_once(deployer_env(aws, swarm), "--queue", queue, "--scan-threshold", "HIGH", "--scan-timeout", "1s",
+                   "--notify-url", webhook.url, "--summary-file", str(summary), "--metrics-file", str(metrics))
+
+    assert run.returncode == 0, run.stderr  # blocked is an answer: every message is done
+    assert aws.queue_depth(queue) == 0
+    blocked = {}
+    for name, (_, _, outcome) in cases.items():
+        repo, (v1, v2) = repos[name]
+        old, new = f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{v2}"
+        if outcome == "deployed":
+            assert service_image(swarm, ids[name]) == new, name
+            assert f"Updated service {name} ({ids[name][:12]}) to {new}" in run.stderr
+        else:
+            assert swarm.service(ids[name])["Version"]["Index"] == before[name], name  # not even re-posted
+            line = next(line for line in run.stderr.splitlines() if f"Blocked service {name} " in line)
+            assert f" ERROR Blocked service {name} ({ids[name][:12]}) from {new}: {outcome}" in line
+            blocked[name] = (new, outcome)
+    assert "Service gate-clean" in run.stderr and "passes its scan gate" in run.stderr
+    assert "MEDIUM 3, UNDEFINED 1, UNTRIAGED 2 (threshold HIGH)" in run.stderr
+    assert len(updated_lines(run.stderr)) == 2
+    wait_for(lambda: len(webhook.received) == len(blocked), 10, what=lambda: webhook.received)
+    assert {(d["service"], d["outcome"], d["image"]) for d in webhook.received} == \
+        {(name, "blocked", image) for name, (image, _) in blocked.items()}
+    for document in webhook.received:
+        assert blocked[document["service"]][1] in document["message"] and "blocked by its scan gate" in document["text"]
+    assert json.loads(summary.read_text())["rollouts"] == {"blocked": len(blocked)}
+    assert f'ecr_deploy_rollouts_total{{outcome="blocked"}} {len(blocked)}' in metrics.read_text()
+
+
+def test_gated_service_deploys_within_seconds_of_its_scan_event(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region = registry.account, registry.region
+    repo = images.new_repository()
+    v1, v2 = (aws.put_image(account, region, repo, "latest", v) for v in ("v1", "v2"))
+    sid = swarm.create_service("gate-waits", f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0,
+                               labels={ed.SCAN_THRESHOLD_LABEL: "CRITICAL"})  # the label alone gates
+    aws.set_scan(account, region, repo, v2, "IN_PROGRESS")
+    once_queue = aws.new_queue()  # --once: the push waits on the queue for a later run, exit 1, no error
+    aws.send(once_queue, event(repository=repo, digest=v2))
+    run = run_once(deployer_env(aws, swarm), "--queue", once_queue)
+    assert run.returncode == 1, run.stderr
+    assert "waits for its scan gate" in run.stderr and " ERROR " not in run.stderr
+    assert aws.queue_depth(once_queue) == 1
+
+    queue = aws.new_queue()
+    # Its clock two hours fast: the scan timeout (30 min) is measured by AWS's clock, or it would block.
+    env = deployer_env(aws, swarm, LD_PRELOAD=FAKETIME, FAKETIME="+2h")
+    deployer = Running(env, "--queue", queue)
+    try:
+        aws.send(queue, event(repository=repo, digest=v2))
+        deployer.wait_line("waits for its scan gate", timeout=30)
+        assert "ECR scan is IN_PROGRESS" in deployer.log
+        assert service_image(swarm, sid).endswith(v1)
+        sent = time.monotonic()
+        aws.send(queue, scan_event(repository=repo, digest=v1))  # an older digest's scan: nothing to do
+        deployer.wait_line("not the digest just scanned; nothing to deploy", timeout=30)
+        # at once: a message kept only for its scan is no failure, so no backoff (of 1 s or more) either
+        assert time.monotonic() - sent < 0.9, deployer.log
+
+        aws.set_scan(account, region, repo, v2, DONE, {"HIGH": 4}, again=True)
+        sent = time.monotonic()
+        aws.send(queue, scan_event(repository=repo, digest=v2, counts={"HIGH": 4}))
+        deployer.wait_line("Updated service gate-waits", timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        code = deployer.stop()
+    assert code == 0, deployer.log
+    assert took < 5, deployer.log  # no backoff for a message that only waited
+    assert service_image(swarm, sid) == f"{registry.host}/{repo}:latest@{v2}"
+    assert "passes its scan gate" in deployer.log and "HIGH 4 (threshold CRITICAL)" in deployer.log
+    assert " ERROR " not in deployer.log and "Traceback" not in deployer.log
+    assert aws.queue_depth(queue) == 1  # the push, in flight; both scan events are deleted

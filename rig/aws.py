@@ -1,6 +1,7 @@
 """moto_server: SQS and ECR (and SNS, EventBridge, IAM for the README's setup blocks) over real HTTP."""
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 import shutil
@@ -73,6 +74,41 @@ class Aws:
         for body in bodies:
             self.sqs.send_message(QueueUrl=queue_url, MessageBody=body if isinstance(body, str) else json.dumps(body))
 
+    def put_image(self, account: str, region: str, repository: str, tag: str, content: str) -> str:
+        """An image in ECR only, not in a registry: enough for services without replicas, which never
+        pull, at a fraction of a real push's cost. Returns its digest."""
+        manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                               "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": 0,
+                                          "digest": "sha256:" + hashlib.sha256(content.encode()).hexdigest()},
+                               "layers": []})
+        digest = "sha256:" + hashlib.sha256(manifest.encode()).hexdigest()
+        self.client("ecr", region).put_image(registryId=account, repositoryName=repository, imageManifest=manifest,
+                                             imageTag=tag, imageDigest=digest)
+        return digest
+
+    def set_scan(self, account: str, region: str, repository: str, digest: str, status: str = "COMPLETE",
+                 counts: dict | None = None, again: bool = False) -> None:
+        """Scan the image (StartImageScan) and make DescribeImageScanFindings answer this status and these
+        counts. moto keeps the first answer it gave for an image, so to change it (`again`: IN_PROGRESS,
+        then COMPLETE) the image is put anew first, same manifest, digest and tags: a fresh image to moto."""
+        ecr = self.client("ecr", region)
+        image_id = {"imageDigest": digest}
+        if again:
+            tags = ecr.describe_images(registryId=account, repositoryName=repository,
+                                       imageIds=[image_id])["imageDetails"][0].get("imageTags", [])
+            manifest = ecr.batch_get_image(registryId=account, repositoryName=repository,
+                                           imageIds=[image_id])["images"][0]["imageManifest"]
+            ecr.batch_delete_image(registryId=account, repositoryName=repository, imageIds=[image_id])
+            for tag in tags:
+                ecr.put_image(registryId=account, repositoryName=repository, imageManifest=manifest,
+                              imageTag=tag, imageDigest=digest)
+        result = {"registryId": account, "repositoryName": repository, "imageId": image_id,
+                  "imageScanStatus": {"status": status, "description": f"moto says {status}"},
+                  "imageScanFindings": {"findingSeverityCounts": counts or {}}}
+        requests.post(self.url + "/moto-api/static/ecr/scan-finding-results",
+                      json={"results": [result], "account_id": account, "region": region}, timeout=10).raise_for_status()
+        ecr.start_image_scan(registryId=account, repositoryName=repository, imageId=image_id)
+
     def queue_depth(self, queue_url: str) -> int:
         """Messages still on the queue, visible or in flight."""
         attrs = self.sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["All"])["Attributes"]
@@ -87,5 +123,17 @@ def event(account="123456789012", region="us-east-1", repository="team/web", tag
     body = {"version": "0", "id": str(uuid.uuid4()), "detail-type": "ECR Image Action",
             "source": "aws.ecr", "account": account, "time": "2026-11-16T01:54:34Z",
             "region": region, "resources": [], "detail": detail}
+    body.update(top)
+    return body
+
+
+def scan_event(account="123456789012", region="us-east-1", repository="team/web", digest=DIGEST_A,
+               tags=("latest",), status="COMPLETE", counts=None, **top) -> dict:
+    """An EventBridge "ECR Image Scan" event, shaped as ECR sends it (samples/ecr-scan.json)."""
+    detail = {"scan-status": status, "repository-name": repository, "image-digest": digest,
+              "finding-severity-counts": counts or {}, "image-tags": list(tags) if isinstance(tags, tuple) else tags}
+    body = {"version": "0", "id": str(uuid.uuid4()), "detail-type": "ECR Image Scan",
+            "source": "aws.ecr", "account": account, "time": "2026-11-16T02:10:00Z", "region": region,
+            "resources": [f"arn:aws:ecr:{region}:{account}:repository/{repository}"], "detail": detail}
     body.update(top)
     return body
