@@ -7,9 +7,11 @@ Swarm service running that tag to the digest ECR says the tag points to *now*, p
 digest, with fresh ECR credentials forwarded to Swarm. Services may opt in to a scan gate:
 rolled only to digests whose ECR scan is clean enough ("ECR Image Scan" events trigger them).
 
-Read top-down: configuration, events (pure), images (pure), specs (pure), rollouts (pure),
-scan gate (pure), AWS shell, Docker shell, the scan gate, the drain cycle (deploying, following
-rollouts, the auth keeper), receiving, reports, logging and systemd, main.
+Read top-down: configuration, events (pure), images (pure: references, which tag a service
+follows), specs (pure), rollouts (pure), scan gate (pure), AWS shell, Docker shell, the scan gate,
+the drain cycle (Deployer; Rollouts, which follows and rolls back; AuthKeeper, the registry-auth
+keeper), receiving (Receiver: batches bounded in time, held invisible while worked on), reports,
+logging and systemd, main.
 """
 from __future__ import annotations
 
@@ -127,13 +129,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "default: from the service's UpdateConfig, at least 5m")
     parser.add_argument("--rollback-on-failure", action="store_true",
                         default=env_true("DEPLOYER_ROLLBACK_ON_FAILURE"),
-                        help="when a rollout pauses or times out, ask Swarm to roll back to the previous "
-                        "spec (env DEPLOYER_ROLLBACK_ON_FAILURE=1); services whose UpdateConfig already "
-                        "says FailureAction=rollback are left to Swarm")
+                        help="when a rollout of ours pauses or times out, restore the previous spec with "
+                        "fresh registry auth (env DEPLOYER_ROLLBACK_ON_FAILURE=1); a failed rollout of a "
+                        "service whose UpdateConfig says FailureAction=rollback is left to Swarm")
     parser.add_argument("--auth-refresh", metavar="DURATION", default=env("DEPLOYER_AUTH_REFRESH", "6h"),
                         help="loop mode: this often, re-post every ECR service's unchanged spec with a "
-                        "fresh registry token so Swarm can always pull (0 = off; env DEPLOYER_AUTH_REFRESH; "
-                        "default 6h, ECR tokens live 12h)")
+                        "fresh registry token so Swarm can always pull; at most once per interval, also "
+                        "across restarts ($STATE_DIRECTORY/auth-keeper.json) (0 = off; env "
+                        "DEPLOYER_AUTH_REFRESH; default 6h, ECR tokens live 12h)")
     parser.add_argument("--refresh-auth", action="store_true",
                         help="run one registry-auth refresh pass and exit (for cron); needs no queue")
     parser.add_argument("--notify-url", metavar="URL", action="append",
@@ -335,31 +338,53 @@ def shown(value: object) -> str:
 # --------------------------------------------------------------------------- images (pure)
 
 STACK_IMAGE_LABEL = "com.docker.stack.image"
+RERUN_JOB_LABEL = "ecr-deploy.rerun-job"  # "true": a push may re-run this Swarm job
 
-# Every spelling of an ECR registry host: standard, FIPS, dual-stack, China.
+# Every spelling of an ECR registry host: standard, FIPS, dual-stack, China. HTTPS's default
+# port written out (HOST:443) names the same registry; any other port is not ECR.
 ECR_HOST = re.compile(r"([0-9]{12})\.(?:dkr\.ecr(?:-fips)?\.([a-z0-9-]+)\.amazonaws\.com(?:\.cn)?"
-                      r"|dkr-ecr(?:-fips)?\.([a-z0-9-]+)\.on\.aws)")
+                      r"|dkr-ecr(?:-fips)?\.([a-z0-9-]+)\.on\.aws)(?::443)?")
+
+# The distribution/reference grammar (what Docker accepts as an image reference).
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?"
+REFERENCE = re.compile(rf"({_DOMAIN})/({_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)(?::([\w][\w.-]{{0,127}}))?"
+                       r"(?:@([A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}))?", re.ASCII)
+HEX_IDENTIFIER = re.compile(r"[a-f0-9]{64}")  # an image ID, never a repository name
+DIGEST_GRAMMAR = re.compile(r"sha256:[a-f0-9]{64}|sha384:[a-f0-9]{96}|sha512:[a-f0-9]{128}")  # go-digest's
+MAX_NAME_LENGTH = 255
+DOCKER_HUB = "docker.io"
 
 
 class ImageRef(NamedTuple):
     name: str  # HOST/REPOSITORY exactly as written: the part kept when pinning
-    host: str  # lower-cased
-    repository: str
-    tag: str  # "latest" when none is written
+    host: str  # the registry, lower-cased; docker.io for Docker Hub
+    repository: str  # path in the registry, normalised as Docker does (library/nginx)
+    tag: str | None  # "latest" when neither tag nor digest is written; None when only a digest is
     digest: str | None
 
 
 def parse_image_ref(ref: object) -> ImageRef | None:
-    if not isinstance(ref, str) or not ref:
+    """A Docker image reference parsed as Docker parses it (ParseNormalizedNamed); None if invalid."""
+    if not isinstance(ref, str) or not ref or HEX_IDENTIFIER.fullmatch(ref):
         return None
-    name, _, digest = ref.partition("@")
-    tag = "latest"
-    if name.rfind(":") > name.rfind("/"):
-        name, _, tag = name.rpartition(":")
-    host, slash, repository = name.partition("/")
-    if not slash or not ("." in host or ":" in host or host == "localhost"):
-        host, repository = "docker.io", name  # Docker Hub: never an ECR image
-    return ImageRef(name, host.lower(), repository, tag, digest or None)
+    first, slash, rest = ref.partition("/")
+    if slash and (first == "localhost" or "." in first or ":" in first or first.lower() != first):
+        host, remainder = (DOCKER_HUB if first == "index.docker.io" else first), rest
+    else:
+        host, remainder = DOCKER_HUB, ref
+    if host == DOCKER_HUB and "/" not in remainder:
+        remainder = "library/" + remainder  # official images: nginx is docker.io/library/nginx
+    match = REFERENCE.fullmatch(f"{host}/{remainder}")
+    if not match or len(match[1]) + 1 + len(match[2]) > MAX_NAME_LENGTH:
+        return None
+    _, repository, tag, digest = match.groups()
+    if digest and not DIGEST_GRAMMAR.fullmatch(digest):  # the grammar admits any algorithm; Docker checks it
+        return None
+    suffix = len(f":{tag}" if tag else "") + len(f"@{digest}" if digest else "")
+    return ImageRef(ref[:len(ref) - suffix], host.lower(), repository,
+                    tag or (None if digest else "latest"), digest)
 
 
 def ecr_registry(host: str) -> tuple[str, str] | None:
@@ -374,24 +399,47 @@ def running_image(service: dict) -> ImageRef | None:
     return parse_image_ref(spec.get("TaskTemplate", {}).get("ContainerSpec", {}).get("Image"))
 
 
-def service_image(service: dict) -> ImageRef | None:
-    """The image a service is meant to run: the stack label if set, else the spec's image."""
-    label = ((service.get("Spec") or {}).get("Labels") or {}).get(STACK_IMAGE_LABEL)
-    return parse_image_ref(label) if label else running_image(service)
+def following(service: dict) -> str | None:
+    """The tag a service follows; None when it is pinned. The spec's own tag wins: `docker service
+    update --image` changes the spec but never the stack label, which may be stale. Only a digest-only
+    spec (how `docker stack deploy` may write it) follows the label's tag, if the label names one for
+    the same repository; compose's `image: HOST/REPO@sha256:…` means pinned."""
+    ref = running_image(service)
+    if ref is None or ref.tag:
+        return ref and ref.tag
+    label = parse_image_ref(((service.get("Spec") or {}).get("Labels") or {}).get(STACK_IMAGE_LABEL))
+    same_repository = label and (label.host, label.repository) == (ref.host, ref.repository)
+    return label.tag if same_repository else None
+
+
+def in_repository(ref: ImageRef | None, push: Push) -> bool:
+    return bool(ref) and ecr_registry(ref.host) == (push.account, push.region) and ref.repository == push.repository
 
 
 def uses_image(service: dict, push: Push) -> ImageRef | None:
     """The service's reference to the pushed REPOSITORY:TAG, or None if it runs something else."""
-    ref = service_image(service)
-    if ref and ecr_registry(ref.host) == (push.account, push.region) \
-            and ref.repository == push.repository and ref.tag == push.tag:
-        return ref
-    return None
+    ref = running_image(service)
+    return ref if in_repository(ref, push) and following(service) == push.tag else None
+
+
+def pinned_digest(service: dict, push: Push) -> str | None:
+    """The digest a service of the pushed repository is pinned to (it follows no tag), else None."""
+    ref = running_image(service)
+    return ref.digest if in_repository(ref, push) and following(service) is None else None
 
 
 def services_using(services: list[dict], push: Push, label_filter: LabelFilter | None) -> list[dict]:
     return [s for s in services
             if uses_image(s, push) and (label_filter is None or label_filter.admits(s["Spec"].get("Labels")))]
+
+
+def is_job(spec: dict) -> bool:
+    """A Swarm job (ReplicatedJob, GlobalJob): every update of its spec runs it again."""
+    return bool({"ReplicatedJob", "GlobalJob"} & set(spec.get("Mode") or {}))
+
+
+def reruns_on_push(spec: dict) -> bool:
+    return str((spec.get("Labels") or {}).get(RERUN_JOB_LABEL, "")).strip().lower() == "true"
 
 
 # --------------------------------------------------------------------------- specs (pure)
@@ -418,36 +466,39 @@ def registry_auth_header(username: str, password: str, server: str) -> str:
 
 # --------------------------------------------------------------------------- rollouts (pure)
 
-# Swarm's UpdateStatus.State values that end a rollout.
-FINAL_STATES = ("completed", "paused", "rollback_completed", "rollback_paused")
+# Swarm's UpdateStatus.State values that end a rollout, and ours: another update replaced it.
+FINAL_STATES = ("completed", "paused", "rollback_completed", "rollback_paused", "superseded")
 NO_UPDATE_GRACE = 5.0  # s: Swarm starts an update within milliseconds; none by then means none needed
-CLOCK_SLACK = 2.0  # s: StartedAt is the manager's clock; we run on a manager, allow a little skew
 MIN_ROLLOUT_TIMEOUT = 300.0
 PULL_ALLOWANCE = 120.0
-DOCKER_TIME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)")
 
 
-def parse_docker_time(text: object) -> float | None:
-    """Docker's RFC 3339 time with nanoseconds -> epoch seconds (None if absent or odd)."""
-    match = DOCKER_TIME.fullmatch(text) if isinstance(text, str) else None
-    if not match:
-        return None
-    zone = "+00:00" if match[3] == "Z" else match[3]
-    return datetime.fromisoformat(match[1] + zone).timestamp() + float(f"0.{match[2] or 0}")
+def posted(spec: dict | None, image: str, force_update: int) -> bool:
+    """Is this the spec we posted? Our image and our ForceUpdate identify it (we bump ForceUpdate)."""
+    task = (spec or {}).get("TaskTemplate") or {}
+    return (task.get("ContainerSpec") or {}).get("Image") == image and task.get("ForceUpdate", 0) == force_update
 
 
-def rollout_state(service: dict, since: float) -> str | None:
-    """State of the update Swarm started at or after `since`; None while there is none."""
-    status = service.get("UpdateStatus") or {}
-    started = parse_docker_time(status.get("StartedAt"))
-    if started is None or started < since - CLOCK_SLACK:
-        return None
-    return status.get("State")
+def rollout_state(service: dict, image: str, force_update: int) -> str | None:
+    """State of the update that posted `image` with `force_update`, by spec identity, never by clocks
+    (the leader stamps UpdateStatus.StartedAt; we may run on another manager): swarmkit resets
+    UpdateStatus on every update, so while the spec is ours, so is its UpdateStatus. None: Swarm has
+    not started it (or had nothing to roll); "superseded": another update replaced ours."""
+    state = (service.get("UpdateStatus") or {}).get("State")
+    if posted(service.get("Spec"), image, force_update):
+        return state
+    rolled_back = state and state.startswith("rollback_")
+    previous = service.get("PreviousSpec")  # Swarm's own rollback clears it; `docker service rollback` keeps ours
+    if rolled_back and (previous is None or posted(previous, image, force_update)):
+        return state
+    return "superseded"
 
 
-def default_rollout_timeout(spec: dict) -> float:
-    """Roughly replicas x (delay + monitor) per parallel batch, plus pull time; at least 5 min."""
-    replicas = ((spec.get("Mode") or {}).get("Replicated") or {}).get("Replicas", 1)
+def default_rollout_timeout(spec: dict, global_tasks: int = 1) -> float:
+    """Roughly replicas x (delay + monitor) per parallel batch, plus pull time; at least 5 min.
+    A global service has as many replicas as it has tasks (one per eligible node)."""
+    mode = spec.get("Mode") or {}
+    replicas = (mode.get("Replicated") or {}).get("Replicas", 1) if "Global" not in mode else global_tasks
     config = spec.get("UpdateConfig") or {}
     parallelism = config.get("Parallelism") or max(replicas, 1)  # 0 means all at once
     batches = -(-replicas // parallelism)
@@ -466,7 +517,8 @@ def failing_task_error(tasks: list[dict], image: str) -> str | None:
 
 OUTCOME_WORDS = {"completed": "completed", "paused": "paused", "timed_out": "timed out",
                  "rollback_completed": "rolled back", "rollback_paused": "rollback paused",
-                 "removed": "ended: service removed", "blocked": "blocked by its scan gate"}
+                 "removed": "ended: service removed", "blocked": "blocked by its scan gate",
+                 "superseded": "superseded by another update"}
 
 
 def notification(outcome: str, service: str, service_id: str, image: str, duration: float,
@@ -884,16 +936,16 @@ class Docker:
     def service(self, service_id: str) -> dict:
         return self.api("GET", f"/services/{urllib.parse.quote(service_id)}")
 
-    def update_service(self, service: dict, spec: dict, registry_auth: str, rollback: bool = False) -> list[str]:
+    def update_service(self, service: dict, spec: dict, registry_auth: str) -> list[str]:
         params = {"version": service["Version"]["Index"]}
-        if rollback:
-            params["rollback"] = "previous"
         reply = self.api("POST", f"/services/{urllib.parse.quote(service['ID'])}/update", params=params,
                          json=spec, headers={"X-Registry-Auth": registry_auth})
         return (reply or {}).get("Warnings") or []
 
-    def tasks(self, service_id: str) -> list[dict]:
-        return self.api("GET", "/tasks", params={"filters": json.dumps({"service": [service_id]})})
+    def tasks(self, service_id: str | None = None) -> list[dict]:
+        """The tasks of one service, or of all services."""
+        filters = {"filters": json.dumps({"service": [service_id]})} if service_id else {}
+        return self.api("GET", "/tasks", params=filters)
 
     def node_name(self) -> str:
         return self.api("GET", "/info").get("Name", "?")
@@ -958,8 +1010,9 @@ class Rollout:
     service_id: str
     name: str
     image: str  # what the service is being moved to
+    force_update: int  # the TaskTemplate.ForceUpdate we posted: with the image, our spec's identity
     push: Push  # whose registry credentials apply
-    started: float  # time.time() just before the update was posted
+    started: float  # time.monotonic() just before the update was posted
     deadline: float
     rollback: bool = False
 
@@ -968,31 +1021,22 @@ class Rollout:
         return f"{self.name} ({self.service_id[:12]})"
 
 
-# Swarm states in which re-posting the spec would disturb an update (see refresh_auth).
-BUSY_STATES = ("updating", "paused", "rollback_started", "rollback_paused")
-AUTH_REFRESH_RETRY = 300.0  # s: a failed refresh pass is retried this soon, not after a whole interval
-
-
 class Deployer:
     def __init__(self, queue: Queue | None, ecr: Ecr, docker: Docker, label_filter: LabelFilter | None,
                  trust_events: bool = False, follow_rollouts: bool = False, rollout_timeout: float | None = None,
                  rollback_on_failure: bool = False, notify_urls: tuple[str, ...] = (), dry_run: bool = False,
-                 systemd: Systemd | None = None, scan_gate: ScanGate | None = None):
+                 systemd: Systemd | None = None, scan_gate: ScanGate | None = None, auth_refresh: float = 0.0,
+                 state_directory: str | None = None):
         self.queue, self.ecr, self.docker = queue, ecr, docker
         self.scan_gate = scan_gate
         self.label_filter = label_filter
         self.trust_events = trust_events
-        self.follow_rollouts = follow_rollouts
-        self.rollout_timeout = rollout_timeout
-        self.rollback_on_failure = rollback_on_failure
-        self.notify_urls = notify_urls
         self.dry_run = dry_run
         self.systemd = systemd or Systemd({})
-        self.pending: list[Rollout] = []
-        self.outcomes: list[str] = []  # of the rollouts this process followed to their end
+        self.rollouts = Rollouts(self, follow_rollouts, rollout_timeout, rollback_on_failure, notify_urls)
+        self.keeper = AuthKeeper(self, auth_refresh, state_directory)
         self.totals = {"messages": {"received": 0, "deployed": 0, "ignored": 0, "failed": 0},
-                       "services_updated": 0, "rollouts": defaultdict(int), "last_success": None}
-        self._node_name: str | None = None
+                       "services_updated": 0, "rollouts": self.rollouts.counts, "last_success": None}
 
     # ---- acknowledging (receiving: see Receiver)
 
@@ -1097,6 +1141,10 @@ class Deployer:
         deployed, waiting = [], set()
         for key, (push, digest) in targets.items():
             users = services_using(services, push, self.label_filter)
+            for service in services:
+                pinned = pinned_digest(service, push)
+                if pinned and (self.label_filter is None or self.label_filter.admits(service["Spec"].get("Labels"))):
+                    log.info("Service %s is pinned to %s; not following :%s", service_label(service), pinned, push.tag)
             if not users:
                 log.info("No service uses %s", push.image)
             done = [self.gated_pin(service, push, digest, result) for service in users]
@@ -1135,16 +1183,20 @@ class Deployer:
             return
         log.error("Blocked service %s from %s: %s", service_label(service), image, reason)
         self.totals["rollouts"]["blocked"] += 1
-        if self.follow_rollouts:
-            self.outcomes.append("blocked")
-        self.notify(notification("blocked", service["Spec"].get("Name", "?"), service["ID"], image, 0.0,
-                                 self.node_name(), reason))
+        if self.rollouts.enabled:
+            self.rollouts.outcomes.append("blocked")
+        self.rollouts.notify(notification("blocked", service["Spec"].get("Name", "?"), service["ID"], image, 0.0,
+                                          self.rollouts.node_name(), reason))
 
     def pin_service(self, listed: dict, push: Push, digest: str, result: CycleResult) -> bool:
         def plan(service: dict) -> tuple[dict, ImageRef] | None:
             ref = uses_image(service, push)
             if ref is None:
                 log.info("Service %s no longer uses %s; skipped", service_label(service), push.image)
+                return None
+            if is_job(service["Spec"]) and not reruns_on_push(service["Spec"]):
+                log.info("Service %s is a Swarm job, which an update would run again; skipped (label it "
+                         "%s=true to re-run it on every push)", service_label(service), RERUN_JOB_LABEL)
                 return None
             image = pinned_image(ref, push.tag, digest)
             current = running_image(service)
@@ -1161,7 +1213,7 @@ class Deployer:
             image = spec["TaskTemplate"]["ContainerSpec"]["Image"]
             log.info("Updated service %s to %s", service_label(service), image)
             result.updated.append(service_label(service))
-            self.follow(service, image, push, started)
+            self.rollouts.follow(service, spec, push, started)
 
         return self.post_update(listed, push.account, push.region, plan, updated)
 
@@ -1187,7 +1239,7 @@ class Deployer:
             spec, ref = decision
             try:
                 username, password = self.ecr.credentials(account, region)
-                started = time.time()
+                started = time.monotonic()
                 warnings = self.docker.update_service(
                     service, spec, registry_auth_header(username, password, ref.name.partition("/")[0]))
             except DockerError as e:
@@ -1206,24 +1258,52 @@ class Deployer:
             return True
         return False
 
-    # ---- following rollouts
 
-    def follow(self, service: dict, image: str, push: Push, started: float, rollback: bool = False) -> None:
-        if not self.follow_rollouts:
+class Rollouts:
+    """Follows the rollouts this process started until Swarm says how each ended; reports them, and
+    with --rollback-on-failure rolls back the ones that paused or timed out."""
+
+    def __init__(self, deployer: Deployer, enabled: bool, timeout: float | None, rollback_on_failure: bool,
+                 notify_urls: tuple[str, ...]):
+        self.deployer, self.enabled, self.timeout = deployer, enabled, timeout
+        self.rollback_on_failure, self.notify_urls = rollback_on_failure, notify_urls
+        self.pending: list[Rollout] = []
+        self.outcomes: list[str] = []  # of the rollouts this process followed to their end
+        self.counts: dict[str, int] = defaultdict(int)
+        self._node_name: str | None = None
+
+    @property
+    def docker(self) -> Docker:
+        return self.deployer.docker
+
+    def following(self) -> set[str]:
+        return {r.service_id for r in self.pending}
+
+    def follow(self, service: dict, spec: dict, push: Push, started: float, rollback: bool = False) -> None:
+        if not self.enabled or is_job(spec):  # a job runs to completion; there is no rolling update to follow
             return
         # A newer update of the same service supersedes the older one: Swarm reports only the newest.
         self.pending = [r for r in self.pending if r.service_id != service["ID"]]
-        timeout = self.rollout_timeout or default_rollout_timeout(service["Spec"])
-        self.pending.append(Rollout(service["ID"], service["Spec"].get("Name", "?"), image, push, started,
-                                    started + timeout, rollback))
+        timeout = self.timeout or default_rollout_timeout(spec, self.global_tasks(service["ID"], spec))
+        task = spec["TaskTemplate"]
+        self.pending.append(Rollout(service["ID"], spec.get("Name", "?"), task["ContainerSpec"]["Image"],
+                                    task.get("ForceUpdate", 0), push, started, started + timeout, rollback))
 
-    def check_rollouts(self) -> None:
+    def global_tasks(self, service_id: str, spec: dict) -> int:
+        if "Global" not in (spec.get("Mode") or {}):
+            return 1
+        try:
+            return max(1, sum(t.get("DesiredState") == "running" for t in self.docker.tasks(service_id)))
+        except DockerError:
+            return 1
+
+    def check(self) -> None:
         """Ask Swarm how each pending rollout is doing; report and act on the ones that ended."""
         for rollout in list(self.pending):
-            now = time.time()
+            now = time.monotonic()
             try:
                 service = self.docker.service(rollout.service_id)
-                state = rollout_state(service, rollout.started)
+                state = rollout_state(service, rollout.image, rollout.force_update)
             except DockerError as e:
                 service, state = None, "removed" if e.status == 404 else None
                 if state is None:
@@ -1234,6 +1314,9 @@ class Deployer:
                 state = "timed_out"  # also when Docker cannot be asked: --wait must end
             if state in (*FINAL_STATES, "removed", "timed_out"):
                 self.pending.remove(rollout)
+                # Our rollback is an ordinary update (see roll_back): its outcomes are a rollback's.
+                if rollout.rollback and state in ("completed", "paused"):
+                    state = f"rollback_{state}"
                 self.ended(rollout, state, service, now)
 
     def ended(self, rollout: Rollout, outcome: str, service: dict | None, now: float) -> None:
@@ -1247,36 +1330,45 @@ class Deployer:
                 task_error = None
             message = "; ".join(filter(None, [swarm_says, task_error and f"task error: {task_error}"]))
         words = OUTCOME_WORDS[outcome.removeprefix("rollback_") if rollout.rollback else outcome]
-        log.log(logging.INFO if outcome in ("completed", "rollback_completed") and not message else logging.ERROR,
-                "%s of %s to %s %s after %.1fs%s", "Rollback" if rollout.rollback else "Rollout", rollout.label,
-                rollout.image, words, duration, f": {message}" if message else "")
+        log.log(logging.INFO if outcome in ("completed", "rollback_completed", "superseded") and not message
+                else logging.ERROR, "%s of %s to %s %s after %.1fs%s", "Rollback" if rollout.rollback else "Rollout",
+                rollout.label, rollout.image, words, duration, f": {message}" if message else "")
         self.outcomes.append(outcome)
-        self.totals["rollouts"][outcome] += 1
+        self.counts[outcome] += 1
         self.notify(notification(outcome, rollout.name, rollout.service_id, rollout.image, duration,
                                  self.node_name(), message, rollback=rollout.rollback))
-        if outcome in ("paused", "timed_out") and not rollout.rollback and service:
-            self.roll_back(rollout, service)
+        if self.rollback_on_failure and not rollout.rollback and service and (
+                outcome == "timed_out"  # Swarm rolls back failures, never slowness
+                or outcome == "paused" and (service["Spec"].get("UpdateConfig") or {}).get("FailureAction") != "rollback"):
+            self.roll_back(rollout)
 
-    def roll_back(self, rollout: Rollout, service: dict) -> None:
-        """--rollback-on-failure: ask Swarm for the previous spec, then follow that too."""
-        if not self.rollback_on_failure:
-            return
-        if (service["Spec"].get("UpdateConfig") or {}).get("FailureAction") == "rollback":
-            return  # Swarm rolls it back by itself; the rollout's own state reports that
-        log.info("Rolling back service %s to its previous spec", rollout.label)
+    def roll_back(self, rollout: Rollout) -> None:
+        """Restore the previous spec, only if the current one is still the spec we posted. Not with
+        Swarm's rollback=previous: that restores PreviousSpec with the registry auth it was posted
+        with, dead after 12 h, so nodes that must pull fail. We post PreviousSpec as an ordinary
+        update with a fresh token (ForceUpdate moves on, so it counts as a new spec), then follow it."""
         try:
-            username, password = self.ecr.credentials(rollout.push.account, rollout.push.region)
             fresh = self.docker.service(rollout.service_id)
-            previous = (fresh.get("PreviousSpec") or {}).get("TaskTemplate", {}).get("ContainerSpec", {}).get("Image")
-            if not previous:
+            if not posted(fresh.get("Spec"), rollout.image, rollout.force_update):
+                log.info("Service %s changed since our update; not rolling back a spec we did not post", rollout.label)
+                return
+            if not fresh.get("PreviousSpec"):
                 raise DockerError("Swarm holds no previous spec to roll back to")
-            started = time.time()
-            self.docker.update_service(fresh, fresh["Spec"], registry_auth_header(
-                username, password, previous.partition("/")[0]), rollback=True)
+            spec = copy.deepcopy(fresh["PreviousSpec"])
+            spec.setdefault("TaskTemplate", {})["ForceUpdate"] = rollout.force_update + 1
+            ref = running_image({"Spec": spec})
+            if ref is None:
+                raise DockerError("the previous spec names no valid image")
+            account, region = ecr_registry(ref.host) or (rollout.push.account, rollout.push.region)
+            username, password = self.deployer.ecr.credentials(account, region)
+            log.info("Rolling back service %s to its previous spec (%s)", rollout.label,
+                     spec["TaskTemplate"]["ContainerSpec"]["Image"])
+            started = time.monotonic()
+            self.docker.update_service(fresh, spec, registry_auth_header(username, password, ref.name.partition("/")[0]))
         except (DockerError, AwsError) as e:
             log.error("Cannot roll back service %s: %s", rollout.label, e)
             return
-        self.follow(fresh, previous, rollout.push, started, rollback=True)
+        self.follow(fresh, spec, rollout.push, started, rollback=True)
 
     def node_name(self) -> str:
         if self._node_name is None:
@@ -1297,36 +1389,135 @@ class Deployer:
                 status = getattr(e.response, "status_code", None)
                 log.warning("Cannot notify %s: %s", where, f"HTTP {status}" if status else type(e).__name__)
 
-    # ---- the registry-auth keeper
 
-    def refresh_auth(self) -> bool:
-        """Re-post every ECR service's unchanged spec with a fresh token (moby/moby#31063):
-        Swarm keeps the auth of the last update, and ECR tokens die after 12 h. Restarts nothing.
-        Swarm does make the re-posted spec the PreviousSpec, so services in the middle of an
-        update (or paused by a failed one, or being followed by us) are left alone this pass."""
-        if self.dry_run:
+# Swarm's task states in order (swarmkit api.TaskState); the keeper must not disturb a task before READY.
+TASK_STATES = ("new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting",
+               "running", "complete", "shutdown", "failed", "rejected", "remove", "orphaned")
+# Swarm update states in which re-posting the spec would disturb an update (see AuthKeeper).
+BUSY_STATES = ("updating", "paused", "rollback_started", "rollback_paused")
+AUTH_REFRESH_RETRY = 300.0  # s: services that failed a pass are retried this soon, not after a whole interval
+KEEPER_STATE_FILE = "auth-keeper.json"
+
+
+def services_with_starting_tasks(tasks: list[dict]) -> set[str]:
+    """Services with a task meant to run that has not reached READY. swarmkit ignores a change of
+    pull options only for tasks in READY..RUNNING (orchestrator.IsTaskDirty): a re-post replaces a
+    pending or preparing task, which starts a real rolling update."""
+    rank = {state: i for i, state in enumerate(TASK_STATES)}
+    ready, running = rank["ready"], rank["running"]
+    return {t.get("ServiceID") for t in tasks
+            if rank.get(t.get("DesiredState"), len(rank)) <= running
+            and rank.get((t.get("Status") or {}).get("State"), len(rank)) < ready}
+
+
+def keeper_due(state: dict, now: float, interval: float, retry_after: float) -> str | None:
+    """Which pass the keeper owes now: "full" (every service), "retry" (only those that failed) or None.
+    Wall-clock times, kept across restarts, so a crash-looping unit does not re-post every service each
+    time it starts; a clock that went back makes a pass due rather than never."""
+    attempt_at, passed_at = state.get("attempt_at"), state.get("passed_at")
+    if attempt_at is not None and attempt_at <= now < attempt_at + retry_after:
+        return None
+    if passed_at is None or not passed_at <= now < passed_at + interval:
+        return "full"
+    return "retry" if state.get("retry") else None
+
+
+class AuthKeeper:
+    """Keeps Swarm's registry auth of every ECR service alive (moby/moby#31063): Swarm keeps the auth of
+    a service's last update and ECR tokens die after 12 h, so every `interval` it re-posts each ECR
+    service's unchanged spec with a fresh token. A re-post is an update, with side effects (README):
+    the spec becomes PreviousSpec and the UpdateStatus of the last real rollout is replaced, and tasks
+    not yet READY are replaced; so it skips jobs, services mid-update or followed by us, and services
+    with starting tasks. At most one pass per interval, also across restarts ($STATE_DIRECTORY)."""
+
+    def __init__(self, deployer: Deployer, interval: float, state_directory: str | None):
+        self.deployer, self.interval = deployer, interval
+        self.retry_after = min(interval, AUTH_REFRESH_RETRY) if interval else AUTH_REFRESH_RETRY
+        # systemd's StateDirectory= sets STATE_DIRECTORY (several paths are colon separated).
+        directory = (state_directory or "").split(":")[0]
+        self.state_path = os.path.join(directory, KEEPER_STATE_FILE) if directory else None
+        self.state = self.load()
+        self.announced = False
+
+    def load(self) -> dict:
+        if not self.state_path:
+            return {}
+        try:
+            with open(self.state_path) as file:
+                state = json.load(file)
+            return state if isinstance(state, dict) else {}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            log.warning("Cannot read %s (%s); starting afresh", self.state_path, e)
+            return {}
+
+    def save(self) -> None:
+        if self.state_path:
+            try:
+                write_atomically(self.state_path, json.dumps(self.state) + "\n")
+            except OSError as e:
+                log.error("Cannot write %s: %s", self.state_path, e)
+
+    def run_if_due(self) -> None:
+        """Loop mode, each turn: the pass the schedule owes, if any."""
+        if not self.interval:
+            return
+        now = time.time()
+        due = keeper_due(self.state, now, self.interval, self.retry_after)
+        passed_at = self.state.get("passed_at")
+        if not due and not self.announced and passed_at is not None:  # say once why a restart re-posts nothing
+            log.info("Registry auth was refreshed %.0fs ago (%s); the next pass is due in %.0fs",
+                     now - passed_at, self.state_path, passed_at + self.interval - now)
+        self.announced = True
+        if due:
+            self.run_pass(only=set(self.state.get("retry", [])) if due == "retry" else None)
+
+    def run_pass(self, only: set[str] | None = None) -> bool:
+        """One pass over every ECR service (or `only` these ids); True if none failed."""
+        deployer = self.deployer
+        if deployer.dry_run:
             log.info("Dry run: registry auth refresh skipped")
             return True
-        self.ecr.new_cycle(fresh_tokens=True)  # a full lifetime for every token handed to Swarm
-        followed = {r.service_id for r in self.pending}
+        now = time.time()
+        self.state["attempt_at"] = now
+        self.save()  # before anything can fail: a Docker outage is retried after retry_after, not at once
+        deployer.ecr.new_cycle(fresh_tokens=True)  # a full lifetime for every token handed to Swarm
+        services, starting = deployer.docker.services(), services_with_starting_tasks(deployer.docker.tasks())
+        if only is None:
+            self.state["passed_at"] = now
+        followed = deployer.rollouts.following()
         refreshed: list[str] = []
+        skipped: list[str] = []
 
         def plan(service: dict) -> tuple[dict, ImageRef] | None:
             if service["ID"] in followed or (service.get("UpdateStatus") or {}).get("State") in BUSY_STATES:
                 log.info("Service %s is mid-update; its registry auth is refreshed next time", service_label(service))
-                return None
-            return service["Spec"], service_image(service)
+            elif service["ID"] in starting:
+                log.info("Service %s has tasks not yet started, which a re-post would replace; its registry "
+                         "auth is refreshed next time", service_label(service))
+            else:
+                return service["Spec"], running_image(service)
+            skipped.append(service["ID"])
+            return None
 
-        results = []
-        for listed in self.docker.services():
-            ref = service_image(listed)
+        failed = []
+        for listed in services:
+            ref = running_image(listed)
             registry = ecr_registry(ref.host) if ref else None
-            if registry and (self.label_filter is None or self.label_filter.admits(listed["Spec"].get("Labels"))):
-                results.append(self.post_update(listed, *registry, plan,
-                                                lambda service, *_: refreshed.append(service_label(service))))
-        log.info("Refreshed registry auth of %d service(s)%s", len(refreshed),
-                 "" if all(results) else f"; {results.count(False)} failed")
-        return all(results)
+            if not registry or is_job(listed["Spec"]) or (only is not None and listed["ID"] not in only):
+                continue  # a job re-runs on every update: never touched
+            if deployer.label_filter and not deployer.label_filter.admits(listed["Spec"].get("Labels")):
+                continue
+            if not deployer.post_update(listed, *registry, plan,
+                                        lambda service, *_: refreshed.append(service_label(service))):
+                failed.append(listed["ID"])
+        self.state["retry"] = failed
+        self.save()
+        log.info("Refreshed registry auth of %d service(s)%s%s%s", len(refreshed),
+                 " (retrying those that failed)" if only is not None else "",
+                 f"; {len(skipped)} skipped" if skipped else "", f"; {len(failed)} failed" if failed else "")
+        return not failed
 
 
 def service_label(service: dict) -> str:
@@ -1428,7 +1619,7 @@ def write_reports(deployer: Deployer, args: argparse.Namespace) -> None:
             summary = {"time": round(time.time(), 3), "messages": deployer.totals["messages"],
                        "services_updated": deployer.totals["services_updated"],
                        "rollouts": dict(deployer.totals["rollouts"]),
-                       "rollouts_pending": len(deployer.pending),
+                       "rollouts_pending": len(deployer.rollouts.pending),
                        "last_success": deployer.totals["last_success"]}
             write_atomically(args.summary_file, json.dumps(summary, indent=2) + "\n")
         if args.metrics_file:
@@ -1609,26 +1800,26 @@ def drain_once(deployer: Deployer, receiver: Receiver, signals: Signals, args: a
         waiting = waiting or bool(result.waiting and not deployer.dry_run)
     if failed:
         log.error("Some messages were left on the queue for retry")
-    while deployer.pending and not signals.requested:  # --wait
+    while deployer.rollouts.pending and not signals.requested:  # --wait
         try:
             signals.sleep(1)
         except Shutdown:
             break
-        deployer.check_rollouts()
+        deployer.rollouts.check()
     write_reports(deployer, args)
-    incomplete = [o for o in deployer.outcomes if o != "completed"] + [r.label for r in deployer.pending]
+    rollouts = deployer.rollouts
+    incomplete = [o for o in rollouts.outcomes if o != "completed"] + [r.label for r in rollouts.pending]
     return 1 if failed or waiting or incomplete else 0  # waiting: left on the queue, for a later run
 
 
 def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args: argparse.Namespace) -> int:
     systemd, backoff = deployer.systemd, Backoff()
-    next_refresh = time.monotonic() if args.auth_refresh else float("inf")
     while not signals.requested:
         systemd.heartbeat()
         try:
             if not systemd.is_ready:
                 wait = FIRST_WAIT_ONCE  # a quick first poll proves the queue works: READY=1 without delay
-            elif deployer.pending:
+            elif deployer.rollouts.pending:
                 wait = FIRST_WAIT_FOLLOWING
             else:
                 wait = FIRST_WAIT_LOOP
@@ -1638,15 +1829,11 @@ def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args:
                 failed = len(deployer.handle(messages).failed) if messages else 0  # not those waiting for a scan
             finally:
                 receiver.release(messages)
-            ended = len(deployer.outcomes)
-            deployer.check_rollouts()
-            if messages or len(deployer.outcomes) != ended:
+            ended = len(deployer.rollouts.outcomes)
+            deployer.rollouts.check()
+            if messages or len(deployer.rollouts.outcomes) != ended:
                 write_reports(deployer, args)
-            # After the first poll: a deployer that cannot read its queue touches no service.
-            if time.monotonic() >= next_refresh:
-                next_refresh = time.monotonic() + min(args.auth_refresh, AUTH_REFRESH_RETRY)  # if it fails
-                if deployer.refresh_auth():
-                    next_refresh = time.monotonic() + args.auth_refresh
+            deployer.keeper.run_if_due()  # after the first poll: a deployer that cannot read its queue touches no service
         except (AwsError, DockerError) as e:
             if isinstance(e, Misconfigured) and not systemd.is_ready:
                 raise  # the queue was never read: waiting cannot fix this (exit 3)
@@ -1660,7 +1847,8 @@ def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args:
             failed = 1
         if not failed:
             backoff.reset()
-            systemd.status(f"following {len(deployer.pending)} rollout(s)" if deployer.pending else "idle")
+            pending = deployer.rollouts.pending
+            systemd.status(f"following {len(pending)} rollout(s)" if pending else "idle")
             continue
         try:
             signals.sleep(backoff.next())
@@ -1692,7 +1880,9 @@ def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deplo
                         trust_events=args.trust_events, follow_rollouts=(args.wait or not args.once) and not args.dry_run,
                         rollout_timeout=args.rollout_timeout, rollback_on_failure=args.rollback_on_failure,
                         notify_urls=tuple(args.notify_url), dry_run=args.dry_run, systemd=systemd,
-                        scan_gate=ScanGate(ecr, args.scan_threshold, args.scan_timeout))
+                        scan_gate=ScanGate(ecr, args.scan_threshold, args.scan_timeout),
+                        auth_refresh=0.0 if args.once else args.auth_refresh,
+                        state_directory=os.environ.get("STATE_DIRECTORY"))
     backoff = Backoff()
     while True:
         try:
@@ -1719,7 +1909,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         deployer = start(args, signals, systemd)
         if args.refresh_auth:
-            return 0 if deployer.refresh_auth() else 1
+            return 0 if deployer.keeper.run_pass() else 1
         queue, receiver = deployer.queue, Receiver(deployer.queue, once=args.once)
         log.info("ecr-deploy %s watching %s (visibility timeout %d s, %s; Docker at %s, API %s)", __version__,
                  queue.url, queue.visibility_timeout, queue.visibility_source, deployer.docker.socket,

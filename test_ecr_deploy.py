@@ -186,22 +186,156 @@ def test_non_text_bodies_are_ignored():
 # =========================================================================== pure: images
 
 HOST = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
+F64 = "sha256:" + "f" * 64
 
 
 @pytest.mark.parametrize("ref,expected", [
     (f"{HOST}/team/web:v1", (f"{HOST}/team/web", HOST, "team/web", "v1", None)),
-    (f"{HOST}/team/web", (f"{HOST}/team/web", HOST, "team/web", "latest", None)),
-    (f"{HOST}/team/web@{DIGEST_A}", (f"{HOST}/team/web", HOST, "team/web", "latest", DIGEST_A)),
+    (f"{HOST}/team/web", (f"{HOST}/team/web", HOST, "team/web", "latest", None)),  # implicit :latest
+    (f"{HOST}/team/web@{DIGEST_A}", (f"{HOST}/team/web", HOST, "team/web", None, DIGEST_A)),  # digest only
     (f"{HOST}/team/web:v1@{DIGEST_A}", (f"{HOST}/team/web", HOST, "team/web", "v1", DIGEST_A)),
     (f"{HOST.upper()}/team/web:v1", (f"{HOST.upper()}/team/web", HOST, "team/web", "v1", None)),
+    (f"{HOST}:443/team/web:v1", (f"{HOST}:443/team/web", f"{HOST}:443", "team/web", "v1", None)),
     ("localhost:5000/web:v1", ("localhost:5000/web", "localhost:5000", "web", "v1", None)),
-    ("nginx", ("nginx", "docker.io", "nginx", "latest", None)),
+    ("localhost/web", ("localhost/web", "localhost", "web", "latest", None)),
+    ("nginx", ("nginx", "docker.io", "library/nginx", "latest", None)),
     ("library/nginx:1.25", ("library/nginx", "docker.io", "library/nginx", "1.25", None)),
+    ("index.docker.io/team/web:v1", ("index.docker.io/team/web", "docker.io", "team/web", "v1", None)),
+    (f"{HOST}/Team/web:v1", None),  # upper case is for hosts only
+    (f"{HOST}/team/web@sha256:abc", None),
     ("", None),
     (None, None),
 ])
 def test_parse_image_ref(ref, expected):
     assert ed.parse_image_ref(ref) == (ed.ImageRef(*expected) if expected else None)
+
+
+# distribution/reference's own vectors (reference_test.go TestReferenceParse): every reference Docker
+# parses, with its name as written, tag and digest; None where Docker refuses it. Docker's
+# ParseNormalizedNamed (which we follow) also puts names without a host on Docker Hub.
+DISTRIBUTION_REFERENCES = [
+    ("test_com", ("test_com", None, None)),
+    ("test.com:tag", ("test.com", "tag", None)),
+    ("test.com:5000", ("test.com", "5000", None)),
+    ("test.com/repo:tag", ("test.com/repo", "tag", None)),
+    ("test:5000/repo", ("test:5000/repo", None, None)),
+    ("test:5000/repo:tag", ("test:5000/repo", "tag", None)),
+    (f"test:5000/repo@{F64}", ("test:5000/repo", None, F64)),
+    (f"test:5000/repo:tag@{F64}", ("test:5000/repo", "tag", F64)),
+    ("", None),
+    (":justtag", None),
+    (f"@{F64}", None),
+    ("repo@sha256:" + "f" * 34, None),
+    ("validname@invaliddigest:" + "f" * 64, None),
+    ("Uppercase:tag", None),
+    ("test:5000/Uppercase/lowercase:tag", None),
+    ("lowercase:Uppercase", ("lowercase", "Uppercase", None)),
+    ("a/" * 128 + "a:tag", None),
+    ("a/" * 127 + "a:tag-puts-this-over-max", None),  # 255 for Parse; too long once Docker adds docker.io/
+    ("x.io/" + "a/" * 122 + "a:tag-puts-this-over-max", ("x.io/" + "a/" * 122 + "a", "tag-puts-this-over-max", None)),
+    ("aa/asdf$$^/aa", None),
+    ("sub-dom1.foo.com/bar/baz/quux", ("sub-dom1.foo.com/bar/baz/quux", None, None)),
+    ("sub-dom1.foo.com/bar/baz/quux:some-long-tag", ("sub-dom1.foo.com/bar/baz/quux", "some-long-tag", None)),
+    ("b.gcr.io/test.example.com/my-app:test.example.com", ("b.gcr.io/test.example.com/my-app", "test.example.com", None)),
+    ("xn--n3h.com/myimage:xn--n3h.com", ("xn--n3h.com/myimage", "xn--n3h.com", None)),
+    ("xn--7o8h.com/myimage:xn--7o8h.com@sha512:" + "f" * 128,
+     ("xn--7o8h.com/myimage", "xn--7o8h.com", "sha512:" + "f" * 128)),
+    ("foo_bar.com:8080", ("foo_bar.com", "8080", None)),
+    ("foo/foo_bar.com:8080", ("foo/foo_bar.com", "8080", None)),
+    ("192.168.1.1", ("192.168.1.1", None, None)),
+    ("192.168.1.1:tag", ("192.168.1.1", "tag", None)),
+    ("192.168.1.1:5000", ("192.168.1.1", "5000", None)),
+    ("192.168.1.1/repo", ("192.168.1.1/repo", None, None)),
+    ("192.168.1.1:5000/repo", ("192.168.1.1:5000/repo", None, None)),
+    ("192.168.1.1:5000/repo:5050", ("192.168.1.1:5000/repo", "5050", None)),
+    ("[2001:db8::1]", None),
+    ("[2001:db8::1]:5000", None),
+    ("[2001:db8::1]:tag", None),
+    ("[2001:db8::1]/repo", ("[2001:db8::1]/repo", None, None)),
+    ("[2001:db8:1:2:3:4:5:6]/repo:tag", ("[2001:db8:1:2:3:4:5:6]/repo", "tag", None)),
+    ("[2001:db8::1]:5000/repo", ("[2001:db8::1]:5000/repo", None, None)),
+    ("[2001:db8::1]:5000/repo:tag", ("[2001:db8::1]:5000/repo", "tag", None)),
+    (f"[2001:db8::1]:5000/repo@{F64}", ("[2001:db8::1]:5000/repo", None, F64)),
+    (f"[2001:db8::1]:5000/repo:tag@{F64}", ("[2001:db8::1]:5000/repo", "tag", F64)),
+    ("[2001:db8::]:5000/repo", ("[2001:db8::]:5000/repo", None, None)),
+    ("[::1]:5000/repo", ("[::1]:5000/repo", None, None)),
+    ("[fe80::1%eth0]:5000/repo", None),
+    ("[fe80::1%@invalidzone]:5000/repo", None),
+]
+
+
+@pytest.mark.parametrize("ref,expected", DISTRIBUTION_REFERENCES, ids=range(len(DISTRIBUTION_REFERENCES)))
+def test_parse_image_ref_agrees_with_distribution_reference(ref, expected):
+    parsed = ed.parse_image_ref(ref)
+    if expected is None:
+        assert parsed is None
+        return
+    name, tag, digest = expected
+    assert (parsed.name, parsed.digest) == (name, digest)
+    assert parsed.tag == (tag or (None if digest else "latest"))  # Docker's implicit :latest
+
+
+# normalize_test.go: names Docker accepts and refuses (TestValidateReferenceName, TestValidateRemoteName).
+NORMALIZE_VALID = [
+    "docker/docker", "library/debian", "debian", "docker.io/docker/docker", "docker.io/library/debian",
+    "docker.io/debian", "index.docker.io/docker/docker", "index.docker.io/library/debian", "index.docker.io/debian",
+    "127.0.0.1:5000/docker/docker", "127.0.0.1:5000/library/debian", "127.0.0.1:5000/debian", "192.168.0.1",
+    "192.168.0.1:80", "192.168.0.1:8/debian", "192.168.0.2:25000/debian",
+    "thisisthesongthatneverendsitgoesonandonandonthisisthesongthatnev", "[fc00::1]:5000/docker",
+    "[fc00::1]:5000/docker/docker", "[fc00:1:2:3:4:5:6:7]:5000/library/debian",
+    "docker.io/1a3f5e7d9c1b3a5f7e9d1c3b5a7f9e1d3c5b7a9f1e3d5d7c9b1a3f5e7d9c1b3a", "Docker/docker", "DOCKER/docker",
+    "docker-rules/docker", "docker---rules/docker", "doc/docker", "d/docker", "jess/t", "dock__er/docker",
+]
+NORMALIZE_INVALID = [
+    "https://github.com/docker/docker", "docker/Docker", "-docker", "-docker/docker", "-docker.io/docker/docker",
+    "docker///docker", "docker.io/docker/Docker", "docker.io/docker///docker", "[fc00::1]", "[fc00::1]:5000",
+    "fc00::1:5000/debian", "[fe80::1%eth0]:5000/debian", "[2001:db8:3:4::192.0.2.33]:5000/debian",
+    "1a3f5e7d9c1b3a5f7e9d1c3b5a7f9e1d3c5b7a9f1e3d5d7c9b1a3f5e7d9c1b3a", "docker-/docker", "-docker-/docker",
+    "____/____", "_docker/_docker", "dock..er/docker", "dock_.er/docker", "dock-.er/docker", "docker/",
+    "this_is_not_a_valid_namespace_because_its_lenth_is_greater_than_255_" * 4 + "/docker",
+]
+
+
+@pytest.mark.parametrize("ref", NORMALIZE_VALID)
+def test_names_docker_accepts_parse(ref):
+    assert ed.parse_image_ref(ref) is not None
+
+
+@pytest.mark.parametrize("ref", NORMALIZE_INVALID)
+def test_names_docker_refuses_do_not_parse(ref):
+    assert ed.parse_image_ref(ref) is None
+
+
+# normalize_test.go TestParseRepositoryInfo and TestNormalizedSplitHostname: (reference, domain, path).
+NORMALIZED_NAMES = [
+    ("fooo/bar", "docker.io", "fooo/bar"), ("docker.io/fooo/bar", "docker.io", "fooo/bar"),
+    ("index.docker.io/fooo/bar", "docker.io", "fooo/bar"),
+    ("ubuntu", "docker.io", "library/ubuntu"), ("docker.io/library/ubuntu", "docker.io", "library/ubuntu"),
+    ("library/ubuntu", "docker.io", "library/ubuntu"), ("nonlibrary/ubuntu", "docker.io", "nonlibrary/ubuntu"),
+    ("other/library", "docker.io", "other/library"),
+    ("127.0.0.1:8000/private/moonbase", "127.0.0.1:8000", "private/moonbase"),
+    ("127.0.0.1:8000/privatebase", "127.0.0.1:8000", "privatebase"),
+    ("example.com/private/moonbase", "example.com", "private/moonbase"),
+    ("example.com:8000/privatebasee", "example.com:8000", "privatebasee"),
+    ("ubuntu-12.04-base", "docker.io", "library/ubuntu-12.04-base"),
+    ("index.docker.io/library/ubuntu-12.04-base", "docker.io", "library/ubuntu-12.04-base"),
+    ("foo", "docker.io", "library/foo"), ("docker.io/foo", "docker.io", "library/foo"),
+    ("library/foo/bar", "docker.io", "library/foo/bar"), ("store/foo/bar", "docker.io", "store/foo/bar"),
+    ("Foo/bar", "foo", "bar"), ("FOO/bar", "foo", "bar"),  # Docker: domain "Foo"; hosts compare lower-cased
+    ("test.com/foo", "test.com", "foo"), ("test_com/foo", "docker.io", "test_com/foo"),
+    ("docker/migrator", "docker.io", "docker/migrator"), ("test.com:8080/foo", "test.com:8080", "foo"),
+    ("test-com:8080/foo", "test-com:8080", "foo"), ("xn--n3h.com/foo", "xn--n3h.com", "foo"),
+    ("xn--n3h.com:18080/foo", "xn--n3h.com:18080", "foo"),
+    ("docker.io/library/foo/bar", "docker.io", "library/foo/bar"),
+    ("busybox:latest@sha256:86e0e091d0da6bde2456dbb48306f3956bbeb2eae1b5b9a43045843f69fe4aaa",
+     "docker.io", "library/busybox"),
+]
+
+
+@pytest.mark.parametrize("ref,domain,path", NORMALIZED_NAMES)
+def test_parse_image_ref_normalises_as_docker_does(ref, domain, path):
+    parsed = ed.parse_image_ref(ref)
+    assert (parsed.host, parsed.repository) == (domain, path)
 
 
 @pytest.mark.parametrize("host,expected", [
@@ -211,6 +345,8 @@ def test_parse_image_ref(ref, expected):
     ("123456789012.dkr-ecr-fips.us-gov-west-1.on.aws", ("123456789012", "us-gov-west-1")),
     ("123456789012.dkr.ecr.cn-north-1.amazonaws.com.cn", ("123456789012", "cn-north-1")),
     ("123456789012.DKR.ECR.US-EAST-1.AMAZONAWS.COM", ("123456789012", "us-east-1")),
+    ("123456789012.dkr.ecr.us-east-1.amazonaws.com:443", ("123456789012", "us-east-1")),  # HTTPS's own port
+    ("123456789012.dkr.ecr.us-east-1.amazonaws.com:5000", None),
     ("123456789012.dkr.ecr.us-east-1.amazonaws.com.evil.com", None),
     ("evil.com", None),
     ("docker.io", None),
@@ -221,14 +357,38 @@ def test_ecr_registry(host, expected):
     assert ed.ecr_registry(host) == expected
 
 
-def service(image, labels=None, sid="abcdef1234567890"):
+def service(image, labels=None, sid="abcdef1234567890", mode=None):
     return {"ID": sid, "Version": {"Index": 7},
-            "Spec": {"Name": "svc", "Labels": labels or {},
+            "Spec": {"Name": "svc", "Labels": labels or {}, "Mode": mode or {"Replicated": {"Replicas": 1}},
                      "TaskTemplate": {"ContainerSpec": {"Image": image}}}}
 
 
 PUSH = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_B)
 STACK = {ed.STACK_IMAGE_LABEL: f"{HOST}/team/web:latest"}
+
+
+def stack(image):
+    return {ed.STACK_IMAGE_LABEL: image}
+
+
+@pytest.mark.parametrize("svc,tag", [
+    (service(f"{HOST}/team/web:v1"), "v1"),
+    (service(f"{HOST}/team/web"), "latest"),  # neither tag nor digest: Docker's implicit :latest
+    (service(f"{HOST}/team/web:v1@{DIGEST_A}"), "v1"),
+    (service(f"{HOST}/team/web:hotfix@{DIGEST_A}", STACK), "hotfix"),  # the spec's tag beats a stale label
+    (service(f"{HOST}/team/web:v1", STACK), "v1"),
+    (service(f"{HOST}/team/web@{DIGEST_A}", STACK), "latest"),  # digest-only spec: the label's tag
+    (service(f"{HOST}/team/web@{DIGEST_A}", stack(f"{HOST}/team/web:v2")), "v2"),
+    (service(f"{HOST}/team/web@{DIGEST_A}", stack(f"{HOST}/team/web")), "latest"),  # label's implicit :latest
+    (service(f"{HOST}/team/web@{DIGEST_A}", stack(f"{HOST}/team/web:v2@{DIGEST_A}")), "v2"),
+    (service(f"{HOST}/team/web@{DIGEST_A}"), None),  # no label: pinned
+    (service(f"{HOST}/team/web@{DIGEST_A}", stack(f"{HOST}/team/web@{DIGEST_A}")), None),  # compose digest
+    (service(f"{HOST}/team/web@{DIGEST_A}", stack(f"{HOST}/team/api:latest")), None),  # another repository's
+    (service(f"{HOST}/team/web@{DIGEST_A}", stack("not a reference")), None),
+    (service(None), None),
+])
+def test_following(svc, tag):
+    assert ed.following(svc) == tag
 
 
 @pytest.mark.parametrize("svc,name", [
@@ -237,15 +397,18 @@ STACK = {ed.STACK_IMAGE_LABEL: f"{HOST}/team/web:latest"}
     (service(f"{HOST}/team/web"), f"{HOST}/team/web"),  # implicit :latest
     (service(f"{HOST}/team/web@{DIGEST_A}", STACK), f"{HOST}/team/web"),  # tag from the stack label
     (service(f"{HOST.upper()}/team/web:latest"), f"{HOST.upper()}/team/web"),
+    (service(f"{HOST}:443/team/web:latest"), f"{HOST}:443/team/web"),
     (service("123456789012.dkr.ecr-fips.us-east-1.amazonaws.com/team/web:latest"),
      "123456789012.dkr.ecr-fips.us-east-1.amazonaws.com/team/web"),
     (service("123456789012.dkr-ecr.us-east-1.on.aws/team/web"), "123456789012.dkr-ecr.us-east-1.on.aws/team/web"),
-    (service(f"{HOST}/team/web:v1", STACK), f"{HOST}/team/web"),  # the label is preferred
-    (service(f"{HOST}/team/web:latest", {ed.STACK_IMAGE_LABEL: f"{HOST}/team/web:v1"}), None),
+    (service(f"{HOST}/team/web:latest", stack(f"{HOST}/team/web:v1")), f"{HOST}/team/web"),  # stale label
+    (service(f"{HOST}/team/web:v1", STACK), None),  # an operator's hotfix: `docker service update --image`
+    (service(f"{HOST}/team/web@{DIGEST_A}"), None),  # pinned
     (service(f"{HOST}/team/web:v1"), None),
     (service(f"{HOST}/team/api:latest"), None),
     (service(f"{HOST}/team/web-api:latest"), None),
     (service(f"{HOST}/team:latest"), None),
+    (service(f"{HOST}:5000/team/web:latest"), None),
     (service("210987654321.dkr.ecr.us-east-1.amazonaws.com/team/web:latest"), None),
     (service("123456789012.dkr.ecr.eu-west-1.amazonaws.com/team/web:latest"), None),
     (service("team/web:latest"), None),
@@ -255,6 +418,31 @@ STACK = {ed.STACK_IMAGE_LABEL: f"{HOST}/team/web:latest"}
 def test_uses_image(svc, name):
     ref = ed.uses_image(svc, PUSH)
     assert (ref.name if ref else None) == name
+
+
+@pytest.mark.parametrize("svc,digest", [
+    (service(f"{HOST}/team/web@{DIGEST_A}"), DIGEST_A),
+    (service(f"{HOST}/team/web@{DIGEST_A}", stack(f"{HOST}/team/web@{DIGEST_A}")), DIGEST_A),
+    (service(f"{HOST}/team/web@{DIGEST_A}", STACK), None),  # follows :latest
+    (service(f"{HOST}/team/web:v1@{DIGEST_A}"), None),  # follows :v1, not pinned
+    (service(f"{HOST}/team/api@{DIGEST_A}"), None),  # another repository: not worth a word
+])
+def test_pinned_digest(svc, digest):
+    assert ed.pinned_digest(svc, PUSH) == digest
+
+
+@pytest.mark.parametrize("spec,job,reruns", [
+    ({"Mode": {"Replicated": {"Replicas": 1}}}, False, False),
+    ({"Mode": {"Global": {}}}, False, False),
+    ({"Mode": {"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}}}, True, False),
+    ({"Mode": {"GlobalJob": {}}}, True, False),
+    ({"Mode": {"GlobalJob": {}}, "Labels": {ed.RERUN_JOB_LABEL: "true"}}, True, True),
+    ({"Mode": {"ReplicatedJob": {}}, "Labels": {ed.RERUN_JOB_LABEL: "True "}}, True, True),
+    ({"Mode": {"ReplicatedJob": {}}, "Labels": {ed.RERUN_JOB_LABEL: "yes"}}, True, False),
+    ({}, False, False),
+])
+def test_is_job_and_reruns_on_push(spec, job, reruns):
+    assert (ed.is_job(spec), ed.reruns_on_push(spec)) == (job, reruns)
 
 
 def test_services_using_finds_every_match_and_applies_the_label_filter():
@@ -453,7 +641,7 @@ def test_push_updates_every_matching_service_with_forwarded_registry_auth(aws, i
     ids = {
         "web-a": swarm.create_service("web-a", f"{host}/{repo}:latest@{v0}"),
         "web-fips": swarm.create_service("web-fips", f"{fips}/{repo}:latest@{v1}", registry=registry),
-        "web-dual": swarm.create_service("web-dual", f"{dualstack}/{repo}@{v1}", registry=registry),
+        "web-dual": swarm.create_service("web-dual", f"{dualstack}/{repo}:latest@{v1}", registry=registry),
         "web-stack": swarm.create_service("web-stack", f"{host}/{repo}@{v1}", registry=registry,
                                           labels={ed.STACK_IMAGE_LABEL: f"{host}/{repo}:latest", "team": "a"}),
     }
@@ -1193,47 +1381,85 @@ def test_transient_troubles_at_start_are_retried_and_an_unreadable_visibility_ti
 
 import prometheus_client.parser  # noqa: E402
 
-RUNNING_AT = "2026-11-26T13:28:06.027504415Z"
-RUNNING_AT_EPOCH = datetime.datetime(2026, 11, 26, 13, 28, 6, tzinfo=datetime.timezone.utc).timestamp() + 0.027504415
+OURS = f"{HOST}/team/web:latest@{DIGEST_B}"
 
 
-@pytest.mark.parametrize("text,expected", [
-    (RUNNING_AT, RUNNING_AT_EPOCH),
-    ("2026-11-26T13:28:06Z", RUNNING_AT_EPOCH - 0.027504415),
-    ("2026-11-26T14:28:06.5+01:00", RUNNING_AT_EPOCH - 0.027504415 + 0.5),
-    ("0001-01-01T00:00:00Z", datetime.datetime(1, 1, 1, tzinfo=datetime.timezone.utc).timestamp()),
-    ("yesterday", None), (None, None), ("", None),
+def swarm_service(image, force, state=None, previous=None):
+    """A service as GET /services/ID shows it: its spec, maybe a previous spec, maybe an update status."""
+    found = {"Spec": {"TaskTemplate": {"ContainerSpec": {"Image": image}, "ForceUpdate": force}}}
+    if previous:
+        found["PreviousSpec"] = {"TaskTemplate": {"ContainerSpec": {"Image": previous[0]}, "ForceUpdate": previous[1]}}
+    if state:
+        found["UpdateStatus"] = {"State": state, "StartedAt": "2001-01-01T00:00:00Z"}  # no clock is consulted
+    return found
+
+
+@pytest.mark.parametrize("found,expected", [
+    (swarm_service(OURS, 3), None),  # not started yet, or nothing to roll
+    (swarm_service(OURS, 3, "updating"), "updating"),
+    (swarm_service(OURS, 3, "completed"), "completed"),
+    (swarm_service(OURS, 3, "paused"), "paused"),
+    (swarm_service(f"{HOST}/team/web:latest@{DIGEST_A}", 2, "rollback_completed"), "rollback_completed"),  # Swarm's
+    (swarm_service(f"{HOST}/team/web:latest@{DIGEST_A}", 2, "rollback_started", (OURS, 3)), "rollback_started"),
+    (swarm_service(f"{HOST}/team/web:hotfix@{DIGEST_A}", 3, "updating", (OURS, 3)), "superseded"),  # an operator's
+    (swarm_service(OURS, 4, "completed", (OURS, 3)), "superseded"),  # `docker service update --force`
+    (swarm_service(f"{HOST}/team/web:hotfix@{DIGEST_A}", 4), "superseded"),  # UpdateStatus reset by theirs
+    (swarm_service(f"{HOST}/team/web:x@{DIGEST_A}", 5, "rollback_completed", ("other", 4)), "superseded"),
 ])
-def test_parse_docker_time(text, expected):
-    got = ed.parse_docker_time(text)
-    assert got == expected if expected is None else abs(got - expected) < 1e-6
+def test_rollout_state_is_decided_by_spec_identity(found, expected):
+    assert ed.rollout_state(found, OURS, 3) == expected
 
 
-@pytest.mark.parametrize("status,since,expected", [
-    (None, RUNNING_AT_EPOCH, None),
-    ({"State": "completed", "StartedAt": RUNNING_AT}, RUNNING_AT_EPOCH - 0.5, "completed"),
-    ({"State": "paused", "StartedAt": RUNNING_AT}, RUNNING_AT_EPOCH + 1, "paused"),  # within clock slack
-    ({"State": "completed", "StartedAt": RUNNING_AT}, RUNNING_AT_EPOCH + 60, None),  # an older update's
-    ({"State": "updating", "StartedAt": RUNNING_AT}, RUNNING_AT_EPOCH, "updating"),
-    ({"State": "rollback_completed", "StartedAt": RUNNING_AT}, RUNNING_AT_EPOCH, "rollback_completed"),
-    ({"State": "completed"}, RUNNING_AT_EPOCH, None),
-])
-def test_rollout_state(status, since, expected):
-    assert ed.rollout_state({"UpdateStatus": status} if status else {}, since) == expected
-
-
-@pytest.mark.parametrize("spec,expected", [
-    ({}, 300),
-    ({"Mode": {"Replicated": {"Replicas": 100}}, "UpdateConfig": {"Parallelism": 1, "Delay": 10 * 10**9}},
+@pytest.mark.parametrize("spec,global_tasks,expected", [
+    ({}, 1, 300),
+    ({"Mode": {"Replicated": {"Replicas": 100}}, "UpdateConfig": {"Parallelism": 1, "Delay": 10 * 10**9}}, 1,
      100 * 15 + 120),
-    ({"Mode": {"Replicated": {"Replicas": 100}}, "UpdateConfig": {"Parallelism": 10, "Monitor": 30 * 10**9}},
+    ({"Mode": {"Replicated": {"Replicas": 100}}, "UpdateConfig": {"Parallelism": 10, "Monitor": 30 * 10**9}}, 1,
      10 * 30 + 120),
-    ({"Mode": {"Replicated": {"Replicas": 50}}, "UpdateConfig": {"Parallelism": 0, "Monitor": 600 * 10**9}},
+    ({"Mode": {"Replicated": {"Replicas": 50}}, "UpdateConfig": {"Parallelism": 0, "Monitor": 600 * 10**9}}, 1,
      600 + 120),
-    ({"Mode": {"Global": {}}}, 300),
+    ({"Mode": {"Global": {}}}, 1, 300),
+    ({"Mode": {"Global": {}}, "UpdateConfig": {"Parallelism": 1, "Monitor": 30 * 10**9}}, 40, 40 * 30 + 120),
+    ({"Mode": {"Replicated": {"Replicas": 2}}, "UpdateConfig": {"Parallelism": 1, "Monitor": 300 * 10**9}}, 40,
+     2 * 300 + 120),  # task count matters for global services only
 ])
-def test_default_rollout_timeout(spec, expected):
-    assert ed.default_rollout_timeout(spec) == expected
+def test_default_rollout_timeout(spec, global_tasks, expected):
+    assert ed.default_rollout_timeout(spec, global_tasks) == expected
+
+
+def task(service_id, desired, state):
+    return {"ServiceID": service_id, "DesiredState": desired, "Status": {"State": state}}
+
+
+def test_services_with_starting_tasks_are_those_a_re_post_would_disturb():
+    tasks = [task("running", "running", "running"), task("running", "shutdown", "pending"),
+             task("ready", "running", "ready"), task("starting", "running", "starting"),
+             task("pending", "running", "running"), task("pending", "running", "pending"),
+             task("preparing", "running", "preparing"), task("assigned", "running", "assigned"),
+             task("new", "running", "new"), task("done", "shutdown", "complete"),
+             task("failed", "shutdown", "failed"), task("job", "complete", "complete"),
+             task("odd", "running", "unheard-of")]
+    assert ed.services_with_starting_tasks(tasks) == {"pending", "preparing", "assigned", "new"}
+    assert ed.services_with_starting_tasks([]) == set()
+
+
+H = 3600.0
+
+
+@pytest.mark.parametrize("state,now,expected", [
+    ({}, 1000 * H, "full"),  # never ran (or no state directory)
+    ({"passed_at": 1000 * H, "attempt_at": 1000 * H}, 1000 * H + 10, None),  # a crash-looping restart
+    ({"passed_at": 1000 * H, "attempt_at": 1000 * H}, 1005 * H, None),
+    ({"passed_at": 1000 * H, "attempt_at": 1000 * H}, 1006 * H, "full"),
+    ({"passed_at": 1000 * H, "attempt_at": 1000 * H, "retry": ["a"]}, 1000 * H + 299, None),
+    ({"passed_at": 1000 * H, "attempt_at": 1000 * H, "retry": ["a"]}, 1000 * H + 300, "retry"),
+    ({"passed_at": 1000 * H, "attempt_at": 1000 * H, "retry": []}, 1000 * H + 300, None),
+    ({"passed_at": 990 * H, "attempt_at": 1000 * H}, 1000 * H + 299, None),  # a failed listing: wait a little
+    ({"passed_at": 990 * H, "attempt_at": 1000 * H}, 1000 * H + 300, "full"),
+    ({"passed_at": 2000 * H, "attempt_at": 2000 * H}, 1000 * H, "full"),  # the clock went back
+])
+def test_keeper_due(state, now, expected):
+    assert ed.keeper_due(state, now, 6 * H, 300) == expected
 
 
 def test_failing_task_error_picks_the_newest_failure_of_the_new_image():
@@ -1336,15 +1562,16 @@ FAST_MONITOR = {"Monitor": 2_000_000_000}
 BROKEN_CMD = ["/bin/busybox", "false"]
 
 
-def failing_rollout(aws, images, swarm, name):
-    """A running service at v1, and ECR's :latest now at v2 whose command exits 1."""
+def failing_rollout(aws, images, swarm, name, with_auth=True):
+    """A service at v1 (running, if created `with_auth`), and ECR's :latest now at v2 whose command exits 1."""
     registry = REGISTRIES[0]
     repo = images.new_repository()
     v1 = images.push(repo, "latest", "v1")
     v2 = images.push(repo, "latest", "v2-broken", cmd=BROKEN_CMD)
-    sid = swarm.create_service(name, f"{registry.host}/{repo}:latest@{v1}", registry=registry,
+    sid = swarm.create_service(name, f"{registry.host}/{repo}:latest@{v1}", registry=registry if with_auth else None,
                                update_config=FAST_MONITOR)
-    swarm.wait_running(sid, f"{registry.host}/{repo}:latest@{v1}")
+    if with_auth:
+        swarm.wait_running(sid, f"{registry.host}/{repo}:latest@{v1}")
     queue = aws.new_queue()
     aws.send(queue, event(repository=repo, digest=v2))
     return sid, queue, f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{v2}"
@@ -1372,17 +1599,30 @@ def test_failed_rollout_is_reported_paused_and_wait_exits_1(aws, images, clean_s
     assert samples[("ecr_deploy_rollouts_total", "completed")] == 0
 
 
+def run_skewed(skew: str, env: dict, *args: str) -> subprocess.CompletedProcess:
+    """The deployer in --once mode with its clock off by `skew` (faketime; dockerd keeps the true time)."""
+    if not shutil.which("faketime"):
+        rig_unavailable("faketime is not installed (apt-get install faketime)")
+    return subprocess.run(["faketime", "-f", skew, sys.executable, DEPLOYER, "--once", *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
 def test_rollback_on_failure_returns_the_service_to_its_previous_image(aws, images, clean_swarm, webhook):
-    sid, queue, old, new = failing_rollout(aws, images, clean_swarm, "rollme")
-    run = run_once(deployer_env(aws, clean_swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1"), "--queue", queue, "--wait",
-                   "--notify-url", webhook.url)
+    # v1 was created without registry auth, as if its auth had long expired: only a rollback that
+    # forwards a fresh token lets the node pull it (Swarm's rollback=previous would reuse the old auth).
+    # The deployer's clock is 5 s ahead of the leader's: rollouts are matched by spec, not by time.
+    sid, queue, old, new = failing_rollout(aws, images, clean_swarm, "rollme", with_auth=False)
+    run = run_skewed("+5s", deployer_env(aws, clean_swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1"), "--queue", queue,
+                     "--wait", "--notify-url", webhook.url)
     assert run.returncode == 1, run.stderr
     assert f"Rollout of rollme ({sid[:12]}) to {new} paused after" in run.stderr
+    assert f"Rolling back service rollme ({sid[:12]}) to its previous spec ({old})" in run.stderr
     assert f"Rollback of rollme ({sid[:12]}) to {old} completed after" in run.stderr
     service = clean_swarm.service(sid)
     assert service["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == old
-    assert service["UpdateStatus"]["State"] == "rollback_completed"
-    clean_swarm.wait_running(sid, old)
+    assert service["Spec"]["TaskTemplate"]["ForceUpdate"] == 2  # ours was 1: the rollback is a new spec
+    assert service["PreviousSpec"]["TaskTemplate"]["ContainerSpec"]["Image"] == new
+    clean_swarm.wait_running(sid, old)  # pulled with the fresh token
     assert [d["outcome"] for d in webhook.received] == ["paused", "rollback_completed"]
 
 
@@ -1469,6 +1709,209 @@ def test_loop_mode_follows_rollouts_and_refreshes_auth_periodically(aws, images,
         running.kill()
     assert json.loads(summary.read_text())["rollouts"] == {"completed": 1}
     assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v2}", 1)  # refreshes force nothing
+
+
+# ---- what the operator meant: which tag a service follows, Swarm jobs, the keeper's side effects, whose rollout
+
+def docker_cli(swarm, config_dir, *args, stdin=None):
+    """The real docker CLI against the rig's dockerd, with a throwaway DOCKER_CONFIG."""
+    if not shutil.which("docker"):
+        rig_unavailable("the docker CLI is not installed (apt-get install docker.io)")
+    env = {**os.environ, "DOCKER_HOST": swarm.docker_host, "DOCKER_CONFIG": str(config_dir)}
+    run = subprocess.run(["docker", *args], env=env, input=stdin, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, f"docker {' '.join(args)}: {run.stderr}"
+    return run.stdout
+
+
+def test_stack_services_follow_their_spec_tag_and_digest_pinned_ones_stay(aws, images, clean_swarm, tmp_path):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1, h1 = images.push(repo, "latest", "v1"), images.push(repo, "hotfix", "h1")
+    name = f"{registry.host}/{repo}"
+    compose = tmp_path / "stack.yml"
+    compose.write_text(json.dumps({"version": "3.8", "services": {  # JSON is YAML
+        "web": {"image": f"{name}:latest", "deploy": {"replicas": 0}},
+        "pinned": {"image": f"{name}@{v1}", "deploy": {"replicas": 0}}}}))
+    docker_cli(swarm, tmp_path, "login", "-u", "AWS", "--password-stdin", registry.host, stdin=registry.password)
+    docker_cli(swarm, tmp_path, "stack", "deploy", "--with-registry-auth", "-c", str(compose), "stk")
+    ids = {s["Spec"]["Name"]: s["ID"] for s in swarm.get("/services")}
+    web, pinned = ids["stk_web"], ids["stk_pinned"]
+    assert swarm.service(pinned)["Spec"]["Labels"][ed.STACK_IMAGE_LABEL] == f"{name}@{v1}"  # compose's digest
+    # An operator's hotfix: the spec moves to :hotfix, the stack label still says :latest.
+    docker_cli(swarm, tmp_path, "service", "update", "--detach", "--with-registry-auth", "--image",
+               f"{name}:hotfix", "stk_web")
+    assert service_image_of(swarm, web)[0] == f"{name}:hotfix@{h1}"
+    assert swarm.service(web)["Spec"]["Labels"][ed.STACK_IMAGE_LABEL] == f"{name}:latest"
+    versions = {sid: swarm.service(sid)["Version"]["Index"] for sid in (web, pinned)}
+
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, tag="latest", digest=images.push(repo, "latest", "v2")))
+    run = run_once(deployer_env(aws, swarm), "--queue", queue)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.count(f"Service stk_pinned ({pinned[:12]}) is pinned to {v1}; not following :latest") == 1
+    assert updated_lines(run.stderr) == []  # neither the hotfix is undone nor the pinned service moved
+    assert {sid: swarm.service(sid)["Version"]["Index"] for sid in (web, pinned)} == versions
+
+    h2 = images.push(repo, "hotfix", "h2")
+    aws.send(queue, event(repository=repo, tag="hotfix", digest=h2))
+    run = run_once(deployer_env(aws, swarm), "--queue", queue)
+    assert run.returncode == 0, run.stderr
+    assert service_image_of(swarm, web)[0] == f"{name}:hotfix@{h2}"  # pushes of the tag it runs reach it
+    assert service_image_of(swarm, pinned)[0] == f"{name}@{v1}"
+    assert aws.queue_depth(queue) == 0
+
+
+JOB = {"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}}
+
+
+def test_jobs_rerun_on_a_push_only_when_labelled_and_the_keeper_never_touches_them(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    j1 = images.push(repo, "latest", "j1", cmd=["/bin/busybox", "true"])
+    jobs = {name: swarm.create_service(name, f"{registry.host}/{repo}:latest@{j1}", registry=registry, mode=JOB,
+                                       labels=labels, RestartPolicy={"Condition": "none"})
+            for name, labels in (("migrate", {}), ("rerun", {ed.RERUN_JOB_LABEL: "true"}))}
+
+    def completed_runs(sid):
+        return sum(t["Status"]["State"] == "complete" for t in swarm.tasks(sid))
+
+    for sid in jobs.values():
+        wait_for(lambda: completed_runs(sid) == 1, 60, what=lambda: f"the job to complete: {swarm.task_states(sid)}")
+    before = {name: swarm.service(sid)["Version"]["Index"] for name, sid in jobs.items()}
+
+    run = subprocess.run([sys.executable, DEPLOYER, "--refresh-auth"], env=deployer_env(aws, swarm),
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "Refreshed registry auth of 0 service(s)" in run.stderr
+    assert {name: swarm.service(sid)["Version"]["Index"] for name, sid in jobs.items()} == before
+
+    j2 = images.push(repo, "latest", "j2", cmd=["/bin/busybox", "true"])
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=j2))
+    run = run_once(deployer_env(aws, swarm), "--queue", queue)
+    assert run.returncode == 0, run.stderr
+    migrate, rerun = jobs["migrate"], jobs["rerun"]
+    assert f"Service migrate ({migrate[:12]}) is a Swarm job, which an update would run again; skipped" in run.stderr
+    assert swarm.service(migrate)["Version"]["Index"] == before["migrate"]
+    assert f"Updated service rerun ({rerun[:12]}) to {registry.host}/{repo}:latest@{j2}" in run.stderr
+    wait_for(lambda: completed_runs(rerun) == 2, 60, what=lambda: f"the job to run again: {swarm.task_states(rerun)}")
+    time.sleep(1)
+    assert completed_runs(migrate) == 1 and len(swarm.tasks(migrate)) == 1  # never re-run
+    assert aws.queue_depth(queue) == 0  # the skipped job's message is done too
+
+
+def test_keeper_skips_starting_tasks_retries_only_failures_and_keeps_its_schedule_across_restarts(
+        aws, images, clean_swarm, workdir, tmp_path):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    image = f"{registry.host}/{repo}:latest@{images.push(repo, 'latest', 'k1')}"
+    ids = {name: swarm.create_service(name, image, registry=registry, replicas=0) for name in ("good", "bad")}
+    # A task no node can take stays pending: a re-post would replace it, a real rolling update.
+    ids["waiting"] = swarm.create_service("waiting", image, registry=registry,
+                                          Placement={"Constraints": ["node.labels.nowhere==true"]})
+    wait_for(lambda: [t["Status"]["State"] for t in swarm.tasks(ids["waiting"])] == ["pending"], 30,
+             what=lambda: f"a pending task: {swarm.task_states(ids['waiting'])}")
+
+    def versions():
+        return {name: swarm.service(sid)["Version"]["Index"] for name, sid in ids.items()}
+
+    state_file = tmp_path / "auth-keeper.json"
+    env = deployer_env(aws, swarm, STATE_DIRECTORY=str(tmp_path))
+    start = versions()
+    proxy = FaultProxy(swarm.base, unix_path=str(workdir / f"docker-proxy-{uuid.uuid4().hex[:6]}.sock"))
+    proxy.rule = lambda key: 500 if key.startswith("POST") and f"/services/{ids['bad']}/update" in key else None
+    try:
+        run = subprocess.run([sys.executable, DEPLOYER, "--refresh-auth"], env={**env, "DOCKER_HOST": proxy.url},
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        proxy.close()
+    assert run.returncode == 1, run.stderr
+    assert "Refreshed registry auth of 1 service(s); 1 skipped; 1 failed" in run.stderr
+    assert f"Service waiting ({ids['waiting'][:12]}) has tasks not yet started" in run.stderr
+    first = versions()
+    assert (first["good"] > start["good"], first["bad"], first["waiting"]) == (True, start["bad"], start["waiting"])
+    assert json.loads(state_file.read_text())["retry"] == [ids["bad"]]
+
+    # Five minutes later (the state file says so), a restarted loop retries only the service that failed.
+    state = json.loads(state_file.read_text())
+    state["attempt_at"] -= ed.AUTH_REFRESH_RETRY + 1
+    state_file.write_text(json.dumps(state))
+    queue = aws.new_queue()
+    running = Running(env, "--queue", queue, "--auth-refresh", "1h")
+    try:
+        running.wait_line("Refreshed registry auth of 1 service(s) (retrying those that failed)")
+        assert running.stop() == 0
+    finally:
+        running.kill()
+    second = versions()
+    assert (second["good"], second["bad"] > first["bad"], second["waiting"]) == (first["good"], True, first["waiting"])
+    assert json.loads(state_file.read_text())["retry"] == []
+
+    # A crash-looping unit: every start within the interval re-posts nothing.
+    running = Running(env, "--queue", queue, "--auth-refresh", "1h")
+    try:
+        running.wait_line("Registry auth was refreshed")
+        running.wait_line("watching")
+        assert running.stop() == 0
+    finally:
+        running.kill()
+    assert "Refreshed registry auth" not in running.log
+    assert versions() == second
+
+
+SLOW_MONITOR = {"Monitor": 30_000_000_000}  # an update stays "updating" this long after its tasks start
+
+
+def slow_rollout(images, swarm, name, update_config):
+    """A running service at v1 whose update to v2 takes 30 s; returns (repo, service id, v1 image, v2 digest)."""
+    registry = REGISTRIES[0]
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, name, replicas=1)
+    spec = swarm.service(sid)["Spec"]
+    spec["UpdateConfig"].update(update_config)
+    swarm.post(f"/services/{sid}/update", params={"version": swarm.service(sid)["Version"]["Index"]}, json=spec,
+               headers={"X-Registry-Auth": ed.registry_auth_header("AWS", registry.password, registry.host)})
+    swarm.wait_running(sid, f"{registry.host}/{repo}:latest@{v1}")
+    return repo, sid, f"{registry.host}/{repo}:latest@{v1}", v2
+
+
+def test_an_update_by_someone_else_supersedes_our_rollout_and_is_never_rolled_back(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo, sid, old, v2 = slow_rollout(images, swarm, "contested", SLOW_MONITOR)
+    hotfix = f"{registry.host}/{repo}:hotfix@{images.push(repo, 'hotfix', 'h1')}"
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    running = Running(deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1"), "--once", "--wait",
+                      "--queue", queue)
+    try:
+        running.wait_line("Updated service contested")
+        service = swarm.service(sid)
+        spec = service["Spec"]
+        spec["TaskTemplate"]["ContainerSpec"]["Image"] = hotfix  # `docker service update --image`
+        swarm.post(f"/services/{sid}/update", params={"version": service["Version"]["Index"]}, json=spec,
+                   headers={"X-Registry-Auth": ed.registry_auth_header("AWS", registry.password, registry.host)})
+        code = running.proc.wait(30)
+    finally:
+        running.kill()
+    assert code == 1, running.log  # --wait: our rollout did not complete
+    new = f"{registry.host}/{repo}:latest@{v2}"
+    assert f"Rollout of contested ({sid[:12]}) to {new} superseded by another update after" in running.log
+    assert "Rolling back" not in running.log
+    assert service_image_of(swarm, sid)[0] == hotfix
+
+
+def test_a_timed_out_rollout_is_rolled_back_even_where_swarm_rolls_back_failures(aws, images, clean_swarm):
+    swarm = clean_swarm
+    repo, sid, old, v2 = slow_rollout(images, swarm, "slow", {**SLOW_MONITOR, "FailureAction": "rollback"})
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    run = run_once(deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1"), "--queue", queue, "--wait",
+                   "--rollout-timeout", "3s")
+    assert run.returncode == 1, run.stderr
+    new = f"{REGISTRIES[0].host}/{repo}:latest@{v2}"
+    assert f"Rollout of slow ({sid[:12]}) to {new} timed out after" in run.stderr
+    assert f"Rolling back service slow ({sid[:12]}) to its previous spec ({old})" in run.stderr
+    assert service_image_of(swarm, sid)[0] == old
+    swarm.wait_running(sid, old)
 
 
 # =========================================================================== operations: systemd, logs, dry run, README setup
@@ -1643,7 +2086,7 @@ def test_sd_notify_is_a_no_op_without_notify_socket():
 def test_dry_run_changes_nothing_and_deletes_nothing(aws, images, clean_swarm):
     swarm = clean_swarm
     repo, (v1, v2), sid = service_on_new_repo(images, swarm, "dry-a")
-    sid_b = swarm.create_service("dry-b", f"{REGISTRIES[0].host}/{repo}@{v1}", registry=REGISTRIES[0], replicas=0)
+    sid_b = swarm.create_service("dry-b", f"{REGISTRIES[0].host}/{repo}:latest@{v1}", registry=REGISTRIES[0], replicas=0)
     before = {s: swarm.service(s)["Version"]["Index"] for s in (sid, sid_b)}
     queue = aws.new_queue(VisibilityTimeout=30)
     aws.send(queue, event(repository=repo, digest=v2), event(repository=repo, digest=v2), "junk")

@@ -76,14 +76,18 @@ class Swarm:
         return self.call("POST", path, **kwargs)
 
     def create_service(self, name, image, labels=None, registry=None, replicas=1,
-                       update_config=None):
+                       update_config=None, mode=None, **task_template):
+        """A service as the tests need it; `mode` replaces Replicated (e.g. a job), `task_template`
+        adds to the TaskTemplate (e.g. Placement)."""
         spec = {"Name": name, "Labels": labels or {},
                 "TaskTemplate": {
                     "ContainerSpec": {"Image": image, "Init": True, "StopGracePeriod": 1_000_000_000,
                                       "Env": ["GREETING=hello"], "Mounts": [{"Type": "tmpfs", "Target": "/cache"}]},
-                    "RestartPolicy": {"Condition": "any", "Delay": 1_000_000_000}},
-                "Mode": {"Replicated": {"Replicas": replicas}},
+                    "RestartPolicy": {"Condition": "any", "Delay": 1_000_000_000}, **task_template},
+                "Mode": mode or {"Replicated": {"Replicas": replicas}},
                 "UpdateConfig": {"Parallelism": 2, "Order": "stop-first", **(update_config or {})}}
+        if ed.is_job(spec):
+            del spec["UpdateConfig"]  # Swarm refuses one for jobs
         headers = {}
         if registry:
             headers["X-Registry-Auth"] = ed.registry_auth_header("AWS", registry.password, registry.host)
