@@ -10,7 +10,8 @@ rolled only to digests whose ECR scan is clean enough ("ECR Image Scan" events t
 Read top-down: configuration, events (pure), images (pure: references, which tag a service
 follows), specs (pure), rollouts (pure), scan gate (pure), AWS shell, Docker shell, the scan gate,
 the drain cycle (Deployer; Rollouts, which follows and rolls back; AuthKeeper, the registry-auth
-keeper), reports, logging and systemd, main.
+keeper), receiving (Receiver: batches bounded in time, held invisible while worked on), reports,
+logging and systemd, main.
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ environment:
                    boto3's standard chain: region, credentials (instance role preferred)
 
 exit codes: 0 every received message handled; 1 something left on the queue for retry,
-            or a runtime failure (unknown queue, unreachable Docker); 2 usage error
+            or a runtime failure (unreachable Docker or AWS); 2 usage error; 3 misconfigured
+            (no such queue, access denied, Docker not a swarm manager, bad DOCKER_HOST)
 
 examples:
   systemd (loop mode; see systemd/ecr-deploy.service):
@@ -681,11 +683,19 @@ def scan_verdict(scan: Scan, threshold: str, timeout: float) -> Verdict:
 
 # --------------------------------------------------------------------------- AWS shell
 
-# botocore does retries with backoff ("standard" mode) and credentials; the read timeout
-# must outlast a 20 s long poll.
-BOTO_CONFIG = botocore.config.Config(retries={"mode": "standard", "max_attempts": 4},
-                                     connect_timeout=5, read_timeout=30)
+# Every AWS call is bounded, so that no single step outlives the watchdog (Systemd.HEALTHY_FOR):
+# each attempt heartbeats, and botocore's standard mode retries (with backoff) only a few times.
+# SQS gets no botocore retry: each of its calls is retried anyway, a receive by the loop's Backoff
+# (with a log line), an extension by the hold's next turn, a delete by redelivery. SQS's read timeout
+# outlasts a 20 s long poll; ECR answers in milliseconds.
+CONNECT_TIMEOUT = 5
+SQS_READ_TIMEOUT = 25
+SQS_CONFIG = botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 1},
+                                    connect_timeout=CONNECT_TIMEOUT, read_timeout=SQS_READ_TIMEOUT)
+ECR_CONFIG = botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 3},
+                                    connect_timeout=CONNECT_TIMEOUT, read_timeout=10)
 SQS_MAX_MESSAGES = 10
+DEFAULT_VISIBILITY_TIMEOUT = 30  # s: SQS's default, assumed when the role may not read the queue's own
 SQS_URL_REGION = re.compile(r"https?://(?:sqs\.([a-z0-9-]+)\.amazonaws\.com|([a-z0-9-]+)\.queue\.amazonaws\.com)")
 
 
@@ -706,25 +716,61 @@ def error_code(error: Exception) -> str | None:
     return None
 
 
-class QueueNotFound(AwsError):
-    """Fatal in every mode: waiting will not make a wrong queue name right."""
+class Misconfigured(Exception):
+    """A setting that waiting cannot fix, found at start: one line and exit 3 (systemd's restart
+    policy and start limits take it from there)."""
+
+
+class QueueNotFound(AwsError, Misconfigured):
+    """Fatal at start: waiting will not make a wrong queue name right (later, a queue being
+    recreated is an outage like any other)."""
+
+
+class AccessDenied(AwsError, Misconfigured):
+    """Fatal at start: the role lacks a permission (later, revoked credentials are an outage)."""
 
 
 QUEUE_MISSING = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
+ACCESS_DENIED = ("AccessDenied", "AccessDeniedException")
 AWS_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
 
 
+def aws_client(session: botocore.session.Session, service: str, region: str | None,
+               config: botocore.config.Config, on_request=None):
+    """A botocore client whose every attempt (retries included) calls on_request(): a heartbeat."""
+    try:
+        client = session.create_client(service, region_name=region, config=config)
+    except botocore.exceptions.NoRegionError:
+        raise Misconfigured("no AWS region: set AWS_REGION, or give the queue's full URL") from None
+    if on_request:
+        client.meta.events.register("before-send", on_request)
+    return client
+
+
+def chunks(messages: list[dict]) -> list[list[dict]]:
+    """SQS batch calls take ten entries at most."""
+    return [messages[start:start + SQS_MAX_MESSAGES] for start in range(0, len(messages), SQS_MAX_MESSAGES)]
+
+
 class Queue:
-    def __init__(self, session: botocore.session.Session, name_or_url: str):
+    def __init__(self, session: botocore.session.Session, name_or_url: str, on_request=None):
         url_region = SQS_URL_REGION.match(name_or_url)
         region = (url_region[1] or url_region[2]) if url_region else None
         self.name = name_or_url
-        try:  # A queue URL names its region; it wins over the default region if they differ.
-            self._sqs = session.create_client("sqs", config=BOTO_CONFIG,
-                                              region_name=region or session.get_config_variable("region"))
-        except botocore.exceptions.NoRegionError:
-            raise AwsError("no AWS region: set AWS_REGION, or give the queue's full URL") from None
+        # A queue URL names its region; it wins over the default region if they differ.
+        self._sqs = aws_client(session, "sqs", region or session.get_config_variable("region"), SQS_CONFIG,
+                               on_request)
         self.url = name_or_url if name_or_url.startswith(("https://", "http://")) else None
+        self.visibility_timeout, self.visibility_source = DEFAULT_VISIBILITY_TIMEOUT, "assumed"
+
+    def _error(self, error: Exception, doing: str) -> AwsError:
+        code = error_code(error)
+        if code in QUEUE_MISSING:
+            return QueueNotFound(f"SQS queue {self.url or repr(self.name)} does not exist"
+                                 + ("" if self.url else f" in {self._sqs.meta.region_name}"))
+        if code in ACCESS_DENIED:
+            return AccessDenied.wrap(error, doing)
+        return AwsError.wrap(error, doing)
 
     def resolve(self) -> None:
         """GetQueueUrl, once per process; an unknown queue is a fatal error."""
@@ -733,10 +779,20 @@ class Queue:
         try:
             self.url = self._sqs.get_queue_url(QueueName=self.name)["QueueUrl"]
         except AWS_ERRORS as e:
-            if error_code(e) in QUEUE_MISSING:
-                raise QueueNotFound(f"SQS queue {self.name!r} does not exist "
-                                    f"in {self._sqs.meta.region_name}") from None
-            raise AwsError.wrap(e, f"cannot find SQS queue {self.name!r}") from None
+            raise self._error(e, f"cannot find SQS queue {self.name!r}") from None
+
+    def read_visibility_timeout(self) -> None:
+        """The queue's own VisibilityTimeout, once at start. sqs:GetQueueAttributes is optional:
+        without it, SQS's default is assumed (and the start line says so)."""
+        try:
+            attributes = self._sqs.get_queue_attributes(QueueUrl=self.url, AttributeNames=["VisibilityTimeout"])
+            self.visibility_timeout = int(attributes["Attributes"]["VisibilityTimeout"])
+            self.visibility_source = "the queue's"
+        except AWS_ERRORS as e:
+            error = self._error(e, f"cannot read the attributes of {self.url}")
+            if not isinstance(error, AccessDenied):
+                raise error from None
+            self.visibility_source = "SQS's default, assumed: no sqs:GetQueueAttributes"
 
     def receive(self, wait_seconds: int) -> list[dict]:
         try:
@@ -744,16 +800,29 @@ class Queue:
                 QueueUrl=self.url, MaxNumberOfMessages=SQS_MAX_MESSAGES, WaitTimeSeconds=wait_seconds,
                 MessageSystemAttributeNames=["ApproximateReceiveCount"])
         except AWS_ERRORS as e:
-            if error_code(e) in QUEUE_MISSING:
-                raise QueueNotFound(f"SQS queue {self.url} does not exist") from None
-            raise AwsError.wrap(e, f"cannot receive from {self.url}") from None
+            raise self._error(e, f"cannot receive from {self.url}") from None
         return reply.get("Messages", [])
+
+    def extend(self, messages: list[dict], seconds: int) -> None:
+        """ChangeMessageVisibilityBatch: the messages stay invisible for `seconds` more. A failure
+        costs nothing yet (the hold tries again well before they would reappear), and a message
+        deleted meanwhile is no failure at all: both are logged at debug level only."""
+        for chunk in chunks(messages):
+            entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": seconds}
+                       for i, m in enumerate(chunk)]
+            try:
+                reply = self._sqs.change_message_visibility_batch(QueueUrl=self.url, Entries=entries)
+            except AWS_ERRORS as e:
+                log.debug("%s", AwsError.wrap(e, "cannot extend the visibility of held messages"))
+                continue
+            for failure in reply.get("Failed", []):
+                log.debug("Cannot extend the visibility of message %s: %s", chunk[int(failure["Id"])]["MessageId"],
+                          failure.get("Code"))
 
     def delete(self, messages: list[dict]) -> set[str]:
         """DeleteMessageBatch in chunks of ten; returns the ids of messages not deleted."""
         failed: set[str] = set()
-        for start in range(0, len(messages), SQS_MAX_MESSAGES):
-            chunk = messages[start:start + SQS_MAX_MESSAGES]
+        for chunk in chunks(messages):
             entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(chunk)]
             try:
                 reply = self._sqs.delete_message_batch(QueueUrl=self.url, Entries=entries)
@@ -782,8 +851,9 @@ SCAN_ERRORS = {"ScanNotFoundException": "NOT_FOUND", "AccessDeniedException": "D
 
 
 class Ecr:
-    def __init__(self, session: botocore.session.Session):
+    def __init__(self, session: botocore.session.Session, on_request=None):
         self._session = session
+        self._on_request = on_request
         self._clients: dict[str, object] = {}
         self._tokens: dict[tuple[str, str], Token] = {}
         self.cycle = 0
@@ -796,7 +866,7 @@ class Ecr:
 
     def _client(self, region: str):
         if region not in self._clients:
-            self._clients[region] = self._session.create_client("ecr", region_name=region, config=BOTO_CONFIG)
+            self._clients[region] = aws_client(self._session, "ecr", region, ECR_CONFIG, self._on_request)
         return self._clients[region]
 
     def current_digest(self, push: Push) -> str | None:
@@ -851,7 +921,7 @@ class Ecr:
 # --------------------------------------------------------------------------- Docker shell
 
 NEWEST_KNOWN_API = (1, 47)
-DOCKER_TIMEOUT = 30
+DOCKER_TIMEOUT = (5, 30)  # s: connect, read
 ERRNO_TEXT = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
 
 
@@ -869,17 +939,19 @@ class DockerError(Exception):
 class Docker:
     """A thin Docker Engine API client over the unix socket."""
 
-    def __init__(self, docker_host: str | None):
+    def __init__(self, docker_host: str | None, on_request=None):
         docker_host = docker_host or "unix:///var/run/docker.sock"
         if not docker_host.startswith("unix://"):
-            raise ValueError(f"DOCKER_HOST must be unix:///path, not {docker_host!r}")
+            raise Misconfigured(f"DOCKER_HOST must be unix:///path, not {docker_host!r}")
         self.socket = docker_host[len("unix://"):]
         self._base = "http+unix://" + urllib.parse.quote(self.socket, safe="")
         self._session = requests_unixsocket.Session()
         self._prefix: str | None = None
+        self._on_request = on_request or (lambda: None)  # a heartbeat: each call is bounded, and progress
         self.api_version: str | None = None
 
     def _request(self, method: str, path: str, **kwargs) -> object:
+        self._on_request()
         try:
             reply = self._session.request(method, self._base + path, timeout=DOCKER_TIMEOUT, **kwargs)
         except requests.RequestException as e:
@@ -910,6 +982,17 @@ class Docker:
         self.api_version = f"{major}.{minor}"
         self._prefix = f"/v{self.api_version}"
         return self.api_version
+
+    def check_manager(self) -> None:
+        """A worker (or a daemon outside any swarm) fails every service call for ever: say so at
+        start. A manager that is pending, locked or without a leader may recover: not checked here."""
+        swarm = self.api("GET", "/info").get("Swarm") or {}
+        state = swarm.get("LocalNodeState")
+        if state == "inactive":
+            raise Misconfigured(f"Docker at {self.socket} is not part of a swarm: run ecr-deploy on a swarm manager")
+        if state == "active" and not swarm.get("ControlAvailable"):
+            raise Misconfigured(f"Docker at {self.socket} is a swarm worker, not a manager: run ecr-deploy "
+                                "on a manager node (or promote this one)")
 
     def services(self) -> list[dict]:
         return self.api("GET", "/services")
@@ -1020,17 +1103,7 @@ class Deployer:
         self.totals = {"messages": {"received": 0, "deployed": 0, "ignored": 0, "failed": 0},
                        "services_updated": 0, "rollouts": self.rollouts.counts, "last_success": None}
 
-    # ---- receiving and acknowledging
-
-    def receive_batch(self, first_wait: int, interruptible=nullcontext) -> list[dict]:
-        """First receive long-polls; follow-ups drain a burst into one batch (deduplicated)."""
-        with interruptible():
-            last = self.queue.receive(first_wait)
-        batch = {m["MessageId"]: m for m in last}
-        while len(last) == SQS_MAX_MESSAGES and len(batch) < BATCH_CAP:
-            last = self.queue.receive(FOLLOW_UP_WAIT)
-            batch.update((m["MessageId"], m) for m in last)
-        return list(batch.values())
+    # ---- acknowledging (receiving: see Receiver)
 
     def handle(self, messages: list[dict]) -> CycleResult:
         """Do what the messages ask, then delete exactly the ones whose work is done."""
@@ -1521,6 +1594,79 @@ def service_label(service: dict) -> str:
     return f"{service.get('Spec', {}).get('Name', '?')} ({service.get('ID', '?')[:12]})"
 
 
+# --------------------------------------------------------------------------- receiving
+
+GATHER_SHARE = 0.5  # gathering one batch takes at most this share of the visibility timeout
+HOLD_SHARE = 1 / 3  # messages in hand are extended this often (a share of the visibility timeout)
+
+
+class Receiver:
+    """Gathers batches from the queue, and keeps every message in hand invisible to other
+    consumers (ChangeMessageVisibilityBatch, from a thread) until it is released: its receipt
+    handle is then still valid when it is deleted, however long the work on it took, and it is
+    never redelivered mid-cycle.
+
+    once=True (--once): each message is handed out at most once per run. One seen before that
+    comes back (it failed, or a dry run left it) is held until the run ends, so that the
+    following receives reach the messages not seen yet instead of stopping early."""
+
+    def __init__(self, queue: Queue, once: bool = False):
+        self.queue = queue
+        self.visibility_timeout = max(1, queue.visibility_timeout)
+        self.seen: set[str] | None = set() if once else None
+        self._held: dict[str, dict] = {}  # MessageId -> the message, with its newest receipt handle
+        self._lock = threading.Lock()
+        self._holder: threading.Thread | None = None
+
+    def gather(self, first_wait: int, interruptible=nullcontext) -> list[dict]:
+        """The first receive long-polls; follow-ups take what a burst left on the queue, until a
+        receive adds nothing new (or fewer than ten: drained for now), the batch is full, or its
+        share of the visibility timeout is up: a slow queue cannot make a cycle endless."""
+        batch: dict[str, dict] = {}
+        with interruptible():
+            received = self.queue.receive(first_wait)
+        deadline = time.monotonic() + self.visibility_timeout * GATHER_SHARE
+        while self._take(received, batch) and len(batch) < BATCH_CAP and time.monotonic() < deadline \
+                and not (batch and len(received) < SQS_MAX_MESSAGES):
+            try:
+                received = self.queue.receive(FOLLOW_UP_WAIT)
+            except AwsError as e:  # what is in hand is handled (and released) all the same
+                log.warning("%s; going on with the %d message(s) received", e, len(batch))
+                break
+        return list(batch.values())
+
+    def _take(self, received: list[dict], batch: dict[str, dict]) -> bool:
+        """Hold what was received and add it to the batch (unless seen this run); True if any was new."""
+        with self._lock:
+            new = {m["MessageId"] for m in received} - self._held.keys()
+            # SQS deletes a message received twice only with the newest of its receipt handles.
+            self._held.update((m["MessageId"], m) for m in received)
+        seen = self.seen or set()
+        for message in received:
+            if message["MessageId"] in batch or (message["MessageId"] in new and message["MessageId"] not in seen):
+                batch[message["MessageId"]] = message
+        if new and self._holder is None:
+            self._holder = threading.Thread(target=self._hold, name="visibility-hold", daemon=True)
+            self._holder.start()
+        return bool(new)
+
+    def release(self, messages: list[dict]) -> None:
+        """Handled (deleted, or left to come back for a retry): no longer held."""
+        with self._lock:
+            for message in messages:
+                self._held.pop(message["MessageId"], None)
+        if self.seen is not None:
+            self.seen.update(m["MessageId"] for m in messages)
+
+    def _hold(self) -> None:
+        while True:
+            time.sleep(self.visibility_timeout * HOLD_SHARE)
+            with self._lock:
+                held = list(self._held.values())
+            if held:
+                self.queue.extend(held, self.visibility_timeout)
+
+
 # --------------------------------------------------------------------------- reports
 
 def write_atomically(path: str, text: str) -> None:
@@ -1596,7 +1742,9 @@ def setup_logging(level: str, style: str) -> None:
 class Systemd:
     """sd_notify(3) over $NOTIFY_SOCKET with the standard library; a no-op outside systemd."""
 
-    HEALTHY_FOR = FIRST_WAIT_LOOP + 30 + 30 + 30  # s: a long poll, a read timeout, a backoff, and slack
+    # s: the longest the main loop goes between heartbeats: one call (Docker's bound, 5 s connect
+    # + 30 s read, is the longest; SQS's long poll is 5 + 25), a backoff (30), and slack.
+    HEALTHY_FOR = 35 + 30 + 25
 
     def __init__(self, environ: dict):
         address = environ.get("NOTIFY_SOCKET", "")
@@ -1626,9 +1774,12 @@ class Systemd:
             self._status = text
             self.notify(f"STATUS={text}")
 
-    def heartbeat(self) -> None:
-        """The main loop is making progress (called each turn)."""
-        self.alive_at = time.monotonic()
+    def heartbeat(self, **_) -> None:
+        """The main loop is making progress: called each turn, and before every AWS attempt
+        (botocore's before-send event) and Docker call. Only the main thread's count: the
+        visibility hold's calls must not vouch for a loop that hangs."""
+        if threading.current_thread() is threading.main_thread():
+            self.alive_at = time.monotonic()
 
     def start_watchdog(self) -> None:
         """Ping from a thread, so a 20 s long poll does not starve the watchdog, but only while
@@ -1649,6 +1800,9 @@ class Systemd:
 
 
 # --------------------------------------------------------------------------- main
+
+EXIT_MISCONFIGURED = 3
+
 
 class Shutdown(BaseException):
     """Raised by the signal handler, only while the process is merely waiting. A BaseException,
@@ -1687,30 +1841,33 @@ class Signals:
 class Backoff:
     """Exponential, jittered, capped: for outages that outlast botocore's own retries."""
 
+    MAX_EXPONENT = 16  # 2 ** 16 s is past any cap; 2.0 ** 1024 would overflow after days of failures
+
     def __init__(self, cap: float = 30.0):
         self.cap, self.failures = cap, 0
 
     def next(self) -> float:
         self.failures += 1
-        return min(self.cap, 2.0 ** self.failures) * random.uniform(0.5, 1.0)
+        return min(self.cap, 2.0 ** min(self.failures, self.MAX_EXPONENT)) * random.uniform(0.5, 1.0)
 
     def reset(self) -> None:
         self.failures = 0
 
 
-def drain_once(deployer: Deployer, signals: Signals, args: argparse.Namespace) -> int:
-    """Receive until the queue is empty. A message seen once in this run is not handled again:
-    a failed one stays for a later run, and a dry run makes exactly one pass."""
-    seen: set[str] = set()
+def drain_once(deployer: Deployer, receiver: Receiver, signals: Signals, args: argparse.Namespace) -> int:
+    """Receive until no message this run has not seen is left. Each is handled at most once
+    (Receiver(once=True)): a failed one stays for a later run, and a dry run makes one pass."""
     failed = waiting = False
     while not signals.requested:
-        fresh = [m for m in deployer.receive_batch(FIRST_WAIT_ONCE) if m["MessageId"] not in seen]
-        if not fresh:
+        batch = receiver.gather(FIRST_WAIT_ONCE)
+        if not batch:
             break
-        result = deployer.handle(fresh)
+        try:
+            result = deployer.handle(batch)
+        finally:
+            receiver.release(batch)
         failed = failed or bool(result.failed and not deployer.dry_run)
         waiting = waiting or bool(result.waiting and not deployer.dry_run)
-        seen.update(m["MessageId"] for m in fresh)
     if failed:
         log.error("Some messages were left on the queue for retry")
     while deployer.rollouts.pending and not signals.requested:  # --wait
@@ -1725,26 +1882,31 @@ def drain_once(deployer: Deployer, signals: Signals, args: argparse.Namespace) -
     return 1 if failed or waiting or incomplete else 0  # waiting: left on the queue, for a later run
 
 
-def poll_forever(deployer: Deployer, signals: Signals, args: argparse.Namespace) -> int:
+def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args: argparse.Namespace) -> int:
     systemd, backoff = deployer.systemd, Backoff()
     while not signals.requested:
         systemd.heartbeat()
         try:
-            deployer.keeper.run_if_due()
             if not systemd.is_ready:
                 wait = FIRST_WAIT_ONCE  # a quick first poll proves the queue works: READY=1 without delay
             elif deployer.rollouts.pending:
                 wait = FIRST_WAIT_FOLLOWING
             else:
                 wait = FIRST_WAIT_LOOP
-            messages = deployer.receive_batch(wait, signals.interruptible)
+            messages = receiver.gather(wait, signals.interruptible)
             systemd.ready()  # the first poll worked (Docker answered at start)
-            failed = len(deployer.handle(messages).failed) if messages else 0  # not those waiting for a scan
+            try:
+                failed = len(deployer.handle(messages).failed) if messages else 0  # not those waiting for a scan
+            finally:
+                receiver.release(messages)
             ended = len(deployer.rollouts.outcomes)
             deployer.rollouts.check()
             if messages or len(deployer.rollouts.outcomes) != ended:
                 write_reports(deployer, args)
+            deployer.keeper.run_if_due()  # after the first poll: a deployer that cannot read its queue touches no service
         except (AwsError, DockerError) as e:
+            if isinstance(e, Misconfigured) and not systemd.is_ready:
+                raise  # the queue was never read: waiting cannot fix this (exit 3)
             log.error("%s", e)
             systemd.status(f"{'docker' if isinstance(e, DockerError) else 'AWS'} unreachable: retrying")
             failed = 1
@@ -1778,11 +1940,13 @@ def aws_session() -> botocore.session.Session:
 
 
 def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deployer:
-    """Resolve the queue and reach Docker; in loop mode, wait out outages instead of failing."""
+    """Resolve the queue, read its visibility timeout, reach Docker and check that it is a swarm
+    manager. Misconfigured: raised at once. Outages: in loop mode, waited out instead of failing."""
+    docker = Docker(os.environ.get("DOCKER_HOST"), on_request=systemd.heartbeat)
     session = aws_session()
-    queue = Queue(session, args.queue) if args.queue else None
-    ecr = Ecr(session)
-    deployer = Deployer(queue, ecr, Docker(os.environ.get("DOCKER_HOST")), args.filter_label,
+    queue = Queue(session, args.queue, on_request=systemd.heartbeat) if args.queue else None
+    ecr = Ecr(session, on_request=systemd.heartbeat)
+    deployer = Deployer(queue, ecr, docker, args.filter_label,
                         trust_events=args.trust_events, follow_rollouts=(args.wait or not args.once) and not args.dry_run,
                         rollout_timeout=args.rollout_timeout, rollback_on_failure=args.rollback_on_failure,
                         notify_urls=tuple(args.notify_url), dry_run=args.dry_run, systemd=systemd,
@@ -1794,10 +1958,12 @@ def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deplo
         try:
             if queue and not args.refresh_auth:
                 queue.resolve()
+                queue.read_visibility_timeout()
             deployer.docker.negotiate()
+            deployer.docker.check_manager()
             return deployer
         except (AwsError, DockerError) as e:
-            if args.once or args.refresh_auth or isinstance(e, QueueNotFound):
+            if args.once or args.refresh_auth or isinstance(e, Misconfigured):
                 raise
             log.error("%s; retrying", e)
             systemd.status(f"{'docker' if isinstance(e, DockerError) else 'AWS'} unreachable: retrying")
@@ -1814,10 +1980,15 @@ def main(argv: list[str] | None = None) -> int:
         deployer = start(args, signals, systemd)
         if args.refresh_auth:
             return 0 if deployer.keeper.run_pass() else 1
-        log.info("ecr-deploy %s watching %s (Docker at %s, API %s)", __version__, deployer.queue.url,
-                 deployer.docker.socket, deployer.docker.api_version)
-        return drain_once(deployer, signals, args) if args.once else poll_forever(deployer, signals, args)
-    except (AwsError, DockerError, ValueError) as e:
+        queue, receiver = deployer.queue, Receiver(deployer.queue, once=args.once)
+        log.info("ecr-deploy %s watching %s (visibility timeout %d s, %s; Docker at %s, API %s)", __version__,
+                 queue.url, queue.visibility_timeout, queue.visibility_source, deployer.docker.socket,
+                 deployer.docker.api_version)
+        return (drain_once if args.once else poll_forever)(deployer, receiver, signals, args)
+    except Misconfigured as e:
+        log.error("%s", e)
+        return EXIT_MISCONFIGURED
+    except (AwsError, DockerError) as e:
         log.error("%s", e)
         return 1
     except Shutdown:

@@ -766,17 +766,17 @@ def test_docker_unreachable_exits_1_and_keeps_the_message(aws):
     assert aws.queue_depth(queue) == 1
 
 
-def test_no_region_exits_1_with_a_clear_line(aws, swarm):
+def test_no_region_exits_3_with_a_clear_line(aws, swarm):
     env = deployer_env(aws, swarm)
     del env["AWS_REGION"]
     run = run_once(env, "--queue", "some-queue")
-    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.returncode == 3 and "Traceback" not in run.stderr
     assert run.stderr.strip().endswith("no AWS region: set AWS_REGION, or give the queue's full URL")
 
 
-def test_unknown_queue_exits_1_with_a_clear_line(aws, swarm):
+def test_unknown_queue_exits_3_with_a_clear_line(aws, swarm):
     run = run_once(deployer_env(aws, swarm), "--queue", "no-such-queue")
-    assert run.returncode == 1
+    assert run.returncode == 3
     assert "no-such-queue" in run.stderr and "does not exist" in run.stderr
     assert "Traceback" not in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
@@ -1133,6 +1133,14 @@ def test_loop_mode_survives_a_dockerd_restart(aws, images, clean_swarm):
     assert aws.queue_depth(queue) == 0
 
 
+def deployed_then_stopped(aws, swarm, running, queue, repo, digest, sid, after):
+    """Once the outage is over: a push is deployed by the same process, which then stops cleanly."""
+    aws.send(queue, event(repository=repo, digest=digest))
+    wait_for(lambda: service_image_of(swarm, sid)[0].endswith(digest), 90,
+             what=lambda: f"the deploy after {after}:\n{running.log}")
+    assert running.stop() == 0
+
+
 def test_loop_mode_survives_a_moto_server_restart(aws, images, clean_swarm):
     swarm, registry = clean_swarm, REGISTRIES[0]
     repo, (v1, v2), sid = service_on_new_repo(images, swarm, "outage")
@@ -1148,10 +1156,7 @@ def test_loop_mode_survives_a_moto_server_restart(aws, images, clean_swarm):
         assert aws.sqs.create_queue(QueueName=name)["QueueUrl"] == queue
         images.aws.client("ecr").create_repository(repositoryName=repo)
         assert images.push(repo, "latest", "v2") == v2
-        aws.send(queue, event(repository=repo, digest=v2))
-        wait_for(lambda: service_image_of(swarm, sid)[0].endswith(v2), 90,
-                 what=lambda: f"the deploy after moto_server came back:\n{running.log}")
-        assert running.stop() == 0
+        deployed_then_stopped(aws, swarm, running, queue, repo, v2, sid, after="moto_server came back")
     finally:
         running.kill()
     assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v2}", 1)
@@ -1187,6 +1192,193 @@ def test_ecr_tokens_are_cached_per_registry_and_expired_ones_only_within_a_cycle
     ecr.credentials("123456789012", "us-east-1")
     assert len(calls) == 5
 
+
+
+# =========================================================================== never stalling: slow queues, outages, misconfiguration
+
+@pytest.mark.parametrize("failures,low,high", [
+    (1, 1.0, 2.0), (3, 4.0, 8.0), (5, 15.0, 30.0), (6, 15.0, 30.0),
+    (1_023, 15.0, 30.0), (1_024, 15.0, 30.0), (1_025, 15.0, 30.0), (5_000, 15.0, 30.0), (10 ** 9, 15.0, 30.0),
+])
+def test_backoff_is_capped_whatever_the_outage_length(failures, low, high):
+    backoff = ed.Backoff()
+    backoff.failures = failures - 1  # hours or days of failures, without living through them
+    assert low <= backoff.next() <= high
+    assert backoff.failures == failures
+    backoff.reset()
+    assert backoff.next() <= 2.0
+
+
+def test_slow_queue_once_ends_and_updates_each_service_exactly_once(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    ids, targets = burst(images, swarm, registry, n_images=5, services_per_image=2)
+    # 300 events; moto takes longer to receive them all than the visibility timeout of 1 s.
+    queue = aws.new_queue(VisibilityTimeout=1)
+    bodies = [json.dumps(event(repository=repo, digest=digest)) for repo, digest in targets.items()] * 60
+    for start in range(0, len(bodies), 10):
+        aws.sqs.send_message_batch(QueueUrl=queue, Entries=[
+            {"Id": str(i), "MessageBody": b} for i, b in enumerate(bodies[start:start + 10])])
+    run = run_once(deployer_env(aws, swarm), "--queue", queue, timeout=180)
+    assert run.returncode == 0, run.stderr
+    assert "visibility timeout 1 s, the queue's" in run.stderr.splitlines()[0]
+    for sid, image in ids:
+        assert service_image_of(swarm, sid) == (image, 1)  # ForceUpdate bumped exactly once
+    assert len(updated_lines(run.stderr)) == len(ids) == 10
+    assert aws.queue_depth(queue) == 0
+
+
+@pytest.fixture
+def sqs_shell(aws, monkeypatch):
+    """The deployer's own Queue on a fresh moto queue with a visibility timeout of 1 s."""
+    for name, value in aws.env.items():
+        monkeypatch.setenv(name, value)
+    url = aws.new_queue(VisibilityTimeout=1)
+    queue = ed.Queue(ed.aws_session(), url)
+    queue.read_visibility_timeout()
+    assert (queue.visibility_timeout, queue.visibility_source) == (1, "the queue's")
+    return url, queue
+
+
+def test_messages_in_hand_stay_invisible_however_long_the_work_on_them_takes(aws, sqs_shell):
+    url, queue = sqs_shell
+    aws.send(url, *[f"slow-{i}" for i in range(12)])
+    receiver = ed.Receiver(queue)
+    batch = receiver.gather(1)
+    assert len(batch) == 12
+    other_consumer = aws.client("sqs")
+    working_until = time.monotonic() + 3.5  # a slow Docker, conflict retries: 3 visibility timeouts
+    while time.monotonic() < working_until:
+        assert other_consumer.receive_message(QueueUrl=url, WaitTimeSeconds=0).get("Messages", []) == []
+        time.sleep(0.2)
+    assert queue.delete(batch) == set()  # the receipt handles are still the valid ones
+    receiver.release(batch)
+    assert aws.queue_depth(url) == 0
+
+
+def test_once_hands_out_each_message_once_and_reaches_unseen_ones_behind_seen_ones(aws, sqs_shell):
+    url, queue = sqs_shell
+    aws.send(url, *[f"first-{i}" for i in range(10)])
+    receiver = ed.Receiver(queue, once=True)
+    first = receiver.gather(1)
+    receiver.release(first)  # handled but not deleted, as a failure or a dry run leaves them
+    time.sleep(1.5)  # visible again, and ahead of the new ones in moto's order
+    aws.send(url, *[f"second-{i}" for i in range(5)])
+    second = receiver.gather(1)
+    receiver.release(second)
+    assert sorted(m["Body"] for m in first) == sorted(f"first-{i}" for i in range(10))
+    assert sorted(m["Body"] for m in second) == sorted(f"second-{i}" for i in range(5))
+    assert receiver.gather(1) == []  # nothing unseen is left: the run may end
+    assert aws.queue_depth(url) == 15  # nothing deleted, nothing lost
+
+
+def test_sqs_endpoint_that_never_answers_keeps_the_watchdog_fed_and_deploys_when_back(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "unanswered")
+    queue = aws.new_queue()
+    # After the first poll (READY=1), every request is accepted and never answered, until released.
+    proxy, receives, black_hole = FaultProxy(aws.url), [], threading.Event()
+
+    def rule(key):
+        receives.extend(["ReceiveMessage"] if "ReceiveMessage" in key else [])
+        return "stall" if len(receives) > 1 and black_hole.is_set() else None
+
+    proxy.rule = rule
+    black_hole.set()
+    notify = NotifySocket()
+    env = deployer_env(aws, swarm, AWS_ENDPOINT_URL=proxy.url, NOTIFY_SOCKET="@" + notify.name,
+                       WATCHDOG_USEC="1000000")
+    running = Running(env, "--queue", queue, "--auth-refresh", "0")
+    try:
+        notify.wait_for("READY=1")
+        assert proxy.stalled.wait(30), running.log
+        pings = [(time.monotonic(), notify.drain().count("WATCHDOG=1"))]
+
+        def logged_while_pinging():  # reading the socket all along, as systemd does
+            pings.append((time.monotonic(), notify.drain().count("WATCHDOG=1")))
+            return "cannot receive from" in running.log
+
+        wait_for(logged_while_pinging, 60, interval=0.1,  # one read timeout, not botocore's 127 s
+                 what=lambda: f"the read timeout in the log:\n{running.log}")
+        assert running.proc.poll() is None
+        # WATCHDOG_USEC=1 s: a ping every 0.5 s throughout; a gap of 1 s would have been fatal.
+        pinged_at = [at for (at, count), (_, before) in zip(pings[1:], pings) if count > before]
+        assert pings[-1][0] - pings[0][0] > 20 and len(pinged_at) > 30, pings
+        assert max(b - a for a, b in zip([pings[0][0], *pinged_at], [*pinged_at, pings[-1][0]])) < 1.0, pings
+        black_hole.clear()
+        proxy.released.set()
+        deployed_then_stopped(aws, swarm, running, queue, repo, v2, sid, after="the endpoint answered again")
+    finally:
+        running.kill()
+        proxy.close()
+    assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v2}", 1)
+    assert "Traceback" not in running.log
+
+
+def access_denied(action):
+    return lambda key: (403, {"__type": "com.amazonaws.sqs#AccessDenied",
+                              "message": f"not authorized to perform: sqs:{action}"}) if action in key else None
+
+
+@pytest.mark.parametrize("case", ["no such queue name", "no such queue URL", "receive denied", "bad DOCKER_HOST",
+                                  "Docker outside any swarm"])
+def test_misconfiguration_exits_3_at_start_with_one_line_and_touches_no_service(aws, images, clean_swarm, case):
+    swarm = clean_swarm
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "untouched")
+    version = swarm.service(sid)["Version"]["Index"]
+    queue, env, cleanup = aws.new_queue(), deployer_env(aws, swarm), []
+    if case == "no such queue name":
+        queue = "no-such-queue"
+    elif case == "no such queue URL":  # no GetQueueUrl at start: this one used to be retried for ever
+        queue = f"{aws.url}/123456789012/no-such-queue"
+    elif case == "receive denied":
+        proxy = FaultProxy(aws.url)
+        proxy.rule = access_denied("ReceiveMessage")
+        env["AWS_ENDPOINT_URL"] = proxy.url
+        cleanup.append(proxy.close)
+    elif case == "bad DOCKER_HOST":
+        env["DOCKER_HOST"] = "tcp://127.0.0.1:2375"
+    else:
+        plain = Swarm(pathlib.Path(tempfile.mkdtemp(prefix="ecrd-", dir="/tmp")), instance="plain", init=False)
+        env["DOCKER_HOST"] = plain.docker_host
+        cleanup += [plain.close, lambda: shutil.rmtree(plain.dir.parent, ignore_errors=True)]
+    try:  # loop mode, as systemd runs it
+        run = subprocess.run([sys.executable, DEPLOYER, "--queue", queue], env=env, capture_output=True, text=True,
+                             timeout=60)
+    finally:
+        for step in cleanup:
+            step()
+    assert run.returncode == 3, run.stderr
+    errors = [line for line in run.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert {"no such queue name": "SQS queue 'no-such-queue' does not exist in us-east-1",
+            "no such queue URL": f"SQS queue {queue} does not exist",
+            "receive denied": "AccessDenied: not authorized to perform: sqs:ReceiveMessage",
+            "bad DOCKER_HOST": "DOCKER_HOST must be unix:///path, not 'tcp://127.0.0.1:2375'",
+            "Docker outside any swarm": "is not part of a swarm: run ecr-deploy on a swarm manager"}[case] in errors[0]
+    assert "Refreshed registry auth" not in run.stderr  # no keeper pass before the queue was read
+    assert swarm.service(sid)["Version"]["Index"] == version
+
+
+def test_transient_troubles_at_start_are_retried_and_an_unreadable_visibility_timeout_is_assumed(aws, swarm):
+    queue = aws.new_queue(VisibilityTimeout=7)
+    proxy = FaultProxy(aws.url)
+    proxy.rule = access_denied("GetQueueAttributes")  # the permission is optional
+    try:
+        run = run_once(deployer_env(aws, swarm, AWS_ENDPOINT_URL=proxy.url), "--queue", queue)
+        assert run.returncode == 0, run.stderr
+        assert "visibility timeout 30 s, SQS's default, assumed: no sqs:GetQueueAttributes" in run.stderr
+        # A throttled or failing SQS, an absent Docker: loop mode waits them out.
+        proxy.rule = lambda key: 500 if "GetQueueAttributes" in key else None
+        running = Running(deployer_env(aws, None, AWS_ENDPOINT_URL=proxy.url), "--queue", queue)
+        try:
+            running.wait_line("retrying", count=2, timeout=30)
+            assert running.proc.poll() is None
+            assert running.stop() == 0
+        finally:
+            running.kill()
+    finally:
+        proxy.close()
+    assert "cannot read the attributes of" in running.log
 
 
 # =========================================================================== rollouts, the auth keeper, reports
@@ -1741,9 +1933,9 @@ def systemd_analyze():
 def test_unit_passes_systemd_analyze_verify(tmp_path):
     # verify insists that ExecStart's program exists: point it at this checkout, change nothing else.
     unit = UNIT.read_text()
-    assert "ExecStart=/opt/ecr-deploy/venv/bin/python3 /opt/ecr-deploy/ecr_deploy.py\n" in unit
+    assert "WorkingDirectory=/opt/ecr-deploy\nExecStart=/opt/ecr-deploy/venv/bin/python3 -m ecr_deploy\n" in unit
     local = unit.replace("/opt/ecr-deploy/venv/bin/python3", os.path.realpath(sys.executable)) \
-                .replace("/opt/ecr-deploy/ecr_deploy.py", DEPLOYER)
+                .replace("WorkingDirectory=/opt/ecr-deploy", f"WorkingDirectory={HERE}")
     (tmp_path / "ecr-deploy.service").write_text(local)
     run = subprocess.run([systemd_analyze(), "verify", str(tmp_path / "ecr-deploy.service")],
                          capture_output=True, text=True)
@@ -1758,7 +1950,8 @@ def test_unit_security_exposure_is_at_most_1_5():
     assert float(match[1]) <= 1.5, run.stdout
     unit = UNIT.read_text()  # ... while keeping what the deployer needs to work
     for needed in ("Type=notify", "WatchdogSec=", "DynamicUser=yes", "SupplementaryGroups=docker",
-                   "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "Restart=always"):
+                   "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "Restart=always",
+                   "SyslogIdentifier=ecr-deploy\n", "StateDirectoryMode=0700\n", "StartLimitBurst="):
         assert needed in unit
 
 
@@ -1774,6 +1967,9 @@ def test_help_has_examples_and_version_is_printed():
     assert "examples:" in help_text and "flock -n" in help_text and "--dry-run" in help_text
     version = subprocess.run([sys.executable, DEPLOYER, "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.strip() == f"ecr_deploy.py {ed.__version__}"
+    as_the_unit_runs_it = subprocess.run([sys.executable, "-m", "ecr_deploy", "--version"], cwd=HERE,
+                                         capture_output=True, text=True)
+    assert as_the_unit_runs_it.stdout == version.stdout
 
 
 def test_dry_run_needs_once(capsys):
@@ -1821,14 +2017,14 @@ def test_log_formats_journal_text_and_json(aws, swarm):
     code, lines = run_logged(env, "--once", "--queue", queue, journal=True)
     assert code == 0 and lines and lines[0].startswith("<6>ecr-deploy ") and "watching" in lines[0]
     code, lines = run_logged(env, "--once", "--queue", "no-such-queue", journal=True)
-    assert code == 1 and lines == ["<3>SQS queue 'no-such-queue' does not exist in us-east-1"]
+    assert code == 3 and lines == ["<3>SQS queue 'no-such-queue' does not exist in us-east-1"]
 
     code, lines = run_logged(env, "--once", "--queue", queue)
     assert code == 0
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d INFO ecr-deploy .* watching .*", lines[0])
 
     code, lines = run_logged(env, "--once", "--queue", "no-such-queue", "--log-format", "json")
-    assert code == 1
+    assert code == 3
     record = json.loads(lines[0])
     assert record["level"] == "ERROR" and "no-such-queue" in record["message"]
     datetime.datetime.fromisoformat(record["time"])
@@ -1959,7 +2155,8 @@ def test_readme_aws_setup_blocks_run_against_moto(aws, tmp_path):
     document = aws.client("iam").get_policy_version(PolicyArn=policy["Arn"], VersionId=policy["DefaultVersionId"])
     actions = {a for s in document["PolicyVersion"]["Document"]["Statement"]
                for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
-    assert actions == {"sqs:GetQueueUrl", "sqs:ReceiveMessage", "sqs:DeleteMessage", "ecr:GetAuthorizationToken",
+    assert actions == {"sqs:GetQueueUrl", "sqs:GetQueueAttributes", "sqs:ReceiveMessage", "sqs:ChangeMessageVisibility",
+                       "sqs:DeleteMessage", "ecr:GetAuthorizationToken",
                        "ecr:DescribeImages", "ecr:DescribeImageScanFindings", "ecr:BatchGetImage",
                        "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"}
     run_block(blocks[1], SCAN_GATE="1")  # the scan gate's option: finished scans go to the queue too
@@ -1985,7 +2182,9 @@ def test_benchmark_short_mode_runs_on_the_rig(aws, registries, images, clean_swa
     assert report["burst"]["get_authorization_token_per_registry"] == 1
     assert report["idle"]["docker_calls"] == 0
     assert report["latency"]["pushes"] == bench.SHORT["latency_pushes"]
-    assert {row["measure"] for row in report["targets"]} >= {"latency p50 (ms)", "(a)/(b)", "memory: peak RSS (MiB)"}
+    assert {row["measure"] for row in report["targets"]} >= {"latency p50 (ms)", "(a)/(b)", "memory: peak RSS (MiB)",
+                                                           "memory: deployer's share above it (MiB)"}
+    assert 20 < report["memory"]["floor_rss_mib"] < report["memory"]["rss_at_end_mib"]
     with capsys.disabled():
         print("\n" + bench.table(report))
 

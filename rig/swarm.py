@@ -17,7 +17,8 @@ GWBRIDGE = pathlib.Path("/sys/class/net/docker_gwbridge")
 
 
 class Swarm:
-    def __init__(self, workdir: pathlib.Path, instance: str = "tests"):
+    def __init__(self, workdir: pathlib.Path, instance: str = "tests", init: bool = True):
+        """init=False: a dockerd outside any swarm (what a deployer must refuse to start on)."""
         self.instance = instance
         self.dir = workdir / "docker"
         self.dir.mkdir()
@@ -27,9 +28,10 @@ class Swarm:
         self.http = requests_unixsocket.Session()
         self.proc = None
         # Swarm mode makes a docker_gwbridge interface, and it outlives dockerd.
-        self.made_gwbridge = not GWBRIDGE.exists()
+        self.made_gwbridge = init and not GWBRIDGE.exists()
         self.start()
-        self.post("/swarm/init", json={"ListenAddr": f"127.0.0.1:{free_port()}", "AdvertiseAddr": "127.0.0.1"})
+        if init:
+            self.post("/swarm/init", json={"ListenAddr": f"127.0.0.1:{free_port()}", "AdvertiseAddr": "127.0.0.1"})
 
     def start(self):
         self.proc = subprocess.Popen(
