@@ -10,7 +10,8 @@ rolled only to digests whose ECR scan is clean enough ("ECR Image Scan" events t
 Read top-down: configuration, events (pure), images (pure: references, which tag a service
 follows), specs (pure), rollouts (pure), scan gate (pure), AWS shell, Docker shell, the scan gate,
 the drain cycle (Deployer; Rollouts, which follows and rolls back; AuthKeeper, the registry-auth
-keeper), reports, logging and systemd, main.
+keeper), receiving (Receiver: batches bounded in time, held invisible while worked on), reports,
+logging and systemd, main.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import urllib.parse
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import NamedTuple
 
 import botocore.config
@@ -59,7 +60,8 @@ environment:
                    boto3's standard chain: region, credentials (instance role preferred)
 
 exit codes: 0 every received message handled; 1 something left on the queue for retry,
-            or a runtime failure (unknown queue, unreachable Docker); 2 usage error
+            or a runtime failure (unreachable Docker or AWS); 2 usage error; 3 misconfigured
+            (no such queue, access denied, Docker not a swarm manager, bad DOCKER_HOST)
 
 examples:
   systemd (loop mode; see systemd/ecr-deploy.service):
@@ -274,10 +276,12 @@ def load_json_object(text: object, what: str) -> dict | Ignored:
 
 
 def parse_event(event: dict) -> Push | ScanDone | Ignored:
+    if event.get("source") == "aws.inspector2":
+        return parse_inspector_event(event)
     if event.get("source") != "aws.ecr":
-        return Ignored(f"source is {shown(event.get('source'))}, not aws.ecr")
+        return Ignored(f"source is {shown(event.get('source'))}, not aws.ecr or aws.inspector2")
     if event.get("detail-type") not in ("ECR Image Action", "ECR Image Scan"):
-        return Ignored(f"detail-type is {shown(event.get('detail-type'))}, not ECR Image Action")
+        return Ignored(f"detail-type is {shown(event.get('detail-type'))}, not ECR Image Action or ECR Image Scan")
     detail = event.get("detail")
     if not isinstance(detail, dict):
         return Ignored("event has no detail object", suspicious=True)
@@ -306,6 +310,28 @@ def parse_scan_event(event: dict, detail: dict) -> ScanDone | Ignored:
     fields = {"account": event.get("account"), "region": event.get("region"),
               "repository": detail.get("repository-name"), "digest": detail.get("image-digest")}
     return invalid_field(fields) or ScanDone(**fields, tags=tuple(dict.fromkeys(tags)), time=event_time(event))
+
+
+INSPECTOR_REPOSITORY = re.compile(r"arn:aws(?:-cn|-us-gov)?:ecr:([^:]*):([^:]*):repository/(.*)")
+
+
+def parse_inspector_event(event: dict) -> ScanDone | Ignored:
+    """Amazon Inspector's "Inspector2 Scan" (enhanced scanning's first scan of an image): the same as
+    ECR's scan event, except that repository-name is the repository's ARN."""
+    if event.get("detail-type") != "Inspector2 Scan":
+        return Ignored(f"detail-type is {shown(event.get('detail-type'))}, not Inspector2 Scan")
+    detail = event.get("detail")
+    if not isinstance(detail, dict):
+        return Ignored("event has no detail object", suspicious=True)
+    if detail.get("scan-status") != "INITIAL_SCAN_COMPLETE":
+        return Ignored(f"scan-status is {shown(detail.get('scan-status'))}, not INITIAL_SCAN_COMPLETE")
+    if "repository-name" not in detail:
+        return Ignored("Inspector scan of something other than an ECR image")  # an EC2 instance, a Lambda
+    arn = INSPECTOR_REPOSITORY.fullmatch(detail["repository-name"]) \
+        if isinstance(detail["repository-name"], str) else None
+    if not arn or (arn[1], arn[2]) != (event.get("region"), event.get("account")):
+        return Ignored(f"invalid repository-name {shown(detail['repository-name'])}", suspicious=True)
+    return parse_scan_event(event, {**detail, "scan-status": "COMPLETE", "repository-name": arn[3]})
 
 
 def invalid_field(fields: dict) -> Ignored | None:
@@ -412,6 +438,11 @@ def following(service: dict) -> str | None:
 
 def in_repository(ref: ImageRef | None, push: Push) -> bool:
     return bool(ref) and ecr_registry(ref.host) == (push.account, push.region) and ref.repository == push.repository
+
+
+def runs_digest(service: dict, digest: str) -> bool:
+    current = running_image(service)
+    return current is not None and current.digest == digest
 
 
 def uses_image(service: dict, push: Push) -> ImageRef | None:
@@ -557,10 +588,22 @@ SCAN_THRESHOLD_LABEL = "ecr-deploy.scan-threshold"
 SEVERITIES = ("CRITICAL", "HIGH", "MEDIUM", "LOW", "INFORMATIONAL")
 SCAN_PENDING = ("PENDING", "IN_PROGRESS")
 SCAN_FINISHED = ("COMPLETE", "ACTIVE")  # ACTIVE: enhanced scanning, findings kept current
+OR_OFF = f"or label the service {SCAN_THRESHOLD_LABEL}=off"
 SCAN_FIXES = {  # why a digest without usable findings is blocked, and what to do about it
-    "NOT_FOUND": "ECR has no scan of this image: turn on scan on push for the repository "
-                 f"(or registry scanning), or label the service {SCAN_THRESHOLD_LABEL}=off",
-    "DENIED": "not allowed to read ECR scan findings: grant ecr:DescribeImageScanFindings",
+    "NOT_FOUND": f"ECR has no scan of this image: turn on scan on push for the repository (or registry scanning), "
+                 f"{OR_OFF}",
+    "DENIED": "not allowed to read ECR scan findings: grant ecr:DescribeImageScanFindings (for another account's "
+              "registry, its repository policy must allow it too)",
+    "SCAN_ELIGIBILITY_EXPIRED": "ECR scan SCAN_ELIGIBILITY_EXPIRED: Amazon Inspector no longer scans this image, "
+                                "older than its ECR re-scan duration; lengthen that duration in Amazon Inspector "
+                                f"or push a fresh build, {OR_OFF}",
+    "FINDINGS_UNAVAILABLE": "ECR scan FINDINGS_UNAVAILABLE: Amazon Inspector has no findings for this image; check "
+                            f"its coverage in the Amazon Inspector console and push it again, {OR_OFF}",
+    "LIMIT_EXCEEDED": "ECR scan LIMIT_EXCEEDED: ECR's scan quota is used up (basic scanning: one scan per image a "
+                      f"day); scan it again later with aws ecr start-image-scan, {OR_OFF}",
+    "IMAGE_ARCHIVED": "ECR scan IMAGE_ARCHIVED: the image is in ECR's archive storage class, where it is neither "
+                      "scanned nor pulled; restore it with aws ecr update-image-storage-class "
+                      f"--target-storage-class STANDARD, {OR_OFF}",
 }
 
 
@@ -582,14 +625,33 @@ def scan_threshold(labels: dict | None, default: str | None) -> str | None:
 
 class Scan(NamedTuple):
     """What ECR says about one digest's scan."""
-    status: str  # imageScanStatus.status, or NOT_FOUND / DENIED
+    status: str  # imageScanStatus.status, or NOT_FOUND / DENIED / GONE (no such image or repository)
     counts: dict  # findingSeverityCounts
     description: str = ""
-    waited: float | None = None  # s from the push to ECR's answer, by AWS's clock (pending scans only)
+    waited: float | None = None  # s from the push event to ECR's answer, both by AWS's clock
+    completed_at: datetime | None = None  # imageScanFindings.imageScanCompletedAt: findings are in
+    answered_at: datetime | None = None  # the Date of ECR's answer
+
+
+def seconds_after(event_time: str, answered_at: datetime | None) -> float | None:
+    """From an event's time to ECR's answer: both AWS's clocks (the deployer's own may be off).
+    None when either is missing or unreadable."""
+    try:
+        since = datetime.fromisoformat(event_time)
+        since = since if since.tzinfo else since.replace(tzinfo=timezone.utc)
+        return (answered_at - since).total_seconds()
+    except (ValueError, TypeError):
+        return None
+
+
+def scan_finished(scan: Scan) -> bool:
+    """COMPLETE/ACTIVE count only with a completion time: enhanced scanning says COMPLETE (or ACTIVE)
+    for a while before Amazon Inspector's findings, and their counts, are in."""
+    return scan.status in SCAN_FINISHED and scan.completed_at is not None
 
 
 class Verdict(NamedTuple):
-    decision: str  # deploy, wait or blocked
+    decision: str  # deploy, wait, blocked or gone
     reason: str
 
 
@@ -600,27 +662,40 @@ def counts_text(counts: dict) -> str:
 
 def scan_verdict(scan: Scan, threshold: str, timeout: float) -> Verdict:
     """The gate's rule: deploy only a finished scan with nothing at or above the threshold."""
-    if scan.status in SCAN_FINISHED:
+    if scan_finished(scan):
         too_severe = any(scan.counts.get(s, 0) > 0 for s in SEVERITIES[:SEVERITIES.index(threshold) + 1])
         return Verdict("blocked" if too_severe else "deploy",
                        f"ECR scan finds {counts_text(scan.counts)} (threshold {threshold})")
-    if scan.status in SCAN_PENDING:
-        if scan.waited is not None and scan.waited > timeout:
+    if scan.status in SCAN_PENDING + SCAN_FINISHED:
+        status = scan.status if scan.status in SCAN_PENDING else f"{scan.status} without findings yet"
+        if scan.waited is None:  # fail closed: a wait that cannot be measured cannot be bounded
+            return Verdict("blocked", f"ECR scan is {status}, and the push event has no time to measure "
+                                      f"--scan-timeout from")
+        if scan.waited > timeout:
             return Verdict("blocked", f"no finished ECR scan {scan.waited:.0f}s after the push "
-                                      f"(--scan-timeout {timeout:.0f}s; ECR says {scan.status})")
-        waited = "" if scan.waited is None else f", {scan.waited:.0f}s after the push"
-        return Verdict("wait", f"ECR scan is {scan.status}{waited}")
+                                      f"(--scan-timeout {timeout:.0f}s; ECR says {status})")
+        return Verdict("wait", f"ECR scan is {status}, {scan.waited:.0f}s after the push")
+    if scan.status == "GONE":
+        return Verdict("gone", "the image is no longer in ECR; nothing to deploy")
     return Verdict("blocked", SCAN_FIXES.get(scan.status) or f"ECR scan {scan.status}: {scan.description} (scan it "
-                   f"again with aws ecr start-image-scan, or label the service {SCAN_THRESHOLD_LABEL}=off)")
+                   f"again with aws ecr start-image-scan, {OR_OFF})")
 
 
 # --------------------------------------------------------------------------- AWS shell
 
-# botocore does retries with backoff ("standard" mode) and credentials; the read timeout
-# must outlast a 20 s long poll.
-BOTO_CONFIG = botocore.config.Config(retries={"mode": "standard", "max_attempts": 4},
-                                     connect_timeout=5, read_timeout=30)
+# Every AWS call is bounded, so that no single step outlives the watchdog (Systemd.HEALTHY_FOR):
+# each attempt heartbeats, and botocore's standard mode retries (with backoff) only a few times.
+# SQS gets no botocore retry: each of its calls is retried anyway, a receive by the loop's Backoff
+# (with a log line), an extension by the hold's next turn, a delete by redelivery. SQS's read timeout
+# outlasts a 20 s long poll; ECR answers in milliseconds.
+CONNECT_TIMEOUT = 5
+SQS_READ_TIMEOUT = 25
+SQS_CONFIG = botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 1},
+                                    connect_timeout=CONNECT_TIMEOUT, read_timeout=SQS_READ_TIMEOUT)
+ECR_CONFIG = botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 3},
+                                    connect_timeout=CONNECT_TIMEOUT, read_timeout=10)
 SQS_MAX_MESSAGES = 10
+DEFAULT_VISIBILITY_TIMEOUT = 30  # s: SQS's default, assumed when the role may not read the queue's own
 SQS_URL_REGION = re.compile(r"https?://(?:sqs\.([a-z0-9-]+)\.amazonaws\.com|([a-z0-9-]+)\.queue\.amazonaws\.com)")
 
 
@@ -641,25 +716,61 @@ def error_code(error: Exception) -> str | None:
     return None
 
 
-class QueueNotFound(AwsError):
-    """Fatal in every mode: waiting will not make a wrong queue name right."""
+class Misconfigured(Exception):
+    """A setting that waiting cannot fix, found at start: one line and exit 3 (systemd's restart
+    policy and start limits take it from there)."""
+
+
+class QueueNotFound(AwsError, Misconfigured):
+    """Fatal at start: waiting will not make a wrong queue name right (later, a queue being
+    recreated is an outage like any other)."""
+
+
+class AccessDenied(AwsError, Misconfigured):
+    """Fatal at start: the role lacks a permission (later, revoked credentials are an outage)."""
 
 
 QUEUE_MISSING = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
+ACCESS_DENIED = ("AccessDenied", "AccessDeniedException")
 AWS_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
 
 
+def aws_client(session: botocore.session.Session, service: str, region: str | None,
+               config: botocore.config.Config, on_request=None):
+    """A botocore client whose every attempt (retries included) calls on_request(): a heartbeat."""
+    try:
+        client = session.create_client(service, region_name=region, config=config)
+    except botocore.exceptions.NoRegionError:
+        raise Misconfigured("no AWS region: set AWS_REGION, or give the queue's full URL") from None
+    if on_request:
+        client.meta.events.register("before-send", on_request)
+    return client
+
+
+def chunks(messages: list[dict]) -> list[list[dict]]:
+    """SQS batch calls take ten entries at most."""
+    return [messages[start:start + SQS_MAX_MESSAGES] for start in range(0, len(messages), SQS_MAX_MESSAGES)]
+
+
 class Queue:
-    def __init__(self, session: botocore.session.Session, name_or_url: str):
+    def __init__(self, session: botocore.session.Session, name_or_url: str, on_request=None):
         url_region = SQS_URL_REGION.match(name_or_url)
         region = (url_region[1] or url_region[2]) if url_region else None
         self.name = name_or_url
-        try:  # A queue URL names its region; it wins over the default region if they differ.
-            self._sqs = session.create_client("sqs", config=BOTO_CONFIG,
-                                              region_name=region or session.get_config_variable("region"))
-        except botocore.exceptions.NoRegionError:
-            raise AwsError("no AWS region: set AWS_REGION, or give the queue's full URL") from None
+        # A queue URL names its region; it wins over the default region if they differ.
+        self._sqs = aws_client(session, "sqs", region or session.get_config_variable("region"), SQS_CONFIG,
+                               on_request)
         self.url = name_or_url if name_or_url.startswith(("https://", "http://")) else None
+        self.visibility_timeout, self.visibility_source = DEFAULT_VISIBILITY_TIMEOUT, "assumed"
+
+    def _error(self, error: Exception, doing: str) -> AwsError:
+        code = error_code(error)
+        if code in QUEUE_MISSING:
+            return QueueNotFound(f"SQS queue {self.url or repr(self.name)} does not exist"
+                                 + ("" if self.url else f" in {self._sqs.meta.region_name}"))
+        if code in ACCESS_DENIED:
+            return AccessDenied.wrap(error, doing)
+        return AwsError.wrap(error, doing)
 
     def resolve(self) -> None:
         """GetQueueUrl, once per process; an unknown queue is a fatal error."""
@@ -668,10 +779,20 @@ class Queue:
         try:
             self.url = self._sqs.get_queue_url(QueueName=self.name)["QueueUrl"]
         except AWS_ERRORS as e:
-            if error_code(e) in QUEUE_MISSING:
-                raise QueueNotFound(f"SQS queue {self.name!r} does not exist "
-                                    f"in {self._sqs.meta.region_name}") from None
-            raise AwsError.wrap(e, f"cannot find SQS queue {self.name!r}") from None
+            raise self._error(e, f"cannot find SQS queue {self.name!r}") from None
+
+    def read_visibility_timeout(self) -> None:
+        """The queue's own VisibilityTimeout, once at start. sqs:GetQueueAttributes is optional:
+        without it, SQS's default is assumed (and the start line says so)."""
+        try:
+            attributes = self._sqs.get_queue_attributes(QueueUrl=self.url, AttributeNames=["VisibilityTimeout"])
+            self.visibility_timeout = int(attributes["Attributes"]["VisibilityTimeout"])
+            self.visibility_source = "the queue's"
+        except AWS_ERRORS as e:
+            error = self._error(e, f"cannot read the attributes of {self.url}")
+            if not isinstance(error, AccessDenied):
+                raise error from None
+            self.visibility_source = "SQS's default, assumed: no sqs:GetQueueAttributes"
 
     def receive(self, wait_seconds: int) -> list[dict]:
         try:
@@ -679,16 +800,29 @@ class Queue:
                 QueueUrl=self.url, MaxNumberOfMessages=SQS_MAX_MESSAGES, WaitTimeSeconds=wait_seconds,
                 MessageSystemAttributeNames=["ApproximateReceiveCount"])
         except AWS_ERRORS as e:
-            if error_code(e) in QUEUE_MISSING:
-                raise QueueNotFound(f"SQS queue {self.url} does not exist") from None
-            raise AwsError.wrap(e, f"cannot receive from {self.url}") from None
+            raise self._error(e, f"cannot receive from {self.url}") from None
         return reply.get("Messages", [])
+
+    def extend(self, messages: list[dict], seconds: int) -> None:
+        """ChangeMessageVisibilityBatch: the messages stay invisible for `seconds` more. A failure
+        costs nothing yet (the hold tries again well before they would reappear), and a message
+        deleted meanwhile is no failure at all: both are logged at debug level only."""
+        for chunk in chunks(messages):
+            entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": seconds}
+                       for i, m in enumerate(chunk)]
+            try:
+                reply = self._sqs.change_message_visibility_batch(QueueUrl=self.url, Entries=entries)
+            except AWS_ERRORS as e:
+                log.debug("%s", AwsError.wrap(e, "cannot extend the visibility of held messages"))
+                continue
+            for failure in reply.get("Failed", []):
+                log.debug("Cannot extend the visibility of message %s: %s", chunk[int(failure["Id"])]["MessageId"],
+                          failure.get("Code"))
 
     def delete(self, messages: list[dict]) -> set[str]:
         """DeleteMessageBatch in chunks of ten; returns the ids of messages not deleted."""
         failed: set[str] = set()
-        for start in range(0, len(messages), SQS_MAX_MESSAGES):
-            chunk = messages[start:start + SQS_MAX_MESSAGES]
+        for chunk in chunks(messages):
             entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(chunk)]
             try:
                 reply = self._sqs.delete_message_batch(QueueUrl=self.url, Entries=entries)
@@ -712,9 +846,14 @@ class Token:
     cycle: int  # drain cycle that fetched it: an already-expired token lives for that cycle only
 
 
+SCAN_ERRORS = {"ScanNotFoundException": "NOT_FOUND", "AccessDeniedException": "DENIED",
+               "ImageNotFoundException": "GONE", "RepositoryNotFoundException": "GONE"}
+
+
 class Ecr:
-    def __init__(self, session: botocore.session.Session):
+    def __init__(self, session: botocore.session.Session, on_request=None):
         self._session = session
+        self._on_request = on_request
         self._clients: dict[str, object] = {}
         self._tokens: dict[tuple[str, str], Token] = {}
         self.cycle = 0
@@ -727,7 +866,7 @@ class Ecr:
 
     def _client(self, region: str):
         if region not in self._clients:
-            self._clients[region] = self._session.create_client("ecr", region_name=region, config=BOTO_CONFIG)
+            self._clients[region] = aws_client(self._session, "ecr", region, ECR_CONFIG, self._on_request)
         return self._clients[region]
 
     def current_digest(self, push: Push) -> str | None:
@@ -745,28 +884,23 @@ class Ecr:
         return digests[0]
 
     def scan(self, account: str, region: str, repository: str, digest: str) -> Scan:
-        """ECR's scan of the digest (DescribeImageScanFindings). For a scan still pending, how
-        long since the push, both ends by AWS's clock: the deployer's own may be off."""
-        image_id = {"imageDigest": digest}
+        """ECR's scan of the digest (DescribeImageScanFindings), with the time of ECR's answer.
+        The counts are totals: one finding per page is enough."""
         try:
             reply = self._client(region).describe_image_scan_findings(
-                registryId=account, repositoryName=repository, imageId=image_id)
+                registryId=account, repositoryName=repository, imageId={"imageDigest": digest}, maxResults=1)
         except AWS_ERRORS as e:
-            if error_code(e) in ("ScanNotFoundException", "AccessDeniedException"):
-                return Scan("NOT_FOUND" if error_code(e) == "ScanNotFoundException" else "DENIED", {})
+            if error_code(e) in SCAN_ERRORS:
+                return Scan(SCAN_ERRORS[error_code(e)], {})
             raise AwsError.wrap(e, f"cannot read the ECR scan of {repository}@{digest}") from None
-        status = reply.get("imageScanStatus") or {}
-        scan = Scan(status.get("status", "?"), (reply.get("imageScanFindings") or {}).get("findingSeverityCounts") or {},
-                    status.get("description") or "")
-        if scan.status not in SCAN_PENDING:
-            return scan
+        status, findings = reply.get("imageScanStatus") or {}, reply.get("imageScanFindings") or {}
         try:
-            image = self._client(region).describe_images(registryId=account, repositoryName=repository,
-                                                         imageIds=[image_id])["imageDetails"][0]
-            now = email.utils.parsedate_to_datetime(reply["ResponseMetadata"]["HTTPHeaders"]["date"])
-            return scan._replace(waited=(now - image["imagePushedAt"]).total_seconds())
-        except (*AWS_ERRORS, KeyError, IndexError, TypeError, ValueError) as e:
-            raise AwsError.wrap(e, f"cannot tell when {repository}@{digest} was pushed") from None
+            answered_at = email.utils.parsedate_to_datetime(reply["ResponseMetadata"]["HTTPHeaders"]["date"])
+        except (KeyError, TypeError, ValueError):
+            answered_at = None
+        return Scan(status.get("status", "?"), findings.get("findingSeverityCounts") or {},
+                    status.get("description") or "", completed_at=findings.get("imageScanCompletedAt"),
+                    answered_at=answered_at)
 
     def credentials(self, account: str, region: str) -> tuple[str, str]:
         """(username, password) for the registry, cached and refreshed at half its lifetime."""
@@ -787,7 +921,7 @@ class Ecr:
 # --------------------------------------------------------------------------- Docker shell
 
 NEWEST_KNOWN_API = (1, 47)
-DOCKER_TIMEOUT = 30
+DOCKER_TIMEOUT = (5, 30)  # s: connect, read
 # A swarm manager holds API calls while the swarm has no leader (an election takes 10-20 s):
 # say so while it happens, rather than sit silent until the answer or the timeout.
 SLOW_DOCKER_CALL = 5.0
@@ -825,17 +959,19 @@ def warning_if_slow(call: str):
 class Docker:
     """A thin Docker Engine API client over the unix socket."""
 
-    def __init__(self, docker_host: str | None):
+    def __init__(self, docker_host: str | None, on_request=None):
         docker_host = docker_host or "unix:///var/run/docker.sock"
         if not docker_host.startswith("unix://"):
-            raise ValueError(f"DOCKER_HOST must be unix:///path, not {docker_host!r}")
+            raise Misconfigured(f"DOCKER_HOST must be unix:///path, not {docker_host!r}")
         self.socket = docker_host[len("unix://"):]
         self._base = "http+unix://" + urllib.parse.quote(self.socket, safe="")
         self._session = requests_unixsocket.Session()
         self._prefix: str | None = None
+        self._on_request = on_request or (lambda: None)  # a heartbeat: each call is bounded, and progress
         self.api_version: str | None = None
 
     def _request(self, method: str, path: str, **kwargs) -> object:
+        self._on_request()
         try:
             reply = self._session.request(method, self._base + path, timeout=DOCKER_TIMEOUT, **kwargs)
         except requests.RequestException as e:
@@ -867,6 +1003,17 @@ class Docker:
         self.api_version = f"{major}.{minor}"
         self._prefix = f"/v{self.api_version}"
         return self.api_version
+
+    def check_manager(self) -> None:
+        """A worker (or a daemon outside any swarm) fails every service call for ever: say so at
+        start. A manager that is pending, locked or without a leader may recover: not checked here."""
+        swarm = self.api("GET", "/info").get("Swarm") or {}
+        state = swarm.get("LocalNodeState")
+        if state == "inactive":
+            raise Misconfigured(f"Docker at {self.socket} is not part of a swarm: run ecr-deploy on a swarm manager")
+        if state == "active" and not swarm.get("ControlAvailable"):
+            raise Misconfigured(f"Docker at {self.socket} is a swarm worker, not a manager: run ecr-deploy "
+                                "on a manager node (or promote this one)")
 
     def services(self) -> list[dict]:
         return self.api("GET", "/services")
@@ -913,7 +1060,8 @@ class ScanGate:
         key = (push.account, push.region, push.repository, digest)
         if key not in self._scans:
             self._scans[key] = self.ecr.scan(*key)
-        return scan_verdict(self._scans[key], threshold, self.timeout)
+        scan = self._scans[key]  # the wait runs from the newest push of the tag, not the digest's first
+        return scan_verdict(scan._replace(waited=seconds_after(push.time, scan.answered_at)), threshold, self.timeout)
 
 
 # --------------------------------------------------------------------------- the drain cycle
@@ -976,17 +1124,7 @@ class Deployer:
         self.totals = {"messages": {"received": 0, "deployed": 0, "ignored": 0, "failed": 0},
                        "services_updated": 0, "rollouts": self.rollouts.counts, "last_success": None}
 
-    # ---- receiving and acknowledging
-
-    def receive_batch(self, first_wait: int, interruptible=nullcontext) -> list[dict]:
-        """First receive long-polls; follow-ups drain a burst into one batch (deduplicated)."""
-        with interruptible():
-            last = self.queue.receive(first_wait)
-        batch = {m["MessageId"]: m for m in last}
-        while len(last) == SQS_MAX_MESSAGES and len(batch) < BATCH_CAP:
-            last = self.queue.receive(FOLLOW_UP_WAIT)
-            batch.update((m["MessageId"], m) for m in last)
-        return list(batch.values())
+    # ---- acknowledging (receiving: see Receiver)
 
     def handle(self, messages: list[dict]) -> CycleResult:
         """Do what the messages ask, then delete exactly the ones whose work is done."""
@@ -1104,13 +1242,16 @@ class Deployer:
 
     def gated_pin(self, service: dict, push: Push, digest: str, result: CycleResult) -> bool | None:
         """pin_service behind the scan gate: True done (or blocked), False failed, None waits for the scan."""
-        current = running_image(service)
+        if runs_digest(service, digest):
+            return self.pin_service(service, push, digest, result)  # says it has nothing to do
         try:
-            verdict = None if current and current.digest == digest or not self.scan_gate \
-                else self.scan_gate.verdict(service, push, digest)
+            verdict = self.scan_gate.verdict(service, push, digest) if self.scan_gate else None
         except AwsError as e:
             log.error("Cannot check the ECR scan for service %s: %s", service_label(service), e)
             return False
+        if verdict is None and push.from_scan:
+            log.info("Service %s has no scan gate: a scan event does not roll it", service_label(service))
+            return True
         if verdict is None:
             return self.pin_service(service, push, digest, result)
         image = pinned_image(uses_image(service, push), push.tag, digest)
@@ -1118,6 +1259,9 @@ class Deployer:
             log.info("Service %s waits for its scan gate before %s: %s; message kept", service_label(service),
                      image, verdict.reason)
             return None
+        if verdict.decision == "gone":
+            log.info("Service %s not rolled to %s: %s", service_label(service), image, verdict.reason)
+            return True
         if verdict.decision == "blocked":
             self.blocked(service, image, verdict.reason)
             return True
@@ -1147,8 +1291,7 @@ class Deployer:
                          "%s=true to re-run it on every push)", service_label(service), RERUN_JOB_LABEL)
                 return None
             image = pinned_image(ref, push.tag, digest)
-            current = running_image(service)
-            if current and current.digest == digest:
+            if runs_digest(service, digest):
                 log.info("Service %s already runs %s; nothing to do", service_label(service), image)
                 return None
             if self.dry_run:
@@ -1472,6 +1615,79 @@ def service_label(service: dict) -> str:
     return f"{service.get('Spec', {}).get('Name', '?')} ({service.get('ID', '?')[:12]})"
 
 
+# --------------------------------------------------------------------------- receiving
+
+GATHER_SHARE = 0.5  # gathering one batch takes at most this share of the visibility timeout
+HOLD_SHARE = 1 / 3  # messages in hand are extended this often (a share of the visibility timeout)
+
+
+class Receiver:
+    """Gathers batches from the queue, and keeps every message in hand invisible to other
+    consumers (ChangeMessageVisibilityBatch, from a thread) until it is released: its receipt
+    handle is then still valid when it is deleted, however long the work on it took, and it is
+    never redelivered mid-cycle.
+
+    once=True (--once): each message is handed out at most once per run. One seen before that
+    comes back (it failed, or a dry run left it) is held until the run ends, so that the
+    following receives reach the messages not seen yet instead of stopping early."""
+
+    def __init__(self, queue: Queue, once: bool = False):
+        self.queue = queue
+        self.visibility_timeout = max(1, queue.visibility_timeout)
+        self.seen: set[str] | None = set() if once else None
+        self._held: dict[str, dict] = {}  # MessageId -> the message, with its newest receipt handle
+        self._lock = threading.Lock()
+        self._holder: threading.Thread | None = None
+
+    def gather(self, first_wait: int, interruptible=nullcontext) -> list[dict]:
+        """The first receive long-polls; follow-ups take what a burst left on the queue, until a
+        receive adds nothing new (or fewer than ten: drained for now), the batch is full, or its
+        share of the visibility timeout is up: a slow queue cannot make a cycle endless."""
+        batch: dict[str, dict] = {}
+        with interruptible():
+            received = self.queue.receive(first_wait)
+        deadline = time.monotonic() + self.visibility_timeout * GATHER_SHARE
+        while self._take(received, batch) and len(batch) < BATCH_CAP and time.monotonic() < deadline \
+                and not (batch and len(received) < SQS_MAX_MESSAGES):
+            try:
+                received = self.queue.receive(FOLLOW_UP_WAIT)
+            except AwsError as e:  # what is in hand is handled (and released) all the same
+                log.warning("%s; going on with the %d message(s) received", e, len(batch))
+                break
+        return list(batch.values())
+
+    def _take(self, received: list[dict], batch: dict[str, dict]) -> bool:
+        """Hold what was received and add it to the batch (unless seen this run); True if any was new."""
+        with self._lock:
+            new = {m["MessageId"] for m in received} - self._held.keys()
+            # SQS deletes a message received twice only with the newest of its receipt handles.
+            self._held.update((m["MessageId"], m) for m in received)
+        seen = self.seen or set()
+        for message in received:
+            if message["MessageId"] in batch or (message["MessageId"] in new and message["MessageId"] not in seen):
+                batch[message["MessageId"]] = message
+        if new and self._holder is None:
+            self._holder = threading.Thread(target=self._hold, name="visibility-hold", daemon=True)
+            self._holder.start()
+        return bool(new)
+
+    def release(self, messages: list[dict]) -> None:
+        """Handled (deleted, or left to come back for a retry): no longer held."""
+        with self._lock:
+            for message in messages:
+                self._held.pop(message["MessageId"], None)
+        if self.seen is not None:
+            self.seen.update(m["MessageId"] for m in messages)
+
+    def _hold(self) -> None:
+        while True:
+            time.sleep(self.visibility_timeout * HOLD_SHARE)
+            with self._lock:
+                held = list(self._held.values())
+            if held:
+                self.queue.extend(held, self.visibility_timeout)
+
+
 # --------------------------------------------------------------------------- reports
 
 def write_atomically(path: str, text: str) -> None:
@@ -1547,7 +1763,9 @@ def setup_logging(level: str, style: str) -> None:
 class Systemd:
     """sd_notify(3) over $NOTIFY_SOCKET with the standard library; a no-op outside systemd."""
 
-    HEALTHY_FOR = FIRST_WAIT_LOOP + 30 + 30 + 30  # s: a long poll, a read timeout, a backoff, and slack
+    # s: the longest the main loop goes between heartbeats: one call (Docker's bound, 5 s connect
+    # + 30 s read, is the longest; SQS's long poll is 5 + 25), a backoff (30), and slack.
+    HEALTHY_FOR = 35 + 30 + 25
 
     def __init__(self, environ: dict):
         address = environ.get("NOTIFY_SOCKET", "")
@@ -1577,9 +1795,12 @@ class Systemd:
             self._status = text
             self.notify(f"STATUS={text}")
 
-    def heartbeat(self) -> None:
-        """The main loop is making progress (called each turn)."""
-        self.alive_at = time.monotonic()
+    def heartbeat(self, **_) -> None:
+        """The main loop is making progress: called each turn, and before every AWS attempt
+        (botocore's before-send event) and Docker call. Only the main thread's count: the
+        visibility hold's calls must not vouch for a loop that hangs."""
+        if threading.current_thread() is threading.main_thread():
+            self.alive_at = time.monotonic()
 
     def start_watchdog(self) -> None:
         """Ping from a thread, so a 20 s long poll does not starve the watchdog, but only while
@@ -1600,6 +1821,9 @@ class Systemd:
 
 
 # --------------------------------------------------------------------------- main
+
+EXIT_MISCONFIGURED = 3
+
 
 class Shutdown(BaseException):
     """Raised by the signal handler, only while the process is merely waiting. A BaseException,
@@ -1638,30 +1862,33 @@ class Signals:
 class Backoff:
     """Exponential, jittered, capped: for outages that outlast botocore's own retries."""
 
+    MAX_EXPONENT = 16  # 2 ** 16 s is past any cap; 2.0 ** 1024 would overflow after days of failures
+
     def __init__(self, cap: float = 30.0):
         self.cap, self.failures = cap, 0
 
     def next(self) -> float:
         self.failures += 1
-        return min(self.cap, 2.0 ** self.failures) * random.uniform(0.5, 1.0)
+        return min(self.cap, 2.0 ** min(self.failures, self.MAX_EXPONENT)) * random.uniform(0.5, 1.0)
 
     def reset(self) -> None:
         self.failures = 0
 
 
-def drain_once(deployer: Deployer, signals: Signals, args: argparse.Namespace) -> int:
-    """Receive until the queue is empty. A message seen once in this run is not handled again:
-    a failed one stays for a later run, and a dry run makes exactly one pass."""
-    seen: set[str] = set()
+def drain_once(deployer: Deployer, receiver: Receiver, signals: Signals, args: argparse.Namespace) -> int:
+    """Receive until no message this run has not seen is left. Each is handled at most once
+    (Receiver(once=True)): a failed one stays for a later run, and a dry run makes one pass."""
     failed = waiting = False
     while not signals.requested:
-        fresh = [m for m in deployer.receive_batch(FIRST_WAIT_ONCE) if m["MessageId"] not in seen]
-        if not fresh:
+        batch = receiver.gather(FIRST_WAIT_ONCE)
+        if not batch:
             break
-        result = deployer.handle(fresh)
+        try:
+            result = deployer.handle(batch)
+        finally:
+            receiver.release(batch)
         failed = failed or bool(result.failed and not deployer.dry_run)
         waiting = waiting or bool(result.waiting and not deployer.dry_run)
-        seen.update(m["MessageId"] for m in fresh)
     if failed:
         log.error("Some messages were left on the queue for retry")
     while deployer.rollouts.pending and not signals.requested:  # --wait
@@ -1676,26 +1903,31 @@ def drain_once(deployer: Deployer, signals: Signals, args: argparse.Namespace) -
     return 1 if failed or waiting or incomplete else 0  # waiting: left on the queue, for a later run
 
 
-def poll_forever(deployer: Deployer, signals: Signals, args: argparse.Namespace) -> int:
+def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args: argparse.Namespace) -> int:
     systemd, backoff = deployer.systemd, Backoff()
     while not signals.requested:
         systemd.heartbeat()
         try:
-            deployer.keeper.run_if_due()
             if not systemd.is_ready:
                 wait = FIRST_WAIT_ONCE  # a quick first poll proves the queue works: READY=1 without delay
             elif deployer.rollouts.pending:
                 wait = FIRST_WAIT_FOLLOWING
             else:
                 wait = FIRST_WAIT_LOOP
-            messages = deployer.receive_batch(wait, signals.interruptible)
+            messages = receiver.gather(wait, signals.interruptible)
             systemd.ready()  # the first poll worked (Docker answered at start)
-            failed = len(deployer.handle(messages).failed) if messages else 0  # not those waiting for a scan
+            try:
+                failed = len(deployer.handle(messages).failed) if messages else 0  # not those waiting for a scan
+            finally:
+                receiver.release(messages)
             ended = len(deployer.rollouts.outcomes)
             deployer.rollouts.check()
             if messages or len(deployer.rollouts.outcomes) != ended:
                 write_reports(deployer, args)
+            deployer.keeper.run_if_due()  # after the first poll: a deployer that cannot read its queue touches no service
         except (AwsError, DockerError) as e:
+            if isinstance(e, Misconfigured) and not systemd.is_ready:
+                raise  # the queue was never read: waiting cannot fix this (exit 3)
             log.error("%s", e)
             systemd.status(f"{'docker' if isinstance(e, DockerError) else 'AWS'} unreachable: retrying")
             failed = 1
@@ -1729,11 +1961,13 @@ def aws_session() -> botocore.session.Session:
 
 
 def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deployer:
-    """Resolve the queue and reach Docker; in loop mode, wait out outages instead of failing."""
+    """Resolve the queue, read its visibility timeout, reach Docker and check that it is a swarm
+    manager. Misconfigured: raised at once. Outages: in loop mode, waited out instead of failing."""
+    docker = Docker(os.environ.get("DOCKER_HOST"), on_request=systemd.heartbeat)
     session = aws_session()
-    queue = Queue(session, args.queue) if args.queue else None
-    ecr = Ecr(session)
-    deployer = Deployer(queue, ecr, Docker(os.environ.get("DOCKER_HOST")), args.filter_label,
+    queue = Queue(session, args.queue, on_request=systemd.heartbeat) if args.queue else None
+    ecr = Ecr(session, on_request=systemd.heartbeat)
+    deployer = Deployer(queue, ecr, docker, args.filter_label,
                         trust_events=args.trust_events, follow_rollouts=(args.wait or not args.once) and not args.dry_run,
                         rollout_timeout=args.rollout_timeout, rollback_on_failure=args.rollback_on_failure,
                         notify_urls=tuple(args.notify_url), dry_run=args.dry_run, systemd=systemd,
@@ -1745,10 +1979,12 @@ def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deplo
         try:
             if queue and not args.refresh_auth:
                 queue.resolve()
+                queue.read_visibility_timeout()
             deployer.docker.negotiate()
+            deployer.docker.check_manager()
             return deployer
         except (AwsError, DockerError) as e:
-            if args.once or args.refresh_auth or isinstance(e, QueueNotFound):
+            if args.once or args.refresh_auth or isinstance(e, Misconfigured):
                 raise
             log.error("%s; retrying", e)
             systemd.status(f"{'docker' if isinstance(e, DockerError) else 'AWS'} unreachable: retrying")
@@ -1765,10 +2001,15 @@ def main(argv: list[str] | None = None) -> int:
         deployer = start(args, signals, systemd)
         if args.refresh_auth:
             return 0 if deployer.keeper.run_pass() else 1
-        log.info("ecr-deploy %s watching %s (Docker at %s, API %s)", __version__, deployer.queue.url,
-                 deployer.docker.socket, deployer.docker.api_version)
-        return drain_once(deployer, signals, args) if args.once else poll_forever(deployer, signals, args)
-    except (AwsError, DockerError, ValueError) as e:
+        queue, receiver = deployer.queue, Receiver(deployer.queue, once=args.once)
+        log.info("ecr-deploy %s watching %s (visibility timeout %d s, %s; Docker at %s, API %s)", __version__,
+                 queue.url, queue.visibility_timeout, queue.visibility_source, deployer.docker.socket,
+                 deployer.docker.api_version)
+        return (drain_once if args.once else poll_forever)(deployer, receiver, signals, args)
+    except Misconfigured as e:
+        log.error("%s", e)
+        return EXIT_MISCONFIGURED
+    except (AwsError, DockerError) as e:
         log.error("%s", e)
         return 1
     except Shutdown:

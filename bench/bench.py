@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """ecr-deploy benchmark: latency, burst cost, idle cost, the docker CLI way side by side,
-cold start and memory — measured on the same real rig as the tests (moto_server, a private
+cold start and memory (beside a floor process, bench/floor.py) — measured on the same real rig as the tests (moto_server, a private
 dockerd swarm, TLS registries posing as ECR), with counting proxies in front of the AWS
 endpoint (calls per API action) and the Docker socket (calls per method + path).
 
@@ -97,8 +97,8 @@ class ServiceEvents:
         return last
 
 
-def deployer(env: dict, *args: str) -> rig.Running:
-    running = rig.Running(env, *args)
+def deployer(env: dict, *args: str, as_installed=False) -> rig.Running:
+    running = rig.Running(env, *args, as_installed=as_installed)
     running.wait_line("watching")
     return running
 
@@ -276,14 +276,24 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return value("VmRSS"), value("VmHWM")
 
 
+def start_floor(aws, swarm, queue_url: str) -> subprocess.Popen:
+    """bench/floor.py: botocore and requests-unixsocket imported, the deployer's four calls made."""
+    floor = subprocess.Popen([sys.executable, str(ROOT / "bench" / "floor.py"), queue_url.rpartition("/")[2],
+                              swarm.socket], env=rig.deployer_env(aws, swarm), stdout=subprocess.PIPE, text=True)
+    assert floor.stdout.readline().strip() == "ready", "bench/floor.py did not start"
+    return floor
+
+
 def measure_memory(aws, images, swarm, messages: int) -> dict:
-    """A steady stream (moto slows down on deep queues): pushes for 5 images, every 10th message junk."""
+    """A steady stream (moto slows down on deep queues): pushes for 5 images, every 10th message junk.
+    The deployer runs as installed (a module, compiled at install); the floor runs beside it."""
     repos = []
     for i in range(5):
         repo, (v1, v2), sid = rig.service_on_new_repo(images, swarm, f"memory-{i}")
         repos.append((repo, v2))
     queue = aws.new_queue()
-    running = deployer(rig.deployer_env(aws, swarm), "--queue", queue, "--auth-refresh", "0")
+    floor = start_floor(aws, swarm, queue)
+    running = deployer(rig.deployer_env(aws, swarm), "--queue", queue, "--auth-refresh", "0", as_installed=True)
     time.sleep(1.5)
     rss_start, _ = rss_kib(running.proc.pid)
     checkpoint, rss_early = max(100, min(1000, messages // 5) // 100 * 100), None
@@ -299,12 +309,16 @@ def measure_memory(aws, images, swarm, messages: int) -> dict:
                 rss_early, _ = rss_kib(running.proc.pid)
         time.sleep(1)
         rss_late, peak = rss_kib(running.proc.pid)
+        floor_rss, _ = rss_kib(floor.pid)
     finally:
         running.stop()
+        floor.kill()
+        floor.wait()
     return {"messages": messages, "checkpoint": checkpoint, "rss_idle_after_start_mib": round(rss_start / 1024, 1),
             "rss_at_checkpoint_mib": round(rss_early / 1024, 1),
             "rss_at_end_mib": round(rss_late / 1024, 1), "peak_rss_mib": round(peak / 1024, 1),
-            "growth_mib": round((rss_late - rss_early) / 1024, 2)}
+            "growth_mib": round((rss_late - rss_early) / 1024, 2), "floor_rss_mib": round(floor_rss / 1024, 1),
+            "share_above_floor_mib": round((rss_late - floor_rss) / 1024, 1)}
 
 
 # --------------------------------------------------------------------------- run and report
@@ -327,6 +341,8 @@ TARGETS = [  # (section, key, comparison, target, label)
     ("cold_start", "median_s", "<=", 1.5, "cold start, median wall (s)"),
     ("memory", "peak_rss_mib", "<=", 50, "memory: peak RSS (MiB)"),
     ("memory", "growth_mib", "<=", 2, "memory: growth checkpoint..end (MiB)"),
+    ("memory", "floor_rss_mib", None, None, "memory: floor, bench/floor.py (MiB)"),
+    ("memory", "share_above_floor_mib", "<=", 3, "memory: deployer's share above it (MiB)"),
 ]
 
 
@@ -371,7 +387,8 @@ def table(report: dict) -> str:
     lines.append(f"burst time upstream (s): {burst['upstream_seconds']}; deployer CPU {burst['deployer_cpu_s']} s")
     lines.append(f"memory (MiB): idle after start {report['memory']['rss_idle_after_start_mib']}, "
                  f"after {report['memory']['checkpoint']} messages {report['memory']['rss_at_checkpoint_mib']}, "
-                 f"at the end {report['memory']['rss_at_end_mib']}")
+                 f"at the end {report['memory']['rss_at_end_mib']}; the floor beside it "
+                 f"{report['memory']['floor_rss_mib']}")
     lines.append(f"import time, top (ms): {report['cold_start']['import_top_ms']}")
     return "\n".join(lines)
 

@@ -7,6 +7,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 
 import boto3
@@ -87,10 +88,12 @@ class Aws:
         return digest
 
     def set_scan(self, account: str, region: str, repository: str, digest: str, status: str = "COMPLETE",
-                 counts: dict | None = None, again: bool = False) -> None:
+                 counts: dict | None = None, again: bool = False, completed: bool | None = None) -> None:
         """Scan the image (StartImageScan) and make DescribeImageScanFindings answer this status and these
-        counts. moto keeps the first answer it gave for an image, so to change it (`again`: IN_PROGRESS,
-        then COMPLETE) the image is put anew first, same manifest, digest and tags: a fresh image to moto."""
+        counts, with imageScanCompletedAt if `completed` (by default: for COMPLETE and ACTIVE; enhanced
+        scanning answers COMPLETE without it until its findings are in). moto keeps the first answer it gave
+        for an image, so to change it (`again`: IN_PROGRESS, then COMPLETE) the image is put anew first,
+        same manifest, digest and tags: a fresh image to moto."""
         ecr = self.client("ecr", region)
         image_id = {"imageDigest": digest}
         if again:
@@ -102,9 +105,12 @@ class Aws:
             for tag in tags:
                 ecr.put_image(registryId=account, repositoryName=repository, imageManifest=manifest,
                               imageTag=tag, imageDigest=digest)
+        findings = {"findingSeverityCounts": counts or {}}
+        if status in ("COMPLETE", "ACTIVE") if completed is None else completed:
+            findings["imageScanCompletedAt"] = time.time()  # a JSON timestamp, as ECR sends it
         result = {"registryId": account, "repositoryName": repository, "imageId": image_id,
                   "imageScanStatus": {"status": status, "description": f"moto says {status}"},
-                  "imageScanFindings": {"findingSeverityCounts": counts or {}}}
+                  "imageScanFindings": findings}
         requests.post(self.url + "/moto-api/static/ecr/scan-finding-results",
                       json={"results": [result], "account_id": account, "region": region}, timeout=10).raise_for_status()
         ecr.start_image_scan(registryId=account, repositoryName=repository, imageId=image_id)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 
-from rig.common import DEPLOYER, wait_for
+from rig.common import DEPLOYER, ROOT, wait_for
 
 
 def deployer_env(aws, swarm=None, **extra) -> dict:
@@ -30,9 +30,13 @@ def updated_lines(log: str) -> list[str]:
 class Running:
     """A loop-mode deployer process whose log is collected line by line as it runs."""
 
-    def __init__(self, env: dict, *args: str, echo=None):
-        self.proc = subprocess.Popen([sys.executable, DEPLOYER, *args], env=env, stderr=subprocess.PIPE, text=True,
-                                     start_new_session=True)
+    def __init__(self, env: dict, *args: str, echo=None, as_installed=False):
+        # as_installed: as the systemd unit runs it, a module whose bytecode compileall wrote at install.
+        command = [sys.executable, "-m", "ecr_deploy"] if as_installed else [sys.executable, DEPLOYER]
+        if as_installed:
+            subprocess.run([sys.executable, "-m", "compileall", "-q", DEPLOYER], check=True)
+        self.proc = subprocess.Popen([*command, *args], env=env, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True, cwd=ROOT)
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, args=(echo,), daemon=True)
         self.reader.start()

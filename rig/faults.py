@@ -18,7 +18,8 @@ HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length"
 class FaultProxy:
     """Forwards HTTP to moto_server (TCP) or dockerd (unix socket); `rule` picks requests to fail or stall.
 
-    rule(key) -> None (forward) | an HTTP status to answer instead | "stall" (hold until released)
+    rule(key) -> None (forward) | an HTTP status to answer instead | (status, JSON document) to answer
+    instead (an AWS error: {"__type": "AccessDenied", ...}) | "stall" (hold until released)
     where key is "METHOD PATH X-Amz-Target". Every key is recorded in `seen`.
     """
 
@@ -45,7 +46,8 @@ class FaultProxy:
                     proxy.released.wait(120)
                     action = 503
                 if action:
-                    payload = json.dumps({"message": "injected fault"}).encode()
+                    action, document = action if isinstance(action, tuple) else (action, {"message": "injected fault"})
+                    payload = json.dumps(document).encode()
                     self.send_response(action)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))

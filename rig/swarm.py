@@ -17,7 +17,9 @@ GWBRIDGE = pathlib.Path("/sys/class/net/docker_gwbridge")
 
 
 class Swarm:
-    def __init__(self, workdir: pathlib.Path, instance: str = "tests", start: bool = True):
+    def __init__(self, workdir: pathlib.Path, instance: str = "tests", init: bool = True, start: bool = True):
+        """init=False: a dockerd outside any swarm (what a deployer must refuse to start on);
+        start=False: not started here (a cluster's node is started, and joined, by its Cluster)."""
         self.instance = instance
         self.dir = workdir / "docker"
         self.dir.mkdir()
@@ -27,10 +29,11 @@ class Swarm:
         self.http = requests_unixsocket.Session()
         self.proc = None
         # Swarm mode makes a docker_gwbridge interface, and it outlives dockerd.
-        self.made_gwbridge = not GWBRIDGE.exists()
-        if start:  # (a cluster's node is started, and joined, by its Cluster)
+        self.made_gwbridge = init and start and not GWBRIDGE.exists()
+        if start:
             self.start()
-            self.post("/swarm/init", json={"ListenAddr": f"127.0.0.1:{free_port()}", "AdvertiseAddr": "127.0.0.1"})
+            if init:
+                self.post("/swarm/init", json={"ListenAddr": f"127.0.0.1:{free_port()}", "AdvertiseAddr": "127.0.0.1"})
 
     def dockerd_command(self) -> list[str]:
         return ["dockerd", "--data-root", str(self.dir / "data"), "--exec-root", str(self.dir / "x"),
