@@ -1115,6 +1115,7 @@ class Deployer:
                  state_directory: str | None = None):
         self.queue, self.ecr, self.docker = queue, ecr, docker
         self.scan_gate = scan_gate
+        self.reported_blocked: set[tuple[str, str]] = set()  # (service ID, image): one ERROR and webhook each
         self.label_filter = label_filter
         self.trust_events = trust_events
         self.dry_run = dry_run
@@ -1242,8 +1243,8 @@ class Deployer:
 
     def gated_pin(self, service: dict, push: Push, digest: str, result: CycleResult) -> bool | None:
         """pin_service behind the scan gate: True done (or blocked), False failed, None waits for the scan."""
-        if runs_digest(service, digest):
-            return self.pin_service(service, push, digest, result)  # says it has nothing to do
+        if runs_digest(service, digest) or (is_job(service["Spec"]) and not reruns_on_push(service["Spec"])):
+            return self.pin_service(service, push, digest, result)  # says why it has nothing to do
         try:
             verdict = self.scan_gate.verdict(service, push, digest) if self.scan_gate else None
         except AwsError as e:
@@ -1273,6 +1274,10 @@ class Deployer:
         if self.dry_run:
             log.info("Would block service %s from %s: %s", service_label(service), image, reason)
             return
+        if (service["ID"], image) in self.reported_blocked:  # the push came back after its scan event, or vice versa
+            log.info("Service %s stays blocked from %s (reported before)", service_label(service), image)
+            return
+        self.reported_blocked.add((service["ID"], image))
         log.error("Blocked service %s from %s: %s", service_label(service), image, reason)
         self.totals["rollouts"]["blocked"] += 1
         if self.rollouts.enabled:
@@ -1472,6 +1477,7 @@ class Rollouts:
     def notify(self, document: dict) -> None:
         """Best effort: a dead webhook is logged, and never blocks a deployment for long."""
         for url in self.notify_urls:
+            self.deployer.systemd.heartbeat()  # many webhooks that hang must not starve the watchdog
             parts = urllib.parse.urlsplit(url)
             where = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname  # the rest may be secret
             try:
@@ -1685,7 +1691,10 @@ class Receiver:
             with self._lock:
                 held = list(self._held.values())
             if held:
-                self.queue.extend(held, self.visibility_timeout)
+                try:
+                    self.queue.extend(held, self.visibility_timeout)
+                except Exception:  # a bug must not end the hold for good: held messages would reappear
+                    log.exception("Cannot extend the visibility of held messages")
 
 
 # --------------------------------------------------------------------------- reports

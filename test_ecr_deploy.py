@@ -2583,6 +2583,12 @@ def test_gated_service_deploys_within_seconds_of_its_scan_event(aws, images, cle
     assert "waits for its scan gate" in run.stderr and " ERROR " not in run.stderr
     assert aws.queue_depth(once_queue) == 1
 
+    # Same push, stricter gate: blocked once the scan is in, reported once however often the push returns.
+    strict = swarm.create_service("gate-strict", f"{registry.host}/{repo}:latest@{v1}", registry=registry,
+                                  replicas=0, labels={ed.SCAN_THRESHOLD_LABEL: "HIGH"})
+    # A job that does not re-run on pushes is skipped at once, never kept waiting for its scan.
+    job = swarm.create_service("gate-job", f"{registry.host}/{repo}:latest@{v1}", registry=registry, mode=JOB,
+                               labels={ed.SCAN_THRESHOLD_LABEL: "HIGH"})
     queue = aws.new_queue()
     # Its clock two hours fast: the scan timeout (30 min) is measured by AWS's clock, or it would block.
     env = deployer_env(aws, swarm, LD_PRELOAD=FAKETIME, FAKETIME="+2h")
@@ -2604,14 +2610,22 @@ def test_gated_service_deploys_within_seconds_of_its_scan_event(aws, images, cle
         aws.send(queue, scan_event(repository=repo, digest=v2, counts={"HIGH": 4}))
         deployer.wait_line("Updated service gate-waits", timeout=30)
         took = time.monotonic() - sent
+        deployer.wait_line("Blocked service gate-strict", timeout=30)
+        aws.send(queue, event(repository=repo, digest=v2, time=event_time()))  # as the kept push comes back
+        deployer.wait_line(f"Service gate-strict ({strict[:12]}) stays blocked", timeout=30)
     finally:
         code = deployer.stop()
     assert code == 0, deployer.log
     assert took < 5, deployer.log  # no backoff for a message that only waited
     assert service_image_of(swarm, sid)[0] == f"{registry.host}/{repo}:latest@{v2}"
     assert "passes its scan gate" in deployer.log and "HIGH 4 (threshold CRITICAL)" in deployer.log
-    assert " ERROR " not in deployer.log and "Traceback" not in deployer.log
-    assert aws.queue_depth(queue) == 1  # the push, in flight; both scan events are deleted
+    errors = [line for line in deployer.log.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "Blocked service gate-strict" in errors[0], errors
+    assert service_image_of(swarm, strict)[0].endswith(v1) and service_image_of(swarm, job)[0].endswith(v1)
+    assert "gate-job" in deployer.log and "is a Swarm job" in deployer.log
+    assert not any("gate-job" in line and "scan gate" in line for line in deployer.log.splitlines())
+    assert "Traceback" not in deployer.log
+    assert aws.queue_depth(queue) == 1  # the first push, in flight; the scan events and the second push are deleted
 
 
 # =========================================================================== high availability: a real multi-node swarm
