@@ -26,22 +26,19 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import boto3
 import pytest
 import requests
-import requests_unixsocket
 
 import ecr_deploy as ed
 from rig.aws import DIGEST_A, Aws, event, moto_server_command, scan_event
 from rig.common import DEPLOYER, ROOT as HERE, wait_for
 from rig.deployer import Running, deployer_env, run_once, updated_lines
 from rig.faults import FaultProxy
-from rig.registry import REGISTRIES, Images, serving_registries
-from rig.swarm import Swarm
+from rig.registry import REGISTRIES, Images, service_on_new_repo, serving_registries
+from rig.swarm import Swarm, service_image_of
 
 SAMPLES = HERE / "rig" / "samples"
 REQUIRE_RIG = os.environ.get("ECR_DEPLOY_REQUIRE_RIG") == "1"
@@ -616,17 +613,6 @@ def clean_swarm(swarm):
     swarm.remove_all_services()
 
 
-def service_on_new_repo(images, swarm, name, contents=("v1", "v2"), replicas=0, registry=None):
-    """A fresh repository with one push of :latest per content (ECR ends at the last), and a
-    service pinned to the first. Returns (repository, digests, service id)."""
-    registry = registry or REGISTRIES[0]
-    repo = images.new_repository(account=registry.account)
-    digests = [images.push(repo, "latest", content, account=registry.account) for content in contents]
-    sid = swarm.create_service(name, f"{registry.host}/{repo}:latest@{digests[0]}", registry=registry,
-                               replicas=replicas)
-    return repo, digests, sid
-
-
 # =========================================================================== deploying on the rig
 
 def test_push_updates_every_matching_service_with_forwarded_registry_auth(aws, images, clean_swarm):
@@ -893,11 +879,6 @@ def test_fuzz_mutations_do_reach_valid_pushes():
     """Guard against a vacuous fuzz test: unmutated draws must come out as Pushes."""
     assert isinstance(ed.parse_message(json.dumps(sns_envelope(event()))), ed.Push)
     assert isinstance(ed.parse_message(json.dumps(sns_envelope(scan_event()))), ed.ScanDone)
-
-
-def service_image_of(swarm, sid):
-    spec = swarm.service(sid)["Spec"]["TaskTemplate"]
-    return spec["ContainerSpec"]["Image"], spec.get("ForceUpdate", 0)
 
 
 def test_out_of_order_and_duplicate_events_never_roll_back(aws, images, clean_swarm):
@@ -2512,6 +2493,7 @@ def test_gated_services_deploy_clean_digests_and_block_the_rest(aws, images, cle
             assert f"Updated service {name} ({ids[name][:12]}) to {new}" in run.stderr
         else:
             assert swarm.service(ids[name])["Version"]["Index"] == before[name], name  # not even re-posted
+            assert service_image_of(swarm, ids[name])[0] == old, name
             line = next(line for line in run.stderr.splitlines() if f"Blocked service {name} " in line)
             assert f" ERROR Blocked service {name} ({ids[name][:12]}) from {new}: " in line and outcome in line
             blocked[name] = (new, outcome)

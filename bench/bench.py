@@ -37,7 +37,12 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import ecr_deploy as ed  # noqa: E402
-import test_ecr_deploy as rig  # noqa: E402  (the rig, as the tests import it)
+from rig.aws import Aws, event  # noqa: E402  (the rig the tests use)
+from rig.common import wait_for  # noqa: E402
+from rig.deployer import Running, deployer_env, run_once, updated_lines  # noqa: E402
+from rig.faults import FaultProxy  # noqa: E402
+from rig.registry import REGISTRIES, Images, service_on_new_repo, serving_registries  # noqa: E402
+from rig.swarm import Swarm, service_image_of  # noqa: E402
 
 FULL = {"latency_pushes": 30, "latency_interval": 1.0, "burst_images": 25, "burst_pushes_per_image": 20,
         "idle_seconds": 60, "side_services": 20, "cold_runs": 10, "memory_messages": 5000}
@@ -97,8 +102,8 @@ class ServiceEvents:
         return last
 
 
-def deployer(env: dict, *args: str, as_installed=False) -> rig.Running:
-    running = rig.Running(env, *args, as_installed=as_installed)
+def deployer(env: dict, *args: str, as_installed=False) -> Running:
+    running = Running(env, *args, as_installed=as_installed)
     running.wait_line("watching")
     return running
 
@@ -115,17 +120,17 @@ def percentile(values: list[float], p: float) -> float:
 # --------------------------------------------------------------------------- the measurements
 
 def measure_latency(aws, images, swarm, events, n: int, interval: float) -> dict:
-    registry = rig.REGISTRIES[0]
-    repo, (v0,), sid = rig.service_on_new_repo(images, swarm, "latency", contents=("v0",))
+    registry = REGISTRIES[0]
+    repo, (v0,), sid = service_on_new_repo(images, swarm, "latency", contents=("v0",))
     queue = aws.new_queue()
-    running = deployer(rig.deployer_env(aws, swarm), "--queue", queue, "--auth-refresh", "0")
+    running = deployer(deployer_env(aws, swarm), "--queue", queue, "--auth-refresh", "0")
     latencies = []
     try:
         time.sleep(1.5)  # past the first (short) poll: now in the 20 s long poll, as in production
         for i in range(n):
             digest = images.push(repo, "latest", f"latency-{i}")
             started = time.monotonic()
-            aws.send(queue, rig.event(repository=repo, digest=digest))
+            aws.send(queue, event(repository=repo, digest=digest))
             latencies.append(events.wait({sid}, started) - started)
             assert image_of(swarm, sid) == f"{registry.host}/{repo}:latest@{digest}"
             time.sleep(interval)
@@ -137,25 +142,25 @@ def measure_latency(aws, images, swarm, events, n: int, interval: float) -> dict
 
 
 def measure_burst(aws, images, swarm, workdir, n_images: int, per_image: int) -> dict:
-    registry = rig.REGISTRIES[0]
+    registry = REGISTRIES[0]
     services, events = [], []
     for i in range(n_images):
-        repo, (v1, v2), sid = rig.service_on_new_repo(images, swarm, f"burst-{i}")
+        repo, (v1, v2), sid = service_on_new_repo(images, swarm, f"burst-{i}")
         services.append((sid, f"{registry.host}/{repo}:latest@{v2}"))
         # Earlier pushes of the burst name older digests; ECR's tag is at the last (v2).
         digests = ["sha256:" + uuid.uuid4().hex * 2 for _ in range(per_image - 1)] + [v2]
-        events.append([rig.event(repository=repo, digest=d) for d in digests])
+        events.append([event(repository=repo, digest=d) for d in digests])
     bodies = [json.dumps(e) for round_ in zip(*events) for e in round_]  # interleaved, as CI pushes them
     queue = aws.new_queue()
     for start in range(0, len(bodies), 10):
         aws.sqs.send_message_batch(QueueUrl=queue, Entries=[
             {"Id": str(i), "MessageBody": b} for i, b in enumerate(bodies[start:start + 10])])
-    aws_proxy = rig.FaultProxy(aws.url)
-    docker_proxy = rig.FaultProxy(swarm.base, unix_path=str(workdir / f"bench-{uuid.uuid4().hex[:6]}.sock"))
+    aws_proxy = FaultProxy(aws.url)
+    docker_proxy = FaultProxy(swarm.base, unix_path=str(workdir / f"bench-{uuid.uuid4().hex[:6]}.sock"))
     try:
         cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.monotonic()
-        run = rig.run_once(rig.deployer_env(aws, swarm, AWS_ENDPOINT_URL=aws_proxy.url,
+        run = run_once(deployer_env(aws, swarm, AWS_ENDPOINT_URL=aws_proxy.url,
                                             DOCKER_HOST=docker_proxy.url), "--queue", queue)
         wall = time.monotonic() - started
         cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -163,9 +168,9 @@ def measure_burst(aws, images, swarm, workdir, n_images: int, per_image: int) ->
         aws_proxy.close()
         docker_proxy.close()
     assert run.returncode == 0, run.stderr
-    updates = len(rig.updated_lines(run.stderr))
+    updates = len(updated_lines(run.stderr))
     for sid, image in services:
-        assert rig.service_image_of(swarm, sid) == (image, 1), sid
+        assert service_image_of(swarm, sid) == (image, 1), sid
     aws_calls, docker_calls = counted(aws_proxy.seen), counted(docker_proxy.seen)
     sqs_calls = sum(v for k, v in aws_calls.items() if k in ("ReceiveMessage", "DeleteMessageBatch", "GetQueueUrl"))
     return {"events": len(bodies), "images": n_images, "services": n_images, "updates": updates,
@@ -179,9 +184,9 @@ def measure_burst(aws, images, swarm, workdir, n_images: int, per_image: int) ->
 
 def measure_idle(aws, swarm, workdir, seconds: float) -> dict:
     queue = aws.new_queue()
-    aws_proxy = rig.FaultProxy(aws.url)
-    docker_proxy = rig.FaultProxy(swarm.base, unix_path=str(workdir / f"bench-{uuid.uuid4().hex[:6]}.sock"))
-    running = deployer(rig.deployer_env(aws, swarm, AWS_ENDPOINT_URL=aws_proxy.url, DOCKER_HOST=docker_proxy.url),
+    aws_proxy = FaultProxy(aws.url)
+    docker_proxy = FaultProxy(swarm.base, unix_path=str(workdir / f"bench-{uuid.uuid4().hex[:6]}.sock"))
+    running = deployer(deployer_env(aws, swarm, AWS_ENDPOINT_URL=aws_proxy.url, DOCKER_HOST=docker_proxy.url),
                        "--queue", queue, "--auth-refresh", "0")
     try:
         time.sleep(2)  # start-up (queue lookup, Docker ping, the first short poll) is not idling
@@ -197,7 +202,7 @@ def measure_idle(aws, swarm, workdir, seconds: float) -> dict:
 
 
 def measure_side_by_side(aws, images, swarm, events, workdir, n: int) -> dict:
-    registry = rig.REGISTRIES[0]
+    registry = REGISTRIES[0]
     repo = images.new_repository()
     v1 = images.push(repo, "latest", "side-v1")
     names = [f"side-{i}" for i in range(n)]
@@ -223,11 +228,11 @@ def measure_side_by_side(aws, images, swarm, events, workdir, n: int) -> dict:
     # (b) ecr_deploy.py, already running: from SendMessage of one event until all specs show the digest
     digest = images.push(repo, "latest", "side-deployer")
     queue = aws.new_queue()
-    running = deployer(rig.deployer_env(aws, swarm), "--queue", queue, "--auth-refresh", "0")
+    running = deployer(deployer_env(aws, swarm), "--queue", queue, "--auth-refresh", "0")
     try:
         time.sleep(1.5)
         started = time.monotonic()
-        aws.send(queue, rig.event(repository=repo, digest=digest))
+        aws.send(queue, event(repository=repo, digest=digest))
         result["deployer_s"] = round(events.wait(set(ids), started) - started, 3)
     finally:
         running.stop()
@@ -250,11 +255,11 @@ def measure_side_by_side(aws, images, swarm, events, workdir, n: int) -> dict:
 
 def measure_cold_start(aws, swarm, runs: int) -> dict:
     queue = aws.new_queue()
-    env = rig.deployer_env(aws, swarm)
+    env = deployer_env(aws, swarm)
     walls = []
     for _ in range(runs):
         started = time.monotonic()
-        run = rig.run_once(env, "--queue", queue)
+        run = run_once(env, "--queue", queue)
         walls.append(time.monotonic() - started)
         assert run.returncode == 0, run.stderr
     importtime = subprocess.run([sys.executable, "-X", "importtime", "-c", "import ecr_deploy"], cwd=ROOT,
@@ -279,7 +284,7 @@ def rss_kib(pid: int) -> tuple[int, int]:
 def start_floor(aws, swarm, queue_url: str) -> subprocess.Popen:
     """bench/floor.py: botocore and requests-unixsocket imported, the deployer's four calls made."""
     floor = subprocess.Popen([sys.executable, str(ROOT / "bench" / "floor.py"), queue_url.rpartition("/")[2],
-                              swarm.socket], env=rig.deployer_env(aws, swarm), stdout=subprocess.PIPE, text=True)
+                              swarm.socket], env=deployer_env(aws, swarm), stdout=subprocess.PIPE, text=True)
     assert floor.stdout.readline().strip() == "ready", "bench/floor.py did not start"
     return floor
 
@@ -289,11 +294,11 @@ def measure_memory(aws, images, swarm, messages: int) -> dict:
     The deployer runs as installed (a module, compiled at install); the floor runs beside it."""
     repos = []
     for i in range(5):
-        repo, (v1, v2), sid = rig.service_on_new_repo(images, swarm, f"memory-{i}")
+        repo, (v1, v2), sid = service_on_new_repo(images, swarm, f"memory-{i}")
         repos.append((repo, v2))
     queue = aws.new_queue()
     floor = start_floor(aws, swarm, queue)
-    running = deployer(rig.deployer_env(aws, swarm), "--queue", queue, "--auth-refresh", "0", as_installed=True)
+    running = deployer(deployer_env(aws, swarm), "--queue", queue, "--auth-refresh", "0", as_installed=True)
     time.sleep(1.5)
     rss_start, _ = rss_kib(running.proc.pid)
     checkpoint, rss_early = max(100, min(1000, messages // 5) // 100 * 100), None
@@ -301,10 +306,10 @@ def measure_memory(aws, images, swarm, messages: int) -> dict:
         for sent in range(0, messages, 100):
             for start in range(sent, sent + 100, 10):
                 aws.sqs.send_message_batch(QueueUrl=queue, Entries=[
-                    {"Id": str(i), "MessageBody": json.dumps(rig.event(repository=repos[i % 5][0],
+                    {"Id": str(i), "MessageBody": json.dumps(event(repository=repos[i % 5][0],
                                                                        digest=repos[i % 5][1])) if i % 10 else "junk"}
                     for i in range(start, start + 10)])
-            rig.wait_for(lambda: aws.queue_depth(queue) == 0, 120, interval=0.05)
+            wait_for(lambda: aws.queue_depth(queue) == 0, 120, interval=0.05)
             if rss_early is None and sent + 100 >= checkpoint:
                 rss_early, _ = rss_kib(running.proc.pid)
         time.sleep(1)
@@ -403,10 +408,10 @@ def main() -> int:
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="ecrb-", dir="/tmp"))
     aws = swarm = None
     try:
-        aws = rig.Aws(workdir)
-        with rig.serving_registries(workdir) as registries:
-            swarm = rig.Swarm(workdir)
-            report = run(aws, registries, rig.Images(aws, registries), swarm, workdir,
+        aws = Aws(workdir)
+        with serving_registries(workdir) as registries:
+            swarm = Swarm(workdir)
+            report = run(aws, registries, Images(aws, registries), swarm, workdir,
                          SHORT if args.short else FULL)
     finally:
         if swarm:

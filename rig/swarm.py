@@ -125,3 +125,8 @@ class Swarm:
     def remove_all_services(self):
         for svc in self.get("/services"):
             self.call("DELETE", f"/services/{svc['ID']}")
+
+
+def service_image_of(swarm, sid):
+    spec = swarm.service(sid)["Spec"]["TaskTemplate"]
+    return spec["ContainerSpec"]["Image"], spec.get("ForceUpdate", 0)
