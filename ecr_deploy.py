@@ -1220,7 +1220,7 @@ class Deployer:
         if not targets:
             return [], set()
         try:
-            services = self.docker.services()
+            services = self.services()
         except DockerError as e:
             log.error("%s; %d message(s) kept for retry", e, sum(len(pushes[key]) for key in targets))
             self.systemd.status("docker unreachable: retrying" if e.status is None else "docker error: retrying")
@@ -1240,6 +1240,10 @@ class Deployer:
             elif None in done and False not in done:
                 waiting.add(key)
         return deployed, waiting
+
+    def services(self) -> list[dict]:
+        """Every service in the swarm, as a push cycle sees them."""
+        return self.docker.services()
 
     def gated_pin(self, service: dict, push: Push, digest: str, result: CycleResult) -> bool | None:
         """pin_service behind the scan gate: True done (or blocked), False failed, None waits for the scan."""
