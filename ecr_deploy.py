@@ -21,6 +21,7 @@ import copy
 import email.utils
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -62,6 +63,9 @@ environment:
 exit codes: 0 every received message handled; 1 something left on the queue for retry,
             or a runtime failure (unreachable Docker or AWS); 2 usage error; 3 misconfigured
             (no such queue, access denied, Docker not a swarm manager, bad DOCKER_HOST)
+  --status: 0 every service current (or pinned); 4 some service behind or waiting (the deployer
+            will roll it); 5 some service held back, blocked, failed or following a tag gone from
+            ECR (the operator must act); 1 Docker or ECR could not be asked
 
 examples:
   systemd (loop mode; see systemd/ecr-deploy.service):
@@ -70,6 +74,10 @@ examples:
     * * * * * flock -n /run/ecr-deploy.lock ecr_deploy.py --once --queue ecr-deploy 2>&1 | logger -t ecr-deploy
   dry run: what would be updated, nothing changed, no message deleted:
     ecr_deploy.py --once --dry-run --queue ecr-deploy
+  what runs where, what is behind and why (read-only):
+    ecr_deploy.py --status
+  a reconcile pass from cron, without a queue:
+    */5 * * * * flock -n /run/ecr-deploy.lock ecr_deploy.py --reconcile 2>&1 | logger -t ecr-deploy
 """
 
 
@@ -139,6 +147,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "DEPLOYER_AUTH_REFRESH; default 6h, ECR tokens live 12h)")
     parser.add_argument("--refresh-auth", action="store_true",
                         help="run one registry-auth refresh pass and exit (for cron); needs no queue")
+    parser.add_argument("--reconcile-every", metavar="DURATION", default=env("DEPLOYER_RECONCILE_EVERY", "5m"),
+                        help="compare every service that follows an ECR tag with what the tag points to now, "
+                        "and roll those behind as a push would: in loop mode after the first poll and then "
+                        "this often; with --once, one pass after draining (0 = off; env "
+                        "DEPLOYER_RECONCILE_EVERY; default 5m)")
+    parser.add_argument("--reconcile", action="store_true",
+                        help="run one reconcile pass and exit (for cron, also without a queue)")
+    parser.add_argument("--status", action="store_true",
+                        help="print one row per service that runs an ECR image: its tag, the digest it runs, "
+                        "the digest the tag points to now, its state and its last rollout; read-only, needs "
+                        "no queue; exit 0 all current, 4 some behind or waiting, 5 some held back, blocked "
+                        "or failed")
+    parser.add_argument("--json", action="store_true", help="with --status: JSON instead of a table")
     parser.add_argument("--notify-url", metavar="URL", action="append",
                         default=env("DEPLOYER_NOTIFY_URL", "").split(),
                         help="POST a JSON document per rollout outcome (Slack/Teams incoming webhooks show "
@@ -167,15 +188,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     args.queue = (args.queue or "").strip()
-    if not args.queue and not args.refresh_auth:
+    one_shot = [flag for flag in ("refresh_auth", "reconcile", "status") if getattr(args, flag)]
+    if len(one_shot) > 1 or one_shot and args.once:
+        parser.error("--refresh-auth, --reconcile, --status and --once each run alone")
+    if not args.queue and not one_shot:
         parser.error("no queue given: use --queue NAME_OR_URL or set DEPLOYER_QUEUE")
+    if args.json and not args.status:
+        parser.error("--json goes with --status")
     if args.log_format not in LOG_FORMATS:
         parser.error(f"log format must be one of {', '.join(LOG_FORMATS)}, not {args.log_format!r}")
     if args.log_level not in LOG_LEVELS:
         parser.error(f"log level must be one of {', '.join(LOG_LEVELS)}, not {args.log_level!r}")
-    if args.dry_run and not args.once:
-        parser.error("--dry-run goes with --once: messages it does not delete come back, and in a loop "
-                     "every pass would count towards the queue's maxReceiveCount")
+    if args.dry_run and not (args.once or args.reconcile):
+        parser.error("--dry-run goes with --once or --reconcile: messages it does not delete come back, and in "
+                     "a loop every pass would count towards the queue's maxReceiveCount")
     if args.wait and not args.once:
         parser.error("--wait goes with --once (loop mode always follows its rollouts)")
     if args.filter_label:
@@ -186,6 +212,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     try:
         args.auth_refresh = parse_duration(args.auth_refresh)
         args.scan_timeout = parse_duration(args.scan_timeout)
+        args.reconcile_every = parse_duration(args.reconcile_every)
         args.rollout_timeout = parse_duration(args.rollout_timeout) if args.rollout_timeout else None
     except ValueError as e:
         parser.error(str(e))
@@ -206,6 +233,7 @@ DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 FIELD_GRAMMARS = {"account": ACCOUNT, "region": REGION, "repository": REPOSITORY,
                   "tag": TAG, "digest": DIGEST}
 MAX_REPOSITORY_LENGTH = 256
+EVENT_ID = re.compile(r"[A-Za-z0-9-]{1,64}")  # EventBridge writes a UUID; it only ever reaches a label
 
 
 @dataclass(frozen=True)
@@ -216,8 +244,10 @@ class Push:
     repository: str
     tag: str
     digest: str
-    time: str = ""  # the event's time, for ordering pushes under --trust-events
+    time: str = ""  # the event's time (a reconcile pass: ECR's imagePushedAt), for ordering and the scan wait
     from_scan: bool = False  # made from a scan event: deploy only if the tag still points at the digest
+    event_id: str = field(default="", compare=False)  # the EventBridge event's id: provenance only
+    reconcile: bool = field(default=False, compare=False)  # made by a reconcile pass, not by an event
 
     @property
     def image_key(self) -> tuple[str, str, str, str]:
@@ -238,11 +268,12 @@ class ScanDone:
     digest: str
     tags: tuple[str, ...]
     time: str = ""
+    event_id: str = field(default="", compare=False)
 
     def pushes(self) -> list[Push]:
         """One push per tag: services following any of them may now pass their scan gate."""
-        return [Push(self.account, self.region, self.repository, tag, self.digest, self.time, from_scan=True)
-                for tag in self.tags]
+        return [Push(self.account, self.region, self.repository, tag, self.digest, self.time, from_scan=True,
+                     event_id=self.event_id) for tag in self.tags]
 
 
 class Ignored(NamedTuple):
@@ -296,7 +327,7 @@ def parse_event(event: dict) -> Push | ScanDone | Ignored:
     fields = {"account": event.get("account"), "region": event.get("region"),
               "repository": detail.get("repository-name"), "tag": detail.get("image-tag"),
               "digest": detail.get("image-digest")}
-    return invalid_field(fields) or Push(**fields, time=event_time(event))
+    return invalid_field(fields) or Push(**fields, time=event_time(event), event_id=event_id(event))
 
 
 def parse_scan_event(event: dict, detail: dict) -> ScanDone | Ignored:
@@ -309,7 +340,8 @@ def parse_scan_event(event: dict, detail: dict) -> ScanDone | Ignored:
         return Ignored("scan of an untagged image")
     fields = {"account": event.get("account"), "region": event.get("region"),
               "repository": detail.get("repository-name"), "digest": detail.get("image-digest")}
-    return invalid_field(fields) or ScanDone(**fields, tags=tuple(dict.fromkeys(tags)), time=event_time(event))
+    return invalid_field(fields) or ScanDone(**fields, tags=tuple(dict.fromkeys(tags)), time=event_time(event),
+                                             event_id=event_id(event))
 
 
 INSPECTOR_REPOSITORY = re.compile(r"arn:aws(?:-cn|-us-gov)?:ecr:([^:]*):([^:]*):repository/(.*)")
@@ -343,6 +375,12 @@ def invalid_field(fields: dict) -> Ignored | None:
 
 def event_time(event: dict) -> str:
     return event["time"] if isinstance(event.get("time"), str) else ""
+
+
+def event_id(event: dict) -> str:
+    """The event's id if it is a plain one ("" otherwise: it names the push on the service, nothing more)."""
+    value = event.get("id")
+    return value if isinstance(value, str) and EVENT_ID.fullmatch(value) else ""
 
 
 def is_valid(name: str, value: object) -> bool:
@@ -462,6 +500,18 @@ def services_using(services: list[dict], push: Push, label_filter: LabelFilter |
             if uses_image(s, push) and (label_filter is None or label_filter.admits(s["Spec"].get("Labels")))]
 
 
+def followed_tag(service: dict, label_filter: LabelFilter | None) -> tuple[str, str, str, str] | None:
+    """(account, region, repository, tag) of the ECR tag whose push would roll this service: the same
+    rule as for pushes (not pinned, not a job that has not opted in, admitted by --filter-label)."""
+    ref, tag, spec = running_image(service), following(service), service.get("Spec") or {}
+    registry = ecr_registry(ref.host) if ref else None
+    if not registry or not tag or (is_job(spec) and not reruns_on_push(spec)):
+        return None
+    if label_filter is not None and not label_filter.admits(spec.get("Labels")):
+        return None
+    return (*registry, ref.repository, tag)
+
+
 def is_job(spec: dict) -> bool:
     """A Swarm job (ReplicatedJob, GlobalJob): every update of its spec runs it again."""
     return bool({"ReplicatedJob", "GlobalJob"} & set(spec.get("Mode") or {}))
@@ -478,12 +528,22 @@ def pinned_image(ref: ImageRef, tag: str, digest: str) -> str:
     return f"{ref.name}:{tag}@{digest}"
 
 
-def updated_spec(spec: dict, image: str) -> dict:
-    """The service's own spec with only the image and ForceUpdate changed."""
+def updated_spec(spec: dict, image: str, labels: dict | None = None) -> dict:
+    """The service's own spec with only the image, ForceUpdate and the deployer's own labels changed
+    (`labels`: provenance; a failure record of another digest is dropped, the tag has moved on)."""
     new = copy.deepcopy(spec)
     task = new.setdefault("TaskTemplate", {})
     task.setdefault("ContainerSpec", {})["Image"] = image
     task["ForceUpdate"] = task.get("ForceUpdate", 0) + 1
+    if labels:
+        kept = {k: v for k, v in (new.get("Labels") or {}).items() if k != FAILED_LABEL}
+        new["Labels"] = {**kept, **labels}
+    return new
+
+
+def with_label(spec: dict, key: str, value: str) -> dict:
+    new = copy.deepcopy(spec)
+    new["Labels"] = {**(new.get("Labels") or {}), key: value}
     return new
 
 
@@ -491,6 +551,109 @@ def registry_auth_header(username: str, password: str, server: str) -> str:
     """Docker's X-Registry-Auth: base64url JSON credentials. Never log it."""
     document = {"username": username, "password": password, "serveraddress": server}
     return base64.urlsafe_b64encode(json.dumps(document).encode()).decode()
+
+
+# --------------------------------------------------------------------------- service labels (pure)
+
+# What the deployer writes on a service, in the service's own labels (Spec.Labels, not its containers'):
+# a change of them replaces no task. Every manager reads them, they outlive any deployer process, and an
+# operator sees them in `docker service inspect`.
+DIGEST_LABEL = "ecr-deploy.digest"  # the digest the deployer last moved the service to
+SOURCE_LABEL = "ecr-deploy.source"  # which push (event id and time) or reconcile pass asked for it
+DEPLOYED_BY_LABEL = "ecr-deploy.deployed-by"  # which host, and when by its clock
+FAILED_LABEL = "ecr-deploy.failed"  # "DIGEST <outcome> at TIME on HOST: why": never rolled here again
+MAX_LABEL_TEXT = 400
+
+
+def utc_text(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def provenance_labels(push: Push, digest: str, node: str, now: float) -> dict[str, str]:
+    """Who moved the service to this digest, and why: readable with `docker service inspect`."""
+    if push.reconcile:
+        source = f"reconcile pass (ECR: pushed {push.time or 'at an unknown time'})"
+    else:
+        kind = "scan event" if push.from_scan else "push event"
+        source = f"{kind} {push.event_id or '(no id)'} of {push.time or 'an unknown time'}"
+    return {DIGEST_LABEL: digest, SOURCE_LABEL: source, DEPLOYED_BY_LABEL: f"{node} at {utc_text(now)}"}
+
+
+def failure_record(digest: str, outcome: str, node: str, now: float, message: str) -> str:
+    """The FAILED_LABEL value: the digest first (what the rule reads), then words for the operator."""
+    text = f"{digest} {OUTCOME_WORDS.get(outcome, outcome)} at {utc_text(now)} on {node}"
+    text += f": {message}" if message else ""
+    return text if len(text) <= MAX_LABEL_TEXT else text[:MAX_LABEL_TEXT - 3] + "..."
+
+
+def failed_digest(service: dict) -> str | None:
+    """The digest whose rollout failed on this service, as its FAILED_LABEL records it."""
+    labels = (service.get("Spec") or {}).get("Labels") or {}
+    first = str(labels.get(FAILED_LABEL, "")).split(" ", 1)[0]
+    return first if DIGEST.fullmatch(first) else None
+
+
+# Swarm rolled the service back after an update failed (FailureAction=rollback, or `docker service rollback`).
+SWARM_ROLLED_BACK = ("rollback_completed", "rollback_paused")
+
+
+def tried_and_failed(tasks: list[dict], digest: str) -> bool:
+    """Did a task pinned to this digest fail here? (Swarm's task history, which it prunes.)"""
+    return any((t.get("Spec", {}).get("ContainerSpec", {}).get("Image") or "").endswith("@" + digest)
+               and t.get("Status", {}).get("State") in ("failed", "rejected") for t in tasks)
+
+
+# --------------------------------------------------------------------------- status (pure)
+
+# --status: each state, and what it tells cron or monitoring (the exit code is the worst row's).
+STATUS_EXIT = {"current": 0, "pinned": 0, "job": 0, "rolling out": 0,
+               "behind": 4, "waiting": 4,
+               "held back": 5, "blocked": 5, "failed": 5, "tag gone": 5, "unknown": 1}
+
+
+def short_digest(digest: str | None) -> str:
+    return digest.removeprefix("sha256:")[:12] if digest else "-"
+
+
+def last_rollout(service: dict) -> tuple[str, str]:
+    """Swarm's word on the service's last update (state, and when it ended or started), if any."""
+    status = service.get("UpdateStatus") or {}
+    return status.get("State") or "-", (status.get("CompletedAt") or status.get("StartedAt") or "")[:19]
+
+
+def current_state(service: dict, digest: str) -> tuple[str, str]:
+    """The state of a service that runs the digest its tag points to."""
+    status = service.get("UpdateStatus") or {}
+    if status.get("State") in ("paused", "rollback_paused"):
+        return "failed", f"its rollout {status['State'].replace('_', ' ')}: {status.get('Message', '')}".strip()
+    if status.get("State") in ("updating", "rollback_started"):
+        return "rolling out", status.get("Message", "")
+    return "current", ""
+
+
+def status_row(service: dict, followed: tuple | None, answer: tuple[str, str] | None, state: tuple[str, str],
+               repository_error: str | None = None) -> dict:
+    """One --status row; `state` was decided by the caller (it may need ECR's scan or Swarm's tasks)."""
+    ref = running_image(service)
+    outcome, at = last_rollout(service)
+    labels = service["Spec"].get("Labels") or {}
+    return {"service": service["Spec"].get("Name", "?"), "id": service["ID"],
+            "repository": ref.repository if ref else "?", "tag": followed[3] if followed else following(service),
+            "running": ref.digest if ref else None, "tag_now": answer[0] if answer else None,
+            "pushed_at": answer[1] if answer else None, "state": state[0], "reason": repository_error or state[1],
+            "last_rollout": outcome, "last_rollout_at": at,
+            "deployed_by": labels.get(DEPLOYED_BY_LABEL), "source": labels.get(SOURCE_LABEL)}
+
+
+def status_table(rows: list[dict]) -> str:
+    """As `docker service ls` lays it out: what an operator reads first when something looks wrong."""
+    header = ("SERVICE", "TAG", "RUNNING", "TAG NOW", "STATE", "LAST ROLLOUT", "DETAIL")
+    lines = [header] + [(r["service"], f"{r['repository']}:{r['tag'] or '-'}", short_digest(r["running"]),
+                         short_digest(r["tag_now"]), r["state"],
+                         f"{r['last_rollout']} {r['last_rollout_at']}".strip(), r["reason"]) for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    return "".join(("   ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "   " + line[-1]).rstrip()
+                   + "\n" for line in lines)
 
 
 # --------------------------------------------------------------------------- rollouts (pure)
@@ -846,6 +1009,7 @@ class Token:
     cycle: int  # drain cycle that fetched it: an already-expired token lives for that cycle only
 
 
+DESCRIBE_IMAGES_MAX_IDS = 100  # ECR's limit of image ids per DescribeImages call
 SCAN_ERRORS = {"ScanNotFoundException": "NOT_FOUND", "AccessDeniedException": "DENIED",
                "ImageNotFoundException": "GONE", "RepositoryNotFoundException": "GONE"}
 
@@ -871,17 +1035,38 @@ class Ecr:
 
     def current_digest(self, push: Push) -> str | None:
         """The digest REPOSITORY:TAG points to now (None if the tag or repository is gone)."""
+        found = self.tag_digests(push.account, push.region, push.repository, [push.tag])
+        return found[push.tag][0] if push.tag in found else None
+
+    def tag_digests(self, account: str, region: str, repository: str, tags) -> dict[str, tuple[str, str]]:
+        """tag -> (the digest it points to now, when that image was pushed by ECR's clock), for the tags
+        that exist: one DescribeImages per 100 tags. ECR fails a whole call for one missing tag; that
+        batch is then asked tag by tag (a tag deleted since: rare)."""
+        tags, found = sorted(set(tags)), {}
+        for start in range(0, len(tags), DESCRIBE_IMAGES_MAX_IDS):
+            batch = tags[start:start + DESCRIBE_IMAGES_MAX_IDS]
+            details = self._describe_images(account, region, repository, batch)
+            if details is None and len(batch) > 1:
+                details = [d for tag in batch for d in self._describe_images(account, region, repository, [tag]) or []]
+            for detail in details or []:
+                digest, pushed_at = detail.get("imageDigest"), detail.get("imagePushedAt")
+                if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+                    raise AwsError(f"ECR answered an invalid digest {shown(digest)} for {repository}")
+                pushed = utc_text(pushed_at.timestamp()) if isinstance(pushed_at, datetime) else ""
+                found.update((tag, (digest, pushed)) for tag in detail.get("imageTags") or [] if tag in batch)
+        return found
+
+    def _describe_images(self, account: str, region: str, repository: str, tags: list[str]) -> list[dict] | None:
+        """DescribeImages of these tags; None if one of them (or the repository) does not exist."""
         try:
-            reply = self._client(push.region).describe_images(
-                registryId=push.account, repositoryName=push.repository, imageIds=[{"imageTag": push.tag}])
+            reply = self._client(region).describe_images(
+                registryId=account, repositoryName=repository, imageIds=[{"imageTag": tag} for tag in tags])
         except AWS_ERRORS as e:
             if error_code(e) in ("ImageNotFoundException", "RepositoryNotFoundException"):
                 return None
-            raise AwsError.wrap(e, f"cannot look up {push.image} in ECR") from None
-        digests = [d["imageDigest"] for d in reply.get("imageDetails", [])]
-        if len(digests) != 1 or not DIGEST.fullmatch(digests[0]):
-            raise AwsError(f"ECR answered {len(digests)} image(s) for {push.image}, expected one")
-        return digests[0]
+            where = f"{repository}:{tags[0]}" if len(tags) == 1 else f"{len(tags)} tags of {repository}"
+            raise AwsError.wrap(e, f"cannot look up {where} in ECR ({account}, {region})") from None
+        return reply.get("imageDetails", [])
 
     def scan(self, account: str, region: str, repository: str, digest: str) -> Scan:
         """ECR's scan of the digest (DescribeImageScanFindings), with the time of ECR's answer.
@@ -1112,16 +1297,18 @@ class Deployer:
                  trust_events: bool = False, follow_rollouts: bool = False, rollout_timeout: float | None = None,
                  rollback_on_failure: bool = False, notify_urls: tuple[str, ...] = (), dry_run: bool = False,
                  systemd: Systemd | None = None, scan_gate: ScanGate | None = None, auth_refresh: float = 0.0,
-                 state_directory: str | None = None):
+                 state_directory: str | None = None, reconcile_every: float = 0.0):
         self.queue, self.ecr, self.docker = queue, ecr, docker
         self.scan_gate = scan_gate
         self.reported_blocked: set[tuple[str, str]] = set()  # (service ID, image): one ERROR and webhook each
+        self.reported_held: set[tuple[str, str]] = set()  # (service ID, digest): one WARNING each
         self.label_filter = label_filter
         self.trust_events = trust_events
         self.dry_run = dry_run
         self.systemd = systemd or Systemd({})
         self.rollouts = Rollouts(self, follow_rollouts, rollout_timeout, rollback_on_failure, notify_urls)
         self.keeper = AuthKeeper(self, auth_refresh, state_directory)
+        self.reconciler = Reconciler(self, reconcile_every)
         self.totals = {"messages": {"received": 0, "deployed": 0, "ignored": 0, "failed": 0},
                        "services_updated": 0, "rollouts": self.rollouts.counts, "last_success": None}
 
@@ -1250,6 +1437,12 @@ class Deployer:
         if runs_digest(service, digest) or (is_job(service["Spec"]) and not reruns_on_push(service["Spec"])):
             return self.pin_service(service, push, digest, result)  # says why it has nothing to do
         try:
+            if self.held_back(service, push, digest):
+                return True
+        except DockerError as e:
+            log.error("Cannot read the task history of service %s: %s", service_label(service), e)
+            return False
+        try:
             verdict = self.scan_gate.verdict(service, push, digest) if self.scan_gate else None
         except AwsError as e:
             log.error("Cannot check the ECR scan for service %s: %s", service_label(service), e)
@@ -1261,8 +1454,8 @@ class Deployer:
             return self.pin_service(service, push, digest, result)
         image = pinned_image(uses_image(service, push), push.tag, digest)
         if verdict.decision == "wait":
-            log.info("Service %s waits for its scan gate before %s: %s; message kept", service_label(service),
-                     image, verdict.reason)
+            log.info("Service %s waits for its scan gate before %s: %s%s", service_label(service),
+                     image, verdict.reason, "" if push.reconcile else "; message kept")
             return None
         if verdict.decision == "gone":
             log.info("Service %s not rolled to %s: %s", service_label(service), image, verdict.reason)
@@ -1272,6 +1465,50 @@ class Deployer:
             return True
         log.info("Service %s passes its scan gate for %s: %s", service_label(service), image, verdict.reason)
         return self.pin_service(service, push, digest, result)
+
+    def failure_of(self, service: dict, digest: str) -> str | None:
+        """Why the digest must not be rolled onto the service (its rollout failed there), or None. Swarm's
+        own rollback keeps no record but its UpdateStatus and task history (pruned in time)."""
+        if failed_digest(service) == digest:
+            return service["Spec"]["Labels"][FAILED_LABEL]
+        status = service.get("UpdateStatus") or {}
+        if status.get("State") in SWARM_ROLLED_BACK and tried_and_failed(self.docker.tasks(service["ID"]), digest):
+            return f"Swarm rolled back its rollout ({status['State']}): {status.get('Message', '')}"
+        return None
+
+    def held_back(self, service: dict, push: Push, digest: str) -> bool:
+        """A digest whose rollout failed on a service is not rolled there again, by any manager, until
+        the tag moves on or the operator removes the record (FAILED_LABEL). When Swarm rolled it back
+        with nobody following, the record is written now."""
+        failure = self.failure_of(service, digest)
+        if failure is None:
+            return False
+        status = service.get("UpdateStatus") or {}
+        if failed_digest(service) != digest and status.get("State") == "rollback_completed":
+            # (not rollback_paused: a re-post would resume that rollback)
+            self.record_failure(service, push.account, push.region, digest, status["State"], status.get("Message", ""))
+        if (service["ID"], digest) not in self.reported_held:
+            self.reported_held.add((service["ID"], digest))
+            name = service["Spec"].get("Name", "?")
+            log.warning("Service %s holds back %s: its rollout failed there; `docker service update --label-rm %s "
+                        "%s` lets it roll again", service_label(service), digest, FAILED_LABEL, name)
+        return True
+
+    def record_failure(self, listed: dict, account: str, region: str, digest: str, outcome: str,
+                       message: str) -> None:
+        """Write FAILED_LABEL on a service that no longer runs the digest (a label-only update: no task
+        is replaced, but it becomes Swarm's PreviousSpec and resets its UpdateStatus)."""
+        if self.dry_run:
+            return
+        record = failure_record(digest, outcome, self.rollouts.node_name(), time.time(), message)
+
+        def plan(service: dict) -> tuple[dict, ImageRef] | None:
+            if failed_digest(service) == digest or runs_digest(service, digest) or running_image(service) is None:
+                return None
+            return with_label(service["Spec"], FAILED_LABEL, record), running_image(service)
+
+        self.post_update(listed, account, region, plan, lambda service, *_: log.info(
+            "Recorded on service %s: %s=%s", service_label(service), FAILED_LABEL, record))
 
     def blocked(self, service: dict, image: str, reason: str) -> None:
         """A final outcome, reported like a rollout's; the message is done (retrying changes nothing)."""
@@ -1307,7 +1544,8 @@ class Deployer:
                 log.info("Would update service %s to %s", service_label(service), image)
                 return None
             self.systemd.status(f"deploying {service['Spec'].get('Name', '?')}")
-            return updated_spec(service["Spec"], image), ref
+            labels = provenance_labels(push, digest, self.rollouts.node_name(), time.time())
+            return updated_spec(service["Spec"], image, labels), ref
 
         def updated(service: dict, spec: dict, started: float) -> None:
             image = spec["TaskTemplate"]["ContainerSpec"]["Image"]
@@ -1422,7 +1660,8 @@ class Rollouts:
     def ended(self, rollout: Rollout, outcome: str, service: dict | None, now: float) -> None:
         duration = now - rollout.started
         message = ""
-        if outcome in ("paused", "rollback_paused", "timed_out") and service:
+        failed = outcome in ("paused", "rollback_paused", "timed_out") or outcome == "rollback_completed" and not rollout.rollback
+        if failed and service:  # (Swarm rolled back our rollout: say why)
             swarm_says = (service.get("UpdateStatus") or {}).get("Message", "")
             try:
                 task_error = failing_task_error(self.docker.tasks(rollout.service_id), rollout.image)
@@ -1437,12 +1676,17 @@ class Rollouts:
         self.counts[outcome] += 1
         self.notify(notification(outcome, rollout.name, rollout.service_id, rollout.image, duration,
                                  self.node_name(), message, rollback=rollout.rollback))
-        if self.rollback_on_failure and not rollout.rollback and service and (
+        if rollout.rollback or not service:
+            return
+        if self.rollback_on_failure and (
                 outcome == "timed_out"  # Swarm rolls back failures, never slowness
                 or outcome == "paused" and (service["Spec"].get("UpdateConfig") or {}).get("FailureAction") != "rollback"):
-            self.roll_back(rollout)
+            self.roll_back(rollout, outcome, message)
+        elif outcome == "rollback_completed":  # Swarm's FailureAction=rollback: it keeps no record of what failed
+            self.deployer.record_failure(service, rollout.push.account, rollout.push.region,
+                                         rollout.image.rpartition("@")[2], outcome, message)
 
-    def roll_back(self, rollout: Rollout) -> None:
+    def roll_back(self, rollout: Rollout, outcome: str, message: str) -> None:
         """Restore the previous spec, only if the current one is still the spec we posted. Not with
         Swarm's rollback=previous: that restores PreviousSpec with the registry auth it was posted
         with, dead after 12 h, so nodes that must pull fail. We post PreviousSpec as an ordinary
@@ -1454,7 +1698,8 @@ class Rollouts:
                 return
             if not fresh.get("PreviousSpec"):
                 raise DockerError("Swarm holds no previous spec to roll back to")
-            spec = copy.deepcopy(fresh["PreviousSpec"])
+            record = failure_record(rollout.image.rpartition("@")[2], outcome, self.node_name(), time.time(), message)
+            spec = with_label(fresh["PreviousSpec"], FAILED_LABEL, record)  # never rolled onto it again
             spec.setdefault("TaskTemplate", {})["ForceUpdate"] = rollout.force_update + 1
             ref = running_image({"Spec": spec})
             if ref is None:
@@ -1619,6 +1864,86 @@ class AuthKeeper:
                  " (retrying those that failed)" if only is not None else "",
                  f"; {len(skipped)} skipped" if skipped else "", f"; {len(failed)} failed" if failed else "")
         return not failed
+
+
+# --------------------------------------------------------------------------- the reconcile pass
+
+RECONCILE_RETRY = 60.0  # s: a pass that failed (Docker or ECR unreachable) is tried again this soon
+
+
+def tags_by_repository(keys) -> dict[tuple[str, str, str], set[str]]:
+    by_repository: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+    for account, region, repository, tag in keys:
+        by_repository[(account, region, repository)].add(tag)
+    return by_repository
+
+
+def tag_digests(ecr: Ecr, keys) -> tuple[dict[tuple, tuple[str, str]], dict[tuple, str]]:
+    """(account, region, repository, tag) -> (digest now, pushed at) for the keys whose tag exists:
+    batched per repository. Also returns, per (account, region, repository), why ECR could not tell."""
+    found, errors = {}, {}
+    for (account, region, repository), tags in tags_by_repository(keys).items():
+        try:
+            answers = ecr.tag_digests(account, region, repository, tags)
+        except AwsError as e:
+            errors[(account, region, repository)] = str(e)
+            continue
+        found.update(((account, region, repository, tag), answer) for tag, answer in answers.items())
+    return found, errors
+
+
+class Reconciler:
+    """Events are the fast path, not the truth: ECR sends them best effort, and queues lose them (DLQ,
+    retention, purges). A pass compares, for every service that follows an ECR tag, the digest it runs
+    with the digest its tag points to now, and rolls those behind exactly as a push would (scan gate,
+    failure records, rollouts, reports). One service listing and one DescribeImages per repository and
+    100 tags per pass; no ECR call at all when no service follows a tag."""
+
+    def __init__(self, deployer: Deployer, interval: float):
+        self.deployer, self.interval = deployer, interval
+        self.due_at = 0.0  # time.monotonic(): the first pass comes after the first poll
+
+    def seconds_until_due(self) -> int:
+        """How long the loop's long poll may wait before the next pass is due (at least 1 s)."""
+        if not self.interval:
+            return FIRST_WAIT_LOOP
+        return max(FIRST_WAIT_ONCE, math.ceil(self.due_at - time.monotonic()))
+
+    def run_if_due(self) -> None:
+        """Loop mode, each turn: a pass every `interval` (a failed one is retried sooner)."""
+        if not self.interval or time.monotonic() < self.due_at:
+            return
+        self.due_at = time.monotonic() + min(self.interval, RECONCILE_RETRY)  # if the pass raises
+        if self.run_pass():
+            self.due_at = time.monotonic() + self.interval
+
+    def run_pass(self) -> bool:
+        """One pass; True if nothing failed. Raises DockerError when Docker cannot list services."""
+        deployer = self.deployer
+        deployer.ecr.new_cycle()
+        if deployer.scan_gate:
+            deployer.scan_gate.new_cycle()
+        services = deployer.docker.services()
+        followed = {s["ID"]: key for s in services if (key := followed_tag(s, deployer.label_filter))}
+        if not followed:
+            log.debug("Reconcile pass: no service follows an ECR tag")
+            return True
+        now_at, errors = tag_digests(deployer.ecr, set(followed.values()))
+        for error in errors.values():
+            log.error("Reconcile pass: %s", error)
+        result, done = CycleResult(), []
+        for service in services:
+            key = followed.get(service["ID"])
+            if key in now_at and not runs_digest(service, now_at[key][0]):
+                digest, pushed_at = now_at[key]
+                push = Push(*key, digest, time=pushed_at, reconcile=True)
+                done.append(deployer.gated_pin(service, push, digest, result))
+        deployer.totals["services_updated"] += len(result.updated)
+        summary = (f"Reconcile pass: {len(done)} of {len(followed)} service(s) following {len(set(followed.values()))} "
+                   f"ECR tag(s) behind; {len(result.updated)} updated, {done.count(None)} waiting, "
+                   f"{done.count(True) - len(result.updated)} held back or blocked, {done.count(False)} failed")
+        log.log(logging.INFO if done or errors else logging.DEBUG, "%s", summary)
+        return not errors and False not in done
 
 
 def service_label(service: dict) -> str:
@@ -1833,6 +2158,56 @@ class Systemd:
         self.notify("STOPPING=1")
 
 
+# --------------------------------------------------------------------------- status (read-only)
+
+def status_rows(deployer: Deployer) -> list[dict]:
+    """One row per service that runs an ECR image (admitted by --filter-label), by name. Reads
+    Docker and ECR (DescribeImages per repository, scans of gated digests); changes nothing."""
+    services = sorted(deployer.docker.services(), key=lambda s: s["Spec"].get("Name", ""))
+    listed = [s for s in services if (ref := running_image(s)) and ecr_registry(ref.host)
+              and (deployer.label_filter is None or deployer.label_filter.admits(s["Spec"].get("Labels")))]
+    followed = {s["ID"]: followed_tag(s, None) for s in listed}
+    keys = {key for key in followed.values() if key}
+    now_at, errors = tag_digests(deployer.ecr, keys)
+    rows = []
+    for service in listed:
+        key = followed[service["ID"]]
+        error = errors.get(key[:3]) if key else None
+        state = ("unknown", error) if error else status_of(deployer, service, key, now_at.get(key))
+        rows.append(status_row(service, key, now_at.get(key), state))
+    return rows
+
+
+def status_of(deployer: Deployer, service: dict, key: tuple | None, answer: tuple[str, str] | None) -> tuple[str, str]:
+    spec = service["Spec"]
+    if key is None and is_job(spec) and following(service):
+        return "job", f"a Swarm job: a push does not re-run it (label {RERUN_JOB_LABEL}=true to opt in)"
+    if key is None:
+        return "pinned", "pinned by digest: follows no tag"
+    if answer is None:
+        return "tag gone", f"ECR has no {key[2]}:{key[3]}"
+    digest, pushed_at = answer
+    if runs_digest(service, digest):
+        return current_state(service, digest)
+    failure = deployer.failure_of(service, digest)
+    if failure:
+        return "held back", f"{failure} (`docker service update --label-rm {FAILED_LABEL} {spec.get('Name')}` " \
+                            f"lets it roll)"
+    verdict = deployer.scan_gate.verdict(service, Push(*key, digest, time=pushed_at, reconcile=True), digest) \
+        if deployer.scan_gate else None
+    if verdict and verdict.decision in ("blocked", "wait"):
+        return ("blocked" if verdict.decision == "blocked" else "waiting"), verdict.reason
+    return "behind", f"the tag points to {short_digest(digest)} (pushed {pushed_at or '?'}): the next push or " \
+                     f"reconcile pass rolls it"
+
+
+def show_status(deployer: Deployer, as_json: bool) -> int:
+    rows = status_rows(deployer)
+    print(json.dumps(rows, indent=2) if as_json else status_table(rows), end="" if not as_json else "\n")
+    codes = {STATUS_EXIT[row["state"]] for row in rows}
+    return next((code for code in (5, 4, 1) if code in codes), 0)  # the operator's call first, then the wait
+
+
 # --------------------------------------------------------------------------- main
 
 EXIT_MISCONFIGURED = 3
@@ -1904,6 +2279,9 @@ def drain_once(deployer: Deployer, receiver: Receiver, signals: Signals, args: a
         waiting = waiting or bool(result.waiting and not deployer.dry_run)
     if failed:
         log.error("Some messages were left on the queue for retry")
+    if args.reconcile_every and not signals.requested:  # what a lost event missed: cron gets it too
+        reconciled = deployer.reconciler.run_pass()
+        failed = failed or not reconciled
     while deployer.rollouts.pending and not signals.requested:  # --wait
         try:
             signals.sleep(1)
@@ -1926,7 +2304,7 @@ def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args:
             elif deployer.rollouts.pending:
                 wait = FIRST_WAIT_FOLLOWING
             else:
-                wait = FIRST_WAIT_LOOP
+                wait = min(FIRST_WAIT_LOOP, deployer.reconciler.seconds_until_due())
             messages = receiver.gather(wait, signals.interruptible)
             systemd.ready()  # the first poll worked (Docker answered at start)
             try:
@@ -1936,6 +2314,10 @@ def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args:
             ended = len(deployer.rollouts.outcomes)
             deployer.rollouts.check()
             if messages or len(deployer.rollouts.outcomes) != ended:
+                write_reports(deployer, args)
+            updated = deployer.totals["services_updated"]
+            deployer.reconciler.run_if_due()  # after the first poll, like the keeper
+            if deployer.totals["services_updated"] != updated:
                 write_reports(deployer, args)
             deployer.keeper.run_if_due()  # after the first poll: a deployer that cannot read its queue touches no service
         except (AwsError, DockerError) as e:
@@ -1981,23 +2363,24 @@ def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deplo
     queue = Queue(session, args.queue, on_request=systemd.heartbeat) if args.queue else None
     ecr = Ecr(session, on_request=systemd.heartbeat)
     deployer = Deployer(queue, ecr, docker, args.filter_label,
-                        trust_events=args.trust_events, follow_rollouts=(args.wait or not args.once) and not args.dry_run,
+                        trust_events=args.trust_events, follow_rollouts=(args.wait or not (
+                            args.once or args.reconcile or args.status or args.refresh_auth)) and not args.dry_run,
                         rollout_timeout=args.rollout_timeout, rollback_on_failure=args.rollback_on_failure,
                         notify_urls=tuple(args.notify_url), dry_run=args.dry_run, systemd=systemd,
                         scan_gate=ScanGate(ecr, args.scan_threshold, args.scan_timeout),
                         auth_refresh=0.0 if args.once else args.auth_refresh,
-                        state_directory=os.environ.get("STATE_DIRECTORY"))
+                        state_directory=os.environ.get("STATE_DIRECTORY"), reconcile_every=args.reconcile_every)
     backoff = Backoff()
     while True:
         try:
-            if queue and not args.refresh_auth:
+            if queue and not (args.refresh_auth or args.reconcile or args.status):
                 queue.resolve()
                 queue.read_visibility_timeout()
             deployer.docker.negotiate()
             deployer.docker.check_manager()
             return deployer
         except (AwsError, DockerError) as e:
-            if args.once or args.refresh_auth or isinstance(e, Misconfigured):
+            if args.once or args.refresh_auth or args.reconcile or args.status or isinstance(e, Misconfigured):
                 raise
             log.error("%s; retrying", e)
             systemd.status(f"{'docker' if isinstance(e, DockerError) else 'AWS'} unreachable: retrying")
@@ -2014,6 +2397,10 @@ def main(argv: list[str] | None = None) -> int:
         deployer = start(args, signals, systemd)
         if args.refresh_auth:
             return 0 if deployer.keeper.run_pass() else 1
+        if args.reconcile:
+            return 0 if deployer.reconciler.run_pass() else 1
+        if args.status:
+            return show_status(deployer, args.json)
         queue, receiver = deployer.queue, Receiver(deployer.queue, once=args.once)
         log.info("ecr-deploy %s watching %s (visibility timeout %d s, %s; Docker at %s, API %s)", __version__,
                  queue.url, queue.visibility_timeout, queue.visibility_source, deployer.docker.socket,

@@ -2610,6 +2610,418 @@ def test_gated_service_deploys_within_seconds_of_its_scan_event(aws, images, cle
     assert aws.queue_depth(queue) == 1  # the first push, in flight; the scan events and the second push are deleted
 
 
+# =========================================================================== converging: reconcile pass, failure records, provenance, --status
+
+NOW = 1_796_000_000.0  # 2026-11-28T...: a fixed clock for the label tests
+
+
+@pytest.mark.parametrize("svc,labels_filter,expected", [
+    (service(f"{HOST}/team/web:latest@{DIGEST_A}"), None, ("123456789012", "us-east-1", "team/web", "latest")),
+    (service(f"{HOST}/team/web"), None, ("123456789012", "us-east-1", "team/web", "latest")),
+    (service(f"{HOST}/team/web@{DIGEST_A}"), None, None),  # pinned
+    (service(f"{HOST}/team/web@{DIGEST_A}", STACK), None, ("123456789012", "us-east-1", "team/web", "latest")),
+    (service("nginx:latest"), None, None),  # not ECR
+    (service(f"{HOST}/team/web:v1", mode={"ReplicatedJob": {}}), None, None),  # a job that has not opted in
+    (service(f"{HOST}/team/web:v1", {ed.RERUN_JOB_LABEL: "true"}, mode={"ReplicatedJob": {}}), None,
+     ("123456789012", "us-east-1", "team/web", "v1")),
+    (service(f"{HOST}/team/web:v1", {"deploy": "yes"}), ed.LabelFilter("deploy", "yes"),
+     ("123456789012", "us-east-1", "team/web", "v1")),
+    (service(f"{HOST}/team/web:v1", {"deploy": "no"}), ed.LabelFilter("deploy", "yes"), None),
+])
+def test_followed_tag_is_the_rule_pushes_use(svc, labels_filter, expected):
+    assert ed.followed_tag(svc, labels_filter) == expected
+    if expected:  # the same rule as a push of that tag
+        push = ed.Push(*expected, DIGEST_B)
+        assert ed.services_using([svc], push, labels_filter) == [svc]
+
+
+def test_tags_by_repository_batches_per_repository():
+    keys = {("1", "r", "a", "latest"), ("1", "r", "a", "v2"), ("1", "r", "b", "latest"), ("2", "r", "a", "latest")}
+    assert ed.tags_by_repository(keys) == {("1", "r", "a"): {"latest", "v2"}, ("1", "r", "b"): {"latest"},
+                                           ("2", "r", "a"): {"latest"}}
+
+
+@pytest.mark.parametrize("push,source", [
+    (ed.Push("1", "r", "a", "latest", DIGEST_B, "2026-11-16T01:54:34Z", event_id="e-1"),
+     "push event e-1 of 2026-11-16T01:54:34Z"),
+    (ed.Push("1", "r", "a", "latest", DIGEST_B, "2026-11-16T01:54:34Z", from_scan=True, event_id="e-2"),
+     "scan event e-2 of 2026-11-16T01:54:34Z"),
+    (ed.Push("1", "r", "a", "latest", DIGEST_B), "push event (no id) of an unknown time"),
+    (ed.Push("1", "r", "a", "latest", DIGEST_B, "2026-11-16T01:54:34Z", reconcile=True),
+     "reconcile pass (ECR: pushed 2026-11-16T01:54:34Z)"),
+])
+def test_provenance_labels_name_digest_source_and_host(push, source):
+    labels = ed.provenance_labels(push, DIGEST_B, "mgr-1", NOW)
+    assert labels == {ed.DIGEST_LABEL: DIGEST_B, ed.SOURCE_LABEL: source,
+                      ed.DEPLOYED_BY_LABEL: f"mgr-1 at {ed.utc_text(NOW)}"}
+
+
+def test_updated_spec_sets_provenance_and_drops_an_older_failure_record():
+    spec = {"Name": "web", "Labels": {"team": "a", ed.FAILED_LABEL: f"{DIGEST_A} rolled back ..."},
+            "TaskTemplate": {"ContainerSpec": {"Image": "x"}, "ForceUpdate": 2}}
+    new = ed.updated_spec(spec, f"{HOST}/team/web:latest@{DIGEST_B}", {ed.DIGEST_LABEL: DIGEST_B})
+    assert new["Labels"] == {"team": "a", ed.DIGEST_LABEL: DIGEST_B}
+    assert new["TaskTemplate"] == {"ContainerSpec": {"Image": f"{HOST}/team/web:latest@{DIGEST_B}"}, "ForceUpdate": 3}
+    assert spec["Labels"][ed.FAILED_LABEL].startswith(DIGEST_A)  # the input is not changed
+
+
+@pytest.mark.parametrize("labels,expected", [
+    ({ed.FAILED_LABEL: ed.failure_record(DIGEST_A, "rollback_completed", "mgr-1", NOW, "task: non-zero exit (1)")},
+     DIGEST_A),
+    ({ed.FAILED_LABEL: DIGEST_B}, DIGEST_B),
+    ({ed.FAILED_LABEL: "yes"}, None),  # written by hand, no digest: nothing held back
+    ({ed.FAILED_LABEL: ""}, None),
+    ({}, None),
+    (None, None),
+])
+def test_failed_digest_reads_the_record(labels, expected):
+    assert ed.failed_digest({"Spec": {"Labels": labels}}) == expected
+
+
+def test_failure_record_says_what_when_where_and_why_and_stays_short():
+    record = ed.failure_record(DIGEST_A, "paused", "mgr-1", NOW, "update paused due to failure")
+    assert record == f"{DIGEST_A} paused at {ed.utc_text(NOW)} on mgr-1: update paused due to failure"
+    assert len(ed.failure_record(DIGEST_A, "timed_out", "m", NOW, "x" * 1000)) == ed.MAX_LABEL_TEXT
+
+
+def test_tried_and_failed_reads_the_task_history():
+    def task(image, state):
+        return {"Spec": {"ContainerSpec": {"Image": image}}, "Status": {"State": state}}
+    tasks = [task(f"{HOST}/team/web:latest@{DIGEST_A}", "running"), task(f"{HOST}/team/web:latest@{DIGEST_B}", "failed")]
+    assert ed.tried_and_failed(tasks, DIGEST_B) and not ed.tried_and_failed(tasks, DIGEST_A)
+    assert not ed.tried_and_failed([task(f"{HOST}/team/web:latest@{DIGEST_B}", "shutdown")], DIGEST_B)
+
+
+@pytest.mark.parametrize("update_status,expected", [
+    (None, ("current", "")),
+    ({"State": "completed"}, ("current", "")),
+    ({"State": "updating", "Message": "update in progress"}, ("rolling out", "update in progress")),
+    ({"State": "paused", "Message": "update paused due to failure"},
+     ("failed", "its rollout paused: update paused due to failure")),
+    ({"State": "rollback_paused", "Message": "m"}, ("failed", "its rollout rollback paused: m")),
+])
+def test_current_state(update_status, expected):
+    assert ed.current_state({"UpdateStatus": update_status}, DIGEST_A) == expected
+
+
+def test_status_table_lines_up_columns_like_docker_service_ls():
+    svc = service(f"{HOST}/team/web:latest@{DIGEST_A}")
+    svc["UpdateStatus"] = {"State": "completed", "CompletedAt": "2026-12-03T10:00:05.123Z"}
+    rows = [ed.status_row(svc, ("1", "r", "team/web", "latest"), (DIGEST_B, "2026-12-03T10:00:00Z"),
+                          ("behind", "the tag points to bbbbbbbbbbbb")),
+            ed.status_row(service(f"{HOST}/team/api@{DIGEST_A}"), None, None, ("pinned", "pinned by digest"))]
+    text = ed.status_table(rows)
+    lines = text.splitlines()
+    assert lines[0].split() == ["SERVICE", "TAG", "RUNNING", "TAG", "NOW", "STATE", "LAST", "ROLLOUT", "DETAIL"]
+    assert lines[1].split()[:6] == ["svc", "team/web:latest", "aaaaaaaaaaaa", "bbbbbbbbbbbb", "behind", "completed"]
+    assert lines[2].split()[:5] == ["svc", "team/api:-", "aaaaaaaaaaaa", "-", "pinned"]
+    assert len({line.index("STATE") if "STATE" in line else line.index(" behind") + 1 for line in lines[:2]}) == 1
+    assert rows[0]["tag_now"] == DIGEST_B and rows[0]["last_rollout_at"] == "2026-12-03T10:00:05"
+
+
+@pytest.mark.parametrize("argv,env,expected", [
+    (["--queue", "q"], {}, {"reconcile_every": 300.0, "reconcile": False, "status": False}),
+    (["--queue", "q"], {"DEPLOYER_RECONCILE_EVERY": "30s"}, {"reconcile_every": 30.0}),
+    (["--queue", "q", "--reconcile-every", "0"], {}, {"reconcile_every": 0.0}),
+    (["--reconcile"], {}, {"reconcile": True, "queue": ""}),
+    (["--reconcile", "--dry-run"], {}, {"reconcile": True, "dry_run": True}),
+    (["--status"], {}, {"status": True, "json": False}),
+    (["--status", "--json"], {}, {"status": True, "json": True}),
+])
+def test_reconcile_and_status_flags(monkeypatch, argv, env, expected):
+    for key in list(os.environ):
+        if key.startswith("DEPLOYER_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    args = ed.parse_args(argv)
+    assert {key: getattr(args, key) for key in expected} == expected
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--status", "--reconcile"], "each run alone"),
+    (["--status", "--once", "--queue", "q"], "each run alone"),
+    (["--json", "--queue", "q"], "--json goes with --status"),
+    (["--queue", "q", "--reconcile-every", "soon"], "not a duration"),
+])
+def test_reconcile_and_status_usage_errors(monkeypatch, capsys, argv, message):
+    monkeypatch.delenv("DEPLOYER_QUEUE", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        ed.parse_args(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def labels_of(swarm, sid) -> dict:
+    return swarm.service(sid)["Spec"].get("Labels") or {}
+
+
+def running_task_ids(swarm, sid) -> set[str]:
+    return {t["ID"] for t in swarm.tasks(sid) if t["DesiredState"] == "running"}
+
+
+def ecr_calls(proxy: FaultProxy) -> list[str]:
+    return [key.rpartition(".")[2] for key in proxy.seen if "AmazonEC2ContainerRegistry" in key]
+
+
+def test_a_lost_push_reaches_its_services_within_one_reconcile_period(aws, images, clean_swarm):
+    """The push's message was lost (deleted unseen): a reconcile pass rolls the service anyway, in
+    --once mode and in loop mode, through the push's path, leaving pinned and current services alone."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo, (v1, v2), behind = service_on_new_repo(images, swarm, "lost-behind", replicas=1)
+    pinned = swarm.create_service("lost-pinned", f"{registry.host}/{repo}@{v1}", registry=registry, replicas=0)
+    current = swarm.create_service("lost-current", f"{registry.host}/{repo}:latest@{v2}", registry=registry, replicas=0)
+    untouched = {sid: swarm.service(sid)["Version"]["Index"] for sid in (pinned, current)}
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    aws.sqs.purge_queue(QueueUrl=queue)  # an operator purged the queue: the event is gone
+    assert aws.queue_depth(queue) == 0
+
+    off = run_once(deployer_env(aws, swarm), "--queue", queue, "--reconcile-every", "0")
+    assert off.returncode == 0 and service_image_of(swarm, behind) == (f"{registry.host}/{repo}:latest@{v1}", 0)
+
+    run = run_once(deployer_env(aws, swarm), "--queue", queue)  # cron: --once reconciles after draining
+    assert run.returncode == 0, run.stderr
+    new = f"{registry.host}/{repo}:latest@{v2}"
+    assert service_image_of(swarm, behind) == (new, 1)
+    assert f"Updated service lost-behind ({behind[:12]}) to {new}" in run.stderr
+    assert "Reconcile pass: 1 of 2 service(s) following 1 ECR tag(s) behind; 1 updated, 0 waiting" in run.stderr
+    labels = labels_of(swarm, behind)
+    assert labels[ed.DIGEST_LABEL] == v2
+    assert re.fullmatch(r"reconcile pass \(ECR: pushed \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\)", labels[ed.SOURCE_LABEL])
+    assert re.fullmatch(r"\S+ at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", labels[ed.DEPLOYED_BY_LABEL])
+    assert {sid: swarm.service(sid)["Version"]["Index"] for sid in untouched} == untouched
+    swarm.wait_running(behind, new)  # pulled: the pass forwarded registry auth like a push
+
+    # Loop mode: a pass after the first poll, then every period; the next lost push is caught within one.
+    running = Running(deployer_env(aws, swarm), "--queue", queue, "--reconcile-every", "3s", "--auth-refresh", "0")
+    try:
+        running.wait_line("watching")
+        time.sleep(1.5)
+        v3 = images.push(repo, "latest", "v3")  # no event at all
+        pushed = time.monotonic()
+        newest = f"{registry.host}/{repo}:latest@{v3}"
+        wait_for(lambda: service_image_of(swarm, behind)[0] == newest, 10, interval=0.1,
+                 what=lambda: f"the reconcile pass to roll v3: {running.log}")
+        caught_after = time.monotonic() - pushed
+        assert service_image_of(swarm, current)[0] == newest  # it follows the tag too
+    finally:
+        assert running.stop() == 0
+    assert caught_after < 3 + 2, caught_after  # one period (plus the pass's own time)
+    assert f"Updated service lost-behind ({behind[:12]}) to {newest}" in running.log
+    assert "Traceback" not in running.log and " ERROR " not in running.log
+
+
+def test_a_reconcile_pass_asks_ecr_once_per_repository_and_not_at_all_without_followers(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region = registry.account, registry.region
+    proxy = FaultProxy(aws.url)
+    env = deployer_env(aws, swarm, AWS_ENDPOINT_URL=proxy.url)
+    try:
+        repo = images.new_repository()
+        v1 = aws.put_image(account, region, repo, "latest", "v1")
+        swarm.create_service("only-pinned", f"{registry.host}/{repo}@{v1}", registry=registry, replicas=0)
+        quiet = subprocess.run([sys.executable, DEPLOYER, "--reconcile"], env=env, capture_output=True, text=True,
+                               timeout=60)
+        assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+        assert ecr_calls(proxy) == []  # no service follows a tag: ECR is not asked
+
+        repos = [images.new_repository() for _ in range(2)]
+        current = {}
+        for i, repo in enumerate(repos):
+            for tag in ("latest", "stable", "v1"):
+                digest = aws.put_image(account, region, repo, tag, f"{tag}-{i}")
+                for n in range(2):
+                    current[swarm.create_service(f"many-{i}-{tag}-{n}", f"{registry.host}/{repo}:{tag}@{digest}",
+                                                 replicas=0)] = digest
+        gone = swarm.create_service("many-gone", f"{registry.host}/{repos[0]}:deleted@{v1}", replicas=0)
+        versions = {sid: swarm.service(sid)["Version"]["Index"] for sid in [*current, gone]}
+        del proxy.seen[:]
+        run = subprocess.run([sys.executable, DEPLOYER, "--reconcile"], env=env, capture_output=True, text=True,
+                             timeout=60)
+    finally:
+        proxy.close()
+    assert run.returncode == 0, run.stderr
+    # one DescribeImages per repository (the one with a deleted tag: once more per tag of its batch)
+    assert sorted(ecr_calls(proxy)) == ["DescribeImages"] * (2 + 4), proxy.seen
+    assert {sid: swarm.service(sid)["Version"]["Index"] for sid in versions} == versions  # all current: no update
+
+
+def test_two_deployers_reconciling_at_once_update_each_service_once(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region = registry.account, registry.region
+    ids = {}
+    for i in range(3):
+        repo = images.new_repository()
+        v1, v2 = (aws.put_image(account, region, repo, "latest", f"{v}-{i}") for v in ("v1", "v2"))
+        for n in range(3):
+            ids[swarm.create_service(f"both-{i}-{n}", f"{registry.host}/{repo}:latest@{v1}", replicas=0)] = \
+                f"{registry.host}/{repo}:latest@{v2}"
+    env = deployer_env(aws, swarm)
+    procs = [subprocess.Popen([sys.executable, DEPLOYER, "--reconcile"], env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    logs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    for sid, image in ids.items():
+        assert service_image_of(swarm, sid) == (image, 1)  # ForceUpdate bumped exactly once
+    assert sum(len(updated_lines(log)) for log in logs) == len(ids)
+
+
+def test_a_failed_digest_rolls_out_once_across_redeliveries_reconcile_passes_and_restarts(
+        aws, images, clean_swarm, tmp_path):
+    """web and api follow the same tag; api waits for its scan gate, so the message comes back every
+    5 s. web's rollout fails and is rolled back: it must never be rolled onto that digest again."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = images.push(repo, "latest", "v1")
+    broken = images.push(repo, "latest", "v2-broken", cmd=BROKEN_CMD)
+    old, new = f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{broken}"
+    web = swarm.create_service("flap-web", old, registry=registry, update_config=FAST_MONITOR)
+    api = swarm.create_service("flap-api", old, registry=registry, replicas=0, labels={ed.SCAN_THRESHOLD_LABEL: "HIGH"})
+    aws.set_scan(registry.account, registry.region, repo, broken, "IN_PROGRESS")
+    swarm.wait_running(web, old)
+    queue = aws.new_queue(VisibilityTimeout=5)
+    aws.send(queue, event(repository=repo, digest=broken, time=event_time()))
+    env = deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1")
+    args = ("--queue", queue, "--reconcile-every", "2s", "--auth-refresh", "0", "--scan-timeout", "1h")
+    first = Running(env, *args)
+    try:
+        first.wait_line(f"Rollback of flap-web ({web[:12]}) to {old} completed", timeout=90)
+        time.sleep(12)  # two more redeliveries of the kept message, and several reconcile passes
+    finally:
+        assert first.stop() == 0
+    second = Running(env, *args)  # a restart: nothing in memory
+    try:
+        second.wait_line("Reconcile pass:", timeout=30)
+        time.sleep(8)
+    finally:
+        assert second.stop() == 0
+    logs = first.log + second.log
+    assert [line for line in updated_lines(logs) if "flap-web" in line] == \
+        [line for line in updated_lines(first.log) if "flap-web" in line][:1]  # exactly one rollout of it
+    assert len([line for line in updated_lines(logs) if "flap-web" in line and line.endswith(new)]) == 1
+    record = labels_of(swarm, web)[ed.FAILED_LABEL]
+    assert record.startswith(f"{broken} paused at ") and "task: non-zero exit (1)" in record, record
+    assert f"Service flap-web ({web[:12]}) holds back {broken}: its rollout failed there" in logs
+    assert logs.count(f"holds back {broken}") == 2  # once per process, not at every pass
+    assert service_image_of(swarm, web)[0] == old and swarm.running_images(web) == [old]
+    assert service_image_of(swarm, api)[0] == old  # still waiting for its scan
+    assert "Traceback" not in logs
+
+    # The operator says so (one command): the next pass rolls it again.
+    docker_cli(swarm, tmp_path / "cli", "service", "update", "--label-rm", ed.FAILED_LABEL, "flap-web")
+    run = subprocess.run([sys.executable, DEPLOYER, "--reconcile", "--scan-timeout", "1h"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert f"Updated service flap-web ({web[:12]}) to {new}" in run.stderr
+
+
+def test_swarms_own_rollback_is_recorded_without_restarting_tasks_and_held_back(aws, images, clean_swarm):
+    """FailureAction=rollback: Swarm rolls back and keeps no record of what failed. The deployer writes
+    one (a label-only update, which replaces no task), also when nobody followed the rollout."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = images.push(repo, "latest", "v1")
+    broken = images.push(repo, "latest", "v2-broken", cmd=BROKEN_CMD)
+    old, new = f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{broken}"
+    rollback = {**FAST_MONITOR, "FailureAction": "rollback"}
+    followed = swarm.create_service("swarm-rb", old, registry=registry, update_config=rollback)
+    unfollowed = swarm.create_service("swarm-rb-alone", old, registry=registry, update_config=rollback)
+    for sid in (followed, unfollowed):
+        swarm.wait_running(sid, old)
+    # Someone (CI with the docker CLI, a deployer since restarted) rolled the second one; nobody followed it.
+    spec = swarm.service(unfollowed)
+    swarm.post(f"/services/{unfollowed}/update", params={"version": spec["Version"]["Index"]},
+               json=ed.updated_spec(spec["Spec"], new),
+               headers={"X-Registry-Auth": ed.registry_auth_header("AWS", registry.password, registry.host)})
+    wait_for(lambda: (swarm.service(unfollowed).get("UpdateStatus") or {}).get("State") == "rollback_completed", 90,
+             what=lambda: swarm.service(unfollowed).get("UpdateStatus"))
+    swarm.wait_running(unfollowed, old)
+    tasks_before = running_task_ids(swarm, unfollowed)
+
+    env = deployer_env(aws, swarm)
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=broken))
+    run = run_once(env, "--queue", queue, "--wait", "--reconcile-every", "0")
+    assert run.returncode == 1, run.stderr  # a rollout that did not complete
+    assert f"Rollout of swarm-rb ({followed[:12]}) to {new} rolled back after" in run.stderr
+    assert len(updated_lines(run.stderr)) == 1 and f"swarm-rb ({followed[:12]})" in updated_lines(run.stderr)[0]
+    assert f"Recorded on service swarm-rb-alone ({unfollowed[:12]}): {ed.FAILED_LABEL}={broken}" in run.stderr
+    for sid in (followed, unfollowed):
+        assert labels_of(swarm, sid)[ed.FAILED_LABEL].startswith(f"{broken} rolled back at "), labels_of(swarm, sid)
+
+    rerun = run_once(env, "--queue", aws.new_queue())  # the reconcile pass finds both behind their tag
+    assert rerun.returncode == 0, rerun.stderr
+    assert updated_lines(rerun.stderr) == [] and "Recorded on" not in rerun.stderr
+    for name, sid in (("swarm-rb", followed), ("swarm-rb-alone", unfollowed)):
+        assert f"Service {name} ({sid[:12]}) holds back {broken}" in rerun.stderr
+        assert service_image_of(swarm, sid)[0] == old
+    time.sleep(2)
+    assert running_task_ids(swarm, unfollowed) == tasks_before  # the label-only update replaced no task
+
+
+def status(env, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, DEPLOYER, "--status", *args], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_status_shows_each_state_and_its_exit_code_tells_monitoring(aws, images, clean_swarm, tmp_path):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region = registry.account, registry.region
+    host = registry.host
+
+    def repo_at(*contents, tag="latest"):
+        repo = images.new_repository()
+        return repo, [aws.put_image(account, region, repo, tag, c) for c in contents]
+
+    made = {}
+    repo, (v1, v2) = repo_at("v1", "v2")
+    made["s-current"] = swarm.create_service("s-current", f"{host}/{repo}:latest@{v2}", replicas=0)
+    made["s-pinned"] = swarm.create_service("s-pinned", f"{host}/{repo}@{v1}", replicas=0)
+    made["s-job"] = swarm.create_service("s-job", f"{host}/{repo}:latest@{v1}", mode={"ReplicatedJob": {}})
+    made["s-held"] = swarm.create_service("s-held", f"{host}/{repo}:latest@{v1}", replicas=0, labels={
+        ed.FAILED_LABEL: ed.failure_record(v2, "rollback_completed", "mgr-1", time.time(), "task failed")})
+    made["s-gone"] = swarm.create_service("s-gone", f"{host}/{repo}:deleted@{v1}", replicas=0)
+    gated, (g1, g2) = repo_at("g1", "g2")
+    aws.set_scan(account, region, gated, g2, DONE, {"CRITICAL": 1})
+    made["s-blocked"] = swarm.create_service("s-blocked", f"{host}/{gated}:latest@{g1}", replicas=0,
+                                             labels={ed.SCAN_THRESHOLD_LABEL: "HIGH"})
+    pending, (p1, p2) = repo_at("p1", "p2")
+    aws.set_scan(account, region, pending, p2, "IN_PROGRESS")
+    made["s-waiting"] = swarm.create_service("s-waiting", f"{host}/{pending}:latest@{p1}", replicas=0,
+                                             labels={ed.SCAN_THRESHOLD_LABEL: "HIGH"})
+    made["s-other"] = swarm.create_service("s-other", "busybox:latest", replicas=0)  # not ECR: not listed
+    env = deployer_env(aws, swarm, DEPLOYER_QUEUE="")
+    versions = {sid: swarm.service(sid)["Version"]["Index"] for sid in made.values()}
+
+    held = status(env, "--scan-timeout", "1h")
+    assert held.returncode == 5, held.stderr  # held back / blocked / gone: the operator must act
+    rows = {line.split()[0]: line for line in held.stdout.splitlines()[1:]}
+    assert sorted(rows) == sorted(n for n in made if n != "s-other")
+    expected = {"s-current": "current", "s-pinned": "pinned", "s-job": "job", "s-held": "held back",
+                "s-gone": "tag gone", "s-blocked": "blocked", "s-waiting": "waiting"}
+    for name, state in expected.items():
+        assert f"   {state}   " in rows[name], (name, rows[name])
+    assert "ECR scan finds CRITICAL 1 (threshold HIGH)" in rows["s-blocked"]
+    assert f"--label-rm {ed.FAILED_LABEL} s-held" in rows["s-held"]
+    assert rows["s-current"].split()[2] == rows["s-current"].split()[3] == v2[7:19]
+
+    as_json = json.loads(status(env, "--json", "--scan-timeout", "1h").stdout)
+    assert {row["service"]: row["state"] for row in as_json} == expected
+    assert next(r for r in as_json if r["service"] == "s-held")["tag_now"] == v2
+    assert {sid: swarm.service(sid)["Version"]["Index"] for sid in made.values()} == versions  # read-only
+
+    swarm.remove_all_services()
+    behind = swarm.create_service("s-behind", f"{host}/{repo}:latest@{v1}", replicas=0)
+    current = swarm.create_service("s-current", f"{host}/{repo}:latest@{v2}", replicas=0)
+    current_version = swarm.service(current)["Version"]["Index"]
+    run = status(env)
+    assert run.returncode == 4, run.stdout  # behind: the deployer will roll it
+    assert "behind" in run.stdout and "the next push or reconcile pass rolls it" in run.stdout
+    swarm.call("DELETE", f"/services/{behind}")
+    assert status(env).returncode == 0
+    assert swarm.service(current)["Version"]["Index"] == current_version
+
+
 # =========================================================================== high availability: a real multi-node swarm
 # Three managers and a worker, each a real dockerd in its own network namespace (rig/cluster.py),
 # started once for these tests. Deployers run in the root namespace against one manager's
