@@ -2279,7 +2279,7 @@ def drain_once(deployer: Deployer, receiver: Receiver, signals: Signals, args: a
         waiting = waiting or bool(result.waiting and not deployer.dry_run)
     if failed:
         log.error("Some messages were left on the queue for retry")
-    if args.reconcile_every and not signals.requested:  # what a lost event missed: cron gets it too
+    if deployer.reconciler.interval and not signals.requested:  # what a lost event missed: cron gets it too
         reconciled = deployer.reconciler.run_pass()
         failed = failed or not reconciled
     while deployer.rollouts.pending and not signals.requested:  # --wait
@@ -2369,7 +2369,9 @@ def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deplo
                         notify_urls=tuple(args.notify_url), dry_run=args.dry_run, systemd=systemd,
                         scan_gate=ScanGate(ecr, args.scan_threshold, args.scan_timeout),
                         auth_refresh=0.0 if args.once else args.auth_refresh,
-                        state_directory=os.environ.get("STATE_DIRECTORY"), reconcile_every=args.reconcile_every)
+                        state_directory=os.environ.get("STATE_DIRECTORY"),
+                        # --trust-events deploys what events name, and may not call DescribeImages: no pass
+                        reconcile_every=0.0 if args.trust_events else args.reconcile_every)
     backoff = Backoff()
     while True:
         try:

@@ -657,8 +657,12 @@ def test_push_updates_every_matching_service_with_forwarded_registry_auth(aws, i
         old = before[name]["Spec"]
         assert spec["TaskTemplate"]["ContainerSpec"]["Image"] == image
         assert spec["TaskTemplate"]["ForceUpdate"] == old["TaskTemplate"].get("ForceUpdate", 0) + 1
-        # everything else the operator set is kept
-        for path in (("Labels",), ("Mode",), ("UpdateConfig",), ("TaskTemplate", "RestartPolicy"),
+        # everything else the operator set is kept; the deployer's own labels say what it did, and why
+        provenance = {k: v for k, v in spec["Labels"].items() if k.startswith("ecr-deploy.")}
+        assert {k: v for k, v in spec["Labels"].items() if k not in provenance} == old["Labels"]
+        assert provenance[ed.DIGEST_LABEL] == v2 and provenance[ed.SOURCE_LABEL].startswith("push event ")
+        assert sorted(provenance) == sorted([ed.DIGEST_LABEL, ed.SOURCE_LABEL, ed.DEPLOYED_BY_LABEL])
+        for path in (("Mode",), ("UpdateConfig",), ("TaskTemplate", "RestartPolicy"),
                      ("TaskTemplate", "ContainerSpec", "Env"), ("TaskTemplate", "ContainerSpec", "Mounts"),
                      ("TaskTemplate", "ContainerSpec", "Init"), ("TaskTemplate", "ContainerSpec", "StopGracePeriod")):
             new_value, old_value = spec, old
@@ -732,7 +736,8 @@ def test_rejected_messages_are_deleted_and_change_nothing(aws, images, clean_swa
                json.dumps(sns_envelope(event(repository=repo, digest=v2, action="DELETE")))]
     queue = aws.new_queue()
     aws.send(queue, *bodies)
-    run = run_once(deployer_env(aws, swarm), "--queue", queue)
+    # (no reconcile pass: ECR's tag is at v2, and what is tested here is what the messages do)
+    run = run_once(deployer_env(aws, swarm), "--queue", queue, "--reconcile-every", "0")
     assert run.returncode == 0, run.stderr
     assert run.stderr.count("Ignoring message") == len(bodies)
     assert "Traceback" not in run.stderr
@@ -932,7 +937,8 @@ def test_trust_events_deploys_the_event_digest(aws, images, clean_swarm):
     aws.send(queue, event(repository=repo, digest=v2))
     run = run_once(deployer_env(aws, swarm, DEPLOYER_TRUST_EVENTS="1"), "--queue", queue)
     assert run.returncode == 0, run.stderr
-    assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v2}", 1)
+    assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v2}", 1)  # no reconcile pass to v3
+    assert "Reconcile pass" not in run.stderr
 
 
 def burst(images, swarm, registry, n_images, services_per_image=1):
@@ -2523,7 +2529,7 @@ def test_a_scan_event_rolls_only_gated_services(aws, images, clean_swarm):
     ungated_version = swarm.service(ungated)["Version"]["Index"]
     queue = aws.new_queue()
     aws.send(queue, scan_event(repository=repo, digest=v2, counts={"LOW": 1}))
-    run = run_once(deployer_env(aws, swarm), "--queue", queue)
+    run = run_once(deployer_env(aws, swarm), "--queue", queue, "--reconcile-every", "0")  # (a pass would roll both)
     assert run.returncode == 0, run.stderr
     assert service_image_of(swarm, gated)[0] == f"{registry.host}/{repo}:latest@{v2}"
     assert swarm.service(ungated)["Version"]["Index"] == ungated_version, run.stderr

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import concurrent.futures
 import json
 import os
 import pathlib
@@ -45,9 +46,11 @@ from rig.registry import REGISTRIES, Images, service_on_new_repo, serving_regist
 from rig.swarm import Swarm, service_image_of  # noqa: E402
 
 FULL = {"latency_pushes": 30, "latency_interval": 1.0, "burst_images": 25, "burst_pushes_per_image": 20,
-        "idle_seconds": 60, "side_services": 20, "cold_runs": 10, "memory_messages": 5000}
+        "idle_seconds": 60, "side_services": 20, "cold_runs": 10, "memory_messages": 5000,
+        "reconcile_services": 1000, "reconcile_repositories": 100}
 SHORT = {"latency_pushes": 5, "latency_interval": 0.3, "burst_images": 5, "burst_pushes_per_image": 4,
-         "idle_seconds": 21, "side_services": 5, "cold_runs": 2, "memory_messages": 400}
+         "idle_seconds": 21, "side_services": 5, "cold_runs": 2, "memory_messages": 400,
+         "reconcile_services": 50, "reconcile_repositories": 5}
 SERVICE_ID = re.compile(r"/(services|tasks)/[^/?]+")
 
 
@@ -201,6 +204,56 @@ def measure_idle(aws, swarm, workdir, seconds: float) -> dict:
             "sqs_calls_per_minute": round(len(aws_window) * 60 / seconds, 2), "docker_calls": len(docker_window)}
 
 
+def create_services(swarm, specs: list[tuple[str, str]]) -> list[str]:
+    """Many services without replicas (nothing to pull), created over a few connections at once."""
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda spec: swarm.create_service(*spec, replicas=0), specs))
+
+
+def measure_reconcile(aws, images, swarm, workdir, n_services: int, n_repositories: int) -> dict:
+    """One `--reconcile` pass over n services following a tag each, in n_repositories repositories
+    (images in ECR only: services without replicas never pull): first all current, then with every
+    tag of a tenth of the repositories moved, as if their push events had been lost."""
+    registry = REGISTRIES[0]
+    account, region = registry.account, registry.region
+    tags_per_repository = max(1, n_services // n_repositories // 2)  # two services per tag
+    specs, moved = [], []
+    for r in range(n_repositories):
+        repo = images.new_repository(prefix="reconcile")
+        for t in range(tags_per_repository):
+            digest = aws.put_image(account, region, repo, f"t{t}", f"{repo}-{t}-v1")
+            specs += [(f"rc-{r}-{t}-{n}", f"{registry.host}/{repo}:t{t}@{digest}") for n in range(2)]
+            if r % 10 == 0:
+                moved.append((repo, f"t{t}"))
+    create_services(swarm, specs)
+    result = {"services": len(specs), "repositories": n_repositories, "tags": n_repositories * tags_per_repository}
+
+    def one_pass() -> dict:
+        aws_proxy = FaultProxy(aws.url)
+        docker_proxy = FaultProxy(swarm.base, unix_path=str(workdir / f"bench-{uuid.uuid4().hex[:6]}.sock"))
+        try:
+            started = time.monotonic()
+            run = subprocess.run([sys.executable, str(ROOT / "ecr_deploy.py"), "--reconcile"], capture_output=True,
+                                 text=True, timeout=600, env=deployer_env(aws, swarm, AWS_ENDPOINT_URL=aws_proxy.url,
+                                                                          DOCKER_HOST=docker_proxy.url))
+            wall = time.monotonic() - started
+        finally:
+            aws_proxy.close()
+            docker_proxy.close()
+        assert run.returncode == 0, run.stderr
+        aws_calls, docker_calls = counted(aws_proxy.seen), counted(docker_proxy.seen)
+        return {"wall_s": round(wall, 2), "describe_images": aws_calls["DescribeImages"],
+                "aws_calls": sum(aws_calls.values()), "docker_calls": sum(docker_calls.values()),
+                "docker_calls_by_kind": dict(docker_calls), "updates": len(updated_lines(run.stderr))}
+
+    result["current"] = one_pass()
+    for repo, tag in moved:
+        aws.put_image(account, region, repo, tag, f"{repo}-{tag}-v2")
+    result["behind"] = one_pass()
+    result["behind"]["services_behind"] = 2 * len(moved)
+    return result
+
+
 def measure_side_by_side(aws, images, swarm, events, workdir, n: int) -> dict:
     registry = REGISTRIES[0]
     repo = images.new_repository()
@@ -226,11 +279,11 @@ def measure_side_by_side(aws, images, swarm, events, workdir, n: int) -> dict:
     result["cli_s"] = round(events.wait(set(ids), started) - started, 3)
 
     # (b) ecr_deploy.py, already running: from SendMessage of one event until all specs show the digest
-    digest = images.push(repo, "latest", "side-deployer")
     queue = aws.new_queue()
     running = deployer(deployer_env(aws, swarm), "--queue", queue, "--auth-refresh", "0")
     try:
-        time.sleep(1.5)
+        time.sleep(1.5)  # past its first reconcile pass, which would otherwise find the new digest first
+        digest = images.push(repo, "latest", "side-deployer")
         started = time.monotonic()
         aws.send(queue, event(repository=repo, digest=digest))
         result["deployer_s"] = round(events.wait(set(ids), started) - started, 3)
@@ -338,6 +391,11 @@ TARGETS = [  # (section, key, comparison, target, label)
     ("burst", "get_authorization_token_per_registry", "<=", 1, "burst: GetAuthorizationToken"),
     ("idle", "sqs_calls_per_minute", "<=", 3.1, "idle: SQS calls per minute"),
     ("idle", "docker_calls", "==", 0, "idle: Docker calls"),
+    ("reconcile", "describe_images_current", "==", "repositories", "reconcile pass: DescribeImages"),
+    ("reconcile", "docker_calls_current", "<=", 3, "reconcile pass, all current: Docker calls (all of start-up)"),
+    ("reconcile", "wall_current_s", None, None, "reconcile pass, all current: wall (s)"),
+    ("reconcile", "updates_behind", "==", "services_behind", "reconcile pass, a tenth moved: updates"),
+    ("reconcile", "wall_behind_s", None, None, "reconcile pass, a tenth moved: wall (s)"),
     ("side_by_side", "cli_s", None, None, "(a) docker CLI, N services (s)"),
     ("side_by_side", "deployer_s", None, None, "(b) ecr-deploy, N services (s)"),
     ("side_by_side", "floor_s", None, None, "(c) bare Engine API calls (s)"),
@@ -374,6 +432,15 @@ def run(aws, registries, images, swarm, workdir, sizes: dict) -> dict:
     report["idle"] = measure_idle(aws, swarm, workdir, sizes["idle_seconds"])
     report["side_by_side"] = measure_side_by_side(aws, images, swarm, events, workdir, sizes["side_services"])
     swarm.remove_all_services()
+    reconcile = measure_reconcile(aws, images, swarm, workdir, sizes["reconcile_services"],
+                                  sizes["reconcile_repositories"])
+    report["reconcile"] = {**reconcile, "describe_images_current": reconcile["current"]["describe_images"],
+                           "docker_calls_current": reconcile["current"]["docker_calls"],
+                           "wall_current_s": reconcile["current"]["wall_s"],
+                           "updates_behind": reconcile["behind"]["updates"],
+                           "services_behind": reconcile["behind"]["services_behind"],
+                           "wall_behind_s": reconcile["behind"]["wall_s"]}
+    swarm.remove_all_services()
     report["cold_start"] = measure_cold_start(aws, swarm, sizes["cold_runs"])
     report["memory"] = measure_memory(aws, images, swarm, sizes["memory_messages"])
     swarm.remove_all_services()
@@ -395,6 +462,10 @@ def table(report: dict) -> str:
                  f"at the end {report['memory']['rss_at_end_mib']}; the floor beside it "
                  f"{report['memory']['floor_rss_mib']}")
     lines.append(f"import time, top (ms): {report['cold_start']['import_top_ms']}")
+    reconcile = report["reconcile"]
+    lines.append(f"reconcile pass over {reconcile['services']} services, {reconcile['tags']} tags in "
+                 f"{reconcile['repositories']} repositories: all current {reconcile['current']}; "
+                 f"a tenth moved {reconcile['behind']}")
     return "\n".join(lines)
 
 
