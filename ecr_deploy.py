@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import concurrent.futures
 import copy
 import email.utils
 import json
@@ -1019,6 +1020,7 @@ class Ecr:
         self._session = session
         self._on_request = on_request
         self._clients: dict[str, object] = {}
+        self._client_lock = threading.Lock()
         self._tokens: dict[tuple[str, str], Token] = {}
         self.cycle = 0
 
@@ -1029,9 +1031,10 @@ class Ecr:
             self._tokens.clear()
 
     def _client(self, region: str):
-        if region not in self._clients:
-            self._clients[region] = aws_client(self._session, "ecr", region, ECR_CONFIG, self._on_request)
-        return self._clients[region]
+        with self._client_lock:  # a client is thread-safe, botocore's session (which makes them) is not
+            if region not in self._clients:
+                self._clients[region] = aws_client(self._session, "ecr", region, ECR_CONFIG, self._on_request)
+            return self._clients[region]
 
     def current_digest(self, push: Push) -> str | None:
         """The digest REPOSITORY:TAG points to now (None if the tag or repository is gone)."""
@@ -1869,6 +1872,7 @@ class AuthKeeper:
 # --------------------------------------------------------------------------- the reconcile pass
 
 RECONCILE_RETRY = 60.0  # s: a pass that failed (Docker or ECR unreachable) is tried again this soon
+ECR_CONCURRENCY = 8  # DescribeImages calls in flight at once (botocore clients are thread-safe)
 
 
 def tags_by_repository(keys) -> dict[tuple[str, str, str], set[str]]:
@@ -1880,15 +1884,20 @@ def tags_by_repository(keys) -> dict[tuple[str, str, str], set[str]]:
 
 def tag_digests(ecr: Ecr, keys) -> tuple[dict[tuple, tuple[str, str]], dict[tuple, str]]:
     """(account, region, repository, tag) -> (digest now, pushed at) for the keys whose tag exists:
-    batched per repository. Also returns, per (account, region, repository), why ECR could not tell."""
-    found, errors = {}, {}
-    for (account, region, repository), tags in tags_by_repository(keys).items():
+    batched per repository, a few repositories at a time (a pass holds up the queue while it runs).
+    Also returns, per (account, region, repository), why ECR could not tell."""
+    def ask(repository_key, tags):
         try:
-            answers = ecr.tag_digests(account, region, repository, tags)
+            return repository_key, ecr.tag_digests(*repository_key, tags), None
         except AwsError as e:
-            errors[(account, region, repository)] = str(e)
-            continue
-        found.update(((account, region, repository, tag), answer) for tag, answer in answers.items())
+            return repository_key, {}, str(e)
+
+    found, errors = {}, {}
+    with concurrent.futures.ThreadPoolExecutor(ECR_CONCURRENCY) as pool:
+        for repository_key, answers, error in pool.map(lambda item: ask(*item), tags_by_repository(keys).items()):
+            if error:
+                errors[repository_key] = error
+            found.update(((*repository_key, tag), answer) for tag, answer in answers.items())
     return found, errors
 
 
