@@ -3027,6 +3027,15 @@ def test_status_shows_each_state_and_its_exit_code_tells_monitoring(aws, images,
     assert status(env).returncode == 0
     assert swarm.service(current)["Version"]["Index"] == current_version
 
+    sid, queue, old, new = failing_rollout(aws, images, swarm, "s-failed")  # runs the tag's digest, paused
+    assert run_once(env, "--queue", queue, "--wait").returncode == 1
+    failed = json.loads(status(env, "--json").stdout)
+    row = next(r for r in failed if r["service"] == "s-failed")
+    assert (row["state"], row["last_rollout"], row["running"]) == ("failed", "paused", new.rpartition("@")[2])
+    assert row["reason"].startswith("its rollout paused: update paused due to failure")
+    assert row["source"].startswith("push event ") and row["deployed_by"]
+    assert status(env).returncode == 5
+
 
 # =========================================================================== high availability: a real multi-node swarm
 # Three managers and a worker, each a real dockerd in its own network namespace (rig/cluster.py),
