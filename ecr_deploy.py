@@ -36,8 +36,9 @@ import urllib.parse
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import botocore.config
 import botocore.exceptions
@@ -153,6 +154,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "and roll those behind as a push would: in loop mode after the first poll and then "
                         "this often; with --once, one pass after draining (0 = off; env "
                         "DEPLOYER_RECONCILE_EVERY; default 5m)")
+    parser.add_argument("--window", metavar="WINDOW", default=env("DEPLOYER_WINDOW"),
+                        help=f"start rollouts only inside this window, e.g. 'Mon-Fri 09:00-16:00 Europe/Berlin' "
+                        f"(several clauses separated by ';'); a service's label {WINDOW_LABEL} wins, 'always' "
+                        "opts out (env DEPLOYER_WINDOW; default: any time)")
+    parser.add_argument("--min-age", metavar="DURATION", default=env("DEPLOYER_MIN_AGE"),
+                        help=f"roll only digests pushed at least this long ago by ECR's clock; a service's "
+                        f"label {MIN_AGE_LABEL} wins (env DEPLOYER_MIN_AGE; default: none)")
     parser.add_argument("--reconcile", action="store_true",
                         help="run one reconcile pass and exit (for cron, also without a queue)")
     parser.add_argument("--status", action="store_true",
@@ -214,6 +222,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.auth_refresh = parse_duration(args.auth_refresh)
         args.scan_timeout = parse_duration(args.scan_timeout)
         args.reconcile_every = parse_duration(args.reconcile_every)
+        if args.min_age:
+            parse_duration(args.min_age)
+        if args.window and args.window.strip().lower() != "always":
+            parse_window(args.window)
         args.rollout_timeout = parse_duration(args.rollout_timeout) if args.rollout_timeout else None
     except ValueError as e:
         parser.error(str(e))
@@ -604,6 +616,205 @@ def tried_and_failed(tasks: list[dict], digest: str) -> bool:
                and t.get("Status", {}).get("State") in ("failed", "rejected") for t in tasks)
 
 
+# --------------------------------------------------------------------------- release policy (pure)
+
+# When a service may take a new digest, on the operator's terms. A service that must wait is simply
+# not rolled now; a later reconcile pass rolls it to whatever its tag points to then, so nothing waits
+# in memory only, and a restart or a failover loses nothing.
+WINDOW_LABEL = "ecr-deploy.window"  # "Mon-Fri 09:00-16:00 Europe/Berlin[; …]": when a rollout may start
+MIN_AGE_LABEL = "ecr-deploy.min-age"  # roll only digests pushed at least this long ago (ECR's clock)
+AFTER_LABEL = "ecr-deploy.after"  # "web,api": roll a digest only once these services run it, soaked
+SOAK_LABEL = "ecr-deploy.soak"  # how long they (or, for promote, this service) must have run it
+PROMOTE_LABEL = "ecr-deploy.promote"  # tag the digest as TAG once this service's rollout completed and soaked
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+WINDOW_CLAUSE = re.compile(r"(\S+)\s+(\S+)\s+(\S+)")
+TIME_RANGE = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-4]):([0-5][0-9])")
+
+
+class WindowClause(NamedTuple):
+    days: frozenset[int]  # 0 = Monday
+    ranges: tuple[tuple[int, int], ...]  # minutes after local midnight: [start, end); end <= start: past midnight
+    zone: ZoneInfo
+
+
+def parse_days(text: str) -> frozenset[int]:
+    if text.lower() in ("*", "daily"):
+        return frozenset(range(7))
+    days = set()
+    for part in text.lower().split(","):
+        first, _, last = part.partition("-")
+        if first[:3] not in DAYS or (last and last[:3] not in DAYS) or len(first) < 3:
+            raise ValueError(f"unknown day {part!r} (use Mon..Sun, ranges like Mon-Fri, lists like Mon,Wed)")
+        start, end = DAYS.index(first[:3]), DAYS.index((last or first)[:3])
+        days.update((start + i) % 7 for i in range((end - start) % 7 + 1))  # Fri-Mon wraps
+    return frozenset(days)
+
+
+def parse_window(text: str) -> tuple[WindowClause, ...]:
+    """'Mon-Fri 09:00-12:00,13:00-16:00 Europe/Berlin; Sat 10:00-11:00 UTC' -> clauses. ValueError
+    with a reason an operator can act on: a service with a bad window is never rolled "anyway"."""
+    clauses = []
+    for clause in filter(None, (c.strip() for c in str(text).split(";"))):
+        match = WINDOW_CLAUSE.fullmatch(clause)
+        if not match:
+            raise ValueError(f"{clause!r} is not DAYS HH:MM-HH:MM ZONE (e.g. Mon-Fri 09:00-16:00 Europe/Berlin)")
+        days, times, zone_name = match.groups()
+        ranges = []
+        for part in times.split(","):
+            hours = TIME_RANGE.fullmatch(part)
+            if not hours or hours[3] == "24" and hours[4] != "00":
+                raise ValueError(f"{part!r} is not a time range HH:MM-HH:MM")
+            ranges.append((int(hours[1]) * 60 + int(hours[2]), int(hours[3]) * 60 + int(hours[4])))
+        try:
+            zone = ZoneInfo(zone_name)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {zone_name!r} (use an IANA name such as Europe/Berlin, or UTC)") \
+                from None
+        clauses.append(WindowClause(parse_days(days), tuple(ranges), zone))
+    if not clauses:
+        raise ValueError("empty window")
+    return tuple(clauses)
+
+
+def window_openings(clauses, now: datetime):
+    """(start, end) of every opening from the day before `now` for 8 days, as aware datetimes."""
+    for clause in clauses:
+        today = now.astimezone(clause.zone).date()
+        for offset in range(-1, 8):
+            day = today + timedelta(days=offset)
+            if day.weekday() not in clause.days:
+                continue
+            midnight = datetime(day.year, day.month, day.day, tzinfo=clause.zone)
+            for start, end in clause.ranges:
+                opens = (midnight + timedelta(minutes=start)).astimezone(timezone.utc)  # wall time, DST-aware
+                closes = (midnight + timedelta(minutes=end + (1440 if end <= start else 0))).astimezone(timezone.utc)
+                yield opens, closes
+
+
+def window_state(clauses, now: datetime) -> tuple[bool, datetime | None]:
+    """Is a window open now; if not, when the next one opens (None: never within a week)."""
+    openings = list(window_openings(clauses, now))
+    if any(opens <= now < closes for opens, closes in openings):
+        return True, None
+    return False, min((opens for opens, _ in openings if opens > now), default=None)
+
+
+class Release(NamedTuple):
+    """The release policy's answer for one service and digest."""
+    decision: str  # deploy, wait (a later pass rolls it) or held (never this digest: the operator must act)
+    reason: str = ""
+    until: float | None = None  # epoch seconds (the deployer's clock) when waiting may end; None: unknown
+
+
+class Leader(NamedTuple):
+    """What the release policy needs to know of a service named in AFTER_LABEL."""
+    name: str
+    runs: bool  # its spec runs the digest
+    state: str | None  # its UpdateStatus.State
+    since: datetime | None  # its rollout completed, or a task of the digest last failed, if later
+    failed: str | None  # why the digest failed there (a failure record, Swarm's rollback), if it did
+
+
+def soaked_for(leader: Leader, swarm_now: datetime | None) -> float | None:
+    """Seconds the leader has run the digest without a task failure (Swarm's clock); None: unknown."""
+    if leader.since is None or swarm_now is None:
+        return None
+    return (swarm_now - leader.since).total_seconds()
+
+
+def soak_start(service: dict, tasks: list[dict], digest: str) -> datetime | None:
+    """When the service's soak began: its rollout's completion, or its last failed task of the digest since."""
+    times = [parse_swarm_time((service.get("UpdateStatus") or {}).get("CompletedAt"))]
+    times += [parse_swarm_time(t.get("Status", {}).get("Timestamp")) for t in tasks
+              if (t.get("Spec", {}).get("ContainerSpec", {}).get("Image") or "").endswith("@" + digest)
+              and t.get("Status", {}).get("State") in ("failed", "rejected")]
+    return max(filter(None, times), default=None)
+
+
+def duration_text(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    return " ".join(f"{value}{unit}" for value, unit in
+                    ((days, "d"), (rest // 3600, "h"), (rest % 3600 // 60, "m"), (rest % 60, "s")) if value) or "0s"
+
+
+def release_policy(labels: dict, defaults: dict, now: float, age: float | None, leaders: list[Leader],
+                   swarm_now: datetime | None) -> Release:
+    """Whether a service may start rolling to a digest now. `age`: seconds since ECR's push of the digest,
+    by ECR's clock (None: unknown); `leaders`: the services AFTER_LABEL names; `now`: the deployer's clock,
+    which windows are read by. ValueError for a label (or default) that cannot be read."""
+    setting = {key: labels.get(key, defaults.get(key)) for key in (WINDOW_LABEL, MIN_AGE_LABEL, AFTER_LABEL, SOAK_LABEL)}
+    window, min_age = setting[WINDOW_LABEL], setting[MIN_AGE_LABEL]
+    if window and str(window).strip().lower() != "always":
+        is_open, opens = window_state(parse_window(window), datetime.fromtimestamp(now, timezone.utc))
+        if not is_open:
+            when = f"opens {utc_text(opens.timestamp())} (in {duration_text(opens.timestamp() - now)})" if opens \
+                else "opens never within a week"
+            return Release("wait", f"outside its deploy window {window!r}: {when}",
+                           opens.timestamp() if opens else None)
+    if min_age:
+        needed = parse_duration(min_age)
+        if age is None:
+            return Release("wait", f"{MIN_AGE_LABEL} {min_age} needs ECR's push time, unknown here "
+                                   "(--trust-events does not ask ECR)")
+        if age < needed:
+            return Release("wait", f"pushed {duration_text(age)} ago, {MIN_AGE_LABEL} {min_age}: rolls in "
+                                   f"{duration_text(needed - age)}", now + needed - age)
+    soak = parse_duration(setting[SOAK_LABEL] or "0")
+    for leader in leaders:
+        if leader.failed:
+            return Release("held", f"{leader.name}'s rollout of this digest failed ({leader.failed}): it never rolls here")
+        if not leader.runs:
+            return Release("wait", f"waits for {leader.name} to run this digest")
+        if leader.state not in (None, "completed"):
+            return Release("wait", f"waits for {leader.name}'s rollout to complete (it is {leader.state})")
+        ran = soaked_for(leader, swarm_now)
+        if soak and (ran is None or ran < soak):
+            left = soak - (ran or 0)
+            return Release("wait", f"{leader.name} soaks for {setting[SOAK_LABEL]}: rolls in {duration_text(left)}",
+                           now + left)
+    return Release("deploy")
+
+
+def promotion(labels: dict, runs: bool, state: str | None, since: datetime | None, failed: str | None,
+              target: str | None, digest: str, swarm_now: datetime | None, now: float) -> Release:
+    """Whether to tag the digest this service runs as its PROMOTE_LABEL tag now (deploy), later (wait,
+    until when) or never (held: its rollout failed, or it does not run the tag's digest: superseded,
+    blocked, still rolling). `target`: the digest the promote tag points to now (None: no such tag)."""
+    tag = str(labels.get(PROMOTE_LABEL, "")).strip()
+    if not TAG.fullmatch(tag):
+        return Release("held", f"label {PROMOTE_LABEL}={tag!r} is not a tag")
+    if target == digest:
+        return Release("held", f"promoted: :{tag} is at this digest")
+    if failed:
+        return Release("held", "its rollout of this digest failed: never promoted")
+    if not runs or state not in (None, "completed"):
+        return Release("held", f"not promoted to :{tag}: its rollout of the tag's digest has not completed")
+    soak = parse_duration(labels.get(SOAK_LABEL) or "0")
+    ran = soaked_for(Leader("", True, state, since, None), swarm_now)
+    if soak and (ran is None or ran < soak):
+        left = soak - (ran or 0)
+        return Release("wait", f"promotes to :{tag} after soaking {labels[SOAK_LABEL]}: in {duration_text(left)}",
+                       now + left)
+    return Release("deploy", f"tag :{tag}")
+
+
+def parse_swarm_time(text: object) -> datetime | None:
+    """Swarm's RFC 3339 times carry nanoseconds; Python reads microseconds."""
+    if not isinstance(text, str) or not text:
+        return None
+    match = re.fullmatch(r"(.*?\.\d{1,6})\d*(Z|[+-].*)", text)
+    try:
+        return datetime.fromisoformat(f"{match[1]}{match[2]}" if match else text)
+    except ValueError:
+        return None
+
+
+def after_names(labels: dict, defaults: dict) -> list[str]:
+    text = labels.get(AFTER_LABEL, defaults.get(AFTER_LABEL)) or ""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 # --------------------------------------------------------------------------- status (pure)
 
 # --status: each state, and what it tells cron or monitoring (the exit code is the worst row's).
@@ -632,7 +843,7 @@ def current_state(service: dict, digest: str) -> tuple[str, str]:
     return "current", ""
 
 
-def status_row(service: dict, followed: tuple | None, answer: tuple[str, str] | None, state: tuple[str, str],
+def status_row(service: dict, followed: tuple | None, answer: TagAnswer | None, state: tuple[str, str],
                repository_error: str | None = None) -> dict:
     """One --status row; `state` was decided by the caller (it may need ECR's scan or Swarm's tasks)."""
     ref = running_image(service)
@@ -640,8 +851,8 @@ def status_row(service: dict, followed: tuple | None, answer: tuple[str, str] | 
     labels = service["Spec"].get("Labels") or {}
     return {"service": service["Spec"].get("Name", "?"), "id": service["ID"],
             "repository": ref.repository if ref else "?", "tag": followed[3] if followed else following(service),
-            "running": ref.digest if ref else None, "tag_now": answer[0] if answer else None,
-            "pushed_at": answer[1] if answer else None, "state": state[0], "reason": repository_error or state[1],
+            "running": ref.digest if ref else None, "tag_now": answer.digest if answer else None,
+            "pushed_at": answer.pushed_text if answer else None, "state": state[0], "reason": repository_error or state[1],
             "last_rollout": outcome, "last_rollout_at": at,
             "deployed_by": labels.get(DEPLOYED_BY_LABEL), "source": labels.get(SOURCE_LABEL)}
 
@@ -708,7 +919,7 @@ def failing_task_error(tasks: list[dict], image: str) -> str | None:
     return failed[-1]["Status"]["Err"].strip() if failed else None
 
 
-OUTCOME_WORDS = {"completed": "completed", "paused": "paused", "timed_out": "timed out",
+OUTCOME_WORDS = {"completed": "completed", "promoted": "promoted", "paused": "paused", "timed_out": "timed out",
                  "rollback_completed": "rolled back", "rollback_paused": "rollback paused",
                  "removed": "ended: service removed", "blocked": "blocked by its scan gate",
                  "superseded": "superseded by another update"}
@@ -718,7 +929,7 @@ def notification(outcome: str, service: str, service_id: str, image: str, durati
                  node: str, message: str, rollback: bool = False) -> dict:
     """One JSON document per outcome: `text` for Slack/Teams webhooks, the rest for machines."""
     words = OUTCOME_WORDS[outcome.removeprefix("rollback_") if rollback else outcome]
-    after = "" if outcome == "blocked" else f" after {duration:.1f}s"  # blocked: nothing was started
+    after = "" if outcome in ("blocked", "promoted") else f" after {duration:.1f}s"  # no rollout was timed
     text = f"ecr-deploy on {node}: {'rollback' if rollback else 'rollout'} of {service} to {image} {words}" \
            f"{after}" + (f": {message}" if message else "")
     return {"text": text, "service": service, "service_id": service_id, "image": image,
@@ -1002,6 +1213,28 @@ class Queue:
         return failed
 
 
+class TagAnswer(NamedTuple):
+    """What ECR says a tag points to now."""
+    digest: str
+    pushed_at: datetime | None  # imagePushedAt: ECR's clock
+    answered_at: datetime | None  # the Date of ECR's answer: ECR's clock too, so the age needs no other
+
+    @property
+    def age(self) -> float | None:
+        return (self.answered_at - self.pushed_at).total_seconds() if self.pushed_at and self.answered_at else None
+
+    @property
+    def pushed_text(self) -> str:
+        return utc_text(self.pushed_at.timestamp()) if self.pushed_at else ""
+
+
+def answer_date(reply: dict) -> datetime | None:
+    try:
+        return email.utils.parsedate_to_datetime(reply["ResponseMetadata"]["HTTPHeaders"]["date"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 @dataclass
 class Token:
     username: str
@@ -1036,40 +1269,58 @@ class Ecr:
                 self._clients[region] = aws_client(self._session, "ecr", region, ECR_CONFIG, self._on_request)
             return self._clients[region]
 
-    def current_digest(self, push: Push) -> str | None:
-        """The digest REPOSITORY:TAG points to now (None if the tag or repository is gone)."""
-        found = self.tag_digests(push.account, push.region, push.repository, [push.tag])
-        return found[push.tag][0] if push.tag in found else None
+    def current_digest(self, push: Push) -> TagAnswer | None:
+        """What REPOSITORY:TAG points to now (None if the tag or repository is gone)."""
+        return self.tag_digests(push.account, push.region, push.repository, [push.tag]).get(push.tag)
 
-    def tag_digests(self, account: str, region: str, repository: str, tags) -> dict[str, tuple[str, str]]:
-        """tag -> (the digest it points to now, when that image was pushed by ECR's clock), for the tags
-        that exist: one DescribeImages per 100 tags. ECR fails a whole call for one missing tag; that
-        batch is then asked tag by tag (a tag deleted since: rare)."""
+    def tag_digests(self, account: str, region: str, repository: str, tags) -> dict[str, TagAnswer]:
+        """tag -> what it points to now, for the tags that exist: one DescribeImages per 100 tags. ECR
+        fails a whole call for one missing tag; that batch is then asked tag by tag (a tag deleted since:
+        rare)."""
         tags, found = sorted(set(tags)), {}
         for start in range(0, len(tags), DESCRIBE_IMAGES_MAX_IDS):
             batch = tags[start:start + DESCRIBE_IMAGES_MAX_IDS]
-            details = self._describe_images(account, region, repository, batch)
-            if details is None and len(batch) > 1:
-                details = [d for tag in batch for d in self._describe_images(account, region, repository, [tag]) or []]
-            for detail in details or []:
-                digest, pushed_at = detail.get("imageDigest"), detail.get("imagePushedAt")
-                if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
-                    raise AwsError(f"ECR answered an invalid digest {shown(digest)} for {repository}")
-                pushed = utc_text(pushed_at.timestamp()) if isinstance(pushed_at, datetime) else ""
-                found.update((tag, (digest, pushed)) for tag in detail.get("imageTags") or [] if tag in batch)
+            replies = [self._describe_images(account, region, repository, batch)]
+            if replies[0] is None and len(batch) > 1:
+                replies = [self._describe_images(account, region, repository, [tag]) for tag in batch]
+            for reply in filter(None, replies):
+                answered_at = answer_date(reply)
+                for detail in reply.get("imageDetails", []):
+                    digest, pushed_at = detail.get("imageDigest"), detail.get("imagePushedAt")
+                    if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+                        raise AwsError(f"ECR answered an invalid digest {shown(digest)} for {repository}")
+                    answer = TagAnswer(digest, pushed_at if isinstance(pushed_at, datetime) else None, answered_at)
+                    found.update((tag, answer) for tag in detail.get("imageTags") or [] if tag in batch)
         return found
 
-    def _describe_images(self, account: str, region: str, repository: str, tags: list[str]) -> list[dict] | None:
+    def _describe_images(self, account: str, region: str, repository: str, tags: list[str]) -> dict | None:
         """DescribeImages of these tags; None if one of them (or the repository) does not exist."""
         try:
-            reply = self._client(region).describe_images(
+            return self._client(region).describe_images(
                 registryId=account, repositoryName=repository, imageIds=[{"imageTag": tag} for tag in tags])
         except AWS_ERRORS as e:
             if error_code(e) in ("ImageNotFoundException", "RepositoryNotFoundException"):
                 return None
             where = f"{repository}:{tags[0]}" if len(tags) == 1 else f"{len(tags)} tags of {repository}"
             raise AwsError.wrap(e, f"cannot look up {where} in ECR ({account}, {region})") from None
-        return reply.get("imageDetails", [])
+
+    def promote(self, account: str, region: str, repository: str, digest: str, tag: str) -> bool:
+        """Tag the digest as TAG with its own manifest bytes (an image index stays an index, the digest does
+        not change). False if TAG was there already (another manager, a redelivery): nothing done twice."""
+        client = self._client(region)
+        try:
+            image = client.batch_get_image(registryId=account, repositoryName=repository,
+                                           imageIds=[{"imageDigest": digest}])["images"][0]
+            client.put_image(registryId=account, repositoryName=repository, imageManifest=image["imageManifest"],
+                             imageManifestMediaType=image.get("imageManifestMediaType") or
+                             json.loads(image["imageManifest"]).get("mediaType"), imageTag=tag, imageDigest=digest)
+        except AWS_ERRORS as e:
+            if error_code(e) == "ImageAlreadyExistsException":
+                return False
+            raise AwsError.wrap(e, f"cannot tag {repository}@{digest} as {tag} in ECR ({account}, {region})") from None
+        except (KeyError, IndexError, ValueError):
+            raise AwsError(f"ECR has no manifest of {repository}@{digest}") from None
+        return True
 
     def scan(self, account: str, region: str, repository: str, digest: str) -> Scan:
         """ECR's scan of the digest (DescribeImageScanFindings), with the time of ECR's answer.
@@ -1082,13 +1333,9 @@ class Ecr:
                 return Scan(SCAN_ERRORS[error_code(e)], {})
             raise AwsError.wrap(e, f"cannot read the ECR scan of {repository}@{digest}") from None
         status, findings = reply.get("imageScanStatus") or {}, reply.get("imageScanFindings") or {}
-        try:
-            answered_at = email.utils.parsedate_to_datetime(reply["ResponseMetadata"]["HTTPHeaders"]["date"])
-        except (KeyError, TypeError, ValueError):
-            answered_at = None
         return Scan(status.get("status", "?"), findings.get("findingSeverityCounts") or {},
                     status.get("description") or "", completed_at=findings.get("imageScanCompletedAt"),
-                    answered_at=answered_at)
+                    answered_at=answer_date(reply))
 
     def credentials(self, account: str, region: str) -> tuple[str, str]:
         """(username, password) for the registry, cached and refreshed at half its lifetime."""
@@ -1157,6 +1404,7 @@ class Docker:
         self._prefix: str | None = None
         self._on_request = on_request or (lambda: None)  # a heartbeat: each call is bounded, and progress
         self.api_version: str | None = None
+        self.date: datetime | None = None  # the Date of Docker's last answer: Swarm's clock, for soak times
 
     def _request(self, method: str, path: str, **kwargs) -> object:
         self._on_request()
@@ -1166,6 +1414,7 @@ class Docker:
             reason = ERRNO_TEXT.search(str(e))
             raise DockerError(f"cannot reach Docker at {self.socket}: "
                               f"{reason[1] if reason else type(e).__name__}") from None
+        self.date = answer_date({"ResponseMetadata": {"HTTPHeaders": {"date": reply.headers.get("Date")}}})
         if reply.status_code >= 400:
             try:
                 message = reply.json()["message"]
@@ -1300,11 +1549,15 @@ class Deployer:
                  trust_events: bool = False, follow_rollouts: bool = False, rollout_timeout: float | None = None,
                  rollback_on_failure: bool = False, notify_urls: tuple[str, ...] = (), dry_run: bool = False,
                  systemd: Systemd | None = None, scan_gate: ScanGate | None = None, auth_refresh: float = 0.0,
-                 state_directory: str | None = None, reconcile_every: float = 0.0):
+                 state_directory: str | None = None, reconcile_every: float = 0.0,
+                 release_defaults: dict | None = None):
         self.queue, self.ecr, self.docker = queue, ecr, docker
         self.scan_gate = scan_gate
         self.reported_blocked: set[tuple[str, str]] = set()  # (service ID, image): one ERROR and webhook each
         self.reported_held: set[tuple[str, str]] = set()  # (service ID, digest): one WARNING each
+        self.reported_waits: dict[tuple[str, str], str] = {}  # (service ID, image) -> the wait last logged
+        self.release_defaults = dict(release_defaults or {})  # fleet-wide defaults of the release labels
+        self.new_cycle()
         self.label_filter = label_filter
         self.trust_events = trust_events
         self.dry_run = dry_run
@@ -1319,9 +1572,7 @@ class Deployer:
 
     def handle(self, messages: list[dict]) -> CycleResult:
         """Do what the messages ask, then delete exactly the ones whose work is done."""
-        self.ecr.new_cycle()
-        if self.scan_gate:
-            self.scan_gate.new_cycle()
+        self.new_cycle()
         ignored: list[dict] = []
         pushes: dict[tuple, list[tuple[dict, Push]]] = defaultdict(list)
         keys_of: dict[str, set[tuple]] = {}  # message id -> the images it asks to deploy
@@ -1362,6 +1613,14 @@ class Deployer:
         self.count(result)
         return result
 
+    def new_cycle(self) -> None:
+        """A drain cycle or reconcile pass begins: what ECR and Swarm said before is stale."""
+        self.ecr.new_cycle()
+        if self.scan_gate:
+            self.scan_gate.new_cycle()
+        self.answers: dict[tuple, TagAnswer] = {}  # image key -> ECR's answer this cycle
+        self.listing: list[dict] = []  # the services as listed this cycle (for AFTER_LABEL)
+
     def count(self, result: CycleResult) -> None:
         messages = self.totals["messages"]
         messages["received"] += result.received
@@ -1386,10 +1645,13 @@ class Deployer:
                 targets[key] = (push, push.digest)
                 continue
             try:
-                digest = self.ecr.current_digest(push)
+                answer = self.ecr.current_digest(push)
             except AwsError as e:
                 log.error("%s; %d message(s) kept for retry", e, len(group))
                 continue
+            digest = answer and answer.digest
+            if answer:
+                self.answers[key] = answer
             if digest is None:
                 log.info("%s no longer exists in ECR; nothing to deploy", push.image)
                 gone.append(key)
@@ -1410,7 +1672,7 @@ class Deployer:
         if not targets:
             return [], set()
         try:
-            services = self.services()
+            services = self.listing = self.services()
         except DockerError as e:
             log.error("%s; %d message(s) kept for retry", e, sum(len(pushes[key]) for key in targets))
             self.systemd.status("docker unreachable: retrying" if e.status is None else "docker error: retrying")
@@ -1446,6 +1708,13 @@ class Deployer:
             log.error("Cannot read the task history of service %s: %s", service_label(service), e)
             return False
         try:
+            release = self.release(service, push, digest)
+        except (ValueError, DockerError) as e:
+            release = Release("held", f"cannot apply its release policy: {e}")
+        if release.decision != "deploy":
+            self.not_released(service, pinned_image(uses_image(service, push), push.tag, digest), release)
+            return True  # handled: a later reconcile pass rolls it to what the tag points to then
+        try:
             verdict = self.scan_gate.verdict(service, push, digest) if self.scan_gate else None
         except AwsError as e:
             log.error("Cannot check the ECR scan for service %s: %s", service_label(service), e)
@@ -1468,6 +1737,76 @@ class Deployer:
             return True
         log.info("Service %s passes its scan gate for %s: %s", service_label(service), image, verdict.reason)
         return self.pin_service(service, push, digest, result)
+
+    def release(self, service: dict, push: Push, digest: str) -> Release:
+        """The operator's release policy (labels, else the fleet defaults) for this service and digest."""
+        labels = service["Spec"].get("Labels") or {}
+        names = after_names(labels, self.release_defaults)
+        by_name = {s["Spec"].get("Name"): s for s in self.listing}
+        leaders = []
+        for name in names:
+            leader = by_name.get(name)
+            if leader is None:
+                leaders.append(Leader(name, False, None, None, None))
+                continue
+            runs = runs_digest(leader, digest)
+            since = soak_start(leader, self.docker.tasks(leader["ID"]), digest) if runs else None
+            leaders.append(Leader(name, runs, (leader.get("UpdateStatus") or {}).get("State"), since,
+                                  self.failure_of(leader, digest)))
+        answer = self.answers.get(push.image_key)
+        age = answer.age if answer and answer.digest == digest else None
+        return release_policy(labels, self.release_defaults, time.time(), age, leaders,
+                              self.docker.date if names else None)
+
+    def promote_if_due(self, service: dict, key: tuple, answer: TagAnswer, answers: dict) -> bool:
+        """Tag the digest this service runs as its PROMOTE_LABEL tag once its rollout completed and soaked,
+        for whatever follows that tag (another swarm, account or region, through ECR's push event).
+        Idempotent: a tag already at the digest is left alone. False if ECR or Docker failed."""
+        labels, status = service["Spec"].get("Labels") or {}, service.get("UpdateStatus") or {}
+        tag, digest = str(labels.get(PROMOTE_LABEL, "")).strip(), answer.digest
+        target = answers.get(key[:3] + (tag,))
+        runs = runs_digest(service, digest)
+        try:
+            since = soak_start(service, self.docker.tasks(service["ID"]), digest) if runs else None
+            decision = promotion(labels, runs, status.get("State"), since,
+                                 self.failure_of(service, digest) if runs else None,
+                                 target and target.digest, digest, self.docker.date, time.time())
+        except (ValueError, DockerError) as e:
+            log.error("Cannot promote from service %s: %s", service_label(service), e)
+            return False
+        if decision.decision == "wait":
+            self.reconciler.wake_at(decision.until)
+        if decision.decision != "deploy":
+            return True
+        image = f"{running_image(service).name}:{tag}@{digest}"
+        if self.dry_run:
+            log.info("Would promote %s (service %s)", image, service_label(service))
+            return True
+        try:
+            promoted = self.ecr.promote(*key[:3], digest, tag)
+        except AwsError as e:
+            log.error("Cannot promote %s: %s", image, e)
+            return False
+        if promoted:
+            log.info("Promoted %s: service %s runs it, rollout completed%s", image, service_label(service),
+                     f", soaked {labels[SOAK_LABEL]}" if labels.get(SOAK_LABEL) else "")
+            self.rollouts.counts["promoted"] += 1
+            self.rollouts.notify(notification("promoted", service["Spec"].get("Name", "?"), service["ID"], image, 0.0,
+                                              self.rollouts.node_name(), f"tagged as :{tag}"))
+        return True
+
+    def not_released(self, service: dict, image: str, release: Release) -> None:
+        """Say once (per service, digest and reason) why a service is not rolled now, and make sure a
+        reconcile pass comes when the wait may end."""
+        key = (service["ID"], image)
+        reason = re.sub(r"\(?(?:in|rolls in) [0-9dhms ]+\)?", "", release.reason)  # the same wait, counting down
+        if self.reported_waits.get(key) != reason:
+            self.reported_waits[key] = reason
+            log.log(logging.WARNING if release.decision == "held" else logging.INFO, "Service %s %s %s: %s",
+                    service_label(service), "holds back" if release.decision == "held" else "waits before", image,
+                    release.reason)
+        if release.decision == "wait":
+            self.reconciler.wake_at(release.until or time.time() + WAVE_RECHECK)
 
     def failure_of(self, service: dict, digest: str) -> str | None:
         """Why the digest must not be rolled onto the service (its rollout failed there), or None. Swarm's
@@ -1677,6 +2016,8 @@ class Rollouts:
                 rollout.label, rollout.image, words, duration, f": {message}" if message else "")
         self.outcomes.append(outcome)
         self.counts[outcome] += 1
+        if outcome == "completed":  # a wave may follow it, a promotion may be due: look again soon
+            self.deployer.reconciler.wake_at(time.time())
         self.notify(notification(outcome, rollout.name, rollout.service_id, rollout.image, duration,
                                  self.node_name(), message, rollback=rollout.rollback))
         if rollout.rollback or not service:
@@ -1872,6 +2213,8 @@ class AuthKeeper:
 # --------------------------------------------------------------------------- the reconcile pass
 
 RECONCILE_RETRY = 60.0  # s: a pass that failed (Docker or ECR unreachable) is tried again this soon
+WAVE_RECHECK = 15.0  # s: a service waiting for another's rollout to complete is looked at again this soon
+WAKE_SLACK = 0.5  # s: a pass for a wait that ends at T comes just after T (a window is surely open then)
 ECR_CONCURRENCY = 8  # DescribeImages calls in flight at once (botocore clients are thread-safe)
 
 
@@ -1910,49 +2253,63 @@ class Reconciler:
 
     def __init__(self, deployer: Deployer, interval: float):
         self.deployer, self.interval = deployer, interval
-        self.due_at = 0.0  # time.monotonic(): the first pass comes after the first poll
+        self.due_at = 0.0 if interval else math.inf  # time.monotonic(): the first pass comes after the first poll
+
+    def wake_at(self, epoch: float) -> None:
+        """Something waits until then (a window opens, a soak ends): a pass comes at that moment."""
+        self.due_at = min(self.due_at, time.monotonic() + max(0.0, epoch - time.time()) + WAKE_SLACK)
 
     def seconds_until_due(self) -> int:
-        """How long the loop's long poll may wait before the next pass is due (at least 1 s)."""
-        if not self.interval:
+        """How long the loop's long poll may wait before the next pass is due (1 to 20 s)."""
+        if self.due_at == math.inf:
             return FIRST_WAIT_LOOP
-        return max(FIRST_WAIT_ONCE, math.ceil(self.due_at - time.monotonic()))
+        return max(FIRST_WAIT_ONCE, min(FIRST_WAIT_LOOP, math.ceil(self.due_at - time.monotonic())))
 
     def run_if_due(self) -> None:
-        """Loop mode, each turn: a pass every `interval` (a failed one is retried sooner)."""
-        if not self.interval or time.monotonic() < self.due_at:
+        """Loop mode, each turn: a pass every `interval`, and whenever a wait ends (a failed pass is
+        retried sooner). Passes woken by waits run even with the periodic pass off."""
+        if time.monotonic() < self.due_at:
             return
-        self.due_at = time.monotonic() + min(self.interval, RECONCILE_RETRY)  # if the pass raises
-        if self.run_pass():
-            self.due_at = time.monotonic() + self.interval
+        self.due_at, retry = math.inf, time.monotonic() + RECONCILE_RETRY
+        try:
+            passed = self.run_pass()
+        except (AwsError, DockerError):
+            self.due_at = min(self.due_at, retry)
+            raise
+        self.due_at = min(self.due_at, time.monotonic() + self.interval if self.interval else math.inf,
+                          math.inf if passed else retry)
 
     def run_pass(self) -> bool:
         """One pass; True if nothing failed. Raises DockerError when Docker cannot list services."""
         deployer = self.deployer
-        deployer.ecr.new_cycle()
-        if deployer.scan_gate:
-            deployer.scan_gate.new_cycle()
-        services = deployer.docker.services()
+        deployer.new_cycle()
+        services = deployer.listing = deployer.docker.services()
         followed = {s["ID"]: key for s in services if (key := followed_tag(s, deployer.label_filter))}
         if not followed:
             log.debug("Reconcile pass: no service follows an ECR tag")
             return True
-        now_at, errors = tag_digests(deployer.ecr, set(followed.values()))
+        promotes = {key[:3] + (str(s["Spec"]["Labels"][PROMOTE_LABEL]).strip(),) for s in services
+                    if (key := followed.get(s["ID"])) and PROMOTE_LABEL in (s["Spec"].get("Labels") or {})}
+        now_at, errors = tag_digests(deployer.ecr, set(followed.values()) | promotes)
+        deployer.answers.update(now_at)
         for error in errors.values():
             log.error("Reconcile pass: %s", error)
         result, done = CycleResult(), []
         for service in services:
             key = followed.get(service["ID"])
-            if key in now_at and not runs_digest(service, now_at[key][0]):
-                digest, pushed_at = now_at[key]
-                push = Push(*key, digest, time=pushed_at, reconcile=True)
-                done.append(deployer.gated_pin(service, push, digest, result))
+            if key in now_at and not runs_digest(service, now_at[key].digest):
+                answer = now_at[key]
+                push = Push(*key, answer.digest, time=answer.pushed_text, reconcile=True)
+                done.append(deployer.gated_pin(service, push, answer.digest, result))
+        promoted = [deployer.promote_if_due(service, followed[service["ID"]], now_at[followed[service["ID"]]], now_at)
+                    for service in services if followed.get(service["ID"]) in now_at
+                    and PROMOTE_LABEL in (service["Spec"].get("Labels") or {})]
         deployer.totals["services_updated"] += len(result.updated)
         summary = (f"Reconcile pass: {len(done)} of {len(followed)} service(s) following {len(set(followed.values()))} "
                    f"ECR tag(s) behind; {len(result.updated)} updated, {done.count(None)} waiting, "
                    f"{done.count(True) - len(result.updated)} held back or blocked, {done.count(False)} failed")
         log.log(logging.INFO if done or errors else logging.DEBUG, "%s", summary)
-        return not errors and False not in done
+        return not errors and False not in done + promoted
 
 
 def service_label(service: dict) -> str:
@@ -2172,19 +2529,40 @@ class Systemd:
 def status_rows(deployer: Deployer) -> list[dict]:
     """One row per service that runs an ECR image (admitted by --filter-label), by name. Reads
     Docker and ECR (DescribeImages per repository, scans of gated digests); changes nothing."""
-    services = sorted(deployer.docker.services(), key=lambda s: s["Spec"].get("Name", ""))
+    services = deployer.listing = sorted(deployer.docker.services(), key=lambda s: s["Spec"].get("Name", ""))
     listed = [s for s in services if (ref := running_image(s)) and ecr_registry(ref.host)
               and (deployer.label_filter is None or deployer.label_filter.admits(s["Spec"].get("Labels")))]
     followed = {s["ID"]: followed_tag(s, None) for s in listed}
     keys = {key for key in followed.values() if key}
+    keys |= {key[:3] + (str(s["Spec"]["Labels"][PROMOTE_LABEL]).strip(),) for s in listed
+             if (key := followed[s["ID"]]) and PROMOTE_LABEL in (s["Spec"].get("Labels") or {})}
     now_at, errors = tag_digests(deployer.ecr, keys)
+    deployer.answers.update(now_at)
     rows = []
     for service in listed:
         key = followed[service["ID"]]
         error = errors.get(key[:3]) if key else None
         state = ("unknown", error) if error else status_of(deployer, service, key, now_at.get(key))
-        rows.append(status_row(service, key, now_at.get(key), state))
+        row = status_row(service, key, now_at.get(key), state)
+        if key and key in now_at and PROMOTE_LABEL in (service["Spec"].get("Labels") or {}):
+            row["promotion"] = promotion_text(deployer, service, key, now_at)
+            row["reason"] = "; ".join(filter(None, (row["reason"], row["promotion"])))
+        rows.append(row)
     return rows
+
+
+def promotion_text(deployer: Deployer, service: dict, key: tuple, answers: dict) -> str:
+    labels, status, answer = service["Spec"]["Labels"], service.get("UpdateStatus") or {}, answers[key]
+    runs = runs_digest(service, answer.digest)
+    target = answers.get(key[:3] + (str(labels[PROMOTE_LABEL]).strip(),))
+    since = soak_start(service, deployer.docker.tasks(service["ID"]), answer.digest) if runs else None
+    try:
+        decision = promotion(labels, runs, status.get("State"), since,
+                             deployer.failure_of(service, answer.digest) if runs else None,
+                             target and target.digest, answer.digest, deployer.docker.date, time.time())
+    except ValueError as e:
+        return f"cannot promote: {e}"
+    return f"promotes to :{labels[PROMOTE_LABEL]} now" if decision.decision == "deploy" else decision.reason
 
 
 def status_of(deployer: Deployer, service: dict, key: tuple | None, answer: tuple[str, str] | None) -> tuple[str, str]:
@@ -2195,15 +2573,21 @@ def status_of(deployer: Deployer, service: dict, key: tuple | None, answer: tupl
         return "pinned", "pinned by digest: follows no tag"
     if answer is None:
         return "tag gone", f"ECR has no {key[2]}:{key[3]}"
-    digest, pushed_at = answer
+    digest, pushed_at = answer.digest, answer.pushed_text
     if runs_digest(service, digest):
         return current_state(service, digest)
     failure = deployer.failure_of(service, digest)
     if failure:
         return "held back", f"{failure} (`docker service update --label-rm {FAILED_LABEL} {spec.get('Name')}` " \
                             f"lets it roll)"
-    verdict = deployer.scan_gate.verdict(service, Push(*key, digest, time=pushed_at, reconcile=True), digest) \
-        if deployer.scan_gate else None
+    push = Push(*key, digest, time=pushed_at, reconcile=True)
+    try:
+        release = deployer.release(service, push, digest)
+    except ValueError as e:
+        return "held back", f"cannot apply its release policy: {e}"
+    if release.decision != "deploy":
+        return ("waiting" if release.decision == "wait" else "held back"), release.reason
+    verdict = deployer.scan_gate.verdict(service, push, digest) if deployer.scan_gate else None
     if verdict and verdict.decision in ("blocked", "wait"):
         return ("blocked" if verdict.decision == "blocked" else "waiting"), verdict.reason
     return "behind", f"the tag points to {short_digest(digest)} (pushed {pushed_at or '?'}): the next push or " \
@@ -2380,7 +2764,9 @@ def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deplo
                         auth_refresh=0.0 if args.once else args.auth_refresh,
                         state_directory=os.environ.get("STATE_DIRECTORY"),
                         # --trust-events deploys what events name, and may not call DescribeImages: no pass
-                        reconcile_every=0.0 if args.trust_events else args.reconcile_every)
+                        reconcile_every=0.0 if args.trust_events else args.reconcile_every,
+                        release_defaults={k: v for k, v in ((WINDOW_LABEL, args.window), (MIN_AGE_LABEL, args.min_age))
+                                          if v})
     backoff = Backoff()
     while True:
         try:

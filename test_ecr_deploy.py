@@ -2713,7 +2713,8 @@ def test_current_state(update_status, expected):
 def test_status_table_lines_up_columns_like_docker_service_ls():
     svc = service(f"{HOST}/team/web:latest@{DIGEST_A}")
     svc["UpdateStatus"] = {"State": "completed", "CompletedAt": "2026-12-03T10:00:05.123Z"}
-    rows = [ed.status_row(svc, ("1", "r", "team/web", "latest"), (DIGEST_B, "2026-12-03T10:00:00Z"),
+    pushed = datetime.datetime(2026, 12, 3, 10, 0, tzinfo=datetime.timezone.utc)
+    rows = [ed.status_row(svc, ("1", "r", "team/web", "latest"), ed.TagAnswer(DIGEST_B, pushed, None),
                           ("behind", "the tag points to bbbbbbbbbbbb")),
             ed.status_row(service(f"{HOST}/team/api@{DIGEST_A}"), None, None, ("pinned", "pinned by digest"))]
     text = ed.status_table(rows)
@@ -2723,6 +2724,7 @@ def test_status_table_lines_up_columns_like_docker_service_ls():
     assert lines[2].split()[:5] == ["svc", "team/api:-", "aaaaaaaaaaaa", "-", "pinned"]
     assert len({line.index("STATE") if "STATE" in line else line.index(" behind") + 1 for line in lines[:2]}) == 1
     assert rows[0]["tag_now"] == DIGEST_B and rows[0]["last_rollout_at"] == "2026-12-03T10:00:05"
+    assert rows[0]["pushed_at"] == "2026-12-03T10:00:00Z"
 
 
 @pytest.mark.parametrize("argv,env,expected", [
