@@ -211,8 +211,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.dry_run and not (args.once or args.reconcile):
         parser.error("--dry-run goes with --once or --reconcile: messages it does not delete come back, and in "
                      "a loop every pass would count towards the queue's maxReceiveCount")
-    if args.wait and not args.once:
-        parser.error("--wait goes with --once (loop mode always follows its rollouts)")
+    if args.wait and not (args.once or args.reconcile):
+        parser.error("--wait goes with --once or --reconcile (loop mode always follows its rollouts)")
     if args.filter_label:
         key, sep, value = args.filter_label.partition("=")
         if not key.strip():
@@ -606,14 +606,22 @@ def failed_digest(service: dict) -> str | None:
     return first if DIGEST.fullmatch(first) else None
 
 
-# Swarm rolled the service back after an update failed (FailureAction=rollback, or `docker service rollback`).
-SWARM_ROLLED_BACK = ("rollback_completed", "rollback_paused")
+# Swarm rolls (or rolled) the service back: FailureAction=rollback, or `docker service rollback`.
+SWARM_ROLLBACK = ("rollback_started", "rollback_completed", "rollback_paused")
+# A task of a service that ended in one of these failed: Swarm's updater counts any state past RUNNING.
+TASK_FAILURES = ("complete", "failed", "rejected", "orphaned")
 
 
 def tried_and_failed(tasks: list[dict], digest: str) -> bool:
     """Did a task pinned to this digest fail here? (Swarm's task history, which it prunes.)"""
     return any((t.get("Spec", {}).get("ContainerSpec", {}).get("Image") or "").endswith("@" + digest)
-               and t.get("Status", {}).get("State") in ("failed", "rejected") for t in tasks)
+               and t.get("Status", {}).get("State") in TASK_FAILURES for t in tasks)
+
+
+def rolled_back_from(service: dict, digest: str) -> bool:
+    """`docker service rollback` keeps the spec it left as PreviousSpec (Swarm's automatic one does not)."""
+    previous = (service.get("PreviousSpec") or {}).get("TaskTemplate", {}).get("ContainerSpec", {}).get("Image") or ""
+    return (service.get("UpdateStatus") or {}).get("State") in SWARM_ROLLBACK and previous.endswith("@" + digest)
 
 
 # --------------------------------------------------------------------------- release policy (pure)
@@ -727,7 +735,7 @@ def soak_start(service: dict, tasks: list[dict], digest: str) -> datetime | None
     times = [parse_swarm_time((service.get("UpdateStatus") or {}).get("CompletedAt"))]
     times += [parse_swarm_time(t.get("Status", {}).get("Timestamp")) for t in tasks
               if (t.get("Spec", {}).get("ContainerSpec", {}).get("Image") or "").endswith("@" + digest)
-              and t.get("Status", {}).get("State") in ("failed", "rejected")]
+              and t.get("Status", {}).get("State") in TASK_FAILURES]
     return max(filter(None, times), default=None)
 
 
@@ -818,8 +826,8 @@ def after_names(labels: dict, defaults: dict) -> list[str]:
 # --------------------------------------------------------------------------- status (pure)
 
 # --status: each state, and what it tells cron or monitoring (the exit code is the worst row's).
-STATUS_EXIT = {"current": 0, "pinned": 0, "job": 0, "rolling out": 0,
-               "behind": 4, "waiting": 4,
+STATUS_EXIT = {"current": 0, "pinned": 0, "job": 0, "rolling out": 0, "not pinned": 0,
+               "behind": 4, "waiting": 4, "rolling back": 4,
                "held back": 5, "blocked": 5, "failed": 5, "tag gone": 5, "unknown": 1}
 
 
@@ -1104,6 +1112,11 @@ class QueueNotFound(AwsError, Misconfigured):
 class AccessDenied(AwsError, Misconfigured):
     """Fatal at start: the role lacks a permission (later, revoked credentials are an outage)."""
 
+    @classmethod
+    def wrap(cls, error: Exception, doing: str) -> AwsError:
+        wrapped = AwsError.wrap(error, doing)
+        return cls(str(wrapped)) if error_code(error) in ACCESS_DENIED else wrapped
+
 
 QUEUE_MISSING = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
 ACCESS_DENIED = ("AccessDenied", "AccessDeniedException")
@@ -1299,10 +1312,12 @@ class Ecr:
             return self._client(region).describe_images(
                 registryId=account, repositoryName=repository, imageIds=[{"imageTag": tag} for tag in tags])
         except AWS_ERRORS as e:
-            if error_code(e) in ("ImageNotFoundException", "RepositoryNotFoundException"):
+            if error_code(e) == "RepositoryNotFoundException":
+                return {}  # no repository, no tags: not worth asking tag by tag
+            if error_code(e) == "ImageNotFoundException":
                 return None
             where = f"{repository}:{tags[0]}" if len(tags) == 1 else f"{len(tags)} tags of {repository}"
-            raise AwsError.wrap(e, f"cannot look up {where} in ECR ({account}, {region})") from None
+            raise AccessDenied.wrap(e, f"cannot look up {where} in ECR ({account}, {region})") from None
 
     def promote(self, account: str, region: str, repository: str, digest: str, tag: str) -> bool:
         """Tag the digest as TAG with its own manifest bytes (an image index stays an index, the digest does
@@ -1458,10 +1473,12 @@ class Docker:
     def service(self, service_id: str) -> dict:
         return self.api("GET", f"/services/{urllib.parse.quote(service_id)}")
 
-    def update_service(self, service: dict, spec: dict, registry_auth: str) -> list[str]:
+    def update_service(self, service: dict, spec: dict, registry_auth: str | None) -> list[str]:
+        """POST the spec; without registry_auth Docker keeps the service's own (the CLI's
+        registryAuthFrom=spec), so pull options, and with them tasks not yet running, are untouched."""
         params = {"version": service["Version"]["Index"]}
         reply = self.api("POST", f"/services/{urllib.parse.quote(service['ID'])}/update", params=params,
-                         json=spec, headers={"X-Registry-Auth": registry_auth})
+                         json=spec, headers={"X-Registry-Auth": registry_auth} if registry_auth else {})
         return (reply or {}).get("Warnings") or []
 
     def tasks(self, service_id: str | None = None) -> list[dict]:
@@ -1701,6 +1718,9 @@ class Deployer:
         """pin_service behind the scan gate: True done (or blocked), False failed, None waits for the scan."""
         if runs_digest(service, digest) or (is_job(service["Spec"]) and not reruns_on_push(service["Spec"])):
             return self.pin_service(service, push, digest, result)  # says why it has nothing to do
+        if (service.get("UpdateStatus") or {}).get("State") == "rollback_started":  # a post would cancel it
+            log.info("Service %s is being rolled back by Swarm; not rolled now", service_label(service))
+            return True
         try:
             if self.held_back(service, push, digest):
                 return True
@@ -1814,7 +1834,8 @@ class Deployer:
         if failed_digest(service) == digest:
             return service["Spec"]["Labels"][FAILED_LABEL]
         status = service.get("UpdateStatus") or {}
-        if status.get("State") in SWARM_ROLLED_BACK and tried_and_failed(self.docker.tasks(service["ID"]), digest):
+        if status.get("State") in SWARM_ROLLBACK and (rolled_back_from(service, digest) or
+                                                      tried_and_failed(self.docker.tasks(service["ID"]), digest)):
             return f"Swarm rolled back its rollout ({status['State']}): {status.get('Message', '')}"
         return None
 
@@ -1850,7 +1871,7 @@ class Deployer:
             return with_label(service["Spec"], FAILED_LABEL, record), running_image(service)
 
         self.post_update(listed, account, region, plan, lambda service, *_: log.info(
-            "Recorded on service %s: %s=%s", service_label(service), FAILED_LABEL, record))
+            "Recorded on service %s: %s=%s", service_label(service), FAILED_LABEL, record), with_auth=False)
 
     def blocked(self, service: dict, image: str, reason: str) -> None:
         """A final outcome, reported like a rollout's; the message is done (retrying changes nothing)."""
@@ -1873,6 +1894,11 @@ class Deployer:
             ref = uses_image(service, push)
             if ref is None:
                 log.info("Service %s no longer uses %s; skipped", service_label(service), push.image)
+                return None
+            if ref.digest != (running_image(listed) or ref).digest and ref.digest != digest:
+                # another deployer (or operator) moved it since it was listed, maybe to a newer push than
+                # the one this cycle knows of: never roll it back; the next push or pass decides
+                log.info("Service %s moved to %s meanwhile; skipped", service_label(service), ref.digest)
                 return None
             if is_job(service["Spec"]) and not reruns_on_push(service["Spec"]):
                 log.info("Service %s is a Swarm job, which an update would run again; skipped (label it "
@@ -1897,7 +1923,7 @@ class Deployer:
 
         return self.post_update(listed, push.account, push.region, plan, updated)
 
-    def post_update(self, listed: dict, account: str, region: str, plan, on_success) -> bool:
+    def post_update(self, listed: dict, account: str, region: str, plan, on_success, with_auth: bool = True) -> bool:
         """Let `plan` decide the new spec (None: nothing to do) and post it with registry auth,
         naming the version it was read at. The first attempt uses the listing made this cycle,
         milliseconds old; if the service changed since, Swarm refuses ("update out of sequence")
@@ -1918,10 +1944,10 @@ class Deployer:
                 return True
             spec, ref = decision
             try:
-                username, password = self.ecr.credentials(account, region)
+                auth = registry_auth_header(*self.ecr.credentials(account, region), ref.name.partition("/")[0]) \
+                    if with_auth else None
                 started = time.monotonic()
-                warnings = self.docker.update_service(
-                    service, spec, registry_auth_header(username, password, ref.name.partition("/")[0]))
+                warnings = self.docker.update_service(service, spec, auth)
             except DockerError as e:
                 if (e.out_of_sequence or e.status == 404) and attempt < UPDATE_ATTEMPTS:  # 404: removed?
                     log.info("Service %s changed while updating (attempt %d); retrying", label, attempt)
@@ -1929,7 +1955,7 @@ class Deployer:
                     continue
                 log.error("Cannot update service %s: %s", label, e)
                 return False
-            except AwsError as e:
+            except AwsError as e:  # (the ECR token)
                 log.error("Cannot update service %s: %s", label, e)
                 return False
             for warning in warnings:
@@ -2225,22 +2251,23 @@ def tags_by_repository(keys) -> dict[tuple[str, str, str], set[str]]:
     return by_repository
 
 
-def tag_digests(ecr: Ecr, keys) -> tuple[dict[tuple, tuple[str, str]], dict[tuple, str]]:
-    """(account, region, repository, tag) -> (digest now, pushed at) for the keys whose tag exists:
-    batched per repository, a few repositories at a time (a pass holds up the queue while it runs).
-    Also returns, per (account, region, repository), why ECR could not tell."""
-    def ask(repository_key, tags):
-        try:
-            return repository_key, ecr.tag_digests(*repository_key, tags), None
-        except AwsError as e:
-            return repository_key, {}, str(e)
-
+def tag_digests(ecr: Ecr, keys, heartbeat=lambda: None) -> tuple[dict[tuple, TagAnswer], dict[tuple, AwsError]]:
+    """(account, region, repository, tag) -> what ECR says the tag points to now, for the keys whose tag
+    exists: batched per repository, a few repositories at a time (a pass holds up the queue while it
+    runs), the main thread heartbeating while it waits. Also returns, per (account, region, repository),
+    why ECR could not tell."""
     found, errors = {}, {}
     with concurrent.futures.ThreadPoolExecutor(ECR_CONCURRENCY) as pool:
-        for repository_key, answers, error in pool.map(lambda item: ask(*item), tags_by_repository(keys).items()):
-            if error:
-                errors[repository_key] = error
-            found.update(((*repository_key, tag), answer) for tag, answer in answers.items())
+        asked = {pool.submit(ecr.tag_digests, *key, tags): key for key, tags in tags_by_repository(keys).items()}
+        pending = set(asked)
+        while pending:
+            done, pending = concurrent.futures.wait(pending, timeout=CONNECT_TIMEOUT)
+            heartbeat()  # every call is bounded: a slow or throttled ECR is progress, not a hang
+            for future in done:
+                try:
+                    found.update(((*asked[future], tag), answer) for tag, answer in future.result().items())
+                except AwsError as e:
+                    errors[asked[future]] = e
     return found, errors
 
 
@@ -2254,6 +2281,8 @@ class Reconciler:
     def __init__(self, deployer: Deployer, interval: float):
         self.deployer, self.interval = deployer, interval
         self.due_at = 0.0 if interval else math.inf  # time.monotonic(): the first pass comes after the first poll
+        self.denied: set[tuple[str, str, str]] = set()  # repositories ECR refused to describe: said once
+        self.unpinned: set[str] = set()  # services whose spec names no digest: said once
 
     def wake_at(self, epoch: float) -> None:
         """Something waits until then (a window opens, a soak ends): a pass comes at that moment."""
@@ -2290,13 +2319,25 @@ class Reconciler:
             return True
         promotes = {key[:3] + (str(s["Spec"]["Labels"][PROMOTE_LABEL]).strip(),) for s in services
                     if (key := followed.get(s["ID"])) and PROMOTE_LABEL in (s["Spec"].get("Labels") or {})}
-        now_at, errors = tag_digests(deployer.ecr, set(followed.values()) | promotes)
+        now_at, errors = tag_digests(deployer.ecr, set(followed.values()) | promotes, deployer.systemd.heartbeat)
         deployer.answers.update(now_at)
-        for error in errors.values():
-            log.error("Reconcile pass: %s", error)
+        for repository_key, error in errors.items():
+            if not isinstance(error, AccessDenied):
+                log.error("Reconcile pass: %s", error)
+            elif repository_key not in self.denied:  # (a pull-only cross-account policy): waiting will not help
+                self.denied.add(repository_key)
+                log.error("Reconcile pass: %s; its services are not reconciled (grant ecr:DescribeImages, and for "
+                          "another account's repository its repository policy too)", error)
+        errors = {key: e for key, e in errors.items() if not isinstance(e, AccessDenied)}
         result, done = CycleResult(), []
         for service in services:
             key = followed.get(service["ID"])
+            if key in now_at and running_image(service).digest is None:
+                if service["ID"] not in self.unpinned:
+                    self.unpinned.add(service["ID"])
+                    log.info("Service %s names no digest, so which build it runs is unknown: the reconcile pass "
+                             "leaves it (the next push of :%s pins it)", service_label(service), key[3])
+                continue
             if key in now_at and not runs_digest(service, now_at[key].digest):
                 answer = now_at[key]
                 push = Push(*key, answer.digest, time=answer.pushed_text, reconcile=True)
@@ -2306,8 +2347,9 @@ class Reconciler:
                     and PROMOTE_LABEL in (service["Spec"].get("Labels") or {})]
         deployer.totals["services_updated"] += len(result.updated)
         summary = (f"Reconcile pass: {len(done)} of {len(followed)} service(s) following {len(set(followed.values()))} "
-                   f"ECR tag(s) behind; {len(result.updated)} updated, {done.count(None)} waiting, "
-                   f"{done.count(True) - len(result.updated)} held back or blocked, {done.count(False)} failed")
+                   f"ECR tag(s) behind; {len(result.updated)} updated, {done.count(None)} waiting for a scan, "
+                   f"{done.count(True) - len(result.updated)} not rolled now (the lines above say why), "
+                   f"{done.count(False)} failed")
         log.log(logging.INFO if done or errors else logging.DEBUG, "%s", summary)
         return not errors and False not in done + promoted
 
@@ -2536,13 +2578,16 @@ def status_rows(deployer: Deployer) -> list[dict]:
     keys = {key for key in followed.values() if key}
     keys |= {key[:3] + (str(s["Spec"]["Labels"][PROMOTE_LABEL]).strip(),) for s in listed
              if (key := followed[s["ID"]]) and PROMOTE_LABEL in (s["Spec"].get("Labels") or {})}
-    now_at, errors = tag_digests(deployer.ecr, keys)
+    now_at, errors = tag_digests(deployer.ecr, keys, deployer.systemd.heartbeat)
     deployer.answers.update(now_at)
     rows = []
     for service in listed:
         key = followed[service["ID"]]
         error = errors.get(key[:3]) if key else None
-        state = ("unknown", error) if error else status_of(deployer, service, key, now_at.get(key))
+        try:
+            state = ("unknown", str(error)) if error else status_of(deployer, service, key, now_at.get(key))
+        except (AwsError, DockerError) as e:  # one row unknown, not the whole table
+            state = ("unknown", str(e))
         row = status_row(service, key, now_at.get(key), state)
         if key and key in now_at and PROMOTE_LABEL in (service["Spec"].get("Labels") or {}):
             row["promotion"] = promotion_text(deployer, service, key, now_at)
@@ -2574,8 +2619,12 @@ def status_of(deployer: Deployer, service: dict, key: tuple | None, answer: tupl
     if answer is None:
         return "tag gone", f"ECR has no {key[2]}:{key[3]}"
     digest, pushed_at = answer.digest, answer.pushed_text
+    if running_image(service).digest is None:
+        return "not pinned", "its spec names no digest, so which build it runs is unknown: the next push pins it"
     if runs_digest(service, digest):
         return current_state(service, digest)
+    if (service.get("UpdateStatus") or {}).get("State") == "rollback_started":
+        return "rolling back", (service.get("UpdateStatus") or {}).get("Message", "")
     failure = deployer.failure_of(service, digest)
     if failure:
         return "held back", f"{failure} (`docker service update --label-rm {FAILED_LABEL} {spec.get('Name')}` " \
@@ -2598,7 +2647,7 @@ def show_status(deployer: Deployer, as_json: bool) -> int:
     rows = status_rows(deployer)
     print(json.dumps(rows, indent=2) if as_json else status_table(rows), end="" if not as_json else "\n")
     codes = {STATUS_EXIT[row["state"]] for row in rows}
-    return next((code for code in (5, 4, 1) if code in codes), 0)  # the operator's call first, then the wait
+    return next((code for code in (5, 1, 4) if code in codes), 0)  # what needs someone first, what settles last
 
 
 # --------------------------------------------------------------------------- main
@@ -2673,8 +2722,21 @@ def drain_once(deployer: Deployer, receiver: Receiver, signals: Signals, args: a
     if failed:
         log.error("Some messages were left on the queue for retry")
     if deployer.reconciler.interval and not signals.requested:  # what a lost event missed: cron gets it too
-        reconciled = deployer.reconciler.run_pass()
-        failed = failed or not reconciled
+        failed = not reconcile_once(deployer) or failed
+    return finish_once(deployer, signals, args, failed or waiting)
+
+
+def reconcile_once(deployer: Deployer) -> bool:
+    try:
+        return deployer.reconciler.run_pass()
+    except (AwsError, DockerError) as e:
+        log.error("Reconcile pass: %s", e)
+        return False
+
+
+def finish_once(deployer: Deployer, signals: Signals, args: argparse.Namespace, failed: bool) -> int:
+    """The end of a one-shot run: with --wait, follow its rollouts to their end; write the reports; exit
+    1 if anything failed or was left, or a rollout did not complete."""
     while deployer.rollouts.pending and not signals.requested:  # --wait
         try:
             signals.sleep(1)
@@ -2684,7 +2746,7 @@ def drain_once(deployer: Deployer, receiver: Receiver, signals: Signals, args: a
     write_reports(deployer, args)
     rollouts = deployer.rollouts
     incomplete = [o for o in rollouts.outcomes if o != "completed"] + [r.label for r in rollouts.pending]
-    return 1 if failed or waiting or incomplete else 0  # waiting: left on the queue, for a later run
+    return 1 if failed or incomplete else 0  # (a message waiting for its scan: left on the queue, for a later run)
 
 
 def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args: argparse.Namespace) -> int:
@@ -2795,7 +2857,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.refresh_auth:
             return 0 if deployer.keeper.run_pass() else 1
         if args.reconcile:
-            return 0 if deployer.reconciler.run_pass() else 1
+            return finish_once(deployer, signals, args, not reconcile_once(deployer))
         if args.status:
             return show_status(deployer, args.json)
         queue, receiver = deployer.queue, Receiver(deployer.queue, once=args.once)

@@ -2696,6 +2696,22 @@ def test_tried_and_failed_reads_the_task_history():
     tasks = [task(f"{HOST}/team/web:latest@{DIGEST_A}", "running"), task(f"{HOST}/team/web:latest@{DIGEST_B}", "failed")]
     assert ed.tried_and_failed(tasks, DIGEST_B) and not ed.tried_and_failed(tasks, DIGEST_A)
     assert not ed.tried_and_failed([task(f"{HOST}/team/web:latest@{DIGEST_B}", "shutdown")], DIGEST_B)
+    assert ed.tried_and_failed([task(f"{HOST}/team/web:latest@{DIGEST_B}", "complete")], DIGEST_B)  # exited 0
+
+
+@pytest.mark.parametrize("state,previous,expected", [
+    ("rollback_completed", f"{HOST}/team/web:latest@{DIGEST_B}", True),  # `docker service rollback`
+    ("rollback_started", f"{HOST}/team/web:latest@{DIGEST_B}", True),
+    ("completed", f"{HOST}/team/web:latest@{DIGEST_B}", False),  # an ordinary update since
+    ("rollback_completed", f"{HOST}/team/web:latest@{DIGEST_A}", False),
+    ("rollback_completed", None, False),  # FailureAction=rollback: Swarm keeps no PreviousSpec
+])
+def test_rolled_back_from_reads_what_a_manual_rollback_left(state, previous, expected):
+    svc = service(f"{HOST}/team/web:latest@{DIGEST_A}")
+    svc["UpdateStatus"] = {"State": state}
+    if previous:
+        svc["PreviousSpec"] = {"TaskTemplate": {"ContainerSpec": {"Image": previous}}}
+    assert ed.rolled_back_from(svc, DIGEST_B) is expected
 
 
 @pytest.mark.parametrize("update_status,expected", [
@@ -2778,7 +2794,8 @@ def test_a_lost_push_reaches_its_services_within_one_reconcile_period(aws, image
     repo, (v1, v2), behind = service_on_new_repo(images, swarm, "lost-behind", replicas=1)
     pinned = swarm.create_service("lost-pinned", f"{registry.host}/{repo}@{v1}", registry=registry, replicas=0)
     current = swarm.create_service("lost-current", f"{registry.host}/{repo}:latest@{v2}", registry=registry, replicas=0)
-    untouched = {sid: swarm.service(sid)["Version"]["Index"] for sid in (pinned, current)}
+    unpinned = swarm.create_service("lost-unpinned", f"{registry.host}/{repo}:latest", registry=registry, replicas=0)
+    untouched = {sid: swarm.service(sid)["Version"]["Index"] for sid in (pinned, current, unpinned)}
     queue = aws.new_queue()
     aws.send(queue, event(repository=repo, digest=v2))
     aws.sqs.purge_queue(QueueUrl=queue)  # an operator purged the queue: the event is gone
@@ -2792,7 +2809,9 @@ def test_a_lost_push_reaches_its_services_within_one_reconcile_period(aws, image
     new = f"{registry.host}/{repo}:latest@{v2}"
     assert service_image_of(swarm, behind) == (new, 1)
     assert f"Updated service lost-behind ({behind[:12]}) to {new}" in run.stderr
-    assert "Reconcile pass: 1 of 2 service(s) following 1 ECR tag(s) behind; 1 updated, 0 waiting" in run.stderr
+    assert "Reconcile pass: 1 of 3 service(s) following 1 ECR tag(s) behind; 1 updated, 0 waiting" in run.stderr
+    assert f"Service lost-unpinned ({unpinned[:12]}) names no digest, so which build it runs is unknown: the " \
+           f"reconcile pass leaves it (the next push of :latest pins it)" in run.stderr  # no needless restart
     labels = labels_of(swarm, behind)
     assert labels[ed.DIGEST_LABEL] == v2
     assert re.fullmatch(r"reconcile pass \(ECR: pushed \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\)", labels[ed.SOURCE_LABEL])
@@ -2965,6 +2984,25 @@ def test_swarms_own_rollback_is_recorded_without_restarting_tasks_and_held_back(
         assert service_image_of(swarm, sid)[0] == old
     time.sleep(2)
     assert running_task_ids(swarm, unfollowed) == tasks_before  # the label-only update replaced no task
+
+
+def test_a_manual_rollback_of_a_healthy_digest_holds_it_back(aws, images, clean_swarm, tmp_path):
+    """`docker service rollback` after a rollout that worked (a bug found in production): its tasks ended
+    normally, so only the PreviousSpec Swarm keeps tells the deployer which digest was refused."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "manual-rb", replicas=1)
+    old, new = f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{v2}"
+    env = deployer_env(aws, swarm)
+    assert run_once(env, "--queue", aws.new_queue(), "--wait").returncode == 0  # the pass rolls v2: it works
+    swarm.wait_running(sid, new)
+    docker_cli(swarm, tmp_path / "cli", "service", "rollback", "--detach", "manual-rb")
+    wait_for(lambda: (swarm.service(sid).get("UpdateStatus") or {}).get("State") == "rollback_completed", 60,
+             what=lambda: swarm.service(sid).get("UpdateStatus"))
+    run = run_once(env, "--queue", aws.new_queue())
+    assert run.returncode == 0, run.stderr
+    assert updated_lines(run.stderr) == [] and f"Service manual-rb ({sid[:12]}) holds back {v2}" in run.stderr
+    assert service_image_of(swarm, sid)[0] == old
+    assert labels_of(swarm, sid)[ed.FAILED_LABEL].startswith(f"{v2} rolled back at ")
 
 
 def status(env, *args) -> subprocess.CompletedProcess:
