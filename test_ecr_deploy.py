@@ -2213,6 +2213,9 @@ def test_quick_start_demo_rolls_a_service_and_leaves_nothing_behind():
         updated = [line for line in lines if "ecr_deploy.py |" in line and " Updated service web (" in line]
         completed = [line for line in lines if " Rollout of web (" in line and " completed after " in line]
         assert len(updated) == 1 and len(completed) == 1, output()
+        promoted = [line for line in lines if "ecr_deploy.py |" in line and " Promoted " in line]
+        production = [line for line in lines if " Rollout of web-prod (" in line and " completed after " in line]
+        assert len(promoted) == 1 and ":prod@" in promoted[0] and len(production) == 1, output()
         pushed = subprocess.run([sys.executable, "-m", "rig", "push", "v3"], cwd=HERE, env=env,
                                 capture_output=True, text=True, timeout=60)
         assert pushed.returncode == 0, pushed.stderr
