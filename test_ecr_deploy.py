@@ -2110,7 +2110,8 @@ def test_readme_aws_setup_blocks_run_against_moto(aws, tmp_path):
     region = "eu-west-1"
     env = {**deployer_env(aws), "AWS_REGION": region, "AWS_DEFAULT_REGION": region,
            "PATH": f"{shim.parent}:{os.environ['PATH']}",
-           "QUEUE": f"ecr-deploy-{suffix}", "SWARM": f"swarm-{suffix}", "SCAN_GATE": ""}
+           "QUEUE": f"ecr-deploy-{suffix}", "SWARM": f"swarm-{suffix}", "SCAN_GATE": "",
+           "PROMOTE_REPOS": "team/web team/api"}
 
     def run_block(block, **extra):
         run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], env={**env, **extra}, capture_output=True,
@@ -2145,7 +2146,10 @@ def test_readme_aws_setup_blocks_run_against_moto(aws, tmp_path):
     assert actions == {"sqs:GetQueueUrl", "sqs:GetQueueAttributes", "sqs:ReceiveMessage", "sqs:ChangeMessageVisibility",
                        "sqs:DeleteMessage", "ecr:GetAuthorizationToken",
                        "ecr:DescribeImages", "ecr:DescribeImageScanFindings", "ecr:BatchGetImage",
-                       "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"}
+                       "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability", "ecr:PutImage"}
+    promote = next(s for s in document["PolicyVersion"]["Document"]["Statement"] if s["Action"] == "ecr:PutImage")
+    assert promote["Resource"] == [f"arn:aws:ecr:{region}:{document_account(aws)}:repository/{name}"
+                                   for name in ("team/web", "team/api")]  # only where staging promotes
     run_block(blocks[1], SCAN_GATE="1")  # the scan gate's option: finished scans go to the queue too
     pattern = json.loads(events.describe_rule(Name=f"ecr-push-to-{queue}")["EventPattern"])
     assert pattern == {"$or": [
@@ -2154,6 +2158,10 @@ def test_readme_aws_setup_blocks_run_against_moto(aws, tmp_path):
         {"source": ["aws.ecr"], "detail-type": ["ECR Image Scan"], "detail": {"scan-status": ["COMPLETE"]}},
         {"source": ["aws.inspector2"], "detail-type": ["Inspector2 Scan"],
          "detail": {"scan-status": ["INITIAL_SCAN_COMPLETE"]}}]}
+
+
+def document_account(aws) -> str:
+    return aws.client("sts").get_caller_identity()["Account"]
 
 
 # =========================================================================== the benchmark, short, so it cannot rot
