@@ -3253,6 +3253,10 @@ def test_a_push_outside_its_window_rolls_when_the_window_opens_also_across_a_res
     assert " WARNING " in bad and "holds back" in bad and "label ecr-deploy.window" not in bad and \
         "'weekdays 9 to 5' is not DAYS HH:MM-HH:MM ZONE" in bad or "unknown day 'weekdays'" in bad, bad
     assert service_image_of(swarm, windowed)[0].endswith(v1)
+    waiting = status(clock_at(env, MONDAY_0759), "--json")
+    row = next(r for r in json.loads(waiting.stdout) if r["service"] == "win")
+    assert waiting.returncode == 5 and row["state"] == "waiting"  # (5: win-bad's window cannot be read)
+    assert "opens 2026-12-07T08:00:00Z (in " in row["reason"], row
 
     second = Running(clock_at(env, MONDAY_0759 + datetime.timedelta(seconds=4)), *args)  # a restart: 07:59:54
     try:
@@ -3294,6 +3298,8 @@ def test_min_age_counts_from_ecrs_push_time_and_survives_a_restart(aws, images, 
     finally:
         assert first.stop() == 0
     assert re.search(r"waits before \S+: pushed \d+s ago, ecr-deploy.min-age 8s: rolls in \d+s", first.log), first.log
+    waiting = status(env)
+    assert waiting.returncode == 4 and re.search(r"   waiting   .*: rolls in \d+s", waiting.stdout), waiting.stdout
     second = Running(env, *args)
     try:
         second.wait_line("Updated service aged", timeout=30)
@@ -3390,6 +3396,8 @@ def test_promotion_tags_a_soaked_digest_once_for_production_and_never_a_failed_o
     finally:
         assert second.stop() == 0
     assert "Promoted" not in second.log and updated_lines(second.log) == []
+    rows = {r["service"]: r for r in json.loads(status(env, "--json").stdout)}
+    assert rows["stage"]["promotion"] == "promoted: :prod is at this digest" and rows["prod"]["state"] == "current"
 
     broken = images.push(repo, "latest", "v3-broken", cmd=BROKEN_CMD)
     queue = aws.new_queue()
