@@ -2212,16 +2212,26 @@ def pushed_and_rolled(aws, swarm, running, queue, repo, digest, sid):
              what=lambda: f"{sid[:12]} rolled to {digest}:\n{running.log}")
 
 
-def test_service_index_follows_services_created_changed_and_removed_after_it_listed(aws, images, clean_swarm):
-    swarm, registry = clean_swarm, REGISTRIES[0]
-    repo, (v1, v2), first = service_on_new_repo(images, swarm, "first")
-    queue = aws.new_queue(VisibilityTimeout=2)
+def deployer_with_its_index_filled(aws, images, swarm, name):
+    """A loop-mode deployer whose first push (to the one service there is) listed the swarm's services.
+    Returns (repository, service id, queue, the deployer)."""
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, name)
+    queue = aws.new_queue(VisibilityTimeout=1)
     running = Running(deployer_env(aws, swarm), "--queue", queue, "--auth-refresh", "0")
     try:
         running.wait_line("watching")
-        pushed_and_rolled(aws, swarm, running, queue, repo, v2, first)  # the first push fills the index
+        pushed_and_rolled(aws, swarm, running, queue, repo, v2, sid)
         running.wait_line("Listed 1 service(s); following Docker's service events")
+    except BaseException:
+        running.kill()
+        raise
+    return repo, sid, queue, running
 
+
+def test_service_index_follows_services_created_changed_and_removed_after_it_listed(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    _, _, queue, running = deployer_with_its_index_filled(aws, images, swarm, "first")
+    try:
         # Created after the listing, each pushed to at once (the deployer receives it within milliseconds).
         late = {}
         for i in range(3):
@@ -2257,12 +2267,8 @@ def test_service_index_follows_services_created_changed_and_removed_after_it_lis
 
 def test_service_index_recovers_after_a_dockerd_restart(aws, images, clean_swarm):
     swarm, registry = clean_swarm, REGISTRIES[0]
-    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "reborn")
-    queue = aws.new_queue(VisibilityTimeout=1)
-    running = Running(deployer_env(aws, swarm), "--queue", queue, "--auth-refresh", "0")
+    repo, sid, queue, running = deployer_with_its_index_filled(aws, images, swarm, "reborn")
     try:
-        running.wait_line("watching")
-        pushed_and_rolled(aws, swarm, running, queue, repo, v2, sid)
         v3 = images.push(repo, "latest", "v3")
         swarm.stop()
         running.wait_line("Docker's service events ended")
@@ -2294,7 +2300,9 @@ def test_benchmark_short_mode_runs_on_the_rig(aws, registries, images, clean_swa
     assert report["idle"]["docker_calls"] == 0
     assert report["latency"]["pushes"] == bench.SHORT["latency_pushes"]
     assert {row["measure"] for row in report["targets"]} >= {"latency p50 (ms)", "(a)/(b)", "memory: peak RSS (MiB)",
-                                                           "memory: deployer's share above it (MiB)"}
+                                                           "memory: deployer's share above it (MiB)",
+                                                           "scale: p50 N services / 1 service"}
+    assert report["scale"]["services"] == bench.SHORT["scale_services"] and report["scale"]["p50_n_ms"] > 0
     assert 20 < report["memory"]["floor_rss_mib"] < report["memory"]["rss_at_end_mib"]
     with capsys.disabled():
         print("\n" + bench.table(report))
