@@ -8,9 +8,9 @@ digest, with fresh ECR credentials forwarded to Swarm. Services may opt in to a 
 rolled only to digests whose ECR scan is clean enough ("ECR Image Scan" events trigger them).
 
 Read top-down: configuration, events (pure), images (pure: references, which tag a service
-follows), specs (pure), rollouts (pure), scan gate (pure), AWS shell, Docker shell, the scan gate,
-the drain cycle (Deployer; Rollouts, which follows and rolls back; AuthKeeper, the registry-auth
-keeper), receiving (Receiver: batches bounded in time, held invisible while worked on), reports,
+follows), specs (pure), rollouts (pure), scan gate (pure), AWS shell, Docker shell (and loop mode's
+ServiceIndex, kept current from Docker's events), the scan gate, the drain cycle (Deployer; Rollouts,
+which follows and rolls back; AuthKeeper, the registry-auth keeper), receiving (Receiver: batches bounded in time, held invisible while worked on), reports,
 logging and systemd, main.
 """
 from __future__ import annotations
@@ -995,10 +995,9 @@ class Docker:
         self._on_request = on_request or (lambda: None)  # a heartbeat: each call is bounded, and progress
         self.api_version: str | None = None
 
-    def _request(self, method: str, path: str, **kwargs) -> object:
-        self._on_request()
+    def _send(self, method: str, path: str, timeout=DOCKER_TIMEOUT, **kwargs) -> requests.Response:
         try:
-            reply = self._session.request(method, self._base + path, timeout=DOCKER_TIMEOUT, **kwargs)
+            reply = self._session.request(method, self._base + path, timeout=timeout, **kwargs)
         except requests.RequestException as e:
             reason = ERRNO_TEXT.search(str(e))
             raise DockerError(f"cannot reach Docker at {self.socket}: "
@@ -1009,6 +1008,11 @@ class Docker:
             except (ValueError, KeyError, TypeError):
                 message = reply.text.strip()[:200]
             raise DockerError(f"{method} {path}: {reply.status_code} {message}", reply.status_code)
+        return reply
+
+    def _request(self, method: str, path: str, **kwargs) -> object:
+        self._on_request()
+        reply = self._send(method, path, **kwargs)
         try:
             return reply.json() if reply.content else None
         except ValueError:
@@ -1072,15 +1076,8 @@ class Docker:
         reads wait up to EVENTS_IDLE_TIMEOUT: a quiet swarm sends nothing for hours."""
         if self._prefix is None:
             self.negotiate()
-        try:
-            reply = self._session.get(f"{self._base}{self._prefix}/events", params={"filters": json.dumps(filters)},
-                                      stream=True, timeout=(DOCKER_TIMEOUT[0], EVENTS_IDLE_TIMEOUT))
-        except requests.RequestException as e:
-            raise DockerError(f"cannot follow Docker's events at {self.socket}: {type(e).__name__}") from None
-        if reply.status_code >= 400:
-            reply.close()
-            raise DockerError(f"GET /events: {reply.status_code}", reply.status_code)
-        return reply
+        return self._send("GET", f"{self._prefix}/events", params={"filters": json.dumps(filters)}, stream=True,
+                          timeout=(DOCKER_TIMEOUT[0], EVENTS_IDLE_TIMEOUT))
 
 
 class ServiceIndex:
