@@ -10,8 +10,8 @@ rolled only to digests whose ECR scan is clean enough ("ECR Image Scan" events t
 Read top-down: configuration, events (pure), images (pure: references, which tag a service
 follows), specs (pure), rollouts (pure), scan gate (pure), AWS shell, Docker shell (and loop mode's
 ServiceIndex, kept current from Docker's events), the scan gate, the drain cycle (Deployer; Rollouts,
-which follows and rolls back; AuthKeeper, the registry-auth keeper), receiving (Receiver: batches bounded in time, held invisible while worked on), reports,
-logging and systemd, main.
+which follows and rolls back; AuthKeeper, the registry-auth keeper), receiving (Receiver: batches
+bounded in time, held invisible while worked on), reports, logging and systemd, main.
 """
 from __future__ import annotations
 

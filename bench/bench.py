@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """ecr-deploy benchmark: latency, latency with 1 vs N services in the swarm, burst cost, idle cost,
-the docker CLI way side by side,
-cold start and memory (beside a floor process, bench/floor.py) — measured on the same real rig as the tests (moto_server, a private
-dockerd swarm, TLS registries posing as ECR), with counting proxies in front of the AWS
-endpoint (calls per API action) and the Docker socket (calls per method + path).
+the docker CLI way side by side, cold start and memory (beside a floor process, bench/floor.py) —
+measured on the same real rig as the tests (moto_server, a private dockerd swarm, TLS registries
+posing as ECR), with counting proxies in front of the AWS endpoint (calls per API action) and the
+Docker socket (calls per method + path).
 
     python3 bench/bench.py           # the full run, as a table (as root: it starts dockerd)
     python3 bench/bench.py --json    # the same as JSON
