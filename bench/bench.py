@@ -123,8 +123,9 @@ def percentile(values: list[float], p: float) -> float:
 
 # --------------------------------------------------------------------------- the measurements
 
-def push_latencies_ms(aws, images, swarm, events, repo: str, sid: str, n: int, interval: float) -> list[float]:
-    """A loop-mode deployer started afresh; per push, from SendMessage until Swarm commits the update."""
+def push_latencies_ms(aws, push_image, swarm, events, repo: str, sid: str, n: int, interval: float) -> list[float]:
+    """A loop-mode deployer started afresh; per push (push_image(repo, content) -> digest), from SendMessage
+    until Swarm commits the update."""
     registry = REGISTRIES[0]
     queue = aws.new_queue()
     running = deployer(deployer_env(aws, swarm), "--queue", queue, "--auth-refresh", "0")
@@ -132,7 +133,7 @@ def push_latencies_ms(aws, images, swarm, events, repo: str, sid: str, n: int, i
     try:
         time.sleep(1.5)  # past the first (short) poll: now in the 20 s long poll, as in production
         for i in range(n):
-            digest = images.push(repo, "latest", f"{uuid.uuid4().hex}")
+            digest = push_image(repo, uuid.uuid4().hex)
             started = time.monotonic()
             aws.send(queue, event(repository=repo, digest=digest))
             latencies.append((events.wait({sid}, started) - started) * 1000)
@@ -145,7 +146,8 @@ def push_latencies_ms(aws, images, swarm, events, repo: str, sid: str, n: int, i
 
 def measure_latency(aws, images, swarm, events, n: int, interval: float) -> dict:
     repo, _, sid = service_on_new_repo(images, swarm, "latency", contents=("v0",))
-    ms = push_latencies_ms(aws, images, swarm, events, repo, sid, n, interval)
+    ms = push_latencies_ms(aws, lambda repo, content: images.push(repo, "latest", content), swarm, events,
+                           repo, sid, n, interval)
     return {"pushes": n, "p50_ms": round(percentile(ms, 50), 1), "p95_ms": round(percentile(ms, 95), 1),
             "max_ms": round(max(ms), 1)}
 
@@ -164,22 +166,27 @@ def in_parallel(swarm, work, items: list) -> list:
 def measure_scale(aws, images, swarm, events, n: int, pushes: int, interval: float) -> dict:
     """Push latency with 1 service in the swarm, then with n (the others run images of other repositories,
     without replicas), side by side in one run. Each deployer starts afresh: its first push lists the
-    services (loop mode's index fills then), reported apart; the p50s are of the pushes after it."""
+    services (loop mode's index fills then), reported apart; the p50s are of the pushes after it.
+    Every image is put in ECR only, never pushed to a registry (a second, with bcrypt on every request):
+    services without replicas never pull, and each latency is timed from after the push anyway."""
     registry = REGISTRIES[0]
-    repo, _, sid = service_on_new_repo(images, swarm, "scale", contents=("v0",))
-    one = push_latencies_ms(aws, images, swarm, events, repo, sid, pushes + 1, interval)
-    # Images only in ECR, never pushed to a registry: services without replicas never pull them.
+
+    def put_image(repository: str, content: str) -> str:
+        return aws.put_image(registry.account, registry.region, repository, "latest", content)
+
+    repo = images.new_repository()
+    sid = swarm.create_service("scale", f"{registry.host}/{repo}:latest@{put_image(repo, 'v0')}", replicas=0)
+    one = push_latencies_ms(aws, put_image, swarm, events, repo, sid, pushes + 1, interval)
     fillers = []
     for _ in range(FILLER_REPOSITORIES):
         filler_repo = images.new_repository()
-        digest = aws.put_image(registry.account, registry.region, filler_repo, "latest", filler_repo)
-        fillers.append(f"{registry.host}/{filler_repo}:latest@{digest}")
+        fillers.append(f"{registry.host}/{filler_repo}:latest@{put_image(filler_repo, filler_repo)}")
     started = time.monotonic()
-    filler_ids = in_parallel(swarm, lambda own, i: own.create_service(
-        f"filler-{i}", fillers[i % len(fillers)], registry=registry, replicas=0), list(range(n - 1)))
+    filler_ids = in_parallel(swarm, lambda own, i: own.create_service(f"filler-{i}", fillers[i % len(fillers)],
+                                                                      replicas=0), list(range(n - 1)))
     created_s = time.monotonic() - started
     try:
-        many = push_latencies_ms(aws, images, swarm, events, repo, sid, pushes + 1, interval)
+        many = push_latencies_ms(aws, put_image, swarm, events, repo, sid, pushes + 1, interval)
     finally:
         in_parallel(swarm, lambda own, filler: own.call("DELETE", f"/services/{filler}"), filler_ids)
     p50_one, p50_many = percentile(one[1:], 50), percentile(many[1:], 50)
