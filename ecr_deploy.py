@@ -1092,7 +1092,8 @@ class ServiceIndex:
     sequence") and post_update re-inspects, so staleness costs a retry, never a wrong update. A service
     created just before a push arrives is found if its event was read: a lookup waits out an event being
     applied. An event dockerd has not yet written to the stream (within milliseconds on one host) is not
-    waited for; the next full listing (a reconcile pass, through replace) brings such a service in."""
+    waited for: that one push misses the service, the event stores it for the next, and a full listing
+    (a reconcile pass, through replace) rolls it."""
 
     def __init__(self, docker: Docker):
         self.docker = docker
