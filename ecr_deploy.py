@@ -836,7 +836,7 @@ def parse_swarm_time(text: object) -> datetime | None:
         return None
     match = re.fullmatch(r"(.*?\.\d{1,6})\d*(Z|[+-].*)", text)
     try:
-        return datetime.fromisoformat(f"{match[1]}{match[2]}" if match else text)
+        return in_utc(datetime.fromisoformat(f"{match[1]}{match[2]}" if match else text))
     except ValueError:
         return None
 
@@ -1265,10 +1265,18 @@ class TagAnswer(NamedTuple):
 
 
 def answer_date(reply: dict) -> datetime | None:
+    """The Date of an HTTP answer (AWS's or Docker's clock), in UTC."""
     try:
-        return email.utils.parsedate_to_datetime(reply["ResponseMetadata"]["HTTPHeaders"]["date"])
+        return in_utc(email.utils.parsedate_to_datetime(reply["ResponseMetadata"]["HTTPHeaders"]["date"]))
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def in_utc(moment: datetime | None) -> datetime | None:
+    """An aware datetime; a naive one (a Date header written with -0000, say) is taken as UTC."""
+    if moment is None:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 @dataclass
@@ -1325,7 +1333,8 @@ class Ecr:
                     digest, pushed_at = detail.get("imageDigest"), detail.get("imagePushedAt")
                     if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
                         raise AwsError(f"ECR answered an invalid digest {shown(digest)} for {repository}")
-                    answer = TagAnswer(digest, pushed_at if isinstance(pushed_at, datetime) else None, answered_at)
+                    answer = TagAnswer(digest, in_utc(pushed_at) if isinstance(pushed_at, datetime) else None,
+                                       answered_at)
                     found.update((tag, answer) for tag in detail.get("imageTags") or [] if tag in batch)
         return found
 

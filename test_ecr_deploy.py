@@ -3326,10 +3326,24 @@ def test_promotion(labels, runs, state, failed, target, expected):
     ("2026-12-03T08:45:57.723718013Z", datetime.datetime(2026, 12, 3, 8, 45, 57, 723718, tzinfo=UTC)),
     ("2026-12-03T08:45:57Z", datetime.datetime(2026, 12, 3, 8, 45, 57, tzinfo=UTC)),
     ("0001-01-01T00:00:00Z", datetime.datetime(1, 1, 1, tzinfo=UTC)),
+    ("2026-12-03T08:45:57", datetime.datetime(2026, 12, 3, 8, 45, 57, tzinfo=UTC)),  # no zone: UTC
     ("", None), (None, None), ("yesterday", None),
 ])
 def test_parse_swarm_time(text, expected):
     assert ed.parse_swarm_time(text) == expected
+
+
+@pytest.mark.parametrize("date,expected", [
+    ("Thu, 03 Dec 2026 09:19:55 GMT", datetime.datetime(2026, 12, 3, 9, 19, 55, tzinfo=UTC)),
+    ("Thu, 03 Dec 2026 09:19:55 -0000", datetime.datetime(2026, 12, 3, 9, 19, 55, tzinfo=UTC)),  # naive in Python
+    ("Thu, 03 Dec 2026 10:19:55 +0100", datetime.datetime(2026, 12, 3, 9, 19, 55, tzinfo=UTC)),
+    (None, None), ("soon", None),
+])
+def test_answer_dates_are_aware(date, expected):
+    answered = ed.answer_date({"ResponseMetadata": {"HTTPHeaders": {"date": date}}})
+    assert answered == expected and (answered is None or answered.tzinfo is not None)
+    pushed = datetime.datetime(2026, 12, 3, 9, 19, 50)  # naive, as some clients give it
+    assert ed.TagAnswer(DIGEST_A, ed.in_utc(pushed), answered).age == (5.0 if answered else None)
 
 
 def test_soak_starts_at_completion_or_at_the_last_failed_task_of_the_digest():
