@@ -2025,11 +2025,11 @@ class Deployer:
         except (ValueError, DockerError) as e:
             log.error("Cannot promote from service %s: %s", service_label(service), e)
             return False
+        image = f"{running_image(service).name}:{tag}@{digest}"
         if decision.decision == "wait":
-            self.reconciler.wake_at(decision.until)
+            self.not_released(service, image, decision, "will promote")
         if decision.decision != "deploy":
             return True
-        image = f"{running_image(service).name}:{tag}@{digest}"
         if self.dry_run:
             log.info("Would promote %s (service %s)", image, service_label(service))
             return True
@@ -2046,15 +2046,15 @@ class Deployer:
                                               self.rollouts.node_name(), f"tagged as :{tag}"))
         return True
 
-    def not_released(self, service: dict, image: str, release: Release) -> None:
-        """Say once (per service, digest and reason) why a service is not rolled now, and make sure a
-        reconcile pass comes when the wait may end."""
+    def not_released(self, service: dict, image: str, release: Release, waits: str = "waits before") -> None:
+        """Say once (per service, digest and reason) why a service is not rolled (or does not promote)
+        now, and make sure a reconcile pass comes when the wait may end."""
         key = (service["ID"], image)
         reason = re.sub(r"\(?(?:in|rolls in) [0-9dhms ]+\)?", "", release.reason)  # the same wait, counting down
         if self.reported_waits.get(key) != reason:
             self.reported_waits[key] = reason
             log.log(logging.WARNING if release.decision == "held" else logging.INFO, "Service %s %s %s: %s",
-                    service_label(service), "holds back" if release.decision == "held" else "waits before", image,
+                    service_label(service), "holds back" if release.decision == "held" else waits, image,
                     release.reason)
         if release.decision == "wait":
             self.reconciler.wake_at(release.until or time.time() + WAVE_RECHECK)

@@ -3532,22 +3532,25 @@ def test_promotion_tags_a_soaked_digest_once_for_production_and_never_a_failed_o
     args = ("--queue", queue, "--auth-refresh", "0", "--reconcile-every", "2s")
     first = Running(env, *args)
     try:
-        first.wait_line(f"Promoted {registry.host}/{repo}:prod@{v2}", timeout=60)
-        first.wait_line(f"Updated service prod ({prod[:12]}) to {registry.host}/{repo}:prod@{v2}", timeout=20)
+        first.wait_line(f"Service stage ({stage[:12]}) will promote {registry.host}/{repo}:prod@{v2}: promotes to "
+                        f":prod after soaking 3s: in ", timeout=60)
     finally:
-        assert first.stop() == 0
-    prod_now = ecr.describe_images(repositoryName=repo, imageIds=[{"imageTag": "prod"}])["imageDetails"][0]
-    assert prod_now["imageDigest"] == v2 and sorted(prod_now["imageTags"]) == ["latest", "prod"]
-    assert "soaked 3s" in first.log
-    assert json.loads(summary.read_text())["rollouts"]["promoted"] == 1
-    assert [d["outcome"] for d in webhook.received if d["outcome"] == "promoted"] == ["promoted"]
-    second = Running(env, *args)  # a restart (or another manager): nothing promoted twice
+        assert first.stop() == 0  # a restart during the soak
+    assert "Promoted" not in first.log
+    second = Running(env, *args)
     try:
-        second.wait_line("watching")
-        time.sleep(5)
+        second.wait_line(f"Promoted {registry.host}/{repo}:prod@{v2}", timeout=30)
+        second.wait_line(f"Updated service prod ({prod[:12]}) to {registry.host}/{repo}:prod@{v2}", timeout=20)
     finally:
         assert second.stop() == 0
-    assert "Promoted" not in second.log and updated_lines(second.log) == []
+    prod_now = ecr.describe_images(repositoryName=repo, imageIds=[{"imageTag": "prod"}])["imageDetails"][0]
+    assert prod_now["imageDigest"] == v2 and sorted(prod_now["imageTags"]) == ["latest", "prod"]
+    assert "soaked 3s" in second.log
+    assert json.loads(summary.read_text())["rollouts"]["promoted"] == 1
+    assert [d["outcome"] for d in webhook.received if d["outcome"] == "promoted"] == ["promoted"]
+    again = subprocess.run([sys.executable, DEPLOYER, "--reconcile"], env=env, capture_output=True, text=True,
+                           timeout=60)  # another manager, a redelivery: nothing promoted twice
+    assert again.returncode == 0 and "Promoted" not in again.stderr and updated_lines(again.stderr) == []
     rows = {r["service"]: r for r in json.loads(status(env, "--json").stdout)}
     assert rows["stage"]["promotion"] == "promoted: :prod is at this digest" and rows["prod"]["state"] == "current"
 
