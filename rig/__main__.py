@@ -30,6 +30,7 @@ DEBIAN_PACKAGES = {
     "systemd-analyze": "systemd",  # checks of the unit file
     "ip": "iproute2",  # network namespaces of multi-node swarms
     "iptables": "iptables",
+    "/usr/share/zoneinfo/Europe/Berlin": "tzdata",  # deploy windows' time zones (zoneinfo reads the system's)
 }
 
 
