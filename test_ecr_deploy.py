@@ -1401,6 +1401,32 @@ def test_rollout_state_is_decided_by_spec_identity(found, expected):
     assert ed.rollout_state(found, OURS, 3) == expected
 
 
+def test_a_rollback_spec_undoes_only_what_the_deployer_changed():
+    before = {"Name": "web", "Labels": {"team": "a", ed.DIGEST_LABEL: DIGEST_A, ed.SOURCE_LABEL: "push event 1"},
+              "Mode": {"Replicated": {"Replicas": 2}},
+              "TaskTemplate": {"ContainerSpec": {"Image": f"{HOST}/team/web:latest@{DIGEST_A}", "Env": ["A=1"]},
+                               "ForceUpdate": 2}}
+    ours = ed.updated_spec(before, OURS, ed.provenance_labels(
+        ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_B, "2026-12-03T10:00:00Z"),
+        DIGEST_B, "mgr-1", 0))
+    # An operator mid-rollout: `docker service scale web=5`, `--env-add X=1`, `--label-add owner=ops`.
+    now = json.loads(json.dumps(ours))
+    now["Mode"]["Replicated"]["Replicas"] = 5
+    now["TaskTemplate"]["ContainerSpec"]["Env"].append("X=1")
+    now["Labels"]["owner"] = "ops"
+    spec = ed.rollback_spec(now, before, "sha256:… paused", ours["TaskTemplate"]["ForceUpdate"])
+    assert spec["TaskTemplate"] == {"ContainerSpec": {"Image": before["TaskTemplate"]["ContainerSpec"]["Image"],
+                                                      "Env": ["A=1", "X=1"]}, "ForceUpdate": 4}
+    assert spec["Mode"] == {"Replicated": {"Replicas": 5}}
+    assert spec["Labels"] == {"team": "a", "owner": "ops", ed.DIGEST_LABEL: DIGEST_A, ed.SOURCE_LABEL: "push event 1",
+                              ed.FAILED_LABEL: "sha256:… paused"}  # our deployed-by is gone: it was not there
+    assert now["Labels"][ed.DIGEST_LABEL] == DIGEST_B  # (the current spec is not changed in place)
+    bare = ed.rollback_spec({"TaskTemplate": {"ContainerSpec": {"Image": OURS}, "ForceUpdate": 1}},
+                            {"TaskTemplate": {"ContainerSpec": {"Image": "old"}}}, "r", 1)
+    assert bare == {"TaskTemplate": {"ContainerSpec": {"Image": "old"}, "ForceUpdate": 2},
+                    "Labels": {ed.FAILED_LABEL: "r"}}
+
+
 @pytest.mark.parametrize("spec,global_tasks,expected", [
     ({}, 1, 300),
     ({"Mode": {"Replicated": {"Replicas": 100}}, "UpdateConfig": {"Parallelism": 1, "Delay": 10 * 10**9}}, 1,
@@ -1413,6 +1439,14 @@ def test_rollout_state_is_decided_by_spec_identity(found, expected):
     ({"Mode": {"Global": {}}, "UpdateConfig": {"Parallelism": 1, "Monitor": 30 * 10**9}}, 40, 40 * 30 + 120),
     ({"Mode": {"Replicated": {"Replicas": 2}}, "UpdateConfig": {"Parallelism": 1, "Monitor": 300 * 10**9}}, 40,
      2 * 300 + 120),  # task count matters for global services only
+    # No UpdateConfig stored (compose without update_config): swarmkit's defaults, one task at a time, 5 s each.
+    ({"Mode": {"Replicated": {"Replicas": 60}}}, 1, 60 * 5 + 120),
+    ({"Mode": {"Replicated": {"Replicas": 60}}, "UpdateConfig": None}, 1, 60 * 5 + 120),
+    ({"Mode": {"Global": {}}}, 40, 40 * 5 + 120),
+    # A stored one: Parallelism 0 (or absent) is all at once, an absent Monitor is swarmkit's 5 s.
+    ({"Mode": {"Replicated": {"Replicas": 60}}, "UpdateConfig": {"Parallelism": 0}}, 1, 300),
+    ({"Mode": {"Replicated": {"Replicas": 60}}, "UpdateConfig": {"FailureAction": "pause"}}, 1, 300),
+    ({"Mode": {"Replicated": {"Replicas": 100}}, "UpdateConfig": {"Parallelism": 1, "Delay": 0}}, 1, 100 * 5 + 120),
 ])
 def test_default_rollout_timeout(spec, global_tasks, expected):
     assert ed.default_rollout_timeout(spec, global_tasks) == expected
@@ -1422,15 +1456,20 @@ def task(service_id, desired, state):
     return {"ServiceID": service_id, "DesiredState": desired, "Status": {"State": state}}
 
 
-def test_services_with_starting_tasks_are_those_a_re_post_would_disturb():
-    tasks = [task("running", "running", "running"), task("running", "shutdown", "pending"),
-             task("ready", "running", "ready"), task("starting", "running", "starting"),
-             task("pending", "running", "running"), task("pending", "running", "pending"),
-             task("preparing", "running", "preparing"), task("assigned", "running", "assigned"),
-             task("new", "running", "new"), task("done", "shutdown", "complete"),
-             task("failed", "shutdown", "failed"), task("job", "complete", "complete"),
-             task("odd", "running", "unheard-of")]
-    assert ed.services_with_starting_tasks(tasks) == {"pending", "preparing", "assigned", "new"}
+@pytest.mark.parametrize("desired,state,skipped", [
+    # on a node and starting there (pulling): a re-post would replace it, and the node starts over
+    ("running", "assigned", True), ("running", "accepted", True), ("running", "preparing", True),
+    # on no node yet (a constraint nobody meets, max replicas per node): replaced at no cost, needs the auth
+    ("running", "new", False), ("running", "allocated", False), ("running", "pending", False),
+    # READY..RUNNING: swarmkit ignores new pull options for them
+    ("running", "ready", False), ("running", "starting", False), ("running", "running", False),
+    # not meant to run (any more)
+    ("shutdown", "preparing", False), ("shutdown", "complete", False), ("shutdown", "failed", False),
+    ("complete", "complete", False), ("running", "unheard-of", False),
+])
+def test_the_keeper_skips_only_services_with_a_task_starting_on_a_node(desired, state, skipped):
+    tasks = [task("web", desired, state), task("other", "running", "running")]
+    assert ed.services_with_starting_tasks(tasks) == ({"web"} if skipped else set())
     assert ed.services_with_starting_tasks([]) == set()
 
 

@@ -11,7 +11,7 @@ import requests
 import requests_unixsocket
 
 import ecr_deploy as ed
-from rig.common import free_port, wait_for
+from rig.common import free_port, unmount_under, wait_for
 
 GWBRIDGE = pathlib.Path("/sys/class/net/docker_gwbridge")
 
@@ -57,8 +57,11 @@ class Swarm:
             self.proc.wait()
 
     def close(self):
-        """Stop dockerd for good and remove what it left on the host."""
+        """Stop dockerd for good and remove what it left on the host: the docker_gwbridge link, and
+        the mounts under its folder (its ingress network namespace stays mounted after it exits),
+        which would keep the folder, and its mounts, on the host for ever."""
         self.stop()
+        unmount_under(self.dir)
         if self.made_gwbridge and GWBRIDGE.exists():
             subprocess.run(["ip", "link", "delete", "docker_gwbridge"], check=False)
 
