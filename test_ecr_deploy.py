@@ -2188,7 +2188,8 @@ def test_readme_aws_setup_blocks_run_against_moto(aws, tmp_path):
     region = "eu-west-1"
     env = {**deployer_env(aws), "AWS_REGION": region, "AWS_DEFAULT_REGION": region,
            "PATH": f"{shim.parent}:{os.environ['PATH']}",
-           "QUEUE": f"ecr-deploy-{suffix}", "SWARM": f"swarm-{suffix}", "SCAN_GATE": ""}
+           "QUEUE": f"ecr-deploy-{suffix}", "SWARM": f"swarm-{suffix}", "SCAN_GATE": "",
+           "PROMOTE_REPOS": "team/web team/api"}
 
     def run_block(block, **extra):
         run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], env={**env, **extra}, capture_output=True,
@@ -2223,7 +2224,10 @@ def test_readme_aws_setup_blocks_run_against_moto(aws, tmp_path):
     assert actions == {"sqs:GetQueueUrl", "sqs:GetQueueAttributes", "sqs:ReceiveMessage", "sqs:ChangeMessageVisibility",
                        "sqs:DeleteMessage", "ecr:GetAuthorizationToken",
                        "ecr:DescribeImages", "ecr:DescribeImageScanFindings", "ecr:BatchGetImage",
-                       "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"}
+                       "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability", "ecr:PutImage"}
+    promote = next(s for s in document["PolicyVersion"]["Document"]["Statement"] if s["Action"] == "ecr:PutImage")
+    assert promote["Resource"] == [f"arn:aws:ecr:{region}:{document_account(aws)}:repository/{name}"
+                                   for name in ("team/web", "team/api")]  # only where staging promotes
     run_block(blocks[1], SCAN_GATE="1")  # the scan gate's option: finished scans go to the queue too
     pattern = json.loads(events.describe_rule(Name=f"ecr-push-to-{queue}")["EventPattern"])
     assert pattern == {"$or": [
@@ -2232,6 +2236,10 @@ def test_readme_aws_setup_blocks_run_against_moto(aws, tmp_path):
         {"source": ["aws.ecr"], "detail-type": ["ECR Image Scan"], "detail": {"scan-status": ["COMPLETE"]}},
         {"source": ["aws.inspector2"], "detail-type": ["Inspector2 Scan"],
          "detail": {"scan-status": ["INITIAL_SCAN_COMPLETE"]}}]}
+
+
+def document_account(aws) -> str:
+    return aws.client("sts").get_caller_identity()["Account"]
 
 
 # =========================================================================== the benchmark, short, so it cannot rot
@@ -2291,6 +2299,9 @@ def test_quick_start_demo_rolls_a_service_and_leaves_nothing_behind():
         updated = [line for line in lines if "ecr_deploy.py |" in line and " Updated service web (" in line]
         completed = [line for line in lines if " Rollout of web (" in line and " completed after " in line]
         assert len(updated) == 1 and len(completed) == 1, output()
+        promoted = [line for line in lines if "ecr_deploy.py |" in line and " Promoted " in line]
+        production = [line for line in lines if " Rollout of web-prod (" in line and " completed after " in line]
+        assert len(promoted) == 1 and ":prod@" in promoted[0] and len(production) == 1, output()
         pushed = subprocess.run([sys.executable, "-m", "rig", "push", "v3"], cwd=HERE, env=env,
                                 capture_output=True, text=True, timeout=60)
         assert pushed.returncode == 0, pushed.stderr
@@ -3196,6 +3207,330 @@ def test_status_shows_each_state_and_its_exit_code_tells_monitoring(aws, images,
     assert row["reason"].startswith("its rollout paused: update paused due to failure")
     assert row["source"].startswith("push event ") and row["deployed_by"]
     assert status(env).returncode == 5
+
+
+# =========================================================================== release policy: windows, min-age, waves, promotion
+
+UTC = datetime.timezone.utc
+MONDAY_0759 = datetime.datetime(2026, 12, 7, 7, 59, 50, tzinfo=UTC)  # 08:59:50 in Berlin (winter)
+BERLIN_WEEKDAYS = "Mon-Fri 09:00-16:00 Europe/Berlin"
+
+
+@pytest.mark.parametrize("window,now,is_open,opens", [
+    (BERLIN_WEEKDAYS, MONDAY_0759, False, datetime.datetime(2026, 12, 7, 8, 0, tzinfo=UTC)),
+    (BERLIN_WEEKDAYS, datetime.datetime(2026, 12, 7, 8, 0, tzinfo=UTC), True, None),
+    (BERLIN_WEEKDAYS, datetime.datetime(2026, 12, 7, 14, 59, 59, tzinfo=UTC), True, None),
+    (BERLIN_WEEKDAYS, datetime.datetime(2026, 12, 7, 15, 0, tzinfo=UTC), False,
+     datetime.datetime(2026, 12, 8, 8, 0, tzinfo=UTC)),
+    (BERLIN_WEEKDAYS, datetime.datetime(2026, 12, 5, 12, 0, tzinfo=UTC), False,  # Saturday -> Monday
+     datetime.datetime(2026, 12, 7, 8, 0, tzinfo=UTC)),
+    (BERLIN_WEEKDAYS, datetime.datetime(2026, 7, 6, 7, 30, tzinfo=UTC), True, None),  # summer: 09:30 CEST
+    ("Fri-Mon 22:00-02:00 UTC", datetime.datetime(2026, 12, 8, 1, 0, tzinfo=UTC), True, None),  # Monday night
+    ("Fri-Mon 22:00-02:00 UTC", datetime.datetime(2026, 12, 8, 2, 0, tzinfo=UTC), False,
+     datetime.datetime(2026, 12, 11, 22, 0, tzinfo=UTC)),
+    ("Mon,Wed 09:00-10:00,14:00-15:00 UTC; Sat 10:00-24:00 America/New_York",
+     datetime.datetime(2026, 12, 7, 10, 30, tzinfo=UTC), False, datetime.datetime(2026, 12, 7, 14, 0, tzinfo=UTC)),
+    ("daily 00:00-24:00 UTC", datetime.datetime(2026, 12, 9, 23, 59, tzinfo=UTC), True, None),
+])
+def test_window_state(window, now, is_open, opens):
+    assert ed.window_state(ed.parse_window(window), now) == (is_open, opens)
+
+
+@pytest.mark.parametrize("window,words", [
+    ("Mon-Fri 09:00-16:00 Mars/Olympus", "unknown time zone 'Mars/Olympus'"),
+    ("Mon-Fry 09:00-16:00 UTC", "unknown day 'mon-fry'"),
+    ("Mon-Fri 9-5 UTC", "'9-5' is not a time range HH:MM-HH:MM"),
+    ("Mon-Fri 09:00-24:30 UTC", "'09:00-24:30' is not a time range"),
+    ("Mon-Fri 09:00-16:00", "is not DAYS HH:MM-HH:MM ZONE"),
+    ("", "empty window"),
+])
+def test_bad_windows_say_why(window, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        ed.parse_window(window)
+
+
+NOW_EPOCH = MONDAY_0759.timestamp()
+DONE_AT = datetime.datetime(2026, 12, 7, 7, 50, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("labels,defaults,age,leaders,swarm_now,expected", [
+    ({}, {}, None, [], None, ("deploy", None)),
+    ({ed.WINDOW_LABEL: BERLIN_WEEKDAYS}, {}, 0, [], None, ("wait", NOW_EPOCH + 10)),
+    ({}, {ed.WINDOW_LABEL: BERLIN_WEEKDAYS}, 0, [], None, ("wait", NOW_EPOCH + 10)),  # the fleet default
+    ({ed.WINDOW_LABEL: "always"}, {ed.WINDOW_LABEL: BERLIN_WEEKDAYS}, 0, [], None, ("deploy", None)),
+    ({ed.MIN_AGE_LABEL: "10m"}, {}, 60.0, [], None, ("wait", NOW_EPOCH + 540)),
+    ({ed.MIN_AGE_LABEL: "10m"}, {}, 600.0, [], None, ("deploy", None)),
+    ({ed.MIN_AGE_LABEL: "10m"}, {}, None, [], None, ("wait", None)),  # no ECR push time: never by our clock
+    ({ed.AFTER_LABEL: "web"}, {}, None, [ed.Leader("web", False, "completed", None, None)], None, ("wait", None)),
+    ({ed.AFTER_LABEL: "web"}, {}, None, [ed.Leader("web", True, "updating", None, None)], None, ("wait", None)),
+    ({ed.AFTER_LABEL: "web"}, {}, None, [ed.Leader("web", True, "completed", DONE_AT, None)], MONDAY_0759,
+     ("deploy", None)),
+    ({ed.AFTER_LABEL: "web", ed.SOAK_LABEL: "15m"}, {}, None,
+     [ed.Leader("web", True, "completed", DONE_AT, None)], MONDAY_0759, ("wait", NOW_EPOCH + 310)),
+    ({ed.AFTER_LABEL: "web", ed.SOAK_LABEL: "5m"}, {}, None,
+     [ed.Leader("web", True, "completed", DONE_AT, None)], MONDAY_0759, ("deploy", None)),
+    ({ed.AFTER_LABEL: "web,api"}, {}, None, [ed.Leader("web", True, "completed", DONE_AT, None),
+                                              ed.Leader("api", False, "paused", None, "paused at ...")], MONDAY_0759,
+     ("held", None)),
+])
+def test_release_policy(labels, defaults, age, leaders, swarm_now, expected):
+    release = ed.release_policy(labels, defaults, NOW_EPOCH, age, leaders, swarm_now)
+    assert (release.decision, release.until) == expected, release
+    assert release.decision == "deploy" or release.reason
+
+
+def test_release_policy_reasons_say_when_the_wait_ends():
+    window = ed.release_policy({ed.WINDOW_LABEL: BERLIN_WEEKDAYS}, {}, NOW_EPOCH, 0, [], None)
+    assert window.reason == f"outside its deploy window {BERLIN_WEEKDAYS!r}: opens 2026-12-07T08:00:00Z (in 10s)"
+    aged = ed.release_policy({ed.MIN_AGE_LABEL: "10m"}, {}, NOW_EPOCH, 90061.0 - 86400, [], None)
+    assert aged.reason == "pushed 1h 1m 1s ago, ecr-deploy.min-age 10m: rolls in 0s" or aged.decision == "deploy"
+    with pytest.raises(ValueError):
+        ed.release_policy({ed.MIN_AGE_LABEL: "soon"}, {}, NOW_EPOCH, 0, [], None)
+
+
+@pytest.mark.parametrize("labels,runs,state,failed,target,expected", [
+    ({ed.PROMOTE_LABEL: "prod"}, True, "completed", None, DIGEST_A, ("deploy", None)),
+    ({ed.PROMOTE_LABEL: "prod", ed.SOAK_LABEL: "15m"}, True, "completed", None, DIGEST_A, ("wait", NOW_EPOCH + 310)),
+    ({ed.PROMOTE_LABEL: "prod"}, True, "completed", None, DIGEST_B, ("held", None)),  # already there
+    ({ed.PROMOTE_LABEL: "prod"}, True, "paused", None, DIGEST_A, ("held", None)),  # failed
+    ({ed.PROMOTE_LABEL: "prod"}, True, "updating", None, DIGEST_A, ("held", None)),  # not yet
+    ({ed.PROMOTE_LABEL: "prod"}, False, "completed", None, DIGEST_A, ("held", None)),  # superseded, blocked
+    ({ed.PROMOTE_LABEL: "prod"}, True, "completed", "rolled back ...", DIGEST_A, ("held", None)),
+    ({ed.PROMOTE_LABEL: "prod"}, True, "completed", None, None, ("deploy", None)),  # TAG not in ECR yet
+    ({ed.PROMOTE_LABEL: "prod\n"}, True, "completed", None, DIGEST_A, ("deploy", None)),  # (stripped)
+    ({ed.PROMOTE_LABEL: "../x"}, True, "completed", None, DIGEST_A, ("held", None)),  # not a tag
+])
+def test_promotion(labels, runs, state, failed, target, expected):
+    release = ed.promotion(labels, runs, state, DONE_AT, failed, target, DIGEST_B, MONDAY_0759, NOW_EPOCH)
+    assert (release.decision, release.until) == expected, release
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("2026-12-03T08:45:57.723718013Z", datetime.datetime(2026, 12, 3, 8, 45, 57, 723718, tzinfo=UTC)),
+    ("2026-12-03T08:45:57Z", datetime.datetime(2026, 12, 3, 8, 45, 57, tzinfo=UTC)),
+    ("0001-01-01T00:00:00Z", datetime.datetime(1, 1, 1, tzinfo=UTC)),
+    ("", None), (None, None), ("yesterday", None),
+])
+def test_parse_swarm_time(text, expected):
+    assert ed.parse_swarm_time(text) == expected
+
+
+def test_soak_starts_at_completion_or_at_the_last_failed_task_of_the_digest():
+    svc = {"UpdateStatus": {"State": "completed", "CompletedAt": "2026-12-07T07:50:00.5Z"}}
+    task = {"Spec": {"ContainerSpec": {"Image": f"{HOST}/team/web:latest@{DIGEST_B}"}},
+            "Status": {"State": "failed", "Timestamp": "2026-12-07T07:55:00.1Z"}}
+    assert ed.soak_start(svc, [], DIGEST_B) == datetime.datetime(2026, 12, 7, 7, 50, 0, 500000, tzinfo=UTC)
+    assert ed.soak_start(svc, [task], DIGEST_B) == datetime.datetime(2026, 12, 7, 7, 55, 0, 100000, tzinfo=UTC)
+    assert ed.soak_start(svc, [task], DIGEST_A) == datetime.datetime(2026, 12, 7, 7, 50, 0, 500000, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--queue", "q", "--window", "Mon-Fri 09:00-16:00 Atlantis/Capital"], "unknown time zone"),
+    (["--queue", "q", "--min-age", "a while"], "not a duration"),
+])
+def test_release_flag_usage_errors(monkeypatch, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        ed.parse_args(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+
+
+def clock_at(env: dict, at: datetime.datetime) -> dict:
+    """The deployer's clock set to `at` (and running on from there): libfaketime, as `faketime` does."""
+    if not pathlib.Path(LIBFAKETIME).exists():
+        rig_unavailable("faketime is not installed (apt-get install faketime)")
+    return {**env, "LD_PRELOAD": LIBFAKETIME, "FAKETIME": f"{at.timestamp() - time.time():+.0f}s", "TZ": "UTC"}
+
+
+def logged_at(line: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(line.split(" ", 1)[0])
+
+
+def test_a_push_outside_its_window_rolls_when_the_window_opens_also_across_a_restart(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region = registry.account, registry.region
+    repo = images.new_repository()
+    v1, v2 = (aws.put_image(account, region, repo, "latest", v) for v in ("v1", "v2"))
+    windowed = swarm.create_service("win", f"{registry.host}/{repo}:latest@{v1}", replicas=0,
+                                    labels={ed.WINDOW_LABEL: BERLIN_WEEKDAYS})
+    broken = swarm.create_service("win-bad", f"{registry.host}/{repo}:latest@{v1}", replicas=0,
+                                  labels={ed.WINDOW_LABEL: "weekdays 9 to 5"})
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    env = deployer_env(aws, swarm)
+    args = ("--queue", queue, "--auth-refresh", "0")
+    first = Running(clock_at(env, MONDAY_0759 - datetime.timedelta(seconds=2)), *args)  # 07:59:48 UTC
+    try:
+        first.wait_line("waits before", timeout=30)
+        wait_for(lambda: aws.queue_depth(queue) == 0, 10)  # handled like any other message
+    finally:
+        assert first.stop() == 0
+    new = f"{registry.host}/{repo}:latest@{v2}"
+    assert f"Service win ({windowed[:12]}) waits before {new}: outside its deploy window {BERLIN_WEEKDAYS!r}: " \
+           f"opens 2026-12-07T08:00:00Z (in " in first.log
+    bad = next(line for line in first.log.splitlines() if "win-bad" in line)
+    assert " WARNING " in bad and "holds back" in bad and "label ecr-deploy.window" not in bad and \
+        "'weekdays 9 to 5' is not DAYS HH:MM-HH:MM ZONE" in bad or "unknown day 'weekdays'" in bad, bad
+    assert service_image_of(swarm, windowed)[0].endswith(v1)
+    waiting = status(clock_at(env, MONDAY_0759), "--json")
+    row = next(r for r in json.loads(waiting.stdout) if r["service"] == "win")
+    assert waiting.returncode == 5 and row["state"] == "waiting"  # (5: win-bad's window cannot be read)
+    assert "opens 2026-12-07T08:00:00Z (in " in row["reason"], row
+
+    second = Running(clock_at(env, MONDAY_0759 + datetime.timedelta(seconds=4)), *args)  # a restart: 07:59:54
+    try:
+        second.wait_line(f"Updated service win ({windowed[:12]})", timeout=30)
+        time.sleep(1)
+    finally:
+        assert second.stop() == 0
+    update = next(line for line in second.log.splitlines() if "Updated service win " in line)
+    assert logged_at(update) >= datetime.datetime(2026, 12, 7, 8, 0, tzinfo=UTC), second.log  # not a moment early
+    assert logged_at(update) < datetime.datetime(2026, 12, 7, 8, 0, 3, tzinfo=UTC), second.log  # and on time
+    assert len(updated_lines(first.log + second.log)) == 1
+    assert service_image_of(swarm, windowed) == (new, 1) and service_image_of(swarm, broken)[0].endswith(v1)
+
+    # cron: a --once run rolls a waiting service only inside its window
+    v3 = aws.put_image(account, region, repo, "latest", "v3")
+    sunday = run_once(clock_at(env, datetime.datetime(2026, 12, 6, 12, 0, tzinfo=UTC)), "--queue", aws.new_queue())
+    assert sunday.returncode == 0 and updated_lines(sunday.stderr) == [], sunday.stderr
+    assert re.search(r"opens 2026-12-07T08:00:00Z \(in (20h|19h 59m [0-9]+s)\)", sunday.stderr), sunday.stderr
+    monday = run_once(clock_at(env, datetime.datetime(2026, 12, 7, 9, 0, tzinfo=UTC)), "--queue", aws.new_queue())
+    assert monday.returncode == 0 and service_image_of(swarm, windowed)[0].endswith(v3), monday.stderr
+
+
+def test_min_age_counts_from_ecrs_push_time_and_survives_a_restart(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region = registry.account, registry.region
+    repo = images.new_repository()
+    v1 = aws.put_image(account, region, repo, "latest", "v1")
+    sid = swarm.create_service("aged", f"{registry.host}/{repo}:latest@{v1}", replicas=0,
+                               labels={ed.MIN_AGE_LABEL: "8s"})
+    v2 = aws.put_image(account, region, repo, "latest", "v2")
+    pushed = time.monotonic()
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    env = deployer_env(aws, swarm)
+    args = ("--queue", queue, "--auth-refresh", "0")
+    first = Running(env, *args)
+    try:
+        first.wait_line("waits before", timeout=30)
+    finally:
+        assert first.stop() == 0
+    assert re.search(r"waits before \S+: pushed \d+s ago, ecr-deploy.min-age 8s: rolls in \d+s", first.log), first.log
+    waiting = status(env)
+    assert waiting.returncode == 4 and re.search(r"   waiting   .*: rolls in \d+s", waiting.stdout), waiting.stdout
+    second = Running(env, *args)
+    try:
+        second.wait_line("Updated service aged", timeout=30)
+        rolled_after = time.monotonic() - pushed
+    finally:
+        assert second.stop() == 0
+    assert 7 <= rolled_after < 12, (rolled_after, second.log)  # ECR's clock has whole seconds in its Date
+    assert len(updated_lines(first.log + second.log)) == 1 and service_image_of(swarm, sid)[0].endswith(v2)
+
+
+def test_a_wave_follows_its_leader_after_the_soak_and_never_takes_a_failed_digest(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = images.push(repo, "latest", "v1")
+    old = f"{registry.host}/{repo}:latest@{v1}"
+    web = swarm.create_service("wave-web", old, registry=registry, update_config=FAST_MONITOR)
+    api = swarm.create_service("wave-api", old, registry=registry, replicas=0,
+                               labels={ed.AFTER_LABEL: "wave-web", ed.SOAK_LABEL: "5s"})
+    swarm.wait_running(web, old)
+    v2 = images.push(repo, "latest", "v2")
+    new = f"{registry.host}/{repo}:latest@{v2}"
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    env = deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1")
+    args = ("--queue", queue, "--auth-refresh", "0")
+    first = Running(env, *args)
+    try:
+        first.wait_line(f"Rollout of wave-web ({web[:12]}) to {new} completed", timeout=60)
+        first.wait_line("wave-web soaks for 5s", timeout=20)
+    finally:
+        assert first.stop() == 0
+    assert f"Service wave-api ({api[:12]}) waits before {new}: waits for wave-web's rollout to complete" in first.log
+    assert service_image_of(swarm, api)[0] == old
+    second = Running(env, *args)  # restarted during the soak
+    try:
+        second.wait_line(f"Updated service wave-api ({api[:12]}) to {new}", timeout=30)
+    finally:
+        assert second.stop() == 0
+    completed = ed.parse_swarm_time(swarm.service(web)["UpdateStatus"]["CompletedAt"])
+    update = next(line for line in second.log.splitlines() if "Updated service wave-api" in line)
+    assert (logged_at(update) - completed).total_seconds() >= 5 - 1  # (Swarm's clock and ours, on one machine)
+    assert len([line for line in updated_lines(first.log + second.log) if "wave-api" in line]) == 1
+
+    broken = images.push(repo, "latest", "v3-broken", cmd=BROKEN_CMD)
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=broken))
+    run = run_once(env, "--queue", queue, "--wait")
+    assert run.returncode == 1  # the leader's rollout failed
+    assert f"Rollback of wave-web ({web[:12]}) to {new} completed" in run.stderr
+    again = run_once(env, "--queue", aws.new_queue())
+    assert f"Service wave-api ({api[:12]}) holds back {registry.host}/{repo}:latest@{broken}: wave-web's rollout " \
+           f"of this digest failed" in again.stderr, again.stderr
+    assert service_image_of(swarm, api)[0] == new
+    rows = json.loads(status(env, "--json").stdout)
+    assert next(r for r in rows if r["service"] == "wave-api")["state"] == "held back"
+
+
+def test_promotion_tags_a_soaked_digest_once_for_production_and_never_a_failed_one(aws, images, clean_swarm, webhook,
+                                                                                   tmp_path):
+    """Staging follows :latest and promotes to :prod after a soak; production follows :prod (here in the
+    same swarm; in life another swarm, account or region, through ECR's push event for :prod)."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    ecr = aws.client("ecr", registry.region)
+    repo = images.new_repository()
+    v1 = images.push(repo, "latest", "v1")
+    manifest = ecr.batch_get_image(repositoryName=repo, imageIds=[{"imageDigest": v1}])["images"][0]["imageManifest"]
+    ecr.put_image(repositoryName=repo, imageManifest=manifest, imageTag="prod", imageDigest=v1)  # :prod at v1
+    stage = swarm.create_service("stage", f"{registry.host}/{repo}:latest@{v1}", registry=registry,
+                                 update_config=FAST_MONITOR, labels={ed.PROMOTE_LABEL: "prod", ed.SOAK_LABEL: "3s"})
+    prod = swarm.create_service("prod", f"{registry.host}/{repo}:prod@{v1}", registry=registry, replicas=0)
+    swarm.wait_running(stage, f"{registry.host}/{repo}:latest@{v1}")
+    v2 = images.push(repo, "latest", "v2")
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    summary = tmp_path / "summary.json"
+    env = deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1", DEPLOYER_NOTIFY_URL=webhook.url,
+                       DEPLOYER_SUMMARY_FILE=str(summary))
+    args = ("--queue", queue, "--auth-refresh", "0", "--reconcile-every", "2s")
+    first = Running(env, *args)
+    try:
+        first.wait_line(f"Promoted {registry.host}/{repo}:prod@{v2}", timeout=60)
+        first.wait_line(f"Updated service prod ({prod[:12]}) to {registry.host}/{repo}:prod@{v2}", timeout=20)
+    finally:
+        assert first.stop() == 0
+    prod_now = ecr.describe_images(repositoryName=repo, imageIds=[{"imageTag": "prod"}])["imageDetails"][0]
+    assert prod_now["imageDigest"] == v2 and sorted(prod_now["imageTags"]) == ["latest", "prod"]
+    assert "soaked 3s" in first.log
+    assert json.loads(summary.read_text())["rollouts"]["promoted"] == 1
+    assert [d["outcome"] for d in webhook.received if d["outcome"] == "promoted"] == ["promoted"]
+    second = Running(env, *args)  # a restart (or another manager): nothing promoted twice
+    try:
+        second.wait_line("watching")
+        time.sleep(5)
+    finally:
+        assert second.stop() == 0
+    assert "Promoted" not in second.log and updated_lines(second.log) == []
+    rows = {r["service"]: r for r in json.loads(status(env, "--json").stdout)}
+    assert rows["stage"]["promotion"] == "promoted: :prod is at this digest" and rows["prod"]["state"] == "current"
+
+    broken = images.push(repo, "latest", "v3-broken", cmd=BROKEN_CMD)
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=broken))
+    run = run_once(env, "--queue", queue, "--wait", "--reconcile-every", "0")
+    assert run.returncode == 1 and f"Rollback of stage ({stage[:12]})" in run.stderr
+    again = run_once(env, "--queue", aws.new_queue())
+    assert "Promoted" not in run.stderr + again.stderr
+    prod_now = ecr.describe_images(repositoryName=repo, imageIds=[{"imageTag": "prod"}])["imageDetails"][0]
+    assert prod_now["imageDigest"] == v2  # a failed staging rollout never reaches production
+    assert service_image_of(swarm, prod)[0].endswith(v2)
+
 
 
 # =========================================================================== high availability: a real multi-node swarm

@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import sys
@@ -26,7 +27,9 @@ from rig.swarm import Swarm
 
 REGISTRY = Registry("111122223333", "eu-central-1", "127.0.0.9")  # apart from the tests' registries
 REPOSITORY = "demo/web"
-SERVICE = "web"
+SERVICE = "web"  # staging: follows :latest, promotes each digest that soaked to :prod
+PRODUCTION = "web-prod"  # follows :prod (in life: another swarm, account or region)
+SOAK = "5s"
 QUEUE = "ecr-deploy-demo"
 STATE = pathlib.Path("/run/ecr-deploy-demo.json")  # how `python3 -m rig push` finds the running demo
 PUSH_COMMAND = "python3 -m rig push"
@@ -41,13 +44,29 @@ def show_deployer_line(line: str) -> None:
     print(f"    ecr_deploy.py | {line.rstrip()}", flush=True)
 
 
+def emulate_eventbridge(aws: Aws, queue_url: str):
+    """ECR sends a push event for every tag put on an image, the deployer's promotions included;
+    moto does not, so the demo sends the event of each promotion it sees in the deployer's log."""
+    promoted = re.compile(rf"Promoted \S+/{REPOSITORY}:(\S+)@(sha256:[0-9a-f]{{64}})")
+
+    def on_line(line: str) -> None:
+        show_deployer_line(line)
+        if match := promoted.search(line):
+            aws.send(queue_url, event(account=REGISTRY.account, region=REGISTRY.region, repository=REPOSITORY,
+                                      tag=match[1], digest=match[2], time=utc_now()))
+    return on_line
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def push_and_notify(aws: Aws, images: Images, queue_url: str, version: str, broken: bool = False) -> str:
     """What a `docker push` to ECR causes: the image lands in the registry, ECR records the tag,
     and EventBridge sends an "ECR Image Action" event to the queue."""
     digest = images.push(REPOSITORY, "latest", version, account=REGISTRY.account, cmd=BROKEN_CMD if broken else None)
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     aws.send(queue_url, event(account=REGISTRY.account, region=REGISTRY.region, repository=REPOSITORY,
-                              digest=digest, time=now))
+                              digest=digest, time=utc_now()))
     return digest
 
 
@@ -71,17 +90,26 @@ def main() -> int:
         images = Images(aws, registries)
         images.new_repository(account=REGISTRY.account, name=REPOSITORY)
         v1 = images.push(REPOSITORY, "latest", "v1", account=REGISTRY.account)
-        image = f"{REGISTRY.host}/{REPOSITORY}:latest"
+        ecr = aws.client("ecr", REGISTRY.region)  # :prod is v1 too, in ECR (pulls go by digest)
+        manifest = ecr.batch_get_image(registryId=REGISTRY.account, repositoryName=REPOSITORY,
+                                       imageIds=[{"imageDigest": v1}])["images"][0]["imageManifest"]
+        ecr.put_image(registryId=REGISTRY.account, repositoryName=REPOSITORY, imageManifest=manifest,
+                      imageTag="prod", imageDigest=v1)
+        image, production = f"{REGISTRY.host}/{REPOSITORY}:latest", f"{REGISTRY.host}/{REPOSITORY}:prod"
         service_id = swarm.create_service(SERVICE, f"{image}@{v1}", registry=REGISTRY, replicas=2,
-                                          update_config={"Parallelism": 1, "Monitor": 3_000_000_000})
-        say(f"Service {SERVICE} runs {image}@{v1[:19]}… (2 replicas); waiting for its tasks")
+                                          update_config={"Parallelism": 1, "Monitor": 3_000_000_000},
+                                          labels={"ecr-deploy.promote": "prod", "ecr-deploy.soak": SOAK})
+        production_id = swarm.create_service(PRODUCTION, f"{production}@{v1}", registry=REGISTRY, replicas=1)
+        say(f"Service {SERVICE} (staging) runs {image}@{v1[:19]}… (2 replicas), labelled ecr-deploy.promote=prod "
+            f"ecr-deploy.soak={SOAK};\n    service {PRODUCTION} runs {production} (1 replica); waiting for their tasks")
         swarm.wait_running(service_id, f"{image}@{v1}", replicas=2)
+        swarm.wait_running(production_id, f"{production}@{v1}")
         queue_url = aws.new_queue(QUEUE)
         STATE.write_text(json.dumps({"aws": aws.url, "ca": REGISTRY.ca, "queue": queue_url}))
 
         say(f"Starting ecr_deploy.py in loop mode on queue {QUEUE}; its own log follows")
         env = deployer_env(aws, swarm, DEPLOYER_QUEUE=QUEUE, DEPLOYER_LOG_FORMAT="text")
-        deployer = Running(env, echo=show_deployer_line)
+        deployer = Running(env, echo=emulate_eventbridge(aws, queue_url))
         cleanup.callback(deployer.kill)
         cleanup.callback(deployer.stop)
         deployer.wait_line(" watching ")
@@ -91,7 +119,12 @@ def main() -> int:
         deployer.wait_line(f"Updated service {SERVICE} ")
         deployer.wait_line(f"Rollout of {SERVICE} ", timeout=120)
         tasks = swarm.running_images(service_id)
-        say(f"Done: {len(tasks)} task(s) of {SERVICE} now run …@{v2[:19]}… — ECR push to running service, for real.\n"
+        say(f"{len(tasks)} task(s) of {SERVICE} now run …@{v2[:19]}… — ECR push to running service, for real.\n"
+            f"    Once the rollout has run for {SOAK} without a failure, the deployer tags that digest :prod in ECR, "
+            f"and ECR's push event for :prod rolls {PRODUCTION}")
+        deployer.wait_line(f"Promoted {production}@{v2}", timeout=60)
+        deployer.wait_line(f"Rollout of {PRODUCTION} ", timeout=120)
+        say(f"Done: {PRODUCTION} runs …@{v2[:19]}… too, promoted from staging.\n"
             f"    Push another version from a second terminal (as root, in this directory):\n\n"
             f"        {PUSH_COMMAND} v3\n\n"
             f"    or a build that crashes, and watch the rollout pause:  {PUSH_COMMAND} v4 --broken\n"
