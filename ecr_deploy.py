@@ -2114,7 +2114,7 @@ class Rollouts:
             spec = rollback_spec(fresh["Spec"], rollout.replaced, record, rollout.force_update)
             ref = running_image({"Spec": spec})
             if ref is None:
-                raise DockerError("the previous spec names no valid image")
+                raise DockerError("the spec our update replaced names no valid image")
             account, region = ecr_registry(ref.host) or (rollout.push.account, rollout.push.region)
             username, password = self.deployer.ecr.credentials(account, region)
             log.info("Rolling back service %s to its previous spec (%s)", rollout.label,
@@ -2188,7 +2188,8 @@ class AuthKeeper:
     service's unchanged spec with a fresh token. A re-post is an update, with side effects (README):
     the spec becomes PreviousSpec and the UpdateStatus of the last real rollout is replaced, and tasks
     not yet READY are replaced; so it skips jobs, services mid-update or followed by us, and services
-    with a task starting on a node (one on no node yet costs nothing to replace, and needs the auth). At most one pass per interval, also across restarts ($STATE_DIRECTORY)."""
+    with a task starting on a node (one on no node yet costs nothing to replace, and needs the auth).
+    At most one pass per interval, also across restarts ($STATE_DIRECTORY)."""
 
     def __init__(self, deployer: Deployer, interval: float, state_directory: str | None):
         self.deployer, self.interval = deployer, interval

@@ -1669,11 +1669,10 @@ def test_an_operators_scale_and_env_during_a_failing_rollout_survive_its_rollbac
         running.wait_line("Updated service operated")
         # `docker service scale operated=2` and `docker service update --env-add X=1`: the spec re-posted
         # without registry auth, our image and ForceUpdate kept, so the rollout is still ours.
-        service = swarm.service(sid)
-        spec = service["Spec"]
-        spec["Mode"]["Replicated"]["Replicas"] = 2
-        spec["TaskTemplate"]["ContainerSpec"]["Env"].append("X=1")
-        swarm.post(f"/services/{sid}/update", params={"version": service["Version"]["Index"]}, json=spec)
+        def scale_and_add_env(spec):
+            spec["Mode"]["Replicated"]["Replicas"] = 2
+            spec["TaskTemplate"]["ContainerSpec"]["Env"].append("X=1")
+        swarm.update(sid, scale_and_add_env)
         code = running.proc.wait(90)
     finally:
         running.kill()
@@ -1953,11 +1952,8 @@ def test_an_update_by_someone_else_supersedes_our_rollout_and_is_never_rolled_ba
                       "--queue", queue)
     try:
         running.wait_line("Updated service contested")
-        service = swarm.service(sid)
-        spec = service["Spec"]
-        spec["TaskTemplate"]["ContainerSpec"]["Image"] = hotfix  # `docker service update --image`
-        swarm.post(f"/services/{sid}/update", params={"version": service["Version"]["Index"]}, json=spec,
-                   headers={"X-Registry-Auth": ed.registry_auth_header("AWS", registry.password, registry.host)})
+        swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=hotfix),  # --image
+                     registry=registry)
         code = running.proc.wait(30)
     finally:
         running.kill()
@@ -2319,7 +2315,8 @@ def test_quick_start_demo_rolls_a_service_and_leaves_nothing_behind():
     assert not demo_module.STATE.exists()
     leftovers = subprocess.run(["pgrep", "-f", "ecrd-demo-"], capture_output=True, text=True).stdout
     assert leftovers == "" and not list(pathlib.Path("/tmp").glob("ecrd-demo-*"))
-    assert [line for line in pathlib.Path("/proc/self/mountinfo").read_text().splitlines() if "ecrd-demo-" in line] == []
+    mounts = pathlib.Path("/proc/self/mountinfo").read_text().splitlines()
+    assert [line for line in mounts if "ecrd-demo-" in line] == []  # dockerd's network namespaces unmounted
     assert GWBRIDGE.exists() == gwbridge_before
 
 
@@ -2605,13 +2602,18 @@ def test_gated_services_deploy_clean_digests_and_block_the_rest(aws, images, cle
     assert f'ecr_deploy_rollouts_total{{outcome="blocked"}} {len(blocked)}' in metrics.read_text()
 
 
+def low_scanned_push(aws, images, registry) -> tuple[str, str, str]:
+    """A repository whose :latest moved from v1 to v2, a scan of v2 finished (LOW 1); in ECR only."""
+    repo = images.new_repository()
+    v1, v2 = (aws.put_image(registry.account, registry.region, repo, "latest", v) for v in ("v1", "v2"))
+    aws.set_scan(registry.account, registry.region, repo, v2, DONE, {"LOW": 1})
+    return repo, v1, v2
+
+
 def test_a_scan_event_rolls_only_gated_services(aws, images, clean_swarm):
     """A scan event says the scan is done, not that the tag moved: ungated services wait for pushes."""
     swarm, registry = clean_swarm, REGISTRIES[0]
-    account, region = registry.account, registry.region
-    repo = images.new_repository()
-    v1, v2 = (aws.put_image(account, region, repo, "latest", v) for v in ("v1", "v2"))
-    aws.set_scan(account, region, repo, v2, DONE, {"LOW": 1})
+    repo, v1, v2 = low_scanned_push(aws, images, registry)
     pinned = f"{registry.host}/{repo}:latest@{v1}"
     gated = swarm.create_service("scan-gated", pinned, registry=registry, replicas=0,
                                  labels={ed.SCAN_THRESHOLD_LABEL: "HIGH"})
@@ -2630,10 +2632,7 @@ def test_a_scan_event_rolls_only_gated_services(aws, images, clean_swarm):
 def test_under_trust_events_a_scan_event_rolls_its_digest_without_describe_images(aws, images, clean_swarm):
     """--trust-events lets users drop ecr:DescribeImages: a scan event then deploys the digest it names."""
     swarm, registry = clean_swarm, REGISTRIES[0]
-    account, region = registry.account, registry.region
-    repo = images.new_repository()
-    v1, v2 = (aws.put_image(account, region, repo, "latest", v) for v in ("v1", "v2"))
-    aws.set_scan(account, region, repo, v2, DONE, {"LOW": 1})
+    repo, v1, v2 = low_scanned_push(aws, images, registry)
     sid = swarm.create_service("trusted-scan", f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0,
                                labels={ed.SCAN_THRESHOLD_LABEL: "HIGH"})
     queue = aws.new_queue()

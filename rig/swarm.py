@@ -103,12 +103,19 @@ class Swarm:
     def service(self, service_id):
         return self.get(f"/services/{service_id}")
 
+    def update(self, service_id, change, registry=None):
+        """As `docker service update` does: the current spec, as `change(spec)` edits it in place, posted
+        at the version it was read at; with registry auth only for `registry` (--with-registry-auth)."""
+        service = self.service(service_id)
+        change(service["Spec"])
+        headers = {"X-Registry-Auth": ed.registry_auth_header("AWS", registry.password, registry.host)} \
+            if registry else {}
+        self.post(f"/services/{service_id}/update", params={"version": service["Version"]["Index"]},
+                  json=service["Spec"], headers=headers)
+
     def scale(self, service_id, replicas):
         """As `docker service scale` does: the spec re-posted with no registry auth."""
-        service = self.service(service_id)
-        spec = service["Spec"]
-        spec["Mode"]["Replicated"]["Replicas"] = replicas
-        self.post(f"/services/{service_id}/update", params={"version": service["Version"]["Index"]}, json=spec)
+        self.update(service_id, lambda spec: spec["Mode"]["Replicated"].update(Replicas=replicas))
 
     def tasks(self, service_id):
         return self.get("/tasks", params={"filters": json.dumps({"service": [service_id]})})
