@@ -8,10 +8,10 @@ digest, with fresh ECR credentials forwarded to Swarm. Services may opt in to a 
 rolled only to digests whose ECR scan is clean enough ("ECR Image Scan" events trigger them).
 
 Read top-down: configuration, events (pure), images (pure: references, which tag a service
-follows), specs (pure), rollouts (pure), scan gate (pure), AWS shell, Docker shell, the scan gate,
-the drain cycle (Deployer; Rollouts, which follows and rolls back; AuthKeeper, the registry-auth
-keeper), receiving (Receiver: batches bounded in time, held invisible while worked on), reports,
-logging and systemd, main.
+follows), specs (pure), rollouts (pure), scan gate (pure), AWS shell, Docker shell (and loop mode's
+ServiceIndex, kept current from Docker's events), the scan gate, the drain cycle (Deployer; Rollouts,
+which follows and rolls back; AuthKeeper, the registry-auth keeper), receiving (Receiver: batches
+bounded in time, held invisible while worked on), reports, logging and systemd, main.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import queue as queues  # the standard library's; Queue here is the SQS queue
 import random
 import re
 import signal
@@ -267,6 +268,10 @@ class Push:
         return (self.account, self.region, self.repository, self.tag)
 
     @property
+    def repository_key(self) -> tuple[str, str, str]:
+        return (self.account, self.region, self.repository)
+
+    @property
     def image(self) -> str:
         suffix = ".cn" if self.region.startswith("cn-") else ""
         return f"{self.account}.dkr.ecr.{self.region}.amazonaws.com{suffix}/{self.repository}:{self.tag}"
@@ -506,6 +511,24 @@ def pinned_digest(service: dict, push: Push) -> str | None:
     """The digest a service of the pushed repository is pinned to (it follows no tag), else None."""
     ref = running_image(service)
     return ref.digest if in_repository(ref, push) and following(service) is None else None
+
+
+def repository_of(service: dict) -> tuple[str, str, str] | None:
+    """(account, region, repository) of the ECR image the service runs, pinned or not; None if not ECR.
+    A push can only concern the services of its own repository: looked up by this key, a push does not
+    parse every service's image (a swarm may hold a thousand)."""
+    ref = running_image(service)
+    registry = ecr_registry(ref.host) if ref else None
+    return (*registry, ref.repository) if registry else None
+
+
+def by_repository(services: list[dict]) -> dict[tuple[str, str, str], list[dict]]:
+    grouped = defaultdict(list)
+    for service in services:
+        key = repository_of(service)
+        if key:
+            grouped[key].append(service)
+    return grouped
 
 
 def services_using(services: list[dict], push: Push, label_filter: LabelFilter | None) -> list[dict]:
@@ -830,7 +853,7 @@ def parse_swarm_time(text: object) -> datetime | None:
         return None
     match = re.fullmatch(r"(.*?\.\d{1,6})\d*(Z|[+-].*)", text)
     try:
-        return datetime.fromisoformat(f"{match[1]}{match[2]}" if match else text)
+        return in_utc(datetime.fromisoformat(f"{match[1]}{match[2]}" if match else text))
     except ValueError:
         return None
 
@@ -1267,10 +1290,18 @@ class TagAnswer(NamedTuple):
 
 
 def answer_date(reply: dict) -> datetime | None:
+    """The Date of an HTTP answer (AWS's or Docker's clock), in UTC."""
     try:
-        return email.utils.parsedate_to_datetime(reply["ResponseMetadata"]["HTTPHeaders"]["date"])
+        return in_utc(email.utils.parsedate_to_datetime(reply["ResponseMetadata"]["HTTPHeaders"]["date"]))
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def in_utc(moment: datetime | None) -> datetime | None:
+    """An aware datetime; a naive one (a Date header written with -0000, say) is taken as UTC."""
+    if moment is None:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 @dataclass
@@ -1327,7 +1358,8 @@ class Ecr:
                     digest, pushed_at = detail.get("imageDigest"), detail.get("imagePushedAt")
                     if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
                         raise AwsError(f"ECR answered an invalid digest {shown(digest)} for {repository}")
-                    answer = TagAnswer(digest, pushed_at if isinstance(pushed_at, datetime) else None, answered_at)
+                    answer = TagAnswer(digest, in_utc(pushed_at) if isinstance(pushed_at, datetime) else None,
+                                       answered_at)
                     found.update((tag, answer) for tag in detail.get("imageTags") or [] if tag in batch)
         return found
 
@@ -1401,6 +1433,8 @@ PING_TIMEOUT = (5, 5)
 # A swarm manager holds API calls while the swarm has no leader (an election takes 10-20 s):
 # say so while it happens, rather than sit silent until the answer or the timeout.
 SLOW_DOCKER_CALL = 5.0
+EVENTS_IDLE_TIMEOUT = 3600  # s: the service index relists after an hour without any service event
+SETTLE_TIMEOUT = 2.0  # s: a lookup waits this long for an event being applied, else relists
 ERRNO_TEXT = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
 
 
@@ -1448,10 +1482,9 @@ class Docker:
         self.date: datetime | None = None  # the Date of Docker's last answer: Swarm's clock, for soak times
         self.answering = True  # False once a call could not reach Docker, until a call (or ping) does
 
-    def _request(self, method: str, path: str, **kwargs) -> object:
-        self._on_request()
+    def _send(self, method: str, path: str, timeout=DOCKER_TIMEOUT, **kwargs) -> requests.Response:
         try:
-            reply = self._session.request(method, self._base + path, timeout=DOCKER_TIMEOUT, **kwargs)
+            reply = self._session.request(method, self._base + path, timeout=timeout, **kwargs)
         except requests.RequestException as e:
             self.answering = False
             reason = ERRNO_TEXT.search(str(e))
@@ -1465,6 +1498,11 @@ class Docker:
             except (ValueError, KeyError, TypeError):
                 message = reply.text.strip()[:200]
             raise DockerError(f"{method} {path}: {reply.status_code} {message}", reply.status_code)
+        return reply
+
+    def _request(self, method: str, path: str, **kwargs) -> object:
+        self._on_request()
+        reply = self._send(method, path, **kwargs)
         try:
             return reply.json() if reply.content else None
         except ValueError:
@@ -1527,6 +1565,180 @@ class Docker:
 
     def node_name(self) -> str:
         return self.api("GET", "/info").get("Name", "?")
+
+    def for_another_thread(self) -> Docker:
+        """A client of the same daemon for another thread: a session of its own (a requests session
+        is not thread-safe) and no heartbeat (only the main thread vouches for the loop)."""
+        other = Docker(f"unix://{self.socket}")
+        other._prefix, other.api_version = self._prefix, self.api_version
+        return other
+
+    def open_events(self, filters: dict) -> requests.Response:
+        """GET /events, streaming: an open reply with one JSON event per line, as they happen. Its
+        reads wait up to EVENTS_IDLE_TIMEOUT: a quiet swarm sends nothing for hours."""
+        if self._prefix is None:
+            self.negotiate()
+        return self._send("GET", f"{self._prefix}/events", params={"filters": json.dumps(filters)}, stream=True,
+                          timeout=(DOCKER_TIMEOUT[0], EVENTS_IDLE_TIMEOUT))
+
+
+class ServiceIndex:
+    """Loop mode: the swarm's services, kept current from Docker's event stream the way a Kubernetes
+    informer keeps its cache, so a push neither lists nor parses every service (with a thousand, that
+    tripled a push's latency). A daemon thread opens GET /events (services only), lists every service
+    once, then re-inspects a service on each create/update event and drops it on remove. When the
+    stream ends (dockerd restarted, an error, EVENTS_IDLE_TIMEOUT of silence: a resync period) the
+    index is stale and the next lookup starts over; a cache known to be stale is never served.
+
+    A cached Version may lag Swarm's by an event: the update posted with it is refused ("update out of
+    sequence") and post_update re-inspects, so staleness costs a retry, never a wrong update. A service
+    created just before a push arrives is found if its event was read: a lookup waits out an event being
+    applied. An event dockerd has not yet written to the stream (within milliseconds on one host) is not
+    waited for: that one push misses the service, the event stores it for the next, and a full listing
+    (a reconcile pass, through replace) rolls it."""
+
+    def __init__(self, docker: Docker):
+        self.docker = docker
+        self._changed = threading.Condition()  # guards all below
+        self._cache = ServiceCache()
+        self._generation: object | None = None  # the live stream's token; None: stale
+        self._applying = False  # an event was read and its service is being inspected
+
+    # ---- lookups (the main thread)
+
+    def services(self) -> list[dict]:
+        self._make_current()
+        with self._changed:
+            return list(self._cache.services.values())
+
+    def services_in(self, repositories: set[tuple]) -> dict[tuple, list[dict]]:
+        """The services running an image of each (account, region, repository)."""
+        self._make_current()
+        with self._changed:
+            return {key: self._cache.in_repository(key) for key in repositories}
+
+    def replace(self, services: list[dict], listed_at: float | None = None) -> None:
+        """Correct the cache with a full listing (a reconcile pass's own); pass listed_at, the
+        time.monotonic() before its GET, so that what events brought in since is kept."""
+        with self._changed:
+            self._cache.replace(services, time.monotonic() if listed_at is None else listed_at)
+
+    def _make_current(self) -> None:
+        """Wait out an event being applied (bounded); if stale, list afresh and follow events again."""
+        with self._changed:
+            settled = self._changed.wait_for(lambda: not self._applying, SETTLE_TIMEOUT)
+            if self._generation is not None and settled:
+                return
+            generation = self._generation = object()  # a thread still applying an event ends with its generation
+        ready: queues.Queue = queues.Queue(maxsize=1)
+        threading.Thread(target=self._follow, args=(generation, ready), name="service-events", daemon=True).start()
+        try:
+            failure = ready.get(timeout=sum(DOCKER_TIMEOUT))  # as long as one Docker call may take
+        except queues.Empty:
+            failure = DockerError(f"Docker at {self.docker.socket} did not list services within {sum(DOCKER_TIMEOUT)}s")
+        if failure:
+            with self._changed:
+                if self._generation is generation:
+                    self._generation = None
+            raise failure
+
+    # ---- the event thread
+
+    def _follow(self, generation: object, ready: queues.Queue) -> None:
+        docker, listed = self.docker.for_another_thread(), False
+        try:
+            with docker.open_events({"type": ["service"]}) as stream:  # first: no change after the listing is missed
+                listed_at = time.monotonic()
+                services = docker.services()
+                self.replace(services, listed_at)
+                log.info("Listed %d service(s); following Docker's service events", len(services))
+                listed = True
+                ready.put(None)
+                for line in stream.iter_lines():
+                    if self._generation is not generation:
+                        return  # superseded: a newer stream and listing took over
+                    if line:
+                        self._apply(docker, json.loads(line))
+            failure = DockerError("dockerd closed the stream")
+        except DockerError as e:
+            failure = e
+        except (requests.RequestException, ValueError) as e:  # dockerd stopped mid-line, or a read timed out
+            failure = DockerError(type(e).__name__)
+        except Exception as e:  # a bug must not leave the index trusted without a stream
+            failure = DockerError(f"unexpected {type(e).__name__}: {e}")
+        if not listed:
+            ready.put(failure)
+        with self._changed:
+            if self._generation is generation:
+                self._generation = None
+                if listed:
+                    log.info("Docker's service events ended (%s); the next push lists every service afresh", failure)
+
+    def _apply(self, docker: Docker, event: dict) -> None:
+        service_id = (event.get("Actor") or {}).get("ID")
+        if not service_id:
+            return
+        with self._changed:
+            self._applying = True
+        try:
+            service = None
+            if event.get("Action") != "remove":
+                try:
+                    service = docker.service(service_id)
+                except DockerError as e:
+                    if e.status != 404:  # 404: removed since, dropped below; anything else: start over
+                        raise
+            with self._changed:
+                if service:
+                    self._cache.store(service, time.monotonic())
+                else:
+                    self._cache.drop(service_id)
+        finally:
+            with self._changed:
+                self._applying = False
+                self._changed.notify_all()
+
+
+class ServiceCache:
+    """The swarm's services by ID and by ECR repository, as last seen (no I/O, no lock: ServiceIndex's)."""
+
+    def __init__(self):
+        self.services: dict[str, dict] = {}
+        self._repository: dict[str, tuple] = {}  # service ID -> repository_of(service), parsed once per version
+        self._by_repository: dict[tuple, dict[str, dict]] = defaultdict(dict)
+        self._stored_at: dict[str, float] = {}  # time.monotonic() of each entry, for replace()
+
+    def in_repository(self, key: tuple) -> list[dict]:
+        return list(self._by_repository.get(key, {}).values())
+
+    def store(self, service: dict, at: float) -> None:
+        service_id = service["ID"]
+        known = self.services.get(service_id)
+        if known and known["Version"]["Index"] > service["Version"]["Index"]:
+            return  # an older answer that arrived late
+        self.drop(service_id)
+        self.services[service_id], self._stored_at[service_id] = service, at
+        key = self._repository[service_id] = repository_of(service)
+        if key:
+            self._by_repository[key][service_id] = service
+
+    def drop(self, service_id: str) -> None:
+        key = self._repository.pop(service_id, None)
+        if key:
+            del self._by_repository[key][service_id]
+            if not self._by_repository[key]:
+                del self._by_repository[key]
+        self.services.pop(service_id, None)
+        self._stored_at.pop(service_id, None)
+
+    def replace(self, services: list[dict], listed_at: float) -> None:
+        """A full listing made at listed_at (time.monotonic() before the GET) is the truth, except for
+        what is newer: entries stored after it (from events), and newer Versions of listed services."""
+        listed = {service["ID"]: service for service in services}
+        for service_id in [i for i in self.services if i not in listed and self._stored_at[i] < listed_at]:
+            self.drop(service_id)
+        for service in listed.values():
+            self.store(service, listed_at)
 
 
 # --------------------------------------------------------------------------- the scan gate
@@ -1607,8 +1819,9 @@ class Deployer:
                  rollback_on_failure: bool = False, notify_urls: tuple[str, ...] = (), dry_run: bool = False,
                  systemd: Systemd | None = None, scan_gate: ScanGate | None = None, auth_refresh: float = 0.0,
                  state_directory: str | None = None, reconcile_every: float = 0.0,
-                 release_defaults: dict | None = None):
+                 release_defaults: dict | None = None, service_index: ServiceIndex | None = None):
         self.queue, self.ecr, self.docker = queue, ecr, docker
+        self.service_index = service_index  # loop mode; without it every cycle lists the services
         self.scan_gate = scan_gate
         self.reported_blocked: set[tuple[str, str]] = set()  # (service ID, image): one ERROR and webhook each
         self.reported_held: set[tuple[str, str]] = set()  # (service ID, digest): one WARNING each
@@ -1724,18 +1937,21 @@ class Deployer:
         return targets, gone
 
     def deploy_all(self, targets: dict, pushes: dict, result: CycleResult) -> tuple[list[tuple], set[tuple]]:
-        """List services once, roll each image's users; returns the images fully deployed, and
-        those where nothing failed but some service waits for an ECR scan."""
+        """Look up each pushed repository's services once (listed, or the index's in loop mode) and roll
+        each image's users; returns the images fully deployed, and those where nothing failed but some
+        service waits for an ECR scan."""
         if not targets:
             return [], set()
         try:
-            services = self.listing = self.services()
+            in_repository = self.services_in({push.repository_key for push, _ in targets.values()})
+            self.listing = [service for group in in_repository.values() for service in group]
         except DockerError as e:
             log.error("%s; %d message(s) kept for retry", e, sum(len(pushes[key]) for key in targets))
             self.systemd.status("docker unreachable: retrying" if e.status is None else "docker error: retrying")
             return [], set()
         deployed, waiting = [], set()
         for key, (push, digest) in targets.items():
+            services = in_repository[push.repository_key]
             users = services_using(services, push, self.label_filter)
             for service in services:
                 pinned = pinned_digest(service, push)
@@ -1751,8 +1967,15 @@ class Deployer:
         return deployed, waiting
 
     def services(self) -> list[dict]:
-        """Every service in the swarm, as a push cycle sees them."""
-        return self.docker.services()
+        """Every service in the swarm, as a push cycle sees them: the index's in loop mode, else listed."""
+        return self.service_index.services() if self.service_index else self.docker.services()
+
+    def services_in(self, repositories: set[tuple]) -> dict[tuple, list[dict]]:
+        """The services running an image of each (account, region, repository), pinned or not."""
+        if self.service_index:
+            return self.service_index.services_in(repositories)
+        grouped = by_repository(self.services())
+        return {key: grouped.get(key, []) for key in repositories}
 
     def gated_pin(self, service: dict, push: Push, digest: str, result: CycleResult) -> bool | None:
         """pin_service behind the scan gate: True done (or blocked), False failed, None waits for the scan."""
@@ -1805,7 +2028,7 @@ class Deployer:
         by_name = {s["Spec"].get("Name"): s for s in self.listing}
         leaders = []
         for name in names:
-            leader = by_name.get(name)
+            leader = by_name.get(name) or self.service_named(name)
             if leader is None:
                 leaders.append(Leader(name, False, None, None, None))
                 continue
@@ -1817,6 +2040,14 @@ class Deployer:
         age = answer.age if answer and answer.digest == digest else None
         return release_policy(labels, self.release_defaults, time.time(), age, leaders,
                               self.docker.date if names else None)
+
+    def service_named(self, name: str) -> dict | None:
+        try:
+            return self.docker.service(name)  # Docker takes a name as well as an ID
+        except DockerError as e:
+            if e.status == 404:
+                return None
+            raise
 
     def promote_if_due(self, service: dict, key: tuple, answer: TagAnswer, answers: dict) -> bool:
         """Tag the digest this service runs as its PROMOTE_LABEL tag once its rollout completed and soaked,
@@ -1834,11 +2065,11 @@ class Deployer:
         except (ValueError, DockerError) as e:
             log.error("Cannot promote from service %s: %s", service_label(service), e)
             return False
+        image = f"{running_image(service).name}:{tag}@{digest}"
         if decision.decision == "wait":
-            self.reconciler.wake_at(decision.until)
+            self.not_released(service, image, decision, "will promote")
         if decision.decision != "deploy":
             return True
-        image = f"{running_image(service).name}:{tag}@{digest}"
         if self.dry_run:
             log.info("Would promote %s (service %s)", image, service_label(service))
             return True
@@ -1855,15 +2086,15 @@ class Deployer:
                                               self.rollouts.node_name(), f"tagged as :{tag}"))
         return True
 
-    def not_released(self, service: dict, image: str, release: Release) -> None:
-        """Say once (per service, digest and reason) why a service is not rolled now, and make sure a
-        reconcile pass comes when the wait may end."""
+    def not_released(self, service: dict, image: str, release: Release, waits: str = "waits before") -> None:
+        """Say once (per service, digest and reason) why a service is not rolled (or does not promote)
+        now, and make sure a reconcile pass comes when the wait may end."""
         key = (service["ID"], image)
         reason = re.sub(r"\(?(?:in|rolls in) [0-9dhms ]+\)?", "", release.reason)  # the same wait, counting down
         if self.reported_waits.get(key) != reason:
             self.reported_waits[key] = reason
             log.log(logging.WARNING if release.decision == "held" else logging.INFO, "Service %s %s %s: %s",
-                    service_label(service), "holds back" if release.decision == "held" else "waits before", image,
+                    service_label(service), "holds back" if release.decision == "held" else waits, image,
                     release.reason)
         if release.decision == "wait":
             self.reconciler.wake_at(release.until or time.time() + WAVE_RECHECK)
@@ -2357,7 +2588,10 @@ class Reconciler:
         """One pass; True if nothing failed. Raises DockerError when Docker cannot list services."""
         deployer = self.deployer
         deployer.new_cycle()
+        listed_at = time.monotonic()
         services = deployer.listing = deployer.docker.services()
+        if deployer.service_index:  # the pass checks the index, as an informer's resync does
+            deployer.service_index.replace(services, listed_at)
         followed = {s["ID"]: key for s in services if (key := followed_tag(s, deployer.label_filter))}
         if not followed:
             log.debug("Reconcile pass: no service follows an ECR tag")
@@ -2918,7 +3152,10 @@ def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deplo
                         # --trust-events deploys what events name, and may not call DescribeImages: no pass
                         reconcile_every=0.0 if args.trust_events else args.reconcile_every,
                         release_defaults={k: v for k, v in ((WINDOW_LABEL, args.window), (MIN_AGE_LABEL, args.min_age))
-                                          if v})
+                                          if v},
+                        # a one-shot process must list anyway: following events pays only in a loop
+                        service_index=None if args.once or args.refresh_auth or args.reconcile or args.status
+                        else ServiceIndex(docker))
     backoff = Backoff()
     while True:
         try:

@@ -458,6 +458,56 @@ def test_services_using_finds_every_match_and_applies_the_label_filter():
     assert ids(ed.services_using(services, PUSH, ed.LabelFilter("other", None))) == []
 
 
+
+@pytest.mark.parametrize("svc,key", [
+    (service(f"{HOST}/team/web:latest@{DIGEST_A}"), ("123456789012", "us-east-1", "team/web")),
+    (service(f"{HOST}/team/web@{DIGEST_A}"), ("123456789012", "us-east-1", "team/web")),  # pinned: still its repository
+    (service(f"{HOST.upper()}:443/team/web:v1"), ("123456789012", "us-east-1", "team/web")),
+    (service("123456789012.dkr-ecr.us-east-1.on.aws/team/web"), ("123456789012", "us-east-1", "team/web")),
+    (service("210987654321.dkr.ecr.cn-north-1.amazonaws.com.cn/a/b/c:1"), ("210987654321", "cn-north-1", "a/b/c")),
+    (service(f"{HOST}:5000/team/web:latest"), None),
+    (service("docker.io/team/web:latest"), None),
+    (service("nginx"), None),
+    (service(None), None),
+])
+def test_repository_of(svc, key):
+    assert ed.repository_of(svc) == key
+
+
+def versioned(image: str, service_id: str, version: int) -> dict:
+    return {**service(image, {}, service_id), "Version": {"Index": version}}
+
+
+def test_service_cache_keeps_what_is_newest_and_groups_by_repository():
+    web, api = ("123456789012", "us-east-1", "team/web"), ("123456789012", "us-east-1", "team/api")
+    cache = ed.ServiceCache()
+    cache.replace([versioned(f"{HOST}/team/web:latest", "1", 10), versioned(f"{HOST}/team/web:v1", "2", 11),
+                   versioned("nginx", "3", 12)], listed_at=100.0)
+    assert sorted(s["ID"] for s in cache.in_repository(web)) == ["1", "2"] and sorted(cache.services) == ["1", "2", "3"]
+    cache.store(versioned(f"{HOST}/team/api:latest", "2", 13), at=101.0)  # re-pointed to another repository
+    assert [s["ID"] for s in cache.in_repository(web)] == ["1"] and [s["ID"] for s in cache.in_repository(api)] == ["2"]
+    cache.store(versioned(f"{HOST}/team/web:latest", "2", 12), at=102.0)  # an older answer arriving late: ignored
+    assert [s["ID"] for s in cache.in_repository(api)] == ["2"]
+    cache.drop("1")
+    assert cache.in_repository(web) == [] and "1" not in cache.services
+    cache.store(versioned(f"{HOST}/team/web:latest", "4", 14), at=103.0)  # created after the next listing was made
+    # A listing made at 102.5, older than service 2's version 13: keeps 2's newer version and service 4.
+    cache.replace([versioned(f"{HOST}/team/web:latest", "2", 12)], listed_at=102.5)
+    assert sorted(cache.services) == ["2", "4"]  # 3 is gone from the swarm: dropped
+    assert [s["ID"] for s in cache.in_repository(api)] == ["2"] and [s["ID"] for s in cache.in_repository(web)] == ["4"]
+    cache.replace([], listed_at=104.0)
+    assert cache.services == {} and cache.in_repository(web) == cache.in_repository(api) == []
+
+
+def test_the_event_threads_docker_client_never_heartbeats():
+    beats = []
+    main_thread = ed.Docker("unix:///nonexistent/docker.sock", on_request=lambda: beats.append(1))
+    for docker in (main_thread.for_another_thread(), main_thread):
+        with pytest.raises(ed.DockerError, match="cannot reach Docker"):
+            docker.negotiate()
+    assert beats == [1]  # only the main thread's client vouches for the loop
+
+
 # =========================================================================== pure: specs
 
 FULL_SPEC = {
@@ -2238,6 +2288,92 @@ def document_account(aws) -> str:
     return aws.client("sts").get_caller_identity()["Account"]
 
 
+# ---- the service index: loop mode keeps the swarm's services from Docker's events (ServiceIndex)
+
+def spec_image(swarm, sid) -> str:
+    return swarm.service(sid)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+
+
+def pushed_and_rolled(aws, swarm, running, queue, repo, digest, sid):
+    aws.send(queue, event(repository=repo, digest=digest))
+    wait_for(lambda: spec_image(swarm, sid).endswith(digest), 30,
+             what=lambda: f"{sid[:12]} rolled to {digest}:\n{running.log}")
+
+
+def deployer_with_its_index_filled(aws, images, swarm, name):
+    """A loop-mode deployer whose first push (to the one service there is) listed the swarm's services.
+    Returns (repository, service id, queue, the deployer)."""
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, name)
+    queue = aws.new_queue(VisibilityTimeout=1)
+    running = Running(deployer_env(aws, swarm), "--queue", queue, "--auth-refresh", "0")
+    try:
+        running.wait_line("watching")
+        pushed_and_rolled(aws, swarm, running, queue, repo, v2, sid)
+        running.wait_line("Listed 1 service(s); following Docker's service events")
+    except BaseException:
+        running.kill()
+        raise
+    return repo, sid, queue, running
+
+
+def test_service_index_follows_services_created_changed_and_removed_after_it_listed(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    _, _, queue, running = deployer_with_its_index_filled(aws, images, swarm, "first")
+    try:
+        # Created after the listing, each pushed to at once (the deployer receives it within milliseconds).
+        late = {}
+        for i in range(3):
+            late_repo, (w1, w2), sid = service_on_new_repo(images, swarm, f"late-{i}")
+            late[sid] = late_repo
+            pushed_and_rolled(aws, swarm, running, queue, late_repo, w2, sid)
+            assert spec_image(swarm, sid) == f"{registry.host}/{late_repo}:latest@{w2}"
+
+        # Someone else moves a service to follow :stable: a push of :latest no longer rolls it.
+        moved, moved_repo = next(iter(late.items()))
+        listed = swarm.service(moved)
+        stable = f"{registry.host}/{moved_repo}:stable@{spec_image(swarm, moved).rpartition('@')[2]}"
+        spec = ed.updated_spec(listed["Spec"], stable)
+        swarm.post(f"/services/{moved}/update", params={"version": listed["Version"]["Index"]}, json=spec)
+        latest_again = images.push(moved_repo, "latest", "after the move")
+        aws.send(queue, event(repository=moved_repo, digest=latest_again))
+        running.wait_line(f"No service uses {registry.host}/{moved_repo}:latest")
+
+        # A removed service is not touched: no update is tried.
+        removed, removed_repo = list(late.items())[1]
+        swarm.call("DELETE", f"/services/{removed}")
+        aws.send(queue, event(repository=removed_repo, digest=images.push(removed_repo, "latest", "after removal")))
+        running.wait_line(f"No service uses {registry.host}/{removed_repo}:latest")
+        wait_for(lambda: aws.queue_depth(queue) == 0, 10, what="every message to be deleted")
+        assert running.stop() == 0
+    finally:
+        running.kill()
+    assert spec_image(swarm, moved) == stable
+    assert "was removed" not in running.log and "changed while updating" not in running.log, running.log
+    assert running.log.count("Listed ") == 1, running.log  # all from events: listed once
+    assert len(updated_lines(running.log)) == 4
+
+
+def test_service_index_recovers_after_a_dockerd_restart(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo, sid, queue, running = deployer_with_its_index_filled(aws, images, swarm, "reborn")
+    try:
+        v3 = images.push(repo, "latest", "v3")
+        swarm.stop()
+        running.wait_line("Docker's service events ended")
+        swarm.start()
+        # Created while the deployer had no stream: only a fresh listing can know it.
+        other_repo, (w1, w2), other = service_on_new_repo(images, swarm, "born-after")
+        aws.send(queue, event(repository=repo, digest=v3), event(repository=other_repo, digest=w2))
+        wait_for(lambda: spec_image(swarm, sid).endswith(v3) and spec_image(swarm, other).endswith(w2), 90,
+                 what=lambda: f"the deploys after dockerd came back:\n{running.log}")
+        assert running.stop() == 0
+    finally:
+        running.kill()
+    assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v3}", 2)
+    assert service_image_of(swarm, other) == (f"{registry.host}/{other_repo}:latest@{w2}", 1)
+    assert running.log.count("Listed ") == 2, running.log  # once at the first push, once after the restart
+
+
 # =========================================================================== the benchmark, short, so it cannot rot
 
 def test_benchmark_short_mode_runs_on_the_rig(aws, registries, images, clean_swarm, workdir, capsys):
@@ -2252,7 +2388,9 @@ def test_benchmark_short_mode_runs_on_the_rig(aws, registries, images, clean_swa
     assert report["idle"]["docker_calls"] == 0
     assert report["latency"]["pushes"] == bench.SHORT["latency_pushes"]
     assert {row["measure"] for row in report["targets"]} >= {"latency p50 (ms)", "(a)/(b)", "memory: peak RSS (MiB)",
-                                                           "memory: deployer's share above it (MiB)"}
+                                                           "memory: deployer's share above it (MiB)",
+                                                           "scale: p50 N services / 1 service"}
+    assert report["scale"]["services"] == bench.SHORT["scale_services"] and report["scale"]["p50_n_ms"] > 0
     assert 20 < report["memory"]["floor_rss_mib"] < report["memory"]["rss_at_end_mib"]
     with capsys.disabled():
         print("\n" + bench.table(report))
@@ -3308,10 +3446,24 @@ def test_promotion(labels, runs, state, failed, target, expected):
     ("2026-12-03T08:45:57.723718013Z", datetime.datetime(2026, 12, 3, 8, 45, 57, 723718, tzinfo=UTC)),
     ("2026-12-03T08:45:57Z", datetime.datetime(2026, 12, 3, 8, 45, 57, tzinfo=UTC)),
     ("0001-01-01T00:00:00Z", datetime.datetime(1, 1, 1, tzinfo=UTC)),
+    ("2026-12-03T08:45:57", datetime.datetime(2026, 12, 3, 8, 45, 57, tzinfo=UTC)),  # no zone: UTC
     ("", None), (None, None), ("yesterday", None),
 ])
 def test_parse_swarm_time(text, expected):
     assert ed.parse_swarm_time(text) == expected
+
+
+@pytest.mark.parametrize("date,expected", [
+    ("Thu, 03 Dec 2026 09:19:55 GMT", datetime.datetime(2026, 12, 3, 9, 19, 55, tzinfo=UTC)),
+    ("Thu, 03 Dec 2026 09:19:55 -0000", datetime.datetime(2026, 12, 3, 9, 19, 55, tzinfo=UTC)),  # naive in Python
+    ("Thu, 03 Dec 2026 10:19:55 +0100", datetime.datetime(2026, 12, 3, 9, 19, 55, tzinfo=UTC)),
+    (None, None), ("soon", None),
+])
+def test_answer_dates_are_aware(date, expected):
+    answered = ed.answer_date({"ResponseMetadata": {"HTTPHeaders": {"date": date}}})
+    assert answered == expected and (answered is None or answered.tzinfo is not None)
+    pushed = datetime.datetime(2026, 12, 3, 9, 19, 50)  # naive, as some clients give it
+    assert ed.TagAnswer(DIGEST_A, ed.in_utc(pushed), answered).age == (5.0 if answered else None)
 
 
 def test_soak_starts_at_completion_or_at_the_last_failed_task_of_the_digest():
@@ -3500,22 +3652,25 @@ def test_promotion_tags_a_soaked_digest_once_for_production_and_never_a_failed_o
     args = ("--queue", queue, "--auth-refresh", "0", "--reconcile-every", "2s")
     first = Running(env, *args)
     try:
-        first.wait_line(f"Promoted {registry.host}/{repo}:prod@{v2}", timeout=60)
-        first.wait_line(f"Updated service prod ({prod[:12]}) to {registry.host}/{repo}:prod@{v2}", timeout=20)
+        first.wait_line(f"Service stage ({stage[:12]}) will promote {registry.host}/{repo}:prod@{v2}: promotes to "
+                        f":prod after soaking 3s: in ", timeout=60)
     finally:
-        assert first.stop() == 0
-    prod_now = ecr.describe_images(repositoryName=repo, imageIds=[{"imageTag": "prod"}])["imageDetails"][0]
-    assert prod_now["imageDigest"] == v2 and sorted(prod_now["imageTags"]) == ["latest", "prod"]
-    assert "soaked 3s" in first.log
-    assert json.loads(summary.read_text())["rollouts"]["promoted"] == 1
-    assert [d["outcome"] for d in webhook.received if d["outcome"] == "promoted"] == ["promoted"]
-    second = Running(env, *args)  # a restart (or another manager): nothing promoted twice
+        assert first.stop() == 0  # a restart during the soak
+    assert "Promoted" not in first.log
+    second = Running(env, *args)
     try:
-        second.wait_line("watching")
-        time.sleep(5)
+        second.wait_line(f"Promoted {registry.host}/{repo}:prod@{v2}", timeout=30)
+        second.wait_line(f"Updated service prod ({prod[:12]}) to {registry.host}/{repo}:prod@{v2}", timeout=20)
     finally:
         assert second.stop() == 0
-    assert "Promoted" not in second.log and updated_lines(second.log) == []
+    prod_now = ecr.describe_images(repositoryName=repo, imageIds=[{"imageTag": "prod"}])["imageDetails"][0]
+    assert prod_now["imageDigest"] == v2 and sorted(prod_now["imageTags"]) == ["latest", "prod"]
+    assert "soaked 3s" in second.log
+    assert json.loads(summary.read_text())["rollouts"]["promoted"] == 1
+    assert [d["outcome"] for d in webhook.received if d["outcome"] == "promoted"] == ["promoted"]
+    again = subprocess.run([sys.executable, DEPLOYER, "--reconcile"], env=env, capture_output=True, text=True,
+                           timeout=60)  # another manager, a redelivery: nothing promoted twice
+    assert again.returncode == 0 and "Promoted" not in again.stderr and updated_lines(again.stderr) == []
     rows = {r["service"]: r for r in json.loads(status(env, "--json").stdout)}
     assert rows["stage"]["promotion"] == "promoted: :prod is at this digest" and rows["prod"]["state"] == "current"
 

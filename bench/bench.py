@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""ecr-deploy benchmark: latency, burst cost, idle cost, the docker CLI way side by side,
-cold start and memory (beside a floor process, bench/floor.py) — measured on the same real rig as the tests (moto_server, a private
-dockerd swarm, TLS registries posing as ECR), with counting proxies in front of the AWS
-endpoint (calls per API action) and the Docker socket (calls per method + path).
+"""ecr-deploy benchmark: latency, latency with 1 vs N services in the swarm, burst cost, idle cost,
+the docker CLI way side by side, cold start and memory (beside a floor process, bench/floor.py) —
+measured on the same real rig as the tests (moto_server, a private dockerd swarm, TLS registries
+posing as ECR), with counting proxies in front of the AWS endpoint (calls per API action) and the
+Docker socket (calls per method + path).
 
     python3 bench/bench.py           # the full run, as a table (as root: it starts dockerd)
     python3 bench/bench.py --json    # the same as JSON
@@ -45,12 +46,14 @@ from rig.faults import FaultProxy  # noqa: E402
 from rig.registry import REGISTRIES, Images, service_on_new_repo, serving_registries  # noqa: E402
 from rig.swarm import Swarm, service_image_of  # noqa: E402
 
-FULL = {"latency_pushes": 30, "latency_interval": 1.0, "burst_images": 25, "burst_pushes_per_image": 20,
-        "idle_seconds": 60, "side_services": 20, "cold_runs": 10, "memory_messages": 5000,
+FULL = {"latency_pushes": 30, "latency_interval": 1.0, "scale_services": 1000, "burst_images": 25,
+        "burst_pushes_per_image": 20, "idle_seconds": 60, "side_services": 20, "cold_runs": 10, "memory_messages": 5000,
         "reconcile_services": 1000, "reconcile_repositories": 100}
-SHORT = {"latency_pushes": 5, "latency_interval": 0.3, "burst_images": 5, "burst_pushes_per_image": 4,
-         "idle_seconds": 21, "side_services": 5, "cold_runs": 2, "memory_messages": 400,
+SHORT = {"latency_pushes": 5, "latency_interval": 0.3, "scale_services": 100, "burst_images": 5,
+         "burst_pushes_per_image": 4, "idle_seconds": 21, "side_services": 5, "cold_runs": 2, "memory_messages": 400,
          "reconcile_services": 50, "reconcile_repositories": 5}
+FILLER_REPOSITORIES = 10  # the scale measurement's other services run images of this many repositories
+CREATE_WORKERS = 8  # concurrent service creates: dockerd commits them about twice as fast as one by one
 SERVICE_ID = re.compile(r"/(services|tasks)/[^/?]+")
 
 
@@ -122,26 +125,76 @@ def percentile(values: list[float], p: float) -> float:
 
 # --------------------------------------------------------------------------- the measurements
 
-def measure_latency(aws, images, swarm, events, n: int, interval: float) -> dict:
+def push_latencies_ms(aws, push_image, swarm, events, repo: str, sid: str, n: int, interval: float) -> list[float]:
+    """A loop-mode deployer started afresh; per push (push_image(repo, content) -> digest), from SendMessage
+    until Swarm commits the update."""
     registry = REGISTRIES[0]
-    repo, (v0,), sid = service_on_new_repo(images, swarm, "latency", contents=("v0",))
     queue = aws.new_queue()
     running = deployer(deployer_env(aws, swarm), "--queue", queue, "--auth-refresh", "0")
     latencies = []
     try:
         time.sleep(1.5)  # past the first (short) poll: now in the 20 s long poll, as in production
         for i in range(n):
-            digest = images.push(repo, "latest", f"latency-{i}")
+            digest = push_image(repo, uuid.uuid4().hex)
             started = time.monotonic()
             aws.send(queue, event(repository=repo, digest=digest))
-            latencies.append(events.wait({sid}, started) - started)
+            latencies.append((events.wait({sid}, started) - started) * 1000)
             assert image_of(swarm, sid) == f"{registry.host}/{repo}:latest@{digest}"
             time.sleep(interval)
     finally:
         running.stop()
-    ms = [x * 1000 for x in latencies]
+    return latencies
+
+
+def measure_latency(aws, images, swarm, events, n: int, interval: float) -> dict:
+    repo, _, sid = service_on_new_repo(images, swarm, "latency", contents=("v0",))
+    ms = push_latencies_ms(aws, lambda repo, content: images.push(repo, "latest", content), swarm, events,
+                           repo, sid, n, interval)
     return {"pushes": n, "p50_ms": round(percentile(ms, 50), 1), "p95_ms": round(percentile(ms, 95), 1),
             "max_ms": round(max(ms), 1)}
+
+
+def in_parallel(swarm, work, items: list) -> list:
+    """work(swarm, item) for every item, CREATE_WORKERS at a time, each thread with its own session."""
+    def run_share(share: list) -> list:
+        own = swarm.for_another_thread()
+        return [work(own, item) for item in share]
+
+    with concurrent.futures.ThreadPoolExecutor(CREATE_WORKERS) as pool:
+        shares = pool.map(run_share, [items[i::CREATE_WORKERS] for i in range(CREATE_WORKERS)])
+        return [result for share in shares for result in share]
+
+
+def measure_scale(aws, images, swarm, events, n: int, pushes: int, interval: float) -> dict:
+    """Push latency with 1 service in the swarm, then with n (the others run images of other repositories,
+    without replicas), side by side in one run. Each deployer starts afresh: its first push lists the
+    services (loop mode's index fills then), reported apart; the p50s are of the pushes after it.
+    Every image is put in ECR only, never pushed to a registry (a second, with bcrypt on every request):
+    services without replicas never pull, and each latency is timed from after the push anyway."""
+    registry = REGISTRIES[0]
+
+    def put_image(repository: str, content: str) -> str:
+        return aws.put_image(registry.account, registry.region, repository, "latest", content)
+
+    repo = images.new_repository()
+    sid = swarm.create_service("scale", f"{registry.host}/{repo}:latest@{put_image(repo, 'v0')}", replicas=0)
+    one = push_latencies_ms(aws, put_image, swarm, events, repo, sid, pushes + 1, interval)
+    fillers = []
+    for _ in range(FILLER_REPOSITORIES):
+        filler_repo = images.new_repository()
+        fillers.append(f"{registry.host}/{filler_repo}:latest@{put_image(filler_repo, filler_repo)}")
+    started = time.monotonic()
+    filler_ids = in_parallel(swarm, lambda own, i: own.create_service(f"filler-{i}", fillers[i % len(fillers)],
+                                                                      replicas=0), list(range(n - 1)))
+    created_s = time.monotonic() - started
+    try:
+        many = push_latencies_ms(aws, put_image, swarm, events, repo, sid, pushes + 1, interval)
+    finally:
+        in_parallel(swarm, lambda own, filler: own.call("DELETE", f"/services/{filler}"), filler_ids)
+    p50_one, p50_many = percentile(one[1:], 50), percentile(many[1:], 50)
+    return {"services": n, "pushes": pushes, "create_others_s": round(created_s, 1),
+            "p50_1_ms": round(p50_one, 1), "p50_n_ms": round(p50_many, 1), "n_over_1": round(p50_many / p50_one, 2),
+            "first_push_1_ms": round(one[0], 1), "first_push_n_ms": round(many[0], 1)}
 
 
 def measure_burst(aws, images, swarm, workdir, n_images: int, per_image: int) -> dict:
@@ -204,12 +257,6 @@ def measure_idle(aws, swarm, workdir, seconds: float) -> dict:
             "sqs_calls_per_minute": round(len(aws_window) * 60 / seconds, 2), "docker_calls": len(docker_window)}
 
 
-def create_services(swarm, specs: list[tuple[str, str]]) -> list[str]:
-    """Many services without replicas (nothing to pull), created over a few connections at once."""
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        return list(pool.map(lambda spec: swarm.create_service(*spec, replicas=0), specs))
-
-
 def measure_reconcile(aws, images, swarm, workdir, n_services: int, n_repositories: int) -> dict:
     """One `--reconcile` pass over n services following a tag each, in n_repositories repositories
     (images in ECR only: services without replicas never pull): first all current, then with every
@@ -225,7 +272,7 @@ def measure_reconcile(aws, images, swarm, workdir, n_services: int, n_repositori
             specs += [(f"rc-{r}-{t}-{n}", f"{registry.host}/{repo}:t{t}@{digest}") for n in range(2)]
             if r % 10 == 0:
                 moved.append((repo, f"t{t}"))
-    create_services(swarm, specs)
+    created = in_parallel(swarm, lambda own, spec: own.create_service(*spec, replicas=0), specs)
     result = {"services": len(specs), "repositories": n_repositories, "tags": n_repositories * tags_per_repository}
 
     def one_pass() -> dict:
@@ -251,6 +298,7 @@ def measure_reconcile(aws, images, swarm, workdir, n_services: int, n_repositori
         aws.put_image(account, region, repo, tag, f"{repo}-{tag}-v2")
     result["behind"] = one_pass()
     result["behind"]["services_behind"] = 2 * len(moved)
+    in_parallel(swarm, lambda own, sid: own.call("DELETE", f"/services/{sid}"), created)
     return result
 
 
@@ -385,6 +433,11 @@ TARGETS = [  # (section, key, comparison, target, label)
     ("latency", "p50_ms", "<=", 30, "latency p50 (ms)"),
     ("latency", "p95_ms", "<=", 60, "latency p95 (ms)"),
     ("latency", "max_ms", None, None, "latency max (ms)"),
+    ("scale", "services", None, None, "scale: N services in the swarm"),
+    ("scale", "p50_1_ms", None, None, "scale: push p50, 1 service (ms)"),
+    ("scale", "p50_n_ms", None, None, "scale: push p50, N services (ms)"),
+    ("scale", "n_over_1", "<=", 1.5, "scale: p50 N services / 1 service"),
+    ("scale", "first_push_n_ms", None, None, "scale: first push, N services (ms)"),
     ("burst", "updates", "==", "services", "burst: updates"),
     ("burst", "wall_s", "<=", 5, "burst: wall (s)"),
     ("burst", "sqs_calls_per_message", "<=", 0.25, "burst: SQS calls per message"),
@@ -426,6 +479,9 @@ def run(aws, registries, images, swarm, workdir, sizes: dict) -> dict:
     report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "kernel": platform.release()}, "sizes": sizes}
     report["latency"] = measure_latency(aws, images, swarm, events, sizes["latency_pushes"], sizes["latency_interval"])
+    swarm.remove_all_services()
+    report["scale"] = measure_scale(aws, images, swarm, events, sizes["scale_services"], sizes["latency_pushes"],
+                                    sizes["latency_interval"])
     swarm.remove_all_services()
     report["burst"] = measure_burst(aws, images, swarm, workdir, sizes["burst_images"], sizes["burst_pushes_per_image"])
     swarm.remove_all_services()

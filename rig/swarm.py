@@ -2,6 +2,7 @@
 namespace, so it never touches the machine's own Docker."""
 from __future__ import annotations
 
+import copy
 import json
 import pathlib
 import subprocess
@@ -135,6 +136,13 @@ class Swarm:
     def remove_all_services(self):
         for svc in self.get("/services"):
             self.call("DELETE", f"/services/{svc['ID']}")
+
+    def for_another_thread(self) -> Swarm:
+        """The same dockerd through a session of its own: a requests session is not thread-safe, and
+        concurrent calls are how a thousand services are made (or removed) in seconds."""
+        other = copy.copy(self)
+        other.http = requests_unixsocket.Session()
+        return other
 
 
 def service_image_of(swarm, sid):
