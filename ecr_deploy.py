@@ -1640,6 +1640,8 @@ class ServiceIndex:
             with self._changed:
                 if self._generation is generation:
                     self._generation = None
+            if failure.status is None:  # (the thread's own client failed to reach Docker: say so to the loop's)
+                self.docker.answering = False
             raise failure
 
     # ---- the event thread
