@@ -577,6 +577,22 @@ def updated_spec(spec: dict, image: str, labels: dict | None = None) -> dict:
     return new
 
 
+def rollback_spec(current: dict, replaced: dict, failure: str, force_update: int) -> dict:
+    """What undoes our update and nothing else: the service's current spec (so an operator's
+    `docker service scale` or `--env-add` made while our rollout ran stays), with what updated_spec
+    changed taken back from the spec our update replaced (the image, our provenance labels), the
+    failure record (FAILED_LABEL) added, and ForceUpdate moved past ours: a new spec, not ours."""
+    new = copy.deepcopy(current)
+    task = new.setdefault("TaskTemplate", {})
+    task.setdefault("ContainerSpec", {})["Image"] = ((replaced.get("TaskTemplate") or {}).get("ContainerSpec")
+                                                     or {}).get("Image")
+    before = replaced.get("Labels") or {}
+    labels = {k: v for k, v in (new.get("Labels") or {}).items() if k not in PROVENANCE_LABELS}
+    new["Labels"] = {**labels, **{k: before[k] for k in PROVENANCE_LABELS if k in before}, FAILED_LABEL: failure}
+    task["ForceUpdate"] = force_update + 1
+    return new
+
+
 def with_label(spec: dict, key: str, value: str) -> dict:
     new = copy.deepcopy(spec)
     new["Labels"] = {**(new.get("Labels") or {}), key: value}
@@ -598,6 +614,7 @@ DIGEST_LABEL = "ecr-deploy.digest"  # the digest the deployer last moved the ser
 SOURCE_LABEL = "ecr-deploy.source"  # which push (event id and time) or reconcile pass asked for it
 DEPLOYED_BY_LABEL = "ecr-deploy.deployed-by"  # which host, and when by its clock
 FAILED_LABEL = "ecr-deploy.failed"  # "DIGEST <outcome> at TIME on HOST: why": never rolled here again
+PROVENANCE_LABELS = (DIGEST_LABEL, SOURCE_LABEL, DEPLOYED_BY_LABEL)
 MAX_LABEL_TEXT = 400
 
 
@@ -929,16 +946,24 @@ def rollout_state(service: dict, image: str, force_update: int) -> str | None:
     return "superseded"
 
 
+# What swarmkit assumes for a service stored without an UpdateConfig (a compose file without
+# `update_config`): api/defaults/service.go, one task at a time, each watched for 5 s.
+SWARM_DEFAULT_UPDATE_CONFIG = {"Parallelism": 1, "Delay": 0, "Monitor": 5_000_000_000}
+
+
 def default_rollout_timeout(spec: dict, global_tasks: int = 1) -> float:
-    """Roughly replicas x (delay + monitor) per parallel batch, plus pull time; at least 5 min.
-    A global service has as many replicas as it has tasks (one per eligible node)."""
+    """Roughly batches x (delay + monitor), plus pull time; at least 5 min. The update config is
+    read as swarmkit reads it: none stored means its defaults (one task per batch); a stored one
+    whose Parallelism is 0 (or absent) updates all tasks at once, and whose Monitor is absent
+    watches for swarmkit's 5 s. A global service has as many replicas as it has tasks."""
     mode = spec.get("Mode") or {}
     replicas = (mode.get("Replicated") or {}).get("Replicas", 1) if "Global" not in mode else global_tasks
-    config = spec.get("UpdateConfig") or {}
+    config = spec.get("UpdateConfig")
+    config = SWARM_DEFAULT_UPDATE_CONFIG if config is None else config
     parallelism = config.get("Parallelism") or max(replicas, 1)  # 0 means all at once
     batches = -(-replicas // parallelism)
-    per_batch = (config.get("Delay", 0) + config.get("Monitor", 5_000_000_000)) / 1e9
-    return max(MIN_ROLLOUT_TIMEOUT, batches * per_batch + PULL_ALLOWANCE)
+    per_batch = (config.get("Delay") or 0) + (config.get("Monitor") or SWARM_DEFAULT_UPDATE_CONFIG["Monitor"])
+    return max(MIN_ROLLOUT_TIMEOUT, batches * per_batch / 1e9 + PULL_ALLOWANCE)
 
 
 def failing_task_error(tasks: list[dict], image: str) -> str | None:
@@ -1404,6 +1429,7 @@ class Ecr:
 
 NEWEST_KNOWN_API = (1, 47)
 DOCKER_TIMEOUT = (5, 30)  # s: connect, read
+PING_TIMEOUT = (5, 5)
 # A swarm manager holds API calls while the swarm has no leader (an election takes 10-20 s):
 # say so while it happens, rather than sit silent until the answer or the timeout.
 SLOW_DOCKER_CALL = 5.0
@@ -1454,14 +1480,17 @@ class Docker:
         self._on_request = on_request or (lambda: None)  # a heartbeat: each call is bounded, and progress
         self.api_version: str | None = None
         self.date: datetime | None = None  # the Date of Docker's last answer: Swarm's clock, for soak times
+        self.answering = True  # False once a call could not reach Docker, until a call (or ping) does
 
     def _send(self, method: str, path: str, timeout=DOCKER_TIMEOUT, **kwargs) -> requests.Response:
         try:
             reply = self._session.request(method, self._base + path, timeout=timeout, **kwargs)
         except requests.RequestException as e:
+            self.answering = False
             reason = ERRNO_TEXT.search(str(e))
             raise DockerError(f"cannot reach Docker at {self.socket}: "
                               f"{reason[1] if reason else type(e).__name__}") from None
+        self.answering = True
         self.date = answer_date({"ResponseMetadata": {"HTTPHeaders": {"date": reply.headers.get("Date")}}})
         if reply.status_code >= 400:
             try:
@@ -1484,6 +1513,16 @@ class Docker:
             self.negotiate()
         with warning_if_slow(f"{method} {path}"):
             return self._request(method, self._prefix + path, **kwargs)
+
+    def ping(self) -> bool:
+        """GET /_ping: does the daemon answer at all? (A manager without a leader does: it is up.)"""
+        self._on_request()
+        try:
+            self._session.get(self._base + "/_ping", timeout=PING_TIMEOUT).raise_for_status()
+        except requests.RequestException:
+            return False
+        self.answering = True
+        return True
 
     def negotiate(self) -> str:
         """Pick the API version once: the daemon's, capped at the newest this code knows."""
@@ -1601,6 +1640,8 @@ class ServiceIndex:
             with self._changed:
                 if self._generation is generation:
                     self._generation = None
+            if failure.status is None:  # (the thread's own client failed to reach Docker: say so to the loop's)
+                self.docker.answering = False
             raise failure
 
     # ---- the event thread
@@ -1767,6 +1808,7 @@ class Rollout:
     started: float  # time.monotonic() just before the update was posted
     deadline: float
     rollback: bool = False
+    replaced: dict = field(default_factory=dict)  # the spec our update replaced: what a rollback restores
 
     @property
     def label(self) -> str:
@@ -1871,7 +1913,7 @@ class Deployer:
             self.systemd.heartbeat()
             real = [p for _, p in group if not p.from_scan]  # a scan event may name an older digest
             push = max(real or [p for _, p in group], key=lambda p: p.time)
-            if self.trust_events and real:
+            if self.trust_events:  # the event's digest as is, a scan event's too: DescribeImages may be denied
                 targets[key] = (push, push.digest)
                 continue
             try:
@@ -2224,7 +2266,8 @@ class Rollouts:
         timeout = self.timeout or default_rollout_timeout(spec, self.global_tasks(service["ID"], spec))
         task = spec["TaskTemplate"]
         self.pending.append(Rollout(service["ID"], spec.get("Name", "?"), task["ContainerSpec"]["Image"],
-                                    task.get("ForceUpdate", 0), push, started, started + timeout, rollback))
+                                    task.get("ForceUpdate", 0), push, started, started + timeout, rollback,
+                                    replaced=service.get("Spec") or {}))
 
     def global_tasks(self, service_id: str, spec: dict) -> int:
         if "Global" not in (spec.get("Mode") or {}):
@@ -2288,23 +2331,23 @@ class Rollouts:
                                          rollout.image.rpartition("@")[2], outcome, message)
 
     def roll_back(self, rollout: Rollout, outcome: str, message: str) -> None:
-        """Restore the previous spec, only if the current one is still the spec we posted. Not with
-        Swarm's rollback=previous: that restores PreviousSpec with the registry auth it was posted
-        with, dead after 12 h, so nodes that must pull fail. We post PreviousSpec as an ordinary
-        update with a fresh token (ForceUpdate moves on, so it counts as a new spec), then follow it."""
+        """Undo our update, only if the current spec is still ours (our image and ForceUpdate), and
+        only what our update changed (rollback_spec): an operator who scaled the service or added an
+        env var meanwhile keeps that, where Swarm's PreviousSpec would be our own spec from before
+        their change. Not with Swarm's rollback=previous either: that restores PreviousSpec with the
+        registry auth it was posted with, dead after 12 h, so nodes that must pull fail. We post an
+        ordinary update with a fresh token (ForceUpdate moves on, so it counts as a new spec), then
+        follow it."""
         try:
             fresh = self.docker.service(rollout.service_id)
             if not posted(fresh.get("Spec"), rollout.image, rollout.force_update):
                 log.info("Service %s changed since our update; not rolling back a spec we did not post", rollout.label)
                 return
-            if not fresh.get("PreviousSpec"):
-                raise DockerError("Swarm holds no previous spec to roll back to")
             record = failure_record(rollout.image.rpartition("@")[2], outcome, self.node_name(), time.time(), message)
-            spec = with_label(fresh["PreviousSpec"], FAILED_LABEL, record)  # never rolled onto it again
-            spec.setdefault("TaskTemplate", {})["ForceUpdate"] = rollout.force_update + 1
+            spec = rollback_spec(fresh["Spec"], rollout.replaced, record, rollout.force_update)
             ref = running_image({"Spec": spec})
             if ref is None:
-                raise DockerError("the previous spec names no valid image")
+                raise DockerError("the spec our update replaced names no valid image")
             account, region = ecr_registry(ref.host) or (rollout.push.account, rollout.push.region)
             username, password = self.deployer.ecr.credentials(account, region)
             log.info("Rolling back service %s to its previous spec (%s)", rollout.label,
@@ -2337,9 +2380,11 @@ class Rollouts:
                 log.warning("Cannot notify %s: %s", where, f"HTTP {status}" if status else type(e).__name__)
 
 
-# Swarm's task states in order (swarmkit api.TaskState); the keeper must not disturb a task before READY.
+# Swarm's task states in order (swarmkit api.TaskState).
 TASK_STATES = ("new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting",
                "running", "complete", "shutdown", "failed", "rejected", "remove", "orphaned")
+# A task on a node and getting ready to run there (pulling its image): a re-post replaces it.
+ON_A_NODE_STARTING = ("assigned", "accepted", "preparing")
 # Swarm update states in which re-posting the spec would disturb an update (see AuthKeeper).
 BUSY_STATES = ("updating", "paused", "rollback_started", "rollback_paused")
 AUTH_REFRESH_RETRY = 300.0  # s: services that failed a pass are retried this soon, not after a whole interval
@@ -2347,14 +2392,15 @@ KEEPER_STATE_FILE = "auth-keeper.json"
 
 
 def services_with_starting_tasks(tasks: list[dict]) -> set[str]:
-    """Services with a task meant to run that has not reached READY. swarmkit ignores a change of
-    pull options only for tasks in READY..RUNNING (orchestrator.IsTaskDirty): a re-post replaces a
-    pending or preparing task, which starts a real rolling update."""
-    rank = {state: i for i, state in enumerate(TASK_STATES)}
-    ready, running = rank["ready"], rank["running"]
+    """Services with a task meant to run that is on a node and starting there (ASSIGNED to
+    PREPARING). swarmkit ignores a change of pull options only for tasks in READY..RUNNING
+    (orchestrator.IsTaskDirty), so a re-post replaces such a task and its node starts over, a real
+    rolling update. A task on no node yet (NEW..PENDING: say a constraint nobody meets, or max
+    replicas per node reached) is replaced at no cost, and is exactly what needs fresh auth: when a
+    node that fits appears, it pulls with whatever auth the service holds then."""
     return {t.get("ServiceID") for t in tasks
-            if rank.get(t.get("DesiredState"), len(rank)) <= running
-            and rank.get((t.get("Status") or {}).get("State"), len(rank)) < ready}
+            if t.get("DesiredState") in TASK_STATES[:TASK_STATES.index("running") + 1]
+            and (t.get("Status") or {}).get("State") in ON_A_NODE_STARTING}
 
 
 def keeper_due(state: dict, now: float, interval: float, retry_after: float) -> str | None:
@@ -2375,7 +2421,8 @@ class AuthKeeper:
     service's unchanged spec with a fresh token. A re-post is an update, with side effects (README):
     the spec becomes PreviousSpec and the UpdateStatus of the last real rollout is replaced, and tasks
     not yet READY are replaced; so it skips jobs, services mid-update or followed by us, and services
-    with starting tasks. At most one pass per interval, also across restarts ($STATE_DIRECTORY)."""
+    with a task starting on a node (one on no node yet costs nothing to replace, and needs the auth).
+    At most one pass per interval, also across restarts ($STATE_DIRECTORY)."""
 
     def __init__(self, deployer: Deployer, interval: float, state_directory: str | None):
         self.deployer, self.interval = deployer, interval
@@ -2441,8 +2488,8 @@ class AuthKeeper:
             if service["ID"] in followed or (service.get("UpdateStatus") or {}).get("State") in BUSY_STATES:
                 log.info("Service %s is mid-update; its registry auth is refreshed next time", service_label(service))
             elif service["ID"] in starting:
-                log.info("Service %s has tasks not yet started, which a re-post would replace; its registry "
-                         "auth is refreshed next time", service_label(service))
+                log.info("Service %s has tasks starting on a node, which a re-post would replace; its "
+                         "registry auth is refreshed next time", service_label(service))
             else:
                 return service["Spec"], running_image(service)
             skipped.append(service["ID"])
@@ -2655,6 +2702,12 @@ class Receiver:
                 self._held.pop(message["MessageId"], None)
         if self.seen is not None:
             self.seen.update(m["MessageId"] for m in messages)
+
+    def hand_back(self, messages: list[dict]) -> None:
+        """Make messages visible again at once (ChangeMessageVisibility 0), for another deployer to take
+        now rather than after the visibility timeout. Best effort: they come back then anyway."""
+        self.release(messages)
+        self.queue.extend(messages, 0)
 
     def _hold(self) -> None:
         while True:
@@ -2983,10 +3036,44 @@ def finish_once(deployer: Deployer, signals: Signals, args: argparse.Namespace, 
     return 1 if failed or incomplete else 0  # (a message waiting for its scan: left on the queue, for a later run)
 
 
+class LocalDocker:
+    """Loop mode takes messages only while its own Docker answers. A manager whose Docker is down could
+    only fail each message it takes, and each would then wait out the queue's visibility timeout
+    (counting towards the dead-letter queue) before a deployer on a healthy manager could take it.
+    So after a call could not reach Docker, the loop pings it before each receive (GET /_ping, with
+    backoff), says so once, and receives again when it answers; idle, it costs no Docker call."""
+
+    def __init__(self, docker: Docker):
+        self.docker = docker
+        self.down_since: float | None = None
+        self.backoff = Backoff(cap=5.0)  # a ping is cheap: notice the return within seconds
+
+    def answers(self) -> bool:
+        if self.docker.answering or self.docker.ping():
+            if self.down_since is not None:
+                log.info("Docker at %s answers again after %.0fs; receiving from the queue again",
+                         self.docker.socket, time.monotonic() - self.down_since)
+                self.down_since = None
+                self.backoff.reset()
+            return True
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            log.warning("Docker at %s does not answer; receiving no messages until it does (deployers on "
+                        "other managers take them meanwhile)", self.docker.socket)
+        return False
+
+
 def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args: argparse.Namespace) -> int:
-    systemd, backoff = deployer.systemd, Backoff()
+    systemd, backoff, local_docker = deployer.systemd, Backoff(), LocalDocker(deployer.docker)
     while not signals.requested:
         systemd.heartbeat()
+        if not local_docker.answers():
+            systemd.status("docker unreachable: not receiving")
+            try:
+                signals.sleep(local_docker.backoff.next())
+            except Shutdown:
+                break
+            continue
         try:
             if not systemd.is_ready:
                 wait = FIRST_WAIT_ONCE  # a quick first poll proves the queue works: READY=1 without delay
@@ -2997,7 +3084,10 @@ def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args:
             messages = receiver.gather(wait, signals.interruptible)
             systemd.ready()  # the first poll worked (Docker answered at start)
             try:
-                failed = len(deployer.handle(messages).failed) if messages else 0  # not those waiting for a scan
+                result = deployer.handle(messages) if messages else CycleResult()
+                failed = len(result.failed)  # not those waiting for a scan
+                if failed and not deployer.docker.answering:  # Docker went down: let a healthy manager have them
+                    receiver.hand_back([m for m in messages if m["MessageId"] in result.failed])
             finally:
                 receiver.release(messages)
             ended = len(deployer.rollouts.outcomes)
@@ -3049,7 +3139,9 @@ def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deplo
     manager. Misconfigured: raised at once. Outages: in loop mode, waited out instead of failing."""
     docker = Docker(os.environ.get("DOCKER_HOST"), on_request=systemd.heartbeat)
     session = aws_session()
-    queue = Queue(session, args.queue, on_request=systemd.heartbeat) if args.queue else None
+    # One-shot modes need no queue, nor its region (ECR's come from each service's image host).
+    one_shot = args.refresh_auth or args.reconcile or args.status
+    queue = Queue(session, args.queue, on_request=systemd.heartbeat) if args.queue and not one_shot else None
     ecr = Ecr(session, on_request=systemd.heartbeat)
     deployer = Deployer(queue, ecr, docker, args.filter_label,
                         trust_events=args.trust_events, follow_rollouts=(args.wait or not (
@@ -3069,14 +3161,14 @@ def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deplo
     backoff = Backoff()
     while True:
         try:
-            if queue and not (args.refresh_auth or args.reconcile or args.status):
+            if queue:
                 queue.resolve()
                 queue.read_visibility_timeout()
             deployer.docker.negotiate()
             deployer.docker.check_manager()
             return deployer
         except (AwsError, DockerError) as e:
-            if args.once or args.refresh_auth or args.reconcile or args.status or isinstance(e, Misconfigured):
+            if args.once or one_shot or isinstance(e, Misconfigured):
                 raise
             log.error("%s; retrying", e)
             systemd.status(f"{'docker' if isinstance(e, DockerError) else 'AWS'} unreachable: retrying")

@@ -34,7 +34,7 @@ import requests
 
 import ecr_deploy as ed
 from rig.aws import DIGEST_A, Aws, event, moto_server_command, scan_event
-from rig.common import DEPLOYER, ROOT as HERE, wait_for
+from rig.common import DEPLOYER, ROOT as HERE, mounts_under, wait_for
 from rig.deployer import Running, deployer_env, run_once, updated_lines
 from rig.faults import FaultProxy
 from rig.registry import REGISTRIES, Images, service_on_new_repo, serving_registries
@@ -620,6 +620,8 @@ def workdir():
     path = pathlib.Path(tempfile.mkdtemp(prefix="ecrd-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+    # A mount left under it (dockerd's ingress network namespace) would keep the folder, and pile up run after run.
+    assert mounts_under(path) == [] and not path.exists(), f"the rig left behind: {mounts_under(path) or path}"
 
 
 @pytest.fixture(scope="session")
@@ -1153,19 +1155,21 @@ def test_loop_mode_survives_a_dockerd_restart(aws, images, clean_swarm):
         running.wait_line("watching")
         swarm.stop()
         aws.send(queue, event(repository=repo, digest=v2))
-        running.wait_line("cannot reach Docker", count=2)
-        down_for = time.monotonic()
-        time.sleep(3)
+        running.wait_line("cannot reach Docker")  # the message it took, handed back to the queue
+        running.wait_line("does not answer; receiving no messages until it does")
+        time.sleep(6)
         assert running.proc.poll() is None  # still alive
         swarm.start()
         wait_for(lambda: service_image_of(swarm, sid)[0].endswith(v2), 90,
                  what=lambda: f"the deploy after dockerd came back:\n{running.log}")
-        down_for = time.monotonic() - down_for
         assert running.stop() == 0
     finally:
         running.kill()
-    errors = running.log.count("cannot reach Docker")
-    assert errors <= 2 + down_for / 2, running.log  # backs off: no busy loop
+        if swarm.proc.poll() is not None:
+            swarm.start()
+    # One line each for the outage, however long: no message is taken (and failed) while Docker is down.
+    assert running.log.count("cannot reach Docker") == 1, running.log
+    assert running.log.count("does not answer") == 1 and "answers again after" in running.log, running.log
     assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v2}", 1)
     assert aws.queue_depth(queue) == 0
 
@@ -1451,6 +1455,32 @@ def test_rollout_state_is_decided_by_spec_identity(found, expected):
     assert ed.rollout_state(found, OURS, 3) == expected
 
 
+def test_a_rollback_spec_undoes_only_what_the_deployer_changed():
+    before = {"Name": "web", "Labels": {"team": "a", ed.DIGEST_LABEL: DIGEST_A, ed.SOURCE_LABEL: "push event 1"},
+              "Mode": {"Replicated": {"Replicas": 2}},
+              "TaskTemplate": {"ContainerSpec": {"Image": f"{HOST}/team/web:latest@{DIGEST_A}", "Env": ["A=1"]},
+                               "ForceUpdate": 2}}
+    ours = ed.updated_spec(before, OURS, ed.provenance_labels(
+        ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_B, "2026-12-03T10:00:00Z"),
+        DIGEST_B, "mgr-1", 0))
+    # An operator mid-rollout: `docker service scale web=5`, `--env-add X=1`, `--label-add owner=ops`.
+    now = json.loads(json.dumps(ours))
+    now["Mode"]["Replicated"]["Replicas"] = 5
+    now["TaskTemplate"]["ContainerSpec"]["Env"].append("X=1")
+    now["Labels"]["owner"] = "ops"
+    spec = ed.rollback_spec(now, before, "sha256:… paused", ours["TaskTemplate"]["ForceUpdate"])
+    assert spec["TaskTemplate"] == {"ContainerSpec": {"Image": before["TaskTemplate"]["ContainerSpec"]["Image"],
+                                                      "Env": ["A=1", "X=1"]}, "ForceUpdate": 4}
+    assert spec["Mode"] == {"Replicated": {"Replicas": 5}}
+    assert spec["Labels"] == {"team": "a", "owner": "ops", ed.DIGEST_LABEL: DIGEST_A, ed.SOURCE_LABEL: "push event 1",
+                              ed.FAILED_LABEL: "sha256:… paused"}  # our deployed-by is gone: it was not there
+    assert now["Labels"][ed.DIGEST_LABEL] == DIGEST_B  # (the current spec is not changed in place)
+    bare = ed.rollback_spec({"TaskTemplate": {"ContainerSpec": {"Image": OURS}, "ForceUpdate": 1}},
+                            {"TaskTemplate": {"ContainerSpec": {"Image": "old"}}}, "r", 1)
+    assert bare == {"TaskTemplate": {"ContainerSpec": {"Image": "old"}, "ForceUpdate": 2},
+                    "Labels": {ed.FAILED_LABEL: "r"}}
+
+
 @pytest.mark.parametrize("spec,global_tasks,expected", [
     ({}, 1, 300),
     ({"Mode": {"Replicated": {"Replicas": 100}}, "UpdateConfig": {"Parallelism": 1, "Delay": 10 * 10**9}}, 1,
@@ -1463,6 +1493,14 @@ def test_rollout_state_is_decided_by_spec_identity(found, expected):
     ({"Mode": {"Global": {}}, "UpdateConfig": {"Parallelism": 1, "Monitor": 30 * 10**9}}, 40, 40 * 30 + 120),
     ({"Mode": {"Replicated": {"Replicas": 2}}, "UpdateConfig": {"Parallelism": 1, "Monitor": 300 * 10**9}}, 40,
      2 * 300 + 120),  # task count matters for global services only
+    # No UpdateConfig stored (compose without update_config): swarmkit's defaults, one task at a time, 5 s each.
+    ({"Mode": {"Replicated": {"Replicas": 60}}}, 1, 60 * 5 + 120),
+    ({"Mode": {"Replicated": {"Replicas": 60}}, "UpdateConfig": None}, 1, 60 * 5 + 120),
+    ({"Mode": {"Global": {}}}, 40, 40 * 5 + 120),
+    # A stored one: Parallelism 0 (or absent) is all at once, an absent Monitor is swarmkit's 5 s.
+    ({"Mode": {"Replicated": {"Replicas": 60}}, "UpdateConfig": {"Parallelism": 0}}, 1, 300),
+    ({"Mode": {"Replicated": {"Replicas": 60}}, "UpdateConfig": {"FailureAction": "pause"}}, 1, 300),
+    ({"Mode": {"Replicated": {"Replicas": 100}}, "UpdateConfig": {"Parallelism": 1, "Delay": 0}}, 1, 100 * 5 + 120),
 ])
 def test_default_rollout_timeout(spec, global_tasks, expected):
     assert ed.default_rollout_timeout(spec, global_tasks) == expected
@@ -1472,15 +1510,20 @@ def task(service_id, desired, state):
     return {"ServiceID": service_id, "DesiredState": desired, "Status": {"State": state}}
 
 
-def test_services_with_starting_tasks_are_those_a_re_post_would_disturb():
-    tasks = [task("running", "running", "running"), task("running", "shutdown", "pending"),
-             task("ready", "running", "ready"), task("starting", "running", "starting"),
-             task("pending", "running", "running"), task("pending", "running", "pending"),
-             task("preparing", "running", "preparing"), task("assigned", "running", "assigned"),
-             task("new", "running", "new"), task("done", "shutdown", "complete"),
-             task("failed", "shutdown", "failed"), task("job", "complete", "complete"),
-             task("odd", "running", "unheard-of")]
-    assert ed.services_with_starting_tasks(tasks) == {"pending", "preparing", "assigned", "new"}
+@pytest.mark.parametrize("desired,state,skipped", [
+    # on a node and starting there (pulling): a re-post would replace it, and the node starts over
+    ("running", "assigned", True), ("running", "accepted", True), ("running", "preparing", True),
+    # on no node yet (a constraint nobody meets, max replicas per node): replaced at no cost, needs the auth
+    ("running", "new", False), ("running", "allocated", False), ("running", "pending", False),
+    # READY..RUNNING: swarmkit ignores new pull options for them
+    ("running", "ready", False), ("running", "starting", False), ("running", "running", False),
+    # not meant to run (any more)
+    ("shutdown", "preparing", False), ("shutdown", "complete", False), ("shutdown", "failed", False),
+    ("complete", "complete", False), ("running", "unheard-of", False),
+])
+def test_the_keeper_skips_only_services_with_a_task_starting_on_a_node(desired, state, skipped):
+    tasks = [task("web", desired, state), task("other", "running", "running")]
+    assert ed.services_with_starting_tasks(tasks) == ({"web"} if skipped else set())
     assert ed.services_with_starting_tasks([]) == set()
 
 
@@ -1667,6 +1710,35 @@ def test_rollback_on_failure_returns_the_service_to_its_previous_image(aws, imag
     assert [d["outcome"] for d in webhook.received] == ["paused", "rollback_completed"]
 
 
+def test_an_operators_scale_and_env_during_a_failing_rollout_survive_its_rollback(aws, images, clean_swarm):
+    swarm = clean_swarm
+    sid, queue, old, new = failing_rollout(aws, images, swarm, "operated")
+    running = Running(deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1"), "--once", "--wait",
+                      "--queue", queue)
+    try:
+        running.wait_line("Updated service operated")
+        # `docker service scale operated=2` and `docker service update --env-add X=1`: the spec re-posted
+        # without registry auth, our image and ForceUpdate kept, so the rollout is still ours.
+        def scale_and_add_env(spec):
+            spec["Mode"]["Replicated"]["Replicas"] = 2
+            spec["TaskTemplate"]["ContainerSpec"]["Env"].append("X=1")
+        swarm.update(sid, scale_and_add_env)
+        code = running.proc.wait(90)
+    finally:
+        running.kill()
+    assert code == 1, running.log
+    assert f"Rollout of operated ({sid[:12]}) to {new} paused after" in running.log
+    assert f"Rolling back service operated ({sid[:12]}) to its previous spec ({old})" in running.log
+    assert f"Rollback of operated ({sid[:12]}) to {old} completed after" in running.log
+    spec = swarm.service(sid)["Spec"]
+    assert spec["TaskTemplate"]["ContainerSpec"]["Image"] == old
+    assert spec["Mode"]["Replicated"]["Replicas"] == 2  # the operator's scale survives the rollback
+    assert spec["TaskTemplate"]["ContainerSpec"]["Env"] == ["GREETING=hello", "X=1"]  # and their variable
+    assert ed.failed_digest({"Spec": spec}) == new.rpartition("@")[2]  # the failure record, as before
+    assert not {ed.DIGEST_LABEL, ed.SOURCE_LABEL, ed.DEPLOYED_BY_LABEL} & spec["Labels"].keys()  # ours, taken back
+    swarm.wait_running(sid, old, replicas=2)
+
+
 def test_good_rollout_completes_and_a_dead_webhook_costs_at_most_its_timeout(aws, images, clean_swarm, webhook):
     swarm, registry = clean_swarm, REGISTRIES[0]
     repo, (v1, v2), sid = service_on_new_repo(images, swarm, "good", replicas=1)
@@ -1841,13 +1913,15 @@ def test_jobs_rerun_on_a_push_only_when_labelled_and_the_keeper_never_touches_th
     assert aws.queue_depth(queue) == 0  # the skipped job's message is done too
 
 
-def test_keeper_skips_starting_tasks_retries_only_failures_and_keeps_its_schedule_across_restarts(
+def test_keeper_refreshes_tasks_waiting_for_a_node_retries_only_failures_and_keeps_its_schedule_across_restarts(
         aws, images, clean_swarm, workdir, tmp_path):
     swarm, registry = clean_swarm, REGISTRIES[0]
     repo = images.new_repository()
     image = f"{registry.host}/{repo}:latest@{images.push(repo, 'latest', 'k1')}"
     ids = {name: swarm.create_service(name, image, registry=registry, replicas=0) for name in ("good", "bad")}
-    # A task no node can take stays pending: a re-post would replace it, a real rolling update.
+    # A task no node can take stays pending, on no node: replacing it costs nothing, and it is the
+    # task that pulls when a node that fits appears, so it needs the fresh auth (a task starting on a
+    # node, PREPARING, is skipped: see the table test of the states).
     ids["waiting"] = swarm.create_service("waiting", image, registry=registry,
                                           Placement={"Constraints": ["node.labels.nowhere==true"]})
     wait_for(lambda: [t["Status"]["State"] for t in swarm.tasks(ids["waiting"])] == ["pending"], 30,
@@ -1867,10 +1941,13 @@ def test_keeper_skips_starting_tasks_retries_only_failures_and_keeps_its_schedul
     finally:
         proxy.close()
     assert run.returncode == 1, run.stderr
-    assert "Refreshed registry auth of 1 service(s); 1 skipped; 1 failed" in run.stderr
-    assert f"Service waiting ({ids['waiting'][:12]}) has tasks not yet started" in run.stderr
+    assert "Refreshed registry auth of 2 service(s); 1 failed" in run.stderr
+    assert "skipped" not in run.stderr
     first = versions()
-    assert (first["good"] > start["good"], first["bad"], first["waiting"]) == (True, start["bad"], start["waiting"])
+    assert (first["good"] > start["good"], first["bad"], first["waiting"] > start["waiting"]) == \
+        (True, start["bad"], True)
+    wait_for(lambda: [t["Status"]["State"] for t in swarm.tasks(ids["waiting"]) if t["DesiredState"] == "running"]
+             == ["pending"], 30, what=lambda: f"still one pending task: {swarm.task_states(ids['waiting'])}")
     assert json.loads(state_file.read_text())["retry"] == [ids["bad"]]
 
     # Five minutes later (the state file says so), a restarted loop retries only the service that failed.
@@ -1925,11 +2002,8 @@ def test_an_update_by_someone_else_supersedes_our_rollout_and_is_never_rolled_ba
                       "--queue", queue)
     try:
         running.wait_line("Updated service contested")
-        service = swarm.service(sid)
-        spec = service["Spec"]
-        spec["TaskTemplate"]["ContainerSpec"]["Image"] = hotfix  # `docker service update --image`
-        swarm.post(f"/services/{sid}/update", params={"version": service["Version"]["Index"]}, json=spec,
-                   headers={"X-Registry-Auth": ed.registry_auth_header("AWS", registry.password, registry.host)})
+        swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=hotfix),  # --image
+                     registry=registry)
         code = running.proc.wait(30)
     finally:
         running.kill()
@@ -2379,6 +2453,8 @@ def test_quick_start_demo_rolls_a_service_and_leaves_nothing_behind():
     assert not demo_module.STATE.exists()
     leftovers = subprocess.run(["pgrep", "-f", "ecrd-demo-"], capture_output=True, text=True).stdout
     assert leftovers == "" and not list(pathlib.Path("/tmp").glob("ecrd-demo-*"))
+    mounts = pathlib.Path("/proc/self/mountinfo").read_text().splitlines()
+    assert [line for line in mounts if "ecrd-demo-" in line] == []  # dockerd's network namespaces unmounted
     assert GWBRIDGE.exists() == gwbridge_before
 
 
@@ -2664,13 +2740,18 @@ def test_gated_services_deploy_clean_digests_and_block_the_rest(aws, images, cle
     assert f'ecr_deploy_rollouts_total{{outcome="blocked"}} {len(blocked)}' in metrics.read_text()
 
 
+def low_scanned_push(aws, images, registry) -> tuple[str, str, str]:
+    """A repository whose :latest moved from v1 to v2, a scan of v2 finished (LOW 1); in ECR only."""
+    repo = images.new_repository()
+    v1, v2 = (aws.put_image(registry.account, registry.region, repo, "latest", v) for v in ("v1", "v2"))
+    aws.set_scan(registry.account, registry.region, repo, v2, DONE, {"LOW": 1})
+    return repo, v1, v2
+
+
 def test_a_scan_event_rolls_only_gated_services(aws, images, clean_swarm):
     """A scan event says the scan is done, not that the tag moved: ungated services wait for pushes."""
     swarm, registry = clean_swarm, REGISTRIES[0]
-    account, region = registry.account, registry.region
-    repo = images.new_repository()
-    v1, v2 = (aws.put_image(account, region, repo, "latest", v) for v in ("v1", "v2"))
-    aws.set_scan(account, region, repo, v2, DONE, {"LOW": 1})
+    repo, v1, v2 = low_scanned_push(aws, images, registry)
     pinned = f"{registry.host}/{repo}:latest@{v1}"
     gated = swarm.create_service("scan-gated", pinned, registry=registry, replicas=0,
                                  labels={ed.SCAN_THRESHOLD_LABEL: "HIGH"})
@@ -2684,6 +2765,45 @@ def test_a_scan_event_rolls_only_gated_services(aws, images, clean_swarm):
     assert swarm.service(ungated)["Version"]["Index"] == ungated_version, run.stderr
     assert f"Service scan-ungated ({ungated[:12]}) has no scan gate: a scan event does not roll it" in run.stderr
     assert aws.queue_depth(queue) == 0
+
+
+def test_under_trust_events_a_scan_event_rolls_its_digest_without_describe_images(aws, images, clean_swarm):
+    """--trust-events lets users drop ecr:DescribeImages: a scan event then deploys the digest it names."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo, v1, v2 = low_scanned_push(aws, images, registry)
+    sid = swarm.create_service("trusted-scan", f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0,
+                               labels={ed.SCAN_THRESHOLD_LABEL: "HIGH"})
+    queue = aws.new_queue()
+    aws.send(queue, scan_event(repository=repo, digest=v2, counts={"LOW": 1}, time=event_time()))
+    proxy = FaultProxy(aws.url)  # DescribeImages denied, as the README lets --trust-events users deny it
+    proxy.rule = lambda key: (400, {"__type": "AccessDeniedException", "message": "not granted"}) \
+        if key.endswith(".DescribeImages") else None
+    try:
+        run = run_once(deployer_env(aws, swarm, AWS_ENDPOINT_URL=proxy.url), "--queue", queue, "--trust-events")
+    finally:
+        proxy.close()
+    assert run.returncode == 0, run.stderr
+    assert "DescribeImages" not in ecr_calls(proxy), proxy.seen
+    assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v2}", 1)
+    assert aws.queue_depth(queue) == 0 and " ERROR " not in run.stderr
+
+
+def test_one_shot_modes_need_no_queue_region_even_with_a_queue_set(aws, images, clean_swarm):
+    """ECR's regions come from each service's image host: --refresh-auth (and --reconcile, --status)
+    run where DEPLOYER_QUEUE is set for the unit but no AWS region is."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    image = f"{registry.host}/{repo}:latest@{aws.put_image(registry.account, registry.region, repo, 'latest', 'r1')}"
+    sid = swarm.create_service("regionless", image, registry=registry, replicas=0)
+    version = swarm.service(sid)["Version"]["Index"]
+    env = deployer_env(aws, swarm, DEPLOYER_QUEUE="ecr-deploy")
+    env.pop("AWS_REGION", None)
+    env.pop("AWS_DEFAULT_REGION", None)
+    for mode in ("--refresh-auth", "--reconcile", "--status"):
+        run = subprocess.run([sys.executable, DEPLOYER, mode], env=env, capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, (mode, run.stderr)
+        assert "no AWS region" not in run.stderr
+    assert swarm.service(sid)["Version"]["Index"] > version  # the refresh reached it
 
 
 def test_a_gated_push_of_an_image_gone_from_ecr_deploys_nothing_and_is_done(aws, images, clean_swarm):
@@ -3787,6 +3907,57 @@ def test_auth_keeper_on_a_non_leader_manager_lets_a_task_moved_to_the_worker_pul
     wait_for(lambda: any("No such image" in (t["Status"].get("Err") or "") for t in follower.tasks(unkept[0])), 60,
              what=lambda: f"the unkept service to fail pulling on the worker: {follower.task_states(unkept[0])}")
     assert tasks_by_node(follower, unkept[0]) == {}
+
+
+def test_a_manager_whose_docker_is_down_takes_no_messages_and_a_healthy_one_deploys_them_at_once(
+        aws, images, clean_cluster, capsys):
+    cluster, registry = clean_cluster, REGISTRIES[0]
+    sick, healthy = cluster.followers()
+    targets = {}  # service id -> (repository, the digest :latest points to now)
+    for name in ("first", "second"):
+        repo = images.new_repository()
+        v1, v2 = (aws.put_image(registry.account, registry.region, repo, "latest", f"{name}-{v}") for v in ("v1", "v2"))
+        targets[healthy.create_service(name, f"{registry.host}/{repo}:latest@{v1}", replicas=0)] = (repo, v2)
+    dlq = aws.new_queue()
+    dlq_arn = aws.sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    # A message the sick deployer kept would come back only after 30 s, and a third receive moves it to the DLQ.
+    queue = aws.new_queue(VisibilityTimeout=30, RedrivePolicy=json.dumps({"deadLetterTargetArn": dlq_arn,
+                                                                           "maxReceiveCount": "2"}))
+    quiet = ("--queue", queue, "--auth-refresh", "0", "--reconcile-every", "0")  # only messages move services
+    (first, (repo_1, digest_1)), (second, (repo_2, digest_2)) = targets.items()
+    sick_deployer, healthy_deployer = Running(deployer_env(aws, sick), *quiet), None
+    try:
+        sick_deployer.wait_line("watching")
+        sick.kill()  # its dockerd, SIGKILLed while its deployer waits for messages: idle, it cannot know yet
+        aws.send(queue, event(repository=repo_1, digest=digest_1))  # so it takes this one, and fails it
+        sick_deployer.wait_line("does not answer; receiving no messages until it does", timeout=30)
+        healthy_deployer = Running(deployer_env(aws, healthy), *quiet)
+        healthy_deployer.wait_line("watching")
+        started = time.monotonic()
+        aws.send(queue, event(repository=repo_2, digest=digest_2))
+        wait_for(lambda: all(service_image_of(healthy, sid)[0].endswith(digest) for sid, (_, digest) in targets.items())
+                 and aws.queue_depth(queue) == 0, 25, interval=0.2,
+                 what=lambda: f"both services updated:\n{sick_deployer.log}\n{healthy_deployer.log}")
+        deployed_after = time.monotonic() - started
+        cluster.restart(sick)
+        sick_deployer.wait_line("answers again after", timeout=30)
+        assert [sick_deployer.stop(), healthy_deployer.stop()] == [0, 0]
+    finally:
+        for running in (sick_deployer, healthy_deployer):
+            if running:
+                running.kill()
+        if sick.proc.poll() is not None:
+            cluster.restart(sick)
+    assert deployed_after < 10, deployed_after  # not after the 30 s visibility timeout
+    assert aws.queue_depth(dlq) == 0
+    assert updated_lines(sick_deployer.log) == [] and len(updated_lines(healthy_deployer.log)) == 2
+    sick_log = sick_deployer.log
+    assert sick_log.count("cannot reach Docker") == 1, sick_log  # the one message it took, handed back at once
+    assert sick_log.count("does not answer; receiving no messages") == 1, sick_log  # said once, however long
+    assert "Traceback" not in sick_log
+    with capsys.disabled():
+        print(f"\n[cluster] a manager's dockerd down: the healthy manager's deployer deployed both pushes "
+              f"{deployed_after:.1f}s after it started (queue visibility timeout 30 s); nothing in the DLQ")
 
 
 def test_cluster_teardown_leaves_nothing_behind(cluster):

@@ -43,6 +43,15 @@ CGROUPS = pathlib.Path("/sys/fs/cgroup")
 SWARM_PORT = 2377
 
 
+def running(pid: str) -> bool:
+    """Is this process alive (neither gone nor a zombie)?"""
+    try:
+        status = pathlib.Path(f"/proc/{pid}/status").read_text() if pid.isdigit() else ""
+    except OSError:
+        return False
+    return bool(status) and "\nState:\tZ" not in status
+
+
 def run(*command: str, check=True) -> subprocess.CompletedProcess:
     done = subprocess.run(command, capture_output=True, text=True)
     if check and done.returncode != 0:
@@ -125,9 +134,16 @@ class Node(Swarm):
         return ["ip", "netns", "exec", self.netns, "unshare", "--uts", "sh", "-c", script, "sh", *inner]
 
     def kill(self):
-        """SIGKILL this node's dockerd, as a crash or the OOM killer would."""
+        """SIGKILL this node's dockerd, as a crash or the OOM killer would. Its containerd dies with it
+        but stays a zombie until PID 1 reaps it (slowly, in some containers), and a dockerd restarted
+        meanwhile takes the zombie named in containerd.pid for a running containerd, waits a minute for
+        its socket and gives up: so wait until it is dead, and forget its pid file."""
         self.proc.kill()
         self.proc.wait()
+        pid_file = self.dir / "x" / "containerd" / "containerd.pid"
+        pid = pid_file.read_text().strip() if pid_file.exists() else ""
+        wait_for(lambda: not running(pid), 30, what=f"the containerd of {self.hostname} to die")
+        pid_file.unlink(missing_ok=True)
 
     def info(self) -> dict:
         return self.get("/info")

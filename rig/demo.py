@@ -20,6 +20,7 @@ import tempfile
 import threading
 
 from rig.aws import Aws, event
+from rig.common import mounts_under
 from rig.deployer import Running, deployer_env
 from rig.registry import Images, Registry, serving_registries
 from rig.swarm import Swarm
@@ -130,8 +131,9 @@ def main() -> int:
             f"    Ctrl-C stops the demo and removes everything it made.")
         stop.wait()
         say("Stopping: the deployer, the swarm, the registry and moto_server; removing their files")
-    print("Stopped; nothing left behind.", flush=True)
-    return 0
+    left = mounts_under(workdir) or ([str(workdir)] if workdir.exists() else [])
+    print(f"Stopped; left behind: {', '.join(left)}" if left else "Stopped; nothing left behind.", flush=True)
+    return 1 if left else 0
 
 
 def push(args: list[str]) -> int:

@@ -12,7 +12,7 @@ import requests
 import requests_unixsocket
 
 import ecr_deploy as ed
-from rig.common import free_port, wait_for
+from rig.common import free_port, unmount_under, wait_for
 
 GWBRIDGE = pathlib.Path("/sys/class/net/docker_gwbridge")
 
@@ -58,8 +58,11 @@ class Swarm:
             self.proc.wait()
 
     def close(self):
-        """Stop dockerd for good and remove what it left on the host."""
+        """Stop dockerd for good and remove what it left on the host: the docker_gwbridge link, and
+        the mounts under its folder (its ingress network namespace stays mounted after it exits),
+        which would keep the folder, and its mounts, on the host for ever."""
         self.stop()
+        unmount_under(self.dir)
         if self.made_gwbridge and GWBRIDGE.exists():
             subprocess.run(["ip", "link", "delete", "docker_gwbridge"], check=False)
 
@@ -101,12 +104,19 @@ class Swarm:
     def service(self, service_id):
         return self.get(f"/services/{service_id}")
 
+    def update(self, service_id, change, registry=None):
+        """As `docker service update` does: the current spec, as `change(spec)` edits it in place, posted
+        at the version it was read at; with registry auth only for `registry` (--with-registry-auth)."""
+        service = self.service(service_id)
+        change(service["Spec"])
+        headers = {"X-Registry-Auth": ed.registry_auth_header("AWS", registry.password, registry.host)} \
+            if registry else {}
+        self.post(f"/services/{service_id}/update", params={"version": service["Version"]["Index"]},
+                  json=service["Spec"], headers=headers)
+
     def scale(self, service_id, replicas):
         """As `docker service scale` does: the spec re-posted with no registry auth."""
-        service = self.service(service_id)
-        spec = service["Spec"]
-        spec["Mode"]["Replicated"]["Replicas"] = replicas
-        self.post(f"/services/{service_id}/update", params={"version": service["Version"]["Index"]}, json=spec)
+        self.update(service_id, lambda spec: spec["Mode"]["Replicated"].update(Replicas=replicas))
 
     def tasks(self, service_id):
         return self.get("/tasks", params={"filters": json.dumps({"service": [service_id]})})
