@@ -7,11 +7,17 @@ Swarm service running that tag to the digest ECR says the tag points to *now*, p
 digest, with fresh ECR credentials forwarded to Swarm. Services may opt in to a scan gate:
 rolled only to digests whose ECR scan is clean enough ("ECR Image Scan" events trigger them).
 
+Events are the fast path, not the truth: a reconcile pass compares every service that follows a
+tag with what the tag points to in ECR now; the operator's release policy (windows, min-age, waves,
+promotion) decides when; what must survive a restart lives on the service's labels.
+
 Read top-down: configuration, events (pure), images (pure: references, which tag a service
-follows), specs (pure), rollouts (pure), scan gate (pure), AWS shell, Docker shell (and loop mode's
+follows), specs (pure), service labels (pure: provenance, failure records), release policy (pure),
+status (pure), rollouts (pure), scan gate (pure), AWS shell, Docker shell (and loop mode's
 ServiceIndex, kept current from Docker's events), the scan gate, the drain cycle (Deployer; Rollouts,
-which follows and rolls back; AuthKeeper, the registry-auth keeper), receiving (Receiver: batches
-bounded in time, held invisible while worked on), reports, logging and systemd, main.
+which follows and rolls back; AuthKeeper, the registry-auth keeper), the reconcile pass (Reconciler),
+receiving (Receiver: batches bounded in time, held invisible while worked on), reports, logging and
+systemd, status (read-only), main.
 """
 from __future__ import annotations
 
