@@ -853,6 +853,12 @@ def promotion(labels: dict, runs: bool, state: str | None, since: datetime | Non
     return Release("deploy", f"tag :{tag}")
 
 
+def promote_key(service: dict, followed: tuple | None) -> tuple | None:
+    """(account, region, repository, TAG) of the tag a service promotes to, in its own repository."""
+    tag = ((service.get("Spec") or {}).get("Labels") or {}).get(PROMOTE_LABEL)
+    return followed[:3] + (str(tag).strip(),) if followed and tag is not None else None
+
+
 def parse_swarm_time(text: object) -> datetime | None:
     """Swarm's RFC 3339 times carry nanoseconds; Python reads microseconds."""
     if not isinstance(text, str) or not text:
@@ -2049,6 +2055,18 @@ class Deployer:
         return release_policy(labels, self.release_defaults, time.time(), age, leaders,
                               self.docker.date if names else None)
 
+    def promotion_of(self, service: dict, key: tuple, answers: dict) -> Release:
+        """The promotion rule for a service and the digest its tag points to (Swarm's task history is
+        read only while a promotion may still be due)."""
+        status, digest = service.get("UpdateStatus") or {}, answers[key].digest
+        target = answers.get(promote_key(service, key))
+        runs = runs_digest(service, digest)
+        pending = runs and (target is None or target.digest != digest)
+        since = soak_start(service, self.docker.tasks(service["ID"]), digest) if pending else None
+        return promotion(service["Spec"].get("Labels") or {}, runs, status.get("State"), since,
+                         self.failure_of(service, digest) if pending else None, target and target.digest,
+                         digest, self.docker.date, time.time())
+
     def service_named(self, name: str) -> dict | None:
         try:
             return self.docker.service(name)  # Docker takes a name as well as an ID
@@ -2061,15 +2079,10 @@ class Deployer:
         """Tag the digest this service runs as its PROMOTE_LABEL tag once its rollout completed and soaked,
         for whatever follows that tag (another swarm, account or region, through ECR's push event).
         Idempotent: a tag already at the digest is left alone. False if ECR or Docker failed."""
-        labels, status = service["Spec"].get("Labels") or {}, service.get("UpdateStatus") or {}
-        tag, digest = str(labels.get(PROMOTE_LABEL, "")).strip(), answer.digest
-        target = answers.get(key[:3] + (tag,))
-        runs = runs_digest(service, digest)
+        labels, digest = service["Spec"].get("Labels") or {}, answer.digest
+        tag = promote_key(service, key)[3]
         try:
-            since = soak_start(service, self.docker.tasks(service["ID"]), digest) if runs else None
-            decision = promotion(labels, runs, status.get("State"), since,
-                                 self.failure_of(service, digest) if runs else None,
-                                 target and target.digest, digest, self.docker.date, time.time())
+            decision = self.promotion_of(service, key, answers)
         except (ValueError, DockerError) as e:
             log.error("Cannot promote from service %s: %s", service_label(service), e)
             return False
@@ -2604,8 +2617,7 @@ class Reconciler:
         if not followed:
             log.debug("Reconcile pass: no service follows an ECR tag")
             return True
-        promotes = {key[:3] + (str(s["Spec"]["Labels"][PROMOTE_LABEL]).strip(),) for s in services
-                    if (key := followed.get(s["ID"])) and PROMOTE_LABEL in (s["Spec"].get("Labels") or {})}
+        promotes = {key for s in services if (key := promote_key(s, followed.get(s["ID"])))}
         now_at, errors = tag_digests(deployer.ecr, set(followed.values()) | promotes, deployer.systemd.heartbeat)
         deployer.answers.update(now_at)
         for repository_key, error in errors.items():
@@ -2869,8 +2881,7 @@ def status_rows(deployer: Deployer) -> list[dict]:
               and (deployer.label_filter is None or deployer.label_filter.admits(s["Spec"].get("Labels")))]
     followed = {s["ID"]: followed_tag(s, None) for s in listed}
     keys = {key for key in followed.values() if key}
-    keys |= {key[:3] + (str(s["Spec"]["Labels"][PROMOTE_LABEL]).strip(),) for s in listed
-             if (key := followed[s["ID"]]) and PROMOTE_LABEL in (s["Spec"].get("Labels") or {})}
+    keys |= {key for s in listed if (key := promote_key(s, followed[s["ID"]]))}
     now_at, errors = tag_digests(deployer.ecr, keys, deployer.systemd.heartbeat)
     deployer.answers.update(now_at)
     rows = []
@@ -2890,17 +2901,11 @@ def status_rows(deployer: Deployer) -> list[dict]:
 
 
 def promotion_text(deployer: Deployer, service: dict, key: tuple, answers: dict) -> str:
-    labels, status, answer = service["Spec"]["Labels"], service.get("UpdateStatus") or {}, answers[key]
-    runs = runs_digest(service, answer.digest)
-    target = answers.get(key[:3] + (str(labels[PROMOTE_LABEL]).strip(),))
-    since = soak_start(service, deployer.docker.tasks(service["ID"]), answer.digest) if runs else None
     try:
-        decision = promotion(labels, runs, status.get("State"), since,
-                             deployer.failure_of(service, answer.digest) if runs else None,
-                             target and target.digest, answer.digest, deployer.docker.date, time.time())
+        decision = deployer.promotion_of(service, key, answers)
     except ValueError as e:
         return f"cannot promote: {e}"
-    return f"promotes to :{labels[PROMOTE_LABEL]} now" if decision.decision == "deploy" else decision.reason
+    return f"promotes to :{promote_key(service, key)[3]} now" if decision.decision == "deploy" else decision.reason
 
 
 def status_of(deployer: Deployer, service: dict, key: tuple | None, answer: tuple[str, str] | None) -> tuple[str, str]:
@@ -2938,7 +2943,7 @@ def status_of(deployer: Deployer, service: dict, key: tuple | None, answer: tupl
 
 def show_status(deployer: Deployer, as_json: bool) -> int:
     rows = status_rows(deployer)
-    print(json.dumps(rows, indent=2) if as_json else status_table(rows), end="" if not as_json else "\n")
+    sys.stdout.write(json.dumps(rows, indent=2) + "\n" if as_json else status_table(rows))  # the result, not a log line
     codes = {STATUS_EXIT[row["state"]] for row in rows}
     return next((code for code in (5, 1, 4) if code in codes), 0)  # what needs someone first, what settles last
 
