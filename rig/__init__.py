@@ -7,6 +7,8 @@ Every part is a real component started on this machine (as root), never a mock:
   swarm.py      a private dockerd in swarm mode (own data root, exec root and socket)
   deployer.py   ecr_deploy.py run as operators run it: a separate process
   faults.py     real HTTP hops in front of moto or dockerd that fail or stall chosen requests
+  unstable.py   programs newer than the host's (Docker 28, containerd 2, notation, cosign),
+                unpacked from Debian's unstable archive into .rig/, never installed
   demo.py       the Quick start demo
   __main__.py   `python3 -m rig demo|test|push`: installs what the rig needs (Debian packages,
                 and Python packages in a venv, .venv) with the standard library only, then runs

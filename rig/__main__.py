@@ -3,7 +3,9 @@
 Run as root from the checkout, on a fresh Debian 12 / Ubuntu 24.04. With the standard library
 only, it installs what the rig needs and is missing — Debian packages (Debian's docker.io only
 where no dockerd is installed: docker-ce hosts keep theirs), and Python packages into .venv
-(Debian's python3 refuses system-wide pip, PEP 668) — then runs the command inside that venv.
+(Debian's python3 refuses system-wide pip, PEP 668); for `test` and `bench` also the current
+Docker engine and the signature verifiers, unpacked from Debian's unstable archive into .rig/
+(rig/unstable.py) — then runs the command inside that venv.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import shutil
 import subprocess
 import sys
 import time
+
+from rig import unstable
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
@@ -30,7 +34,8 @@ DEBIAN_PACKAGES = {
     "systemd-analyze": "systemd",  # checks of the unit file
     "ip": "iproute2",  # network namespaces of multi-node swarms
     "iptables": "iptables",
-    "/usr/share/zoneinfo/Europe/Berlin": "tzdata",  # deploy windows' time zones (zoneinfo reads the system's)
+    "/usr/share/zoneinfo/Europe/Berlin": "tzdata",
+    "/usr/share/keyrings/debian-archive-keyring.gpg": "debian-archive-keyring",  # rig/unstable.py (Ubuntu lacks it)  # deploy windows' time zones (zoneinfo reads the system's)
 }
 
 
@@ -68,13 +73,18 @@ def requirements_stamp() -> str:
     return hashlib.sha256(b"".join(path.read_bytes() for path in REQUIREMENTS)).hexdigest()
 
 
-def enter_venv() -> None:
+def enter_venv(command: str) -> None:
     """Install what is missing, then re-run this command with the venv's python (never returns)."""
     if os.geteuid() != 0:
         sys.exit("[rig] run as root: the rig starts dockerd, binds port 443 and edits /etc/hosts")
     packages = missing_debian_packages()
     if packages:
         apt_install(packages)
+    if command in ("test", "bench"):  # the current engine and the verifiers; the demo runs on the host's Docker
+        try:
+            unstable.fetch(say=say)
+        except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+            sys.exit(f"[rig] fetching from Debian's unstable archive failed: {e}")
     python = VENV / "bin" / "python3"
     stamp = VENV / ".rig-requirements"
     if not python.exists():
@@ -102,7 +112,7 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip(), file=sys.stderr)
         return 2
     if not in_venv():
-        enter_venv()
+        enter_venv(command)
     os.chdir(ROOT)
     if command == "test":  # the whole suite, the real rig required: rig tests fail, never skip
         env = {**os.environ, "ECR_DEPLOY_REQUIRE_RIG": "1"}
