@@ -1439,7 +1439,12 @@ class Ecr:
 
 # --------------------------------------------------------------------------- Docker shell
 
-NEWEST_KNOWN_API = (1, 47)
+# Requests go at the daemon's own API version, whatever it is: a daemon strips from a posted spec
+# every field newer than the request's version (moby's adjustForAPIVersion: under 1.52 SwapBytes and
+# MemorySwappiness, under 1.46 OomScoreAdj and tmpfs options, ...), so a spec read and posted back at
+# any older version loses settings, and a resources change replaces every task. The oldest: Docker
+# 20.10, where Swarm jobs and a service's capabilities, ulimits and pids limit arrived.
+OLDEST_API = (1, 41)
 DOCKER_TIMEOUT = (5, 30)  # s: connect, read
 PING_TIMEOUT = (5, 5)
 # A swarm manager holds API calls while the swarm has no leader (an election takes 10-20 s):
@@ -1478,6 +1483,17 @@ def warning_if_slow(call: str):
         log.info("Docker answered %s after %.1fs", call, time.monotonic() - started)
 
 
+def api_version_to_use(daemon_version: object, socket: str) -> str:
+    """The daemon's own API version ("1.51"), or Misconfigured for a daemon older than OLDEST_API."""
+    match = re.fullmatch(r"(\d+)\.(\d+)", daemon_version) if isinstance(daemon_version, str) else None
+    if match is None:
+        raise DockerError(f"Docker at {socket} answered GET /version without an API version ({daemon_version!r})")
+    if (int(match[1]), int(match[2])) < OLDEST_API:
+        raise Misconfigured(f"Docker at {socket} speaks API {daemon_version}; ecr-deploy needs {'.'.join(map(str, OLDEST_API))} "
+                            "or newer (Docker 20.10 or newer)")
+    return f"{int(match[1])}.{int(match[2])}"
+
+
 class Docker:
     """A thin Docker Engine API client over the unix socket."""
 
@@ -1499,6 +1515,7 @@ class Docker:
             reply = self._session.request(method, self._base + path, timeout=timeout, **kwargs)
         except requests.RequestException as e:
             self.answering = False
+            self._prefix = None  # whoever answers next may be another release: negotiate again
             reason = ERRNO_TEXT.search(str(e))
             raise DockerError(f"cannot reach Docker at {self.socket}: "
                               f"{reason[1] if reason else type(e).__name__}") from None
@@ -1537,11 +1554,9 @@ class Docker:
         return True
 
     def negotiate(self) -> str:
-        """Pick the API version once: the daemon's, capped at the newest this code knows."""
-        version = str(self._request("GET", "/version").get("ApiVersion", "1.41"))
-        major, minor = (int(part) for part in version.split(".")[:2])
-        major, minor = min((major, minor), NEWEST_KNOWN_API)
-        self.api_version = f"{major}.{minor}"
+        """Use the daemon's own API version (see OLDEST_API); asked again after Docker was out of
+        reach, as a restarted daemon may be an upgraded one."""
+        self.api_version = api_version_to_use((self._request("GET", "/version") or {}).get("ApiVersion"), self.socket)
         self._prefix = f"/v{self.api_version}"
         return self.api_version
 
@@ -1590,8 +1605,10 @@ class Docker:
         reads wait up to EVENTS_IDLE_TIMEOUT: a quiet swarm sends nothing for hours."""
         if self._prefix is None:
             self.negotiate()
+        # One JSON object a line, asked for by name: API 1.52 negotiates the stream's format and may
+        # also answer application/json-seq (each record after a 0x1E), which json.loads refuses.
         return self._send("GET", f"{self._prefix}/events", params={"filters": json.dumps(filters)}, stream=True,
-                          timeout=(DOCKER_TIMEOUT[0], EVENTS_IDLE_TIMEOUT))
+                          headers={"Accept": "application/json"}, timeout=(DOCKER_TIMEOUT[0], EVENTS_IDLE_TIMEOUT))
 
 
 class ServiceIndex:

@@ -34,11 +34,11 @@ import requests
 
 import ecr_deploy as ed
 from rig.aws import DIGEST_A, Aws, event, moto_server_command, scan_event
-from rig.common import DEPLOYER, ROOT as HERE, mounts_under, wait_for
+from rig.common import DEPLOYER, ROOT as HERE, free_port, mounts_under, wait_for
 from rig.deployer import Running, deployer_env, run_once, updated_lines
 from rig.faults import FaultProxy
 from rig.registry import REGISTRIES, Images, service_on_new_repo, serving_registries
-from rig.swarm import Swarm, service_image_of
+from rig.swarm import Engine, Swarm, current_engine, host_engine, service_image_of
 
 SAMPLES = HERE / "rig" / "samples"
 REQUIRE_RIG = os.environ.get("ECR_DEPLOY_REQUIRE_RIG") == "1"
@@ -547,6 +547,29 @@ def test_pinned_image_keeps_the_services_spelling(ref, tag, expected):
     assert ed.pinned_image(ed.parse_image_ref(ref), tag, DIGEST_B) == expected
 
 
+@pytest.mark.parametrize("answered,expected", [
+    ("1.41", "1.41"),  # bookworm's 20.10: the oldest
+    ("1.51", "1.51"),  # 28
+    ("1.52", "1.52"),  # 29: its own, never capped (an older version's request loses SwapBytes)
+    ("1.99", "1.99"),  # newer than anything known: still its own
+    ("2.0", "2.0"),
+    ("1.40", ed.Misconfigured),  # 19.03
+    ("1.24", ed.Misconfigured),
+    ("0.99", ed.Misconfigured),
+    (None, ed.DockerError),  # no ApiVersion at all
+    ("", ed.DockerError),
+    ("1.x", ed.DockerError),
+    ("1.51; DROP", ed.DockerError),
+    (1.51, ed.DockerError),  # a number, not the string Docker sends
+])
+def test_api_version_is_the_daemons_own(answered, expected):
+    if isinstance(expected, str):
+        assert ed.api_version_to_use(answered, "/run/docker.sock") == expected
+    else:
+        with pytest.raises(expected, match="/run/docker.sock"):
+            ed.api_version_to_use(answered, "/run/docker.sock")
+
+
 def test_registry_auth_header_is_base64url_json():
     header = ed.registry_auth_header("AWS", "s3cr?t>>", HOST)
     assert "+" not in header and "/" not in header
@@ -648,25 +671,48 @@ def images(aws, registries):
     return Images(aws, registries)
 
 
-@pytest.fixture(scope="session")
-def swarm(workdir, registries):
-    if not shutil.which("dockerd"):
-        rig_unavailable("dockerd is not installed (apt-get install docker.io)")
+def started_swarm(workdir: pathlib.Path, engine: Engine | None, missing: str):
+    if engine is None:
+        rig_unavailable(missing)
     if not pathlib.Path("/bin/busybox").exists():
         rig_unavailable("/bin/busybox is missing (apt-get install busybox-static)")
-    rig = Swarm(workdir)
+    workdir.mkdir(exist_ok=True)
+    rig = Swarm(workdir, instance=f"tests-{engine.name}", engine=engine)
     yield rig
     rig.close()
 
 
+@pytest.fixture(scope="session")
+def swarm(workdir, registries):
+    """The current Docker engine (Debian unstable's 28, API 1.51): every Docker-facing test runs on it."""
+    yield from started_swarm(workdir / "current", current_engine(), "the current Docker engine is not in "
+                             ".rig/unstable (`python3 -m rig test` fetches it from Debian's unstable archive)")
+
+
+@pytest.fixture(scope="session")
+def bookworm_swarm(workdir, registries):
+    """Debian 12's Docker 20.10 (API 1.41), the oldest engine ecr-deploy supports: ON_BOTH_ENGINES tests."""
+    yield from started_swarm(workdir / "bookworm", host_engine(), "dockerd is not installed (apt-get install docker.io)")
+
+
 @pytest.fixture
-def clean_swarm(swarm):
+def clean_swarm(request):
+    """The current engine's swarm (or, parametrised by ON_BOTH_ENGINES, each engine's), emptied after the test."""
+    swarm = request.getfixturevalue(getattr(request, "param", "swarm"))
     yield swarm
     swarm.remove_all_services()
 
 
+# What a new engine is most likely to change: an update and its registry auth, the keeper's re-post, a
+# rollback, an update out of sequence, a stack deployed by the CLI, a spec's every field. These tests run
+# on bookworm's 20.10 as well; the rest only on the current engine (each engine costs the suite's time).
+ON_BOTH_ENGINES = pytest.mark.parametrize("clean_swarm", ["swarm", "bookworm_swarm"], ids=["current", "bookworm"],
+                                          indirect=True)
+
+
 # =========================================================================== deploying on the rig
 
+@ON_BOTH_ENGINES
 def test_push_updates_every_matching_service_with_forwarded_registry_auth(aws, images, clean_swarm):
     swarm, registry = clean_swarm, REGISTRIES[0]
     repo = images.new_repository()
@@ -1065,6 +1111,7 @@ class InterferingDocker(ed.Docker):
         return fresh
 
 
+@ON_BOTH_ENGINES
 def test_update_out_of_sequence_is_retried_against_the_fresh_spec(aws, images, clean_swarm, caplog):
     swarm, registry = clean_swarm, REGISTRIES[0]
     repo, (v1, v2), sid = service_on_new_repo(images, swarm, "contended")
@@ -1361,7 +1408,7 @@ def access_denied(action):
 
 
 @pytest.mark.parametrize("case", ["no such queue name", "no such queue URL", "receive denied", "bad DOCKER_HOST",
-                                  "Docker outside any swarm"])
+                                  "Docker outside any swarm", "Docker too old"])
 def test_misconfiguration_exits_3_at_start_with_one_line_and_touches_no_service(aws, images, clean_swarm, case):
     swarm = clean_swarm
     repo, (v1, v2), sid = service_on_new_repo(images, swarm, "untouched")
@@ -1378,8 +1425,15 @@ def test_misconfiguration_exits_3_at_start_with_one_line_and_touches_no_service(
         cleanup.append(proxy.close)
     elif case == "bad DOCKER_HOST":
         env["DOCKER_HOST"] = "tcp://127.0.0.1:2375"
+    elif case == "Docker too old":  # Docker 19.03, as its GET /version answers
+        proxy = FaultProxy(swarm.base, unix_path=str(swarm.dir / f"too-old-{uuid.uuid4().hex[:6]}.sock"))
+        proxy.rule = lambda key: (200, {"Version": "19.03.15", "ApiVersion": "1.40", "MinAPIVersion": "1.12"}) \
+            if key.startswith("GET /version") else None
+        env["DOCKER_HOST"] = proxy.url
+        cleanup.append(proxy.close)
     else:
-        plain = Swarm(pathlib.Path(tempfile.mkdtemp(prefix="ecrd-", dir="/tmp")), instance="plain", init=False)
+        plain = Swarm(pathlib.Path(tempfile.mkdtemp(prefix="ecrd-", dir="/tmp")), instance="plain", init=False,
+                      engine=swarm.engine)
         env["DOCKER_HOST"] = plain.docker_host
         cleanup += [plain.close, lambda: shutil.rmtree(plain.dir.parent, ignore_errors=True)]
     try:  # loop mode, as systemd runs it
@@ -1395,7 +1449,8 @@ def test_misconfiguration_exits_3_at_start_with_one_line_and_touches_no_service(
             "no such queue URL": f"SQS queue {queue} does not exist",
             "receive denied": "AccessDenied: not authorized to perform: sqs:ReceiveMessage",
             "bad DOCKER_HOST": "DOCKER_HOST must be unix:///path, not 'tcp://127.0.0.1:2375'",
-            "Docker outside any swarm": "is not part of a swarm: run ecr-deploy on a swarm manager"}[case] in errors[0]
+            "Docker outside any swarm": "is not part of a swarm: run ecr-deploy on a swarm manager",
+            "Docker too old": "speaks API 1.40; ecr-deploy needs 1.41 or newer (Docker 20.10 or newer)"}[case] in errors[0]
     assert "Refreshed registry auth" not in run.stderr  # no keeper pass before the queue was read
     assert swarm.service(sid)["Version"]["Index"] == version
 
@@ -1691,6 +1746,7 @@ def run_skewed(skew: str, env: dict, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@ON_BOTH_ENGINES
 def test_rollback_on_failure_returns_the_service_to_its_previous_image(aws, images, clean_swarm, webhook):
     # v1 was created without registry auth, as if its auth had long expired: only a rollback that
     # forwards a fresh token lets the node pull it (Swarm's rollback=previous would reuse the old auth).
@@ -1769,6 +1825,7 @@ def test_good_rollout_completes_and_a_dead_webhook_costs_at_most_its_timeout(aws
     swarm.wait_running(sid, new)
 
 
+@ON_BOTH_ENGINES
 def test_refresh_auth_restarts_nothing_and_lets_swarm_pull_later(aws, images, clean_swarm):
     swarm, registry = clean_swarm, REGISTRIES[0]
     kept = {"keeper": "yes"}
@@ -1824,18 +1881,145 @@ def test_loop_mode_follows_rollouts_and_refreshes_auth_periodically(aws, images,
     assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v2}", 1)  # refreshes force nothing
 
 
+# ---- a spec with every field: the deployer changes only the image, ForceUpdate and its own labels
+
+SECOND = 1_000_000_000
+
+
+def every_field_spec(name: str, image: str, secret: dict, config: dict, network: str, port: int) -> dict:
+    """A service spec with every field a service spec has in API 1.51 (an engine drops the ones it does
+    not know: 20.10 those of 1.44 and later). Its tasks wait for a node that never comes (the placement
+    constraint and the generic resource no node has), so no field needs this host to run it."""
+    file = {"UID": "0", "GID": "0", "Mode": 0o440}
+    return {
+        "Name": name, "Labels": {"team": "web", "tier": "front"},
+        "TaskTemplate": {
+            "ContainerSpec": {
+                "Image": image, "Labels": {"container": "label"}, "Command": ["/bin/busybox"], "Args": ["sleep", "600"],
+                "Hostname": "every-{{.Task.Slot}}", "Env": ["GREETING=hello", "EMPTY="], "Dir": "/tmp", "User": "0:0",
+                "Groups": ["users"], "TTY": True, "OpenStdin": True, "ReadOnly": True, "StopSignal": "SIGUSR1",
+                "StopGracePeriod": 3 * SECOND, "Init": True, "Isolation": "default", "OomScoreAdj": 100,
+                "Privileges": {"SELinuxContext": {"Disable": True}, "Seccomp": {"Mode": "default"},
+                               "AppArmor": {"Mode": "default"}, "NoNewPrivileges": True},
+                "Mounts": [
+                    {"Type": "tmpfs", "Target": "/cache", "ReadOnly": False,
+                     "TmpfsOptions": {"SizeBytes": 1 << 20, "Mode": 0o1777, "Options": [["noexec"], ["uid", "0"]]}},
+                    {"Type": "volume", "Source": f"{name}-data", "Target": "/data", "Consistency": "default",
+                     "VolumeOptions": {"NoCopy": True, "Labels": {"volume": "label"},
+                                       "DriverConfig": {"Name": "local", "Options": {"type": "tmpfs", "device": "tmpfs"}}}},
+                    {"Type": "bind", "Source": "/tmp", "Target": "/host-tmp", "ReadOnly": True,
+                     "BindOptions": {"Propagation": "rprivate", "NonRecursive": True}}],
+                "Healthcheck": {"Test": ["CMD", "/bin/busybox", "true"], "Interval": 5 * SECOND, "Timeout": 2 * SECOND,
+                                "Retries": 3, "StartPeriod": 10 * SECOND, "StartInterval": 1 * SECOND},
+                "Hosts": ["10.0.0.1 db.internal"],
+                "DNSConfig": {"Nameservers": ["10.0.0.53"], "Search": ["internal"], "Options": ["ndots:2"]},
+                "Secrets": [{"File": {"Name": "token", **file}, "SecretID": secret["ID"], "SecretName": secret["Name"]}],
+                "Configs": [{"File": {"Name": "/etc/app.conf", **file}, "ConfigID": config["ID"],
+                             "ConfigName": config["Name"]}],
+                "Sysctls": {"net.ipv4.ip_nonlocal_bind": "1"},
+                "CapabilityAdd": ["CAP_NET_ADMIN"], "CapabilityDrop": ["CAP_MKNOD"],
+                "Ulimits": [{"Name": "nofile", "Soft": 1024, "Hard": 2048}]},
+            "Resources": {"Limits": {"NanoCPUs": 500_000_000, "MemoryBytes": 64 << 20, "Pids": 100},
+                          "Reservations": {"NanoCPUs": 100_000_000, "MemoryBytes": 8 << 20, "GenericResources": [
+                              {"DiscreteResourceSpec": {"Kind": "gpu", "Value": 1}},
+                              {"NamedResourceSpec": {"Kind": "fpga", "Value": "fpga-1"}}]}},
+            "RestartPolicy": {"Condition": "on-failure", "Delay": 2 * SECOND, "MaxAttempts": 3, "Window": 30 * SECOND},
+            "Placement": {"Constraints": ["node.labels.nowhere==true"],
+                          "Preferences": [{"Spread": {"SpreadDescriptor": "node.labels.zone"}}], "MaxReplicas": 2,
+                          "Platforms": [{"Architecture": "amd64", "OS": "linux"}]},
+            "Networks": [{"Target": network, "Aliases": ["every", "all-fields"], "DriverOpts": {"opt": "1"}}],
+            "LogDriver": {"Name": "json-file", "Options": {"max-size": "1m", "max-file": "2"}},
+            "Runtime": "container", "ForceUpdate": 7},
+        "Mode": {"Replicated": {"Replicas": 2}},
+        "UpdateConfig": {"Parallelism": 1, "Delay": SECOND, "FailureAction": "pause", "Monitor": 2 * SECOND,
+                         "MaxFailureRatio": 0.5, "Order": "start-first"},
+        "RollbackConfig": {"Parallelism": 2, "Delay": 2 * SECOND, "FailureAction": "continue", "Monitor": 3 * SECOND,
+                           "MaxFailureRatio": 0.25, "Order": "stop-first"},
+        "EndpointSpec": {"Mode": "dnsrr", "Ports": [{"Name": "http", "Protocol": "tcp", "TargetPort": 80,
+                                                     "PublishedPort": port, "PublishMode": "host"}]}}
+
+
+def without_deployer_changes(spec: dict) -> dict:
+    """The spec less what the deployer may change: the image, ForceUpdate and its own labels."""
+    kept = json.loads(json.dumps(spec))
+    del kept["TaskTemplate"]["ContainerSpec"]["Image"], kept["TaskTemplate"]["ForceUpdate"]
+    kept["Labels"] = {k: v for k, v in kept["Labels"].items() if not k.startswith("ecr-deploy.")}
+    return kept
+
+
+@ON_BOTH_ENGINES
+def test_update_keeper_and_rollback_keep_every_field_of_the_spec(aws, images, clean_swarm, workdir):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    api = swarm.get("/version")["ApiVersion"]
+    repo = images.new_repository()
+    v1, v2 = images.push(repo, "latest", "v1"), images.push(repo, "latest", "v2")
+    old, new = f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{v2}"
+    tag = uuid.uuid4().hex[:6]
+    secret = {"Name": f"secret-{tag}", **swarm.post("/secrets/create", json={
+        "Name": f"secret-{tag}", "Data": base64.b64encode(b"s3cret").decode()})}
+    config = {"Name": f"config-{tag}", **swarm.post("/configs/create", json={
+        "Name": f"config-{tag}", "Data": base64.b64encode(b"key=value").decode()})}
+    network = swarm.post("/networks/create", json={"Name": f"net-{tag}", "Driver": "overlay", "Attachable": True})["Id"]
+    try:
+        sid = swarm.post("/services/create", json=every_field_spec(f"every-{tag}", old, secret, config, network,
+                                                                   free_port()),
+                         headers={"X-Registry-Auth": ed.registry_auth_header("AWS", registry.password, registry.host)})["ID"]
+        created = swarm.service(sid)["Spec"]
+        container = created["TaskTemplate"]["ContainerSpec"]
+        assert container["CapabilityAdd"] == ["CAP_NET_ADMIN"] and container["Ulimits"]  # 1.41: both engines
+        if api != "1.41":  # what an update at 1.41 (or, for OomScoreAdj and tmpfs options, 1.45) would lose
+            assert container["OomScoreAdj"] == 100 and container["Healthcheck"]["StartInterval"] == SECOND
+            assert container["Privileges"]["NoNewPrivileges"] and container["Privileges"]["Seccomp"]
+            assert container["Mounts"][0]["TmpfsOptions"]["Options"] == [["noexec"], ["uid", "0"]]
+        # Every Docker call goes through a hop that records it: at the daemon's own API version.
+        proxy = FaultProxy(swarm.base, unix_path=str(workdir / f"docker-proxy-{tag}.sock"))
+        env = deployer_env(aws, swarm, DOCKER_HOST=proxy.url, DEPLOYER_ROLLBACK_ON_FAILURE="1")
+        try:
+            keeper = subprocess.run([sys.executable, DEPLOYER, "--refresh-auth"], env=env, capture_output=True,
+                                    text=True, timeout=60)
+            assert keeper.returncode == 0 and "Refreshed registry auth of 1 service(s)" in keeper.stderr, keeper.stderr
+            refreshed = swarm.service(sid)
+            assert refreshed["Spec"] == created  # the re-post changed nothing at all, ForceUpdate included
+
+            queue = aws.new_queue()
+            aws.send(queue, event(repository=repo, digest=v2))
+            # Its tasks never start: the rollout times out and is rolled back.
+            run = run_once(env, "--queue", queue, "--wait", "--rollout-timeout", "3s")
+        finally:
+            proxy.close()
+        assert run.returncode == 1, run.stderr
+        assert f"Rolling back service every-{tag} ({sid[:12]}) to its previous spec ({old})" in run.stderr
+        assert proxy.seen and all(key.split()[1].startswith(f"/v{api}/") for key in proxy.seen), proxy.seen
+        rolled_back = swarm.service(sid)
+        updated, final = rolled_back["PreviousSpec"], rolled_back["Spec"]  # the deployer's update, then its rollback
+        assert updated["TaskTemplate"]["ContainerSpec"]["Image"] == new and updated["TaskTemplate"]["ForceUpdate"] == 8
+        assert final["TaskTemplate"]["ContainerSpec"]["Image"] == old and final["TaskTemplate"]["ForceUpdate"] == 9
+        assert without_deployer_changes(updated) == without_deployer_changes(created)
+        assert without_deployer_changes(final) == without_deployer_changes(created)
+        assert {k for k in updated["Labels"].keys() - created["Labels"].keys()} <= {
+            ed.DIGEST_LABEL, ed.SOURCE_LABEL, ed.DEPLOYED_BY_LABEL}
+        assert ed.FAILED_LABEL in final["Labels"]
+    finally:
+        swarm.remove_all_services()
+        for path in (f"/secrets/{secret['ID']}", f"/configs/{config['ID']}", f"/networks/{network}"):
+            wait_for(lambda: swarm.http.delete(swarm.base + path, timeout=30).status_code in (204, 200, 404), 30,
+                     what=f"DELETE {path}")
+
+
 # ---- what the operator meant: which tag a service follows, Swarm jobs, the keeper's side effects, whose rollout
 
 def docker_cli(swarm, config_dir, *args, stdin=None):
-    """The real docker CLI against the rig's dockerd, with a throwaway DOCKER_CONFIG."""
-    if not shutil.which("docker"):
-        rig_unavailable("the docker CLI is not installed (apt-get install docker.io)")
+    """The real docker CLI of the swarm's engine (its own release) against its dockerd, with a throwaway DOCKER_CONFIG."""
+    if not swarm.engine.docker:
+        rig_unavailable(f"the docker CLI of the {swarm.engine.name} engine is not installed")
     env = {**os.environ, "DOCKER_HOST": swarm.docker_host, "DOCKER_CONFIG": str(config_dir)}
-    run = subprocess.run(["docker", *args], env=env, input=stdin, capture_output=True, text=True, timeout=120)
+    run = subprocess.run([swarm.engine.docker, *args], env=env, input=stdin, capture_output=True, text=True,
+                         timeout=120)
     assert run.returncode == 0, f"docker {' '.join(args)}: {run.stderr}"
     return run.stdout
 
 
+@ON_BOTH_ENGINES
 def test_stack_services_follow_their_spec_tag_and_digest_pinned_ones_stay(aws, images, clean_swarm, tmp_path):
     swarm, registry = clean_swarm, REGISTRIES[0]
     repo = images.new_repository()

@@ -1,10 +1,20 @@
 """A private dockerd in swarm mode: its own data root, exec root, socket and containerd
-namespace, so it never touches the machine's own Docker."""
+namespace, so it never touches the machine's own Docker; on one of two engines:
+
+  the current one   Debian unstable's docker.io 28 (API 1.51) with its containerd 2, unpacked by
+                    rig/unstable.py; the host's runc (unstable's needs a newer glibc) and the host's
+                    tini as docker-init
+  the host's        whatever `dockerd` is on PATH: bookworm's docker.io 20.10 (API 1.41)
+"""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import itertools
 import json
+import os
 import pathlib
+import shutil
 import subprocess
 import urllib.parse
 
@@ -12,15 +22,60 @@ import requests
 import requests_unixsocket
 
 import ecr_deploy as ed
+from rig import unstable
 from rig.common import free_port, unmount_under, wait_for
 
 GWBRIDGE = pathlib.Path("/sys/class/net/docker_gwbridge")
+# A VXLAN port per swarm started by this process: two swarms on one host (one per engine) would both
+# take 4789, and the second one's overlay networks then fail ("error creating vxlan interface").
+DATA_PATH_PORTS = itertools.count(4790)
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    """A Docker engine the rig can start: its dockerd, the PATH dockerd finds its helpers on
+    (containerd, containerd-shim-runc-v2, docker-proxy, runc), its docker-init, and the docker CLI
+    of the same release (a CLI newer than its daemon refuses some commands)."""
+    name: str  # what a test id or a report calls it: "current", "bookworm"
+    dockerd: str
+    docker: str | None
+    path: str
+    init: str | None = None  # None: dockerd finds docker-init itself
+
+    def version(self) -> str:
+        """dockerd's own version line, e.g. "Docker version 28.5.2+dfsg4, build …"."""
+        return subprocess.run([self.dockerd, "--version"], capture_output=True, text=True,
+                              env={**os.environ, "PATH": self.path}).stdout.strip()
+
+
+def current_engine() -> Engine | None:
+    """Docker 28 from Debian unstable, or None until `python3 -m rig test` has fetched it. Its own
+    folders go first on PATH (its containerd 2 and shim, its docker-proxy); runc comes from the host,
+    and so does docker-init (the package's is a link to tini-static from another package)."""
+    dockerd = unstable.program("dockerd")
+    if dockerd is None:
+        return None
+    own = [str(unstable.UNPACKED / folder) for folder in ("usr/sbin", "usr/bin")]
+    return Engine("current", str(dockerd), str(unstable.program("docker") or "") or None,
+                  os.pathsep.join([*own, os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")]),
+                  init=shutil.which("docker-init") or shutil.which("tini-static"))
+
+
+def host_engine() -> Engine | None:
+    """The host's own dockerd (bookworm's docker.io 20.10 on the rig), or None if it has none."""
+    dockerd = shutil.which("dockerd")
+    if dockerd is None:
+        return None
+    return Engine("bookworm", dockerd, shutil.which("docker"), os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"))
 
 
 class Swarm:
-    def __init__(self, workdir: pathlib.Path, instance: str = "tests", init: bool = True, start: bool = True):
+    def __init__(self, workdir: pathlib.Path, instance: str = "tests", init: bool = True, start: bool = True,
+                 engine: Engine | None = None):
         """init=False: a dockerd outside any swarm (what a deployer must refuse to start on);
-        start=False: not started here (a cluster's node is started, and joined, by its Cluster)."""
+        start=False: not started here (a cluster's node is started, and joined, by its Cluster);
+        engine: which Docker (the host's by default)."""
+        self.engine = engine or host_engine()
         self.instance = instance
         self.dir = workdir / "docker"
         self.dir.mkdir()
@@ -34,20 +89,23 @@ class Swarm:
         if start:
             self.start()
             if init:
-                self.post("/swarm/init", json={"ListenAddr": f"127.0.0.1:{free_port()}", "AdvertiseAddr": "127.0.0.1"})
+                self.post("/swarm/init", json={"ListenAddr": f"127.0.0.1:{free_port()}", "AdvertiseAddr": "127.0.0.1",
+                                               "DataPathPort": next(DATA_PATH_PORTS)})
 
     def dockerd_command(self) -> list[str]:
-        return ["dockerd", "--data-root", str(self.dir / "data"), "--exec-root", str(self.dir / "x"),
+        return [self.engine.dockerd, "--data-root", str(self.dir / "data"), "--exec-root", str(self.dir / "x"),
                 "--pidfile", str(self.dir / "pid"), "-H", self.docker_host,
                 "--iptables=false", "--ip-masq=false", "--bridge=none",
+                *(["--init-path", self.engine.init] if self.engine.init else []),
                 # Where the machine runs containerd already (its own Docker), keep out of Docker's namespace.
                 "--containerd-namespace", f"ecrd-{self.instance}",
                 "--containerd-plugins-namespace", f"ecrd-{self.instance}-plugins"]
 
     def start(self):
         self.proc = subprocess.Popen(self.dockerd_command(), stdout=open(self.dir / "log", "ab"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(self._up, 60, what=f"dockerd {self.instance}")
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, "PATH": self.engine.path})
+        wait_for(self._up, 60, what=f"dockerd {self.instance} ({self.engine.name})")
 
     def stop(self):
         self.proc.terminate()
