@@ -32,7 +32,7 @@ import threading
 import time
 
 from rig.common import wait_for
-from rig.swarm import Swarm
+from rig.swarm import Engine, Swarm
 
 PREFIX = "ecrd-mn"
 SUBNET = "10.213.77"  # a private /24 of our own
@@ -119,10 +119,10 @@ class Relay:
 class Node(Swarm):
     """One swarm node: a dockerd in network namespace ecrd-mn-N, reached through its socket."""
 
-    def __init__(self, workdir: pathlib.Path, index: int, hostname: str, ip: str, manager: bool):
+    def __init__(self, workdir: pathlib.Path, index: int, hostname: str, ip: str, manager: bool, engine: Engine | None):
         self.netns, self.hostname, self.ip, self.manager = f"{PREFIX}-{index}", hostname, ip, manager
         (workdir / hostname).mkdir()
-        super().__init__(workdir / hostname, instance=self.netns, start=False)
+        super().__init__(workdir / hostname, instance=self.netns, start=False, engine=engine)
         self.made_gwbridge = False  # its docker_gwbridge lives and dies in its namespace
         self.node_id: str | None = None
 
@@ -164,7 +164,9 @@ class Node(Swarm):
 class Cluster:
     """3 managers and a worker, started in parallel; see the module's docstring."""
 
-    def __init__(self, workdir: pathlib.Path, registries, managers: int = 3, workers: int = 1):
+    def __init__(self, workdir: pathlib.Path, registries, managers: int = 3, workers: int = 1,
+                 engine: Engine | None = None):
+        """engine: every node's Docker (rig/swarm.py; the host's by default)."""
         clean_leftovers()
         self.dir = workdir / "cluster"
         self.dir.mkdir()
@@ -175,7 +177,7 @@ class Cluster:
             self._network(registries, managers + workers)
             roles = [True] * managers + [False] * workers
             names = [f"manager-{i + 1}" for i in range(managers)] + [f"worker-{i + 1}" for i in range(workers)]
-            self.nodes = [Node(self.dir, i + 1, name, f"{SUBNET}.{11 + i}", manager)
+            self.nodes = [Node(self.dir, i + 1, name, f"{SUBNET}.{11 + i}", manager, engine)
                           for i, (name, manager) in enumerate(zip(names, roles))]
             with concurrent.futures.ThreadPoolExecutor(len(self.nodes)) as pool:
                 list(pool.map(Node.start, self.nodes))
