@@ -1515,12 +1515,14 @@ class Docker:
             reply = self._session.request(method, self._base + path, timeout=timeout, **kwargs)
         except requests.RequestException as e:
             self.answering = False
-            self._prefix = None  # whoever answers next may be another release: negotiate again
+            self.forget_version()
             reason = ERRNO_TEXT.search(str(e))
             raise DockerError(f"cannot reach Docker at {self.socket}: "
                               f"{reason[1] if reason else type(e).__name__}") from None
         self.answering = True
         self.date = answer_date({"ResponseMetadata": {"HTTPHeaders": {"date": reply.headers.get("Date")}}})
+        if reply.headers.get("Api-Version", self.api_version) != self.api_version:  # dockerd's own, on every answer
+            self.forget_version()
         if reply.status_code >= 400:
             try:
                 message = reply.json()["message"]
@@ -1538,10 +1540,16 @@ class Docker:
             raise DockerError(f"{method} {path}: the answer is not JSON", reply.status_code) from None
 
     def api(self, method: str, path: str, **kwargs) -> object:
-        if self._prefix is None:
-            self.negotiate()
+        prefix = self._prefix or f"/v{self.negotiate()}"
         with warning_if_slow(f"{method} {path}"):
-            return self._request(method, self._prefix + path, **kwargs)
+            answer = self._request(method, prefix + path, **kwargs)
+        if self._prefix is None and method == "GET":
+            # Answered by another release than the one negotiated with (dockerd was upgraded and restarted
+            # while we were idle): what it sent is shaped for the old version, and a spec read so and
+            # posted back would lose the new fields. Ask again at its own. (A POST follows the GET of
+            # what it posts, which has noticed.)
+            return self._request(method, f"/v{self.negotiate()}{path}", **kwargs)
+        return answer
 
     def ping(self) -> bool:
         """GET /_ping: does the daemon answer at all? (A manager without a leader does: it is up.)"""
@@ -1554,11 +1562,17 @@ class Docker:
         return True
 
     def negotiate(self) -> str:
-        """Use the daemon's own API version (see OLDEST_API); asked again after Docker was out of
-        reach, as a restarted daemon may be an upgraded one."""
-        self.api_version = api_version_to_use((self._request("GET", "/version") or {}).get("ApiVersion"), self.socket)
-        self._prefix = f"/v{self.api_version}"
-        return self.api_version
+        """Use the daemon's own API version (see OLDEST_API); asked again once another release may
+        answer (forget_version)."""
+        version = api_version_to_use((self._request("GET", "/version") or {}).get("ApiVersion"), self.socket)
+        if self.api_version and version != self.api_version:
+            log.info("Docker at %s speaks API %s now (it spoke %s)", self.socket, version, self.api_version)
+        self.api_version, self._prefix = version, f"/v{version}"
+        return version
+
+    def forget_version(self) -> None:
+        """Docker was out of reach, or answered as another release: the next call asks its version again."""
+        self._prefix = None
 
     def check_manager(self) -> None:
         """A worker (or a daemon outside any swarm) fails every service call for ever: say so at
@@ -1603,11 +1617,10 @@ class Docker:
     def open_events(self, filters: dict) -> requests.Response:
         """GET /events, streaming: an open reply with one JSON event per line, as they happen. Its
         reads wait up to EVENTS_IDLE_TIMEOUT: a quiet swarm sends nothing for hours."""
-        if self._prefix is None:
-            self.negotiate()
+        prefix = self._prefix or f"/v{self.negotiate()}"
         # One JSON object a line, asked for by name: API 1.52 negotiates the stream's format and may
         # also answer application/json-seq (each record after a 0x1E), which json.loads refuses.
-        return self._send("GET", f"{self._prefix}/events", params={"filters": json.dumps(filters)}, stream=True,
+        return self._send("GET", f"{prefix}/events", params={"filters": json.dumps(filters)}, stream=True,
                           headers={"Accept": "application/json"}, timeout=(DOCKER_TIMEOUT[0], EVENTS_IDLE_TIMEOUT))
 
 

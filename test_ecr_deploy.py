@@ -1221,6 +1221,45 @@ def test_loop_mode_survives_a_dockerd_restart(aws, images, clean_swarm):
     assert aws.queue_depth(queue) == 0
 
 
+def test_a_docker_upgrade_under_a_running_deployer_moves_it_to_the_new_api_version(aws, images, registries, workdir):
+    """apt-get upgrade docker.io on a manager: dockerd restarts as a newer release on the same data root
+    while the deployer keeps running. It must speak the new release's API from then on, or its updates
+    would strip every field the old one did not know."""
+    old_engine, new_engine = host_engine(), current_engine()
+    if old_engine is None or new_engine is None:
+        rig_unavailable("both engines are needed: Debian's docker.io and the current one in .rig/unstable "
+                        "(`python3 -m rig test` fetches it)")
+    folder = workdir / f"upgrade-{uuid.uuid4().hex[:6]}"
+    folder.mkdir()
+    node = Swarm(folder, instance="upgrade", engine=old_engine)
+    try:
+        registry = REGISTRIES[0]
+        repo, (v1, v2), sid = service_on_new_repo(images, node, "upgraded")
+        queue = aws.new_queue(VisibilityTimeout=1)
+        # No pass of its own: idle, it makes no Docker call, and so no failed one tells it of the restart.
+        running = Running(deployer_env(aws, node), "--queue", queue, "--reconcile-every", "0", "--auth-refresh", "0")
+        try:
+            running.wait_line("API 1.41)")  # "… watching … (…; Docker at …, API 1.41)"
+            node.stop()
+            node.engine = new_engine
+            node.start()
+            # Set after the upgrade: a field 20.10 did not have (API 1.46).
+            node.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(OomScoreAdj=100))
+            aws.send(queue, event(repository=repo, digest=v2))
+            wait_for(lambda: service_image_of(node, sid)[0].endswith(v2), 60,
+                     what=lambda: f"the deploy after the upgrade:\n{running.log}")
+            assert running.stop() == 0
+        finally:
+            running.kill()
+        assert node.service(sid)["Spec"]["TaskTemplate"]["ContainerSpec"].get("OomScoreAdj") == 100
+        api = node.get("/version")["ApiVersion"]
+        assert f"speaks API {api} now (it spoke 1.41)" in running.log and "cannot reach Docker" not in running.log
+        assert service_image_of(node, sid) == (f"{registry.host}/{repo}:latest@{v2}", 1)
+    finally:
+        node.remove_all_services()
+        node.close()
+
+
 def deployed_then_stopped(aws, swarm, running, queue, repo, digest, sid, after):
     """Once the outage is over: a push is deployed by the same process, which then stops cleanly."""
     aws.send(queue, event(repository=repo, digest=digest))
@@ -2572,6 +2611,8 @@ def test_benchmark_short_mode_runs_on_the_rig(aws, registries, images, clean_swa
     assert report["burst"]["get_authorization_token_per_registry"] == 1
     assert report["idle"]["docker_calls"] == 0
     assert report["latency"]["pushes"] == bench.SHORT["latency_pushes"]
+    assert report["machine"]["docker"] == {"engine": "current", "version": clean_swarm.get("/version")["Version"],
+                                           "api": clean_swarm.get("/version")["ApiVersion"]}
     assert {row["measure"] for row in report["targets"]} >= {"latency p50 (ms)", "(a)/(b)", "memory: peak RSS (MiB)",
                                                            "memory: deployer's share above it (MiB)",
                                                            "scale: p50 N services / 1 service"}

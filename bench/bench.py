@@ -8,6 +8,7 @@ Docker socket (calls per method + path).
     python3 bench/bench.py           # the full run, as a table (as root: it starts dockerd)
     python3 bench/bench.py --json    # the same as JSON
     python3 bench/bench.py --short   # a few iterations each: what CI runs so that it cannot rot
+    python3 bench/bench.py --engine bookworm   # on the host's dockerd (20.10) instead of Docker 28
 
 Timings are reported, not asserted; only counts that must be exact (updates made) fail the run.
 """
@@ -44,7 +45,7 @@ from rig.common import wait_for  # noqa: E402
 from rig.deployer import Running, deployer_env, run_once, updated_lines  # noqa: E402
 from rig.faults import FaultProxy  # noqa: E402
 from rig.registry import REGISTRIES, Images, service_on_new_repo, serving_registries  # noqa: E402
-from rig.swarm import Swarm, service_image_of  # noqa: E402
+from rig.swarm import Swarm, current_engine, host_engine, service_image_of  # noqa: E402
 
 FULL = {"latency_pushes": 30, "latency_interval": 1.0, "scale_services": 1000, "burst_images": 25,
         "burst_pushes_per_image": 20, "idle_seconds": 60, "side_services": 20, "cold_runs": 10, "memory_messages": 5000,
@@ -316,7 +317,7 @@ def measure_side_by_side(aws, images, swarm, events, workdir, n: int) -> dict:
     # (a) the docker CLI way, as shepherd-style tools do it: login, then one CLI call per service
     digest = images.push(repo, "latest", "side-cli")
     cli_env = {**os.environ, "DOCKER_HOST": swarm.docker_host, "DOCKER_CONFIG": str(workdir / "docker-cli")}
-    docker = shutil.which("docker", path="/usr/bin") or shutil.which("docker")
+    docker = swarm.engine.docker  # the CLI of the daemon's own release
     subprocess.run([docker, "login", "-u", "AWS", "--password-stdin", registry.host], input=token, text=True,
                    env=cli_env, check=True, capture_output=True)
     started = time.monotonic()
@@ -476,8 +477,11 @@ def verdicts(report: dict) -> list[tuple[str, object, str, str]]:
 
 def run(aws, registries, images, swarm, workdir, sizes: dict) -> dict:
     events = ServiceEvents(swarm)  # the stream ends when dockerd stops
-    report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                          "kernel": platform.release()}, "sizes": sizes}
+    version = swarm.get("/version")
+    report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
+                          "docker": {"engine": swarm.engine.name, "version": version["Version"],
+                                     "api": version["ApiVersion"]}},
+              "sizes": sizes}
     report["latency"] = measure_latency(aws, images, swarm, events, sizes["latency_pushes"], sizes["latency_interval"])
     swarm.remove_all_services()
     report["scale"] = measure_scale(aws, images, swarm, events, sizes["scale_services"], sizes["latency_pushes"],
@@ -506,7 +510,9 @@ def run(aws, registries, images, swarm, workdir, sizes: dict) -> dict:
 
 def table(report: dict) -> str:
     m = report["machine"]
-    lines = [f"ecr-deploy benchmark — {m['cpus']} cores, Python {m['python']}, Linux {m['kernel']}",
+    docker = m["docker"]
+    lines = [f"ecr-deploy benchmark — {m['cpus']} cores, Python {m['python']}, Linux {m['kernel']}, "
+             f"dockerd {docker['version']} (API {docker['api']}, the {docker['engine']} engine)",
              f"{'measure':42} {'value':>10}  {'target':>10}  verdict"]
     for row in report["targets"]:
         lines.append(f"{row['measure']:42} {row['value']!s:>10}  {row['target']:>10}  {row['verdict']}")
@@ -529,15 +535,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--short", action="store_true", help="few iterations (CI)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--engine", choices=("current", "bookworm"), default="current",
+                        help="the Docker to run on: Debian unstable's (28, unpacked in .rig/) or the host's own "
+                             "dockerd (bookworm's 20.10); default: %(default)s")
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("run as root: the rig starts dockerd and registries on port 443")
+    engine = current_engine() if args.engine == "current" else host_engine()
+    if engine is None:
+        parser.error(f"the {args.engine} engine is not here: `python3 -m rig bench` fetches the current one "
+                     "from Debian's unstable archive; the host's is Debian's docker.io")
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="ecrb-", dir="/tmp"))
     aws = swarm = None
     try:
         aws = Aws(workdir)
         with serving_registries(workdir) as registries:
-            swarm = Swarm(workdir)
+            swarm = Swarm(workdir, engine=engine)
             report = run(aws, registries, Images(aws, registries), swarm, workdir,
                          SHORT if args.short else FULL)
     finally:
