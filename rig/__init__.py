@@ -4,7 +4,8 @@ Every part is a real component started on this machine (as root), never a mock:
   aws.py        moto_server: SQS and ECR over HTTP (boto3 reaches it through AWS_ENDPOINT_URL)
   registry.py   TLS docker-registry servers answering as ECR hostnames and demanding the ECR
                 token, and images built in Python and pushed to them (mirrored into moto's ECR)
-  swarm.py      a private dockerd in swarm mode (own data root, exec root and socket)
+  swarm.py      a private dockerd in swarm mode (own data root, exec root and socket), on the
+                current engine (Docker 28 from unstable.py) or the host's (bookworm's 20.10)
   deployer.py   ecr_deploy.py run as operators run it: a separate process
   faults.py     real HTTP hops in front of moto or dockerd that fail or stall chosen requests
   unstable.py   programs newer than the host's (Docker 28, containerd 2, notation, cosign),

@@ -42,22 +42,16 @@ class Engine:
     path: str
     init: str | None = None  # None: dockerd finds docker-init itself
 
-    def version(self) -> str:
-        """dockerd's own version line, e.g. "Docker version 28.5.2+dfsg4, build …"."""
-        return subprocess.run([self.dockerd, "--version"], capture_output=True, text=True,
-                              env={**os.environ, "PATH": self.path}).stdout.strip()
-
 
 def current_engine() -> Engine | None:
     """Docker 28 from Debian unstable, or None until `python3 -m rig test` has fetched it. Its own
     folders go first on PATH (its containerd 2 and shim, its docker-proxy); runc comes from the host,
     and so does docker-init (the package's is a link to tini-static from another package)."""
-    dockerd = unstable.program("dockerd")
+    dockerd, docker = unstable.program("dockerd"), unstable.program("docker")
     if dockerd is None:
         return None
     own = [str(unstable.UNPACKED / folder) for folder in ("usr/sbin", "usr/bin")]
-    return Engine("current", str(dockerd), str(unstable.program("docker") or "") or None,
-                  os.pathsep.join([*own, os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")]),
+    return Engine("current", str(dockerd), str(docker) if docker else None, os.pathsep.join([*own, host_path()]),
                   init=shutil.which("docker-init") or shutil.which("tini-static"))
 
 
@@ -66,7 +60,11 @@ def host_engine() -> Engine | None:
     dockerd = shutil.which("dockerd")
     if dockerd is None:
         return None
-    return Engine("bookworm", dockerd, shutil.which("docker"), os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"))
+    return Engine("bookworm", dockerd, shutil.which("docker"), host_path())
+
+
+def host_path() -> str:
+    return os.environ.get("PATH") or "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class Swarm:
