@@ -285,7 +285,8 @@ class Push:
 
 @dataclass(frozen=True)
 class ScanDone:
-    """A completed ECR image scan of REPOSITORY@DIGEST, with the tags the image had then."""
+    """A completed ECR image scan of REPOSITORY@DIGEST, with the tags the image had then (none for an
+    image index's platform image: ECR scans those, and keeps them untagged)."""
     account: str
     region: str
     repository: str
@@ -360,8 +361,6 @@ def parse_scan_event(event: dict, detail: dict) -> ScanDone | Ignored:
     tags = detail.get("image-tags")
     if not isinstance(tags, list) or not all(is_valid("tag", tag) for tag in tags):
         return Ignored(f"invalid image-tags {shown(tags)}", suspicious=True)
-    if not tags:
-        return Ignored("scan of an untagged image")
     fields = {"account": event.get("account"), "region": event.get("region"),
               "repository": detail.get("repository-name"), "digest": detail.get("image-digest")}
     return invalid_field(fields) or ScanDone(**fields, tags=tuple(dict.fromkeys(tags)), time=event_time(event),
@@ -1124,6 +1123,70 @@ def scan_verdict(scan: Scan, threshold: str, timeout: float) -> Verdict:
                    f"again with aws ecr start-image-scan, {OR_OFF})")
 
 
+# An image index (what `docker buildx build --push` pushes: buildkit's provenance attestation is on by
+# default) has no scan of its own: ECR's basic scanning refuses one ("An artifact with media type
+# 'application/vnd.oci.image.index.v1+json' cannot be scanned", moby/buildkit#3499) and enhanced scanning
+# scans the platform images inside it. The gate therefore judges an index by its platform images' scans.
+INDEX_MEDIA_TYPES = ("application/vnd.oci.image.index.v1+json",
+                     "application/vnd.docker.distribution.manifest.list.v2+json")
+REFERENCE_TYPE = "vnd.docker.reference.type"  # buildkit marks attestation manifests (and anything not to run) so
+PLATFORM_PART = re.compile(r"[A-Za-z0-9._-]{1,32}")
+
+
+class PlatformImage(NamedTuple):
+    """One runnable image of an image index, as its descriptor names it."""
+    platform: str  # os/architecture[/variant], e.g. linux/arm64/v8
+    digest: str
+
+
+def platform_images(manifest: str, media_type: str | None = None) -> tuple[PlatformImage, ...] | None:
+    """The platform images an image index (OCI index or Docker manifest list) holds, in its order: what ECR
+    scans of it. Attestation manifests (buildkit's provenance and SBOMs: an annotation
+    vnd.docker.reference.type, platform unknown/unknown) are no image to run and are left out. None for a
+    manifest that is no index (`media_type`: ECR's imageManifestMediaType, for a manifest without its
+    own). ValueError for an index that cannot be read."""
+    try:
+        document = json.loads(manifest)
+    except (ValueError, TypeError, RecursionError):
+        raise ValueError("its manifest is not JSON") from None
+    if not isinstance(document, dict):
+        raise ValueError("its manifest is not a JSON object")
+    if document.get("mediaType", media_type) not in INDEX_MEDIA_TYPES:
+        return None
+    descriptors = document.get("manifests")
+    if not isinstance(descriptors, list) or not all(isinstance(d, dict) for d in descriptors):
+        raise ValueError("its image index has no list of manifests")
+    found = []
+    for entry in descriptors:
+        annotations, platform = entry.get("annotations") or {}, entry.get("platform") or {}
+        if not isinstance(annotations, dict) or not isinstance(platform, dict):
+            raise ValueError("its image index has a malformed manifest descriptor")
+        parts = [platform.get(key) for key in ("os", "architecture", "variant") if platform.get(key) is not None]
+        if REFERENCE_TYPE in annotations or parts[:2] == ["unknown", "unknown"]:
+            continue
+        if not is_valid("digest", entry.get("digest")):
+            raise ValueError(f"its image index names an invalid digest {shown(entry.get('digest'))}")
+        readable = all(isinstance(part, str) and PLATFORM_PART.fullmatch(part) for part in parts) and len(parts) >= 2
+        found.append(PlatformImage("/".join(parts) if readable else "unknown platform", entry["digest"]))
+    return tuple(found)
+
+
+DECISIONS = ("deploy", "wait", "blocked")  # of an index's platform images, the worst decides
+
+
+def index_verdict(verdicts: list[tuple[PlatformImage, Verdict]]) -> Verdict:
+    """An image index passes only when every platform image's scan passes; the worst verdict wins (one
+    blocked: blocked; else one still scanning: wait), and says which image it is about."""
+    if not verdicts:
+        return Verdict("blocked", "the image index holds no platform image, only attestations: nothing ECR scans")
+    ranked = [(image, verdict if verdict.decision != "gone" else
+               Verdict("blocked", "ECR no longer has this image of the index")) for image, verdict in verdicts]
+    worst = max(DECISIONS.index(verdict.decision) for _, verdict in ranked)
+    about = [f"{image.platform} {image.digest}: {verdict.reason}" for image, verdict in ranked
+             if DECISIONS.index(verdict.decision) == worst]
+    return Verdict(DECISIONS[worst], "ECR scans of the index's platform images: " + "; ".join(about))
+
+
 # --------------------------------------------------------------------------- AWS shell
 
 # Every AWS call is bounded, so that no single step outlives the watchdog (Systemd.HEALTHY_FOR):
@@ -1291,6 +1354,7 @@ class TagAnswer(NamedTuple):
     digest: str
     pushed_at: datetime | None  # imagePushedAt: ECR's clock
     answered_at: datetime | None  # the Date of ECR's answer: ECR's clock too, so the age needs no other
+    media_type: str | None = None  # imageManifestMediaType: an image index is gated on its platform images
 
     @property
     def age(self) -> float | None:
@@ -1324,6 +1388,17 @@ class Token:
     cycle: int  # drain cycle that fetched it: an already-expired token lives for that cycle only
 
 
+class Manifest(NamedTuple):
+    digest: str
+    text: str  # the manifest's bytes as ECR keeps them
+    media_type: str | None  # imageManifestMediaType
+
+
+# BatchGetImage converts a manifest to the first accepted type it can (and answers Docker's by default):
+# every type a push can leave, so that ECR hands back the bytes as they were pushed.
+MANIFEST_MEDIA_TYPES = ("application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
+                        "application/vnd.docker.distribution.manifest.list.v2+json",
+                        "application/vnd.docker.distribution.manifest.v2+json")
 DESCRIBE_IMAGES_MAX_IDS = 100  # ECR's limit of image ids per DescribeImages call
 SCAN_ERRORS = {"ScanNotFoundException": "NOT_FOUND", "AccessDeniedException": "DENIED",
                "ImageNotFoundException": "GONE", "RepositoryNotFoundException": "GONE"}
@@ -1370,8 +1445,9 @@ class Ecr:
                     digest, pushed_at = detail.get("imageDigest"), detail.get("imagePushedAt")
                     if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
                         raise AwsError(f"ECR answered an invalid digest {shown(digest)} for {repository}")
+                    media_type = detail.get("imageManifestMediaType")
                     answer = TagAnswer(digest, in_utc(pushed_at) if isinstance(pushed_at, datetime) else None,
-                                       answered_at)
+                                       answered_at, media_type if isinstance(media_type, str) else None)
                     found.update((tag, answer) for tag in detail.get("imageTags") or [] if tag in batch)
         return found
 
@@ -1387,6 +1463,28 @@ class Ecr:
                 return None
             where = f"{repository}:{tags[0]}" if len(tags) == 1 else f"{len(tags)} tags of {repository}"
             raise AccessDenied.wrap(e, f"cannot look up {where} in ECR ({account}, {region})") from None
+
+    def manifest(self, account: str, region: str, repository: str, image_id: dict) -> Manifest | None:
+        """The manifest ECR holds for {"imageDigest": …} or {"imageTag": …} (BatchGetImage), None if
+        there is no such image (or repository)."""
+        what = image_id.get("imageDigest") and f"@{image_id['imageDigest']}" or f":{image_id.get('imageTag')}"
+        try:
+            reply = self._client(region).batch_get_image(
+                registryId=account, repositoryName=repository, imageIds=[image_id],
+                acceptedMediaTypes=list(MANIFEST_MEDIA_TYPES))
+        except AWS_ERRORS as e:
+            if error_code(e) in ("RepositoryNotFoundException", "ImageNotFoundException"):
+                return None
+            raise AccessDenied.wrap(e, f"cannot read the manifest of {repository}{what} in ECR ({account}, "
+                                       f"{region})") from None
+        image = next(iter(reply.get("images") or []), None)
+        if image is None:
+            return None
+        digest, text = (image.get("imageId") or {}).get("imageDigest"), image.get("imageManifest")
+        if not is_valid("digest", digest) or not isinstance(text, str):
+            raise AwsError(f"ECR answered an invalid manifest for {repository}{what}")
+        media_type = image.get("imageManifestMediaType")
+        return Manifest(digest, text, media_type if isinstance(media_type, str) else None)
 
     def promote(self, account: str, region: str, repository: str, digest: str, tag: str) -> bool:
         """Tag the digest as TAG with its own manifest bytes (an image index stays an index, the digest does
@@ -1759,28 +1857,68 @@ class ServiceCache:
 
 class ScanGate:
     """Lets a gated service (its label, else --scan-threshold) roll only to a digest whose ECR scan
-    is clean enough. ECR is asked once per digest and drain cycle, however many services wait on it."""
+    is clean enough; an image index, to one whose platform images' scans all are. ECR is asked once
+    per digest and drain cycle, however many services wait on it."""
 
     def __init__(self, ecr: Ecr, default_threshold: str | None, timeout: float):
         self.ecr, self.default_threshold, self.timeout = ecr, default_threshold, timeout
         self._scans: dict[tuple, Scan] = {}
+        self._indexes: dict[tuple, tuple[PlatformImage, ...] | None] = {}
 
     def new_cycle(self) -> None:
         self._scans.clear()  # a pending scan may have finished since
+        self._indexes.clear()  # (a digest's manifest never changes; this only bounds the memory)
 
-    def verdict(self, service: dict, push: Push, digest: str) -> Verdict | None:
-        """None for an ungated service; raises AwsError when ECR cannot be asked (retry later)."""
+    def gates(self, service: dict) -> bool:
+        try:
+            return scan_threshold(service["Spec"].get("Labels"), self.default_threshold) is not None
+        except ValueError:
+            return True  # blocked for its label: gated all the same
+
+    def platform_images(self, account: str, region: str, repository: str, digest: str,
+                        media_type: str | None = None, manifest: Manifest | None = None
+                        ) -> tuple[PlatformImage, ...] | None:
+        """The digest's platform images if it is an image index, else None (a single image, or gone).
+        A media type known (ECR's DescribeImages names it) to be no index's spares reading the manifest;
+        a manifest already read (BatchGetImage by tag) is used as is. Raises AwsError, and ValueError
+        for an index that cannot be read."""
+        if media_type is not None and media_type not in INDEX_MEDIA_TYPES:
+            return None
+        key = (account, region, repository, digest)
+        if key not in self._indexes:
+            manifest = manifest or self.ecr.manifest(account, region, repository, {"imageDigest": digest})
+            self._indexes[key] = manifest and platform_images(manifest.text, manifest.media_type)
+        return self._indexes[key]
+
+    def scan(self, account: str, region: str, repository: str, digest: str) -> Scan:
+        key = (account, region, repository, digest)
+        if key not in self._scans:
+            self._scans[key] = self.ecr.scan(*key)
+        return self._scans[key]
+
+    def verdict(self, service: dict, push: Push, digest: str, media_type: str | None = None) -> Verdict | None:
+        """None for an ungated service; raises AwsError when ECR cannot be asked (retry later).
+        `media_type`: the digest's, when ECR's DescribeImages said it."""
         try:
             threshold = scan_threshold(service["Spec"].get("Labels"), self.default_threshold)
         except ValueError as e:
             return Verdict("blocked", f"label {SCAN_THRESHOLD_LABEL}: {e}")
         if threshold is None:
             return None
-        key = (push.account, push.region, push.repository, digest)
-        if key not in self._scans:
-            self._scans[key] = self.ecr.scan(*key)
-        scan = self._scans[key]  # the wait runs from the newest push of the tag, not the digest's first
-        return scan_verdict(scan._replace(waited=seconds_after(push.time, scan.answered_at)), threshold, self.timeout)
+        where = (push.account, push.region, push.repository)
+        try:
+            images = self.platform_images(*where, digest, media_type)
+        except ValueError as e:
+            return Verdict("blocked", f"ECR's image index {digest} cannot be read: {e}")
+
+        def judged(image_digest: str) -> Verdict:  # the wait runs from the newest push of the tag
+            scan = self.scan(*where, image_digest)
+            return scan_verdict(scan._replace(waited=seconds_after(push.time, scan.answered_at)), threshold,
+                                self.timeout)
+
+        if images is None:
+            return judged(digest)
+        return index_verdict([(image, judged(image.digest)) for image in images])
 
 
 # --------------------------------------------------------------------------- the drain cycle
@@ -1870,7 +2008,9 @@ class Deployer:
                         "Ignoring message %s: %s", message["MessageId"], what.reason)
                 ignored.append(message)
             else:
-                asked = what.pushes() if isinstance(what, ScanDone) else [what]
+                asked = self.scan_pushes(what) if isinstance(what, ScanDone) else [what]
+                if asked is None:
+                    continue  # kept for retry: which tags hold the scanned image could not be told now
                 for push in asked:
                     pushes[push.image_key].append((message, push))
                 keys_of[message["MessageId"]] = {push.image_key for push in asked}
@@ -1917,6 +2057,58 @@ class Deployer:
 
     # ---- deploying
 
+    def scan_pushes(self, scan: ScanDone) -> list[Push] | None:
+        """The pushes a scan event stands for: one per tag the image had; for an untagged image, one per
+        tag that a gated service follows and whose image index holds it (ECR scans an index's platform
+        images, pushed untagged, never the index). None when ECR or Docker cannot tell now."""
+        if scan.tags:
+            return scan.pushes()
+        if self.scan_gate is None:
+            return []
+        key = scan.repository_key
+        try:
+            services = self.services_in({key})[key]
+        except DockerError as e:
+            log.error("%s; the scan event of %s@%s is kept for retry", e, scan.repository, scan.digest)
+            return None
+        tags = sorted({followed[3] for service in services if self.scan_gate.gates(service)
+                       and (followed := followed_tag(service, self.label_filter)) and followed[:3] == key})
+        try:
+            holders = [Push(*key, tag, index, scan.time, from_scan=True, event_id=scan.event_id)
+                       for tag, index in self.indexes_at(key, tags).items() if self.index_holds(key, index, {scan.digest})]
+        except AwsError as e:
+            log.error("%s; the scan event of %s@%s is kept for retry", e, scan.repository, scan.digest)
+            return None
+        for push in holders:
+            log.info("ECR scanned %s@%s, a platform image of the image index :%s points to (%s)", push.repository,
+                     scan.digest, push.tag, push.digest)
+        if not holders:
+            log.info("ECR scanned %s@%s, untagged, and no tag a gated service follows holds an image index with it; "
+                     "nothing to deploy", scan.repository, scan.digest)
+        return holders
+
+    def indexes_at(self, key: tuple, tags: list[str]) -> dict[str, str]:
+        """tag -> the digest it points to now, for those of the tags that point to an image index.
+        --trust-events: read with BatchGetImage (granted for pulls), never DescribeImages."""
+        if not tags:
+            return {}
+        if self.trust_events:
+            manifests = {tag: self.ecr.manifest(*key, {"imageTag": tag}) for tag in tags}
+            return {tag: m.digest for tag, m in manifests.items()
+                    if m and self.scan_gate.platform_images(*key, m.digest, manifest=m) is not None}
+        answers = self.ecr.tag_digests(*key, tags)
+        self.answers.update(((*key, tag), answer) for tag, answer in answers.items())
+        return {tag: answer.digest for tag, answer in answers.items() if answer.media_type in INDEX_MEDIA_TYPES
+                or answer.media_type is None}
+
+    def index_holds(self, key: tuple, digest: str, scanned: set[str], media_type: str | None = None) -> bool:
+        """Is `digest` an image index holding one of the scanned digests among its platform images?"""
+        try:
+            images = self.scan_gate.platform_images(*key, digest, media_type) if self.scan_gate else None
+        except ValueError:
+            return False  # unreadable: a push of its tag is blocked by the gate, saying why
+        return any(image.digest in scanned for image in images or ())
+
     def resolve_targets(self, pushes: dict) -> tuple[dict[tuple, tuple[Push, str]], list[tuple]]:
         """One ECR lookup per image: the digest its tag points to now (stale events lose).
         Returns the images to deploy, and those whose tag is gone (nothing to deploy)."""
@@ -1929,18 +2121,21 @@ class Deployer:
                 targets[key] = (push, push.digest)
                 continue
             try:
-                answer = self.ecr.current_digest(push)
+                answer = self.answers.get(key) or self.ecr.current_digest(push)  # (a scan event's may be in)
+                digest = answer and answer.digest
+                scanned = {p.digest for _, p in group}
+                held = not real and digest and digest not in scanned and \
+                    self.index_holds(push.repository_key, digest, scanned, answer.media_type)
             except AwsError as e:
                 log.error("%s; %d message(s) kept for retry", e, len(group))
                 continue
-            digest = answer and answer.digest
             if answer:
                 self.answers[key] = answer
             if digest is None:
                 log.info("%s no longer exists in ECR; nothing to deploy", push.image)
                 gone.append(key)
                 continue
-            if not real and all(p.digest != digest for _, p in group):
+            if not real and digest not in scanned and not held:
                 log.info("%s now points to %s, not the digest just scanned; nothing to deploy", push.image, digest)
                 gone.append(key)
                 continue
@@ -2011,8 +2206,10 @@ class Deployer:
         if release.decision != "deploy":
             self.not_released(service, pinned_image(uses_image(service, push), push.tag, digest), release)
             return True  # handled: a later reconcile pass rolls it to what the tag points to then
+        answer = self.answers.get(push.image_key)
         try:
-            verdict = self.scan_gate.verdict(service, push, digest) if self.scan_gate else None
+            verdict = self.scan_gate.verdict(service, push, digest, answer and answer.digest == digest and
+                                             answer.media_type or None) if self.scan_gate else None
         except AwsError as e:
             log.error("Cannot check the ECR scan for service %s: %s", service_label(service), e)
             return False
@@ -2934,7 +3131,7 @@ def status_of(deployer: Deployer, service: dict, key: tuple | None, answer: tupl
         return "held back", f"cannot apply its release policy: {e}"
     if release.decision != "deploy":
         return ("waiting" if release.decision == "wait" else "held back"), release.reason
-    verdict = deployer.scan_gate.verdict(service, push, digest) if deployer.scan_gate else None
+    verdict = deployer.scan_gate.verdict(service, push, digest, answer.media_type) if deployer.scan_gate else None
     if verdict and verdict.decision in ("blocked", "wait"):
         return ("blocked" if verdict.decision == "blocked" else "waiting"), verdict.reason
     return "behind", f"the tag points to {short_digest(digest)} (pushed {pushed_at or '?'}): the next push or " \

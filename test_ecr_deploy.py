@@ -37,7 +37,7 @@ from rig.aws import DIGEST_A, Aws, event, moto_server_command, scan_event
 from rig.common import DEPLOYER, ROOT as HERE, mounts_under, wait_for
 from rig.deployer import Running, deployer_env, run_once, updated_lines
 from rig.faults import FaultProxy
-from rig.registry import REGISTRIES, Images, service_on_new_repo, serving_registries
+from rig.registry import REGISTRIES, Images, buildx_image, service_on_new_repo, serving_registries, sha256
 from rig.swarm import Swarm, service_image_of
 
 SAMPLES = HERE / "rig" / "samples"
@@ -2466,7 +2466,7 @@ def test_quick_start_demo_rolls_a_service_and_leaves_nothing_behind():
     (sns_envelope(scan_event()), ("latest",)),
     (scan_event(status="FAILED"), "scan-status is 'FAILED', not COMPLETE"),
     (scan_event(status=None), "scan-status is None"),
-    (scan_event(tags=[]), "scan of an untagged image"),
+    (scan_event(tags=[]), ()),  # an image index's platform image: see "image indexes"
     (scan_event(tags=None), "invalid image-tags None"),
     (scan_event(tags="latest"), "invalid image-tags 'latest'"),
     (scan_event(tags=["latest", "v1:evil"]), "invalid image-tags"),
@@ -2509,7 +2509,7 @@ ARN = "arn:aws:ecr:us-west-2:123456789012:repository/"
      "invalid repository-name"),
     (inspector_event(**{"repository-name": ARN + "team/../web"}), "invalid repository"),
     (inspector_event(**{"repository-name": ["web"]}), "invalid repository-name ['web']"),
-    (inspector_event(**{"image-tags": []}), "scan of an untagged image"),
+    (inspector_event(**{"image-tags": []}), ("my-repository-name", ())),
     (inspector_event(**{"image-digest": "sha256:EXAMPLE"}), "invalid digest"),
     ({**inspector_event(), "detail-type": "Inspector2 Finding"}, "detail-type is 'Inspector2 Finding', not Inspector2 Scan"),
     ({**inspector_event(), "detail": {"scan-status": "INITIAL_SCAN_COMPLETE", "instance-id": "i-087d63509b8c97098"}},
@@ -3686,6 +3686,267 @@ def test_promotion_tags_a_soaked_digest_once_for_production_and_never_a_failed_o
     assert prod_now["imageDigest"] == v2  # a failed staging rollout never reaches production
     assert service_image_of(swarm, prod)[0].endswith(v2)
 
+
+
+# =========================================================================== image indexes: buildx pushes, and their scans
+
+# What `docker buildx build --push` pushes by default, as the rig builds it (rig/registry.py, buildx_image).
+BUILDX = buildx_image(HOST, "team/web", "latest", "v1")
+BUILDX_PLATFORM, BUILDX_ATTESTATION = sha256(BUILDX.platform), sha256(BUILDX.attestation)
+ARM = "sha256:" + "2" * 64
+
+
+def index_of(*descriptors, media_type="application/vnd.oci.image.index.v1+json") -> str:
+    return json.dumps({"schemaVersion": 2, **({"mediaType": media_type} if media_type else {}),
+                       "manifests": list(descriptors)})
+
+
+def entry(digest, os_="linux", arch="amd64", **more) -> dict:
+    return {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest, "size": 1,
+            "platform": {"architecture": arch, "os": os_, **more.pop("platform", {})}, **more}
+
+
+@pytest.mark.parametrize("manifest,media_type,expected", [
+    (BUILDX.index.decode(), None, (("linux/amd64", BUILDX_PLATFORM),)),  # the attestation left out
+    (BUILDX.index.decode(), "application/vnd.oci.image.index.v1+json", (("linux/amd64", BUILDX_PLATFORM),)),
+    (BUILDX.platform.decode(), None, None),  # a single image
+    (BUILDX.attestation.decode(), None, None),
+    (json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                 "config": {}, "layers": []}), None, None),
+    (index_of(entry(DIGEST_A), entry(ARM, arch="arm64", platform={"variant": "v8"})), None,
+     (("linux/amd64", DIGEST_A), ("linux/arm64/v8", ARM))),
+    (index_of(entry(DIGEST_A), media_type="application/vnd.docker.distribution.manifest.list.v2+json"), None,
+     (("linux/amd64", DIGEST_A),)),  # Docker's manifest list
+    (index_of(entry(DIGEST_A), media_type=None), "application/vnd.oci.image.index.v1+json",
+     (("linux/amd64", DIGEST_A),)),  # no mediaType of its own: ECR's imageManifestMediaType says
+    (index_of(entry(DIGEST_A), media_type=None), None, None),
+    (index_of(entry(DIGEST_A, "unknown", "unknown")), None, ()),  # an attestation without annotations: no image
+    (index_of(entry(DIGEST_A, annotations={"vnd.docker.reference.type": "something-new"})), None, ()),
+    (index_of(), None, ()),
+    (index_of(entry(DIGEST_A, "linux", "amd64\nFORGED")), None, (("unknown platform", DIGEST_A),)),  # a log line
+    (index_of(entry(DIGEST_A, "windows", "amd64", platform={"os.version": "10.0.20348.2227"})), None,
+     (("windows/amd64", DIGEST_A),)),
+    (index_of(entry("sha256:ABC")), None, ValueError),
+    (index_of(entry(None)), None, ValueError),
+    (json.dumps({"mediaType": "application/vnd.oci.image.index.v1+json", "manifests": {}}), None, ValueError),
+    (json.dumps({"mediaType": "application/vnd.oci.image.index.v1+json", "manifests": ["x"]}), None, ValueError),
+    (index_of({**entry(DIGEST_A), "platform": "linux/amd64"}), None, ValueError),
+    ("not json", None, ValueError),
+    ("[]", None, ValueError),
+])
+def test_platform_images_are_an_indexs_runnable_manifests(manifest, media_type, expected):
+    if expected is ValueError:
+        with pytest.raises(ValueError):
+            ed.platform_images(manifest, media_type)
+    else:
+        images = ed.platform_images(manifest, media_type)
+        assert images == (None if expected is None else tuple(ed.PlatformImage(*image) for image in expected))
+
+
+AMD64, ARM64 = ed.PlatformImage("linux/amd64", DIGEST_A), ed.PlatformImage("linux/arm64", ARM)
+CLEAN = ed.Verdict("deploy", "ECR scan finds LOW 1 (threshold HIGH)")
+DIRTY = ed.Verdict("blocked", "ECR scan finds CRITICAL 1 (threshold HIGH)")
+SCANNING = ed.Verdict("wait", "ECR scan is IN_PROGRESS, 12s after the push")
+
+
+@pytest.mark.parametrize("verdicts,decision,words,absent", [
+    ([(AMD64, CLEAN)], "deploy", f"ECR scans of the index's platform images: linux/amd64 {DIGEST_A}: ECR scan finds "
+                                 f"LOW 1 (threshold HIGH)", None),
+    ([(AMD64, CLEAN), (ARM64, CLEAN)], "deploy", f"LOW 1 (threshold HIGH); linux/arm64 {ARM}: ECR scan finds LOW 1",
+     None),
+    ([(AMD64, CLEAN), (ARM64, DIRTY)], "blocked", f"linux/arm64 {ARM}: ECR scan finds CRITICAL 1", "amd64"),
+    ([(AMD64, DIRTY), (ARM64, SCANNING)], "blocked", "linux/amd64", "arm64"),  # blocked is final: no use waiting
+    ([(AMD64, SCANNING), (ARM64, CLEAN)], "wait", f"linux/amd64 {DIGEST_A}: ECR scan is IN_PROGRESS", "arm64"),
+    ([(AMD64, ed.Verdict("gone", "the image is no longer in ECR; nothing to deploy")), (ARM64, CLEAN)], "blocked",
+     "linux/amd64 " + DIGEST_A + ": ECR no longer has this image of the index", "arm64"),
+    ([(AMD64, ed.Verdict("blocked", ed.SCAN_FIXES["NOT_FOUND"]))], "blocked", "turn on scan on push", None),
+    ([], "blocked", "holds no platform image, only attestations", None),
+])
+def test_an_index_passes_only_if_every_platform_image_does(verdicts, decision, words, absent):
+    verdict = ed.index_verdict(verdicts)
+    assert verdict.decision == decision
+    assert words in verdict.reason
+    assert absent is None or absent not in verdict.reason
+
+
+def buildx_service(images, swarm, name, contents=("v1", "v2"), replicas=0, labels=None, cmds=()):
+    """A fresh repository with one buildx push of :latest per content, and a service pinned to the first
+    index. Returns (repository, pushes, service id, image of each push)."""
+    registry = REGISTRIES[0]
+    repo = images.new_repository()
+    pushes = [images.push_buildx(repo, "latest", content, cmd=cmd)
+              for content, cmd in zip(contents, list(cmds) + [None] * len(contents))]
+    refs = [f"{registry.host}/{repo}:latest@{push.index}" for push in pushes]
+    sid = swarm.create_service(name, refs[0], registry=registry, replicas=replicas, labels=labels,
+                               update_config=FAST_MONITOR)
+    return repo, pushes, sid, refs
+
+
+def test_a_buildx_push_is_an_index_in_ecr_as_real_ecr_keeps_it_and_deploys_pinned_to_the_index(
+        aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo, (p1, p2), sid, (old, new) = buildx_service(images, swarm, "indexed", replicas=1)
+    swarm.wait_running(sid, old)
+    ecr = aws.client("ecr", registry.region)
+    details = {d["imageDigest"]: d for d in ecr.describe_images(registryId=registry.account,
+                                                                repositoryName=repo)["imageDetails"]}
+    assert details[p2.index]["imageTags"] == ["latest"]
+    assert details[p2.index]["imageManifestMediaType"] == "application/vnd.oci.image.index.v1+json"
+    for child in (p1.platform, p1.attestation, p2.platform, p2.attestation):  # pushed by digest: untagged
+        assert "imageTags" not in details[child]
+        assert details[child]["imageManifestMediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    session = requests.Session()
+    session.auth, session.verify, session.trust_env = ("AWS", registry.password), registry.ca, False
+    served = session.get(f"https://{registry.host}/v2/{repo}/manifests/latest",
+                         headers={"Accept": "application/vnd.oci.image.index.v1+json"})
+    kept = ecr.batch_get_image(registryId=registry.account, repositoryName=repo,
+                               imageIds=[{"imageTag": "latest"}])["images"][0]["imageManifest"]
+    assert served.headers["Docker-Content-Digest"] == p2.index and served.content == kept.encode()  # the same bytes
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=p2.index))
+    run = run_once(deployer_env(aws, swarm), "--queue", queue, "--wait")
+    assert run.returncode == 0, run.stderr
+    assert f"Rollout of indexed ({sid[:12]}) to {new} completed after" in run.stderr
+    assert service_image_of(swarm, sid) == (new, 1)  # pinned to the index, what ECR's tag points to
+    assert labels_of(swarm, sid)[ed.DIGEST_LABEL] == p2.index
+    swarm.wait_running(sid, new)
+    assert aws.queue_depth(queue) == 0
+
+
+def test_a_broken_buildx_push_is_rolled_back_to_the_previous_index(aws, images, clean_swarm):
+    swarm = clean_swarm
+    repo, (p1, p2), sid, (old, new) = buildx_service(images, swarm, "indexed-broken", replicas=1,
+                                                     cmds=(None, BROKEN_CMD))
+    swarm.wait_running(sid, old)
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=p2.index))
+    run = run_once(deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1"), "--queue", queue, "--wait")
+    assert run.returncode == 1, run.stderr
+    assert f"Rollout of indexed-broken ({sid[:12]}) to {new} paused after" in run.stderr
+    assert f"Rollback of indexed-broken ({sid[:12]}) to {old} completed after" in run.stderr
+    assert service_image_of(swarm, sid)[0] == old
+    assert ed.failed_digest(swarm.service(sid)) == p2.index
+    swarm.wait_running(sid, old)
+
+
+def test_the_keeper_lets_a_service_on_an_index_pull_later_and_status_reads_it(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    pushed = images.push_buildx(repo, "latest", "k1")
+    image = f"{registry.host}/{repo}:latest@{pushed.index}"
+    sid = swarm.create_service("indexed-dormant", image, replicas=0)  # no registry auth: it could never pull
+    before = swarm.service(sid)["Spec"]
+    env = deployer_env(aws, swarm, DEPLOYER_QUEUE="")
+    run = subprocess.run([sys.executable, DEPLOYER, "--refresh-auth"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert swarm.service(sid)["Spec"] == before
+    swarm.scale(sid, 1)
+    swarm.wait_running(sid, image)
+    shown = status(env, "--json")
+    assert shown.returncode == 0, shown.stdout
+    row = next(r for r in json.loads(shown.stdout) if r["service"] == "indexed-dormant")
+    assert (row["running"], row["tag_now"]) == (pushed.index, pushed.index) and row["state"] in ("current", "rolling out")
+
+
+def test_gated_services_on_buildx_pushes_are_gated_on_the_platform_images_scans(aws, images, clean_swarm):
+    """ECR has no scan of an index (basic scanning refuses one): the platform image's scan decides, the
+    attestation's (FAILED under basic scanning) is no image to run and is ignored. --status says the same."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region = registry.account, registry.region
+    cases = {  # service: (scan of the v2 index's platform image, or None; the outcome's words)
+        "ix-clean": ((DONE, {"MEDIUM": 2}), "ECR scan finds MEDIUM 2 (threshold HIGH)"),
+        "ix-critical": ((DONE, {"CRITICAL": 1}), "ECR scan finds CRITICAL 1 (threshold HIGH)"),
+        "ix-unscanned": (None, "ECR has no scan of this image: turn on scan on push"),
+    }
+    made = {}
+    for name, (scan, _) in cases.items():
+        repo, (p1, p2), sid, (old, new) = buildx_service(images, swarm, name, labels={ed.SCAN_THRESHOLD_LABEL: "HIGH"})
+        aws.set_scan(account, region, repo, p2.attestation, "FAILED")  # what basic scanning makes of it
+        if scan:
+            aws.set_scan(account, region, repo, p2.platform, *scan)
+        made[name] = (repo, p2, sid, old, new)
+    repo, p2, _, old, new = made["ix-critical"]
+    ungated = swarm.create_service("ix-ungated", old, registry=registry, replicas=0)
+    env = deployer_env(aws, swarm)
+    rows = {row["service"]: row for row in json.loads(status(env, "--json", "--scan-timeout", "1h").stdout)}
+    assert {name: rows[name]["state"] for name in cases} == \
+        {"ix-clean": "behind", "ix-critical": "blocked", "ix-unscanned": "blocked"}
+    assert f"linux/amd64 {p2.platform}: ECR scan finds CRITICAL 1 (threshold HIGH)" in rows["ix-critical"]["reason"]
+    versions = {name: swarm.service(sid)["Version"]["Index"] for name, (_, _, sid, _, _) in made.items()}
+
+    queue = aws.new_queue()
+    aws.send(queue, *(event(repository=repo, digest=p2.index, time=event_time()) for repo, p2, *_ in made.values()))
+    run = run_once(env, "--queue", queue, "--scan-timeout", "1h")
+    assert run.returncode == 0, run.stderr
+    assert aws.queue_depth(queue) == 0
+    for name, (words, (repo, p2, sid, old, new)) in {n: (cases[n][1], made[n]) for n in cases}.items():
+        about = f"ECR scans of the index's platform images: linux/amd64 {p2.platform}: {words}"
+        if name == "ix-clean":
+            assert f"Service ix-clean ({sid[:12]}) passes its scan gate for {new}: {about}" in run.stderr
+            assert service_image_of(swarm, sid)[0] == new
+        else:
+            assert f"ERROR Blocked service {name} ({sid[:12]}) from {new}: {about}" in run.stderr
+            assert swarm.service(sid)["Version"]["Index"] == versions[name]
+    assert service_image_of(swarm, ungated)[0] == made["ix-critical"][4]  # ungated: deployed at once
+    assert p2.attestation not in run.stderr  # never judged
+
+
+def test_a_scan_event_of_a_platform_image_rolls_the_gated_services_of_the_index_holding_it(aws, images, clean_swarm):
+    """ECR scans the platform image, which is untagged: its scan event names no tag. The gated services
+    whose tag points to an index holding it are rolled; a scan of an older index's image rolls nothing."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region = registry.account, registry.region
+    repo, (p1, p2), gated, (old, new) = buildx_service(images, swarm, "ix-waits",
+                                                       labels={ed.SCAN_THRESHOLD_LABEL: "CRITICAL"})
+    ungated = swarm.create_service("ix-waits-ungated", old, registry=registry, replicas=0)
+    aws.set_scan(account, region, repo, p2.platform, "IN_PROGRESS")
+    env = deployer_env(aws, swarm)
+    push_queue = aws.new_queue()
+    aws.send(push_queue, event(repository=repo, digest=p2.index, time=event_time()))
+    run = run_once(env, "--queue", push_queue, "--reconcile-every", "0")
+    assert run.returncode == 1, run.stderr  # the push waits for the scan: kept, no error
+    assert f"waits for its scan gate before {new}: ECR scans of the index's platform images: linux/amd64 " \
+           f"{p2.platform}: ECR scan is IN_PROGRESS" in run.stderr
+    assert " ERROR " not in run.stderr and service_image_of(swarm, gated)[0] == old
+    ungated_version = swarm.service(ungated)["Version"]["Index"]
+
+    aws.set_scan(account, region, repo, p2.platform, DONE, {"HIGH": 3}, again=True)
+    queue = aws.new_queue()
+    aws.send(queue, scan_event(repository=repo, digest=p1.platform, tags=[]),  # the older index's image
+             scan_event(repository=repo, digest=p2.platform, tags=[], counts={"HIGH": 3}))
+    run = run_once(env, "--queue", queue, "--reconcile-every", "0")
+    assert run.returncode == 0, run.stderr
+    assert f"ECR scanned {repo}@{p2.platform}, a platform image of the image index :latest points to " \
+           f"({p2.index})" in run.stderr
+    assert f"ECR scanned {repo}@{p1.platform}, untagged, and no tag a gated service follows holds an image " \
+           f"index with it; nothing to deploy" in run.stderr
+    assert f"passes its scan gate for {new}: ECR scans of the index's platform images: linux/amd64 {p2.platform}: " \
+           f"ECR scan finds HIGH 3 (threshold CRITICAL)" in run.stderr
+    assert service_image_of(swarm, gated)[0] == new  # the index, not the scanned platform image
+    assert swarm.service(ungated)["Version"]["Index"] == ungated_version  # scan events roll gated services only
+    assert aws.queue_depth(queue) == 0
+
+
+def test_under_trust_events_a_platform_images_scan_event_rolls_the_index_without_describe_images(
+        aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo, (p1, p2), sid, (old, new) = buildx_service(images, swarm, "ix-trusted",
+                                                     labels={ed.SCAN_THRESHOLD_LABEL: "HIGH"})
+    aws.set_scan(registry.account, registry.region, repo, p2.platform, DONE, {"LOW": 1})
+    queue = aws.new_queue()
+    aws.send(queue, scan_event(repository=repo, digest=p2.platform, tags=[], counts={"LOW": 1}, time=event_time()))
+    proxy = FaultProxy(aws.url)  # DescribeImages denied, as the README lets --trust-events users deny it
+    proxy.rule = lambda key: (400, {"__type": "AccessDeniedException", "message": "not granted"}) \
+        if key.endswith(".DescribeImages") else None
+    try:
+        run = run_once(deployer_env(aws, swarm, AWS_ENDPOINT_URL=proxy.url), "--queue", queue, "--trust-events")
+    finally:
+        proxy.close()
+    assert run.returncode == 0, run.stderr
+    assert "DescribeImages" not in ecr_calls(proxy) and "BatchGetImage" in ecr_calls(proxy), proxy.seen
+    assert service_image_of(swarm, sid) == (new, 1)
+    assert aws.queue_depth(queue) == 0 and " ERROR " not in run.stderr
 
 
 # =========================================================================== high availability: a real multi-node swarm

@@ -102,9 +102,9 @@ class Aws:
             manifest = ecr.batch_get_image(registryId=account, repositoryName=repository,
                                            imageIds=[image_id])["images"][0]["imageManifest"]
             ecr.batch_delete_image(registryId=account, repositoryName=repository, imageIds=[image_id])
-            for tag in tags:
+            for tag in tags or [None]:  # (an index's platform image is untagged: put by digest alone)
                 ecr.put_image(registryId=account, repositoryName=repository, imageManifest=manifest,
-                              imageTag=tag, imageDigest=digest)
+                              imageDigest=digest, **({"imageTag": tag} if tag else {}))
         findings = {"findingSeverityCounts": counts or {}}
         if status in ("COMPLETE", "ACTIVE") if completed is None else completed:
             findings["imageScanCompletedAt"] = time.time()  # a JSON timestamp, as ECR sends it
