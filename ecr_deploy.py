@@ -295,6 +295,10 @@ class ScanDone:
     time: str = ""
     event_id: str = field(default="", compare=False)
 
+    @property
+    def repository_key(self) -> tuple[str, str, str]:
+        return (self.account, self.region, self.repository)
+
     def pushes(self) -> list[Push]:
         """One push per tag: services following any of them may now pass their scan gate."""
         return [Push(self.account, self.region, self.repository, tag, self.digest, self.time, from_scan=True,

@@ -3871,7 +3871,7 @@ def test_gated_services_on_buildx_pushes_are_gated_on_the_platform_images_scans(
     env = deployer_env(aws, swarm)
     rows = {row["service"]: row for row in json.loads(status(env, "--json", "--scan-timeout", "1h").stdout)}
     assert {name: rows[name]["state"] for name in cases} == \
-        {"ix-clean": "behind", "ix-critical": "blocked", "ix-unscanned": "blocked"}
+        {"ix-clean": "behind", "ix-critical": "blocked", "ix-unscanned": "blocked"}, rows
     assert f"linux/amd64 {p2.platform}: ECR scan finds CRITICAL 1 (threshold HIGH)" in rows["ix-critical"]["reason"]
     versions = {name: swarm.service(sid)["Version"]["Index"] for name, (_, _, sid, _, _) in made.items()}
 

@@ -114,6 +114,10 @@ class Aws:
         requests.post(self.url + "/moto-api/static/ecr/scan-finding-results",
                       json={"results": [result], "account_id": account, "region": region}, timeout=10).raise_for_status()
         ecr.start_image_scan(registryId=account, repositoryName=repository, imageId=image_id)
+        # moto hands a posted result to the first image of the repository asked about whose digest, or TAG,
+        # matches: for untagged images (an index's platform and attestation manifests) None matches None,
+        # so one untagged image could take another's. Asking now binds the answer to this image for good.
+        ecr.describe_image_scan_findings(registryId=account, repositoryName=repository, imageId=image_id)
 
     def queue_depth(self, queue_url: str) -> int:
         """Messages still on the queue, visible or in flight."""
