@@ -2767,6 +2767,19 @@ def test_a_scan_event_rolls_only_gated_services(aws, images, clean_swarm):
     assert aws.queue_depth(queue) == 0
 
 
+def run_trusting_events(aws, swarm, queue) -> tuple[subprocess.CompletedProcess, FaultProxy]:
+    """A --once --trust-events run whose ecr:DescribeImages is denied, as the README lets those users
+    deny it; with the hop that denied it, which saw every call."""
+    proxy = FaultProxy(aws.url)
+    proxy.rule = lambda key: (400, {"__type": "AccessDeniedException", "message": "not granted"}) \
+        if key.endswith(".DescribeImages") else None
+    try:
+        return run_once(deployer_env(aws, swarm, AWS_ENDPOINT_URL=proxy.url), "--queue", queue,
+                        "--trust-events"), proxy
+    finally:
+        proxy.close()
+
+
 def test_under_trust_events_a_scan_event_rolls_its_digest_without_describe_images(aws, images, clean_swarm):
     """--trust-events lets users drop ecr:DescribeImages: a scan event then deploys the digest it names."""
     swarm, registry = clean_swarm, REGISTRIES[0]
@@ -2775,13 +2788,7 @@ def test_under_trust_events_a_scan_event_rolls_its_digest_without_describe_image
                                labels={ed.SCAN_THRESHOLD_LABEL: "HIGH"})
     queue = aws.new_queue()
     aws.send(queue, scan_event(repository=repo, digest=v2, counts={"LOW": 1}, time=event_time()))
-    proxy = FaultProxy(aws.url)  # DescribeImages denied, as the README lets --trust-events users deny it
-    proxy.rule = lambda key: (400, {"__type": "AccessDeniedException", "message": "not granted"}) \
-        if key.endswith(".DescribeImages") else None
-    try:
-        run = run_once(deployer_env(aws, swarm, AWS_ENDPOINT_URL=proxy.url), "--queue", queue, "--trust-events")
-    finally:
-        proxy.close()
+    run, proxy = run_trusting_events(aws, swarm, queue)
     assert run.returncode == 0, run.stderr
     assert "DescribeImages" not in ecr_calls(proxy), proxy.seen
     assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v2}", 1)
@@ -3936,13 +3943,7 @@ def test_under_trust_events_a_platform_images_scan_event_rolls_the_index_without
     aws.set_scan(registry.account, registry.region, repo, p2.platform, DONE, {"LOW": 1})
     queue = aws.new_queue()
     aws.send(queue, scan_event(repository=repo, digest=p2.platform, tags=[], counts={"LOW": 1}, time=event_time()))
-    proxy = FaultProxy(aws.url)  # DescribeImages denied, as the README lets --trust-events users deny it
-    proxy.rule = lambda key: (400, {"__type": "AccessDeniedException", "message": "not granted"}) \
-        if key.endswith(".DescribeImages") else None
-    try:
-        run = run_once(deployer_env(aws, swarm, AWS_ENDPOINT_URL=proxy.url), "--queue", queue, "--trust-events")
-    finally:
-        proxy.close()
+    run, proxy = run_trusting_events(aws, swarm, queue)
     assert run.returncode == 0, run.stderr
     assert "DescribeImages" not in ecr_calls(proxy) and "BatchGetImage" in ecr_calls(proxy), proxy.seen
     assert service_image_of(swarm, sid) == (new, 1)

@@ -4,7 +4,9 @@ Each registry answers as the real ECR hostname of one account and region (named 
 its CA trusted in /etc/docker/certs.d) and demands user AWS with the password moto's ECR token
 carries, so a Swarm node pulls only when the deployer forwarded the right registry auth.
 Images are built in Python and pushed over the registry API, never through a local daemon,
-so the swarm must pull them to run them; each push is mirrored into moto's ECR.
+so the swarm must pull them to run them; each push is mirrored into moto's ECR. A push is either a
+single Docker manifest (`docker push` of a classic build) or what `docker buildx build --push` sends:
+an OCI image index with its platform image and a provenance attestation (Images.push_buildx).
 """
 from __future__ import annotations
 
