@@ -3945,7 +3945,7 @@ def test_gated_services_on_buildx_pushes_are_gated_on_the_platform_images_scans(
             assert f"Service ix-clean ({sid[:12]}) passes its scan gate for {new}: {about}" in run.stderr
             assert service_image_of(swarm, sid)[0] == new
         else:
-            assert f"ERROR Blocked service {name} ({sid[:12]}) from {new}: {about}" in run.stderr
+            assert f"ERROR Blocked service {name} ({sid[:12]}) from {new} by its scan gate: {about}" in run.stderr
             assert swarm.service(sid)["Version"]["Index"] == versions[name]
     assert service_image_of(swarm, ungated)[0] == made["ix-critical"][4]  # ungated: deployed at once
     assert p2.attestation not in run.stderr  # never judged
