@@ -207,7 +207,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"cosign:/path/to/key.pub, or off (the default); a service's label {SIGNATURE_LABEL} wins "
                         f"(env DEPLOYER_SIGNATURE)")
     parser.add_argument("--notation-dir", metavar="DIR", default=env("DEPLOYER_NOTATION_DIR", "/etc/ecr-deploy/notation"),
-                        help="Notation's configuration for the signature gate: trustpolicy.oci.json, truststore/, "
+                        help="Notation's configuration for the signature gate: trustpolicy.json, truststore/, "
                         "plugins/ (env DEPLOYER_NOTATION_DIR; default /etc/ecr-deploy/notation)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
@@ -1873,7 +1873,7 @@ class ScanGate:
 
 VERIFY_TIMEOUT = 30  # seconds a verifier may take; well inside the watchdog (Systemd.HEALTHY_FOR)
 # Cosign checks a key's signature offline: no transparency log (Rekor) or signing config is asked for.
-COSIGN_VERIFY = ("verify", "--insecure-ignore-tlog=true", "--output", "json")
+COSIGN_VERIFY = ("verify", "--insecure-ignore-tlog=true")
 
 
 class SignatureGate:
@@ -1934,7 +1934,7 @@ class SignatureGate:
 
     def wrong_statement(self, name: str, repository: str) -> str | None:
         """Why Notation would not apply the named trust policy statement to this repository, or None."""
-        path = os.path.join(self.notation_dir, "trustpolicy.oci.json")
+        path = os.path.join(self.notation_dir, "trustpolicy.json")  # (notation 1.3 never reads trustpolicy.oci.json)
         try:
             with open(path, encoding="utf-8") as file:
                 applied = notation_statement(json.load(file), repository)
@@ -1947,10 +1947,10 @@ class SignatureGate:
 
     def notation(self, trust: Trust, reference: str, home: str, username: str, password: str):
         """notation verify, with the operator's Notation directory (trust policy, trust store, plugins)
-        as its configuration, and the ECR token in the variables Notation reads credentials from."""
-        os.symlink(os.path.abspath(self.notation_dir), os.path.join(home, "notation"))
-        return (["notation", "verify", reference],
-                {"XDG_CONFIG_HOME": home, "NOTATION_USERNAME": username, "NOTATION_PASSWORD": password})
+        as its configuration, and the ECR token in the variables Notation reads credentials from.
+        --verbose: only then does it say why it refused each signature."""
+        return (["notation", "verify", "--verbose", reference],
+                {"NOTATION_CONFIG": self.notation_dir, "NOTATION_USERNAME": username, "NOTATION_PASSWORD": password})
 
     def cosign(self, trust: Trust, reference: str, home: str, username: str, password: str):
         """cosign verify against the public key, with the ECR token in a Docker config of its own."""
