@@ -11,7 +11,7 @@ Where signatures land on the rig's docker-registry 2.8, which has no OCI referre
 fallback, an OCI index tagged sha256-<hex of the subject> listing the signature manifests, each of
 which names the image in its `subject`. notation does so by default (--force-referrers-tag defaults
 to true); cosign 3 finds out by itself and adds its Sigstore bundle to the same index. ECR has the
-referrers API, where notation's tag is only written by that default and cosign writes none.
+referrers API: there cosign writes no tag, and notation writes one only by that default.
 cosign's legacy format (a `sha256-<hex>.sig` tag) is available with legacy=True.
 
 The verify invocations a deployer runs are `notation_verify_command` and `cosign_verify_command`
@@ -25,7 +25,6 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import os
 import pathlib
 import re
 import subprocess
@@ -122,8 +121,7 @@ def make_signers(root: pathlib.Path) -> Signers:
     # expiring_notation_key: notation's generate-test certificates live a day).
     store = signers.notation_trust / "truststore" / "x509" / "ca" / "deploy-ca"
     store.mkdir(parents=True)
-    ca_key, ca_cert = make_ca(root / "notation-ca")
-    (store / "ca.crt").write_bytes(ca_cert)
+    (store / "ca.crt").write_bytes(make_ca(root / "notation-ca"))
     # notation 1.3.2 reads $NOTATION_CONFIG/trustpolicy.json (it never looks at trustpolicy.oci.json).
     (signers.notation_trust / "trustpolicy.json").write_text(
         json.dumps(trust_policy("ca:deploy-trusted", "ca:deploy-ca"), indent=1))
@@ -134,8 +132,8 @@ def make_signers(root: pathlib.Path) -> Signers:
     return signers
 
 
-def make_ca(folder: pathlib.Path) -> tuple[pathlib.Path, bytes]:
-    """A CA for notation signing certificates: (its key's path, its certificate in PEM)."""
+def make_ca(folder: pathlib.Path) -> bytes:
+    """A CA for notation signing certificates, its key and certificate in `folder`; returns the certificate (PEM)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
@@ -151,7 +149,7 @@ def make_ca(folder: pathlib.Path) -> tuple[pathlib.Path, bytes]:
     (folder / "ca.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                       serialization.NoEncryption()))
     (folder / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return folder / "ca.key", (folder / "ca.crt").read_bytes()
+    return (folder / "ca.crt").read_bytes()
 
 
 def certificate(subject, public_key, issuer, issuer_key, not_before, not_after, extensions):
@@ -285,8 +283,10 @@ def notation_verify_command(ref: str) -> list[str]:
 def cosign_verify_command(public_key: pathlib.Path, ref: str) -> list[str]:
     """`cosign verify` with a public key, offline: --insecure-ignore-tlog=true because the rig signs
     without Rekor (without it cosign 3 fetches Sigstore's trusted root from TUF, and fails offline).
-    Finds both the Sigstore bundle (referrers) and the legacy .sig tag. Exit 0 verified, 1 not;
-    stdout is the verified payloads as JSON."""
+    Finds both the Sigstore bundle (referrers) and the legacy .sig tag. Exit 0 verified (stdout: the
+    verified claims as JSON); 10 no signature at all (also when the image does not exist); 12 legacy
+    signatures, none valid; 1 anything else (bundles none valid, TLS, credentials). The reason is
+    stderr's last line, "error during command execution: <reason>"."""
     return [tool("cosign"), "verify", "--key", str(public_key), "--insecure-ignore-tlog=true", ref]
 
 
