@@ -35,6 +35,7 @@ import random
 import re
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -200,6 +201,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scan-timeout", metavar="DURATION", default=env("DEPLOYER_SCAN_TIMEOUT", "30m"),
                         help="block a gated deployment whose ECR scan has not finished this long after the "
                         "push (env DEPLOYER_SCAN_TIMEOUT; default 30m)")
+    parser.add_argument("--signature", metavar="TRUST", type=parse_trust, default=env("DEPLOYER_SIGNATURE", "off"),
+                        help=f"roll services only to digests signed by an identity this trusts: notation (Notation's "
+                        f"trust policy in --notation-dir decides), notation:STATEMENT (and it must be that statement), "
+                        f"cosign:/path/to/key.pub, or off (the default); a service's label {SIGNATURE_LABEL} wins "
+                        f"(env DEPLOYER_SIGNATURE)")
+    parser.add_argument("--notation-dir", metavar="DIR", default=env("DEPLOYER_NOTATION_DIR", "/etc/ecr-deploy/notation"),
+                        help="Notation's configuration for the signature gate: trustpolicy.oci.json, truststore/, "
+                        "plugins/ (env DEPLOYER_NOTATION_DIR; default /etc/ecr-deploy/notation)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
 
@@ -265,7 +274,7 @@ class Push:
     tag: str
     digest: str
     time: str = ""  # the event's time (a reconcile pass: ECR's imagePushedAt), for ordering and the scan wait
-    from_scan: bool = False  # made from a scan event: deploy only if the tag still points at the digest
+    trigger: str = "push"  # or "scan", "signature": an event about the digest; deploy only if the tag still points at it
     event_id: str = field(default="", compare=False)  # the EventBridge event's id: provenance only
     reconcile: bool = field(default=False, compare=False)  # made by a reconcile pass, not by an event
 
@@ -293,10 +302,11 @@ class ScanDone:
     tags: tuple[str, ...]
     time: str = ""
     event_id: str = field(default="", compare=False)
+    trigger: str = "scan"  # or "signature": a signature of the digest was pushed (ECR Referrer Action)
 
     def pushes(self) -> list[Push]:
-        """One push per tag: services following any of them may now pass their scan gate."""
-        return [Push(self.account, self.region, self.repository, tag, self.digest, self.time, from_scan=True,
+        """One push per tag: services following any of them may now pass their gates."""
+        return [Push(self.account, self.region, self.repository, tag, self.digest, self.time, trigger=self.trigger,
                      event_id=self.event_id) for tag in self.tags]
 
 
@@ -633,7 +643,7 @@ def provenance_labels(push: Push, digest: str, node: str, now: float) -> dict[st
     if push.reconcile:
         source = f"reconcile pass (ECR: pushed {push.time or 'at an unknown time'})"
     else:
-        kind = "scan event" if push.from_scan else "push event"
+        kind = f"{push.trigger} event"
         source = f"{kind} {push.event_id or '(no id)'} of {push.time or 'an unknown time'}"
     return {DIGEST_LABEL: digest, SOURCE_LABEL: source, DEPLOYED_BY_LABEL: f"{node} at {utc_text(now)}"}
 
@@ -989,14 +999,15 @@ def failing_task_error(tasks: list[dict], image: str) -> str | None:
 
 OUTCOME_WORDS = {"completed": "completed", "promoted": "promoted", "paused": "paused", "timed_out": "timed out",
                  "rollback_completed": "rolled back", "rollback_paused": "rollback paused",
-                 "removed": "ended: service removed", "blocked": "blocked by its scan gate",
+                 "removed": "ended: service removed", "blocked": "blocked",
                  "superseded": "superseded by another update"}
 
 
 def notification(outcome: str, service: str, service_id: str, image: str, duration: float,
-                 node: str, message: str, rollback: bool = False) -> dict:
+                 node: str, message: str, rollback: bool = False, gate: str = "scan gate") -> dict:
     """One JSON document per outcome: `text` for Slack/Teams webhooks, the rest for machines."""
     words = OUTCOME_WORDS[outcome.removeprefix("rollback_") if rollback else outcome]
+    words = f"{words} by its {gate}" if outcome == "blocked" else words
     after = "" if outcome in ("blocked", "promoted") else f" after {duration:.1f}s"  # no rollout was timed
     text = f"ecr-deploy on {node}: {'rollback' if rollback else 'rollout'} of {service} to {image} {words}" \
            f"{after}" + (f": {message}" if message else "")
@@ -1122,6 +1133,80 @@ def scan_verdict(scan: Scan, threshold: str, timeout: float) -> Verdict:
         return Verdict("gone", "the image is no longer in ECR; nothing to deploy")
     return Verdict("blocked", SCAN_FIXES.get(scan.status) or f"ECR scan {scan.status}: {scan.description} (scan it "
                    f"again with aws ecr start-image-scan, {OR_OFF})")
+
+
+# --------------------------------------------------------------------------- signature gate (pure)
+
+SIGNATURE_LABEL = "ecr-deploy.signature"
+POLICY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class Trust(NamedTuple):
+    """Whose signature a gated service needs: the verifier, and the trust material it checks against."""
+    verifier: str  # notation or cosign
+    material: str  # notation: the trust policy's statement name ("" any); cosign: a public key's path
+
+    def __str__(self) -> str:
+        return f"{self.verifier}:{self.material}" if self.material else self.verifier
+
+
+def parse_trust(text: str) -> Trust | None:
+    """`notation`, `notation:STATEMENT`, `cosign:/path/to/key.pub` or `off` (None); ValueError otherwise."""
+    value = str(text).strip()
+    if value.lower() == "off":
+        return None
+    verifier, colon, material = value.partition(":")
+    verifier, material = verifier.strip().lower(), material.strip()
+    if verifier == "notation" and (not colon or POLICY_NAME.fullmatch(material)):
+        return Trust("notation", material)
+    if verifier == "cosign" and material.startswith("/") and ".." not in material.split("/") and \
+            not any(c.isspace() or not c.isprintable() for c in material):
+        return Trust("cosign", material)
+    raise ValueError(f"signature trust must be notation, notation:STATEMENT (a trust policy statement's name), "
+                     f"cosign:/absolute/path/to/key.pub or off, not {text!r}")
+
+
+def signature_trust(labels: dict | None, default: Trust | None) -> Trust | None:
+    """The service's own label wins over --signature; raises ValueError for a bad label."""
+    text = (labels or {}).get(SIGNATURE_LABEL)
+    return default if text is None else parse_trust(text)
+
+
+def notation_statement(policy: dict, repository: str) -> str | None:
+    """The name of the trust policy statement Notation applies to a repository (host/path): the one
+    scoping it by name, else the one scoping "*" (Notation's own rule); None when none does."""
+    statements = policy.get("trustPolicies") if isinstance(policy, dict) else None
+    named = [s for s in statements or [] if isinstance(s, dict)]
+    for scope in (repository, "*"):
+        for statement in named:
+            if scope in (statement.get("registryScopes") or []):
+                return str(statement.get("name"))
+    return None
+
+
+# What the verifiers say when they refuse, in the words an operator acts on (first match wins).
+SIGNATURE_REASONS = (
+    (re.compile(r"no signature is associated|no signatures found|no matching signatures|"
+                r"signature not found|MANIFEST_UNKNOWN.*\.sig", re.I),
+     "no signature of this digest in ECR: sign it (a signature pushed later rolls the service on ECR's "
+     "referrer event)"),
+    (re.compile(r"trusted identit|signing identity|is not trusted|x509: certificate signed by unknown authority|"
+                r"certificate chain|invalid signature when validating|no matching public key|"
+                r"failed to verify signature|verification failed for all signatures", re.I),
+     "signed, but not by an identity this manager trusts"),
+    (re.compile(r"digest|subject", re.I), "a signature that was made for another digest"),
+    (re.compile(r"expired|revoked|not yet valid", re.I), "the signing certificate is expired or revoked"),
+    (re.compile(r"envelope|integrity|malformed|tamper|payload", re.I), "the signature envelope is damaged"),
+)
+
+
+def signature_reason(tool: str, output: str) -> str:
+    """A refusal's reason: the operator's words, then the verifier's own last line (cut short)."""
+    lines = [line.strip() for line in output.splitlines() if line.strip() and not line.lstrip().startswith("WARNING")]
+    last = lines[-1] if lines else "no output"
+    words = next((words for pattern, words in SIGNATURE_REASONS if pattern.search(output)), "not verified")
+    last = last if len(last) <= 300 else last[:297] + "..."
+    return f"{words} ({tool}: {last})"
 
 
 # --------------------------------------------------------------------------- AWS shell
@@ -1760,6 +1845,7 @@ class ServiceCache:
 class ScanGate:
     """Lets a gated service (its label, else --scan-threshold) roll only to a digest whose ECR scan
     is clean enough. ECR is asked once per digest and drain cycle, however many services wait on it."""
+    name = "scan gate"
 
     def __init__(self, ecr: Ecr, default_threshold: str | None, timeout: float):
         self.ecr, self.default_threshold, self.timeout = ecr, default_threshold, timeout
@@ -1781,6 +1867,99 @@ class ScanGate:
             self._scans[key] = self.ecr.scan(*key)
         scan = self._scans[key]  # the wait runs from the newest push of the tag, not the digest's first
         return scan_verdict(scan._replace(waited=seconds_after(push.time, scan.answered_at)), threshold, self.timeout)
+
+
+# --------------------------------------------------------------------------- the signature gate
+
+VERIFY_TIMEOUT = 30  # seconds a verifier may take; well inside the watchdog (Systemd.HEALTHY_FOR)
+# Cosign checks a key's signature offline: no transparency log (Rekor) or signing config is asked for.
+COSIGN_VERIFY = ("verify", "--insecure-ignore-tlog=true", "--output", "json")
+
+
+class SignatureGate:
+    """Lets a gated service (its label, else --signature) roll only to a digest that carries a valid
+    signature by an identity the operator trusts, as the reference verifiers decide (notation, cosign:
+    bounded subprocesses, argument lists, the ECR token in their environment, never in argv). Each
+    digest is verified once per drain cycle, however many services wait on it."""
+    name = "signature gate"
+
+    def __init__(self, ecr: Ecr, default: Trust | None, notation_dir: str, timeout: float = VERIFY_TIMEOUT,
+                 heartbeat=lambda: None):
+        self.ecr, self.default, self.notation_dir, self.timeout = ecr, default, notation_dir, timeout
+        self.heartbeat = heartbeat
+        self._verdicts: dict[tuple, Verdict] = {}
+
+    def new_cycle(self) -> None:
+        self._verdicts.clear()  # a signature may have been pushed since
+
+    def verdict(self, service: dict, push: Push, digest: str) -> Verdict | None:
+        """None for an ungated service; raises AwsError when no ECR token can be had (retry later)."""
+        try:
+            trust = signature_trust(service["Spec"].get("Labels"), self.default)
+        except ValueError as e:
+            return Verdict("blocked", f"label {SIGNATURE_LABEL}: {e}")
+        if trust is None:
+            return None
+        key = (trust, push.account, push.region, push.repository, digest)
+        if key not in self._verdicts:
+            self._verdicts[key] = self.verify(trust, push, digest)
+        return self._verdicts[key]
+
+    def verify(self, trust: Trust, push: Push, digest: str) -> Verdict:
+        reference = f"{push.image.rpartition(':')[0]}@{digest}"  # HOST/REPOSITORY@DIGEST: exactly this digest
+        if trust.verifier == "notation" and trust.material:
+            wrong = self.wrong_statement(trust.material, reference.partition("@")[0])
+            if wrong:
+                return Verdict("blocked", wrong)
+        username, password = self.ecr.credentials(push.account, push.region)
+        self.heartbeat()
+        with tempfile.TemporaryDirectory(prefix="ecr-deploy-verify-") as home:
+            command, env = (self.notation if trust.verifier == "notation" else self.cosign)(
+                trust, reference, home, username, password)
+            try:
+                done = subprocess.run(command, env={**os.environ, "HOME": home, **env}, stdin=subprocess.DEVNULL,
+                                      capture_output=True, text=True, errors="replace", timeout=self.timeout)
+            except FileNotFoundError:
+                return Verdict("blocked", f"{trust.verifier} is not installed on this manager (or not on the "
+                                          f"deployer's PATH): see README, Signature gate")
+            except subprocess.TimeoutExpired:
+                return Verdict("blocked", f"{trust.verifier} gave no answer within {self.timeout:.0f}s")
+            except OSError as e:
+                return Verdict("blocked", f"cannot run {trust.verifier}: {e}")
+            finally:
+                self.heartbeat()
+        if done.returncode == 0:
+            return Verdict("deploy", f"{trust.verifier} verified a signature of {short_digest(digest)} ({trust})")
+        return Verdict("blocked", signature_reason(trust.verifier, done.stderr + "\n" + done.stdout))
+
+    def wrong_statement(self, name: str, repository: str) -> str | None:
+        """Why Notation would not apply the named trust policy statement to this repository, or None."""
+        path = os.path.join(self.notation_dir, "trustpolicy.oci.json")
+        try:
+            with open(path, encoding="utf-8") as file:
+                applied = notation_statement(json.load(file), repository)
+        except (OSError, ValueError) as e:
+            return f"cannot read Notation's trust policy {path}: {e}"
+        if applied != name:
+            return f"Notation's trust policy applies {'statement ' + repr(applied) if applied else 'no statement'} " \
+                   f"to {repository}, not {name!r} ({SIGNATURE_LABEL}={Trust('notation', name)})"
+        return None
+
+    def notation(self, trust: Trust, reference: str, home: str, username: str, password: str):
+        """notation verify, with the operator's Notation directory (trust policy, trust store, plugins)
+        as its configuration, and the ECR token in the variables Notation reads credentials from."""
+        os.symlink(os.path.abspath(self.notation_dir), os.path.join(home, "notation"))
+        return (["notation", "verify", reference],
+                {"XDG_CONFIG_HOME": home, "NOTATION_USERNAME": username, "NOTATION_PASSWORD": password})
+
+    def cosign(self, trust: Trust, reference: str, home: str, username: str, password: str):
+        """cosign verify against the public key, with the ECR token in a Docker config of its own."""
+        docker_config = os.path.join(home, "docker")
+        os.mkdir(docker_config, 0o700)
+        auth = base64.b64encode(f"{username}:{password}".encode()).decode()
+        with open(os.open(os.path.join(docker_config, "config.json"), os.O_WRONLY | os.O_CREAT, 0o600), "w") as file:
+            json.dump({"auths": {reference.partition("/")[0]: {"auth": auth}}}, file)
+        return ["cosign", *COSIGN_VERIFY, "--key", trust.material, reference], {"DOCKER_CONFIG": docker_config}
 
 
 # --------------------------------------------------------------------------- the drain cycle
@@ -1831,12 +2010,12 @@ class Deployer:
     def __init__(self, queue: Queue | None, ecr: Ecr, docker: Docker, label_filter: LabelFilter | None,
                  trust_events: bool = False, follow_rollouts: bool = False, rollout_timeout: float | None = None,
                  rollback_on_failure: bool = False, notify_urls: tuple[str, ...] = (), dry_run: bool = False,
-                 systemd: Systemd | None = None, scan_gate: ScanGate | None = None, auth_refresh: float = 0.0,
+                 systemd: Systemd | None = None, gates: tuple = (), auth_refresh: float = 0.0,
                  state_directory: str | None = None, reconcile_every: float = 0.0,
                  release_defaults: dict | None = None, service_index: ServiceIndex | None = None):
         self.queue, self.ecr, self.docker = queue, ecr, docker
         self.service_index = service_index  # loop mode; without it every cycle lists the services
-        self.scan_gate = scan_gate
+        self.gates = gates  # ScanGate, SignatureGate: each says deploy, wait or blocked for a gated service
         self.reported_blocked: set[tuple[str, str]] = set()  # (service ID, image): one ERROR and webhook each
         self.reported_held: set[tuple[str, str]] = set()  # (service ID, digest): one WARNING each
         self.reported_waits: dict[tuple[str, str], str] = {}  # (service ID, image) -> the wait last logged
@@ -1900,8 +2079,8 @@ class Deployer:
     def new_cycle(self) -> None:
         """A drain cycle or reconcile pass begins: what ECR and Swarm said before is stale."""
         self.ecr.new_cycle()
-        if self.scan_gate:
-            self.scan_gate.new_cycle()
+        for gate in self.gates:
+            gate.new_cycle()
         self.answers: dict[tuple, TagAnswer] = {}  # image key -> ECR's answer this cycle
         self.listing: list[dict] = []  # the services as listed this cycle (for AFTER_LABEL)
 
@@ -1923,7 +2102,7 @@ class Deployer:
         targets, gone = {}, []
         for key, group in pushes.items():
             self.systemd.heartbeat()
-            real = [p for _, p in group if not p.from_scan]  # a scan event may name an older digest
+            real = [p for _, p in group if p.trigger == "push"]  # a scan event may name an older digest
             push = max(real or [p for _, p in group], key=lambda p: p.time)
             if self.trust_events:  # the event's digest as is, a scan event's too: DescribeImages may be denied
                 targets[key] = (push, push.digest)
@@ -2011,28 +2190,32 @@ class Deployer:
         if release.decision != "deploy":
             self.not_released(service, pinned_image(uses_image(service, push), push.tag, digest), release)
             return True  # handled: a later reconcile pass rolls it to what the tag points to then
-        try:
-            verdict = self.scan_gate.verdict(service, push, digest) if self.scan_gate else None
-        except AwsError as e:
-            log.error("Cannot check the ECR scan for service %s: %s", service_label(service), e)
-            return False
-        if verdict is None and push.from_scan:
-            log.info("Service %s has no scan gate: a scan event does not roll it", service_label(service))
-            return True
-        if verdict is None:
-            return self.pin_service(service, push, digest, result)
         image = pinned_image(uses_image(service, push), push.tag, digest)
-        if verdict.decision == "wait":
-            log.info("Service %s waits for its scan gate before %s: %s%s", service_label(service),
-                     image, verdict.reason, "" if push.reconcile else "; message kept")
-            return None
-        if verdict.decision == "gone":
-            log.info("Service %s not rolled to %s: %s", service_label(service), image, verdict.reason)
+        gated = False
+        for gate in self.gates:
+            try:
+                verdict = gate.verdict(service, push, digest)
+            except AwsError as e:
+                log.error("Cannot check the %s of service %s: %s", gate.name, service_label(service), e)
+                return False
+            if verdict is None:
+                continue
+            gated = True
+            if verdict.decision == "wait":
+                log.info("Service %s waits for its %s before %s: %s%s", service_label(service), gate.name,
+                         image, verdict.reason, "" if push.reconcile else "; message kept")
+                return None
+            if verdict.decision == "gone":
+                log.info("Service %s not rolled to %s: %s", service_label(service), image, verdict.reason)
+                return True
+            if verdict.decision == "blocked":
+                self.blocked(service, image, verdict.reason, gate.name)
+                return True
+            log.info("Service %s passes its %s for %s: %s", service_label(service), gate.name, image, verdict.reason)
+        if push.trigger != "push" and not gated:
+            log.info("Service %s has no scan or signature gate: a %s event does not roll it", service_label(service),
+                     push.trigger)
             return True
-        if verdict.decision == "blocked":
-            self.blocked(service, image, verdict.reason)
-            return True
-        log.info("Service %s passes its scan gate for %s: %s", service_label(service), image, verdict.reason)
         return self.pin_service(service, push, digest, result)
 
     def release(self, service: dict, push: Push, digest: str) -> Release:
@@ -2165,7 +2348,7 @@ class Deployer:
         self.post_update(listed, account, region, plan, lambda service, *_: log.info(
             "Recorded on service %s: %s=%s", service_label(service), FAILED_LABEL, record), with_auth=False)
 
-    def blocked(self, service: dict, image: str, reason: str) -> None:
+    def blocked(self, service: dict, image: str, reason: str, gate: str) -> None:
         """A final outcome, reported like a rollout's; the message is done (retrying changes nothing)."""
         if self.dry_run:
             log.info("Would block service %s from %s: %s", service_label(service), image, reason)
@@ -2174,12 +2357,12 @@ class Deployer:
             log.info("Service %s stays blocked from %s (reported before)", service_label(service), image)
             return
         self.reported_blocked.add((service["ID"], image))
-        log.error("Blocked service %s from %s: %s", service_label(service), image, reason)
+        log.error("Blocked service %s from %s by its %s: %s", service_label(service), image, gate, reason)
         self.totals["rollouts"]["blocked"] += 1
         if self.rollouts.enabled:
             self.rollouts.outcomes.append("blocked")
         self.rollouts.notify(notification("blocked", service["Spec"].get("Name", "?"), service["ID"], image, 0.0,
-                                          self.rollouts.node_name(), reason))
+                                          self.rollouts.node_name(), reason, gate=gate))
 
     def pin_service(self, listed: dict, push: Push, digest: str, result: CycleResult) -> bool:
         def plan(service: dict) -> tuple[dict, ImageRef] | None:
@@ -2934,9 +3117,10 @@ def status_of(deployer: Deployer, service: dict, key: tuple | None, answer: tupl
         return "held back", f"cannot apply its release policy: {e}"
     if release.decision != "deploy":
         return ("waiting" if release.decision == "wait" else "held back"), release.reason
-    verdict = deployer.scan_gate.verdict(service, push, digest) if deployer.scan_gate else None
-    if verdict and verdict.decision in ("blocked", "wait"):
-        return ("blocked" if verdict.decision == "blocked" else "waiting"), verdict.reason
+    for gate in deployer.gates:
+        verdict = gate.verdict(service, push, digest)
+        if verdict and verdict.decision in ("blocked", "wait"):
+            return ("blocked" if verdict.decision == "blocked" else "waiting"), f"{gate.name}: {verdict.reason}"
     return "behind", f"the tag points to {short_digest(digest)} (pushed {pushed_at or '?'}): the next push or " \
                      f"reconcile pass rolls it"
 
@@ -3159,7 +3343,8 @@ def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deplo
                             args.once or args.reconcile or args.status or args.refresh_auth)) and not args.dry_run,
                         rollout_timeout=args.rollout_timeout, rollback_on_failure=args.rollback_on_failure,
                         notify_urls=tuple(args.notify_url), dry_run=args.dry_run, systemd=systemd,
-                        scan_gate=ScanGate(ecr, args.scan_threshold, args.scan_timeout),
+                        gates=(ScanGate(ecr, args.scan_threshold, args.scan_timeout),
+                               SignatureGate(ecr, args.signature, args.notation_dir, heartbeat=systemd.heartbeat)),
                         auth_refresh=0.0 if args.once else args.auth_refresh,
                         state_directory=os.environ.get("STATE_DIRECTORY"),
                         # --trust-events deploys what events name, and may not call DescribeImages: no pass

@@ -2483,7 +2483,7 @@ def test_scan_events_parse_strictly(body, expected):
     if isinstance(expected, ed.ScanDone):
         assert what == expected
         assert what.pushes() == [ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A,
-                                         "2026-11-16T02:10:00Z", from_scan=True)]
+                                         "2026-11-16T02:10:00Z", trigger="scan")]
     elif isinstance(expected, tuple):
         assert what.tags == expected
     else:
@@ -2886,6 +2886,58 @@ def test_gated_service_deploys_within_seconds_of_its_scan_event(aws, images, cle
     assert aws.queue_depth(queue) == 1  # the first push, in flight; the scan events and the second push are deleted
 
 
+# =========================================================================== signature gate: pure
+
+@pytest.mark.parametrize("text, expected", [
+    ("notation", ed.Trust("notation", "")),
+    (" Notation ", ed.Trust("notation", "")),
+    ("notation:prod-images", ed.Trust("notation", "prod-images")),
+    ("cosign:/etc/ecr-deploy/cosign.pub", ed.Trust("cosign", "/etc/ecr-deploy/cosign.pub")),
+    ("off", None), ("OFF", None),
+])
+def test_parse_trust(text, expected):
+    assert ed.parse_trust(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "", "on", "true", "gpg", "notation:", "notation:has space", "notation:../x", "cosign", "cosign:",
+    "cosign:relative/key.pub", "cosign:/etc/../root/key", "cosign:/etc/key pub", "cosign:/etc/key\n.pub",
+])
+def test_bad_trust_says_what_is_accepted(text):
+    with pytest.raises(ValueError, match="notation, notation:STATEMENT .* cosign:/absolute/path/to/key.pub or off"):
+        ed.parse_trust(text)
+
+
+@pytest.mark.parametrize("labels, default, expected", [
+    (None, None, None),
+    ({}, ed.Trust("notation", ""), ed.Trust("notation", "")),
+    ({ed.SIGNATURE_LABEL: "off"}, ed.Trust("notation", ""), None),
+    ({ed.SIGNATURE_LABEL: "cosign:/k.pub"}, None, ed.Trust("cosign", "/k.pub")),
+    ({ed.SIGNATURE_LABEL: "cosign:/k.pub"}, ed.Trust("notation", ""), ed.Trust("cosign", "/k.pub")),
+])
+def test_signature_label_wins_over_the_default(labels, default, expected):
+    assert ed.signature_trust(labels, default) == expected
+
+
+POLICY = {"version": "1.0", "trustPolicies": [
+    {"name": "everything", "registryScopes": ["*"]},
+    {"name": "web", "registryScopes": [f"{HOST}/team/web", f"{HOST}/team/api"]},
+]}
+
+
+@pytest.mark.parametrize("policy, repository, expected", [
+    (POLICY, f"{HOST}/team/web", "web"),
+    (POLICY, f"{HOST}/team/api", "web"),
+    (POLICY, f"{HOST}/team/other", "everything"),
+    (POLICY, f"{HOST}/team", "everything"),  # a scope is a whole repository, never a prefix
+    ({"trustPolicies": [POLICY["trustPolicies"][1]]}, f"{HOST}/team/other", None),
+    ({}, f"{HOST}/team/web", None),
+    ([], f"{HOST}/team/web", None),
+])
+def test_notation_statement_is_the_one_scoping_the_repository_else_the_wildcard(policy, repository, expected):
+    assert ed.notation_statement(policy, repository) == expected
+
+
 # =========================================================================== signatures: the real verifiers
 # The rig's signatures (rig/signing.py: identities and signatures made by notation 1.3 and cosign 3)
 # checked by the same tools, run as a deployer runs them: offline, credentials and CA through the
@@ -3022,7 +3074,7 @@ def test_tags_by_repository_batches_per_repository():
 @pytest.mark.parametrize("push,source", [
     (ed.Push("1", "r", "a", "latest", DIGEST_B, "2026-11-16T01:54:34Z", event_id="e-1"),
      "push event e-1 of 2026-11-16T01:54:34Z"),
-    (ed.Push("1", "r", "a", "latest", DIGEST_B, "2026-11-16T01:54:34Z", from_scan=True, event_id="e-2"),
+    (ed.Push("1", "r", "a", "latest", DIGEST_B, "2026-11-16T01:54:34Z", trigger="scan", event_id="e-2"),
      "scan event e-2 of 2026-11-16T01:54:34Z"),
     (ed.Push("1", "r", "a", "latest", DIGEST_B), "push event (no id) of an unknown time"),
     (ed.Push("1", "r", "a", "latest", DIGEST_B, "2026-11-16T01:54:34Z", reconcile=True),
