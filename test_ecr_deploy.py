@@ -36,6 +36,7 @@ import ecr_deploy as ed
 from rig.aws import DIGEST_A, Aws, event, moto_server_command, scan_event
 from rig.common import DEPLOYER, ROOT as HERE, mounts_under, wait_for
 from rig.deployer import Running, deployer_env, run_once, updated_lines
+from rig import signing
 from rig.faults import FaultProxy
 from rig.registry import REGISTRIES, Images, service_on_new_repo, serving_registries
 from rig.swarm import Swarm, service_image_of
@@ -2935,6 +2936,108 @@ POLICY = {"version": "1.0", "trustPolicies": [
 ])
 def test_notation_statement_is_the_one_scoping_the_repository_else_the_wildcard(policy, repository, expected):
     assert ed.notation_statement(policy, repository) == expected
+
+
+# =========================================================================== signatures: the real verifiers
+# The rig's signatures (rig/signing.py: identities and signatures made by notation 1.3 and cosign 3)
+# checked by the same tools, run as a deployer runs them: offline, credentials and CA through the
+# environment. They prove the good signatures verify and each bad one is refused for its own reason.
+
+@pytest.fixture(scope="session")
+def signers(workdir, registries):
+    missing = signing.tools_missing()
+    if missing:
+        rig_unavailable(f"{', '.join(missing)} not unpacked in .rig/ (python3 -m rig test fetches them)")
+    return signing.make_signers(workdir / "signers")
+
+
+def pushed(images, repo, count):
+    return [images.push(repo, f"v{n}", f"{repo} {n}") for n in range(count)]
+
+
+def test_notation_verifies_the_trusted_signature_of_exactly_that_digest(images, signers):
+    registry, repo = REGISTRIES[0], images.new_repository()
+    good, unsigned, stranger, copied, tampered = pushed(images, repo, 5)
+    signing.sign_notation(signers, registry, repo, good)
+    signing.sign_notation(signers, registry, repo, stranger, identity="other")
+    signing.copy_signatures(registry, repo, source=good, target=copied)
+    signing.sign_notation(signers, registry, repo, tampered)
+    signing.tamper_signatures(registry, repo, tampered)
+    results = {name: signing.verify_notation(signers, registry, repo, digest) for name, digest in
+               [("good", good), ("unsigned", unsigned), ("stranger", stranger), ("copied", copied),
+                ("tampered", tampered)]}
+    assert results["good"].returncode == 0, results["good"].stderr
+    assert f"Successfully verified signature for {registry.host}/{repo}@{good}" in results["good"].stdout
+    assert {name: r.returncode for name, r in results.items() if name != "good"} == dict.fromkeys(
+        ["unsigned", "stranger", "copied", "tampered"], 1)
+    assert f'no signature is associated with "{registry.host}/{repo}@{unsigned}"' in results["unsigned"].stderr
+    assert {name: signing.notation_refusals(results[name].stderr) for name in ("stranger", "copied", "tampered")} == {
+        "stranger": ["the signature's certificate chain does not contain any trusted certificate"],
+        "copied": ["content descriptor mismatch"],
+        "tampered": ["signature is invalid. Error: crypto/rsa: verification error"]}
+    # Where the signatures are: docker-registry 2.8 has no referrers API, so notation used the tag schema.
+    repository = signing.Repository(registry, repo)
+    assert repository.referrers_api(good) == 404
+    assert [d["artifactType"] for d in repository.referrers(good)] == [signing.NOTATION_SIGNATURE]
+
+
+def test_cosign_verifies_the_trusted_key_s_signature_of_exactly_that_digest(images, signers):
+    registry, repo = REGISTRIES[0], images.new_repository()
+    good, unsigned, stranger, copied, tampered, legacy, legacy_tampered = pushed(images, repo, 7)
+    signing.sign_cosign(signers, registry, repo, good)
+    signing.sign_cosign(signers, registry, repo, stranger, identity="other")
+    signing.copy_signatures(registry, repo, source=good, target=copied)
+    for digest in (tampered, legacy_tampered):
+        signing.sign_cosign(signers, registry, repo, digest, legacy=digest == legacy_tampered)
+        signing.tamper_signatures(registry, repo, digest)
+    signing.sign_cosign(signers, registry, repo, legacy, legacy=True)
+    results = {name: signing.verify_cosign(signers, registry, repo, digest) for name, digest in
+               [("good", good), ("legacy", legacy), ("unsigned", unsigned), ("stranger", stranger),
+                ("copied", copied), ("tampered", tampered), ("legacy tampered", legacy_tampered)]}
+    for name, digest in (("good", good), ("legacy", legacy)):
+        assert results[name].returncode == 0, results[name].stderr
+        assert [claim["critical"]["image"]["docker-manifest-digest"] for claim in json.loads(results[name].stdout)] == [digest]
+    last_error = {name: r.stderr.strip().splitlines()[-1] for name, r in results.items() if r.returncode}
+    assert {name: r.returncode for name, r in results.items()} == {
+        "good": 0, "legacy": 0, "unsigned": 10, "stranger": 1, "copied": 1, "tampered": 1, "legacy tampered": 12}
+    assert last_error == {
+        "unsigned": "error during command execution: no signatures found",
+        "stranger": "error during command execution: no matching attestations: failed to verify signature: "
+                    "could not verify envelope: accepted signatures do not match threshold, Found: 0, Expected 1",
+        "copied": "error during command execution: no matching attestations: failed to verify signature: "
+                  "provided artifact digest does not match any digest in statement",
+        "tampered": "error during command execution: no matching attestations: failed to verify signature: "
+                    "could not verify envelope: accepted signatures do not match threshold, Found: 0, Expected 1",
+        "legacy tampered": "error during command execution: no matching signatures: "
+                           "invalid signature when validating ASN.1 encoded signature"}
+
+
+def test_an_image_index_signed_as_an_index_verifies_and_its_images_stay_unsigned(images, signers):
+    registry, repo = REGISTRIES[0], images.new_repository()
+    platforms = pushed(images, repo, 2)
+    index = signing.push_index(registry, repo, "latest", platforms)
+    signing.sign_notation(signers, registry, repo, index)
+    signing.sign_cosign(signers, registry, repo, index)
+    assert signing.verify_notation(signers, registry, repo, index).returncode == 0
+    assert signing.verify_cosign(signers, registry, repo, index).returncode == 0
+    # what `notation sign` / `cosign sign` sign when given a multi-platform tag: the index, not its images
+    assert signing.verify_notation(signers, registry, repo, platforms[0]).returncode == 1
+    assert signing.verify_cosign(signers, registry, repo, platforms[0]).returncode == 10
+
+
+def test_notation_refuses_a_signature_whose_certificate_has_expired(images, signers):
+    registry, repo = REGISTRIES[0], images.new_repository()
+    lasting, expired = pushed(images, repo, 2)
+    expires = signing.expiring_notation_key(signers, "expiring", datetime.timedelta(seconds=5))
+    signing.sign_notation(signers, registry, repo, expired, identity="expiring")  # notation signs only while valid
+    signing.expiring_notation_key(signers, "lasting", datetime.timedelta(days=1))
+    signing.sign_notation(signers, registry, repo, lasting, identity="lasting")
+    time.sleep(max(0.0, (expires - datetime.datetime.now(datetime.timezone.utc)).total_seconds()) + 1)
+    assert signing.verify_notation(signers, registry, repo, lasting).returncode == 0  # the same CA, still valid
+    result = signing.verify_notation(signers, registry, repo, expired)
+    assert result.returncode == 1
+    assert [re.sub(r'".*?"', '"…"', r) for r in signing.notation_refusals(result.stderr)] == [
+        'verification time is after certificate "…" validity period, it was expired at "…"']
 
 
 # =========================================================================== converging: reconcile pass, failure records, provenance, --status
