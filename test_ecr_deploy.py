@@ -77,6 +77,9 @@ def test_samples_parse_as_documented():
         "123456789012", "us-west-2", "my-repository-name", push.digest, ("latest",), "2026-11-16T02:10:00Z")
     assert ed.parse_message(sample("inspector-scan.json")) == ed.ScanDone(
         "123456789012", "us-west-2", "my-repository-name", push.digest, ("latest",), "2026-11-16T02:12:16Z")
+    assert ed.parse_message(sample("referrer-push.json")) == ed.Signed(
+        "123456789012", "us-west-2", "my-repository-name",
+        "sha256:435492fe8c3e2c819f49089ad6036256f1166d96f782a90ea10f6ab7080ecdde", "2026-11-16T02:05:41Z")
     for name, reason in [("ecr-delete.json", "action-type is 'DELETE'"),
                          ("ecr-push-untagged.json", "untagged")]:
         ignored = ed.parse_message(sample(name))
@@ -125,7 +128,7 @@ REJECTED = [  # (body text, words in the reason, suspicious)
     (json.dumps(without(event(), "source")), "source is None", False),
     (json.dumps(event(**{"detail-type": "ECR Image Scan"})), "scan-status is None", False),
     (json.dumps(event(**{"detail-type": "ECR Lifecycle Action"})),
-     "detail-type is 'ECR Lifecycle Action', not ECR Image Action or ECR Image Scan", False),
+     "detail-type is 'ECR Lifecycle Action', not ECR Image Action, ECR Image Scan, ECR Referrer Action", False),
     (json.dumps(without(event(), "detail")), "no detail", True),
     (json.dumps(event(detail="PUSH")), "no detail", True),
     (json.dumps(event(action="DELETE")), "action-type is 'DELETE'", False),
@@ -2490,6 +2493,31 @@ def test_scan_events_parse_strictly(body, expected):
         assert isinstance(what, ed.Ignored) and expected in what.reason
 
 
+def referrer_event(**detail_changes) -> dict:
+    body = json.loads(sample("referrer-push.json"))
+    body["detail"].update(detail_changes)
+    return body
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({}, "signed"),
+    ({"artifact-media-type": "application/vnd.dev.sigstore.bundle.v0.3+json"}, "signed"),
+    ({"artifact-media-type": "application/spdx+json"}, "not a signature"),
+    ({"artifact-media-type": None}, "not a signature"),
+    ({"action-type": "UPDATE_STORAGE_CLASS"}, "not a PUSH SUCCESS"),
+    ({"result": "FAILURE"}, "not a PUSH SUCCESS"),
+    ({"image-digest": "sha256:../../etc"}, "invalid digest"),
+    ({"repository-name": "Team/Web"}, "invalid repository"),
+])
+def test_referrer_events_parse_strictly(changes, expected):
+    parsed = ed.parse_message(json.dumps(referrer_event(**changes)))
+    if expected == "signed":
+        assert isinstance(parsed, ed.Signed) and parsed.repository == "my-repository-name", parsed
+    else:
+        assert isinstance(parsed, ed.Ignored) and expected in parsed.reason, parsed
+        assert parsed.suspicious == expected.startswith("invalid")
+
+
 def inspector_event(**detail_changes) -> dict:
     """Amazon Inspector's first scan of an ECR image (rig/samples/inspector-scan.json), detail changed."""
     body = json.loads(sample("inspector-scan.json"))
@@ -3038,6 +3066,57 @@ def test_notation_refuses_a_signature_whose_certificate_has_expired(images, sign
     assert result.returncode == 1
     assert [re.sub(r'".*?"', '"…"', r) for r in signing.notation_refusals(result.stderr)] == [
         'verification time is after certificate "…" validity period, it was expired at "…"']
+
+
+NOTATION_REFUSED = ("level=info msg=Reference sha256:aa resolved to manifest descriptor: {{Digest:sha256:aa}}\n"
+                    "level=warning msg=Signature sha256:5f failed verification with error: {}\n"
+                    "Error: signature verification failed for all the signatures associated with {}/team/web@{}\n")
+COSIGN_REFUSED = ("WARNING: Skipping tlog verification is an insecure practice that lacks transparency\n"
+                  "Error: {}\nerror during command execution: {}\n")
+
+
+def notation_refused(reason: str) -> str:
+    return NOTATION_REFUSED.format(reason, HOST, DIGEST_B)
+
+
+def cosign_refused(reason: str) -> str:
+    return COSIGN_REFUSED.format(reason, reason)
+
+
+# What notation 1.3.2 and cosign 3.1.1 really said on the rig, case by case.
+@pytest.mark.parametrize("tool, code, output, words, said", [
+    ("notation", 1, f'Error: signature verification failed: no signature is associated with "{HOST}/team/web@'
+                    f'{DIGEST_B}", make sure the artifact was signed successfully\n', "no signature of this digest",
+     "no signature is associated"),
+    ("notation", 1, notation_refused("the signature's certificate chain does not contain any trusted certificate"),
+     "signed, but by no identity this manager trusts", "certificate chain does not contain any trusted certificate"),
+    ("notation", 1, notation_refused("content descriptor mismatch"), "its signature was made for another digest",
+     "content descriptor mismatch"),
+    ("notation", 1, notation_refused("signature is invalid. Error: crypto/rsa: verification error"),
+     "the signature envelope is damaged", "crypto/rsa: verification error"),
+    ("notation", 1, notation_refused('verification time is after certificate "CN=rig" validity period, it was '
+                                     'expired at "Thu, 03 Dec 2026 12:00:00 +0000"'),
+     "the signing certificate is expired or revoked", "validity period"),
+    ("notation", 1, "Error: trust policy is not present. To create a trust policy, see: https://notaryproject.dev\n",
+     "not verified", "trust policy is not present"),
+    ("cosign", 10, cosign_refused("no signatures found"), "no signature of this digest", "no signatures found"),
+    ("cosign", 1, cosign_refused("no matching attestations: failed to verify signature: could not verify envelope: "
+                                 "accepted signatures do not match threshold, Found: 0, Expected 1"),
+     "signed, but not with the trusted key, or the signature is damaged", "Found: 0, Expected 1"),
+    ("cosign", 1, cosign_refused("no matching attestations: failed to verify signature: provided artifact digest "
+                                 "does not match any digest in statement"),
+     "its signature was made for another digest", "artifact digest does not match"),
+    ("cosign", 12, cosign_refused("no matching signatures: invalid signature when validating ASN.1 encoded "
+                                  "signature"), "signed, but not with the trusted key, or the signature is damaged",
+     "ASN.1"),
+    ("cosign", 12, cosign_refused(f"no matching signatures: invalid or missing digest in claim: {DIGEST_A}"),
+     "its signature was made for another digest", "missing digest in claim"),
+    ("cosign", 1, "", "not verified", "no output"),
+])
+def test_signature_reason_says_why_in_the_operators_words_and_the_verifiers(tool, code, output, words, said):
+    reason = ed.signature_reason(tool, code, output)
+    assert reason.startswith(words) and f" ({tool}: " in reason and said in reason, reason
+    assert "\n" not in reason and "WARNING" not in reason and len(reason) < 450
 
 
 # =========================================================================== converging: reconcile pass, failure records, provenance, --status
