@@ -207,7 +207,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"cosign:/path/to/key.pub, or off (the default); a service's label {SIGNATURE_LABEL} wins "
                         f"(env DEPLOYER_SIGNATURE)")
     parser.add_argument("--notation-dir", metavar="DIR", default=env("DEPLOYER_NOTATION_DIR", "/etc/ecr-deploy/notation"),
-                        help="Notation's configuration for the signature gate: trustpolicy.oci.json, truststore/, "
+                        help="Notation's configuration for the signature gate: trustpolicy.json, truststore/, "
                         "plugins/ (env DEPLOYER_NOTATION_DIR; default /etc/ecr-deploy/notation)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
@@ -315,14 +315,30 @@ class ScanDone:
                      event_id=self.event_id) for tag in self.tags]
 
 
+@dataclass(frozen=True)
+class Signed:
+    """A signature pushed to REPOSITORY as an OCI referrer (its own digest): the image it signs may
+    now pass signature gates. ECR's event names only the signature; its manifest names the image."""
+    account: str
+    region: str
+    repository: str
+    digest: str  # the signature's (the referrer's) own digest
+    time: str = ""
+    event_id: str = field(default="", compare=False)
+
+
+# Referrers whose push may let a gated service roll: Notation signatures, Sigstore (cosign 3) bundles.
+SIGNATURE_ARTIFACTS = ("application/vnd.cncf.notary.signature", "application/vnd.dev.sigstore.bundle")
+
+
 class Ignored(NamedTuple):
     """Why a message is not a deployable push; suspicious ones are logged as warnings."""
     reason: str
     suspicious: bool = False
 
 
-def parse_message(body: object) -> Push | ScanDone | Ignored:
-    """Any SQS message body -> a validated Push or ScanDone, or the reason to ignore it. Never raises."""
+def parse_message(body: object) -> Push | ScanDone | Signed | Ignored:
+    """Any SQS message body -> a validated Push, ScanDone or Signed, or the reason to ignore it. Never raises."""
     event = load_json_object(body, "body")
     if isinstance(event, Ignored):
         return event
@@ -345,18 +361,23 @@ def load_json_object(text: object, what: str) -> dict | Ignored:
     return value
 
 
-def parse_event(event: dict) -> Push | ScanDone | Ignored:
+ECR_EVENTS = ("ECR Image Action", "ECR Image Scan", "ECR Referrer Action")
+
+
+def parse_event(event: dict) -> Push | ScanDone | Signed | Ignored:
     if event.get("source") == "aws.inspector2":
         return parse_inspector_event(event)
     if event.get("source") != "aws.ecr":
         return Ignored(f"source is {shown(event.get('source'))}, not aws.ecr or aws.inspector2")
-    if event.get("detail-type") not in ("ECR Image Action", "ECR Image Scan"):
-        return Ignored(f"detail-type is {shown(event.get('detail-type'))}, not ECR Image Action or ECR Image Scan")
+    if event.get("detail-type") not in ECR_EVENTS:
+        return Ignored(f"detail-type is {shown(event.get('detail-type'))}, not {', '.join(ECR_EVENTS)}")
     detail = event.get("detail")
     if not isinstance(detail, dict):
         return Ignored("event has no detail object", suspicious=True)
     if event["detail-type"] == "ECR Image Scan":
         return parse_scan_event(event, detail)
+    if event["detail-type"] == "ECR Referrer Action":
+        return parse_referrer_event(event, detail)
     if detail.get("action-type") != "PUSH":
         return Ignored(f"action-type is {shown(detail.get('action-type'))}, not PUSH")
     if detail.get("result") != "SUCCESS":
@@ -379,6 +400,19 @@ def parse_scan_event(event: dict, detail: dict) -> ScanDone | Ignored:
               "repository": detail.get("repository-name"), "digest": detail.get("image-digest")}
     return invalid_field(fields) or ScanDone(**fields, tags=tuple(dict.fromkeys(tags)), time=event_time(event),
                                              event_id=event_id(event))
+
+
+def parse_referrer_event(event: dict, detail: dict) -> Signed | Ignored:
+    """ECR's "ECR Referrer Action": an OCI referrer (a signature, an SBOM, an attestation) pushed."""
+    if detail.get("action-type") != "PUSH" or detail.get("result") != "SUCCESS":
+        return Ignored(f"referrer {shown(detail.get('action-type'))} {shown(detail.get('result'))}, not a PUSH "
+                       f"SUCCESS")
+    artifact = detail.get("artifact-media-type")
+    if not isinstance(artifact, str) or not artifact.startswith(SIGNATURE_ARTIFACTS):
+        return Ignored(f"referrer of type {shown(artifact)}, not a signature")
+    fields = {"account": event.get("account"), "region": event.get("region"),
+              "repository": detail.get("repository-name"), "digest": detail.get("image-digest")}
+    return invalid_field(fields) or Signed(**fields, time=event_time(event), event_id=event_id(event))
 
 
 INSPECTOR_REPOSITORY = re.compile(r"arn:aws(?:-cn|-us-gov)?:ecr:([^:]*):([^:]*):repository/(.*)")
@@ -1251,29 +1285,40 @@ def notation_statement(policy: dict, repository: str) -> str | None:
     return None
 
 
-# What the verifiers say when they refuse, in the words an operator acts on (first match wins).
+# Why a verifier refused, in words an operator acts on: the first pattern found in what it said wins.
+UNSIGNED = "no signature of this digest: sign it (a signature pushed later rolls the service on ECR's referrer event)"
 SIGNATURE_REASONS = (
-    (re.compile(r"no signature is associated|no signatures found|no matching signatures|"
-                r"signature not found|MANIFEST_UNKNOWN.*\.sig", re.I),
-     "no signature of this digest in ECR: sign it (a signature pushed later rolls the service on ECR's "
-     "referrer event)"),
-    (re.compile(r"trusted identit|signing identity|is not trusted|x509: certificate signed by unknown authority|"
-                r"certificate chain|invalid signature when validating|no matching public key|"
-                r"failed to verify signature|verification failed for all signatures", re.I),
-     "signed, but not by an identity this manager trusts"),
-    (re.compile(r"digest|subject", re.I), "a signature that was made for another digest"),
-    (re.compile(r"expired|revoked|not yet valid", re.I), "the signing certificate is expired or revoked"),
-    (re.compile(r"envelope|integrity|malformed|tamper|payload", re.I), "the signature envelope is damaged"),
+    (re.compile(r"artifact digest does not match|missing digest in claim|content descriptor mismatch"),
+     "its signature was made for another digest"),
+    (re.compile(r"expired|revoked|validity period|not yet valid"), "the signing certificate is expired or revoked"),
+    (re.compile(r"does not contain any trusted certificate|not present in the trusted identities|trusted identit"),
+     "signed, but by no identity this manager trusts"),
+    (re.compile(r"signature is invalid|envelope.*(?:invalid|malformed)"), "the signature envelope is damaged"),
+    (re.compile(r"do not match threshold|invalid signature when validating"),  # cosign cannot tell these apart
+     "signed, but not with the trusted key, or the signature is damaged"),
+    (re.compile(r"no signature is associated|no signatures found"), UNSIGNED),
 )
+COSIGN_UNSIGNED = 10  # cosign verify's exit code when the digest has no signature at all
 
 
-def signature_reason(tool: str, output: str) -> str:
-    """A refusal's reason: the operator's words, then the verifier's own last line (cut short)."""
-    lines = [line.strip() for line in output.splitlines() if line.strip() and not line.lstrip().startswith("WARNING")]
-    last = lines[-1] if lines else "no output"
-    words = next((words for pattern, words in SIGNATURE_REASONS if pattern.search(output)), "not verified")
-    last = last if len(last) <= 300 else last[:297] + "..."
-    return f"{words} ({tool}: {last})"
+def verifier_said(output: str) -> str:
+    """What a verifier gave as its reason: notation's per-signature refusals (--verbose), else its
+    last line without cosign's prefix; cut short, never more than a line."""
+    refusals = re.findall(r"failed verification with error: (.*)", output)
+    lines = [line.strip() for line in output.splitlines() if line.strip() and not line.startswith("WARNING")]
+    said = "; ".join(dict.fromkeys(refusals)) or (lines[-1] if lines else "no output")
+    said = said.removeprefix("Error: ").removeprefix("error during command execution: ")
+    return said if len(said) <= 300 else said[:297] + "..."
+
+
+def signature_reason(tool: str, returncode: int, output: str) -> str:
+    """A refusal's reason: the operator's words, then the verifier's own (cut short)."""
+    said = verifier_said(output)
+    if tool == "cosign" and returncode == COSIGN_UNSIGNED:
+        words = UNSIGNED
+    else:
+        words = next((words for pattern, words in SIGNATURE_REASONS if pattern.search(said)), "not verified")
+    return f"{words} ({tool}: {said})"
 
 
 
@@ -1494,6 +1539,9 @@ SCAN_ERRORS = {"ScanNotFoundException": "NOT_FOUND", "AccessDeniedException": "D
                "ImageNotFoundException": "GONE", "RepositoryNotFoundException": "GONE"}
 
 
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
 class Ecr:
     def __init__(self, session: botocore.session.Session, on_request=None):
         self._session = session
@@ -1580,6 +1628,28 @@ class Ecr:
             raise AwsError(f"ECR answered an invalid manifest for {repository}{what}")
         media_type = image.get("imageManifestMediaType")
         return Manifest(digest, text, media_type if isinstance(media_type, str) else None)
+
+    def signed_image(self, signed: Signed) -> tuple[str, list[str]] | None:
+        """The image a signature names as its subject, and that image's tags now: BatchGetImage of the
+        signature's manifest, DescribeImages of its subject. None when either is gone (or no subject)."""
+        client, where = self._client(signed.region), f"{signed.repository}@{signed.digest}"
+        try:
+            images = client.batch_get_image(registryId=signed.account, repositoryName=signed.repository,
+                                            imageIds=[{"imageDigest": signed.digest}],
+                                            acceptedMediaTypes=[OCI_MANIFEST])["images"]
+            subject = (json.loads(images[0]["imageManifest"]).get("subject") or {}).get("digest") if images else None
+            if not isinstance(subject, str) or not DIGEST.fullmatch(subject):
+                return None
+            details = client.describe_images(registryId=signed.account, repositoryName=signed.repository,
+                                             imageIds=[{"imageDigest": subject}])["imageDetails"]
+        except AWS_ERRORS as e:
+            if error_code(e) in ("ImageNotFoundException", "RepositoryNotFoundException"):
+                return None
+            raise AccessDenied.wrap(e, f"cannot read the signature {where} in ECR ({signed.account}, "
+                                       f"{signed.region})") from None
+        except (KeyError, ValueError, AttributeError):  # not a manifest we can read: it names no image
+            return None
+        return subject, [tag for detail in details for tag in detail.get("imageTags") or [] if is_valid("tag", tag)]
 
     def promote(self, account: str, region: str, repository: str, digest: str, tag: str) -> bool:
         """Tag the digest as TAG with its own manifest bytes (an image index stays an index, the digest does
@@ -2020,7 +2090,7 @@ class ScanGate:
 
 VERIFY_TIMEOUT = 30  # seconds a verifier may take; well inside the watchdog (Systemd.HEALTHY_FOR)
 # Cosign checks a key's signature offline: no transparency log (Rekor) or signing config is asked for.
-COSIGN_VERIFY = ("verify", "--insecure-ignore-tlog=true", "--output", "json")
+COSIGN_VERIFY = ("verify", "--insecure-ignore-tlog=true")
 
 
 class SignatureGate:
@@ -2077,11 +2147,11 @@ class SignatureGate:
                 self.heartbeat()
         if done.returncode == 0:
             return Verdict("deploy", f"{trust.verifier} verified a signature of {short_digest(digest)} ({trust})")
-        return Verdict("blocked", signature_reason(trust.verifier, done.stderr + "\n" + done.stdout))
+        return Verdict("blocked", signature_reason(trust.verifier, done.returncode, done.stderr))
 
     def wrong_statement(self, name: str, repository: str) -> str | None:
         """Why Notation would not apply the named trust policy statement to this repository, or None."""
-        path = os.path.join(self.notation_dir, "trustpolicy.oci.json")
+        path = os.path.join(self.notation_dir, "trustpolicy.json")  # (notation 1.3 never reads trustpolicy.oci.json)
         try:
             with open(path, encoding="utf-8") as file:
                 applied = notation_statement(json.load(file), repository)
@@ -2094,10 +2164,10 @@ class SignatureGate:
 
     def notation(self, trust: Trust, reference: str, home: str, username: str, password: str):
         """notation verify, with the operator's Notation directory (trust policy, trust store, plugins)
-        as its configuration, and the ECR token in the variables Notation reads credentials from."""
-        os.symlink(os.path.abspath(self.notation_dir), os.path.join(home, "notation"))
-        return (["notation", "verify", reference],
-                {"XDG_CONFIG_HOME": home, "NOTATION_USERNAME": username, "NOTATION_PASSWORD": password})
+        as its configuration, and the ECR token in the variables Notation reads credentials from.
+        --verbose: only then does it say why it refused each signature."""
+        return (["notation", "verify", "--verbose", reference],
+                {"NOTATION_CONFIG": self.notation_dir, "NOTATION_USERNAME": username, "NOTATION_PASSWORD": password})
 
     def cosign(self, trust: Trust, reference: str, home: str, username: str, password: str):
         """cosign verify against the public key, with the ECR token in a Docker config of its own."""
@@ -2196,9 +2266,9 @@ class Deployer:
                         "Ignoring message %s: %s", message["MessageId"], what.reason)
                 ignored.append(message)
             else:
-                asked = self.scan_pushes(what) if isinstance(what, ScanDone) else [what]
+                asked = self.pushes_asked(what)
                 if asked is None:
-                    continue  # kept for retry: which tags hold the scanned image could not be told now
+                    continue  # ECR could not be asked which image it names: kept for retry
                 for push in asked:
                     pushes[push.image_key].append((message, push))
                 keys_of[message["MessageId"]] = {push.image_key for push in asked}
@@ -2224,6 +2294,30 @@ class Deployer:
         result.kept = [m["MessageId"] for m in messages if m["MessageId"] not in done_ids]
         self.count(result)
         return result
+
+    def pushes_asked(self, what: Push | ScanDone | Signed) -> list[Push] | None:
+        """The tags an event asks to deploy: a push's own, a scan's, or those of the image a signature
+        signs (ECR is asked; None if it could not answer)."""
+        if isinstance(what, Push):
+            return [what]
+        if isinstance(what, ScanDone):
+            return self.scan_pushes(what)
+        if self.trust_events:  # which image a signature signs is ECR's to say (BatchGetImage, DescribeImages)
+            log.info("Signature %s@%s: not followed under --trust-events; the tag's next push rolls its gated "
+                     "services", what.repository, what.digest)
+            return []
+        try:
+            signed = self.ecr.signed_image(what)
+        except AwsError as e:
+            log.error("%s; message kept for retry", e)
+            return None
+        if signed is None:
+            log.info("Signature %s@%s names no image in ECR; nothing to deploy", what.repository, what.digest)
+            return []
+        subject, tags = signed
+        log.info("Signature %s@%s signs %s (tags: %s)", what.repository, what.digest, subject, ", ".join(tags) or "none")
+        return ScanDone(what.account, what.region, what.repository, subject, tuple(tags), what.time, what.event_id,
+                        trigger="signature").pushes()
 
     def new_cycle(self) -> None:
         """A drain cycle or reconcile pass begins: what ECR and Swarm said before is stale."""
@@ -2328,7 +2422,8 @@ class Deployer:
                 gone.append(key)
                 continue
             if not real and digest not in scanned and not held:
-                log.info("%s now points to %s, not the digest just scanned; nothing to deploy", push.image, digest)
+                log.info("%s now points to %s, not the digest of the %s event; nothing to deploy", push.image, digest,
+                         push.trigger)
                 gone.append(key)
                 continue
             if any(p.digest != digest for p in real):

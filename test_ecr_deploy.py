@@ -36,6 +36,7 @@ import ecr_deploy as ed
 from rig.aws import DIGEST_A, Aws, event, moto_server_command, scan_event
 from rig.common import DEPLOYER, ROOT as HERE, mounts_under, wait_for
 from rig.deployer import Running, deployer_env, run_once, updated_lines
+from rig import signing
 from rig.faults import FaultProxy
 from rig.registry import REGISTRIES, Images, buildx_image, service_on_new_repo, serving_registries, sha256
 from rig.swarm import Swarm, service_image_of
@@ -76,6 +77,9 @@ def test_samples_parse_as_documented():
         "123456789012", "us-west-2", "my-repository-name", push.digest, ("latest",), "2026-11-16T02:10:00Z")
     assert ed.parse_message(sample("inspector-scan.json")) == ed.ScanDone(
         "123456789012", "us-west-2", "my-repository-name", push.digest, ("latest",), "2026-11-16T02:12:16Z")
+    assert ed.parse_message(sample("referrer-push.json")) == ed.Signed(
+        "123456789012", "us-west-2", "my-repository-name",
+        "sha256:435492fe8c3e2c819f49089ad6036256f1166d96f782a90ea10f6ab7080ecdde", "2026-11-16T02:05:41Z")
     for name, reason in [("ecr-delete.json", "action-type is 'DELETE'"),
                          ("ecr-push-untagged.json", "untagged")]:
         ignored = ed.parse_message(sample(name))
@@ -124,7 +128,7 @@ REJECTED = [  # (body text, words in the reason, suspicious)
     (json.dumps(without(event(), "source")), "source is None", False),
     (json.dumps(event(**{"detail-type": "ECR Image Scan"})), "scan-status is None", False),
     (json.dumps(event(**{"detail-type": "ECR Lifecycle Action"})),
-     "detail-type is 'ECR Lifecycle Action', not ECR Image Action or ECR Image Scan", False),
+     "detail-type is 'ECR Lifecycle Action', not ECR Image Action, ECR Image Scan, ECR Referrer Action", False),
     (json.dumps(without(event(), "detail")), "no detail", True),
     (json.dumps(event(detail="PUSH")), "no detail", True),
     (json.dumps(event(action="DELETE")), "action-type is 'DELETE'", False),
@@ -2489,6 +2493,31 @@ def test_scan_events_parse_strictly(body, expected):
         assert isinstance(what, ed.Ignored) and expected in what.reason
 
 
+def referrer_event(**detail_changes) -> dict:
+    body = json.loads(sample("referrer-push.json"))
+    body["detail"].update(detail_changes)
+    return body
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({}, "signed"),
+    ({"artifact-media-type": "application/vnd.dev.sigstore.bundle.v0.3+json"}, "signed"),
+    ({"artifact-media-type": "application/spdx+json"}, "not a signature"),
+    ({"artifact-media-type": None}, "not a signature"),
+    ({"action-type": "UPDATE_STORAGE_CLASS"}, "not a PUSH SUCCESS"),
+    ({"result": "FAILURE"}, "not a PUSH SUCCESS"),
+    ({"image-digest": "sha256:../../etc"}, "invalid digest"),
+    ({"repository-name": "Team/Web"}, "invalid repository"),
+])
+def test_referrer_events_parse_strictly(changes, expected):
+    parsed = ed.parse_message(json.dumps(referrer_event(**changes)))
+    if expected == "signed":
+        assert isinstance(parsed, ed.Signed) and parsed.repository == "my-repository-name", parsed
+    else:
+        assert isinstance(parsed, ed.Ignored) and expected in parsed.reason, parsed
+        assert parsed.suspicious == expected.startswith("invalid")
+
+
 def inspector_event(**detail_changes) -> dict:
     """Amazon Inspector's first scan of an ECR image (rig/samples/inspector-scan.json), detail changed."""
     body = json.loads(sample("inspector-scan.json"))
@@ -2942,6 +2971,159 @@ POLICY = {"version": "1.0", "trustPolicies": [
 ])
 def test_notation_statement_is_the_one_scoping_the_repository_else_the_wildcard(policy, repository, expected):
     assert ed.notation_statement(policy, repository) == expected
+
+
+# =========================================================================== signatures: the real verifiers
+# The rig's signatures (rig/signing.py: identities and signatures made by notation 1.3 and cosign 3)
+# checked by the same tools, run as a deployer runs them: offline, credentials and CA through the
+# environment. They prove the good signatures verify and each bad one is refused for its own reason.
+
+@pytest.fixture(scope="session")
+def signers(workdir, registries):
+    missing = signing.tools_missing()
+    if missing:
+        rig_unavailable(f"{', '.join(missing)} not unpacked in .rig/ (python3 -m rig test fetches them)")
+    return signing.make_signers(workdir / "signers")
+
+
+def pushed(images, repo, count):
+    return [images.push(repo, f"v{n}", f"{repo} {n}") for n in range(count)]
+
+
+def test_notation_verifies_the_trusted_signature_of_exactly_that_digest(images, signers):
+    registry, repo = REGISTRIES[0], images.new_repository()
+    good, unsigned, stranger, copied, tampered = pushed(images, repo, 5)
+    signing.sign_notation(signers, registry, repo, good)
+    signing.sign_notation(signers, registry, repo, stranger, identity="other")
+    signing.copy_signatures(registry, repo, source=good, target=copied)
+    signing.sign_notation(signers, registry, repo, tampered)
+    signing.tamper_signatures(registry, repo, tampered)
+    results = {name: signing.verify_notation(signers, registry, repo, digest) for name, digest in
+               [("good", good), ("unsigned", unsigned), ("stranger", stranger), ("copied", copied),
+                ("tampered", tampered)]}
+    assert results["good"].returncode == 0, results["good"].stderr
+    assert f"Successfully verified signature for {registry.host}/{repo}@{good}" in results["good"].stdout
+    assert {name: r.returncode for name, r in results.items() if name != "good"} == dict.fromkeys(
+        ["unsigned", "stranger", "copied", "tampered"], 1)
+    assert f'no signature is associated with "{registry.host}/{repo}@{unsigned}"' in results["unsigned"].stderr
+    assert {name: signing.notation_refusals(results[name].stderr) for name in ("stranger", "copied", "tampered")} == {
+        "stranger": ["the signature's certificate chain does not contain any trusted certificate"],
+        "copied": ["content descriptor mismatch"],
+        "tampered": ["signature is invalid. Error: crypto/rsa: verification error"]}
+    # Where the signatures are: docker-registry 2.8 has no referrers API, so notation used the tag schema.
+    repository = signing.Repository(registry, repo)
+    assert repository.referrers_api(good) == 404
+    assert [d["artifactType"] for d in repository.referrers(good)] == [signing.NOTATION_SIGNATURE]
+
+
+def test_cosign_verifies_the_trusted_key_s_signature_of_exactly_that_digest(images, signers):
+    registry, repo = REGISTRIES[0], images.new_repository()
+    good, unsigned, stranger, copied, tampered, legacy, legacy_tampered = pushed(images, repo, 7)
+    signing.sign_cosign(signers, registry, repo, good)
+    signing.sign_cosign(signers, registry, repo, stranger, identity="other")
+    signing.copy_signatures(registry, repo, source=good, target=copied)
+    for digest in (tampered, legacy_tampered):
+        signing.sign_cosign(signers, registry, repo, digest, legacy=digest == legacy_tampered)
+        signing.tamper_signatures(registry, repo, digest)
+    signing.sign_cosign(signers, registry, repo, legacy, legacy=True)
+    results = {name: signing.verify_cosign(signers, registry, repo, digest) for name, digest in
+               [("good", good), ("legacy", legacy), ("unsigned", unsigned), ("stranger", stranger),
+                ("copied", copied), ("tampered", tampered), ("legacy tampered", legacy_tampered)]}
+    for name, digest in (("good", good), ("legacy", legacy)):
+        assert results[name].returncode == 0, results[name].stderr
+        assert [claim["critical"]["image"]["docker-manifest-digest"] for claim in json.loads(results[name].stdout)] == [digest]
+    last_error = {name: r.stderr.strip().splitlines()[-1] for name, r in results.items() if r.returncode}
+    assert {name: r.returncode for name, r in results.items()} == {
+        "good": 0, "legacy": 0, "unsigned": 10, "stranger": 1, "copied": 1, "tampered": 1, "legacy tampered": 12}
+    assert last_error == {
+        "unsigned": "error during command execution: no signatures found",
+        "stranger": "error during command execution: no matching attestations: failed to verify signature: "
+                    "could not verify envelope: accepted signatures do not match threshold, Found: 0, Expected 1",
+        "copied": "error during command execution: no matching attestations: failed to verify signature: "
+                  "provided artifact digest does not match any digest in statement",
+        "tampered": "error during command execution: no matching attestations: failed to verify signature: "
+                    "could not verify envelope: accepted signatures do not match threshold, Found: 0, Expected 1",
+        "legacy tampered": "error during command execution: no matching signatures: "
+                           "invalid signature when validating ASN.1 encoded signature"}
+
+
+def test_an_image_index_signed_as_an_index_verifies_and_its_images_stay_unsigned(images, signers):
+    registry, repo = REGISTRIES[0], images.new_repository()
+    platforms = pushed(images, repo, 2)
+    index = signing.push_index(registry, repo, "latest", platforms)
+    signing.sign_notation(signers, registry, repo, index)
+    signing.sign_cosign(signers, registry, repo, index)
+    assert signing.verify_notation(signers, registry, repo, index).returncode == 0
+    assert signing.verify_cosign(signers, registry, repo, index).returncode == 0
+    # what `notation sign` / `cosign sign` sign when given a multi-platform tag: the index, not its images
+    assert signing.verify_notation(signers, registry, repo, platforms[0]).returncode == 1
+    assert signing.verify_cosign(signers, registry, repo, platforms[0]).returncode == 10
+
+
+def test_notation_refuses_a_signature_whose_certificate_has_expired(images, signers):
+    registry, repo = REGISTRIES[0], images.new_repository()
+    lasting, expired = pushed(images, repo, 2)
+    expires = signing.expiring_notation_key(signers, "expiring", datetime.timedelta(seconds=5))
+    signing.sign_notation(signers, registry, repo, expired, identity="expiring")  # notation signs only while valid
+    signing.expiring_notation_key(signers, "lasting", datetime.timedelta(days=1))
+    signing.sign_notation(signers, registry, repo, lasting, identity="lasting")
+    time.sleep(max(0.0, (expires - datetime.datetime.now(datetime.timezone.utc)).total_seconds()) + 1)
+    assert signing.verify_notation(signers, registry, repo, lasting).returncode == 0  # the same CA, still valid
+    result = signing.verify_notation(signers, registry, repo, expired)
+    assert result.returncode == 1
+    assert [re.sub(r'".*?"', '"…"', r) for r in signing.notation_refusals(result.stderr)] == [
+        'verification time is after certificate "…" validity period, it was expired at "…"']
+
+
+NOTATION_REFUSED = ("level=info msg=Reference sha256:aa resolved to manifest descriptor: {{Digest:sha256:aa}}\n"
+                    "level=warning msg=Signature sha256:5f failed verification with error: {}\n"
+                    "Error: signature verification failed for all the signatures associated with {}/team/web@{}\n")
+COSIGN_REFUSED = ("WARNING: Skipping tlog verification is an insecure practice that lacks transparency\n"
+                  "Error: {}\nerror during command execution: {}\n")
+
+
+def notation_refused(reason: str) -> str:
+    return NOTATION_REFUSED.format(reason, HOST, DIGEST_B)
+
+
+def cosign_refused(reason: str) -> str:
+    return COSIGN_REFUSED.format(reason, reason)
+
+
+# What notation 1.3.2 and cosign 3.1.1 really said on the rig, case by case.
+@pytest.mark.parametrize("tool, code, output, words, said", [
+    ("notation", 1, f'Error: signature verification failed: no signature is associated with "{HOST}/team/web@'
+                    f'{DIGEST_B}", make sure the artifact was signed successfully\n', "no signature of this digest",
+     "no signature is associated"),
+    ("notation", 1, notation_refused("the signature's certificate chain does not contain any trusted certificate"),
+     "signed, but by no identity this manager trusts", "certificate chain does not contain any trusted certificate"),
+    ("notation", 1, notation_refused("content descriptor mismatch"), "its signature was made for another digest",
+     "content descriptor mismatch"),
+    ("notation", 1, notation_refused("signature is invalid. Error: crypto/rsa: verification error"),
+     "the signature envelope is damaged", "crypto/rsa: verification error"),
+    ("notation", 1, notation_refused('verification time is after certificate "CN=rig" validity period, it was '
+                                     'expired at "Thu, 03 Dec 2026 12:00:00 +0000"'),
+     "the signing certificate is expired or revoked", "validity period"),
+    ("notation", 1, "Error: trust policy is not present. To create a trust policy, see: https://notaryproject.dev\n",
+     "not verified", "trust policy is not present"),
+    ("cosign", 10, cosign_refused("no signatures found"), "no signature of this digest", "no signatures found"),
+    ("cosign", 1, cosign_refused("no matching attestations: failed to verify signature: could not verify envelope: "
+                                 "accepted signatures do not match threshold, Found: 0, Expected 1"),
+     "signed, but not with the trusted key, or the signature is damaged", "Found: 0, Expected 1"),
+    ("cosign", 1, cosign_refused("no matching attestations: failed to verify signature: provided artifact digest "
+                                 "does not match any digest in statement"),
+     "its signature was made for another digest", "artifact digest does not match"),
+    ("cosign", 12, cosign_refused("no matching signatures: invalid signature when validating ASN.1 encoded "
+                                  "signature"), "signed, but not with the trusted key, or the signature is damaged",
+     "ASN.1"),
+    ("cosign", 12, cosign_refused(f"no matching signatures: invalid or missing digest in claim: {DIGEST_A}"),
+     "its signature was made for another digest", "missing digest in claim"),
+    ("cosign", 1, "", "not verified", "no output"),
+])
+def test_signature_reason_says_why_in_the_operators_words_and_the_verifiers(tool, code, output, words, said):
+    reason = ed.signature_reason(tool, code, output)
+    assert reason.startswith(words) and f" ({tool}: " in reason and said in reason, reason
+    assert "\n" not in reason and "WARNING" not in reason and len(reason) < 450
 
 
 # =========================================================================== converging: reconcile pass, failure records, provenance, --status
