@@ -33,7 +33,7 @@ import pytest
 import requests
 
 import ecr_deploy as ed
-from rig.aws import DIGEST_A, Aws, event, moto_server_command, scan_event
+from rig.aws import DIGEST_A, Aws, event, moto_server_command, referrer_event, scan_event
 from rig.common import DEPLOYER, ROOT as HERE, mounts_under, wait_for
 from rig.deployer import Running, deployer_env, run_once, updated_lines
 from rig import signing
@@ -2493,7 +2493,7 @@ def test_scan_events_parse_strictly(body, expected):
         assert isinstance(what, ed.Ignored) and expected in what.reason
 
 
-def referrer_event(**detail_changes) -> dict:
+def referrer_sample(**detail_changes) -> dict:
     body = json.loads(sample("referrer-push.json"))
     body["detail"].update(detail_changes)
     return body
@@ -2510,7 +2510,7 @@ def referrer_event(**detail_changes) -> dict:
     ({"repository-name": "Team/Web"}, "invalid repository"),
 ])
 def test_referrer_events_parse_strictly(changes, expected):
-    parsed = ed.parse_message(json.dumps(referrer_event(**changes)))
+    parsed = ed.parse_message(json.dumps(referrer_sample(**changes)))
     if expected == "signed":
         assert isinstance(parsed, ed.Signed) and parsed.repository == "my-repository-name", parsed
     else:
@@ -3124,6 +3124,189 @@ def test_signature_reason_says_why_in_the_operators_words_and_the_verifiers(tool
     reason = ed.signature_reason(tool, code, output)
     assert reason.startswith(words) and f" ({tool}: " in reason and said in reason, reason
     assert "\n" not in reason and "WARNING" not in reason and len(reason) < 450
+
+
+# =========================================================================== signature gate: on the rig
+# The deployer runs the real notation and cosign (unpacked in .rig/) through wrappers that record each
+# command line, against signatures the real tools made in the rig's registry.
+
+@pytest.fixture
+def verifiers(tmp_path):
+    """A PATH folder whose notation and cosign record their argv (one line per run), then run the real ones."""
+    folder, calls = tmp_path / "verifiers", tmp_path / "verifier-calls"
+    folder.mkdir()
+    for name in ("notation", "cosign"):
+        wrapper = folder / name
+        wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "{name} $*" >> {calls}\nexec {signing.tool(name)} "$@"\n')
+        wrapper.chmod(0o755)
+    return folder, calls
+
+
+def signature_env(aws, swarm, signers, path: str) -> dict:
+    env = deployer_env(aws, swarm, PATH=f"{path}:/usr/bin:/bin", SSL_CERT_FILE=REGISTRIES[0].ca,
+                       DEPLOYER_NOTATION_DIR=str(signers.notation_trust))
+    return env
+
+
+def verifier_calls(calls: pathlib.Path) -> list[str]:
+    return calls.read_text().splitlines() if calls.exists() else []
+
+
+def mirror_into_ecr(aws, registry, repository: str, digest: str, tag: str | None = None) -> None:
+    """Put a manifest the tools pushed to the rig's registry (a signature, an index) into moto's ECR too,
+    byte for byte, as ECR holds what is pushed to it."""
+    repo = signing.Repository(registry, repository)
+    reply = repo.session.get(f"{repo.base}/manifests/{digest}", headers={"Accept": signing.MANIFEST_TYPES})
+    reply.raise_for_status()
+    aws.client("ecr", registry.region).put_image(
+        registryId=registry.account, repositoryName=repository, imageManifest=reply.text, imageDigest=digest,
+        imageManifestMediaType=reply.headers["Content-Type"], **({"imageTag": tag} if tag else {}))
+
+
+def test_signature_gate_rolls_only_to_digests_a_trusted_identity_signed(aws, images, clean_swarm, signers, verifiers,
+                                                                         webhook, tmp_path):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    key = f"cosign:{signers.cosign_public('trusted')}"
+    sign = {"notation": signing.sign_notation, key: signing.sign_cosign}
+    cases = {  # service: (label, how v2 is signed, what becomes of the service)
+        "sig-notation": ("notation", "trusted", "deployed"),
+        "sig-notation-unsigned": ("notation", None, "no signature of this digest"),
+        "sig-notation-stranger": ("notation", "other", "signed, but by no identity this manager trusts"),
+        "sig-notation-copied": ("notation", "copied", "its signature was made for another digest"),
+        "sig-notation-tampered": ("notation", "tampered", "the signature envelope is damaged"),
+        "sig-cosign": (key, "trusted", "deployed"),
+        "sig-cosign-unsigned": (key, None, "no signature of this digest"),
+        "sig-cosign-stranger": (key, "other", "signed, but not with the trusted key, or the signature is damaged"),
+        "sig-cosign-copied": (key, "copied", "its signature was made for another digest"),
+        "sig-bad-label": ("gpg:/etc/key", None, "label ecr-deploy.signature: signature trust must be notation"),
+    }
+    repos, ids = {}, {}
+    for name, (label, how, _) in cases.items():
+        repo = images.new_repository()
+        v1, v2 = (images.push(repo, "latest", f"{name} {n}") for n in (1, 2))
+        if how in ("trusted", "other", "tampered"):
+            sign[label](signers, registry, repo, v2, identity="other" if how == "other" else "trusted")
+        if how == "tampered":
+            signing.tamper_signatures(registry, repo, v2)
+        if how == "copied":
+            sign[label](signers, registry, repo, v1)
+            signing.copy_signatures(registry, repo, source=v1, target=v2)
+        repos[name] = (repo, v1, v2)
+        ids[name] = swarm.create_service(name, f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0,
+                                         labels={ed.SIGNATURE_LABEL: label})
+    # on the same pushes: another service gated alike (its digest is verified once), and an ungated one
+    for name, twin, labels in (("sig-notation-twin", "sig-notation", {ed.SIGNATURE_LABEL: "notation"}),
+                               ("sig-ungated", "sig-notation-unsigned", {})):
+        repos[name] = repos[twin]
+        ids[name] = swarm.create_service(name, f"{registry.host}/{repos[twin][0]}:latest@{repos[twin][1]}",
+                                         registry=registry, replicas=0, labels=labels)
+        cases[name] = (labels, None, "deployed")
+    queue = aws.new_queue()
+    aws.send(queue, *(event(repository=repo, digest=v2) for repo, _, v2 in {r[0]: r for r in repos.values()}.values()))
+    folder, calls = verifiers
+    summary = tmp_path / "summary.json"
+    run = run_once(signature_env(aws, swarm, signers, str(folder)), "--queue", queue, "--notify-url", webhook.url,
+                   "--summary-file", str(summary), "--log-level", "DEBUG", "--reconcile-every", "0")  # one cycle
+
+    assert run.returncode == 0, run.stderr  # blocked is an answer: every message is done
+    assert aws.queue_depth(queue) == 0
+    blocked = {}
+    for name, (_, _, outcome) in cases.items():
+        repo, v1, v2 = repos[name]
+        old, new = f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{v2}"
+        if outcome == "deployed":
+            assert service_image_of(swarm, ids[name])[0] == new, name
+        else:
+            assert service_image_of(swarm, ids[name])[0] == old, name
+            line = next(line for line in run.stderr.splitlines() if f"Blocked service {name} " in line)
+            assert f" ERROR Blocked service {name} ({ids[name][:12]}) from {new} by its signature gate: " in line
+            assert outcome in line, line
+            blocked[name] = new
+    assert "Service sig-notation (" in run.stderr and "passes its signature gate" in run.stderr
+    assert len(updated_lines(run.stderr)) == 4  # the two trusted, the twin, the ungated
+    # one verification per digest, never a credential in a command line or the log
+    commands = verifier_calls(calls)
+    assert sum(repos["sig-notation"][2] in c for c in commands) == 1, commands
+    assert len(commands) == len({c for c in commands}) == 9
+    assert all(registry.password not in c for c in commands) and registry.password not in run.stderr
+    wait_for(lambda: len(webhook.received) == len(blocked), 10, what=lambda: webhook.received)
+    assert {(d["service"], d["outcome"], d["image"]) for d in webhook.received} == \
+        {(name, "blocked", image) for name, image in blocked.items()}
+    assert all("blocked by its signature gate" in d["text"] for d in webhook.received)
+    assert json.loads(summary.read_text())["rollouts"] == {"blocked": len(blocked)}
+    shown = status(signature_env(aws, swarm, signers, str(folder)), "--json")
+    assert shown.returncode == 5, shown.stderr
+    rows = {row["service"]: row for row in json.loads(shown.stdout)}
+    assert rows["sig-notation-stranger"]["state"] == "blocked"
+    assert rows["sig-notation-stranger"]["reason"].startswith("signature gate: signed, but by no identity")
+    assert rows["sig-notation"]["state"] == "current"
+
+
+def test_a_signature_pushed_after_the_image_rolls_on_its_referrer_event_or_the_next_reconcile_pass(
+        aws, images, clean_swarm, signers, verifiers):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    folder, calls = verifiers
+    env = signature_env(aws, swarm, signers, str(folder))
+    repos, ids = {}, {}
+    for name in ("sig-later", "sig-lost-event"):
+        repo = images.new_repository()
+        repos[name] = (repo, *(images.push(repo, "latest", f"{name} {n}") for n in (1, 2)))
+        ids[name] = swarm.create_service(name, f"{registry.host}/{repo}:latest@{repos[name][1]}", registry=registry,
+                                         replicas=0, labels={ed.SIGNATURE_LABEL: "notation"})
+    queue = aws.new_queue()
+    aws.send(queue, *(event(repository=repo, digest=v2) for repo, _, v2 in repos.values()))
+    first = run_once(env, "--queue", queue, "--reconcile-every", "0")
+    assert first.returncode == 0 and first.stderr.count("no signature of this digest") == 2, first.stderr
+    signatures = {}
+    for name, (repo, _, v2) in repos.items():  # the pipeline's signing step, after the push
+        signatures[name] = signing.sign_notation(signers, registry, repo, v2)
+        mirror_into_ecr(aws, registry, repo, signatures[name])  # ECR holds the signature as an untagged image
+    repo, v1, v2 = repos["sig-later"]
+    aws.send(queue, referrer_event(repository=repo, digest=signatures["sig-later"]))
+    second = run_once(env, "--queue", queue, "--reconcile-every", "0")
+    assert second.returncode == 0, second.stderr
+    assert f"Signature {repo}@{signatures['sig-later']} signs {v2} (tags: latest)" in second.stderr
+    assert service_image_of(swarm, ids["sig-later"])[0] == f"{registry.host}/{repo}:latest@{v2}"
+    assert labels_of(swarm, ids["sig-later"])[ed.SOURCE_LABEL].startswith("signature event ")
+    assert service_image_of(swarm, ids["sig-lost-event"])[0].endswith(repos["sig-lost-event"][1])  # no event: not yet
+    passed = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)  # the lost event's fallback
+    assert passed.returncode == 0, passed.stderr
+    repo, _, v2 = repos["sig-lost-event"]
+    assert service_image_of(swarm, ids["sig-lost-event"])[0] == f"{registry.host}/{repo}:latest@{v2}"
+    assert aws.queue_depth(queue) == 0
+
+
+def ed_run(command: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_an_index_signed_as_an_index_rolls_and_a_missing_verifier_blocks(aws, images, clean_swarm, signers, verifiers):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    folder, _ = verifiers
+    repo = images.new_repository()
+    old, *platforms = (images.push(repo, f"v{n}", f"{repo} {n}") for n in range(3))
+    index = signing.push_index(registry, repo, "latest", platforms)
+    mirror_into_ecr(aws, registry, repo, index, tag="latest")
+    signing.sign_notation(signers, registry, repo, index)
+    signing.sign_cosign(signers, registry, repo, index)
+    key = f"cosign:{signers.cosign_public('trusted')}"
+    ids = {name: swarm.create_service(name, f"{registry.host}/{repo}:latest@{old}", registry=registry, replicas=0,
+                                      labels={ed.SIGNATURE_LABEL: label})
+           for name, label in (("sig-index-notation", "notation"), ("sig-index-cosign", key))}
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=index))
+    missing = run_once(signature_env(aws, swarm, signers, str(folder.parent / "no-verifiers")), "--queue", queue)
+    assert missing.returncode == 0, missing.stderr
+    for name in ids:
+        assert service_image_of(swarm, ids[name])[0].endswith(old)
+    assert "notation is not installed on this manager (or not on the deployer's PATH): see README, Signature gate" \
+        in missing.stderr and "cosign is not installed on this manager" in missing.stderr
+    assert aws.queue_depth(queue) == 0
+    aws.send(queue, event(repository=repo, digest=index))
+    rolled = run_once(signature_env(aws, swarm, signers, str(folder)), "--queue", queue)
+    assert rolled.returncode == 0, rolled.stderr
+    for name in ids:
+        assert service_image_of(swarm, ids[name])[0] == f"{registry.host}/{repo}:latest@{index}", name
 
 
 # =========================================================================== converging: reconcile pass, failure records, provenance, --status

@@ -147,3 +147,15 @@ def scan_event(account="123456789012", region="us-east-1", repository="team/web"
             "resources": [f"arn:aws:ecr:{region}:{account}:repository/{repository}"], "detail": detail}
     body.update(top)
     return body
+
+
+def referrer_event(account="123456789012", region="us-east-1", repository="team/web", digest=DIGEST_A,
+                   artifact="application/vnd.cncf.notary.signature", **top) -> dict:
+    """An EventBridge "ECR Referrer Action" event: a signature (a referrer, `digest` its own) pushed,
+    shaped as ECR sends it (samples/referrer-push.json). It names no subject."""
+    detail = {"result": "SUCCESS", "repository-name": repository, "image-digest": digest, "action-type": "PUSH",
+              "manifest-media-type": "application/vnd.oci.image.manifest.v1+json", "artifact-media-type": artifact}
+    body = {"version": "0", "id": str(uuid.uuid4()), "detail-type": "ECR Referrer Action", "source": "aws.ecr",
+            "account": account, "time": "2026-11-16T02:05:41Z", "region": region, "resources": [], "detail": detail}
+    body.update(top)
+    return body
