@@ -4352,6 +4352,21 @@ def test_a_scan_event_of_a_platform_image_rolls_the_gated_services_of_the_index_
     assert aws.queue_depth(queue) == 0
 
 
+def test_a_scan_event_naming_the_tag_with_a_platform_images_digest_rolls_the_index(aws, images, clean_swarm):
+    """Should a scan event of the platform image name the index's tag (an Amazon Inspector event may), the tag's
+    index holding the scanned image is what is deployed, not the platform image."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo, (p1, p2), sid, (old, new) = buildx_service(images, swarm, "ix-tagged-scan",
+                                                     labels={ed.SCAN_THRESHOLD_LABEL: "HIGH"})
+    aws.set_scan(registry.account, registry.region, repo, p2.platform, DONE, {"LOW": 1})
+    queue = aws.new_queue()
+    aws.send(queue, scan_event(repository=repo, digest=p2.platform, tags=["latest"], counts={"LOW": 1}))
+    run = run_once(deployer_env(aws, swarm), "--queue", queue, "--reconcile-every", "0")
+    assert run.returncode == 0, run.stderr
+    assert service_image_of(swarm, sid)[0] == new
+    assert aws.queue_depth(queue) == 0
+
+
 def test_under_trust_events_a_platform_images_scan_event_rolls_the_index_without_describe_images(
         aws, images, clean_swarm):
     swarm, registry = clean_swarm, REGISTRIES[0]

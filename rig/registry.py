@@ -311,6 +311,17 @@ def buildx_image(host: str, repository: str, tag: str, content: str, cmd=None) -
     return BuildxImage((bb_blob, v_blob, config, statement, attestation_config), platform, attestation, index)
 
 
+def put_blob(session: requests.Session, base: str, blob: bytes) -> str:
+    """Upload a blob to the repository at `base` (https://HOST/v2/NAME) in one request; its digest."""
+    start = session.post(f"{base}/blobs/uploads/")
+    assert start.status_code == 202, start.text
+    location = urllib.parse.urljoin(base, start.headers["Location"])
+    done = session.put(location, params={"digest": sha256(blob)}, data=blob,
+                       headers={"Content-Type": "application/octet-stream"})
+    assert done.status_code == 201, done.text
+    return sha256(blob)
+
+
 class Upload:
     """One push to a registry over its HTTP API, mirrored into moto's ECR as ECR stores it."""
 
@@ -325,12 +336,7 @@ class Upload:
 
     def blobs(self, *blobs: bytes) -> None:
         for blob in blobs:
-            start = self.session.post(f"{self.base}/blobs/uploads/")
-            assert start.status_code == 202, start.text
-            location = urllib.parse.urljoin(self.base, start.headers["Location"])
-            done = self.session.put(location, params={"digest": sha256(blob)}, data=blob,
-                                    headers={"Content-Type": "application/octet-stream"})
-            assert done.status_code == 201, done.text
+            put_blob(self.session, self.base, blob)
 
     def manifest(self, manifest: bytes, media_type: str, tag: str, children=()) -> str:
         """PUT the index's own manifests by digest, then the manifest under the tag; into ECR likewise:

@@ -28,11 +28,11 @@ import json
 import pathlib
 import re
 import subprocess
-import urllib.parse
 
 import requests
 
 from rig import unstable
+from rig.registry import put_blob
 
 NOTATION_SIGNATURE = "application/vnd.cncf.notary.signature"  # artifactType of notation's signature manifests
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -359,13 +359,7 @@ class Repository:
         return reply.content
 
     def put_blob(self, data: bytes) -> str:
-        start = self.session.post(f"{self.base}/blobs/uploads/")
-        assert start.status_code == 202, start.text
-        location = urllib.parse.urljoin(self.base, start.headers["Location"])
-        done = self.session.put(location, params={"digest": sha256(data)}, data=data,
-                                headers={"Content-Type": "application/octet-stream"})
-        assert done.status_code == 201, done.text
-        return sha256(data)
+        return put_blob(self.session, self.base, data)
 
     def referrers_api(self, digest: str) -> int:
         """The status of GET /v2/<name>/referrers/<digest>: 404 on docker-registry 2.8 (ECR has the API)."""
