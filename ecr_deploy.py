@@ -5,7 +5,9 @@ EventBridge sends "ECR Image Action" events to an SQS queue (directly, or throug
 topic). This program long-polls that queue and, for every push of REPO:TAG, updates every
 Swarm service running that tag to the digest ECR says the tag points to *now*, pinned by
 digest, with fresh ECR credentials forwarded to Swarm. Services may opt in to a scan gate:
-rolled only to digests whose ECR scan is clean enough ("ECR Image Scan" events trigger them).
+rolled only to digests whose ECR scan is clean enough ("ECR Image Scan" events trigger them); an
+image index (what `docker buildx build --push` pushes), which ECR does not scan, by the scans of
+its platform images.
 
 Events are the fast path, not the truth: a reconcile pass compares every service that follows a
 tag with what the tag points to in ECR now; the operator's release policy (windows, min-age, waves,
