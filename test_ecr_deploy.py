@@ -2238,7 +2238,7 @@ def test_readme_aws_setup_blocks_run_against_moto(aws, tmp_path):
     region = "eu-west-1"
     env = {**deployer_env(aws), "AWS_REGION": region, "AWS_DEFAULT_REGION": region,
            "PATH": f"{shim.parent}:{os.environ['PATH']}",
-           "QUEUE": f"ecr-deploy-{suffix}", "SWARM": f"swarm-{suffix}", "SCAN_GATE": "",
+           "QUEUE": f"ecr-deploy-{suffix}", "SWARM": f"swarm-{suffix}", "SCAN_GATE": "", "SIGNATURE_GATE": "",
            "PROMOTE_REPOS": "team/web team/api"}
 
     def run_block(block, **extra):
@@ -2286,6 +2286,13 @@ def test_readme_aws_setup_blocks_run_against_moto(aws, tmp_path):
         {"source": ["aws.ecr"], "detail-type": ["ECR Image Scan"], "detail": {"scan-status": ["COMPLETE"]}},
         {"source": ["aws.inspector2"], "detail-type": ["Inspector2 Scan"],
          "detail": {"scan-status": ["INITIAL_SCAN_COMPLETE"]}}]}
+    run_block(blocks[1], SIGNATURE_GATE="1")  # the signature gate's: pushed signatures too
+    pattern = json.loads(events.describe_rule(Name=f"ecr-push-to-{queue}")["EventPattern"])
+    assert pattern == {"$or": [
+        {"source": ["aws.ecr"], "detail-type": ["ECR Image Action"],
+         "detail": {"action-type": ["PUSH"], "result": ["SUCCESS"]}},
+        {"source": ["aws.ecr"], "detail-type": ["ECR Referrer Action"],
+         "detail": {"action-type": ["PUSH"], "result": ["SUCCESS"]}}]}
 
 
 def document_account(aws) -> str:
