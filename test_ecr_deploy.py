@@ -2762,7 +2762,7 @@ def test_gated_services_deploy_clean_digests_and_block_the_rest(aws, images, cle
             assert swarm.service(ids[name])["Version"]["Index"] == before[name], name  # not even re-posted
             assert service_image_of(swarm, ids[name])[0] == old, name
             line = next(line for line in run.stderr.splitlines() if f"Blocked service {name} " in line)
-            assert f" ERROR Blocked service {name} ({ids[name][:12]}) from {new}: " in line and outcome in line
+            assert f" ERROR Blocked service {name} ({ids[name][:12]}) from {new} by its scan gate: " in line and outcome in line
             blocked[name] = (new, outcome)
     assert "Service gate-clean" in run.stderr and "passes its scan gate" in run.stderr
     assert "MEDIUM 3, UNDEFINED 1, UNTRIAGED 2 (threshold HIGH)" in run.stderr
@@ -2799,7 +2799,7 @@ def test_a_scan_event_rolls_only_gated_services(aws, images, clean_swarm):
     assert run.returncode == 0, run.stderr
     assert service_image_of(swarm, gated)[0] == f"{registry.host}/{repo}:latest@{v2}"
     assert swarm.service(ungated)["Version"]["Index"] == ungated_version, run.stderr
-    assert f"Service scan-ungated ({ungated[:12]}) has no scan gate: a scan event does not roll it" in run.stderr
+    assert f"Service scan-ungated ({ungated[:12]}) has no scan or signature gate: a scan event does not roll it" in run.stderr
     assert aws.queue_depth(queue) == 0
 
 
@@ -2893,7 +2893,7 @@ def test_gated_service_deploys_within_seconds_of_its_scan_event(aws, images, cle
         assert "ECR scan is IN_PROGRESS" in deployer.log
         assert service_image_of(swarm, sid)[0].endswith(v1)
         aws.send(queue, scan_event(repository=repo, digest=v1))  # an older digest's scan: nothing to do
-        deployer.wait_line("not the digest just scanned; nothing to deploy", timeout=30)
+        deployer.wait_line("not the digest of the scan event; nothing to deploy", timeout=30)
         # a message kept only for its scan is no failure, so no backoff either (the loop backs off on failures)
         wait_for(lambda: 'result="ignored"} 1' in metrics.read_text(), 10, what=lambda: metrics.read_text())
         assert 'ecr_deploy_messages_total{result="failed"} 0' in metrics.read_text()
