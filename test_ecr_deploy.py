@@ -2500,6 +2500,22 @@ def test_scan_events_parse_strictly(body, expected):
         assert isinstance(what, ed.Ignored) and expected in what.reason
 
 
+@pytest.mark.parametrize("tag, subject", [
+    ("sha256-" + "c" * 64 + ".sig", "sha256:" + "c" * 64),  # cosign's legacy signature tag
+    ("sha256-" + "c" * 64, "sha256:" + "c" * 64),  # the OCI referrers tag schema's tag
+    ("sha256-" + "c" * 63 + ".sig", None),  # an ordinary tag, whatever it looks like
+    ("sha256-" + "C" * 64 + ".sig", None),
+    ("sha256-" + "c" * 64 + ".att", None),  # cosign's attestations are no signature
+])
+def test_a_push_of_a_signature_tag_is_a_signature_of_the_digest_it_names(tag, subject):
+    parsed = ed.parse_message(json.dumps(event(tag=tag, digest=DIGEST_B)))
+    if subject:
+        assert parsed == ed.Signed("123456789012", "us-east-1", "team/web", DIGEST_B, "2026-11-16T01:54:34Z",
+                                   subject=subject)
+    else:
+        assert isinstance(parsed, ed.Push) and parsed.tag == tag
+
+
 def referrer_sample(**detail_changes) -> dict:
     body = json.loads(sample("referrer-push.json"))
     body["detail"].update(detail_changes)
@@ -3248,19 +3264,24 @@ def test_a_signature_pushed_after_the_image_rolls_on_its_referrer_event_or_the_n
     folder, calls = verifiers
     env = signature_env(aws, swarm, signers, str(folder))
     repos, ids = {}, {}
-    for name in ("sig-later", "sig-lost-event"):
+    key = f"cosign:{signers.cosign_public('trusted')}"
+    for name, label in (("sig-later", "notation"), ("sig-lost-event", "notation"), ("sig-legacy-cosign", key)):
         repo = images.new_repository()
         repos[name] = (repo, *(images.push(repo, "latest", f"{name} {n}") for n in (1, 2)))
         ids[name] = swarm.create_service(name, f"{registry.host}/{repo}:latest@{repos[name][1]}", registry=registry,
-                                         replicas=0, labels={ed.SIGNATURE_LABEL: "notation"})
+                                         replicas=0, labels={ed.SIGNATURE_LABEL: label})
     queue = aws.new_queue()
     aws.send(queue, *(event(repository=repo, digest=v2) for repo, _, v2 in repos.values()))
     first = run_once(env, "--queue", queue, "--reconcile-every", "0")
-    assert first.returncode == 0 and first.stderr.count("no signature of this digest") == 2, first.stderr
+    assert first.returncode == 0 and first.stderr.count("no signature of this digest") == 3, first.stderr
     signatures = {}
-    for name, (repo, _, v2) in repos.items():  # the pipeline's signing step, after the push
+    for name in ("sig-later", "sig-lost-event"):  # the pipeline's signing step, after the push
+        repo, _, v2 = repos[name]
         signatures[name] = signing.sign_notation(signers, registry, repo, v2)
         mirror_into_ecr(aws, registry, repo, signatures[name])  # ECR holds the signature as an untagged image
+    repo, _, v2 = repos["sig-legacy-cosign"]  # cosign 2's way: a signature image tagged sha256-HEX.sig
+    legacy = signing.sign_cosign(signers, registry, repo, v2, legacy=True)
+    aws.send(queue, event(repository=repo, tag=signing.legacy_signature_tag(v2), digest=legacy))
     repo, v1, v2 = repos["sig-later"]
     aws.send(queue, referrer_event(repository=repo, digest=signatures["sig-later"]))
     second = run_once(env, "--queue", queue, "--reconcile-every", "0")
@@ -3268,6 +3289,8 @@ def test_a_signature_pushed_after_the_image_rolls_on_its_referrer_event_or_the_n
     assert f"Signature {repo}@{signatures['sig-later']} signs {v2} (tags: latest)" in second.stderr
     assert service_image_of(swarm, ids["sig-later"])[0] == f"{registry.host}/{repo}:latest@{v2}"
     assert labels_of(swarm, ids["sig-later"])[ed.SOURCE_LABEL].startswith("signature event ")
+    repo, _, v2 = repos["sig-legacy-cosign"]
+    assert service_image_of(swarm, ids["sig-legacy-cosign"])[0] == f"{registry.host}/{repo}:latest@{v2}"
     assert service_image_of(swarm, ids["sig-lost-event"])[0].endswith(repos["sig-lost-event"][1])  # no event: not yet
     passed = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)  # the lost event's fallback
     assert passed.returncode == 0, passed.stderr
