@@ -327,6 +327,12 @@ class Signed:
     digest: str  # the signature's (the referrer's) own digest
     time: str = ""
     event_id: str = field(default="", compare=False)
+    subject: str = ""  # the signed image's digest, when the event names it (a signature tag), else ECR says
+
+
+# The tag cosign's legacy signatures are pushed under (sha256-HEX.sig), and the OCI referrers tag
+# schema's (sha256-HEX, where a registry has no referrers API; notation writes it on ECR too by default).
+SIGNATURE_TAG = re.compile(r"sha256-([0-9a-f]{64})(?:\.sig)?")
 
 
 # Referrers whose push may let a gated service roll: Notation signatures, Sigstore (cosign 3) bundles.
@@ -389,7 +395,12 @@ def parse_event(event: dict) -> Push | ScanDone | Signed | Ignored:
     fields = {"account": event.get("account"), "region": event.get("region"),
               "repository": detail.get("repository-name"), "tag": detail.get("image-tag"),
               "digest": detail.get("image-digest")}
-    return invalid_field(fields) or Push(**fields, time=event_time(event), event_id=event_id(event))
+    invalid = invalid_field(fields)
+    signs = SIGNATURE_TAG.fullmatch(fields["tag"]) if not invalid else None
+    if signs:  # cosign's legacy signature tag, or the OCI referrers tag schema's: it names what it signs
+        return Signed(*(fields[k] for k in ("account", "region", "repository", "digest")), time=event_time(event),
+                      event_id=event_id(event), subject=f"sha256:{signs[1]}")
+    return invalid or Push(**fields, time=event_time(event), event_id=event_id(event))
 
 
 def parse_scan_event(event: dict, detail: dict) -> ScanDone | Ignored:
@@ -1633,13 +1644,16 @@ class Ecr:
 
     def signed_image(self, signed: Signed) -> tuple[str, list[str]] | None:
         """The image a signature names as its subject, and that image's tags now: BatchGetImage of the
-        signature's manifest, DescribeImages of its subject. None when either is gone (or no subject)."""
+        signature's manifest (unless the event named the subject), DescribeImages of the subject. None
+        when either is gone (or there is no subject)."""
         client, where = self._client(signed.region), f"{signed.repository}@{signed.digest}"
         try:
-            images = client.batch_get_image(registryId=signed.account, repositoryName=signed.repository,
-                                            imageIds=[{"imageDigest": signed.digest}],
-                                            acceptedMediaTypes=[OCI_MANIFEST])["images"]
-            subject = (json.loads(images[0]["imageManifest"]).get("subject") or {}).get("digest") if images else None
+            subject = signed.subject
+            if not subject:
+                images = client.batch_get_image(registryId=signed.account, repositoryName=signed.repository,
+                                                imageIds=[{"imageDigest": signed.digest}],
+                                                acceptedMediaTypes=[OCI_MANIFEST])["images"]
+                subject = images and (json.loads(images[0]["imageManifest"]).get("subject") or {}).get("digest")
             if not isinstance(subject, str) or not DIGEST.fullmatch(subject):
                 return None
             details = client.describe_images(registryId=signed.account, repositoryName=signed.repository,

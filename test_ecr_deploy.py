@@ -2238,7 +2238,7 @@ def test_readme_aws_setup_blocks_run_against_moto(aws, tmp_path):
     region = "eu-west-1"
     env = {**deployer_env(aws), "AWS_REGION": region, "AWS_DEFAULT_REGION": region,
            "PATH": f"{shim.parent}:{os.environ['PATH']}",
-           "QUEUE": f"ecr-deploy-{suffix}", "SWARM": f"swarm-{suffix}", "SCAN_GATE": "",
+           "QUEUE": f"ecr-deploy-{suffix}", "SWARM": f"swarm-{suffix}", "SCAN_GATE": "", "SIGNATURE_GATE": "",
            "PROMOTE_REPOS": "team/web team/api"}
 
     def run_block(block, **extra):
@@ -2286,6 +2286,13 @@ def test_readme_aws_setup_blocks_run_against_moto(aws, tmp_path):
         {"source": ["aws.ecr"], "detail-type": ["ECR Image Scan"], "detail": {"scan-status": ["COMPLETE"]}},
         {"source": ["aws.inspector2"], "detail-type": ["Inspector2 Scan"],
          "detail": {"scan-status": ["INITIAL_SCAN_COMPLETE"]}}]}
+    run_block(blocks[1], SIGNATURE_GATE="1")  # the signature gate's: pushed signatures too
+    pattern = json.loads(events.describe_rule(Name=f"ecr-push-to-{queue}")["EventPattern"])
+    assert pattern == {"$or": [
+        {"source": ["aws.ecr"], "detail-type": ["ECR Image Action"],
+         "detail": {"action-type": ["PUSH"], "result": ["SUCCESS"]}},
+        {"source": ["aws.ecr"], "detail-type": ["ECR Referrer Action"],
+         "detail": {"action-type": ["PUSH"], "result": ["SUCCESS"]}}]}
 
 
 def document_account(aws) -> str:
@@ -2491,6 +2498,22 @@ def test_scan_events_parse_strictly(body, expected):
         assert what.tags == expected
     else:
         assert isinstance(what, ed.Ignored) and expected in what.reason
+
+
+@pytest.mark.parametrize("tag, subject", [
+    ("sha256-" + "c" * 64 + ".sig", "sha256:" + "c" * 64),  # cosign's legacy signature tag
+    ("sha256-" + "c" * 64, "sha256:" + "c" * 64),  # the OCI referrers tag schema's tag
+    ("sha256-" + "c" * 63 + ".sig", None),  # an ordinary tag, whatever it looks like
+    ("sha256-" + "C" * 64 + ".sig", None),
+    ("sha256-" + "c" * 64 + ".att", None),  # cosign's attestations are no signature
+])
+def test_a_push_of_a_signature_tag_is_a_signature_of_the_digest_it_names(tag, subject):
+    parsed = ed.parse_message(json.dumps(event(tag=tag, digest=DIGEST_B)))
+    if subject:
+        assert parsed == ed.Signed("123456789012", "us-east-1", "team/web", DIGEST_B, "2026-11-16T01:54:34Z",
+                                   subject=subject)
+    else:
+        assert isinstance(parsed, ed.Push) and parsed.tag == tag
 
 
 def referrer_sample(**detail_changes) -> dict:
@@ -2755,7 +2778,7 @@ def test_gated_services_deploy_clean_digests_and_block_the_rest(aws, images, cle
             assert swarm.service(ids[name])["Version"]["Index"] == before[name], name  # not even re-posted
             assert service_image_of(swarm, ids[name])[0] == old, name
             line = next(line for line in run.stderr.splitlines() if f"Blocked service {name} " in line)
-            assert f" ERROR Blocked service {name} ({ids[name][:12]}) from {new}: " in line and outcome in line
+            assert f" ERROR Blocked service {name} ({ids[name][:12]}) from {new} by its scan gate: " in line and outcome in line
             blocked[name] = (new, outcome)
     assert "Service gate-clean" in run.stderr and "passes its scan gate" in run.stderr
     assert "MEDIUM 3, UNDEFINED 1, UNTRIAGED 2 (threshold HIGH)" in run.stderr
@@ -2792,7 +2815,7 @@ def test_a_scan_event_rolls_only_gated_services(aws, images, clean_swarm):
     assert run.returncode == 0, run.stderr
     assert service_image_of(swarm, gated)[0] == f"{registry.host}/{repo}:latest@{v2}"
     assert swarm.service(ungated)["Version"]["Index"] == ungated_version, run.stderr
-    assert f"Service scan-ungated ({ungated[:12]}) has no scan gate: a scan event does not roll it" in run.stderr
+    assert f"Service scan-ungated ({ungated[:12]}) has no scan or signature gate: a scan event does not roll it" in run.stderr
     assert aws.queue_depth(queue) == 0
 
 
@@ -2893,7 +2916,7 @@ def test_gated_service_deploys_within_seconds_of_its_scan_event(aws, images, cle
         assert "ECR scan is IN_PROGRESS" in deployer.log
         assert service_image_of(swarm, sid)[0].endswith(v1)
         aws.send(queue, scan_event(repository=repo, digest=v1))  # an older digest's scan: nothing to do
-        deployer.wait_line("not the digest just scanned; nothing to deploy", timeout=30)
+        deployer.wait_line("not the digest of the scan event; nothing to deploy", timeout=30)
         # a message kept only for its scan is no failure, so no backoff either (the loop backs off on failures)
         wait_for(lambda: 'result="ignored"} 1' in metrics.read_text(), 10, what=lambda: metrics.read_text())
         assert 'ecr_deploy_messages_total{result="failed"} 0' in metrics.read_text()
@@ -3248,19 +3271,24 @@ def test_a_signature_pushed_after_the_image_rolls_on_its_referrer_event_or_the_n
     folder, calls = verifiers
     env = signature_env(aws, swarm, signers, str(folder))
     repos, ids = {}, {}
-    for name in ("sig-later", "sig-lost-event"):
+    key = f"cosign:{signers.cosign_public('trusted')}"
+    for name, label in (("sig-later", "notation"), ("sig-lost-event", "notation"), ("sig-legacy-cosign", key)):
         repo = images.new_repository()
         repos[name] = (repo, *(images.push(repo, "latest", f"{name} {n}") for n in (1, 2)))
         ids[name] = swarm.create_service(name, f"{registry.host}/{repo}:latest@{repos[name][1]}", registry=registry,
-                                         replicas=0, labels={ed.SIGNATURE_LABEL: "notation"})
+                                         replicas=0, labels={ed.SIGNATURE_LABEL: label})
     queue = aws.new_queue()
     aws.send(queue, *(event(repository=repo, digest=v2) for repo, _, v2 in repos.values()))
     first = run_once(env, "--queue", queue, "--reconcile-every", "0")
-    assert first.returncode == 0 and first.stderr.count("no signature of this digest") == 2, first.stderr
+    assert first.returncode == 0 and first.stderr.count("no signature of this digest") == 3, first.stderr
     signatures = {}
-    for name, (repo, _, v2) in repos.items():  # the pipeline's signing step, after the push
+    for name in ("sig-later", "sig-lost-event"):  # the pipeline's signing step, after the push
+        repo, _, v2 = repos[name]
         signatures[name] = signing.sign_notation(signers, registry, repo, v2)
         mirror_into_ecr(aws, registry, repo, signatures[name])  # ECR holds the signature as an untagged image
+    repo, _, v2 = repos["sig-legacy-cosign"]  # cosign 2's way: a signature image tagged sha256-HEX.sig
+    legacy = signing.sign_cosign(signers, registry, repo, v2, legacy=True)
+    aws.send(queue, event(repository=repo, tag=signing.legacy_signature_tag(v2), digest=legacy))
     repo, v1, v2 = repos["sig-later"]
     aws.send(queue, referrer_event(repository=repo, digest=signatures["sig-later"]))
     second = run_once(env, "--queue", queue, "--reconcile-every", "0")
@@ -3268,6 +3296,8 @@ def test_a_signature_pushed_after_the_image_rolls_on_its_referrer_event_or_the_n
     assert f"Signature {repo}@{signatures['sig-later']} signs {v2} (tags: latest)" in second.stderr
     assert service_image_of(swarm, ids["sig-later"])[0] == f"{registry.host}/{repo}:latest@{v2}"
     assert labels_of(swarm, ids["sig-later"])[ed.SOURCE_LABEL].startswith("signature event ")
+    repo, _, v2 = repos["sig-legacy-cosign"]
+    assert service_image_of(swarm, ids["sig-legacy-cosign"])[0] == f"{registry.host}/{repo}:latest@{v2}"
     assert service_image_of(swarm, ids["sig-lost-event"])[0].endswith(repos["sig-lost-event"][1])  # no event: not yet
     passed = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)  # the lost event's fallback
     assert passed.returncode == 0, passed.stderr
