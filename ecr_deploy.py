@@ -5,7 +5,9 @@ EventBridge sends "ECR Image Action" events to an SQS queue (directly, or throug
 topic). This program long-polls that queue and, for every push of REPO:TAG, updates every
 Swarm service running that tag to the digest ECR says the tag points to *now*, pinned by
 digest, with fresh ECR credentials forwarded to Swarm. Services may opt in to a scan gate:
-rolled only to digests whose ECR scan is clean enough ("ECR Image Scan" events trigger them).
+rolled only to digests whose ECR scan is clean enough ("ECR Image Scan" events trigger them); an
+image index (what `docker buildx build --push` pushes), which ECR does not scan, by the scans of
+its platform images.
 
 Events are the fast path, not the truth: a reconcile pass compares every service that follows a
 tag with what the tag points to in ECR now; the operator's release policy (windows, min-age, waves,
@@ -35,6 +37,7 @@ import random
 import re
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -200,6 +203,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scan-timeout", metavar="DURATION", default=env("DEPLOYER_SCAN_TIMEOUT", "30m"),
                         help="block a gated deployment whose ECR scan has not finished this long after the "
                         "push (env DEPLOYER_SCAN_TIMEOUT; default 30m)")
+    parser.add_argument("--signature", metavar="TRUST", type=parse_trust, default=env("DEPLOYER_SIGNATURE", "off"),
+                        help=f"roll services only to digests signed by an identity this trusts: notation (Notation's "
+                        f"trust policy in --notation-dir decides), notation:STATEMENT (and it must be that statement), "
+                        f"cosign:/path/to/key.pub, or off (the default); a service's label {SIGNATURE_LABEL} wins "
+                        f"(env DEPLOYER_SIGNATURE)")
+    parser.add_argument("--notation-dir", metavar="DIR", default=env("DEPLOYER_NOTATION_DIR", "/etc/ecr-deploy/notation"),
+                        help="Notation's configuration for the signature gate: trustpolicy.json, truststore/, "
+                        "plugins/ (env DEPLOYER_NOTATION_DIR; default /etc/ecr-deploy/notation)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
 
@@ -265,7 +276,7 @@ class Push:
     tag: str
     digest: str
     time: str = ""  # the event's time (a reconcile pass: ECR's imagePushedAt), for ordering and the scan wait
-    from_scan: bool = False  # made from a scan event: deploy only if the tag still points at the digest
+    trigger: str = "push"  # or "scan", "signature": an event about the digest; deploy only if the tag still points at it
     event_id: str = field(default="", compare=False)  # the EventBridge event's id: provenance only
     reconcile: bool = field(default=False, compare=False)  # made by a reconcile pass, not by an event
 
@@ -285,7 +296,8 @@ class Push:
 
 @dataclass(frozen=True)
 class ScanDone:
-    """A completed ECR image scan of REPOSITORY@DIGEST, with the tags the image had then."""
+    """A completed ECR image scan of REPOSITORY@DIGEST, with the tags the image had then (none for an
+    image index's platform image: ECR scans those, and keeps them untagged)."""
     account: str
     region: str
     repository: str
@@ -293,11 +305,38 @@ class ScanDone:
     tags: tuple[str, ...]
     time: str = ""
     event_id: str = field(default="", compare=False)
+    trigger: str = "scan"  # or "signature": a signature of the digest was pushed (ECR Referrer Action)
+
+    @property
+    def repository_key(self) -> tuple[str, str, str]:
+        return (self.account, self.region, self.repository)
 
     def pushes(self) -> list[Push]:
-        """One push per tag: services following any of them may now pass their scan gate."""
-        return [Push(self.account, self.region, self.repository, tag, self.digest, self.time, from_scan=True,
+        """One push per tag: services following any of them may now pass their gates."""
+        return [Push(self.account, self.region, self.repository, tag, self.digest, self.time, trigger=self.trigger,
                      event_id=self.event_id) for tag in self.tags]
+
+
+@dataclass(frozen=True)
+class Signed:
+    """A signature pushed to REPOSITORY as an OCI referrer (its own digest): the image it signs may
+    now pass signature gates. ECR's event names only the signature; its manifest names the image."""
+    account: str
+    region: str
+    repository: str
+    digest: str  # the signature's (the referrer's) own digest
+    time: str = ""
+    event_id: str = field(default="", compare=False)
+    subject: str = ""  # the signed image's digest, when the event names it (a signature tag), else ECR says
+
+
+# The tag cosign's legacy signatures are pushed under (sha256-HEX.sig), and the OCI referrers tag
+# schema's (sha256-HEX, where a registry has no referrers API; notation writes it on ECR too by default).
+SIGNATURE_TAG = re.compile(r"sha256-([0-9a-f]{64})(?:\.sig)?")
+
+
+# Referrers whose push may let a gated service roll: Notation signatures, Sigstore (cosign 3) bundles.
+SIGNATURE_ARTIFACTS = ("application/vnd.cncf.notary.signature", "application/vnd.dev.sigstore.bundle")
 
 
 class Ignored(NamedTuple):
@@ -306,8 +345,8 @@ class Ignored(NamedTuple):
     suspicious: bool = False
 
 
-def parse_message(body: object) -> Push | ScanDone | Ignored:
-    """Any SQS message body -> a validated Push or ScanDone, or the reason to ignore it. Never raises."""
+def parse_message(body: object) -> Push | ScanDone | Signed | Ignored:
+    """Any SQS message body -> a validated Push, ScanDone or Signed, or the reason to ignore it. Never raises."""
     event = load_json_object(body, "body")
     if isinstance(event, Ignored):
         return event
@@ -330,18 +369,23 @@ def load_json_object(text: object, what: str) -> dict | Ignored:
     return value
 
 
-def parse_event(event: dict) -> Push | ScanDone | Ignored:
+ECR_EVENTS = ("ECR Image Action", "ECR Image Scan", "ECR Referrer Action")
+
+
+def parse_event(event: dict) -> Push | ScanDone | Signed | Ignored:
     if event.get("source") == "aws.inspector2":
         return parse_inspector_event(event)
     if event.get("source") != "aws.ecr":
         return Ignored(f"source is {shown(event.get('source'))}, not aws.ecr or aws.inspector2")
-    if event.get("detail-type") not in ("ECR Image Action", "ECR Image Scan"):
-        return Ignored(f"detail-type is {shown(event.get('detail-type'))}, not ECR Image Action or ECR Image Scan")
+    if event.get("detail-type") not in ECR_EVENTS:
+        return Ignored(f"detail-type is {shown(event.get('detail-type'))}, not {', '.join(ECR_EVENTS)}")
     detail = event.get("detail")
     if not isinstance(detail, dict):
         return Ignored("event has no detail object", suspicious=True)
     if event["detail-type"] == "ECR Image Scan":
         return parse_scan_event(event, detail)
+    if event["detail-type"] == "ECR Referrer Action":
+        return parse_referrer_event(event, detail)
     if detail.get("action-type") != "PUSH":
         return Ignored(f"action-type is {shown(detail.get('action-type'))}, not PUSH")
     if detail.get("result") != "SUCCESS":
@@ -351,7 +395,12 @@ def parse_event(event: dict) -> Push | ScanDone | Ignored:
     fields = {"account": event.get("account"), "region": event.get("region"),
               "repository": detail.get("repository-name"), "tag": detail.get("image-tag"),
               "digest": detail.get("image-digest")}
-    return invalid_field(fields) or Push(**fields, time=event_time(event), event_id=event_id(event))
+    invalid = invalid_field(fields)
+    signs = SIGNATURE_TAG.fullmatch(fields["tag"]) if not invalid else None
+    if signs:  # cosign's legacy signature tag, or the OCI referrers tag schema's: it names what it signs
+        return Signed(*(fields[k] for k in ("account", "region", "repository", "digest")), time=event_time(event),
+                      event_id=event_id(event), subject=f"sha256:{signs[1]}")
+    return invalid or Push(**fields, time=event_time(event), event_id=event_id(event))
 
 
 def parse_scan_event(event: dict, detail: dict) -> ScanDone | Ignored:
@@ -360,12 +409,23 @@ def parse_scan_event(event: dict, detail: dict) -> ScanDone | Ignored:
     tags = detail.get("image-tags")
     if not isinstance(tags, list) or not all(is_valid("tag", tag) for tag in tags):
         return Ignored(f"invalid image-tags {shown(tags)}", suspicious=True)
-    if not tags:
-        return Ignored("scan of an untagged image")
     fields = {"account": event.get("account"), "region": event.get("region"),
               "repository": detail.get("repository-name"), "digest": detail.get("image-digest")}
     return invalid_field(fields) or ScanDone(**fields, tags=tuple(dict.fromkeys(tags)), time=event_time(event),
                                              event_id=event_id(event))
+
+
+def parse_referrer_event(event: dict, detail: dict) -> Signed | Ignored:
+    """ECR's "ECR Referrer Action": an OCI referrer (a signature, an SBOM, an attestation) pushed."""
+    if detail.get("action-type") != "PUSH" or detail.get("result") != "SUCCESS":
+        return Ignored(f"referrer {shown(detail.get('action-type'))} {shown(detail.get('result'))}, not a PUSH "
+                       f"SUCCESS")
+    artifact = detail.get("artifact-media-type")
+    if not isinstance(artifact, str) or not artifact.startswith(SIGNATURE_ARTIFACTS):
+        return Ignored(f"referrer of type {shown(artifact)}, not a signature")
+    fields = {"account": event.get("account"), "region": event.get("region"),
+              "repository": detail.get("repository-name"), "digest": detail.get("image-digest")}
+    return invalid_field(fields) or Signed(**fields, time=event_time(event), event_id=event_id(event))
 
 
 INSPECTOR_REPOSITORY = re.compile(r"arn:aws(?:-cn|-us-gov)?:ecr:([^:]*):([^:]*):repository/(.*)")
@@ -633,7 +693,7 @@ def provenance_labels(push: Push, digest: str, node: str, now: float) -> dict[st
     if push.reconcile:
         source = f"reconcile pass (ECR: pushed {push.time or 'at an unknown time'})"
     else:
-        kind = "scan event" if push.from_scan else "push event"
+        kind = f"{push.trigger} event"
         source = f"{kind} {push.event_id or '(no id)'} of {push.time or 'an unknown time'}"
     return {DIGEST_LABEL: digest, SOURCE_LABEL: source, DEPLOYED_BY_LABEL: f"{node} at {utc_text(now)}"}
 
@@ -989,14 +1049,15 @@ def failing_task_error(tasks: list[dict], image: str) -> str | None:
 
 OUTCOME_WORDS = {"completed": "completed", "promoted": "promoted", "paused": "paused", "timed_out": "timed out",
                  "rollback_completed": "rolled back", "rollback_paused": "rollback paused",
-                 "removed": "ended: service removed", "blocked": "blocked by its scan gate",
+                 "removed": "ended: service removed", "blocked": "blocked",
                  "superseded": "superseded by another update"}
 
 
 def notification(outcome: str, service: str, service_id: str, image: str, duration: float,
-                 node: str, message: str, rollback: bool = False) -> dict:
+                 node: str, message: str, rollback: bool = False, gate: str = "scan gate") -> dict:
     """One JSON document per outcome: `text` for Slack/Teams webhooks, the rest for machines."""
     words = OUTCOME_WORDS[outcome.removeprefix("rollback_") if rollback else outcome]
+    words = f"{words} by its {gate}" if outcome == "blocked" else words
     after = "" if outcome in ("blocked", "promoted") else f" after {duration:.1f}s"  # no rollout was timed
     text = f"ecr-deploy on {node}: {'rollback' if rollback else 'rollout'} of {service} to {image} {words}" \
            f"{after}" + (f": {message}" if message else "")
@@ -1122,6 +1183,156 @@ def scan_verdict(scan: Scan, threshold: str, timeout: float) -> Verdict:
         return Verdict("gone", "the image is no longer in ECR; nothing to deploy")
     return Verdict("blocked", SCAN_FIXES.get(scan.status) or f"ECR scan {scan.status}: {scan.description} (scan it "
                    f"again with aws ecr start-image-scan, {OR_OFF})")
+
+
+# An image index (what `docker buildx build --push` pushes: buildkit's provenance attestation is on by
+# default) has no scan of its own: ECR's basic scanning refuses one ("An artifact with media type
+# 'application/vnd.oci.image.index.v1+json' cannot be scanned", moby/buildkit#3499) and enhanced scanning
+# scans the platform images inside it. The gate therefore judges an index by its platform images' scans.
+INDEX_MEDIA_TYPES = ("application/vnd.oci.image.index.v1+json",
+                     "application/vnd.docker.distribution.manifest.list.v2+json")
+REFERENCE_TYPE = "vnd.docker.reference.type"  # buildkit marks attestation manifests (and anything not to run) so
+PLATFORM_PART = re.compile(r"[A-Za-z0-9._-]{1,32}")
+
+
+class PlatformImage(NamedTuple):
+    """One runnable image of an image index, as its descriptor names it."""
+    platform: str  # os/architecture[/variant], e.g. linux/arm64/v8
+    digest: str
+
+
+def platform_images(manifest: str, media_type: str | None = None) -> tuple[PlatformImage, ...] | None:
+    """The platform images an image index (OCI index or Docker manifest list) holds, in its order: what ECR
+    scans of it. Attestation manifests (buildkit's provenance and SBOMs: an annotation
+    vnd.docker.reference.type, platform unknown/unknown) are no image to run and are left out. None for a
+    manifest that is no index (`media_type`: ECR's imageManifestMediaType, for a manifest without its
+    own). ValueError for an index that cannot be read."""
+    try:
+        document = json.loads(manifest)
+    except (ValueError, TypeError, RecursionError):
+        raise ValueError("its manifest is not JSON") from None
+    if not isinstance(document, dict):
+        raise ValueError("its manifest is not a JSON object")
+    if document.get("mediaType", media_type) not in INDEX_MEDIA_TYPES:
+        return None
+    descriptors = document.get("manifests")
+    if not isinstance(descriptors, list) or not all(isinstance(d, dict) for d in descriptors):
+        raise ValueError("its image index has no list of manifests")
+    found = []
+    for entry in descriptors:
+        annotations, platform = entry.get("annotations") or {}, entry.get("platform") or {}
+        if not isinstance(annotations, dict) or not isinstance(platform, dict):
+            raise ValueError("its image index has a malformed manifest descriptor")
+        parts = [platform.get(key) for key in ("os", "architecture", "variant") if platform.get(key) is not None]
+        if REFERENCE_TYPE in annotations or parts[:2] == ["unknown", "unknown"]:
+            continue
+        if not is_valid("digest", entry.get("digest")):
+            raise ValueError(f"its image index names an invalid digest {shown(entry.get('digest'))}")
+        readable = all(isinstance(part, str) and PLATFORM_PART.fullmatch(part) for part in parts) and len(parts) >= 2
+        found.append(PlatformImage("/".join(parts) if readable else "unknown platform", entry["digest"]))
+    return tuple(found)
+
+
+DECISIONS = ("deploy", "wait", "blocked")  # of an index's platform images, the worst decides
+
+
+def index_verdict(verdicts: list[tuple[PlatformImage, Verdict]]) -> Verdict:
+    """An image index passes only when every platform image's scan passes; the worst verdict wins (one
+    blocked: blocked; else one still scanning: wait), and says which image it is about."""
+    if not verdicts:
+        return Verdict("blocked", "the image index holds no platform image, only attestations: nothing ECR scans")
+    ranked = [(image, verdict if verdict.decision != "gone" else
+               Verdict("blocked", "ECR no longer has this image of the index")) for image, verdict in verdicts]
+    worst = max(DECISIONS.index(verdict.decision) for _, verdict in ranked)
+    about = [f"{image.platform} {image.digest}: {verdict.reason}" for image, verdict in ranked
+             if DECISIONS.index(verdict.decision) == worst]
+    return Verdict(DECISIONS[worst], "ECR scans of the index's platform images: " + "; ".join(about))
+
+
+# --------------------------------------------------------------------------- signature gate (pure)
+
+SIGNATURE_LABEL = "ecr-deploy.signature"
+POLICY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class Trust(NamedTuple):
+    """Whose signature a gated service needs: the verifier, and the trust material it checks against."""
+    verifier: str  # notation or cosign
+    material: str  # notation: the trust policy's statement name ("" any); cosign: a public key's path
+
+    def __str__(self) -> str:
+        return f"{self.verifier}:{self.material}" if self.material else self.verifier
+
+
+def parse_trust(text: str) -> Trust | None:
+    """`notation`, `notation:STATEMENT`, `cosign:/path/to/key.pub` or `off` (None); ValueError otherwise."""
+    value = str(text).strip()
+    if value.lower() == "off":
+        return None
+    verifier, colon, material = value.partition(":")
+    verifier, material = verifier.strip().lower(), material.strip()
+    if verifier == "notation" and (not colon or POLICY_NAME.fullmatch(material)):
+        return Trust("notation", material)
+    if verifier == "cosign" and material.startswith("/") and ".." not in material.split("/") and \
+            not any(c.isspace() or not c.isprintable() for c in material):
+        return Trust("cosign", material)
+    raise ValueError(f"signature trust must be notation, notation:STATEMENT (a trust policy statement's name), "
+                     f"cosign:/absolute/path/to/key.pub or off, not {text!r}")
+
+
+def signature_trust(labels: dict | None, default: Trust | None) -> Trust | None:
+    """The service's own label wins over --signature; raises ValueError for a bad label."""
+    text = (labels or {}).get(SIGNATURE_LABEL)
+    return default if text is None else parse_trust(text)
+
+
+def notation_statement(policy: dict, repository: str) -> str | None:
+    """The name of the trust policy statement Notation applies to a repository (host/path): the one
+    scoping it by name, else the one scoping "*" (Notation's own rule); None when none does."""
+    statements = policy.get("trustPolicies") if isinstance(policy, dict) else None
+    named = [s for s in statements or [] if isinstance(s, dict)]
+    for scope in (repository, "*"):
+        for statement in named:
+            if scope in (statement.get("registryScopes") or []):
+                return str(statement.get("name"))
+    return None
+
+
+# Why a verifier refused, in words an operator acts on: the first pattern found in what it said wins.
+UNSIGNED = "no signature of this digest: sign it (a signature pushed later rolls the service on ECR's referrer event)"
+SIGNATURE_REASONS = (
+    (re.compile(r"artifact digest does not match|missing digest in claim|content descriptor mismatch"),
+     "its signature was made for another digest"),
+    (re.compile(r"expired|revoked|validity period|not yet valid"), "the signing certificate is expired or revoked"),
+    (re.compile(r"does not contain any trusted certificate|not present in the trusted identities|trusted identit"),
+     "signed, but by no identity this manager trusts"),
+    (re.compile(r"signature is invalid|envelope.*(?:invalid|malformed)"), "the signature envelope is damaged"),
+    (re.compile(r"do not match threshold|invalid signature when validating"),  # cosign cannot tell these apart
+     "signed, but not with the trusted key, or the signature is damaged"),
+    (re.compile(r"no signature is associated|no signatures found"), UNSIGNED),
+)
+COSIGN_UNSIGNED = 10  # cosign verify's exit code when the digest has no signature at all
+
+
+def verifier_said(output: str) -> str:
+    """What a verifier gave as its reason: notation's per-signature refusals (--verbose), else its
+    last line without cosign's prefix; cut short, never more than a line."""
+    refusals = re.findall(r"failed verification with error: (.*)", output)
+    lines = [line.strip() for line in output.splitlines() if line.strip() and not line.startswith("WARNING")]
+    said = "; ".join(dict.fromkeys(refusals)) or (lines[-1] if lines else "no output")
+    said = said.removeprefix("Error: ").removeprefix("error during command execution: ")
+    return said if len(said) <= 300 else said[:297] + "..."
+
+
+def signature_reason(tool: str, returncode: int, output: str) -> str:
+    """A refusal's reason: the operator's words, then the verifier's own (cut short)."""
+    said = verifier_said(output)
+    if tool == "cosign" and returncode == COSIGN_UNSIGNED:
+        words = UNSIGNED
+    else:
+        words = next((words for pattern, words in SIGNATURE_REASONS if pattern.search(said)), "not verified")
+    return f"{words} ({tool}: {said})"
+
 
 
 # --------------------------------------------------------------------------- AWS shell
@@ -1291,6 +1502,7 @@ class TagAnswer(NamedTuple):
     digest: str
     pushed_at: datetime | None  # imagePushedAt: ECR's clock
     answered_at: datetime | None  # the Date of ECR's answer: ECR's clock too, so the age needs no other
+    media_type: str | None = None  # imageManifestMediaType: an image index is gated on its platform images
 
     @property
     def age(self) -> float | None:
@@ -1324,9 +1536,23 @@ class Token:
     cycle: int  # drain cycle that fetched it: an already-expired token lives for that cycle only
 
 
+class Manifest(NamedTuple):
+    digest: str
+    text: str  # the manifest's bytes as ECR keeps them
+    media_type: str | None  # imageManifestMediaType
+
+
+# BatchGetImage converts a manifest to the first accepted type it can (and answers Docker's by default):
+# every type a push can leave, so that ECR hands back the bytes as they were pushed.
+MANIFEST_MEDIA_TYPES = ("application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
+                        "application/vnd.docker.distribution.manifest.list.v2+json",
+                        "application/vnd.docker.distribution.manifest.v2+json")
 DESCRIBE_IMAGES_MAX_IDS = 100  # ECR's limit of image ids per DescribeImages call
 SCAN_ERRORS = {"ScanNotFoundException": "NOT_FOUND", "AccessDeniedException": "DENIED",
                "ImageNotFoundException": "GONE", "RepositoryNotFoundException": "GONE"}
+
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
 class Ecr:
@@ -1336,11 +1562,13 @@ class Ecr:
         self._clients: dict[str, object] = {}
         self._client_lock = threading.Lock()
         self._tokens: dict[tuple[str, str], Token] = {}
+        self.media_types: dict[tuple, str] = {}  # (account, region, repository, digest) -> as DescribeImages said
         self.cycle = 0
 
     def new_cycle(self, fresh_tokens: bool = False) -> None:
         """A drain cycle (or refresh pass) begins: already-expired tokens are not reused past it."""
         self.cycle += 1
+        self.media_types.clear()  # (a digest's never changes; this only bounds the memory)
         if fresh_tokens:
             self._tokens.clear()
 
@@ -1370,8 +1598,12 @@ class Ecr:
                     digest, pushed_at = detail.get("imageDigest"), detail.get("imagePushedAt")
                     if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
                         raise AwsError(f"ECR answered an invalid digest {shown(digest)} for {repository}")
+                    media_type = detail.get("imageManifestMediaType")
+                    media_type = media_type if isinstance(media_type, str) else None
+                    if media_type:  # the scan gate needs no BatchGetImage to know a single image from an index
+                        self.media_types[(account, region, repository, digest)] = media_type
                     answer = TagAnswer(digest, in_utc(pushed_at) if isinstance(pushed_at, datetime) else None,
-                                       answered_at)
+                                       answered_at, media_type)
                     found.update((tag, answer) for tag in detail.get("imageTags") or [] if tag in batch)
         return found
 
@@ -1387,6 +1619,53 @@ class Ecr:
                 return None
             where = f"{repository}:{tags[0]}" if len(tags) == 1 else f"{len(tags)} tags of {repository}"
             raise AccessDenied.wrap(e, f"cannot look up {where} in ECR ({account}, {region})") from None
+
+    def manifest(self, account: str, region: str, repository: str, image_id: dict) -> Manifest | None:
+        """The manifest ECR holds for {"imageDigest": …} or {"imageTag": …} (BatchGetImage), None if
+        there is no such image (or repository)."""
+        what = image_id.get("imageDigest") and f"@{image_id['imageDigest']}" or f":{image_id.get('imageTag')}"
+        try:
+            reply = self._client(region).batch_get_image(
+                registryId=account, repositoryName=repository, imageIds=[image_id],
+                acceptedMediaTypes=list(MANIFEST_MEDIA_TYPES))
+        except AWS_ERRORS as e:
+            if error_code(e) in ("RepositoryNotFoundException", "ImageNotFoundException"):
+                return None
+            raise AccessDenied.wrap(e, f"cannot read the manifest of {repository}{what} in ECR ({account}, "
+                                       f"{region})") from None
+        image = next(iter(reply.get("images") or []), None)
+        if image is None:
+            return None
+        digest, text = (image.get("imageId") or {}).get("imageDigest"), image.get("imageManifest")
+        if not is_valid("digest", digest) or not isinstance(text, str):
+            raise AwsError(f"ECR answered an invalid manifest for {repository}{what}")
+        media_type = image.get("imageManifestMediaType")
+        return Manifest(digest, text, media_type if isinstance(media_type, str) else None)
+
+    def signed_image(self, signed: Signed) -> tuple[str, list[str]] | None:
+        """The image a signature names as its subject, and that image's tags now: BatchGetImage of the
+        signature's manifest (unless the event named the subject), DescribeImages of the subject. None
+        when either is gone (or there is no subject)."""
+        client, where = self._client(signed.region), f"{signed.repository}@{signed.digest}"
+        try:
+            subject = signed.subject
+            if not subject:
+                images = client.batch_get_image(registryId=signed.account, repositoryName=signed.repository,
+                                                imageIds=[{"imageDigest": signed.digest}],
+                                                acceptedMediaTypes=[OCI_MANIFEST])["images"]
+                subject = images and (json.loads(images[0]["imageManifest"]).get("subject") or {}).get("digest")
+            if not isinstance(subject, str) or not DIGEST.fullmatch(subject):
+                return None
+            details = client.describe_images(registryId=signed.account, repositoryName=signed.repository,
+                                             imageIds=[{"imageDigest": subject}])["imageDetails"]
+        except AWS_ERRORS as e:
+            if error_code(e) in ("ImageNotFoundException", "RepositoryNotFoundException"):
+                return None
+            raise AccessDenied.wrap(e, f"cannot read the signature {where} in ECR ({signed.account}, "
+                                       f"{signed.region})") from None
+        except (KeyError, ValueError, AttributeError):  # not a manifest we can read: it names no image
+            return None
+        return subject, [tag for detail in details for tag in detail.get("imageTags") or [] if is_valid("tag", tag)]
 
     def promote(self, account: str, region: str, repository: str, digest: str, tag: str) -> bool:
         """Tag the digest as TAG with its own manifest bytes (an image index stays an index, the digest does
@@ -1789,14 +2068,45 @@ class ServiceCache:
 
 class ScanGate:
     """Lets a gated service (its label, else --scan-threshold) roll only to a digest whose ECR scan
-    is clean enough. ECR is asked once per digest and drain cycle, however many services wait on it."""
+    is clean enough; an image index, to one whose platform images' scans all are. ECR is asked once
+    per digest and drain cycle, however many services wait on it."""
+    name = "scan gate"
 
     def __init__(self, ecr: Ecr, default_threshold: str | None, timeout: float):
         self.ecr, self.default_threshold, self.timeout = ecr, default_threshold, timeout
         self._scans: dict[tuple, Scan] = {}
+        self._indexes: dict[tuple, tuple[PlatformImage, ...] | None] = {}
 
     def new_cycle(self) -> None:
         self._scans.clear()  # a pending scan may have finished since
+        self._indexes.clear()  # (a digest's manifest never changes; this only bounds the memory)
+
+    def gates(self, service: dict) -> bool:
+        try:
+            return scan_threshold(service["Spec"].get("Labels"), self.default_threshold) is not None
+        except ValueError:
+            return True  # blocked for its label: gated all the same
+
+    def platform_images(self, account: str, region: str, repository: str, digest: str,
+                        media_type: str | None = None, manifest: Manifest | None = None
+                        ) -> tuple[PlatformImage, ...] | None:
+        """The digest's platform images if it is an image index, else None (a single image, or gone).
+        A media type known (ECR's DescribeImages names it) to be no index's spares reading the manifest;
+        a manifest already read (BatchGetImage by tag) is used as is. Raises AwsError, and ValueError
+        for an index that cannot be read."""
+        if media_type is not None and media_type not in INDEX_MEDIA_TYPES:
+            return None
+        key = (account, region, repository, digest)
+        if key not in self._indexes:
+            manifest = manifest or self.ecr.manifest(account, region, repository, {"imageDigest": digest})
+            self._indexes[key] = manifest and platform_images(manifest.text, manifest.media_type)
+        return self._indexes[key]
+
+    def scan(self, account: str, region: str, repository: str, digest: str) -> Scan:
+        key = (account, region, repository, digest)
+        if key not in self._scans:
+            self._scans[key] = self.ecr.scan(*key)
+        return self._scans[key]
 
     def verdict(self, service: dict, push: Push, digest: str) -> Verdict | None:
         """None for an ungated service; raises AwsError when ECR cannot be asked (retry later)."""
@@ -1806,11 +2116,113 @@ class ScanGate:
             return Verdict("blocked", f"label {SCAN_THRESHOLD_LABEL}: {e}")
         if threshold is None:
             return None
-        key = (push.account, push.region, push.repository, digest)
-        if key not in self._scans:
-            self._scans[key] = self.ecr.scan(*key)
-        scan = self._scans[key]  # the wait runs from the newest push of the tag, not the digest's first
-        return scan_verdict(scan._replace(waited=seconds_after(push.time, scan.answered_at)), threshold, self.timeout)
+        where = (push.account, push.region, push.repository)
+        try:
+            images = self.platform_images(*where, digest, self.ecr.media_types.get((*where, digest)))
+        except ValueError as e:
+            return Verdict("blocked", f"ECR's image index {digest} cannot be read: {e}")
+
+        def judged(image_digest: str) -> Verdict:  # the wait runs from the newest push of the tag
+            scan = self.scan(*where, image_digest)
+            return scan_verdict(scan._replace(waited=seconds_after(push.time, scan.answered_at)), threshold,
+                                self.timeout)
+
+        if images is None:
+            return judged(digest)
+        return index_verdict([(image, judged(image.digest)) for image in images])
+
+
+# --------------------------------------------------------------------------- the signature gate
+
+VERIFY_TIMEOUT = 30  # seconds a verifier may take; well inside the watchdog (Systemd.HEALTHY_FOR)
+# Cosign checks a key's signature offline: no transparency log (Rekor) or signing config is asked for.
+COSIGN_VERIFY = ("verify", "--insecure-ignore-tlog=true")
+
+
+class SignatureGate:
+    """Lets a gated service (its label, else --signature) roll only to a digest that carries a valid
+    signature by an identity the operator trusts, as the reference verifiers decide (notation, cosign:
+    bounded subprocesses, argument lists, the ECR token in their environment, never in argv). Each
+    digest is verified once per drain cycle, however many services wait on it."""
+    name = "signature gate"
+
+    def __init__(self, ecr: Ecr, default: Trust | None, notation_dir: str, timeout: float = VERIFY_TIMEOUT,
+                 heartbeat=lambda: None):
+        self.ecr, self.default, self.notation_dir, self.timeout = ecr, default, notation_dir, timeout
+        self.heartbeat = heartbeat
+        self._verdicts: dict[tuple, Verdict] = {}
+
+    def new_cycle(self) -> None:
+        self._verdicts.clear()  # a signature may have been pushed since
+
+    def verdict(self, service: dict, push: Push, digest: str) -> Verdict | None:
+        """None for an ungated service; raises AwsError when no ECR token can be had (retry later)."""
+        try:
+            trust = signature_trust(service["Spec"].get("Labels"), self.default)
+        except ValueError as e:
+            return Verdict("blocked", f"label {SIGNATURE_LABEL}: {e}")
+        if trust is None:
+            return None
+        key = (trust, push.account, push.region, push.repository, digest)
+        if key not in self._verdicts:
+            self._verdicts[key] = self.verify(trust, push, digest)
+        return self._verdicts[key]
+
+    def verify(self, trust: Trust, push: Push, digest: str) -> Verdict:
+        reference = f"{push.image.rpartition(':')[0]}@{digest}"  # HOST/REPOSITORY@DIGEST: exactly this digest
+        if trust.verifier == "notation" and trust.material:
+            wrong = self.wrong_statement(trust.material, reference.partition("@")[0])
+            if wrong:
+                return Verdict("blocked", wrong)
+        username, password = self.ecr.credentials(push.account, push.region)
+        self.heartbeat()
+        with tempfile.TemporaryDirectory(prefix="ecr-deploy-verify-") as home:
+            command, env = (self.notation if trust.verifier == "notation" else self.cosign)(
+                trust, reference, home, username, password)
+            try:
+                done = subprocess.run(command, env={**os.environ, "HOME": home, **env}, stdin=subprocess.DEVNULL,
+                                      capture_output=True, text=True, errors="replace", timeout=self.timeout)
+            except FileNotFoundError:
+                return Verdict("blocked", f"{trust.verifier} is not installed on this manager (or not on the "
+                                          f"deployer's PATH): see README, Signature gate")
+            except subprocess.TimeoutExpired:
+                return Verdict("blocked", f"{trust.verifier} gave no answer within {self.timeout:.0f}s")
+            except OSError as e:
+                return Verdict("blocked", f"cannot run {trust.verifier}: {e}")
+            finally:
+                self.heartbeat()
+        if done.returncode == 0:
+            return Verdict("deploy", f"{trust.verifier} verified a signature of {short_digest(digest)} ({trust})")
+        return Verdict("blocked", signature_reason(trust.verifier, done.returncode, done.stderr))
+
+    def wrong_statement(self, name: str, repository: str) -> str | None:
+        """Why Notation would not apply the named trust policy statement to this repository, or None."""
+        path = os.path.join(self.notation_dir, "trustpolicy.json")  # (notation 1.3 never reads trustpolicy.oci.json)
+        try:
+            with open(path, encoding="utf-8") as file:
+                applied = notation_statement(json.load(file), repository)
+        except (OSError, ValueError) as e:
+            return f"cannot read Notation's trust policy {path}: {e}"
+        if applied != name:
+            return f"Notation's trust policy applies {'statement ' + repr(applied) if applied else 'no statement'} " \
+                   f"to {repository}, not {name!r} ({SIGNATURE_LABEL}={Trust('notation', name)})"
+        return None
+
+    def notation(self, trust: Trust, reference: str, home: str, username: str, password: str):
+        """notation verify, with the operator's Notation directory (trust policy, trust store, plugins)
+        as its configuration, and the ECR token in the variables Notation reads credentials from.
+        --verbose: only then does it say why it refused each signature."""
+        return (["notation", "verify", "--verbose", reference],
+                {"NOTATION_CONFIG": self.notation_dir, "NOTATION_USERNAME": username, "NOTATION_PASSWORD": password})
+
+    def cosign(self, trust: Trust, reference: str, home: str, username: str, password: str):
+        """cosign verify against the public key, with the ECR token in a Docker config of its own."""
+        docker_config = os.path.join(home, "docker")
+        os.mkdir(docker_config, 0o700)
+        auth = base64.b64encode(f"{username}:{password}".encode()).decode()
+        with open(os.open(os.path.join(docker_config, "config.json"), os.O_WRONLY | os.O_CREAT, 0o600), "w") as file:
+            json.dump({"auths": {reference.partition("/")[0]: {"auth": auth}}}, file)
+        return ["cosign", *COSIGN_VERIFY, "--key", trust.material, reference], {"DOCKER_CONFIG": docker_config}
 
 
 # --------------------------------------------------------------------------- the drain cycle
@@ -1861,12 +2273,12 @@ class Deployer:
     def __init__(self, queue: Queue | None, ecr: Ecr, docker: Docker, label_filter: LabelFilter | None,
                  trust_events: bool = False, follow_rollouts: bool = False, rollout_timeout: float | None = None,
                  rollback_on_failure: bool = False, notify_urls: tuple[str, ...] = (), dry_run: bool = False,
-                 systemd: Systemd | None = None, scan_gate: ScanGate | None = None, auth_refresh: float = 0.0,
+                 systemd: Systemd | None = None, gates: tuple = (), auth_refresh: float = 0.0,
                  state_directory: str | None = None, reconcile_every: float = 0.0,
                  release_defaults: dict | None = None, service_index: ServiceIndex | None = None):
         self.queue, self.ecr, self.docker = queue, ecr, docker
         self.service_index = service_index  # loop mode; without it every cycle lists the services
-        self.scan_gate = scan_gate
+        self.gates = gates  # ScanGate, SignatureGate: each says deploy, wait or blocked for a gated service
         self.reported_blocked: set[tuple[str, str]] = set()  # (service ID, image): one ERROR and webhook each
         self.reported_held: set[tuple[str, str]] = set()  # (service ID, digest): one WARNING each
         self.reported_waits: dict[tuple[str, str], str] = {}  # (service ID, image) -> the wait last logged
@@ -1900,7 +2312,9 @@ class Deployer:
                         "Ignoring message %s: %s", message["MessageId"], what.reason)
                 ignored.append(message)
             else:
-                asked = what.pushes() if isinstance(what, ScanDone) else [what]
+                asked = self.pushes_asked(what)
+                if asked is None:
+                    continue  # ECR could not be asked which image it names: kept for retry
                 for push in asked:
                     pushes[push.image_key].append((message, push))
                 keys_of[message["MessageId"]] = {push.image_key for push in asked}
@@ -1927,11 +2341,35 @@ class Deployer:
         self.count(result)
         return result
 
+    def pushes_asked(self, what: Push | ScanDone | Signed) -> list[Push] | None:
+        """The tags an event asks to deploy: a push's own, a scan's, or those of the image a signature
+        signs (ECR is asked; None if it could not answer)."""
+        if isinstance(what, Push):
+            return [what]
+        if isinstance(what, ScanDone):
+            return self.scan_pushes(what)
+        if self.trust_events:  # which image a signature signs is ECR's to say (BatchGetImage, DescribeImages)
+            log.info("Signature %s@%s: not followed under --trust-events; the tag's next push rolls its gated "
+                     "services", what.repository, what.digest)
+            return []
+        try:
+            signed = self.ecr.signed_image(what)
+        except AwsError as e:
+            log.error("%s; message kept for retry", e)
+            return None
+        if signed is None:
+            log.info("Signature %s@%s names no image in ECR; nothing to deploy", what.repository, what.digest)
+            return []
+        subject, tags = signed
+        log.info("Signature %s@%s signs %s (tags: %s)", what.repository, what.digest, subject, ", ".join(tags) or "none")
+        return ScanDone(what.account, what.region, what.repository, subject, tuple(tags), what.time, what.event_id,
+                        trigger="signature").pushes()
+
     def new_cycle(self) -> None:
         """A drain cycle or reconcile pass begins: what ECR and Swarm said before is stale."""
         self.ecr.new_cycle()
-        if self.scan_gate:
-            self.scan_gate.new_cycle()
+        for gate in self.gates:
+            gate.new_cycle()
         self.answers: dict[tuple, TagAnswer] = {}  # image key -> ECR's answer this cycle
         self.listing: list[dict] = []  # the services as listed this cycle (for AFTER_LABEL)
 
@@ -1947,31 +2385,91 @@ class Deployer:
 
     # ---- deploying
 
+    @property
+    def scan_gate(self) -> ScanGate | None:
+        return next((gate for gate in self.gates if isinstance(gate, ScanGate)), None)
+
+    def scan_pushes(self, scan: ScanDone) -> list[Push] | None:
+        """The pushes a scan event stands for: one per tag the image had; for an untagged image, one per
+        tag that a gated service follows and whose image index holds it (ECR scans an index's platform
+        images, pushed untagged, never the index). None when ECR or Docker cannot tell now."""
+        if scan.tags or scan.trigger != "scan":
+            return scan.pushes()
+        if self.scan_gate is None:
+            return []
+        key = scan.repository_key
+        try:
+            services = self.services_in({key})[key]
+        except DockerError as e:
+            log.error("%s; the scan event of %s@%s is kept for retry", e, scan.repository, scan.digest)
+            return None
+        tags = sorted({followed[3] for service in services if self.scan_gate.gates(service)
+                       and (followed := followed_tag(service, self.label_filter)) and followed[:3] == key})
+        try:
+            holders = [Push(*key, tag, index, scan.time, trigger=scan.trigger, event_id=scan.event_id)
+                       for tag, index in self.indexes_at(key, tags).items() if self.index_holds(key, index, {scan.digest})]
+        except AwsError as e:
+            log.error("%s; the scan event of %s@%s is kept for retry", e, scan.repository, scan.digest)
+            return None
+        for push in holders:
+            log.info("ECR scanned %s@%s, a platform image of the image index :%s points to (%s)", push.repository,
+                     scan.digest, push.tag, push.digest)
+        if not holders:
+            log.info("ECR scanned %s@%s, untagged, and no tag a gated service follows holds an image index with it; "
+                     "nothing to deploy", scan.repository, scan.digest)
+        return holders
+
+    def indexes_at(self, key: tuple, tags: list[str]) -> dict[str, str]:
+        """tag -> the digest it points to now, for those of the tags that point to an image index.
+        --trust-events: read with BatchGetImage (granted for pulls), never DescribeImages."""
+        if not tags:
+            return {}
+        if self.trust_events:
+            manifests = {tag: self.ecr.manifest(*key, {"imageTag": tag}) for tag in tags}
+            return {tag: m.digest for tag, m in manifests.items()
+                    if m and self.scan_gate.platform_images(*key, m.digest, manifest=m) is not None}
+        answers = self.ecr.tag_digests(*key, tags)
+        self.answers.update(((*key, tag), answer) for tag, answer in answers.items())
+        return {tag: answer.digest for tag, answer in answers.items() if answer.media_type in INDEX_MEDIA_TYPES
+                or answer.media_type is None}
+
+    def index_holds(self, key: tuple, digest: str, scanned: set[str], media_type: str | None = None) -> bool:
+        """Is `digest` an image index holding one of the scanned digests among its platform images?"""
+        try:
+            images = self.scan_gate.platform_images(*key, digest, media_type) if self.scan_gate else None
+        except ValueError:
+            return False  # unreadable: a push of its tag is blocked by the gate, saying why
+        return any(image.digest in scanned for image in images or ())
+
     def resolve_targets(self, pushes: dict) -> tuple[dict[tuple, tuple[Push, str]], list[tuple]]:
         """One ECR lookup per image: the digest its tag points to now (stale events lose).
         Returns the images to deploy, and those whose tag is gone (nothing to deploy)."""
         targets, gone = {}, []
         for key, group in pushes.items():
             self.systemd.heartbeat()
-            real = [p for _, p in group if not p.from_scan]  # a scan event may name an older digest
+            real = [p for _, p in group if p.trigger == "push"]  # a scan event may name an older digest
             push = max(real or [p for _, p in group], key=lambda p: p.time)
             if self.trust_events:  # the event's digest as is, a scan event's too: DescribeImages may be denied
                 targets[key] = (push, push.digest)
                 continue
             try:
-                answer = self.ecr.current_digest(push)
+                answer = self.answers.get(key) or self.ecr.current_digest(push)  # (a scan event's may be in)
+                digest = answer and answer.digest
+                scanned = {p.digest for _, p in group}
+                held = not real and digest and digest not in scanned and self.index_holds(
+                    push.repository_key, digest, {p.digest for _, p in group if p.trigger == "scan"}, answer.media_type)
             except AwsError as e:
                 log.error("%s; %d message(s) kept for retry", e, len(group))
                 continue
-            digest = answer and answer.digest
             if answer:
                 self.answers[key] = answer
             if digest is None:
                 log.info("%s no longer exists in ECR; nothing to deploy", push.image)
                 gone.append(key)
                 continue
-            if not real and all(p.digest != digest for _, p in group):
-                log.info("%s now points to %s, not the digest just scanned; nothing to deploy", push.image, digest)
+            if not real and digest not in scanned and not held:
+                log.info("%s now points to %s, not the digest of the %s event; nothing to deploy", push.image, digest,
+                         push.trigger)
                 gone.append(key)
                 continue
             if any(p.digest != digest for p in real):
@@ -2041,28 +2539,32 @@ class Deployer:
         if release.decision != "deploy":
             self.not_released(service, pinned_image(uses_image(service, push), push.tag, digest), release)
             return True  # handled: a later reconcile pass rolls it to what the tag points to then
-        try:
-            verdict = self.scan_gate.verdict(service, push, digest) if self.scan_gate else None
-        except AwsError as e:
-            log.error("Cannot check the ECR scan for service %s: %s", service_label(service), e)
-            return False
-        if verdict is None and push.from_scan:
-            log.info("Service %s has no scan gate: a scan event does not roll it", service_label(service))
-            return True
-        if verdict is None:
-            return self.pin_service(service, push, digest, result)
         image = pinned_image(uses_image(service, push), push.tag, digest)
-        if verdict.decision == "wait":
-            log.info("Service %s waits for its scan gate before %s: %s%s", service_label(service),
-                     image, verdict.reason, "" if push.reconcile else "; message kept")
-            return None
-        if verdict.decision == "gone":
-            log.info("Service %s not rolled to %s: %s", service_label(service), image, verdict.reason)
+        gated = False
+        for gate in self.gates:
+            try:
+                verdict = gate.verdict(service, push, digest)
+            except AwsError as e:
+                log.error("Cannot check the %s of service %s: %s", gate.name, service_label(service), e)
+                return False
+            if verdict is None:
+                continue
+            gated = True
+            if verdict.decision == "wait":
+                log.info("Service %s waits for its %s before %s: %s%s", service_label(service), gate.name,
+                         image, verdict.reason, "" if push.reconcile else "; message kept")
+                return None
+            if verdict.decision == "gone":
+                log.info("Service %s not rolled to %s: %s", service_label(service), image, verdict.reason)
+                return True
+            if verdict.decision == "blocked":
+                self.blocked(service, image, verdict.reason, gate.name)
+                return True
+            log.info("Service %s passes its %s for %s: %s", service_label(service), gate.name, image, verdict.reason)
+        if push.trigger != "push" and not gated:
+            log.info("Service %s has no scan or signature gate: a %s event does not roll it", service_label(service),
+                     push.trigger)
             return True
-        if verdict.decision == "blocked":
-            self.blocked(service, image, verdict.reason)
-            return True
-        log.info("Service %s passes its scan gate for %s: %s", service_label(service), image, verdict.reason)
         return self.pin_service(service, push, digest, result)
 
     def release(self, service: dict, push: Push, digest: str) -> Release:
@@ -2195,7 +2697,7 @@ class Deployer:
         self.post_update(listed, account, region, plan, lambda service, *_: log.info(
             "Recorded on service %s: %s=%s", service_label(service), FAILED_LABEL, record), with_auth=False)
 
-    def blocked(self, service: dict, image: str, reason: str) -> None:
+    def blocked(self, service: dict, image: str, reason: str, gate: str) -> None:
         """A final outcome, reported like a rollout's; the message is done (retrying changes nothing)."""
         if self.dry_run:
             log.info("Would block service %s from %s: %s", service_label(service), image, reason)
@@ -2204,12 +2706,12 @@ class Deployer:
             log.info("Service %s stays blocked from %s (reported before)", service_label(service), image)
             return
         self.reported_blocked.add((service["ID"], image))
-        log.error("Blocked service %s from %s: %s", service_label(service), image, reason)
+        log.error("Blocked service %s from %s by its %s: %s", service_label(service), image, gate, reason)
         self.totals["rollouts"]["blocked"] += 1
         if self.rollouts.enabled:
             self.rollouts.outcomes.append("blocked")
         self.rollouts.notify(notification("blocked", service["Spec"].get("Name", "?"), service["ID"], image, 0.0,
-                                          self.rollouts.node_name(), reason))
+                                          self.rollouts.node_name(), reason, gate=gate))
 
     def pin_service(self, listed: dict, push: Push, digest: str, result: CycleResult) -> bool:
         def plan(service: dict) -> tuple[dict, ImageRef] | None:
@@ -2964,9 +3466,10 @@ def status_of(deployer: Deployer, service: dict, key: tuple | None, answer: tupl
         return "held back", f"cannot apply its release policy: {e}"
     if release.decision != "deploy":
         return ("waiting" if release.decision == "wait" else "held back"), release.reason
-    verdict = deployer.scan_gate.verdict(service, push, digest) if deployer.scan_gate else None
-    if verdict and verdict.decision in ("blocked", "wait"):
-        return ("blocked" if verdict.decision == "blocked" else "waiting"), verdict.reason
+    for gate in deployer.gates:
+        verdict = gate.verdict(service, push, digest)
+        if verdict and verdict.decision in ("blocked", "wait"):
+            return ("blocked" if verdict.decision == "blocked" else "waiting"), f"{gate.name}: {verdict.reason}"
     return "behind", f"the tag points to {short_digest(digest)} (pushed {pushed_at or '?'}): the next push or " \
                      f"reconcile pass rolls it"
 
@@ -3189,7 +3692,8 @@ def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deplo
                             args.once or args.reconcile or args.status or args.refresh_auth)) and not args.dry_run,
                         rollout_timeout=args.rollout_timeout, rollback_on_failure=args.rollback_on_failure,
                         notify_urls=tuple(args.notify_url), dry_run=args.dry_run, systemd=systemd,
-                        scan_gate=ScanGate(ecr, args.scan_threshold, args.scan_timeout),
+                        gates=(ScanGate(ecr, args.scan_threshold, args.scan_timeout),
+                               SignatureGate(ecr, args.signature, args.notation_dir, heartbeat=systemd.heartbeat)),
                         auth_refresh=0.0 if args.once else args.auth_refresh,
                         state_directory=os.environ.get("STATE_DIRECTORY"),
                         # --trust-events deploys what events name, and may not call DescribeImages: no pass

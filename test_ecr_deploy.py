@@ -33,11 +33,12 @@ import pytest
 import requests
 
 import ecr_deploy as ed
-from rig.aws import DIGEST_A, Aws, event, moto_server_command, scan_event
+from rig.aws import DIGEST_A, Aws, event, moto_server_command, referrer_event, scan_event
 from rig.common import DEPLOYER, ROOT as HERE, free_port, mounts_under, wait_for
 from rig.deployer import Running, deployer_env, run_once, updated_lines
+from rig import signing
 from rig.faults import FaultProxy
-from rig.registry import REGISTRIES, Images, service_on_new_repo, serving_registries
+from rig.registry import REGISTRIES, Images, buildx_image, service_on_new_repo, serving_registries, sha256
 from rig.swarm import Engine, Swarm, current_engine, host_engine, service_image_of
 
 SAMPLES = HERE / "rig" / "samples"
@@ -76,6 +77,9 @@ def test_samples_parse_as_documented():
         "123456789012", "us-west-2", "my-repository-name", push.digest, ("latest",), "2026-11-16T02:10:00Z")
     assert ed.parse_message(sample("inspector-scan.json")) == ed.ScanDone(
         "123456789012", "us-west-2", "my-repository-name", push.digest, ("latest",), "2026-11-16T02:12:16Z")
+    assert ed.parse_message(sample("referrer-push.json")) == ed.Signed(
+        "123456789012", "us-west-2", "my-repository-name",
+        "sha256:435492fe8c3e2c819f49089ad6036256f1166d96f782a90ea10f6ab7080ecdde", "2026-11-16T02:05:41Z")
     for name, reason in [("ecr-delete.json", "action-type is 'DELETE'"),
                          ("ecr-push-untagged.json", "untagged")]:
         ignored = ed.parse_message(sample(name))
@@ -124,7 +128,7 @@ REJECTED = [  # (body text, words in the reason, suspicious)
     (json.dumps(without(event(), "source")), "source is None", False),
     (json.dumps(event(**{"detail-type": "ECR Image Scan"})), "scan-status is None", False),
     (json.dumps(event(**{"detail-type": "ECR Lifecycle Action"})),
-     "detail-type is 'ECR Lifecycle Action', not ECR Image Action or ECR Image Scan", False),
+     "detail-type is 'ECR Lifecycle Action', not ECR Image Action, ECR Image Scan, ECR Referrer Action", False),
     (json.dumps(without(event(), "detail")), "no detail", True),
     (json.dumps(event(detail="PUSH")), "no detail", True),
     (json.dumps(event(action="DELETE")), "action-type is 'DELETE'", False),
@@ -2458,7 +2462,7 @@ def test_readme_aws_setup_blocks_run_against_moto(aws, tmp_path):
     region = "eu-west-1"
     env = {**deployer_env(aws), "AWS_REGION": region, "AWS_DEFAULT_REGION": region,
            "PATH": f"{shim.parent}:{os.environ['PATH']}",
-           "QUEUE": f"ecr-deploy-{suffix}", "SWARM": f"swarm-{suffix}", "SCAN_GATE": "",
+           "QUEUE": f"ecr-deploy-{suffix}", "SWARM": f"swarm-{suffix}", "SCAN_GATE": "", "SIGNATURE_GATE": "",
            "PROMOTE_REPOS": "team/web team/api"}
 
     def run_block(block, **extra):
@@ -2506,6 +2510,13 @@ def test_readme_aws_setup_blocks_run_against_moto(aws, tmp_path):
         {"source": ["aws.ecr"], "detail-type": ["ECR Image Scan"], "detail": {"scan-status": ["COMPLETE"]}},
         {"source": ["aws.inspector2"], "detail-type": ["Inspector2 Scan"],
          "detail": {"scan-status": ["INITIAL_SCAN_COMPLETE"]}}]}
+    run_block(blocks[1], SIGNATURE_GATE="1")  # the signature gate's: pushed signatures too
+    pattern = json.loads(events.describe_rule(Name=f"ecr-push-to-{queue}")["EventPattern"])
+    assert pattern == {"$or": [
+        {"source": ["aws.ecr"], "detail-type": ["ECR Image Action"],
+         "detail": {"action-type": ["PUSH"], "result": ["SUCCESS"]}},
+        {"source": ["aws.ecr"], "detail-type": ["ECR Referrer Action"],
+         "detail": {"action-type": ["PUSH"], "result": ["SUCCESS"]}}]}
 
 
 def document_account(aws) -> str:
@@ -2692,7 +2703,7 @@ def test_quick_start_demo_rolls_a_service_and_leaves_nothing_behind():
     (sns_envelope(scan_event()), ("latest",)),
     (scan_event(status="FAILED"), "scan-status is 'FAILED', not COMPLETE"),
     (scan_event(status=None), "scan-status is None"),
-    (scan_event(tags=[]), "scan of an untagged image"),
+    (scan_event(tags=[]), ()),  # an image index's platform image: see "image indexes"
     (scan_event(tags=None), "invalid image-tags None"),
     (scan_event(tags="latest"), "invalid image-tags 'latest'"),
     (scan_event(tags=["latest", "v1:evil"]), "invalid image-tags"),
@@ -2708,11 +2719,52 @@ def test_scan_events_parse_strictly(body, expected):
     if isinstance(expected, ed.ScanDone):
         assert what == expected
         assert what.pushes() == [ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A,
-                                         "2026-11-16T02:10:00Z", from_scan=True)]
+                                         "2026-11-16T02:10:00Z", trigger="scan")]
     elif isinstance(expected, tuple):
         assert what.tags == expected
     else:
         assert isinstance(what, ed.Ignored) and expected in what.reason
+
+
+@pytest.mark.parametrize("tag, subject", [
+    ("sha256-" + "c" * 64 + ".sig", "sha256:" + "c" * 64),  # cosign's legacy signature tag
+    ("sha256-" + "c" * 64, "sha256:" + "c" * 64),  # the OCI referrers tag schema's tag
+    ("sha256-" + "c" * 63 + ".sig", None),  # an ordinary tag, whatever it looks like
+    ("sha256-" + "C" * 64 + ".sig", None),
+    ("sha256-" + "c" * 64 + ".att", None),  # cosign's attestations are no signature
+])
+def test_a_push_of_a_signature_tag_is_a_signature_of_the_digest_it_names(tag, subject):
+    parsed = ed.parse_message(json.dumps(event(tag=tag, digest=DIGEST_B)))
+    if subject:
+        assert parsed == ed.Signed("123456789012", "us-east-1", "team/web", DIGEST_B, "2026-11-16T01:54:34Z",
+                                   subject=subject)
+    else:
+        assert isinstance(parsed, ed.Push) and parsed.tag == tag
+
+
+def referrer_sample(**detail_changes) -> dict:
+    body = json.loads(sample("referrer-push.json"))
+    body["detail"].update(detail_changes)
+    return body
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({}, "signed"),
+    ({"artifact-media-type": "application/vnd.dev.sigstore.bundle.v0.3+json"}, "signed"),
+    ({"artifact-media-type": "application/spdx+json"}, "not a signature"),
+    ({"artifact-media-type": None}, "not a signature"),
+    ({"action-type": "UPDATE_STORAGE_CLASS"}, "not a PUSH SUCCESS"),
+    ({"result": "FAILURE"}, "not a PUSH SUCCESS"),
+    ({"image-digest": "sha256:../../etc"}, "invalid digest"),
+    ({"repository-name": "Team/Web"}, "invalid repository"),
+])
+def test_referrer_events_parse_strictly(changes, expected):
+    parsed = ed.parse_message(json.dumps(referrer_sample(**changes)))
+    if expected == "signed":
+        assert isinstance(parsed, ed.Signed) and parsed.repository == "my-repository-name", parsed
+    else:
+        assert isinstance(parsed, ed.Ignored) and expected in parsed.reason, parsed
+        assert parsed.suspicious == expected.startswith("invalid")
 
 
 def inspector_event(**detail_changes) -> dict:
@@ -2735,7 +2787,7 @@ ARN = "arn:aws:ecr:us-west-2:123456789012:repository/"
      "invalid repository-name"),
     (inspector_event(**{"repository-name": ARN + "team/../web"}), "invalid repository"),
     (inspector_event(**{"repository-name": ["web"]}), "invalid repository-name ['web']"),
-    (inspector_event(**{"image-tags": []}), "scan of an untagged image"),
+    (inspector_event(**{"image-tags": []}), ("my-repository-name", ())),
     (inspector_event(**{"image-digest": "sha256:EXAMPLE"}), "invalid digest"),
     ({**inspector_event(), "detail-type": "Inspector2 Finding"}, "detail-type is 'Inspector2 Finding', not Inspector2 Scan"),
     ({**inspector_event(), "detail": {"scan-status": "INITIAL_SCAN_COMPLETE", "instance-id": "i-087d63509b8c97098"}},
@@ -2952,7 +3004,7 @@ def test_gated_services_deploy_clean_digests_and_block_the_rest(aws, images, cle
             assert swarm.service(ids[name])["Version"]["Index"] == before[name], name  # not even re-posted
             assert service_image_of(swarm, ids[name])[0] == old, name
             line = next(line for line in run.stderr.splitlines() if f"Blocked service {name} " in line)
-            assert f" ERROR Blocked service {name} ({ids[name][:12]}) from {new}: " in line and outcome in line
+            assert f" ERROR Blocked service {name} ({ids[name][:12]}) from {new} by its scan gate: " in line and outcome in line
             blocked[name] = (new, outcome)
     assert "Service gate-clean" in run.stderr and "passes its scan gate" in run.stderr
     assert "MEDIUM 3, UNDEFINED 1, UNTRIAGED 2 (threshold HIGH)" in run.stderr
@@ -2989,8 +3041,21 @@ def test_a_scan_event_rolls_only_gated_services(aws, images, clean_swarm):
     assert run.returncode == 0, run.stderr
     assert service_image_of(swarm, gated)[0] == f"{registry.host}/{repo}:latest@{v2}"
     assert swarm.service(ungated)["Version"]["Index"] == ungated_version, run.stderr
-    assert f"Service scan-ungated ({ungated[:12]}) has no scan gate: a scan event does not roll it" in run.stderr
+    assert f"Service scan-ungated ({ungated[:12]}) has no scan or signature gate: a scan event does not roll it" in run.stderr
     assert aws.queue_depth(queue) == 0
+
+
+def run_trusting_events(aws, swarm, queue) -> tuple[subprocess.CompletedProcess, FaultProxy]:
+    """A --once --trust-events run whose ecr:DescribeImages is denied, as the README lets those users
+    deny it; with the hop that denied it, which saw every call."""
+    proxy = FaultProxy(aws.url)
+    proxy.rule = lambda key: (400, {"__type": "AccessDeniedException", "message": "not granted"}) \
+        if key.endswith(".DescribeImages") else None
+    try:
+        return run_once(deployer_env(aws, swarm, AWS_ENDPOINT_URL=proxy.url), "--queue", queue,
+                        "--trust-events"), proxy
+    finally:
+        proxy.close()
 
 
 def test_under_trust_events_a_scan_event_rolls_its_digest_without_describe_images(aws, images, clean_swarm):
@@ -3001,13 +3066,7 @@ def test_under_trust_events_a_scan_event_rolls_its_digest_without_describe_image
                                labels={ed.SCAN_THRESHOLD_LABEL: "HIGH"})
     queue = aws.new_queue()
     aws.send(queue, scan_event(repository=repo, digest=v2, counts={"LOW": 1}, time=event_time()))
-    proxy = FaultProxy(aws.url)  # DescribeImages denied, as the README lets --trust-events users deny it
-    proxy.rule = lambda key: (400, {"__type": "AccessDeniedException", "message": "not granted"}) \
-        if key.endswith(".DescribeImages") else None
-    try:
-        run = run_once(deployer_env(aws, swarm, AWS_ENDPOINT_URL=proxy.url), "--queue", queue, "--trust-events")
-    finally:
-        proxy.close()
+    run, proxy = run_trusting_events(aws, swarm, queue)
     assert run.returncode == 0, run.stderr
     assert "DescribeImages" not in ecr_calls(proxy), proxy.seen
     assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v2}", 1)
@@ -3083,7 +3142,7 @@ def test_gated_service_deploys_within_seconds_of_its_scan_event(aws, images, cle
         assert "ECR scan is IN_PROGRESS" in deployer.log
         assert service_image_of(swarm, sid)[0].endswith(v1)
         aws.send(queue, scan_event(repository=repo, digest=v1))  # an older digest's scan: nothing to do
-        deployer.wait_line("not the digest just scanned; nothing to deploy", timeout=30)
+        deployer.wait_line("not the digest of the scan event; nothing to deploy", timeout=30)
         # a message kept only for its scan is no failure, so no backoff either (the loop backs off on failures)
         wait_for(lambda: 'result="ignored"} 1' in metrics.read_text(), 10, what=lambda: metrics.read_text())
         assert 'ecr_deploy_messages_total{result="failed"} 0' in metrics.read_text()
@@ -3109,6 +3168,401 @@ def test_gated_service_deploys_within_seconds_of_its_scan_event(aws, images, cle
     assert not any("gate-job" in line and "scan gate" in line for line in deployer.log.splitlines())
     assert "Traceback" not in deployer.log
     assert aws.queue_depth(queue) == 1  # the first push, in flight; the scan events and the second push are deleted
+
+
+# =========================================================================== signature gate: pure
+
+@pytest.mark.parametrize("text, expected", [
+    ("notation", ed.Trust("notation", "")),
+    (" Notation ", ed.Trust("notation", "")),
+    ("notation:prod-images", ed.Trust("notation", "prod-images")),
+    ("cosign:/etc/ecr-deploy/cosign.pub", ed.Trust("cosign", "/etc/ecr-deploy/cosign.pub")),
+    ("off", None), ("OFF", None),
+])
+def test_parse_trust(text, expected):
+    assert ed.parse_trust(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "", "on", "true", "gpg", "notation:", "notation:has space", "notation:../x", "cosign", "cosign:",
+    "cosign:relative/key.pub", "cosign:/etc/../root/key", "cosign:/etc/key pub", "cosign:/etc/key\n.pub",
+])
+def test_bad_trust_says_what_is_accepted(text):
+    with pytest.raises(ValueError, match="notation, notation:STATEMENT .* cosign:/absolute/path/to/key.pub or off"):
+        ed.parse_trust(text)
+
+
+@pytest.mark.parametrize("labels, default, expected", [
+    (None, None, None),
+    ({}, ed.Trust("notation", ""), ed.Trust("notation", "")),
+    ({ed.SIGNATURE_LABEL: "off"}, ed.Trust("notation", ""), None),
+    ({ed.SIGNATURE_LABEL: "cosign:/k.pub"}, None, ed.Trust("cosign", "/k.pub")),
+    ({ed.SIGNATURE_LABEL: "cosign:/k.pub"}, ed.Trust("notation", ""), ed.Trust("cosign", "/k.pub")),
+])
+def test_signature_label_wins_over_the_default(labels, default, expected):
+    assert ed.signature_trust(labels, default) == expected
+
+
+POLICY = {"version": "1.0", "trustPolicies": [
+    {"name": "everything", "registryScopes": ["*"]},
+    {"name": "web", "registryScopes": [f"{HOST}/team/web", f"{HOST}/team/api"]},
+]}
+
+
+@pytest.mark.parametrize("policy, repository, expected", [
+    (POLICY, f"{HOST}/team/web", "web"),
+    (POLICY, f"{HOST}/team/api", "web"),
+    (POLICY, f"{HOST}/team/other", "everything"),
+    (POLICY, f"{HOST}/team", "everything"),  # a scope is a whole repository, never a prefix
+    ({"trustPolicies": [POLICY["trustPolicies"][1]]}, f"{HOST}/team/other", None),
+    ({}, f"{HOST}/team/web", None),
+    ([], f"{HOST}/team/web", None),
+])
+def test_notation_statement_is_the_one_scoping_the_repository_else_the_wildcard(policy, repository, expected):
+    assert ed.notation_statement(policy, repository) == expected
+
+
+# =========================================================================== signatures: the real verifiers
+# The rig's signatures (rig/signing.py: identities and signatures made by notation 1.3 and cosign 3)
+# checked by the same tools, run as a deployer runs them: offline, credentials and CA through the
+# environment. They prove the good signatures verify and each bad one is refused for its own reason.
+
+@pytest.fixture(scope="session")
+def signers(workdir, registries):
+    missing = signing.tools_missing()
+    if missing:
+        rig_unavailable(f"{', '.join(missing)} not unpacked in .rig/ (python3 -m rig test fetches them)")
+    return signing.make_signers(workdir / "signers")
+
+
+def pushed(images, repo, count):
+    return [images.push(repo, f"v{n}", f"{repo} {n}") for n in range(count)]
+
+
+def test_notation_verifies_the_trusted_signature_of_exactly_that_digest(images, signers):
+    registry, repo = REGISTRIES[0], images.new_repository()
+    good, unsigned, stranger, copied, tampered = pushed(images, repo, 5)
+    signing.sign_notation(signers, registry, repo, good)
+    signing.sign_notation(signers, registry, repo, stranger, identity="other")
+    signing.copy_signatures(registry, repo, source=good, target=copied)
+    signing.sign_notation(signers, registry, repo, tampered)
+    signing.tamper_signatures(registry, repo, tampered)
+    results = {name: signing.verify_notation(signers, registry, repo, digest) for name, digest in
+               [("good", good), ("unsigned", unsigned), ("stranger", stranger), ("copied", copied),
+                ("tampered", tampered)]}
+    assert results["good"].returncode == 0, results["good"].stderr
+    assert f"Successfully verified signature for {registry.host}/{repo}@{good}" in results["good"].stdout
+    assert {name: r.returncode for name, r in results.items() if name != "good"} == dict.fromkeys(
+        ["unsigned", "stranger", "copied", "tampered"], 1)
+    assert f'no signature is associated with "{registry.host}/{repo}@{unsigned}"' in results["unsigned"].stderr
+    assert {name: signing.notation_refusals(results[name].stderr) for name in ("stranger", "copied", "tampered")} == {
+        "stranger": ["the signature's certificate chain does not contain any trusted certificate"],
+        "copied": ["content descriptor mismatch"],
+        "tampered": ["signature is invalid. Error: crypto/rsa: verification error"]}
+    # Where the signatures are: docker-registry 2.8 has no referrers API, so notation used the tag schema.
+    repository = signing.Repository(registry, repo)
+    assert repository.referrers_api(good) == 404
+    assert [d["artifactType"] for d in repository.referrers(good)] == [signing.NOTATION_SIGNATURE]
+
+
+def test_cosign_verifies_the_trusted_key_s_signature_of_exactly_that_digest(images, signers):
+    registry, repo = REGISTRIES[0], images.new_repository()
+    good, unsigned, stranger, copied, tampered, legacy, legacy_tampered = pushed(images, repo, 7)
+    signing.sign_cosign(signers, registry, repo, good)
+    signing.sign_cosign(signers, registry, repo, stranger, identity="other")
+    signing.copy_signatures(registry, repo, source=good, target=copied)
+    for digest in (tampered, legacy_tampered):
+        signing.sign_cosign(signers, registry, repo, digest, legacy=digest == legacy_tampered)
+        signing.tamper_signatures(registry, repo, digest)
+    signing.sign_cosign(signers, registry, repo, legacy, legacy=True)
+    results = {name: signing.verify_cosign(signers, registry, repo, digest) for name, digest in
+               [("good", good), ("legacy", legacy), ("unsigned", unsigned), ("stranger", stranger),
+                ("copied", copied), ("tampered", tampered), ("legacy tampered", legacy_tampered)]}
+    for name, digest in (("good", good), ("legacy", legacy)):
+        assert results[name].returncode == 0, results[name].stderr
+        assert [claim["critical"]["image"]["docker-manifest-digest"] for claim in json.loads(results[name].stdout)] == [digest]
+    last_error = {name: r.stderr.strip().splitlines()[-1] for name, r in results.items() if r.returncode}
+    assert {name: r.returncode for name, r in results.items()} == {
+        "good": 0, "legacy": 0, "unsigned": 10, "stranger": 1, "copied": 1, "tampered": 1, "legacy tampered": 12}
+    assert last_error == {
+        "unsigned": "error during command execution: no signatures found",
+        "stranger": "error during command execution: no matching attestations: failed to verify signature: "
+                    "could not verify envelope: accepted signatures do not match threshold, Found: 0, Expected 1",
+        "copied": "error during command execution: no matching attestations: failed to verify signature: "
+                  "provided artifact digest does not match any digest in statement",
+        "tampered": "error during command execution: no matching attestations: failed to verify signature: "
+                    "could not verify envelope: accepted signatures do not match threshold, Found: 0, Expected 1",
+        "legacy tampered": "error during command execution: no matching signatures: "
+                           "invalid signature when validating ASN.1 encoded signature"}
+
+
+def test_an_image_index_signed_as_an_index_verifies_and_its_images_stay_unsigned(images, signers):
+    registry, repo = REGISTRIES[0], images.new_repository()
+    platforms = pushed(images, repo, 2)
+    index = signing.push_index(registry, repo, "latest", platforms)
+    signing.sign_notation(signers, registry, repo, index)
+    signing.sign_cosign(signers, registry, repo, index)
+    assert signing.verify_notation(signers, registry, repo, index).returncode == 0
+    assert signing.verify_cosign(signers, registry, repo, index).returncode == 0
+    # what `notation sign` / `cosign sign` sign when given a multi-platform tag: the index, not its images
+    assert signing.verify_notation(signers, registry, repo, platforms[0]).returncode == 1
+    assert signing.verify_cosign(signers, registry, repo, platforms[0]).returncode == 10
+
+
+def test_notation_refuses_a_signature_whose_certificate_has_expired(images, signers):
+    registry, repo = REGISTRIES[0], images.new_repository()
+    lasting, expired = pushed(images, repo, 2)
+    expires = signing.expiring_notation_key(signers, "expiring", datetime.timedelta(seconds=5))
+    signing.sign_notation(signers, registry, repo, expired, identity="expiring")  # notation signs only while valid
+    signing.expiring_notation_key(signers, "lasting", datetime.timedelta(days=1))
+    signing.sign_notation(signers, registry, repo, lasting, identity="lasting")
+    time.sleep(max(0.0, (expires - datetime.datetime.now(datetime.timezone.utc)).total_seconds()) + 1)
+    assert signing.verify_notation(signers, registry, repo, lasting).returncode == 0  # the same CA, still valid
+    result = signing.verify_notation(signers, registry, repo, expired)
+    assert result.returncode == 1
+    assert [re.sub(r'".*?"', '"…"', r) for r in signing.notation_refusals(result.stderr)] == [
+        'verification time is after certificate "…" validity period, it was expired at "…"']
+
+
+NOTATION_REFUSED = ("level=info msg=Reference sha256:aa resolved to manifest descriptor: {{Digest:sha256:aa}}\n"
+                    "level=warning msg=Signature sha256:5f failed verification with error: {}\n"
+                    "Error: signature verification failed for all the signatures associated with {}/team/web@{}\n")
+COSIGN_REFUSED = ("WARNING: Skipping tlog verification is an insecure practice that lacks transparency\n"
+                  "Error: {}\nerror during command execution: {}\n")
+
+
+def notation_refused(reason: str) -> str:
+    return NOTATION_REFUSED.format(reason, HOST, DIGEST_B)
+
+
+def cosign_refused(reason: str) -> str:
+    return COSIGN_REFUSED.format(reason, reason)
+
+
+# What notation 1.3.2 and cosign 3.1.1 really said on the rig, case by case.
+@pytest.mark.parametrize("tool, code, output, words, said", [
+    ("notation", 1, f'Error: signature verification failed: no signature is associated with "{HOST}/team/web@'
+                    f'{DIGEST_B}", make sure the artifact was signed successfully\n', "no signature of this digest",
+     "no signature is associated"),
+    ("notation", 1, notation_refused("the signature's certificate chain does not contain any trusted certificate"),
+     "signed, but by no identity this manager trusts", "certificate chain does not contain any trusted certificate"),
+    ("notation", 1, notation_refused("content descriptor mismatch"), "its signature was made for another digest",
+     "content descriptor mismatch"),
+    ("notation", 1, notation_refused("signature is invalid. Error: crypto/rsa: verification error"),
+     "the signature envelope is damaged", "crypto/rsa: verification error"),
+    ("notation", 1, notation_refused('verification time is after certificate "CN=rig" validity period, it was '
+                                     'expired at "Thu, 03 Dec 2026 12:00:00 +0000"'),
+     "the signing certificate is expired or revoked", "validity period"),
+    ("notation", 1, "Error: trust policy is not present. To create a trust policy, see: https://notaryproject.dev\n",
+     "not verified", "trust policy is not present"),
+    ("cosign", 10, cosign_refused("no signatures found"), "no signature of this digest", "no signatures found"),
+    ("cosign", 1, cosign_refused("no matching attestations: failed to verify signature: could not verify envelope: "
+                                 "accepted signatures do not match threshold, Found: 0, Expected 1"),
+     "signed, but not with the trusted key, or the signature is damaged", "Found: 0, Expected 1"),
+    ("cosign", 1, cosign_refused("no matching attestations: failed to verify signature: provided artifact digest "
+                                 "does not match any digest in statement"),
+     "its signature was made for another digest", "artifact digest does not match"),
+    ("cosign", 12, cosign_refused("no matching signatures: invalid signature when validating ASN.1 encoded "
+                                  "signature"), "signed, but not with the trusted key, or the signature is damaged",
+     "ASN.1"),
+    ("cosign", 12, cosign_refused(f"no matching signatures: invalid or missing digest in claim: {DIGEST_A}"),
+     "its signature was made for another digest", "missing digest in claim"),
+    ("cosign", 1, "", "not verified", "no output"),
+])
+def test_signature_reason_says_why_in_the_operators_words_and_the_verifiers(tool, code, output, words, said):
+    reason = ed.signature_reason(tool, code, output)
+    assert reason.startswith(words) and f" ({tool}: " in reason and said in reason, reason
+    assert "\n" not in reason and "WARNING" not in reason and len(reason) < 450
+
+
+# =========================================================================== signature gate: on the rig
+# The deployer runs the real notation and cosign (unpacked in .rig/) through wrappers that record each
+# command line, against signatures the real tools made in the rig's registry.
+
+@pytest.fixture
+def verifiers(tmp_path):
+    """A PATH folder whose notation and cosign record their argv (one line per run), then run the real ones."""
+    folder, calls = tmp_path / "verifiers", tmp_path / "verifier-calls"
+    folder.mkdir()
+    for name in ("notation", "cosign"):
+        wrapper = folder / name
+        wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "{name} $*" >> {calls}\nexec {signing.tool(name)} "$@"\n')
+        wrapper.chmod(0o755)
+    return folder, calls
+
+
+def signature_env(aws, swarm, signers, path: str) -> dict:
+    env = deployer_env(aws, swarm, PATH=f"{path}:/usr/bin:/bin", SSL_CERT_FILE=REGISTRIES[0].ca,
+                       DEPLOYER_NOTATION_DIR=str(signers.notation_trust))
+    return env
+
+
+def verifier_calls(calls: pathlib.Path) -> list[str]:
+    return calls.read_text().splitlines() if calls.exists() else []
+
+
+def mirror_into_ecr(aws, registry, repository: str, digest: str, tag: str | None = None) -> None:
+    """Put a manifest the tools pushed to the rig's registry (a signature, an index) into moto's ECR too,
+    byte for byte, as ECR holds what is pushed to it."""
+    repo = signing.Repository(registry, repository)
+    reply = repo.session.get(f"{repo.base}/manifests/{digest}", headers={"Accept": signing.MANIFEST_TYPES})
+    reply.raise_for_status()
+    aws.client("ecr", registry.region).put_image(
+        registryId=registry.account, repositoryName=repository, imageManifest=reply.text, imageDigest=digest,
+        imageManifestMediaType=reply.headers["Content-Type"], **({"imageTag": tag} if tag else {}))
+
+
+def test_signature_gate_rolls_only_to_digests_a_trusted_identity_signed(aws, images, clean_swarm, signers, verifiers,
+                                                                         webhook, tmp_path):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    key = f"cosign:{signers.cosign_public('trusted')}"
+    sign = {"notation": signing.sign_notation, key: signing.sign_cosign}
+    cases = {  # service: (label, how v2 is signed, what becomes of the service)
+        "sig-notation": ("notation", "trusted", "deployed"),
+        "sig-notation-unsigned": ("notation", None, "no signature of this digest"),
+        "sig-notation-stranger": ("notation", "other", "signed, but by no identity this manager trusts"),
+        "sig-notation-copied": ("notation", "copied", "its signature was made for another digest"),
+        "sig-notation-tampered": ("notation", "tampered", "the signature envelope is damaged"),
+        "sig-cosign": (key, "trusted", "deployed"),
+        "sig-cosign-unsigned": (key, None, "no signature of this digest"),
+        "sig-cosign-stranger": (key, "other", "signed, but not with the trusted key, or the signature is damaged"),
+        "sig-cosign-copied": (key, "copied", "its signature was made for another digest"),
+        "sig-bad-label": ("gpg:/etc/key", None, "label ecr-deploy.signature: signature trust must be notation"),
+    }
+    repos, ids = {}, {}
+    for name, (label, how, _) in cases.items():
+        repo = images.new_repository()
+        v1, v2 = (images.push(repo, "latest", f"{name} {n}") for n in (1, 2))
+        if how in ("trusted", "other", "tampered"):
+            sign[label](signers, registry, repo, v2, identity="other" if how == "other" else "trusted")
+        if how == "tampered":
+            signing.tamper_signatures(registry, repo, v2)
+        if how == "copied":
+            sign[label](signers, registry, repo, v1)
+            signing.copy_signatures(registry, repo, source=v1, target=v2)
+        repos[name] = (repo, v1, v2)
+        ids[name] = swarm.create_service(name, f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0,
+                                         labels={ed.SIGNATURE_LABEL: label})
+    # on the same pushes: another service gated alike (its digest is verified once), and an ungated one
+    for name, twin, labels in (("sig-notation-twin", "sig-notation", {ed.SIGNATURE_LABEL: "notation"}),
+                               ("sig-ungated", "sig-notation-unsigned", {})):
+        repos[name] = repos[twin]
+        ids[name] = swarm.create_service(name, f"{registry.host}/{repos[twin][0]}:latest@{repos[twin][1]}",
+                                         registry=registry, replicas=0, labels=labels)
+        cases[name] = (labels, None, "deployed")
+    queue = aws.new_queue()
+    aws.send(queue, *(event(repository=repo, digest=v2) for repo, _, v2 in {r[0]: r for r in repos.values()}.values()))
+    folder, calls = verifiers
+    summary = tmp_path / "summary.json"
+    run = run_once(signature_env(aws, swarm, signers, str(folder)), "--queue", queue, "--notify-url", webhook.url,
+                   "--summary-file", str(summary), "--log-level", "DEBUG", "--reconcile-every", "0")  # one cycle
+
+    assert run.returncode == 0, run.stderr  # blocked is an answer: every message is done
+    assert aws.queue_depth(queue) == 0
+    blocked = {}
+    for name, (_, _, outcome) in cases.items():
+        repo, v1, v2 = repos[name]
+        old, new = f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{v2}"
+        if outcome == "deployed":
+            assert service_image_of(swarm, ids[name])[0] == new, name
+        else:
+            assert service_image_of(swarm, ids[name])[0] == old, name
+            line = next(line for line in run.stderr.splitlines() if f"Blocked service {name} " in line)
+            assert f" ERROR Blocked service {name} ({ids[name][:12]}) from {new} by its signature gate: " in line
+            assert outcome in line, line
+            blocked[name] = new
+    assert "Service sig-notation (" in run.stderr and "passes its signature gate" in run.stderr
+    assert len(updated_lines(run.stderr)) == 4  # the two trusted, the twin, the ungated
+    # one verification per digest, never a credential in a command line or the log
+    commands = verifier_calls(calls)
+    assert sum(repos["sig-notation"][2] in c for c in commands) == 1, commands
+    assert len(commands) == len({c for c in commands}) == 9
+    assert all(registry.password not in c for c in commands) and registry.password not in run.stderr
+    wait_for(lambda: len(webhook.received) == len(blocked), 10, what=lambda: webhook.received)
+    assert {(d["service"], d["outcome"], d["image"]) for d in webhook.received} == \
+        {(name, "blocked", image) for name, image in blocked.items()}
+    assert all("blocked by its signature gate" in d["text"] for d in webhook.received)
+    assert json.loads(summary.read_text())["rollouts"] == {"blocked": len(blocked)}
+    shown = status(signature_env(aws, swarm, signers, str(folder)), "--json")
+    assert shown.returncode == 5, shown.stderr
+    rows = {row["service"]: row for row in json.loads(shown.stdout)}
+    assert rows["sig-notation-stranger"]["state"] == "blocked"
+    assert rows["sig-notation-stranger"]["reason"].startswith("signature gate: signed, but by no identity")
+    assert rows["sig-notation"]["state"] == "current"
+
+
+def test_a_signature_pushed_after_the_image_rolls_on_its_referrer_event_or_the_next_reconcile_pass(
+        aws, images, clean_swarm, signers, verifiers):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    folder, calls = verifiers
+    env = signature_env(aws, swarm, signers, str(folder))
+    repos, ids = {}, {}
+    key = f"cosign:{signers.cosign_public('trusted')}"
+    for name, label in (("sig-later", "notation"), ("sig-lost-event", "notation"), ("sig-legacy-cosign", key)):
+        repo = images.new_repository()
+        repos[name] = (repo, *(images.push(repo, "latest", f"{name} {n}") for n in (1, 2)))
+        ids[name] = swarm.create_service(name, f"{registry.host}/{repo}:latest@{repos[name][1]}", registry=registry,
+                                         replicas=0, labels={ed.SIGNATURE_LABEL: label})
+    queue = aws.new_queue()
+    aws.send(queue, *(event(repository=repo, digest=v2) for repo, _, v2 in repos.values()))
+    first = run_once(env, "--queue", queue, "--reconcile-every", "0")
+    assert first.returncode == 0 and first.stderr.count("no signature of this digest") == 3, first.stderr
+    signatures = {}
+    for name in ("sig-later", "sig-lost-event"):  # the pipeline's signing step, after the push
+        repo, _, v2 = repos[name]
+        signatures[name] = signing.sign_notation(signers, registry, repo, v2)
+        mirror_into_ecr(aws, registry, repo, signatures[name])  # ECR holds the signature as an untagged image
+    repo, _, v2 = repos["sig-legacy-cosign"]  # cosign 2's way: a signature image tagged sha256-HEX.sig
+    legacy = signing.sign_cosign(signers, registry, repo, v2, legacy=True)
+    aws.send(queue, event(repository=repo, tag=signing.legacy_signature_tag(v2), digest=legacy))
+    repo, v1, v2 = repos["sig-later"]
+    aws.send(queue, referrer_event(repository=repo, digest=signatures["sig-later"]))
+    second = run_once(env, "--queue", queue, "--reconcile-every", "0")
+    assert second.returncode == 0, second.stderr
+    assert f"Signature {repo}@{signatures['sig-later']} signs {v2} (tags: latest)" in second.stderr
+    assert service_image_of(swarm, ids["sig-later"])[0] == f"{registry.host}/{repo}:latest@{v2}"
+    assert labels_of(swarm, ids["sig-later"])[ed.SOURCE_LABEL].startswith("signature event ")
+    repo, _, v2 = repos["sig-legacy-cosign"]
+    assert service_image_of(swarm, ids["sig-legacy-cosign"])[0] == f"{registry.host}/{repo}:latest@{v2}"
+    assert service_image_of(swarm, ids["sig-lost-event"])[0].endswith(repos["sig-lost-event"][1])  # no event: not yet
+    passed = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)  # the lost event's fallback
+    assert passed.returncode == 0, passed.stderr
+    repo, _, v2 = repos["sig-lost-event"]
+    assert service_image_of(swarm, ids["sig-lost-event"])[0] == f"{registry.host}/{repo}:latest@{v2}"
+    assert aws.queue_depth(queue) == 0
+
+
+def ed_run(command: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_an_index_signed_as_an_index_rolls_and_a_missing_verifier_blocks(aws, images, clean_swarm, signers, verifiers):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    folder, _ = verifiers
+    repo = images.new_repository()
+    old, *platforms = (images.push(repo, f"v{n}", f"{repo} {n}") for n in range(3))
+    index = signing.push_index(registry, repo, "latest", platforms)
+    mirror_into_ecr(aws, registry, repo, index, tag="latest")
+    signing.sign_notation(signers, registry, repo, index)
+    signing.sign_cosign(signers, registry, repo, index)
+    key = f"cosign:{signers.cosign_public('trusted')}"
+    ids = {name: swarm.create_service(name, f"{registry.host}/{repo}:latest@{old}", registry=registry, replicas=0,
+                                      labels={ed.SIGNATURE_LABEL: label})
+           for name, label in (("sig-index-notation", "notation"), ("sig-index-cosign", key))}
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=index))
+    missing = run_once(signature_env(aws, swarm, signers, str(folder.parent / "no-verifiers")), "--queue", queue)
+    assert missing.returncode == 0, missing.stderr
+    for name in ids:
+        assert service_image_of(swarm, ids[name])[0].endswith(old)
+    assert "notation is not installed on this manager (or not on the deployer's PATH): see README, Signature gate" \
+        in missing.stderr and "cosign is not installed on this manager" in missing.stderr
+    assert aws.queue_depth(queue) == 0
+    aws.send(queue, event(repository=repo, digest=index))
+    rolled = run_once(signature_env(aws, swarm, signers, str(folder)), "--queue", queue)
+    assert rolled.returncode == 0, rolled.stderr
+    for name in ids:
+        assert service_image_of(swarm, ids[name])[0] == f"{registry.host}/{repo}:latest@{index}", name
 
 
 # =========================================================================== converging: reconcile pass, failure records, provenance, --status
@@ -3145,7 +3599,7 @@ def test_tags_by_repository_batches_per_repository():
 @pytest.mark.parametrize("push,source", [
     (ed.Push("1", "r", "a", "latest", DIGEST_B, "2026-11-16T01:54:34Z", event_id="e-1"),
      "push event e-1 of 2026-11-16T01:54:34Z"),
-    (ed.Push("1", "r", "a", "latest", DIGEST_B, "2026-11-16T01:54:34Z", from_scan=True, event_id="e-2"),
+    (ed.Push("1", "r", "a", "latest", DIGEST_B, "2026-11-16T01:54:34Z", trigger="scan", event_id="e-2"),
      "scan event e-2 of 2026-11-16T01:54:34Z"),
     (ed.Push("1", "r", "a", "latest", DIGEST_B), "push event (no id) of an unknown time"),
     (ed.Push("1", "r", "a", "latest", DIGEST_B, "2026-11-16T01:54:34Z", reconcile=True),
@@ -3912,6 +4366,276 @@ def test_promotion_tags_a_soaked_digest_once_for_production_and_never_a_failed_o
     assert prod_now["imageDigest"] == v2  # a failed staging rollout never reaches production
     assert service_image_of(swarm, prod)[0].endswith(v2)
 
+
+
+# =========================================================================== image indexes: buildx pushes, and their scans
+
+# What `docker buildx build --push` pushes by default, as the rig builds it (rig/registry.py, buildx_image).
+BUILDX = buildx_image(HOST, "team/web", "latest", "v1")
+BUILDX_PLATFORM, BUILDX_ATTESTATION = sha256(BUILDX.platform), sha256(BUILDX.attestation)
+ARM = "sha256:" + "2" * 64
+
+
+def index_of(*descriptors, media_type="application/vnd.oci.image.index.v1+json") -> str:
+    return json.dumps({"schemaVersion": 2, **({"mediaType": media_type} if media_type else {}),
+                       "manifests": list(descriptors)})
+
+
+def entry(digest, os_="linux", arch="amd64", **more) -> dict:
+    return {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest, "size": 1,
+            "platform": {"architecture": arch, "os": os_, **more.pop("platform", {})}, **more}
+
+
+@pytest.mark.parametrize("manifest,media_type,expected", [
+    (BUILDX.index.decode(), None, (("linux/amd64", BUILDX_PLATFORM),)),  # the attestation left out
+    (BUILDX.index.decode(), "application/vnd.oci.image.index.v1+json", (("linux/amd64", BUILDX_PLATFORM),)),
+    (BUILDX.platform.decode(), None, None),  # a single image
+    (BUILDX.attestation.decode(), None, None),
+    (json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                 "config": {}, "layers": []}), None, None),
+    (index_of(entry(DIGEST_A), entry(ARM, arch="arm64", platform={"variant": "v8"})), None,
+     (("linux/amd64", DIGEST_A), ("linux/arm64/v8", ARM))),
+    (index_of(entry(DIGEST_A), media_type="application/vnd.docker.distribution.manifest.list.v2+json"), None,
+     (("linux/amd64", DIGEST_A),)),  # Docker's manifest list
+    (index_of(entry(DIGEST_A), media_type=None), "application/vnd.oci.image.index.v1+json",
+     (("linux/amd64", DIGEST_A),)),  # no mediaType of its own: ECR's imageManifestMediaType says
+    (index_of(entry(DIGEST_A), media_type=None), None, None),
+    (index_of(entry(DIGEST_A, "unknown", "unknown")), None, ()),  # an attestation without annotations: no image
+    (index_of(entry(DIGEST_A, annotations={"vnd.docker.reference.type": "something-new"})), None, ()),
+    (index_of(), None, ()),
+    (index_of(entry(DIGEST_A, "linux", "amd64\nFORGED")), None, (("unknown platform", DIGEST_A),)),  # a log line
+    (index_of(entry(DIGEST_A, "windows", "amd64", platform={"os.version": "10.0.20348.2227"})), None,
+     (("windows/amd64", DIGEST_A),)),
+    (index_of(entry("sha256:ABC")), None, ValueError),
+    (index_of(entry(None)), None, ValueError),
+    (json.dumps({"mediaType": "application/vnd.oci.image.index.v1+json", "manifests": {}}), None, ValueError),
+    (json.dumps({"mediaType": "application/vnd.oci.image.index.v1+json", "manifests": ["x"]}), None, ValueError),
+    (index_of({**entry(DIGEST_A), "platform": "linux/amd64"}), None, ValueError),
+    ("not json", None, ValueError),
+    ("[]", None, ValueError),
+])
+def test_platform_images_are_an_indexs_runnable_manifests(manifest, media_type, expected):
+    if expected is ValueError:
+        with pytest.raises(ValueError):
+            ed.platform_images(manifest, media_type)
+    else:
+        images = ed.platform_images(manifest, media_type)
+        assert images == (None if expected is None else tuple(ed.PlatformImage(*image) for image in expected))
+
+
+AMD64, ARM64 = ed.PlatformImage("linux/amd64", DIGEST_A), ed.PlatformImage("linux/arm64", ARM)
+CLEAN = ed.Verdict("deploy", "ECR scan finds LOW 1 (threshold HIGH)")
+DIRTY = ed.Verdict("blocked", "ECR scan finds CRITICAL 1 (threshold HIGH)")
+SCANNING = ed.Verdict("wait", "ECR scan is IN_PROGRESS, 12s after the push")
+
+
+@pytest.mark.parametrize("verdicts,decision,words,absent", [
+    ([(AMD64, CLEAN)], "deploy", f"ECR scans of the index's platform images: linux/amd64 {DIGEST_A}: ECR scan finds "
+                                 f"LOW 1 (threshold HIGH)", None),
+    ([(AMD64, CLEAN), (ARM64, CLEAN)], "deploy", f"LOW 1 (threshold HIGH); linux/arm64 {ARM}: ECR scan finds LOW 1",
+     None),
+    ([(AMD64, CLEAN), (ARM64, DIRTY)], "blocked", f"linux/arm64 {ARM}: ECR scan finds CRITICAL 1", "amd64"),
+    ([(AMD64, DIRTY), (ARM64, SCANNING)], "blocked", "linux/amd64", "arm64"),  # blocked is final: no use waiting
+    ([(AMD64, SCANNING), (ARM64, CLEAN)], "wait", f"linux/amd64 {DIGEST_A}: ECR scan is IN_PROGRESS", "arm64"),
+    ([(AMD64, ed.Verdict("gone", "the image is no longer in ECR; nothing to deploy")), (ARM64, CLEAN)], "blocked",
+     "linux/amd64 " + DIGEST_A + ": ECR no longer has this image of the index", "arm64"),
+    ([(AMD64, ed.Verdict("blocked", ed.SCAN_FIXES["NOT_FOUND"]))], "blocked", "turn on scan on push", None),
+    ([], "blocked", "holds no platform image, only attestations", None),
+])
+def test_an_index_passes_only_if_every_platform_image_does(verdicts, decision, words, absent):
+    verdict = ed.index_verdict(verdicts)
+    assert verdict.decision == decision
+    assert words in verdict.reason
+    assert absent is None or absent not in verdict.reason
+
+
+def buildx_service(images, swarm, name, contents=("v1", "v2"), replicas=0, labels=None, cmds=()):
+    """A fresh repository with one buildx push of :latest per content, and a service pinned to the first
+    index. Returns (repository, pushes, service id, image of each push)."""
+    registry = REGISTRIES[0]
+    repo = images.new_repository()
+    pushes = [images.push_buildx(repo, "latest", content, cmd=cmd)
+              for content, cmd in zip(contents, list(cmds) + [None] * len(contents))]
+    refs = [f"{registry.host}/{repo}:latest@{push.index}" for push in pushes]
+    sid = swarm.create_service(name, refs[0], registry=registry, replicas=replicas, labels=labels,
+                               update_config=FAST_MONITOR)
+    return repo, pushes, sid, refs
+
+
+def test_a_buildx_push_is_an_index_in_ecr_as_real_ecr_keeps_it_and_deploys_pinned_to_the_index(
+        aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo, (p1, p2), sid, (old, new) = buildx_service(images, swarm, "indexed", replicas=1)
+    swarm.wait_running(sid, old)
+    ecr = aws.client("ecr", registry.region)
+    details = {d["imageDigest"]: d for d in ecr.describe_images(registryId=registry.account,
+                                                                repositoryName=repo)["imageDetails"]}
+    assert details[p2.index]["imageTags"] == ["latest"]
+    assert details[p2.index]["imageManifestMediaType"] == "application/vnd.oci.image.index.v1+json"
+    for child in (p1.platform, p1.attestation, p2.platform, p2.attestation):  # pushed by digest: untagged
+        assert "imageTags" not in details[child]
+        assert details[child]["imageManifestMediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    session = requests.Session()
+    session.auth, session.verify, session.trust_env = ("AWS", registry.password), registry.ca, False
+    served = session.get(f"https://{registry.host}/v2/{repo}/manifests/latest",
+                         headers={"Accept": "application/vnd.oci.image.index.v1+json"})
+    kept = ecr.batch_get_image(registryId=registry.account, repositoryName=repo,
+                               imageIds=[{"imageTag": "latest"}])["images"][0]["imageManifest"]
+    assert served.headers["Docker-Content-Digest"] == p2.index and served.content == kept.encode()  # the same bytes
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=p2.index))
+    run = run_once(deployer_env(aws, swarm), "--queue", queue, "--wait")
+    assert run.returncode == 0, run.stderr
+    assert f"Rollout of indexed ({sid[:12]}) to {new} completed after" in run.stderr
+    assert service_image_of(swarm, sid) == (new, 1)  # pinned to the index, what ECR's tag points to
+    assert labels_of(swarm, sid)[ed.DIGEST_LABEL] == p2.index
+    swarm.wait_running(sid, new)
+    assert aws.queue_depth(queue) == 0
+
+
+def test_a_broken_buildx_push_is_rolled_back_to_the_previous_index(aws, images, clean_swarm):
+    swarm = clean_swarm
+    repo, (p1, p2), sid, (old, new) = buildx_service(images, swarm, "indexed-broken", replicas=1,
+                                                     cmds=(None, BROKEN_CMD))
+    swarm.wait_running(sid, old)
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=p2.index))
+    run = run_once(deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1"), "--queue", queue, "--wait")
+    assert run.returncode == 1, run.stderr
+    assert f"Rollout of indexed-broken ({sid[:12]}) to {new} paused after" in run.stderr
+    assert f"Rollback of indexed-broken ({sid[:12]}) to {old} completed after" in run.stderr
+    assert service_image_of(swarm, sid)[0] == old
+    assert ed.failed_digest(swarm.service(sid)) == p2.index
+    swarm.wait_running(sid, old)
+
+
+def test_the_keeper_lets_a_service_on_an_index_pull_later_and_status_reads_it(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    pushed = images.push_buildx(repo, "latest", "k1")
+    image = f"{registry.host}/{repo}:latest@{pushed.index}"
+    sid = swarm.create_service("indexed-dormant", image, replicas=0)  # no registry auth: it could never pull
+    before = swarm.service(sid)["Spec"]
+    env = deployer_env(aws, swarm, DEPLOYER_QUEUE="")
+    run = subprocess.run([sys.executable, DEPLOYER, "--refresh-auth"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert swarm.service(sid)["Spec"] == before
+    swarm.scale(sid, 1)
+    swarm.wait_running(sid, image)
+    shown = status(env, "--json")
+    assert shown.returncode == 0, shown.stdout
+    row = next(r for r in json.loads(shown.stdout) if r["service"] == "indexed-dormant")
+    assert (row["running"], row["tag_now"]) == (pushed.index, pushed.index) and row["state"] in ("current", "rolling out")
+
+
+def test_gated_services_on_buildx_pushes_are_gated_on_the_platform_images_scans(aws, images, clean_swarm):
+    """ECR has no scan of an index (basic scanning refuses one): the platform image's scan decides, the
+    attestation's (FAILED under basic scanning) is no image to run and is ignored. --status says the same."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region = registry.account, registry.region
+    cases = {  # service: (scan of the v2 index's platform image, or None; the outcome's words)
+        "ix-clean": ((DONE, {"MEDIUM": 2}), "ECR scan finds MEDIUM 2 (threshold HIGH)"),
+        "ix-critical": ((DONE, {"CRITICAL": 1}), "ECR scan finds CRITICAL 1 (threshold HIGH)"),
+        "ix-unscanned": (None, "ECR has no scan of this image: turn on scan on push"),
+    }
+    made = {}
+    for name, (scan, _) in cases.items():
+        repo, (p1, p2), sid, (old, new) = buildx_service(images, swarm, name, labels={ed.SCAN_THRESHOLD_LABEL: "HIGH"})
+        aws.set_scan(account, region, repo, p2.attestation, "FAILED")  # what basic scanning makes of it
+        if scan:
+            aws.set_scan(account, region, repo, p2.platform, *scan)
+        made[name] = (repo, p2, sid, old, new)
+    repo, p2, _, old, new = made["ix-critical"]
+    ungated = swarm.create_service("ix-ungated", old, registry=registry, replicas=0)
+    env = deployer_env(aws, swarm)
+    rows = {row["service"]: row for row in json.loads(status(env, "--json", "--scan-timeout", "1h").stdout)}
+    assert {name: rows[name]["state"] for name in cases} == \
+        {"ix-clean": "behind", "ix-critical": "blocked", "ix-unscanned": "blocked"}, rows
+    assert f"linux/amd64 {p2.platform}: ECR scan finds CRITICAL 1 (threshold HIGH)" in rows["ix-critical"]["reason"]
+    versions = {name: swarm.service(sid)["Version"]["Index"] for name, (_, _, sid, _, _) in made.items()}
+
+    queue = aws.new_queue()
+    aws.send(queue, *(event(repository=repo, digest=p2.index, time=event_time()) for repo, p2, *_ in made.values()))
+    run = run_once(env, "--queue", queue, "--scan-timeout", "1h")
+    assert run.returncode == 0, run.stderr
+    assert aws.queue_depth(queue) == 0
+    for name, (words, (repo, p2, sid, old, new)) in {n: (cases[n][1], made[n]) for n in cases}.items():
+        about = f"ECR scans of the index's platform images: linux/amd64 {p2.platform}: {words}"
+        if name == "ix-clean":
+            assert f"Service ix-clean ({sid[:12]}) passes its scan gate for {new}: {about}" in run.stderr
+            assert service_image_of(swarm, sid)[0] == new
+        else:
+            assert f"ERROR Blocked service {name} ({sid[:12]}) from {new} by its scan gate: {about}" in run.stderr
+            assert swarm.service(sid)["Version"]["Index"] == versions[name]
+    assert service_image_of(swarm, ungated)[0] == made["ix-critical"][4]  # ungated: deployed at once
+    assert p2.attestation not in run.stderr  # never judged
+
+
+def test_a_scan_event_of_a_platform_image_rolls_the_gated_services_of_the_index_holding_it(aws, images, clean_swarm):
+    """ECR scans the platform image, which is untagged: its scan event names no tag. The gated services
+    whose tag points to an index holding it are rolled; a scan of an older index's image rolls nothing."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region = registry.account, registry.region
+    repo, (p1, p2), gated, (old, new) = buildx_service(images, swarm, "ix-waits",
+                                                       labels={ed.SCAN_THRESHOLD_LABEL: "CRITICAL"})
+    ungated = swarm.create_service("ix-waits-ungated", old, registry=registry, replicas=0)
+    aws.set_scan(account, region, repo, p2.platform, "IN_PROGRESS")
+    env = deployer_env(aws, swarm)
+    push_queue = aws.new_queue()
+    aws.send(push_queue, event(repository=repo, digest=p2.index, time=event_time()))
+    run = run_once(env, "--queue", push_queue, "--reconcile-every", "0")
+    assert run.returncode == 1, run.stderr  # the push waits for the scan: kept, no error
+    assert f"waits for its scan gate before {new}: ECR scans of the index's platform images: linux/amd64 " \
+           f"{p2.platform}: ECR scan is IN_PROGRESS" in run.stderr
+    assert " ERROR " not in run.stderr and service_image_of(swarm, gated)[0] == old
+    ungated_version = swarm.service(ungated)["Version"]["Index"]
+
+    aws.set_scan(account, region, repo, p2.platform, DONE, {"HIGH": 3}, again=True)
+    queue = aws.new_queue()
+    aws.send(queue, scan_event(repository=repo, digest=p1.platform, tags=[]),  # the older index's image
+             scan_event(repository=repo, digest=p2.platform, tags=[], counts={"HIGH": 3}))
+    run = run_once(env, "--queue", queue, "--reconcile-every", "0")
+    assert run.returncode == 0, run.stderr
+    assert f"ECR scanned {repo}@{p2.platform}, a platform image of the image index :latest points to " \
+           f"({p2.index})" in run.stderr
+    assert f"ECR scanned {repo}@{p1.platform}, untagged, and no tag a gated service follows holds an image " \
+           f"index with it; nothing to deploy" in run.stderr
+    assert f"passes its scan gate for {new}: ECR scans of the index's platform images: linux/amd64 {p2.platform}: " \
+           f"ECR scan finds HIGH 3 (threshold CRITICAL)" in run.stderr
+    assert service_image_of(swarm, gated)[0] == new  # the index, not the scanned platform image
+    assert swarm.service(ungated)["Version"]["Index"] == ungated_version  # scan events roll gated services only
+    assert aws.queue_depth(queue) == 0
+
+
+def test_a_scan_event_naming_the_tag_with_a_platform_images_digest_rolls_the_index(aws, images, clean_swarm):
+    """Should a scan event of the platform image name the index's tag (an Amazon Inspector event may), the tag's
+    index holding the scanned image is what is deployed, not the platform image."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo, (p1, p2), sid, (old, new) = buildx_service(images, swarm, "ix-tagged-scan",
+                                                     labels={ed.SCAN_THRESHOLD_LABEL: "HIGH"})
+    aws.set_scan(registry.account, registry.region, repo, p2.platform, DONE, {"LOW": 1})
+    queue = aws.new_queue()
+    aws.send(queue, scan_event(repository=repo, digest=p2.platform, tags=["latest"], counts={"LOW": 1}))
+    run = run_once(deployer_env(aws, swarm), "--queue", queue, "--reconcile-every", "0")
+    assert run.returncode == 0, run.stderr
+    assert service_image_of(swarm, sid)[0] == new
+    assert aws.queue_depth(queue) == 0
+
+
+def test_under_trust_events_a_platform_images_scan_event_rolls_the_index_without_describe_images(
+        aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo, (p1, p2), sid, (old, new) = buildx_service(images, swarm, "ix-trusted",
+                                                     labels={ed.SCAN_THRESHOLD_LABEL: "HIGH"})
+    aws.set_scan(registry.account, registry.region, repo, p2.platform, DONE, {"LOW": 1})
+    queue = aws.new_queue()
+    aws.send(queue, scan_event(repository=repo, digest=p2.platform, tags=[], counts={"LOW": 1}, time=event_time()))
+    run, proxy = run_trusting_events(aws, swarm, queue)
+    assert run.returncode == 0, run.stderr
+    assert "DescribeImages" not in ecr_calls(proxy) and "BatchGetImage" in ecr_calls(proxy), proxy.seen
+    assert service_image_of(swarm, sid) == (new, 1)
+    assert aws.queue_depth(queue) == 0 and " ERROR " not in run.stderr
 
 
 # =========================================================================== high availability: a real multi-node swarm

@@ -10,6 +10,8 @@ Every part is a real component started on this machine (as root), never a mock:
   faults.py     real HTTP hops in front of moto or dockerd that fail or stall chosen requests
   unstable.py   programs newer than the host's (Docker 28, containerd 2, notation, cosign),
                 unpacked from Debian's unstable archive into .rig/, never installed
+  signing.py    signing identities made by notation and cosign, signatures in the registries,
+                the forgeries a signature gate must refuse, and the verify commands a deployer runs
   demo.py       the Quick start demo
   __main__.py   `python3 -m rig demo|test|push`: installs what the rig needs (Debian packages,
                 and Python packages in a venv, .venv) with the standard library only, then runs

@@ -102,9 +102,9 @@ class Aws:
             manifest = ecr.batch_get_image(registryId=account, repositoryName=repository,
                                            imageIds=[image_id])["images"][0]["imageManifest"]
             ecr.batch_delete_image(registryId=account, repositoryName=repository, imageIds=[image_id])
-            for tag in tags:
+            for tag in tags or [None]:  # (an index's platform image is untagged: put by digest alone)
                 ecr.put_image(registryId=account, repositoryName=repository, imageManifest=manifest,
-                              imageTag=tag, imageDigest=digest)
+                              imageDigest=digest, **({"imageTag": tag} if tag else {}))
         findings = {"findingSeverityCounts": counts or {}}
         if status in ("COMPLETE", "ACTIVE") if completed is None else completed:
             findings["imageScanCompletedAt"] = time.time()  # a JSON timestamp, as ECR sends it
@@ -114,6 +114,10 @@ class Aws:
         requests.post(self.url + "/moto-api/static/ecr/scan-finding-results",
                       json={"results": [result], "account_id": account, "region": region}, timeout=10).raise_for_status()
         ecr.start_image_scan(registryId=account, repositoryName=repository, imageId=image_id)
+        # moto hands a posted result to the first image of the repository asked about whose digest, or TAG,
+        # matches: for untagged images (an index's platform and attestation manifests) None matches None,
+        # so one untagged image could take another's. Asking now binds the answer to this image for good.
+        ecr.describe_image_scan_findings(registryId=account, repositoryName=repository, imageId=image_id)
 
     def queue_depth(self, queue_url: str) -> int:
         """Messages still on the queue, visible or in flight."""
@@ -141,5 +145,17 @@ def scan_event(account="123456789012", region="us-east-1", repository="team/web"
     body = {"version": "0", "id": str(uuid.uuid4()), "detail-type": "ECR Image Scan",
             "source": "aws.ecr", "account": account, "time": "2026-11-16T02:10:00Z", "region": region,
             "resources": [f"arn:aws:ecr:{region}:{account}:repository/{repository}"], "detail": detail}
+    body.update(top)
+    return body
+
+
+def referrer_event(account="123456789012", region="us-east-1", repository="team/web", digest=DIGEST_A,
+                   artifact="application/vnd.cncf.notary.signature", **top) -> dict:
+    """An EventBridge "ECR Referrer Action" event: a signature (a referrer, `digest` its own) pushed,
+    shaped as ECR sends it (samples/referrer-push.json). It names no subject."""
+    detail = {"result": "SUCCESS", "repository-name": repository, "image-digest": digest, "action-type": "PUSH",
+              "manifest-media-type": "application/vnd.oci.image.manifest.v1+json", "artifact-media-type": artifact}
+    body = {"version": "0", "id": str(uuid.uuid4()), "detail-type": "ECR Referrer Action", "source": "aws.ecr",
+            "account": account, "time": "2026-11-16T02:05:41Z", "region": region, "resources": [], "detail": detail}
     body.update(top)
     return body

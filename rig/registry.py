@@ -4,7 +4,9 @@ Each registry answers as the real ECR hostname of one account and region (named 
 its CA trusted in /etc/docker/certs.d) and demands user AWS with the password moto's ECR token
 carries, so a Swarm node pulls only when the deployer forwarded the right registry auth.
 Images are built in Python and pushed over the registry API, never through a local daemon,
-so the swarm must pull them to run them; each push is mirrored into moto's ECR.
+so the swarm must pull them to run them; each push is mirrored into moto's ECR. A push is either a
+single Docker manifest (`docker push` of a classic build) or what `docker buildx build --push` sends:
+an OCI image index with its platform image and a provenance attestation (Images.push_buildx).
 """
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ import pathlib
 import shutil
 import subprocess
 import tarfile
+import time
 import urllib.parse
 import uuid
 import warnings
+from typing import NamedTuple
 
 import requests
 
@@ -81,7 +85,9 @@ def bcrypt_hash(password: str) -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         import crypt
-    return crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))
+    # bcrypt's lowest cost (2^4 rounds): the registry checks it on every request, and the default (2^12)
+    # costs ~0.3 s of CPU each, seconds per docker pull, notation or cosign run on a busy machine.
+    return crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))
 
 
 def write_hosts(mark: str, ours: str) -> None:
@@ -170,6 +176,43 @@ def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+IN_TOTO = "application/vnd.in-toto+json"
+SLSA_PROVENANCE = "https://slsa.dev/provenance/v0.2"
+PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def go_indent(document: dict) -> bytes:
+    """As Go's json.MarshalIndent(v, "", "  ") writes it (buildkit's manifests and indexes): keys in the
+    order given, two-space indent, no newline at the end."""
+    return json.dumps(document, indent=2).encode()
+
+
+def go_compact(document: dict) -> bytes:
+    """As Go's json.Marshal writes it (buildkit's image configs and in-toto statements)."""
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def descriptor(media_type: str, blob: bytes, **more) -> dict:
+    """An OCI descriptor, its fields in the order of Go's ocispec.Descriptor."""
+    return {"mediaType": media_type, "digest": sha256(blob), "size": len(blob), **more}
+
+
+def buildkit_time(epoch: float) -> str:
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class BuildxPush(NamedTuple):
+    """What one `docker buildx build --push` put in the registry (and ECR)."""
+    index: str  # the OCI image index: what the tag points to
+    platform: str  # its linux/amd64 image manifest (untagged in ECR)
+    attestation: str  # its provenance attestation manifest (untagged in ECR)
+
+
 class Images:
     """Pushes images to the registries and mirrors them into moto's ECR."""
 
@@ -186,38 +229,131 @@ class Images:
         return name
 
     def push(self, repository: str, tag: str, content: str, account="123456789012", cmd=None) -> str:
-        registry = self.registry(account)
-        session = requests.Session()
-        session.auth, session.verify = ("AWS", registry.password), registry.ca
-        session.trust_env = False  # else REQUESTS_CA_BUNDLE overrides session.verify
-        base = f"https://{registry.host}/v2/{repository}"
+        """A single-platform Docker image (what `docker push` of a classic build sends). Returns its digest."""
+        upload = Upload(self, repository, account)
         bb_blob, bb_diff = busybox_layer()
         v_blob, v_diff = tar_layer({"version": (content.encode(), 0o644)})
         config = json.dumps({"architecture": "amd64", "os": "linux",
                              "config": {"Cmd": cmd or ["/bin/busybox", "sleep", "3600"]},
                              "rootfs": {"type": "layers", "diff_ids": [bb_diff, v_diff]}}).encode()
-        for blob in (bb_blob, v_blob, config):
-            start = session.post(f"{base}/blobs/uploads/")
-            assert start.status_code == 202, start.text
-            location = urllib.parse.urljoin(base, start.headers["Location"])
-            done = session.put(location, params={"digest": sha256(blob)}, data=blob,
-                               headers={"Content-Type": "application/octet-stream"})
-            assert done.status_code == 201, done.text
+        upload.blobs(bb_blob, v_blob, config)
         manifest = json.dumps({
-            "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
             "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
                        "size": len(config), "digest": sha256(config)},
             "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
-                        "size": len(blob), "digest": sha256(blob)} for blob in (bb_blob, v_blob)]})
-        reply = session.put(f"{base}/manifests/{tag}", data=manifest,
-                            headers={"Content-Type": "application/vnd.docker.distribution.manifest.v2+json"})
+                        "size": len(blob), "digest": sha256(blob)} for blob in (bb_blob, v_blob)]}).encode()
+        return upload.manifest(manifest, DOCKER_MANIFEST, tag)
+
+    def push_buildx(self, repository: str, tag: str, content: str, account="123456789012", cmd=None) -> BuildxPush:
+        """What `docker buildx build --push` sends by default (see buildx_image): the image index under the
+        tag, its two manifests by digest before it (untagged in ECR, as ECR keeps an index's manifests)."""
+        image = buildx_image(self.registry(account).host, repository, tag, content, cmd)
+        upload = Upload(self, repository, account)
+        upload.blobs(*image.blobs)
+        return BuildxPush(upload.manifest(image.index, OCI_INDEX, tag, children=(image.platform, image.attestation)),
+                          sha256(image.platform), sha256(image.attestation))
+
+
+class BuildxImage(NamedTuple):
+    blobs: tuple[bytes, ...]  # layers, configs and the in-toto statement
+    platform: bytes  # the linux/amd64 image manifest
+    attestation: bytes  # its attestation manifest
+    index: bytes
+
+
+def buildx_image(host: str, repository: str, tag: str, content: str, cmd=None) -> BuildxImage:
+    """What `docker buildx build --push` makes of `FROM scratch`, `COPY busybox`, `COPY version`, `CMD`,
+    buildkit's provenance attestation on (its default): an OCI image index holding the linux/amd64 image
+    and an attestation manifest for it (platform unknown/unknown, one in-toto layer with an SLSA provenance
+    statement), laid out byte for byte as buildkit writes them (exporter/containerimage/writer.go)."""
+    started, cmd = time.time(), cmd or ["/bin/busybox", "sleep", "3600"]
+    bb_blob, bb_diff = busybox_layer()
+    v_blob, v_diff = tar_layer({"version": (content.encode(), 0o644)})
+    created = buildkit_time(started)
+    history = [{"created": created, "created_by": f"COPY {path} {path} # buildkit",
+                "comment": "buildkit.dockerfile.v0"} for path in ("/bin/busybox", "/version")]
+    history.append({"created": created, "created_by": f"CMD {json.dumps(cmd, separators=(',', ':'))}", "comment": "buildkit.dockerfile.v0",
+                    "empty_layer": True})
+    config = go_compact({  # a map in Go: keys sorted; "config" as the Dockerfile frontend wrote it
+        "architecture": "amd64", "config": {"Env": [PATH_ENV], "Cmd": cmd, "WorkingDir": "/"},
+        "created": created, "history": history, "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [bb_diff, v_diff]}})
+    platform = go_indent({"mediaType": OCI_MANIFEST, "schemaVersion": 2,
+                          "config": descriptor(OCI_CONFIG, config),
+                          "layers": [descriptor(OCI_LAYER, blob) for blob in (bb_blob, v_blob)]})
+    statement = go_compact({
+        "_type": "https://in-toto.io/Statement/v0.1", "predicateType": SLSA_PROVENANCE,
+        "subject": [{"name": f"pkg:docker/{host}/{repository}@{tag}?platform=linux%2Famd64",
+                     "digest": {"sha256": sha256(platform).removeprefix("sha256:")}}],
+        "predicate": {
+            "builder": {"id": ""}, "buildType": "https://mobyproject.org/buildkit@v1",
+            "invocation": {"configSource": {"entryPoint": "Dockerfile"},
+                           "parameters": {"frontend": "dockerfile.v0",
+                                          "locals": [{"name": "context"}, {"name": "dockerfile"}]},
+                           "environment": {"platform": "linux/amd64"}},
+            "metadata": {"buildInvocationID": uuid.uuid4().hex, "buildStartedOn": buildkit_time(started),
+                         "buildFinishedOn": buildkit_time(time.time()),
+                         "completeness": {"parameters": True, "environment": True, "materials": False},
+                         "reproducible": False, "https://mobyproject.org/buildkit@v1#metadata": {}}}})
+    attestation_config = go_compact({"architecture": "unknown", "os": "unknown", "config": {},
+                                     "rootfs": {"type": "layers", "diff_ids": [sha256(statement)]}})
+    attestation = go_indent({
+        "mediaType": OCI_MANIFEST, "schemaVersion": 2,
+        "config": descriptor(OCI_CONFIG, attestation_config),
+        "layers": [descriptor(IN_TOTO, statement, annotations={"in-toto.io/predicate-type": SLSA_PROVENANCE})]})
+    index = go_indent({"mediaType": OCI_INDEX, "schemaVersion": 2, "manifests": [
+        descriptor(OCI_MANIFEST, platform, platform={"architecture": "amd64", "os": "linux"}),
+        descriptor(OCI_MANIFEST, attestation,
+                   annotations={"vnd.docker.reference.digest": sha256(platform),
+                                "vnd.docker.reference.type": "attestation-manifest"},
+                   platform={"architecture": "unknown", "os": "unknown"})]})
+    return BuildxImage((bb_blob, v_blob, config, statement, attestation_config), platform, attestation, index)
+
+
+def put_blob(session: requests.Session, base: str, blob: bytes) -> str:
+    """Upload a blob to the repository at `base` (https://HOST/v2/NAME) in one request; its digest."""
+    start = session.post(f"{base}/blobs/uploads/")
+    assert start.status_code == 202, start.text
+    location = urllib.parse.urljoin(base, start.headers["Location"])
+    done = session.put(location, params={"digest": sha256(blob)}, data=blob,
+                       headers={"Content-Type": "application/octet-stream"})
+    assert done.status_code == 201, done.text
+    return sha256(blob)
+
+
+class Upload:
+    """One push to a registry over its HTTP API, mirrored into moto's ECR as ECR stores it."""
+
+    def __init__(self, images: Images, repository: str, account: str):
+        self.registry = images.registry(account)
+        self.ecr = images.aws.client("ecr", self.registry.region)
+        self.repository, self.account = repository, account
+        self.session = requests.Session()
+        self.session.auth, self.session.verify = ("AWS", self.registry.password), self.registry.ca
+        self.session.trust_env = False  # else REQUESTS_CA_BUNDLE overrides session.verify
+        self.base = f"https://{self.registry.host}/v2/{repository}"
+
+    def blobs(self, *blobs: bytes) -> None:
+        for blob in blobs:
+            put_blob(self.session, self.base, blob)
+
+    def manifest(self, manifest: bytes, media_type: str, tag: str, children=()) -> str:
+        """PUT the index's own manifests by digest, then the manifest under the tag; into ECR likewise:
+        each child an untagged image, the manifest the tagged one. Returns the manifest's digest."""
+        for child in children:
+            self._put(child, OCI_MANIFEST, sha256(child))
+        self._put(manifest, media_type, tag)
+        return sha256(manifest)
+
+    def _put(self, manifest: bytes, media_type: str, reference: str) -> None:
+        reply = self.session.put(f"{self.base}/manifests/{reference}", data=manifest,
+                                 headers={"Content-Type": media_type})
         assert reply.status_code == 201, reply.text
-        digest = reply.headers["Docker-Content-Digest"]
-        assert digest == sha256(manifest.encode())
-        ecr = self.aws.client("ecr", registry.region)
-        ecr.put_image(registryId=account, repositoryName=repository, imageManifest=manifest,
-                      imageTag=tag, imageDigest=digest)
-        return digest
+        assert reply.headers["Docker-Content-Digest"] == sha256(manifest)
+        tag = {} if reference.startswith("sha256:") else {"imageTag": reference}
+        self.ecr.put_image(registryId=self.account, repositoryName=self.repository, imageManifest=manifest.decode(),
+                           imageManifestMediaType=media_type, imageDigest=sha256(manifest), **tag)
 
 
 def service_on_new_repo(images, swarm, name, contents=("v1", "v2"), replicas=0, registry=None):
