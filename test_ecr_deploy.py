@@ -3,7 +3,8 @@
 Pure parts (parsing, matching, spec rewriting) are table-driven. Every behaviour claim is
 proven against the real rig of rig/, which the tests start themselves, once per session:
   - moto_server: SQS and ECR over HTTP, reached by boto3 through AWS_ENDPOINT_URL;
-  - a private dockerd in swarm mode (own data root and socket);
+  - a private dockerd in swarm mode (own data root and socket): the current engine (Docker 28 from
+    Debian unstable, in .rig/), and for the tests marked ON_BOTH_ENGINES also bookworm's 20.10;
   - two TLS docker-registry servers posing as ECR hosts of two accounts in two regions,
     each demanding user AWS with the password moto's ECR token carries, so a service only
     pulls when the deployer forwarded the right registry auth.
@@ -696,7 +697,8 @@ def swarm(workdir, registries):
 @pytest.fixture(scope="session")
 def bookworm_swarm(workdir, registries):
     """Debian 12's Docker 20.10 (API 1.41), the oldest engine ecr-deploy supports: ON_BOTH_ENGINES tests."""
-    yield from started_swarm(workdir / "bookworm", host_engine(), "dockerd is not installed (apt-get install docker.io)")
+    yield from started_swarm(workdir / "bookworm", host_engine(),
+                             "dockerd is not installed (apt-get install docker.io)")
 
 
 @pytest.fixture
@@ -1493,7 +1495,8 @@ def test_misconfiguration_exits_3_at_start_with_one_line_and_touches_no_service(
             "receive denied": "AccessDenied: not authorized to perform: sqs:ReceiveMessage",
             "bad DOCKER_HOST": "DOCKER_HOST must be unix:///path, not 'tcp://127.0.0.1:2375'",
             "Docker outside any swarm": "is not part of a swarm: run ecr-deploy on a swarm manager",
-            "Docker too old": "speaks API 1.40; ecr-deploy needs 1.41 or newer (Docker 20.10 or newer)"}[case] in errors[0]
+            "Docker too old": "speaks API 1.40; ecr-deploy needs 1.41 or newer (Docker 20.10 or newer)",
+            }[case] in errors[0]
     assert "Refreshed registry auth" not in run.stderr  # no keeper pass before the queue was read
     assert swarm.service(sid)["Version"]["Index"] == version
 
@@ -1949,14 +1952,16 @@ def every_field_spec(name: str, image: str, secret: dict, config: dict, network:
                      "TmpfsOptions": {"SizeBytes": 1 << 20, "Mode": 0o1777, "Options": [["noexec"], ["uid", "0"]]}},
                     {"Type": "volume", "Source": f"{name}-data", "Target": "/data", "Consistency": "default",
                      "VolumeOptions": {"NoCopy": True, "Labels": {"volume": "label"},
-                                       "DriverConfig": {"Name": "local", "Options": {"type": "tmpfs", "device": "tmpfs"}}}},
+                                       "DriverConfig": {"Name": "local",
+                                                        "Options": {"type": "tmpfs", "device": "tmpfs"}}}},
                     {"Type": "bind", "Source": "/tmp", "Target": "/host-tmp", "ReadOnly": True,
                      "BindOptions": {"Propagation": "rprivate", "NonRecursive": True}}],
                 "Healthcheck": {"Test": ["CMD", "/bin/busybox", "true"], "Interval": 5 * SECOND, "Timeout": 2 * SECOND,
                                 "Retries": 3, "StartPeriod": 10 * SECOND, "StartInterval": 1 * SECOND},
                 "Hosts": ["10.0.0.1 db.internal"],
                 "DNSConfig": {"Nameservers": ["10.0.0.53"], "Search": ["internal"], "Options": ["ndots:2"]},
-                "Secrets": [{"File": {"Name": "token", **file}, "SecretID": secret["ID"], "SecretName": secret["Name"]}],
+                "Secrets": [{"File": {"Name": "token", **file}, "SecretID": secret["ID"],
+                             "SecretName": secret["Name"]}],
                 "Configs": [{"File": {"Name": "/etc/app.conf", **file}, "ConfigID": config["ID"],
                              "ConfigName": config["Name"]}],
                 "Sysctls": {"net.ipv4.ip_nonlocal_bind": "1"},
@@ -2004,9 +2009,9 @@ def test_update_keeper_and_rollback_keep_every_field_of_the_spec(aws, images, cl
         "Name": f"config-{tag}", "Data": base64.b64encode(b"key=value").decode()})}
     network = swarm.post("/networks/create", json={"Name": f"net-{tag}", "Driver": "overlay", "Attachable": True})["Id"]
     try:
-        sid = swarm.post("/services/create", json=every_field_spec(f"every-{tag}", old, secret, config, network,
-                                                                   free_port()),
-                         headers={"X-Registry-Auth": ed.registry_auth_header("AWS", registry.password, registry.host)})["ID"]
+        auth = {"X-Registry-Auth": ed.registry_auth_header("AWS", registry.password, registry.host)}
+        sid = swarm.post("/services/create", headers=auth,
+                         json=every_field_spec(f"every-{tag}", old, secret, config, network, free_port()))["ID"]
         created = swarm.service(sid)["Spec"]
         container = created["TaskTemplate"]["ContainerSpec"]
         assert container["CapabilityAdd"] == ["CAP_NET_ADMIN"] and container["Ulimits"]  # 1.41: both engines
@@ -2053,7 +2058,7 @@ def test_update_keeper_and_rollback_keep_every_field_of_the_spec(aws, images, cl
 # ---- what the operator meant: which tag a service follows, Swarm jobs, the keeper's side effects, whose rollout
 
 def docker_cli(swarm, config_dir, *args, stdin=None):
-    """The real docker CLI of the swarm's engine (its own release) against its dockerd, with a throwaway DOCKER_CONFIG."""
+    """The docker CLI of the swarm's engine (its own release) against its dockerd, with a throwaway DOCKER_CONFIG."""
     if not swarm.engine.docker:
         rig_unavailable(f"the docker CLI of the {swarm.engine.name} engine is not installed")
     env = {**os.environ, "DOCKER_HOST": swarm.docker_host, "DOCKER_CONFIG": str(config_dir)}
