@@ -1768,8 +1768,9 @@ def api_version_to_use(daemon_version: object, socket: str) -> str:
     if match is None:
         raise DockerError(f"Docker at {socket} answered GET /version without an API version ({daemon_version!r})")
     if (int(match[1]), int(match[2])) < OLDEST_API:
-        raise Misconfigured(f"Docker at {socket} speaks API {daemon_version}; ecr-deploy needs {'.'.join(map(str, OLDEST_API))} "
-                            "or newer (Docker 20.10 or newer)")
+        oldest = ".".join(map(str, OLDEST_API))
+        raise Misconfigured(f"Docker at {socket} speaks API {daemon_version}; ecr-deploy needs {oldest} or newer "
+                            "(Docker 20.10 or newer)")
     return f"{int(match[1])}.{int(match[2])}"
 
 
