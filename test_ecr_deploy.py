@@ -709,16 +709,17 @@ def clean_swarm(request):
     swarm.remove_all_services()
 
 
-# Where engines differ most: an update out of sequence (500 on 20.10, 409 since), the keeper's re-post, a
-# rollback pulling with the token it forwards, a stack deployed by the engine's own CLI, a spec's every field
-# through update, keeper and rollback. These run on bookworm's 20.10 as well; the rest only on the current
-# engine (each test on a second engine costs the suite its time).
+# Where engines differ most: an update and the registry auth it forwards, an update out of sequence (500 on
+# 20.10, 409 since), the keeper's re-post, a rollback, a stack deployed by the engine's own CLI, a spec's every
+# field through update, keeper and rollback. These run on bookworm's 20.10 as well; the rest only on the
+# current engine (each test on a second engine costs the suite its time).
 ON_BOTH_ENGINES = pytest.mark.parametrize("clean_swarm", ["swarm", "bookworm_swarm"], ids=["current", "bookworm"],
                                           indirect=True)
 
 
 # =========================================================================== deploying on the rig
 
+@ON_BOTH_ENGINES
 def test_push_updates_every_matching_service_with_forwarded_registry_auth(aws, images, clean_swarm):
     swarm, registry = clean_swarm, REGISTRIES[0]
     repo = images.new_repository()
