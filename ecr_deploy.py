@@ -1286,16 +1286,35 @@ def signature_trust(labels: dict | None, default: Trust | None) -> Trust | None:
     return default if text is None else parse_trust(text)
 
 
-def notation_statement(policy: dict, repository: str) -> str | None:
-    """The name of the trust policy statement Notation applies to a repository (host/path): the one
-    scoping it by name, else the one scoping "*" (Notation's own rule); None when none does."""
+def notation_statement(policy: dict, repository: str) -> dict | None:
+    """The trust policy statement Notation applies to a repository (host/path): the one scoping it by
+    name, else the one scoping "*" (Notation's own rule); None when none does."""
     statements = policy.get("trustPolicies") if isinstance(policy, dict) else None
     named = [s for s in statements or [] if isinstance(s, dict)]
     for scope in (repository, "*"):
         for statement in named:
-            if scope in (statement.get("registryScopes") or []):
-                return str(statement.get("name"))
+            scopes = statement.get("registryScopes")
+            if isinstance(scopes, list) and scope in scopes:
+                return statement
     return None
+
+
+# Notation's checks that must be enforced for "signed by an identity this manager trusts" to hold. Its
+# levels other than strict only log some of them, and still exit 0: "skip" for an unsigned image,
+# "audit" for a stranger's signature, "permissive" for an expired or revoked certificate.
+ENFORCED_CHECKS = ("integrity", "authenticity", "expiry", "revocation")
+
+
+def notation_laxity(statement: dict) -> str | None:
+    """Why Notation, under this statement, could say "verified" of a digest no trusted identity signed."""
+    verification = statement.get("signatureVerification")
+    level = verification.get("level") if isinstance(verification, dict) else None
+    if level != "strict":
+        return f"its signatureVerification level is {level!r}, not 'strict'"
+    override = verification.get("override") or {}
+    relaxed = sorted(check for check in ENFORCED_CHECKS if isinstance(override, dict)
+                     and override.get(check, "enforce") != "enforce")
+    return f"its override relaxes {', '.join(relaxed)}" if relaxed else None
 
 
 # Why a verifier refused, in words an operator acts on: the first pattern found in what it said wins.
@@ -2140,7 +2159,7 @@ class SignatureGate:
 
     def verify(self, trust: Trust, push: Push, digest: str) -> Verdict:
         reference = f"{push.image.rpartition(':')[0]}@{digest}"  # HOST/REPOSITORY@DIGEST: exactly this digest
-        if trust.verifier == "notation" and trust.material:
+        if trust.verifier == "notation":
             wrong = self.wrong_statement(trust.material, reference.partition("@")[0])
             if wrong:
                 return Verdict("blocked", wrong)
@@ -2166,16 +2185,22 @@ class SignatureGate:
         return Verdict("blocked", signature_reason(trust.verifier, done.returncode, done.stderr))
 
     def wrong_statement(self, name: str, repository: str) -> str | None:
-        """Why Notation would not apply the named trust policy statement to this repository, or None."""
+        """Why the trust policy statement Notation applies to this repository cannot be relied on (none,
+        one that does not enforce, not the one named), or None."""
         path = os.path.join(self.notation_dir, "trustpolicy.json")  # (notation 1.3 never reads trustpolicy.oci.json)
         try:
             with open(path, encoding="utf-8") as file:
                 applied = notation_statement(json.load(file), repository)
         except (OSError, ValueError) as e:
             return f"cannot read Notation's trust policy {path}: {e}"
-        if applied != name:
-            return f"Notation's trust policy applies {'statement ' + repr(applied) if applied else 'no statement'} " \
+        applied_name = applied and str(applied.get("name"))
+        if name and applied_name != name:
+            return f"Notation's trust policy applies {'statement ' + repr(applied_name) if applied else 'no statement'} " \
                    f"to {repository}, not {name!r} ({SIGNATURE_LABEL}={Trust('notation', name)})"
+        lax = applied and notation_laxity(applied)
+        if lax:
+            return f"Notation's trust policy statement {applied_name!r} for {repository} would pass a digest no " \
+                   f"trusted identity signed: {lax} ({path})"
         return None
 
     def notation(self, trust: Trust, reference: str, home: str, username: str, password: str):

@@ -2994,7 +2994,24 @@ POLICY = {"version": "1.0", "trustPolicies": [
     ([], f"{HOST}/team/web", None),
 ])
 def test_notation_statement_is_the_one_scoping_the_repository_else_the_wildcard(policy, repository, expected):
-    assert ed.notation_statement(policy, repository) == expected
+    statement = ed.notation_statement(policy, repository)
+    assert (statement and statement["name"]) == expected
+
+
+@pytest.mark.parametrize("verification, lax", [
+    ({"level": "strict"}, None),
+    ({"level": "strict", "override": {"revocation": "enforce"}}, None),
+    ({"level": "skip"}, "level is 'skip'"),
+    ({"level": "audit"}, "level is 'audit'"),
+    ({"level": "permissive"}, "level is 'permissive'"),
+    ({"level": "strict", "override": {"revocation": "log"}}, "relaxes revocation"),
+    ({"level": "strict", "override": {"expiry": "skip", "authenticity": "log"}}, "relaxes authenticity, expiry"),
+    ({}, "level is None"),
+    (None, "level is None"),
+])
+def test_a_notation_statement_that_only_logs_a_check_is_lax(verification, lax):
+    found = ed.notation_laxity({"name": "tp", "signatureVerification": verification})
+    assert (found is None) if lax is None else (lax in found), found
 
 
 # =========================================================================== signatures: the real verifiers
@@ -3306,6 +3323,34 @@ def test_a_signature_pushed_after_the_image_rolls_on_its_referrer_event_or_the_n
     assert service_image_of(swarm, ids["sig-lost-event"])[0] == f"{registry.host}/{repo}:latest@{v2}"
     assert aws.queue_depth(queue) == 0
 
+
+
+@pytest.mark.parametrize("level", ["skip", "audit"])
+def test_review_a_trust_policy_that_does_not_enforce_authenticity_does_not_pass_the_gate(
+        aws, images, clean_swarm, signers, verifiers, tmp_path, level):
+    """REVIEW: Notation's "skip" level exits 0 for an unsigned image, "audit" for a stranger's signature."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    folder, _ = verifiers
+    trust = tmp_path / "notation"
+    shutil.copytree(signers.notation_trust, trust)
+    policy = json.loads((trust / "trustpolicy.json").read_text())
+    policy["trustPolicies"][0]["signatureVerification"]["level"] = level
+    if level == "skip":
+        for key in ("trustStores", "trustedIdentities"):
+            policy["trustPolicies"][0].pop(key)
+    (trust / "trustpolicy.json").write_text(json.dumps(policy))
+    repo = images.new_repository()
+    v1, v2 = (images.push(repo, "latest", f"{repo} {n}") for n in (1, 2))
+    if level == "audit":
+        signing.sign_notation(signers, registry, repo, v2, identity="other")
+    sid = swarm.create_service("sig-review", f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0,
+                               labels={ed.SIGNATURE_LABEL: "notation"})
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    env = {**signature_env(aws, swarm, signers, str(folder)), "DEPLOYER_NOTATION_DIR": str(trust)}
+    run = run_once(env, "--queue", queue, "--reconcile-every", "0")
+    assert service_image_of(swarm, sid)[0].endswith(v1), "rolled to a digest no trusted identity signed"
+    assert f"level is '{level}', not 'strict'" in run.stderr, run.stderr
 
 def ed_run(command: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
