@@ -2128,6 +2128,30 @@ VERIFY_TIMEOUT = 30  # seconds a verifier may take; well inside the watchdog (Sy
 COSIGN_VERIFY = ("verify", "--insecure-ignore-tlog=true")
 
 
+# What a verifier inherits from the deployer's environment: the system's locale, CA and proxies, and for
+# notation (AWS Signer's plugin calls Signer) the AWS SDK's settings; not the deployer's other settings.
+VERIFIER_ENVIRONMENT = re.compile(r"PATH|LANG|LC_[A-Z]+|TZ|SSL_CERT_(?:FILE|DIR)|(?:HTTPS?|NO|ALL)_PROXY", re.I)
+
+
+def verifier_environment(environ, verifier: str) -> dict[str, str]:
+    return {name: value for name, value in environ.items() if VERIFIER_ENVIRONMENT.fullmatch(name)
+            or (verifier == "notation" and name.startswith("AWS_"))}
+
+
+def run_bounded(command: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run a verifier in a process group of its own, so that a timeout kills what it started too
+    (notation runs AWS Signer's plugin as a child), not just the verifier."""
+    with subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, errors="replace", start_new_session=True) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
 class SignatureGate:
     """Lets a gated service (its label, else --signature) roll only to a digest that carries a valid
     signature by an identity the operator trusts, as the reference verifiers decide (notation, cosign:
@@ -2165,21 +2189,21 @@ class SignatureGate:
                 return Verdict("blocked", wrong)
         username, password = self.ecr.credentials(push.account, push.region)
         self.heartbeat()
-        with tempfile.TemporaryDirectory(prefix="ecr-deploy-verify-") as home:
-            command, env = (self.notation if trust.verifier == "notation" else self.cosign)(
-                trust, reference, home, username, password)
-            try:
-                done = subprocess.run(command, env={**os.environ, "HOME": home, **env}, stdin=subprocess.DEVNULL,
-                                      capture_output=True, text=True, errors="replace", timeout=self.timeout)
-            except FileNotFoundError:
+        try:  # (the temporary home and cosign's Docker config too: a full or read-only /tmp blocks, it does not stall the batch)
+            with tempfile.TemporaryDirectory(prefix="ecr-deploy-verify-") as home:
+                command, env = (self.notation if trust.verifier == "notation" else self.cosign)(
+                    trust, reference, home, username, password)
+                done = run_bounded(command, {**verifier_environment(os.environ, trust.verifier), "HOME": home, **env},
+                                   self.timeout)
+        except subprocess.TimeoutExpired:
+            return Verdict("blocked", f"{trust.verifier} gave no answer within {self.timeout:.0f}s")
+        except OSError as e:
+            if isinstance(e, FileNotFoundError) and e.filename == trust.verifier:  # (not the temporary folder's)
                 return Verdict("blocked", f"{trust.verifier} is not installed on this manager (or not on the "
                                           f"deployer's PATH): see README, Signature gate")
-            except subprocess.TimeoutExpired:
-                return Verdict("blocked", f"{trust.verifier} gave no answer within {self.timeout:.0f}s")
-            except OSError as e:
-                return Verdict("blocked", f"cannot run {trust.verifier}: {e}")
-            finally:
-                self.heartbeat()
+            return Verdict("blocked", f"cannot run {trust.verifier}: {e}")
+        finally:
+            self.heartbeat()
         if done.returncode == 0:
             return Verdict("deploy", f"{trust.verifier} verified a signature of {short_digest(digest)} ({trust})")
         return Verdict("blocked", signature_reason(trust.verifier, done.returncode, done.stderr))

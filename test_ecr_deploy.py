@@ -3116,6 +3116,38 @@ def test_notation_refuses_a_signature_whose_certificate_has_expired(images, sign
         'verification time is after certificate "…" validity period, it was expired at "…"']
 
 
+def test_a_verifier_inherits_the_system_s_settings_and_not_the_deployer_s():
+    environ = {"PATH": "/usr/bin", "LANG": "C.UTF-8", "SSL_CERT_FILE": "/ca.pem", "https_proxy": "http://proxy:3128",
+               "AWS_REGION": "eu-west-1", "AWS_SECRET_ACCESS_KEY": "secret", "DEPLOYER_NOTIFY_URL": "https://hook/t",
+               "COSIGN_REPOSITORY": "elsewhere/signatures", "NOTATION_LIBEXEC": "/tmp/plugins", "DOCKER_CONFIG": "/x"}
+    system = {"PATH": "/usr/bin", "LANG": "C.UTF-8", "SSL_CERT_FILE": "/ca.pem", "https_proxy": "http://proxy:3128"}
+    assert ed.verifier_environment(environ, "cosign") == system
+    assert ed.verifier_environment(environ, "notation") == {**system, "AWS_REGION": "eu-west-1",
+                                                             "AWS_SECRET_ACCESS_KEY": "secret"}
+
+
+def test_a_verifier_that_hangs_is_killed_with_what_it_started(tmp_path):
+    started = tmp_path / "started"
+    with pytest.raises(subprocess.TimeoutExpired):
+        ed.run_bounded(["sh", "-c", f"sleep 300 & echo $! > {started}; wait"], {"PATH": "/usr/bin:/bin"}, 1)
+    child = pathlib.Path(f"/proc/{started.read_text().strip()}/stat")
+    wait_for(lambda: not child.exists() or child.read_text().split(") ")[1][0] in "ZX", 10,
+             what=lambda: child.read_text() if child.exists() else "gone")
+
+
+def test_a_signature_gate_without_a_usable_temporary_folder_blocks(monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))  # as a full or unwritable /tmp would
+
+    class Credentials:
+        def credentials(self, account, region):
+            return "AWS", "token"
+
+    gate = ed.SignatureGate(Credentials(), ed.Trust("cosign", "/k.pub"), str(tmp_path))
+    push = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A)
+    verdict = gate.verdict({"Spec": {}}, push, DIGEST_A)
+    assert verdict.decision == "blocked" and verdict.reason.startswith("cannot run cosign: "), verdict
+
+
 NOTATION_REFUSED = ("level=info msg=Reference sha256:aa resolved to manifest descriptor: {{Digest:sha256:aa}}\n"
                     "level=warning msg=Signature sha256:5f failed verification with error: {}\n"
                     "Error: signature verification failed for all the signatures associated with {}/team/web@{}\n")
