@@ -3138,14 +3138,51 @@ def test_a_verifier_that_hangs_is_killed_with_what_it_started(tmp_path):
 def test_a_signature_gate_without_a_usable_temporary_folder_blocks(monkeypatch, tmp_path):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))  # as a full or unwritable /tmp would
 
-    class Credentials:
-        def credentials(self, account, region):
-            return "AWS", "token"
-
-    gate = ed.SignatureGate(Credentials(), ed.Trust("cosign", "/k.pub"), str(tmp_path))
+    gate = ed.SignatureGate(FixedCredentials(), ed.Trust("cosign", "/k.pub"), str(tmp_path))
     push = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A)
     verdict = gate.verdict({"Spec": {}}, push, DIGEST_A)
     assert verdict.decision == "blocked" and verdict.reason.startswith("cannot run cosign: "), verdict
+
+
+class FixedCredentials:
+    def credentials(self, account, region):
+        return "AWS", "token"
+
+
+def notation_dir_with(tmp_path, *statements) -> str:
+    (tmp_path / "trustpolicy.json").write_text(json.dumps({"version": "1.0", "trustPolicies": list(statements)}))
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("label, statements, reason", [
+    ("notation:web", [{"name": "all", "registryScopes": ["*"], "signatureVerification": {"level": "strict"}}],
+     "Notation's trust policy applies statement 'all' to 123456789012.dkr.ecr.us-east-1.amazonaws.com/team/web, "
+     "not 'web'"),
+    ("notation", [], "notation is not installed"),  # no statement applies: left to notation, which refuses
+    ("notation", [{"name": "all", "registryScopes": ["*"], "signatureVerification": {"level": "skip"}}],
+     "statement 'all' for 123456789012.dkr.ecr.us-east-1.amazonaws.com/team/web would pass a digest no trusted "
+     "identity signed: its signatureVerification level is 'skip', not 'strict'"),
+])
+def test_the_notation_statement_is_checked_before_notation_runs(tmp_path, monkeypatch, label, statements, reason):
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))  # were notation run, it would be "not installed"
+    gate = ed.SignatureGate(FixedCredentials(), None, notation_dir_with(tmp_path, *statements))
+    push = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A)
+    verdict = gate.verdict({"Spec": {"Labels": {ed.SIGNATURE_LABEL: label}}}, push, DIGEST_A)
+    assert verdict.decision == "blocked" and reason in verdict.reason, verdict
+
+
+def test_a_verifier_that_gives_no_answer_blocks_within_the_bound(tmp_path, monkeypatch):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "cosign").write_text("#!/bin/sh\nsleep 300\n")
+    (folder / "cosign").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}:/usr/bin:/bin")
+    beats = []
+    gate = ed.SignatureGate(FixedCredentials(), ed.Trust("cosign", "/k.pub"), str(tmp_path), timeout=1,
+                            heartbeat=lambda: beats.append(1))
+    push = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A)
+    assert gate.verdict({"Spec": {}}, push, DIGEST_A) == ed.Verdict("blocked", "cosign gave no answer within 1s")
+    assert len(beats) == 2  # before and after: the watchdog is fed around the run
 
 
 NOTATION_REFUSED = ("level=info msg=Reference sha256:aa resolved to manifest descriptor: {{Digest:sha256:aa}}\n"
