@@ -1290,7 +1290,7 @@ def notation_statement(policy: dict, repository: str) -> dict | None:
     """The trust policy statement Notation applies to a repository (host/path): the one scoping it by
     name, else the one scoping "*" (Notation's own rule); None when none does."""
     statements = policy.get("trustPolicies") if isinstance(policy, dict) else None
-    named = [s for s in statements or [] if isinstance(s, dict)]
+    named = [s for s in statements if isinstance(s, dict)] if isinstance(statements, list) else []
     for scope in (repository, "*"):
         for statement in named:
             scopes = statement.get("registryScopes")

@@ -2992,6 +2992,8 @@ POLICY = {"version": "1.0", "trustPolicies": [
     ({"trustPolicies": [POLICY["trustPolicies"][1]]}, f"{HOST}/team/other", None),
     ({}, f"{HOST}/team/web", None),
     ([], f"{HOST}/team/web", None),
+    ({"trustPolicies": 5}, f"{HOST}/team/web", None),  # malformed: no statement, never an exception out of the gate
+    ({"trustPolicies": [{"name": "x", "registryScopes": 5}]}, f"{HOST}/team/web", None),
 ])
 def test_notation_statement_is_the_one_scoping_the_repository_else_the_wildcard(policy, repository, expected):
     statement = ed.notation_statement(policy, repository)
