@@ -3397,9 +3397,9 @@ def test_a_signature_pushed_after_the_image_rolls_on_its_referrer_event_or_the_n
 
 
 @pytest.mark.parametrize("level", ["skip", "audit"])
-def test_review_a_trust_policy_that_does_not_enforce_authenticity_does_not_pass_the_gate(
+def test_a_trust_policy_statement_that_skips_or_only_logs_a_check_blocks_instead_of_passing(
         aws, images, clean_swarm, signers, verifiers, tmp_path, level):
-    """REVIEW: Notation's "skip" level exits 0 for an unsigned image, "audit" for a stranger's signature."""
+    """notation exits 0 under "skip" for an unsigned image, under "audit" for a stranger's signature."""
     swarm, registry = clean_swarm, REGISTRIES[0]
     folder, _ = verifiers
     trust = tmp_path / "notation"
