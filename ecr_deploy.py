@@ -2168,6 +2168,12 @@ class SignatureGate:
     def new_cycle(self) -> None:
         self._verdicts.clear()  # a signature may have been pushed since
 
+    def gates(self, service: dict) -> bool:
+        try:
+            return signature_trust(service["Spec"].get("Labels"), self.default) is not None
+        except ValueError:
+            return True  # blocked for its label: gated all the same
+
     def verdict(self, service: dict, push: Push, digest: str) -> Verdict | None:
         """None for an ungated service; raises AwsError when no ECR token can be had (retry later)."""
         try:
@@ -2187,6 +2193,8 @@ class SignatureGate:
             wrong = self.wrong_statement(trust.material, reference.partition("@")[0])
             if wrong:
                 return Verdict("blocked", wrong)
+        elif not os.path.isfile(trust.material):  # (a device or a FIFO would keep cosign reading)
+            return Verdict("blocked", f"cosign's public key {trust.material} is not a file on this manager")
         username, password = self.ecr.credentials(push.account, push.region)
         self.heartbeat()
         try:  # (the temporary home and cosign's Docker config too: a full or read-only /tmp blocks, it does not stall the batch)
@@ -2212,6 +2220,9 @@ class SignatureGate:
         """Why the trust policy statement Notation applies to this repository cannot be relied on (none,
         one that does not enforce, not the one named), or None."""
         path = os.path.join(self.notation_dir, "trustpolicy.json")  # (notation 1.3 never reads trustpolicy.oci.json)
+        if os.path.exists(os.path.join(self.notation_dir, "trustpolicy.oci.json")):
+            return f"{self.notation_dir} holds trustpolicy.oci.json as well as trustpolicy.json: newer notation " \
+                   f"releases read the first, 1.3 the second; keep trustpolicy.json alone"
         try:
             with open(path, encoding="utf-8") as file:
                 applied = notation_statement(json.load(file), repository)
@@ -2371,6 +2382,16 @@ class Deployer:
             log.info("Signature %s@%s: not followed under --trust-events; the tag's next push rolls its gated "
                      "services", what.repository, what.digest)
             return []
+        key, gate = (what.account, what.region, what.repository), self.signature_gate
+        try:
+            gated = gate is not None and any(gate.gates(service) for service in self.services_in({key})[key])
+        except DockerError as e:
+            log.error("%s; the signature event of %s@%s is kept for retry", e, what.repository, what.digest)
+            return None
+        if not gated:  # (nothing asked of ECR for a repository nobody gates: every signature pushed comes here)
+            log.info("Signature %s@%s: no service of that repository has a signature gate; nothing to deploy",
+                     what.repository, what.digest)
+            return []
         try:
             signed = self.ecr.signed_image(what)
         except AwsError as e:
@@ -2407,6 +2428,10 @@ class Deployer:
     @property
     def scan_gate(self) -> ScanGate | None:
         return next((gate for gate in self.gates if isinstance(gate, ScanGate)), None)
+
+    @property
+    def signature_gate(self) -> SignatureGate | None:
+        return next((gate for gate in self.gates if isinstance(gate, SignatureGate)), None)
 
     def scan_pushes(self, scan: ScanDone) -> list[Push] | None:
         """The pushes a scan event stands for: one per tag the image had; for an untagged image, one per

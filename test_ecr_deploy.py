@@ -3140,10 +3140,34 @@ def test_a_verifier_that_hangs_is_killed_with_what_it_started(tmp_path):
 def test_a_signature_gate_without_a_usable_temporary_folder_blocks(monkeypatch, tmp_path):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))  # as a full or unwritable /tmp would
 
-    gate = ed.SignatureGate(FixedCredentials(), ed.Trust("cosign", "/k.pub"), str(tmp_path))
+    key = tmp_path / "k.pub"
+    key.write_text("a public key")
+    gate = ed.SignatureGate(FixedCredentials(), ed.Trust("cosign", str(key)), str(tmp_path))
     push = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A)
     verdict = gate.verdict({"Spec": {}}, push, DIGEST_A)
     assert verdict.decision == "blocked" and verdict.reason.startswith("cannot run cosign: "), verdict
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda folder: None, "cosign's public key {key} is not a file on this manager"),
+    (lambda folder: (folder / "k.pub").mkdir(), "cosign's public key {key} is not a file on this manager"),
+    (lambda folder: os.mkfifo(folder / "k.pub"), "cosign's public key {key} is not a file on this manager"),
+])
+def test_a_cosign_key_that_is_no_file_blocks_before_cosign_runs(tmp_path, make, reason):
+    make(tmp_path)
+    key = tmp_path / "k.pub"
+    gate = ed.SignatureGate(FixedCredentials(), ed.Trust("cosign", str(key)), str(tmp_path))
+    verdict = gate.verdict({"Spec": {}}, ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A), DIGEST_A)
+    assert verdict == ed.Verdict("blocked", reason.format(key=key))
+
+
+def test_two_notation_trust_policy_files_block_before_notation_runs(tmp_path):
+    for name in ("trustpolicy.json", "trustpolicy.oci.json"):
+        (tmp_path / name).write_text(json.dumps({"version": "1.0", "trustPolicies": [
+            {"name": "all", "registryScopes": ["*"], "signatureVerification": {"level": "strict"}}]}))
+    gate = ed.SignatureGate(FixedCredentials(), ed.Trust("notation", ""), str(tmp_path))
+    verdict = gate.verdict({"Spec": {}}, ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A), DIGEST_A)
+    assert verdict.decision == "blocked" and "keep trustpolicy.json alone" in verdict.reason
 
 
 class FixedCredentials:
@@ -3379,10 +3403,13 @@ def test_a_signature_pushed_after_the_image_rolls_on_its_referrer_event_or_the_n
     legacy = signing.sign_cosign(signers, registry, repo, v2, legacy=True)
     aws.send(queue, event(repository=repo, tag=signing.legacy_signature_tag(v2), digest=legacy))
     repo, v1, v2 = repos["sig-later"]
-    aws.send(queue, referrer_event(repository=repo, digest=signatures["sig-later"]))
+    aws.send(queue, referrer_event(repository=repo, digest=signatures["sig-later"]),
+             referrer_event(repository="team/nobody-gates-this", digest=DIGEST_A))
     second = run_once(env, "--queue", queue, "--reconcile-every", "0")
     assert second.returncode == 0, second.stderr
     assert f"Signature {repo}@{signatures['sig-later']} signs {v2} (tags: latest)" in second.stderr
+    assert f"Signature team/nobody-gates-this@{DIGEST_A}: no service of that repository has a signature gate; " \
+           "nothing to deploy" in second.stderr  # and ECR is not asked
     assert service_image_of(swarm, ids["sig-later"])[0] == f"{registry.host}/{repo}:latest@{v2}"
     assert labels_of(swarm, ids["sig-later"])[ed.SOURCE_LABEL].startswith("signature event ")
     repo, _, v2 = repos["sig-legacy-cosign"]
