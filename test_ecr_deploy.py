@@ -3278,10 +3278,9 @@ def verifiers(tmp_path):
     return folder, calls
 
 
-def signature_env(aws, swarm, signers, path: str) -> dict:
-    env = deployer_env(aws, swarm, PATH=f"{path}:/usr/bin:/bin", SSL_CERT_FILE=REGISTRIES[0].ca,
-                       DEPLOYER_NOTATION_DIR=str(signers.notation_trust))
-    return env
+def signature_env(aws, swarm, signers, path: str, **extra) -> dict:
+    return deployer_env(aws, swarm, PATH=f"{path}:/usr/bin:/bin", SSL_CERT_FILE=REGISTRIES[0].ca,
+                        DEPLOYER_NOTATION_DIR=str(signers.notation_trust), **extra)
 
 
 def verifier_calls(calls: pathlib.Path) -> list[str]:
@@ -3330,18 +3329,22 @@ def test_signature_gate_rolls_only_to_digests_a_trusted_identity_signed(aws, ima
         repos[name] = (repo, v1, v2)
         ids[name] = swarm.create_service(name, f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0,
                                          labels={ed.SIGNATURE_LABEL: label})
-    # on the same pushes: another service gated alike (its digest is verified once), and an ungated one
-    for name, twin, labels in (("sig-notation-twin", "sig-notation", {ed.SIGNATURE_LABEL: "notation"}),
-                               ("sig-ungated", "sig-notation-unsigned", {})):
+    # on the same pushes: another service gated alike (its digest is verified once), one gated by the fleet
+    # default (--signature), and one whose label exempts it from that default
+    for name, twin, labels, outcome in (
+            ("sig-notation-twin", "sig-notation", {ed.SIGNATURE_LABEL: "notation"}, "deployed"),
+            ("sig-default", "sig-notation-unsigned", {}, "no signature of this digest"),
+            ("sig-ungated", "sig-notation-unsigned", {ed.SIGNATURE_LABEL: "off"}, "deployed")):
         repos[name] = repos[twin]
         ids[name] = swarm.create_service(name, f"{registry.host}/{repos[twin][0]}:latest@{repos[twin][1]}",
                                          registry=registry, replicas=0, labels=labels)
-        cases[name] = (labels, None, "deployed")
+        cases[name] = (labels, None, outcome)
     queue = aws.new_queue()
     aws.send(queue, *(event(repository=repo, digest=v2) for repo, _, v2 in {r[0]: r for r in repos.values()}.values()))
     folder, calls = verifiers
     summary = tmp_path / "summary.json"
-    run = run_once(signature_env(aws, swarm, signers, str(folder)), "--queue", queue, "--notify-url", webhook.url,
+    run = run_once(signature_env(aws, swarm, signers, str(folder), DEPLOYER_SIGNATURE="notation"), "--queue", queue,
+                   "--notify-url", webhook.url,
                    "--summary-file", str(summary), "--log-level", "DEBUG", "--reconcile-every", "0")  # one cycle
 
     assert run.returncode == 0, run.stderr  # blocked is an answer: every message is done
