@@ -1286,16 +1286,35 @@ def signature_trust(labels: dict | None, default: Trust | None) -> Trust | None:
     return default if text is None else parse_trust(text)
 
 
-def notation_statement(policy: dict, repository: str) -> str | None:
-    """The name of the trust policy statement Notation applies to a repository (host/path): the one
-    scoping it by name, else the one scoping "*" (Notation's own rule); None when none does."""
+def notation_statement(policy: dict, repository: str) -> dict | None:
+    """The trust policy statement Notation applies to a repository (host/path): the one scoping it by
+    name, else the one scoping "*" (Notation's own rule); None when none does."""
     statements = policy.get("trustPolicies") if isinstance(policy, dict) else None
-    named = [s for s in statements or [] if isinstance(s, dict)]
+    named = [s for s in statements if isinstance(s, dict)] if isinstance(statements, list) else []
     for scope in (repository, "*"):
         for statement in named:
-            if scope in (statement.get("registryScopes") or []):
-                return str(statement.get("name"))
+            scopes = statement.get("registryScopes")
+            if isinstance(scopes, list) and scope in scopes:
+                return statement
     return None
+
+
+# Notation's checks that must be enforced for "signed by an identity this manager trusts" to hold. Its
+# levels other than strict only log some of them, and still exit 0: "skip" for an unsigned image,
+# "audit" for a stranger's signature, "permissive" for an expired or revoked certificate.
+ENFORCED_CHECKS = ("integrity", "authenticity", "expiry", "revocation")
+
+
+def notation_laxity(statement: dict) -> str | None:
+    """Why Notation, under this statement, could say "verified" of a digest no trusted identity signed."""
+    verification = statement.get("signatureVerification")
+    level = verification.get("level") if isinstance(verification, dict) else None
+    if level != "strict":
+        return f"its signatureVerification level is {level!r}, not 'strict'"
+    override = verification.get("override") or {}
+    relaxed = sorted(check for check in ENFORCED_CHECKS if isinstance(override, dict)
+                     and override.get(check, "enforce") != "enforce")
+    return f"its override relaxes {', '.join(relaxed)}" if relaxed else None
 
 
 # Why a verifier refused, in words an operator acts on: the first pattern found in what it said wins.
@@ -2140,6 +2159,30 @@ VERIFY_TIMEOUT = 30  # seconds a verifier may take; well inside the watchdog (Sy
 COSIGN_VERIFY = ("verify", "--insecure-ignore-tlog=true")
 
 
+# What a verifier inherits from the deployer's environment: the system's locale, CA and proxies, and for
+# notation (AWS Signer's plugin calls Signer) the AWS SDK's settings; not the deployer's other settings.
+VERIFIER_ENVIRONMENT = re.compile(r"PATH|LANG|LC_[A-Z]+|TZ|SSL_CERT_(?:FILE|DIR)|(?:HTTPS?|NO|ALL)_PROXY", re.I)
+
+
+def verifier_environment(environ, verifier: str) -> dict[str, str]:
+    return {name: value for name, value in environ.items() if VERIFIER_ENVIRONMENT.fullmatch(name)
+            or (verifier == "notation" and name.startswith("AWS_"))}
+
+
+def run_bounded(command: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run a verifier in a process group of its own, so that a timeout kills what it started too
+    (notation runs AWS Signer's plugin as a child), not just the verifier."""
+    with subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, errors="replace", start_new_session=True) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
 class SignatureGate:
     """Lets a gated service (its label, else --signature) roll only to a digest that carries a valid
     signature by an identity the operator trusts, as the reference verifiers decide (notation, cosign:
@@ -2156,6 +2199,12 @@ class SignatureGate:
     def new_cycle(self) -> None:
         self._verdicts.clear()  # a signature may have been pushed since
 
+    def gates(self, service: dict) -> bool:
+        try:
+            return signature_trust(service["Spec"].get("Labels"), self.default) is not None
+        except ValueError:
+            return True  # blocked for its label: gated all the same
+
     def verdict(self, service: dict, push: Push, digest: str) -> Verdict | None:
         """None for an ungated service; raises AwsError when no ECR token can be had (retry later)."""
         try:
@@ -2171,42 +2220,53 @@ class SignatureGate:
 
     def verify(self, trust: Trust, push: Push, digest: str) -> Verdict:
         reference = f"{push.image.rpartition(':')[0]}@{digest}"  # HOST/REPOSITORY@DIGEST: exactly this digest
-        if trust.verifier == "notation" and trust.material:
+        if trust.verifier == "notation":
             wrong = self.wrong_statement(trust.material, reference.partition("@")[0])
             if wrong:
                 return Verdict("blocked", wrong)
+        elif not os.path.isfile(trust.material):  # (a device or a FIFO would keep cosign reading)
+            return Verdict("blocked", f"cosign's public key {trust.material} is not a file on this manager")
         username, password = self.ecr.credentials(push.account, push.region)
         self.heartbeat()
-        with tempfile.TemporaryDirectory(prefix="ecr-deploy-verify-") as home:
-            command, env = (self.notation if trust.verifier == "notation" else self.cosign)(
-                trust, reference, home, username, password)
-            try:
-                done = subprocess.run(command, env={**os.environ, "HOME": home, **env}, stdin=subprocess.DEVNULL,
-                                      capture_output=True, text=True, errors="replace", timeout=self.timeout)
-            except FileNotFoundError:
+        try:  # (the temporary home and cosign's Docker config too: a full or read-only /tmp blocks, it does not stall the batch)
+            with tempfile.TemporaryDirectory(prefix="ecr-deploy-verify-") as home:
+                command, env = (self.notation if trust.verifier == "notation" else self.cosign)(
+                    trust, reference, home, username, password)
+                done = run_bounded(command, {**verifier_environment(os.environ, trust.verifier), "HOME": home, **env},
+                                   self.timeout)
+        except subprocess.TimeoutExpired:
+            return Verdict("blocked", f"{trust.verifier} gave no answer within {self.timeout:.0f}s")
+        except OSError as e:
+            if isinstance(e, FileNotFoundError) and e.filename == trust.verifier:  # (not the temporary folder's)
                 return Verdict("blocked", f"{trust.verifier} is not installed on this manager (or not on the "
                                           f"deployer's PATH): see README, Signature gate")
-            except subprocess.TimeoutExpired:
-                return Verdict("blocked", f"{trust.verifier} gave no answer within {self.timeout:.0f}s")
-            except OSError as e:
-                return Verdict("blocked", f"cannot run {trust.verifier}: {e}")
-            finally:
-                self.heartbeat()
+            return Verdict("blocked", f"cannot run {trust.verifier}: {e}")
+        finally:
+            self.heartbeat()
         if done.returncode == 0:
             return Verdict("deploy", f"{trust.verifier} verified a signature of {short_digest(digest)} ({trust})")
         return Verdict("blocked", signature_reason(trust.verifier, done.returncode, done.stderr))
 
     def wrong_statement(self, name: str, repository: str) -> str | None:
-        """Why Notation would not apply the named trust policy statement to this repository, or None."""
+        """Why the trust policy statement Notation applies to this repository cannot be relied on (none,
+        one that does not enforce, not the one named), or None."""
         path = os.path.join(self.notation_dir, "trustpolicy.json")  # (notation 1.3 never reads trustpolicy.oci.json)
+        if os.path.exists(os.path.join(self.notation_dir, "trustpolicy.oci.json")):
+            return f"{self.notation_dir} holds trustpolicy.oci.json as well as trustpolicy.json: newer notation " \
+                   f"releases read the first, 1.3 the second; keep trustpolicy.json alone"
         try:
             with open(path, encoding="utf-8") as file:
                 applied = notation_statement(json.load(file), repository)
         except (OSError, ValueError) as e:
             return f"cannot read Notation's trust policy {path}: {e}"
-        if applied != name:
-            return f"Notation's trust policy applies {'statement ' + repr(applied) if applied else 'no statement'} " \
+        applied_name = applied and str(applied.get("name"))
+        if name and applied_name != name:
+            return f"Notation's trust policy applies {'statement ' + repr(applied_name) if applied else 'no statement'} " \
                    f"to {repository}, not {name!r} ({SIGNATURE_LABEL}={Trust('notation', name)})"
+        lax = applied and notation_laxity(applied)
+        if lax:
+            return f"Notation's trust policy statement {applied_name!r} for {repository} would pass a digest no " \
+                   f"trusted identity signed: {lax} ({path})"
         return None
 
     def notation(self, trust: Trust, reference: str, home: str, username: str, password: str):
@@ -2353,6 +2413,16 @@ class Deployer:
             log.info("Signature %s@%s: not followed under --trust-events; the tag's next push rolls its gated "
                      "services", what.repository, what.digest)
             return []
+        key, gate = (what.account, what.region, what.repository), self.signature_gate
+        try:
+            gated = gate is not None and any(gate.gates(service) for service in self.services_in({key})[key])
+        except DockerError as e:
+            log.error("%s; the signature event of %s@%s is kept for retry", e, what.repository, what.digest)
+            return None
+        if not gated:  # (nothing asked of ECR for a repository nobody gates: every signature pushed comes here)
+            log.info("Signature %s@%s: no service of that repository has a signature gate; nothing to deploy",
+                     what.repository, what.digest)
+            return []
         try:
             signed = self.ecr.signed_image(what)
         except AwsError as e:
@@ -2389,6 +2459,10 @@ class Deployer:
     @property
     def scan_gate(self) -> ScanGate | None:
         return next((gate for gate in self.gates if isinstance(gate, ScanGate)), None)
+
+    @property
+    def signature_gate(self) -> SignatureGate | None:
+        return next((gate for gate in self.gates if isinstance(gate, SignatureGate)), None)
 
     def scan_pushes(self, scan: ScanDone) -> list[Push] | None:
         """The pushes a scan event stands for: one per tag the image had; for an untagged image, one per

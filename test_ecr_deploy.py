@@ -965,9 +965,10 @@ def mutated_events(draw):
 
 def assert_total_and_valid(body):
     result = ed.parse_message(body)  # must not raise
-    assert isinstance(result, (ed.Push, ed.ScanDone, ed.Ignored))
-    if isinstance(result, ed.ScanDone):
-        assert result.tags and all(ed.is_valid("tag", tag) for tag in result.tags)
+    assert isinstance(result, (ed.Push, ed.ScanDone, ed.Signed, ed.Ignored))
+    if isinstance(result, (ed.ScanDone, ed.Signed)):  # a scan's tags may be none (an index's platform image)
+        assert all(ed.is_valid("tag", tag) for tag in getattr(result, "tags", ()))
+        assert getattr(result, "subject", "") == "" or ed.is_valid("digest", result.subject)
         for name in ("account", "region", "repository", "digest"):
             assert ed.is_valid(name, getattr(result, name)), (name, result)
     elif isinstance(result, ed.Push):
@@ -3223,9 +3224,28 @@ POLICY = {"version": "1.0", "trustPolicies": [
     ({"trustPolicies": [POLICY["trustPolicies"][1]]}, f"{HOST}/team/other", None),
     ({}, f"{HOST}/team/web", None),
     ([], f"{HOST}/team/web", None),
+    ({"trustPolicies": 5}, f"{HOST}/team/web", None),  # malformed: no statement, never an exception out of the gate
+    ({"trustPolicies": [{"name": "x", "registryScopes": 5}]}, f"{HOST}/team/web", None),
 ])
 def test_notation_statement_is_the_one_scoping_the_repository_else_the_wildcard(policy, repository, expected):
-    assert ed.notation_statement(policy, repository) == expected
+    statement = ed.notation_statement(policy, repository)
+    assert (statement and statement["name"]) == expected
+
+
+@pytest.mark.parametrize("verification, lax", [
+    ({"level": "strict"}, None),
+    ({"level": "strict", "override": {"revocation": "enforce"}}, None),
+    ({"level": "skip"}, "level is 'skip'"),
+    ({"level": "audit"}, "level is 'audit'"),
+    ({"level": "permissive"}, "level is 'permissive'"),
+    ({"level": "strict", "override": {"revocation": "log"}}, "relaxes revocation"),
+    ({"level": "strict", "override": {"expiry": "skip", "authenticity": "log"}}, "relaxes authenticity, expiry"),
+    ({}, "level is None"),
+    (None, "level is None"),
+])
+def test_a_notation_statement_that_only_logs_a_check_is_lax(verification, lax):
+    found = ed.notation_laxity({"name": "tp", "signatureVerification": verification})
+    assert (found is None) if lax is None else (lax in found), found
 
 
 # =========================================================================== signatures: the real verifiers
@@ -3330,6 +3350,99 @@ def test_notation_refuses_a_signature_whose_certificate_has_expired(images, sign
         'verification time is after certificate "…" validity period, it was expired at "…"']
 
 
+def test_a_verifier_inherits_the_system_s_settings_and_not_the_deployer_s():
+    environ = {"PATH": "/usr/bin", "LANG": "C.UTF-8", "SSL_CERT_FILE": "/ca.pem", "https_proxy": "http://proxy:3128",
+               "AWS_REGION": "eu-west-1", "AWS_SECRET_ACCESS_KEY": "secret", "DEPLOYER_NOTIFY_URL": "https://hook/t",
+               "COSIGN_REPOSITORY": "elsewhere/signatures", "NOTATION_LIBEXEC": "/tmp/plugins", "DOCKER_CONFIG": "/x"}
+    system = {"PATH": "/usr/bin", "LANG": "C.UTF-8", "SSL_CERT_FILE": "/ca.pem", "https_proxy": "http://proxy:3128"}
+    assert ed.verifier_environment(environ, "cosign") == system
+    assert ed.verifier_environment(environ, "notation") == {**system, "AWS_REGION": "eu-west-1",
+                                                             "AWS_SECRET_ACCESS_KEY": "secret"}
+
+
+def test_a_verifier_that_hangs_is_killed_with_what_it_started(tmp_path):
+    started = tmp_path / "started"
+    with pytest.raises(subprocess.TimeoutExpired):
+        ed.run_bounded(["sh", "-c", f"sleep 300 & echo $! > {started}; wait"], {"PATH": "/usr/bin:/bin"}, 1)
+    child = pathlib.Path(f"/proc/{started.read_text().strip()}/stat")
+    wait_for(lambda: not child.exists() or child.read_text().split(") ")[1][0] in "ZX", 10,
+             what=lambda: child.read_text() if child.exists() else "gone")
+
+
+def test_a_signature_gate_without_a_usable_temporary_folder_blocks(monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))  # as a full or unwritable /tmp would
+
+    key = tmp_path / "k.pub"
+    key.write_text("a public key")
+    gate = ed.SignatureGate(FixedCredentials(), ed.Trust("cosign", str(key)), str(tmp_path))
+    push = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A)
+    verdict = gate.verdict({"Spec": {}}, push, DIGEST_A)
+    assert verdict.decision == "blocked" and verdict.reason.startswith("cannot run cosign: "), verdict
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda folder: None, "cosign's public key {key} is not a file on this manager"),
+    (lambda folder: (folder / "k.pub").mkdir(), "cosign's public key {key} is not a file on this manager"),
+    (lambda folder: os.mkfifo(folder / "k.pub"), "cosign's public key {key} is not a file on this manager"),
+])
+def test_a_cosign_key_that_is_no_file_blocks_before_cosign_runs(tmp_path, make, reason):
+    make(tmp_path)
+    key = tmp_path / "k.pub"
+    gate = ed.SignatureGate(FixedCredentials(), ed.Trust("cosign", str(key)), str(tmp_path))
+    verdict = gate.verdict({"Spec": {}}, ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A), DIGEST_A)
+    assert verdict == ed.Verdict("blocked", reason.format(key=key))
+
+
+def test_two_notation_trust_policy_files_block_before_notation_runs(tmp_path):
+    for name in ("trustpolicy.json", "trustpolicy.oci.json"):
+        (tmp_path / name).write_text(json.dumps({"version": "1.0", "trustPolicies": [
+            {"name": "all", "registryScopes": ["*"], "signatureVerification": {"level": "strict"}}]}))
+    gate = ed.SignatureGate(FixedCredentials(), ed.Trust("notation", ""), str(tmp_path))
+    verdict = gate.verdict({"Spec": {}}, ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A), DIGEST_A)
+    assert verdict.decision == "blocked" and "keep trustpolicy.json alone" in verdict.reason
+
+
+class FixedCredentials:
+    def credentials(self, account, region):
+        return "AWS", "token"
+
+
+def notation_dir_with(tmp_path, *statements) -> str:
+    (tmp_path / "trustpolicy.json").write_text(json.dumps({"version": "1.0", "trustPolicies": list(statements)}))
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("label, statements, reason", [
+    ("notation:web", [{"name": "all", "registryScopes": ["*"], "signatureVerification": {"level": "strict"}}],
+     "Notation's trust policy applies statement 'all' to 123456789012.dkr.ecr.us-east-1.amazonaws.com/team/web, "
+     "not 'web'"),
+    ("notation", [], "notation is not installed"),  # no statement applies: left to notation, which refuses
+    ("notation", [{"name": "all", "registryScopes": ["*"], "signatureVerification": {"level": "skip"}}],
+     "statement 'all' for 123456789012.dkr.ecr.us-east-1.amazonaws.com/team/web would pass a digest no trusted "
+     "identity signed: its signatureVerification level is 'skip', not 'strict'"),
+])
+def test_the_notation_statement_is_checked_before_notation_runs(tmp_path, monkeypatch, label, statements, reason):
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))  # were notation run, it would be "not installed"
+    gate = ed.SignatureGate(FixedCredentials(), None, notation_dir_with(tmp_path, *statements))
+    push = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A)
+    verdict = gate.verdict({"Spec": {"Labels": {ed.SIGNATURE_LABEL: label}}}, push, DIGEST_A)
+    assert verdict.decision == "blocked" and reason in verdict.reason, verdict
+
+
+def test_a_verifier_that_gives_no_answer_blocks_within_the_bound(tmp_path, monkeypatch):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "cosign").write_text("#!/bin/sh\nsleep 300\n")
+    (folder / "cosign").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}:/usr/bin:/bin")
+    beats = []
+    gate = ed.SignatureGate(FixedCredentials(), ed.Trust("cosign", "/k.pub"), str(tmp_path), timeout=1,
+                            heartbeat=lambda: beats.append(1))
+    push = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A)
+    assert gate.verdict({"Spec": {}}, push, DIGEST_A) == ed.Verdict("blocked", "cosign gave no answer within 1s")
+    assert len(beats) == 2  # before and after: the watchdog is fed around the run
+
+
 NOTATION_REFUSED = ("level=info msg=Reference sha256:aa resolved to manifest descriptor: {{Digest:sha256:aa}}\n"
                     "level=warning msg=Signature sha256:5f failed verification with error: {}\n"
                     "Error: signature verification failed for all the signatures associated with {}/team/web@{}\n")
@@ -3397,10 +3510,9 @@ def verifiers(tmp_path):
     return folder, calls
 
 
-def signature_env(aws, swarm, signers, path: str) -> dict:
-    env = deployer_env(aws, swarm, PATH=f"{path}:/usr/bin:/bin", SSL_CERT_FILE=REGISTRIES[0].ca,
-                       DEPLOYER_NOTATION_DIR=str(signers.notation_trust))
-    return env
+def signature_env(aws, swarm, signers, path: str, **extra) -> dict:
+    return deployer_env(aws, swarm, PATH=f"{path}:/usr/bin:/bin", SSL_CERT_FILE=REGISTRIES[0].ca,
+                        DEPLOYER_NOTATION_DIR=str(signers.notation_trust), **extra)
 
 
 def verifier_calls(calls: pathlib.Path) -> list[str]:
@@ -3449,18 +3561,22 @@ def test_signature_gate_rolls_only_to_digests_a_trusted_identity_signed(aws, ima
         repos[name] = (repo, v1, v2)
         ids[name] = swarm.create_service(name, f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0,
                                          labels={ed.SIGNATURE_LABEL: label})
-    # on the same pushes: another service gated alike (its digest is verified once), and an ungated one
-    for name, twin, labels in (("sig-notation-twin", "sig-notation", {ed.SIGNATURE_LABEL: "notation"}),
-                               ("sig-ungated", "sig-notation-unsigned", {})):
+    # on the same pushes: another service gated alike (its digest is verified once), one gated by the fleet
+    # default (--signature), and one whose label exempts it from that default
+    for name, twin, labels, outcome in (
+            ("sig-notation-twin", "sig-notation", {ed.SIGNATURE_LABEL: "notation"}, "deployed"),
+            ("sig-default", "sig-notation-unsigned", {}, "no signature of this digest"),
+            ("sig-ungated", "sig-notation-unsigned", {ed.SIGNATURE_LABEL: "off"}, "deployed")):
         repos[name] = repos[twin]
         ids[name] = swarm.create_service(name, f"{registry.host}/{repos[twin][0]}:latest@{repos[twin][1]}",
                                          registry=registry, replicas=0, labels=labels)
-        cases[name] = (labels, None, "deployed")
+        cases[name] = (labels, None, outcome)
     queue = aws.new_queue()
     aws.send(queue, *(event(repository=repo, digest=v2) for repo, _, v2 in {r[0]: r for r in repos.values()}.values()))
     folder, calls = verifiers
     summary = tmp_path / "summary.json"
-    run = run_once(signature_env(aws, swarm, signers, str(folder)), "--queue", queue, "--notify-url", webhook.url,
+    run = run_once(signature_env(aws, swarm, signers, str(folder), DEPLOYER_SIGNATURE="notation"), "--queue", queue,
+                   "--notify-url", webhook.url,
                    "--summary-file", str(summary), "--log-level", "DEBUG", "--reconcile-every", "0")  # one cycle
 
     assert run.returncode == 0, run.stderr  # blocked is an answer: every message is done
@@ -3522,10 +3638,13 @@ def test_a_signature_pushed_after_the_image_rolls_on_its_referrer_event_or_the_n
     legacy = signing.sign_cosign(signers, registry, repo, v2, legacy=True)
     aws.send(queue, event(repository=repo, tag=signing.legacy_signature_tag(v2), digest=legacy))
     repo, v1, v2 = repos["sig-later"]
-    aws.send(queue, referrer_event(repository=repo, digest=signatures["sig-later"]))
+    aws.send(queue, referrer_event(repository=repo, digest=signatures["sig-later"]),
+             referrer_event(repository="team/nobody-gates-this", digest=DIGEST_A))
     second = run_once(env, "--queue", queue, "--reconcile-every", "0")
     assert second.returncode == 0, second.stderr
     assert f"Signature {repo}@{signatures['sig-later']} signs {v2} (tags: latest)" in second.stderr
+    assert f"Signature team/nobody-gates-this@{DIGEST_A}: no service of that repository has a signature gate; " \
+           "nothing to deploy" in second.stderr  # and ECR is not asked
     assert service_image_of(swarm, ids["sig-later"])[0] == f"{registry.host}/{repo}:latest@{v2}"
     assert labels_of(swarm, ids["sig-later"])[ed.SOURCE_LABEL].startswith("signature event ")
     repo, _, v2 = repos["sig-legacy-cosign"]
@@ -3537,6 +3656,34 @@ def test_a_signature_pushed_after_the_image_rolls_on_its_referrer_event_or_the_n
     assert service_image_of(swarm, ids["sig-lost-event"])[0] == f"{registry.host}/{repo}:latest@{v2}"
     assert aws.queue_depth(queue) == 0
 
+
+
+@pytest.mark.parametrize("level", ["skip", "audit"])
+def test_a_trust_policy_statement_that_skips_or_only_logs_a_check_blocks_instead_of_passing(
+        aws, images, clean_swarm, signers, verifiers, tmp_path, level):
+    """notation exits 0 under "skip" for an unsigned image, under "audit" for a stranger's signature."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    folder, _ = verifiers
+    trust = tmp_path / "notation"
+    shutil.copytree(signers.notation_trust, trust)
+    policy = json.loads((trust / "trustpolicy.json").read_text())
+    policy["trustPolicies"][0]["signatureVerification"]["level"] = level
+    if level == "skip":
+        for key in ("trustStores", "trustedIdentities"):
+            policy["trustPolicies"][0].pop(key)
+    (trust / "trustpolicy.json").write_text(json.dumps(policy))
+    repo = images.new_repository()
+    v1, v2 = (images.push(repo, "latest", f"{repo} {n}") for n in (1, 2))
+    if level == "audit":
+        signing.sign_notation(signers, registry, repo, v2, identity="other")
+    sid = swarm.create_service("sig-review", f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0,
+                               labels={ed.SIGNATURE_LABEL: "notation"})
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    env = {**signature_env(aws, swarm, signers, str(folder)), "DEPLOYER_NOTATION_DIR": str(trust)}
+    run = run_once(env, "--queue", queue, "--reconcile-every", "0")
+    assert service_image_of(swarm, sid)[0].endswith(v1), "rolled to a digest no trusted identity signed"
+    assert f"level is '{level}', not 'strict'" in run.stderr, run.stderr
 
 def ed_run(command: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
