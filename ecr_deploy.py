@@ -7,7 +7,8 @@ Swarm service running that tag to the digest ECR says the tag points to *now*, p
 digest, with fresh ECR credentials forwarded to Swarm. Services may opt in to a scan gate:
 rolled only to digests whose ECR scan is clean enough ("ECR Image Scan" events trigger them); an
 image index (what `docker buildx build --push` pushes), which ECR does not scan, by the scans of
-its platform images.
+its platform images; and to a signature gate: rolled only to digests signed by an identity the
+operator trusts, as notation or cosign verify it ("ECR Referrer Action" events trigger them).
 
 Events are the fast path, not the truth: a reconcile pass compares every service that follows a
 tag with what the tag points to in ECR now; the operator's release policy (windows, min-age, waves,
@@ -15,8 +16,9 @@ promotion) decides when; what must survive a restart lives on the service's labe
 
 Read top-down: configuration, events (pure), images (pure: references, which tag a service
 follows), specs (pure), service labels (pure: provenance, failure records), release policy (pure),
-status (pure), rollouts (pure), scan gate (pure), AWS shell, Docker shell (and loop mode's
-ServiceIndex, kept current from Docker's events), the scan gate, the drain cycle (Deployer; Rollouts,
+status (pure), rollouts (pure), scan gate (pure), signature gate (pure), AWS shell, Docker shell (and
+loop mode's ServiceIndex, kept current from Docker's events), the gates (ScanGate; SignatureGate, which
+runs notation or cosign), the drain cycle (Deployer; Rollouts,
 which follows and rolls back; AuthKeeper, the registry-auth keeper), the reconcile pass (Reconciler),
 receiving (Receiver: batches bounded in time, held invisible while worked on), reports, logging and
 systemd, status (read-only), main.
@@ -2084,13 +2086,41 @@ class ServiceCache:
             self.store(service, listed_at)
 
 
-# --------------------------------------------------------------------------- the scan gate
+# --------------------------------------------------------------------------- the gates
 
-class ScanGate:
+class Gate:
+    """What the scan and signature gates share: a service opts in with its label, else the fleet-wide
+    flag; `off` exempts it; a label that cannot be read blocks it (a gate never fails open)."""
+    name = "gate"
+    label = ""
+
+    def setting(self, labels: dict | None):
+        """The service's setting (None: not gated); raises ValueError for a bad label."""
+        raise NotImplementedError
+
+    def gates(self, service: dict) -> bool:
+        try:
+            return self.setting(service["Spec"].get("Labels")) is not None
+        except ValueError:
+            return True  # blocked for its label: gated all the same
+
+    def verdict(self, service: dict, push: Push, digest: str) -> Verdict | None:
+        """None for an ungated service; raises AwsError when ECR cannot be asked (retry later)."""
+        try:
+            setting = self.setting(service["Spec"].get("Labels"))
+        except ValueError as e:
+            return Verdict("blocked", f"label {self.label}: {e}")
+        return None if setting is None else self.judge(setting, push, digest)
+
+    def judge(self, setting, push: Push, digest: str) -> Verdict:
+        raise NotImplementedError
+
+
+class ScanGate(Gate):
     """Lets a gated service (its label, else --scan-threshold) roll only to a digest whose ECR scan
     is clean enough; an image index, to one whose platform images' scans all are. ECR is asked once
     per digest and drain cycle, however many services wait on it."""
-    name = "scan gate"
+    name, label = "scan gate", SCAN_THRESHOLD_LABEL
 
     def __init__(self, ecr: Ecr, default_threshold: str | None, timeout: float):
         self.ecr, self.default_threshold, self.timeout = ecr, default_threshold, timeout
@@ -2101,11 +2131,8 @@ class ScanGate:
         self._scans.clear()  # a pending scan may have finished since
         self._indexes.clear()  # (a digest's manifest never changes; this only bounds the memory)
 
-    def gates(self, service: dict) -> bool:
-        try:
-            return scan_threshold(service["Spec"].get("Labels"), self.default_threshold) is not None
-        except ValueError:
-            return True  # blocked for its label: gated all the same
+    def setting(self, labels: dict | None) -> str | None:
+        return scan_threshold(labels, self.default_threshold)
 
     def platform_images(self, account: str, region: str, repository: str, digest: str,
                         media_type: str | None = None, manifest: Manifest | None = None
@@ -2128,14 +2155,7 @@ class ScanGate:
             self._scans[key] = self.ecr.scan(*key)
         return self._scans[key]
 
-    def verdict(self, service: dict, push: Push, digest: str) -> Verdict | None:
-        """None for an ungated service; raises AwsError when ECR cannot be asked (retry later)."""
-        try:
-            threshold = scan_threshold(service["Spec"].get("Labels"), self.default_threshold)
-        except ValueError as e:
-            return Verdict("blocked", f"label {SCAN_THRESHOLD_LABEL}: {e}")
-        if threshold is None:
-            return None
+    def judge(self, threshold: str, push: Push, digest: str) -> Verdict:
         where = (push.account, push.region, push.repository)
         try:
             images = self.platform_images(*where, digest, self.ecr.media_types.get((*where, digest)))
@@ -2152,7 +2172,7 @@ class ScanGate:
         return index_verdict([(image, judged(image.digest)) for image in images])
 
 
-# --------------------------------------------------------------------------- the signature gate
+# ---- the signature gate
 
 VERIFY_TIMEOUT = 30  # seconds a verifier may take; well inside the watchdog (Systemd.HEALTHY_FOR)
 # Cosign checks a key's signature offline: no transparency log (Rekor) or signing config is asked for.
@@ -2183,12 +2203,12 @@ def run_bounded(command: list[str], env: dict, timeout: float) -> subprocess.Com
     return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
-class SignatureGate:
+class SignatureGate(Gate):
     """Lets a gated service (its label, else --signature) roll only to a digest that carries a valid
     signature by an identity the operator trusts, as the reference verifiers decide (notation, cosign:
     bounded subprocesses, argument lists, the ECR token in their environment, never in argv). Each
     digest is verified once per drain cycle, however many services wait on it."""
-    name = "signature gate"
+    name, label = "signature gate", SIGNATURE_LABEL
 
     def __init__(self, ecr: Ecr, default: Trust | None, notation_dir: str, timeout: float = VERIFY_TIMEOUT,
                  heartbeat=lambda: None):
@@ -2199,20 +2219,10 @@ class SignatureGate:
     def new_cycle(self) -> None:
         self._verdicts.clear()  # a signature may have been pushed since
 
-    def gates(self, service: dict) -> bool:
-        try:
-            return signature_trust(service["Spec"].get("Labels"), self.default) is not None
-        except ValueError:
-            return True  # blocked for its label: gated all the same
+    def setting(self, labels: dict | None) -> Trust | None:
+        return signature_trust(labels, self.default)
 
-    def verdict(self, service: dict, push: Push, digest: str) -> Verdict | None:
-        """None for an ungated service; raises AwsError when no ECR token can be had (retry later)."""
-        try:
-            trust = signature_trust(service["Spec"].get("Labels"), self.default)
-        except ValueError as e:
-            return Verdict("blocked", f"label {SIGNATURE_LABEL}: {e}")
-        if trust is None:
-            return None
+    def judge(self, trust: Trust, push: Push, digest: str) -> Verdict:
         key = (trust, push.account, push.region, push.repository, digest)
         if key not in self._verdicts:
             self._verdicts[key] = self.verify(trust, push, digest)
