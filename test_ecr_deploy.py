@@ -3435,8 +3435,9 @@ def test_a_verifier_that_gives_no_answer_blocks_within_the_bound(tmp_path, monke
     (folder / "cosign").write_text("#!/bin/sh\nsleep 300\n")
     (folder / "cosign").chmod(0o755)
     monkeypatch.setenv("PATH", f"{folder}:/usr/bin:/bin")
-    beats = []
-    gate = ed.SignatureGate(FixedCredentials(), ed.Trust("cosign", "/k.pub"), str(tmp_path), timeout=1,
+    beats, key = [], tmp_path / "k.pub"
+    key.write_text("a public key")
+    gate = ed.SignatureGate(FixedCredentials(), ed.Trust("cosign", str(key)), str(tmp_path), timeout=1,
                             heartbeat=lambda: beats.append(1))
     push = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A)
     assert gate.verdict({"Spec": {}}, push, DIGEST_A) == ed.Verdict("blocked", "cosign gave no answer within 1s")
