@@ -4616,6 +4616,7 @@ def buildx_service(images, swarm, name, contents=("v1", "v2"), replicas=0, label
     return repo, pushes, sid, refs
 
 
+@ON_BOTH_ENGINES
 def test_a_buildx_push_is_an_index_in_ecr_as_real_ecr_keeps_it_and_deploys_pinned_to_the_index(
         aws, images, clean_swarm):
     swarm, registry = clean_swarm, REGISTRIES[0]
@@ -4647,6 +4648,7 @@ def test_a_buildx_push_is_an_index_in_ecr_as_real_ecr_keeps_it_and_deploys_pinne
     assert aws.queue_depth(queue) == 0
 
 
+@ON_BOTH_ENGINES
 def test_a_broken_buildx_push_is_rolled_back_to_the_previous_index(aws, images, clean_swarm):
     swarm = clean_swarm
     repo, (p1, p2), sid, (old, new) = buildx_service(images, swarm, "indexed-broken", replicas=1,
@@ -4663,6 +4665,7 @@ def test_a_broken_buildx_push_is_rolled_back_to_the_previous_index(aws, images, 
     swarm.wait_running(sid, old)
 
 
+@ON_BOTH_ENGINES
 def test_the_keeper_lets_a_service_on_an_index_pull_later_and_status_reads_it(aws, images, clean_swarm):
     swarm, registry = clean_swarm, REGISTRIES[0]
     repo = images.new_repository()
