@@ -4934,9 +4934,12 @@ def test_leader_killed_as_a_push_arrives_updates_once_after_the_election(aws, im
     assert log.index("Docker has not answered GET /services") < log.index("Updated service survivor"), log
     assert len(updated_lines(log)) == 1 and service_image_of(follower, sid) == (new, 1)  # exactly once
     assert "Traceback" not in log
-    # The rollout is reported as Swarm ended it; and v2 did reach every node (waited for above).
+    # The rollout is reported as Swarm ended it; and v2 did reach every node (waited for above). Swarm
+    # usually completes it; Docker 28 at times pauses it instead, counting the task it had started on the
+    # killed node as failed (a crash mid-update is the operator's to look at: the deployer says so).
     state = follower.service(sid)["UpdateStatus"]["State"]
-    assert state == "completed" and f"Rollout of survivor ({sid[:12]}) to {new} completed after" in log
+    assert state in ("completed", "paused"), state
+    assert f"Rollout of survivor ({sid[:12]}) to {new} {state} after" in log, log
     with capsys.disabled():
         print(f"\n[cluster] leader SIGKILLed with a push in flight: spec updated after {spec_updated:.1f}s, "
               f"rollout reported {state} after {reported:.1f}s, v2 on every node after {converged:.1f}s "
