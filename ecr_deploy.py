@@ -1056,10 +1056,11 @@ OUTCOME_WORDS = {"completed": "completed", "promoted": "promoted", "paused": "pa
 
 
 def notification(outcome: str, service: str, service_id: str, image: str, duration: float,
-                 node: str, message: str, rollback: bool = False, gate: str = "scan gate") -> dict:
-    """One JSON document per outcome: `text` for Slack/Teams webhooks, the rest for machines."""
+                 node: str, message: str, rollback: bool = False, gate: str = "") -> dict:
+    """One JSON document per outcome: `text` for Slack/Teams webhooks, the rest for machines. `gate`:
+    which one blocked it."""
     words = OUTCOME_WORDS[outcome.removeprefix("rollback_") if rollback else outcome]
-    words = f"{words} by its {gate}" if outcome == "blocked" else words
+    words = f"{words} by its {gate}" if gate else words
     after = "" if outcome in ("blocked", "promoted") else f" after {duration:.1f}s"  # no rollout was timed
     text = f"ecr-deploy on {node}: {'rollback' if rollback else 'rollout'} of {service} to {image} {words}" \
            f"{after}" + (f": {message}" if message else "")
@@ -1573,9 +1574,6 @@ SCAN_ERRORS = {"ScanNotFoundException": "NOT_FOUND", "AccessDeniedException": "D
                "ImageNotFoundException": "GONE", "RepositoryNotFoundException": "GONE"}
 
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-
-
 class Ecr:
     def __init__(self, session: botocore.session.Session, on_request=None):
         self._session = session
@@ -1664,46 +1662,45 @@ class Ecr:
         return Manifest(digest, text, media_type if isinstance(media_type, str) else None)
 
     def signed_image(self, signed: Signed) -> tuple[str, list[str]] | None:
-        """The image a signature names as its subject, and that image's tags now: BatchGetImage of the
-        signature's manifest (unless the event named the subject), DescribeImages of the subject. None
-        when either is gone (or there is no subject)."""
-        client, where = self._client(signed.region), f"{signed.repository}@{signed.digest}"
-        try:
-            subject = signed.subject
-            if not subject:
-                images = client.batch_get_image(registryId=signed.account, repositoryName=signed.repository,
-                                                imageIds=[{"imageDigest": signed.digest}],
-                                                acceptedMediaTypes=[OCI_MANIFEST])["images"]
-                subject = images and (json.loads(images[0]["imageManifest"]).get("subject") or {}).get("digest")
-            if not isinstance(subject, str) or not DIGEST.fullmatch(subject):
+        """The image a signature names as its subject, and that image's tags now: the signature's manifest
+        (unless the event named the subject), DescribeImages of the subject. None when either is gone (or
+        there is no subject)."""
+        subject = signed.subject
+        if not subject:
+            signature = self.manifest(signed.account, signed.region, signed.repository, {"imageDigest": signed.digest})
+            try:
+                subject = signature and (json.loads(signature.text).get("subject") or {}).get("digest")
+            except (ValueError, AttributeError):  # not a manifest we can read: it names no image
                 return None
-            details = client.describe_images(registryId=signed.account, repositoryName=signed.repository,
-                                             imageIds=[{"imageDigest": subject}])["imageDetails"]
+        if not is_valid("digest", subject):
+            return None
+        try:
+            details = self._client(signed.region).describe_images(
+                registryId=signed.account, repositoryName=signed.repository,
+                imageIds=[{"imageDigest": subject}]).get("imageDetails") or []
         except AWS_ERRORS as e:
             if error_code(e) in ("ImageNotFoundException", "RepositoryNotFoundException"):
                 return None
-            raise AccessDenied.wrap(e, f"cannot read the signature {where} in ECR ({signed.account}, "
+            raise AccessDenied.wrap(e, f"cannot look up {signed.repository}@{subject} in ECR ({signed.account}, "
                                        f"{signed.region})") from None
-        except (KeyError, ValueError, AttributeError):  # not a manifest we can read: it names no image
-            return None
         return subject, [tag for detail in details for tag in detail.get("imageTags") or [] if is_valid("tag", tag)]
 
     def promote(self, account: str, region: str, repository: str, digest: str, tag: str) -> bool:
         """Tag the digest as TAG with its own manifest bytes (an image index stays an index, the digest does
         not change). False if TAG was there already (another manager, a redelivery): nothing done twice."""
-        client = self._client(region)
+        manifest = self.manifest(account, region, repository, {"imageDigest": digest})
+        if manifest is None:
+            raise AwsError(f"ECR has no manifest of {repository}@{digest}")
         try:
-            image = client.batch_get_image(registryId=account, repositoryName=repository,
-                                           imageIds=[{"imageDigest": digest}])["images"][0]
-            client.put_image(registryId=account, repositoryName=repository, imageManifest=image["imageManifest"],
-                             imageManifestMediaType=image.get("imageManifestMediaType") or
-                             json.loads(image["imageManifest"]).get("mediaType"), imageTag=tag, imageDigest=digest)
+            media_type = manifest.media_type or json.loads(manifest.text).get("mediaType")
+            self._client(region).put_image(registryId=account, repositoryName=repository, imageManifest=manifest.text,
+                                           imageManifestMediaType=media_type, imageTag=tag, imageDigest=digest)
         except AWS_ERRORS as e:
             if error_code(e) == "ImageAlreadyExistsException":
                 return False
             raise AwsError.wrap(e, f"cannot tag {repository}@{digest} as {tag} in ECR ({account}, {region})") from None
-        except (KeyError, IndexError, ValueError):
-            raise AwsError(f"ECR has no manifest of {repository}@{digest}") from None
+        except (ValueError, AttributeError):
+            raise AwsError(f"ECR holds a manifest of {repository}@{digest} that is not JSON") from None
         return True
 
     def scan(self, account: str, region: str, repository: str, digest: str) -> Scan:
@@ -2453,6 +2450,7 @@ class Deployer:
             gate.new_cycle()
         self.answers: dict[tuple, TagAnswer] = {}  # image key -> ECR's answer this cycle
         self.listing: list[dict] = []  # the services as listed this cycle (for AFTER_LABEL)
+        self._listed: list[dict] | None = None  # GET /services, once a cycle however many events ask (no index)
 
     def count(self, result: CycleResult) -> None:
         messages = self.totals["messages"]
@@ -2594,8 +2592,13 @@ class Deployer:
         return deployed, waiting
 
     def services(self) -> list[dict]:
-        """Every service in the swarm, as a push cycle sees them: the index's in loop mode, else listed."""
-        return self.service_index.services() if self.service_index else self.docker.services()
+        """Every service in the swarm, as a push cycle sees them: the index's in loop mode, else listed
+        once per cycle (the events of a batch that name no tag ask too: scans of untagged images, signatures)."""
+        if self.service_index:
+            return self.service_index.services()
+        if self._listed is None:
+            self._listed = self.docker.services()
+        return self._listed
 
     def services_in(self, repositories: set[tuple]) -> dict[tuple, list[dict]]:
         """The services running an image of each (account, region, repository), pinned or not."""
@@ -2605,7 +2608,7 @@ class Deployer:
         return {key: grouped.get(key, []) for key in repositories}
 
     def gated_pin(self, service: dict, push: Push, digest: str, result: CycleResult) -> bool | None:
-        """pin_service behind the scan gate: True done (or blocked), False failed, None waits for the scan."""
+        """pin_service behind the gates: True done (or blocked), False failed, None waits (for a scan)."""
         if runs_digest(service, digest) or (is_job(service["Spec"]) and not reruns_on_push(service["Spec"])):
             return self.pin_service(service, push, digest, result)  # says why it has nothing to do
         if (service.get("UpdateStatus") or {}).get("State") == "rollback_started":  # a post would cancel it

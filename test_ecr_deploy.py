@@ -2937,7 +2937,7 @@ def test_scan_flag_usage_errors_exit_2(monkeypatch, capsys, argv, env, message):
 
 def test_blocked_notification_names_the_reason_and_no_duration():
     doc = ed.notification("blocked", "web", "abc", f"{HOST}/team/web:latest@{DIGEST_B}", 0.0, "mgr-1",
-                          "ECR scan finds CRITICAL 1 (threshold HIGH)")
+                          "ECR scan finds CRITICAL 1 (threshold HIGH)", gate="scan gate")
     assert doc["text"] == (f"ecr-deploy on mgr-1: rollout of web to {HOST}/team/web:latest@{DIGEST_B} blocked by "
                            f"its scan gate: ECR scan finds CRITICAL 1 (threshold HIGH)")
     assert (doc["outcome"], doc["digest"]) == ("blocked", DIGEST_B)
