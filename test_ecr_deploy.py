@@ -2702,6 +2702,122 @@ def test_quick_start_demo_rolls_a_service_and_leaves_nothing_behind():
     assert GWBRIDGE.exists() == gwbridge_before
 
 
+# ---- the rig's Debian archive: taken from the machine's own apt sources (rig/unstable.py), pure
+
+DEBIAN_DEB822 = """\
+Types: deb
+# http://snapshot.debian.org/archive/debian/20250520T000000Z
+URIs: http://mirror.example.net/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://mirror.example.net/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+"""
+SECURITY_FIRST_DEB822 = """\
+Types: deb deb-src
+URIs: https://security.example.org/debian-security/
+Suites: trixie-security
+Components: main contrib non-free-firmware
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: https://ftp.example.org/debian/
+Suites: trixie trixie-updates
+Components: main contrib non-free non-free-firmware
+Signed-By:
+ -----BEGIN PGP PUBLIC KEY BLOCK-----
+ .
+ mQINBGPL0BUBEADmW5NdOOHwPIJlgPu6JDcKw/NZJPR8lsD3K87ZM18gzyQZJD+w
+ -----END PGP PUBLIC KEY BLOCK-----
+"""
+DISABLED_DEB822 = """\
+Types: deb
+URIs: http://disabled.example.org/debian
+Suites: unstable
+Components: main
+Enabled: no
+"""
+UBUNTU_DEB822 = """\
+Types: deb
+URIs: http://archive.ubuntu.com/ubuntu/
+Suites: noble noble-updates noble-backports
+Components: main restricted universe multiverse
+Signed-By: /usr/share/keyrings/ubuntu-archive-keyring.gpg
+
+Types: deb
+URIs: http://security.ubuntu.com/ubuntu/
+Suites: noble-security
+Components: main restricted universe multiverse
+Signed-By: /usr/share/keyrings/ubuntu-archive-keyring.gpg
+"""
+DEBIAN_ONE_LINE = """\
+# deb cdrom:[Debian GNU/Linux 12.5.0 _Bookworm_ - Official amd64 DVD Binary-1]/ bookworm main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg arch=amd64] http://security.debian.example/debian-security bookworm-security main
+deb http://updates.example.com/debian bookworm-updates main contrib
+deb-src http://src.example.com/debian bookworm main
+deb [ signed-by=/usr/share/keyrings/debian-archive-keyring.gpg ] http://one-line.example.com/debian/ bookworm main non-free-firmware  # the main one
+"""
+UBUNTU_ONE_LINE = """\
+deb http://archive.ubuntu.com/ubuntu/ jammy main restricted
+deb http://archive.ubuntu.com/ubuntu/ jammy-updates main restricted
+deb http://security.ubuntu.com/ubuntu jammy-security main restricted
+"""
+OTHER_VENDOR_ONE_LINE = "deb [signed-by=/usr/share/keyrings/cloud.google.gpg] https://packages.cloud.google.com/apt cloud-sdk main\n"
+CONTRIB_ONLY = "deb http://contrib-only.example.com/debian bookworm contrib non-free\n"
+
+
+@pytest.mark.parametrize("files, archive", [
+    ({"sources.list.d/debian.sources": DEBIAN_DEB822}, "http://mirror.example.net/debian"),
+    ({"sources.list.d/debian.sources": SECURITY_FIRST_DEB822}, "https://ftp.example.org/debian"),
+    ({"sources.list": DEBIAN_ONE_LINE}, "http://one-line.example.com/debian"),
+    # sources.list comes first, then sources.list.d/ in name order, as apt reads them.
+    ({"sources.list": OTHER_VENDOR_ONE_LINE, "sources.list.d/a.list": CONTRIB_ONLY,
+      "sources.list.d/b-disabled.sources": DISABLED_DEB822, "sources.list.d/c.sources": DEBIAN_DEB822},
+     "http://mirror.example.net/debian"),
+    ({"sources.list.d/debian.sources.disabled-by-farm": DEBIAN_DEB822,  # not a name apt reads
+      "sources.list.d/z.list": DEBIAN_ONE_LINE}, "http://one-line.example.com/debian"),
+    # Ubuntu's archive (and security, updates, other vendors, contrib only, disabled) is no Debian archive.
+    ({"sources.list.d/ubuntu.sources": UBUNTU_DEB822}, None),
+    ({"sources.list": UBUNTU_ONE_LINE + OTHER_VENDOR_ONE_LINE + CONTRIB_ONLY,
+      "sources.list.d/off.sources": DISABLED_DEB822}, None),
+    ({}, None),
+])
+def test_rig_takes_the_debian_archive_of_the_machines_apt_sources(tmp_path, files, archive):
+    from rig import unstable
+    (tmp_path / "sources.list.d").mkdir()
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    if archive is None:
+        with pytest.raises(RuntimeError, match="no Debian archive in this machine's apt sources.*ECR_DEPLOY_DEBIAN_ARCHIVE"):
+            unstable.debian_archive({}, tmp_path)
+    else:
+        assert unstable.debian_archive({}, tmp_path) == archive
+        assert unstable.unstable_sources(archive) == (
+            f"Types: deb\nURIs: {archive}\nSuites: unstable\nComponents: main\n"
+            "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n")
+    # The variable names another archive, whatever the sources say (a host whose sources are Ubuntu's).
+    named = {"ECR_DEPLOY_DEBIAN_ARCHIVE": "https://debian.example.edu/debian/"}
+    assert unstable.debian_archive(named, tmp_path) == "https://debian.example.edu/debian"
+
+
+@pytest.mark.parametrize("value", ["deb.debian.org/debian", "ftp://deb.debian.org/debian",
+                                   "http://deb.debian.org/debian main", "file:///srv/debian"])
+def test_rig_refuses_a_debian_archive_variable_that_is_no_http_url(tmp_path, value):
+    from rig import unstable
+    with pytest.raises(RuntimeError, match="ECR_DEPLOY_DEBIAN_ARCHIVE must be an http:// or https:// URL"):
+        unstable.debian_archive({"ECR_DEPLOY_DEBIAN_ARCHIVE": value}, tmp_path)
+
+
+def test_rig_names_no_mirror_host_in_its_code():
+    source = (HERE / "rig" / "unstable.py").read_text()
+    assert re.findall(r"https?://[\w.-]+", source) == [], "the archive comes from apt's sources or the variable"
+
+
 # =========================================================================== scan gate: pure
 
 @pytest.mark.parametrize("body,expected", [
