@@ -92,6 +92,13 @@ examples:
     ecr_deploy.py --status
   a reconcile pass from cron, without a queue:
     */5 * * * * flock -n /run/ecr-deploy.lock ecr_deploy.py --reconcile 2>&1 | logger -t ecr-deploy
+
+documentation (README.md, and in docs/):
+  install.md          AWS setup, the systemd unit, cron     options.md          every option, exit codes
+  which-tag.md        which tag a service follows           converging.md       reconcile pass, --status
+  rollouts.md         outcomes, rollback, auth refresh      release-policy.md   windows, min-age, waves
+  scan-gate.md        --scan-threshold                      signature-gate.md   --signature, notation
+  troubleshooting.md  what a log line means, and the fix
 """
 
 
@@ -2246,7 +2253,7 @@ class SignatureGate(Gate):
         except OSError as e:
             if isinstance(e, FileNotFoundError) and e.filename == trust.verifier:  # (not the temporary folder's)
                 return Verdict("blocked", f"{trust.verifier} is not installed on this manager (or not on the "
-                                          f"deployer's PATH): see README, Signature gate")
+                                          f"deployer's PATH): see docs/signature-gate.md")
             return Verdict("blocked", f"cannot run {trust.verifier}: {e}")
         finally:
             self.heartbeat()
@@ -3057,7 +3064,7 @@ def keeper_due(state: dict, now: float, interval: float, retry_after: float) -> 
 class AuthKeeper:
     """Keeps Swarm's registry auth of every ECR service alive (moby/moby#31063): Swarm keeps the auth of
     a service's last update and ECR tokens die after 12 h, so every `interval` it re-posts each ECR
-    service's unchanged spec with a fresh token. A re-post is an update, with side effects (README):
+    service's unchanged spec with a fresh token. A re-post is an update, with side effects (docs/rollouts.md):
     the spec becomes PreviousSpec and the UpdateStatus of the last real rollout is replaced, and tasks
     not yet READY are replaced; so it skips jobs, services mid-update or followed by us, and services
     with a task starting on a node (one on no node yet costs nothing to replace, and needs the auth).

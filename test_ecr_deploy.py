@@ -2264,7 +2264,7 @@ def test_a_timed_out_rollout_is_rolled_back_even_where_swarm_rolls_back_failures
     swarm.wait_running(sid, old)
 
 
-# =========================================================================== operations: systemd, logs, dry run, README setup
+# =========================================================================== operations: systemd, logs, dry run, the install page's AWS setup
 
 UNIT = HERE / "systemd" / "ecr-deploy.service"
 
@@ -2450,11 +2450,12 @@ def test_dry_run_changes_nothing_and_deletes_nothing(aws, images, clean_swarm):
     assert aws.queue_depth(queue) == 3  # all still there, back after the visibility timeout
 
 
-def readme_blocks(tag: str) -> list[str]:
-    return re.findall(rf"```bash {tag}\n(.*?)```", (HERE / "README.md").read_text(), re.S)
+def install_blocks(tag: str) -> list[str]:
+    """The copy-paste blocks of the install page marked ```bash TAG, in their order there."""
+    return re.findall(rf"```bash {tag}\n(.*?)```", (HERE / "docs" / "install.md").read_text(), re.S)
 
 
-def test_readme_aws_setup_blocks_run_against_moto(aws, tmp_path):
+def test_install_page_aws_setup_blocks_run_against_moto(aws, tmp_path):
     real_aws = shutil.which("aws")
     if not real_aws:
         rig_unavailable("the AWS CLI is not installed (pip install awscli)")
@@ -2463,7 +2464,7 @@ def test_readme_aws_setup_blocks_run_against_moto(aws, tmp_path):
     shim.parent.mkdir()
     shim.write_text(f'#!/bin/sh\nexec {real_aws} --endpoint-url "$AWS_ENDPOINT_URL" "$@"\n')
     shim.chmod(0o755)
-    blocks = readme_blocks("aws-setup")
+    blocks = install_blocks("aws-setup")
     assert len(blocks) == 4
     suffix = uuid.uuid4().hex[:8]
     region = "eu-west-1"
@@ -2477,7 +2478,7 @@ def test_readme_aws_setup_blocks_run_against_moto(aws, tmp_path):
                              text=True, timeout=120)
         assert run.returncode == 0, f"{block}\n{run.stderr}"
 
-    for block in blocks:  # each as the README says: in order, after setting the variables
+    for block in blocks:  # each as the install page says: in order, after setting the variables
         run_block(block)
 
     sqs, queue = aws.client("sqs", region), env["QUEUE"]
@@ -2700,6 +2701,206 @@ def test_quick_start_demo_rolls_a_service_and_leaves_nothing_behind():
     mounts = pathlib.Path("/proc/self/mountinfo").read_text().splitlines()
     assert [line for line in mounts if "ecrd-demo-" in line] == []  # dockerd's network namespaces unmounted
     assert GWBRIDGE.exists() == gwbridge_before
+
+
+# ---- the docs: README.md and docs/*.md, every relative link and #anchor resolves (pure)
+
+DOCS = [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]
+
+
+def markdown_prose(text: str) -> str:
+    """The text outside fenced code blocks and inline code spans (where a [x](y) is no link)."""
+    text = re.sub(r"^(```|~~~).*?^\1[ \t]*$", "", text, flags=re.M | re.S)
+    return re.sub(r"(`+)(?:(?!\1).)+?\1", "", text, flags=re.S)
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: its text as shown (no link targets, no markup), lower case,
+    every character but letters, digits, spaces, hyphens and underscores removed, spaces to hyphens."""
+    shown = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)
+    return re.sub(r"[^\w\- ]", "", shown.strip().lower()).replace(" ", "-")
+
+
+def markdown_anchors(text: str) -> set[str]:
+    """Every heading's anchor in a page; a repeated one gets -1, -2, … as on GitHub."""
+    seen: dict[str, int] = {}
+    anchors = set()
+    fenced = re.sub(r"^(```|~~~).*?^\1[ \t]*$", "", text, flags=re.M | re.S)
+    for heading in re.findall(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", fenced, re.M):
+        slug = github_anchor(heading)
+        anchors.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def broken_links(pages: list[pathlib.Path]) -> list[str]:
+    """Every relative link or #anchor in those pages that points at no file or no heading."""
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)", markdown_prose(page.read_text())):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:: not ours to check
+                continue
+            path, _, fragment = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif fragment and (linked.suffix != ".md" or fragment not in markdown_anchors(linked.read_text())):
+                broken.append(f"{page.name}: {target} (no such heading in {linked.name})")
+    return broken
+
+
+@pytest.mark.parametrize("heading, anchor", [
+    ("Quick start", "quick-start"),
+    ("Converging: reconcile pass, failure records, provenance, status",
+     "converging-reconcile-pass-failure-records-provenance-status"),
+    ("`--status`: what an operator runs first", "--status-what-an-operator-runs-first"),
+    ("Registry auth that does not expire (moby/moby#31063)", "registry-auth-that-does-not-expire-mobymoby31063"),
+    ("1. The queue, with a dead-letter queue", "1-the-queue-with-a-dead-letter-queue"),
+    ("The [rig](docs/test-rig.md) and ECR_DEPLOY_DEBIAN_ARCHIVE", "the-rig-and-ecr_deploy_debian_archive"),
+])
+def test_github_anchor_of_a_heading(heading, anchor):
+    assert github_anchor(heading) == anchor
+
+
+def test_docs_link_checker_finds_missing_files_headings_and_counts_repeated_headings(tmp_path):
+    (tmp_path / "a.md").write_text("# Top\n\n## Same\n\n## Same\n\n```sh\n# not a heading\n[x](missing.md)\n```\n"
+                                   "See [b](b.md#there), [c](c.md), [`--x`](#same-1), [y](#same-2), "
+                                   "`[z](gone.md)`, [web](https://example.com/x#y) and [self](a.md#top).\n")
+    (tmp_path / "b.md").write_text("# Here\n")
+    assert markdown_anchors((tmp_path / "a.md").read_text()) == {"top", "same", "same-1"}
+    assert broken_links([tmp_path / "a.md"]) == [
+        "a.md: b.md#there (no such heading in b.md)", "a.md: c.md (no such file)",
+        "a.md: #same-2 (no such heading in a.md)"]
+
+
+def test_every_relative_link_and_anchor_in_the_docs_resolves():
+    assert len(DOCS) > 5
+    assert broken_links(DOCS) == []
+    linked = set(re.findall(r"\]\((docs/[\w-]+\.md)", markdown_prose((HERE / "README.md").read_text())))
+    assert linked == {f"docs/{page.name}" for page in DOCS[1:]}  # the README leads to every page
+
+
+def test_help_epilog_names_docs_pages_that_exist():
+    pages = ed.EPILOG.split("documentation (README.md, and in docs/):\n", 1)[1]
+    named = re.findall(r"\b([\w-]+\.md)\b", pages)
+    assert len(named) >= 8
+    assert [name for name in named if not (HERE / "docs" / name).is_file()] == []
+
+
+# ---- the rig's Debian archive: taken from the machine's own apt sources (rig/unstable.py), pure
+
+DEBIAN_DEB822 = """\
+Types: deb
+# http://snapshot.debian.org/archive/debian/20250520T000000Z
+URIs: http://mirror.example.net/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://mirror.example.net/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+"""
+SECURITY_FIRST_DEB822 = """\
+Types: deb deb-src
+URIs: https://security.example.org/debian-security/
+Suites: trixie-security
+Components: main contrib non-free-firmware
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: https://ftp.example.org/debian/
+Suites: trixie trixie-updates
+Components: main contrib non-free non-free-firmware
+Signed-By:
+ -----BEGIN PGP PUBLIC KEY BLOCK-----
+ .
+ mQINBGPL0BUBEADmW5NdOOHwPIJlgPu6JDcKw/NZJPR8lsD3K87ZM18gzyQZJD+w
+ -----END PGP PUBLIC KEY BLOCK-----
+"""
+DISABLED_DEB822 = """\
+Types: deb
+URIs: http://disabled.example.org/debian
+Suites: unstable
+Components: main
+Enabled: no
+"""
+UBUNTU_DEB822 = """\
+Types: deb
+URIs: http://archive.ubuntu.com/ubuntu/
+Suites: noble noble-updates noble-backports
+Components: main restricted universe multiverse
+Signed-By: /usr/share/keyrings/ubuntu-archive-keyring.gpg
+
+Types: deb
+URIs: http://security.ubuntu.com/ubuntu/
+Suites: noble-security
+Components: main restricted universe multiverse
+Signed-By: /usr/share/keyrings/ubuntu-archive-keyring.gpg
+"""
+DEBIAN_ONE_LINE = """\
+# deb cdrom:[Debian GNU/Linux 12.5.0 _Bookworm_ - Official amd64 DVD Binary-1]/ bookworm main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg arch=amd64] http://security.debian.example/debian-security bookworm-security main
+deb http://updates.example.com/debian bookworm-updates main contrib
+deb-src http://src.example.com/debian bookworm main
+deb [ signed-by=/usr/share/keyrings/debian-archive-keyring.gpg ] http://one-line.example.com/debian/ bookworm main non-free-firmware  # the main one
+"""
+UBUNTU_ONE_LINE = """\
+deb http://archive.ubuntu.com/ubuntu/ jammy main restricted
+deb http://archive.ubuntu.com/ubuntu/ jammy-updates main restricted
+deb http://security.ubuntu.com/ubuntu jammy-security main restricted
+"""
+OTHER_VENDOR_ONE_LINE = "deb [signed-by=/usr/share/keyrings/cloud.google.gpg] https://packages.cloud.google.com/apt cloud-sdk main\n"
+CONTRIB_ONLY = "deb http://contrib-only.example.com/debian bookworm contrib non-free\n"
+
+
+@pytest.mark.parametrize("files, archive", [
+    ({"sources.list.d/debian.sources": DEBIAN_DEB822}, "http://mirror.example.net/debian"),
+    ({"sources.list.d/debian.sources": SECURITY_FIRST_DEB822}, "https://ftp.example.org/debian"),
+    ({"sources.list": DEBIAN_ONE_LINE}, "http://one-line.example.com/debian"),
+    # sources.list comes first, then sources.list.d/ in name order, as apt reads them.
+    ({"sources.list": OTHER_VENDOR_ONE_LINE, "sources.list.d/a.list": CONTRIB_ONLY,
+      "sources.list.d/b-disabled.sources": DISABLED_DEB822, "sources.list.d/c.sources": DEBIAN_DEB822},
+     "http://mirror.example.net/debian"),
+    ({"sources.list.d/debian.sources.disabled-by-farm": DEBIAN_DEB822,  # not a name apt reads
+      "sources.list.d/z.list": DEBIAN_ONE_LINE}, "http://one-line.example.com/debian"),
+    # Ubuntu's archive (and security, updates, other vendors, contrib only, disabled) is no Debian archive.
+    ({"sources.list.d/ubuntu.sources": UBUNTU_DEB822}, None),
+    ({"sources.list": UBUNTU_ONE_LINE + OTHER_VENDOR_ONE_LINE + CONTRIB_ONLY,
+      "sources.list.d/off.sources": DISABLED_DEB822}, None),
+    ({}, None),
+])
+def test_rig_takes_the_debian_archive_of_the_machines_apt_sources(tmp_path, files, archive):
+    from rig import unstable
+    (tmp_path / "sources.list.d").mkdir()
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    if archive is None:
+        with pytest.raises(RuntimeError, match="no Debian archive in this machine's apt sources.*ECR_DEPLOY_DEBIAN_ARCHIVE"):
+            unstable.debian_archive({}, tmp_path)
+    else:
+        assert unstable.debian_archive({}, tmp_path) == archive
+        assert unstable.unstable_sources(archive) == (
+            f"Types: deb\nURIs: {archive}\nSuites: unstable\nComponents: main\n"
+            "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n")
+    # The variable names another archive, whatever the sources say (a host whose sources are Ubuntu's).
+    named = {"ECR_DEPLOY_DEBIAN_ARCHIVE": "https://debian.example.edu/debian/"}
+    assert unstable.debian_archive(named, tmp_path) == "https://debian.example.edu/debian"
+
+
+@pytest.mark.parametrize("value", ["deb.debian.org/debian", "ftp://deb.debian.org/debian",
+                                   "http://deb.debian.org/debian main", "file:///srv/debian"])
+def test_rig_refuses_a_debian_archive_variable_that_is_no_http_url(tmp_path, value):
+    from rig import unstable
+    with pytest.raises(RuntimeError, match="ECR_DEPLOY_DEBIAN_ARCHIVE must be an http:// or https:// URL"):
+        unstable.debian_archive({"ECR_DEPLOY_DEBIAN_ARCHIVE": value}, tmp_path)
+
+
+def test_rig_names_no_mirror_host_in_its_code():
+    source = (HERE / "rig" / "unstable.py").read_text()
+    assert re.findall(r"https?://[\w.-]+", source) == [], "the archive comes from apt's sources or the variable"
 
 
 # =========================================================================== scan gate: pure
@@ -3053,7 +3254,7 @@ def test_a_scan_event_rolls_only_gated_services(aws, images, clean_swarm):
 
 
 def run_trusting_events(aws, swarm, queue) -> tuple[subprocess.CompletedProcess, FaultProxy]:
-    """A --once --trust-events run whose ecr:DescribeImages is denied, as the README lets those users
+    """A --once --trust-events run whose ecr:DescribeImages is denied, as the docs let those users
     deny it; with the hop that denied it, which saw every call."""
     proxy = FaultProxy(aws.url)
     proxy.rule = lambda key: (400, {"__type": "AccessDeniedException", "message": "not granted"}) \
@@ -3709,7 +3910,7 @@ def test_an_index_signed_as_an_index_rolls_and_a_missing_verifier_blocks(aws, im
     assert missing.returncode == 0, missing.stderr
     for name in ids:
         assert service_image_of(swarm, ids[name])[0].endswith(old)
-    assert "notation is not installed on this manager (or not on the deployer's PATH): see README, Signature gate" \
+    assert "notation is not installed on this manager (or not on the deployer's PATH): see docs/signature-gate.md" \
         in missing.stderr and "cosign is not installed on this manager" in missing.stderr
     assert aws.queue_depth(queue) == 0
     aws.send(queue, event(repository=repo, digest=index))

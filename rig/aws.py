@@ -1,4 +1,4 @@
-"""moto_server: SQS and ECR (and SNS, EventBridge, IAM for the README's setup blocks) over real HTTP."""
+"""moto_server: SQS and ECR (and SNS, EventBridge, IAM for the AWS setup blocks of docs/install.md) over real HTTP."""
 from __future__ import annotations
 
 import hashlib
