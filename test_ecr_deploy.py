@@ -3240,6 +3240,8 @@ def test_notation_statement_is_the_one_scoping_the_repository_else_the_wildcard(
     ({"level": "permissive"}, "level is 'permissive'"),
     ({"level": "strict", "override": {"revocation": "log"}}, "relaxes revocation"),
     ({"level": "strict", "override": {"expiry": "skip", "authenticity": "log"}}, "relaxes authenticity, expiry"),
+    ({"level": "strict", "override": {"authenticTimestamp": "log"}}, "relaxes authenticTimestamp"),
+    ({"level": "strict", "override": {"authenticTimestamp": "enforce"}}, None),
     ({}, "level is None"),
     (None, "level is None"),
 ])
@@ -3429,7 +3431,7 @@ def test_the_notation_statement_is_checked_before_notation_runs(tmp_path, monkey
     assert verdict.decision == "blocked" and reason in verdict.reason, verdict
 
 
-def test_a_verifier_that_gives_no_answer_blocks_within_the_bound(tmp_path, monkeypatch):
+def test_a_verifier_that_gives_no_answer_waits_and_blocks_once_the_bound_is_over(tmp_path, monkeypatch):
     folder = tmp_path / "bin"
     folder.mkdir()
     (folder / "cosign").write_text("#!/bin/sh\nsleep 300\n")
@@ -3439,9 +3441,16 @@ def test_a_verifier_that_gives_no_answer_blocks_within_the_bound(tmp_path, monke
     key.write_text("a public key")
     gate = ed.SignatureGate(FixedCredentials(), ed.Trust("cosign", str(key)), str(tmp_path), timeout=1,
                             heartbeat=lambda: beats.append(1))
-    push = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A)
-    assert gate.verdict({"Spec": {}}, push, DIGEST_A) == ed.Verdict("blocked", "cosign gave no answer within 1s")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    fresh = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A, time=now.isoformat())
+    verdict = gate.verdict({"Spec": {}}, fresh, DIGEST_A)
+    assert verdict.decision == "wait" and re.fullmatch(
+        r"cosign gave no answer within 1s \(asked again for up to 5m; [12]s so far\)", verdict.reason), verdict
     assert len(beats) == 2  # before and after: the watchdog is fed around the run
+    stale = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_B,
+                    time=(now - datetime.timedelta(minutes=6)).isoformat())  # its message came back after the bound
+    assert gate.verdict({"Spec": {}}, stale, DIGEST_B) == ed.Verdict(
+        "blocked", "no verdict within 5m: cosign gave no answer within 1s")
 
 
 NOTATION_REFUSED = ("level=info msg=Reference sha256:aa resolved to manifest descriptor: {{Digest:sha256:aa}}\n"
@@ -3493,6 +3502,81 @@ def test_signature_reason_says_why_in_the_operators_words_and_the_verifiers(tool
     reason = ed.signature_reason(tool, code, output)
     assert reason.startswith(words) and f" ({tool}: " in reason and said in reason, reason
     assert "\n" not in reason and "WARNING" not in reason and len(reason) < 450
+
+
+# What cosign 3.1.1 printed on the rig (stdout of `verify --output json`): a signature's bundle, an
+# attestation's, and a legacy .sig signature.
+def cosign_claims_json(*types: str, digest: str = DIGEST_B) -> str:
+    return json.dumps([{"critical": {"identity": {"docker-reference": f"{HOST}/team/web@{digest}"},
+                                     "image": {"docker-manifest-digest": digest}, "type": t}, "optional": {}}
+                       for t in types]) + "\n"
+
+
+SIGN_V1, SLSA, SPDX, SIMPLE = ("https://sigstore.dev/cosign/sign/v1", "https://slsa.dev/provenance/v0.2",
+                               "https://spdx.dev/Document", "cosign container image signature")
+NO_SIGNATURES = "Error: no signatures found\nerror during command execution: no signatures found\n"
+COSIGN_KEY = ed.Trust("cosign", "/k.pub")
+
+
+def ran(code: int, stdout: str = "", stderr: str = "") -> subprocess.CompletedProcess:
+    return subprocess.CompletedProcess(["cosign"], code, stdout, stderr)
+
+
+@pytest.mark.parametrize("runs, decision, reason", [
+    ([ran(0, cosign_claims_json(SIGN_V1, SPDX))], "deploy", "cosign verified a signature of"),
+    ([ran(0, cosign_claims_json(SIMPLE))], "deploy", "cosign verified a signature of"),  # no bundle: .sig looked at
+    ([ran(0, cosign_claims_json(SLSA)), ran(10, "", NO_SIGNATURES)], "blocked",
+     "only attestations of this digest (https://slsa.dev/provenance/v0.2) are made with the trusted key, no signature"),
+    ([ran(0, cosign_claims_json(SPDX)), ran(0, cosign_claims_json(SIMPLE))], "deploy", "cosign verified a signature"),
+    ([ran(0, cosign_claims_json(SIGN_V1, digest=DIGEST_A)), ran(10, "", NO_SIGNATURES)], "blocked",  # another digest's
+     "only attestations of this digest (https://sigstore.dev/cosign/sign/v1)"),
+    ([ran(0, cosign_claims_json(SLSA)), ran(12, "", cosign_refused("no matching signatures: invalid signature when "
+                                                                    "validating ASN.1 encoded signature"))], "blocked",
+     "only attestations of this digest (https://slsa.dev/provenance/v0.2) are made with the trusted key, no signature: "
+     "an attestation says what a build is, not that it may run; sign it; the legacy .sig tag: signed, but not with "
+     "the trusted key"),
+    ([ran(1, "", cosign_refused("no matching attestations: failed to verify signature: provided artifact digest does "
+                                "not match any digest in statement")), ran(10, "", NO_SIGNATURES)], "blocked",
+     "its signature was made for another digest (cosign: no matching attestations"),
+    ([ran(10, "", NO_SIGNATURES)], "blocked", "no signature of this digest"),
+    ([ran(1, "", cosign_refused(f'GET https://{HOST}/v2/: unexpected status code 503 Service Unavailable'))], "wait",
+     f"cosign could not reach a verdict: GET https://{HOST}/v2/: unexpected status code 503 Service Unavailable"),
+    ([ran(1, "", cosign_refused(f'GET https://{HOST}/v2/: unexpected status code 429 Too Many Requests'))], "wait", ""),
+    ([ran(1, "", cosign_refused(f'Get "https://{HOST}/v2/": dial tcp 127.0.0.2:443: connect: connection refused'))],
+     "wait", "connection refused"),
+    ([ran(0, cosign_claims_json(SLSA)), ran(1, "", cosign_refused("Get \"https://h/v2/\": net/http: TLS handshake "
+                                                                  "timeout"))], "wait", "TLS handshake timeout"),
+    ([ran(1, "", cosign_refused("GET https://h/v2/team/web/manifests/x: unexpected status code 404 Not Found"))],
+     "blocked", "not verified"),
+])
+def test_the_cosign_gate_takes_only_a_signature_of_the_digest_and_waits_out_an_unreachable_registry(
+        runs, decision, reason):
+    verdict = ed.signature_verdict(COSIGN_KEY, DIGEST_B, runs)
+    assert verdict.decision == decision and reason in verdict.reason, verdict
+
+
+@pytest.mark.parametrize("stderr, decision, reason", [
+    ('Error: failed to get manifest descriptor: HEAD "https://h/v2/team/web/manifests/sha256:aa": response status '
+     'code 503: Service Unavailable\n', "wait", "notation could not reach a verdict: failed to get manifest"),
+    ('Error: failed to get manifest descriptor: Head "https://h/v2/team/web/manifests/sha256:aa": dial tcp '
+     '127.0.0.2:443: connect: connection refused\n', "wait", "connection refused"),
+    (notation_refused('signing certificate with subject "CN=crl" revocation status is unknown'), "wait",
+     "revocation status is unknown"),
+    (notation_refused('signing certificate with subject "CN=crl" is revoked'), "blocked",
+     "the signing certificate is expired or revoked"),
+])
+def test_the_notation_gate_waits_out_what_may_pass_and_blocks_on_a_verdict(stderr, decision, reason):
+    verdict = ed.signature_verdict(ed.Trust("notation", ""), DIGEST_B, [ran(1, "", stderr)])
+    assert verdict.decision == decision and reason in verdict.reason, verdict
+
+
+@pytest.mark.parametrize("waited, decision, reason", [
+    (0, "wait", "notation could not reach a verdict: x (asked again for up to 5m; 0s so far)"),
+    (299, "wait", "notation could not reach a verdict: x (asked again for up to 5m; 4m 59s so far)"),
+    (300, "blocked", "no verdict within 5m: notation could not reach a verdict: x"),
+])
+def test_a_verdict_that_does_not_come_is_waited_for_within_the_bound(waited, decision, reason):
+    assert ed.unanswered_verdict("notation could not reach a verdict: x", waited) == ed.Verdict(decision, reason)
 
 
 # =========================================================================== signature gate: on the rig
@@ -3599,7 +3683,8 @@ def test_signature_gate_rolls_only_to_digests_a_trusted_identity_signed(aws, ima
     # one verification per digest, never a credential in a command line or the log
     commands = verifier_calls(calls)
     assert sum(repos["sig-notation"][2] in c for c in commands) == 1, commands
-    assert len(commands) == len({c for c in commands}) == 9
+    # (two cosign digests have bundles and no valid signature among them: their legacy .sig tag is asked too)
+    assert len(commands) == len({c for c in commands}) == 11
     assert all(registry.password not in c for c in commands) and registry.password not in run.stderr
     wait_for(lambda: len(webhook.received) == len(blocked), 10, what=lambda: webhook.received)
     assert {(d["service"], d["outcome"], d["image"]) for d in webhook.received} == \
@@ -3685,6 +3770,61 @@ def test_a_trust_policy_statement_that_skips_or_only_logs_a_check_blocks_instead
     run = run_once(env, "--queue", queue, "--reconcile-every", "0")
     assert service_image_of(swarm, sid)[0].endswith(v1), "rolled to a digest no trusted identity signed"
     assert f"level is '{level}', not 'strict'" in run.stderr, run.stderr
+
+def test_the_cosign_gate_takes_a_signature_in_either_storage_form_and_never_an_attestation(
+        aws, images, clean_swarm, signers, verifiers):
+    """cosign 3's `verify --key` passes any Sigstore bundle made with the key, attestations too, and skips
+    the legacy .sig tag once the digest has any bundle: the gate reads the claims' types, and asks the
+    .sig tag itself."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    folder, calls = verifiers
+    key = f"cosign:{signers.cosign_public('trusted')}"
+    cases = {  # service: how v2 is signed or attested (all with the trusted key), what becomes of the service
+        "sig-provenance-only": (("attest slsaprovenance",), "only attestations of this digest "
+                                "(https://slsa.dev/provenance/v0.2) are made with the trusted key, no signature"),
+        "sig-sbom-only": (("attest spdxjson",), "only attestations of this digest (https://spdx.dev/Document)"),
+        "sig-legacy-and-sbom": (("sign legacy", "attest spdxjson"), "deployed"),
+        "sig-bundle-and-provenance": (("sign", "attest slsaprovenance"), "deployed"),
+        "sig-stranger-and-provenance": (("sign other", "attest slsaprovenance"),  # (cosign passes over the
+                                        "only attestations of this digest (https://slsa.dev/provenance/v0.2)"),  # stranger's)
+    }
+    repos, ids = {}, {}
+    for name, (steps, _) in cases.items():
+        repo = images.new_repository()
+        v1, v2 = (images.push(repo, "latest", f"{name} {n}") for n in (1, 2))
+        for step in steps:
+            verb, _, how = step.partition(" ")
+            if verb == "attest":
+                signing.attest_cosign(signers, registry, repo, v2, predicate=how)
+            else:
+                signing.sign_cosign(signers, registry, repo, v2, legacy=how == "legacy",
+                                    identity="other" if how == "other" else "trusted")
+        repos[name] = (repo, v1, v2)
+        ids[name] = swarm.create_service(name, f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0,
+                                         labels={ed.SIGNATURE_LABEL: key})
+    # what cosign itself says of the attested-only digest: verified (the hole the gate closes)
+    attested = signing.verify_cosign(signers, registry, *[repos["sig-provenance-only"][i] for i in (0, 2)])
+    assert attested.returncode == 0 and [c["critical"]["type"] for c in json.loads(attested.stdout)] == [
+        "https://slsa.dev/provenance/v0.2"], attested.stderr
+    queue = aws.new_queue()
+    aws.send(queue, *(event(repository=repo, digest=v2) for repo, _, v2 in repos.values()))
+    run = run_once(signature_env(aws, swarm, signers, str(folder)), "--queue", queue, "--reconcile-every", "0")
+    assert run.returncode == 0, run.stderr
+    for name, (_, outcome) in cases.items():
+        repo, v1, v2 = repos[name]
+        if outcome == "deployed":
+            assert service_image_of(swarm, ids[name])[0] == f"{registry.host}/{repo}:latest@{v2}", (name, run.stderr)
+        else:
+            assert service_image_of(swarm, ids[name])[0].endswith(v1), name
+            line = next(line for line in run.stderr.splitlines() if f"Blocked service {name} " in line)
+            assert "by its signature gate: " + outcome in line, line
+    # the legacy .sig tag is asked only where the bundles hold no valid signature
+    commands = verifier_calls(calls)
+    legacy = {name for name, (repo, _, v2) in repos.items() if any(
+        v2 in c and ed.COSIGN_LEGACY in c for c in commands)}
+    assert legacy == {"sig-provenance-only", "sig-sbom-only", "sig-legacy-and-sbom", "sig-stranger-and-provenance"}
+    assert aws.queue_depth(queue) == 0
+
 
 def ed_run(command: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
@@ -5081,3 +5221,5 @@ def test_cluster_teardown_leaves_nothing_behind(cluster):
     cluster.close()
     assert cluster_rig.leftovers() == []
     assert all(not (cluster_rig.NETNS_ETC / node.netns).exists() for node in cluster.nodes)
+
+
