@@ -3826,6 +3826,36 @@ def test_the_cosign_gate_takes_a_signature_in_either_storage_form_and_never_an_a
     assert aws.queue_depth(queue) == 0
 
 
+def test_a_trust_policy_that_relaxes_authentic_timestamp_blocks_what_notation_would_pass_expired(
+        aws, images, clean_swarm, signers, verifiers, tmp_path):
+    """Without a timestamp, notation checks the signing certificate's validity at verification time under
+    the name authenticTimestamp: an override of it lets an expired certificate's signature through."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    folder, _ = verifiers
+    trust = tmp_path / "notation"
+    shutil.copytree(signers.notation_trust, trust)
+    policy = json.loads((trust / "trustpolicy.json").read_text())
+    policy["trustPolicies"][0]["signatureVerification"]["override"] = {"authenticTimestamp": "log"}
+    (trust / "trustpolicy.json").write_text(json.dumps(policy))
+    repo = images.new_repository()
+    v1, v2 = (images.push(repo, "latest", f"{repo} {n}") for n in (1, 2))
+    expires = signing.expiring_notation_key(signers, "expiring-ts", datetime.timedelta(seconds=5))
+    signing.sign_notation(signers, registry, repo, v2, identity="expiring-ts")
+    time.sleep(max(0.0, (expires - datetime.datetime.now(datetime.timezone.utc)).total_seconds()) + 1)
+    assert signing.verify_notation(signers, registry, repo, v2).returncode == 1  # strict: expired
+    relaxed = signing.run(signing.notation_verify_command(signing.reference(registry, repo, v2)), check=False,
+                          env=signing.notation_env(signers, registry, trust, "notation-verify"))
+    assert relaxed.returncode == 0 and "validity period" in relaxed.stderr, relaxed.stderr  # logged, and passed
+    sid = swarm.create_service("sig-timestamp", f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0,
+                               labels={ed.SIGNATURE_LABEL: "notation"})
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    env = {**signature_env(aws, swarm, signers, str(folder)), "DEPLOYER_NOTATION_DIR": str(trust)}
+    run = run_once(env, "--queue", queue, "--reconcile-every", "0")
+    assert service_image_of(swarm, sid)[0].endswith(v1), "rolled to a digest whose signing certificate has expired"
+    assert "its override relaxes authenticTimestamp" in run.stderr, run.stderr
+
+
 def ed_run(command: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
 
