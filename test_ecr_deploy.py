@@ -3856,6 +3856,61 @@ def test_a_trust_policy_that_relaxes_authentic_timestamp_blocks_what_notation_wo
     assert "its override relaxes authenticTimestamp" in run.stderr, run.stderr
 
 
+def test_a_verifier_that_cannot_reach_a_verdict_waits_and_the_digest_rolls_once_it_can(
+        aws, images, clean_swarm, signers, verifiers):
+    """A registry answering 503 or refusing connections, a CRL that cannot be fetched: no verdict, so the
+    message is kept and asked again; blocked only once the bound (5 minutes from the event) is over."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    folder, _ = verifiers
+    env = signature_env(aws, swarm, signers, str(folder))
+    key = f"cosign:{signers.cosign_public('trusted')}"
+    signing.expiring_notation_key(signers, "crl-unreachable", datetime.timedelta(days=1),
+                                  crl_url="http://127.0.0.1:9/signing-ca.crl")  # nothing listens there
+    repos, ids = {}, {}
+    for name, label, identity in (("sig-outage-notation", "notation", "trusted"), ("sig-outage-cosign", key, "trusted"),
+                                  ("sig-crl-unreachable", "notation", "crl-unreachable")):
+        repo = images.new_repository()
+        repos[name] = (repo, *(images.push(repo, "latest", f"{name} {n}") for n in (1, 2)))
+        (signing.sign_cosign if label == key else signing.sign_notation)(signers, registry, repo, repos[name][2],
+                                                                          identity=identity)
+        ids[name] = swarm.create_service(name, f"{registry.host}/{repo}:latest@{repos[name][1]}", registry=registry,
+                                         replicas=0, labels={ed.SIGNATURE_LABEL: label})
+    queue = aws.new_queue(VisibilityTimeout=1)
+    aws.send(queue, *(event(repository=repo, digest=v2, time=event_time()) for repo, _, v2 in repos.values()))
+
+    def waiting(run, *names):
+        for name in names:
+            line = next((line for line in run.stderr.splitlines() if f"Service {name} " in line and
+                         "waits for its signature gate" in line), None)
+            assert line and "could not reach a verdict" in line and "message kept" in line, run.stderr
+            assert service_image_of(swarm, ids[name])[0].endswith(repos[name][1]), name
+        assert "Blocked service" not in run.stderr, run.stderr
+
+    for status, said in ((503, "status code 503"), (None, "connection refused")):
+        with signing.registry_outage(registry, status):
+            time.sleep(1.2)  # the kept messages are visible again
+            run = run_once(env, "--queue", queue, "--reconcile-every", "0")
+        waiting(run, *repos)
+        assert said in run.stderr, run.stderr
+        assert aws.queue_depth(queue) == 3
+    time.sleep(1.2)
+    run = run_once(env, "--queue", queue, "--reconcile-every", "0")  # the registry answers again
+    for name in ("sig-outage-notation", "sig-outage-cosign"):
+        repo, _, v2 = repos[name]
+        assert service_image_of(swarm, ids[name])[0] == f"{registry.host}/{repo}:latest@{v2}", run.stderr
+    waiting(run, "sig-crl-unreachable")
+    assert "revocation status is unknown" in run.stderr
+    assert aws.queue_depth(queue) == 1
+    # the same event, come back after the bound: now it is a verdict
+    repo, v1, v2 = repos["sig-crl-unreachable"]
+    late = aws.new_queue()
+    aws.send(late, event(repository=repo, digest=v2, time=event_time(time.time() - 6 * 60)))
+    run = run_once(env, "--queue", late, "--reconcile-every", "0")
+    line = next(line for line in run.stderr.splitlines() if "Blocked service sig-crl-unreachable " in line)
+    assert "by its signature gate: no verdict within 5m: notation could not reach a verdict: " in line, line
+    assert "revocation status is unknown" in line and aws.queue_depth(late) == 0
+
+
 def ed_run(command: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
 
