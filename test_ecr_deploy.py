@@ -37,7 +37,7 @@ import ecr_deploy as ed
 from rig.aws import DIGEST_A, Aws, event, moto_server_command, referrer_event, scan_event
 from rig.common import DEPLOYER, ROOT as HERE, free_port, mounts_under, wait_for
 from rig.deployer import Running, deployer_env, run_once, updated_lines
-from rig import signing
+from rig import nspawn, signing
 from rig.faults import FaultProxy
 from rig.registry import REGISTRIES, Images, buildx_image, service_on_new_repo, serving_registries, sha256
 from rig.swarm import Engine, Swarm, current_engine, host_engine, service_image_of
@@ -3909,6 +3909,69 @@ def test_a_verifier_that_cannot_reach_a_verdict_waits_and_the_digest_rolls_once_
     line = next(line for line in run.stderr.splitlines() if "Blocked service sig-crl-unreachable " in line)
     assert "by its signature gate: no verdict within 5m: notation could not reach a verdict: " in line, line
     assert "revocation status is unknown" in line and aws.queue_depth(late) == 0
+
+
+def test_the_unit_as_installed_under_systemd_verifies_as_the_tests_do(aws, images, clean_swarm, signers, webhook,
+                                                                      tmp_path):
+    """The shipped unit booted by a real systemd (Debian bookworm in systemd-nspawn): its sandbox
+    (DynamicUser, ProtectSystem=strict, PrivateTmp, MemoryMax, the system-call filter, no HOME) must
+    leave notation and cosign verifying exactly as here, or the gate would block every build."""
+    missing = nspawn.tools_missing()
+    if missing:
+        rig_unavailable(f"{', '.join(missing)} not installed (apt-get install systemd-container debootstrap)")
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    key = "cosign:/etc/ecr-deploy/cosign.pub"
+    cases = {"unit-notation": ("notation", "notation", "deployed"), "unit-cosign": (key, "cosign", "deployed"),
+             "unit-cosign-legacy": (key, "cosign legacy", "deployed"),
+             "unit-cosign-attested": (key, "attest", "only attestations of this digest"),
+             "unit-notation-stranger": ("notation", "notation other", "signed, but by no identity this manager trusts")}
+    repos, ids = {}, {}
+    for name, (label, how, _) in cases.items():
+        repo = images.new_repository()
+        repos[name] = (repo, *(images.push(repo, "latest", f"{name} {n}") for n in (1, 2)))
+        v2 = repos[name][2]
+        if how.startswith("notation"):
+            signing.sign_notation(signers, registry, repo, v2, identity="other" if how.endswith("other") else "trusted")
+        elif how == "attest":
+            signing.attest_cosign(signers, registry, repo, v2)
+        else:
+            signing.sign_cosign(signers, registry, repo, v2, legacy=how.endswith("legacy"))
+        ids[name] = swarm.create_service(name, f"{registry.host}/{repo}:latest@{repos[name][1]}", registry=registry,
+                                         replicas=0, labels={ed.SIGNATURE_LABEL: label})
+    queue = aws.new_queue()
+    notation = {str(path.relative_to(signers.notation_trust)): path.read_bytes()
+                for path in signers.notation_trust.rglob("*") if path.is_file()}
+    installed = nspawn.Installed(tmp_path / "installed", {
+        **aws.env, "DEPLOYER_QUEUE": queue, "DOCKER_HOST": "unix:///run/docker.sock",
+        "SSL_CERT_FILE": "/etc/ecr-deploy/registry-ca.pem", "DEPLOYER_NOTIFY_URL": webhook.url,
+        "DEPLOYER_RECONCILE_EVERY": "0"}, swarm.socket, {
+        "registry-ca.pem": pathlib.Path(registry.ca).read_bytes(),
+        "cosign.pub": signers.cosign_public("trusted").read_bytes(),
+        **{f"notation/{name}": data for name, data in notation.items()}}, HERE / ".venv")
+    try:
+        installed.wait_until_ready()
+        aws.send(queue, *(event(repository=repo, digest=v2, time=event_time()) for repo, _, v2 in repos.values()))
+        outcomes = {name: outcome for name, (_, _, outcome) in cases.items()}
+        wait_for(lambda: aws.queue_depth(queue) == 0 and len(webhook.received) == 2, 120,
+                 what=lambda: installed.unit_log()[-4000:])
+        log = installed.unit_log()
+        for name, outcome in outcomes.items():
+            repo, v1, v2 = repos[name]
+            if outcome == "deployed":
+                assert service_image_of(swarm, ids[name])[0] == f"{registry.host}/{repo}:latest@{v2}", log
+            else:
+                assert service_image_of(swarm, ids[name])[0].endswith(v1), name
+                reason = next(d["text"] for d in webhook.received if d["service"] == name)
+                assert outcome in reason, reason
+        unit = installed.journal("-u", "ecr-deploy.service", "-o", "short")
+        assert "Started ecr-deploy.service" in unit or "Started ecr-deploy" in unit, unit
+        assert "could not reach a verdict" not in log and "cannot run" not in log, log
+        # it ran as the unit says: a dynamic user (systemd's range 61184-65519), in the unit's own cgroup
+        entries = [json.loads(line) for line in installed.journal("-t", "ecr-deploy", "-o", "json").splitlines()]
+        assert {int(e["_UID"]) for e in entries} <= set(range(61184, 65520)) and entries, entries[:1]
+        assert {e["_SYSTEMD_UNIT"] for e in entries} == {"ecr-deploy.service"}
+    finally:
+        installed.stop()
 
 
 def ed_run(command: list[str], env: dict) -> subprocess.CompletedProcess:
