@@ -1344,7 +1344,8 @@ COSIGN_LEGACY_ONLY = (10, 12)  # codes of its legacy path (.sig tag): it went th
 UNANSWERED = re.compile(
     r"connection refused|connection reset|i/o timeout|TLS handshake timeout|context deadline exceeded|no such host"
     r"|server misbehaving|unexpected EOF|status code (?:408|429|5\d\d)\b|revocation status is unknown", re.I)
-UNANSWERED_FOR = 300.0  # s a digest's verification may go unanswered (from its event, or from the first try) before it blocks
+UNANSWERED_FOR = 300.0  # s a verification may go unanswered (from its event, else from the first try) before it blocks
+UNANSWERED_FORGOTTEN = 3600.0  # s after which a first try nobody came back to is forgotten (memory stays bounded)
 
 # cosign 3 verifies, with `verify --key`, every Sigstore bundle among the digest's referrers: signatures and
 # attestations (SBOM, SLSA provenance) alike, both in-toto statements signed with the same key. Only the
@@ -2290,6 +2291,8 @@ class SignatureGate(Gate):
 
     def new_cycle(self) -> None:
         self._verdicts.clear()  # a signature may have been pushed since
+        forgotten = time.time() - UNANSWERED_FORGOTTEN  # digests nobody asked about since (the tag moved on)
+        self._unanswered_since = {key: since for key, since in self._unanswered_since.items() if since > forgotten}
 
     def setting(self, labels: dict | None) -> Trust | None:
         return signature_trust(labels, self.default)
@@ -2329,7 +2332,8 @@ class SignatureGate(Gate):
                 env = {**verifier_environment(os.environ, trust.verifier), "HOME": home, **env}
                 runs = [self.run(command, env)]
                 if trust.verifier == "cosign" and not cosign_signed(runs[0], digest) and \
-                        runs[0].returncode not in COSIGN_LEGACY_ONLY:  # bundles, but no signature among them
+                        runs[0].returncode not in COSIGN_LEGACY_ONLY and not UNANSWERED.search(runs[0].stderr):
+                    # bundles, but no signature among them: the .sig tag may hold one
                     runs.append(self.run([*command[:-1], COSIGN_LEGACY, command[-1]], env))
         except subprocess.TimeoutExpired:
             return Verdict("wait", f"{trust.verifier} gave no answer within {self.timeout:.0f}s")

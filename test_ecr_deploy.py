@@ -3785,8 +3785,9 @@ def test_the_cosign_gate_takes_a_signature_in_either_storage_form_and_never_an_a
         "sig-sbom-only": (("attest spdxjson",), "only attestations of this digest (https://spdx.dev/Document)"),
         "sig-legacy-and-sbom": (("sign legacy", "attest spdxjson"), "deployed"),
         "sig-bundle-and-provenance": (("sign", "attest slsaprovenance"), "deployed"),
-        "sig-stranger-and-provenance": (("sign other", "attest slsaprovenance"),  # (cosign passes over the
-                                        "only attestations of this digest (https://slsa.dev/provenance/v0.2)"),  # stranger's)
+        # (cosign says nothing of the stranger's signature once the attestation verifies)
+        "sig-stranger-and-provenance": (("sign other", "attest slsaprovenance"),
+                                        "only attestations of this digest (https://slsa.dev/provenance/v0.2)"),
     }
     repos, ids = {}, {}
     for name, (steps, _) in cases.items():
