@@ -1345,7 +1345,7 @@ UNANSWERED = re.compile(
     r"connection refused|connection reset|i/o timeout|TLS handshake timeout|context deadline exceeded|no such host"
     r"|server misbehaving|unexpected EOF|status code (?:408|429|5\d\d)\b|revocation status is unknown", re.I)
 UNANSWERED_FOR = 300.0  # s a verification may go unanswered (from its event, else from the first try) before it blocks
-UNANSWERED_FORGOTTEN = 3600.0  # s after which a first try nobody came back to is forgotten (memory stays bounded)
+UNANSWERED_FORGOTTEN = 86400.0  # s after which a digest nobody asked about again is forgotten (bounded memory)
 
 # cosign 3 verifies, with `verify --key`, every Sigstore bundle among the digest's referrers: signatures and
 # attestations (SBOM, SLSA provenance) alike, both in-toto statements signed with the same key. Only the
@@ -2287,12 +2287,12 @@ class SignatureGate(Gate):
         self.ecr, self.default, self.notation_dir, self.timeout = ecr, default, notation_dir, timeout
         self.heartbeat, self.unanswered_for = heartbeat, unanswered_for
         self._verdicts: dict[tuple, Verdict] = {}
-        self._unanswered_since: dict[tuple, float] = {}  # when a digest's verifier first gave no verdict
+        self._unanswered: dict[tuple, tuple[float, float]] = {}  # when a digest's verifier first, last gave no verdict
 
     def new_cycle(self) -> None:
         self._verdicts.clear()  # a signature may have been pushed since
         forgotten = time.time() - UNANSWERED_FORGOTTEN  # digests nobody asked about since (the tag moved on)
-        self._unanswered_since = {key: since for key, since in self._unanswered_since.items() if since > forgotten}
+        self._unanswered = {key: times for key, times in self._unanswered.items() if times[1] > forgotten}
 
     def setting(self, labels: dict | None) -> Trust | None:
         return signature_trust(labels, self.default)
@@ -2304,7 +2304,7 @@ class SignatureGate(Gate):
             if verdict.decision == "wait":
                 verdict = unanswered_verdict(verdict.reason, self.waited(key, push), self.unanswered_for)
             if verdict.decision != "wait":
-                self._unanswered_since.pop(key, None)
+                self._unanswered.pop(key, None)
             self._verdicts[key] = verdict
         return self._verdicts[key]
 
@@ -2314,7 +2314,9 @@ class SignatureGate(Gate):
         reconcile pass's digest; a restart only lengthens the wait, the pass keeps asking)."""
         now = time.time()
         since_event = None if push.reconcile else seconds_after(push.time, datetime.fromtimestamp(now, timezone.utc))
-        return max(since_event or 0.0, now - self._unanswered_since.setdefault(key, now))
+        first = self._unanswered.get(key, (now, now))[0]
+        self._unanswered[key] = (first, now)
+        return max(since_event or 0.0, now - first)
 
     def verify(self, trust: Trust, push: Push, digest: str) -> Verdict:
         reference = f"{push.image.rpartition(':')[0]}@{digest}"  # HOST/REPOSITORY@DIGEST: exactly this digest

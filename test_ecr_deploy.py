@@ -3453,6 +3453,31 @@ def test_a_verifier_that_gives_no_answer_waits_and_blocks_once_the_bound_is_over
         "blocked", "no verdict within 5m: cosign gave no answer within 1s")
 
 
+def test_a_reconcile_pass_waits_from_its_first_try_not_from_an_old_push(tmp_path, monkeypatch):
+    """A reconcile pass's digest may have been pushed days ago: its wait runs from the first try that
+    got no verdict (kept across passes), so an unreachable registry at pass time is no instant block."""
+    folder, calls = tmp_path / "bin", tmp_path / "calls"
+    folder.mkdir()
+    (folder / "cosign").write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\necho 'error during command execution: GET "
+                                   f"https://h/v2/: unexpected status code 503 Service Unavailable' >&2\nexit 1\n")
+    (folder / "cosign").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}:/usr/bin:/bin")
+    key = tmp_path / "k.pub"
+    key.write_text("a public key")
+    gate = ed.SignatureGate(FixedCredentials(), ed.Trust("cosign", str(key)), str(tmp_path))
+    push = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A, time="2026-11-01T00:00:00+00:00",
+                   reconcile=True)
+    first = gate.verdict({"Spec": {}}, push, DIGEST_A)
+    assert first.decision == "wait" and "status code 503" in first.reason, first
+    assert len(calls.read_text().splitlines()) == 1  # no .sig look-up at a registry that did not answer
+    later = time.time() + ed.UNANSWERED_FOR + 1
+    monkeypatch.setattr(time, "time", lambda: later)
+    gate.new_cycle()  # the next pass
+    assert gate.verdict({"Spec": {}}, push, DIGEST_A) == ed.Verdict(
+        "blocked", "no verdict within 5m: cosign could not reach a verdict: GET https://h/v2/: unexpected status code "
+                   "503 Service Unavailable")
+
+
 NOTATION_REFUSED = ("level=info msg=Reference sha256:aa resolved to manifest descriptor: {{Digest:sha256:aa}}\n"
                     "level=warning msg=Signature sha256:5f failed verification with error: {}\n"
                     "Error: signature verification failed for all the signatures associated with {}/team/web@{}\n")
