@@ -1311,8 +1311,10 @@ def notation_statement(policy: dict, repository: str) -> dict | None:
 
 # Notation's checks that must be enforced for "signed by an identity this manager trusts" to hold. Its
 # levels other than strict only log some of them, and still exit 0: "skip" for an unsigned image,
-# "audit" for a stranger's signature, "permissive" for an expired or revoked certificate.
-ENFORCED_CHECKS = ("integrity", "authenticity", "expiry", "revocation")
+# "audit" for a stranger's signature, "permissive" for an expired or revoked certificate. An override
+# of authenticTimestamp does the same for a certificate that expired before the signature was checked
+# (without a timestamp, notation checks the chain's validity at verification time under that name).
+ENFORCED_CHECKS = ("integrity", "authenticity", "authenticTimestamp", "expiry", "revocation")
 
 
 def notation_laxity(statement: dict) -> str | None:
@@ -1341,6 +1343,77 @@ SIGNATURE_REASONS = (
     (re.compile(r"no signature is associated|no signatures found"), UNSIGNED),
 )
 COSIGN_UNSIGNED = 10  # cosign verify's exit code when the digest has no signature at all
+COSIGN_LEGACY_ONLY = (10, 12)  # codes of its legacy path (.sig tag): it went there because there is no bundle
+
+# What a verifier says when it could not reach a verdict, and may well reach one a little later: the
+# registry (or a CRL/OCSP responder) unreachable, overloaded or throttling. Not a refusal: the gate
+# waits and asks again, within a bound (UNANSWERED_FOR), before it calls that a block.
+UNANSWERED = re.compile(
+    r"connection refused|connection reset|i/o timeout|TLS handshake timeout|context deadline exceeded|no such host"
+    r"|server misbehaving|unexpected EOF|status code (?:408|429|5\d\d)\b|revocation status is unknown", re.I)
+UNANSWERED_FOR = 300.0  # s a verification may go unanswered (from its event, else from the first try) before it blocks
+UNANSWERED_FORGOTTEN = 86400.0  # s after which a digest nobody asked about again is forgotten (bounded memory)
+
+# cosign 3 verifies, with `verify --key`, every Sigstore bundle among the digest's referrers: signatures and
+# attestations (SBOM, SLSA provenance) alike, both in-toto statements signed with the same key. Only the
+# statement's predicate type, shown as the claim's critical.type, says which one it is. Its legacy format
+# (a `sha256-HEX.sig` tag) holds simple-signing payloads, and only signatures; verify looks there only when
+# the digest has no bundle at all, or with --new-bundle-format=false.
+COSIGN_SIGNATURE_TYPES = ("https://sigstore.dev/cosign/sign/v1",  # cosign sign, Sigstore bundle
+                          "cosign container image signature")  # cosign sign, legacy simple signing
+
+
+class CosignClaim(NamedTuple):
+    type: str  # the predicate type (bundles) or "cosign container image signature" (legacy)
+    digest: str  # the image digest it is about
+
+
+def cosign_claims(stdout: str) -> list[CosignClaim]:
+    """The claims `cosign verify --output json` verified, as it prints them (a JSON list on one line)."""
+    claims = []
+    for line in stdout.splitlines():
+        try:
+            document = json.loads(line)
+        except ValueError:
+            continue
+        for claim in document if isinstance(document, list) else ():
+            critical = claim.get("critical") if isinstance(claim, dict) else None
+            image = critical.get("image") if isinstance(critical, dict) else None
+            if isinstance(image, dict):
+                claims.append(CosignClaim(str(critical.get("type")), str(image.get("docker-manifest-digest"))))
+    return claims
+
+
+def cosign_signed(done, digest: str) -> bool:
+    """Whether a cosign verify run verified a signature of exactly this digest (not only an attestation)."""
+    return done.returncode == 0 and any(claim.type in COSIGN_SIGNATURE_TYPES and claim.digest == digest
+                                        for claim in cosign_claims(done.stdout))
+
+
+def signature_verdict(trust: Trust, digest: str, runs: list) -> Verdict:
+    """What the verifier's runs (CompletedProcess; cosign: the bundle form, then maybe the legacy one)
+    say: deploy, blocked, or wait when one could not reach a verdict and trying again may pass."""
+    tool = trust.verifier
+    if any((done.returncode == 0) if tool == "notation" else cosign_signed(done, digest) for done in runs):
+        return Verdict("deploy", f"{tool} verified a signature of {short_digest(digest)} ({trust})")
+    unanswered = [said for done in runs if done.returncode and UNANSWERED.search(said := verifier_said(done.stderr))]
+    if unanswered:
+        return Verdict("wait", f"{tool} could not reach a verdict: {unanswered[0]}")
+    attested = sorted({claim.type for done in runs if done.returncode == 0 for claim in cosign_claims(done.stdout)})
+    refusals = [signature_reason(tool, done.returncode, done.stderr) for n, done in enumerate(runs)
+                if done.returncode and not (n and done.returncode == COSIGN_UNSIGNED)]  # (no .sig tag: nothing to say)
+    if attested:
+        refusals.insert(0, f"only attestations of this digest ({', '.join(attested)}) are made with the trusted key, "
+                           f"no signature: an attestation says what a build is, not that it may run; sign it")
+    return Verdict("blocked", "; the legacy .sig tag: ".join(refusals))
+
+
+def unanswered_verdict(reason: str, waited: float, bound: float = UNANSWERED_FOR) -> Verdict:
+    """A verifier without a verdict: wait and ask again while within the bound, then block."""
+    if waited < bound:
+        return Verdict("wait", f"{reason} (asked again for up to {duration_text(bound)}; "
+                               f"{duration_text(waited)} so far)")
+    return Verdict("blocked", f"no verdict within {duration_text(bound)}: {reason}")
 
 
 def verifier_said(output: str) -> str:
@@ -2180,7 +2253,9 @@ class ScanGate(Gate):
 
 VERIFY_TIMEOUT = 30  # seconds a verifier may take; well inside the watchdog (Systemd.HEALTHY_FOR)
 # Cosign checks a key's signature offline: no transparency log (Rekor) or signing config is asked for.
-COSIGN_VERIFY = ("verify", "--insecure-ignore-tlog=true")
+# --output json: the verified claims, whose type tells a signature from an attestation.
+COSIGN_VERIFY = ("verify", "--insecure-ignore-tlog=true", "--output", "json")
+COSIGN_LEGACY = "--new-bundle-format=false"  # the .sig tag's signatures, which verify skips once any bundle exists
 
 
 # What a verifier inherits from the deployer's environment: the system's locale, CA and proxies, and for
@@ -2215,13 +2290,16 @@ class SignatureGate(Gate):
     name, label = "signature gate", SIGNATURE_LABEL
 
     def __init__(self, ecr: Ecr, default: Trust | None, notation_dir: str, timeout: float = VERIFY_TIMEOUT,
-                 heartbeat=lambda: None):
+                 heartbeat=lambda: None, unanswered_for: float = UNANSWERED_FOR):
         self.ecr, self.default, self.notation_dir, self.timeout = ecr, default, notation_dir, timeout
-        self.heartbeat = heartbeat
+        self.heartbeat, self.unanswered_for = heartbeat, unanswered_for
         self._verdicts: dict[tuple, Verdict] = {}
+        self._unanswered: dict[tuple, tuple[float, float]] = {}  # when a digest's verifier first, last gave no verdict
 
     def new_cycle(self) -> None:
         self._verdicts.clear()  # a signature may have been pushed since
+        forgotten = time.time() - UNANSWERED_FORGOTTEN  # digests nobody asked about since (the tag moved on)
+        self._unanswered = {key: times for key, times in self._unanswered.items() if times[1] > forgotten}
 
     def setting(self, labels: dict | None) -> Trust | None:
         return signature_trust(labels, self.default)
@@ -2229,8 +2307,23 @@ class SignatureGate(Gate):
     def judge(self, trust: Trust, push: Push, digest: str) -> Verdict:
         key = (trust, push.account, push.region, push.repository, digest)
         if key not in self._verdicts:
-            self._verdicts[key] = self.verify(trust, push, digest)
+            verdict = self.verify(trust, push, digest)
+            if verdict.decision == "wait":
+                verdict = unanswered_verdict(verdict.reason, self.waited(key, push), self.unanswered_for)
+            if verdict.decision != "wait":
+                self._unanswered.pop(key, None)
+            self._verdicts[key] = verdict
         return self._verdicts[key]
+
+    def waited(self, key: tuple, push: Push) -> float:
+        """How long this digest's verification has gone unanswered: since its event (the message carries
+        that time through restarts and to other managers), else since this process first tried (a
+        reconcile pass's digest; a restart only lengthens the wait, the pass keeps asking)."""
+        now = time.time()
+        since_event = None if push.reconcile else seconds_after(push.time, datetime.fromtimestamp(now, timezone.utc))
+        first = self._unanswered.get(key, (now, now))[0]
+        self._unanswered[key] = (first, now)
+        return max(since_event or 0.0, now - first)
 
     def verify(self, trust: Trust, push: Push, digest: str) -> Verdict:
         reference = f"{push.image.rpartition(':')[0]}@{digest}"  # HOST/REPOSITORY@DIGEST: exactly this digest
@@ -2241,25 +2334,31 @@ class SignatureGate(Gate):
         elif not os.path.isfile(trust.material):  # (a device or a FIFO would keep cosign reading)
             return Verdict("blocked", f"cosign's public key {trust.material} is not a file on this manager")
         username, password = self.ecr.credentials(push.account, push.region)
-        self.heartbeat()
         try:  # (the temporary home and cosign's Docker config too: a full or read-only /tmp blocks, it does not stall the batch)
             with tempfile.TemporaryDirectory(prefix="ecr-deploy-verify-") as home:
                 command, env = (self.notation if trust.verifier == "notation" else self.cosign)(
                     trust, reference, home, username, password)
-                done = run_bounded(command, {**verifier_environment(os.environ, trust.verifier), "HOME": home, **env},
-                                   self.timeout)
+                env = {**verifier_environment(os.environ, trust.verifier), "HOME": home, **env}
+                runs = [self.run(command, env)]
+                if trust.verifier == "cosign" and not cosign_signed(runs[0], digest) and \
+                        runs[0].returncode not in COSIGN_LEGACY_ONLY and not UNANSWERED.search(runs[0].stderr):
+                    # bundles, but no signature among them: the .sig tag may hold one
+                    runs.append(self.run([*command[:-1], COSIGN_LEGACY, command[-1]], env))
         except subprocess.TimeoutExpired:
-            return Verdict("blocked", f"{trust.verifier} gave no answer within {self.timeout:.0f}s")
+            return Verdict("wait", f"{trust.verifier} gave no answer within {self.timeout:.0f}s")
         except OSError as e:
             if isinstance(e, FileNotFoundError) and e.filename == trust.verifier:  # (not the temporary folder's)
                 return Verdict("blocked", f"{trust.verifier} is not installed on this manager (or not on the "
                                           f"deployer's PATH): see docs/signature-gate.md")
             return Verdict("blocked", f"cannot run {trust.verifier}: {e}")
+        return signature_verdict(trust, digest, runs)
+
+    def run(self, command: list[str], env: dict) -> subprocess.CompletedProcess:
+        self.heartbeat()
+        try:
+            return run_bounded(command, env, self.timeout)
         finally:
             self.heartbeat()
-        if done.returncode == 0:
-            return Verdict("deploy", f"{trust.verifier} verified a signature of {short_digest(digest)} ({trust})")
-        return Verdict("blocked", signature_reason(trust.verifier, done.returncode, done.stderr))
 
     def wrong_statement(self, name: str, repository: str) -> str | None:
         """Why the trust policy statement Notation applies to this repository cannot be relied on (none,

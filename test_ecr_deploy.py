@@ -37,7 +37,7 @@ import ecr_deploy as ed
 from rig.aws import DIGEST_A, Aws, event, moto_server_command, referrer_event, scan_event
 from rig.common import DEPLOYER, ROOT as HERE, free_port, mounts_under, wait_for
 from rig.deployer import Running, deployer_env, run_once, updated_lines
-from rig import signing
+from rig import nspawn, signing
 from rig.faults import FaultProxy
 from rig.registry import REGISTRIES, Images, buildx_image, service_on_new_repo, serving_registries, sha256
 from rig.swarm import Engine, Swarm, current_engine, host_engine, service_image_of
@@ -3441,6 +3441,8 @@ def test_notation_statement_is_the_one_scoping_the_repository_else_the_wildcard(
     ({"level": "permissive"}, "level is 'permissive'"),
     ({"level": "strict", "override": {"revocation": "log"}}, "relaxes revocation"),
     ({"level": "strict", "override": {"expiry": "skip", "authenticity": "log"}}, "relaxes authenticity, expiry"),
+    ({"level": "strict", "override": {"authenticTimestamp": "log"}}, "relaxes authenticTimestamp"),
+    ({"level": "strict", "override": {"authenticTimestamp": "enforce"}}, None),
     ({}, "level is None"),
     (None, "level is None"),
 ])
@@ -3630,7 +3632,7 @@ def test_the_notation_statement_is_checked_before_notation_runs(tmp_path, monkey
     assert verdict.decision == "blocked" and reason in verdict.reason, verdict
 
 
-def test_a_verifier_that_gives_no_answer_blocks_within_the_bound(tmp_path, monkeypatch):
+def test_a_verifier_that_gives_no_answer_waits_and_blocks_once_the_bound_is_over(tmp_path, monkeypatch):
     folder = tmp_path / "bin"
     folder.mkdir()
     (folder / "cosign").write_text("#!/bin/sh\nsleep 300\n")
@@ -3640,9 +3642,41 @@ def test_a_verifier_that_gives_no_answer_blocks_within_the_bound(tmp_path, monke
     key.write_text("a public key")
     gate = ed.SignatureGate(FixedCredentials(), ed.Trust("cosign", str(key)), str(tmp_path), timeout=1,
                             heartbeat=lambda: beats.append(1))
-    push = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A)
-    assert gate.verdict({"Spec": {}}, push, DIGEST_A) == ed.Verdict("blocked", "cosign gave no answer within 1s")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    fresh = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A, time=now.isoformat())
+    verdict = gate.verdict({"Spec": {}}, fresh, DIGEST_A)
+    assert verdict.decision == "wait" and re.fullmatch(
+        r"cosign gave no answer within 1s \(asked again for up to 5m; [12]s so far\)", verdict.reason), verdict
     assert len(beats) == 2  # before and after: the watchdog is fed around the run
+    stale = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_B,
+                    time=(now - datetime.timedelta(minutes=6)).isoformat())  # its message came back after the bound
+    assert gate.verdict({"Spec": {}}, stale, DIGEST_B) == ed.Verdict(
+        "blocked", "no verdict within 5m: cosign gave no answer within 1s")
+
+
+def test_a_reconcile_pass_waits_from_its_first_try_not_from_an_old_push(tmp_path, monkeypatch):
+    """A reconcile pass's digest may have been pushed days ago: its wait runs from the first try that
+    got no verdict (kept across passes), so an unreachable registry at pass time is no instant block."""
+    folder, calls = tmp_path / "bin", tmp_path / "calls"
+    folder.mkdir()
+    (folder / "cosign").write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\necho 'error during command execution: GET "
+                                   f"https://h/v2/: unexpected status code 503 Service Unavailable' >&2\nexit 1\n")
+    (folder / "cosign").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}:/usr/bin:/bin")
+    key = tmp_path / "k.pub"
+    key.write_text("a public key")
+    gate = ed.SignatureGate(FixedCredentials(), ed.Trust("cosign", str(key)), str(tmp_path))
+    push = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A, time="2026-11-01T00:00:00+00:00",
+                   reconcile=True)
+    first = gate.verdict({"Spec": {}}, push, DIGEST_A)
+    assert first.decision == "wait" and "status code 503" in first.reason, first
+    assert len(calls.read_text().splitlines()) == 1  # no .sig look-up at a registry that did not answer
+    later = time.time() + ed.UNANSWERED_FOR + 1
+    monkeypatch.setattr(time, "time", lambda: later)
+    gate.new_cycle()  # the next pass
+    assert gate.verdict({"Spec": {}}, push, DIGEST_A) == ed.Verdict(
+        "blocked", "no verdict within 5m: cosign could not reach a verdict: GET https://h/v2/: unexpected status code "
+                   "503 Service Unavailable")
 
 
 NOTATION_REFUSED = ("level=info msg=Reference sha256:aa resolved to manifest descriptor: {{Digest:sha256:aa}}\n"
@@ -3694,6 +3728,81 @@ def test_signature_reason_says_why_in_the_operators_words_and_the_verifiers(tool
     reason = ed.signature_reason(tool, code, output)
     assert reason.startswith(words) and f" ({tool}: " in reason and said in reason, reason
     assert "\n" not in reason and "WARNING" not in reason and len(reason) < 450
+
+
+# What cosign 3.1.1 printed on the rig (stdout of `verify --output json`): a signature's bundle, an
+# attestation's, and a legacy .sig signature.
+def cosign_claims_json(*types: str, digest: str = DIGEST_B) -> str:
+    return json.dumps([{"critical": {"identity": {"docker-reference": f"{HOST}/team/web@{digest}"},
+                                     "image": {"docker-manifest-digest": digest}, "type": t}, "optional": {}}
+                       for t in types]) + "\n"
+
+
+SIGN_V1, SLSA, SPDX, SIMPLE = ("https://sigstore.dev/cosign/sign/v1", "https://slsa.dev/provenance/v0.2",
+                               "https://spdx.dev/Document", "cosign container image signature")
+NO_SIGNATURES = "Error: no signatures found\nerror during command execution: no signatures found\n"
+COSIGN_KEY = ed.Trust("cosign", "/k.pub")
+
+
+def ran(code: int, stdout: str = "", stderr: str = "") -> subprocess.CompletedProcess:
+    return subprocess.CompletedProcess(["cosign"], code, stdout, stderr)
+
+
+@pytest.mark.parametrize("runs, decision, reason", [
+    ([ran(0, cosign_claims_json(SIGN_V1, SPDX))], "deploy", "cosign verified a signature of"),
+    ([ran(0, cosign_claims_json(SIMPLE))], "deploy", "cosign verified a signature of"),  # no bundle: .sig looked at
+    ([ran(0, cosign_claims_json(SLSA)), ran(10, "", NO_SIGNATURES)], "blocked",
+     "only attestations of this digest (https://slsa.dev/provenance/v0.2) are made with the trusted key, no signature"),
+    ([ran(0, cosign_claims_json(SPDX)), ran(0, cosign_claims_json(SIMPLE))], "deploy", "cosign verified a signature"),
+    ([ran(0, cosign_claims_json(SIGN_V1, digest=DIGEST_A)), ran(10, "", NO_SIGNATURES)], "blocked",  # another digest's
+     "only attestations of this digest (https://sigstore.dev/cosign/sign/v1)"),
+    ([ran(0, cosign_claims_json(SLSA)), ran(12, "", cosign_refused("no matching signatures: invalid signature when "
+                                                                    "validating ASN.1 encoded signature"))], "blocked",
+     "only attestations of this digest (https://slsa.dev/provenance/v0.2) are made with the trusted key, no signature: "
+     "an attestation says what a build is, not that it may run; sign it; the legacy .sig tag: signed, but not with "
+     "the trusted key"),
+    ([ran(1, "", cosign_refused("no matching attestations: failed to verify signature: provided artifact digest does "
+                                "not match any digest in statement")), ran(10, "", NO_SIGNATURES)], "blocked",
+     "its signature was made for another digest (cosign: no matching attestations"),
+    ([ran(10, "", NO_SIGNATURES)], "blocked", "no signature of this digest"),
+    ([ran(1, "", cosign_refused(f'GET https://{HOST}/v2/: unexpected status code 503 Service Unavailable'))], "wait",
+     f"cosign could not reach a verdict: GET https://{HOST}/v2/: unexpected status code 503 Service Unavailable"),
+    ([ran(1, "", cosign_refused(f'GET https://{HOST}/v2/: unexpected status code 429 Too Many Requests'))], "wait", ""),
+    ([ran(1, "", cosign_refused(f'Get "https://{HOST}/v2/": dial tcp 127.0.0.2:443: connect: connection refused'))],
+     "wait", "connection refused"),
+    ([ran(0, cosign_claims_json(SLSA)), ran(1, "", cosign_refused("Get \"https://h/v2/\": net/http: TLS handshake "
+                                                                  "timeout"))], "wait", "TLS handshake timeout"),
+    ([ran(1, "", cosign_refused("GET https://h/v2/team/web/manifests/x: unexpected status code 404 Not Found"))],
+     "blocked", "not verified"),
+])
+def test_the_cosign_gate_takes_only_a_signature_of_the_digest_and_waits_out_an_unreachable_registry(
+        runs, decision, reason):
+    verdict = ed.signature_verdict(COSIGN_KEY, DIGEST_B, runs)
+    assert verdict.decision == decision and reason in verdict.reason, verdict
+
+
+@pytest.mark.parametrize("stderr, decision, reason", [
+    ('Error: failed to get manifest descriptor: HEAD "https://h/v2/team/web/manifests/sha256:aa": response status '
+     'code 503: Service Unavailable\n', "wait", "notation could not reach a verdict: failed to get manifest"),
+    ('Error: failed to get manifest descriptor: Head "https://h/v2/team/web/manifests/sha256:aa": dial tcp '
+     '127.0.0.2:443: connect: connection refused\n', "wait", "connection refused"),
+    (notation_refused('signing certificate with subject "CN=crl" revocation status is unknown'), "wait",
+     "revocation status is unknown"),
+    (notation_refused('signing certificate with subject "CN=crl" is revoked'), "blocked",
+     "the signing certificate is expired or revoked"),
+])
+def test_the_notation_gate_waits_out_what_may_pass_and_blocks_on_a_verdict(stderr, decision, reason):
+    verdict = ed.signature_verdict(ed.Trust("notation", ""), DIGEST_B, [ran(1, "", stderr)])
+    assert verdict.decision == decision and reason in verdict.reason, verdict
+
+
+@pytest.mark.parametrize("waited, decision, reason", [
+    (0, "wait", "notation could not reach a verdict: x (asked again for up to 5m; 0s so far)"),
+    (299, "wait", "notation could not reach a verdict: x (asked again for up to 5m; 4m 59s so far)"),
+    (300, "blocked", "no verdict within 5m: notation could not reach a verdict: x"),
+])
+def test_a_verdict_that_does_not_come_is_waited_for_within_the_bound(waited, decision, reason):
+    assert ed.unanswered_verdict("notation could not reach a verdict: x", waited) == ed.Verdict(decision, reason)
 
 
 # =========================================================================== signature gate: on the rig
@@ -3800,7 +3909,8 @@ def test_signature_gate_rolls_only_to_digests_a_trusted_identity_signed(aws, ima
     # one verification per digest, never a credential in a command line or the log
     commands = verifier_calls(calls)
     assert sum(repos["sig-notation"][2] in c for c in commands) == 1, commands
-    assert len(commands) == len({c for c in commands}) == 9
+    # (two cosign digests have bundles and no valid signature among them: their legacy .sig tag is asked too)
+    assert len(commands) == len({c for c in commands}) == 11
     assert all(registry.password not in c for c in commands) and registry.password not in run.stderr
     wait_for(lambda: len(webhook.received) == len(blocked), 10, what=lambda: webhook.received)
     assert {(d["service"], d["outcome"], d["image"]) for d in webhook.received} == \
@@ -3886,6 +3996,210 @@ def test_a_trust_policy_statement_that_skips_or_only_logs_a_check_blocks_instead
     run = run_once(env, "--queue", queue, "--reconcile-every", "0")
     assert service_image_of(swarm, sid)[0].endswith(v1), "rolled to a digest no trusted identity signed"
     assert f"level is '{level}', not 'strict'" in run.stderr, run.stderr
+
+def test_the_cosign_gate_takes_a_signature_in_either_storage_form_and_never_an_attestation(
+        aws, images, clean_swarm, signers, verifiers):
+    """cosign 3's `verify --key` passes any Sigstore bundle made with the key, attestations too, and skips
+    the legacy .sig tag once the digest has any bundle: the gate reads the claims' types, and asks the
+    .sig tag itself."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    folder, calls = verifiers
+    key = f"cosign:{signers.cosign_public('trusted')}"
+    cases = {  # service: how v2 is signed or attested (all with the trusted key), what becomes of the service
+        "sig-provenance-only": (("attest slsaprovenance",), "only attestations of this digest "
+                                "(https://slsa.dev/provenance/v0.2) are made with the trusted key, no signature"),
+        "sig-sbom-only": (("attest spdxjson",), "only attestations of this digest (https://spdx.dev/Document)"),
+        "sig-legacy-and-sbom": (("sign legacy", "attest spdxjson"), "deployed"),
+        "sig-bundle-and-provenance": (("sign", "attest slsaprovenance"), "deployed"),
+        # (cosign says nothing of the stranger's signature once the attestation verifies)
+        "sig-stranger-and-provenance": (("sign other", "attest slsaprovenance"),
+                                        "only attestations of this digest (https://slsa.dev/provenance/v0.2)"),
+    }
+    repos, ids = {}, {}
+    for name, (steps, _) in cases.items():
+        repo = images.new_repository()
+        v1, v2 = (images.push(repo, "latest", f"{name} {n}") for n in (1, 2))
+        for step in steps:
+            verb, _, how = step.partition(" ")
+            if verb == "attest":
+                signing.attest_cosign(signers, registry, repo, v2, predicate=how)
+            else:
+                signing.sign_cosign(signers, registry, repo, v2, legacy=how == "legacy",
+                                    identity="other" if how == "other" else "trusted")
+        repos[name] = (repo, v1, v2)
+        ids[name] = swarm.create_service(name, f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0,
+                                         labels={ed.SIGNATURE_LABEL: key})
+    # what cosign itself says of the attested-only digest: verified (the hole the gate closes)
+    attested = signing.verify_cosign(signers, registry, *[repos["sig-provenance-only"][i] for i in (0, 2)])
+    assert attested.returncode == 0 and [c["critical"]["type"] for c in json.loads(attested.stdout)] == [
+        "https://slsa.dev/provenance/v0.2"], attested.stderr
+    queue = aws.new_queue()
+    aws.send(queue, *(event(repository=repo, digest=v2) for repo, _, v2 in repos.values()))
+    run = run_once(signature_env(aws, swarm, signers, str(folder)), "--queue", queue, "--reconcile-every", "0")
+    assert run.returncode == 0, run.stderr
+    for name, (_, outcome) in cases.items():
+        repo, v1, v2 = repos[name]
+        if outcome == "deployed":
+            assert service_image_of(swarm, ids[name])[0] == f"{registry.host}/{repo}:latest@{v2}", (name, run.stderr)
+        else:
+            assert service_image_of(swarm, ids[name])[0].endswith(v1), name
+            line = next(line for line in run.stderr.splitlines() if f"Blocked service {name} " in line)
+            assert "by its signature gate: " + outcome in line, line
+    # the legacy .sig tag is asked only where the bundles hold no valid signature
+    commands = verifier_calls(calls)
+    legacy = {name for name, (repo, _, v2) in repos.items() if any(
+        v2 in c and ed.COSIGN_LEGACY in c for c in commands)}
+    assert legacy == {"sig-provenance-only", "sig-sbom-only", "sig-legacy-and-sbom", "sig-stranger-and-provenance"}
+    assert aws.queue_depth(queue) == 0
+
+
+def test_a_trust_policy_that_relaxes_authentic_timestamp_blocks_what_notation_would_pass_expired(
+        aws, images, clean_swarm, signers, verifiers, tmp_path):
+    """Without a timestamp, notation checks the signing certificate's validity at verification time under
+    the name authenticTimestamp: an override of it lets an expired certificate's signature through."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    folder, _ = verifiers
+    trust = tmp_path / "notation"
+    shutil.copytree(signers.notation_trust, trust)
+    policy = json.loads((trust / "trustpolicy.json").read_text())
+    policy["trustPolicies"][0]["signatureVerification"]["override"] = {"authenticTimestamp": "log"}
+    (trust / "trustpolicy.json").write_text(json.dumps(policy))
+    repo = images.new_repository()
+    v1, v2 = (images.push(repo, "latest", f"{repo} {n}") for n in (1, 2))
+    expires = signing.expiring_notation_key(signers, "expiring-ts", datetime.timedelta(seconds=5))
+    signing.sign_notation(signers, registry, repo, v2, identity="expiring-ts")
+    time.sleep(max(0.0, (expires - datetime.datetime.now(datetime.timezone.utc)).total_seconds()) + 1)
+    assert signing.verify_notation(signers, registry, repo, v2).returncode == 1  # strict: expired
+    relaxed = signing.run(signing.notation_verify_command(signing.reference(registry, repo, v2)), check=False,
+                          env=signing.notation_env(signers, registry, trust, "notation-verify"))
+    assert relaxed.returncode == 0 and "validity period" in relaxed.stderr, relaxed.stderr  # logged, and passed
+    sid = swarm.create_service("sig-timestamp", f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0,
+                               labels={ed.SIGNATURE_LABEL: "notation"})
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    env = {**signature_env(aws, swarm, signers, str(folder)), "DEPLOYER_NOTATION_DIR": str(trust)}
+    run = run_once(env, "--queue", queue, "--reconcile-every", "0")
+    assert service_image_of(swarm, sid)[0].endswith(v1), "rolled to a digest whose signing certificate has expired"
+    assert "its override relaxes authenticTimestamp" in run.stderr, run.stderr
+
+
+def test_a_verifier_that_cannot_reach_a_verdict_waits_and_the_digest_rolls_once_it_can(
+        aws, images, clean_swarm, signers, verifiers):
+    """A registry answering 503 or refusing connections, a CRL that cannot be fetched: no verdict, so the
+    message is kept and asked again; blocked only once the bound (5 minutes from the event) is over."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    folder, _ = verifiers
+    env = signature_env(aws, swarm, signers, str(folder))
+    key = f"cosign:{signers.cosign_public('trusted')}"
+    signing.expiring_notation_key(signers, "crl-unreachable", datetime.timedelta(days=1),
+                                  crl_url="http://127.0.0.1:9/signing-ca.crl")  # nothing listens there
+    repos, ids = {}, {}
+    for name, label, identity in (("sig-outage-notation", "notation", "trusted"), ("sig-outage-cosign", key, "trusted"),
+                                  ("sig-crl-unreachable", "notation", "crl-unreachable")):
+        repo = images.new_repository()
+        repos[name] = (repo, *(images.push(repo, "latest", f"{name} {n}") for n in (1, 2)))
+        (signing.sign_cosign if label == key else signing.sign_notation)(signers, registry, repo, repos[name][2],
+                                                                          identity=identity)
+        ids[name] = swarm.create_service(name, f"{registry.host}/{repo}:latest@{repos[name][1]}", registry=registry,
+                                         replicas=0, labels={ed.SIGNATURE_LABEL: label})
+    queue = aws.new_queue(VisibilityTimeout=1)
+    aws.send(queue, *(event(repository=repo, digest=v2, time=event_time()) for repo, _, v2 in repos.values()))
+
+    def waiting(run, *names):
+        for name in names:
+            line = next((line for line in run.stderr.splitlines() if f"Service {name} " in line and
+                         "waits for its signature gate" in line), None)
+            assert line and "could not reach a verdict" in line and "message kept" in line, run.stderr
+            assert service_image_of(swarm, ids[name])[0].endswith(repos[name][1]), name
+        assert "Blocked service" not in run.stderr, run.stderr
+
+    for status, said in ((503, "status code 503"), (None, "connection refused")):
+        with signing.registry_outage(registry, status):
+            time.sleep(1.2)  # the kept messages are visible again
+            run = run_once(env, "--queue", queue, "--reconcile-every", "0")
+        waiting(run, *repos)
+        assert said in run.stderr, run.stderr
+        assert aws.queue_depth(queue) == 3
+    time.sleep(1.2)
+    run = run_once(env, "--queue", queue, "--reconcile-every", "0")  # the registry answers again
+    for name in ("sig-outage-notation", "sig-outage-cosign"):
+        repo, _, v2 = repos[name]
+        assert service_image_of(swarm, ids[name])[0] == f"{registry.host}/{repo}:latest@{v2}", run.stderr
+    waiting(run, "sig-crl-unreachable")
+    assert "revocation status is unknown" in run.stderr
+    assert aws.queue_depth(queue) == 1
+    # the same event, come back after the bound: now it is a verdict
+    repo, v1, v2 = repos["sig-crl-unreachable"]
+    late = aws.new_queue()
+    aws.send(late, event(repository=repo, digest=v2, time=event_time(time.time() - 6 * 60)))
+    run = run_once(env, "--queue", late, "--reconcile-every", "0")
+    line = next(line for line in run.stderr.splitlines() if "Blocked service sig-crl-unreachable " in line)
+    assert "by its signature gate: no verdict within 5m: notation could not reach a verdict: " in line, line
+    assert "revocation status is unknown" in line and aws.queue_depth(late) == 0
+
+
+def test_the_unit_as_installed_under_systemd_verifies_as_the_tests_do(aws, images, clean_swarm, signers, webhook,
+                                                                      tmp_path):
+    """The shipped unit booted by a real systemd (Debian bookworm in systemd-nspawn): its sandbox
+    (DynamicUser, ProtectSystem=strict, PrivateTmp, MemoryMax, the system-call filter, no HOME) must
+    leave notation and cosign verifying exactly as here, or the gate would block every build."""
+    missing = nspawn.tools_missing()
+    if missing:
+        rig_unavailable(f"{', '.join(missing)} not installed (apt-get install systemd-container debootstrap)")
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    key = "cosign:/etc/ecr-deploy/cosign.pub"
+    cases = {"unit-notation": ("notation", "notation", "deployed"), "unit-cosign": (key, "cosign", "deployed"),
+             "unit-cosign-legacy": (key, "cosign legacy", "deployed"),
+             "unit-cosign-attested": (key, "attest", "only attestations of this digest"),
+             "unit-notation-stranger": ("notation", "notation other", "signed, but by no identity this manager trusts")}
+    repos, ids = {}, {}
+    for name, (label, how, _) in cases.items():
+        repo = images.new_repository()
+        repos[name] = (repo, *(images.push(repo, "latest", f"{name} {n}") for n in (1, 2)))
+        v2 = repos[name][2]
+        if how.startswith("notation"):
+            signing.sign_notation(signers, registry, repo, v2, identity="other" if how.endswith("other") else "trusted")
+        elif how == "attest":
+            signing.attest_cosign(signers, registry, repo, v2)
+        else:
+            signing.sign_cosign(signers, registry, repo, v2, legacy=how.endswith("legacy"))
+        ids[name] = swarm.create_service(name, f"{registry.host}/{repo}:latest@{repos[name][1]}", registry=registry,
+                                         replicas=0, labels={ed.SIGNATURE_LABEL: label})
+    queue = aws.new_queue()
+    notation = {str(path.relative_to(signers.notation_trust)): path.read_bytes()
+                for path in signers.notation_trust.rglob("*") if path.is_file()}
+    installed = nspawn.Installed(tmp_path / "installed", {
+        **aws.env, "DEPLOYER_QUEUE": queue, "DOCKER_HOST": "unix:///run/docker.sock",
+        "SSL_CERT_FILE": "/etc/ecr-deploy/registry-ca.pem", "DEPLOYER_NOTIFY_URL": webhook.url,
+        "DEPLOYER_RECONCILE_EVERY": "0"}, swarm.socket, {
+        "registry-ca.pem": pathlib.Path(registry.ca).read_bytes(),
+        "cosign.pub": signers.cosign_public("trusted").read_bytes(),
+        **{f"notation/{name}": data for name, data in notation.items()}}, HERE / ".venv")
+    try:
+        installed.wait_until_ready()
+        aws.send(queue, *(event(repository=repo, digest=v2, time=event_time()) for repo, _, v2 in repos.values()))
+        outcomes = {name: outcome for name, (_, _, outcome) in cases.items()}
+        wait_for(lambda: aws.queue_depth(queue) == 0 and len(webhook.received) == 2, 120,
+                 what=lambda: installed.unit_log()[-4000:])
+        log = installed.unit_log()
+        for name, outcome in outcomes.items():
+            repo, v1, v2 = repos[name]
+            if outcome == "deployed":
+                assert service_image_of(swarm, ids[name])[0] == f"{registry.host}/{repo}:latest@{v2}", log
+            else:
+                assert service_image_of(swarm, ids[name])[0].endswith(v1), name
+                reason = next(d["text"] for d in webhook.received if d["service"] == name)
+                assert outcome in reason, reason
+        unit = installed.journal("-u", "ecr-deploy.service", "-o", "short")
+        assert "Started ecr-deploy.service" in unit or "Started ecr-deploy" in unit, unit
+        assert "could not reach a verdict" not in log and "cannot run" not in log, log
+        # it ran as the unit says: a dynamic user (systemd's range 61184-65519), in the unit's own cgroup
+        entries = [json.loads(line) for line in installed.journal("-t", "ecr-deploy", "-o", "json").splitlines()]
+        assert {int(e["_UID"]) for e in entries} <= set(range(61184, 65520)) and entries, entries[:1]
+        assert {e["_SYSTEMD_UNIT"] for e in entries} == {"ecr-deploy.service"}
+    finally:
+        installed.stop()
+
 
 def ed_run(command: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
@@ -5282,3 +5596,5 @@ def test_cluster_teardown_leaves_nothing_behind(cluster):
     cluster.close()
     assert cluster_rig.leftovers() == []
     assert all(not (cluster_rig.NETNS_ETC / node.netns).exists() for node in cluster.nodes)
+
+

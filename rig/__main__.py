@@ -32,6 +32,8 @@ DEBIAN_PACKAGES = {
     "/bin/busybox": "busybox-static",  # the one binary in every test image
     "faketime": "faketime",  # a deployer whose clock is off
     "systemd-analyze": "systemd",  # checks of the unit file
+    "systemd-nspawn": "systemd-container",  # the unit booted by a real systemd (rig/nspawn.py)
+    "debootstrap": "debootstrap",  # ... in a Debian bookworm made for it
     "ip": "iproute2",  # network namespaces of multi-node swarms
     "iptables": "iptables",
     "/usr/share/zoneinfo/Europe/Berlin": "tzdata",

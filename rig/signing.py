@@ -21,18 +21,23 @@ non-interactive, bounded by the caller's timeout.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import datetime
 import hashlib
 import json
 import pathlib
 import re
+import ssl
 import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import requests
 
 from rig import unstable
-from rig.registry import put_blob
+from rig.common import wait_for
+from rig.registry import put_blob, registry_up
 
 NOTATION_SIGNATURE = "application/vnd.cncf.notary.signature"  # artifactType of notation's signature manifests
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -163,10 +168,13 @@ def certificate(subject, public_key, issuer, issuer_key, not_before, not_after, 
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def expiring_notation_key(signers: Signers, name: str, lifetime: datetime.timedelta) -> datetime.datetime:
+def expiring_notation_key(signers: Signers, name: str, lifetime: datetime.timedelta,
+                          crl_url: str | None = None) -> datetime.datetime:
     """A notation signing key `name` whose certificate, issued by the trusted rig CA, expires after
     `lifetime`; returns when it expires. A signature it makes verifies until then and not after
-    (notation's strict level checks the chain at verification time when there is no timestamp)."""
+    (notation's strict level checks the chain at verification time when there is no timestamp).
+    With `crl_url` the certificate names that CRL distribution point, which notation's revocation
+    check then asks."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
@@ -180,7 +188,10 @@ def expiring_notation_key(signers: Signers, name: str, lifetime: datetime.timede
     leaf = certificate(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)]), key.public_key(),
                        ca_cert.subject, ca_key, now - datetime.timedelta(minutes=5), expires, [
                            (x509.KeyUsage(True, False, False, False, False, False, False, False, False), True),
-                           (x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.CODE_SIGNING]), False)])
+                           (x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.CODE_SIGNING]), False)] + ([
+                           (x509.CRLDistributionPoints([x509.DistributionPoint(
+                               [x509.UniformResourceIdentifier(crl_url)], None, None, None)]), False)]
+                           if crl_url else []))
     keys = signers.notation_keys / "localkeys"
     (keys / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                          serialization.NoEncryption()))
@@ -260,6 +271,30 @@ def sign_cosign(signers: Signers, registry, repository: str, digest: str, identi
     run([*command, reference(registry, repository, digest)], env=env)
     if legacy:
         return Repository(registry, repository).manifest(legacy_signature_tag(digest)).digest
+    return one_new(referrer_digests(registry, repository, digest), before)
+
+
+# What CI attaches beside a signature, made with the same key: an in-toto statement about the image
+# (SLSA provenance, an SPDX SBOM), not an approval of it. cosign 3 stores it as a Sigstore bundle in the
+# referrers index, exactly like its signatures; only the statement's predicate type tells them apart.
+PREDICATES = {
+    "slsaprovenance": {"builder": {"id": "https://ci.example/builder"}, "buildType": "https://ci.example/build",
+                       "invocation": {}, "materials": []},
+    "spdxjson": {"spdxVersion": "SPDX-2.3", "SPDXID": "SPDXRef-DOCUMENT", "name": "image", "packages": []},
+}
+
+
+def attest_cosign(signers: Signers, registry, repository: str, digest: str, predicate: str = "slsaprovenance",
+                  identity: str = "trusted") -> str:
+    """Attest repository@digest with cosign's key pair (`cosign attest --type PREDICATE`), as a CI
+    pipeline does after a build; returns the digest of the bundle manifest it pushed."""
+    statement = signers.home("cosign-sign") / f"{predicate}.json"
+    statement.write_text(json.dumps(PREDICATES[predicate]))
+    env = cosign_env(signers, registry, "cosign-sign", COSIGN_PASSWORD=signers.cosign_password(identity))
+    before = referrer_digests(registry, repository, digest)
+    run([tool("cosign"), "attest", "--yes", "--key", str(signers.cosign_key(identity)), "--type", predicate,
+         "--predicate", str(statement), "--signing-config", str(signers.root / "cosign" / "signing-config.json"),
+         reference(registry, repository, digest)], env=env)
     return one_new(referrer_digests(registry, repository, digest), before)
 
 
@@ -446,3 +481,45 @@ def push_index(registry, repository: str, tag: str, digests: list[str]) -> str:
                  for n, d in enumerate(digests)]
     return repo.put_manifest({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests},
                              OCI_INDEX, tag=tag).digest
+
+
+# ---- a registry that cannot answer for a while
+
+@contextlib.contextmanager
+def registry_outage(registry, status: int | None = None):
+    """Stop `registry`'s server for the duration: its address refuses connections (status None), or a
+    server with the registry's own TLS certificate answers every request with `status` (a 5xx, as a
+    registry behind a load balancer does while its backend is down). Started again afterwards, on the
+    same storage, so every image and signature is there again."""
+    command = registry.proc.args
+    config = json.loads(pathlib.Path(command[-1]).read_text())["http"]
+    registry.proc.terminate()
+    registry.proc.wait(10)
+    server = None
+    try:
+        if status is not None:
+            class Failing(BaseHTTPRequestHandler):
+                def log_message(self, *args):
+                    pass
+
+                def answer(self):
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+
+                do_GET = do_HEAD = do_POST = do_PUT = answer
+
+            server = ThreadingHTTPServer((registry.ip, 443), Failing)
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls.load_cert_chain(config["tls"]["certificate"], config["tls"]["key"])
+            server.socket = tls.wrap_socket(server.socket, server_side=True)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+        yield
+    finally:
+        if server:
+            server.shutdown()
+            server.server_close()
+        log = pathlib.Path(command[-1]).parent / "log"
+        registry.proc = subprocess.Popen(command, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        wait_for(lambda: registry_up(registry), 30, what=f"registry {registry.host} again")
