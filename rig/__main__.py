@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from rig import unstable
+from rig import nspawn, unstable
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
@@ -87,6 +87,13 @@ def enter_venv(command: str) -> None:
             unstable.fetch(say=say)
         except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
             sys.exit(f"[rig] fetching from Debian's unstable archive failed: {e}")
+    if command == "test" and not nspawn.tools_missing():  # the unit under a real systemd: built once, kept
+        try:
+            if not nspawn.rootfs_ready():
+                say(f"Building a Debian bookworm root file system for systemd-nspawn in {nspawn.ROOTFS} (once)")
+            nspawn.bookworm_rootfs()
+        except (OSError, RuntimeError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            sys.exit(f"[rig] building the bookworm root file system failed: {e}")
     python = VENV / "bin" / "python3"
     stamp = VENV / ".rig-requirements"
     if not python.exists():

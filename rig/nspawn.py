@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 
+from rig import unstable
 from rig.common import ROOT, wait_for
 
 ROOTFS = pathlib.Path(os.environ.get("ECR_DEPLOY_NSPAWN_ROOTFS", "/var/tmp/ecr-deploy-nspawn-bookworm"))
@@ -37,31 +38,22 @@ def tools_missing() -> list[str]:
     return [name for name in ("systemd-nspawn", "debootstrap", "script", "journalctl") if not shutil.which(name)]
 
 
+def rootfs_ready() -> bool:
+    return (ROOTFS / "usr" / "lib" / "systemd" / "systemd").exists()
+
+
 def bookworm_rootfs() -> pathlib.Path:
-    """The root file system, built on first use (debootstrap from the machine's Debian mirror)."""
-    if (ROOTFS / "usr" / "lib" / "systemd" / "systemd").exists():
+    """The root file system, built on first use (debootstrap from the Debian archive the rig fetches from):
+    by `python3 -m rig test` before the tests start, since a test's namespace may have no network."""
+    if rootfs_ready():
         return ROOTFS
     building = ROOTFS.with_name(ROOTFS.name + ".building")
     shutil.rmtree(building, ignore_errors=True)
-    mirror = debian_mirror()
+    mirror = unstable.debian_archive()  # the machine's own Debian archive, or $ECR_DEPLOY_DEBIAN_ARCHIVE
     subprocess.run(["debootstrap", "--variant=minbase", f"--include={PACKAGES}", "bookworm", str(building), mirror],
                    check=True, capture_output=True, timeout=900)
     building.rename(ROOTFS)
     return ROOTFS
-
-
-def debian_mirror() -> str:
-    """The mirror apt on this machine uses for bookworm (its deb822 or one-line sources)."""
-    import re
-    for source in sorted(pathlib.Path("/etc/apt").glob("sources.list*")) + \
-            sorted(pathlib.Path("/etc/apt/sources.list.d").glob("*")):
-        if source.is_file():
-            text = source.read_text()
-            found = re.search(r"^URIs:\s*(\S+/debian)\s*$", text, re.M) or \
-                re.search(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+/debian)\s+bookworm\b", text, re.M)
-            if found:
-                return found[1]
-    return "http://deb.debian.org/debian"
 
 
 class Installed:
