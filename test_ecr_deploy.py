@@ -1843,6 +1843,35 @@ def test_an_operators_scale_and_env_during_a_failing_rollout_survive_its_rollbac
     swarm.wait_running(sid, old, replicas=2)
 
 
+def test_a_rollback_that_would_pull_the_failed_build_again_is_never_posted_and_says_why(aws, images, clean_swarm,
+                                                                                        webhook):
+    """A service created from a bare tag (`docker service create --no-resolve-image`, `docker stack deploy
+    --resolve-image never`): its spec names no digest. Restoring that spec would make every node pull the
+    tag, which now points at the build that failed; the deployer says it cannot roll back, and why."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = images.push(repo, "latest", "v1")
+    bare = f"{registry.host}/{repo}:latest"
+    sid = swarm.create_service("unpinned", bare, registry=registry, update_config=FAST_MONITOR)
+    swarm.wait_running(sid, bare)
+    broken = images.push(repo, "latest", "v2-broken", cmd=BROKEN_CMD)
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=broken))
+    run = run_once(deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1"), "--queue", queue, "--wait",
+                   "--notify-url", webhook.url)
+    assert run.returncode == 1, run.stderr
+    new = f"{bare}@{broken}"
+    assert f"Rollout of unpinned ({sid[:12]}) to {new} paused after" in run.stderr
+    assert "Rolling back service unpinned" not in run.stderr, run.stderr
+    assert f"Cannot roll back service unpinned ({sid[:12]}): the spec our update replaced names no digest ({bare}: " \
+           f"its nodes pull whatever :latest points to, now the build that failed, {broken})" in run.stderr, run.stderr
+    assert service_image_of(swarm, sid)[0] == new  # left as Swarm paused it, for the operator; never unpinned
+    assert [d["outcome"] for d in webhook.received] == ["paused", "rollback_failed"]
+    assert "no build known to have run can be restored" in webhook.received[1]["text"]
+    assert webhook.received[1]["text"].startswith(f"ecr-deploy on ") and f"rollback of unpinned from {new} " \
+        f"impossible: " in webhook.received[1]["text"]
+
+
 def test_good_rollout_completes_and_a_dead_webhook_costs_at_most_its_timeout(aws, images, clean_swarm, webhook):
     swarm, registry = clean_swarm, REGISTRIES[0]
     repo, (v1, v2), sid = service_on_new_repo(images, swarm, "good", replicas=1)
