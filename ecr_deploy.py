@@ -922,6 +922,32 @@ def promotion(labels: dict, runs: bool, state: str | None, since: datetime | Non
     return Release("deploy", f"tag :{tag}")
 
 
+def wildcard_matches(pattern: str, tag: str) -> bool:
+    """An ECR tag-mutability exclusion filter (filterType WILDCARD): `*` matches any run of characters."""
+    return re.fullmatch(".*".join(map(re.escape, pattern.split("*"))), tag) is not None
+
+
+def tag_may_move(repository: dict, tag: str) -> bool:
+    """Will ECR move an existing `tag` (PutImage) in this repository (as DescribeRepositories describes it)?
+    IMMUTABLE: never; IMMUTABLE_WITH_EXCLUSION: only a tag one of its WILDCARD filters matches;
+    MUTABLE_WITH_EXCLUSION: all but those; MUTABLE (or unsaid): always."""
+    mutability = repository.get("imageTagMutability") or "MUTABLE"
+    excluded = any(f.get("filterType") == "WILDCARD" and wildcard_matches(str(f.get("filter", "")), tag)
+                   for f in repository.get("imageTagMutabilityExclusionFilters") or [])
+    return {"IMMUTABLE": False, "IMMUTABLE_WITH_EXCLUSION": excluded, "MUTABLE_WITH_EXCLUSION": not excluded}.get(
+        mutability, True)
+
+
+def immutable_tag_fix(account: str, region: str, repository: str, tag: str) -> str:
+    """What lets the promote tag move in a tag-immutable repository, everything else staying immutable:
+    ECR's IMMUTABLE_WITH_EXCLUSION with the tag excluded (PutImageTagMutability)."""
+    return (f"ECR refuses to move :{tag} in {repository}, whose tags are immutable (ImageTagAlreadyExistsException); "
+            f"exclude the promote tag and keep every other tag immutable: `aws ecr put-image-tag-mutability "
+            f"--region {region} --registry-id {account} --repository-name {repository} --image-tag-mutability "
+            f"IMMUTABLE_WITH_EXCLUSION --image-tag-mutability-exclusion-filters filterType=WILDCARD,filter={tag}` "
+            f"(add any filters the repository has already; at most 5)")
+
+
 def promote_key(service: dict, followed: tuple | None) -> tuple | None:
     """(account, region, repository, TAG) of the tag a service promotes to, in its own repository."""
     tag = ((service.get("Spec") or {}).get("Labels") or {}).get(PROMOTE_LABEL)
@@ -1432,6 +1458,11 @@ class AccessDenied(AwsError, Misconfigured):
         return cls(str(wrapped)) if error_code(error) in ACCESS_DENIED else wrapped
 
 
+class TagImmutable(AwsError):
+    """ECR refuses to move a tag of a tag-immutable repository (ImageTagAlreadyExistsException): only the
+    operator can change that; the message says how."""
+
+
 QUEUE_MISSING = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
 ACCESS_DENIED = ("AccessDenied", "AccessDeniedException")
 AWS_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
@@ -1719,6 +1750,8 @@ class Ecr:
         except AWS_ERRORS as e:
             if error_code(e) == "ImageAlreadyExistsException":
                 return False
+            if error_code(e) == "ImageTagAlreadyExistsException":  # (the ECR API Reference, PutImage)
+                raise TagImmutable(immutable_tag_fix(account, region, repository, tag)) from None
             raise AwsError.wrap(e, f"cannot tag {repository}@{digest} as {tag} in ECR ({account}, {region})") from None
         except (ValueError, AttributeError):
             raise AwsError(f"ECR holds a manifest of {repository}@{digest} that is not JSON") from None
@@ -1738,6 +1771,14 @@ class Ecr:
         return Scan(status.get("status", "?"), findings.get("findingSeverityCounts") or {},
                     status.get("description") or "", completed_at=findings.get("imageScanCompletedAt"),
                     answered_at=answer_date(reply))
+
+    def repository(self, account: str, region: str, repository: str) -> dict:
+        """DescribeRepositories of one repository: its tag mutability, for --status."""
+        try:
+            return self._client(region).describe_repositories(
+                registryId=account, repositoryNames=[repository])["repositories"][0]
+        except (*AWS_ERRORS, KeyError, IndexError) as e:
+            raise AwsError.wrap(e, f"cannot describe {repository} in ECR ({account}, {region})") from None
 
     def credentials(self, account: str, region: str) -> tuple[str, str]:
         """(username, password) for the registry, cached and refreshed at half its lifetime."""
@@ -2741,6 +2782,11 @@ class Deployer:
             return True
         try:
             promoted = self.ecr.promote(*key[:3], digest, tag)
+        except TagImmutable as e:  # retrying changes nothing until the operator does: said once, not a failed pass
+            if (service["ID"], image) not in self.reported_blocked:
+                self.reported_blocked.add((service["ID"], image))
+                log.error("Cannot promote %s (service %s): %s", image, service_label(service), e)
+            return True
         except AwsError as e:
             log.error("Cannot promote %s: %s", image, e)
             return False
@@ -3575,6 +3621,8 @@ def status_rows(deployer: Deployer) -> list[dict]:
         if key and key in now_at and PROMOTE_LABEL in (service["Spec"].get("Labels") or {}):
             row["promotion"] = promotion_text(deployer, service, key, now_at)
             row["reason"] = "; ".join(filter(None, (row["reason"], row["promotion"])))
+            if row["promotion"].startswith("cannot promote") and row["state"] == "current":
+                row["state"] = "held back"  # the operator must act
         rows.append(row)
     return rows
 
@@ -3584,7 +3632,16 @@ def promotion_text(deployer: Deployer, service: dict, key: tuple, answers: dict)
         decision = deployer.promotion_of(service, key, answers)
     except ValueError as e:
         return f"cannot promote: {e}"
-    return f"promotes to :{promote_key(service, key)[3]} now" if decision.decision == "deploy" else decision.reason
+    target = promote_key(service, key)
+    if decision.decision != "deploy":
+        return decision.reason
+    if target in answers:  # the tag exists (at another digest): will ECR move it?
+        try:
+            if not tag_may_move(deployer.ecr.repository(*target[:3]), target[3]):
+                return f"cannot promote: {immutable_tag_fix(*target)}"
+        except AwsError as e:
+            return f"promotes to :{target[3]} now, unless its repository's tags are immutable ({e})"
+    return f"promotes to :{target[3]} now"
 
 
 def status_of(deployer: Deployer, service: dict, key: tuple | None, answer: tuple[str, str] | None) -> tuple[str, str]:
