@@ -84,6 +84,9 @@ class FaultProxy:
             if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
                 socketserver.BaseServer.handle_error(server, request, client_address)
 
+        # Replies go out as headers, then body: without TCP_NODELAY, Nagle's algorithm holds the body until the
+        # client's delayed ACK (40 ms a call). (A unix socket has no such option.)
+        Handler.disable_nagle_algorithm = not unix_path
         if unix_path:
             Handler.address_string = lambda self: "unix"
             self.server = ThreadingUnixStreamServer(unix_path, Handler)
