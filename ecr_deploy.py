@@ -1092,7 +1092,7 @@ def notification(outcome: str, service: str, service_id: str, image: str, durati
                  node: str, message: str, rollback: bool = False, gate: str = "") -> dict:
     """One JSON document per outcome: `text` for Slack/Teams webhooks, the rest for machines. `gate`:
     which one blocked it."""
-    words = OUTCOME_WORDS[outcome if outcome == "rollback_failed" or not rollback else outcome.removeprefix("rollback_")]
+    words = OUTCOME_WORDS[outcome.removeprefix("rollback_") if rollback and outcome != "rollback_failed" else outcome]
     words = f"{words} by its {gate}" if gate else words
     after = "" if outcome in ("blocked", "promoted", "rollback_failed") else f" after {duration:.1f}s"  # none timed
     direction = "from" if outcome == "rollback_failed" else "to"  # (`image`: the build that failed)
@@ -2802,7 +2802,7 @@ class Deployer:
         """Say once (per service, digest and reason) why a service is not rolled (or does not promote)
         now, and make sure a reconcile pass comes when the wait may end. A wait with no known end (a
         leader that is missing, paused or still rolling) is looked at again after WAVE_RECHECK, then
-        ever less often (recheck_delays), each look being a whole reconcile pass."""
+        ever less often (next_recheck), each look being a whole reconcile pass."""
         key = (service["ID"], image)
         reason = re.sub(r"\(?(?:in|rolls in) [0-9dhms ]+\)?", "", release.reason)  # the same wait, counting down
         open_ended = release.decision == "wait" and release.until is None
@@ -3089,8 +3089,8 @@ class Rollouts:
         log.error("Cannot roll back service %s: %s", rollout.label, reason)
         self.outcomes.append("rollback_failed")
         self.counts["rollback_failed"] += 1
-        self.notify(notification("rollback_failed", rollout.name, rollout.service_id, rollout.image, 0.0, self.node_name(),
-                                 reason, rollback=True))
+        self.notify(notification("rollback_failed", rollout.name, rollout.service_id, rollout.image, 0.0,
+                                 self.node_name(), reason, rollback=True))
 
     def node_name(self) -> str:
         if self._node_name is None:
@@ -3252,6 +3252,8 @@ class AuthKeeper:
 RECONCILE_RETRY = 60.0  # s: a pass that failed (Docker or ECR unreachable) is tried again this soon
 WAVE_RECHECK = 15.0  # s: a wait with no known end (a wave's leader) is first looked at again this soon,
 RECHECK_CAP = 3600.0  # s: then ever less often, up to the reconcile period (this, with the periodic pass off)
+WAKE_SLACK = 0.5  # s: a pass for a wait that ends at T comes just after T (a window is surely open then)
+ECR_CONCURRENCY = 8  # DescribeImages calls in flight at once (botocore clients are thread-safe)
 
 
 def recheck_cap(reconcile_every: float) -> float:
@@ -3260,10 +3262,9 @@ def recheck_cap(reconcile_every: float) -> float:
 
 def next_recheck(delay: float, cap: float) -> float:
     """The back-off of a wait with no known end: each look costs a whole reconcile pass (every service
-    listed, every repository described), so a leader that never comes must not cost one every 15 s."""
+    listed, every repository described, gates asked), so a leader that never comes must not cost one
+    every 15 s for ever."""
     return min(cap, delay * 2)
-WAKE_SLACK = 0.5  # s: a pass for a wait that ends at T comes just after T (a window is surely open then)
-ECR_CONCURRENCY = 8  # DescribeImages calls in flight at once (botocore clients are thread-safe)
 
 
 def tags_by_repository(keys) -> dict[tuple[str, str, str], set[str]]:
