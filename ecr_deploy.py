@@ -1107,13 +1107,13 @@ def unrestorable_reason(restored: dict, failed_image: str) -> str:
     """Why a rollback to `restored` (a spec whose image names no digest) would not restore anything: the
     nodes would pull the tag, which now points at the build that failed."""
     image = ((restored.get("TaskTemplate") or {}).get("ContainerSpec") or {}).get("Image")
-    ref = parse_image_ref(image)
+    ref, failed = parse_image_ref(image), failed_image.rpartition("@")[2]
     tag = ref.tag if ref else "?"
     return (f"the spec our update replaced names no digest ({image}: its nodes pull whatever :{tag} points to, "
-            f"now the build that failed, {failed_image.rpartition('@')[2]}), so no build known to have run can be "
-            f"restored; the service stays on the failed build. Pin one that worked: `docker service update "
-            f"--image {ref.name if ref else '?'}:{tag}@DIGEST {restored.get('Name', '?')}`; every image the "
-            f"deployer posts names its digest, so its later rollbacks can restore")
+            f"now the build that failed, {failed}), so no build known to have run can be restored; the service "
+            f"stays on the failed build. Pin one that worked, with the failure record that keeps the deployer off "
+            f"this one: `docker service update --image {ref.name if ref else '?'}:{tag}@DIGEST --label-add "
+            f"{FAILED_LABEL}={failed} {restored.get('Name', '?')}`")
 
 
 def metrics_text(totals: dict) -> str:
@@ -1739,7 +1739,8 @@ class Ecr:
 
     def promote(self, account: str, region: str, repository: str, digest: str, tag: str) -> bool:
         """Tag the digest as TAG with its own manifest bytes (an image index stays an index, the digest does
-        not change). False if TAG was there already (another manager, a redelivery): nothing done twice."""
+        not change). False if TAG was there already (another manager, a redelivery): nothing done twice.
+        TagImmutable if ECR refuses to move TAG (a tag-immutable repository)."""
         manifest = self.manifest(account, region, repository, {"imageDigest": digest})
         if manifest is None:
             raise AwsError(f"ECR has no manifest of {repository}@{digest}")

@@ -1868,8 +1868,19 @@ def test_a_rollback_that_would_pull_the_failed_build_again_is_never_posted_and_s
     assert service_image_of(swarm, sid)[0] == new  # left as Swarm paused it, for the operator; never unpinned
     assert [d["outcome"] for d in webhook.received] == ["paused", "rollback_failed"]
     assert "no build known to have run can be restored" in webhook.received[1]["text"]
-    assert webhook.received[1]["text"].startswith(f"ecr-deploy on ") and f"rollback of unpinned from {new} " \
+    assert webhook.received[1]["text"].startswith("ecr-deploy on ") and f"rollback of unpinned from {new} " \
         f"impossible: " in webhook.received[1]["text"]
+    advice = f"`docker service update --image {bare}@DIGEST --label-add {ed.FAILED_LABEL}={broken} unpinned`"
+    assert advice in run.stderr
+
+    def as_advised(spec):  # the operator pins the build that ran, with the failure record
+        spec["TaskTemplate"]["ContainerSpec"]["Image"] = f"{bare}@{v1}"
+        spec["Labels"][ed.FAILED_LABEL] = broken
+    swarm.update(sid, as_advised, registry=registry)
+    swarm.wait_running(sid, f"{bare}@{v1}")
+    again = run_once(deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1"), "--queue", aws.new_queue())
+    assert again.returncode == 0 and f"Service unpinned ({sid[:12]}) holds back {broken}" in again.stderr, again.stderr
+    assert service_image_of(swarm, sid)[0] == f"{bare}@{v1}" and updated_lines(again.stderr) == []
 
 
 def test_good_rollout_completes_and_a_dead_webhook_costs_at_most_its_timeout(aws, images, clean_swarm, webhook):
@@ -4336,7 +4347,8 @@ def test_a_rollback_that_cannot_restore_is_reported_from_the_failed_build():
                                     "reg/app:latest@" + DIGEST_A)
     assert reason.startswith(f"the spec our update replaced names no digest (reg/app:latest: its nodes pull whatever "
                              f":latest points to, now the build that failed, {DIGEST_A})")
-    assert "`docker service update --image reg/app:latest@DIGEST web`" in reason
+    assert reason.endswith(f"`docker service update --image reg/app:latest@DIGEST --label-add ecr-deploy.failed="
+                           f"{DIGEST_A} web`")
 
 
 @pytest.mark.parametrize("labels,runs,state,failed,target,expected", [
