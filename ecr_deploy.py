@@ -836,6 +836,7 @@ class Leader(NamedTuple):
     state: str | None  # its UpdateStatus.State
     since: datetime | None  # its rollout completed, or a task of the digest last failed, if later
     failed: str | None  # why the digest failed there (a failure record, Swarm's rollback), if it did
+    exists: bool = True  # False: no service has that name (a typo in AFTER_LABEL, or not created yet)
 
 
 def soaked_for(leader: Leader, swarm_now: datetime | None) -> float | None:
@@ -887,8 +888,14 @@ def release_policy(labels: dict, defaults: dict, now: float, age: float | None, 
     for leader in leaders:
         if leader.failed:
             return Release("held", f"{leader.name}'s rollout of this digest failed ({leader.failed}): it never rolls here")
+        if not leader.exists:
+            return Release("wait", f"waits for {leader.name}, which is no service of this swarm (a typo in "
+                                   f"{AFTER_LABEL}, or not created yet)")
         if not leader.runs:
             return Release("wait", f"waits for {leader.name} to run this digest")
+        if leader.state in ("paused", "rollback_paused"):
+            return Release("wait", f"waits for {leader.name}'s rollout, which is {leader.state.replace('_', ' ')}: "
+                                   f"until someone resumes it or rolls it back")
         if leader.state not in (None, "completed"):
             return Release("wait", f"waits for {leader.name}'s rollout to complete (it is {leader.state})")
         ran = soaked_for(leader, swarm_now)
@@ -920,6 +927,32 @@ def promotion(labels: dict, runs: bool, state: str | None, since: datetime | Non
         return Release("wait", f"promotes to :{tag} after soaking {labels[SOAK_LABEL]}: in {duration_text(left)}",
                        now + left)
     return Release("deploy", f"tag :{tag}")
+
+
+def wildcard_matches(pattern: str, tag: str) -> bool:
+    """An ECR tag-mutability exclusion filter (filterType WILDCARD): `*` matches any run of characters."""
+    return re.fullmatch(".*".join(map(re.escape, pattern.split("*"))), tag) is not None
+
+
+def tag_may_move(repository: dict, tag: str) -> bool:
+    """Will ECR move an existing `tag` (PutImage) in this repository (as DescribeRepositories describes it)?
+    IMMUTABLE: never; IMMUTABLE_WITH_EXCLUSION: only a tag one of its WILDCARD filters matches;
+    MUTABLE_WITH_EXCLUSION: all but those; MUTABLE (or unsaid): always."""
+    mutability = repository.get("imageTagMutability") or "MUTABLE"
+    excluded = any(f.get("filterType") == "WILDCARD" and wildcard_matches(str(f.get("filter", "")), tag)
+                   for f in repository.get("imageTagMutabilityExclusionFilters") or [])
+    return {"IMMUTABLE": False, "IMMUTABLE_WITH_EXCLUSION": excluded, "MUTABLE_WITH_EXCLUSION": not excluded}.get(
+        mutability, True)
+
+
+def immutable_tag_fix(account: str, region: str, repository: str, tag: str) -> str:
+    """What lets the promote tag move in a tag-immutable repository, everything else staying immutable:
+    ECR's IMMUTABLE_WITH_EXCLUSION with the tag excluded (PutImageTagMutability)."""
+    return (f"ECR refuses to move :{tag} in {repository}, whose tags are immutable (ImageTagAlreadyExistsException); "
+            f"exclude the promote tag and keep every other tag immutable: `aws ecr put-image-tag-mutability "
+            f"--region {region} --registry-id {account} --repository-name {repository} --image-tag-mutability "
+            f"IMMUTABLE_WITH_EXCLUSION --image-tag-mutability-exclusion-filters filterType=WILDCARD,filter={tag}` "
+            f"(add any filters the repository has already; at most 5)")
 
 
 def promote_key(service: dict, followed: tuple | None) -> tuple | None:
@@ -1059,21 +1092,35 @@ def failing_task_error(tasks: list[dict], image: str) -> str | None:
 OUTCOME_WORDS = {"completed": "completed", "promoted": "promoted", "paused": "paused", "timed_out": "timed out",
                  "rollback_completed": "rolled back", "rollback_paused": "rollback paused",
                  "removed": "ended: service removed", "blocked": "blocked",
-                 "superseded": "superseded by another update"}
+                 "superseded": "superseded by another update", "rollback_failed": "impossible"}
 
 
 def notification(outcome: str, service: str, service_id: str, image: str, duration: float,
                  node: str, message: str, rollback: bool = False, gate: str = "") -> dict:
     """One JSON document per outcome: `text` for Slack/Teams webhooks, the rest for machines. `gate`:
     which one blocked it."""
-    words = OUTCOME_WORDS[outcome.removeprefix("rollback_") if rollback else outcome]
+    words = OUTCOME_WORDS[outcome.removeprefix("rollback_") if rollback and outcome != "rollback_failed" else outcome]
     words = f"{words} by its {gate}" if gate else words
-    after = "" if outcome in ("blocked", "promoted") else f" after {duration:.1f}s"  # no rollout was timed
-    text = f"ecr-deploy on {node}: {'rollback' if rollback else 'rollout'} of {service} to {image} {words}" \
+    after = "" if outcome in ("blocked", "promoted", "rollback_failed") else f" after {duration:.1f}s"  # none timed
+    direction = "from" if outcome == "rollback_failed" else "to"  # (`image`: the build that failed)
+    text = f"ecr-deploy on {node}: {'rollback' if rollback else 'rollout'} of {service} {direction} {image} {words}" \
            f"{after}" + (f": {message}" if message else "")
     return {"text": text, "service": service, "service_id": service_id, "image": image,
             "digest": image.rpartition("@")[2], "outcome": outcome, "duration_seconds": round(duration, 3),
             "node": node, "message": message}
+
+
+def unrestorable_reason(restored: dict, failed_image: str) -> str:
+    """Why a rollback to `restored` (a spec whose image names no digest) would not restore anything: the
+    nodes would pull the tag, which now points at the build that failed."""
+    image = ((restored.get("TaskTemplate") or {}).get("ContainerSpec") or {}).get("Image")
+    ref, failed = parse_image_ref(image), failed_image.rpartition("@")[2]
+    tag = ref.tag if ref else "?"
+    return (f"the spec our update replaced names no digest ({image}: its nodes pull whatever :{tag} points to, "
+            f"now the build that failed, {failed}), so no build known to have run can be restored; the service "
+            f"stays on the failed build. Pin one that worked, with the failure record that keeps the deployer off "
+            f"this one: `docker service update --image {ref.name if ref else '?'}:{tag}@DIGEST --label-add "
+            f"{FAILED_LABEL}={failed} {restored.get('Name', '?')}`")
 
 
 def metrics_text(totals: dict) -> str:
@@ -1491,6 +1538,11 @@ class AccessDenied(AwsError, Misconfigured):
         return cls(str(wrapped)) if error_code(error) in ACCESS_DENIED else wrapped
 
 
+class TagImmutable(AwsError):
+    """ECR refuses to move a tag of a tag-immutable repository (ImageTagAlreadyExistsException): only the
+    operator can change that; the message says how."""
+
+
 QUEUE_MISSING = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
 ACCESS_DENIED = ("AccessDenied", "AccessDeniedException")
 AWS_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
@@ -1767,7 +1819,8 @@ class Ecr:
 
     def promote(self, account: str, region: str, repository: str, digest: str, tag: str) -> bool:
         """Tag the digest as TAG with its own manifest bytes (an image index stays an index, the digest does
-        not change). False if TAG was there already (another manager, a redelivery): nothing done twice."""
+        not change). False if TAG was there already (another manager, a redelivery): nothing done twice.
+        TagImmutable if ECR refuses to move TAG (a tag-immutable repository)."""
         manifest = self.manifest(account, region, repository, {"imageDigest": digest})
         if manifest is None:
             raise AwsError(f"ECR has no manifest of {repository}@{digest}")
@@ -1778,6 +1831,8 @@ class Ecr:
         except AWS_ERRORS as e:
             if error_code(e) == "ImageAlreadyExistsException":
                 return False
+            if error_code(e) == "ImageTagAlreadyExistsException":  # (the ECR API Reference, PutImage)
+                raise TagImmutable(immutable_tag_fix(account, region, repository, tag)) from None
             raise AwsError.wrap(e, f"cannot tag {repository}@{digest} as {tag} in ECR ({account}, {region})") from None
         except (ValueError, AttributeError):
             raise AwsError(f"ECR holds a manifest of {repository}@{digest} that is not JSON") from None
@@ -1797,6 +1852,14 @@ class Ecr:
         return Scan(status.get("status", "?"), findings.get("findingSeverityCounts") or {},
                     status.get("description") or "", completed_at=findings.get("imageScanCompletedAt"),
                     answered_at=answer_date(reply))
+
+    def repository(self, account: str, region: str, repository: str) -> dict:
+        """DescribeRepositories of one repository: its tag mutability, for --status."""
+        try:
+            return self._client(region).describe_repositories(
+                registryId=account, repositoryNames=[repository])["repositories"][0]
+        except (*AWS_ERRORS, KeyError, IndexError) as e:
+            raise AwsError.wrap(e, f"cannot describe {repository} in ECR ({account}, {region})") from None
 
     def credentials(self, account: str, region: str) -> tuple[str, str]:
         """(username, password) for the registry, cached and refreshed at half its lifetime."""
@@ -2456,6 +2519,7 @@ class Deployer:
         self.reported_blocked: set[tuple[str, str]] = set()  # (service ID, image): one ERROR and webhook each
         self.reported_held: set[tuple[str, str]] = set()  # (service ID, digest): one WARNING each
         self.reported_waits: dict[tuple[str, str], str] = {}  # (service ID, image) -> the wait last logged
+        self.recheck_after: dict[tuple[str, str], float] = {}  # (service ID, image) -> the next open wait's back-off
         self.release_defaults = dict(release_defaults or {})  # fleet-wide defaults of the release labels
         self.new_cycle()
         self.label_filter = label_filter
@@ -2728,7 +2792,10 @@ class Deployer:
             return False
         try:
             release = self.release(service, push, digest)
-        except (ValueError, DockerError) as e:
+        except DockerError as e:  # (reading a leader's tasks): a retry, not a verdict
+            log.error("Cannot apply the release policy of service %s: %s", service_label(service), e)
+            return False
+        except ValueError as e:
             release = Release("held", f"cannot apply its release policy: {e}")
         if release.decision != "deploy":
             self.not_released(service, pinned_image(uses_image(service, push), push.tag, digest), release)
@@ -2770,7 +2837,7 @@ class Deployer:
         for name in names:
             leader = by_name.get(name) or self.service_named(name)
             if leader is None:
-                leaders.append(Leader(name, False, None, None, None))
+                leaders.append(Leader(name, False, None, None, None, exists=False))
                 continue
             runs = runs_digest(leader, digest)
             since = soak_start(leader, self.docker.tasks(leader["ID"]), digest) if runs else None
@@ -2822,6 +2889,11 @@ class Deployer:
             return True
         try:
             promoted = self.ecr.promote(*key[:3], digest, tag)
+        except TagImmutable as e:  # retrying changes nothing until the operator does: said once, not a failed pass
+            if (service["ID"], image) not in self.reported_blocked:
+                self.reported_blocked.add((service["ID"], image))
+                log.error("Cannot promote %s (service %s): %s", image, service_label(service), e)
+            return True
         except AwsError as e:
             log.error("Cannot promote %s: %s", image, e)
             return False
@@ -2835,16 +2907,27 @@ class Deployer:
 
     def not_released(self, service: dict, image: str, release: Release, waits: str = "waits before") -> None:
         """Say once (per service, digest and reason) why a service is not rolled (or does not promote)
-        now, and make sure a reconcile pass comes when the wait may end."""
+        now, and make sure a reconcile pass comes when the wait may end. A wait with no known end (a
+        leader that is missing, paused or still rolling) is looked at again after WAVE_RECHECK, then
+        ever less often (next_recheck), each look being a whole reconcile pass."""
         key = (service["ID"], image)
         reason = re.sub(r"\(?(?:in|rolls in) [0-9dhms ]+\)?", "", release.reason)  # the same wait, counting down
+        open_ended = release.decision == "wait" and release.until is None
+        cap = recheck_cap(self.reconciler.interval)
         if self.reported_waits.get(key) != reason:
             self.reported_waits[key] = reason
-            log.log(logging.WARNING if release.decision == "held" else logging.INFO, "Service %s %s %s: %s",
+            self.recheck_after.pop(key, None)  # a new wait: looked at soon again
+            then = f" (looked at again in {duration_text(WAVE_RECHECK)}, then ever less often, at least every " \
+                   f"{duration_text(cap)})" if open_ended else ""
+            log.log(logging.WARNING if release.decision == "held" else logging.INFO, "Service %s %s %s: %s%s",
                     service_label(service), "holds back" if release.decision == "held" else waits, image,
-                    release.reason)
-        if release.decision == "wait":
-            self.reconciler.wake_at(release.until or time.time() + WAVE_RECHECK)
+                    release.reason, then)
+        if open_ended:
+            delay = self.recheck_after.get(key, WAVE_RECHECK)
+            self.recheck_after[key] = next_recheck(delay, cap)
+            self.reconciler.wake_at(time.time() + delay)
+        elif release.decision == "wait":
+            self.reconciler.wake_at(release.until)
 
     def failure_of(self, service: dict, digest: str) -> str | None:
         """Why the digest must not be rolled onto the service (its rollout failed there), or None. Swarm's
@@ -3093,6 +3176,9 @@ class Rollouts:
             ref = running_image({"Spec": spec})
             if ref is None:
                 raise DockerError("the spec our update replaced names no valid image")
+            if ref.digest is None:  # (--no-resolve-image, `stack deploy --resolve-image never`)
+                self.cannot_roll_back(rollout, unrestorable_reason(spec, rollout.image))
+                return
             account, region = ecr_registry(ref.host) or (rollout.push.account, rollout.push.region)
             username, password = self.deployer.ecr.credentials(account, region)
             log.info("Rolling back service %s to its previous spec (%s)", rollout.label,
@@ -3103,6 +3189,15 @@ class Rollouts:
             log.error("Cannot roll back service %s: %s", rollout.label, e)
             return
         self.follow(fresh, spec, rollout.push, started, rollback=True)
+
+    def cannot_roll_back(self, rollout: Rollout, reason: str) -> None:
+        """A rollback that would restore no known build is not posted: reported as a failed rollback, the
+        service left as Swarm left it (paused, or still updating) for the operator."""
+        log.error("Cannot roll back service %s: %s", rollout.label, reason)
+        self.outcomes.append("rollback_failed")
+        self.counts["rollback_failed"] += 1
+        self.notify(notification("rollback_failed", rollout.name, rollout.service_id, rollout.image, 0.0,
+                                 self.node_name(), reason, rollback=True))
 
     def node_name(self) -> str:
         if self._node_name is None:
@@ -3262,9 +3357,21 @@ class AuthKeeper:
 # --------------------------------------------------------------------------- the reconcile pass
 
 RECONCILE_RETRY = 60.0  # s: a pass that failed (Docker or ECR unreachable) is tried again this soon
-WAVE_RECHECK = 15.0  # s: a service waiting for another's rollout to complete is looked at again this soon
+WAVE_RECHECK = 15.0  # s: a wait with no known end (a wave's leader) is first looked at again this soon,
+RECHECK_CAP = 3600.0  # s: then ever less often, up to the reconcile period (this, with the periodic pass off)
 WAKE_SLACK = 0.5  # s: a pass for a wait that ends at T comes just after T (a window is surely open then)
 ECR_CONCURRENCY = 8  # DescribeImages calls in flight at once (botocore clients are thread-safe)
+
+
+def recheck_cap(reconcile_every: float) -> float:
+    return max(WAVE_RECHECK, reconcile_every or RECHECK_CAP)
+
+
+def next_recheck(delay: float, cap: float) -> float:
+    """The back-off of a wait with no known end: each look costs a whole reconcile pass (every service
+    listed, every repository described, gates asked), so a leader that never comes must not cost one
+    every 15 s for ever."""
+    return min(cap, delay * 2)
 
 
 def tags_by_repository(keys) -> dict[tuple[str, str, str], set[str]]:
@@ -3622,6 +3729,8 @@ def status_rows(deployer: Deployer) -> list[dict]:
         if key and key in now_at and PROMOTE_LABEL in (service["Spec"].get("Labels") or {}):
             row["promotion"] = promotion_text(deployer, service, key, now_at)
             row["reason"] = "; ".join(filter(None, (row["reason"], row["promotion"])))
+            if row["promotion"].startswith("cannot promote") and row["state"] == "current":
+                row["state"] = "held back"  # the operator must act
         rows.append(row)
     return rows
 
@@ -3631,7 +3740,16 @@ def promotion_text(deployer: Deployer, service: dict, key: tuple, answers: dict)
         decision = deployer.promotion_of(service, key, answers)
     except ValueError as e:
         return f"cannot promote: {e}"
-    return f"promotes to :{promote_key(service, key)[3]} now" if decision.decision == "deploy" else decision.reason
+    target = promote_key(service, key)
+    if decision.decision != "deploy":
+        return decision.reason
+    if target in answers:  # the tag exists (at another digest): will ECR move it?
+        try:
+            if not tag_may_move(deployer.ecr.repository(*target[:3]), target[3]):
+                return f"cannot promote: {immutable_tag_fix(*target)}"
+        except AwsError as e:
+            return f"promotes to :{target[3]} now, unless its repository's tags are immutable ({e})"
+    return f"promotes to :{target[3]} now"
 
 
 def status_of(deployer: Deployer, service: dict, key: tuple | None, answer: tuple[str, str] | None) -> tuple[str, str]:

@@ -1843,6 +1843,46 @@ def test_an_operators_scale_and_env_during_a_failing_rollout_survive_its_rollbac
     swarm.wait_running(sid, old, replicas=2)
 
 
+def test_a_rollback_that_would_pull_the_failed_build_again_is_never_posted_and_says_why(aws, images, clean_swarm,
+                                                                                        webhook):
+    """A service created from a bare tag (`docker service create --no-resolve-image`, `docker stack deploy
+    --resolve-image never`): its spec names no digest. Restoring that spec would make every node pull the
+    tag, which now points at the build that failed; the deployer says it cannot roll back, and why."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = images.push(repo, "latest", "v1")
+    bare = f"{registry.host}/{repo}:latest"
+    sid = swarm.create_service("unpinned", bare, registry=registry, update_config=FAST_MONITOR)
+    swarm.wait_running(sid, bare)
+    broken = images.push(repo, "latest", "v2-broken", cmd=BROKEN_CMD)
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=broken))
+    run = run_once(deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1"), "--queue", queue, "--wait",
+                   "--notify-url", webhook.url)
+    assert run.returncode == 1, run.stderr
+    new = f"{bare}@{broken}"
+    assert f"Rollout of unpinned ({sid[:12]}) to {new} paused after" in run.stderr
+    assert "Rolling back service unpinned" not in run.stderr, run.stderr
+    assert f"Cannot roll back service unpinned ({sid[:12]}): the spec our update replaced names no digest ({bare}: " \
+           f"its nodes pull whatever :latest points to, now the build that failed, {broken})" in run.stderr, run.stderr
+    assert service_image_of(swarm, sid)[0] == new  # left as Swarm paused it, for the operator; never unpinned
+    assert [d["outcome"] for d in webhook.received] == ["paused", "rollback_failed"]
+    assert "no build known to have run can be restored" in webhook.received[1]["text"]
+    assert webhook.received[1]["text"].startswith("ecr-deploy on ") and f"rollback of unpinned from {new} " \
+        f"impossible: " in webhook.received[1]["text"]
+    advice = f"`docker service update --image {bare}@DIGEST --label-add {ed.FAILED_LABEL}={broken} unpinned`"
+    assert advice in run.stderr
+
+    def as_advised(spec):  # the operator pins the build that ran, with the failure record
+        spec["TaskTemplate"]["ContainerSpec"]["Image"] = f"{bare}@{v1}"
+        spec["Labels"][ed.FAILED_LABEL] = broken
+    swarm.update(sid, as_advised, registry=registry)
+    swarm.wait_running(sid, f"{bare}@{v1}")
+    again = run_once(deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1"), "--queue", aws.new_queue())
+    assert again.returncode == 0 and f"Service unpinned ({sid[:12]}) holds back {broken}" in again.stderr, again.stderr
+    assert service_image_of(swarm, sid)[0] == f"{bare}@{v1}" and updated_lines(again.stderr) == []
+
+
 def test_good_rollout_completes_and_a_dead_webhook_costs_at_most_its_timeout(aws, images, clean_swarm, webhook):
     swarm, registry = clean_swarm, REGISTRIES[0]
     repo, (v1, v2), sid = service_on_new_repo(images, swarm, "good", replicas=1)
@@ -4776,6 +4816,57 @@ def test_release_policy_reasons_say_when_the_wait_ends():
         ed.release_policy({ed.MIN_AGE_LABEL: "soon"}, {}, NOW_EPOCH, 0, [], None)
 
 
+def test_a_wave_says_when_its_leader_is_missing_or_paused():
+    missing = ed.release_policy({ed.AFTER_LABEL: "wbe"}, {}, NOW_EPOCH, None,
+                                [ed.Leader("wbe", False, None, None, None, exists=False)], None)
+    assert (missing.decision, missing.until) == ("wait", None)
+    assert missing.reason == "waits for wbe, which is no service of this swarm (a typo in ecr-deploy.after, or not " \
+                             "created yet)"
+    paused = ed.release_policy({ed.AFTER_LABEL: "web"}, {}, NOW_EPOCH, None,
+                               [ed.Leader("web", True, "paused", None, None)], None)
+    assert paused.reason == "waits for web's rollout, which is paused: until someone resumes it or rolls it back"
+
+
+def test_waits_without_an_end_back_off_up_to_the_reconcile_period():
+    delays, delay, cap = [], ed.WAVE_RECHECK, ed.recheck_cap(300.0)
+    for _ in range(7):
+        delays.append(delay)
+        delay = ed.next_recheck(delay, cap)
+    assert delays == [15.0, 30.0, 60.0, 120.0, 240.0, 300.0, 300.0]
+    assert ed.recheck_cap(0.0) == ed.RECHECK_CAP and ed.recheck_cap(5.0) == ed.WAVE_RECHECK
+
+
+@pytest.mark.parametrize("mutability,filters,tag,moves", [
+    ("MUTABLE", None, "prod", True),
+    (None, None, "prod", True),
+    ("IMMUTABLE", None, "prod", False),
+    ("IMMUTABLE_WITH_EXCLUSION", [{"filterType": "WILDCARD", "filter": "prod"}], "prod", True),
+    ("IMMUTABLE_WITH_EXCLUSION", [{"filterType": "WILDCARD", "filter": "prod"}], "production", False),
+    ("IMMUTABLE_WITH_EXCLUSION", [{"filterType": "WILDCARD", "filter": "release-*"}], "release-7", True),
+    ("IMMUTABLE_WITH_EXCLUSION", [{"filterType": "WILDCARD", "filter": "*-prod"}], "eu-prod", True),
+    ("IMMUTABLE_WITH_EXCLUSION", [{"filterType": "WILDCARD", "filter": "p.od"}], "prod", False),  # not a regex
+    ("MUTABLE_WITH_EXCLUSION", [{"filterType": "WILDCARD", "filter": "prod"}], "prod", False),
+    ("MUTABLE_WITH_EXCLUSION", [{"filterType": "WILDCARD", "filter": "prod"}], "stage", True),
+])
+def test_tag_may_move_reads_ecrs_tag_mutability(mutability, filters, tag, moves):
+    repository = {k: v for k, v in (("imageTagMutability", mutability),
+                                    ("imageTagMutabilityExclusionFilters", filters)) if v}
+    assert ed.tag_may_move(repository, tag) is moves
+
+
+def test_a_rollback_that_cannot_restore_is_reported_from_the_failed_build():
+    document = ed.notification("rollback_failed", "web", "abc", "reg/app:latest@" + DIGEST_A, 12.0, "m1", "why",
+                               rollback=True)
+    assert document["text"] == f"ecr-deploy on m1: rollback of web from reg/app:latest@{DIGEST_A} impossible: why"
+    assert document["outcome"] == "rollback_failed" and document["digest"] == DIGEST_A
+    reason = ed.unrestorable_reason({"Name": "web", "TaskTemplate": {"ContainerSpec": {"Image": "reg/app:latest"}}},
+                                    "reg/app:latest@" + DIGEST_A)
+    assert reason.startswith(f"the spec our update replaced names no digest (reg/app:latest: its nodes pull whatever "
+                             f":latest points to, now the build that failed, {DIGEST_A})")
+    assert reason.endswith(f"`docker service update --image reg/app:latest@DIGEST --label-add ecr-deploy.failed="
+                           f"{DIGEST_A} web`")
+
+
 @pytest.mark.parametrize("labels,runs,state,failed,target,expected", [
     ({ed.PROMOTE_LABEL: "prod"}, True, "completed", None, DIGEST_A, ("deploy", None)),
     ({ed.PROMOTE_LABEL: "prod", ed.SOAK_LABEL: "15m"}, True, "completed", None, DIGEST_A, ("wait", NOW_EPOCH + 310)),
@@ -4980,6 +5071,58 @@ def test_a_wave_follows_its_leader_after_the_soak_and_never_takes_a_failed_diges
     assert next(r for r in rows if r["service"] == "wave-api")["state"] == "held back"
 
 
+def test_a_wave_whose_leader_never_comes_is_said_once_and_looked_at_ever_less_often(aws, images, clean_swarm):
+    """A leader that does not exist (a typo) is a wait without an end: each look is a whole reconcile pass
+    (every service listed, every repository described), so the looks back off: 15 s, then 30 s, ..."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region = registry.account, registry.region
+    repo = images.new_repository()
+    v1 = aws.put_image(account, region, repo, "latest", "v1")
+    sid = swarm.create_service("wave-orphan", f"{registry.host}/{repo}:latest@{v1}", replicas=0,
+                               labels={ed.AFTER_LABEL: "wave-typo"})
+    aws.put_image(account, region, repo, "latest", "v2")
+    env = deployer_env(aws, swarm)
+    running = Running(env, "--queue", aws.new_queue(), "--reconcile-every", "1h")  # (the auth keeper on)
+    try:
+        running.wait_line("Reconcile pass:", timeout=90, count=3)
+    finally:
+        assert running.stop() == 0
+    passes = [logged_at(line) for line in running.log.splitlines() if "Reconcile pass:" in line]
+    first, second = [(b - a).total_seconds() for a, b in zip(passes, passes[1:3])]
+    assert 14 <= first < 20 and second >= 29, (first, second, running.log)
+    waits = [line for line in running.log.splitlines() if "waits before" in line]
+    assert len(waits) == 1, running.log  # said once
+    assert f"Service wave-orphan ({sid[:12]}) waits before" in waits[0]
+    assert "waits for wave-typo, which is no service of this swarm (a typo in ecr-deploy.after, or not created " \
+           "yet) (looked at again in 15s, then ever less often, at least every 1h)" in waits[0]
+    shown = status(env)
+    assert shown.returncode == 4 and re.search(r"wave-orphan .*   waiting   .*waits for wave-typo, which is no "
+                                               r"service of this swarm", shown.stdout), shown.stdout
+
+
+def test_docker_failing_during_a_wave_check_is_retried_never_held(aws, images, clean_swarm, workdir):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region = registry.account, registry.region
+    repo = images.new_repository()
+    v1 = aws.put_image(account, region, repo, "latest", "v1")
+    v2 = aws.put_image(account, region, repo, "latest", "v2")
+    leader = swarm.create_service("wave-lead", f"{registry.host}/{repo}:latest@{v2}", replicas=0)
+    follower = swarm.create_service("wave-follow", f"{registry.host}/{repo}:latest@{v1}", replicas=0,
+                                    labels={ed.AFTER_LABEL: "wave-lead", ed.SOAK_LABEL: "1s"})
+    proxy = FaultProxy(swarm.base, unix_path=str(workdir / f"docker-proxy-{uuid.uuid4().hex[:6]}.sock"))
+    proxy.rule = lambda key: 500 if key.startswith("GET") and "/tasks?" in key and leader in key else None
+    try:  # the leader's tasks (its soak) cannot be read: a Docker hiccup, not a verdict on the digest
+        run = run_once(deployer_env(aws, swarm, DOCKER_HOST=proxy.url), "--queue", aws.new_queue())
+    finally:
+        proxy.close()
+    assert any("/tasks?" in key and leader in key for key in proxy.seen)
+    assert run.returncode == 1, run.stderr  # the pass failed: retried (loop mode: in a minute)
+    assert f"Cannot apply the release policy of service wave-follow ({follower[:12]}): " in run.stderr, run.stderr
+    assert "holds back" not in run.stderr, run.stderr
+    assert service_image_of(swarm, follower)[0].endswith(v1)
+    assert ed.FAILED_LABEL not in swarm.service(follower)["Spec"]["Labels"]
+
+
 def test_promotion_tags_a_soaked_digest_once_for_production_and_never_a_failed_one(aws, images, clean_swarm, webhook,
                                                                                    tmp_path):
     """Staging follows :latest and promotes to :prod after a soak; production follows :prod (here in the
@@ -5044,6 +5187,93 @@ def test_promotion_tags_a_soaked_digest_once_for_production_and_never_a_failed_o
 BUILDX = buildx_image(HOST, "team/web", "latest", "v1")
 BUILDX_PLATFORM, BUILDX_ATTESTATION = sha256(BUILDX.platform), sha256(BUILDX.attestation)
 ARM = "sha256:" + "2" * 64
+
+
+def test_the_rigs_ecr_refuses_to_move_an_immutable_tag_as_ecr_documents(aws):
+    """The Amazon ECR API Reference, PutImage, Errors: ImageTagAlreadyExistsException ("The specified image
+    is tagged with a tag that already exists. The repository is configured for tag immutability."), HTTP
+    400, as an AWS JSON 1.1 error ({"__type": ..., "message": ...}); moto says ImageAlreadyExistsException,
+    which ECR answers only when the tag is already at that very image. IMMUTABLE_WITH_EXCLUSION (the API
+    Reference, ImageTagMutabilityExclusionFilter, filterType WILDCARD) lets the tags its filters match move."""
+    ecr, account = aws.client("ecr"), "123456789012"
+    for mutability, moves in (("IMMUTABLE", {"prod": False, "stage-1": False}),
+                              ("IMMUTABLE_WITH_EXCLUSION", {"prod": False, "stage-1": True}),
+                              ("MUTABLE_WITH_EXCLUSION", {"prod": True, "stage-1": False}),
+                              ("MUTABLE", {"prod": True, "stage-1": True})):
+        repo = f"team/tags-{uuid.uuid4().hex[:8]}"
+        filters = {"imageTagMutabilityExclusionFilters": [{"filterType": "WILDCARD", "filter": "stage-*"}]} \
+            if mutability.endswith("_WITH_EXCLUSION") else {}
+        ecr.create_repository(repositoryName=repo, imageTagMutability=mutability, **filters)
+        for tag, may_move in moves.items():
+            aws.put_image(account, aws.region, repo, tag, f"{tag}-1")
+            manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest"
+                                   ".v2+json", "config": {"mediaType": "application/vnd.docker.container.image.v1"
+                                   "+json", "size": 0, "digest": "sha256:" + "f" * 64}, "layers": [], "tag": tag})
+            answer = requests.post(aws.url, data=json.dumps({"repositoryName": repo, "imageTag": tag,
+                                                             "imageManifest": manifest}),
+                                   headers={"X-Amz-Target": "AmazonEC2ContainerRegistry_V20150921.PutImage",
+                                            "Content-Type": "application/x-amz-json-1.1",
+                                            "Authorization": "AWS4-HMAC-SHA256 Credential=testing/20261207/"
+                                                             f"{aws.region}/ecr/aws4_request, SignedHeaders=host, "
+                                                             "Signature=0"}, timeout=10)
+            if may_move:
+                assert answer.status_code == 200, (mutability, tag, answer.text)
+                continue
+            assert answer.status_code == 400 and answer.headers["Content-Type"] == "application/x-amz-json-1.1"
+            assert answer.json() == {"__type": "ImageTagAlreadyExistsException", "message": f"The image tag '{tag}' "
+                                     f"already exists in the '{repo}' repository and cannot be overwritten because "
+                                     f"the repository is immutable."}, (mutability, tag)
+        again = ecr.batch_get_image(repositoryName=repo, imageIds=[{"imageTag": "prod"}])["images"][0]
+        with pytest.raises(ecr.exceptions.ImageAlreadyExistsException):  # the same image, the same tag: moto's answer
+            ecr.put_image(repositoryName=repo, imageManifest=again["imageManifest"], imageTag="prod")
+
+
+def test_promotion_into_a_tag_immutable_repository_says_once_how_to_let_the_tag_move(aws, images, clean_swarm):
+    """:latest moves (excluded from immutability), :prod does not: ECR refuses the promotion. The deployer
+    says so once, with the setting that fixes it, and --status shows it; once the operator applies it, the
+    next pass promotes."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    ecr = aws.client("ecr", registry.region)
+    repo = images.new_repository()
+    latest_moves = [{"filterType": "WILDCARD", "filter": "latest"}]
+    ecr.put_image_tag_mutability(repositoryName=repo, imageTagMutability="IMMUTABLE_WITH_EXCLUSION",
+                                 imageTagMutabilityExclusionFilters=latest_moves)
+    v1 = images.push(repo, "latest", "v1")
+    manifest = ecr.batch_get_image(repositoryName=repo, imageIds=[{"imageDigest": v1}])["images"][0]["imageManifest"]
+    ecr.put_image(repositoryName=repo, imageManifest=manifest, imageTag="prod", imageDigest=v1)  # :prod at v1
+    stage = swarm.create_service("immutable-stage", f"{registry.host}/{repo}:latest@{v1}", registry=registry,
+                                 update_config=FAST_MONITOR, labels={ed.PROMOTE_LABEL: "prod"})
+    swarm.wait_running(stage, f"{registry.host}/{repo}:latest@{v1}")
+    v2 = images.push(repo, "latest", "v2")
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    env = deployer_env(aws, swarm)
+    running = Running(env, "--queue", queue, "--reconcile-every", "2s", "--log-level", "DEBUG")  # (auth keeper on)
+    try:
+        running.wait_line("Cannot promote", timeout=90)
+        passes = running.log.count("Reconcile pass:")  # (DEBUG: a pass that finds nothing behind says so)
+        running.wait_line("Reconcile pass:", timeout=30, count=passes + 3)
+        refused = [line for line in running.log.splitlines() if "Cannot promote" in line]
+        shown = status(env, "--json")
+        ecr.put_image_tag_mutability(repositoryName=repo, imageTagMutability="IMMUTABLE_WITH_EXCLUSION",
+                                     imageTagMutabilityExclusionFilters=latest_moves + [
+                                         {"filterType": "WILDCARD", "filter": "prod"}])  # as the line says
+        running.wait_line(f"Promoted {registry.host}/{repo}:prod@{v2}", timeout=30)
+    finally:
+        assert running.stop() == 0
+    assert len(refused) == 1, running.log  # said once, not on every pass
+    assert f"Cannot promote {registry.host}/{repo}:prod@{v2} (service immutable-stage ({stage[:12]})): ECR refuses " \
+           f"to move :prod in {repo}, whose tags are immutable (ImageTagAlreadyExistsException); exclude the promote " \
+           f"tag and keep every other tag immutable: `aws ecr put-image-tag-mutability --region {registry.region} " \
+           f"--registry-id {registry.account} --repository-name {repo} --image-tag-mutability " \
+           f"IMMUTABLE_WITH_EXCLUSION --image-tag-mutability-exclusion-filters filterType=WILDCARD,filter=prod`" \
+           in refused[0], refused
+    assert shown.returncode == 5, shown.stdout
+    row = next(r for r in json.loads(shown.stdout) if r["service"] == "immutable-stage")
+    assert row["state"] == "held back" and row["promotion"].startswith("cannot promote: ECR refuses to move :prod")
+    assert "IMMUTABLE_WITH_EXCLUSION" in row["promotion"]
+    assert ecr.describe_images(repositoryName=repo, imageIds=[{"imageTag": "prod"}])["imageDetails"][0][
+        "imageDigest"] == v2
 
 
 def index_of(*descriptors, media_type="application/vnd.oci.image.index.v1+json") -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import boto3
 import requests
 
 from rig.common import free_port, wait_for
+from rig.faults import FaultProxy
 
 DIGEST_A = "sha256:" + "a" * 64
 
@@ -24,12 +26,87 @@ def moto_server_command() -> str | None:
     return shutil.which("moto_server") or (str(beside) if beside.exists() else None)
 
 
+ECR_TARGET = "AmazonEC2ContainerRegistry_V20150921."
+CREDENTIAL_REGION = re.compile(r"Credential=[^/]+/[0-9]{8}/([a-z0-9-]+)/")
+
+
+def wildcard_matches(pattern: str, tag: str) -> bool:
+    """An ECR exclusion filter of filterType WILDCARD: `*` matches any run of characters (the ECR API
+    Reference, ImageTagMutabilityExclusionFilter; its pattern allows [0-9a-zA-Z._*-] only)."""
+    return re.fullmatch(".*".join(map(re.escape, pattern.split("*"))), tag) is not None
+
+
+def tag_may_move(repository: dict, tag: str) -> bool:
+    """Whether ECR lets PutImage move an existing `tag` of this repository (DescribeRepositories' answer):
+    IMMUTABLE never, IMMUTABLE_WITH_EXCLUSION only a tag an exclusion filter matches, MUTABLE always,
+    MUTABLE_WITH_EXCLUSION all but the tags a filter matches."""
+    mutability = repository.get("imageTagMutability") or "MUTABLE"
+    excluded = any(f.get("filterType") == "WILDCARD" and wildcard_matches(f.get("filter", ""), tag)
+                   for f in repository.get("imageTagMutabilityExclusionFilters") or [])
+    return {"IMMUTABLE": False, "IMMUTABLE_WITH_EXCLUSION": excluded, "MUTABLE_WITH_EXCLUSION": not excluded}.get(
+        mutability, True)
+
+
+class EcrAsDocumented:
+    """The rig's ECR endpoint: moto_server behind a proxy that answers one call as ECR documents where
+    moto does not, everything else passed through to moto unchanged.
+
+    PutImage of an existing tag at another digest in a tag-immutable repository: moto answers
+    ImageAlreadyExistsException; ECR answers ImageTagAlreadyExistsException, HTTP 400 (the Amazon ECR
+    API Reference, PutImage, Errors: "ImageTagAlreadyExistsException: The specified image is tagged with
+    a tag that already exists. The repository is configured for tag immutability. HTTP Status Code: 400"),
+    in the body of an AWS JSON 1.1 error, {"__type": ..., "message": ...} (the AWS JSON 1.1 protocol).
+    ImageAlreadyExistsException stays for what ECR answers it: the tag already at this very image.
+    Which tags are immutable follows imageTagMutability as ECR documents it, with
+    IMMUTABLE_WITH_EXCLUSION's WILDCARD filters (see tag_may_move); moto 5 knows those settings, but
+    reads a filter as a regular expression (so a filter that is not a plain tag may differ: the tests
+    use plain ones) and refuses a tag excluded under MUTABLE_WITH_EXCLUSION with the same wrong exception,
+    which this proxy also answers as ECR."""
+
+    def __init__(self, moto_url: str):
+        self.moto_url = moto_url
+        self.proxy = FaultProxy(moto_url)
+        self.proxy.answer = self.answer
+        self.url = self.proxy.url
+
+    def answer(self, key: str, headers, body: bytes):
+        if not key.endswith(" " + ECR_TARGET + "PutImage"):
+            return None
+        request = json.loads(body or b"{}")
+        tag, manifest = request.get("imageTag"), request.get("imageManifest") or ""
+        region = CREDENTIAL_REGION.search(headers.get("Authorization") or "")
+        if not tag or not region:
+            return None
+        ecr = boto3.client("ecr", region_name=region[1], endpoint_url=self.moto_url,
+                           aws_access_key_id="testing", aws_secret_access_key="testing")
+        where = {"repositoryName": request.get("repositoryName", "")}
+        where.update({"registryId": request["registryId"]} if request.get("registryId") else {})
+        try:
+            repository = ecr.describe_repositories(repositoryNames=[where["repositoryName"]],
+                                                   **{k: v for k, v in where.items() if k == "registryId"})
+            tagged = ecr.describe_images(**where, imageIds=[{"imageTag": tag}])["imageDetails"]
+        except ecr.exceptions.ClientError:
+            return None  # no such repository or tag: moto's answer is ECR's
+        digest = request.get("imageDigest") or "sha256:" + hashlib.sha256(manifest.encode()).hexdigest()
+        if not tagged or tagged[0]["imageDigest"] == digest or tag_may_move(repository["repositories"][0], tag):
+            return None
+        message = (f"The image tag '{tag}' already exists in the '{where['repositoryName']}' repository and cannot "
+                   f"be overwritten because the repository is immutable.")
+        return 400, {"__type": "ImageTagAlreadyExistsException", "message": message}, {
+            "Content-Type": "application/x-amz-json-1.1", "x-amzn-RequestId": str(uuid.uuid4())}
+
+    def close(self):
+        self.proxy.close()
+
+
 class Aws:
-    """moto_server: SQS and ECR over real HTTP."""
+    """moto_server: SQS and ECR over real HTTP, ECR as documented where moto differs (EcrAsDocumented)."""
 
     def __init__(self, workdir: pathlib.Path, region: str = "us-east-1"):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = free_port()  # moto_server's own
+        self.moto_url = f"http://127.0.0.1:{self.port}"
+        self.front = EcrAsDocumented(self.moto_url)
+        self.url = self.front.url
         self.region = region
         self.log = open(workdir / "moto.log", "ab")
         self.env = {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": "testing",
@@ -54,12 +131,13 @@ class Aws:
         wait_for(self._up, 30, what="moto_server")
 
     def stop(self):
+        """moto_server stops (its state with it); the endpoint in front stays, as a real one's address does."""
         self.proc.terminate()
         self.proc.wait(10)
 
     def _up(self):
         try:
-            return requests.get(self.url + "/moto-api/", timeout=1).ok
+            return requests.get(self.moto_url + "/moto-api/", timeout=1).ok
         except requests.RequestException:
             return False
 

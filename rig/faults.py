@@ -21,10 +21,13 @@ class FaultProxy:
     rule(key) -> None (forward) | an HTTP status to answer instead | (status, JSON document) to answer
     instead (an AWS error: {"__type": "AccessDenied", ...}) | "stall" (hold until released)
     where key is "METHOD PATH X-Amz-Target". Every key is recorded in `seen`.
+    answer(key, headers, body) -> None (forward) | (status, JSON document, headers): the hook of a
+    proxy that corrects what the upstream answers (see rig.aws.EcrAsDocumented), asked after `rule`.
+    An upstream that is down (moto_server restarting) closes the client's connection, unanswered.
     """
 
     def __init__(self, upstream: str, unix_path: str | None = None):
-        self.rule, self.seen, self.seconds = None, [], []  # seconds: (key, upstream time) per request
+        self.rule, self.answer, self.seen, self.seconds = None, None, [], []  # seconds: (key, upstream time)
         self.stalled, self.released = threading.Event(), threading.Event()
         http = requests_unixsocket.Session() if unix_path or upstream.startswith("http+unix") else requests.Session()
         http.trust_env = False
@@ -45,18 +48,27 @@ class FaultProxy:
                     proxy.stalled.set()
                     proxy.released.wait(120)
                     action = 503
+                extra = {}
+                if not action and proxy.answer:
+                    action, document, extra = proxy.answer(key, self.headers, body) or (None, None, {})
+                    action = action and (action, document)
                 if action:
                     action, document = action if isinstance(action, tuple) else (action, {"message": "injected fault"})
                     payload = json.dumps(document).encode()
                     self.send_response(action)
-                    self.send_header("Content-Type", "application/json")
+                    for name, value in {"Content-Type": "application/json", **extra}.items():
+                        self.send_header(name, value)
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     self.wfile.write(payload)
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
                 started = time.monotonic()
-                reply = http.request(self.command, upstream + self.path, data=body, headers=headers, timeout=60)
+                try:
+                    reply = http.request(self.command, upstream + self.path, data=body, headers=headers, timeout=60)
+                except requests.ConnectionError:
+                    self.close_connection = True
+                    return
                 proxy.seconds.append((key, time.monotonic() - started))
                 self.send_response(reply.status_code)
                 for name, value in reply.headers.items():
@@ -72,6 +84,9 @@ class FaultProxy:
             if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
                 socketserver.BaseServer.handle_error(server, request, client_address)
 
+        # Replies go out as headers, then body: without TCP_NODELAY, Nagle's algorithm holds the body until the
+        # client's delayed ACK (40 ms a call). (A unix socket has no such option.)
+        Handler.disable_nagle_algorithm = not unix_path
         if unix_path:
             Handler.address_string = lambda self: "unix"
             self.server = ThreadingUnixStreamServer(unix_path, Handler)
