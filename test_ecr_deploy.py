@@ -2546,8 +2546,10 @@ def test_install_page_aws_setup_blocks_run_against_moto(aws, tmp_path):
     assert actions == {"sqs:GetQueueUrl", "sqs:GetQueueAttributes", "sqs:ReceiveMessage", "sqs:ChangeMessageVisibility",
                        "sqs:DeleteMessage", "ecr:GetAuthorizationToken",
                        "ecr:DescribeImages", "ecr:DescribeImageScanFindings", "ecr:BatchGetImage",
-                       "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability", "ecr:PutImage"}
-    promote = next(s for s in document["PolicyVersion"]["Document"]["Statement"] if s["Action"] == "ecr:PutImage")
+                       "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability", "ecr:PutImage",
+                       "ecr:DescribeRepositories"}
+    promote = next(s for s in document["PolicyVersion"]["Document"]["Statement"] if s["Sid"] == "Promote")
+    assert promote["Action"] == ["ecr:PutImage", "ecr:DescribeRepositories"]  # (--status: may the promote tag move?)
     assert promote["Resource"] == [f"arn:aws:ecr:{region}:{document_account(aws)}:repository/{name}"
                                    for name in ("team/web", "team/api")]  # only where staging promotes
     run_block(blocks[1], SCAN_GATE="1")  # the scan gate's option: finished scans go to the queue too
