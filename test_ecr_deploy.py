@@ -4233,16 +4233,16 @@ DONE_AT = datetime.datetime(2026, 12, 7, 7, 50, tzinfo=UTC)
     ({ed.MIN_AGE_LABEL: "10m"}, {}, 60.0, [], None, ("wait", NOW_EPOCH + 540)),
     ({ed.MIN_AGE_LABEL: "10m"}, {}, 600.0, [], None, ("deploy", None)),
     ({ed.MIN_AGE_LABEL: "10m"}, {}, None, [], None, ("wait", None)),  # no ECR push time: never by our clock
-    ({ed.AFTER_LABEL: "web"}, {}, None, [ed.Leader("web", False, "completed", None, None)], None, ("wait", None)),
-    ({ed.AFTER_LABEL: "web"}, {}, None, [ed.Leader("web", True, "updating", None, None)], None, ("wait", None)),
-    ({ed.AFTER_LABEL: "web"}, {}, None, [ed.Leader("web", True, "completed", DONE_AT, None)], MONDAY_0759,
+    ({ed.AFTER_LABEL: "web"}, {}, None, [ed.Leader("web", False, None, None, None)], None, ("wait", None)),
+    ({ed.AFTER_LABEL: "web"}, {}, None, [ed.Leader("web", True, "its rollout is updating", None, None)], None, ("wait", None)),
+    ({ed.AFTER_LABEL: "web"}, {}, None, [ed.Leader("web", True, None, DONE_AT, None)], MONDAY_0759,
      ("deploy", None)),
     ({ed.AFTER_LABEL: "web", ed.SOAK_LABEL: "15m"}, {}, None,
-     [ed.Leader("web", True, "completed", DONE_AT, None)], MONDAY_0759, ("wait", NOW_EPOCH + 310)),
+     [ed.Leader("web", True, None, DONE_AT, None)], MONDAY_0759, ("wait", NOW_EPOCH + 310)),
     ({ed.AFTER_LABEL: "web", ed.SOAK_LABEL: "5m"}, {}, None,
-     [ed.Leader("web", True, "completed", DONE_AT, None)], MONDAY_0759, ("deploy", None)),
-    ({ed.AFTER_LABEL: "web,api"}, {}, None, [ed.Leader("web", True, "completed", DONE_AT, None),
-                                              ed.Leader("api", False, "paused", None, "paused at ...")], MONDAY_0759,
+     [ed.Leader("web", True, None, DONE_AT, None)], MONDAY_0759, ("deploy", None)),
+    ({ed.AFTER_LABEL: "web,api"}, {}, None, [ed.Leader("web", True, None, DONE_AT, None),
+                                              ed.Leader("api", False, None, None, "paused at ...")], MONDAY_0759,
      ("held", None)),
 ])
 def test_release_policy(labels, defaults, age, leaders, swarm_now, expected):
@@ -4260,20 +4260,22 @@ def test_release_policy_reasons_say_when_the_wait_ends():
         ed.release_policy({ed.MIN_AGE_LABEL: "soon"}, {}, NOW_EPOCH, 0, [], None)
 
 
-@pytest.mark.parametrize("labels,runs,state,failed,target,expected", [
-    ({ed.PROMOTE_LABEL: "prod"}, True, "completed", None, DIGEST_A, ("deploy", None)),
-    ({ed.PROMOTE_LABEL: "prod", ed.SOAK_LABEL: "15m"}, True, "completed", None, DIGEST_A, ("wait", NOW_EPOCH + 310)),
-    ({ed.PROMOTE_LABEL: "prod"}, True, "completed", None, DIGEST_B, ("held", None)),  # already there
-    ({ed.PROMOTE_LABEL: "prod"}, True, "paused", None, DIGEST_A, ("held", None)),  # failed
-    ({ed.PROMOTE_LABEL: "prod"}, True, "updating", None, DIGEST_A, ("held", None)),  # not yet
-    ({ed.PROMOTE_LABEL: "prod"}, False, "completed", None, DIGEST_A, ("held", None)),  # superseded, blocked
-    ({ed.PROMOTE_LABEL: "prod"}, True, "completed", "rolled back ...", DIGEST_A, ("held", None)),
-    ({ed.PROMOTE_LABEL: "prod"}, True, "completed", None, None, ("deploy", None)),  # TAG not in ECR yet
-    ({ed.PROMOTE_LABEL: "prod\n"}, True, "completed", None, DIGEST_A, ("deploy", None)),  # (stripped)
-    ({ed.PROMOTE_LABEL: "../x"}, True, "completed", None, DIGEST_A, ("held", None)),  # not a tag
+@pytest.mark.parametrize("labels,runs,pending,failed,target,expected", [
+    ({ed.PROMOTE_LABEL: "prod"}, True, None, None, DIGEST_A, ("deploy", None)),
+    ({ed.PROMOTE_LABEL: "prod", ed.SOAK_LABEL: "15m"}, True, None, None, DIGEST_A, ("wait", NOW_EPOCH + 310)),
+    ({ed.PROMOTE_LABEL: "prod"}, True, None, None, DIGEST_B, ("held", None)),  # already there
+    ({ed.PROMOTE_LABEL: "prod"}, True, "its rollout is paused", None, DIGEST_A, ("held", None)),  # failed
+    ({ed.PROMOTE_LABEL: "prod"}, True, "its rollout is updating", None, DIGEST_A, ("held", None)),  # not yet
+    ({ed.PROMOTE_LABEL: "prod"}, True, "1 of its 1 task(s) of this digest not running", None, DIGEST_A,
+     ("held", None)),  # crash-looping
+    ({ed.PROMOTE_LABEL: "prod"}, False, None, None, DIGEST_A, ("held", None)),  # superseded, blocked
+    ({ed.PROMOTE_LABEL: "prod"}, True, None, "rolled back ...", DIGEST_A, ("held", None)),
+    ({ed.PROMOTE_LABEL: "prod"}, True, None, None, None, ("deploy", None)),  # TAG not in ECR yet
+    ({ed.PROMOTE_LABEL: "prod\n"}, True, None, None, DIGEST_A, ("deploy", None)),  # (stripped)
+    ({ed.PROMOTE_LABEL: "../x"}, True, None, None, DIGEST_A, ("held", None)),  # not a tag
 ])
-def test_promotion(labels, runs, state, failed, target, expected):
-    release = ed.promotion(labels, runs, state, DONE_AT, failed, target, DIGEST_B, MONDAY_0759, NOW_EPOCH)
+def test_promotion(labels, runs, pending, failed, target, expected):
+    release = ed.promotion(labels, runs, pending, DONE_AT, failed, target, DIGEST_B, MONDAY_0759, NOW_EPOCH)
     assert (release.decision, release.until) == expected, release
 
 
@@ -4301,13 +4303,77 @@ def test_answer_dates_are_aware(date, expected):
     assert ed.TagAnswer(DIGEST_A, ed.in_utc(pushed), answered).age == (5.0 if answered else None)
 
 
-def test_soak_starts_at_completion_or_at_the_last_failed_task_of_the_digest():
-    svc = {"UpdateStatus": {"State": "completed", "CompletedAt": "2026-12-07T07:50:00.5Z"}}
-    task = {"Spec": {"ContainerSpec": {"Image": f"{HOST}/team/web:latest@{DIGEST_B}"}},
-            "Status": {"State": "failed", "Timestamp": "2026-12-07T07:55:00.1Z"}}
-    assert ed.soak_start(svc, [], DIGEST_B) == datetime.datetime(2026, 12, 7, 7, 50, 0, 500000, tzinfo=UTC)
-    assert ed.soak_start(svc, [task], DIGEST_B) == datetime.datetime(2026, 12, 7, 7, 55, 0, 100000, tzinfo=UTC)
-    assert ed.soak_start(svc, [task], DIGEST_A) == datetime.datetime(2026, 12, 7, 7, 50, 0, 500000, tzinfo=UTC)
+def swarm_task(digest, desired, state, at, slot=1, image=None):
+    """A task as GET /tasks shows it: what it runs, what Swarm wants of it, what it is and since when."""
+    return {"Spec": {"ContainerSpec": {"Image": image or f"{HOST}/team/web:latest@{digest}"}}, "Slot": slot,
+            "DesiredState": desired, "Status": {"State": state, "Timestamp": f"2026-12-07T07:{at}Z"}}
+
+
+RUNS_B = {"Spec": {"TaskTemplate": {"ContainerSpec": {"Image": f"{HOST}/team/web:latest@{DIGEST_B}"}},
+                   "Mode": {"Replicated": {"Replicas": 2}}, "UpdateConfig": {"Monitor": 5_000_000_000}}}
+ROLLED = [swarm_task(DIGEST_A, "shutdown", "shutdown", "50:00.5", 1), swarm_task(DIGEST_B, "running", "running", "50:02", 1),
+          swarm_task(DIGEST_A, "shutdown", "shutdown", "50:03", 2), swarm_task(DIGEST_B, "running", "running", "50:05", 2)]
+
+
+def at(text: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(f"2026-12-07T07:{text}+00:00")
+
+
+@pytest.mark.parametrize("service,tasks,pending,since", [
+    (RUNS_B, ROLLED, None, at("50:05")),  # stop-first: the last old task stopped, then the new one started
+    ({**RUNS_B, "UpdateStatus": {"State": "completed"}}, ROLLED, None, at("50:05")),
+    (RUNS_B, [swarm_task(DIGEST_B, "running", "running", "50:01", 1), swarm_task(DIGEST_A, "shutdown", "shutdown", "50:02", 1),
+              swarm_task(DIGEST_B, "running", "running", "50:03", 2), swarm_task(DIGEST_A, "shutdown", "shutdown", "50:04", 2)],
+     None, at("50:04")),  # start-first: the new ones ran first; the soak starts when the old ones are gone
+    (RUNS_B, [swarm_task(DIGEST_B, "running", "running", "50:00", 1), swarm_task(DIGEST_B, "running", "running", "50:01", 2)],
+     None, at("50:00")),  # created at the digest (nothing in UpdateStatus)
+    ({**RUNS_B, "Spec": {**RUNS_B["Spec"], "Mode": {"Replicated": {"Replicas": 3}}}},
+     ROLLED + [swarm_task(DIGEST_B, "running", "running", "55:00", 3)], None, at("50:05")),  # scaled up: same soak
+    (RUNS_B, ROLLED + [swarm_task(DIGEST_B, "shutdown", "failed", "52:00", 1)], None, at("52:00")),  # a failure restarts it
+    (RUNS_B, ROLLED[:3] + [swarm_task(DIGEST_B, "running", "running", "59:58", 2)],
+     "its newest task of this digest has run for less than Swarm's monitor period (5s)", at("59:58")),
+    ({**RUNS_B, "UpdateStatus": {"State": "updating"}}, ROLLED, "its rollout is updating", None),
+    ({**RUNS_B, "UpdateStatus": {"State": "paused"}}, ROLLED, "its rollout is paused", None),
+    (RUNS_B, ROLLED[:3] + [swarm_task(DIGEST_A, "running", "running", "50:00", 2)],
+     "1 of its 2 task(s) run another image", None),
+    (RUNS_B, ROLLED[:2] + [swarm_task(DIGEST_B, "shutdown", "failed", "59:00", 2),
+                           swarm_task(DIGEST_B, "running", "starting", "59:01", 2)],
+     "1 of its 2 task(s) of this digest not running (starting)", None),  # crash-looping
+    (RUNS_B, ROLLED[:2], "1 of its 2 replicas run", None),  # Swarm gave up restarting one
+    ({**RUNS_B, "Spec": {**RUNS_B["Spec"], "Mode": {"Replicated": {"Replicas": 0}}}}, ROLLED[:1],
+     "it runs no task (scaled to 0?): nothing has run this digest", None),
+    ({**RUNS_B, "Spec": {**RUNS_B["Spec"], "Mode": {"Global": {}}}}, ROLLED, None, at("50:05")),
+    ({**RUNS_B, "Spec": {**RUNS_B["Spec"], "Mode": {"ReplicatedJob": {}}}},
+     [swarm_task(DIGEST_B, "complete", "complete", "51:00")], None, at("51:00")),
+    ({**RUNS_B, "Spec": {**RUNS_B["Spec"], "Mode": {"ReplicatedJob": {}}}},
+     [swarm_task(DIGEST_B, "complete", "running", "51:00")], "its job has not completed on this digest", None),
+])
+def test_completed_and_soaked_are_read_from_swarms_tasks(service, tasks, pending, since):
+    assert ed.rollout_of(service, tasks, DIGEST_B, at("59:59")) == (pending, since)
+
+
+def test_swarm_rolled_back_names_the_digest_it_left():
+    auto = {**RUNS_B, "Spec": {"TaskTemplate": {"ContainerSpec": {"Image": f"{HOST}/team/web:latest@{DIGEST_A}"}}},
+            "UpdateStatus": {"State": "rollback_completed"}}
+    tasks = [swarm_task(DIGEST_B, "shutdown", "failed", "50:01"), swarm_task(DIGEST_A, "running", "running", "50:03")]
+    assert ed.swarm_rolled_back(auto, tasks) == DIGEST_B  # Swarm's own: only the task history tells
+    assert ed.swarm_rolled_back(auto, tasks[1:]) is None  # pruned
+    manual = {**auto, "PreviousSpec": RUNS_B["Spec"]}
+    assert ed.swarm_rolled_back(manual, tasks[1:]) == DIGEST_B  # `docker service rollback` keeps PreviousSpec
+    assert ed.swarm_rolled_back({**auto, "UpdateStatus": None}, tasks) is None
+
+
+def test_a_follower_that_lost_sight_of_swarms_rollback_says_rolled_back():
+    ours, old = f"{HOST}/team/web:latest@{DIGEST_B}", f"{HOST}/team/web:latest@{DIGEST_A}"
+    replaced = {"TaskTemplate": {"ContainerSpec": {"Image": old}}}
+    back = {"Spec": {**replaced, "Labels": {}}}
+    failed = [swarm_task(DIGEST_B, "shutdown", "failed", "50:01")]
+    assert ed.lost_sight_of_rollback(back, ours, replaced, lambda: failed)
+    assert ed.lost_sight_of_rollback({"Spec": {**replaced, "Labels": {ed.FAILED_LABEL: f"{DIGEST_B} rolled back"}}},
+                                     ours, replaced, lambda: [])
+    assert not ed.lost_sight_of_rollback(back, ours, replaced, lambda: [])  # an operator's change back: superseded
+    assert not ed.lost_sight_of_rollback({"Spec": {"TaskTemplate": {"ContainerSpec": {"Image": "x@" + DIGEST_A}}}},
+                                         ours, replaced, lambda: failed)
 
 
 @pytest.mark.parametrize("argv,message", [
