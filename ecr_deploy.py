@@ -854,12 +854,14 @@ class Leader(NamedTuple):
     pending: str | None  # why its rollout of the digest has not completed, as Swarm's tasks tell (None: completed)
     since: datetime | None  # when its soak began (see rollout_of)
     failed: str | None  # why the digest failed there (a failure record, Swarm's rollback), if it did
+    settles_in: float | None = None  # pending only until its newest task has run Swarm's monitor period: in s
 
 
 class Ran(NamedTuple):
     """What Swarm's tasks say of a service and the digest its spec runs (rollout_of)."""
     pending: str | None  # why its rollout of the digest has not completed; None: completed
     since: datetime | None  # when its soak began: None until its tasks of the digest ran
+    settles_in: float | None = None  # pending only until its newest task has run Swarm's monitor period: in s
 
 
 def soaked_for(leader: Leader, swarm_now: datetime | None) -> float | None:
@@ -935,10 +937,11 @@ def rollout_of(service: dict, tasks: list[dict], digest: str, swarm_now: datetim
     others_ended = max(filter(None, (task_time(t) for t in tasks if not task_runs(t, digest))), default=None)
     first = min((s for s in starts if others_ended is None or s >= others_ended), default=others_ended)
     since = max(filter(None, [first, *failures]))
+    # (Swarm's clock is Docker's Date header: whole seconds, so up to 1 s behind)
     settling = monitor_seconds(spec) - ((swarm_now - max(starts)).total_seconds() if swarm_now else 0)
     if swarm_now is None or settling > 0:
         return Ran(f"its newest task of this digest has run for less than Swarm's monitor period "
-                   f"({duration_text(monitor_seconds(spec))})", since)
+                   f"({duration_text(monitor_seconds(spec))})", since, settling + 1 if swarm_now else None)
     return Ran(None, since)
 
 
@@ -978,7 +981,8 @@ def release_policy(labels: dict, defaults: dict, now: float, age: float | None, 
         if not leader.runs:
             return Release("wait", f"waits for {leader.name} to run this digest")
         if leader.pending:
-            return Release("wait", f"waits for {leader.name}'s rollout to complete ({leader.pending})")
+            return Release("wait", f"waits for {leader.name}'s rollout to complete ({leader.pending})",
+                           now + leader.settles_in if leader.settles_in else None)
         ran = soaked_for(leader, swarm_now)
         if soak and (ran is None or ran < soak):
             left = soak - (ran or 0)
@@ -988,7 +992,8 @@ def release_policy(labels: dict, defaults: dict, now: float, age: float | None, 
 
 
 def promotion(labels: dict, runs: bool, pending: str | None, since: datetime | None, failed: str | None,
-              target: str | None, digest: str, swarm_now: datetime | None, now: float) -> Release:
+              target: str | None, digest: str, swarm_now: datetime | None, now: float,
+              settles_in: float | None = None) -> Release:
     """Whether to tag the digest this service runs as its PROMOTE_LABEL tag now (deploy), later (wait,
     until when) or never (held: its rollout failed, or it does not run the tag's digest: superseded,
     blocked, still rolling). `pending`, `since`: rollout_of's answer. `target`: the digest the promote
@@ -1003,8 +1008,8 @@ def promotion(labels: dict, runs: bool, pending: str | None, since: datetime | N
     if not runs:
         return Release("held", f"not promoted to :{tag}: it does not run the tag's digest")
     if pending:
-        return Release("held", f"not promoted to :{tag}: its rollout of the tag's digest has not completed "
-                               f"({pending})")
+        return Release("wait" if settles_in else "held", f"not promoted to :{tag}: its rollout of the tag's digest "
+                       f"has not completed ({pending})", now + settles_in if settles_in else None)
     soak = parse_duration(labels.get(SOAK_LABEL) or "0")
     ran = soaked_for(Leader("", True, None, since, None), swarm_now)
     if soak and (ran is None or ran < soak):
@@ -2781,7 +2786,7 @@ class Deployer:
             runs = runs_digest(leader, digest)
             ran = rollout_of(leader, self.docker.tasks(leader["ID"]), digest, self.docker.date) if runs \
                 else Ran(None, None)
-            leaders.append(Leader(name, runs, ran.pending, ran.since, self.failure_of(leader, digest)))
+            leaders.append(Leader(name, runs, ran.pending, ran.since, self.failure_of(leader, digest), ran.settles_in))
         answer = self.answers.get(push.image_key)
         age = answer.age if answer and answer.digest == digest else None
         return release_policy(labels, self.release_defaults, time.time(), age, leaders,
@@ -2798,7 +2803,7 @@ class Deployer:
             else Ran(None, None)
         return promotion(service["Spec"].get("Labels") or {}, runs, ran.pending, ran.since,
                          self.failure_of(service, digest) if due else None, target and target.digest,
-                         digest, self.docker.date, time.time())
+                         digest, self.docker.date, time.time(), ran.settles_in)
 
     def service_named(self, name: str) -> dict | None:
         try:

@@ -4113,6 +4113,191 @@ def status(env, *args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, DEPLOYER, "--status", *args], env=env, capture_output=True, text=True,
                           timeout=60)
 
+def running_since(swarm, sid, image) -> datetime.datetime:
+    """When the last of the service's tasks running `image` started (Swarm's task history)."""
+    return max(ed.parse_swarm_time(t["Status"]["Timestamp"]) for t in swarm.tasks(sid)
+               if t["DesiredState"] == "running" and t["Status"]["State"] == "running"
+               and t["Spec"]["ContainerSpec"]["Image"] == image)
+
+
+def test_a_soak_outlives_a_scale_a_label_and_the_keepers_repost_and_a_crash_looping_build_is_never_promoted(
+        aws, images, clean_swarm, tmp_path):
+    """Every update but a rollback resets UpdateStatus (swarmkit controlapi UpdateService) and one that
+    replaces no task starts none: an operator's `docker service scale` or `--label-add`, or the auth keeper
+    of any manager, during a soak. The wave and the promotion then go on from what Swarm's tasks say."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    cli = tmp_path / "cli"
+    repo = images.new_repository()
+    v1 = images.push(repo, "latest", "v1")
+    old = f"{registry.host}/{repo}:latest@{v1}"
+    leaders, followers = {}, {}
+    for how in ("scaled", "labelled", "reposted"):
+        labels = {"keeper": "yes", ed.PROMOTE_LABEL: "prod", ed.SOAK_LABEL: "6s"} if how == "reposted" else {}
+        leaders[how] = swarm.create_service(f"soak-{how}", old, registry=registry, update_config=FAST_MONITOR,
+                                            labels=labels)
+        followers[how] = swarm.create_service(f"soak-{how}-next", old, registry=registry, replicas=0,
+                                              labels={ed.AFTER_LABEL: f"soak-{how}", ed.SOAK_LABEL: "6s"})
+    for sid in leaders.values():
+        swarm.wait_running(sid, old)
+    v2 = images.push(repo, "latest", "v2")
+    new = f"{registry.host}/{repo}:latest@{v2}"
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    env = deployer_env(aws, swarm)
+    rolled = run_once(env, "--queue", queue, "--wait")
+    assert rolled.returncode == 0, rolled.stderr
+    assert all(service_image_of(swarm, sid)[0] == old for sid in followers.values())
+    soak_began = max(running_since(swarm, sid, new) for sid in leaders.values())
+
+    docker_cli(swarm, cli, "service", "scale", "--detach", "soak-scaled=2")  # mid-soak, as operators do
+    docker_cli(swarm, cli, "service", "update", "--detach", "--label-add", "team=web", "soak-labelled")
+    keeper = subprocess.run([sys.executable, DEPLOYER, "--refresh-auth", "--filter-label", "keeper=yes"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert keeper.returncode == 0 and "Refreshed registry auth of 1 service(s)" in keeper.stderr, keeper.stderr
+    swarm.wait_running(leaders["scaled"], new, replicas=2)
+    for sid in leaders.values():
+        assert swarm.service(sid).get("UpdateStatus") is None  # what Swarm said of the rollout is gone
+
+    wait_for(lambda: datetime.datetime.now(datetime.timezone.utc) > soak_began + datetime.timedelta(seconds=7), 30)
+    soaked = subprocess.run([sys.executable, DEPLOYER, "--reconcile"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert soaked.returncode == 0, soaked.stderr
+    for how, sid in followers.items():
+        assert f"Updated service soak-{how}-next ({sid[:12]}) to {new}" in soaked.stderr, soaked.stderr
+    assert f"Promoted {registry.host}/{repo}:prod@{v2}" in soaked.stderr
+
+    # A service created at a digest has no UpdateStatus at all: healthy, it soaks and promotes; crash-looping
+    # (its command exits 1 at once), it never completes, however often a pass looks.
+    healthy_repo, crashing_repo = images.new_repository(), images.new_repository()
+    good = images.push(healthy_repo, "latest", "v1")
+    before = images.push(crashing_repo, "latest", "v1")
+    broken = images.push(crashing_repo, "latest", "v2-broken", cmd=BROKEN_CMD)
+    healthy = swarm.create_service("made-healthy", f"{registry.host}/{healthy_repo}:latest@{good}", registry=registry,
+                                   update_config=FAST_MONITOR, labels={ed.PROMOTE_LABEL: "prod", ed.SOAK_LABEL: "3s"})
+    crashing = swarm.create_service("made-crashing", f"{registry.host}/{crashing_repo}:latest@{broken}",
+                                    registry=registry, update_config=FAST_MONITOR, labels={ed.PROMOTE_LABEL: "prod"})
+    next_one = swarm.create_service("made-crashing-next", f"{registry.host}/{crashing_repo}:latest@{before}",
+                                    registry=registry, replicas=0, labels={ed.AFTER_LABEL: "made-crashing"})
+    swarm.wait_running(healthy, f"{registry.host}/{healthy_repo}:latest@{good}")
+    wait_for(lambda: ed.tried_and_failed(swarm.tasks(crashing), broken), 60,
+             what=lambda: swarm.task_states(crashing))
+    logs = ""
+    for _ in range(4):
+        passed = subprocess.run([sys.executable, DEPLOYER, "--reconcile"], env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert passed.returncode == 0, passed.stderr
+        logs += passed.stderr
+        time.sleep(1.5)
+    assert f"Promoted {registry.host}/{healthy_repo}:prod@{good}" in logs
+    assert f"Promoted {registry.host}/{crashing_repo}" not in logs
+    assert service_image_of(swarm, next_one)[0].endswith(before) and "Updated service made-crashing-next" not in logs
+    ecr = aws.client("ecr", registry.region)
+    assert "prod" not in {tag for image in ecr.describe_images(repositoryName=crashing_repo)["imageDetails"]
+                          for tag in image.get("imageTags", [])}
+    rows = {r["service"]: r for r in json.loads(status(env, "--json").stdout)}
+    assert "not promoted to :prod: its rollout of the tag's digest has not completed" in \
+        rows["made-crashing"]["promotion"], rows["made-crashing"]
+    assert rows["made-crashing-next"]["state"] == "waiting", rows["made-crashing-next"]
+
+
+def test_swarms_rollback_is_remembered_across_a_keeper_pass_from_cron_and_the_next_once_run(aws, images,
+                                                                                            clean_swarm):
+    """cron: `--once` without --wait rolls a build whose command fails; Swarm (FailureAction=rollback) rolls it
+    back with nobody watching; `--refresh-auth` from another cron line runs before the next `--once`. The
+    keeper's re-post would erase the only trace of the rollback (UpdateStatus), so it records it first."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = images.push(repo, "latest", "v1")
+    broken = images.push(repo, "latest", "v2-broken", cmd=BROKEN_CMD)
+    old, new = f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{broken}"
+    sid = swarm.create_service("cron-rb", old, registry=registry, update_config={**FAST_MONITOR, "FailureAction": "rollback"})
+    swarm.wait_running(sid, old)
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=broken))
+    env = deployer_env(aws, swarm)
+    first = run_once(env, "--queue", queue)
+    assert first.returncode == 0 and f"Updated service cron-rb ({sid[:12]}) to {new}" in first.stderr, first.stderr
+    wait_for(lambda: (swarm.service(sid).get("UpdateStatus") or {}).get("State") == "rollback_completed", 90,
+             what=lambda: swarm.service(sid).get("UpdateStatus"))
+    swarm.wait_running(sid, old)
+    tasks_before = running_task_ids(swarm, sid)
+
+    keeper = subprocess.run([sys.executable, DEPLOYER, "--refresh-auth"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert keeper.returncode == 0, keeper.stderr
+    assert f"Recording on service cron-rb ({sid[:12]}) before refreshing its registry auth: " \
+           f"{ed.FAILED_LABEL}={broken} rolled back at " in keeper.stderr, keeper.stderr
+    assert swarm.service(sid).get("UpdateStatus") is None  # the re-post erased Swarm's word: the label remains
+    assert labels_of(swarm, sid)[ed.FAILED_LABEL].startswith(f"{broken} rolled back at ")
+
+    second = run_once(env, "--queue", aws.new_queue())  # the next cron run: its reconcile pass finds it behind
+    assert second.returncode == 0, second.stderr
+    assert updated_lines(second.stderr) == [], second.stderr
+    assert f"Service cron-rb ({sid[:12]}) holds back {broken}" in second.stderr
+    assert service_image_of(swarm, sid)[0] == old and running_task_ids(swarm, sid) == tasks_before
+
+
+def test_a_follower_that_loses_sight_of_swarms_rollback_reports_it_rolled_back(aws, images, clean_swarm, caplog):
+    """Our rollout, rolled back by Swarm; before this deployer looks again, another manager's keeper
+    re-posts the service (with the failure record): UpdateStatus no longer says "rolled back"."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = images.push(repo, "latest", "v1")
+    broken = images.push(repo, "latest", "v2-broken", cmd=BROKEN_CMD)
+    old, new = f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{broken}"
+    sid = swarm.create_service("lost-rb", old, registry=registry, update_config={**FAST_MONITOR, "FailureAction": "rollback"})
+    swarm.wait_running(sid, old)
+    ecr = ed.Ecr(ed.aws_session())
+    ecr._clients = {registry.region: aws.client("ecr", registry.region)}
+    deployer = ed.Deployer(None, ecr, ed.Docker(swarm.docker_host), None, follow_rollouts=True)
+    deployer.docker.negotiate()
+    push = ed.Push(registry.account, registry.region, repo, "latest", broken)
+    assert deployer.pin_service(swarm.service(sid), push, broken, ed.CycleResult())
+    wait_for(lambda: (swarm.service(sid).get("UpdateStatus") or {}).get("State") == "rollback_completed", 90,
+             what=lambda: swarm.service(sid).get("UpdateStatus"))
+    keeper = subprocess.run([sys.executable, DEPLOYER, "--refresh-auth"], env=deployer_env(aws, swarm),
+                            capture_output=True, text=True, timeout=60)
+    assert keeper.returncode == 0 and "Recording on service lost-rb" in keeper.stderr, keeper.stderr
+    with caplog.at_level("INFO", logger="ecr-deploy"):
+        deployer.rollouts.check()
+    assert deployer.rollouts.outcomes == ["rollback_completed"], caplog.text
+    assert f"Rollout of lost-rb ({sid[:12]}) to {new} rolled back after" in caplog.text
+    assert "superseded" not in caplog.text
+
+
+def test_a_failure_record_never_lands_on_another_managers_rollout(aws, images, clean_swarm, caplog):
+    """Swarm rolled a build back; as this deployer writes its record, another manager posts the next push
+    (v3). The write, refused as out of sequence, must not be retried on v3's spec: as Swarm's PreviousSpec
+    the label-only spec would make v3 what a rollback of v3 restores (and it would resume a paused one)."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = images.push(repo, "latest", "v1")
+    broken = images.push(repo, "latest", "v2-broken", cmd=BROKEN_CMD)
+    v3 = images.push(repo, "latest", "v3")
+    old = f"{registry.host}/{repo}:latest@{v1}"
+    sid = swarm.create_service("race-rb", old, registry=registry, update_config={**FAST_MONITOR, "FailureAction": "rollback"})
+    swarm.wait_running(sid, old)
+    auth = {"X-Registry-Auth": ed.registry_auth_header("AWS", registry.password, registry.host)}
+    spec = swarm.service(sid)
+    swarm.post(f"/services/{sid}/update", params={"version": spec["Version"]["Index"]},
+               json=ed.updated_spec(spec["Spec"], f"{registry.host}/{repo}:latest@{broken}"), headers=auth)
+    wait_for(lambda: (swarm.service(sid).get("UpdateStatus") or {}).get("State") == "rollback_completed", 90,
+             what=lambda: swarm.service(sid).get("UpdateStatus"))
+    listed = swarm.service(sid)  # what this deployer's pass listed; then the other manager posts v3
+    swarm.post(f"/services/{sid}/update", params={"version": listed["Version"]["Index"]},
+               json=ed.updated_spec(listed["Spec"], f"{registry.host}/{repo}:latest@{v3}"), headers=auth)
+    deployer = ed.Deployer(None, ed.Ecr(ed.aws_session()), ed.Docker(swarm.docker_host), None)
+    deployer.docker.negotiate()
+    push = ed.Push(registry.account, registry.region, repo, "latest", broken, reconcile=True)
+    with caplog.at_level("INFO", logger="ecr-deploy"):
+        assert deployer.held_back(listed, push, broken)
+    now = swarm.service(sid)
+    assert ed.FAILED_LABEL not in (now["Spec"].get("Labels") or {}), now["Spec"]["Labels"]
+    assert now["PreviousSpec"]["TaskTemplate"]["ContainerSpec"]["Image"] == old  # a rollback of v3 restores v1
+    assert f"Service race-rb ({sid[:12]}) changed since the failure of {broken} was seen there; the record is " \
+           f"left for the next pass" in caplog.text
+
+
 
 def test_status_shows_each_state_and_its_exit_code_tells_monitoring(aws, images, clean_swarm, tmp_path):
     swarm, registry = clean_swarm, REGISTRIES[0]
@@ -4349,7 +4534,7 @@ def at(text: str) -> datetime.datetime:
      [swarm_task(DIGEST_B, "complete", "running", "51:00")], "its job has not completed on this digest", None),
 ])
 def test_completed_and_soaked_are_read_from_swarms_tasks(service, tasks, pending, since):
-    assert ed.rollout_of(service, tasks, DIGEST_B, at("59:59")) == (pending, since)
+    assert ed.rollout_of(service, tasks, DIGEST_B, at("59:59"))[:2] == (pending, since)
 
 
 def test_swarm_rolled_back_names_the_digest_it_left():
@@ -4497,7 +4682,7 @@ def test_a_wave_follows_its_leader_after_the_soak_and_never_takes_a_failed_diges
     queue = aws.new_queue()
     aws.send(queue, event(repository=repo, digest=v2))
     env = deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1")
-    args = ("--queue", queue, "--auth-refresh", "0")
+    args = ("--queue", queue, "--auth-refresh", "2s")  # the keeper re-posts every service
     first = Running(env, *args)
     try:
         first.wait_line(f"Rollout of wave-web ({web[:12]}) to {new} completed", timeout=60)
@@ -4511,7 +4696,7 @@ def test_a_wave_follows_its_leader_after_the_soak_and_never_takes_a_failed_diges
         second.wait_line(f"Updated service wave-api ({api[:12]}) to {new}", timeout=30)
     finally:
         assert second.stop() == 0
-    completed = ed.parse_swarm_time(swarm.service(web)["UpdateStatus"]["CompletedAt"])
+    completed = running_since(swarm, web, new)  # (the keeper's re-posts reset UpdateStatus)
     update = next(line for line in second.log.splitlines() if "Updated service wave-api" in line)
     assert (logged_at(update) - completed).total_seconds() >= 5 - 1  # (Swarm's clock and ours, on one machine)
     assert len([line for line in updated_lines(first.log + second.log) if "wave-api" in line]) == 1
@@ -4550,7 +4735,7 @@ def test_promotion_tags_a_soaked_digest_once_for_production_and_never_a_failed_o
     summary = tmp_path / "summary.json"
     env = deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1", DEPLOYER_NOTIFY_URL=webhook.url,
                        DEPLOYER_SUMMARY_FILE=str(summary))
-    args = ("--queue", queue, "--auth-refresh", "0", "--reconcile-every", "2s")
+    args = ("--queue", queue, "--auth-refresh", "2s", "--reconcile-every", "2s")  # the keeper re-posts it
     first = Running(env, *args)
     try:
         first.wait_line(f"Service stage ({stage[:12]}) will promote {registry.host}/{repo}:prod@{v2}: promotes to "
