@@ -4120,8 +4120,7 @@ def running_since(swarm, sid, image) -> datetime.datetime:
                and t["Spec"]["ContainerSpec"]["Image"] == image)
 
 
-def test_a_soak_outlives_a_scale_a_label_and_the_keepers_repost_and_a_crash_looping_build_is_never_promoted(
-        aws, images, clean_swarm, tmp_path):
+def test_a_soak_outlives_a_scale_a_label_and_the_keepers_repost(aws, images, clean_swarm, tmp_path):
     """Every update but a rollback resets UpdateStatus (swarmkit controlapi UpdateService) and one that
     replaces no task starts none: an operator's `docker service scale` or `--label-add`, or the auth keeper
     of any manager, during a soak. The wave and the promotion then go on from what Swarm's tasks say."""
@@ -4166,8 +4165,13 @@ def test_a_soak_outlives_a_scale_a_label_and_the_keepers_repost_and_a_crash_loop
         assert f"Updated service soak-{how}-next ({sid[:12]}) to {new}" in soaked.stderr, soaked.stderr
     assert f"Promoted {registry.host}/{repo}:prod@{v2}" in soaked.stderr
 
-    # A service created at a digest has no UpdateStatus at all: healthy, it soaks and promotes; crash-looping
-    # (its command exits 1 at once), it never completes, however often a pass looks.
+
+def test_a_service_created_at_a_digest_soaks_from_its_tasks_and_a_crash_looping_one_is_never_promoted(
+        aws, images, clean_swarm):
+    """A service created at a digest has no UpdateStatus at all: healthy, it soaks and promotes; crash-looping
+    (its command exits 1 at once), it never completes, however often a pass looks."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    env = deployer_env(aws, swarm)
     healthy_repo, crashing_repo = images.new_repository(), images.new_repository()
     good = images.push(healthy_repo, "latest", "v1")
     before = images.push(crashing_repo, "latest", "v1")
@@ -4188,8 +4192,8 @@ def test_a_soak_outlives_a_scale_a_label_and_the_keepers_repost_and_a_crash_loop
         assert passed.returncode == 0, passed.stderr
         logs += passed.stderr
         time.sleep(1.5)
-    assert f"Promoted {registry.host}/{healthy_repo}:prod@{good}" in logs
     assert f"Promoted {registry.host}/{crashing_repo}" not in logs
+    assert f"Promoted {registry.host}/{healthy_repo}:prod@{good}" in logs
     assert service_image_of(swarm, next_one)[0].endswith(before) and "Updated service made-crashing-next" not in logs
     ecr = aws.client("ecr", registry.region)
     assert "prod" not in {tag for image in ecr.describe_images(repositoryName=crashing_repo)["imageDetails"]
