@@ -937,9 +937,12 @@ def rollout_of(service: dict, tasks: list[dict], digest: str, swarm_now: datetim
     others_ended = max(filter(None, (task_time(t) for t in tasks if not task_runs(t, digest))), default=None)
     first = min((s for s in starts if others_ended is None or s >= others_ended), default=others_ended)
     since = max(filter(None, [first, *failures]))
-    # (Swarm's clock is Docker's Date header: whole seconds, so up to 1 s behind)
+    # Swarm's updater watched every task it started for the monitor period before it said "completed" (a task
+    # started since, say after a crash, it did not); else by Swarm's clock (Docker's Date: up to 1 s behind).
+    status = service.get("UpdateStatus") or {}
+    completed_at = parse_swarm_time(status.get("CompletedAt")) if state == "completed" else None
     settling = monitor_seconds(spec) - ((swarm_now - max(starts)).total_seconds() if swarm_now else 0)
-    if swarm_now is None or settling > 0:
+    if not (completed_at and max(starts) <= completed_at) and (swarm_now is None or settling > 0):
         return Ran(f"its newest task of this digest has run for less than Swarm's monitor period "
                    f"({duration_text(monitor_seconds(spec))})", since, settling + 1 if swarm_now else None)
     return Ran(None, since)

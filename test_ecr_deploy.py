@@ -4521,6 +4521,11 @@ def at(text: str) -> datetime.datetime:
     (RUNS_B, ROLLED + [swarm_task(DIGEST_B, "shutdown", "failed", "52:00", 1)], None, at("52:00")),  # a failure restarts it
     (RUNS_B, ROLLED[:3] + [swarm_task(DIGEST_B, "running", "running", "59:58", 2)],
      "its newest task of this digest has run for less than Swarm's monitor period (5s)", at("59:58")),
+    ({**RUNS_B, "UpdateStatus": {"State": "completed", "CompletedAt": "2026-12-07T07:59:59Z"}},  # Swarm watched it
+     ROLLED[:3] + [swarm_task(DIGEST_B, "running", "running", "59:54", 2)], None, at("59:54")),
+    ({**RUNS_B, "UpdateStatus": {"State": "completed", "CompletedAt": "2026-12-07T07:50:07Z"}},  # restarted since
+     ROLLED + [swarm_task(DIGEST_B, "shutdown", "failed", "59:57", 2), swarm_task(DIGEST_B, "running", "running", "59:58", 2)],
+     "its newest task of this digest has run for less than Swarm's monitor period (5s)", at("59:57")),
     ({**RUNS_B, "UpdateStatus": {"State": "updating"}}, ROLLED, "its rollout is updating", None),
     ({**RUNS_B, "UpdateStatus": {"State": "paused"}}, ROLLED, "its rollout is paused", None),
     (RUNS_B, ROLLED[:3] + [swarm_task(DIGEST_A, "running", "running", "50:00", 2)],
@@ -4730,7 +4735,7 @@ def test_promotion_tags_a_soaked_digest_once_for_production_and_never_a_failed_o
     manifest = ecr.batch_get_image(repositoryName=repo, imageIds=[{"imageDigest": v1}])["images"][0]["imageManifest"]
     ecr.put_image(repositoryName=repo, imageManifest=manifest, imageTag="prod", imageDigest=v1)  # :prod at v1
     stage = swarm.create_service("stage", f"{registry.host}/{repo}:latest@{v1}", registry=registry,
-                                 update_config=FAST_MONITOR, labels={ed.PROMOTE_LABEL: "prod", ed.SOAK_LABEL: "3s"})
+                                 update_config=FAST_MONITOR, labels={ed.PROMOTE_LABEL: "prod", ed.SOAK_LABEL: "5s"})
     prod = swarm.create_service("prod", f"{registry.host}/{repo}:prod@{v1}", registry=registry, replicas=0)
     swarm.wait_running(stage, f"{registry.host}/{repo}:latest@{v1}")
     v2 = images.push(repo, "latest", "v2")
@@ -4743,7 +4748,7 @@ def test_promotion_tags_a_soaked_digest_once_for_production_and_never_a_failed_o
     first = Running(env, *args)
     try:
         first.wait_line(f"Service stage ({stage[:12]}) will promote {registry.host}/{repo}:prod@{v2}: promotes to "
-                        f":prod after soaking 3s: in ", timeout=60)
+                        f":prod after soaking 5s: in ", timeout=60)
     finally:
         assert first.stop() == 0  # a restart during the soak
     assert "Promoted" not in first.log
@@ -4755,7 +4760,7 @@ def test_promotion_tags_a_soaked_digest_once_for_production_and_never_a_failed_o
         assert second.stop() == 0
     prod_now = ecr.describe_images(repositoryName=repo, imageIds=[{"imageTag": "prod"}])["imageDetails"][0]
     assert prod_now["imageDigest"] == v2 and sorted(prod_now["imageTags"]) == ["latest", "prod"]
-    assert "soaked 3s" in second.log
+    assert "soaked 5s" in second.log
     assert json.loads(summary.read_text())["rollouts"]["promoted"] == 1
     assert [d["outcome"] for d in webhook.received if d["outcome"] == "promoted"] == ["promoted"]
     again = subprocess.run([sys.executable, DEPLOYER, "--reconcile"], env=env, capture_output=True, text=True,
