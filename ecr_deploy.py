@@ -16,9 +16,9 @@ promotion) decides when; what must survive a restart lives on the service's labe
 
 Read top-down: configuration, events (pure), images (pure: references, which tag a service
 follows), specs (pure), service labels (pure: provenance, failure records), release policy (pure),
-status (pure), rollouts (pure), scan gate (pure), signature gate (pure), AWS shell, Docker shell (and
-loop mode's ServiceIndex, kept current from Docker's events), the gates (ScanGate; SignatureGate, which
-runs notation or cosign), the drain cycle (Deployer; Rollouts,
+Swarm's tasks (pure: completed, soaked), status (pure), rollouts (pure), scan gate (pure), signature
+gate (pure), AWS shell, Docker shell (and loop mode's ServiceIndex, kept current from Docker's events),
+the gates (ScanGate; SignatureGate, which runs notation or cosign), the drain cycle (Deployer; Rollouts,
 which follows and rolls back; AuthKeeper, the registry-auth keeper), the reconcile pass (Reconciler),
 receiving (Receiver: batches bounded in time, held invisible while worked on), reports, logging and
 systemd, status (read-only), main.
@@ -857,95 +857,11 @@ class Leader(NamedTuple):
     settles_in: float | None = None  # pending only until its newest task has run Swarm's monitor period: in s
 
 
-class Ran(NamedTuple):
-    """What Swarm's tasks say of a service and the digest its spec runs (rollout_of)."""
-    pending: str | None  # why its rollout of the digest has not completed; None: completed
-    since: datetime | None  # when its soak began: None until its tasks of the digest ran
-    settles_in: float | None = None  # pending only until its newest task has run Swarm's monitor period: in s
-
-
 def soaked_for(leader: Leader, swarm_now: datetime | None) -> float | None:
     """Seconds the leader has run the digest without a task failure (Swarm's clock); None: unknown."""
     if leader.since is None or swarm_now is None:
         return None
     return (swarm_now - leader.since).total_seconds()
-
-
-def task_runs(task: dict, digest: str) -> bool:
-    return ((task.get("Spec") or {}).get("ContainerSpec", {}).get("Image") or "").endswith("@" + digest)
-
-
-def task_state(task: dict) -> str | None:
-    return (task.get("Status") or {}).get("State")
-
-
-def task_time(task: dict) -> datetime | None:
-    """When the task reached its current state (the node's agent stamps every change of state)."""
-    return parse_swarm_time((task.get("Status") or {}).get("Timestamp"))
-
-
-def monitor_seconds(spec: dict) -> float:
-    """How long Swarm's updater watches a new task before it counts as started well (UpdateConfig.Monitor)."""
-    monitor = (spec.get("UpdateConfig") or {}).get("Monitor") or SWARM_DEFAULT_UPDATE_CONFIG["Monitor"]
-    return monitor / 1e9
-
-
-def rollout_of(service: dict, tasks: list[dict], digest: str, swarm_now: datetime | None) -> Ran:
-    """Has the service's rollout of the digest its spec runs completed, and since when has it soaked?
-    Decided from Swarm's tasks, not from UpdateStatus alone: every update that is not a rollback resets
-    UpdateStatus (a scale, a label, the auth keeper's re-post; swarmkit controlapi UpdateService) and an
-    update that replaces no task never starts another, while a service created at the digest has none.
-    Completed: no rollout of Swarm's is under way or paused, and every task Swarm wants running (desired
-    state up to running; tasks of a down node are shut down) runs the digest, is running, and has run for
-    Swarm's monitor period; a replicated service has all its replicas so (none, when scaled to 0: nothing
-    ran); a job, when its tasks of the digest completed. The soak runs from the first start of a task of
-    the digest after the last task of another image ended (a service created at the digest: its first
-    start), and starts again at each failed task of the digest; a scale, a label or a re-post changes none
-    of these. `tasks`: the service's tasks, history included (Swarm keeps a few per slot)."""
-    state = (service.get("UpdateStatus") or {}).get("State")
-    if state in ("updating", "paused", "rollback_started", "rollback_paused"):
-        return Ran(f"its rollout is {state.replace('_', ' ')}", None)
-    spec = service.get("Spec") or {}
-    ours = [t for t in tasks if task_runs(t, digest)]
-    job = is_job(spec)
-    failures = [task_time(t) for t in ours if task_state(t) in (("failed", "rejected", "orphaned") if job
-                                                                 else TASK_FAILURES)]
-    if job:  # it runs to completion: done when its tasks of this run of the job completed
-        iteration = ((service.get("JobStatus") or {}).get("JobIteration") or {}).get("Index")
-        current = [t for t in ours if iteration is None or (t.get("JobIteration") or {}).get("Index") == iteration]
-        done = [task_time(t) for t in current if task_state(t) == "complete"]
-        if not done or any(TASK_STATES.index(task_state(t) or "new") <= TASK_STATES.index("running")
-                           for t in current if t.get("DesiredState") in ("running", "complete")):
-            return Ran("its job has not completed on this digest", None)
-        return Ran(None, max(filter(None, done + failures), default=None))
-    wanted = [t for t in tasks if t.get("DesiredState") in TASK_STATES[:TASK_STATES.index("running") + 1]]
-    if not wanted:
-        return Ran("it runs no task (scaled to 0?): nothing has run this digest", None)
-    other = [t for t in wanted if not task_runs(t, digest)]
-    if other:
-        return Ran(f"{len(other)} of its {len(wanted)} task(s) run another image", None)
-    idle = [t for t in wanted if task_state(t) != "running"]
-    if idle:
-        states = ", ".join(sorted({task_state(t) or "?" for t in idle}))
-        return Ran(f"{len(idle)} of its {len(wanted)} task(s) of this digest not running ({states})", None)
-    replicas = ((spec.get("Mode") or {}).get("Replicated") or {}).get("Replicas")
-    if replicas is not None and len(wanted) < replicas:
-        return Ran(f"{len(wanted)} of its {replicas} replicas run", None)
-    starts = [task_time(t) for t in wanted]
-    if None in starts:
-        return Ran("Swarm gave no start time for its tasks", None)
-    others_ended = max(filter(None, (task_time(t) for t in tasks if not task_runs(t, digest))), default=None)
-    first = min((s for s in starts if others_ended is None or s >= others_ended), default=others_ended)
-    since = max(filter(None, [first, *failures]))
-    # Swarm's updater watched every task it started for the monitor period before it said "completed" (a task
-    # started since, say after a crash, it did not); else by Swarm's clock (Docker's Date: up to 1 s behind).
-    status = service.get("UpdateStatus") or {}
-    completed_at = parse_swarm_time(status.get("CompletedAt")) if state == "completed" else None
-    settling = monitor_seconds(spec) - ((swarm_now - max(starts)).total_seconds() if swarm_now else 0)
-    if not (completed_at and max(starts) <= completed_at) and (swarm_now is None or settling > 0):
-        return Ran(f"its newest task of this digest has run for less than Swarm's monitor period "
-                   f"({duration_text(monitor_seconds(spec))})", since, settling + 1 if swarm_now else None)
-    return Ran(None, since)
 
 
 def duration_text(seconds: float) -> str:
@@ -1042,6 +958,95 @@ def parse_swarm_time(text: object) -> datetime | None:
 def after_names(labels: dict, defaults: dict) -> list[str]:
     text = labels.get(AFTER_LABEL, defaults.get(AFTER_LABEL)) or ""
     return [name.strip() for name in text.split(",") if name.strip()]
+
+
+# --------------------------------------------------------------------------- Swarm's tasks (pure)
+
+# What a service ran, as Swarm's task history tells: whether its rollout of a digest completed, and since
+# when it has soaked. UpdateStatus alone cannot tell: any update but a rollback resets it.
+
+class Ran(NamedTuple):
+    """What Swarm's tasks say of a service and the digest its spec runs (rollout_of)."""
+    pending: str | None  # why its rollout of the digest has not completed; None: completed
+    since: datetime | None  # when its soak began: None until its tasks of the digest ran
+    settles_in: float | None = None  # pending only until its newest task has run Swarm's monitor period: in s
+
+
+def task_runs(task: dict, digest: str) -> bool:
+    return ((task.get("Spec") or {}).get("ContainerSpec", {}).get("Image") or "").endswith("@" + digest)
+
+
+def task_state(task: dict) -> str | None:
+    return (task.get("Status") or {}).get("State")
+
+
+def task_time(task: dict) -> datetime | None:
+    """When the task reached its current state (the node's agent stamps every change of state)."""
+    return parse_swarm_time((task.get("Status") or {}).get("Timestamp"))
+
+
+def monitor_seconds(spec: dict) -> float:
+    """How long Swarm's updater watches a new task before it counts as started well (UpdateConfig.Monitor)."""
+    monitor = (spec.get("UpdateConfig") or {}).get("Monitor") or SWARM_DEFAULT_UPDATE_CONFIG["Monitor"]
+    return monitor / 1e9
+
+
+def rollout_of(service: dict, tasks: list[dict], digest: str, swarm_now: datetime | None) -> Ran:
+    """Has the service's rollout of the digest its spec runs completed, and since when has it soaked?
+    Decided from Swarm's tasks, not from UpdateStatus alone: every update that is not a rollback resets
+    UpdateStatus (a scale, a label, the auth keeper's re-post; swarmkit controlapi UpdateService) and an
+    update that replaces no task never starts another, while a service created at the digest has none.
+    Completed: no rollout of Swarm's is under way or paused, and every task Swarm wants running (desired
+    state up to running; tasks of a down node are shut down) runs the digest, is running, and has run for
+    Swarm's monitor period; a replicated service has all its replicas so (none, when scaled to 0: nothing
+    ran); a job, when its tasks of the digest completed. The soak runs from the first start of a task of
+    the digest after the last task of another image ended (a service created at the digest: its first
+    start), and starts again at each failed task of the digest; a scale, a label or a re-post changes none
+    of these. `tasks`: the service's tasks, history included (Swarm keeps a few per slot)."""
+    state = (service.get("UpdateStatus") or {}).get("State")
+    if state in ("updating", "paused", "rollback_started", "rollback_paused"):
+        return Ran(f"its rollout is {state.replace('_', ' ')}", None)
+    spec = service.get("Spec") or {}
+    ours = [t for t in tasks if task_runs(t, digest)]
+    job = is_job(spec)
+    failures = [task_time(t) for t in ours if task_state(t) in (("failed", "rejected", "orphaned") if job
+                                                                 else TASK_FAILURES)]
+    if job:  # it runs to completion: done when its tasks of this run of the job completed
+        iteration = ((service.get("JobStatus") or {}).get("JobIteration") or {}).get("Index")
+        current = [t for t in ours if iteration is None or (t.get("JobIteration") or {}).get("Index") == iteration]
+        done = [task_time(t) for t in current if task_state(t) == "complete"]
+        if not done or any(TASK_STATES.index(task_state(t) or "new") <= TASK_STATES.index("running")
+                           for t in current if t.get("DesiredState") in ("running", "complete")):
+            return Ran("its job has not completed on this digest", None)
+        return Ran(None, max(filter(None, done + failures), default=None))
+    wanted = [t for t in tasks if t.get("DesiredState") in TASK_STATES[:TASK_STATES.index("running") + 1]]
+    if not wanted:
+        return Ran("it runs no task (scaled to 0?): nothing has run this digest", None)
+    other = [t for t in wanted if not task_runs(t, digest)]
+    if other:
+        return Ran(f"{len(other)} of its {len(wanted)} task(s) run another image", None)
+    idle = [t for t in wanted if task_state(t) != "running"]
+    if idle:
+        states = ", ".join(sorted({task_state(t) or "?" for t in idle}))
+        return Ran(f"{len(idle)} of its {len(wanted)} task(s) of this digest not running ({states})", None)
+    replicas = ((spec.get("Mode") or {}).get("Replicated") or {}).get("Replicas")
+    if replicas is not None and len(wanted) < replicas:
+        return Ran(f"{len(wanted)} of its {replicas} replicas run", None)
+    starts = [task_time(t) for t in wanted]
+    if None in starts:
+        return Ran("Swarm gave no start time for its tasks", None)
+    others_ended = max(filter(None, (task_time(t) for t in tasks if not task_runs(t, digest))), default=None)
+    first = min((s for s in starts if others_ended is None or s >= others_ended), default=others_ended)
+    since = max(filter(None, [first, *failures]))
+    # Swarm's updater watched every task it started for the monitor period before it said "completed" (a task
+    # started since, say after a crash, it did not); else by Swarm's clock (Docker's Date: up to 1 s behind).
+    status = service.get("UpdateStatus") or {}
+    completed_at = parse_swarm_time(status.get("CompletedAt")) if state == "completed" else None
+    settling = monitor_seconds(spec) - ((swarm_now - max(starts)).total_seconds() if swarm_now else 0)
+    if not (completed_at and max(starts) <= completed_at) and (swarm_now is None or settling > 0):
+        return Ran(f"its newest task of this digest has run for less than Swarm's monitor period "
+                   f"({duration_text(monitor_seconds(spec))})", since, settling + 1 if swarm_now else None)
+    return Ran(None, since)
 
 
 # --------------------------------------------------------------------------- status (pure)
@@ -3192,7 +3197,8 @@ class AuthKeeper:
     the spec becomes PreviousSpec and the UpdateStatus of the last real rollout is replaced, and tasks
     not yet READY are replaced; so it skips jobs, services mid-update or followed by us, and services
     with a task starting on a node (one on no node yet costs nothing to replace, and needs the auth).
-    At most one pass per interval, also across restarts ($STATE_DIRECTORY)."""
+    A service Swarm rolled back gets its failure record in the same re-post (recorded). At most one pass
+    per interval, also across restarts ($STATE_DIRECTORY)."""
 
     def __init__(self, deployer: Deployer, interval: float, state_directory: str | None):
         self.deployer, self.interval = deployer, interval
