@@ -16,9 +16,9 @@ promotion) decides when; what must survive a restart lives on the service's labe
 
 Read top-down: configuration, events (pure), images (pure: references, which tag a service
 follows), specs (pure), service labels (pure: provenance, failure records), release policy (pure),
-status (pure), rollouts (pure), scan gate (pure), signature gate (pure), AWS shell, Docker shell (and
-loop mode's ServiceIndex, kept current from Docker's events), the gates (ScanGate; SignatureGate, which
-runs notation or cosign), the drain cycle (Deployer; Rollouts,
+Swarm's tasks (pure: completed, soaked), status (pure), rollouts (pure), scan gate (pure), signature
+gate (pure), AWS shell, Docker shell (and loop mode's ServiceIndex, kept current from Docker's events),
+the gates (ScanGate; SignatureGate, which runs notation or cosign), the drain cycle (Deployer; Rollouts,
 which follows and rolls back; AuthKeeper, the registry-auth keeper), the reconcile pass (Reconciler),
 receiving (Receiver: batches bounded in time, held invisible while worked on), reports, logging and
 systemd, status (read-only), main.
@@ -733,6 +733,31 @@ def tried_and_failed(tasks: list[dict], digest: str) -> bool:
                and t.get("Status", {}).get("State") in TASK_FAILURES for t in tasks)
 
 
+def swarm_rolled_back(service: dict, tasks: list[dict]) -> str | None:
+    """The digest Swarm rolled this service back from (its rollback completed), or None: the PreviousSpec
+    `docker service rollback` keeps, else (Swarm's automatic rollback clears PreviousSpec) the newest
+    failed task of another image than the service's own, in its task history."""
+    if (service.get("UpdateStatus") or {}).get("State") != "rollback_completed":
+        return None
+    current = running_image(service)
+    previous = running_image({"Spec": service.get("PreviousSpec") or {}})
+    if previous and previous.digest and previous.digest != (current and current.digest):
+        return previous.digest
+    failed = [t for t in tasks if t.get("Status", {}).get("State") in TASK_FAILURES
+              and (ref := parse_image_ref(t.get("Spec", {}).get("ContainerSpec", {}).get("Image")))
+              and ref.digest and ref.digest != (current and current.digest)]
+    failed.sort(key=lambda t: t.get("Status", {}).get("Timestamp", ""))
+    return parse_image_ref(failed[-1]["Spec"]["ContainerSpec"]["Image"]).digest if failed else None
+
+
+def same_rollout_state(seen: dict, now: dict) -> bool:
+    """Is the service, read again, still in the state a failure was seen in: the same image, the same
+    UpdateStatus? (Else another update came since: a record written now would land on that one.)"""
+    def image(service: dict) -> str | None:
+        return ((service.get("Spec") or {}).get("TaskTemplate") or {}).get("ContainerSpec", {}).get("Image")
+    return image(seen) == image(now) and (seen.get("UpdateStatus") or {}) == (now.get("UpdateStatus") or {})
+
+
 def rolled_back_from(service: dict, digest: str) -> bool:
     """`docker service rollback` keeps the spec it left as PreviousSpec (Swarm's automatic one does not)."""
     previous = (service.get("PreviousSpec") or {}).get("TaskTemplate", {}).get("ContainerSpec", {}).get("Image") or ""
@@ -833,9 +858,10 @@ class Leader(NamedTuple):
     """What the release policy needs to know of a service named in AFTER_LABEL."""
     name: str
     runs: bool  # its spec runs the digest
-    state: str | None  # its UpdateStatus.State
-    since: datetime | None  # its rollout completed, or a task of the digest last failed, if later
+    pending: str | None  # why its rollout of the digest has not completed, as Swarm's tasks tell (None: completed)
+    since: datetime | None  # when its soak began (see rollout_of)
     failed: str | None  # why the digest failed there (a failure record, Swarm's rollback), if it did
+    settles_in: float | None = None  # pending only until its newest task has run Swarm's monitor period: in s
     exists: bool = True  # False: no service has that name (a typo in AFTER_LABEL, or not created yet)
 
 
@@ -844,15 +870,6 @@ def soaked_for(leader: Leader, swarm_now: datetime | None) -> float | None:
     if leader.since is None or swarm_now is None:
         return None
     return (swarm_now - leader.since).total_seconds()
-
-
-def soak_start(service: dict, tasks: list[dict], digest: str) -> datetime | None:
-    """When the service's soak began: its rollout's completion, or its last failed task of the digest since."""
-    times = [parse_swarm_time((service.get("UpdateStatus") or {}).get("CompletedAt"))]
-    times += [parse_swarm_time(t.get("Status", {}).get("Timestamp")) for t in tasks
-              if (t.get("Spec", {}).get("ContainerSpec", {}).get("Image") or "").endswith("@" + digest)
-              and t.get("Status", {}).get("State") in TASK_FAILURES]
-    return max(filter(None, times), default=None)
 
 
 def duration_text(seconds: float) -> str:
@@ -893,11 +910,12 @@ def release_policy(labels: dict, defaults: dict, now: float, age: float | None, 
                                    f"{AFTER_LABEL}, or not created yet)")
         if not leader.runs:
             return Release("wait", f"waits for {leader.name} to run this digest")
-        if leader.state in ("paused", "rollback_paused"):
-            return Release("wait", f"waits for {leader.name}'s rollout, which is {leader.state.replace('_', ' ')}: "
-                                   f"until someone resumes it or rolls it back")
-        if leader.state not in (None, "completed"):
-            return Release("wait", f"waits for {leader.name}'s rollout to complete (it is {leader.state})")
+        if leader.pending and leader.pending.endswith(PAUSED_ROLLOUT):  # no end anyone can tell
+            return Release("wait", f"waits for {leader.name}'s rollout, which is "
+                                   f"{leader.pending.removeprefix('its rollout is ')}")
+        if leader.pending:
+            return Release("wait", f"waits for {leader.name}'s rollout to complete ({leader.pending})",
+                           now + leader.settles_in if leader.settles_in else None)
         ran = soaked_for(leader, swarm_now)
         if soak and (ran is None or ran < soak):
             left = soak - (ran or 0)
@@ -906,11 +924,13 @@ def release_policy(labels: dict, defaults: dict, now: float, age: float | None, 
     return Release("deploy")
 
 
-def promotion(labels: dict, runs: bool, state: str | None, since: datetime | None, failed: str | None,
-              target: str | None, digest: str, swarm_now: datetime | None, now: float) -> Release:
+def promotion(labels: dict, runs: bool, pending: str | None, since: datetime | None, failed: str | None,
+              target: str | None, digest: str, swarm_now: datetime | None, now: float,
+              settles_in: float | None = None) -> Release:
     """Whether to tag the digest this service runs as its PROMOTE_LABEL tag now (deploy), later (wait,
     until when) or never (held: its rollout failed, or it does not run the tag's digest: superseded,
-    blocked, still rolling). `target`: the digest the promote tag points to now (None: no such tag)."""
+    blocked, still rolling). `pending`, `since`: rollout_of's answer. `target`: the digest the promote
+    tag points to now (None: no such tag)."""
     tag = str(labels.get(PROMOTE_LABEL, "")).strip()
     if not TAG.fullmatch(tag):
         return Release("held", f"label {PROMOTE_LABEL}={tag!r} is not a tag")
@@ -918,10 +938,13 @@ def promotion(labels: dict, runs: bool, state: str | None, since: datetime | Non
         return Release("held", f"promoted: :{tag} is at this digest")
     if failed:
         return Release("held", "its rollout of this digest failed: never promoted")
-    if not runs or state not in (None, "completed"):
-        return Release("held", f"not promoted to :{tag}: its rollout of the tag's digest has not completed")
+    if not runs:
+        return Release("held", f"not promoted to :{tag}: it does not run the tag's digest")
+    if pending:
+        return Release("wait" if settles_in else "held", f"not promoted to :{tag}: its rollout of the tag's digest "
+                       f"has not completed ({pending})", now + settles_in if settles_in else None)
     soak = parse_duration(labels.get(SOAK_LABEL) or "0")
-    ran = soaked_for(Leader("", True, state, since, None), swarm_now)
+    ran = soaked_for(Leader("", True, None, since, None), swarm_now)
     if soak and (ran is None or ran < soak):
         left = soak - (ran or 0)
         return Release("wait", f"promotes to :{tag} after soaking {labels[SOAK_LABEL]}: in {duration_text(left)}",
@@ -975,6 +998,100 @@ def parse_swarm_time(text: object) -> datetime | None:
 def after_names(labels: dict, defaults: dict) -> list[str]:
     text = labels.get(AFTER_LABEL, defaults.get(AFTER_LABEL)) or ""
     return [name.strip() for name in text.split(",") if name.strip()]
+
+
+# --------------------------------------------------------------------------- Swarm's tasks (pure)
+
+# What a service ran, as Swarm's task history tells: whether its rollout of a digest completed, and since
+# when it has soaked. UpdateStatus alone cannot tell: any update but a rollback resets it.
+
+PAUSED_ROLLOUT = ": until someone resumes it or rolls it back"  # ends what rollout_of says of a paused one
+
+
+class Ran(NamedTuple):
+    """What Swarm's tasks say of a service and the digest its spec runs (rollout_of)."""
+    pending: str | None  # why its rollout of the digest has not completed; None: completed
+    since: datetime | None  # when its soak began: None until its tasks of the digest ran
+    settles_in: float | None = None  # pending only until its newest task has run Swarm's monitor period: in s
+
+
+def task_runs(task: dict, digest: str) -> bool:
+    return ((task.get("Spec") or {}).get("ContainerSpec", {}).get("Image") or "").endswith("@" + digest)
+
+
+def task_state(task: dict) -> str | None:
+    return (task.get("Status") or {}).get("State")
+
+
+def task_time(task: dict) -> datetime | None:
+    """When the task reached its current state (the node's agent stamps every change of state)."""
+    return parse_swarm_time((task.get("Status") or {}).get("Timestamp"))
+
+
+def monitor_seconds(spec: dict) -> float:
+    """How long Swarm's updater watches a new task before it counts as started well (UpdateConfig.Monitor)."""
+    monitor = (spec.get("UpdateConfig") or {}).get("Monitor") or SWARM_DEFAULT_UPDATE_CONFIG["Monitor"]
+    return monitor / 1e9
+
+
+def rollout_of(service: dict, tasks: list[dict], digest: str, swarm_now: datetime | None) -> Ran:
+    """Has the service's rollout of the digest its spec runs completed, and since when has it soaked?
+    Decided from Swarm's tasks, not from UpdateStatus alone: every update that is not a rollback resets
+    UpdateStatus (a scale, a label, the auth keeper's re-post; swarmkit controlapi UpdateService) and an
+    update that replaces no task never starts another, while a service created at the digest has none.
+    Completed: no rollout of Swarm's is under way or paused, and every task Swarm wants running (desired
+    state up to running; tasks of a down node are shut down) runs the digest, is running, and has run for
+    Swarm's monitor period; a replicated service has all its replicas so (none, when scaled to 0: nothing
+    ran); a job, when its tasks of the digest completed. The soak runs from the first start of a task of
+    the digest after the last task of another image ended (a service created at the digest: its first
+    start), and starts again at each failed task of the digest; a scale, a label or a re-post changes none
+    of these. `tasks`: the service's tasks, history included (Swarm keeps a few per slot)."""
+    state = (service.get("UpdateStatus") or {}).get("State")
+    if state in ("paused", "rollback_paused"):  # Swarm waits for a person
+        return Ran(f"its rollout is {state.replace('_', ' ')}{PAUSED_ROLLOUT}", None)
+    if state in ("updating", "rollback_started"):
+        return Ran(f"its rollout is {state.replace('_', ' ')}", None)
+    spec = service.get("Spec") or {}
+    ours = [t for t in tasks if task_runs(t, digest)]
+    job = is_job(spec)
+    failures = [task_time(t) for t in ours if task_state(t) in (("failed", "rejected", "orphaned") if job
+                                                                 else TASK_FAILURES)]
+    if job:  # it runs to completion: done when its tasks of this run of the job completed
+        iteration = ((service.get("JobStatus") or {}).get("JobIteration") or {}).get("Index")
+        current = [t for t in ours if iteration is None or (t.get("JobIteration") or {}).get("Index") == iteration]
+        done = [task_time(t) for t in current if task_state(t) == "complete"]
+        if not done or any(TASK_STATES.index(task_state(t) or "new") <= TASK_STATES.index("running")
+                           for t in current if t.get("DesiredState") in ("running", "complete")):
+            return Ran("its job has not completed on this digest", None)
+        return Ran(None, max(filter(None, done + failures), default=None))
+    wanted = [t for t in tasks if t.get("DesiredState") in TASK_STATES[:TASK_STATES.index("running") + 1]]
+    if not wanted:
+        return Ran("it runs no task (scaled to 0?): nothing has run this digest", None)
+    other = [t for t in wanted if not task_runs(t, digest)]
+    if other:
+        return Ran(f"{len(other)} of its {len(wanted)} task(s) run another image", None)
+    idle = [t for t in wanted if task_state(t) != "running"]
+    if idle:
+        states = ", ".join(sorted({task_state(t) or "?" for t in idle}))
+        return Ran(f"{len(idle)} of its {len(wanted)} task(s) of this digest not running ({states})", None)
+    replicas = ((spec.get("Mode") or {}).get("Replicated") or {}).get("Replicas")
+    if replicas is not None and len(wanted) < replicas:
+        return Ran(f"{len(wanted)} of its {replicas} replicas run", None)
+    starts = [task_time(t) for t in wanted]
+    if None in starts:
+        return Ran("Swarm gave no start time for its tasks", None)
+    others_ended = max(filter(None, (task_time(t) for t in tasks if not task_runs(t, digest))), default=None)
+    first = min((s for s in starts if others_ended is None or s >= others_ended), default=others_ended)
+    since = max(filter(None, [first, *failures]))
+    # Swarm's updater watched every task it started for the monitor period before it said "completed" (a task
+    # started since, say after a crash, it did not); else by Swarm's clock (Docker's Date: up to 1 s behind).
+    status = service.get("UpdateStatus") or {}
+    completed_at = parse_swarm_time(status.get("CompletedAt")) if state == "completed" else None
+    settling = monitor_seconds(spec) - ((swarm_now - max(starts)).total_seconds() if swarm_now else 0)
+    if not (completed_at and max(starts) <= completed_at) and (swarm_now is None or settling > 0):
+        return Ran(f"its newest task of this digest has run for less than Swarm's monitor period "
+                   f"({duration_text(monitor_seconds(spec))})", since, settling + 1 if swarm_now else None)
+    return Ran(None, since)
 
 
 # --------------------------------------------------------------------------- status (pure)
@@ -1058,6 +1175,19 @@ def rollout_state(service: dict, image: str, force_update: int) -> str | None:
     if rolled_back and (previous is None or posted(previous, image, force_update)):
         return state
     return "superseded"
+
+
+def lost_sight_of_rollback(service: dict, image: str, replaced: dict, tasks) -> bool:
+    """Was our rollout to `image` rolled back by Swarm before an update (the auth keeper's re-post with
+    the failure record, an operator's scale) reset the UpdateStatus that said so? The service runs again
+    the image our update replaced, and the digest failed there: a failure record names it, or one of its
+    tasks failed (`tasks`: called only if needed)."""
+    def image_of(spec: dict) -> str | None:
+        return ((spec or {}).get("TaskTemplate") or {}).get("ContainerSpec", {}).get("Image")
+    digest = image.rpartition("@")[2]
+    if not DIGEST.fullmatch(digest) or image_of(service.get("Spec")) != image_of(replaced):
+        return False
+    return failed_digest(service) == digest or tried_and_failed(tasks(), digest)
 
 
 # What swarmkit assumes for a service stored without an UpdateConfig (a compose file without
@@ -2840,9 +2970,9 @@ class Deployer:
                 leaders.append(Leader(name, False, None, None, None, exists=False))
                 continue
             runs = runs_digest(leader, digest)
-            since = soak_start(leader, self.docker.tasks(leader["ID"]), digest) if runs else None
-            leaders.append(Leader(name, runs, (leader.get("UpdateStatus") or {}).get("State"), since,
-                                  self.failure_of(leader, digest)))
+            ran = rollout_of(leader, self.docker.tasks(leader["ID"]), digest, self.docker.date) if runs \
+                else Ran(None, None)
+            leaders.append(Leader(name, runs, ran.pending, ran.since, self.failure_of(leader, digest), ran.settles_in))
         answer = self.answers.get(push.image_key)
         age = answer.age if answer and answer.digest == digest else None
         return release_policy(labels, self.release_defaults, time.time(), age, leaders,
@@ -2851,14 +2981,15 @@ class Deployer:
     def promotion_of(self, service: dict, key: tuple, answers: dict) -> Release:
         """The promotion rule for a service and the digest its tag points to (Swarm's task history is
         read only while a promotion may still be due)."""
-        status, digest = service.get("UpdateStatus") or {}, answers[key].digest
+        digest = answers[key].digest
         target = answers.get(promote_key(service, key))
         runs = runs_digest(service, digest)
-        pending = runs and (target is None or target.digest != digest)
-        since = soak_start(service, self.docker.tasks(service["ID"]), digest) if pending else None
-        return promotion(service["Spec"].get("Labels") or {}, runs, status.get("State"), since,
-                         self.failure_of(service, digest) if pending else None, target and target.digest,
-                         digest, self.docker.date, time.time())
+        due = runs and (target is None or target.digest != digest)
+        ran = rollout_of(service, self.docker.tasks(service["ID"]), digest, self.docker.date) if due \
+            else Ran(None, None)
+        return promotion(service["Spec"].get("Labels") or {}, runs, ran.pending, ran.since,
+                         self.failure_of(service, digest) if due else None, target and target.digest,
+                         digest, self.docker.date, time.time(), ran.settles_in)
 
     def service_named(self, name: str) -> dict | None:
         try:
@@ -2961,13 +3092,20 @@ class Deployer:
     def record_failure(self, listed: dict, account: str, region: str, digest: str, outcome: str,
                        message: str) -> None:
         """Write FAILED_LABEL on a service that no longer runs the digest (a label-only update: no task
-        is replaced, but it becomes Swarm's PreviousSpec and resets its UpdateStatus)."""
+        is replaced, but it becomes Swarm's PreviousSpec and resets its UpdateStatus), only while it is
+        as `listed` (read when the failure was seen) shows it: a service updated since (another manager
+        posted a new digest, an operator scaled it) is left for the next pass, so a record never resumes
+        a paused rollout of another digest, nor makes another digest the spec Swarm's rollback restores."""
         if self.dry_run:
             return
         record = failure_record(digest, outcome, self.rollouts.node_name(), time.time(), message)
 
         def plan(service: dict) -> tuple[dict, ImageRef] | None:
             if failed_digest(service) == digest or runs_digest(service, digest) or running_image(service) is None:
+                return None
+            if not same_rollout_state(listed, service):  # another manager's update, say: never write on it
+                log.info("Service %s changed since the failure of %s was seen there; the record is left for the "
+                         "next pass", service_label(service), digest)
                 return None
             return with_label(service["Spec"], FAILED_LABEL, record), running_image(service)
 
@@ -3112,6 +3250,9 @@ class Rollouts:
             try:
                 service = self.docker.service(rollout.service_id)
                 state = rollout_state(service, rollout.image, rollout.force_update)
+                if state == "superseded" and not rollout.rollback and lost_sight_of_rollback(
+                        service, rollout.image, rollout.replaced, lambda: self.docker.tasks(rollout.service_id)):
+                    state = "rollback_completed"
             except DockerError as e:
                 service, state = None, "removed" if e.status == 404 else None
                 if state is None:
@@ -3262,7 +3403,8 @@ class AuthKeeper:
     the spec becomes PreviousSpec and the UpdateStatus of the last real rollout is replaced, and tasks
     not yet READY are replaced; so it skips jobs, services mid-update or followed by us, and services
     with a task starting on a node (one on no node yet costs nothing to replace, and needs the auth).
-    At most one pass per interval, also across restarts ($STATE_DIRECTORY)."""
+    A service Swarm rolled back gets its failure record in the same re-post (recorded). At most one pass
+    per interval, also across restarts ($STATE_DIRECTORY)."""
 
     def __init__(self, deployer: Deployer, interval: float, state_directory: str | None):
         self.deployer, self.interval = deployer, interval
@@ -3317,7 +3459,10 @@ class AuthKeeper:
         self.state["attempt_at"] = now
         self.save()  # before anything can fail: a Docker outage is retried after retry_after, not at once
         deployer.ecr.new_cycle(fresh_tokens=True)  # a full lifetime for every token handed to Swarm
-        services, starting = deployer.docker.services(), services_with_starting_tasks(deployer.docker.tasks())
+        services, tasks = deployer.docker.services(), deployer.docker.tasks()
+        starting, tasks_of = services_with_starting_tasks(tasks), defaultdict(list)
+        for task in tasks:
+            tasks_of[task.get("ServiceID")].append(task)
         if only is None:
             self.state["passed_at"] = now
         followed = deployer.rollouts.following()
@@ -3331,7 +3476,7 @@ class AuthKeeper:
                 log.info("Service %s has tasks starting on a node, which a re-post would replace; its "
                          "registry auth is refreshed next time", service_label(service))
             else:
-                return service["Spec"], running_image(service)
+                return self.recorded(service, tasks_of[service["ID"]]), running_image(service)
             skipped.append(service["ID"])
             return None
 
@@ -3352,6 +3497,21 @@ class AuthKeeper:
                  " (retrying those that failed)" if only is not None else "",
                  f"; {len(skipped)} skipped" if skipped else "", f"; {len(failed)} failed" if failed else "")
         return not failed
+
+    def recorded(self, service: dict, tasks: list[dict]) -> dict:
+        """The spec to re-post: the service's own, with the failure record of a digest Swarm rolled it back
+        from added if none is written yet. The re-post resets UpdateStatus, which with the task history
+        (pruned in time) is all Swarm keeps of its rollback: without the record, the next pass would roll
+        the failed digest again."""
+        digest = swarm_rolled_back(service, tasks)
+        if digest is None or failed_digest(service) == digest:
+            return service["Spec"]
+        status = service["UpdateStatus"]
+        record = failure_record(digest, status["State"], self.deployer.rollouts.node_name(), time.time(),
+                                status.get("Message", ""))
+        log.info("Recording on service %s before refreshing its registry auth: %s=%s", service_label(service),
+                 FAILED_LABEL, record)
+        return with_label(service["Spec"], FAILED_LABEL, record)
 
 
 # --------------------------------------------------------------------------- the reconcile pass

@@ -4671,6 +4671,195 @@ def status(env, *args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, DEPLOYER, "--status", *args], env=env, capture_output=True, text=True,
                           timeout=60)
 
+def running_since(swarm, sid, image) -> datetime.datetime:
+    """When the last of the service's tasks running `image` started (Swarm's task history)."""
+    return max(ed.parse_swarm_time(t["Status"]["Timestamp"]) for t in swarm.tasks(sid)
+               if t["DesiredState"] == "running" and t["Status"]["State"] == "running"
+               and t["Spec"]["ContainerSpec"]["Image"] == image)
+
+
+def test_a_soak_outlives_a_scale_a_label_and_the_keepers_repost(aws, images, clean_swarm, tmp_path):
+    """Every update but a rollback resets UpdateStatus (swarmkit controlapi UpdateService) and one that
+    replaces no task starts none: an operator's `docker service scale` or `--label-add`, or the auth keeper
+    of any manager, during a soak. The wave and the promotion then go on from what Swarm's tasks say."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    cli = tmp_path / "cli"
+    repo = images.new_repository()
+    v1 = images.push(repo, "latest", "v1")
+    old = f"{registry.host}/{repo}:latest@{v1}"
+    leaders, followers = {}, {}
+    for how in ("scaled", "labelled", "reposted"):
+        labels = {"keeper": "yes", ed.PROMOTE_LABEL: "prod", ed.SOAK_LABEL: "6s"} if how == "reposted" else {}
+        leaders[how] = swarm.create_service(f"soak-{how}", old, registry=registry, update_config=FAST_MONITOR,
+                                            labels=labels)
+        followers[how] = swarm.create_service(f"soak-{how}-next", old, registry=registry, replicas=0,
+                                              labels={ed.AFTER_LABEL: f"soak-{how}", ed.SOAK_LABEL: "6s"})
+    for sid in leaders.values():
+        swarm.wait_running(sid, old)
+    v2 = images.push(repo, "latest", "v2")
+    new = f"{registry.host}/{repo}:latest@{v2}"
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    env = deployer_env(aws, swarm)
+    rolled = run_once(env, "--queue", queue, "--wait")
+    assert rolled.returncode == 0, rolled.stderr
+    assert all(service_image_of(swarm, sid)[0] == old for sid in followers.values())
+    soak_began = max(running_since(swarm, sid, new) for sid in leaders.values())
+
+    docker_cli(swarm, cli, "service", "scale", "--detach", "soak-scaled=2")  # mid-soak, as operators do
+    docker_cli(swarm, cli, "service", "update", "--detach", "--label-add", "team=web", "soak-labelled")
+    keeper = subprocess.run([sys.executable, DEPLOYER, "--refresh-auth", "--filter-label", "keeper=yes"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert keeper.returncode == 0 and "Refreshed registry auth of 1 service(s)" in keeper.stderr, keeper.stderr
+    swarm.wait_running(leaders["scaled"], new, replicas=2)
+    for sid in leaders.values():
+        assert swarm.service(sid).get("UpdateStatus") is None  # what Swarm said of the rollout is gone
+
+    wait_for(lambda: datetime.datetime.now(datetime.timezone.utc) > soak_began + datetime.timedelta(seconds=7), 30)
+    soaked = subprocess.run([sys.executable, DEPLOYER, "--reconcile"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert soaked.returncode == 0, soaked.stderr
+    for how, sid in followers.items():
+        assert f"Updated service soak-{how}-next ({sid[:12]}) to {new}" in soaked.stderr, soaked.stderr
+    assert f"Promoted {registry.host}/{repo}:prod@{v2}" in soaked.stderr
+
+
+def test_a_service_created_at_a_digest_soaks_from_its_tasks_and_a_crash_looping_one_is_never_promoted(
+        aws, images, clean_swarm):
+    """A service created at a digest has no UpdateStatus at all: healthy, it soaks and promotes; crash-looping
+    (its command exits 1 at once), it never completes, however often a pass looks."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    env = deployer_env(aws, swarm)
+    healthy_repo, crashing_repo = images.new_repository(), images.new_repository()
+    good = images.push(healthy_repo, "latest", "v1")
+    before = images.push(crashing_repo, "latest", "v1")
+    broken = images.push(crashing_repo, "latest", "v2-broken", cmd=BROKEN_CMD)
+    healthy = swarm.create_service("made-healthy", f"{registry.host}/{healthy_repo}:latest@{good}", registry=registry,
+                                   update_config=FAST_MONITOR, labels={ed.PROMOTE_LABEL: "prod", ed.SOAK_LABEL: "3s"})
+    crashing = swarm.create_service("made-crashing", f"{registry.host}/{crashing_repo}:latest@{broken}",
+                                    registry=registry, update_config=FAST_MONITOR, labels={ed.PROMOTE_LABEL: "prod"})
+    next_one = swarm.create_service("made-crashing-next", f"{registry.host}/{crashing_repo}:latest@{before}",
+                                    registry=registry, replicas=0, labels={ed.AFTER_LABEL: "made-crashing"})
+    swarm.wait_running(healthy, f"{registry.host}/{healthy_repo}:latest@{good}")
+    wait_for(lambda: ed.tried_and_failed(swarm.tasks(crashing), broken), 60,
+             what=lambda: swarm.task_states(crashing))
+    logs = ""
+    for _ in range(4):
+        passed = subprocess.run([sys.executable, DEPLOYER, "--reconcile"], env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert passed.returncode == 0, passed.stderr
+        logs += passed.stderr
+        time.sleep(1.5)
+    assert f"Promoted {registry.host}/{crashing_repo}" not in logs
+    assert f"Promoted {registry.host}/{healthy_repo}:prod@{good}" in logs
+    assert service_image_of(swarm, next_one)[0].endswith(before) and "Updated service made-crashing-next" not in logs
+    ecr = aws.client("ecr", registry.region)
+    assert "prod" not in {tag for image in ecr.describe_images(repositoryName=crashing_repo)["imageDetails"]
+                          for tag in image.get("imageTags", [])}
+    rows = {r["service"]: r for r in json.loads(status(env, "--json").stdout)}
+    assert "not promoted to :prod: its rollout of the tag's digest has not completed" in \
+        rows["made-crashing"]["promotion"], rows["made-crashing"]
+    assert rows["made-crashing-next"]["state"] == "waiting", rows["made-crashing-next"]
+
+
+def test_swarms_rollback_is_remembered_across_a_keeper_pass_from_cron_and_the_next_once_run(aws, images,
+                                                                                            clean_swarm):
+    """cron: `--once` without --wait rolls a build whose command fails; Swarm (FailureAction=rollback) rolls it
+    back with nobody watching; `--refresh-auth` from another cron line runs before the next `--once`. The
+    keeper's re-post would erase the only trace of the rollback (UpdateStatus), so it records it first."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = images.push(repo, "latest", "v1")
+    broken = images.push(repo, "latest", "v2-broken", cmd=BROKEN_CMD)
+    old, new = f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{broken}"
+    sid = swarm.create_service("cron-rb", old, registry=registry, update_config={**FAST_MONITOR, "FailureAction": "rollback"})
+    swarm.wait_running(sid, old)
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=broken))
+    env = deployer_env(aws, swarm)
+    first = run_once(env, "--queue", queue)
+    assert first.returncode == 0 and f"Updated service cron-rb ({sid[:12]}) to {new}" in first.stderr, first.stderr
+    wait_for(lambda: (swarm.service(sid).get("UpdateStatus") or {}).get("State") == "rollback_completed", 90,
+             what=lambda: swarm.service(sid).get("UpdateStatus"))
+    swarm.wait_running(sid, old)
+    tasks_before = running_task_ids(swarm, sid)
+
+    keeper = subprocess.run([sys.executable, DEPLOYER, "--refresh-auth"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert keeper.returncode == 0, keeper.stderr
+    assert f"Recording on service cron-rb ({sid[:12]}) before refreshing its registry auth: " \
+           f"{ed.FAILED_LABEL}={broken} rolled back at " in keeper.stderr, keeper.stderr
+    assert swarm.service(sid).get("UpdateStatus") is None  # the re-post erased Swarm's word: the label remains
+    assert labels_of(swarm, sid)[ed.FAILED_LABEL].startswith(f"{broken} rolled back at ")
+
+    second = run_once(env, "--queue", aws.new_queue())  # the next cron run: its reconcile pass finds it behind
+    assert second.returncode == 0, second.stderr
+    assert updated_lines(second.stderr) == [], second.stderr
+    assert f"Service cron-rb ({sid[:12]}) holds back {broken}" in second.stderr
+    assert service_image_of(swarm, sid)[0] == old and running_task_ids(swarm, sid) == tasks_before
+
+
+def test_a_follower_that_loses_sight_of_swarms_rollback_reports_it_rolled_back(aws, images, clean_swarm, caplog):
+    """Our rollout, rolled back by Swarm; before this deployer looks again, another manager's keeper
+    re-posts the service (with the failure record): UpdateStatus no longer says "rolled back"."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = images.push(repo, "latest", "v1")
+    broken = images.push(repo, "latest", "v2-broken", cmd=BROKEN_CMD)
+    old, new = f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{broken}"
+    sid = swarm.create_service("lost-rb", old, registry=registry, update_config={**FAST_MONITOR, "FailureAction": "rollback"})
+    swarm.wait_running(sid, old)
+    ecr = ed.Ecr(ed.aws_session())
+    ecr._clients = {registry.region: aws.client("ecr", registry.region)}
+    deployer = ed.Deployer(None, ecr, ed.Docker(swarm.docker_host), None, follow_rollouts=True)
+    deployer.docker.negotiate()
+    push = ed.Push(registry.account, registry.region, repo, "latest", broken)
+    assert deployer.pin_service(swarm.service(sid), push, broken, ed.CycleResult())
+    wait_for(lambda: (swarm.service(sid).get("UpdateStatus") or {}).get("State") == "rollback_completed", 90,
+             what=lambda: swarm.service(sid).get("UpdateStatus"))
+    keeper = subprocess.run([sys.executable, DEPLOYER, "--refresh-auth"], env=deployer_env(aws, swarm),
+                            capture_output=True, text=True, timeout=60)
+    assert keeper.returncode == 0 and "Recording on service lost-rb" in keeper.stderr, keeper.stderr
+    with caplog.at_level("INFO", logger="ecr-deploy"):
+        deployer.rollouts.check()
+    assert deployer.rollouts.outcomes == ["rollback_completed"], caplog.text
+    assert f"Rollout of lost-rb ({sid[:12]}) to {new} rolled back after" in caplog.text
+    assert "superseded" not in caplog.text
+
+
+def test_a_failure_record_never_lands_on_another_managers_rollout(aws, images, clean_swarm, caplog):
+    """Swarm rolled a build back; as this deployer writes its record, another manager posts the next push
+    (v3). The write, refused as out of sequence, must not be retried on v3's spec: as Swarm's PreviousSpec
+    the label-only spec would make v3 what a rollback of v3 restores (and it would resume a paused one)."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = images.push(repo, "latest", "v1")
+    broken = images.push(repo, "latest", "v2-broken", cmd=BROKEN_CMD)
+    v3 = images.push(repo, "latest", "v3")
+    old = f"{registry.host}/{repo}:latest@{v1}"
+    sid = swarm.create_service("race-rb", old, registry=registry, update_config={**FAST_MONITOR, "FailureAction": "rollback"})
+    swarm.wait_running(sid, old)
+    auth = {"X-Registry-Auth": ed.registry_auth_header("AWS", registry.password, registry.host)}
+    spec = swarm.service(sid)
+    swarm.post(f"/services/{sid}/update", params={"version": spec["Version"]["Index"]},
+               json=ed.updated_spec(spec["Spec"], f"{registry.host}/{repo}:latest@{broken}"), headers=auth)
+    wait_for(lambda: (swarm.service(sid).get("UpdateStatus") or {}).get("State") == "rollback_completed", 90,
+             what=lambda: swarm.service(sid).get("UpdateStatus"))
+    listed = swarm.service(sid)  # what this deployer's pass listed; then the other manager posts v3
+    swarm.post(f"/services/{sid}/update", params={"version": listed["Version"]["Index"]},
+               json=ed.updated_spec(listed["Spec"], f"{registry.host}/{repo}:latest@{v3}"), headers=auth)
+    deployer = ed.Deployer(None, ed.Ecr(ed.aws_session()), ed.Docker(swarm.docker_host), None)
+    deployer.docker.negotiate()
+    push = ed.Push(registry.account, registry.region, repo, "latest", broken, reconcile=True)
+    with caplog.at_level("INFO", logger="ecr-deploy"):
+        assert deployer.held_back(listed, push, broken)
+    now = swarm.service(sid)
+    assert ed.FAILED_LABEL not in (now["Spec"].get("Labels") or {}), now["Spec"]["Labels"]
+    assert now["PreviousSpec"]["TaskTemplate"]["ContainerSpec"]["Image"] == old  # a rollback of v3 restores v1
+    assert f"Service race-rb ({sid[:12]}) changed since the failure of {broken} was seen there; the record is " \
+           f"left for the next pass" in caplog.text
+
+
 
 def test_status_shows_each_state_and_its_exit_code_tells_monitoring(aws, images, clean_swarm, tmp_path):
     swarm, registry = clean_swarm, REGISTRIES[0]
@@ -4791,16 +4980,16 @@ DONE_AT = datetime.datetime(2026, 12, 7, 7, 50, tzinfo=UTC)
     ({ed.MIN_AGE_LABEL: "10m"}, {}, 60.0, [], None, ("wait", NOW_EPOCH + 540)),
     ({ed.MIN_AGE_LABEL: "10m"}, {}, 600.0, [], None, ("deploy", None)),
     ({ed.MIN_AGE_LABEL: "10m"}, {}, None, [], None, ("wait", None)),  # no ECR push time: never by our clock
-    ({ed.AFTER_LABEL: "web"}, {}, None, [ed.Leader("web", False, "completed", None, None)], None, ("wait", None)),
-    ({ed.AFTER_LABEL: "web"}, {}, None, [ed.Leader("web", True, "updating", None, None)], None, ("wait", None)),
-    ({ed.AFTER_LABEL: "web"}, {}, None, [ed.Leader("web", True, "completed", DONE_AT, None)], MONDAY_0759,
+    ({ed.AFTER_LABEL: "web"}, {}, None, [ed.Leader("web", False, None, None, None)], None, ("wait", None)),
+    ({ed.AFTER_LABEL: "web"}, {}, None, [ed.Leader("web", True, "its rollout is updating", None, None)], None, ("wait", None)),
+    ({ed.AFTER_LABEL: "web"}, {}, None, [ed.Leader("web", True, None, DONE_AT, None)], MONDAY_0759,
      ("deploy", None)),
     ({ed.AFTER_LABEL: "web", ed.SOAK_LABEL: "15m"}, {}, None,
-     [ed.Leader("web", True, "completed", DONE_AT, None)], MONDAY_0759, ("wait", NOW_EPOCH + 310)),
+     [ed.Leader("web", True, None, DONE_AT, None)], MONDAY_0759, ("wait", NOW_EPOCH + 310)),
     ({ed.AFTER_LABEL: "web", ed.SOAK_LABEL: "5m"}, {}, None,
-     [ed.Leader("web", True, "completed", DONE_AT, None)], MONDAY_0759, ("deploy", None)),
-    ({ed.AFTER_LABEL: "web,api"}, {}, None, [ed.Leader("web", True, "completed", DONE_AT, None),
-                                              ed.Leader("api", False, "paused", None, "paused at ...")], MONDAY_0759,
+     [ed.Leader("web", True, None, DONE_AT, None)], MONDAY_0759, ("deploy", None)),
+    ({ed.AFTER_LABEL: "web,api"}, {}, None, [ed.Leader("web", True, None, DONE_AT, None),
+                                              ed.Leader("api", False, None, None, "paused at ...")], MONDAY_0759,
      ("held", None)),
 ])
 def test_release_policy(labels, defaults, age, leaders, swarm_now, expected):
@@ -4825,7 +5014,7 @@ def test_a_wave_says_when_its_leader_is_missing_or_paused():
     assert missing.reason == "waits for wbe, which is no service of this swarm (a typo in ecr-deploy.after, or not " \
                              "created yet)"
     paused = ed.release_policy({ed.AFTER_LABEL: "web"}, {}, NOW_EPOCH, None,
-                               [ed.Leader("web", True, "paused", None, None)], None)
+                               [ed.Leader("web", True, "its rollout is paused" + ed.PAUSED_ROLLOUT, None, None)], None)
     assert paused.reason == "waits for web's rollout, which is paused: until someone resumes it or rolls it back"
 
 
@@ -4869,20 +5058,22 @@ def test_a_rollback_that_cannot_restore_is_reported_from_the_failed_build():
                            f"{DIGEST_A} web`")
 
 
-@pytest.mark.parametrize("labels,runs,state,failed,target,expected", [
-    ({ed.PROMOTE_LABEL: "prod"}, True, "completed", None, DIGEST_A, ("deploy", None)),
-    ({ed.PROMOTE_LABEL: "prod", ed.SOAK_LABEL: "15m"}, True, "completed", None, DIGEST_A, ("wait", NOW_EPOCH + 310)),
-    ({ed.PROMOTE_LABEL: "prod"}, True, "completed", None, DIGEST_B, ("held", None)),  # already there
-    ({ed.PROMOTE_LABEL: "prod"}, True, "paused", None, DIGEST_A, ("held", None)),  # failed
-    ({ed.PROMOTE_LABEL: "prod"}, True, "updating", None, DIGEST_A, ("held", None)),  # not yet
-    ({ed.PROMOTE_LABEL: "prod"}, False, "completed", None, DIGEST_A, ("held", None)),  # superseded, blocked
-    ({ed.PROMOTE_LABEL: "prod"}, True, "completed", "rolled back ...", DIGEST_A, ("held", None)),
-    ({ed.PROMOTE_LABEL: "prod"}, True, "completed", None, None, ("deploy", None)),  # TAG not in ECR yet
-    ({ed.PROMOTE_LABEL: "prod\n"}, True, "completed", None, DIGEST_A, ("deploy", None)),  # (stripped)
-    ({ed.PROMOTE_LABEL: "../x"}, True, "completed", None, DIGEST_A, ("held", None)),  # not a tag
+@pytest.mark.parametrize("labels,runs,pending,failed,target,expected", [
+    ({ed.PROMOTE_LABEL: "prod"}, True, None, None, DIGEST_A, ("deploy", None)),
+    ({ed.PROMOTE_LABEL: "prod", ed.SOAK_LABEL: "15m"}, True, None, None, DIGEST_A, ("wait", NOW_EPOCH + 310)),
+    ({ed.PROMOTE_LABEL: "prod"}, True, None, None, DIGEST_B, ("held", None)),  # already there
+    ({ed.PROMOTE_LABEL: "prod"}, True, "its rollout is paused" + ed.PAUSED_ROLLOUT, None, DIGEST_A, ("held", None)),  # failed
+    ({ed.PROMOTE_LABEL: "prod"}, True, "its rollout is updating", None, DIGEST_A, ("held", None)),  # not yet
+    ({ed.PROMOTE_LABEL: "prod"}, True, "1 of its 1 task(s) of this digest not running", None, DIGEST_A,
+     ("held", None)),  # crash-looping
+    ({ed.PROMOTE_LABEL: "prod"}, False, None, None, DIGEST_A, ("held", None)),  # superseded, blocked
+    ({ed.PROMOTE_LABEL: "prod"}, True, None, "rolled back ...", DIGEST_A, ("held", None)),
+    ({ed.PROMOTE_LABEL: "prod"}, True, None, None, None, ("deploy", None)),  # TAG not in ECR yet
+    ({ed.PROMOTE_LABEL: "prod\n"}, True, None, None, DIGEST_A, ("deploy", None)),  # (stripped)
+    ({ed.PROMOTE_LABEL: "../x"}, True, None, None, DIGEST_A, ("held", None)),  # not a tag
 ])
-def test_promotion(labels, runs, state, failed, target, expected):
-    release = ed.promotion(labels, runs, state, DONE_AT, failed, target, DIGEST_B, MONDAY_0759, NOW_EPOCH)
+def test_promotion(labels, runs, pending, failed, target, expected):
+    release = ed.promotion(labels, runs, pending, DONE_AT, failed, target, DIGEST_B, MONDAY_0759, NOW_EPOCH)
     assert (release.decision, release.until) == expected, release
 
 
@@ -4910,13 +5101,82 @@ def test_answer_dates_are_aware(date, expected):
     assert ed.TagAnswer(DIGEST_A, ed.in_utc(pushed), answered).age == (5.0 if answered else None)
 
 
-def test_soak_starts_at_completion_or_at_the_last_failed_task_of_the_digest():
-    svc = {"UpdateStatus": {"State": "completed", "CompletedAt": "2026-12-07T07:50:00.5Z"}}
-    task = {"Spec": {"ContainerSpec": {"Image": f"{HOST}/team/web:latest@{DIGEST_B}"}},
-            "Status": {"State": "failed", "Timestamp": "2026-12-07T07:55:00.1Z"}}
-    assert ed.soak_start(svc, [], DIGEST_B) == datetime.datetime(2026, 12, 7, 7, 50, 0, 500000, tzinfo=UTC)
-    assert ed.soak_start(svc, [task], DIGEST_B) == datetime.datetime(2026, 12, 7, 7, 55, 0, 100000, tzinfo=UTC)
-    assert ed.soak_start(svc, [task], DIGEST_A) == datetime.datetime(2026, 12, 7, 7, 50, 0, 500000, tzinfo=UTC)
+def swarm_task(digest, desired, state, at, slot=1, image=None):
+    """A task as GET /tasks shows it: what it runs, what Swarm wants of it, what it is and since when."""
+    return {"Spec": {"ContainerSpec": {"Image": image or f"{HOST}/team/web:latest@{digest}"}}, "Slot": slot,
+            "DesiredState": desired, "Status": {"State": state, "Timestamp": f"2026-12-07T07:{at}Z"}}
+
+
+RUNS_B = {"Spec": {"TaskTemplate": {"ContainerSpec": {"Image": f"{HOST}/team/web:latest@{DIGEST_B}"}},
+                   "Mode": {"Replicated": {"Replicas": 2}}, "UpdateConfig": {"Monitor": 5_000_000_000}}}
+ROLLED = [swarm_task(DIGEST_A, "shutdown", "shutdown", "50:00.5", 1), swarm_task(DIGEST_B, "running", "running", "50:02", 1),
+          swarm_task(DIGEST_A, "shutdown", "shutdown", "50:03", 2), swarm_task(DIGEST_B, "running", "running", "50:05", 2)]
+
+
+def at(text: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(f"2026-12-07T07:{text}+00:00")
+
+
+@pytest.mark.parametrize("service,tasks,pending,since", [
+    (RUNS_B, ROLLED, None, at("50:05")),  # stop-first: the last old task stopped, then the new one started
+    ({**RUNS_B, "UpdateStatus": {"State": "completed"}}, ROLLED, None, at("50:05")),
+    (RUNS_B, [swarm_task(DIGEST_B, "running", "running", "50:01", 1), swarm_task(DIGEST_A, "shutdown", "shutdown", "50:02", 1),
+              swarm_task(DIGEST_B, "running", "running", "50:03", 2), swarm_task(DIGEST_A, "shutdown", "shutdown", "50:04", 2)],
+     None, at("50:04")),  # start-first: the new ones ran first; the soak starts when the old ones are gone
+    (RUNS_B, [swarm_task(DIGEST_B, "running", "running", "50:00", 1), swarm_task(DIGEST_B, "running", "running", "50:01", 2)],
+     None, at("50:00")),  # created at the digest (nothing in UpdateStatus)
+    ({**RUNS_B, "Spec": {**RUNS_B["Spec"], "Mode": {"Replicated": {"Replicas": 3}}}},
+     ROLLED + [swarm_task(DIGEST_B, "running", "running", "55:00", 3)], None, at("50:05")),  # scaled up: same soak
+    (RUNS_B, ROLLED + [swarm_task(DIGEST_B, "shutdown", "failed", "52:00", 1)], None, at("52:00")),  # a failure restarts it
+    (RUNS_B, ROLLED[:3] + [swarm_task(DIGEST_B, "running", "running", "59:58", 2)],
+     "its newest task of this digest has run for less than Swarm's monitor period (5s)", at("59:58")),
+    ({**RUNS_B, "UpdateStatus": {"State": "completed", "CompletedAt": "2026-12-07T07:59:59Z"}},  # Swarm watched it
+     ROLLED[:3] + [swarm_task(DIGEST_B, "running", "running", "59:54", 2)], None, at("59:54")),
+    ({**RUNS_B, "UpdateStatus": {"State": "completed", "CompletedAt": "2026-12-07T07:50:07Z"}},  # restarted since
+     ROLLED + [swarm_task(DIGEST_B, "shutdown", "failed", "59:57", 2), swarm_task(DIGEST_B, "running", "running", "59:58", 2)],
+     "its newest task of this digest has run for less than Swarm's monitor period (5s)", at("59:57")),
+    ({**RUNS_B, "UpdateStatus": {"State": "updating"}}, ROLLED, "its rollout is updating", None),
+    ({**RUNS_B, "UpdateStatus": {"State": "paused"}}, ROLLED, "its rollout is paused" + ed.PAUSED_ROLLOUT, None),
+    (RUNS_B, ROLLED[:3] + [swarm_task(DIGEST_A, "running", "running", "50:00", 2)],
+     "1 of its 2 task(s) run another image", None),
+    (RUNS_B, ROLLED[:2] + [swarm_task(DIGEST_B, "shutdown", "failed", "59:00", 2),
+                           swarm_task(DIGEST_B, "running", "starting", "59:01", 2)],
+     "1 of its 2 task(s) of this digest not running (starting)", None),  # crash-looping
+    (RUNS_B, ROLLED[:2], "1 of its 2 replicas run", None),  # Swarm gave up restarting one
+    ({**RUNS_B, "Spec": {**RUNS_B["Spec"], "Mode": {"Replicated": {"Replicas": 0}}}}, ROLLED[:1],
+     "it runs no task (scaled to 0?): nothing has run this digest", None),
+    ({**RUNS_B, "Spec": {**RUNS_B["Spec"], "Mode": {"Global": {}}}}, ROLLED, None, at("50:05")),
+    ({**RUNS_B, "Spec": {**RUNS_B["Spec"], "Mode": {"ReplicatedJob": {}}}},
+     [swarm_task(DIGEST_B, "complete", "complete", "51:00")], None, at("51:00")),
+    ({**RUNS_B, "Spec": {**RUNS_B["Spec"], "Mode": {"ReplicatedJob": {}}}},
+     [swarm_task(DIGEST_B, "complete", "running", "51:00")], "its job has not completed on this digest", None),
+])
+def test_completed_and_soaked_are_read_from_swarms_tasks(service, tasks, pending, since):
+    assert ed.rollout_of(service, tasks, DIGEST_B, at("59:59"))[:2] == (pending, since)
+
+
+def test_swarm_rolled_back_names_the_digest_it_left():
+    auto = {**RUNS_B, "Spec": {"TaskTemplate": {"ContainerSpec": {"Image": f"{HOST}/team/web:latest@{DIGEST_A}"}}},
+            "UpdateStatus": {"State": "rollback_completed"}}
+    tasks = [swarm_task(DIGEST_B, "shutdown", "failed", "50:01"), swarm_task(DIGEST_A, "running", "running", "50:03")]
+    assert ed.swarm_rolled_back(auto, tasks) == DIGEST_B  # Swarm's own: only the task history tells
+    assert ed.swarm_rolled_back(auto, tasks[1:]) is None  # pruned
+    manual = {**auto, "PreviousSpec": RUNS_B["Spec"]}
+    assert ed.swarm_rolled_back(manual, tasks[1:]) == DIGEST_B  # `docker service rollback` keeps PreviousSpec
+    assert ed.swarm_rolled_back({**auto, "UpdateStatus": None}, tasks) is None
+
+
+def test_a_follower_that_lost_sight_of_swarms_rollback_says_rolled_back():
+    ours, old = f"{HOST}/team/web:latest@{DIGEST_B}", f"{HOST}/team/web:latest@{DIGEST_A}"
+    replaced = {"TaskTemplate": {"ContainerSpec": {"Image": old}}}
+    back = {"Spec": {**replaced, "Labels": {}}}
+    failed = [swarm_task(DIGEST_B, "shutdown", "failed", "50:01")]
+    assert ed.lost_sight_of_rollback(back, ours, replaced, lambda: failed)
+    assert ed.lost_sight_of_rollback({"Spec": {**replaced, "Labels": {ed.FAILED_LABEL: f"{DIGEST_B} rolled back"}}},
+                                     ours, replaced, lambda: [])
+    assert not ed.lost_sight_of_rollback(back, ours, replaced, lambda: [])  # an operator's change back: superseded
+    assert not ed.lost_sight_of_rollback({"Spec": {"TaskTemplate": {"ContainerSpec": {"Image": "x@" + DIGEST_A}}}},
+                                         ours, replaced, lambda: failed)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -5040,7 +5300,7 @@ def test_a_wave_follows_its_leader_after_the_soak_and_never_takes_a_failed_diges
     queue = aws.new_queue()
     aws.send(queue, event(repository=repo, digest=v2))
     env = deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1")
-    args = ("--queue", queue, "--auth-refresh", "0")
+    args = ("--queue", queue, "--auth-refresh", "2s")  # the keeper re-posts every service
     first = Running(env, *args)
     try:
         first.wait_line(f"Rollout of wave-web ({web[:12]}) to {new} completed", timeout=60)
@@ -5054,7 +5314,7 @@ def test_a_wave_follows_its_leader_after_the_soak_and_never_takes_a_failed_diges
         second.wait_line(f"Updated service wave-api ({api[:12]}) to {new}", timeout=30)
     finally:
         assert second.stop() == 0
-    completed = ed.parse_swarm_time(swarm.service(web)["UpdateStatus"]["CompletedAt"])
+    completed = running_since(swarm, web, new)  # (the keeper's re-posts reset UpdateStatus)
     update = next(line for line in second.log.splitlines() if "Updated service wave-api" in line)
     assert (logged_at(update) - completed).total_seconds() >= 5 - 1  # (Swarm's clock and ours, on one machine)
     assert len([line for line in updated_lines(first.log + second.log) if "wave-api" in line]) == 1
@@ -5136,7 +5396,7 @@ def test_promotion_tags_a_soaked_digest_once_for_production_and_never_a_failed_o
     manifest = ecr.batch_get_image(repositoryName=repo, imageIds=[{"imageDigest": v1}])["images"][0]["imageManifest"]
     ecr.put_image(repositoryName=repo, imageManifest=manifest, imageTag="prod", imageDigest=v1)  # :prod at v1
     stage = swarm.create_service("stage", f"{registry.host}/{repo}:latest@{v1}", registry=registry,
-                                 update_config=FAST_MONITOR, labels={ed.PROMOTE_LABEL: "prod", ed.SOAK_LABEL: "3s"})
+                                 update_config=FAST_MONITOR, labels={ed.PROMOTE_LABEL: "prod", ed.SOAK_LABEL: "5s"})
     prod = swarm.create_service("prod", f"{registry.host}/{repo}:prod@{v1}", registry=registry, replicas=0)
     swarm.wait_running(stage, f"{registry.host}/{repo}:latest@{v1}")
     v2 = images.push(repo, "latest", "v2")
@@ -5145,11 +5405,11 @@ def test_promotion_tags_a_soaked_digest_once_for_production_and_never_a_failed_o
     summary = tmp_path / "summary.json"
     env = deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1", DEPLOYER_NOTIFY_URL=webhook.url,
                        DEPLOYER_SUMMARY_FILE=str(summary))
-    args = ("--queue", queue, "--auth-refresh", "0", "--reconcile-every", "2s")
+    args = ("--queue", queue, "--auth-refresh", "2s", "--reconcile-every", "2s")  # the keeper re-posts it
     first = Running(env, *args)
     try:
         first.wait_line(f"Service stage ({stage[:12]}) will promote {registry.host}/{repo}:prod@{v2}: promotes to "
-                        f":prod after soaking 3s: in ", timeout=60)
+                        f":prod after soaking 5s: in ", timeout=60)
     finally:
         assert first.stop() == 0  # a restart during the soak
     assert "Promoted" not in first.log
@@ -5161,7 +5421,7 @@ def test_promotion_tags_a_soaked_digest_once_for_production_and_never_a_failed_o
         assert second.stop() == 0
     prod_now = ecr.describe_images(repositoryName=repo, imageIds=[{"imageTag": "prod"}])["imageDetails"][0]
     assert prod_now["imageDigest"] == v2 and sorted(prod_now["imageTags"]) == ["latest", "prod"]
-    assert "soaked 3s" in second.log
+    assert "soaked 5s" in second.log
     assert json.loads(summary.read_text())["rollouts"]["promoted"] == 1
     assert [d["outcome"] for d in webhook.received if d["outcome"] == "promoted"] == ["promoted"]
     again = subprocess.run([sys.executable, DEPLOYER, "--reconcile"], env=env, capture_output=True, text=True,
