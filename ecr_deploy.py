@@ -1161,11 +1161,16 @@ class Event(NamedTuple):
     route: tuple[str, ...] = ()
 
     @property
-    def headline(self) -> str:
-        """Service, image, tag -> digest, why: in one short line, first (phones show only that)."""
+    def line(self) -> str:
+        """Service, image, tag -> digest, why."""
         name, _, digest = self.image.rpartition("@")
         what = f"{name.rpartition('/')[2] if '/' in name else name} → {digest[:19]}" if digest else name
-        line = " ".join(filter(None, [f"{self.service}:" if self.service else "", what, self.why]))
+        return " ".join(filter(None, [f"{self.service}:" if self.service else "", what, self.why]))
+
+    @property
+    def headline(self) -> str:
+        """The line, short: first in every message (phones show only that)."""
+        line = self.line
         return line if len(line) <= HEADLINE_MAX else line[:HEADLINE_MAX - 1] + "…"
 
 
@@ -1173,6 +1178,9 @@ def event_of(document: dict, labels: dict | None) -> Event:
     """The Event of a rollout outcome's JSON document (see notification): why is what the log line says."""
     head, _, why = document["text"].partition(f" to {document['image']} ")
     rollback = head.endswith(f"rollback of {document['service']}")
+    if document["message"]:  # the task's own error first: Swarm's "update paused due to failure ..." says less
+        said = sorted(document["message"].split("; "), key=lambda part: not part.startswith("task error: "))
+        why = why.removesuffix(document["message"]) + "; ".join(said)
     return Event(OUTCOME_CLASSES[document["outcome"]], document["service"], document["image"],
                  f"{'rollback ' if rollback else ''}{why or document['outcome']}", route=notify_route(labels))
 
@@ -1252,7 +1260,7 @@ def message_of(events: list[Event], node: str) -> tuple[str, str, str]:
     kinds = [e.kind for e in events]
     if len(events) == 1:
         event = events[0]
-        title, body = event.headline, "\n".join(filter(None, [event.headline, event.details, f"ecr-deploy on {node}"]))
+        title, body = event.headline, "\n".join(filter(None, [event.line, event.details, f"ecr-deploy on {node}"]))
     else:
         counts = ", ".join(f"{kinds.count(kind)} {kind.replace('_', ' ')}" for kind in EVENT_CLASSES if kind in kinds)
         title = f"ecr-deploy on {node}: {counts}"

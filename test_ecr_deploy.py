@@ -5333,6 +5333,8 @@ def test_an_event_says_service_image_tag_digest_and_why_in_one_short_line():
         "rolled_back", "web", image, "rollback completed after 3.0s", route=("oncall", "team"))
     paused = ed.event_of(ed.notification("paused", "web", "id", image, 6.1, "mgr-1", "task error: x"), None)
     assert (paused.kind, paused.why, paused.route) == ("failed", "paused after 6.1s: task error: x", ())
+    swarm_said = ed.notification("paused", "web", "id", image, 6.1, "mgr-1", "update paused; task error: exit (1)")
+    assert ed.event_of(swarm_said, None).why == "paused after 6.1s: task error: exit (1); update paused"
 
 
 def test_a_target_hears_the_classes_it_asked_for_and_a_labelled_service_only_on_its_route():
@@ -5478,3 +5480,111 @@ def test_a_once_run_with_20_updates_sends_one_message_per_target_each_as_its_ser
     assert title.fullmatch(str(email.header.make_header(email.header.decode_header(message["Subject"]))))
     body = (message.get_payload(0) if message.is_multipart() else message).get_payload(decode=True).decode()
     assert line in body and body.count(" updated: pushed to ECR") == 20
+
+
+def test_a_failure_goes_to_the_target_its_service_routes_to_and_that_target_hears_only_what_it_asked_for(
+        aws, images, clean_swarm, chat, tmp_path):
+    from rig import chat as hosts
+    swarm = clean_swarm
+    sid, queue, old, new = failing_rollout(aws, images, swarm, "broken")
+    swarm.update(sid, lambda spec: spec["Labels"].update({ed.NOTIFY_LABEL: "slack"}))  # the on-call channel
+    repo, (v1, v2), good = service_on_new_repo(images, swarm, "quiet", replicas=0)
+    aws.send(queue, event(repository=repo, digest=v2))
+    targets = tmp_path / "targets"
+    targets.write_text(f"slack   failed,blocked,rolled_back  slack://T0RIG/B0RIG/{SECRET}\n"
+                       f"discord all                         discord://1234567890/{SECRET}\n")
+    run = run_once(deployer_env(aws, swarm, DEPLOYER_NOTIFY_FILE=str(targets), **chat.env), "--queue", queue, "--wait")
+    assert run.returncode == 1, run.stderr  # the broken rollout paused
+    assert f"Rollout of broken ({sid[:12]}) to {new} paused after" in run.stderr
+    # the on-call channel: the one failure, its headline first (a single event is its own title)
+    [slack] = chat.received(hosts.SLACK)
+    [attached] = slack.json()["attachments"]
+    broken = f"broken: {new.rpartition('/')[2].partition('@')[0]} → {new.rpartition('@')[2][:19]} paused after"
+    assert attached["title"].startswith(broken) and "non-zero exit (1)" in attached["title"], attached
+    assert attached["color"] in ("#A32037", "#a32037") or "danger" in json.dumps(attached)  # Apprise's failure colour
+    # the team channel: everything but the routed service's events, summed up in one message
+    [discord] = chat.received(hosts.DISCORD)
+    content = discord.json()["content"]
+    assert re.match(r"ecr-deploy on \S+: 1 updated, 1 completed\r?\n", content), content
+    assert "quiet: " in content and "broken" not in content
+
+
+class FlakyHook:
+    """A JSON endpoint (Apprise's json://) that first misbehaves as told, one request each ("hang": answers
+    nothing for a minute; "refuse": 503), then accepts; it records what it accepted."""
+
+    def __init__(self, *misbehaviour: str):
+        script, accepted = list(misbehaviour), []
+        self.accepted = accepted
+        self.requests = 0
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                hook.requests += 1
+                what = script.pop(0) if script else "accept"
+                if what == "hang":
+                    time.sleep(60)
+                    return
+                self.send_response(503 if what == "refuse" else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                if what == "accept":
+                    accepted.append(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, name: str) -> str:
+        return f"json://{name}:{SECRET}@127.0.0.1:{self.port}/hooks/{SECRET}?rto=3"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_hanging_or_refusing_target_never_delays_a_deploy_and_loses_no_message(aws, images, clean_swarm, tmp_path):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "steady", replicas=0)
+    hanging, refusing, dead = FlakyHook("hang"), FlakyHook("refuse", "refuse"), FlakyHook(*["hang"] * 50)
+    targets = tmp_path / "targets"
+    targets.write_text(f"hang   all  {hanging.url('hang')}\nrefuse all  {refusing.url('refuse')}\n"
+                       f"dead   all  {dead.url('dead')}\n")
+    queue = aws.new_queue()
+    env = deployer_env(aws, swarm, DEPLOYER_NOTIFY_FILE=str(targets), DEPLOYER_RECONCILE_EVERY="0")
+    running = Running(env, "--queue", queue, "--log-level", "DEBUG")
+    try:
+        running.wait_line("watching")
+        assert SECRET not in pathlib.Path(f"/proc/{running.proc.pid}/cmdline").read_text()  # a process listing
+        sent_at = time.monotonic()
+        aws.send(queue, event(repository=repo, digest=v2))
+        running.wait_line("Rollout of steady", timeout=60)
+        assert time.monotonic() - sent_at < 25  # a 20 s long poll, the 5 s a replica-less rollout takes, no more
+        new = f"{registry.host}/{repo}:latest@{v2}"
+        assert f"Rollout of steady ({sid[:12]}) to {new} completed" in running.log
+        # each flaky target gets both events once it answers (maybe as one message: what piled up goes together)
+        for hook in (hanging, refusing):
+            wait_for(lambda: sum(len(re.findall(r"steady: \S+ \S+ \S+ (updated|completed)", body["message"]))
+                                 for body in hook.accepted) == 2, 40, what=lambda: f"both events: {hook.accepted}")
+        assert re.search(r"Cannot notify hang \(json\): .*; \d event\(s\) kept for the next attempt", running.log)
+        assert "Cannot notify refuse (json): " in running.log
+        status = subprocess.run([sys.executable, DEPLOYER, "--status"], env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert status.returncode in (0, 4) and SECRET not in status.stdout + status.stderr
+        stop_at = time.monotonic()
+        running.proc.send_signal(signal.SIGTERM)
+        code = running.proc.wait(ed.NOTIFY_FLUSH + 15)
+        stopped_in = time.monotonic() - stop_at
+    finally:
+        running.kill()
+        for hook in (hanging, refusing, dead):
+            hook.close()
+    assert code == 0 and stopped_in < ed.NOTIFY_FLUSH + 5, running.log  # the dead target waited for, but bounded
+    assert re.search(r"Could not notify dead \(json\): [12] event\(s\) not sent within 15s", running.log)
+    assert SECRET not in running.log  # also at DEBUG, where Apprise logs whole URLs
