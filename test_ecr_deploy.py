@@ -5588,3 +5588,64 @@ def test_a_hanging_or_refusing_target_never_delays_a_deploy_and_loses_no_message
     assert code == 0 and stopped_in < ed.NOTIFY_FLUSH + 5, running.log  # the dead target waited for, but bounded
     assert re.search(r"Could not notify dead \(json\): [12] event\(s\) not sent within 15s", running.log)
     assert SECRET not in running.log  # also at DEBUG, where Apprise logs whole URLs
+
+
+def said(hook: FlakyHook) -> list[str]:
+    """Every event line a json:// target accepted (a message is one event or several, one per line)."""
+    return [line for body in hook.accepted for line in body["message"].splitlines() if not line.startswith("ecr-deploy on ")]
+
+
+def test_a_reconcile_pass_says_drift_once_and_a_wait_once_not_on_every_pass(aws, images, clean_swarm, tmp_path):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region = registry.account, registry.region
+    repo = images.new_repository()
+    v1, v2 = (aws.put_image(account, region, repo, "latest", v) for v in ("v1", "v2"))  # no event: only a pass sees v2
+    closed = (datetime.datetime.now(UTC) + datetime.timedelta(days=2)).strftime("%a") + " 00:00-00:01 UTC"
+    behind = swarm.create_service("drifted", f"{registry.host}/{repo}:latest@{v1}", replicas=0)
+    later = swarm.create_service("later", f"{registry.host}/{repo}:latest@{v1}", replicas=0,
+                                 labels={ed.WINDOW_LABEL: closed})
+    hook, waits = FlakyHook(), FlakyHook()
+    targets = tmp_path / "targets"
+    targets.write_text(f"team all {hook.url('team')}\nwaits waiting {waits.url('waits')}\n")
+    env = deployer_env(aws, swarm, DEPLOYER_NOTIFY_FILE=str(targets), DEPLOYER_RECONCILE_EVERY="1s")
+    running = Running(env, "--queue", aws.new_queue(), "--auth-refresh", "0")
+    try:
+        running.wait_line("Reconcile pass: ", count=4, timeout=90)
+        wait_for(lambda: any("completed" in line for line in said(hook)), 30, what=lambda: said(hook))
+        assert running.stop() == 0
+    finally:
+        running.kill()
+        hook.close()
+        waits.close()
+    new = f"{repo.rpartition('/')[2]}:latest → {v2[:19]}"
+    assert [line for line in said(hook) if " drift: " in line] == [
+        f"drifted: {new} drift: a reconcile pass found it behind :latest (ran {v1[:19]})"]
+    waiting = [line for line in said(hook) if line.startswith("later: ")]
+    assert len(waiting) == 1 and waiting[0].startswith(f"later: {new} waits before: outside its deploy window"), said(hook)
+    assert said(waits) == waiting  # its filter: waits only
+    assert service_image_of(swarm, later)[0].endswith(v1) and service_image_of(swarm, behind)[0].endswith(v2)
+
+
+def test_the_deployer_says_once_when_its_queue_stays_unreachable_and_once_when_it_recovers(aws, clean_swarm, tmp_path):
+    proxy, failing = FaultProxy(aws.url), threading.Event()
+    proxy.rule = lambda key: 500 if failing.is_set() and "ReceiveMessage" in key else None
+    hook = FlakyHook()
+    targets = tmp_path / "targets"
+    targets.write_text(f"pager unhealthy,recovered {hook.url('pager')}\n")
+    env = deployer_env(aws, clean_swarm, AWS_ENDPOINT_URL=proxy.url, DEPLOYER_NOTIFY_FILE=str(targets),
+                       DEPLOYER_UNHEALTHY_AFTER="1s", DEPLOYER_RECONCILE_EVERY="0")
+    running = Running(env, "--queue", aws.new_queue(), "--auth-refresh", "0")
+    try:
+        running.wait_line("watching")
+        failing.set()
+        wait_for(lambda: said(hook), 90, what=lambda: running.log)
+        failing.clear()
+        wait_for(lambda: len(said(hook)) == 2, 90, what=lambda: running.log)
+        time.sleep(2)  # nothing more: each said once
+        assert running.stop() == 0
+    finally:
+        running.kill()
+        proxy.close()
+        hook.close()
+    assert re.fullmatch(r"ecr-deploy unhealthy for \d+s: cannot receive from .*: 500: injected fault", said(hook)[0])
+    assert re.fullmatch(r"ecr-deploy recovered after \d+s", said(hook)[1]) and len(said(hook)) == 2
