@@ -3627,7 +3627,11 @@ class Target:
 
     def __init__(self, config: TargetConfig, apprise, node_name, held: bool):
         self.config, self.node_name, self.secrets = config, node_name, url_secrets(config.url)
-        self.apprise = apprise.Apprise(asset=apprise.AppriseAsset(plugin_paths=[]))
+        try:  # Apprise >= 2.3 would send from its own pool, whose threads exit waits for: this thread is ours
+            asset = apprise.AppriseAsset(plugin_paths=[], service_timeout=0)
+        except TypeError:
+            asset = apprise.AppriseAsset(plugin_paths=[])
+        self.apprise = apprise.Apprise(asset=asset)
         if not self.apprise.add(config.url):
             raise Misconfigured(f"Notification target {self}: not a URL Apprise understands")
         self.types = {"failure": apprise.NotifyType.FAILURE, "warning": apprise.NotifyType.WARNING,
