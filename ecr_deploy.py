@@ -1093,6 +1093,48 @@ def failing_task_error(tasks: list[dict], image: str) -> str | None:
 
 
 UPDATE_REASONS = {"push": "pushed to ECR", "scan": "its ECR scan passed", "signature": "its signature verified"}
+FAILED_TASKS_SHOWN = 3  # a failure's message names at most this many failed tasks, newest first
+LOG_LINES_SHOWN = 20  # and the last lines of the newest one's log
+LOG_LINE_MAX = 200  # characters per line
+
+
+def failed_tasks(tasks: list[dict], image: str) -> list[dict]:
+    """The tasks that ran `image` and failed, newest first, at most FAILED_TASKS_SHOWN."""
+    failed = [t for t in tasks if t.get("Spec", {}).get("ContainerSpec", {}).get("Image") == image
+              and (t.get("Status") or {}).get("State") in ("failed", "rejected")]
+    failed.sort(key=lambda t: t["Status"].get("Timestamp", ""), reverse=True)
+    return failed[:FAILED_TASKS_SHOWN]
+
+
+def log_lines(raw: bytes) -> list[str]:
+    """The Engine API's log stream as text lines: without a TTY, frames of an 8-byte header (stream, 0, 0, 0,
+    big-endian size) and their payload; with one, the bytes as they are."""
+    text, rest = [], raw
+    while len(rest) >= 8 and rest[0] in (0, 1, 2) and rest[1:4] == b"\0\0\0":
+        size = int.from_bytes(rest[4:8], "big")
+        text.append(rest[8:8 + size])
+        rest = rest[8 + size:]
+    data = b"".join(text) + rest
+    return [line[:LOG_LINE_MAX] for line in data.decode("utf-8", "replace").splitlines() if line.strip()]
+
+
+def failure_details(tasks: list[dict], nodes: dict[str, str], logs: list[str] | str) -> str:
+    """What an operator would open three terminals for: each failed task's error, exit code and node, and
+    the last lines of the newest one's log (or why they cannot be read)."""
+    lines = []
+    for task in tasks:
+        status = task.get("Status") or {}
+        code = (status.get("ContainerStatus") or {}).get("ExitCode")
+        lines.append(f"task {task.get('ID', '?')[:12]} on {nodes.get(task.get('NodeID'), task.get('NodeID') or 'no node')}: "
+                     f"{(status.get('Err') or status.get('Message') or status.get('State', '?')).strip()}"
+                     + (f" (exit code {code})" if code else ""))
+    if isinstance(logs, str):
+        lines.append(f"its log: {logs}")
+    elif logs:
+        lines += [f"last {len(logs)} log line(s) of task {tasks[0].get('ID', '?')[:12]}:"] + [f"| {line}" for line in logs]
+    return "\n".join(lines)
+
+
 OUTCOME_WORDS = {"completed": "completed", "promoted": "promoted", "paused": "paused", "timed_out": "timed out",
                  "rollback_completed": "rolled back", "rollback_paused": "rollback paused",
                  "removed": "ended: service removed", "blocked": "blocked",
@@ -1264,7 +1306,8 @@ def message_of(events: list[Event], node: str) -> tuple[str, str, str]:
     else:
         counts = ", ".join(f"{kinds.count(kind)} {kind.replace('_', ' ')}" for kind in EVENT_CLASSES if kind in kinds)
         title = f"ecr-deploy on {node}: {counts}"
-        lines = [e.headline + (f" ({e.details})" if e.details else "") for e in events[:SUMMARY_LINES_MAX]]
+        lines = [line for e in events[:SUMMARY_LINES_MAX]
+                 for line in [e.headline, *(f"  {detail}" for detail in e.details.splitlines())]]
         more = len(events) - SUMMARY_LINES_MAX
         body = "\n".join(lines + ([f"… and {more} more"] if more > 0 else []))
     severity = "failure" if set(kinds) & set(BAD_CLASSES) else "warning" if set(kinds) & {"held", "waiting", "drift"} \
@@ -2088,6 +2131,18 @@ class Docker:
 
     def node_name(self) -> str:
         return self.api("GET", "/info").get("Name", "?")
+
+    def node_hostname(self, node_id: str) -> str:
+        return ((self.api("GET", f"/nodes/{urllib.parse.quote(node_id)}") or {}).get("Description") or {}).get(
+            "Hostname", node_id)
+
+    def task_log(self, task_id: str, tail: int) -> bytes:
+        """The last lines of a task's log, where its log driver lets them be read (json-file, local, journald)."""
+        prefix = self._prefix or f"/v{self.negotiate()}"
+        self._on_request()
+        reply = self._send("GET", f"{prefix}/tasks/{urllib.parse.quote(task_id)}/logs",
+                           params={"stdout": "1", "stderr": "1", "tail": str(tail)})
+        return reply.content[-tail * LOG_LINE_MAX * 4:]  # (bounded: a "line" may be megabytes)
 
     def for_another_thread(self) -> Docker:
         """A client of the same daemon for another thread: a session of its own (a requests session
@@ -3138,15 +3193,17 @@ class Rollouts:
 
     def ended(self, rollout: Rollout, outcome: str, service: dict | None, now: float) -> None:
         duration = now - rollout.started
-        message = ""
+        message = details = ""
         failed = outcome in ("paused", "rollback_paused", "timed_out") or outcome == "rollback_completed" and not rollout.rollback
         if failed and service:  # (Swarm rolled back our rollout: say why)
             swarm_says = (service.get("UpdateStatus") or {}).get("Message", "")
             try:
-                task_error = failing_task_error(self.docker.tasks(rollout.service_id), rollout.image)
+                tasks = self.docker.tasks(rollout.service_id)
             except DockerError:
-                task_error = None
+                tasks = []
+            task_error = failing_task_error(tasks, rollout.image)
             message = "; ".join(filter(None, [swarm_says, task_error and f"task error: {task_error}"]))
+            details = self.failure_details(tasks, rollout.image) if self.deployer.notifier.targets else ""
         words = OUTCOME_WORDS[outcome.removeprefix("rollback_") if rollout.rollback else outcome]
         log.log(logging.INFO if outcome in ("completed", "rollback_completed", "superseded") and not message
                 else logging.ERROR, "%s of %s to %s %s after %.1fs%s", "Rollback" if rollout.rollback else "Rollout",
@@ -3157,7 +3214,7 @@ class Rollouts:
             self.deployer.reconciler.wake_at(time.time())
         self.notify(notification(outcome, rollout.name, rollout.service_id, rollout.image, duration,
                                  self.node_name(), message, rollback=rollout.rollback),
-                    (service or {}).get("Spec", rollout.replaced).get("Labels"))
+                    (service or {}).get("Spec", rollout.replaced).get("Labels"), details)
         if rollout.rollback or not service:
             return
         if self.rollback_on_failure and (
@@ -3197,6 +3254,23 @@ class Rollouts:
             return
         self.follow(fresh, spec, rollout.push, started, rollback=True)
 
+    def failure_details(self, tasks: list[dict], image: str) -> str:
+        """The failed tasks' errors, exit codes and nodes, and the newest one's last log lines (failure_details)."""
+        failed = failed_tasks(tasks, image)
+        nodes: dict[str, str] = {}
+        for node_id in {t["NodeID"] for t in failed if t.get("NodeID")}:
+            try:
+                nodes[node_id] = self.docker.node_hostname(node_id)
+            except DockerError:
+                pass
+        logs: list[str] | str = []
+        if failed:
+            try:
+                logs = log_lines(self.docker.task_log(failed[0]["ID"], LOG_LINES_SHOWN))[-LOG_LINES_SHOWN:]
+            except DockerError as e:  # e.g. a log driver that cannot be read back (syslog, awslogs, ...)
+                logs = str(e).rpartition(": ")[2][:LOG_LINE_MAX]
+        return failure_details(failed, nodes, logs)
+
     def node_name(self) -> str:
         if self._node_name is None:
             try:
@@ -3205,10 +3279,10 @@ class Rollouts:
                 return "?"
         return self._node_name
 
-    def notify(self, document: dict, labels: dict | None = None) -> None:
+    def notify(self, document: dict, labels: dict | None = None, details: str = "") -> None:
         """Best effort: a dead webhook is logged, and never blocks a deployment for long. Apprise targets
         (the Notifier) never block it at all; `labels`: the service's, for its NOTIFY_LABEL route."""
-        self.deployer.notifier.event(event_of(document, labels))
+        self.deployer.notifier.event(event_of(document, labels)._replace(details=details))
         for url in self.notify_urls:
             self.deployer.systemd.heartbeat()  # many webhooks that hang must not starve the watchdog
             parts = urllib.parse.urlsplit(url)

@@ -5649,3 +5649,58 @@ def test_the_deployer_says_once_when_its_queue_stays_unreachable_and_once_when_i
         hook.close()
     assert re.fullmatch(r"ecr-deploy unhealthy for \d+s: cannot receive from .*: 500: injected fault", said(hook)[0])
     assert re.fullmatch(r"ecr-deploy recovered after \d+s", said(hook)[1]) and len(said(hook)) == 2
+
+
+# ---- failures that explain themselves
+
+def test_log_lines_reads_the_engines_multiplexed_stream_and_a_ttys_bytes_and_bounds_each_line():
+    frame = lambda stream, text: bytes([stream, 0, 0, 0]) + len(text).to_bytes(4, "big") + text
+    raw = frame(1, b"starting\n") + frame(2, b"cannot open /data: permission denied\n") + frame(1, b"x" * 500 + b"\n")
+    assert ed.log_lines(raw) == ["starting", "cannot open /data: permission denied", "x" * ed.LOG_LINE_MAX]
+    assert ed.log_lines(b"plain tty output\r\nsecond\n") == ["plain tty output", "second"]
+
+
+def test_failure_details_name_each_failed_tasks_error_exit_code_node_and_the_newest_ones_log():
+    image = "r/app:latest@sha256:" + "a" * 64
+    def task(task_id, when, state="failed", node="n1", code=1, image=image):
+        return {"ID": task_id, "NodeID": node, "Spec": {"ContainerSpec": {"Image": image}},
+                "Status": {"State": state, "Timestamp": when, "Err": f"task: non-zero exit ({code})",
+                           "ContainerStatus": {"ExitCode": code}}}
+    tasks = [task("old" + "0" * 20, "2026-01-01T00:00:01Z"), task("new" + "0" * 20, "2026-01-01T00:00:09Z", node="n2", code=3),
+             task("run" + "0" * 20, "2026-01-01T00:00:05Z", state="running"), task("oth" + "0" * 20, "2026-01-01T00:00:07Z",
+                                                                                    image="r/app@sha256:" + "b" * 64)]
+    tasks += [task(f"more{i}" + "0" * 20, f"2026-01-01T00:00:0{i}Z") for i in range(3)]
+    failed = ed.failed_tasks(tasks, image)
+    assert [t["ID"][:3] for t in failed] == ["new", "old", "mor"]  # newest first, only this image's, at most 3
+    details = ed.failure_details(failed, {"n2": "worker-2"}, ["starting", "cannot open /data"]).splitlines()
+    assert details[0] == "task new000000000 on worker-2: task: non-zero exit (3) (exit code 3)"
+    assert details[1] == "task old000000000 on n1: task: non-zero exit (1) (exit code 1)"
+    assert details[-3:] == ["last 2 log line(s) of task new000000000:", "| starting", "| cannot open /data"]
+    assert ed.failure_details(failed[:1], {}, "configured logging driver does not support reading").endswith(
+        "its log: configured logging driver does not support reading")
+
+
+def test_a_failed_rollouts_message_carries_its_tasks_errors_exit_codes_nodes_and_last_log_lines(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = images.push(repo, "latest", "v1")
+    v2 = images.push(repo, "latest", "v2-crashing", cmd=["/bin/busybox", "sh", "-c",
+                                                        "echo starting v2; echo cannot open /data/db: permission denied >&2; exit 3"])
+    sid = swarm.create_service("crashing", f"{registry.host}/{repo}:latest@{v1}", registry=registry,
+                               update_config=FAST_MONITOR)
+    swarm.wait_running(sid, f"{registry.host}/{repo}:latest@{v1}")
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    hook = FlakyHook()
+    try:
+        run = run_once(deployer_env(aws, swarm, DEPLOYER_NOTIFY_URL=hook.url("team")), "--queue", queue, "--wait")
+    finally:
+        hook.close()
+    assert run.returncode == 1, run.stderr
+    [message] = hook.accepted  # the run's one message: updated, then failed with its details
+    lines = message["message"].splitlines()
+    failed = next(i for i, line in enumerate(lines) if line.startswith("crashing: ") and " paused after " in line)
+    details = lines[failed + 1:]
+    node = swarm.get("/info")["Name"]
+    assert re.fullmatch(rf"  task \w{{12}} on {re.escape(node)}: task: non-zero exit \(3\) \(exit code 3\)", details[0]), lines
+    assert "  | starting v2" in details and "  | cannot open /data/db: permission denied" in details, lines
