@@ -5671,10 +5671,10 @@ def test_failure_details_name_each_failed_tasks_error_exit_code_node_and_the_new
                                                                                     image="r/app@sha256:" + "b" * 64)]
     tasks += [task(f"more{i}" + "0" * 20, f"2026-01-01T00:00:0{i}Z") for i in range(3)]
     failed = ed.failed_tasks(tasks, image)
-    assert [t["ID"][:3] for t in failed] == ["new", "old", "mor"]  # newest first, only this image's, at most 3
+    assert [t["ID"][:5] for t in failed] == ["new00", "more2", "old00"]  # newest first, only this image's, at most 3
     details = ed.failure_details(failed, {"n2": "worker-2"}, ["starting", "cannot open /data"]).splitlines()
     assert details[0] == "task new000000000 on worker-2: task: non-zero exit (3) (exit code 3)"
-    assert details[1] == "task old000000000 on n1: task: non-zero exit (1) (exit code 1)"
+    assert details[2] == "task old000000000 on n1: task: non-zero exit (1) (exit code 1)"
     assert details[-3:] == ["last 2 log line(s) of task new000000000:", "| starting", "| cannot open /data"]
     assert ed.failure_details(failed[:1], {}, "configured logging driver does not support reading").endswith(
         "its log: configured logging driver does not support reading")
