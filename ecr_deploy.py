@@ -71,6 +71,10 @@ TRUE_WORDS = ("1", "true", "yes", "on")
 EPILOG = """\
 environment:
   DOCKER_HOST      Docker endpoint, unix:///path (default unix:///var/run/docker.sock)
+  DEPLOYER_HEARTBEAT_URL
+                   a healthchecks.io-style URL (a secret: environment only): loop mode pings it at most once a
+                   minute while healthy and URL/fail when unhealthy; --once and --reconcile URL/start, then
+                   URL or URL/fail
   AWS_REGION, AWS_PROFILE, AWS_ENDPOINT_URL, ...
                    boto3's standard chain: region, credentials (instance role preferred)
 
@@ -2586,6 +2590,7 @@ class Deployer:
                  notifier: Notifier | None = None):
         self.queue, self.ecr, self.docker = queue, ecr, docker
         self.notifier = notifier or Notifier([])
+        self.heartbeat = Heartbeat(None)  # start() sets the operator's
         self.service_index = service_index  # loop mode; without it every cycle lists the services
         self.gates = gates  # ScanGate, SignatureGate: each says deploy, wait or blocked for a gated service
         self.reported_blocked: set[tuple[str, str]] = set()  # (service ID, image): one ERROR and webhook each
@@ -3800,12 +3805,50 @@ class Notifier:
                 log.error("Could not notify %s: %d event(s) not sent within %.0fs", target, left, timeout)
 
 
+HEARTBEAT_EVERY = 60.0  # s: loop mode pings at most this often (never per cycle)
+HEARTBEAT_TIMEOUT = 5.0
+
+
+class Heartbeat:
+    """A dead deployer noticed by someone: pings a healthchecks.io-style URL (URL/start, URL, URL/fail) from a
+    thread of its own, never on the deploy path. Loop mode: success at most once per HEARTBEAT_EVERY while
+    healthy, fail when unhealthy; a one-shot run: start, then success or fail."""
+
+    def __init__(self, url: str | None):
+        self.url, self.last = (url or "").rstrip("/"), -math.inf
+        self.pending: list[threading.Thread] = []
+
+    def ping(self, status: str) -> None:
+        if not self.url:
+            return
+        url = self.url + {"success": "", "start": "/start", "fail": "/fail"}[status]
+        thread = threading.Thread(target=self._get, args=(url, status), name="heartbeat", daemon=True)
+        thread.start()
+        self.pending = [t for t in self.pending if t.is_alive()] + [thread]
+
+    def healthy(self) -> None:
+        if time.monotonic() - self.last >= HEARTBEAT_EVERY:
+            self.last = time.monotonic()
+            self.ping("success")
+
+    def finish(self) -> None:
+        for thread in self.pending:
+            thread.join(HEARTBEAT_TIMEOUT)
+
+    def _get(self, url: str, status: str) -> None:
+        try:
+            requests.get(url, timeout=HEARTBEAT_TIMEOUT).raise_for_status()
+        except requests.RequestException as e:
+            code = getattr(e.response, "status_code", None)
+            log.warning("Cannot ping the heartbeat URL (%s): %s", status, f"HTTP {code}" if code else type(e).__name__)
+
+
 class Health:
     """The deployer itself, said once each way: unhealthy when Docker or the queue stayed unreachable
     for `after`, recovered when it works again."""
 
-    def __init__(self, notifier: Notifier, after: float):
-        self.notifier, self.after = notifier, after
+    def __init__(self, notifier: Notifier, after: float, heartbeat: Heartbeat | None = None):
+        self.notifier, self.after, self.heartbeat = notifier, after, heartbeat or Heartbeat(None)
         self.since: float | None = None
         self.reported = False
 
@@ -3815,8 +3858,10 @@ class Health:
         if not self.reported and now - self.since >= self.after:
             self.reported = True
             self.notifier.event(Event("unhealthy", "", "", f"ecr-deploy unhealthy for {now - self.since:.0f}s: {what}"))
+            self.heartbeat.ping("fail")
 
     def fine(self) -> None:
+        self.heartbeat.healthy()
         if self.reported:
             self.notifier.event(Event("recovered", "", "",
                                       f"ecr-deploy recovered after {time.monotonic() - self.since:.0f}s"))
@@ -4099,6 +4144,8 @@ def finish_once(deployer: Deployer, signals: Signals, args: argparse.Namespace, 
     deployer.notifier.finish()  # one message per target that sums up the run
     rollouts = deployer.rollouts
     incomplete = [o for o in rollouts.outcomes if o != "completed"] + [r.label for r in rollouts.pending]
+    deployer.heartbeat.ping("fail" if failed or incomplete else "success")
+    deployer.heartbeat.finish()
     return 1 if failed or incomplete else 0  # (a message waiting for its scan: left on the queue, for a later run)
 
 
@@ -4131,7 +4178,7 @@ class LocalDocker:
 
 def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args: argparse.Namespace) -> int:
     systemd, backoff, local_docker = deployer.systemd, Backoff(), LocalDocker(deployer.docker)
-    health = Health(deployer.notifier, args.unhealthy_after)
+    health = Health(deployer.notifier, args.unhealthy_after, deployer.heartbeat)
     while not signals.requested:
         systemd.heartbeat()
         if not local_docker.answers():
@@ -4191,6 +4238,7 @@ def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args:
             break
     log.info("Stopping")
     deployer.notifier.finish()
+    deployer.heartbeat.finish()
     return 0
 
 
@@ -4234,6 +4282,10 @@ def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deplo
                         # a one-shot process must list anyway: following events pays only in a loop
                         service_index=None if args.once or args.refresh_auth or args.reconcile or args.status
                         else ServiceIndex(docker), notifier=notifier)
+    if not (args.status or args.dry_run):
+        deployer.heartbeat = Heartbeat(os.environ.get("DEPLOYER_HEARTBEAT_URL"))
+        if args.once or args.reconcile:
+            deployer.heartbeat.ping("start")
     backoff = Backoff()
     while True:
         try:

@@ -5629,11 +5629,11 @@ def test_a_reconcile_pass_says_drift_once_and_a_wait_once_not_on_every_pass(aws,
 def test_the_deployer_says_once_when_its_queue_stays_unreachable_and_once_when_it_recovers(aws, clean_swarm, tmp_path):
     proxy, failing = FaultProxy(aws.url), threading.Event()
     proxy.rule = lambda key: 500 if failing.is_set() and "ReceiveMessage" in key else None
-    hook = FlakyHook()
+    hook, beat = FlakyHook(), HeartbeatServer()
     targets = tmp_path / "targets"
     targets.write_text(f"pager unhealthy,recovered {hook.url('pager')}\n")
     env = deployer_env(aws, clean_swarm, AWS_ENDPOINT_URL=proxy.url, DEPLOYER_NOTIFY_FILE=str(targets),
-                       DEPLOYER_UNHEALTHY_AFTER="1s", DEPLOYER_RECONCILE_EVERY="0")
+                       DEPLOYER_UNHEALTHY_AFTER="1s", DEPLOYER_RECONCILE_EVERY="0", DEPLOYER_HEARTBEAT_URL=beat.url)
     running = Running(env, "--queue", aws.new_queue(), "--auth-refresh", "0")
     try:
         running.wait_line("watching")
@@ -5647,6 +5647,9 @@ def test_the_deployer_says_once_when_its_queue_stays_unreachable_and_once_when_i
         running.kill()
         proxy.close()
         hook.close()
+        beat.close()
+    assert beat.pinged[:2] == [f"/ping/{SECRET}", f"/ping/{SECRET}/fail"]  # healthy, then failing (once)
+    assert beat.pinged.count(f"/ping/{SECRET}/fail") == 1
     assert re.fullmatch(r"ecr-deploy unhealthy for \d+s: cannot receive from .*: 500: injected fault", said(hook)[0])
     assert re.fullmatch(r"ecr-deploy recovered after \d+s", said(hook)[1]) and len(said(hook)) == 2
 
@@ -5704,3 +5707,52 @@ def test_a_failed_rollouts_message_carries_its_tasks_errors_exit_codes_nodes_and
     node = swarm.get("/info")["Name"]
     assert re.fullmatch(rf"  task \w{{12}} on {re.escape(node)}: task: non-zero exit \(3\) \(exit code 3\)", details[0]), lines
     assert "  | starting v2" in details and "  | cannot open /data/db: permission denied" in details, lines
+
+
+# ---- the heartbeat
+
+class HeartbeatServer:
+    """A real local HTTP server answering healthchecks.io's ping URLs, recording the paths pinged in order."""
+
+    def __init__(self):
+        pinged = self.pinged = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                pinged.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"OK")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/ping/{SECRET}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_the_heartbeat_is_pinged_start_and_success_by_a_run_and_at_most_once_a_minute_by_the_loop(aws, clean_swarm):
+    beat = HeartbeatServer()
+    try:
+        env = deployer_env(aws, clean_swarm, DEPLOYER_HEARTBEAT_URL=beat.url, DEPLOYER_RECONCILE_EVERY="1s")
+        run = run_once(env, "--queue", aws.new_queue())
+        assert run.returncode == 0, run.stderr
+        assert beat.pinged == [f"/ping/{SECRET}/start", f"/ping/{SECRET}"]
+        beat.pinged.clear()
+        running = Running(env, "--queue", aws.new_queue(), "--auth-refresh", "0")
+        try:
+            wait_for(lambda: beat.pinged, 30)
+            time.sleep(6)  # several cycles (a reconcile pass due every second): still one ping
+            assert running.stop() == 0
+        finally:
+            running.kill()
+        assert beat.pinged == [f"/ping/{SECRET}"], beat.pinged
+        assert SECRET not in run.stderr + running.log
+    finally:
+        beat.close()
