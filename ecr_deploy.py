@@ -210,6 +210,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--metrics-file", metavar="PATH", default=env("DEPLOYER_METRICS_FILE"),
                         help="write Prometheus text metrics here, atomically, e.g. for node_exporter's "
                         "textfile collector (env DEPLOYER_METRICS_FILE)")
+    parser.add_argument("--metrics-address", metavar="HOST:PORT", default=env("DEPLOYER_METRICS_ADDRESS"),
+                        help="loop mode: serve the metrics over HTTP at /metrics here, for Prometheus to scrape, e.g. "
+                        "127.0.0.1:9469 (env DEPLOYER_METRICS_ADDRESS; default: off)")
     parser.add_argument("--dry-run", action="store_true",
                         default=env_true("DEPLOYER_DRY_RUN"),
                         help="do everything up to the update call and log 'Would update ...'; delete no "
@@ -1205,6 +1208,7 @@ class Event(NamedTuple):
     why: str
     details: str = ""
     route: tuple[str, ...] = ()
+    lead_seconds: float | None = None  # a completed rollout: from ECR's push to the service converged
 
     @property
     def line(self) -> str:
@@ -1317,6 +1321,65 @@ def message_of(events: list[Event], node: str) -> tuple[str, str, str]:
     severity = "failure" if set(kinds) & set(BAD_CLASSES) else "warning" if set(kinds) & {"held", "waiting", "drift"} \
         else "success" if set(kinds) & {"completed", "promoted", "recovered"} else "info"
     return title, body, severity
+
+
+# Per-service metrics. Label cardinality is bounded: per service one info series (its latest tag and digest
+# only: the old one goes), one series per state of SERVICE_STATES, one gate-blocks counter per gate; and at
+# most METRIC_SERVICES services (those not heard of longest go first).
+SERVICE_STATES = ("deploying", "current", "waiting", "held", "blocked", "failed")
+STATE_OF_EVENT = {"updated": "deploying", "drift": "deploying", "completed": "current", "promoted": "current",
+                  "failed": "failed", "rolled_back": "failed", "blocked": "blocked", "held": "held", "waiting": "waiting"}
+METRIC_SERVICES = 1000
+
+
+class ServiceMetrics:
+    """What each service runs and how it stands, from the events this process saw (see the Notifier)."""
+
+    def __init__(self):
+        self.services: dict[str, dict] = {}
+        self.lock = threading.Lock()  # (the metrics endpoint reads from its own thread)
+
+    def observe(self, event: Event) -> None:
+        if not event.service or event.kind not in STATE_OF_EVENT:
+            return
+        with self.lock:
+            entry = self.services.pop(event.service, None) or {"blocks": defaultdict(int)}
+            self.services[event.service] = entry  # the most recently heard of last
+            while len(self.services) > METRIC_SERVICES:
+                del self.services[next(iter(self.services))]
+            entry["state"] = STATE_OF_EVENT[event.kind]
+            name, _, digest = event.image.rpartition("@")
+            if event.kind == "completed" and digest:
+                entry.update(tag=name.rpartition(":")[2], digest=digest, deployed_at=time.time())
+                if event.lead_seconds is not None:
+                    entry["lead"] = event.lead_seconds
+            if event.kind == "blocked":
+                gate = re.search(r"by its (\w+) gate", event.why)
+                entry["blocks"][gate[1] if gate else "?"] += 1
+
+    def text(self) -> str:
+        def labels(**pairs) -> str:
+            return ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+                            for k, v in pairs.items())
+        with self.lock:
+            services = {name: dict(entry, blocks=dict(entry["blocks"])) for name, entry in self.services.items()}
+        families = [
+            ("ecr_deploy_service_info", "gauge", "What a service runs, as this deployer last saw its rollout complete.",
+             [(labels(service=n, tag=e["tag"], digest=e["digest"]), 1) for n, e in services.items() if "digest" in e]),
+            ("ecr_deploy_service_state", "gauge", "How a service stands, as this deployer last heard: one state is 1.",
+             [(labels(service=n, state=state), int(e["state"] == state)) for n, e in services.items()
+              for state in SERVICE_STATES]),
+            ("ecr_deploy_service_last_deployed_timestamp_seconds", "gauge", "When a rollout to a service last completed.",
+             [(labels(service=n), round(e["deployed_at"], 3)) for n, e in services.items() if "deployed_at" in e]),
+            ("ecr_deploy_service_lead_time_seconds", "gauge", "From ECR's push to the service converged, its last rollout.",
+             [(labels(service=n), round(e["lead"], 3)) for n, e in services.items() if "lead" in e]),
+            ("ecr_deploy_service_gate_blocks_total", "counter", "Digests a gate blocked from a service.",
+             [(labels(service=n, gate=gate), count) for n, e in services.items() for gate, count in e["blocks"].items()])]
+        lines = []
+        for name, kind, help_text, samples in families:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            lines += [f"{name}{{{pairs}}} {value}" for pairs, value in samples]
+        return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- scan gate (pure)
@@ -3219,7 +3282,9 @@ class Rollouts:
             self.deployer.reconciler.wake_at(time.time())
         self.notify(notification(outcome, rollout.name, rollout.service_id, rollout.image, duration,
                                  self.node_name(), message, rollback=rollout.rollback),
-                    (service or {}).get("Spec", rollout.replaced).get("Labels"), details)
+                    (service or {}).get("Spec", rollout.replaced).get("Labels"), details,
+                    # ECR's push time and Swarm's answer: both clocks not ours
+                    None if rollout.rollback else seconds_after(rollout.push.time, self.docker.date))
         if rollout.rollback or not service:
             return
         if self.rollback_on_failure and (
@@ -3284,10 +3349,10 @@ class Rollouts:
                 return "?"
         return self._node_name
 
-    def notify(self, document: dict, labels: dict | None = None, details: str = "") -> None:
+    def notify(self, document: dict, labels: dict | None = None, details: str = "", lead: float | None = None) -> None:
         """Best effort: a dead webhook is logged, and never blocks a deployment for long. Apprise targets
         (the Notifier) never block it at all; `labels`: the service's, for its NOTIFY_LABEL route."""
-        self.deployer.notifier.event(event_of(document, labels)._replace(details=details))
+        self.deployer.notifier.event(event_of(document, labels)._replace(details=details, lead_seconds=lead))
         for url in self.notify_urls:
             self.deployer.systemd.heartbeat()  # many webhooks that hang must not starve the watchdog
             parts = urllib.parse.urlsplit(url)
@@ -3655,6 +3720,36 @@ def write_atomically(path: str, text: str) -> None:
         raise
 
 
+def all_metrics(deployer: Deployer) -> str:
+    return metrics_text(deployer.totals) + deployer.notifier.service_metrics.text()
+
+
+def serve_metrics(deployer: Deployer, address: str) -> None:
+    """Loop mode, opt-in: GET /metrics for Prometheus to scrape (the textfile's text), from a daemon thread."""
+    import http.server  # only when asked for: a deployer without it keeps its start-up
+    host, _, port = address.rpartition(":")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            body = all_metrics(deployer).encode() if self.path.split("?")[0] == "/metrics" else b""
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    try:
+        server = http.server.ThreadingHTTPServer((host.strip("[]") or "127.0.0.1", int(port)), Handler)
+    except (OSError, ValueError) as e:
+        raise Misconfigured(f"Cannot serve metrics on {address}: {e}") from None
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    log.info("Serving metrics on http://%s:%d/metrics", *server.server_address[:2])
+
+
 def write_reports(deployer: Deployer, args: argparse.Namespace) -> None:
     try:
         if args.summary_file:
@@ -3665,7 +3760,7 @@ def write_reports(deployer: Deployer, args: argparse.Namespace) -> None:
                        "last_success": deployer.totals["last_success"]}
             write_atomically(args.summary_file, json.dumps(summary, indent=2) + "\n")
         if args.metrics_file:
-            write_atomically(args.metrics_file, metrics_text(deployer.totals))
+            write_atomically(args.metrics_file, all_metrics(deployer))
     except OSError as e:
         log.error("Cannot write reports: %s", e)
 
@@ -3790,8 +3885,10 @@ class Notifier:
     def __init__(self, configs: list[TargetConfig], held: bool = False, node_name=lambda: "?"):
         apprise = import_apprise(configs) if configs else None
         self.targets = [Target(config, apprise, node_name, held) for config in configs]
+        self.service_metrics = ServiceMetrics()
 
     def event(self, event: Event) -> None:
+        self.service_metrics.observe(event)
         for target in self.targets:
             if target.config.wants(event):
                 target.put(event)
@@ -4318,6 +4415,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.status:
             return show_status(deployer, args.json)
         queue, receiver = deployer.queue, Receiver(deployer.queue, once=args.once)
+        if args.metrics_address and not args.once:
+            serve_metrics(deployer, args.metrics_address)
         log.info("ecr-deploy %s watching %s (visibility timeout %d s, %s; Docker at %s, API %s)", __version__,
                  queue.url, queue.visibility_timeout, queue.visibility_source, deployer.docker.socket,
                  deployer.docker.api_version)

@@ -5758,3 +5758,57 @@ def test_the_heartbeat_is_pinged_start_and_success_by_a_run_and_at_most_once_a_m
         assert SECRET not in run.stderr + running.log
     finally:
         beat.close()
+
+
+# ---- per-service metrics
+
+def test_service_metrics_say_what_each_service_runs_how_it_stands_and_stay_bounded(monkeypatch):
+    metrics = ed.ServiceMetrics()
+    web = "r.example/team/web:latest@sha256:" + "a" * 64
+    metrics.observe(ed.Event("updated", "web", web, "updated: pushed to ECR"))
+    metrics.observe(ed.Event("completed", "web", web, "completed after 7.0s", lead_seconds=12.5))
+    metrics.observe(ed.Event("blocked", "api", "r.example/team/api:v2@sha256:" + "b" * 64, "blocked by its scan gate: HIGH"))
+    metrics.observe(ed.Event("waiting", "api", "", "waits before: outside its deploy window"))
+    metrics.observe(ed.Event("unhealthy", "", "", "ecr-deploy unhealthy"))  # not a service's
+    families = {f.name: f for f in prometheus_client.parser.text_string_to_metric_families(metrics.text())}
+    info = [(s.labels, s.value) for s in families["ecr_deploy_service_info"].samples]
+    assert info == [({"service": "web", "tag": "latest", "digest": "sha256:" + "a" * 64}, 1)]
+    states = {(s.labels["service"], s.labels["state"]): s.value for s in families["ecr_deploy_service_state"].samples}
+    assert [k for k, v in states.items() if v == 1] == [("web", "current"), ("api", "waiting")]
+    assert len(states) == 2 * len(ed.SERVICE_STATES)
+    assert [s.value for s in families["ecr_deploy_service_lead_time_seconds"].samples] == [12.5]
+    blocks = families["ecr_deploy_service_gate_blocks"].samples
+    assert [(s.labels, s.value) for s in blocks] == [({"service": "api", "gate": "scan"}, 1)]
+    monkeypatch.setattr(ed, "METRIC_SERVICES", 3)
+    for i in range(5):
+        metrics.observe(ed.Event("updated", f"svc{i}", "", "updated"))
+    assert list(metrics.services) == ["svc2", "svc3", "svc4"]  # the longest unheard of went first
+
+
+def test_per_service_metrics_are_served_for_prometheus_and_written_to_the_textfile(aws, images, clean_swarm, tmp_path):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "measured", replicas=0)
+    port, metrics_file = free_port(), tmp_path / "metrics.prom"
+    queue = aws.new_queue()
+    env = deployer_env(aws, swarm, DEPLOYER_METRICS_ADDRESS=f"127.0.0.1:{port}", DEPLOYER_METRICS_FILE=str(metrics_file),
+                       DEPLOYER_RECONCILE_EVERY="0")
+    running = Running(env, "--queue", queue, "--auth-refresh", "0")
+    try:
+        running.wait_line(f"Serving metrics on http://127.0.0.1:{port}/metrics")
+        aws.send(queue, event(repository=repo, digest=v2, time=datetime.datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")))
+        running.wait_line("Rollout of measured", timeout=60)
+        scraped = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        assert running.stop() == 0
+    finally:
+        running.kill()
+    assert scraped.status_code == 200 and scraped.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    for text in (scraped.text, metrics_file.read_text()):
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in prometheus_client.parser.text_string_to_metric_families(text) for s in f.samples}
+        assert samples[("ecr_deploy_service_info", (("digest", v2), ("service", "measured"), ("tag", "latest")))] == 1
+        assert samples[("ecr_deploy_service_state", (("service", "measured"), ("state", "current")))] == 1
+        lead = samples[("ecr_deploy_service_lead_time_seconds", (("service", "measured"),))]
+        assert 0 < lead < 120  # from ECR's push (the event's time) to converged
+        deployed = samples[("ecr_deploy_service_last_deployed_timestamp_seconds", (("service", "measured"),))]
+        assert abs(deployed - time.time()) < 120
+        assert samples[("ecr_deploy_rollouts_total", (("outcome", "completed"),))] == 1  # the totals, as before
