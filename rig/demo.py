@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib.util
 import json
 import os
 import pathlib
@@ -42,6 +43,29 @@ def say(text: str) -> None:
 
 def show_deployer_line(line: str) -> None:
     print(f"    ecr_deploy.py | {line.rstrip()}", flush=True)
+
+
+def terminal_target() -> tuple[str, object]:
+    """A notification target that prints what the deployer tells it, as a chat channel would show it: a
+    local endpoint for Apprise's json:// (the deployer's Apprise targets work as for Slack or Teams)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            message = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            print(f"    notification  | {message['title']}", flush=True)
+            for line in message["message"].splitlines()[1:]:
+                print(f"                  | {line}", flush=True)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"json://127.0.0.1:{server.server_address[1]}/demo", server
 
 
 def emulate_eventbridge(aws: Aws, queue_url: str):
@@ -109,6 +133,9 @@ def main() -> int:
 
         say(f"Starting ecr_deploy.py in loop mode on queue {QUEUE}; its own log follows")
         env = deployer_env(aws, swarm, DEPLOYER_QUEUE=QUEUE, DEPLOYER_LOG_FORMAT="text")
+        if importlib.util.find_spec("apprise"):  # (optional, as for operators): notifications in this terminal
+            env["DEPLOYER_NOTIFY_URL"], server = terminal_target()
+            cleanup.callback(server.shutdown)
         deployer = Running(env, echo=emulate_eventbridge(aws, queue_url))
         cleanup.callback(deployer.kill)
         cleanup.callback(deployer.stop)
