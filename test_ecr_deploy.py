@@ -13,6 +13,7 @@ Without root or the binaries, rig tests skip; with ECR_DEPLOY_REQUIRE_RIG=1 (CI)
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import json
 import logging
@@ -2262,6 +2263,67 @@ def test_a_timed_out_rollout_is_rolled_back_even_where_swarm_rolls_back_failures
     assert f"Rolling back service slow ({sid[:12]}) to its previous spec ({old})" in run.stderr
     assert service_image_of(swarm, sid)[0] == old
     swarm.wait_running(sid, old)
+
+
+@contextlib.contextmanager
+def frozen(registry):
+    """The registry's process stopped (SIGSTOP): the kernel still accepts connections, nothing answers, so a
+    node's pull from it hangs in its TLS handshake (Docker gives up after 10 s, and its next task tries
+    again); continued in any case at exit, for the tests after this one."""
+    os.kill(registry.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(registry.proc.pid, signal.SIGCONT)
+
+
+def test_the_keeper_leaves_paused_updating_and_starting_services_alone(aws, images, clean_swarm):
+    """A re-post of a paused service resumes its failed rollout; of one mid-update, restarts it; of one with a
+    task pulling on a node, replaces that task. The keeper skips all three, and they keep their Version and
+    UpdateStatus (what the last real rollout said), while an idle service beside them is refreshed."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    ids = {}
+    # Paused: its update to a digest whose command exits 1 failed, and Swarm's FailureAction=pause held it.
+    repo = images.new_repository()
+    v1, broken = images.push(repo, "latest", "v1"), images.push(repo, "latest", "v2-broken", cmd=BROKEN_CMD)
+    ids["paused"] = swarm.create_service("paused", f"{registry.host}/{repo}:latest@{v1}", registry=registry,
+                                         update_config=FAST_MONITOR)
+    swarm.wait_running(ids["paused"], f"{registry.host}/{repo}:latest@{v1}")
+    swarm.update(ids["paused"], lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(
+        Image=f"{registry.host}/{repo}:latest@{broken}"), registry=registry)
+    # Updating: its new task runs, and Swarm monitors it for 30 s before the update completes.
+    slow_repo, ids["updating"], _, slow_v2 = slow_rollout(images, swarm, "updating", SLOW_MONITOR)
+    swarm.update(ids["updating"], lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(
+        Image=f"{registry.host}/{slow_repo}:latest@{slow_v2}"), registry=registry)
+    ids["idle"] = service_on_new_repo(images, swarm, "idle")[2]
+    wait_for(lambda: swarm.service(ids["paused"]).get("UpdateStatus", {}).get("State") == "paused", 60,
+             what=lambda: f"the broken update to pause: {swarm.service(ids['paused']).get('UpdateStatus')}")
+    other = REGISTRIES[1]
+    other_repo = images.new_repository(account=other.account)
+    pulling = f"{other.host}/{other_repo}:latest@{images.push(other_repo, 'latest', 's1', account=other.account)}"
+    with frozen(other):
+        # Starting: its task is on the node, PREPARING, its pull hanging on the frozen registry.
+        ids["starting"] = swarm.create_service("starting", pulling, registry=other)
+        wait_for(lambda: [t["Status"]["State"] for t in swarm.tasks(ids["starting"])] == ["preparing"], 30,
+                 what=lambda: f"a task pulling: {swarm.task_states(ids['starting'])}")
+        assert swarm.service(ids["updating"])["UpdateStatus"]["State"] == "updating"
+        before = {name: swarm.service(sid) for name, sid in ids.items()}
+        run = subprocess.run([sys.executable, DEPLOYER, "--refresh-auth"], env=deployer_env(aws, swarm),
+                             capture_output=True, text=True, timeout=60)
+        still_preparing = [t["Status"]["State"] for t in swarm.tasks(ids["starting"])]
+    assert run.returncode == 0, run.stderr
+    assert still_preparing == ["preparing"]  # the same one task: the keeper's listing saw it starting
+    after = {name: swarm.service(sid) for name, sid in ids.items()}
+    assert after["idle"]["Version"]["Index"] > before["idle"]["Version"]["Index"]  # the keeper did post
+    for name in ("paused", "updating", "starting"):
+        assert after[name]["Version"] == before[name]["Version"], name
+        assert after[name].get("UpdateStatus") == before[name].get("UpdateStatus"), name
+    assert after["paused"]["UpdateStatus"]["State"] == "paused"  # not resumed
+    assert "Refreshed registry auth of 1 service(s); 3 skipped" in run.stderr
+    for name in ("paused", "updating"):
+        assert f"Service {name} ({ids[name][:12]}) is mid-update; its registry auth is refreshed next time" \
+            in run.stderr
+    assert f"Service starting ({ids['starting'][:12]}) has tasks starting on a node" in run.stderr
 
 
 # =========================================================================== operations: systemd, logs, dry run, README setup
