@@ -4170,6 +4170,52 @@ def test_a_manual_rollback_of_a_healthy_digest_holds_it_back(aws, images, clean_
     assert service_image_of(swarm, sid)[0] == old
     assert labels_of(swarm, sid)[ed.FAILED_LABEL].startswith(f"{v2} rolled back at ")
 
+def test_a_failure_record_holds_back_only_its_own_digest(aws, images, clean_swarm):
+    """The record names one digest: a push of another rolls the service, and the record goes (the tag moved on)."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1, failed, fixed = (images.push(repo, "latest", content) for content in ("v1", "v2-failed", "v3-fixed"))
+    sid = swarm.create_service("recorded", f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0,
+                               labels={ed.FAILED_LABEL: ed.failure_record(failed, "paused", "node-1", time.time(), "")})
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=fixed))
+    run = run_once(deployer_env(aws, swarm), "--queue", queue, "--reconcile-every", "0")
+    assert run.returncode == 0, run.stderr
+    assert [line.split(" INFO ")[-1] for line in updated_lines(run.stderr)] == \
+        [f"Updated service recorded ({sid[:12]}) to {registry.host}/{repo}:latest@{fixed}"]
+    assert ed.FAILED_LABEL not in labels_of(swarm, sid)
+    assert "holds back" not in run.stderr
+
+
+def test_swarms_paused_rollback_is_held_back_but_never_recorded(aws, images, clean_swarm):
+    """Swarm's rollback that itself failed waits in rollback_paused: a label-only update (the record) would
+    resume that rollback, so the deployer holds the digest back and posts nothing."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    # Both exit 1: the update to v2 fails and Swarm rolls back, to v1, which fails as well, so the rollback pauses.
+    v1 = images.push(repo, "latest", "v1-broken", cmd=BROKEN_CMD)
+    v2 = images.push(repo, "latest", "v2-broken", cmd=BROKEN_CMD)
+    old, new = f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{v2}"
+    sid = swarm.create_service("rb-paused", old, registry=registry,
+                               update_config={**FAST_MONITOR, "FailureAction": "rollback"})
+    spec = swarm.service(sid)
+    spec["Spec"]["RollbackConfig"] = {**FAST_MONITOR, "FailureAction": "pause"}
+    spec["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] = new
+    swarm.post(f"/services/{sid}/update", params={"version": spec["Version"]["Index"]}, json=spec["Spec"],
+               headers={"X-Registry-Auth": ed.registry_auth_header("AWS", registry.password, registry.host)})
+    wait_for(lambda: (swarm.service(sid).get("UpdateStatus") or {}).get("State") == "rollback_paused", 90,
+             what=lambda: (swarm.service(sid).get("UpdateStatus"), swarm.task_states(sid)))
+    before = swarm.service(sid)
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    run = run_once(deployer_env(aws, swarm), "--queue", queue, "--reconcile-every", "0")
+    assert run.returncode == 0, run.stderr
+    after = swarm.service(sid)
+    assert after["Version"] == before["Version"] and after["UpdateStatus"] == before["UpdateStatus"]
+    assert ed.FAILED_LABEL not in labels_of(swarm, sid)
+    assert f"Service rb-paused ({sid[:12]}) holds back {v2}" in run.stderr
+    assert updated_lines(run.stderr) == [] and "Recorded on" not in run.stderr
+
 
 def status(env, *args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, DEPLOYER, "--status", *args], env=env, capture_output=True, text=True,
