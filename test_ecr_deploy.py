@@ -1787,10 +1787,33 @@ def test_failed_rollout_is_reported_paused_and_wait_exits_1(aws, images, clean_s
     assert samples[("ecr_deploy_rollouts_total", "completed")] == 0
 
 
+LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"  # Debian package faketime
+
+
+def clock_checked(command: list[str], env: dict, offset: float) -> None:
+    """A preload the loader cannot find is ignored with a warning, and the clock stays true: check that a
+    Python run as the deployer is (`command`, `env`) sees its clock `offset` seconds off."""
+    seen = subprocess.run([*command, "-c", "import time; print(time.time())"], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert seen.returncode == 0, seen.stderr
+    assert abs(float(seen.stdout) - time.time() - offset) < 5, (f"the clock is not {offset:+.0f}s off", seen.stderr)
+
+
+def faked_clock(env: dict, offset: float) -> dict:
+    """`env` with the deployer's clock `offset` seconds off and running on (libfaketime; dockerd, moto and
+    the registries keep the true time), the skew checked."""
+    if not pathlib.Path(LIBFAKETIME).exists():
+        rig_unavailable("faketime is not installed (apt-get install faketime)")
+    skewed = {**env, "LD_PRELOAD": LIBFAKETIME, "FAKETIME": f"{offset:+.0f}s", "TZ": "UTC"}
+    clock_checked([sys.executable], skewed, offset)
+    return skewed
+
+
 def run_skewed(skew: str, env: dict, *args: str) -> subprocess.CompletedProcess:
-    """The deployer in --once mode with its clock off by `skew` (faketime; dockerd keeps the true time)."""
+    """The deployer in --once mode with its clock off by `skew` seconds (faketime, checked)."""
     if not shutil.which("faketime"):
         rig_unavailable("faketime is not installed (apt-get install faketime)")
+    clock_checked(["faketime", "-f", skew, sys.executable], env, float(skew.removesuffix("s")))
     return subprocess.run(["faketime", "-f", skew, sys.executable, DEPLOYER, "--once", *args], env=env,
                           capture_output=True, text=True, timeout=120)
 
@@ -3010,8 +3033,6 @@ def test_blocked_notification_names_the_reason_and_no_duration():
 
 # =========================================================================== scan gate: on the rig
 
-FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"  # Debian package faketime
-
 
 def event_time(epoch: float | None = None) -> str:
     """Now (or then), as EventBridge writes an event's time: the scan wait runs from it."""
@@ -3202,7 +3223,7 @@ def test_gated_service_deploys_within_seconds_of_its_scan_event(aws, images, cle
                                labels={ed.SCAN_THRESHOLD_LABEL: "HIGH"})
     queue = aws.new_queue()
     # Its clock two hours fast: the scan timeout (30 min) is measured by AWS's clock, or it would block.
-    env = deployer_env(aws, swarm, LD_PRELOAD=FAKETIME, FAKETIME="+2h")
+    env = faked_clock(deployer_env(aws, swarm), 2 * 3600)
     metrics = tmp_path / "metrics.prom"
     deployer = Running(env, "--queue", queue, "--metrics-file", str(metrics))
     try:
@@ -4428,14 +4449,9 @@ def test_release_flag_usage_errors(monkeypatch, capsys, argv, message):
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
-LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
-
-
 def clock_at(env: dict, at: datetime.datetime) -> dict:
-    """The deployer's clock set to `at` (and running on from there): libfaketime, as `faketime` does."""
-    if not pathlib.Path(LIBFAKETIME).exists():
-        rig_unavailable("faketime is not installed (apt-get install faketime)")
-    return {**env, "LD_PRELOAD": LIBFAKETIME, "FAKETIME": f"{at.timestamp() - time.time():+.0f}s", "TZ": "UTC"}
+    """The deployer's clock set to `at` (and running on from there)."""
+    return faked_clock(env, at.timestamp() - time.time())
 
 
 def logged_at(line: str) -> datetime.datetime:
@@ -4505,7 +4521,8 @@ def test_min_age_counts_from_ecrs_push_time_and_survives_a_restart(aws, images, 
     pushed = time.monotonic()
     queue = aws.new_queue()
     aws.send(queue, event(repository=repo, digest=v2))
-    env = deployer_env(aws, swarm)
+    # The deployer's clock an hour fast: by it, v2 is an hour old; only ECR's Date against its push time waits.
+    env = faked_clock(deployer_env(aws, swarm), 3600)
     args = ("--queue", queue, "--auth-refresh", "0")
     first = Running(env, *args)
     try:
@@ -4567,7 +4584,8 @@ def test_a_wave_follows_its_leader_after_the_soak_and_never_takes_a_failed_diges
     new = f"{registry.host}/{repo}:latest@{v2}"
     queue = aws.new_queue()
     aws.send(queue, event(repository=repo, digest=v2))
-    env = deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1")
+    # The deployer's clock an hour fast: by it, wave-web soaked long ago; the soak is by Swarm's clock.
+    env = faked_clock(deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1"), 3600)
     args = ("--queue", queue, "--auth-refresh", "0")
     first = Running(env, *args)
     try:
@@ -4583,8 +4601,8 @@ def test_a_wave_follows_its_leader_after_the_soak_and_never_takes_a_failed_diges
     finally:
         assert second.stop() == 0
     completed = ed.parse_swarm_time(swarm.service(web)["UpdateStatus"]["CompletedAt"])
-    update = next(line for line in second.log.splitlines() if "Updated service wave-api" in line)
-    assert (logged_at(update) - completed).total_seconds() >= 5 - 1  # (Swarm's clock and ours, on one machine)
+    updated = ed.parse_swarm_time(swarm.service(api)["UpdatedAt"])  # both by Swarm's clock
+    assert 5 <= (updated - completed).total_seconds() < 15
     assert len([line for line in updated_lines(first.log + second.log) if "wave-api" in line]) == 1
 
     broken = images.push(repo, "latest", "v3-broken", cmd=BROKEN_CMD)
@@ -4619,8 +4637,9 @@ def test_promotion_tags_a_soaked_digest_once_for_production_and_never_a_failed_o
     queue = aws.new_queue()
     aws.send(queue, event(repository=repo, digest=v2))
     summary = tmp_path / "summary.json"
-    env = deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1", DEPLOYER_NOTIFY_URL=webhook.url,
-                       DEPLOYER_SUMMARY_FILE=str(summary))
+    # The deployer's clock an hour fast: the soak is by Swarm's clock, or it would promote at once.
+    env = faked_clock(deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1", DEPLOYER_NOTIFY_URL=webhook.url,
+                                   DEPLOYER_SUMMARY_FILE=str(summary)), 3600)
     args = ("--queue", queue, "--auth-refresh", "0", "--reconcile-every", "2s")
     first = Running(env, *args)
     try:
