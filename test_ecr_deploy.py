@@ -1084,23 +1084,69 @@ def test_burst_coalesces_into_one_update_per_service(aws, images, clean_swarm, c
               f"updates in {elapsed:.2f}s (one --once run, incl. process start and the final 1 s poll)")
 
 
-def test_two_deployers_on_one_queue_update_each_service_exactly_once(aws, images, clean_swarm, capsys):
+class ForcedRace:
+    """Two deployers made to collide: each talks to dockerd through a FaultProxy of its own, which holds
+    every service update it posts until both processes have their listing of the services in hand
+    (GET /services answered), so both post against the same Version of the same service and one is
+    refused ("update out of sequence"). With `queue`, each also reaches SQS through a proxy that holds its
+    first ReceiveMessage until the other's has come, so both take messages (ten each, of twenty)."""
+
+    def __init__(self, swarm, workdir, aws=None):
+        tag = uuid.uuid4().hex[:6]
+        self.docker = [FaultProxy(swarm.base, unix_path=str(workdir / f"race-{tag}-{i}.sock")) for i in range(2)]
+        self.sqs = [FaultProxy(aws.url) for _ in range(2)] if aws else []
+        self.receiving = threading.Barrier(2, timeout=30)
+        for proxy in self.docker:
+            proxy.rule = self.hold_updates_until_both_listed
+        for proxy in self.sqs:
+            proxy.rule = lambda key, proxy=proxy: self.first_receives_together(proxy, key)
+
+    @staticmethod
+    def listed(proxy) -> bool:
+        return any(re.fullmatch(r"GET /v[0-9.]+/services(\?.*)?", key) for key, _ in list(proxy.seconds))
+
+    def hold_updates_until_both_listed(self, key):
+        if key.startswith("POST ") and re.search(r"/services/[^/]+/update", key):
+            wait_for(lambda: all(self.listed(p) for p in self.docker), 30, interval=0.02,
+                     what="both deployers to list the services")
+        return None
+
+    def first_receives_together(self, proxy, key):
+        if "ReceiveMessage" in key and sum("ReceiveMessage" in k for k in proxy.seen) == 1:
+            self.receiving.wait()
+        return None
+
+    def env(self, env: dict, i: int) -> dict:
+        return {**env, "DOCKER_HOST": self.docker[i].url, **({"AWS_ENDPOINT_URL": self.sqs[i].url} if self.sqs else {})}
+
+    def close(self):
+        for proxy in self.docker + self.sqs:
+            proxy.close()
+
+
+def test_two_deployers_on_one_queue_update_each_service_exactly_once(aws, images, clean_swarm, workdir, capsys):
     swarm, registry = clean_swarm, REGISTRIES[0]
-    ids, targets = burst(images, swarm, registry, n_images=6, services_per_image=2)
+    ids, targets = burst(images, swarm, registry, n_images=1, services_per_image=3)
     queue = aws.new_queue()
-    aws.send(queue, *[event(repository=repo, digest=digest) for repo, digest in targets.items()] * 5)
-    env = deployer_env(aws, swarm)
-    procs = [subprocess.Popen([sys.executable, DEPLOYER, "--once", "--queue", queue], env=env,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    logs = [p.communicate(timeout=120)[1] for p in procs]
+    aws.send(queue, *[event(repository=repo, digest=digest) for repo, digest in targets.items()] * 20)
+    race = ForcedRace(swarm, workdir, aws)
+    try:
+        procs = [subprocess.Popen([sys.executable, DEPLOYER, "--once", "--queue", queue],
+                                  env=race.env(deployer_env(aws, swarm), i), stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+        logs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        race.close()
     assert [p.returncode for p in procs] == [0, 0], logs
     for sid, image in ids:
         assert service_image_of(swarm, sid) == (image, 1)  # ForceUpdate bumped exactly once
     assert sum(len(updated_lines(log)) for log in logs) == len(ids)
     assert aws.queue_depth(queue) == 0
+    conflicts = sum(log.count("changed while updating") for log in logs)
+    assert conflicts >= 1 and "already runs" in "".join(logs), logs  # the loser re-read the service, found it done
     with capsys.disabled():
         print(f"\n[two deployers] updates per process: {[len(updated_lines(log)) for log in logs]}, "
-              f"conflict retries: {sum(log.count('changed while updating') for log in logs)}")
+              f"conflict retries: {conflicts}")
 
 
 class InterferingDocker(ed.Docker):
@@ -4060,7 +4106,7 @@ def test_a_reconcile_pass_asks_ecr_once_per_repository_and_not_at_all_without_fo
     assert {sid: swarm.service(sid)["Version"]["Index"] for sid in versions} == versions  # all current: no update
 
 
-def test_two_deployers_reconciling_at_once_update_each_service_once(aws, images, clean_swarm):
+def test_two_deployers_reconciling_at_once_update_each_service_once(aws, images, clean_swarm, workdir):
     swarm, registry = clean_swarm, REGISTRIES[0]
     account, region = registry.account, registry.region
     ids = {}
@@ -4070,14 +4116,18 @@ def test_two_deployers_reconciling_at_once_update_each_service_once(aws, images,
         for n in range(3):
             ids[swarm.create_service(f"both-{i}-{n}", f"{registry.host}/{repo}:latest@{v1}", replicas=0)] = \
                 f"{registry.host}/{repo}:latest@{v2}"
-    env = deployer_env(aws, swarm)
-    procs = [subprocess.Popen([sys.executable, DEPLOYER, "--reconcile"], env=env, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    logs = [p.communicate(timeout=120)[1] for p in procs]
+    race = ForcedRace(swarm, workdir)
+    try:
+        procs = [subprocess.Popen([sys.executable, DEPLOYER, "--reconcile"], env=race.env(deployer_env(aws, swarm), i),
+                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
+        logs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        race.close()
     assert [p.returncode for p in procs] == [0, 0], logs
     for sid, image in ids.items():
         assert service_image_of(swarm, sid) == (image, 1)  # ForceUpdate bumped exactly once
     assert sum(len(updated_lines(log)) for log in logs) == len(ids)
+    assert "changed while updating" in "".join(logs) and "already runs" in "".join(logs), logs
 
 
 def test_a_failed_digest_rolls_out_once_across_redeliveries_reconcile_passes_and_restarts(
