@@ -4726,6 +4726,52 @@ def test_promotion_tags_a_soaked_digest_once_for_production_and_never_a_failed_o
     assert prod_now["imageDigest"] == v2  # a failed staging rollout never reaches production
     assert service_image_of(swarm, prod)[0].endswith(v2)
 
+def test_two_managers_promoting_an_image_index_at_once_tag_it_once_as_the_same_index(aws, images, clean_swarm):
+    """Both deployers decide to promote, and both PutImage (held until both have come): ECR takes the first and
+    refuses the second as ImageAlreadyExistsException, which counts as done. What ECR is sent is the index's
+    own bytes as an index (moto keeps the media type of a manifest it holds whatever PutImage says, so the
+    request itself is checked)."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    pushed = images.push_buildx(repo, "latest", "v1")
+    stage = swarm.create_service("stage-index", f"{registry.host}/{repo}:latest@{pushed.index}", replicas=0,
+                                 labels={ed.PROMOTE_LABEL: "prod"})
+    together, arrived = threading.Barrier(2, timeout=30), []
+
+    def put_images_together(key):
+        if "PutImage" in key:
+            if together.wait() == 0:  # the other is on its way too: let it reach ECR first
+                time.sleep(0.3)
+            arrived.append(key)
+        return None
+
+    proxies = [FaultProxy(aws.url) for _ in range(2)]
+    for proxy in proxies:
+        proxy.rule = put_images_together
+    try:
+        procs = [subprocess.Popen([sys.executable, DEPLOYER, "--reconcile"], stderr=subprocess.PIPE, text=True,
+                                  env=deployer_env(aws, swarm, AWS_ENDPOINT_URL=proxy.url)) for proxy in proxies]
+        logs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for proxy in proxies:
+            proxy.close()
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert len(arrived) == 2, logs  # both managers put the tag
+    promoted = [line for log in logs for line in log.splitlines() if " Promoted " in line]
+    assert len(promoted) == 1 and f"Promoted {registry.host}/{repo}:prod@{pushed.index}: service stage-index " \
+                                  f"({stage[:12]}) runs it" in promoted[0], logs
+    assert "Cannot promote" not in "".join(logs)
+    ecr = aws.client("ecr", registry.region)
+    index_bytes = ecr.batch_get_image(repositoryName=repo, imageIds=[{"imageDigest": pushed.index}])["images"][0][
+        "imageManifest"]
+    for proxy in proxies:
+        (sent,) = [json.loads(body) for key, body in proxy.bodies if "PutImage" in key]
+        assert (sent["imageTag"], sent["imageDigest"], sent["imageManifestMediaType"], sent["imageManifest"]) == \
+            ("prod", pushed.index, "application/vnd.oci.image.index.v1+json", index_bytes)
+    prod = ecr.batch_get_image(repositoryName=repo, imageIds=[{"imageTag": "prod"}])["images"][0]
+    assert prod["imageId"]["imageDigest"] == pushed.index
+    assert prod["imageManifestMediaType"] == "application/vnd.oci.image.index.v1+json"
+
 
 
 # =========================================================================== image indexes: buildx pushes, and their scans

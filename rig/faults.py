@@ -20,11 +20,12 @@ class FaultProxy:
 
     rule(key) -> None (forward) | an HTTP status to answer instead | (status, JSON document) to answer
     instead (an AWS error: {"__type": "AccessDenied", ...}) | "stall" (hold until released)
-    where key is "METHOD PATH X-Amz-Target". Every key is recorded in `seen`.
+    where key is "METHOD PATH X-Amz-Target". Every key is recorded in `seen`, with its body in `bodies`.
     """
 
     def __init__(self, upstream: str, unix_path: str | None = None):
         self.rule, self.seen, self.seconds = None, [], []  # seconds: (key, upstream time) per request
+        self.bodies: list[tuple[str, bytes]] = []  # (key, request body): what the server was sent
         self.stalled, self.released = threading.Event(), threading.Event()
         http = requests_unixsocket.Session() if unix_path or upstream.startswith("http+unix") else requests.Session()
         http.trust_env = False
@@ -40,6 +41,7 @@ class FaultProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 key = f"{self.command} {self.path} {self.headers.get('X-Amz-Target', '')}".strip()
                 proxy.seen.append(key)
+                proxy.bodies.append((key, body))
                 action = proxy.rule(key) if proxy.rule else None
                 if action == "stall":
                     proxy.stalled.set()
