@@ -4433,8 +4433,10 @@ def test_release_policy(labels, defaults, age, leaders, swarm_now, expected):
 def test_release_policy_reasons_say_when_the_wait_ends():
     window = ed.release_policy({ed.WINDOW_LABEL: BERLIN_WEEKDAYS}, {}, NOW_EPOCH, 0, [], None)
     assert window.reason == f"outside its deploy window {BERLIN_WEEKDAYS!r}: opens 2026-12-07T08:00:00Z (in 10s)"
-    aged = ed.release_policy({ed.MIN_AGE_LABEL: "10m"}, {}, NOW_EPOCH, 90061.0 - 86400, [], None)
-    assert aged.reason == "pushed 1h 1m 1s ago, ecr-deploy.min-age 10m: rolls in 0s" or aged.decision == "deploy"
+    young = ed.release_policy({ed.MIN_AGE_LABEL: "2h"}, {}, NOW_EPOCH, 3661.0, [], None)
+    assert young == ed.Release("wait", "pushed 1h 1m 1s ago, ecr-deploy.min-age 2h: rolls in 58m 59s",
+                               NOW_EPOCH + 3539)
+    assert ed.release_policy({ed.MIN_AGE_LABEL: "1h"}, {}, NOW_EPOCH, 3661.0, [], None).decision == "deploy"
     with pytest.raises(ValueError):
         ed.release_policy({ed.MIN_AGE_LABEL: "soon"}, {}, NOW_EPOCH, 0, [], None)
 
