@@ -4388,6 +4388,75 @@ def test_status_shows_each_state_and_its_exit_code_tells_monitoring(aws, images,
     assert row["source"].startswith("push event ") and row["deployed_by"]
     assert status(env).returncode == 5
 
+def test_status_exit_code_of_each_state_on_its_own(aws, images, clean_swarm):
+    """Every state --status names, each the only row of a run (--filter-label), and the exit code it gives
+    monitoring on its own: 0 nothing to do, 4 the deployer will act, 5 someone must, 1 the status is unknown."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region, host = registry.account, registry.region, registry.host
+    auth = {"registry": registry}
+
+    def case(name):
+        return {"status-case": name}
+
+    def update_to(sid, image, name):
+        swarm.update(sid, lambda spec: (spec["TaskTemplate"]["ContainerSpec"].update(Image=image),
+                                        spec["Labels"].update(case(name))), **auth)
+
+    repo = images.new_repository()
+    v1, v2 = (aws.put_image(account, region, repo, "latest", c) for c in ("v1", "v2"))
+    ids = {"current": swarm.create_service("st-current", f"{host}/{repo}:latest@{v2}", replicas=0, labels=case("current")),
+           "pinned": swarm.create_service("st-pinned", f"{host}/{repo}@{v1}", replicas=0, labels=case("pinned")),
+           "job": swarm.create_service("st-job", f"{host}/{repo}:latest@{v1}", mode=JOB, labels=case("job")),
+           "not pinned": swarm.create_service("st-unpinned", f"{host}/{repo}:latest", replicas=0,
+                                              labels=case("not pinned")),
+           "behind": swarm.create_service("st-behind", f"{host}/{repo}:latest@{v1}", replicas=0, labels=case("behind")),
+           "held back": swarm.create_service("st-held", f"{host}/{repo}:latest@{v1}", replicas=0, labels={
+               **case("held back"), ed.FAILED_LABEL: ed.failure_record(v2, "paused", "mgr-1", time.time(), "")}),
+           "tag gone": swarm.create_service("st-gone", f"{host}/{repo}:deleted@{v1}", replicas=0, labels=case("tag gone")),
+           "unknown": swarm.create_service("st-unknown", f"{host}/{repo}:latest@{v1}", replicas=0, labels=case("unknown"))}
+    for state, scan in (("blocked", (DONE, {"CRITICAL": 1})), ("waiting", ("IN_PROGRESS", None))):
+        gated = images.new_repository()
+        g1, g2 = (aws.put_image(account, region, gated, "latest", c) for c in ("g1", "g2"))
+        aws.set_scan(account, region, gated, g2, scan[0], scan[1])
+        ids[state] = swarm.create_service(f"st-{state}", f"{host}/{gated}:latest@{g1}", replicas=0,
+                                          labels={**case(state), ed.SCAN_THRESHOLD_LABEL: "HIGH"})
+    # Three that Swarm puts in a state: a rollout it monitors for 30 s; one that paused on a task exiting 1;
+    # one rolled back (`docker service rollback` after a rollout that completed), monitored for 30 s.
+    slow_repo, ids["rolling out"], _, slow_v2 = slow_rollout(images, swarm, "st-rolling-out", SLOW_MONITOR)
+    update_to(ids["rolling out"], f"{host}/{slow_repo}:latest@{slow_v2}", "rolling out")
+    for state, cmd in (("failed", BROKEN_CMD), ("rolling back", None)):
+        other_repo = images.new_repository()
+        good, second = images.push(other_repo, "latest", "v1"), images.push(other_repo, "latest", "v2", cmd=cmd)
+        ids[state] = swarm.create_service(f"st-{state.replace(' ', '-')}", f"{host}/{other_repo}:latest@{good}",
+                                          update_config=FAST_MONITOR, labels=case(state), **auth,
+                                          rollback_config=SLOW_MONITOR)  # (a rollback restores this spec)
+        swarm.wait_running(ids[state], f"{host}/{other_repo}:latest@{good}")
+        update_to(ids[state], f"{host}/{other_repo}:latest@{second}", state)
+    wait_for(lambda: (swarm.service(ids["rolling back"]).get("UpdateStatus") or {}).get("State") == "completed", 60,
+             what=lambda: swarm.service(ids["rolling back"]).get("UpdateStatus"))
+    rolled = swarm.service(ids["rolling back"])
+    swarm.post(f"/services/{ids['rolling back']}/update", json=rolled["Spec"],
+               params={"version": rolled["Version"]["Index"], "rollback": "previous"})
+    images.aws.client("ecr").batch_delete_image(repositoryName=repo, imageIds=[{"imageTag": "deleted"}])
+    swarm_states = {"rolling out": "updating", "failed": "paused", "rolling back": "rollback_started"}
+    wait_for(lambda: {s: (swarm.service(ids[s]).get("UpdateStatus") or {}).get("State") for s in swarm_states}
+             == swarm_states, 60, what=lambda: {s: swarm.service(ids[s]).get("UpdateStatus") for s in swarm_states})
+
+    env = deployer_env(aws, swarm, DEPLOYER_QUEUE="")
+    proxy = FaultProxy(aws.url)  # ECR refuses DescribeImages: the status of what it would say is unknown
+    proxy.rule = lambda key: (400, {"__type": "AccessDeniedException", "message": "not authorized to perform: "
+                                    "ecr:DescribeImages"}) if "DescribeImages" in key else None
+    seen = {}
+    try:
+        for state in ed.STATUS_EXIT:
+            run = status({**env, "AWS_ENDPOINT_URL": proxy.url} if state == "unknown" else env, "--json",
+                         "--scan-timeout", "1h", "--filter-label", f"status-case={state}")
+            rows = json.loads(run.stdout or "null")
+            seen[state] = (rows and [r["state"] for r in rows], run.returncode)
+    finally:
+        proxy.close()
+    assert seen == {state: ([state], code) for state, code in ed.STATUS_EXIT.items()}
+
 
 # =========================================================================== release policy: windows, min-age, waves, promotion
 
