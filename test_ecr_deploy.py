@@ -4446,16 +4446,20 @@ def test_status_exit_code_of_each_state_on_its_own(aws, images, clean_swarm):
     proxy = FaultProxy(aws.url)  # ECR refuses DescribeImages: the status of what it would say is unknown
     proxy.rule = lambda key: (400, {"__type": "AccessDeniedException", "message": "not authorized to perform: "
                                     "ecr:DescribeImages"}) if "DescribeImages" in key else None
+    documented = {"current": 0, "pinned": 0, "job": 0, "rolling out": 0, "not pinned": 0,  # README, --status
+                  "behind": 4, "waiting": 4, "rolling back": 4,
+                  "held back": 5, "blocked": 5, "failed": 5, "tag gone": 5, "unknown": 1}
+    assert documented.keys() == ed.STATUS_EXIT.keys()  # every state --status can show
     seen = {}
     try:
-        for state in ed.STATUS_EXIT:
+        for state in documented:
             run = status({**env, "AWS_ENDPOINT_URL": proxy.url} if state == "unknown" else env, "--json",
                          "--scan-timeout", "1h", "--filter-label", f"status-case={state}")
             rows = json.loads(run.stdout or "null")
             seen[state] = (rows and [r["state"] for r in rows], run.returncode)
     finally:
         proxy.close()
-    assert seen == {state: ([state], code) for state, code in ed.STATUS_EXIT.items()}
+    assert seen == {state: ([state], code) for state, code in documented.items()}
 
 
 # =========================================================================== release policy: windows, min-age, waves, promotion
