@@ -1341,6 +1341,8 @@ def test_loop_mode_survives_a_moto_server_restart(aws, images, clean_swarm):
         deployed_then_stopped(aws, swarm, running, queue, repo, v2, sid, after="moto_server came back")
     finally:
         running.kill()
+        if aws.proc.poll() is not None:  # failed mid-outage: the tests after this one need moto_server
+            aws.start()
     assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v2}", 1)
 
 
@@ -2763,6 +2765,8 @@ def test_service_index_recovers_after_a_dockerd_restart(aws, images, clean_swarm
         assert running.stop() == 0
     finally:
         running.kill()
+        if swarm.proc.poll() is not None:  # failed mid-outage: the tests after this one need the swarm
+            swarm.start()
     assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v3}", 2)
     assert service_image_of(swarm, other) == (f"{registry.host}/{other_repo}:latest@{w2}", 1)
     assert running.log.count("Listed ") == 2, running.log  # once at the first push, once after the restart
@@ -5175,7 +5179,12 @@ def cluster(workdir, registries):
     print(f"\n[cluster] {len(rig.managers)} managers + {len(rig.workers)} worker up in "
           f"{time.monotonic() - started:.1f}s", file=sys.__stderr__)
     yield rig
+    # Nothing left behind on the host, checked here rather than by a test that must run last.
+    before = cluster_rig.leftovers()
+    assert any(item.startswith("netns ") for item in before) and any(item.startswith("process ") for item in before)
     rig.close()
+    assert cluster_rig.leftovers() == []
+    assert all(not (cluster_rig.NETNS_ETC / node.netns).exists() for node in rig.nodes)
 
 
 @pytest.fixture
@@ -5430,10 +5439,23 @@ def test_a_manager_whose_docker_is_down_takes_no_messages_and_a_healthy_one_depl
               f"{deployed_after:.1f}s after it started (queue visibility timeout 30 s); nothing in the DLQ")
 
 
-def test_cluster_teardown_leaves_nothing_behind(cluster):
-    """Last of its section: it tears the shared cluster down (its fixture's teardown then does nothing)."""
-    before = cluster_rig.leftovers()
-    assert any(item.startswith("netns ") for item in before) and any(item.startswith("process ") for item in before)
-    cluster.close()
-    assert cluster_rig.leftovers() == []
-    assert all(not (cluster_rig.NETNS_ETC / node.netns).exists() for node in cluster.nodes)
+def test_a_deployer_on_a_worker_exits_3_at_start_and_touches_no_service(aws, images, clean_cluster):
+    """A worker fails every service call for ever: the deployer says so at start, as systemd runs it."""
+    cluster, registry = clean_cluster, REGISTRIES[0]
+    (worker,) = cluster.workers
+    assert worker.info()["Swarm"]["ControlAvailable"] is False
+    manager = cluster.leader()
+    repo, (v1, v2), sid = service_on_new_repo(images, manager, "on-worker")
+    version = manager.service(sid)["Version"]["Index"]
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    for args in (("--queue", queue), ("--once", "--queue", queue), ("--reconcile",), ("--refresh-auth",)):
+        run = subprocess.run([sys.executable, DEPLOYER, *args], env=deployer_env(aws, worker), capture_output=True,
+                             text=True, timeout=60)
+        assert run.returncode == 3, (args, run.stderr)
+        errors = [line for line in run.stderr.splitlines() if " ERROR " in line]
+        assert len(errors) == 1 and "Traceback" not in run.stderr, (args, run.stderr)
+        assert f"Docker at {worker.socket} is a swarm worker, not a manager: run ecr-deploy on a manager node" \
+               in errors[0], (args, errors)
+    assert manager.service(sid)["Version"]["Index"] == version
+    assert aws.queue_depth(queue) == 1  # not taken: a manager's deployer deploys it
