@@ -3497,7 +3497,7 @@ def test_an_image_index_signed_as_an_index_verifies_and_its_images_stay_unsigned
     assert signing.verify_cosign(signers, registry, repo, platforms[0]).returncode == 10
 
 
-def test_notation_refuses_a_signature_whose_certificate_has_expired(images, signers):
+def test_notation_refuses_a_signature_whose_certificate_has_expired(aws, images, clean_swarm, signers, verifiers):
     registry, repo = REGISTRIES[0], images.new_repository()
     lasting, expired = pushed(images, repo, 2)
     expires = signing.expiring_notation_key(signers, "expiring", datetime.timedelta(seconds=5))
@@ -3510,6 +3510,21 @@ def test_notation_refuses_a_signature_whose_certificate_has_expired(images, sign
     assert result.returncode == 1
     assert [re.sub(r'".*?"', '"…"', r) for r in signing.notation_refusals(result.stderr)] == [
         'verification time is after certificate "…" validity period, it was expired at "…"']
+
+    # The deployer, on the same digests: each service is behind its tag (:v0 at `lasting`, :v1 at `expired`).
+    swarm = clean_swarm
+    gated = {ed.SIGNATURE_LABEL: "notation"}
+    rolls = swarm.create_service("sig-lasting", f"{registry.host}/{repo}:v0@{expired}", replicas=0, labels=gated)
+    stays = swarm.create_service("sig-expired", f"{registry.host}/{repo}:v1@{lasting}", replicas=0, labels=gated)
+    folder, calls = verifiers
+    run = subprocess.run([sys.executable, DEPLOYER, "--reconcile"], env=signature_env(aws, swarm, signers, str(folder)),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert service_image_of(swarm, rolls)[0] == f"{registry.host}/{repo}:v0@{lasting}"
+    assert service_image_of(swarm, stays)[0] == f"{registry.host}/{repo}:v1@{lasting}"
+    assert f"Blocked service sig-expired ({stays[:12]}) from {registry.host}/{repo}:v1@{expired} by its signature " \
+           f"gate: the signing certificate is expired or revoked" in run.stderr, run.stderr
+    assert len(verifier_calls(calls)) == 2  # notation ran, once per digest
 
 
 def test_a_verifier_inherits_the_system_s_settings_and_not_the_deployer_s():
