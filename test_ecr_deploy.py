@@ -2369,10 +2369,10 @@ def frozen(registry):
         os.kill(registry.proc.pid, signal.SIGCONT)
 
 
-def test_the_keeper_leaves_paused_updating_and_starting_services_alone(aws, images, clean_swarm):
-    """A re-post of a paused service resumes its failed rollout; of one mid-update, restarts it; of one with a
-    task pulling on a node, replaces that task. The keeper skips all three, and they keep their Version and
-    UpdateStatus (what the last real rollout said), while an idle service beside them is refreshed."""
+def test_the_keeper_leaves_paused_updating_rolling_back_and_starting_services_alone(aws, images, clean_swarm):
+    """A re-post of a paused service resumes its failed rollout; of one mid-update (or mid-rollback), restarts
+    it; of one with a task pulling on a node, replaces that task. The keeper skips them all, and they keep their
+    Version and UpdateStatus (what the last real rollout said), while an idle service beside them is refreshed."""
     swarm, registry = clean_swarm, REGISTRIES[0]
     ids = {}
     # Paused: its update to a digest whose command exits 1 failed, and Swarm's FailureAction=pause held it.
@@ -2387,9 +2387,23 @@ def test_the_keeper_leaves_paused_updating_and_starting_services_alone(aws, imag
     slow_repo, ids["updating"], _, slow_v2 = slow_rollout(images, swarm, "updating", SLOW_MONITOR)
     swarm.update(ids["updating"], lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(
         Image=f"{registry.host}/{slow_repo}:latest@{slow_v2}"), registry=registry)
+    # Rolling back: `docker service rollback` after a rollout that completed; Swarm monitors the rollback 30 s.
+    back_repo = images.new_repository()
+    b1, b2 = images.push(back_repo, "latest", "b1"), images.push(back_repo, "latest", "b2")
+    ids["rolling-back"] = swarm.create_service("rolling-back", f"{registry.host}/{back_repo}:latest@{b1}",
+                                               registry=registry, update_config=FAST_MONITOR,
+                                               rollback_config=SLOW_MONITOR)
+    swarm.wait_running(ids["rolling-back"], f"{registry.host}/{back_repo}:latest@{b1}")
+    swarm.update(ids["rolling-back"], lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(
+        Image=f"{registry.host}/{back_repo}:latest@{b2}"), registry=registry)
     ids["idle"] = service_on_new_repo(images, swarm, "idle")[2]
     wait_for(lambda: swarm.service(ids["paused"]).get("UpdateStatus", {}).get("State") == "paused", 60,
              what=lambda: f"the broken update to pause: {swarm.service(ids['paused']).get('UpdateStatus')}")
+    wait_for(lambda: swarm.service(ids["rolling-back"]).get("UpdateStatus", {}).get("State") == "completed", 60,
+             what=lambda: swarm.service(ids["rolling-back"]).get("UpdateStatus"))
+    rolled = swarm.service(ids["rolling-back"])
+    swarm.post(f"/services/{ids['rolling-back']}/update", json=rolled["Spec"],
+               params={"version": rolled["Version"]["Index"], "rollback": "previous"})
     other = REGISTRIES[1]
     other_repo = images.new_repository(account=other.account)
     pulling = f"{other.host}/{other_repo}:latest@{images.push(other_repo, 'latest', 's1', account=other.account)}"
@@ -2399,6 +2413,7 @@ def test_the_keeper_leaves_paused_updating_and_starting_services_alone(aws, imag
         wait_for(lambda: [t["Status"]["State"] for t in swarm.tasks(ids["starting"])] == ["preparing"], 30,
                  what=lambda: f"a task pulling: {swarm.task_states(ids['starting'])}")
         assert swarm.service(ids["updating"])["UpdateStatus"]["State"] == "updating"
+        assert swarm.service(ids["rolling-back"])["UpdateStatus"]["State"] == "rollback_started"
         before = {name: swarm.service(sid) for name, sid in ids.items()}
         run = subprocess.run([sys.executable, DEPLOYER, "--refresh-auth"], env=deployer_env(aws, swarm),
                              capture_output=True, text=True, timeout=60)
@@ -2407,12 +2422,12 @@ def test_the_keeper_leaves_paused_updating_and_starting_services_alone(aws, imag
     assert still_preparing == ["preparing"]  # the same one task: the keeper's listing saw it starting
     after = {name: swarm.service(sid) for name, sid in ids.items()}
     assert after["idle"]["Version"]["Index"] > before["idle"]["Version"]["Index"]  # the keeper did post
-    for name in ("paused", "updating", "starting"):
+    for name in ("paused", "updating", "rolling-back", "starting"):
         assert after[name]["Version"] == before[name]["Version"], name
         assert after[name].get("UpdateStatus") == before[name].get("UpdateStatus"), name
     assert after["paused"]["UpdateStatus"]["State"] == "paused"  # not resumed
-    assert "Refreshed registry auth of 1 service(s); 3 skipped" in run.stderr
-    for name in ("paused", "updating"):
+    assert "Refreshed registry auth of 1 service(s); 4 skipped" in run.stderr
+    for name in ("paused", "updating", "rolling-back"):
         assert f"Service {name} ({ids[name][:12]}) is mid-update; its registry auth is refreshed next time" \
             in run.stderr
     assert f"Service starting ({ids['starting'][:12]}) has tasks starting on a node" in run.stderr
