@@ -2383,16 +2383,17 @@ def test_the_keeper_leaves_paused_updating_rolling_back_and_starting_services_al
     swarm.wait_running(ids["paused"], f"{registry.host}/{repo}:latest@{v1}")
     swarm.update(ids["paused"], lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(
         Image=f"{registry.host}/{repo}:latest@{broken}"), registry=registry)
-    # Updating: its new task runs, and Swarm monitors it for 30 s before the update completes.
-    slow_repo, ids["updating"], _, slow_v2 = slow_rollout(images, swarm, "updating", SLOW_MONITOR)
+    # Updating: its new task runs, and Swarm monitors it for a minute (longer than this test) before it completes.
+    minute = {"Monitor": 60_000_000_000}
+    slow_repo, ids["updating"], _, slow_v2 = slow_rollout(images, swarm, "updating", minute)
     swarm.update(ids["updating"], lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(
         Image=f"{registry.host}/{slow_repo}:latest@{slow_v2}"), registry=registry)
-    # Rolling back: `docker service rollback` after a rollout that completed; Swarm monitors the rollback 30 s.
+    # Rolling back: `docker service rollback` after a rollout that completed; Swarm monitors the rollback a minute.
     back_repo = images.new_repository()
     b1, b2 = images.push(back_repo, "latest", "b1"), images.push(back_repo, "latest", "b2")
     ids["rolling-back"] = swarm.create_service("rolling-back", f"{registry.host}/{back_repo}:latest@{b1}",
                                                registry=registry, update_config=FAST_MONITOR,
-                                               rollback_config=SLOW_MONITOR)
+                                               rollback_config=minute)
     swarm.wait_running(ids["rolling-back"], f"{registry.host}/{back_repo}:latest@{b1}")
     swarm.update(ids["rolling-back"], lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(
         Image=f"{registry.host}/{back_repo}:latest@{b2}"), registry=registry)
@@ -4464,16 +4465,16 @@ def test_status_exit_code_of_each_state_on_its_own(aws, images, clean_swarm):
         aws.set_scan(account, region, gated, g2, scan[0], scan[1])
         ids[state] = swarm.create_service(f"st-{state}", f"{host}/{gated}:latest@{g1}", replicas=0,
                                           labels={**case(state), ed.SCAN_THRESHOLD_LABEL: "HIGH"})
-    # Three that Swarm puts in a state: a rollout it monitors for 30 s; one that paused on a task exiting 1;
-    # one rolled back (`docker service rollback` after a rollout that completed), monitored for 30 s.
-    slow_repo, ids["rolling out"], _, slow_v2 = slow_rollout(images, swarm, "st-rolling-out", SLOW_MONITOR)
-    update_to(ids["rolling out"], f"{host}/{slow_repo}:latest@{slow_v2}", "rolling out")
+    # Three that Swarm puts in a state: one that paused on a task exiting 1; one rolled back (`docker service
+    # rollback` after a rollout that completed); a rollout. Swarm monitors the last two for a minute, longer
+    # than this test takes even on a busy machine.
+    minute = {"Monitor": 60_000_000_000}
     for state, cmd in (("failed", BROKEN_CMD), ("rolling back", None)):
         other_repo = images.new_repository()
         good, second = images.push(other_repo, "latest", "v1"), images.push(other_repo, "latest", "v2", cmd=cmd)
         ids[state] = swarm.create_service(f"st-{state.replace(' ', '-')}", f"{host}/{other_repo}:latest@{good}",
                                           update_config=FAST_MONITOR, labels=case(state), **auth,
-                                          rollback_config=SLOW_MONITOR)  # (a rollback restores this spec)
+                                          rollback_config=minute)  # (a rollback restores this spec)
         swarm.wait_running(ids[state], f"{host}/{other_repo}:latest@{good}")
         update_to(ids[state], f"{host}/{other_repo}:latest@{second}", state)
     wait_for(lambda: (swarm.service(ids["rolling back"]).get("UpdateStatus") or {}).get("State") == "completed", 60,
@@ -4481,6 +4482,8 @@ def test_status_exit_code_of_each_state_on_its_own(aws, images, clean_swarm):
     rolled = swarm.service(ids["rolling back"])
     swarm.post(f"/services/{ids['rolling back']}/update", json=rolled["Spec"],
                params={"version": rolled["Version"]["Index"], "rollback": "previous"})
+    slow_repo, ids["rolling out"], _, slow_v2 = slow_rollout(images, swarm, "st-rolling-out", minute)
+    update_to(ids["rolling out"], f"{host}/{slow_repo}:latest@{slow_v2}", "rolling out")
     images.aws.client("ecr").batch_delete_image(repositoryName=repo, imageIds=[{"imageTag": "deleted"}])
     swarm_states = {"rolling out": "updating", "failed": "paused", "rolling back": "rollback_started"}
     wait_for(lambda: {s: (swarm.service(ids[s]).get("UpdateStatus") or {}).get("State") for s in swarm_states}
