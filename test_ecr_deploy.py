@@ -4447,18 +4447,21 @@ def test_status_exit_code_of_each_state_on_its_own(aws, images, clean_swarm):
         swarm.update(sid, lambda spec: (spec["TaskTemplate"]["ContainerSpec"].update(Image=image),
                                         spec["Labels"].update(case(name))), **auth)
 
+    def idle(name, image, **more):
+        return swarm.create_service(f"st-{name.replace(' ', '-')}", image, replicas=0,
+                                    labels={**case(name), **more.pop("labels", {})}, **more)
+
     repo = images.new_repository()
     v1, v2 = (aws.put_image(account, region, repo, "latest", c) for c in ("v1", "v2"))
-    ids = {"current": swarm.create_service("st-current", f"{host}/{repo}:latest@{v2}", replicas=0, labels=case("current")),
-           "pinned": swarm.create_service("st-pinned", f"{host}/{repo}@{v1}", replicas=0, labels=case("pinned")),
+    ids = {"current": idle("current", f"{host}/{repo}:latest@{v2}"),
+           "pinned": idle("pinned", f"{host}/{repo}@{v1}"),
            "job": swarm.create_service("st-job", f"{host}/{repo}:latest@{v1}", mode=JOB, labels=case("job")),
-           "not pinned": swarm.create_service("st-unpinned", f"{host}/{repo}:latest", replicas=0,
-                                              labels=case("not pinned")),
-           "behind": swarm.create_service("st-behind", f"{host}/{repo}:latest@{v1}", replicas=0, labels=case("behind")),
-           "held back": swarm.create_service("st-held", f"{host}/{repo}:latest@{v1}", replicas=0, labels={
-               **case("held back"), ed.FAILED_LABEL: ed.failure_record(v2, "paused", "mgr-1", time.time(), "")}),
-           "tag gone": swarm.create_service("st-gone", f"{host}/{repo}:deleted@{v1}", replicas=0, labels=case("tag gone")),
-           "unknown": swarm.create_service("st-unknown", f"{host}/{repo}:latest@{v1}", replicas=0, labels=case("unknown"))}
+           "not pinned": idle("not pinned", f"{host}/{repo}:latest"),
+           "behind": idle("behind", f"{host}/{repo}:latest@{v1}"),
+           "held back": idle("held back", f"{host}/{repo}:latest@{v1}", labels={
+               ed.FAILED_LABEL: ed.failure_record(v2, "paused", "mgr-1", time.time(), "")}),
+           "tag gone": idle("tag gone", f"{host}/{repo}:deleted@{v1}"),
+           "unknown": idle("unknown", f"{host}/{repo}:latest@{v1}")}
     for state, scan in (("blocked", (DONE, {"CRITICAL": 1})), ("waiting", ("IN_PROGRESS", None))):
         gated = images.new_repository()
         g1, g2 = (aws.put_image(account, region, gated, "latest", c) for c in ("g1", "g2"))
