@@ -20,7 +20,7 @@ class FaultProxy:
 
     rule(key) -> None (forward) | an HTTP status to answer instead | (status, JSON document) to answer
     instead (an AWS error: {"__type": "AccessDenied", ...}) | "stall" (hold until released)
-    where key is "METHOD PATH X-Amz-Target". Every key is recorded in `seen`.
+    where key is "METHOD PATH X-Amz-Target". Every key is recorded in `seen`, with its body in `bodies`.
     answer(key, headers, body) -> None (forward) | (status, JSON document, headers): the hook of a
     proxy that corrects what the upstream answers (see rig.aws.EcrAsDocumented), asked after `rule`.
     An upstream that is down (moto_server restarting) closes the client's connection, unanswered.
@@ -28,6 +28,7 @@ class FaultProxy:
 
     def __init__(self, upstream: str, unix_path: str | None = None):
         self.rule, self.answer, self.seen, self.seconds = None, None, [], []  # seconds: (key, upstream time)
+        self.bodies: list[tuple[str, bytes]] = []  # (key, request body): what the server was sent
         self.stalled, self.released = threading.Event(), threading.Event()
         http = requests_unixsocket.Session() if unix_path or upstream.startswith("http+unix") else requests.Session()
         http.trust_env = False
@@ -43,6 +44,7 @@ class FaultProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 key = f"{self.command} {self.path} {self.headers.get('X-Amz-Target', '')}".strip()
                 proxy.seen.append(key)
+                proxy.bodies.append((key, body))
                 action = proxy.rule(key) if proxy.rule else None
                 if action == "stall":
                     proxy.stalled.set()

@@ -140,7 +140,7 @@ class Swarm:
         return self.call("POST", path, **kwargs)
 
     def create_service(self, name, image, labels=None, registry=None, replicas=1,
-                       update_config=None, mode=None, **task_template):
+                       update_config=None, mode=None, rollback_config=None, **task_template):
         """A service as the tests need it; `mode` replaces Replicated (e.g. a job), `task_template`
         adds to the TaskTemplate (e.g. Placement)."""
         spec = {"Name": name, "Labels": labels or {},
@@ -149,7 +149,8 @@ class Swarm:
                                       "Env": ["GREETING=hello"], "Mounts": [{"Type": "tmpfs", "Target": "/cache"}]},
                     "RestartPolicy": {"Condition": "any", "Delay": 1_000_000_000}, **task_template},
                 "Mode": mode or {"Replicated": {"Replicas": replicas}},
-                "UpdateConfig": {"Parallelism": 2, "Order": "stop-first", **(update_config or {})}}
+                "UpdateConfig": {"Parallelism": 2, "Order": "stop-first", **(update_config or {})},
+                **({"RollbackConfig": rollback_config} if rollback_config else {})}
         if ed.is_job(spec):
             del spec["UpdateConfig"]  # Swarm refuses one for jobs
         headers = {}
