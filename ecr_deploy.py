@@ -1343,6 +1343,27 @@ def signature_trust(labels: dict | None, default: Trust | None) -> Trust | None:
     return default if text is None else parse_trust(text)
 
 
+# Notation reads its trust policy with Go's encoding/json, which takes an object's key for a field of its
+# struct in any case ("Override" is override, "LEVEL" is level), and a field given twice is read twice (the
+# last wins, and a second object merges into the first): {"level": "strict", "Level": "audit"} is audit to
+# notation. The trust policy's field names, read here the same way; a field given twice is refused, not guessed.
+NOTATION_POLICY_FIELDS = {name.casefold(): name for name in (
+    "version", "trustPolicies", "name", "registryScopes", "signatureVerification", "level", "override",
+    "verifyTimestamp", "trustStores", "trustedIdentities")}
+
+
+def as_notation_reads(pairs: list[tuple[str, object]]) -> dict:
+    """One object of a trust policy as notation's Go structs hold it (json's object_pairs_hook);
+    ValueError for a field given twice."""
+    read: dict = {}
+    for key, value in pairs:
+        field = NOTATION_POLICY_FIELDS.get(key.casefold(), key)
+        if field in read:
+            raise ValueError(f"{field!r} is given twice in one object (notation would read both, the last winning)")
+        read[field] = value
+    return read
+
+
 def notation_statement(policy: dict, repository: str) -> dict | None:
     """The trust policy statement Notation applies to a repository (host/path): the one scoping it by
     name, else the one scoping "*" (Notation's own rule); None when none does."""
@@ -2432,7 +2453,7 @@ class SignatureGate(Gate):
                    f"releases read the first, 1.3 the second; keep trustpolicy.json alone"
         try:
             with open(path, encoding="utf-8") as file:
-                applied = notation_statement(json.load(file), repository)
+                applied = notation_statement(json.load(file, object_pairs_hook=as_notation_reads), repository)
         except (OSError, ValueError) as e:
             return f"cannot read Notation's trust policy {path}: {e}"
         applied_name = applied and str(applied.get("name"))

@@ -3673,6 +3673,36 @@ def test_the_notation_statement_is_checked_before_notation_runs(tmp_path, monkey
     assert verdict.decision == "blocked" and reason in verdict.reason, verdict
 
 
+@pytest.mark.parametrize("verification, reason", [
+    ('{"level": "strict", "Override": {"authenticity": "log"}}', "its override relaxes authenticity"),
+    ('{"LEVEL": "audit"}', "its signatureVerification level is 'audit'"),
+    ('{"level": "strict", "Level": "audit"}', "'level' is given twice"),  # notation: the last, audit
+    ('{"override": {"expiry": "log"}, "override": {}}', "'override' is given twice"),  # notation merges them
+])
+def test_a_trust_policy_is_read_as_notation_reads_it_any_case_and_no_field_twice(tmp_path, monkeypatch,
+                                                                                  verification, reason):
+    """notation (Go's encoding/json) takes a trust policy's field names in any case, and a field given
+    twice as the last one (objects merged): what the gate checks must be what notation enforces."""
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))  # were notation run, it would be "not installed"
+    (tmp_path / "trustpolicy.json").write_text(
+        '{"version": "1.0", "trustPolicies": [{"name": "all", "registryScopes": ["*"], "signatureVerification": '
+        f'{verification}, "trustStores": ["ca:x"], "trustedIdentities": ["*"]}}]}}')
+    gate = ed.SignatureGate(FixedCredentials(), ed.Trust("notation", ""), str(tmp_path))
+    push = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A)
+    verdict = gate.verdict({"Spec": {}}, push, DIGEST_A)
+    assert verdict.decision == "blocked" and reason in verdict.reason, verdict
+
+
+def test_a_trust_policy_in_another_case_is_the_policy_notation_applies(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    (tmp_path / "trustpolicy.json").write_text(json.dumps({"Version": "1.0", "TrustPolicies": [
+        {"Name": "web", "RegistryScopes": ["*"], "SignatureVerification": {"Level": "strict"}}]}))
+    gate = ed.SignatureGate(FixedCredentials(), ed.Trust("notation", "web"), str(tmp_path))
+    push = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A)
+    verdict = gate.verdict({"Spec": {}}, push, DIGEST_A)
+    assert verdict.decision == "blocked" and "notation is not installed" in verdict.reason, verdict  # it ran it
+
+
 def test_a_verifier_that_gives_no_answer_waits_and_blocks_once_the_bound_is_over(tmp_path, monkeypatch):
     folder = tmp_path / "bin"
     folder.mkdir()
@@ -4240,6 +4270,38 @@ def test_the_unit_as_installed_under_systemd_verifies_as_the_tests_do(aws, image
         assert {e["_SYSTEMD_UNIT"] for e in entries} == {"ecr-deploy.service"}
     finally:
         installed.stop()
+
+
+@pytest.mark.parametrize("strict, lax, reason", [
+    ('"level": "strict"', '"level": "strict", "Override": {"authenticity": "log"}', "its override relaxes authenticity"),
+    ('"level": "strict"', '"level": "strict", "Level": "audit"', "'level' is given twice"),
+])
+def test_a_trust_policy_notation_reads_as_lax_blocks_a_strangers_signature_it_would_pass(
+        aws, images, clean_swarm, signers, verifiers, tmp_path, strict, lax, reason):
+    """notation (Go's encoding/json) reads a field name in any case, and the last of a field given twice:
+    such a policy lets a stranger's signature through notation, so the gate must not call it strict."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    folder, _ = verifiers
+    trust = tmp_path / "notation"
+    shutil.copytree(signers.notation_trust, trust)
+    text = json.dumps(json.loads((trust / "trustpolicy.json").read_text()))
+    assert text.count(strict) == 1
+    (trust / "trustpolicy.json").write_text(text.replace(strict, lax))
+    repo = images.new_repository()
+    v1, v2 = (images.push(repo, "latest", f"{repo} {n}") for n in (1, 2))
+    signing.sign_notation(signers, registry, repo, v2, identity="other")
+    assert signing.verify_notation(signers, registry, repo, v2).returncode == 1  # strict: a stranger's
+    relaxed = signing.run(signing.notation_verify_command(signing.reference(registry, repo, v2)), check=False,
+                          env=signing.notation_env(signers, registry, trust, "notation-verify"))
+    assert relaxed.returncode == 0, relaxed.stderr  # notation read the policy as lax, and passed it
+    sid = swarm.create_service("sig-go-json", f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0,
+                               labels={ed.SIGNATURE_LABEL: "notation"})
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    env = {**signature_env(aws, swarm, signers, str(folder)), "DEPLOYER_NOTATION_DIR": str(trust)}
+    run = run_once(env, "--queue", queue, "--reconcile-every", "0")
+    assert service_image_of(swarm, sid)[0].endswith(v1), "rolled to a digest only a stranger signed"
+    assert reason in run.stderr, run.stderr
 
 
 def ed_run(command: list[str], env: dict) -> subprocess.CompletedProcess:
