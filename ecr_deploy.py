@@ -2392,9 +2392,9 @@ class SignatureGate(Gate):
         key = (trust, push.account, push.region, push.repository, digest)
         if key not in self._verdicts:
             verdict = self.verify(trust, push, digest)
-            if verdict.decision == "wait":
+            if verdict.decision == "wait":  # (past the bound: blocked, and remembered so, while it stays unanswered)
                 verdict = unanswered_verdict(verdict.reason, self.waited(key, push), self.unanswered_for)
-            if verdict.decision != "wait":
+            else:  # the verifier's own verdict: a later outage starts a wait of its own
                 self._unanswered.pop(key, None)
             self._verdicts[key] = verdict
         return self._verdicts[key]

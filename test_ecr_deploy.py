@@ -3750,6 +3750,36 @@ def test_a_reconcile_pass_waits_from_its_first_try_not_from_an_old_push(tmp_path
                    "503 Service Unavailable")
 
 
+def test_a_verifier_unanswered_past_the_bound_stays_blocked_not_waiting_afresh_every_other_pass(tmp_path, monkeypatch):
+    """Past the bound, a digest whose verifier still cannot answer is blocked at every pass (asked each
+    time), not given a fresh wait by the pass after the block: --status would flip between waiting and
+    blocked for ever, each other pass promising a retry."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "cosign").write_text("#!/bin/sh\necho 'error during command execution: GET https://h/v2/: unexpected "
+                                   "status code 503 Service Unavailable' >&2\nexit 1\n")
+    (folder / "cosign").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}:/usr/bin:/bin")
+    key = tmp_path / "k.pub"
+    key.write_text("a public key")
+    gate = ed.SignatureGate(FixedCredentials(), ed.Trust("cosign", str(key)), str(tmp_path))
+    push = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A, reconcile=True)
+    clock = [time.time()]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    decisions = []
+    for _ in range(4):  # hourly passes
+        gate.new_cycle()
+        decisions.append(gate.verdict({"Spec": {}}, push, DIGEST_A).decision)
+        clock[0] += 3600
+    assert decisions == ["wait", "blocked", "blocked", "blocked"]
+    (folder / "cosign").write_text("#!/bin/sh\necho 'Error: no matching signatures' >&2\nexit 1\n")
+    gate.new_cycle()
+    assert gate.verdict({"Spec": {}}, push, DIGEST_A).decision == "blocked"  # a verdict: the wait is forgotten
+    (folder / "cosign").write_text("#!/bin/sh\necho 'status code 503' >&2\nexit 1\n")
+    gate.new_cycle()
+    assert gate.verdict({"Spec": {}}, push, DIGEST_A).decision == "wait"  # a new outage, a new wait
+
+
 NOTATION_REFUSED = ("level=info msg=Reference sha256:aa resolved to manifest descriptor: {{Digest:sha256:aa}}\n"
                     "level=warning msg=Signature sha256:5f failed verification with error: {}\n"
                     "Error: signature verification failed for all the signatures associated with {}/team/web@{}\n")
