@@ -4928,6 +4928,34 @@ def test_waits_without_an_end_back_off_up_to_the_reconcile_period():
     assert ed.recheck_cap(0.0) == ed.RECHECK_CAP and ed.recheck_cap(5.0) == ed.WAVE_RECHECK
 
 
+FIX_COMMAND = "aws ecr put-image-tag-mutability --region eu-west-1 --registry-id 123456789012 --repository-name team/web"
+
+
+@pytest.mark.parametrize("described, setting", [
+    ({"imageTagMutability": "IMMUTABLE"},
+     "IMMUTABLE_WITH_EXCLUSION --image-tag-mutability-exclusion-filters filterType=WILDCARD,filter=prod"),
+    ({"imageTagMutability": "IMMUTABLE_WITH_EXCLUSION",  # :latest, which CI moves, keeps moving
+      "imageTagMutabilityExclusionFilters": [{"filterType": "WILDCARD", "filter": "latest"}]},
+     "IMMUTABLE_WITH_EXCLUSION --image-tag-mutability-exclusion-filters filterType=WILDCARD,filter=latest "
+     "filterType=WILDCARD,filter=prod"),
+    ({"imageTagMutability": "MUTABLE_WITH_EXCLUSION",  # every other tag stays mutable, release-* immutable
+      "imageTagMutabilityExclusionFilters": [{"filterType": "WILDCARD", "filter": "pro*"},
+                                             {"filterType": "WILDCARD", "filter": "release-*"}]},
+     "MUTABLE_WITH_EXCLUSION --image-tag-mutability-exclusion-filters filterType=WILDCARD,filter=release-*"),
+    ({"imageTagMutability": "MUTABLE_WITH_EXCLUSION",
+      "imageTagMutabilityExclusionFilters": [{"filterType": "WILDCARD", "filter": "prod"}]}, "MUTABLE"),
+])
+def test_the_fix_for_an_immutable_promote_tag_keeps_every_other_tag_as_the_repository_has_it(described, setting):
+    fix = ed.immutable_tag_fix("123456789012", "eu-west-1", "team/web", "prod", described)
+    assert f"`{FIX_COMMAND} --image-tag-mutability {setting}`" in fix, fix
+    assert fix.endswith("`")  # the repository's settings known: nothing to add by hand
+
+
+def test_the_fix_for_an_immutable_promote_tag_says_to_keep_the_filters_when_the_repository_is_unknown():
+    fix = ed.immutable_tag_fix("123456789012", "eu-west-1", "team/web", "prod")
+    assert fix.endswith("filter=prod` (add any filters the repository has already; at most 5)"), fix
+
+
 @pytest.mark.parametrize("mutability,filters,tag,moves", [
     ("MUTABLE", None, "prod", True),
     (None, None, "prod", True),
@@ -5358,12 +5386,13 @@ def test_promotion_into_a_tag_immutable_repository_says_once_how_to_let_the_tag_
            f"to move :prod in {repo}, whose tags are immutable (ImageTagAlreadyExistsException); exclude the promote " \
            f"tag and keep every other tag immutable: `aws ecr put-image-tag-mutability --region {registry.region} " \
            f"--registry-id {registry.account} --repository-name {repo} --image-tag-mutability " \
-           f"IMMUTABLE_WITH_EXCLUSION --image-tag-mutability-exclusion-filters filterType=WILDCARD,filter=prod`" \
-           in refused[0], refused
+           f"IMMUTABLE_WITH_EXCLUSION --image-tag-mutability-exclusion-filters filterType=WILDCARD,filter=latest " \
+           f"filterType=WILDCARD,filter=prod`" in refused[0], refused  # (:latest, which CI moves, keeps moving)
     assert shown.returncode == 5, shown.stdout
     row = next(r for r in json.loads(shown.stdout) if r["service"] == "immutable-stage")
     assert row["state"] == "held back" and row["promotion"].startswith("cannot promote: ECR refuses to move :prod")
-    assert "IMMUTABLE_WITH_EXCLUSION" in row["promotion"]
+    assert "IMMUTABLE_WITH_EXCLUSION --image-tag-mutability-exclusion-filters filterType=WILDCARD,filter=latest " \
+           "filterType=WILDCARD,filter=prod`" in row["promotion"], row
     assert ecr.describe_images(repositoryName=repo, imageIds=[{"imageTag": "prod"}])["imageDetails"][0][
         "imageDigest"] == v2
 
