@@ -1011,14 +1011,33 @@ def tag_may_move(repository: dict, tag: str) -> bool:
         mutability, True)
 
 
-def immutable_tag_fix(account: str, region: str, repository: str, tag: str) -> str:
-    """What lets the promote tag move in a tag-immutable repository, everything else staying immutable:
-    ECR's IMMUTABLE_WITH_EXCLUSION with the tag excluded (PutImageTagMutability)."""
+def exclusion_filters_text(filters: list[dict]) -> str:
+    """Exclusion filters in the AWS CLI's shorthand (a list: space-separated)."""
+    return " ".join(f"filterType={f.get('filterType')},filter={f.get('filter')}" for f in filters)
+
+
+def immutable_tag_fix(account: str, region: str, repository: str, tag: str, described: dict | None = None) -> str:
+    """What lets the promote tag move, every other tag staying as the repository has it (`described`: its
+    DescribeRepositories entry, None if unknown): under MUTABLE_WITH_EXCLUSION, the filters that match the
+    tag dropped; else IMMUTABLE_WITH_EXCLUSION with the tag excluded besides the filters it has (a command
+    that named the tag alone would make the tags those exclude, the one CI moves maybe, immutable)."""
+    described = described or {}
+    mutability = described.get("imageTagMutability")
+    filters = [f for f in described.get("imageTagMutabilityExclusionFilters") or [] if isinstance(f, dict)]
+    command = f"aws ecr put-image-tag-mutability --region {region} --registry-id {account} --repository-name {repository}"
+    if mutability == "MUTABLE_WITH_EXCLUSION":
+        kept = [f for f in filters if not wildcard_matches(str(f.get("filter", "")), tag)]
+        setting = f"MUTABLE_WITH_EXCLUSION --image-tag-mutability-exclusion-filters {exclusion_filters_text(kept)}" \
+            if kept else "MUTABLE"
+        return (f"ECR refuses to move :{tag} in {repository}, whose exclusion filters make it immutable "
+                f"(ImageTagAlreadyExistsException); drop the filters that match it and keep every other tag as it "
+                f"is: `{command} --image-tag-mutability {setting}`")
+    kept = filters if mutability == "IMMUTABLE_WITH_EXCLUSION" else []
     return (f"ECR refuses to move :{tag} in {repository}, whose tags are immutable (ImageTagAlreadyExistsException); "
-            f"exclude the promote tag and keep every other tag immutable: `aws ecr put-image-tag-mutability "
-            f"--region {region} --registry-id {account} --repository-name {repository} --image-tag-mutability "
-            f"IMMUTABLE_WITH_EXCLUSION --image-tag-mutability-exclusion-filters filterType=WILDCARD,filter={tag}` "
-            f"(add any filters the repository has already; at most 5)")
+            f"exclude the promote tag and keep every other tag immutable: `{command} --image-tag-mutability "
+            f"IMMUTABLE_WITH_EXCLUSION --image-tag-mutability-exclusion-filters "
+            f"{exclusion_filters_text([*kept, {'filterType': 'WILDCARD', 'filter': tag}])}`"
+            + ("" if described else " (add any filters the repository has already; at most 5)"))
 
 
 def promote_key(service: dict, followed: tuple | None) -> tuple | None:
@@ -1760,6 +1779,27 @@ def signature_trust(labels: dict | None, default: Trust | None) -> Trust | None:
     return default if text is None else parse_trust(text)
 
 
+# Notation reads its trust policy with Go's encoding/json, which takes an object's key for a field of its
+# struct in any case ("Override" is override, "LEVEL" is level), and a field given twice is read twice (the
+# last wins, and a second object merges into the first): {"level": "strict", "Level": "audit"} is audit to
+# notation. The trust policy's field names, read here the same way; a field given twice is refused, not guessed.
+NOTATION_POLICY_FIELDS = {name.casefold(): name for name in (
+    "version", "trustPolicies", "name", "registryScopes", "signatureVerification", "level", "override",
+    "verifyTimestamp", "trustStores", "trustedIdentities")}
+
+
+def as_notation_reads(pairs: list[tuple[str, object]]) -> dict:
+    """One object of a trust policy as notation's Go structs hold it (json's object_pairs_hook);
+    ValueError for a field given twice."""
+    read: dict = {}
+    for key, value in pairs:
+        field = NOTATION_POLICY_FIELDS.get(key.casefold(), key)
+        if field in read:
+            raise ValueError(f"{field!r} is given twice in one object (notation would read both, the last winning)")
+        read[field] = value
+    return read
+
+
 def notation_statement(policy: dict, repository: str) -> dict | None:
     """The trust policy statement Notation applies to a repository (host/path): the one scoping it by
     name, else the one scoping "*" (Notation's own rule); None when none does."""
@@ -2249,7 +2289,11 @@ class Ecr:
             if error_code(e) == "ImageAlreadyExistsException":
                 return False
             if error_code(e) == "ImageTagAlreadyExistsException":  # (the ECR API Reference, PutImage)
-                raise TagImmutable(immutable_tag_fix(account, region, repository, tag)) from None
+                try:  # (its settings, so that the fix keeps every other tag as it is)
+                    described = self.repository(account, region, repository)
+                except AwsError:
+                    described = None
+                raise TagImmutable(immutable_tag_fix(account, region, repository, tag, described)) from None
             raise AwsError.wrap(e, f"cannot tag {repository}@{digest} as {tag} in ECR ({account}, {region})") from None
         except (ValueError, AttributeError):
             raise AwsError(f"ECR holds a manifest of {repository}@{digest} that is not JSON") from None
@@ -2800,9 +2844,9 @@ class SignatureGate(Gate):
         key = (trust, push.account, push.region, push.repository, digest)
         if key not in self._verdicts:
             verdict = self.verify(trust, push, digest)
-            if verdict.decision == "wait":
+            if verdict.decision == "wait":  # (past the bound: blocked, and remembered so, while it stays unanswered)
                 verdict = unanswered_verdict(verdict.reason, self.waited(key, push), self.unanswered_for)
-            if verdict.decision != "wait":
+            else:  # the verifier's own verdict: a later outage starts a wait of its own
                 self._unanswered.pop(key, None)
             self._verdicts[key] = verdict
         return self._verdicts[key]
@@ -2861,7 +2905,7 @@ class SignatureGate(Gate):
                    f"releases read the first, 1.3 the second; keep trustpolicy.json alone"
         try:
             with open(path, encoding="utf-8") as file:
-                applied = notation_statement(json.load(file), repository)
+                applied = notation_statement(json.load(file, object_pairs_hook=as_notation_reads), repository)
         except (OSError, ValueError) as e:
             return f"cannot read Notation's trust policy {path}: {e}"
         applied_name = applied and str(applied.get("name"))
@@ -4473,8 +4517,9 @@ def promotion_text(deployer: Deployer, service: dict, key: tuple, answers: dict)
         return decision.reason
     if target in answers:  # the tag exists (at another digest): will ECR move it?
         try:
-            if not tag_may_move(deployer.ecr.repository(*target[:3]), target[3]):
-                return f"cannot promote: {immutable_tag_fix(*target)}"
+            described = deployer.ecr.repository(*target[:3])
+            if not tag_may_move(described, target[3]):
+                return f"cannot promote: {immutable_tag_fix(*target, described)}"
         except AwsError as e:
             return f"promotes to :{target[3]} now, unless its repository's tags are immutable ({e})"
     return f"promotes to :{target[3]} now"

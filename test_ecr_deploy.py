@@ -3870,6 +3870,36 @@ def test_the_notation_statement_is_checked_before_notation_runs(tmp_path, monkey
     assert verdict.decision == "blocked" and reason in verdict.reason, verdict
 
 
+@pytest.mark.parametrize("verification, reason", [
+    ('{"level": "strict", "Override": {"authenticity": "log"}}', "its override relaxes authenticity"),
+    ('{"LEVEL": "audit"}', "its signatureVerification level is 'audit'"),
+    ('{"level": "strict", "Level": "audit"}', "'level' is given twice"),  # notation: the last, audit
+    ('{"override": {"expiry": "log"}, "override": {}}', "'override' is given twice"),  # notation merges them
+])
+def test_a_trust_policy_is_read_as_notation_reads_it_any_case_and_no_field_twice(tmp_path, monkeypatch,
+                                                                                  verification, reason):
+    """notation (Go's encoding/json) takes a trust policy's field names in any case, and a field given
+    twice as the last one (objects merged): what the gate checks must be what notation enforces."""
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))  # were notation run, it would be "not installed"
+    (tmp_path / "trustpolicy.json").write_text(
+        '{"version": "1.0", "trustPolicies": [{"name": "all", "registryScopes": ["*"], "signatureVerification": '
+        f'{verification}, "trustStores": ["ca:x"], "trustedIdentities": ["*"]}}]}}')
+    gate = ed.SignatureGate(FixedCredentials(), ed.Trust("notation", ""), str(tmp_path))
+    push = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A)
+    verdict = gate.verdict({"Spec": {}}, push, DIGEST_A)
+    assert verdict.decision == "blocked" and reason in verdict.reason, verdict
+
+
+def test_a_trust_policy_in_another_case_is_the_policy_notation_applies(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    (tmp_path / "trustpolicy.json").write_text(json.dumps({"Version": "1.0", "TrustPolicies": [
+        {"Name": "web", "RegistryScopes": ["*"], "SignatureVerification": {"Level": "strict"}}]}))
+    gate = ed.SignatureGate(FixedCredentials(), ed.Trust("notation", "web"), str(tmp_path))
+    push = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A)
+    verdict = gate.verdict({"Spec": {}}, push, DIGEST_A)
+    assert verdict.decision == "blocked" and "notation is not installed" in verdict.reason, verdict  # it ran it
+
+
 def test_a_verifier_that_gives_no_answer_waits_and_blocks_once_the_bound_is_over(tmp_path, monkeypatch):
     folder = tmp_path / "bin"
     folder.mkdir()
@@ -3915,6 +3945,36 @@ def test_a_reconcile_pass_waits_from_its_first_try_not_from_an_old_push(tmp_path
     assert gate.verdict({"Spec": {}}, push, DIGEST_A) == ed.Verdict(
         "blocked", "no verdict within 5m: cosign could not reach a verdict: GET https://h/v2/: unexpected status code "
                    "503 Service Unavailable")
+
+
+def test_a_verifier_unanswered_past_the_bound_stays_blocked_not_waiting_afresh_every_other_pass(tmp_path, monkeypatch):
+    """Past the bound, a digest whose verifier still cannot answer is blocked at every pass (asked each
+    time), not given a fresh wait by the pass after the block: --status would flip between waiting and
+    blocked for ever, each other pass promising a retry."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "cosign").write_text("#!/bin/sh\necho 'error during command execution: GET https://h/v2/: unexpected "
+                                   "status code 503 Service Unavailable' >&2\nexit 1\n")
+    (folder / "cosign").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}:/usr/bin:/bin")
+    key = tmp_path / "k.pub"
+    key.write_text("a public key")
+    gate = ed.SignatureGate(FixedCredentials(), ed.Trust("cosign", str(key)), str(tmp_path))
+    push = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A, reconcile=True)
+    clock = [time.time()]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    decisions = []
+    for _ in range(4):  # hourly passes
+        gate.new_cycle()
+        decisions.append(gate.verdict({"Spec": {}}, push, DIGEST_A).decision)
+        clock[0] += 3600
+    assert decisions == ["wait", "blocked", "blocked", "blocked"]
+    (folder / "cosign").write_text("#!/bin/sh\necho 'Error: no matching signatures' >&2\nexit 1\n")
+    gate.new_cycle()
+    assert gate.verdict({"Spec": {}}, push, DIGEST_A).decision == "blocked"  # a verdict: the wait is forgotten
+    (folder / "cosign").write_text("#!/bin/sh\necho 'status code 503' >&2\nexit 1\n")
+    gate.new_cycle()
+    assert gate.verdict({"Spec": {}}, push, DIGEST_A).decision == "wait"  # a new outage, a new wait
 
 
 NOTATION_REFUSED = ("level=info msg=Reference sha256:aa resolved to manifest descriptor: {{Digest:sha256:aa}}\n"
@@ -4437,6 +4497,38 @@ def test_the_unit_as_installed_under_systemd_verifies_as_the_tests_do(aws, image
         assert {e["_SYSTEMD_UNIT"] for e in entries} == {"ecr-deploy.service"}
     finally:
         installed.stop()
+
+
+@pytest.mark.parametrize("strict, lax, reason", [
+    ('"level": "strict"', '"level": "strict", "Override": {"authenticity": "log"}', "its override relaxes authenticity"),
+    ('"level": "strict"', '"level": "strict", "Level": "audit"', "'level' is given twice"),
+])
+def test_a_trust_policy_notation_reads_as_lax_blocks_a_strangers_signature_it_would_pass(
+        aws, images, clean_swarm, signers, verifiers, tmp_path, strict, lax, reason):
+    """notation (Go's encoding/json) reads a field name in any case, and the last of a field given twice:
+    such a policy lets a stranger's signature through notation, so the gate must not call it strict."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    folder, _ = verifiers
+    trust = tmp_path / "notation"
+    shutil.copytree(signers.notation_trust, trust)
+    text = json.dumps(json.loads((trust / "trustpolicy.json").read_text()))
+    assert text.count(strict) == 1
+    (trust / "trustpolicy.json").write_text(text.replace(strict, lax))
+    repo = images.new_repository()
+    v1, v2 = (images.push(repo, "latest", f"{repo} {n}") for n in (1, 2))
+    signing.sign_notation(signers, registry, repo, v2, identity="other")
+    assert signing.verify_notation(signers, registry, repo, v2).returncode == 1  # strict: a stranger's
+    relaxed = signing.run(signing.notation_verify_command(signing.reference(registry, repo, v2)), check=False,
+                          env=signing.notation_env(signers, registry, trust, "notation-verify"))
+    assert relaxed.returncode == 0, relaxed.stderr  # notation read the policy as lax, and passed it
+    sid = swarm.create_service("sig-go-json", f"{registry.host}/{repo}:latest@{v1}", registry=registry, replicas=0,
+                               labels={ed.SIGNATURE_LABEL: "notation"})
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    env = {**signature_env(aws, swarm, signers, str(folder)), "DEPLOYER_NOTATION_DIR": str(trust)}
+    run = run_once(env, "--queue", queue, "--reconcile-every", "0")
+    assert service_image_of(swarm, sid)[0].endswith(v1), "rolled to a digest only a stranger signed"
+    assert reason in run.stderr, run.stderr
 
 
 def ed_run(command: list[str], env: dict) -> subprocess.CompletedProcess:
@@ -5362,6 +5454,34 @@ def test_waits_without_an_end_back_off_up_to_the_reconcile_period():
     assert ed.recheck_cap(0.0) == ed.RECHECK_CAP and ed.recheck_cap(5.0) == ed.WAVE_RECHECK
 
 
+FIX_COMMAND = "aws ecr put-image-tag-mutability --region eu-west-1 --registry-id 123456789012 --repository-name team/web"
+
+
+@pytest.mark.parametrize("described, setting", [
+    ({"imageTagMutability": "IMMUTABLE"},
+     "IMMUTABLE_WITH_EXCLUSION --image-tag-mutability-exclusion-filters filterType=WILDCARD,filter=prod"),
+    ({"imageTagMutability": "IMMUTABLE_WITH_EXCLUSION",  # :latest, which CI moves, keeps moving
+      "imageTagMutabilityExclusionFilters": [{"filterType": "WILDCARD", "filter": "latest"}]},
+     "IMMUTABLE_WITH_EXCLUSION --image-tag-mutability-exclusion-filters filterType=WILDCARD,filter=latest "
+     "filterType=WILDCARD,filter=prod"),
+    ({"imageTagMutability": "MUTABLE_WITH_EXCLUSION",  # every other tag stays mutable, release-* immutable
+      "imageTagMutabilityExclusionFilters": [{"filterType": "WILDCARD", "filter": "pro*"},
+                                             {"filterType": "WILDCARD", "filter": "release-*"}]},
+     "MUTABLE_WITH_EXCLUSION --image-tag-mutability-exclusion-filters filterType=WILDCARD,filter=release-*"),
+    ({"imageTagMutability": "MUTABLE_WITH_EXCLUSION",
+      "imageTagMutabilityExclusionFilters": [{"filterType": "WILDCARD", "filter": "prod"}]}, "MUTABLE"),
+])
+def test_the_fix_for_an_immutable_promote_tag_keeps_every_other_tag_as_the_repository_has_it(described, setting):
+    fix = ed.immutable_tag_fix("123456789012", "eu-west-1", "team/web", "prod", described)
+    assert f"`{FIX_COMMAND} --image-tag-mutability {setting}`" in fix, fix
+    assert fix.endswith("`")  # the repository's settings known: nothing to add by hand
+
+
+def test_the_fix_for_an_immutable_promote_tag_says_to_keep_the_filters_when_the_repository_is_unknown():
+    fix = ed.immutable_tag_fix("123456789012", "eu-west-1", "team/web", "prod")
+    assert fix.endswith("filter=prod` (add any filters the repository has already; at most 5)"), fix
+
+
 @pytest.mark.parametrize("mutability,filters,tag,moves", [
     ("MUTABLE", None, "prod", True),
     (None, None, "prod", True),
@@ -5938,12 +6058,13 @@ def test_promotion_into_a_tag_immutable_repository_says_once_how_to_let_the_tag_
            f"to move :prod in {repo}, whose tags are immutable (ImageTagAlreadyExistsException); exclude the promote " \
            f"tag and keep every other tag immutable: `aws ecr put-image-tag-mutability --region {registry.region} " \
            f"--registry-id {registry.account} --repository-name {repo} --image-tag-mutability " \
-           f"IMMUTABLE_WITH_EXCLUSION --image-tag-mutability-exclusion-filters filterType=WILDCARD,filter=prod`" \
-           in refused[0], refused
+           f"IMMUTABLE_WITH_EXCLUSION --image-tag-mutability-exclusion-filters filterType=WILDCARD,filter=latest " \
+           f"filterType=WILDCARD,filter=prod`" in refused[0], refused  # (:latest, which CI moves, keeps moving)
     assert shown.returncode == 5, shown.stdout
     row = next(r for r in json.loads(shown.stdout) if r["service"] == "immutable-stage")
     assert row["state"] == "held back" and row["promotion"].startswith("cannot promote: ECR refuses to move :prod")
-    assert "IMMUTABLE_WITH_EXCLUSION" in row["promotion"]
+    assert "IMMUTABLE_WITH_EXCLUSION --image-tag-mutability-exclusion-filters filterType=WILDCARD,filter=latest " \
+           "filterType=WILDCARD,filter=prod`" in row["promotion"], row
     assert ecr.describe_images(repositoryName=repo, imageIds=[{"imageTag": "prod"}])["imageDetails"][0][
         "imageDigest"] == v2
 
