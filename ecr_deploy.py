@@ -1494,6 +1494,19 @@ def url_secrets(url: str) -> list[str]:
     return sorted({p for p in pieces if len(p) >= 4}, key=len, reverse=True)
 
 
+# A message carries text containers wrote (a task's error, its last log lines), and chat services read some
+# of it as a call to people: Discord parses @everyone, @here, <@USER> and <@&ROLE> in a webhook's content
+# unless told otherwise (discord.com/developers/docs/resources/message#allowed-mentions-object: by default
+# all mentions are parsed; Apprise says nothing otherwise for plain text), Mattermost and Rocket.Chat
+# @channel, @all, @here and @USER, Matrix @room, Telegram @USER. A zero-width space after the @ shows the
+# same text and calls no one. (An e-mail address, user@host, stays as it is: its @ follows a word.)
+MENTION = re.compile(r"@(?=everyone|here)|(?<![\w.+-])@(?=\w)|(?<=<)@", re.IGNORECASE)
+
+
+def defuse_mentions(text: str) -> str:
+    return MENTION.sub("@\u200b", text)
+
+
 def redact(text: str, secrets: list[str]) -> str:
     for secret in secrets:
         text = text.replace(secret, "***")
@@ -4274,6 +4287,7 @@ class Target:
         title, body, severity = message_of(events, self.node_name())
         if self.dropped:
             body += f"\n({self.dropped} older event(s) dropped while this target could not be reached)"
+        title, body = defuse_mentions(title), defuse_mentions(body)  # what containers wrote calls no one
         AppriseReasons.last.text = ""
         try:
             sent = self.apprise.notify(body=body, title=title, notify_type=self.types[severity], body_format="text")

@@ -6865,6 +6865,27 @@ def test_a_failure_goes_to_the_target_its_service_routes_to_and_that_target_hear
     assert "quiet: " in content and "broken" not in content
 
 
+def test_what_a_container_wrote_calls_no_one_to_a_discord_channel(chat, monkeypatch):
+    """A failed task's log lines are the container's words: "@everyone" in them must not ping a whole Discord
+    server. Discord parses @everyone, @here, <@USER> and <@&ROLE> in a webhook's content unless its
+    allowed_mentions says otherwise (discord.com/developers/docs/resources/message#allowed-mentions-object)."""
+    from rig import chat as hosts
+    for key, value in chat.env.items():
+        monkeypatch.setenv(key, value)
+    notifier = ed.Notifier([ed.TargetConfig("discord", frozenset(ed.EVENT_CLASSES), f"discord://1234567890/{SECRET}")],
+                           held=True, node_name=lambda: "mgr-1")
+    crash = "| @everyone the db is down, @here <@123456789012> <@&987654321098> ops@example.com"
+    notifier.event(ed.Event("failed", "api", "r/team/api:latest@sha256:" + "a" * 64, "paused after 6.0s: @here",
+                            details=f"last 1 log line(s) of task x:\n{crash}"))
+    notifier.finish(20)
+    [discord] = chat.received(hosts.DISCORD)
+    payload = discord.json()
+    content = payload["content"]
+    assert "allowed_mentions" not in payload  # (Apprise leaves Discord's default: every mention parsed)
+    assert not re.search(r"@(everyone|here)|<@&?\d", content), content
+    assert crash in content.replace("\u200b", "").splitlines() and "ops@example.com" in content  # shown as written
+
+
 class FlakyHook:
     """A JSON endpoint (Apprise's json://) that first misbehaves as told, one request each ("hang": answers
     nothing for a minute; "refuse": 503), then accepts; it records what it accepted."""
