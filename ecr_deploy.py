@@ -4310,12 +4310,27 @@ class Notifier:
         apprise = import_apprise(configs) if configs else None
         self.targets = [Target(config, apprise, node_name, held) for config in configs]
         self.service_metrics = ServiceMetrics()
+        self.misrouted: set[tuple[str, tuple[str, ...]]] = set()  # (service, route) said once each
 
     def event(self, event: Event) -> None:
         self.service_metrics.observe(event)
         for target in self.targets:
             if target.config.wants(event):
                 target.put(event)
+        self._say_misroute(event)
+
+    def _say_misroute(self, event: Event) -> None:
+        """A label that names no target (a typo, a target renamed) would silence the service's events: say
+        so once per service and label value (a set bounded by the services and their labels)."""
+        names = {target.config.name for target in self.targets}
+        unknown = sorted(set(event.route) - names)
+        if not self.targets or not unknown or (event.service, event.route) in self.misrouted:
+            return
+        self.misrouted.add((event.service, event.route))
+        known = [name for name in event.route if name in names]
+        log.warning("Service %s: its label %s names %s, which no notification target is called (targets: %s); "
+                    "its events go %s", event.service, NOTIFY_LABEL, ", ".join(unknown), ", ".join(sorted(names)),
+                    f"only to {', '.join(known)}" if known else "to no target")
 
     def finish(self, timeout: float = NOTIFY_FLUSH) -> None:
         deadline = time.monotonic() + timeout

@@ -6702,6 +6702,23 @@ def test_a_target_hears_the_classes_it_asked_for_and_a_labelled_service_only_on_
     assert oncall.wants(routed) and not team.wants(routed)
 
 
+def test_a_label_that_routes_to_no_target_is_said_once_per_service(caplog):
+    """ecr-deploy.notify=oncal (a typo) would silence the service's events: the operator hears why, once."""
+    notifier = ed.Notifier([ed.TargetConfig("oncall", frozenset(ed.EVENT_CLASSES), "json://127.0.0.1:9/x"),
+                            ed.TargetConfig("team", frozenset(ed.EVENT_CLASSES), "json://127.0.0.1:9/y")], held=True)
+    with caplog.at_level("WARNING", logger="ecr-deploy"):
+        for kind in ("updated", "completed"):
+            notifier.event(ed.Event(kind, "web", "", "x", route=("oncal",)))
+            notifier.event(ed.Event(kind, "api", "", "x", route=("oncal", "team")))
+            notifier.event(ed.Event(kind, "ok", "", "x", route=("team",)))
+    assert [r.getMessage() for r in caplog.records] == [
+        "Service web: its label ecr-deploy.notify names oncal, which no notification target is called "
+        "(targets: oncall, team); its events go to no target",
+        "Service api: its label ecr-deploy.notify names oncal, which no notification target is called "
+        "(targets: oncall, team); its events go only to team"]
+    assert [len(t.backlog) for t in notifier.targets] == [0, 4]
+
+
 def test_a_runs_message_sums_it_up_with_one_line_per_event():
     events = [ed.Event("updated", f"svc{i}", f"r/app:latest@sha256:{i:064x}", "updated: pushed to ECR")
               for i in range(70)] + [ed.Event("failed", "api", "r/api:v2@sha256:" + "f" * 64, "paused")]
