@@ -4270,12 +4270,14 @@ class Target:
             with self.changed:
                 while not self.backlog:
                     self.changed.wait()
-                events, self.busy = list(self.backlog), True
-            sent = self._send(events)
+                events, dropped, self.busy = list(self.backlog), self.dropped, True
+            sent = self._send(events, dropped)
             with self.changed:
-                if sent:
+                if sent:  # what was dropped meanwhile stays counted, but for the events this message carried
                     taken = {id(e) for e in events}
-                    self.backlog = [e for e in self.backlog if id(e) not in taken]
+                    kept = [e for e in self.backlog if id(e) not in taken]
+                    carried_anyway = len(taken) - (len(self.backlog) - len(kept))
+                    self.backlog, self.dropped = kept, self.dropped - dropped - carried_anyway
                 self.busy = False
                 self.changed.notify_all()
             if sent:
@@ -4283,10 +4285,10 @@ class Target:
             else:
                 time.sleep(retry.next())
 
-    def _send(self, events: list[Event]) -> bool:
+    def _send(self, events: list[Event], dropped: int) -> bool:
         title, body, severity = message_of(events, self.node_name())
-        if self.dropped:
-            body += f"\n({self.dropped} older event(s) dropped while this target could not be reached)"
+        if dropped:
+            body += f"\n({dropped} older event(s) dropped: more than {NOTIFY_BACKLOG} waited for this target)"
         title, body = defuse_mentions(title), defuse_mentions(body)  # what containers wrote calls no one
         AppriseReasons.last.text = ""
         try:
@@ -4294,7 +4296,6 @@ class Target:
         except Exception as e:  # a plugin's bug must not end this thread
             AppriseReasons.last.text, sent = f"{type(e).__name__}: {e}", False
         if sent:
-            self.dropped = 0
             log.info("Notified %s: %s", self, title)
         else:
             log.warning("Cannot notify %s: %s; %d event(s) kept for the next attempt", self,

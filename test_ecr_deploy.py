@@ -6984,6 +6984,43 @@ def test_a_hanging_or_refusing_target_never_delays_a_deploy_and_loses_no_message
     assert SECRET not in running.log  # also at DEBUG, where Apprise logs whole URLs
 
 
+def test_events_dropped_while_a_message_is_on_its_way_are_said_in_the_next(monkeypatch):
+    """A full backlog drops its oldest events; the next message says how many. Events that came, and
+    pushed older ones out, while a message was on its way must stay counted (Apprise's json://, to a real
+    local server that lets 5 events arrive before it answers the first message)."""
+    monkeypatch.setattr(ed, "NOTIFY_BACKLOG", 3)
+    received, target = [], None
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"])))["message"])
+            if len(received) == 1:
+                for i in range(5):
+                    target.put(ed.Event("updated", f"late{i}", "", "pushed"))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"json://127.0.0.1:{server.server_address[1]}/hook"
+        target = ed.Notifier([ed.TargetConfig("team", frozenset(ed.EVENT_CLASSES), url)], held=True).targets[0]
+        target.put(ed.Event("updated", "early0", "", "pushed"))
+        target.put(ed.Event("updated", "early1", "", "pushed"))
+        assert target.flush(time.monotonic() + 20) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    # late0 and late1 went (early0 and early1 too, but the first message carried them): 2 dropped, said
+    assert len(received) == 2 and "early0" in received[0] and "early1" in received[0], received
+    assert [line.split(":")[0] for line in received[1].splitlines()[:3]] == ["late2", "late3", "late4"]
+    assert received[1].endswith("(2 older event(s) dropped: more than 3 waited for this target)"), received[1]
+
+
 def said(hook: FlakyHook) -> list[str]:
     """Every event line a json:// target accepted (a message is one event or several, one per line)."""
     return [line for body in hook.accepted for line in body["message"].splitlines() if not line.startswith("ecr-deploy on ")]
