@@ -1489,8 +1489,12 @@ def parse_notify_file(text: str) -> list[TargetConfig]:
 
 def url_secrets(url: str) -> list[str]:
     """Every piece of a target URL but its scheme that could be a credential (tokens sit in the host, the
-    path, the user, the password or the query), longest first, for redact()."""
-    pieces = re.split(r"[/:@?&=#,;]+", urllib.parse.unquote(url.partition("://")[2]))
+    path, the user, the password or the query), longest first, for redact(): each as written and unquoted,
+    split both before and after unquoting (a password p%40ss%2Fword is one secret, p@ss/word, not p, ss
+    and word)."""
+    rest = url.partition("://")[2]
+    quoted = re.split(r"[/:@?&=#,;]+", rest)
+    pieces = set(quoted) | {urllib.parse.unquote(p) for p in quoted} | set(re.split(r"[/:@?&=#,;]+", urllib.parse.unquote(rest)))
     return sorted({p for p in pieces if len(p) >= 4}, key=len, reverse=True)
 
 

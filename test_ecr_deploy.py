@@ -6733,6 +6733,10 @@ def test_redact_hides_every_credential_piece_of_a_url():
     url = f"mailtos://ops:{SECRET}@smtp.example.com:587?to=oncall@example.com&pass={SECRET}x"
     said = f"Failed to send to smtp.example.com as ops with {SECRET} and {SECRET}x"
     assert SECRET not in ed.redact(said, ed.url_secrets(url))
+    # a password with URL-quoted characters: hidden whole, as written in the URL and as the server reads it
+    url = "mailtos://ops:n0t%40my%2Fpass@smtp.example.com:587"
+    said = "login as ops with n0t@my/pass (n0t%40my%2Fpass) refused"
+    assert ed.redact(said, ed.url_secrets(url)) == "login as ops with *** (***) refused"  # (ops: too short to hide)
 
 
 APPRISE_GONE = "raise ModuleNotFoundError(\"No module named 'apprise'\", name='apprise')\n"
