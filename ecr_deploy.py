@@ -4862,6 +4862,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level, log_style(args.log_format, os.environ))
     signals, systemd = Signals(), Systemd(os.environ)
     systemd.start_watchdog()
+    deployer = None
     try:
         deployer = start(args, signals, systemd)
         if args.refresh_auth:
@@ -4879,14 +4880,26 @@ def main(argv: list[str] | None = None) -> int:
         return (drain_once if args.once else poll_forever)(deployer, receiver, signals, args)
     except Misconfigured as e:
         log.error("%s", e)
+        cut_short(deployer, args)
         return EXIT_MISCONFIGURED
     except (AwsError, DockerError) as e:
         log.error("%s", e)
+        cut_short(deployer, args)
         return 1
     except Shutdown:
         return 0
     finally:
         systemd.stopping()
+
+
+def cut_short(deployer: Deployer | None, args: argparse.Namespace) -> None:
+    """A one-shot run that an error ended early still says what it did (services it updated before the
+    queue or Docker failed it: one message per target) and pings its heartbeat 'fail', not nothing."""
+    if deployer is None or not (args.once or args.reconcile):
+        return
+    deployer.notifier.finish()
+    deployer.heartbeat.ping("fail")
+    deployer.heartbeat.finish()
 
 
 if __name__ == "__main__":

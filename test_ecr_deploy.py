@@ -7193,6 +7193,29 @@ def test_the_heartbeat_is_pinged_start_and_success_by_a_run_and_at_most_once_a_m
         beat.close()
 
 
+def test_a_once_run_its_queue_cuts_short_still_sends_its_summary_and_pings_fail(aws, images, clean_swarm):
+    """The first batch updated a service; then the queue fails (SQS answers 500 past botocore's retries) and
+    the run exits 1: what it did is still said, and the heartbeat hears 'fail', not a 'start' left open."""
+    repo, (v1, v2), sid = service_on_new_repo(images, clean_swarm, "cut", replicas=0)
+    proxy, receives = FaultProxy(aws.url), []
+    proxy.rule = lambda key: (receives.append(key), 500 if len(receives) > 1 else None)[1] \
+        if "ReceiveMessage" in key else None
+    hook, beat = FlakyHook(), HeartbeatServer()
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    try:
+        run = run_once(deployer_env(aws, clean_swarm, AWS_ENDPOINT_URL=proxy.url, DEPLOYER_NOTIFY_URL=hook.url("team"),
+                                    DEPLOYER_HEARTBEAT_URL=beat.url, DEPLOYER_RECONCILE_EVERY="0"), "--queue", queue)
+    finally:
+        proxy.close()
+        hook.close()
+        beat.close()
+    assert run.returncode == 1 and "cannot receive from" in run.stderr, run.stderr
+    assert len(updated_lines(run.stderr)) == 1
+    assert [line.partition(":")[0] for line in said(hook)] == ["cut"], hook.accepted
+    assert beat.pinged == [f"/ping/{SECRET}/start", f"/ping/{SECRET}/fail"]
+
+
 # ---- per-service metrics
 
 def test_service_metrics_say_what_each_service_runs_how_it_stands_and_stay_bounded(monkeypatch):
