@@ -4326,11 +4326,13 @@ class Notifier:
 
     def _say_misroute(self, event: Event) -> None:
         """A label that names no target (a typo, a target renamed) would silence the service's events: say
-        so once per service and label value (a set bounded by the services and their labels)."""
+        so once per service and label value (at most METRIC_SERVICES remembered)."""
         names = {target.config.name for target in self.targets}
         unknown = sorted(set(event.route) - names)
         if not self.targets or not unknown or (event.service, event.route) in self.misrouted:
             return
+        if len(self.misrouted) >= METRIC_SERVICES:  # services come and go: said again, at worst
+            self.misrouted.clear()
         self.misrouted.add((event.service, event.route))
         known = [name for name in event.route if name in names]
         log.warning("Service %s: its label %s names %s, which no notification target is called (targets: %s); "
