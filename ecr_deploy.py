@@ -1122,8 +1122,9 @@ def rollout_of(service: dict, tasks: list[dict], digest: str, swarm_now: datetim
         iteration = ((service.get("JobStatus") or {}).get("JobIteration") or {}).get("Index")
         current = [t for t in ours if iteration is None or (t.get("JobIteration") or {}).get("Index") == iteration]
         done = [task_time(t) for t in current if task_state(t) == "complete"]
+        # (desired "ready": a failed task's replacement waiting out its restart delay, swarmkit's restart supervisor)
         if not done or any(TASK_STATES.index(task_state(t) or "new") <= TASK_STATES.index("running")
-                           for t in current if t.get("DesiredState") in ("running", "complete")):
+                           for t in current if t.get("DesiredState") in ("ready", "running", "complete")):
             return Ran("its job has not completed on this digest", None)
         return Ran(None, max(filter(None, done + failures), default=None))
     wanted = [t for t in tasks if t.get("DesiredState") in TASK_STATES[:TASK_STATES.index("running") + 1]]

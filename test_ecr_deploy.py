@@ -5605,6 +5605,11 @@ def at(text: str) -> datetime.datetime:
      [swarm_task(DIGEST_B, "complete", "complete", "51:00")], None, at("51:00")),
     ({**RUNS_B, "Spec": {**RUNS_B["Spec"], "Mode": {"ReplicatedJob": {}}}},
      [swarm_task(DIGEST_B, "complete", "running", "51:00")], "its job has not completed on this digest", None),
+    # a job's failed task waits out its restart delay (swarmkit restart.go: desired state READY until StartNow
+    # makes it COMPLETED): the job has not completed, though its other task has
+    ({**RUNS_B, "Spec": {**RUNS_B["Spec"], "Mode": {"ReplicatedJob": {"TotalCompletions": 2}}}},
+     [swarm_task(DIGEST_B, "complete", "complete", "51:00", 1), swarm_task(DIGEST_B, "shutdown", "failed", "51:01", 2),
+      swarm_task(DIGEST_B, "ready", "ready", "51:01", 2)], "its job has not completed on this digest", None),
 ])
 def test_completed_and_soaked_are_read_from_swarms_tasks(service, tasks, pending, since):
     assert ed.rollout_of(service, tasks, DIGEST_B, at("59:59"))[:2] == (pending, since)
