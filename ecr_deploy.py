@@ -768,6 +768,9 @@ def failed_digest(service: dict) -> str | None:
 SWARM_ROLLBACK = ("rollback_started", "rollback_completed", "rollback_paused")
 # A task of a service that ended in one of these failed: Swarm's updater counts any state past RUNNING.
 TASK_FAILURES = ("complete", "failed", "rejected", "orphaned")
+# Of those, the ones the build itself ended in: "orphaned" is a node lost (swarmkit's dispatcher after 24 h
+# unreachable, or `docker node rm`, which stamps it then), whatever that node ran.
+BUILD_FAILURES = ("complete", "failed", "rejected")
 
 
 def tried_and_failed(tasks: list[dict], digest: str) -> bool:
@@ -786,7 +789,7 @@ def swarm_rolled_back(service: dict, tasks: list[dict]) -> str | None:
     previous = running_image({"Spec": service.get("PreviousSpec") or {}})
     if previous and previous.digest and previous.digest != (current and current.digest):
         return previous.digest
-    failed = [t for t in tasks if t.get("Status", {}).get("State") in TASK_FAILURES
+    failed = [t for t in tasks if t.get("Status", {}).get("State") in BUILD_FAILURES
               and (ref := parse_image_ref(t.get("Spec", {}).get("ContainerSpec", {}).get("Image")))
               and ref.digest and ref.digest != (current and current.digest)]
     failed.sort(key=lambda t: t.get("Status", {}).get("Timestamp", ""))

@@ -5626,6 +5626,18 @@ def test_swarm_rolled_back_names_the_digest_it_left():
     assert ed.swarm_rolled_back({**auto, "UpdateStatus": None}, tasks) is None
 
 
+def test_swarm_rolled_back_is_not_misled_by_a_removed_nodes_orphaned_task():
+    """`docker node rm` of a dead node marks its tasks orphaned, stamped now (swarmkit controlapi RemoveNode):
+    a task of an older build stuck there is no build that failed, and must not be taken for the one Swarm
+    rolled back from (the record would name it, and the next pass roll the failed build again)."""
+    older = "sha256:" + "c" * 64
+    auto = {**RUNS_B, "Spec": {"TaskTemplate": {"ContainerSpec": {"Image": f"{HOST}/team/web:latest@{DIGEST_A}"}}},
+            "UpdateStatus": {"State": "rollback_completed"}}
+    tasks = [swarm_task(DIGEST_B, "shutdown", "failed", "50:01"), swarm_task(DIGEST_A, "running", "running", "50:03"),
+             swarm_task(older, "shutdown", "orphaned", "58:00", 2)]
+    assert ed.swarm_rolled_back(auto, tasks) == DIGEST_B
+
+
 def test_a_follower_that_lost_sight_of_swarms_rollback_says_rolled_back():
     ours, old = f"{HOST}/team/web:latest@{DIGEST_B}", f"{HOST}/team/web:latest@{DIGEST_A}"
     replaced = {"TaskTemplate": {"ContainerSpec": {"Image": old}}}
