@@ -1119,8 +1119,7 @@ def rollout_of(service: dict, tasks: list[dict], digest: str, swarm_now: datetim
     spec = service.get("Spec") or {}
     ours = [t for t in tasks if task_runs(t, digest)]
     job = is_job(spec)
-    failures = [task_time(t) for t in ours if task_state(t) in (("failed", "rejected", "orphaned") if job
-                                                                 else TASK_FAILURES)]
+    failures = [task_time(t) for t in ours if task_state(t) in (("failed", "rejected") if job else BUILD_FAILURES)]
     if job:  # it runs to completion: done when its tasks of this run of the job completed
         iteration = ((service.get("JobStatus") or {}).get("JobIteration") or {}).get("Index")
         current = [t for t in ours if iteration is None or (t.get("JobIteration") or {}).get("Index") == iteration]
@@ -1146,7 +1145,8 @@ def rollout_of(service: dict, tasks: list[dict], digest: str, swarm_now: datetim
     starts = [task_time(t) for t in wanted]
     if None in starts:
         return Ran("Swarm gave no start time for its tasks", None)
-    others_ended = max(filter(None, (task_time(t) for t in tasks if not task_runs(t, digest))), default=None)
+    others_ended = max(filter(None, (task_time(t) for t in tasks if not task_runs(t, digest)
+                                     and task_state(t) != "orphaned")), default=None)  # (a node lost: BUILD_FAILURES)
     first = min((s for s in starts if others_ended is None or s >= others_ended), default=others_ended)
     since = max(filter(None, [first, *failures]))
     # Swarm's updater watched every task it started for the monitor period before it said "completed" (a task

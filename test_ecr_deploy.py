@@ -5583,6 +5583,9 @@ def at(text: str) -> datetime.datetime:
     ({**RUNS_B, "Spec": {**RUNS_B["Spec"], "Mode": {"Replicated": {"Replicas": 3}}}},
      ROLLED + [swarm_task(DIGEST_B, "running", "running", "55:00", 3)], None, at("50:05")),  # scaled up: same soak
     (RUNS_B, ROLLED + [swarm_task(DIGEST_B, "shutdown", "failed", "52:00", 1)], None, at("52:00")),  # a failure restarts it
+    # `docker node rm` of a dead node stamps its tasks orphaned then (swarmkit controlapi RemoveNode): no build failed
+    (RUNS_B, ROLLED + [swarm_task(DIGEST_B, "shutdown", "orphaned", "58:00", 3),
+                       swarm_task(DIGEST_A, "shutdown", "orphaned", "58:00", 4)], None, at("50:05")),
     (RUNS_B, ROLLED[:3] + [swarm_task(DIGEST_B, "running", "running", "59:58", 2)],
      "its newest task of this digest has run for less than Swarm's monitor period (5s)", at("59:58")),
     ({**RUNS_B, "UpdateStatus": {"State": "completed", "CompletedAt": "2026-12-07T07:59:59Z"}},  # Swarm watched it
