@@ -768,6 +768,9 @@ def failed_digest(service: dict) -> str | None:
 SWARM_ROLLBACK = ("rollback_started", "rollback_completed", "rollback_paused")
 # A task of a service that ended in one of these failed: Swarm's updater counts any state past RUNNING.
 TASK_FAILURES = ("complete", "failed", "rejected", "orphaned")
+# Of those, the ones the build itself ended in: "orphaned" is a node lost (swarmkit's dispatcher after 24 h
+# unreachable, or `docker node rm`, which stamps it then), whatever that node ran.
+BUILD_FAILURES = ("complete", "failed", "rejected")
 
 
 def tried_and_failed(tasks: list[dict], digest: str) -> bool:
@@ -786,7 +789,7 @@ def swarm_rolled_back(service: dict, tasks: list[dict]) -> str | None:
     previous = running_image({"Spec": service.get("PreviousSpec") or {}})
     if previous and previous.digest and previous.digest != (current and current.digest):
         return previous.digest
-    failed = [t for t in tasks if t.get("Status", {}).get("State") in TASK_FAILURES
+    failed = [t for t in tasks if t.get("Status", {}).get("State") in BUILD_FAILURES
               and (ref := parse_image_ref(t.get("Spec", {}).get("ContainerSpec", {}).get("Image")))
               and ref.digest and ref.digest != (current and current.digest)]
     failed.sort(key=lambda t: t.get("Status", {}).get("Timestamp", ""))
@@ -1116,14 +1119,14 @@ def rollout_of(service: dict, tasks: list[dict], digest: str, swarm_now: datetim
     spec = service.get("Spec") or {}
     ours = [t for t in tasks if task_runs(t, digest)]
     job = is_job(spec)
-    failures = [task_time(t) for t in ours if task_state(t) in (("failed", "rejected", "orphaned") if job
-                                                                 else TASK_FAILURES)]
+    failures = [task_time(t) for t in ours if task_state(t) in (("failed", "rejected") if job else BUILD_FAILURES)]
     if job:  # it runs to completion: done when its tasks of this run of the job completed
         iteration = ((service.get("JobStatus") or {}).get("JobIteration") or {}).get("Index")
         current = [t for t in ours if iteration is None or (t.get("JobIteration") or {}).get("Index") == iteration]
         done = [task_time(t) for t in current if task_state(t) == "complete"]
+        # (desired "ready": a failed task's replacement waiting out its restart delay, swarmkit's restart supervisor)
         if not done or any(TASK_STATES.index(task_state(t) or "new") <= TASK_STATES.index("running")
-                           for t in current if t.get("DesiredState") in ("running", "complete")):
+                           for t in current if t.get("DesiredState") in ("ready", "running", "complete")):
             return Ran("its job has not completed on this digest", None)
         return Ran(None, max(filter(None, done + failures), default=None))
     wanted = [t for t in tasks if t.get("DesiredState") in TASK_STATES[:TASK_STATES.index("running") + 1]]
@@ -1142,7 +1145,8 @@ def rollout_of(service: dict, tasks: list[dict], digest: str, swarm_now: datetim
     starts = [task_time(t) for t in wanted]
     if None in starts:
         return Ran("Swarm gave no start time for its tasks", None)
-    others_ended = max(filter(None, (task_time(t) for t in tasks if not task_runs(t, digest))), default=None)
+    others_ended = max(filter(None, (task_time(t) for t in tasks if not task_runs(t, digest)
+                                     and task_state(t) != "orphaned")), default=None)  # (a node lost: BUILD_FAILURES)
     first = min((s for s in starts if others_ended is None or s >= others_ended), default=others_ended)
     since = max(filter(None, [first, *failures]))
     # Swarm's updater watched every task it started for the monitor period before it said "completed" (a task

@@ -5583,6 +5583,9 @@ def at(text: str) -> datetime.datetime:
     ({**RUNS_B, "Spec": {**RUNS_B["Spec"], "Mode": {"Replicated": {"Replicas": 3}}}},
      ROLLED + [swarm_task(DIGEST_B, "running", "running", "55:00", 3)], None, at("50:05")),  # scaled up: same soak
     (RUNS_B, ROLLED + [swarm_task(DIGEST_B, "shutdown", "failed", "52:00", 1)], None, at("52:00")),  # a failure restarts it
+    # `docker node rm` of a dead node stamps its tasks orphaned then (swarmkit controlapi RemoveNode): no build failed
+    (RUNS_B, ROLLED + [swarm_task(DIGEST_B, "shutdown", "orphaned", "58:00", 3),
+                       swarm_task(DIGEST_A, "shutdown", "orphaned", "58:00", 4)], None, at("50:05")),
     (RUNS_B, ROLLED[:3] + [swarm_task(DIGEST_B, "running", "running", "59:58", 2)],
      "its newest task of this digest has run for less than Swarm's monitor period (5s)", at("59:58")),
     ({**RUNS_B, "UpdateStatus": {"State": "completed", "CompletedAt": "2026-12-07T07:59:59Z"}},  # Swarm watched it
@@ -5605,6 +5608,11 @@ def at(text: str) -> datetime.datetime:
      [swarm_task(DIGEST_B, "complete", "complete", "51:00")], None, at("51:00")),
     ({**RUNS_B, "Spec": {**RUNS_B["Spec"], "Mode": {"ReplicatedJob": {}}}},
      [swarm_task(DIGEST_B, "complete", "running", "51:00")], "its job has not completed on this digest", None),
+    # a job's failed task waits out its restart delay (swarmkit restart.go: desired state READY until StartNow
+    # makes it COMPLETED): the job has not completed, though its other task has
+    ({**RUNS_B, "Spec": {**RUNS_B["Spec"], "Mode": {"ReplicatedJob": {"TotalCompletions": 2}}}},
+     [swarm_task(DIGEST_B, "complete", "complete", "51:00", 1), swarm_task(DIGEST_B, "shutdown", "failed", "51:01", 2),
+      swarm_task(DIGEST_B, "ready", "ready", "51:01", 2)], "its job has not completed on this digest", None),
 ])
 def test_completed_and_soaked_are_read_from_swarms_tasks(service, tasks, pending, since):
     assert ed.rollout_of(service, tasks, DIGEST_B, at("59:59"))[:2] == (pending, since)
@@ -5619,6 +5627,18 @@ def test_swarm_rolled_back_names_the_digest_it_left():
     manual = {**auto, "PreviousSpec": RUNS_B["Spec"]}
     assert ed.swarm_rolled_back(manual, tasks[1:]) == DIGEST_B  # `docker service rollback` keeps PreviousSpec
     assert ed.swarm_rolled_back({**auto, "UpdateStatus": None}, tasks) is None
+
+
+def test_swarm_rolled_back_is_not_misled_by_a_removed_nodes_orphaned_task():
+    """`docker node rm` of a dead node marks its tasks orphaned, stamped now (swarmkit controlapi RemoveNode):
+    a task of an older build stuck there is no build that failed, and must not be taken for the one Swarm
+    rolled back from (the record would name it, and the next pass roll the failed build again)."""
+    older = "sha256:" + "c" * 64
+    auto = {**RUNS_B, "Spec": {"TaskTemplate": {"ContainerSpec": {"Image": f"{HOST}/team/web:latest@{DIGEST_A}"}}},
+            "UpdateStatus": {"State": "rollback_completed"}}
+    tasks = [swarm_task(DIGEST_B, "shutdown", "failed", "50:01"), swarm_task(DIGEST_A, "running", "running", "50:03"),
+             swarm_task(older, "shutdown", "orphaned", "58:00", 2)]
+    assert ed.swarm_rolled_back(auto, tasks) == DIGEST_B
 
 
 def test_a_follower_that_lost_sight_of_swarms_rollback_says_rolled_back():
