@@ -514,6 +514,175 @@ def test_the_event_threads_docker_client_never_heartbeats():
     assert beats == [1]  # only the main thread's client vouches for the loop
 
 
+# =========================================================================== pure: versions
+
+# (range, tags it admits, tags it does not): every answer is npm's own, `semver.satisfies(tag, range)` of
+# npm's semver 7.8.6 (the reference node-semver ports), asked once when this table was written.
+NPM_RANGE_TABLE = [
+    ("^1.4", "1.4.0 1.4.1 1.9.2 v1.9.2",
+     "1.3.9 2.0.0 1.5.0-rc.1 1.4.0-rc.1 1.4 01.5.0 latest 1.4.2-alpine 1.4.2_b7 V1.5.0 1.5.0.1 1.05.0 1.5.0-rc.01"),
+    ("~1.4.2", "1.4.2 1.4.9", "1.5.0 1.4.1 1.4.3-beta"),
+    (">=1.4.0 <2.0.0", "1.4.0 1.99.99", "2.0.0 2.0.0-rc.1 1.3.99 1.5.0-rc.1"),
+    ("1.x", "1.0.0 1.99.0", "2.0.0 0.9.0 1.2.3-alpha"),
+    ("1.4.x", "1.4.0 1.4.7", "1.5.0"),
+    ("v1.x", "1.2.3 v1.2.3", ""),
+    ("^0.2", "0.2.0 0.2.9", "0.3.0"),
+    ("^0.0.3", "0.0.3", "0.0.4"),
+    ("^1.5.0-rc.1", "1.5.0-rc.1 1.5.0-rc.2 1.5.0 1.9.0", "1.6.0-rc.1 1.5.0-beta.9"),
+    (">=1.5.0-rc.1 <2", "1.5.0-rc.10 1.5.0-rc.9 1.7.0", "1.6.0-rc.1"),
+    ("~1.4.2-beta.1", "1.4.2-beta.2 1.4.2", "1.4.2-beta.0 1.4.3-beta.2"),
+    ("1.2 - 1.4", "1.2.0 1.4.9", "1.5.0"),
+    ("1.2.3 - 2.3.4", "1.2.3 2.3.4", "2.3.5"),
+    ("^1 || ^3", "1.0.0 3.1.0", "2.0.0"),
+    ("*", "0.0.1 9.9.9", "1.0.0-alpha"),
+    ("x", "1.2.3", ""),
+    ("=1.4.2", "1.4.2 v1.4.2", "1.4.3"),
+    ("1.4.2", "1.4.2", "1.4.3"),
+    (">1.4", "1.5.0", "1.4.9"),
+    ("<=1.4", "1.4.9", "1.5.0"),
+    ("~>1.4", "1.4.5", "1.5.0"),
+    (">= 1.4", "1.4.0", "1.3.0"),
+    ("^v1.4", "1.5.0", ""),
+    ("1.X", "1.2.0", ""),
+    ("^1.4.0-0", "1.4.0-alpha 1.4.0", "1.5.0-alpha"),
+    (">=1.0.0-0", "1.0.0-rc.1 2.0.0", "2.0.0-rc.1"),
+    ("^1.2.3-alpha.1", "1.2.3-alpha.2 1.2.3-alpha.10 1.2.3-alpha.beta 1.2.3-beta", "1.2.3-alpha"),
+    ("<2.0.0", "1.9.9 0.0.0", "2.0.0-rc.1"),
+]
+
+
+@pytest.mark.parametrize("range_, admits, refuses", NPM_RANGE_TABLE, ids=[row[0] for row in NPM_RANGE_TABLE])
+def test_a_semver_policy_admits_exactly_the_tags_npm_admits(range_, admits, refuses):
+    policy = ed.parse_version_policy(f"semver:{range_}")
+    assert policy.kind == "semver" and policy.text == f"semver:{range_}"
+    assert [tag for tag in admits.split() if ed.admitted(policy, tag) is None] == []
+    assert [tag for tag in refuses.split() if ed.admitted(policy, tag) is not None] == []
+
+
+# Ranges npm's semver 7.8.6 refuses (validRange: null), and the two it reads as every version ("^1.4 ||",
+# "|| ^2": an empty alternative is *) that are refused here: a typo must not follow every release.
+@pytest.mark.parametrize("text, says", [
+    ("semver:garbage", "semver:garbage is not an npm range (Invalid comparator: garbage); e.g. ^1.4, ~1.4.2"),
+    ("semver:^1.4.0.0", "is not an npm range"), ("semver:1.4.0 - ", "is not an npm range"),
+    ("semver:>1.4 <", "is not an npm range"), ("semver:!=1.4.0", "is not an npm range"),
+    ("semver:=>1.4.0", "is not an npm range"), ("semver:^1.4 garbage", "is not an npm range"),
+    ("semver:1.2.3-01", "is not an npm range"), ("semver:<=>1", "is not an npm range"),
+    ("semver:~1.4 ~>", "is not an npm range"), ("semver:^", "is not an npm range"),
+    ("semver:1.4 ||| 2", "is not an npm range"),
+    ("semver:>=1.4.0, <2.0.0", "npm ranges have no commas; write >=1.4.0 <2.0.0 (a space means and)"),
+    ("semver:^1.4 ||", "an empty alternative around || (npm would read it as every version)"),
+    ("semver:|| ^2", "an empty alternative around ||"),
+    ("semver:", "semver: needs a range, e.g. semver:^1.4 (semver:* follows every release)"),
+    ("^1.4", "'^1.4' is not a version policy (a range? write semver:^1.4): write semver:RANGE, or "
+             "regex:PATTERN numerical[:GROUP] or regex:PATTERN alphabetical[:GROUP]"),
+    ("1.x", "(a range? write semver:1.x)"),
+    ("latest", "'latest' is not a version policy: write semver:RANGE"),
+    ("  ", "empty version policy: write semver:RANGE"),
+    ("Semver:^1", "is not a version policy"),
+    ("regex:^main-(?P<ts>[0-9]+)$", "write regex:PATTERN numerical[:GROUP] or regex:PATTERN alphabetical[:GROUP] "
+                                    "(the order after a space)"),
+    ("regex:^main-[0-9]+$ newest", "(the order after a space)"),
+    ("regex:^main-[0-9]+$ numerical:", "(the order after a space)"),
+    ("regex: numerical", "(the order after a space)"),
+    ("regex:^main-([0-9]+$ numerical", "the pattern is not a regular expression: missing ), unterminated subpattern"),
+    ("regex:^main-[0-9]+$ numerical:ts", "the pattern has no group named ts (name one with (?P<ts>...))"),
+    ("semver:^1.4 " + "x" * 400, "version policy longer than 400 characters"),
+])
+def test_a_malformed_version_policy_is_one_line_saying_what_to_write(text, says):
+    with pytest.raises(ValueError) as raised:
+        ed.parse_version_policy(text)
+    assert says in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_the_newest_admitted_tag_by_semver_precedence():
+    caret = ed.parse_version_policy("semver:^1.4")
+    listing = ["latest", "1.3.9", "1.4.0", "1.10.0", "1.9.2", "2.0.0", "1.11.0-rc.1", "main-3f9c2e1", "v1.4.5"]
+    assert ed.newest_admitted(caret, listing) == "1.10.0"  # numeric, not text, order: 1.10.0 > 1.9.2
+    assert ed.newest_admitted(caret, ["latest", "2.0.0", "1.4"]) is None
+    assert ed.newest_admitted(caret, []) is None
+    pre = ed.parse_version_policy("semver:>=1.5.0-rc.1 <2")
+    assert ed.newest_admitted(pre, ["1.5.0-rc.9", "1.5.0-rc.10", "1.5.0-rc.2"]) == "1.5.0-rc.10"
+    assert ed.newest_admitted(pre, ["1.5.0-rc.10", "1.5.0", "1.6.0-rc.1"]) == "1.5.0"  # a release outranks its rcs
+    # one version spelt twice: the same tag whichever order ECR lists them in
+    assert ed.newest_admitted(caret, ["v1.5.0", "1.5.0"]) == ed.newest_admitted(caret, ["1.5.0", "v1.5.0"]) == "v1.5.0"
+
+
+def test_is_newer_moves_only_forward_within_the_policy():
+    caret = ed.parse_version_policy("semver:^1.4")
+    assert ed.is_newer(caret, "1.5.0", "1.4.2")
+    assert not ed.is_newer(caret, "1.4.1", "1.4.2")  # an out-of-order push of an older version
+    assert not ed.is_newer(caret, "1.4.2", "1.4.2")
+    assert not ed.is_newer(caret, "v1.4.2", "1.4.2")  # the same version: no move between its spellings
+    assert not ed.is_newer(caret, "2.0.0", "1.4.2") and not ed.is_newer(caret, "latest", "1.4.2")  # not admitted
+    assert not ed.is_newer(caret, "1.5.0-rc.1", "1.4.2")  # a pre-release the range does not name
+    assert ed.is_newer(caret, "1.4.0", "latest") and ed.is_newer(caret, "1.4.0", None)  # into the policy
+    assert ed.is_newer(caret, "1.4.0", "2.0.0")  # the policy says which versions the service runs
+
+
+def test_tags_picked_by_a_pattern_are_ordered_by_its_named_group():
+    builds = ed.parse_version_policy(r"regex:^main-[0-9a-f]+-(?P<ts>[0-9]+)$ numerical:ts")
+    assert (builds.kind, builds.group) == ("numerical", "ts")
+    listing = ["main-3f9c2e1-9", "main-77aa01b-10", "main-zzz-11", "feature-1a2b3c4-99", "main-0c0ffee-8", "latest"]
+    assert ed.newest_admitted(builds, listing) == "main-77aa01b-10"  # 10 > 9 as numbers (as text, "9" wins)
+    assert ed.admitted(builds, "main-zzz-11") is None and ed.admitted(builds, "feature-1a2b3c4-99") is None
+    assert ed.is_newer(builds, "main-0c0ffee-12", "main-77aa01b-10")
+    assert not ed.is_newer(builds, "main-0c0ffee-8", "main-77aa01b-10")
+
+    by_text = ed.parse_version_policy(r"regex:^main-[0-9a-f]+-(?P<ts>[0-9]+)$ alphabetical:ts")
+    assert ed.newest_admitted(by_text, listing) == "main-3f9c2e1-9"  # alphabetical: "9" > "10", as Flux sorts
+    dated = ed.parse_version_policy(r"regex:^release-(?P<day>[0-9]{4}-[0-9]{2}-[0-9]{2})$ alphabetical:day")
+    assert ed.newest_admitted(dated, ["release-2026-11-30", "release-2026-12-01", "release-2026-2-01"]) == \
+        "release-2026-12-01"
+
+    whole = ed.parse_version_policy("regex:^[0-9]+$ numerical")  # no group: the whole tag orders
+    assert whole.group is None and ed.newest_admitted(whole, ["2317", "998", "10000", "v3"]) == "10000"
+    decimal_ = ed.parse_version_policy(r"regex:^build-(?P<n>-?[0-9.]+)$ numerical:n")
+    assert ed.newest_admitted(decimal_, ["build-1.5", "build-1.25", "build--3", "build-1.2.3"]) == "build-1.5"
+    suffixed = ed.parse_version_policy(r"regex:^(?P<n>[0-9]+)(?:-rc)?$ numerical:n")
+    assert ed.newest_admitted(suffixed, ["7", "12-rc", "3"]) == "12-rc"
+
+    optional = ed.parse_version_policy(r"regex:^app(?:-(?P<n>[0-9]+))?$ numerical:n")
+    assert ed.admitted(optional, "app") is None and ed.newest_admitted(optional, ["app", "app-2"]) == "app-2"
+    searched = ed.parse_version_policy(r"regex:-(?P<n>[0-9]+)$ numerical:n")  # searched, unanchored, as Flux does
+    assert ed.newest_admitted(searched, ["a-1", "b-2-x", "c-3"]) == "c-3"
+    assert ed.admitted(builds, "main-3f9c2e1-9\n") is None  # not an ECR tag: never admitted
+
+
+def test_a_service_follows_versions_by_its_label():
+    def service(labels):
+        return {"Spec": {"Labels": labels, "TaskTemplate": {"ContainerSpec": {"Image": "x"}}}}
+    assert ed.VERSIONS_LABEL == "ecr-deploy.versions"
+    assert ed.service_version_policy(service({})) is None and ed.service_version_policy({"Spec": {}}) is None
+    assert ed.service_version_policy(service({"ecr-deploy.versions": " semver:^1.4 "})).text == "semver:^1.4"
+    with pytest.raises(ValueError, match="write semver:RANGE"):
+        ed.service_version_policy(service({"ecr-deploy.versions": ""}))
+
+
+NODESEMVER_GONE = "raise ModuleNotFoundError(\"No module named 'nodesemver'\", name='nodesemver')\n"
+
+
+def test_a_semver_policy_without_node_semver_installed_is_one_line_naming_the_install(tmp_path):
+    (tmp_path / "nodesemver.py").write_text(NODESEMVER_GONE)  # first on the path: as if it were not installed
+    probe = ("import ecr_deploy as ed\n"
+             "print(ed.newest_admitted(ed.parse_version_policy('regex:^b-(?P<n>[0-9]+)$ numerical:n'), ['b-9', 'b-10']))\n"
+             "try:\n"
+             "    ed.parse_version_policy('semver:^1.4')\n"
+             "except ed.Misconfigured as e:\n"
+             "    print(e)\n")
+    run = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": str(tmp_path)}, cwd=HERE,
+                         capture_output=True, text=True, timeout=60)
+    assert run.stdout.splitlines() == ["b-10", "ecr-deploy.versions semver:RANGE needs node-semver, which is not "
+                                       "installed: /opt/ecr-deploy/venv/bin/pip install node-semver"], run.stderr
+
+
+def test_without_a_semver_policy_node_semver_is_never_imported():
+    probe = ("import sys, ecr_deploy as ed\n"
+             "ed.newest_admitted(ed.parse_version_policy('regex:^b-(?P<n>[0-9]+)$ numerical:n'), ['b-1'])\n"
+             "print('nodesemver' in sys.modules)\n")
+    run = subprocess.run([sys.executable, "-c", probe], cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "False", run.stderr
+
+
 # =========================================================================== pure: specs
 
 FULL_SPEC = {
