@@ -2304,6 +2304,7 @@ MANIFEST_MEDIA_TYPES = ("application/vnd.oci.image.index.v1+json", "application/
                         "application/vnd.docker.distribution.manifest.list.v2+json",
                         "application/vnd.docker.distribution.manifest.v2+json")
 DESCRIBE_IMAGES_MAX_IDS = 100  # ECR's limit of image ids per DescribeImages call
+LIST_IMAGES_MAX_RESULTS = 1000  # ECR's largest page of ListImages (without maxResults it pages by 100)
 SCAN_ERRORS = {"ScanNotFoundException": "NOT_FOUND", "AccessDeniedException": "DENIED",
                "ImageNotFoundException": "GONE", "RepositoryNotFoundException": "GONE"}
 
@@ -2316,12 +2317,16 @@ class Ecr:
         self._client_lock = threading.Lock()
         self._tokens: dict[tuple[str, str], Token] = {}
         self.media_types: dict[tuple, str] = {}  # (account, region, repository, digest) -> as DescribeImages said
+        self.tag_listings: dict[tuple, dict[str, str]] = {}  # (account, region, repository) -> {tag: digest}
+        self._listing_locks: dict[tuple, threading.Lock] = {}
         self.cycle = 0
 
     def new_cycle(self, fresh_tokens: bool = False) -> None:
         """A drain cycle (or refresh pass) begins: already-expired tokens are not reused past it."""
         self.cycle += 1
         self.media_types.clear()  # (a digest's never changes; this only bounds the memory)
+        self.tag_listings.clear()  # (tags come and go: each cycle lists anew)
+        self._listing_locks.clear()
         if fresh_tokens:
             self._tokens.clear()
 
@@ -2359,6 +2364,43 @@ class Ecr:
                                        answered_at, media_type)
                     found.update((tag, answer) for tag in detail.get("imageTags") or [] if tag in batch)
         return found
+
+    def list_tags(self, account: str, region: str, repository: str,
+                  page_size: int = LIST_IMAGES_MAX_RESULTS) -> dict[str, str]:
+        """tag -> digest, for every tag of the repository ({} if it is gone): one paged ListImages of the
+        tagged images per repository and cycle, however many services follow versions in it."""
+        key = (account, region, repository)
+        with self._client_lock:
+            lock = self._listing_locks.setdefault(key, threading.Lock())
+        with lock:  # services of one repository looked up at once: the others wait for the one listing
+            if key not in self.tag_listings:
+                self.tag_listings[key] = self._list_tags(account, region, repository, page_size)
+            return dict(self.tag_listings[key])
+
+    def _list_tags(self, account: str, region: str, repository: str, page_size: int) -> dict[str, str]:
+        tags, token, tokens = {}, None, set()
+        while True:
+            try:
+                reply = self._client(region).list_images(
+                    registryId=account, repositoryName=repository, filter={"tagStatus": "TAGGED"},
+                    maxResults=page_size, **({"nextToken": token} if token else {}))
+            except AWS_ERRORS as e:
+                if error_code(e) == "RepositoryNotFoundException":
+                    return {}
+                raise AccessDenied.wrap(e, f"cannot list the tags of {repository} in ECR ({account}, {region})") \
+                    from None
+            for image in reply.get("imageIds") or []:  # one entry per tag: an image with two tags comes twice
+                tag, digest = image.get("imageTag"), image.get("imageDigest")
+                if not is_valid("digest", digest):
+                    raise AwsError(f"ECR answered an invalid digest {shown(digest)} for {repository}")
+                if is_valid("tag", tag):
+                    tags[tag] = digest
+            token = reply.get("nextToken")
+            if not token:
+                return tags
+            if token in tokens:  # every call is bounded, the listing must be too
+                raise AwsError(f"ECR answered the same nextToken twice listing the tags of {repository}")
+            tokens.add(token)
 
     def _describe_images(self, account: str, region: str, repository: str, tags: list[str]) -> dict | None:
         """DescribeImages of these tags; None if one of them (or the repository) does not exist."""

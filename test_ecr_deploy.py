@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import boto3
 import pytest
 import requests
 
@@ -4989,6 +4991,66 @@ def test_a_reconcile_pass_asks_ecr_once_per_repository_and_not_at_all_without_fo
     # one DescribeImages per repository (the one with a deleted tag: once more per tag of its batch)
     assert sorted(ecr_calls(proxy)) == ["DescribeImages"] * (2 + 4), proxy.seen
     assert {sid: swarm.service(sid)["Version"]["Index"] for sid in versions} == versions  # all current: no update
+
+
+def put_in_moto(moto, repository: str, tag: str | None, content: str) -> str:
+    """An image put straight into moto_server (not through the rig's ECR endpoint): a thousand cost a
+    few seconds, not the proxy's three calls each. Returns its digest."""
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                           "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": 0,
+                                      "digest": "sha256:" + hashlib.sha256(content.encode()).hexdigest()},
+                           "layers": []})
+    digest = "sha256:" + hashlib.sha256(manifest.encode()).hexdigest()
+    moto.put_image(repositoryName=repository, imageManifest=manifest, imageDigest=digest,
+                   **({"imageTag": tag} if tag else {}))
+    return digest
+
+
+def test_the_tags_of_a_repository_are_listed_once_a_cycle_in_pages_of_a_thousand(aws):
+    """Ecr.list_tags: {tag: digest} from one paged ListImages of the tagged images per repository and
+    cycle, however often it is asked. moto answers ListImages in one page whatever maxResults says; the
+    rig's ECR endpoint pages as ECR documents (rig.aws.EcrAsDocumented)."""
+    account, region, repo = "123456789012", "us-east-1", f"team/versions-{uuid.uuid4().hex[:10]}"
+    moto = boto3.client("ecr", region_name=region, endpoint_url=aws.moto_url, aws_access_key_id="testing",
+                        aws_secret_access_key="testing")
+    moto.create_repository(repositoryName=repo)
+    started = time.monotonic()
+    expected = {f"1.0.{n}": put_in_moto(moto, repo, f"1.0.{n}", f"build {n}") for n in range(1001)}
+    put_seconds = time.monotonic() - started
+    moto.put_image(repositoryName=repo, imageTag="stable", imageManifest=moto.batch_get_image(
+        repositoryName=repo, imageIds=[{"imageTag": "1.0.1000"}])["images"][0]["imageManifest"])
+    expected["stable"] = expected["1.0.1000"]  # one image, two tags: listed once per tag
+    put_in_moto(moto, repo, None, "untagged")  # not a tag: not listed
+    ecr = ed.Ecr(ed.aws_session())
+    ecr._clients = {region: aws.client("ecr", region)}
+    proxy = aws.front.proxy
+
+    def listings_since(mark: int) -> list[dict]:
+        return [json.loads(body) for key, body in proxy.bodies[mark:] if key.endswith(".ListImages")]
+
+    mark, started = len(proxy.bodies), time.monotonic()
+    assert ecr.list_tags(account, region, repo) == expected
+    list_seconds = time.monotonic() - started
+    pages = listings_since(mark)
+    assert len(pages) == 2, pages  # 1,002 tags: 1,000, then 2
+    assert all(page["maxResults"] == 1000 and page["filter"] == {"tagStatus": "TAGGED"}
+               and page["registryId"] == account for page in pages)
+    assert "nextToken" not in pages[0] and pages[1]["nextToken"]
+
+    put_in_moto(moto, repo, "1.0.1001", "build 1001")
+    mark = len(proxy.bodies)
+    assert ecr.list_tags(account, region, repo) == expected  # the same cycle: its listing, not another call
+    assert listings_since(mark) == []
+    ecr.new_cycle()
+    listed = ecr.list_tags(account, region, repo, page_size=400)
+    assert listed["1.0.1001"] and len(listed) == 1003
+    assert [page["maxResults"] for page in listings_since(mark)] == [400] * 3
+
+    assert ecr.list_tags(account, region, "team/no-such-repository") == {}
+    # the rig answers as ECR documents: without maxResults, pages of 100
+    first = aws.client("ecr", region).list_images(repositoryName=repo, filter={"tagStatus": "TAGGED"})
+    assert len(first["imageIds"]) == 100 and first["nextToken"]
+    print(f"moto: 1,001 images put in {put_seconds:.1f} s; listed (2 pages) in {list_seconds:.2f} s")
 
 
 def test_two_deployers_reconciling_at_once_update_each_service_once(aws, images, clean_swarm, workdir):
