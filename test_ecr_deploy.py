@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
+import doctest
 import hashlib
 import json
 import logging
@@ -658,6 +659,23 @@ def test_a_service_follows_versions_by_its_label():
     assert ed.service_version_policy(service({"ecr-deploy.versions": " semver:^1.4 "})).text == "semver:^1.4"
     with pytest.raises(ValueError, match="write semver:RANGE"):
         ed.service_version_policy(service({"ecr-deploy.versions": ""}))
+
+
+def test_the_following_versions_page_shows_what_the_functions_answer():
+    text = (HERE / "docs" / "following-versions.md").read_text()
+    example = doctest.DocTestParser().get_doctest(re.search(r"```python\n(>>> .*?)```", text, re.S)[1], {},
+                                                  "following-versions.md", None, 0)
+    runner = doctest.DocTestRunner()
+    runner.run(example)
+    assert (runner.tries, runner.failures) == (4, 0)
+    # the worked example's table: each push in turn, from 1.4.0, under semver:^1.4
+    table = text.split("CI pushes, in this order", 1)[1].split("\n\n", 2)[1]
+    rows = re.findall(r"^\| `([^`]+)`[^|]*\| `([^`]+)` \|", table, re.M)
+    policy, running = ed.parse_version_policy("semver:^1.4"), "1.4.0"
+    assert len(rows) == 6
+    for pushed, runs in rows:
+        running = pushed if ed.is_newer(policy, pushed, running) else running
+        assert running == runs, pushed
 
 
 NODESEMVER_GONE = "raise ModuleNotFoundError(\"No module named 'nodesemver'\", name='nodesemver')\n"
