@@ -814,6 +814,32 @@ def is_newer(policy: VersionPolicy, tag: str, than_tag: str | None) -> bool:
     return current is None or key.rank > current.rank
 
 
+def why_not_newer(policy: VersionPolicy, tag: str, running_tag: str | None) -> str | None:
+    """Why a push of `tag` does not move a service that runs running_tag (its INFO line), None if it does."""
+    if admitted(policy, tag) is None:
+        return f":{tag} is not a version its policy {policy.text} admits"
+    if not is_newer(policy, tag, running_tag):
+        return f":{tag} is not newer than :{running_tag}, which it runs ({policy.text})"
+    return None
+
+
+def newest_to_run(policy: VersionPolicy, listing: dict[str, str], running_tag: str | None) -> tuple[str, str] | None:
+    """(tag, digest) a service that runs running_tag should move to, from a listing of its repository
+    ({tag: digest}, Ecr.list_tags), or None: it runs the newest admitted version, or the newest left is
+    older than it (a newer tag was deleted: never a move backwards)."""
+    newest = newest_admitted(policy, listing)
+    return (newest, listing[newest]) if newest and is_newer(policy, newest, running_tag) else None
+
+
+def newer_tag_deleted(policy: VersionPolicy, listing: dict[str, str], running_tag: str | None) -> bool:
+    """Does the service run an admitted version its repository no longer holds, newer than any it does?
+    (--status says so: it stays where it is.)"""
+    if not running_tag or running_tag in listing or admitted(policy, running_tag) is None:
+        return False
+    newest = newest_admitted(policy, listing)
+    return newest is None or is_newer(policy, running_tag, newest)
+
+
 def service_version_policy(service: dict) -> VersionPolicy | None:
     """The service's version policy (VERSIONS_LABEL), None if it follows a tag. ValueError: malformed."""
     text = ((service.get("Spec") or {}).get("Labels") or {}).get(VERSIONS_LABEL)

@@ -651,6 +651,23 @@ def test_tags_picked_by_a_pattern_are_ordered_by_its_named_group():
     assert ed.admitted(builds, "main-3f9c2e1-9\n") is None  # not an ECR tag: never admitted
 
 
+def test_what_a_push_or_a_listing_means_for_a_service_that_runs_a_version():
+    caret = ed.parse_version_policy("semver:^1.4")
+    assert ed.why_not_newer(caret, "1.5.0", "1.4.2") is None
+    assert ed.why_not_newer(caret, "1.4.1", "1.4.2") == ":1.4.1 is not newer than :1.4.2, which it runs (semver:^1.4)"
+    assert ed.why_not_newer(caret, "2.0.0", "1.4.2") == ":2.0.0 is not a version its policy semver:^1.4 admits"
+    listing = {"1.4.2": DIGEST_A, "1.5.0": DIGEST_B, "2.0.0": "sha256:" + "c" * 64, "latest": DIGEST_B}
+    assert ed.newest_to_run(caret, listing, "1.4.2") == ("1.5.0", DIGEST_B)
+    assert ed.newest_to_run(caret, listing, "1.5.0") is None  # runs the newest already
+    assert ed.newest_to_run(caret, listing, "latest") == ("1.5.0", DIGEST_B)  # into the policy
+    assert ed.newest_to_run(caret, {}, "1.4.2") is None
+    # 1.6.0 was deleted after the service moved to it: it stays, and that is said
+    assert ed.newest_to_run(caret, listing, "1.6.0") is None and ed.newer_tag_deleted(caret, listing, "1.6.0")
+    assert ed.newer_tag_deleted(caret, {}, "1.6.0")
+    assert not ed.newer_tag_deleted(caret, listing, "1.5.0") and not ed.newer_tag_deleted(caret, listing, "1.3.0")
+    assert not ed.newer_tag_deleted(caret, {"1.7.0": DIGEST_A}, "1.6.0") and not ed.newer_tag_deleted(caret, {}, None)
+
+
 def test_a_service_follows_versions_by_its_label():
     def service(labels):
         return {"Spec": {"Labels": labels, "TaskTemplate": {"ContainerSpec": {"Image": "x"}}}}
