@@ -715,6 +715,7 @@ class VersionKey(NamedTuple):
     tag: str
 
 
+@functools.cache  # (a failed import is not cached: installing it mends the next policy read)
 def semver_library():
     """node-semver, only when a service follows a range: without one, memory and start-up stay as they were."""
     try:
@@ -778,11 +779,8 @@ def admitted(policy: VersionPolicy, tag: object) -> VersionKey | None:
     if not is_valid("tag", tag):
         return None
     if policy.kind == "semver":
-        try:
-            version = semver_library().make_semver(tag, False)
-        except ValueError:  # not MAJOR.MINOR.PATCH[-PRE]: latest, main-3f9c2e1, 1.4
-            return None
-        return VersionKey(SEMVER_PRECEDENCE(version), tag) if policy.range.test(version) else None
+        version = semantic_version(tag)
+        return VersionKey(SEMVER_PRECEDENCE(version), tag) if version and policy.range.test(version) else None
     found = policy.pattern.search(tag)
     value = found and (found[policy.group] if policy.group else tag)
     if value is None:  # not found, or its group took no part in the match
@@ -790,6 +788,15 @@ def admitted(policy: VersionPolicy, tag: object) -> VersionKey | None:
     if policy.kind == "alphabetical":
         return VersionKey(value, tag)
     return VersionKey(decimal.Decimal(value), tag) if NUMBER.fullmatch(value) else None
+
+
+@functools.lru_cache(maxsize=16384)  # a pass reads each tag of a listing once per service that follows it
+def semantic_version(tag: str):
+    """The tag as node-semver's version, None if it is not MAJOR.MINOR.PATCH[-PRE] (latest, main-3f9c2e1, 1.4)."""
+    try:
+        return semver_library().make_semver(tag, False)
+    except ValueError:
+        return None
 
 
 # SemVer precedence, as node-semver compares (a pre-release ranks below its release)
