@@ -701,7 +701,8 @@ NODESEMVER_GONE = "raise ModuleNotFoundError(\"No module named 'nodesemver'\", n
 def test_a_semver_policy_without_node_semver_installed_is_one_line_naming_the_install(tmp_path):
     (tmp_path / "nodesemver.py").write_text(NODESEMVER_GONE)  # first on the path: as if it were not installed
     probe = ("import ecr_deploy as ed\n"
-             "print(ed.newest_admitted(ed.parse_version_policy('regex:^b-(?P<n>[0-9]+)$ numerical:n'), ['b-9', 'b-10']))\n"
+             "builds = ed.parse_version_policy('regex:^b-(?P<n>[0-9]+)$ numerical:n')\n"
+             "print(ed.newest_admitted(builds, ['b-9', 'b-10']))\n"
              "try:\n"
              "    ed.parse_version_policy('semver:^1.4')\n"
              "except ed.Misconfigured as e:\n"
