@@ -15,13 +15,13 @@ tag with what the tag points to in ECR now; the operator's release policy (windo
 promotion) decides when; what must survive a restart lives on the service's labels.
 
 Read top-down: configuration, events (pure), images (pure: references, which tag a service
-follows), specs (pure), service labels (pure: provenance, failure records), release policy (pure),
-Swarm's tasks (pure: completed, soaked), status (pure), rollouts (pure), scan gate (pure), signature
-gate (pure), AWS shell, Docker shell (and loop mode's ServiceIndex, kept current from Docker's events),
-the gates (ScanGate; SignatureGate, which runs notation or cosign), the drain cycle (Deployer; Rollouts,
-which follows and rolls back; AuthKeeper, the registry-auth keeper), the reconcile pass (Reconciler),
-receiving (Receiver: batches bounded in time, held invisible while worked on), reports, logging and
-systemd, status (read-only), main.
+follows), versions (pure: which tags a service may run, and the newest), specs (pure), service labels
+(pure: provenance, failure records), release policy (pure), Swarm's tasks (pure: completed, soaked),
+status (pure), rollouts (pure), scan gate (pure), signature gate (pure), AWS shell, Docker shell (and
+loop mode's ServiceIndex, kept current from Docker's events), the gates (ScanGate; SignatureGate, which
+runs notation or cosign), the drain cycle (Deployer; Rollouts, which follows and rolls back; AuthKeeper,
+the registry-auth keeper), the reconcile pass (Reconciler), receiving (Receiver: batches bounded in
+time, held invisible while worked on), reports, logging and systemd, status (read-only), main.
 """
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ import argparse
 import base64
 import concurrent.futures
 import copy
+import decimal
 import email.utils
+import functools
 import json
 import logging
 import math
@@ -673,6 +675,182 @@ def is_job(spec: dict) -> bool:
 
 def reruns_on_push(spec: dict) -> bool:
     return str((spec.get("Labels") or {}).get(RERUN_JOB_LABEL, "")).strip().lower() == "true"
+
+
+# --------------------------------------------------------------------------- versions (pure)
+
+# A repository whose tags never move (ECR tag immutability: Security Hub control ECR.2) is followed by
+# version, not by tag: the service's VERSIONS_LABEL says which of the repository's tags it may run, and it
+# should run the newest of them. Two forms, in the words of Flux's ImagePolicy (semver; filterTags'
+# pattern and extract with numerical or alphabetical order):
+#   semver:RANGE                        an npm range: ^1.4, ~1.4.2, >=1.4.0 <2.0.0, 1.x, 1.2 - 1.4 || ^2.
+#                                       Tags are MAJOR.MINOR.PATCH[-PRE], a leading v allowed (a tag cannot
+#                                       hold +BUILD); a pre-release only when the range names one of the same
+#                                       MAJOR.MINOR.PATCH
+#   regex:PATTERN numerical[:GROUP]     the tags PATTERN finds (Python's re, searched as Flux searches),
+#   regex:PATTERN alphabetical[:GROUP]  newest = highest GROUP (a named group; the whole tag without one)
+# npm's range rules are node-semver's (a port of npm's own implementation), imported only when a service
+# follows a range, as Apprise is only when a target needs it.
+VERSIONS_LABEL = "ecr-deploy.versions"
+SEMVER_INSTALL = "/opt/ecr-deploy/venv/bin/pip install node-semver"
+MAX_POLICY_TEXT = 400
+POLICY_FORMS = "semver:RANGE, or regex:PATTERN numerical[:GROUP] or regex:PATTERN alphabetical[:GROUP]"
+ORDER_CLAUSE = re.compile(r"(numerical|alphabetical)(?::([A-Za-z_][A-Za-z0-9_]*))?")
+NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")  # what numerical order reads (Flux: a float; here exact)
+LOOKS_LIKE_A_RANGE = re.compile(r"[v0-9^~<>=*xX]")
+
+
+class VersionPolicy(NamedTuple):
+    text: str  # as the operator wrote it: log lines and --status show it
+    kind: str  # "semver", "numerical" or "alphabetical"
+    range: object = None  # node-semver's Range (semver)
+    pattern: re.Pattern | None = None  # (numerical, alphabetical)
+    group: str | None = None  # the named group that orders; None: the whole tag
+
+
+class VersionKey(NamedTuple):
+    """Orders the tags a policy admits: by rank; equal ranks (1.5.0 and v1.5.0) by the tag's text, so that
+    the newest of a listing is always the same tag."""
+    rank: object  # a version's precedence (node-semver's), a Decimal, or a text
+    tag: str
+
+
+@functools.cache  # (a failed import is not cached: installing it mends the next policy read)
+def semver_library():
+    """node-semver, only when a service follows a range: without one, memory and start-up stay as they were."""
+    try:
+        import nodesemver
+    except ImportError:
+        raise Misconfigured(f"{VERSIONS_LABEL} semver:RANGE needs node-semver, which is not installed: "
+                            f"{SEMVER_INSTALL}") from None
+    logging.getLogger("nodesemver").setLevel(logging.WARNING)  # it logs every comparison at debug level
+    return nodesemver
+
+
+def parse_version_policy(text: object) -> VersionPolicy:
+    """VERSIONS_LABEL's value -> the policy. ValueError with one line an operator can act on: a service
+    whose policy is malformed is never rolled "anyway". Misconfigured if a range needs node-semver and it
+    is not installed."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"empty version policy: write {POLICY_FORMS}")
+    text = text.strip()
+    if len(text) > MAX_POLICY_TEXT:
+        raise ValueError(f"version policy longer than {MAX_POLICY_TEXT} characters")
+    kind, colon, rest = text.partition(":")
+    if colon and kind == "semver":
+        return VersionPolicy(text, "semver", range=semver_range(rest.strip()))
+    if colon and kind == "regex":
+        pattern_text, _, order_text = rest.strip().rpartition(" ")  # the order comes last: a space before it
+        order = ORDER_CLAUSE.fullmatch(order_text)
+        if not pattern_text or not order:
+            raise ValueError(f"{shown(text)}: write regex:PATTERN numerical[:GROUP] or regex:PATTERN "
+                             f"alphabetical[:GROUP] (the order after a space)")
+        try:
+            pattern = re.compile(pattern_text)
+        except re.error as e:
+            raise ValueError(f"{shown(text)}: the pattern is not a regular expression: {e}") from None
+        if order[2] and order[2] not in pattern.groupindex:
+            raise ValueError(f"{shown(text)}: the pattern has no group named {order[2]} (name one with "
+                             f"(?P<{order[2]}>...))")
+        return VersionPolicy(text, order[1], pattern=pattern, group=order[2])
+    hint = f" (a range? write semver:{text})" if LOOKS_LIKE_A_RANGE.match(text) else ""
+    raise ValueError(f"{shown(text)} is not a version policy{hint}: write {POLICY_FORMS}")
+
+
+def semver_range(text: str):
+    """An npm range as node-semver reads it (strict, as npm is by default), a little stricter where npm's
+    reading surprises: an empty alternative (npm: every version) and commas (Flux's and, not npm's)."""
+    nodesemver = semver_library()
+    if not text:
+        raise ValueError("semver: needs a range, e.g. semver:^1.4 (semver:* follows every release)")
+    if "," in text:
+        raise ValueError(f"semver:{text}: npm ranges have no commas; write >=1.4.0 <2.0.0 (a space means and)")
+    if any(not alternative.strip() for alternative in text.split("||")):
+        raise ValueError(f"semver:{text}: an empty alternative around || (npm would read it as every version)")
+    try:
+        return nodesemver.make_range(text, False)
+    except ValueError as e:
+        raise ValueError(f"semver:{text} is not an npm range ({e}); e.g. ^1.4, ~1.4.2, >=1.4.0 <2.0.0, "
+                         f"1.x") from None
+
+
+def admitted(policy: VersionPolicy, tag: object) -> VersionKey | None:
+    """The tag's place in the policy's order, or None if the policy does not admit it."""
+    if not is_valid("tag", tag):
+        return None
+    if policy.kind == "semver":
+        version = semantic_version(tag)
+        return VersionKey(SEMVER_PRECEDENCE(version), tag) if version and policy.range.test(version) else None
+    found = policy.pattern.search(tag)
+    value = found and (found[policy.group] if policy.group else tag)
+    if value is None:  # not found, or its group took no part in the match
+        return None
+    if policy.kind == "alphabetical":
+        return VersionKey(value, tag)
+    return VersionKey(decimal.Decimal(value), tag) if NUMBER.fullmatch(value) else None
+
+
+@functools.lru_cache(maxsize=16384)  # a pass reads each tag of a listing once per service that follows it
+def semantic_version(tag: str):
+    """The tag as node-semver's version, None if it is not MAJOR.MINOR.PATCH[-PRE] (latest, main-3f9c2e1, 1.4)."""
+    try:
+        return semver_library().make_semver(tag, False)
+    except ValueError:
+        return None
+
+
+# SemVer precedence, as node-semver compares (a pre-release ranks below its release)
+SEMVER_PRECEDENCE = functools.cmp_to_key(lambda a, b: a.compare(b))
+
+
+def newest_admitted(policy: VersionPolicy, tags) -> str | None:
+    """The newest tag the policy admits among these (a listing of the repository), or None."""
+    keys = [key for key in (admitted(policy, tag) for tag in tags) if key is not None]
+    return max(keys).tag if keys else None
+
+
+def is_newer(policy: VersionPolicy, tag: str, than_tag: str | None) -> bool:
+    """Should a service running than_tag move to tag? Only to a tag the policy admits and ranks higher;
+    from a tag it does not admit (or none: a digest only) to any it admits, since the policy says which
+    tags the service runs. An equal rank (v1.5.0 beside 1.5.0) is not newer: no move between spellings
+    of one version."""
+    key = admitted(policy, tag)
+    if key is None:
+        return False
+    current = admitted(policy, than_tag) if than_tag else None
+    return current is None or key.rank > current.rank
+
+
+def why_not_newer(policy: VersionPolicy, tag: str, running_tag: str | None) -> str | None:
+    """Why a push of `tag` does not move a service that runs running_tag (its INFO line), None if it does."""
+    if admitted(policy, tag) is None:
+        return f":{tag} is not a version its policy {policy.text} admits"
+    if not is_newer(policy, tag, running_tag):
+        return f":{tag} is not newer than :{running_tag}, which it runs ({policy.text})"
+    return None
+
+
+def newest_to_run(policy: VersionPolicy, listing: dict[str, str], running_tag: str | None) -> tuple[str, str] | None:
+    """(tag, digest) a service that runs running_tag should move to, from a listing of its repository
+    ({tag: digest}, Ecr.list_tags), or None: it runs the newest admitted version, or the newest left is
+    older than it (a newer tag was deleted: never a move backwards)."""
+    newest = newest_admitted(policy, listing)
+    return (newest, listing[newest]) if newest and is_newer(policy, newest, running_tag) else None
+
+
+def newer_tag_deleted(policy: VersionPolicy, listing: dict[str, str], running_tag: str | None) -> bool:
+    """Does the service run an admitted version its repository no longer holds, newer than any it does?
+    (--status says so: it stays where it is.)"""
+    if not running_tag or running_tag in listing or admitted(policy, running_tag) is None:
+        return False
+    newest = newest_admitted(policy, listing)
+    return newest is None or is_newer(policy, running_tag, newest)
+
+
+def service_version_policy(service: dict) -> VersionPolicy | None:
+    """The service's version policy (VERSIONS_LABEL), None if it follows a tag. ValueError: malformed."""
+    text = ((service.get("Spec") or {}).get("Labels") or {}).get(VERSIONS_LABEL)
+    return None if text is None else parse_version_policy(text)
 
 
 # --------------------------------------------------------------------------- specs (pure)
@@ -2180,6 +2358,7 @@ MANIFEST_MEDIA_TYPES = ("application/vnd.oci.image.index.v1+json", "application/
                         "application/vnd.docker.distribution.manifest.list.v2+json",
                         "application/vnd.docker.distribution.manifest.v2+json")
 DESCRIBE_IMAGES_MAX_IDS = 100  # ECR's limit of image ids per DescribeImages call
+LIST_IMAGES_MAX_RESULTS = 1000  # ECR's largest page of ListImages (without maxResults it pages by 100)
 SCAN_ERRORS = {"ScanNotFoundException": "NOT_FOUND", "AccessDeniedException": "DENIED",
                "ImageNotFoundException": "GONE", "RepositoryNotFoundException": "GONE"}
 
@@ -2192,12 +2371,16 @@ class Ecr:
         self._client_lock = threading.Lock()
         self._tokens: dict[tuple[str, str], Token] = {}
         self.media_types: dict[tuple, str] = {}  # (account, region, repository, digest) -> as DescribeImages said
+        self.tag_listings: dict[tuple, dict[str, str]] = {}  # (account, region, repository) -> {tag: digest}
+        self._listing_locks: dict[tuple, threading.Lock] = {}
         self.cycle = 0
 
     def new_cycle(self, fresh_tokens: bool = False) -> None:
         """A drain cycle (or refresh pass) begins: already-expired tokens are not reused past it."""
         self.cycle += 1
         self.media_types.clear()  # (a digest's never changes; this only bounds the memory)
+        self.tag_listings.clear()  # (tags come and go: each cycle lists anew)
+        self._listing_locks.clear()
         if fresh_tokens:
             self._tokens.clear()
 
@@ -2235,6 +2418,43 @@ class Ecr:
                                        answered_at, media_type)
                     found.update((tag, answer) for tag in detail.get("imageTags") or [] if tag in batch)
         return found
+
+    def list_tags(self, account: str, region: str, repository: str,
+                  page_size: int = LIST_IMAGES_MAX_RESULTS) -> dict[str, str]:
+        """tag -> digest, for every tag of the repository ({} if it is gone): one paged ListImages of the
+        tagged images per repository and cycle, however many services follow versions in it."""
+        key = (account, region, repository)
+        with self._client_lock:
+            lock = self._listing_locks.setdefault(key, threading.Lock())
+        with lock:  # services of one repository looked up at once: the others wait for the one listing
+            if key not in self.tag_listings:
+                self.tag_listings[key] = self._list_tags(account, region, repository, page_size)
+            return dict(self.tag_listings[key])
+
+    def _list_tags(self, account: str, region: str, repository: str, page_size: int) -> dict[str, str]:
+        tags, token, tokens = {}, None, set()
+        while True:
+            try:
+                reply = self._client(region).list_images(
+                    registryId=account, repositoryName=repository, filter={"tagStatus": "TAGGED"},
+                    maxResults=page_size, **({"nextToken": token} if token else {}))
+            except AWS_ERRORS as e:
+                if error_code(e) == "RepositoryNotFoundException":
+                    return {}
+                raise AccessDenied.wrap(e, f"cannot list the tags of {repository} in ECR ({account}, {region})") \
+                    from None
+            for image in reply.get("imageIds") or []:  # one entry per tag: an image with two tags comes twice
+                tag, digest = image.get("imageTag"), image.get("imageDigest")
+                if not is_valid("digest", digest):
+                    raise AwsError(f"ECR answered an invalid digest {shown(digest)} for {repository}")
+                if is_valid("tag", tag):
+                    tags[tag] = digest
+            token = reply.get("nextToken")
+            if not token:
+                return tags
+            if token in tokens:  # every call is bounded, the listing must be too
+                raise AwsError(f"ECR answered the same nextToken twice listing the tags of {repository}")
+            tokens.add(token)
 
     def _describe_images(self, account: str, region: str, repository: str, tags: list[str]) -> dict | None:
         """DescribeImages of these tags; None if one of them (or the repository) does not exist."""

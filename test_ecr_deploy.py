@@ -15,6 +15,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
+import doctest
+import hashlib
 import json
 import logging
 import os
@@ -31,6 +33,7 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import boto3
 import pytest
 import requests
 
@@ -512,6 +515,210 @@ def test_the_event_threads_docker_client_never_heartbeats():
         with pytest.raises(ed.DockerError, match="cannot reach Docker"):
             docker.negotiate()
     assert beats == [1]  # only the main thread's client vouches for the loop
+
+
+# =========================================================================== pure: versions
+
+# (range, tags it admits, tags it does not): every answer is npm's own, `semver.satisfies(tag, range)` of
+# npm's semver 7.8.6 (the reference node-semver ports), asked once when this table was written.
+NPM_RANGE_TABLE = [
+    ("^1.4", "1.4.0 1.4.1 1.9.2 v1.9.2",
+     "1.3.9 2.0.0 1.5.0-rc.1 1.4.0-rc.1 1.4 01.5.0 latest 1.4.2-alpine 1.4.2_b7 V1.5.0 1.5.0.1 1.05.0 1.5.0-rc.01"),
+    ("~1.4.2", "1.4.2 1.4.9", "1.5.0 1.4.1 1.4.3-beta"),
+    (">=1.4.0 <2.0.0", "1.4.0 1.99.99", "2.0.0 2.0.0-rc.1 1.3.99 1.5.0-rc.1"),
+    ("1.x", "1.0.0 1.99.0", "2.0.0 0.9.0 1.2.3-alpha"),
+    ("1.4.x", "1.4.0 1.4.7", "1.5.0"),
+    ("v1.x", "1.2.3 v1.2.3", ""),
+    ("^0.2", "0.2.0 0.2.9", "0.3.0"),
+    ("^0.0.3", "0.0.3", "0.0.4"),
+    ("^1.5.0-rc.1", "1.5.0-rc.1 1.5.0-rc.2 1.5.0 1.9.0", "1.6.0-rc.1 1.5.0-beta.9"),
+    (">=1.5.0-rc.1 <2", "1.5.0-rc.10 1.5.0-rc.9 1.7.0", "1.6.0-rc.1"),
+    ("~1.4.2-beta.1", "1.4.2-beta.2 1.4.2", "1.4.2-beta.0 1.4.3-beta.2"),
+    ("1.2 - 1.4", "1.2.0 1.4.9", "1.5.0"),
+    ("1.2.3 - 2.3.4", "1.2.3 2.3.4", "2.3.5"),
+    ("^1 || ^3", "1.0.0 3.1.0", "2.0.0"),
+    ("*", "0.0.1 9.9.9", "1.0.0-alpha"),
+    ("x", "1.2.3", ""),
+    ("=1.4.2", "1.4.2 v1.4.2", "1.4.3"),
+    ("1.4.2", "1.4.2", "1.4.3"),
+    (">1.4", "1.5.0", "1.4.9"),
+    ("<=1.4", "1.4.9", "1.5.0"),
+    ("~>1.4", "1.4.5", "1.5.0"),
+    (">= 1.4", "1.4.0", "1.3.0"),
+    ("^v1.4", "1.5.0", ""),
+    ("1.X", "1.2.0", ""),
+    ("^1.4.0-0", "1.4.0-alpha 1.4.0", "1.5.0-alpha"),
+    (">=1.0.0-0", "1.0.0-rc.1 2.0.0", "2.0.0-rc.1"),
+    ("^1.2.3-alpha.1", "1.2.3-alpha.2 1.2.3-alpha.10 1.2.3-alpha.beta 1.2.3-beta", "1.2.3-alpha"),
+    ("<2.0.0", "1.9.9 0.0.0", "2.0.0-rc.1"),
+]
+
+
+@pytest.mark.parametrize("range_, admits, refuses", NPM_RANGE_TABLE, ids=[row[0] for row in NPM_RANGE_TABLE])
+def test_a_semver_policy_admits_exactly_the_tags_npm_admits(range_, admits, refuses):
+    policy = ed.parse_version_policy(f"semver:{range_}")
+    assert policy.kind == "semver" and policy.text == f"semver:{range_}"
+    assert [tag for tag in admits.split() if ed.admitted(policy, tag) is None] == []
+    assert [tag for tag in refuses.split() if ed.admitted(policy, tag) is not None] == []
+
+
+# Ranges npm's semver 7.8.6 refuses (validRange: null), and the two it reads as every version ("^1.4 ||",
+# "|| ^2": an empty alternative is *) that are refused here: a typo must not follow every release.
+@pytest.mark.parametrize("text, says", [
+    ("semver:garbage", "semver:garbage is not an npm range (Invalid comparator: garbage); e.g. ^1.4, ~1.4.2"),
+    ("semver:^1.4.0.0", "is not an npm range"), ("semver:1.4.0 - ", "is not an npm range"),
+    ("semver:>1.4 <", "is not an npm range"), ("semver:!=1.4.0", "is not an npm range"),
+    ("semver:=>1.4.0", "is not an npm range"), ("semver:^1.4 garbage", "is not an npm range"),
+    ("semver:1.2.3-01", "is not an npm range"), ("semver:<=>1", "is not an npm range"),
+    ("semver:~1.4 ~>", "is not an npm range"), ("semver:^", "is not an npm range"),
+    ("semver:1.4 ||| 2", "is not an npm range"),
+    ("semver:>=1.4.0, <2.0.0", "npm ranges have no commas; write >=1.4.0 <2.0.0 (a space means and)"),
+    ("semver:^1.4 ||", "an empty alternative around || (npm would read it as every version)"),
+    ("semver:|| ^2", "an empty alternative around ||"),
+    ("semver:", "semver: needs a range, e.g. semver:^1.4 (semver:* follows every release)"),
+    ("^1.4", "'^1.4' is not a version policy (a range? write semver:^1.4): write semver:RANGE, or "
+             "regex:PATTERN numerical[:GROUP] or regex:PATTERN alphabetical[:GROUP]"),
+    ("1.x", "(a range? write semver:1.x)"),
+    ("latest", "'latest' is not a version policy: write semver:RANGE"),
+    ("  ", "empty version policy: write semver:RANGE"),
+    ("Semver:^1", "is not a version policy"),
+    ("regex:^main-(?P<ts>[0-9]+)$", "write regex:PATTERN numerical[:GROUP] or regex:PATTERN alphabetical[:GROUP] "
+                                    "(the order after a space)"),
+    ("regex:^main-[0-9]+$ newest", "(the order after a space)"),
+    ("regex:^main-[0-9]+$ numerical:", "(the order after a space)"),
+    ("regex: numerical", "(the order after a space)"),
+    ("regex:^main-([0-9]+$ numerical", "the pattern is not a regular expression: missing ), unterminated subpattern"),
+    ("regex:^main-[0-9]+$ numerical:ts", "the pattern has no group named ts (name one with (?P<ts>...))"),
+    ("semver:^1.4 " + "x" * 400, "version policy longer than 400 characters"),
+])
+def test_a_malformed_version_policy_is_one_line_saying_what_to_write(text, says):
+    with pytest.raises(ValueError) as raised:
+        ed.parse_version_policy(text)
+    assert says in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_the_newest_admitted_tag_by_semver_precedence():
+    caret = ed.parse_version_policy("semver:^1.4")
+    listing = ["latest", "1.3.9", "1.4.0", "1.10.0", "1.9.2", "2.0.0", "1.11.0-rc.1", "main-3f9c2e1", "v1.4.5"]
+    assert ed.newest_admitted(caret, listing) == "1.10.0"  # numeric, not text, order: 1.10.0 > 1.9.2
+    assert ed.newest_admitted(caret, ["latest", "2.0.0", "1.4"]) is None
+    assert ed.newest_admitted(caret, []) is None
+    pre = ed.parse_version_policy("semver:>=1.5.0-rc.1 <2")
+    assert ed.newest_admitted(pre, ["1.5.0-rc.9", "1.5.0-rc.10", "1.5.0-rc.2"]) == "1.5.0-rc.10"
+    assert ed.newest_admitted(pre, ["1.5.0-rc.10", "1.5.0", "1.6.0-rc.1"]) == "1.5.0"  # a release outranks its rcs
+    # one version spelt twice: the same tag whichever order ECR lists them in
+    assert ed.newest_admitted(caret, ["v1.5.0", "1.5.0"]) == ed.newest_admitted(caret, ["1.5.0", "v1.5.0"]) == "v1.5.0"
+
+
+def test_is_newer_moves_only_forward_within_the_policy():
+    caret = ed.parse_version_policy("semver:^1.4")
+    assert ed.is_newer(caret, "1.5.0", "1.4.2")
+    assert not ed.is_newer(caret, "1.4.1", "1.4.2")  # an out-of-order push of an older version
+    assert not ed.is_newer(caret, "1.4.2", "1.4.2")
+    assert not ed.is_newer(caret, "v1.4.2", "1.4.2")  # the same version: no move between its spellings
+    assert not ed.is_newer(caret, "2.0.0", "1.4.2") and not ed.is_newer(caret, "latest", "1.4.2")  # not admitted
+    assert not ed.is_newer(caret, "1.5.0-rc.1", "1.4.2")  # a pre-release the range does not name
+    assert ed.is_newer(caret, "1.4.0", "latest") and ed.is_newer(caret, "1.4.0", None)  # into the policy
+    assert ed.is_newer(caret, "1.4.0", "2.0.0")  # the policy says which versions the service runs
+
+
+def test_tags_picked_by_a_pattern_are_ordered_by_its_named_group():
+    builds = ed.parse_version_policy(r"regex:^main-[0-9a-f]+-(?P<ts>[0-9]+)$ numerical:ts")
+    assert (builds.kind, builds.group) == ("numerical", "ts")
+    listing = ["main-3f9c2e1-9", "main-77aa01b-10", "main-zzz-11", "feature-1a2b3c4-99", "main-0c0ffee-8", "latest"]
+    assert ed.newest_admitted(builds, listing) == "main-77aa01b-10"  # 10 > 9 as numbers (as text, "9" wins)
+    assert ed.admitted(builds, "main-zzz-11") is None and ed.admitted(builds, "feature-1a2b3c4-99") is None
+    assert ed.is_newer(builds, "main-0c0ffee-12", "main-77aa01b-10")
+    assert not ed.is_newer(builds, "main-0c0ffee-8", "main-77aa01b-10")
+
+    by_text = ed.parse_version_policy(r"regex:^main-[0-9a-f]+-(?P<ts>[0-9]+)$ alphabetical:ts")
+    assert ed.newest_admitted(by_text, listing) == "main-3f9c2e1-9"  # alphabetical: "9" > "10", as Flux sorts
+    dated = ed.parse_version_policy(r"regex:^release-(?P<day>[0-9]{4}-[0-9]{2}-[0-9]{2})$ alphabetical:day")
+    assert ed.newest_admitted(dated, ["release-2026-11-30", "release-2026-12-01", "release-2026-2-01"]) == \
+        "release-2026-12-01"
+
+    whole = ed.parse_version_policy("regex:^[0-9]+$ numerical")  # no group: the whole tag orders
+    assert whole.group is None and ed.newest_admitted(whole, ["2317", "998", "10000", "v3"]) == "10000"
+    decimal_ = ed.parse_version_policy(r"regex:^build-(?P<n>-?[0-9.]+)$ numerical:n")
+    assert ed.newest_admitted(decimal_, ["build-1.5", "build-1.25", "build--3", "build-1.2.3"]) == "build-1.5"
+    suffixed = ed.parse_version_policy(r"regex:^(?P<n>[0-9]+)(?:-rc)?$ numerical:n")
+    assert ed.newest_admitted(suffixed, ["7", "12-rc", "3"]) == "12-rc"
+
+    optional = ed.parse_version_policy(r"regex:^app(?:-(?P<n>[0-9]+))?$ numerical:n")
+    assert ed.admitted(optional, "app") is None and ed.newest_admitted(optional, ["app", "app-2"]) == "app-2"
+    searched = ed.parse_version_policy(r"regex:-(?P<n>[0-9]+)$ numerical:n")  # searched, unanchored, as Flux does
+    assert ed.newest_admitted(searched, ["a-1", "b-2-x", "c-3"]) == "c-3"
+    assert ed.admitted(builds, "main-3f9c2e1-9\n") is None  # not an ECR tag: never admitted
+
+
+def test_what_a_push_or_a_listing_means_for_a_service_that_runs_a_version():
+    caret = ed.parse_version_policy("semver:^1.4")
+    assert ed.why_not_newer(caret, "1.5.0", "1.4.2") is None
+    assert ed.why_not_newer(caret, "1.4.1", "1.4.2") == ":1.4.1 is not newer than :1.4.2, which it runs (semver:^1.4)"
+    assert ed.why_not_newer(caret, "2.0.0", "1.4.2") == ":2.0.0 is not a version its policy semver:^1.4 admits"
+    listing = {"1.4.2": DIGEST_A, "1.5.0": DIGEST_B, "2.0.0": "sha256:" + "c" * 64, "latest": DIGEST_B}
+    assert ed.newest_to_run(caret, listing, "1.4.2") == ("1.5.0", DIGEST_B)
+    assert ed.newest_to_run(caret, listing, "1.5.0") is None  # runs the newest already
+    assert ed.newest_to_run(caret, listing, "latest") == ("1.5.0", DIGEST_B)  # into the policy
+    assert ed.newest_to_run(caret, {}, "1.4.2") is None
+    # 1.6.0 was deleted after the service moved to it: it stays, and that is said
+    assert ed.newest_to_run(caret, listing, "1.6.0") is None and ed.newer_tag_deleted(caret, listing, "1.6.0")
+    assert ed.newer_tag_deleted(caret, {}, "1.6.0")
+    assert not ed.newer_tag_deleted(caret, listing, "1.5.0") and not ed.newer_tag_deleted(caret, listing, "1.3.0")
+    assert not ed.newer_tag_deleted(caret, {"1.7.0": DIGEST_A}, "1.6.0") and not ed.newer_tag_deleted(caret, {}, None)
+
+
+def test_a_service_follows_versions_by_its_label():
+    def service(labels):
+        return {"Spec": {"Labels": labels, "TaskTemplate": {"ContainerSpec": {"Image": "x"}}}}
+    assert ed.VERSIONS_LABEL == "ecr-deploy.versions"
+    assert ed.service_version_policy(service({})) is None and ed.service_version_policy({"Spec": {}}) is None
+    assert ed.service_version_policy(service({"ecr-deploy.versions": " semver:^1.4 "})).text == "semver:^1.4"
+    with pytest.raises(ValueError, match="write semver:RANGE"):
+        ed.service_version_policy(service({"ecr-deploy.versions": ""}))
+
+
+def test_the_following_versions_page_shows_what_the_functions_answer():
+    text = (HERE / "docs" / "following-versions.md").read_text()
+    example = doctest.DocTestParser().get_doctest(re.search(r"```python\n(>>> .*?)```", text, re.S)[1], {},
+                                                  "following-versions.md", None, 0)
+    runner = doctest.DocTestRunner()
+    runner.run(example)
+    assert (runner.tries, runner.failures) == (4, 0)
+    # the worked example's table: each push in turn, from 1.4.0, under semver:^1.4
+    table = text.split("CI pushes, in this order", 1)[1].split("\n\n", 2)[1]
+    rows = re.findall(r"^\| `([^`]+)`[^|]*\| `([^`]+)` \|", table, re.M)
+    policy, running = ed.parse_version_policy("semver:^1.4"), "1.4.0"
+    assert len(rows) == 6
+    for pushed, runs in rows:
+        running = pushed if ed.is_newer(policy, pushed, running) else running
+        assert running == runs, pushed
+
+
+NODESEMVER_GONE = "raise ModuleNotFoundError(\"No module named 'nodesemver'\", name='nodesemver')\n"
+
+
+def test_a_semver_policy_without_node_semver_installed_is_one_line_naming_the_install(tmp_path):
+    (tmp_path / "nodesemver.py").write_text(NODESEMVER_GONE)  # first on the path: as if it were not installed
+    probe = ("import ecr_deploy as ed\n"
+             "builds = ed.parse_version_policy('regex:^b-(?P<n>[0-9]+)$ numerical:n')\n"
+             "print(ed.newest_admitted(builds, ['b-9', 'b-10']))\n"
+             "try:\n"
+             "    ed.parse_version_policy('semver:^1.4')\n"
+             "except ed.Misconfigured as e:\n"
+             "    print(e)\n")
+    run = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": str(tmp_path)}, cwd=HERE,
+                         capture_output=True, text=True, timeout=60)
+    assert run.stdout.splitlines() == ["b-10", "ecr-deploy.versions semver:RANGE needs node-semver, which is not "
+                                       "installed: /opt/ecr-deploy/venv/bin/pip install node-semver"], run.stderr
+
+
+def test_without_a_semver_policy_node_semver_is_never_imported():
+    probe = ("import sys, ecr_deploy as ed\n"
+             "ed.newest_admitted(ed.parse_version_policy('regex:^b-(?P<n>[0-9]+)$ numerical:n'), ['b-1'])\n"
+             "print('nodesemver' in sys.modules)\n")
+    run = subprocess.run([sys.executable, "-c", probe], cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "False", run.stderr
 
 
 # =========================================================================== pure: specs
@@ -4820,6 +5027,66 @@ def test_a_reconcile_pass_asks_ecr_once_per_repository_and_not_at_all_without_fo
     # one DescribeImages per repository (the one with a deleted tag: once more per tag of its batch)
     assert sorted(ecr_calls(proxy)) == ["DescribeImages"] * (2 + 4), proxy.seen
     assert {sid: swarm.service(sid)["Version"]["Index"] for sid in versions} == versions  # all current: no update
+
+
+def put_in_moto(moto, repository: str, tag: str | None, content: str) -> str:
+    """An image put straight into moto_server (not through the rig's ECR endpoint): a thousand cost a
+    few seconds, not the proxy's three calls each. Returns its digest."""
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                           "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": 0,
+                                      "digest": "sha256:" + hashlib.sha256(content.encode()).hexdigest()},
+                           "layers": []})
+    digest = "sha256:" + hashlib.sha256(manifest.encode()).hexdigest()
+    moto.put_image(repositoryName=repository, imageManifest=manifest, imageDigest=digest,
+                   **({"imageTag": tag} if tag else {}))
+    return digest
+
+
+def test_the_tags_of_a_repository_are_listed_once_a_cycle_in_pages_of_a_thousand(aws):
+    """Ecr.list_tags: {tag: digest} from one paged ListImages of the tagged images per repository and
+    cycle, however often it is asked. moto answers ListImages in one page whatever maxResults says; the
+    rig's ECR endpoint pages as ECR documents (rig.aws.EcrAsDocumented)."""
+    account, region, repo = "123456789012", "us-east-1", f"team/versions-{uuid.uuid4().hex[:10]}"
+    moto = boto3.client("ecr", region_name=region, endpoint_url=aws.moto_url, aws_access_key_id="testing",
+                        aws_secret_access_key="testing")
+    moto.create_repository(repositoryName=repo)
+    started = time.monotonic()
+    expected = {f"1.0.{n}": put_in_moto(moto, repo, f"1.0.{n}", f"build {n}") for n in range(1001)}
+    put_seconds = time.monotonic() - started
+    moto.put_image(repositoryName=repo, imageTag="stable", imageManifest=moto.batch_get_image(
+        repositoryName=repo, imageIds=[{"imageTag": "1.0.1000"}])["images"][0]["imageManifest"])
+    expected["stable"] = expected["1.0.1000"]  # one image, two tags: listed once per tag
+    put_in_moto(moto, repo, None, "untagged")  # not a tag: not listed
+    ecr = ed.Ecr(ed.aws_session())
+    ecr._clients = {region: aws.client("ecr", region)}
+    proxy = aws.front.proxy
+
+    def listings_since(mark: int) -> list[dict]:
+        return [json.loads(body) for key, body in proxy.bodies[mark:] if key.endswith(".ListImages")]
+
+    mark, started = len(proxy.bodies), time.monotonic()
+    assert ecr.list_tags(account, region, repo) == expected
+    list_seconds = time.monotonic() - started
+    pages = listings_since(mark)
+    assert len(pages) == 2, pages  # 1,002 tags: 1,000, then 2
+    assert all(page["maxResults"] == 1000 and page["filter"] == {"tagStatus": "TAGGED"}
+               and page["registryId"] == account for page in pages)
+    assert "nextToken" not in pages[0] and pages[1]["nextToken"]
+
+    put_in_moto(moto, repo, "1.0.1001", "build 1001")
+    mark = len(proxy.bodies)
+    assert ecr.list_tags(account, region, repo) == expected  # the same cycle: its listing, not another call
+    assert listings_since(mark) == []
+    ecr.new_cycle()
+    listed = ecr.list_tags(account, region, repo, page_size=400)
+    assert listed["1.0.1001"] and len(listed) == 1003
+    assert [page["maxResults"] for page in listings_since(mark)] == [400] * 3
+
+    assert ecr.list_tags(account, region, "team/no-such-repository") == {}
+    # the rig answers as ECR documents: without maxResults, pages of 100
+    first = aws.client("ecr", region).list_images(repositoryName=repo, filter={"tagStatus": "TAGGED"})
+    assert len(first["imageIds"]) == 100 and first["nextToken"]
+    print(f"moto: 1,001 images put in {put_seconds:.1f} s; listed (2 pages) in {list_seconds:.2f} s")
 
 
 def test_two_deployers_reconciling_at_once_update_each_service_once(aws, images, clean_swarm, workdir):
