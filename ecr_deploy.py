@@ -1792,6 +1792,16 @@ def api_version_to_use(daemon_version: object, socket: str) -> str:
     return f"{int(match[1])}.{int(match[2])}"
 
 
+class ServiceRead(dict):
+    """A service as Docker answered it, and the API version it answered at: what is posted back goes at
+    that version (Docker.update_service), whichever client read it (the service index's thread has its own)."""
+    __slots__ = ("api_version",)
+
+    def __init__(self, service: dict, api_version: str | None):
+        super().__init__(service)
+        self.api_version = api_version
+
+
 class Docker:
     """A thin Docker Engine API client over the unix socket."""
 
@@ -1837,11 +1847,12 @@ class Docker:
         except ValueError:
             raise DockerError(f"{method} {path}: the answer is not JSON", reply.status_code) from None
 
-    def api(self, method: str, path: str, **kwargs) -> object:
-        prefix = self._prefix or f"/v{self.negotiate()}"
+    def api(self, method: str, path: str, at_version: str | None = None, **kwargs) -> object:
+        """A call at the daemon's own API version, or at_version (a POST of what was read at it)."""
+        prefix = f"/v{at_version}" if at_version else self._prefix or f"/v{self.negotiate()}"
         with warning_if_slow(f"{method} {path}"):
             answer = self._request(method, prefix + path, **kwargs)
-        if self._prefix is None and method == "GET":
+        if self._prefix is None and method == "GET" and not at_version:
             # Answered by another release than the one negotiated with (dockerd was upgraded and restarted
             # while we were idle): what it sent is shaped for the old version, and a spec read so and
             # posted back would lose the new fields. Ask again at its own. (A POST follows the GET of
@@ -1884,16 +1895,22 @@ class Docker:
                                 "on a manager node (or promote this one)")
 
     def services(self) -> list[dict]:
-        return self.api("GET", "/services")
+        answer = self.api("GET", "/services")
+        return [ServiceRead(service, self.api_version) for service in answer]
 
     def service(self, service_id: str) -> dict:
-        return self.api("GET", f"/services/{urllib.parse.quote(service_id)}")
+        return ServiceRead(self.api("GET", f"/services/{urllib.parse.quote(service_id)}"), self.api_version)
 
     def update_service(self, service: dict, spec: dict, registry_auth: str | None) -> list[str]:
-        """POST the spec; without registry_auth Docker keeps the service's own (the CLI's
-        registryAuthFrom=spec), so pull options, and with them tasks not yet running, are untouched."""
+        """POST the spec at the API version the service was read at (whichever client, whichever
+        thread read it): posted at a newer one, the fields that version has and the read did not are
+        cleared. (Read before an upgrade, it is posted at the old version: the fields only the new one
+        knows cannot be set on it yet, as setting them would move its Version and refuse this post.)
+        Without registry_auth Docker keeps the service's own (the CLI's registryAuthFrom=spec), so pull
+        options, and with them tasks not yet running, are untouched."""
         params = {"version": service["Version"]["Index"]}
-        reply = self.api("POST", f"/services/{urllib.parse.quote(service['ID'])}/update", params=params,
+        reply = self.api("POST", f"/services/{urllib.parse.quote(service['ID'])}/update",
+                         at_version=getattr(service, "api_version", None), params=params,
                          json=spec, headers={"X-Registry-Auth": registry_auth} if registry_auth else {})
         return (reply or {}).get("Warnings") or []
 

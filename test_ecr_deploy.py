@@ -1232,7 +1232,9 @@ def test_loop_mode_survives_a_dockerd_restart(aws, images, clean_swarm):
 def test_a_docker_upgrade_under_a_running_deployer_moves_it_to_the_new_api_version(aws, images, registries, workdir):
     """apt-get upgrade docker.io on a manager: dockerd restarts as a newer release on the same data root
     while the deployer keeps running. It must speak the new release's API from then on, or its updates
-    would strip every field the old one did not know."""
+    would strip every field the old one did not know. A deploy before the upgrade leaves the main
+    thread nothing to ask Docker after it but the update itself: the spec it posts is the one the
+    service index's thread (its own client) read at the new version, and is posted at that version."""
     old_engine, new_engine = host_engine(), current_engine()
     if old_engine is None or new_engine is None:
         rig_unavailable("both engines are needed: Debian's docker.io and the current one in .rig/unstable "
@@ -1245,16 +1247,21 @@ def test_a_docker_upgrade_under_a_running_deployer_moves_it_to_the_new_api_versi
         repo, (v1, v2), sid = service_on_new_repo(images, node, "upgraded")
         queue = aws.new_queue(VisibilityTimeout=1)
         # No pass of its own: idle, it makes no Docker call, and so no failed one tells it of the restart.
-        running = Running(deployer_env(aws, node), "--queue", queue, "--reconcile-every", "0", "--auth-refresh", "0")
+        running = Running(deployer_env(aws, node), "--queue", queue, "--reconcile-every", "0", "--auth-refresh", "0",
+                          "--log-level", "debug")
         try:
             running.wait_line("API 1.41)")  # "… watching … (…; Docker at …, API 1.41)"
+            aws.send(queue, event(repository=repo, digest=v2))
+            running.wait_line("Rollout of ")  # followed to its end, and the pass a completed rollout wakes
+            running.wait_line("Reconcile pass: ")  # has run: no call of the main thread's is due any more
+            v3 = images.push(repo, "latest", "v3")
             node.stop()
             node.engine = new_engine
             node.start()
             # Set after the upgrade: a field 20.10 did not have (API 1.46).
             node.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(OomScoreAdj=100))
-            aws.send(queue, event(repository=repo, digest=v2))
-            wait_for(lambda: service_image_of(node, sid)[0].endswith(v2), 60,
+            aws.send(queue, event(repository=repo, digest=v3))
+            wait_for(lambda: service_image_of(node, sid)[0].endswith(v3), 60,
                      what=lambda: f"the deploy after the upgrade:\n{running.log}")
             assert running.stop() == 0
         finally:
@@ -1262,7 +1269,7 @@ def test_a_docker_upgrade_under_a_running_deployer_moves_it_to_the_new_api_versi
         assert node.service(sid)["Spec"]["TaskTemplate"]["ContainerSpec"].get("OomScoreAdj") == 100
         api = node.get("/version")["ApiVersion"]
         assert f"speaks API {api} now (it spoke 1.41)" in running.log and "cannot reach Docker" not in running.log
-        assert service_image_of(node, sid) == (f"{registry.host}/{repo}:latest@{v2}", 1)
+        assert service_image_of(node, sid) == (f"{registry.host}/{repo}:latest@{v3}", 2)
     finally:
         node.remove_all_services()
         node.close()
