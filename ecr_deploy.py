@@ -50,7 +50,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import botocore.config
 import botocore.exceptions
@@ -750,7 +749,7 @@ TIME_RANGE = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-4]):([0
 class WindowClause(NamedTuple):
     days: frozenset[int]  # 0 = Monday
     ranges: tuple[tuple[int, int], ...]  # minutes after local midnight: [start, end); end <= start: past midnight
-    zone: ZoneInfo
+    zone: zoneinfo.ZoneInfo
 
 
 def parse_days(text: str) -> frozenset[int]:
@@ -781,9 +780,10 @@ def parse_window(text: str) -> tuple[WindowClause, ...]:
             if not hours or hours[3] == "24" and hours[4] != "00":
                 raise ValueError(f"{part!r} is not a time range HH:MM-HH:MM")
             ranges.append((int(hours[1]) * 60 + int(hours[2]), int(hours[3]) * 60 + int(hours[4])))
+        import zoneinfo  # (here: only deploy windows need it, and it pulls in sysconfig)
         try:
-            zone = ZoneInfo(zone_name)
-        except (ZoneInfoNotFoundError, ValueError):
+            zone = zoneinfo.ZoneInfo(zone_name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"unknown time zone {zone_name!r} (use an IANA name such as Europe/Berlin, or UTC)") \
                 from None
         clauses.append(WindowClause(parse_days(days), tuple(ranges), zone))
@@ -1778,21 +1778,48 @@ class DockerError(Exception):
         return self.status == 409 or "out of sequence" in str(self).lower()
 
 
-@contextmanager
-def warning_if_slow(call: str):
-    """Log a warning if a Docker call takes longer than SLOW_DOCKER_CALL, and how long it took."""
-    started = time.monotonic()
-    timer = threading.Timer(SLOW_DOCKER_CALL, log.warning, args=(
-        "Docker has not answered %s for %.0fs; still waiting (a swarm manager holds calls while the "
-        "swarm elects a leader)", call, SLOW_DOCKER_CALL))
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-    if time.monotonic() - started >= SLOW_DOCKER_CALL:  # (a failed call's error is logged by its caller)
-        log.info("Docker answered %s after %.1fs", call, time.monotonic() - started)
+class SlowCalls:
+    """Warns about each Docker call still unanswered after SLOW_DOCKER_CALL, from one daemon thread for
+    all of them (a Timer per call would start a thread on every call: CPU on each update of a fan-out)."""
+
+    def __init__(self):
+        self._changed = threading.Condition()  # guards all below
+        self._calls: dict[object, tuple[float, str]] = {}  # in flight and not yet warned about: started, call
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def watch(self, call: str):
+        """Log a warning if the call takes longer than SLOW_DOCKER_CALL, and how long it took."""
+        token, started = object(), time.monotonic()
+        with self._changed:
+            self._calls[token] = (started, call)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._warn, name="slow-docker-calls", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._calls.pop(token, None)
+        if time.monotonic() - started >= SLOW_DOCKER_CALL:  # (a failed call's error is logged by its caller)
+            log.info("Docker answered %s after %.1fs", call, time.monotonic() - started)
+
+    def _warn(self) -> None:
+        while True:
+            with self._changed:
+                now = time.monotonic()
+                slow = [token for token, (started, _) in self._calls.items() if now - started >= SLOW_DOCKER_CALL]
+                late = [self._calls.pop(token)[1] for token in slow]
+                if not late:
+                    first = min((started for started, _ in self._calls.values()), default=None)
+                    self._changed.wait(None if first is None else first + SLOW_DOCKER_CALL - now)
+            for call in late:
+                log.warning("Docker has not answered %s for %.0fs; still waiting (a swarm manager holds calls "
+                            "while the swarm elects a leader)", call, SLOW_DOCKER_CALL)
+
+
+warning_if_slow = SlowCalls().watch
 
 
 def api_version_to_use(daemon_version: object, socket: str) -> str:

@@ -2751,7 +2751,10 @@ def test_benchmark_short_mode_runs_on_the_rig(aws, registries, images, clean_swa
                                            "api": clean_swarm.get("/version")["ApiVersion"]}
     assert {row["measure"] for row in report["targets"]} >= {"latency p50 (ms)", "(a)/(b)", "memory: peak RSS (MiB)",
                                                            "memory: deployer's share above it (MiB)",
-                                                           "scale: p50 N services / 1 service"}
+                                                           "scale: p50 N services / 1 service",
+                                                           "fan-out: (b)/(c), one push to N"}
+    assert len(report["side_by_side"]["deployer_ms"]) == len(report["side_by_side"]["floor_ms"]) == \
+        bench.SHORT["fan_out_rounds"]
     assert report["scale"]["services"] == bench.SHORT["scale_services"] and report["scale"]["p50_n_ms"] > 0
     assert 20 < report["memory"]["floor_rss_mib"] < report["memory"]["rss_at_end_mib"]
     with capsys.disabled():
