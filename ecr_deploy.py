@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import concurrent.futures
 import copy
 import email.utils
 import json
@@ -3323,8 +3322,18 @@ def tag_digests(ecr: Ecr, keys, heartbeat=lambda: None) -> tuple[dict[tuple, Tag
     runs), the main thread heartbeating while it waits. Also returns, per (account, region, repository),
     why ECR could not tell."""
     found, errors = {}, {}
+    asked = tags_by_repository(keys)
+    if len(asked) <= ECR_CONCURRENCY:  # a small fleet: no threads (each costs the process a malloc arena)
+        for key, tags in asked.items():
+            heartbeat()
+            try:
+                found.update(((*key, tag), answer) for tag, answer in ecr.tag_digests(*key, tags).items())
+            except AwsError as e:
+                errors[key] = e
+        return found, errors
+    import concurrent.futures  # (here: only a fleet with many repositories needs the pool)
     with concurrent.futures.ThreadPoolExecutor(ECR_CONCURRENCY) as pool:
-        asked = {pool.submit(ecr.tag_digests, *key, tags): key for key, tags in tags_by_repository(keys).items()}
+        asked = {pool.submit(ecr.tag_digests, *key, tags): key for key, tags in asked.items()}
         pending = set(asked)
         while pending:
             done, pending = concurrent.futures.wait(pending, timeout=CONNECT_TIMEOUT)
