@@ -2076,7 +2076,7 @@ class ServiceIndex:
                 self.replace(services, listed_at)
                 log.info("Listed %d service(s); following Docker's service events", len(services))
                 listed = True
-                threading.Thread(target=self._apply_events, args=(generation, docker.for_another_thread(), stream),
+                threading.Thread(target=self._apply_events, args=(generation, docker.for_another_thread()),
                                  name="service-inspects", daemon=True).start()
                 ready.put(None)
                 for line in stream.iter_lines():
@@ -2131,7 +2131,7 @@ class ServiceIndex:
                 self._changed.wait()
         return None
 
-    def _apply_events(self, generation: object, docker: Docker, stream: requests.Response) -> None:
+    def _apply_events(self, generation: object, docker: Docker) -> None:
         try:
             while True:
                 with self._changed:
@@ -2154,8 +2154,7 @@ class ServiceIndex:
                         self._changed.notify_all()
         except Exception as e:  # a bug must not leave the index trusted without its events applied
             failure = e if isinstance(e, DockerError) else DockerError(f"unexpected {type(e).__name__}: {e}")
-            self._ended(generation, failure)
-            stream.close()  # (the reading thread ends with it)
+            self._ended(generation, failure)  # (the reading thread ends at its next event: superseded)
 
     @staticmethod
     def _inspect(docker: Docker, service_id: str) -> dict | None:
