@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import concurrent.futures
 import copy
 import decimal
 import email.utils
@@ -52,7 +51,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import botocore.config
 import botocore.exceptions
@@ -1006,7 +1004,7 @@ TIME_RANGE = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-4]):([0
 class WindowClause(NamedTuple):
     days: frozenset[int]  # 0 = Monday
     ranges: tuple[tuple[int, int], ...]  # minutes after local midnight: [start, end); end <= start: past midnight
-    zone: ZoneInfo
+    zone: zoneinfo.ZoneInfo
 
 
 def parse_days(text: str) -> frozenset[int]:
@@ -1037,9 +1035,10 @@ def parse_window(text: str) -> tuple[WindowClause, ...]:
             if not hours or hours[3] == "24" and hours[4] != "00":
                 raise ValueError(f"{part!r} is not a time range HH:MM-HH:MM")
             ranges.append((int(hours[1]) * 60 + int(hours[2]), int(hours[3]) * 60 + int(hours[4])))
+        import zoneinfo  # (here: only deploy windows need it, and it pulls in sysconfig)
         try:
-            zone = ZoneInfo(zone_name)
-        except (ZoneInfoNotFoundError, ValueError):
+            zone = zoneinfo.ZoneInfo(zone_name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"unknown time zone {zone_name!r} (use an IANA name such as Europe/Berlin, or UTC)") \
                 from None
         clauses.append(WindowClause(parse_days(days), tuple(ranges), zone))
@@ -1225,6 +1224,18 @@ def promote_key(service: dict, followed: tuple | None) -> tuple | None:
     """(account, region, repository, TAG) of the tag a service promotes to, in its own repository."""
     tag = ((service.get("Spec") or {}).get("Labels") or {}).get(PROMOTE_LABEL)
     return followed[:3] + (str(tag).strip(),) if followed and tag is not None else None
+
+
+SWARM_CLOCK_SLACK = 1.0  # s
+
+
+def updated_before(service: dict, swarm_now: datetime | None, seconds: float) -> bool:
+    """Was the service last updated more than `seconds` before swarm_now (Swarm's clock: the Date of
+    the answer that read it)? False when either is unknown. SWARM_CLOCK_SLACK covers the managers'
+    clocks (UpdatedAt is the leader's) and Date's whole seconds (which only make the age look shorter)."""
+    updated = parse_swarm_time(service.get("UpdatedAt"))
+    return updated is not None and swarm_now is not None and \
+        (swarm_now - updated).total_seconds() > seconds + SWARM_CLOCK_SLACK
 
 
 def parse_swarm_time(text: object) -> datetime | None:
@@ -2593,7 +2604,10 @@ PING_TIMEOUT = (5, 5)
 # say so while it happens, rather than sit silent until the answer or the timeout.
 SLOW_DOCKER_CALL = 5.0
 EVENTS_IDLE_TIMEOUT = 3600  # s: the service index relists after an hour without any service event
-SETTLE_TIMEOUT = 2.0  # s: a lookup waits this long for an event being applied, else relists
+SETTLE_TIMEOUT = 2.0  # s: a lookup waits this long for the events read to be applied, else relists
+EVENTS_QUIET = 0.05  # s: the index inspects what events named once the stream is this quiet (a push's updates
+EVENTS_DEFER_MAX = 0.5  # s: come a few ms apart), or once they waited this long, or when a lookup asks
+REMOVED_KEPT = 120.0  # s: a removal outweighs any listing made before it; a listing takes at most DOCKER_TIMEOUT
 ERRNO_TEXT = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
 
 
@@ -2608,21 +2622,48 @@ class DockerError(Exception):
         return self.status == 409 or "out of sequence" in str(self).lower()
 
 
-@contextmanager
-def warning_if_slow(call: str):
-    """Log a warning if a Docker call takes longer than SLOW_DOCKER_CALL, and how long it took."""
-    started = time.monotonic()
-    timer = threading.Timer(SLOW_DOCKER_CALL, log.warning, args=(
-        "Docker has not answered %s for %.0fs; still waiting (a swarm manager holds calls while the "
-        "swarm elects a leader)", call, SLOW_DOCKER_CALL))
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-    if time.monotonic() - started >= SLOW_DOCKER_CALL:  # (a failed call's error is logged by its caller)
-        log.info("Docker answered %s after %.1fs", call, time.monotonic() - started)
+class SlowCalls:
+    """Warns about each Docker call still unanswered after SLOW_DOCKER_CALL, from one daemon thread for
+    all of them (a Timer per call would start a thread on every call: CPU on each update of a fan-out)."""
+
+    def __init__(self):
+        self._changed = threading.Condition()  # guards all below
+        self._calls: dict[object, tuple[float, str]] = {}  # in flight and not yet warned about: started, call
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def watch(self, call: str):
+        """Log a warning if the call takes longer than SLOW_DOCKER_CALL, and how long it took."""
+        token, started = object(), time.monotonic()
+        with self._changed:
+            self._calls[token] = (started, call)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._warn, name="slow-docker-calls", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._calls.pop(token, None)
+        if time.monotonic() - started >= SLOW_DOCKER_CALL:  # (a failed call's error is logged by its caller)
+            log.info("Docker answered %s after %.1fs", call, time.monotonic() - started)
+
+    def _warn(self) -> None:
+        while True:
+            with self._changed:
+                now = time.monotonic()
+                slow = [token for token, (started, _) in self._calls.items() if now - started >= SLOW_DOCKER_CALL]
+                late = [self._calls.pop(token)[1] for token in slow]
+                if not late:
+                    first = min((started for started, _ in self._calls.values()), default=None)
+                    self._changed.wait(None if first is None else first + SLOW_DOCKER_CALL - now)
+            for call in late:
+                log.warning("Docker has not answered %s for %.0fs; still waiting (a swarm manager holds calls "
+                            "while the swarm elects a leader)", call, SLOW_DOCKER_CALL)
+
+
+warning_if_slow = SlowCalls().watch
 
 
 def api_version_to_use(daemon_version: object, socket: str) -> str:
@@ -2635,6 +2676,16 @@ def api_version_to_use(daemon_version: object, socket: str) -> str:
         raise Misconfigured(f"Docker at {socket} speaks API {daemon_version}; ecr-deploy needs {oldest} or newer "
                             "(Docker 20.10 or newer)")
     return f"{int(match[1])}.{int(match[2])}"
+
+
+class ServiceRead(dict):
+    """A service as Docker answered it, and the API version it answered at: what is posted back goes at
+    that version (Docker.update_service), whichever client read it (the service index's thread has its own)."""
+    __slots__ = ("api_version",)
+
+    def __init__(self, service: dict, api_version: str | None):
+        super().__init__(service)
+        self.api_version = api_version
 
 
 class Docker:
@@ -2682,11 +2733,12 @@ class Docker:
         except ValueError:
             raise DockerError(f"{method} {path}: the answer is not JSON", reply.status_code) from None
 
-    def api(self, method: str, path: str, **kwargs) -> object:
-        prefix = self._prefix or f"/v{self.negotiate()}"
+    def api(self, method: str, path: str, at_version: str | None = None, **kwargs) -> object:
+        """A call at the daemon's own API version, or at_version (a POST of what was read at it)."""
+        prefix = f"/v{at_version}" if at_version else self._prefix or f"/v{self.negotiate()}"
         with warning_if_slow(f"{method} {path}"):
             answer = self._request(method, prefix + path, **kwargs)
-        if self._prefix is None and method == "GET":
+        if self._prefix is None and method == "GET" and not at_version:
             # Answered by another release than the one negotiated with (dockerd was upgraded and restarted
             # while we were idle): what it sent is shaped for the old version, and a spec read so and
             # posted back would lose the new fields. Ask again at its own. (A POST follows the GET of
@@ -2729,16 +2781,22 @@ class Docker:
                                 "on a manager node (or promote this one)")
 
     def services(self) -> list[dict]:
-        return self.api("GET", "/services")
+        answer = self.api("GET", "/services")
+        return [ServiceRead(service, self.api_version) for service in answer]
 
     def service(self, service_id: str) -> dict:
-        return self.api("GET", f"/services/{urllib.parse.quote(service_id)}")
+        return ServiceRead(self.api("GET", f"/services/{urllib.parse.quote(service_id)}"), self.api_version)
 
     def update_service(self, service: dict, spec: dict, registry_auth: str | None) -> list[str]:
-        """POST the spec; without registry_auth Docker keeps the service's own (the CLI's
-        registryAuthFrom=spec), so pull options, and with them tasks not yet running, are untouched."""
+        """POST the spec at the API version the service was read at (whichever client, whichever
+        thread read it): posted at a newer one, the fields that version has and the read did not are
+        cleared. (Read before an upgrade, it is posted at the old version: the fields only the new one
+        knows cannot be set on it yet, as setting them would move its Version and refuse this post.)
+        Without registry_auth Docker keeps the service's own (the CLI's registryAuthFrom=spec), so pull
+        options, and with them tasks not yet running, are untouched."""
         params = {"version": service["Version"]["Index"]}
-        reply = self.api("POST", f"/services/{urllib.parse.quote(service['ID'])}/update", params=params,
+        reply = self.api("POST", f"/services/{urllib.parse.quote(service['ID'])}/update",
+                         at_version=getattr(service, "api_version", None), params=params,
                          json=spec, headers={"X-Registry-Auth": registry_auth} if registry_auth else {})
         return (reply or {}).get("Warnings") or []
 
@@ -2783,23 +2841,31 @@ class ServiceIndex:
     """Loop mode: the swarm's services, kept current from Docker's event stream the way a Kubernetes
     informer keeps its cache, so a push neither lists nor parses every service (with a thousand, that
     tripled a push's latency). A daemon thread opens GET /events (services only), lists every service
-    once, then re-inspects a service on each create/update event and drops it on remove. When the
-    stream ends (dockerd restarted, an error, EVENTS_IDLE_TIMEOUT of silence: a resync period) the
-    index is stale and the next lookup starts over; a cache known to be stale is never served.
+    once, then notes the services each event names; a second thread re-inspects them (drops the removed)
+    once the stream has been quiet for EVENTS_QUIET, or sooner when a lookup asks. So a push that updates
+    twenty services is not slowed by twenty inspects racing its own updates, and a burst of events on one
+    service costs one inspect. When the stream ends (dockerd restarted, an error, EVENTS_IDLE_TIMEOUT of
+    silence: a resync period) the index is stale and the next lookup starts over; a cache known to be
+    stale is never served.
 
-    A cached Version may lag Swarm's by an event: the update posted with it is refused ("update out of
-    sequence") and post_update re-inspects, so staleness costs a retry, never a wrong update. A service
-    created just before a push arrives is found if its event was read: a lookup waits out an event being
-    applied. An event dockerd has not yet written to the stream (within milliseconds on one host) is not
-    waited for: that one push misses the service, the event stores it for the next, and a full listing
-    (a reconcile pass, through replace) rolls it."""
+    A cached Version may lag Swarm's: the update posted with it is refused ("update out of sequence") and
+    post_update re-inspects, so staleness costs a retry, never a wrong update; nor a skipped one: dockerd
+    drops events for a subscriber that falls 100 ms behind (moby's pubsub), and a service that looks
+    moved is judged on the fresh read (pin_service). A service created just before a push arrives is
+    found if its event was read: a lookup waits out the events read and not yet applied. An event
+    dockerd has not yet written to the stream (within milliseconds on one host) is not waited for: that
+    one push misses the service, the event stores it for the next, and a full listing (a reconcile pass,
+    through replace) rolls it."""
 
     def __init__(self, docker: Docker):
         self.docker = docker
         self._changed = threading.Condition()  # guards all below
         self._cache = ServiceCache()
         self._generation: object | None = None  # the live stream's token; None: stale
-        self._applying = False  # an event was read and its service is being inspected
+        self._pending: dict[str, str] = {}  # service ID -> its last event's action, read and not yet applied
+        self._pending_since = self._last_event = 0.0  # time.monotonic() of the oldest and newest of them
+        self._applying = False  # a batch of them is being inspected
+        self._asked = 0  # lookups waiting for them
 
     # ---- lookups (the main thread)
 
@@ -2816,17 +2882,25 @@ class ServiceIndex:
 
     def replace(self, services: list[dict], listed_at: float | None = None) -> None:
         """Correct the cache with a full listing (a reconcile pass's own); pass listed_at, the
-        time.monotonic() before its GET, so that what events brought in since is kept."""
+        time.monotonic() before its GET, so that what events brought in (or removed) since is kept."""
         with self._changed:
             self._cache.replace(services, time.monotonic() if listed_at is None else listed_at)
 
+    def _settled(self) -> bool:
+        return self._generation is None or not (self._pending or self._applying)
+
     def _make_current(self) -> None:
-        """Wait out an event being applied (bounded); if stale, list afresh and follow events again."""
+        """Wait out the events read and not yet applied (bounded); if stale, list afresh and follow events again."""
         with self._changed:
-            settled = self._changed.wait_for(lambda: not self._applying, SETTLE_TIMEOUT)
+            self._asked += 1
+            self._changed.notify_all()
+            try:
+                settled = self._changed.wait_for(self._settled, SETTLE_TIMEOUT)
+            finally:
+                self._asked -= 1
             if self._generation is not None and settled:
                 return
-            generation = self._generation = object()  # a thread still applying an event ends with its generation
+            generation = self._end_generation(object())  # a thread still applying events ends with its generation
         ready: queues.Queue = queues.Queue(maxsize=1)
         threading.Thread(target=self._follow, args=(generation, ready), name="service-events", daemon=True).start()
         try:
@@ -2836,12 +2910,19 @@ class ServiceIndex:
         if failure:
             with self._changed:
                 if self._generation is generation:
-                    self._generation = None
+                    self._end_generation(None)
             if failure.status is None:  # (the thread's own client failed to reach Docker: say so to the loop's)
                 self.docker.answering = False
             raise failure
 
-    # ---- the event thread
+    def _end_generation(self, successor: object | None) -> object | None:
+        """(Holding the lock.) The stream and what it brought are over: its unapplied events with it."""
+        self._generation = successor
+        self._pending.clear()
+        self._changed.notify_all()
+        return successor
+
+    # ---- the event threads
 
     def _follow(self, generation: object, ready: queues.Queue) -> None:
         docker, listed = self.docker.for_another_thread(), False
@@ -2852,12 +2933,14 @@ class ServiceIndex:
                 self.replace(services, listed_at)
                 log.info("Listed %d service(s); following Docker's service events", len(services))
                 listed = True
+                threading.Thread(target=self._apply_events, args=(generation, docker.for_another_thread()),
+                                 name="service-inspects", daemon=True).start()
                 ready.put(None)
                 for line in stream.iter_lines():
                     if self._generation is not generation:
                         return  # superseded: a newer stream and listing took over
                     if line:
-                        self._apply(docker, json.loads(line))
+                        self._note(generation, json.loads(line))
             failure = DockerError("dockerd closed the stream")
         except DockerError as e:
             failure = e
@@ -2867,35 +2950,78 @@ class ServiceIndex:
             failure = DockerError(f"unexpected {type(e).__name__}: {e}")
         if not listed:
             ready.put(failure)
+        self._ended(generation, failure, listed)
+
+    def _ended(self, generation: object, failure: DockerError, listed: bool = True) -> None:
         with self._changed:
             if self._generation is generation:
-                self._generation = None
+                self._end_generation(None)
                 if listed:
                     log.info("Docker's service events ended (%s); the next push lists every service afresh", failure)
 
-    def _apply(self, docker: Docker, event: dict) -> None:
+    def _note(self, generation: object, event: dict) -> None:
         service_id = (event.get("Actor") or {}).get("ID")
         if not service_id:
             return
         with self._changed:
-            self._applying = True
+            if self._generation is not generation:
+                return
+            now = time.monotonic()
+            if not self._pending:
+                self._pending_since = now
+            self._pending[service_id] = event.get("Action") or ""
+            self._last_event = now
+            self._changed.notify_all()
+
+    def _next_batch(self, generation: object) -> dict[str, str] | None:
+        """(Holding the lock.) The events to apply once the stream is quiet, waited too long, or a lookup
+        asks; None once the generation is over."""
+        while self._generation is generation:
+            if self._pending:
+                now = time.monotonic()
+                due = min(self._last_event + EVENTS_QUIET, self._pending_since + EVENTS_DEFER_MAX)
+                if self._asked or now >= due:
+                    batch, self._pending, self._applying = self._pending, {}, True
+                    return batch
+                self._changed.wait(due - now)
+            else:
+                self._changed.wait()
+        return None
+
+    def _apply_events(self, generation: object, docker: Docker) -> None:
         try:
-            service = None
-            if event.get("Action") != "remove":
+            while True:
+                with self._changed:
+                    batch = self._next_batch(generation)
+                if batch is None:
+                    return
                 try:
-                    service = docker.service(service_id)
-                except DockerError as e:
-                    if e.status != 404:  # 404: removed since, dropped below; anything else: start over
-                        raise
-            with self._changed:
-                if service:
-                    self._cache.store(service, time.monotonic())
-                else:
-                    self._cache.drop(service_id)
-        finally:
-            with self._changed:
-                self._applying = False
-                self._changed.notify_all()
+                    for service_id, action in batch.items():
+                        service = None if action == "remove" else self._inspect(docker, service_id)
+                        with self._changed:
+                            if self._generation is not generation:
+                                return
+                            if service:
+                                self._cache.store(service, time.monotonic())
+                            else:
+                                self._cache.drop(service_id, time.monotonic())
+                finally:
+                    with self._changed:
+                        self._applying = False
+                        self._changed.notify_all()
+        except Exception as e:  # a bug must not leave the index trusted without its events applied
+            failure = e if isinstance(e, DockerError) else DockerError(f"unexpected {type(e).__name__}: {e}")
+            self._ended(generation, failure)  # (the reading thread ends at its next event: superseded)
+
+    @staticmethod
+    def _inspect(docker: Docker, service_id: str) -> dict | None:
+        """The service as it is now, None if it was removed since (anything else: start over)."""
+        try:
+            return docker.service(service_id)
+        except DockerError as e:
+            if e.status != 404:
+                raise
+            return None
 
 
 class ServiceCache:
@@ -2906,6 +3032,7 @@ class ServiceCache:
         self._repository: dict[str, tuple] = {}  # service ID -> repository_of(service), parsed once per version
         self._by_repository: dict[tuple, dict[str, dict]] = defaultdict(dict)
         self._stored_at: dict[str, float] = {}  # time.monotonic() of each entry, for replace()
+        self._removed_at: dict[str, float] = {}  # of services seen removed, for a listing made before that
 
     def in_repository(self, key: tuple) -> list[dict]:
         return list(self._by_repository.get(key, {}).values())
@@ -2915,13 +3042,20 @@ class ServiceCache:
         known = self.services.get(service_id)
         if known and known["Version"]["Index"] > service["Version"]["Index"]:
             return  # an older answer that arrived late
-        self.drop(service_id)
+        self._unlink(service_id)
         self.services[service_id], self._stored_at[service_id] = service, at
         key = self._repository[service_id] = repository_of(service)
         if key:
             self._by_repository[key][service_id] = service
 
-    def drop(self, service_id: str) -> None:
+    def drop(self, service_id: str, at: float) -> None:
+        """The service was seen removed at `at` (time.monotonic()): a listing made before cannot bring it back."""
+        self._unlink(service_id)
+        self._removed_at[service_id] = at
+        for gone in [i for i, removed in self._removed_at.items() if removed < at - REMOVED_KEPT]:
+            del self._removed_at[gone]
+
+    def _unlink(self, service_id: str) -> None:
         key = self._repository.pop(service_id, None)
         if key:
             del self._by_repository[key][service_id]
@@ -2932,12 +3066,14 @@ class ServiceCache:
 
     def replace(self, services: list[dict], listed_at: float) -> None:
         """A full listing made at listed_at (time.monotonic() before the GET) is the truth, except for
-        what is newer: entries stored after it (from events), and newer Versions of listed services."""
+        what is newer: entries stored after it (from events), newer Versions of listed services, and
+        removals seen after it."""
         listed = {service["ID"]: service for service in services}
         for service_id in [i for i in self.services if i not in listed and self._stored_at[i] < listed_at]:
-            self.drop(service_id)
+            self._unlink(service_id)
         for service in listed.values():
-            self.store(service, listed_at)
+            if self._removed_at.get(service["ID"], -math.inf) < listed_at:
+                self.store(service, listed_at)
 
 
 # --------------------------------------------------------------------------- the gates
@@ -3332,6 +3468,7 @@ class Deployer:
 
     def new_cycle(self) -> None:
         """A drain cycle or reconcile pass begins: what ECR and Swarm said before is stale."""
+        self.cycle_started = time.monotonic()
         self.ecr.new_cycle()
         for gate in self.gates:
             gate.new_cycle()
@@ -3723,16 +3860,26 @@ class Deployer:
                                           self.rollouts.node_name(), reason, gate=gate), service["Spec"].get("Labels"))
 
     def pin_service(self, listed: dict, push: Push, digest: str, result: CycleResult) -> bool:
+        before = listed  # what the service ran before this cycle touched it
+
         def plan(service: dict) -> tuple[dict, ImageRef] | None:
+            nonlocal before
             ref = uses_image(service, push)
             if ref is None:
                 log.info("Service %s no longer uses %s; skipped", service_label(service), push.image)
                 return None
-            if ref.digest != (running_image(listed) or ref).digest and ref.digest != digest:
-                # another deployer (or operator) moved it since it was listed, maybe to a newer push than
-                # the one this cycle knows of: never roll it back; the next push or pass decides
-                log.info("Service %s moved to %s meanwhile; skipped", service_label(service), ref.digest)
-                return None
+            if ref.digest != (running_image(before) or ref).digest and ref.digest != digest:
+                if service is before or not updated_before(service, self.docker.date,
+                                                           time.monotonic() - self.cycle_started):
+                    # another deployer (or operator) moved it while this cycle ran, maybe to a newer push
+                    # than the one this cycle knows of: never roll it back; the next push or pass decides
+                    log.info("Service %s moved to %s meanwhile; skipped", service_label(service), ref.digest)
+                    return None
+                # The listing was stale, not the service moved meanwhile: the service index missed its
+                # update (dockerd drops the events of a subscriber that falls behind). Judge on this read.
+                log.info("Service %s runs %s since before this push was handled (listed at %s); rolling it",
+                         service_label(service), ref.digest, (running_image(before) or ref).digest)
+                before = service
             if is_job(service["Spec"]) and not reruns_on_push(service["Spec"]):
                 log.info("Service %s is a Swarm job, which an update would run again; skipped (label it "
                          "%s=true to re-run it on every push)", service_label(service), RERUN_JOB_LABEL)
@@ -4170,8 +4317,18 @@ def tag_digests(ecr: Ecr, keys, heartbeat=lambda: None) -> tuple[dict[tuple, Tag
     runs), the main thread heartbeating while it waits. Also returns, per (account, region, repository),
     why ECR could not tell."""
     found, errors = {}, {}
+    asked = tags_by_repository(keys)
+    if len(asked) <= ECR_CONCURRENCY:  # a small fleet: no threads (each costs the process a malloc arena)
+        for key, tags in asked.items():
+            heartbeat()
+            try:
+                found.update(((*key, tag), answer) for tag, answer in ecr.tag_digests(*key, tags).items())
+            except AwsError as e:
+                errors[key] = e
+        return found, errors
+    import concurrent.futures  # (here: only a fleet with many repositories needs the pool)
     with concurrent.futures.ThreadPoolExecutor(ECR_CONCURRENCY) as pool:
-        asked = {pool.submit(ecr.tag_digests, *key, tags): key for key, tags in tags_by_repository(keys).items()}
+        asked = {pool.submit(ecr.tag_digests, *key, tags): key for key, tags in asked.items()}
         pending = set(asked)
         while pending:
             done, pending = concurrent.futures.wait(pending, timeout=CONNECT_TIMEOUT)

@@ -497,7 +497,7 @@ def test_service_cache_keeps_what_is_newest_and_groups_by_repository():
     assert [s["ID"] for s in cache.in_repository(web)] == ["1"] and [s["ID"] for s in cache.in_repository(api)] == ["2"]
     cache.store(versioned(f"{HOST}/team/web:latest", "2", 12), at=102.0)  # an older answer arriving late: ignored
     assert [s["ID"] for s in cache.in_repository(api)] == ["2"]
-    cache.drop("1")
+    cache.drop("1", at=102.2)
     assert cache.in_repository(web) == [] and "1" not in cache.services
     cache.store(versioned(f"{HOST}/team/web:latest", "4", 14), at=103.0)  # created after the next listing was made
     # A listing made at 102.5, older than service 2's version 13: keeps 2's newer version and service 4.
@@ -506,6 +506,30 @@ def test_service_cache_keeps_what_is_newest_and_groups_by_repository():
     assert [s["ID"] for s in cache.in_repository(api)] == ["2"] and [s["ID"] for s in cache.in_repository(web)] == ["4"]
     cache.replace([], listed_at=104.0)
     assert cache.services == {} and cache.in_repository(web) == cache.in_repository(api) == []
+
+
+def test_service_cache_never_brings_back_a_service_seen_removed_after_a_listing_was_made():
+    """A reconcile pass lists at 200, the service index sees the service removed at 201 (its event), the
+    listing's answer (made before the removal, so naming it) arrives after: the removal stands."""
+    web = ("123456789012", "us-east-1", "team/web")
+    cache = ed.ServiceCache()
+    cache.replace([versioned(f"{HOST}/team/web:latest", "1", 10)], listed_at=100.0)
+    cache.drop("1", at=201.0)
+    cache.replace([versioned(f"{HOST}/team/web:latest", "1", 10)], listed_at=200.0)
+    assert cache.services == {} and cache.in_repository(web) == []
+    cache.replace([versioned(f"{HOST}/team/web:latest", "1", 10)], listed_at=202.0)  # (IDs are never reused)
+    assert sorted(cache.services) == ["1"]
+
+
+@pytest.mark.parametrize("updated_at,now,seconds,expected", [
+    ("2026-12-07T10:00:00.123456789Z", "2026-12-07T10:00:05Z", 2.0, True),  # 4.9 s old, the cycle 2 s
+    ("2026-12-07T10:00:03.5Z", "2026-12-07T10:00:05Z", 2.0, False),  # within the cycle and the clocks' slack
+    ("2026-12-07T10:00:00Z", None, 0.0, False),  # Swarm's clock unknown: it may have moved meanwhile
+    (None, "2026-12-07T10:00:05Z", 0.0, False),
+])
+def test_a_service_counts_as_updated_before_a_cycle_only_by_swarms_own_clock(updated_at, now, seconds, expected):
+    swarm_now = ed.parse_swarm_time(now)
+    assert ed.updated_before({"UpdatedAt": updated_at} if updated_at else {}, swarm_now, seconds) is expected
 
 
 def test_the_event_threads_docker_client_never_heartbeats():
@@ -1486,7 +1510,9 @@ def test_loop_mode_survives_a_dockerd_restart(aws, images, clean_swarm):
 def test_a_docker_upgrade_under_a_running_deployer_moves_it_to_the_new_api_version(aws, images, registries, workdir):
     """apt-get upgrade docker.io on a manager: dockerd restarts as a newer release on the same data root
     while the deployer keeps running. It must speak the new release's API from then on, or its updates
-    would strip every field the old one did not know."""
+    would strip every field the old one did not know. A deploy before the upgrade leaves the main
+    thread nothing to ask Docker after it but the update itself: the spec it posts is the one the
+    service index's thread (its own client) read at the new version, and is posted at that version."""
     old_engine, new_engine = host_engine(), current_engine()
     if old_engine is None or new_engine is None:
         rig_unavailable("both engines are needed: Debian's docker.io and the current one in .rig/unstable "
@@ -1499,16 +1525,21 @@ def test_a_docker_upgrade_under_a_running_deployer_moves_it_to_the_new_api_versi
         repo, (v1, v2), sid = service_on_new_repo(images, node, "upgraded")
         queue = aws.new_queue(VisibilityTimeout=1)
         # No pass of its own: idle, it makes no Docker call, and so no failed one tells it of the restart.
-        running = Running(deployer_env(aws, node), "--queue", queue, "--reconcile-every", "0", "--auth-refresh", "0")
+        running = Running(deployer_env(aws, node), "--queue", queue, "--reconcile-every", "0", "--auth-refresh", "0",
+                          "--log-level", "debug")
         try:
             running.wait_line("API 1.41)")  # "… watching … (…; Docker at …, API 1.41)"
+            aws.send(queue, event(repository=repo, digest=v2))
+            running.wait_line("Rollout of ")  # followed to its end, and the pass a completed rollout wakes
+            running.wait_line("Reconcile pass: ")  # has run: no call of the main thread's is due any more
+            v3 = images.push(repo, "latest", "v3")
             node.stop()
             node.engine = new_engine
             node.start()
             # Set after the upgrade: a field 20.10 did not have (API 1.46).
             node.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(OomScoreAdj=100))
-            aws.send(queue, event(repository=repo, digest=v2))
-            wait_for(lambda: service_image_of(node, sid)[0].endswith(v2), 60,
+            aws.send(queue, event(repository=repo, digest=v3))
+            wait_for(lambda: service_image_of(node, sid)[0].endswith(v3), 60,
                      what=lambda: f"the deploy after the upgrade:\n{running.log}")
             assert running.stop() == 0
         finally:
@@ -1516,7 +1547,7 @@ def test_a_docker_upgrade_under_a_running_deployer_moves_it_to_the_new_api_versi
         assert node.service(sid)["Spec"]["TaskTemplate"]["ContainerSpec"].get("OomScoreAdj") == 100
         api = node.get("/version")["ApiVersion"]
         assert f"speaks API {api} now (it spoke 1.41)" in running.log and "cannot reach Docker" not in running.log
-        assert service_image_of(node, sid) == (f"{registry.host}/{repo}:latest@{v2}", 1)
+        assert service_image_of(node, sid) == (f"{registry.host}/{repo}:latest@{v3}", 2)
     finally:
         node.remove_all_services()
         node.close()
@@ -3015,6 +3046,93 @@ def test_service_index_follows_services_created_changed_and_removed_after_it_lis
     assert len(updated_lines(running.log)) == 4
 
 
+class EventWatcher:
+    """A subscriber of dockerd's service events that keeps up: each event and when it arrived, for
+    `seconds` (then dockerd ends the stream: closing it from another thread would hang)."""
+
+    def __init__(self, swarm, seconds=300):
+        self.seen: list[tuple[float, dict]] = []
+        http = swarm.for_another_thread().http
+        self.reply = http.get(swarm.base + "/events", stream=True, timeout=None, params={
+            "filters": json.dumps({"type": ["service"]}), "until": str(int(time.time() + seconds))})
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        try:
+            for line in self.reply.iter_lines():
+                if line:
+                    self.seen.append((time.monotonic(), json.loads(line)))
+        except requests.RequestException:
+            pass
+
+    def saw(self, service_id: str, after: int) -> bool:
+        return any(e["Actor"]["ID"] == service_id for _, e in self.seen[after:])
+
+    def publishing_stalls(self) -> bool:
+        """dockerd's event publisher waits 100 ms for each event that a stopped subscriber's full buffer
+        (1024 events, moby's events.New) cannot take, then drops it: events reach us 100 ms apart."""
+        times = [at for at, _ in self.seen[1024:]]
+        return any(later - earlier > 0.09 for earlier, later in zip(times, times[1:]))
+
+
+def test_a_service_update_whose_event_dockerd_dropped_never_costs_a_deploy(aws, images, clean_swarm):
+    """The deployer is stopped (SIGSTOP: a slow host, a long pause) while a few thousand service events
+    happen: dockerd drops events for it once its buffer is full. One of them was another manager's move
+    of the service to v3; the index still holds it at v2. The push of v4 must roll it: an index that
+    looks moved is judged on a fresh read, not skipped as "moved meanwhile" with its message deleted."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "dropped")
+    chatty = [swarm.create_service(f"chatty-{i}", "busybox:latest", replicas=0) for i in range(4)]
+    queue = aws.new_queue(VisibilityTimeout=1)
+    running = Running(deployer_env(aws, swarm), "--queue", queue, "--reconcile-every", "0", "--auth-refresh", "0",
+                      "--log-level", "debug")
+    watcher = EventWatcher(swarm)
+    try:
+        running.wait_line("watching")
+        pushed_and_rolled(aws, swarm, running, queue, repo, v2, sid)  # the index listed it at v2
+        running.wait_line("Rollout of ")
+        running.wait_line("Reconcile pass: ")  # (the pass a completed rollout wakes: none runs after this)
+        v3 = images.push(repo, "latest", "v3")
+        os.kill(running.proc.pid, signal.SIGSTOP)
+        try:
+            stop = threading.Event()
+
+            def relabel(service_id):  # as fast as dockerd takes them, four at a time
+                own, n = swarm.for_another_thread(), 0
+                while not stop.is_set():
+                    n += 1
+                    own.update(service_id, lambda spec: spec["Labels"].update(n=str(n)))
+
+            threads = [threading.Thread(target=relabel, args=(c,)) for c in chatty]
+            for thread in threads:
+                thread.start()
+            try:
+                wait_for(watcher.publishing_stalls, 120, interval=0.05, what="dockerd to drop events for the deployer")
+            finally:
+                stop.set()
+                for thread in threads:
+                    thread.join()
+            # Another manager rolls v3, and a last label update after it: when that one reaches us, the
+            # publisher is done with the move's event, which the stopped deployer's full buffer dropped.
+            seen = len(watcher.seen)
+            swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(
+                Image=f"{registry.host}/{repo}:latest@{v3}"))
+            swarm.update(chatty[0], lambda spec: spec["Labels"].update(last="yes"))
+            wait_for(lambda: watcher.saw(sid, seen) and watcher.saw(chatty[0], len(watcher.seen) - 1), 120,
+                     interval=0.05, what="the move's event to be published")
+        finally:
+            os.kill(running.proc.pid, signal.SIGCONT)
+        v4 = images.push(repo, "latest", "v4")
+        pushed_and_rolled(aws, swarm, running, queue, repo, v4, sid)
+        wait_for(lambda: aws.queue_depth(queue) == 0, 10, what="every message to be deleted")
+        assert running.stop() == 0
+    finally:
+        running.kill()
+    assert "meanwhile; skipped" not in running.log, running.log
+    assert f"runs {v3} since before this push was handled" in running.log, running.log
+    assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v4}", 2)
+
+
 def test_service_index_recovers_after_a_dockerd_restart(aws, images, clean_swarm):
     swarm, registry = clean_swarm, REGISTRIES[0]
     repo, sid, queue, running = deployer_with_its_index_filled(aws, images, swarm, "reborn")
@@ -3055,7 +3173,10 @@ def test_benchmark_short_mode_runs_on_the_rig(aws, registries, images, clean_swa
                                            "api": clean_swarm.get("/version")["ApiVersion"]}
     assert {row["measure"] for row in report["targets"]} >= {"latency p50 (ms)", "(a)/(b)", "memory: peak RSS (MiB)",
                                                            "memory: deployer's share above it (MiB)",
-                                                           "scale: p50 N services / 1 service"}
+                                                           "scale: p50 N services / 1 service",
+                                                           "fan-out: (b)/(c), one push to N"}
+    assert len(report["side_by_side"]["deployer_ms"]) == len(report["side_by_side"]["floor_ms"]) == \
+        bench.SHORT["fan_out_rounds"]
     assert report["scale"]["services"] == bench.SHORT["scale_services"] and report["scale"]["p50_n_ms"] > 0
     # The targets that are counts hold whatever the machine (timings only get a verdict in the table).
     verdicts = {row["measure"]: row for row in report["targets"]}
