@@ -4890,8 +4890,10 @@ def test_status_table_lines_up_columns_like_docker_service_ls():
             ed.status_row(service(f"{HOST}/team/api@{DIGEST_A}"), None, None, ("pinned", "pinned by digest"))]
     text = ed.status_table(rows)
     lines = text.splitlines()
-    assert lines[0].split() == ["SERVICE", "TAG", "RUNNING", "TAG", "NOW", "STATE", "LAST", "ROLLOUT", "DETAIL"]
-    assert lines[1].split()[:6] == ["svc", "team/web:latest", "aaaaaaaaaaaa", "bbbbbbbbbbbb", "behind", "completed"]
+    assert lines[0].split() == ["SERVICE", "TAG", "RUNNING", "TAG", "NOW", "STATE", "IMAGES", "LAST", "ROLLOUT",
+                                "DETAIL"]
+    assert lines[1].split()[:7] == ["svc", "team/web:latest", "aaaaaaaaaaaa", "bbbbbbbbbbbb", "behind", "-/-",
+                                    "completed"]
     assert lines[2].split()[:5] == ["svc", "team/api:-", "aaaaaaaaaaaa", "-", "pinned"]
     assert len({line.index("STATE") if "STATE" in line else line.index(" behind") + 1 for line in lines[:2]}) == 1
     assert rows[0]["tag_now"] == DIGEST_B and rows[0]["last_rollout_at"] == "2026-12-03T10:00:05"
@@ -7555,3 +7557,99 @@ def test_per_service_metrics_are_served_for_prometheus_and_written_to_the_textfi
         deployed = samples[("ecr_deploy_service_last_deployed_timestamp_seconds", (("service", "measured"),))]
         assert abs(deployed - time.time()) < 120
         assert samples[("ecr_deploy_rollouts_total", (("outcome", "completed"),))] == 1  # the totals, as before
+
+
+# --------------------------------------------------------------------------- images kept
+
+def test_kept_images_are_the_running_digest_and_the_rollback_target_of_ecr_services():
+    svc = service(f"{HOST}/team/web:latest@{DIGEST_B}")
+    svc["PreviousSpec"] = {"TaskTemplate": {"ContainerSpec": {"Image": f"{HOST}/team/web:latest@{DIGEST_A}"}}}
+    assert ed.kept_images(svc) == {"running": ("123456789012", "us-east-1", "team/web", DIGEST_B),
+                                   "rollback": ("123456789012", "us-east-1", "team/web", DIGEST_A)}
+    assert ed.kept_images(service(f"{HOST}/team/web:latest")) == {}  # no digest: nothing to ask ECR about
+    assert ed.kept_images(service(f"busybox@{DIGEST_A}")) == {}  # not ECR
+    assert [ed.image_state(s) for s in ("ACTIVE", "ARCHIVED", "ACTIVATING", None)] == \
+        ["ok", "archived", "restoring", "gone"]
+    assert ed.images_text({"running": "ok"}) == "ok/-"
+
+
+def test_images_at_risk_are_metrics():
+    families = {f.name: f for f in prometheus_client.parser.text_string_to_metric_families(ed.metrics_text(
+        {"messages": dict.fromkeys(("deployed", "ignored", "failed"), 0), "services_updated": 0, "rollouts": {},
+         "last_success": None, "images_at_risk": {"gone": 2, "archived": 0, "restoring": 1}}))}
+    assert {s.labels["state"]: s.value for s in families["ecr_deploy_images_at_risk"].samples} == \
+        {"gone": 2, "archived": 0, "restoring": 1}
+
+
+def test_a_rollback_target_deleted_from_ecr_is_said_once_and_status_says_gone(aws, images, clean_swarm, webhook):
+    """A lifecycle rule expires the digest `docker service rollback` would restore: --status says so and
+    exits 5, and a loop-mode deployer says it once (one WARNING, one notification) over several passes."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region, host = registry.account, registry.region, registry.host
+    repo = images.new_repository()
+    v1, v2 = (aws.put_image(account, region, repo, tag, tag) for tag in ("v1", "v2"))
+    sid = swarm.create_service("keep-prev", f"{host}/{repo}@{v1}", replicas=0)
+    swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=f"{host}/{repo}@{v2}"))
+    env = deployer_env(aws, swarm, DEPLOYER_QUEUE="")
+    before = status(env, "--json")
+    assert before.returncode == 0, before.stdout + before.stderr
+    assert json.loads(before.stdout)[0]["images"] == {"running": "ok", "rollback": "ok"}
+
+    aws.client("ecr", region).batch_delete_image(registryId=account, repositoryName=repo,
+                                                 imageIds=[{"imageDigest": v1}])
+    gone = status(env, "--json")
+    assert gone.returncode == 5, gone.stdout + gone.stderr  # the operator must act
+    row = json.loads(gone.stdout)[0]
+    assert row["images"] == {"running": "ok", "rollback": "gone"}
+    assert "cannot pull it (manifest unknown)" in row["reason"]
+    table = status(env).stdout.splitlines()
+    assert "IMAGES" in table[0] and "   ok/gone   " in table[1]
+
+    running = Running({**env, "DEPLOYER_LOG_LEVEL": "DEBUG"}, "--queue", aws.new_queue(), "--reconcile-every", "1s",
+                      "--auth-refresh", "0", "--notify-url", webhook.url)
+    try:
+        running.wait_line("Reconcile pass: no service follows an ECR tag", count=3)
+    finally:
+        assert running.stop() == 0
+    said = [line for line in running.lines if "its rollback target" in line]
+    assert len(said) == 1 and " WARNING Service keep-prev: its rollback target, " in said[0], running.log
+    assert f"{repo}@{v1[7:19]}" in said[0] and "a task rescheduled (node lost, scale-up, rollback) cannot pull" in said[0]
+    wait_for(lambda: any("its rollback target" in json.dumps(d) for d in webhook.received), 10, what="notification")
+    assert sum("its rollback target" in json.dumps(d) for d in webhook.received) == 1
+
+
+def test_an_archived_running_digest_is_restored_on_request_and_status_follows_it(aws, images, clean_swarm):
+    """A lifecycle rule by last pull time archives the digest a service runs (the rig's ECR answers
+    UpdateImageStorageClass and imageStatus as the Amazon ECR API Reference documents them: see
+    rig.aws.EcrAsDocumented). --status says "archived" (exit 5); a pass without --restore-archived only
+    says so; with it, it asks ECR to restore the image to STANDARD, --status says "restoring" (exit 4)
+    until ECR is done, then "ok" (exit 0)."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region, host = registry.account, registry.region, registry.host
+    repo = images.new_repository()
+    v1 = aws.put_image(account, region, repo, "v1", "v1")
+    swarm.create_service("keep-run", f"{host}/{repo}@{v1}", replicas=0)
+    aws.client("ecr", region).update_image_storage_class(registryId=account, repositoryName=repo,
+                                                         imageId={"imageDigest": v1}, targetStorageClass="ARCHIVE")
+    env = deployer_env(aws, swarm, DEPLOYER_QUEUE="")
+
+    def state() -> tuple[int, dict]:
+        run = status(env, "--json")
+        return run.returncode, json.loads(run.stdout)[0]["images"]
+
+    assert state() == (5, {"running": "archived"})
+    said = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)
+    assert said.returncode == 0, said.stderr
+    assert "the digest it runs" in said.stderr and "is archived" in said.stderr and "--restore-archived" in said.stderr
+    assert state() == (5, {"running": "archived"})  # seen, not repaired: that is opt-in
+
+    sent = len(aws.front.proxy.bodies)
+    repaired = ed_run([sys.executable, DEPLOYER, "--reconcile", "--restore-archived"], env)
+    assert repaired.returncode == 0, repaired.stderr
+    assert "restoring it to the standard storage class" in repaired.stderr
+    asked = [json.loads(body) for key, body in aws.front.proxy.bodies[sent:] if key.endswith("UpdateImageStorageClass")]
+    assert asked == [{"registryId": account, "repositoryName": repo, "imageId": {"imageDigest": v1},
+                      "targetStorageClass": "STANDARD"}]
+    assert state() == (4, {"running": "restoring"})
+    aws.front.restores_done()  # ECR restores within minutes
+    assert state() == (0, {"running": "ok"})
