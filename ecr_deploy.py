@@ -4455,7 +4455,8 @@ class ImageKeeper:
                 self.said[said_key] = "restoring" if restoring else state
                 line = image_problem(name, role, key, state, bool(restoring))
                 log.warning("%s", line)
-                self.deployer.notifier.event(Event("image_at_risk", name, f"{key[2]}@{key[3]}", line,
+                self.deployer.notifier.event(Event("image_at_risk", name, f"{key[2]}@{key[3]}",
+                                                   line.partition(": ")[2],  # (the event names the service)
                                                    route=notify_route(service["Spec"].get("Labels"))))
         self.deployer.totals["images_at_risk"] = {state: n for state, n in counts.items() if state != "ok"}
         return not errors
