@@ -49,7 +49,7 @@ def tag_may_move(repository: dict, tag: str) -> bool:
 
 
 class EcrAsDocumented:
-    """The rig's ECR endpoint: moto_server behind a proxy that answers two calls as ECR documents where
+    """The rig's ECR endpoint: moto_server behind a proxy that answers the calls below as ECR documents where
     moto does not, everything else passed through to moto unchanged.
 
     PutImage of an existing tag at another digest in a tag-immutable repository: moto answers
@@ -193,11 +193,29 @@ class EcrAsDocumented:
         except ecr.exceptions.ClientError:
             return None  # no such repository or tag: moto's answer is ECR's
         digest = request.get("imageDigest") or "sha256:" + hashlib.sha256(manifest.encode()).hexdigest()
-        if not tagged or tagged[0]["imageDigest"] == digest or tag_may_move(repository["repositories"][0], tag):
+        if not tagged or tagged[0]["imageDigest"] == digest:
             return None
+        if tag_may_move(repository["repositories"][0], tag):
+            return self.move_tag(ecr, where, tagged[0], headers, body)
         message = (f"The image tag '{tag}' already exists in the '{where['repositoryName']}' repository and cannot "
                    f"be overwritten because the repository is immutable.")
         return 400, {"__type": "ImageTagAlreadyExistsException", "message": message}, {
+            "Content-Type": "application/x-amz-json-1.1", "x-amzn-RequestId": str(uuid.uuid4())}
+
+    def move_tag(self, ecr, where: dict, left: dict, headers, body: bytes):
+        """PutImage of a tag that moves to another image: in ECR the image it leaves stays, untagged if that
+        was its last tag (what lifecycle rules on tagStatus UNTAGGED expire: the Amazon ECR User Guide,
+        Examples of lifecycle policies). moto deletes it with its last tag; it is put back, untagged."""
+        kept = None
+        if left.get("imageTags") == [json.loads(body)["imageTag"]]:
+            kept = ecr.batch_get_image(**where, imageIds=[{"imageDigest": left["imageDigest"]}])["images"][0]
+        reply = requests.post(self.moto_url + "/", data=body, timeout=60, headers={
+            k: v for k, v in headers.items() if k.lower() not in ("host", "content-length", "connection")})
+        if reply.ok and kept:
+            ecr.put_image(**where, imageManifest=kept["imageManifest"], imageDigest=left["imageDigest"],
+                          **({"imageManifestMediaType": kept["imageManifestMediaType"]}
+                             if kept.get("imageManifestMediaType") else {}))
+        return reply.status_code, reply.json() if reply.content else {}, {
             "Content-Type": "application/x-amz-json-1.1", "x-amzn-RequestId": str(uuid.uuid4())}
 
     def close(self):
