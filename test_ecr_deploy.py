@@ -4996,7 +4996,10 @@ def test_a_lost_push_reaches_its_services_within_one_reconcile_period(aws, image
     assert "Traceback" not in running.log and " ERROR " not in running.log
 
 
-def test_a_reconcile_pass_asks_ecr_once_per_repository_and_not_at_all_without_followers(aws, images, clean_swarm):
+def test_a_reconcile_pass_asks_ecr_once_per_repository_for_tags_and_once_for_the_images_it_keeps(
+        aws, images, clean_swarm):
+    """Tags: one DescribeImages per repository, none without a service following a tag. The images kept
+    (each service's running digest and rollback target, by digest): one more per repository."""
     swarm, registry = clean_swarm, REGISTRIES[0]
     account, region = registry.account, registry.region
     proxy = FaultProxy(aws.url)
@@ -5008,7 +5011,7 @@ def test_a_reconcile_pass_asks_ecr_once_per_repository_and_not_at_all_without_fo
         quiet = subprocess.run([sys.executable, DEPLOYER, "--reconcile"], env=env, capture_output=True, text=True,
                                timeout=60)
         assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
-        assert ecr_calls(proxy) == []  # no service follows a tag: ECR is not asked
+        assert by_digest(proxy) == [True]  # no service follows a tag: ECR is asked only whether it keeps v1
 
         repos = [images.new_repository() for _ in range(2)]
         current = {}
@@ -5020,15 +5023,25 @@ def test_a_reconcile_pass_asks_ecr_once_per_repository_and_not_at_all_without_fo
                                                  replicas=0)] = digest
         gone = swarm.create_service("many-gone", f"{registry.host}/{repos[0]}:deleted@{v1}", replicas=0)
         versions = {sid: swarm.service(sid)["Version"]["Index"] for sid in [*current, gone]}
-        del proxy.seen[:]
+        del proxy.seen[:], proxy.bodies[:]
         run = subprocess.run([sys.executable, DEPLOYER, "--reconcile"], env=env, capture_output=True, text=True,
                              timeout=60)
     finally:
         proxy.close()
     assert run.returncode == 0, run.stderr
-    # one DescribeImages per repository (the one with a deleted tag: once more per tag of its batch)
-    assert sorted(ecr_calls(proxy)) == ["DescribeImages"] * (2 + 4), proxy.seen
+    # one DescribeImages per repository (the one with a deleted tag: once more per tag of its batch), and one
+    # per repository for the digests services run; many-gone's digest is not in its repository: that batch of
+    # 4 digests is asked again in halves (2), and the half with it in halves again (2)
+    assert sorted(ecr_calls(proxy)) == ["DescribeImages"] * (2 + 4 + 3 + 4), proxy.seen
+    assert by_digest(proxy).count(True) == 3 + 2 + 2
+    assert f"Service many-gone: the digest it runs, {repos[0]}@{v1[7:19]} in ECR" in run.stderr
     assert {sid: swarm.service(sid)["Version"]["Index"] for sid in versions} == versions  # all current: no update
+
+
+def by_digest(proxy) -> list[bool]:
+    """For each DescribeImages the proxy saw: did it ask by digest (the images kept), not by tag?"""
+    return [all("imageDigest" in i for i in json.loads(body)["imageIds"]) for key, body in proxy.bodies
+            if key.endswith(".DescribeImages")]
 
 
 def put_in_moto(moto, repository: str, tag: str | None, content: str) -> str:
