@@ -84,8 +84,9 @@ exit codes: 0 every received message handled; 1 something left on the queue for 
             or a runtime failure (unreachable Docker or AWS); 2 usage error; 3 misconfigured
             (no such queue, access denied, Docker not a swarm manager, bad DOCKER_HOST)
   --status: 0 every service current (or pinned); 4 some service behind or waiting (the deployer
-            will roll it); 5 some service held back, blocked, failed or following a tag gone from
-            ECR (the operator must act); 1 Docker or ECR could not be asked
+            will roll it), or an image it runs or rolls back to being restored; 5 some service held
+            back, blocked, failed or following a tag gone from ECR, or an image it runs or rolls back
+            to gone or archived (the operator must act); 1 Docker or ECR could not be asked
 
 examples:
   systemd (loop mode; see systemd/ecr-deploy.service):
@@ -105,6 +106,7 @@ documentation (README.md, and in docs/):
   rollouts.md         outcomes, rollback, auth refresh      release-policy.md   windows, min-age, waves
   scan-gate.md        --scan-threshold                      signature-gate.md   --signature, notation
   troubleshooting.md  what a log line means, and the fix  notifications.md    Slack, Teams, ntfy, e-mail
+  keeping-images.md   running and rollback images ECR must keep, --restore-archived
 """
 
 
@@ -196,7 +198,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="print one row per service that runs an ECR image: its tag, the digest it runs, "
                         "the digest the tag points to now, its state and its last rollout; read-only, needs "
                         "no queue; exit 0 all current, 4 some behind or waiting, 5 some held back, blocked "
-                        "or failed")
+                        "or failed, or an image a service runs or rolls back to gone or archived")
     parser.add_argument("--json", action="store_true", help="with --status: JSON instead of a table")
     parser.add_argument("--notify-url", metavar="URL", action="append",
                         default=env("DEPLOYER_NOTIFY_URL", "").split(),

@@ -2924,7 +2924,7 @@ def test_install_page_aws_setup_blocks_run_against_moto(aws, tmp_path):
                        "sqs:DeleteMessage", "ecr:GetAuthorizationToken",
                        "ecr:DescribeImages", "ecr:DescribeImageScanFindings", "ecr:BatchGetImage",
                        "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability", "ecr:PutImage",
-                       "ecr:DescribeRepositories"}
+                       "ecr:DescribeRepositories", "ecr:UpdateImageStorageClass"}  # (--restore-archived)
     promote = next(s for s in document["PolicyVersion"]["Document"]["Statement"] if s["Sid"] == "Promote")
     assert promote["Action"] == ["ecr:PutImage", "ecr:DescribeRepositories"]  # (--status: may the promote tag move?)
     assert promote["Resource"] == [f"arn:aws:ecr:{region}:{document_account(aws)}:repository/{name}"
