@@ -4908,6 +4908,9 @@ def test_status_table_lines_up_columns_like_docker_service_ls():
     (["--reconcile", "--dry-run"], {}, {"reconcile": True, "dry_run": True}),
     (["--status"], {}, {"status": True, "json": False}),
     (["--status", "--json"], {}, {"status": True, "json": True}),
+    (["--reconcile"], {}, {"restore_archived": False}),
+    (["--reconcile", "--restore-archived"], {}, {"restore_archived": True}),
+    (["--queue", "q"], {"DEPLOYER_RESTORE_ARCHIVED": "1"}, {"restore_archived": True}),
 ])
 def test_reconcile_and_status_flags(monkeypatch, argv, env, expected):
     for key in list(os.environ):
@@ -7667,3 +7670,36 @@ def test_an_archived_running_digest_is_restored_on_request_and_status_follows_it
     assert state() == (4, {"running": "restoring"})
     aws.front.restores_done()  # ECR restores within minutes
     assert state() == (0, {"running": "ok"})
+
+
+def test_the_rigs_ecr_moves_images_between_storage_classes_as_ecr_documents(aws):
+    """moto 5 has no storage classes; the rig's ECR answers as the Amazon ECR API Reference documents:
+    UpdateImageStorageClass (response imageId and imageStatus; errors ImageNotFoundException,
+    ImageStorageClassUpdateNotSupportedException), DescribeImagesFilter imageStatus ("If not specified,
+    only images with ACTIVE status are returned"; ANY returns all) and ImageDetail.imageStatus."""
+    account, region = "123456789012", aws.region
+    ecr, repo = aws.client("ecr", region), f"team/classes-{uuid.uuid4().hex[:8]}"
+    ecr.create_repository(repositoryName=repo)
+    kept, other = (aws.put_image(account, region, repo, tag, tag) for tag in ("kept", "other"))
+
+    def described(**how) -> dict:
+        return {d["imageDigest"]: d["imageStatus"] for d in ecr.describe_images(repositoryName=repo, **how)[
+            "imageDetails"]}
+
+    archived = ecr.update_image_storage_class(repositoryName=repo, imageId={"imageDigest": kept},
+                                              targetStorageClass="ARCHIVE")
+    assert (archived["imageId"]["imageDigest"], archived["imageStatus"]) == (kept, "ARCHIVED")
+    assert described() == {other: "ACTIVE"}  # no filter: active images only
+    assert described(filter={"imageStatus": "ANY"}) == {kept: "ARCHIVED", other: "ACTIVE"}
+    assert described(filter={"imageStatus": "ARCHIVED"}) == {kept: "ARCHIVED"}
+    with pytest.raises(ecr.exceptions.ImageStorageClassUpdateNotSupportedException):
+        ecr.update_image_storage_class(repositoryName=repo, imageId={"imageDigest": kept}, targetStorageClass="ARCHIVE")
+    restoring = ecr.update_image_storage_class(repositoryName=repo, imageId={"imageTag": "kept"},
+                                               targetStorageClass="STANDARD")
+    assert restoring["imageStatus"] == "ACTIVATING"
+    assert described(imageIds=[{"imageDigest": kept}], filter={"imageStatus": "ANY"}) == {kept: "ACTIVATING"}
+    aws.front.restores_done()
+    assert described() == {kept: "ACTIVE", other: "ACTIVE"}
+    with pytest.raises(ecr.exceptions.ImageNotFoundException):
+        ecr.update_image_storage_class(repositoryName=repo, imageId={"imageDigest": "sha256:" + "0" * 64},
+                                       targetStorageClass="STANDARD")

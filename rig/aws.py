@@ -79,7 +79,11 @@ class EcrAsDocumented:
     in moto. A restore takes ECR minutes: the image stays ACTIVATING until the test says the restore is
     done (`restores_done`). DescribeImages of a repository with such images, or asked with an imageStatus
     filter, is moto's answer with each image's imageStatus added and the filter applied (the Amazon ECR
-    API Reference, DescribeImagesFilter: "If not specified, only images with ACTIVE status are returned")."""
+    API Reference, DescribeImagesFilter: "If not specified, only images with ACTIVE status are returned").
+    Elsewhere moto's answer lacks imageStatus, as ECR's did before storage classes (the deployer reads
+    none as ACTIVE).
+
+    PutImage moving a tag: see move_tag."""
 
     def __init__(self, moto_url: str):
         self.moto_url = moto_url
@@ -87,6 +91,7 @@ class EcrAsDocumented:
         self.proxy.answer = self.answer
         self.url = self.proxy.url
         self.statuses: dict[tuple[str, str, str], str] = {}  # (region, repository, digest) -> ARCHIVED | ACTIVATING
+        self.classed: set[tuple[str, str]] = set()  # (region, repository) where an image ever changed class
 
     def answer(self, key: str, headers, body: bytes):
         if key.endswith(" " + ECR_TARGET + "PutImage"):
@@ -109,9 +114,8 @@ class EcrAsDocumented:
         request = json.loads(body or b"{}")
         region = CREDENTIAL_REGION.search(headers.get("Authorization") or "")
         wanted = (request.get("filter") or {}).get("imageStatus")
-        if not region or not (wanted or any(k[:2] == (region[1], request.get("repositoryName"))
-                                            for k in self.statuses)):
-            return None  # nothing archived here, no filter asked: moto's answer is ECR's
+        if not region or not (wanted or (region[1], request.get("repositoryName")) in self.classed):
+            return None  # every image here ACTIVE, no filter asked: moto's answer is ECR's (but for imageStatus)
         reply = requests.post(self.moto_url + path, data=body, timeout=60, headers={
             k: v for k, v in headers.items() if k.lower() not in ("host", "content-length", "connection")})
         document = reply.json() if reply.content else {}
@@ -140,6 +144,7 @@ class EcrAsDocumented:
             return 400, {"__type": e.response["Error"]["Code"], "message": e.response["Error"]["Message"]}, \
                 reply_headers
         key = (region[1], detail["repositoryName"], detail["imageDigest"])
+        self.classed.add(key[:2])
         status = self.statuses.get(key, "ACTIVE")
         if (status, target) == ("ARCHIVED", "STANDARD"):
             self.statuses[key] = "ACTIVATING"
