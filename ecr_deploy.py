@@ -4443,6 +4443,8 @@ class ImageKeeper:
         for error in errors.values():
             log.error("Checking the images services run: %s", error)
         counts = dict.fromkeys(IMAGE_STATUS_EXIT, 0)
+        listed = {s["ID"] for s in services}
+        self.said = {key: state for key, state in self.said.items() if key[0] in listed}  # (services removed)
         for service in services:
             name = service["Spec"].get("Name", "?")
             for role, state in states.get(service["ID"], {}).items():
@@ -4450,7 +4452,8 @@ class ImageKeeper:
                 counts[state] += 1
                 said_key = (service["ID"], role, key[3])
                 if state == "ok":
-                    self.said.pop(said_key, None)  # (a problem that comes back is said again)
+                    self.said.pop(said_key, None)  # (a problem that comes back is said again, and repaired)
+                    self.restored.discard(key)
                     continue
                 restoring = state == "archived" and self.restore and key not in self.restored \
                     and self.restore_one(name, key)
@@ -4471,6 +4474,8 @@ class ImageKeeper:
             self.deployer.ecr.restore_image(*key)
         except AwsError as e:
             log.error("Service %s: %s", name, e)
+            if isinstance(e, AccessDenied):  # (waiting will not help: said once, the WARNING says how by hand)
+                self.restored.add(key)
             return False
         self.restored.add(key)
         return True
