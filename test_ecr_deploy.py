@@ -3187,6 +3187,11 @@ def test_benchmark_short_mode_runs_on_the_rig(aws, registries, images, clean_swa
     assert report["reconcile"]["describe_images_current"] == bench.SHORT["reconcile_repositories"]
     assert report["reconcile"]["updates_behind"] == report["reconcile"]["services_behind"] > 0
     assert 20 < report["memory"]["floor_rss_mib"] < report["memory"]["rss_at_end_mib"]
+    # A notification target is told of every push made while it was configured (it sends off the deploy path).
+    assert report["notify"]["pushes"] == bench.SHORT["notify_pushes"] * bench.SHORT["notify_rounds"]
+    assert report["notify"]["pushes_told"] == report["notify"]["pushes_with_target"] > 0
+    assert verdicts["notify: pushes the target was told of"]["verdict"] == "ok"
+    assert report["notify"]["memory_one_rss_at_end_mib"] > 0 and report["notify"]["p50_one_ms"] > 0
     with capsys.disabled():
         print("\n" + bench.table(report))
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """ecr-deploy benchmark: latency, latency with 1 vs N services in the swarm, burst cost, idle cost,
-the docker CLI way side by side, cold start and memory (beside a floor process, bench/floor.py) —
+the docker CLI way side by side, cold start and memory (beside a floor process, bench/floor.py), and
+latency and memory without and with a notification target (Apprise's json:// to a slow local sink) —
 measured on the same real rig as the tests (moto_server, a private dockerd swarm, TLS registries
 posing as ECR), with counting proxies in front of the AWS endpoint (calls per API action) and the
 Docker socket (calls per method + path).
@@ -18,6 +19,7 @@ import argparse
 import base64
 import collections
 import concurrent.futures
+import http.server
 import json
 import os
 import pathlib
@@ -49,11 +51,11 @@ from rig.swarm import Swarm, current_engine, host_engine, service_image_of  # no
 
 FULL = {"latency_pushes": 30, "latency_interval": 1.0, "scale_services": 1000, "burst_images": 25,
         "burst_pushes_per_image": 20, "idle_seconds": 60, "side_services": 20, "fan_out_rounds": 7, "cold_runs": 10,
-        "memory_messages": 5000,
+        "memory_messages": 5000, "notify_pushes": 10, "notify_rounds": 3,
         "reconcile_services": 1000, "reconcile_repositories": 100}
 SHORT = {"latency_pushes": 5, "latency_interval": 0.3, "scale_services": 100, "burst_images": 5,
          "burst_pushes_per_image": 4, "idle_seconds": 21, "side_services": 5, "fan_out_rounds": 2, "cold_runs": 2,
-         "memory_messages": 400,
+         "memory_messages": 400, "notify_pushes": 3, "notify_rounds": 1,
          "reconcile_services": 50, "reconcile_repositories": 5}
 FILLER_REPOSITORIES = 10  # the scale measurement's other services run images of this many repositories
 CREATE_WORKERS = 8  # concurrent service creates: dockerd commits them about twice as fast as one by one
@@ -128,12 +130,13 @@ def percentile(values: list[float], p: float) -> float:
 
 # --------------------------------------------------------------------------- the measurements
 
-def push_latencies_ms(aws, push_image, swarm, events, repo: str, sid: str, n: int, interval: float) -> list[float]:
-    """A loop-mode deployer started afresh; per push (push_image(repo, content) -> digest), from SendMessage
-    until Swarm commits the update."""
+def push_latencies_ms(aws, push_image, swarm, events, repo: str, sid: str, n: int, interval: float,
+                      **env) -> list[float]:
+    """A loop-mode deployer started afresh (env: more of its environment); per push (push_image(repo,
+    content) -> digest), from SendMessage until Swarm commits the update."""
     registry = REGISTRIES[0]
     queue = aws.new_queue()
-    running = deployer(deployer_env(aws, swarm), "--queue", queue, "--auth-refresh", "0")
+    running = deployer(deployer_env(aws, swarm, **env), "--queue", queue, "--auth-refresh", "0")
     latencies = []
     try:
         time.sleep(1.5)  # past the first (short) poll: now in the 20 s long poll, as in production
@@ -155,6 +158,78 @@ def measure_latency(aws, images, swarm, events, n: int, interval: float) -> dict
                            repo, sid, n, interval)
     return {"pushes": n, "p50_ms": round(percentile(ms, 50), 1), "p95_ms": round(percentile(ms, 95), 1),
             "max_ms": round(max(ms), 1)}
+
+
+class NotifySink:
+    """A plain HTTP server on loopback that Apprise's `json://` target posts to, answering after `delay`
+    seconds (a slow chat service): what it received, in order."""
+
+    def __init__(self, delay: float):
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                time.sleep(delay)
+                received.append(json.loads(body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"json://127.0.0.1:{self.server.server_address[1]}/notify"
+
+    def said(self) -> str:
+        return "\n".join(f"{message.get('title', '')}\n{message.get('message', '')}" for message in self.received)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+NOTIFY_SINK_DELAY = 0.25  # s: the target answers this late; a send on the deploy path would add it to every push
+
+
+def measure_notify(aws, images, swarm, events, pushes: int, interval: float, rounds: int) -> dict:
+    """Push latency without notification targets and with one Apprise target (json:// to NotifySink), in
+    turns (`rounds` deployers of each, `pushes` pushes each; a deployer's first push, which fills its
+    service index, is left out), then whether the target was told of every push."""
+    registry = REGISTRIES[0]
+    repo, _, sid = service_on_new_repo(images, swarm, "notify", contents=("v0",))
+    sink = NotifySink(NOTIFY_SINK_DELAY)
+    pushed: list[str] = []
+
+    def push(repository: str, content: str) -> str:
+        pushed.append(images.push(repository, "latest", content))
+        return pushed[-1]
+
+    none_ms, one_ms, with_target = [], [], []
+    try:
+        for _ in range(rounds):
+            none_ms += push_latencies_ms(aws, push, swarm, events, repo, sid, pushes + 1, interval)[1:]
+            first = len(pushed)
+            one_ms += push_latencies_ms(aws, push, swarm, events, repo, sid, pushes + 1, interval,
+                                        DEPLOYER_NOTIFY_URL=sink.url)[1:]
+            with_target += pushed[first:]
+        told = lambda: sum(digest[:19] in sink.said() for digest in with_target)  # noqa: E731 (Event.line's)
+        try:
+            wait_for(lambda: told() == len(with_target), 30, interval=0.2)
+        except AssertionError:
+            pass  # reported below as a count short of its target
+        messages, pushes_told = len(sink.received), told()
+    finally:
+        sink.close()
+    assert image_of(swarm, sid) == f"{registry.host}/{repo}:latest@{pushed[-1]}"
+    p50_none, p50_one = statistics.median(none_ms), statistics.median(one_ms)
+    return {"pushes": len(one_ms), "rounds": rounds, "sink_delay_s": NOTIFY_SINK_DELAY,
+            "p50_none_ms": round(p50_none, 1), "p50_one_ms": round(p50_one, 1),
+            "max_none_ms": round(max(none_ms), 1), "max_one_ms": round(max(one_ms), 1),
+            "one_over_none": round(p50_one / p50_none, 2), "pushes_with_target": len(with_target),
+            "pushes_told": pushes_told, "messages": messages}
 
 
 def in_parallel(swarm, work, items: list) -> list:
@@ -401,16 +476,17 @@ def start_floor(aws, swarm, queue_url: str) -> subprocess.Popen:
     return floor
 
 
-def measure_memory(aws, images, swarm, messages: int) -> dict:
+def measure_memory(aws, images, swarm, messages: int, **env) -> dict:
     """A steady stream (moto slows down on deep queues): pushes for 5 images, every 10th message junk.
-    The deployer runs as installed (a module, compiled at install); the floor runs beside it."""
+    The deployer runs as installed (a module, compiled at install; env: more of its environment); the
+    floor runs beside it."""
     repos = []
     for i in range(5):
         repo, (v1, v2), sid = service_on_new_repo(images, swarm, f"memory-{i}")
         repos.append((repo, v2))
     queue = aws.new_queue()
     floor = start_floor(aws, swarm, queue)
-    running = deployer(deployer_env(aws, swarm), "--queue", queue, "--auth-refresh", "0", as_installed=True)
+    running = deployer(deployer_env(aws, swarm, **env), "--queue", queue, "--auth-refresh", "0", as_installed=True)
     time.sleep(1.5)
     rss_start, _ = rss_kib(running.proc.pid)
     checkpoint, rss_early = max(100, min(1000, messages // 5) // 100 * 100), None
@@ -470,6 +546,12 @@ TARGETS = [  # (section, key, comparison, target, label)
     ("memory", "growth_mib", "<=", 2, "memory: growth checkpoint..end (MiB)"),
     ("memory", "floor_rss_mib", None, None, "memory: floor, bench/floor.py (MiB)"),
     ("memory", "share_above_floor_mib", "<", 2, "memory: deployer's share above it (MiB)"),
+    ("notify", "p50_none_ms", None, None, "notify: push p50, no target (ms)"),
+    ("notify", "p50_one_ms", None, None, "notify: push p50, one Apprise target (ms)"),
+    ("notify", "one_over_none", "<=", 1.2, "notify: p50 one target / no target"),
+    ("notify", "pushes_told", "==", "pushes_with_target", "notify: pushes the target was told of"),
+    ("notify", "memory_one_rss_at_end_mib", None, None, "notify: memory, one Apprise target (MiB)"),
+    ("notify", "memory_one_over_none_mib", None, None, "notify: memory, one target minus none (MiB)"),
 ]
 
 
@@ -495,6 +577,9 @@ def run(aws, registries, images, swarm, workdir, sizes: dict) -> dict:
               "sizes": sizes}
     report["latency"] = measure_latency(aws, images, swarm, events, sizes["latency_pushes"], sizes["latency_interval"])
     swarm.remove_all_services()
+    report["notify"] = measure_notify(aws, images, swarm, events, sizes["notify_pushes"], sizes["latency_interval"],
+                                      sizes["notify_rounds"])
+    swarm.remove_all_services()
     report["scale"] = measure_scale(aws, images, swarm, events, sizes["scale_services"], sizes["latency_pushes"],
                                     sizes["latency_interval"])
     swarm.remove_all_services()
@@ -516,6 +601,15 @@ def run(aws, registries, images, swarm, workdir, sizes: dict) -> dict:
     report["cold_start"] = measure_cold_start(aws, swarm, sizes["cold_runs"])
     report["memory"] = measure_memory(aws, images, swarm, sizes["memory_messages"])
     swarm.remove_all_services()
+    sink = NotifySink(NOTIFY_SINK_DELAY)
+    try:
+        with_target = measure_memory(aws, images, swarm, sizes["memory_messages"], DEPLOYER_NOTIFY_URL=sink.url)
+    finally:
+        sink.close()
+    swarm.remove_all_services()
+    report["notify"].update({"memory_one_" + key: value for key, value in with_target.items()},
+                            memory_one_over_none_mib=round(with_target["rss_at_end_mib"]
+                                                           - report["memory"]["rss_at_end_mib"], 1))
     report["targets"] = [dict(zip(("measure", "value", "target", "verdict"), row)) for row in verdicts(report)]
     return report
 
@@ -536,6 +630,11 @@ def table(report: dict) -> str:
                  f"at the end {report['memory']['rss_at_end_mib']}; the floor beside it "
                  f"{report['memory']['floor_rss_mib']}")
     lines.append(f"import time, top (ms): {report['cold_start']['import_top_ms']}")
+    notify = report["notify"]
+    lines.append(f"notify: {notify['pushes']} pushes each, in {notify['rounds']} turn(s); max {notify['max_none_ms']} "
+                 f"ms without a target, {notify['max_one_ms']} ms with one answering after {notify['sink_delay_s']} s; "
+                 f"{notify['messages']} message(s) to it; memory at the end {notify['memory_one_rss_at_end_mib']} MiB "
+                 f"with it, {report['memory']['rss_at_end_mib']} MiB without")
     reconcile = report["reconcile"]
     lines.append(f"reconcile pass over {reconcile['services']} services, {reconcile['tags']} tags in "
                  f"{reconcile['repositories']} repositories: all current {reconcile['current']}; "
