@@ -1010,7 +1010,7 @@ TIME_RANGE = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-4]):([0
 class WindowClause(NamedTuple):
     days: frozenset[int]  # 0 = Monday
     ranges: tuple[tuple[int, int], ...]  # minutes after local midnight: [start, end); end <= start: past midnight
-    zone: zoneinfo.ZoneInfo
+    zone: object  # a zoneinfo.ZoneInfo (zoneinfo is imported by deploy windows only)
 
 
 def parse_days(text: str) -> frozenset[int]:
@@ -4430,34 +4430,38 @@ def tags_by_repository(keys) -> dict[tuple[str, str, str], set[str]]:
     return by_repository
 
 
-def tag_digests(ecr: Ecr, keys, heartbeat=lambda: None) -> tuple[dict[tuple, TagAnswer], dict[tuple, AwsError]]:
-    """(account, region, repository, tag) -> what ECR says the tag points to now, for the keys whose tag
-    exists: batched per repository, a few repositories at a time (a pass holds up the queue while it
-    runs), the main thread heartbeating while it waits. Also returns, per (account, region, repository),
-    why ECR could not tell."""
+def per_repository(ask, asked: dict, heartbeat=lambda: None) -> tuple[dict[tuple, object], dict[tuple, AwsError]]:
+    """ask(*repository, items) for each (account, region, repository) -> items, a few repositories at a time
+    (a pass holds up the queue while it runs), the main thread heartbeating while it waits. Returns
+    (repository + item) -> ECR's answer, and per repository why ECR could not tell."""
     found, errors = {}, {}
-    asked = tags_by_repository(keys)
     if len(asked) <= ECR_CONCURRENCY:  # a small fleet: no threads (each costs the process a malloc arena)
-        for key, tags in asked.items():
+        for key, items in asked.items():
             heartbeat()
             try:
-                found.update(((*key, tag), answer) for tag, answer in ecr.tag_digests(*key, tags).items())
+                found.update(((*key, item), answer) for item, answer in ask(*key, items).items())
             except AwsError as e:
                 errors[key] = e
         return found, errors
     import concurrent.futures  # (here: only a fleet with many repositories needs the pool)
     with concurrent.futures.ThreadPoolExecutor(ECR_CONCURRENCY) as pool:
-        asked = {pool.submit(ecr.tag_digests, *key, tags): key for key, tags in asked.items()}
-        pending = set(asked)
+        futures = {pool.submit(ask, *key, items): key for key, items in asked.items()}
+        pending = set(futures)
         while pending:
             done, pending = concurrent.futures.wait(pending, timeout=CONNECT_TIMEOUT)
             heartbeat()  # every call is bounded: a slow or throttled ECR is progress, not a hang
             for future in done:
                 try:
-                    found.update(((*asked[future], tag), answer) for tag, answer in future.result().items())
+                    found.update(((*futures[future], item), answer) for item, answer in future.result().items())
                 except AwsError as e:
-                    errors[asked[future]] = e
+                    errors[futures[future]] = e
     return found, errors
+
+
+def tag_digests(ecr: Ecr, keys, heartbeat=lambda: None) -> tuple[dict[tuple, TagAnswer], dict[tuple, AwsError]]:
+    """(account, region, repository, tag) -> what ECR says the tag points to now, for the keys whose tag
+    exists, batched per repository; also, per (account, region, repository), why ECR could not tell."""
+    return per_repository(ecr.tag_digests, tags_by_repository(keys), heartbeat)
 
 
 class Reconciler:
@@ -4560,19 +4564,7 @@ def image_statuses(ecr: Ecr, keys, heartbeat=lambda: None) -> tuple[dict[tuple, 
     by_repository: dict[tuple, set[str]] = defaultdict(set)
     for *repository, digest in keys:
         by_repository[tuple(repository)].add(digest)
-    found, errors = {}, {}
-    with concurrent.futures.ThreadPoolExecutor(ECR_CONCURRENCY) as pool:
-        asked = {pool.submit(ecr.image_statuses, *key, digests): key for key, digests in by_repository.items()}
-        pending = set(asked)
-        while pending:
-            done, pending = concurrent.futures.wait(pending, timeout=CONNECT_TIMEOUT)
-            heartbeat()
-            for future in done:
-                try:
-                    found.update(((*asked[future], digest), s) for digest, s in future.result().items())
-                except AwsError as e:
-                    errors[asked[future]] = e
-    return found, errors
+    return per_repository(ecr.image_statuses, by_repository, heartbeat)
 
 
 class ImageKeeper:
