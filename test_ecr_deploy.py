@@ -1180,7 +1180,7 @@ def test_update_out_of_sequence_is_retried_against_the_fresh_spec(aws, images, c
     push = ed.Push("123456789012", "us-east-1", repo, "latest", v2)
     result = ed.CycleResult()
     with caplog.at_level("INFO", logger="ecr-deploy"):
-        assert deployer.pin_service(listed, push, v2, result)
+        assert deployer.actor.pin(listed, push, v2, result)
     assert caplog.text.count("changed while updating") == 2  # two conflicts, then success
     spec = swarm.service(sid)["Spec"]
     assert spec["TaskTemplate"]["ContainerSpec"]["Image"] == f"{registry.host}/{repo}:latest@{v2}"
@@ -5161,7 +5161,7 @@ def test_a_follower_that_loses_sight_of_swarms_rollback_reports_it_rolled_back(a
     deployer = ed.Deployer(None, ecr, ed.Docker(swarm.docker_host), None, follow_rollouts=True)
     deployer.docker.negotiate()
     push = ed.Push(registry.account, registry.region, repo, "latest", broken)
-    assert deployer.pin_service(swarm.service(sid), push, broken, ed.CycleResult())
+    assert deployer.actor.pin(swarm.service(sid), push, broken, ed.CycleResult())
     wait_for(lambda: (swarm.service(sid).get("UpdateStatus") or {}).get("State") == "rollback_completed", 90,
              what=lambda: swarm.service(sid).get("UpdateStatus"))
     keeper = subprocess.run([sys.executable, DEPLOYER, "--refresh-auth"], env=deployer_env(aws, swarm),
@@ -5199,7 +5199,7 @@ def test_a_failure_record_never_lands_on_another_managers_rollout(aws, images, c
     deployer.docker.negotiate()
     push = ed.Push(registry.account, registry.region, repo, "latest", broken, reconcile=True)
     with caplog.at_level("INFO", logger="ecr-deploy"):
-        assert deployer.held_back(listed, push, broken)
+        assert deployer.converger.converge(ed.Hint(listed, push, broken), ed.CycleResult())
     now = swarm.service(sid)
     assert ed.FAILED_LABEL not in (now["Spec"].get("Labels") or {}), now["Spec"]["Labels"]
     assert now["PreviousSpec"]["TaskTemplate"]["ContainerSpec"]["Image"] == old  # a rollback of v3 restores v1
