@@ -17,11 +17,16 @@ promotion) decides when; what must survive a restart lives on the service's labe
 Read top-down: configuration, events (pure), images (pure: references, which tag a service
 follows), specs (pure), service labels (pure: provenance, failure records), release policy (pure),
 Swarm's tasks (pure: completed, soaked), status (pure), rollouts (pure), scan gate (pure), signature
-gate (pure), AWS shell, Docker shell (and loop mode's ServiceIndex, kept current from Docker's events),
-the gates (ScanGate; SignatureGate, which runs notation or cosign), the drain cycle (Deployer; Rollouts,
-which follows and rolls back; AuthKeeper, the registry-auth keeper), the reconcile pass (Reconciler),
-receiving (Receiver: batches bounded in time, held invisible while worked on), reports, logging and
-systemd, status (read-only), main.
+gate (pure), deciding (pure: a Hint, "service S should run digest D of tag T, because of this event or
+a reconcile pass", and decide(), the one answer to it: deploy, nothing, hold back, wait, block), AWS
+shell, Docker shell (and loop mode's ServiceIndex, kept current from Docker's events), the gates
+(ScanGate; SignatureGate, which runs notation or cosign), the drain cycle (Deployer: messages in,
+hints converged, the messages whose hints are decided acknowledged), hints from events (EventHints),
+converging (Converger: reads the facts decide() asks for, then has them acted on; promotion), acting
+(Actor: posts, records failures, says why not, blocks, promotes), rollouts (Rollouts, which follows and
+rolls back), the auth keeper (AuthKeeper), the reconcile pass (Reconciler: a hint for every service
+behind its tag), receiving (Receiver: batches bounded in time, held invisible while worked on), reports,
+notifications, logging and systemd, status (read-only), main.
 """
 from __future__ import annotations
 
@@ -4669,27 +4674,39 @@ def status_of(deployer: Deployer, service: dict, key: tuple | None, answer: tupl
     digest, pushed_at = answer.digest, answer.pushed_text
     if running_image(service).digest is None:
         return "not pinned", "its spec names no digest, so which build it runs is unknown: the next push pins it"
-    if runs_digest(service, digest):
-        return current_state(service, digest)
-    if (service.get("UpdateStatus") or {}).get("State") == "rollback_started":
-        return "rolling back", (service.get("UpdateStatus") or {}).get("Message", "")
-    failure = deployer.converger.failure_of(service, digest)
-    if failure:
-        return "held back", f"{failure} (`docker service update --label-rm {FAILED_LABEL} {spec.get('Name')}` " \
-                            f"lets it roll)"
-    push = Push(*key, digest, time=pushed_at, reconcile=True)
-    try:
-        release = deployer.converger.release(service, push, digest)
-    except ValueError as e:
-        return "held back", f"cannot apply its release policy: {e}"
-    if release.decision != "deploy":
-        return ("waiting" if release.decision == "wait" else "held back"), release.reason
-    for gate in deployer.gates:
-        verdict = gate.verdict(service, push, digest)
-        if verdict and verdict.decision in ("blocked", "wait"):
-            return ("blocked" if verdict.decision == "blocked" else "waiting"), f"{gate.name}: {verdict.reason}"
+    hint = Hint(service, Push(*key, digest, time=pushed_at, reconcile=True), digest)
+    facts = Facts()
+    while (decision := decide(hint, facts, len(deployer.gates))).action == "ask":
+        facts = status_fact(deployer, decision.reason, hint, facts)
+    if decision.action == "nothing":
+        return current_state(service, digest) if runs_digest(service, digest) else \
+            ("rolling back", (service.get("UpdateStatus") or {}).get("Message", ""))
+    if decision.action == "hold back":
+        return "held back", f"{decision.reason} (`docker service update --label-rm {FAILED_LABEL} " \
+                            f"{spec.get('Name')}` lets it roll)"
+    if decision.action == "not released":
+        return ("waiting" if decision.release.decision == "wait" else "held back"), decision.reason
+    if decision.action in ("block", "wait for gate"):
+        return ("blocked" if decision.action == "block" else "waiting"), f"{decision.gate}: {decision.reason}"
     return "behind", f"the tag points to {short_digest(digest)} (pushed {pushed_at or '?'}): the next push or " \
                      f"reconcile pass rolls it"
+
+
+def status_fact(deployer: Deployer, fact: str, hint: Hint, facts: Facts) -> Facts:
+    """The fact decide() asks for, read as --status reads it: nothing logged, Docker's and ECR's errors
+    raised (the row says unknown), a gate's "gone" no verdict (a later gate may still say)."""
+    service, push, digest = hint
+    if fact == "failure":
+        return facts._replace(failure_read=True, failure=deployer.converger.failure_of(service, digest))
+    if fact == "release":
+        try:
+            return facts._replace(release=deployer.converger.release(service, push, digest))
+        except ValueError as e:
+            return facts._replace(release=Release("held", f"cannot apply its release policy: {e}"))
+    gate = deployer.gates[len(facts.verdicts)]
+    verdict = gate.verdict(service, push, digest)
+    return facts._replace(verdicts=(*facts.verdicts, GateSaid(gate.name, verdict if verdict and
+                                                              verdict.decision != "gone" else None)))
 
 
 def show_status(deployer: Deployer, as_json: bool) -> int:

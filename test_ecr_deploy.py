@@ -5532,6 +5532,65 @@ def test_promotion(labels, runs, pending, failed, target, expected):
     assert (release.decision, release.until) == expected, release
 
 
+# ---- deciding: one answer to "service S should run digest D of tag T" for the push path, the reconcile pass and --status
+
+RUNS_A = service(f"{HOST}/team/web:latest@{DIGEST_A}")
+SCAN_PASSED = ed.GateSaid("scan gate", ed.Verdict("deploy", "clean"))
+NOT_GATED = ed.GateSaid("signature gate", None)
+READ = ed.Facts(failure_read=True, release=ed.Release("deploy"))
+
+
+def with_status(svc, state):
+    return {**svc, "UpdateStatus": {"State": state, "Message": "update rolled back"}}
+
+
+def job(image, labels=None):
+    return service(image, labels, mode={"ReplicatedJob": {}})
+
+
+@pytest.mark.parametrize("svc,push,facts,gates,expected", [
+    (service(f"{HOST}/team/web:latest@{DIGEST_B}"), PUSH, ed.Facts(), 2, ("nothing", "already runs")),
+    (job(f"{HOST}/team/web:latest@{DIGEST_A}"), PUSH, ed.Facts(), 2, ("nothing", "is a Swarm job")),
+    (job(f"{HOST}/team/web:latest@{DIGEST_A}", {ed.RERUN_JOB_LABEL: "true"}), PUSH, ed.Facts(), 0, ("ask", "failure")),
+    (with_status(RUNS_A, "rollback_started"), PUSH, ed.Facts(), 2, ("nothing", "is being rolled back by Swarm")),
+    (RUNS_A, PUSH, ed.Facts(), 2, ("ask", "failure")),  # nothing read before it is needed
+    (RUNS_A, PUSH, ed.Facts(failure_read=True), 2, ("ask", "release")),
+    (RUNS_A, PUSH, ed.Facts(failure_read=True, failure="it failed"), 2, ("hold back", "it failed")),
+    (RUNS_A, PUSH, ed.Facts(failure_read=True, release=ed.Release("wait", "window shut")), 2,
+     ("not released", "window shut")),
+    (RUNS_A, PUSH, ed.Facts(failure_read=True, release=ed.Release("held", "leader failed")), 2,
+     ("not released", "leader failed")),
+    (RUNS_A, PUSH, READ, 2, ("ask", "gate")),  # the gates, one at a time: a verifier runs only when needed
+    (RUNS_A, PUSH, READ._replace(verdicts=(SCAN_PASSED,)), 2, ("ask", "gate")),
+    (RUNS_A, PUSH, READ._replace(verdicts=(ed.GateSaid("scan gate", ed.Verdict("wait", "scanning")),)), 2,
+     ("wait for gate", "scanning")),
+    (RUNS_A, PUSH, READ._replace(verdicts=(ed.GateSaid("scan gate", ed.Verdict("blocked", "CRITICAL")),)), 2,
+     ("block", "CRITICAL")),
+    (RUNS_A, PUSH, READ._replace(verdicts=(ed.GateSaid("scan gate", ed.Verdict("gone", "no digest")),)), 2,
+     ("gone", "no digest")),
+    (RUNS_A, PUSH, READ._replace(verdicts=(SCAN_PASSED, NOT_GATED)), 2, ("deploy", "")),
+    (RUNS_A, PUSH, READ, 0, ("deploy", "")),
+    (RUNS_A, ed.Push(*PUSH.image_key, DIGEST_B, trigger="scan"), READ._replace(verdicts=(NOT_GATED,)), 1,
+     ("nothing", "has no scan or signature gate: a scan event does not roll it")),
+    (RUNS_A, ed.Push(*PUSH.image_key, DIGEST_B, trigger="scan"), READ._replace(verdicts=(SCAN_PASSED,)), 1,
+     ("deploy", "")),
+])
+def test_decide(svc, push, facts, gates, expected):
+    decision = ed.decide(ed.Hint(svc, push, DIGEST_B), facts, gates)
+    assert decision.action == expected[0] and decision.reason.startswith(expected[1]), decision
+
+
+@pytest.mark.parametrize("state,labels,record", [
+    ("rollback_completed", {}, True),  # Swarm's own rollback, nobody followed: the record is written now
+    ("rollback_paused", {}, False),  # a re-post would resume that rollback
+    ("rollback_completed", {ed.FAILED_LABEL: ed.failure_record(DIGEST_B, "paused", "m1", NOW_EPOCH, "")}, False),
+])
+def test_a_hold_back_writes_the_record_only_where_swarm_rolled_back_and_none_is_written(state, labels, record):
+    svc = with_status(service(f"{HOST}/team/web:latest@{DIGEST_A}", labels), state)
+    decision = ed.decide(ed.Hint(svc, PUSH, DIGEST_B), ed.Facts(failure_read=True, failure="it failed"), 0)
+    assert (decision.action, decision.record) == ("hold back", record)
+
+
 @pytest.mark.parametrize("text,expected", [
     ("2026-12-03T08:45:57.723718013Z", datetime.datetime(2026, 12, 3, 8, 45, 57, 723718, tzinfo=UTC)),
     ("2026-12-03T08:45:57Z", datetime.datetime(2026, 12, 3, 8, 45, 57, tzinfo=UTC)),
