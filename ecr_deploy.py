@@ -19,7 +19,8 @@ follows), specs (pure), service labels (pure: provenance, failure records), rele
 Swarm's tasks (pure: completed, soaked), status (pure), rollouts (pure), scan gate (pure), signature
 gate (pure), deciding (pure: a Hint, "service S should run digest D of tag T, because of this event or
 a reconcile pass", and decide(), the one answer to it: deploy, nothing, hold back, wait, block), AWS
-shell, Docker shell (and loop mode's ServiceIndex, kept current from Docker's events), the gates
+shell (SQS), ECR shell, Docker shell, the service index (loop mode's ServiceIndex, kept current from
+Docker's events), the gates
 (ScanGate; SignatureGate, which runs notation or cosign), the drain cycle (Deployer: messages in,
 hints converged, the messages whose hints are decided acknowledged), hints from events (EventHints),
 converging (Converger: reads the facts decide() asks for, then has them acted on; promotion), acting
@@ -2195,6 +2196,8 @@ class Queue:
         return failed
 
 
+# --------------------------------------------------------------------------- ECR shell
+
 class TagAnswer(NamedTuple):
     """What ECR says a tag points to now."""
     digest: str
@@ -2624,6 +2627,8 @@ class Docker:
         return self._send("GET", f"{prefix}/events", params={"filters": json.dumps(filters)}, stream=True,
                           headers={"Accept": "application/json"}, timeout=(DOCKER_TIMEOUT[0], EVENTS_IDLE_TIMEOUT))
 
+
+# --------------------------------------------------------------------------- the service index (loop mode)
 
 class ServiceIndex:
     """Loop mode: the swarm's services, kept current from Docker's event stream the way a Kubernetes
