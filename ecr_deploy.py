@@ -3287,7 +3287,8 @@ class EventHints:
     def index_holds(self, key: tuple, digest: str, scanned: set[str], media_type: str | None = None) -> bool:
         """Is `digest` an image index holding one of the scanned digests among its platform images?"""
         try:
-            images = self.deployer.scan_gate.platform_images(*key, digest, media_type) if self.deployer.scan_gate else None
+            gate = self.deployer.scan_gate
+            images = gate.platform_images(*key, digest, media_type) if gate else None
         except ValueError:
             return False  # unreadable: a push of its tag is blocked by the gate, saying why
         return any(image.digest in scanned for image in images or ())
@@ -3295,7 +3296,7 @@ class EventHints:
     def targets(self, pushes: dict) -> tuple[dict[tuple, tuple[Push, str]], list[tuple]]:
         """One ECR lookup per image: the digest its tag points to now (stale events lose).
         Returns the images to deploy, and those whose tag is gone (nothing to deploy)."""
-        targets, gone = {}, []
+        targets, gone, answers = {}, [], self.deployer.answers
         for key, group in pushes.items():
             self.deployer.systemd.heartbeat()
             real = [p for _, p in group if p.trigger == "push"]  # a scan event may name an older digest
@@ -3304,7 +3305,7 @@ class EventHints:
                 targets[key] = (push, push.digest)
                 continue
             try:
-                answer = self.deployer.answers.get(key) or self.deployer.ecr.current_digest(push)  # (a scan event's may be in)
+                answer = answers.get(key) or self.deployer.ecr.current_digest(push)  # (a scan event's may be in)
                 digest = answer and answer.digest
                 scanned = {p.digest for _, p in group}
                 held = not real and digest and digest not in scanned and self.index_holds(
@@ -3313,7 +3314,7 @@ class EventHints:
                 log.error("%s; %d message(s) kept for retry", e, len(group))
                 continue
             if answer:
-                self.deployer.answers[key] = answer
+                answers[key] = answer
             if digest is None:
                 log.info("%s no longer exists in ECR; nothing to deploy", push.image)
                 gone.append(key)
@@ -3398,7 +3399,8 @@ class Converger:
             return service["Spec"]["Labels"][FAILED_LABEL]
         status = service.get("UpdateStatus") or {}
         if status.get("State") in SWARM_ROLLBACK and (rolled_back_from(service, digest) or
-                                                      tried_and_failed(self.deployer.docker.tasks(service["ID"]), digest)):
+                                                      tried_and_failed(self.deployer.docker.tasks(service["ID"]),
+                                                                       digest)):
             return f"Swarm rolled back its rollout ({status['State']}): {status.get('Message', '')}"
         return None
 
@@ -3570,8 +3572,9 @@ class Actor:
         self.deployer.totals["rollouts"]["blocked"] += 1
         if self.deployer.rollouts.enabled:
             self.deployer.rollouts.outcomes.append("blocked")
-        self.deployer.rollouts.notify(notification("blocked", service["Spec"].get("Name", "?"), service["ID"], image, 0.0,
-                                          self.deployer.rollouts.node_name(), reason, gate=gate), service["Spec"].get("Labels"))
+        rollouts = self.deployer.rollouts
+        rollouts.notify(notification("blocked", service["Spec"].get("Name", "?"), service["ID"], image, 0.0,
+                                     rollouts.node_name(), reason, gate=gate), service["Spec"].get("Labels"))
 
     def pin(self, listed: dict, push: Push, digest: str, result: CycleResult) -> bool:
         def plan(service: dict) -> tuple[dict, ImageRef] | None:
@@ -3603,8 +3606,8 @@ class Actor:
             was = (running_image(service) or ImageRef("", "", "", None, None)).digest
             why = f"drift: a reconcile pass found it behind :{push.tag}" + (f" (ran {was[:19]})" if was else "") \
                 if push.reconcile else f"updated: {UPDATE_REASONS.get(push.trigger, push.trigger)}"
-            self.deployer.notifier.event(Event("drift" if push.reconcile else "updated", spec.get("Name", "?"), image, why,
-                                      route=notify_route(spec.get("Labels"))))
+            self.deployer.notifier.event(Event("drift" if push.reconcile else "updated", spec.get("Name", "?"), image,
+                                               why, route=notify_route(spec.get("Labels"))))
             self.deployer.rollouts.follow(service, spec, push, started)
 
         return self.post_update(listed, push.account, push.region, plan, updated)
@@ -3630,8 +3633,8 @@ class Actor:
                 return True
             spec, ref = decision
             try:
-                auth = registry_auth_header(*self.deployer.ecr.credentials(account, region), ref.name.partition("/")[0]) \
-                    if with_auth else None
+                auth = registry_auth_header(*self.deployer.ecr.credentials(account, region),
+                                            ref.name.partition("/")[0]) if with_auth else None
                 started = time.monotonic()
                 warnings = self.deployer.docker.update_service(service, spec, auth)
             except DockerError as e:
@@ -4159,7 +4162,8 @@ class Reconciler:
                 answer = now_at[key]
                 push = Push(*key, answer.digest, time=answer.pushed_text, reconcile=True)
                 done.append(deployer.converger.converge(Hint(service, push, answer.digest), result))
-        promoted = [deployer.converger.promote_if_due(service, followed[service["ID"]], now_at[followed[service["ID"]]], now_at)
+        promoted = [deployer.converger.promote_if_due(service, followed[service["ID"]], now_at[followed[service["ID"]]],
+                                                      now_at)
                     for service in services if followed.get(service["ID"]) in now_at
                     and PROMOTE_LABEL in (service["Spec"].get("Labels") or {})]
         deployer.totals["services_updated"] += len(result.updated)

@@ -5532,7 +5532,7 @@ def test_promotion(labels, runs, pending, failed, target, expected):
     assert (release.decision, release.until) == expected, release
 
 
-# ---- deciding: one answer to "service S should run digest D of tag T" for the push path, the reconcile pass and --status
+# ---- deciding: one answer to "service S should run digest D of tag T" (push path, reconcile pass, --status)
 
 RUNS_A = service(f"{HOST}/team/web:latest@{DIGEST_A}")
 SCAN_PASSED = ed.GateSaid("scan gate", ed.Verdict("deploy", "clean"))
