@@ -1495,9 +1495,26 @@ def parse_notify_file(text: str) -> list[TargetConfig]:
 
 def url_secrets(url: str) -> list[str]:
     """Every piece of a target URL but its scheme that could be a credential (tokens sit in the host, the
-    path, the user, the password or the query), longest first, for redact()."""
-    pieces = re.split(r"[/:@?&=#,;]+", urllib.parse.unquote(url.partition("://")[2]))
+    path, the user, the password or the query), longest first, for redact(): each as written and unquoted,
+    split both before and after unquoting (a password p%40ss%2Fword is one secret, p@ss/word, not p, ss
+    and word)."""
+    rest = url.partition("://")[2]
+    quoted = re.split(r"[/:@?&=#,;]+", rest)
+    pieces = set(quoted) | {urllib.parse.unquote(p) for p in quoted} | set(re.split(r"[/:@?&=#,;]+", urllib.parse.unquote(rest)))
     return sorted({p for p in pieces if len(p) >= 4}, key=len, reverse=True)
+
+
+# A message carries text containers wrote (a task's error, its last log lines), and chat services read some
+# of it as a call to people: Discord parses @everyone, @here, <@USER> and <@&ROLE> in a webhook's content
+# unless told otherwise (discord.com/developers/docs/resources/message#allowed-mentions-object: by default
+# all mentions are parsed; Apprise says nothing otherwise for plain text), Mattermost and Rocket.Chat
+# @channel, @all, @here and @USER, Matrix @room, Telegram @USER. A zero-width space after the @ shows the
+# same text and calls no one. (An e-mail address, user@host, stays as it is: its @ follows a word.)
+MENTION = re.compile(r"@(?=everyone|here)|(?<![\w.+-])@(?=\w)|(?<=<)@", re.IGNORECASE)
+
+
+def defuse_mentions(text: str) -> str:
+    return MENTION.sub("@\u200b", text)
 
 
 def redact(text: str, secrets: list[str]) -> str:
@@ -4404,12 +4421,14 @@ class Target:
             with self.changed:
                 while not self.backlog:
                     self.changed.wait()
-                events, self.busy = list(self.backlog), True
-            sent = self._send(events)
+                events, dropped, self.busy = list(self.backlog), self.dropped, True
+            sent = self._send(events, dropped)
             with self.changed:
-                if sent:
+                if sent:  # what was dropped meanwhile stays counted, but for the events this message carried
                     taken = {id(e) for e in events}
-                    self.backlog = [e for e in self.backlog if id(e) not in taken]
+                    kept = [e for e in self.backlog if id(e) not in taken]
+                    carried_anyway = len(taken) - (len(self.backlog) - len(kept))
+                    self.backlog, self.dropped = kept, self.dropped - dropped - carried_anyway
                 self.busy = False
                 self.changed.notify_all()
             if sent:
@@ -4417,17 +4436,17 @@ class Target:
             else:
                 time.sleep(retry.next())
 
-    def _send(self, events: list[Event]) -> bool:
+    def _send(self, events: list[Event], dropped: int) -> bool:
         title, body, severity = message_of(events, self.node_name())
-        if self.dropped:
-            body += f"\n({self.dropped} older event(s) dropped while this target could not be reached)"
+        if dropped:
+            body += f"\n({dropped} older event(s) dropped: more than {NOTIFY_BACKLOG} waited for this target)"
+        title, body = defuse_mentions(title), defuse_mentions(body)  # what containers wrote calls no one
         AppriseReasons.last.text = ""
         try:
             sent = self.apprise.notify(body=body, title=title, notify_type=self.types[severity], body_format="text")
         except Exception as e:  # a plugin's bug must not end this thread
             AppriseReasons.last.text, sent = f"{type(e).__name__}: {e}", False
         if sent:
-            self.dropped = 0
             log.info("Notified %s: %s", self, title)
         else:
             log.warning("Cannot notify %s: %s; %d event(s) kept for the next attempt", self,
@@ -4443,12 +4462,29 @@ class Notifier:
         apprise = import_apprise(configs) if configs else None
         self.targets = [Target(config, apprise, node_name, held) for config in configs]
         self.service_metrics = ServiceMetrics()
+        self.misrouted: set[tuple[str, tuple[str, ...]]] = set()  # (service, route) said once each
 
     def event(self, event: Event) -> None:
         self.service_metrics.observe(event)
         for target in self.targets:
             if target.config.wants(event):
                 target.put(event)
+        self._say_misroute(event)
+
+    def _say_misroute(self, event: Event) -> None:
+        """A label that names no target (a typo, a target renamed) would silence the service's events: say
+        so once per service and label value (at most METRIC_SERVICES remembered)."""
+        names = {target.config.name for target in self.targets}
+        unknown = sorted(set(event.route) - names)
+        if not self.targets or not unknown or (event.service, event.route) in self.misrouted:
+            return
+        if len(self.misrouted) >= METRIC_SERVICES:  # services come and go: said again, at worst
+            self.misrouted.clear()
+        self.misrouted.add((event.service, event.route))
+        known = [name for name in event.route if name in names]
+        log.warning("Service %s: its label %s names %s, which no notification target is called (targets: %s); "
+                    "its events go %s", event.service, NOTIFY_LABEL, ", ".join(unknown), ", ".join(sorted(names)),
+                    f"only to {', '.join(known)}" if known else "to no target")
 
     def finish(self, timeout: float = NOTIFY_FLUSH) -> None:
         deadline = time.monotonic() + timeout
@@ -4987,6 +5023,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level, log_style(args.log_format, os.environ))
     signals, systemd = Signals(), Systemd(os.environ)
     systemd.start_watchdog()
+    deployer = None
     try:
         deployer = start(args, signals, systemd)
         if args.refresh_auth:
@@ -5004,14 +5041,26 @@ def main(argv: list[str] | None = None) -> int:
         return (drain_once if args.once else poll_forever)(deployer, receiver, signals, args)
     except Misconfigured as e:
         log.error("%s", e)
+        cut_short(deployer, args)
         return EXIT_MISCONFIGURED
     except (AwsError, DockerError) as e:
         log.error("%s", e)
+        cut_short(deployer, args)
         return 1
     except Shutdown:
         return 0
     finally:
         systemd.stopping()
+
+
+def cut_short(deployer: Deployer | None, args: argparse.Namespace) -> None:
+    """A one-shot run that an error ended early still says what it did (services it updated before the
+    queue or Docker failed it: one message per target) and pings its heartbeat 'fail', not nothing."""
+    if deployer is None or not (args.once or args.reconcile):
+        return
+    deployer.notifier.finish()
+    deployer.heartbeat.ping("fail")
+    deployer.heartbeat.finish()
 
 
 if __name__ == "__main__":

@@ -6761,6 +6761,23 @@ def test_a_target_hears_the_classes_it_asked_for_and_a_labelled_service_only_on_
     assert oncall.wants(routed) and not team.wants(routed)
 
 
+def test_a_label_that_routes_to_no_target_is_said_once_per_service(caplog):
+    """ecr-deploy.notify=oncal (a typo) would silence the service's events: the operator hears why, once."""
+    notifier = ed.Notifier([ed.TargetConfig("oncall", frozenset(ed.EVENT_CLASSES), "json://127.0.0.1:9/x"),
+                            ed.TargetConfig("team", frozenset(ed.EVENT_CLASSES), "json://127.0.0.1:9/y")], held=True)
+    with caplog.at_level("WARNING", logger="ecr-deploy"):
+        for kind in ("updated", "completed"):
+            notifier.event(ed.Event(kind, "web", "", "x", route=("oncal",)))
+            notifier.event(ed.Event(kind, "api", "", "x", route=("oncal", "team")))
+            notifier.event(ed.Event(kind, "ok", "", "x", route=("team",)))
+    assert [r.getMessage() for r in caplog.records] == [
+        "Service web: its label ecr-deploy.notify names oncal, which no notification target is called "
+        "(targets: oncall, team); its events go to no target",
+        "Service api: its label ecr-deploy.notify names oncal, which no notification target is called "
+        "(targets: oncall, team); its events go only to team"]
+    assert [len(t.backlog) for t in notifier.targets] == [0, 4]
+
+
 def test_a_runs_message_sums_it_up_with_one_line_per_event():
     events = [ed.Event("updated", f"svc{i}", f"r/app:latest@sha256:{i:064x}", "updated: pushed to ECR")
               for i in range(70)] + [ed.Event("failed", "api", "r/api:v2@sha256:" + "f" * 64, "paused")]
@@ -6775,6 +6792,10 @@ def test_redact_hides_every_credential_piece_of_a_url():
     url = f"mailtos://ops:{SECRET}@smtp.example.com:587?to=oncall@example.com&pass={SECRET}x"
     said = f"Failed to send to smtp.example.com as ops with {SECRET} and {SECRET}x"
     assert SECRET not in ed.redact(said, ed.url_secrets(url))
+    # a password with URL-quoted characters: hidden whole, as written in the URL and as the server reads it
+    url = "mailtos://ops:n0t%40my%2Fpass@smtp.example.com:587"
+    said = "login as ops with n0t@my/pass (n0t%40my%2Fpass) refused"
+    assert ed.redact(said, ed.url_secrets(url)) == "login as ops with *** (***) refused"  # (ops: too short to hide)
 
 
 APPRISE_GONE = "raise ModuleNotFoundError(\"No module named 'apprise'\", name='apprise')\n"
@@ -6924,6 +6945,27 @@ def test_a_failure_goes_to_the_target_its_service_routes_to_and_that_target_hear
     assert "quiet: " in content and "broken" not in content
 
 
+def test_what_a_container_wrote_calls_no_one_to_a_discord_channel(chat, monkeypatch):
+    """A failed task's log lines are the container's words: "@everyone" in them must not ping a whole Discord
+    server. Discord parses @everyone, @here, <@USER> and <@&ROLE> in a webhook's content unless its
+    allowed_mentions says otherwise (discord.com/developers/docs/resources/message#allowed-mentions-object)."""
+    from rig import chat as hosts
+    for key, value in chat.env.items():
+        monkeypatch.setenv(key, value)
+    notifier = ed.Notifier([ed.TargetConfig("discord", frozenset(ed.EVENT_CLASSES), f"discord://1234567890/{SECRET}")],
+                           held=True, node_name=lambda: "mgr-1")
+    crash = "| @everyone the db is down, @here <@123456789012> <@&987654321098> ops@example.com"
+    notifier.event(ed.Event("failed", "api", "r/team/api:latest@sha256:" + "a" * 64, "paused after 6.0s: @here",
+                            details=f"last 1 log line(s) of task x:\n{crash}"))
+    notifier.finish(20)
+    [discord] = chat.received(hosts.DISCORD)
+    payload = discord.json()
+    content = payload["content"]
+    assert "allowed_mentions" not in payload  # (Apprise leaves Discord's default: every mention parsed)
+    assert not re.search(r"@(everyone|here)|<@&?\d", content), content
+    assert crash in content.replace("\u200b", "").splitlines() and "ops@example.com" in content  # shown as written
+
+
 class FlakyHook:
     """A JSON endpoint (Apprise's json://) that first misbehaves as told, one request each ("hang": answers
     nothing for a minute; "refuse": 503), then accepts; it records what it accepted."""
@@ -7003,6 +7045,43 @@ def test_a_hanging_or_refusing_target_never_delays_a_deploy_and_loses_no_message
     assert code == 0 and stopped_in < ed.NOTIFY_FLUSH + 5, running.log  # the dead target waited for, but bounded
     assert re.search(r"Could not notify dead \(json\): [12] event\(s\) not sent within 15s", running.log)
     assert SECRET not in running.log  # also at DEBUG, where Apprise logs whole URLs
+
+
+def test_events_dropped_while_a_message_is_on_its_way_are_said_in_the_next(monkeypatch):
+    """A full backlog drops its oldest events; the next message says how many. Events that came, and
+    pushed older ones out, while a message was on its way must stay counted (Apprise's json://, to a real
+    local server that lets 5 events arrive before it answers the first message)."""
+    monkeypatch.setattr(ed, "NOTIFY_BACKLOG", 3)
+    received, target = [], None
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"])))["message"])
+            if len(received) == 1:
+                for i in range(5):
+                    target.put(ed.Event("updated", f"late{i}", "", "pushed"))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"json://127.0.0.1:{server.server_address[1]}/hook"
+        target = ed.Notifier([ed.TargetConfig("team", frozenset(ed.EVENT_CLASSES), url)], held=True).targets[0]
+        target.put(ed.Event("updated", "early0", "", "pushed"))
+        target.put(ed.Event("updated", "early1", "", "pushed"))
+        assert target.flush(time.monotonic() + 20) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    # late0 and late1 went (early0 and early1 too, but the first message carried them): 2 dropped, said
+    assert len(received) == 2 and "early0" in received[0] and "early1" in received[0], received
+    assert [line.split(":")[0] for line in received[1].splitlines()[:3]] == ["late2", "late3", "late4"]
+    assert received[1].endswith("(2 older event(s) dropped: more than 3 waited for this target)"), received[1]
 
 
 def said(hook: FlakyHook) -> list[str]:
@@ -7171,6 +7250,29 @@ def test_the_heartbeat_is_pinged_start_and_success_by_a_run_and_at_most_once_a_m
         assert SECRET not in run.stderr + running.log
     finally:
         beat.close()
+
+
+def test_a_once_run_its_queue_cuts_short_still_sends_its_summary_and_pings_fail(aws, images, clean_swarm):
+    """The first batch updated a service; then the queue fails (SQS answers 500 past botocore's retries) and
+    the run exits 1: what it did is still said, and the heartbeat hears 'fail', not a 'start' left open."""
+    repo, (v1, v2), sid = service_on_new_repo(images, clean_swarm, "cut", replicas=0)
+    proxy, receives = FaultProxy(aws.url), []
+    proxy.rule = lambda key: (receives.append(key), 500 if len(receives) > 1 else None)[1] \
+        if "ReceiveMessage" in key else None
+    hook, beat = FlakyHook(), HeartbeatServer()
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    try:
+        run = run_once(deployer_env(aws, clean_swarm, AWS_ENDPOINT_URL=proxy.url, DEPLOYER_NOTIFY_URL=hook.url("team"),
+                                    DEPLOYER_HEARTBEAT_URL=beat.url, DEPLOYER_RECONCILE_EVERY="0"), "--queue", queue)
+    finally:
+        proxy.close()
+        hook.close()
+        beat.close()
+    assert run.returncode == 1 and "cannot receive from" in run.stderr, run.stderr
+    assert len(updated_lines(run.stderr)) == 1
+    assert [line.partition(":")[0] for line in said(hook)] == ["cut"], hook.accepted
+    assert beat.pinged == [f"/ping/{SECRET}/start", f"/ping/{SECRET}/fail"]
 
 
 # ---- per-service metrics
