@@ -15,27 +15,28 @@ tag with what the tag points to in ECR now; the operator's release policy (windo
 promotion) decides when; what must survive a restart lives on the service's labels.
 
 Read top-down: configuration, events (pure), images (pure: references, which tag a service
-follows), specs (pure), service labels (pure: provenance, failure records), release policy (pure),
-Swarm's tasks (pure: completed, soaked), status (pure), rollouts (pure), scan gate (pure), signature
-gate (pure), deciding (pure: a Hint, "service S should run digest D of tag T, because of this event or
-a reconcile pass", and decide(), the one answer to it: deploy, nothing, hold back, wait, block), AWS
-shell (SQS), ECR shell, Docker shell, the service index (loop mode's ServiceIndex, kept current from
-Docker's events), the gates
-(ScanGate; SignatureGate, which runs notation or cosign), the drain cycle (Deployer: messages in,
-hints converged, the messages whose hints are decided acknowledged), hints from events (EventHints),
-converging (Converger: reads the facts decide() asks for, then has them acted on; promotion), acting
-(Actor: posts, records failures, says why not, blocks, promotes), rollouts (Rollouts, which follows and
-rolls back), the auth keeper (AuthKeeper), the reconcile pass (Reconciler: a hint for every service
-behind its tag), receiving (Receiver: batches bounded in time, held invisible while worked on), reports,
+follows), versions (pure: which tags a service may run, and the newest), specs (pure), service labels
+(pure: provenance, failure records), release policy (pure), Swarm's tasks (pure: completed, soaked),
+status (pure), rollouts (pure), scan gate (pure), signature gate (pure), deciding (pure: a Hint,
+"service S should run digest D of tag T, because of this event or a reconcile pass", and decide(), the
+one answer to it: deploy, nothing, hold back, wait, block), AWS shell (SQS), ECR shell, Docker shell,
+the service index (loop mode's ServiceIndex, kept current from Docker's events), the gates (ScanGate;
+SignatureGate, which runs notation or cosign), the drain cycle (Deployer: messages in, hints converged,
+the messages whose hints are decided acknowledged), hints from events (EventHints), converging
+(Converger: reads the facts decide() asks for, then has them acted on; promotion), acting (Actor:
+posts, records failures, says why not, blocks, promotes), rollouts (Rollouts, which follows and rolls
+back), the auth keeper (AuthKeeper), the reconcile pass (Reconciler: a hint for every service behind
+its tag), receiving (Receiver: batches bounded in time, held invisible while worked on), reports,
 notifications, logging and systemd, status (read-only), main.
 """
 from __future__ import annotations
 
 import argparse
 import base64
-import concurrent.futures
 import copy
+import decimal
 import email.utils
+import functools
 import json
 import logging
 import math
@@ -56,7 +57,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import botocore.config
 import botocore.exceptions
@@ -681,6 +681,182 @@ def reruns_on_push(spec: dict) -> bool:
     return str((spec.get("Labels") or {}).get(RERUN_JOB_LABEL, "")).strip().lower() == "true"
 
 
+# --------------------------------------------------------------------------- versions (pure)
+
+# A repository whose tags never move (ECR tag immutability: Security Hub control ECR.2) is followed by
+# version, not by tag: the service's VERSIONS_LABEL says which of the repository's tags it may run, and it
+# should run the newest of them. Two forms, in the words of Flux's ImagePolicy (semver; filterTags'
+# pattern and extract with numerical or alphabetical order):
+#   semver:RANGE                        an npm range: ^1.4, ~1.4.2, >=1.4.0 <2.0.0, 1.x, 1.2 - 1.4 || ^2.
+#                                       Tags are MAJOR.MINOR.PATCH[-PRE], a leading v allowed (a tag cannot
+#                                       hold +BUILD); a pre-release only when the range names one of the same
+#                                       MAJOR.MINOR.PATCH
+#   regex:PATTERN numerical[:GROUP]     the tags PATTERN finds (Python's re, searched as Flux searches),
+#   regex:PATTERN alphabetical[:GROUP]  newest = highest GROUP (a named group; the whole tag without one)
+# npm's range rules are node-semver's (a port of npm's own implementation), imported only when a service
+# follows a range, as Apprise is only when a target needs it.
+VERSIONS_LABEL = "ecr-deploy.versions"
+SEMVER_INSTALL = "/opt/ecr-deploy/venv/bin/pip install node-semver"
+MAX_POLICY_TEXT = 400
+POLICY_FORMS = "semver:RANGE, or regex:PATTERN numerical[:GROUP] or regex:PATTERN alphabetical[:GROUP]"
+ORDER_CLAUSE = re.compile(r"(numerical|alphabetical)(?::([A-Za-z_][A-Za-z0-9_]*))?")
+NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")  # what numerical order reads (Flux: a float; here exact)
+LOOKS_LIKE_A_RANGE = re.compile(r"[v0-9^~<>=*xX]")
+
+
+class VersionPolicy(NamedTuple):
+    text: str  # as the operator wrote it: log lines and --status show it
+    kind: str  # "semver", "numerical" or "alphabetical"
+    range: object = None  # node-semver's Range (semver)
+    pattern: re.Pattern | None = None  # (numerical, alphabetical)
+    group: str | None = None  # the named group that orders; None: the whole tag
+
+
+class VersionKey(NamedTuple):
+    """Orders the tags a policy admits: by rank; equal ranks (1.5.0 and v1.5.0) by the tag's text, so that
+    the newest of a listing is always the same tag."""
+    rank: object  # a version's precedence (node-semver's), a Decimal, or a text
+    tag: str
+
+
+@functools.cache  # (a failed import is not cached: installing it mends the next policy read)
+def semver_library():
+    """node-semver, only when a service follows a range: without one, memory and start-up stay as they were."""
+    try:
+        import nodesemver
+    except ImportError:
+        raise Misconfigured(f"{VERSIONS_LABEL} semver:RANGE needs node-semver, which is not installed: "
+                            f"{SEMVER_INSTALL}") from None
+    logging.getLogger("nodesemver").setLevel(logging.WARNING)  # it logs every comparison at debug level
+    return nodesemver
+
+
+def parse_version_policy(text: object) -> VersionPolicy:
+    """VERSIONS_LABEL's value -> the policy. ValueError with one line an operator can act on: a service
+    whose policy is malformed is never rolled "anyway". Misconfigured if a range needs node-semver and it
+    is not installed."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"empty version policy: write {POLICY_FORMS}")
+    text = text.strip()
+    if len(text) > MAX_POLICY_TEXT:
+        raise ValueError(f"version policy longer than {MAX_POLICY_TEXT} characters")
+    kind, colon, rest = text.partition(":")
+    if colon and kind == "semver":
+        return VersionPolicy(text, "semver", range=semver_range(rest.strip()))
+    if colon and kind == "regex":
+        pattern_text, _, order_text = rest.strip().rpartition(" ")  # the order comes last: a space before it
+        order = ORDER_CLAUSE.fullmatch(order_text)
+        if not pattern_text or not order:
+            raise ValueError(f"{shown(text)}: write regex:PATTERN numerical[:GROUP] or regex:PATTERN "
+                             f"alphabetical[:GROUP] (the order after a space)")
+        try:
+            pattern = re.compile(pattern_text)
+        except re.error as e:
+            raise ValueError(f"{shown(text)}: the pattern is not a regular expression: {e}") from None
+        if order[2] and order[2] not in pattern.groupindex:
+            raise ValueError(f"{shown(text)}: the pattern has no group named {order[2]} (name one with "
+                             f"(?P<{order[2]}>...))")
+        return VersionPolicy(text, order[1], pattern=pattern, group=order[2])
+    hint = f" (a range? write semver:{text})" if LOOKS_LIKE_A_RANGE.match(text) else ""
+    raise ValueError(f"{shown(text)} is not a version policy{hint}: write {POLICY_FORMS}")
+
+
+def semver_range(text: str):
+    """An npm range as node-semver reads it (strict, as npm is by default), a little stricter where npm's
+    reading surprises: an empty alternative (npm: every version) and commas (Flux's and, not npm's)."""
+    nodesemver = semver_library()
+    if not text:
+        raise ValueError("semver: needs a range, e.g. semver:^1.4 (semver:* follows every release)")
+    if "," in text:
+        raise ValueError(f"semver:{text}: npm ranges have no commas; write >=1.4.0 <2.0.0 (a space means and)")
+    if any(not alternative.strip() for alternative in text.split("||")):
+        raise ValueError(f"semver:{text}: an empty alternative around || (npm would read it as every version)")
+    try:
+        return nodesemver.make_range(text, False)
+    except ValueError as e:
+        raise ValueError(f"semver:{text} is not an npm range ({e}); e.g. ^1.4, ~1.4.2, >=1.4.0 <2.0.0, "
+                         f"1.x") from None
+
+
+def admitted(policy: VersionPolicy, tag: object) -> VersionKey | None:
+    """The tag's place in the policy's order, or None if the policy does not admit it."""
+    if not is_valid("tag", tag):
+        return None
+    if policy.kind == "semver":
+        version = semantic_version(tag)
+        return VersionKey(SEMVER_PRECEDENCE(version), tag) if version and policy.range.test(version) else None
+    found = policy.pattern.search(tag)
+    value = found and (found[policy.group] if policy.group else tag)
+    if value is None:  # not found, or its group took no part in the match
+        return None
+    if policy.kind == "alphabetical":
+        return VersionKey(value, tag)
+    return VersionKey(decimal.Decimal(value), tag) if NUMBER.fullmatch(value) else None
+
+
+@functools.lru_cache(maxsize=16384)  # a pass reads each tag of a listing once per service that follows it
+def semantic_version(tag: str):
+    """The tag as node-semver's version, None if it is not MAJOR.MINOR.PATCH[-PRE] (latest, main-3f9c2e1, 1.4)."""
+    try:
+        return semver_library().make_semver(tag, False)
+    except ValueError:
+        return None
+
+
+# SemVer precedence, as node-semver compares (a pre-release ranks below its release)
+SEMVER_PRECEDENCE = functools.cmp_to_key(lambda a, b: a.compare(b))
+
+
+def newest_admitted(policy: VersionPolicy, tags) -> str | None:
+    """The newest tag the policy admits among these (a listing of the repository), or None."""
+    keys = [key for key in (admitted(policy, tag) for tag in tags) if key is not None]
+    return max(keys).tag if keys else None
+
+
+def is_newer(policy: VersionPolicy, tag: str, than_tag: str | None) -> bool:
+    """Should a service running than_tag move to tag? Only to a tag the policy admits and ranks higher;
+    from a tag it does not admit (or none: a digest only) to any it admits, since the policy says which
+    tags the service runs. An equal rank (v1.5.0 beside 1.5.0) is not newer: no move between spellings
+    of one version."""
+    key = admitted(policy, tag)
+    if key is None:
+        return False
+    current = admitted(policy, than_tag) if than_tag else None
+    return current is None or key.rank > current.rank
+
+
+def why_not_newer(policy: VersionPolicy, tag: str, running_tag: str | None) -> str | None:
+    """Why a push of `tag` does not move a service that runs running_tag (its INFO line), None if it does."""
+    if admitted(policy, tag) is None:
+        return f":{tag} is not a version its policy {policy.text} admits"
+    if not is_newer(policy, tag, running_tag):
+        return f":{tag} is not newer than :{running_tag}, which it runs ({policy.text})"
+    return None
+
+
+def newest_to_run(policy: VersionPolicy, listing: dict[str, str], running_tag: str | None) -> tuple[str, str] | None:
+    """(tag, digest) a service that runs running_tag should move to, from a listing of its repository
+    ({tag: digest}, Ecr.list_tags), or None: it runs the newest admitted version, or the newest left is
+    older than it (a newer tag was deleted: never a move backwards)."""
+    newest = newest_admitted(policy, listing)
+    return (newest, listing[newest]) if newest and is_newer(policy, newest, running_tag) else None
+
+
+def newer_tag_deleted(policy: VersionPolicy, listing: dict[str, str], running_tag: str | None) -> bool:
+    """Does the service run an admitted version its repository no longer holds, newer than any it does?
+    (--status says so: it stays where it is.)"""
+    if not running_tag or running_tag in listing or admitted(policy, running_tag) is None:
+        return False
+    newest = newest_admitted(policy, listing)
+    return newest is None or is_newer(policy, running_tag, newest)
+
+
+def service_version_policy(service: dict) -> VersionPolicy | None:
+    """The service's version policy (VERSIONS_LABEL), None if it follows a tag. ValueError: malformed."""
+    text = ((service.get("Spec") or {}).get("Labels") or {}).get(VERSIONS_LABEL)
+    return None if text is None else parse_version_policy(text)
+
+
 # --------------------------------------------------------------------------- specs (pure)
 
 def pinned_image(ref: ImageRef, tag: str, digest: str) -> str:
@@ -774,6 +950,9 @@ def failed_digest(service: dict) -> str | None:
 SWARM_ROLLBACK = ("rollback_started", "rollback_completed", "rollback_paused")
 # A task of a service that ended in one of these failed: Swarm's updater counts any state past RUNNING.
 TASK_FAILURES = ("complete", "failed", "rejected", "orphaned")
+# Of those, the ones the build itself ended in: "orphaned" is a node lost (swarmkit's dispatcher after 24 h
+# unreachable, or `docker node rm`, which stamps it then), whatever that node ran.
+BUILD_FAILURES = ("complete", "failed", "rejected")
 
 
 def tried_and_failed(tasks: list[dict], digest: str) -> bool:
@@ -792,7 +971,7 @@ def swarm_rolled_back(service: dict, tasks: list[dict]) -> str | None:
     previous = running_image({"Spec": service.get("PreviousSpec") or {}})
     if previous and previous.digest and previous.digest != (current and current.digest):
         return previous.digest
-    failed = [t for t in tasks if t.get("Status", {}).get("State") in TASK_FAILURES
+    failed = [t for t in tasks if t.get("Status", {}).get("State") in BUILD_FAILURES
               and (ref := parse_image_ref(t.get("Spec", {}).get("ContainerSpec", {}).get("Image")))
               and ref.digest and ref.digest != (current and current.digest)]
     failed.sort(key=lambda t: t.get("Status", {}).get("Timestamp", ""))
@@ -831,7 +1010,7 @@ TIME_RANGE = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-4]):([0
 class WindowClause(NamedTuple):
     days: frozenset[int]  # 0 = Monday
     ranges: tuple[tuple[int, int], ...]  # minutes after local midnight: [start, end); end <= start: past midnight
-    zone: ZoneInfo
+    zone: zoneinfo.ZoneInfo
 
 
 def parse_days(text: str) -> frozenset[int]:
@@ -862,9 +1041,10 @@ def parse_window(text: str) -> tuple[WindowClause, ...]:
             if not hours or hours[3] == "24" and hours[4] != "00":
                 raise ValueError(f"{part!r} is not a time range HH:MM-HH:MM")
             ranges.append((int(hours[1]) * 60 + int(hours[2]), int(hours[3]) * 60 + int(hours[4])))
+        import zoneinfo  # (here: only deploy windows need it, and it pulls in sysconfig)
         try:
-            zone = ZoneInfo(zone_name)
-        except (ZoneInfoNotFoundError, ValueError):
+            zone = zoneinfo.ZoneInfo(zone_name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"unknown time zone {zone_name!r} (use an IANA name such as Europe/Berlin, or UTC)") \
                 from None
         clauses.append(WindowClause(parse_days(days), tuple(ranges), zone))
@@ -1052,6 +1232,18 @@ def promote_key(service: dict, followed: tuple | None) -> tuple | None:
     return followed[:3] + (str(tag).strip(),) if followed and tag is not None else None
 
 
+SWARM_CLOCK_SLACK = 1.0  # s
+
+
+def updated_before(service: dict, swarm_now: datetime | None, seconds: float) -> bool:
+    """Was the service last updated more than `seconds` before swarm_now (Swarm's clock: the Date of
+    the answer that read it)? False when either is unknown. SWARM_CLOCK_SLACK covers the managers'
+    clocks (UpdatedAt is the leader's) and Date's whole seconds (which only make the age look shorter)."""
+    updated = parse_swarm_time(service.get("UpdatedAt"))
+    return updated is not None and swarm_now is not None and \
+        (swarm_now - updated).total_seconds() > seconds + SWARM_CLOCK_SLACK
+
+
 def parse_swarm_time(text: object) -> datetime | None:
     """Swarm's RFC 3339 times carry nanoseconds; Python reads microseconds."""
     if not isinstance(text, str) or not text:
@@ -1122,14 +1314,14 @@ def rollout_of(service: dict, tasks: list[dict], digest: str, swarm_now: datetim
     spec = service.get("Spec") or {}
     ours = [t for t in tasks if task_runs(t, digest)]
     job = is_job(spec)
-    failures = [task_time(t) for t in ours if task_state(t) in (("failed", "rejected", "orphaned") if job
-                                                                 else TASK_FAILURES)]
+    failures = [task_time(t) for t in ours if task_state(t) in (("failed", "rejected") if job else BUILD_FAILURES)]
     if job:  # it runs to completion: done when its tasks of this run of the job completed
         iteration = ((service.get("JobStatus") or {}).get("JobIteration") or {}).get("Index")
         current = [t for t in ours if iteration is None or (t.get("JobIteration") or {}).get("Index") == iteration]
         done = [task_time(t) for t in current if task_state(t) == "complete"]
+        # (desired "ready": a failed task's replacement waiting out its restart delay, swarmkit's restart supervisor)
         if not done or any(TASK_STATES.index(task_state(t) or "new") <= TASK_STATES.index("running")
-                           for t in current if t.get("DesiredState") in ("running", "complete")):
+                           for t in current if t.get("DesiredState") in ("ready", "running", "complete")):
             return Ran("its job has not completed on this digest", None)
         return Ran(None, max(filter(None, done + failures), default=None))
     wanted = [t for t in tasks if t.get("DesiredState") in TASK_STATES[:TASK_STATES.index("running") + 1]]
@@ -1148,7 +1340,8 @@ def rollout_of(service: dict, tasks: list[dict], digest: str, swarm_now: datetim
     starts = [task_time(t) for t in wanted]
     if None in starts:
         return Ran("Swarm gave no start time for its tasks", None)
-    others_ended = max(filter(None, (task_time(t) for t in tasks if not task_runs(t, digest))), default=None)
+    others_ended = max(filter(None, (task_time(t) for t in tasks if not task_runs(t, digest)
+                                     and task_state(t) != "orphaned")), default=None)  # (a node lost: BUILD_FAILURES)
     first = min((s for s in starts if others_ended is None or s >= others_ended), default=others_ended)
     since = max(filter(None, [first, *failures]))
     # Swarm's updater watched every task it started for the monitor period before it said "completed" (a task
@@ -2266,6 +2459,7 @@ MANIFEST_MEDIA_TYPES = ("application/vnd.oci.image.index.v1+json", "application/
                         "application/vnd.docker.distribution.manifest.list.v2+json",
                         "application/vnd.docker.distribution.manifest.v2+json")
 DESCRIBE_IMAGES_MAX_IDS = 100  # ECR's limit of image ids per DescribeImages call
+LIST_IMAGES_MAX_RESULTS = 1000  # ECR's largest page of ListImages (without maxResults it pages by 100)
 SCAN_ERRORS = {"ScanNotFoundException": "NOT_FOUND", "AccessDeniedException": "DENIED",
                "ImageNotFoundException": "GONE", "RepositoryNotFoundException": "GONE"}
 
@@ -2278,12 +2472,16 @@ class Ecr:
         self._client_lock = threading.Lock()
         self._tokens: dict[tuple[str, str], Token] = {}
         self.media_types: dict[tuple, str] = {}  # (account, region, repository, digest) -> as DescribeImages said
+        self.tag_listings: dict[tuple, dict[str, str]] = {}  # (account, region, repository) -> {tag: digest}
+        self._listing_locks: dict[tuple, threading.Lock] = {}
         self.cycle = 0
 
     def new_cycle(self, fresh_tokens: bool = False) -> None:
         """A drain cycle (or refresh pass) begins: already-expired tokens are not reused past it."""
         self.cycle += 1
         self.media_types.clear()  # (a digest's never changes; this only bounds the memory)
+        self.tag_listings.clear()  # (tags come and go: each cycle lists anew)
+        self._listing_locks.clear()
         if fresh_tokens:
             self._tokens.clear()
 
@@ -2321,6 +2519,43 @@ class Ecr:
                                        answered_at, media_type)
                     found.update((tag, answer) for tag in detail.get("imageTags") or [] if tag in batch)
         return found
+
+    def list_tags(self, account: str, region: str, repository: str,
+                  page_size: int = LIST_IMAGES_MAX_RESULTS) -> dict[str, str]:
+        """tag -> digest, for every tag of the repository ({} if it is gone): one paged ListImages of the
+        tagged images per repository and cycle, however many services follow versions in it."""
+        key = (account, region, repository)
+        with self._client_lock:
+            lock = self._listing_locks.setdefault(key, threading.Lock())
+        with lock:  # services of one repository looked up at once: the others wait for the one listing
+            if key not in self.tag_listings:
+                self.tag_listings[key] = self._list_tags(account, region, repository, page_size)
+            return dict(self.tag_listings[key])
+
+    def _list_tags(self, account: str, region: str, repository: str, page_size: int) -> dict[str, str]:
+        tags, token, tokens = {}, None, set()
+        while True:
+            try:
+                reply = self._client(region).list_images(
+                    registryId=account, repositoryName=repository, filter={"tagStatus": "TAGGED"},
+                    maxResults=page_size, **({"nextToken": token} if token else {}))
+            except AWS_ERRORS as e:
+                if error_code(e) == "RepositoryNotFoundException":
+                    return {}
+                raise AccessDenied.wrap(e, f"cannot list the tags of {repository} in ECR ({account}, {region})") \
+                    from None
+            for image in reply.get("imageIds") or []:  # one entry per tag: an image with two tags comes twice
+                tag, digest = image.get("imageTag"), image.get("imageDigest")
+                if not is_valid("digest", digest):
+                    raise AwsError(f"ECR answered an invalid digest {shown(digest)} for {repository}")
+                if is_valid("tag", tag):
+                    tags[tag] = digest
+            token = reply.get("nextToken")
+            if not token:
+                return tags
+            if token in tokens:  # every call is bounded, the listing must be too
+                raise AwsError(f"ECR answered the same nextToken twice listing the tags of {repository}")
+            tokens.add(token)
 
     def _describe_images(self, account: str, region: str, repository: str, tags: list[str]) -> dict | None:
         """DescribeImages of these tags; None if one of them (or the repository) does not exist."""
@@ -2459,7 +2694,10 @@ PING_TIMEOUT = (5, 5)
 # say so while it happens, rather than sit silent until the answer or the timeout.
 SLOW_DOCKER_CALL = 5.0
 EVENTS_IDLE_TIMEOUT = 3600  # s: the service index relists after an hour without any service event
-SETTLE_TIMEOUT = 2.0  # s: a lookup waits this long for an event being applied, else relists
+SETTLE_TIMEOUT = 2.0  # s: a lookup waits this long for the events read to be applied, else relists
+EVENTS_QUIET = 0.05  # s: the index inspects what events named once the stream is this quiet (a push's updates
+EVENTS_DEFER_MAX = 0.5  # s: come a few ms apart), or once they waited this long, or when a lookup asks
+REMOVED_KEPT = 120.0  # s: a removal outweighs any listing made before it; a listing takes at most DOCKER_TIMEOUT
 ERRNO_TEXT = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
 
 
@@ -2474,21 +2712,48 @@ class DockerError(Exception):
         return self.status == 409 or "out of sequence" in str(self).lower()
 
 
-@contextmanager
-def warning_if_slow(call: str):
-    """Log a warning if a Docker call takes longer than SLOW_DOCKER_CALL, and how long it took."""
-    started = time.monotonic()
-    timer = threading.Timer(SLOW_DOCKER_CALL, log.warning, args=(
-        "Docker has not answered %s for %.0fs; still waiting (a swarm manager holds calls while the "
-        "swarm elects a leader)", call, SLOW_DOCKER_CALL))
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-    if time.monotonic() - started >= SLOW_DOCKER_CALL:  # (a failed call's error is logged by its caller)
-        log.info("Docker answered %s after %.1fs", call, time.monotonic() - started)
+class SlowCalls:
+    """Warns about each Docker call still unanswered after SLOW_DOCKER_CALL, from one daemon thread for
+    all of them (a Timer per call would start a thread on every call: CPU on each update of a fan-out)."""
+
+    def __init__(self):
+        self._changed = threading.Condition()  # guards all below
+        self._calls: dict[object, tuple[float, str]] = {}  # in flight and not yet warned about: started, call
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def watch(self, call: str):
+        """Log a warning if the call takes longer than SLOW_DOCKER_CALL, and how long it took."""
+        token, started = object(), time.monotonic()
+        with self._changed:
+            self._calls[token] = (started, call)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._warn, name="slow-docker-calls", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._calls.pop(token, None)
+        if time.monotonic() - started >= SLOW_DOCKER_CALL:  # (a failed call's error is logged by its caller)
+            log.info("Docker answered %s after %.1fs", call, time.monotonic() - started)
+
+    def _warn(self) -> None:
+        while True:
+            with self._changed:
+                now = time.monotonic()
+                slow = [token for token, (started, _) in self._calls.items() if now - started >= SLOW_DOCKER_CALL]
+                late = [self._calls.pop(token)[1] for token in slow]
+                if not late:
+                    first = min((started for started, _ in self._calls.values()), default=None)
+                    self._changed.wait(None if first is None else first + SLOW_DOCKER_CALL - now)
+            for call in late:
+                log.warning("Docker has not answered %s for %.0fs; still waiting (a swarm manager holds calls "
+                            "while the swarm elects a leader)", call, SLOW_DOCKER_CALL)
+
+
+warning_if_slow = SlowCalls().watch
 
 
 def api_version_to_use(daemon_version: object, socket: str) -> str:
@@ -2501,6 +2766,16 @@ def api_version_to_use(daemon_version: object, socket: str) -> str:
         raise Misconfigured(f"Docker at {socket} speaks API {daemon_version}; ecr-deploy needs {oldest} or newer "
                             "(Docker 20.10 or newer)")
     return f"{int(match[1])}.{int(match[2])}"
+
+
+class ServiceRead(dict):
+    """A service as Docker answered it, and the API version it answered at: what is posted back goes at
+    that version (Docker.update_service), whichever client read it (the service index's thread has its own)."""
+    __slots__ = ("api_version",)
+
+    def __init__(self, service: dict, api_version: str | None):
+        super().__init__(service)
+        self.api_version = api_version
 
 
 class Docker:
@@ -2548,11 +2823,12 @@ class Docker:
         except ValueError:
             raise DockerError(f"{method} {path}: the answer is not JSON", reply.status_code) from None
 
-    def api(self, method: str, path: str, **kwargs) -> object:
-        prefix = self._prefix or f"/v{self.negotiate()}"
+    def api(self, method: str, path: str, at_version: str | None = None, **kwargs) -> object:
+        """A call at the daemon's own API version, or at_version (a POST of what was read at it)."""
+        prefix = f"/v{at_version}" if at_version else self._prefix or f"/v{self.negotiate()}"
         with warning_if_slow(f"{method} {path}"):
             answer = self._request(method, prefix + path, **kwargs)
-        if self._prefix is None and method == "GET":
+        if self._prefix is None and method == "GET" and not at_version:
             # Answered by another release than the one negotiated with (dockerd was upgraded and restarted
             # while we were idle): what it sent is shaped for the old version, and a spec read so and
             # posted back would lose the new fields. Ask again at its own. (A POST follows the GET of
@@ -2595,16 +2871,22 @@ class Docker:
                                 "on a manager node (or promote this one)")
 
     def services(self) -> list[dict]:
-        return self.api("GET", "/services")
+        answer = self.api("GET", "/services")
+        return [ServiceRead(service, self.api_version) for service in answer]
 
     def service(self, service_id: str) -> dict:
-        return self.api("GET", f"/services/{urllib.parse.quote(service_id)}")
+        return ServiceRead(self.api("GET", f"/services/{urllib.parse.quote(service_id)}"), self.api_version)
 
     def update_service(self, service: dict, spec: dict, registry_auth: str | None) -> list[str]:
-        """POST the spec; without registry_auth Docker keeps the service's own (the CLI's
-        registryAuthFrom=spec), so pull options, and with them tasks not yet running, are untouched."""
+        """POST the spec at the API version the service was read at (whichever client, whichever
+        thread read it): posted at a newer one, the fields that version has and the read did not are
+        cleared. (Read before an upgrade, it is posted at the old version: the fields only the new one
+        knows cannot be set on it yet, as setting them would move its Version and refuse this post.)
+        Without registry_auth Docker keeps the service's own (the CLI's registryAuthFrom=spec), so pull
+        options, and with them tasks not yet running, are untouched."""
         params = {"version": service["Version"]["Index"]}
-        reply = self.api("POST", f"/services/{urllib.parse.quote(service['ID'])}/update", params=params,
+        reply = self.api("POST", f"/services/{urllib.parse.quote(service['ID'])}/update",
+                         at_version=getattr(service, "api_version", None), params=params,
                          json=spec, headers={"X-Registry-Auth": registry_auth} if registry_auth else {})
         return (reply or {}).get("Warnings") or []
 
@@ -2651,23 +2933,31 @@ class ServiceIndex:
     """Loop mode: the swarm's services, kept current from Docker's event stream the way a Kubernetes
     informer keeps its cache, so a push neither lists nor parses every service (with a thousand, that
     tripled a push's latency). A daemon thread opens GET /events (services only), lists every service
-    once, then re-inspects a service on each create/update event and drops it on remove. When the
-    stream ends (dockerd restarted, an error, EVENTS_IDLE_TIMEOUT of silence: a resync period) the
-    index is stale and the next lookup starts over; a cache known to be stale is never served.
+    once, then notes the services each event names; a second thread re-inspects them (drops the removed)
+    once the stream has been quiet for EVENTS_QUIET, or sooner when a lookup asks. So a push that updates
+    twenty services is not slowed by twenty inspects racing its own updates, and a burst of events on one
+    service costs one inspect. When the stream ends (dockerd restarted, an error, EVENTS_IDLE_TIMEOUT of
+    silence: a resync period) the index is stale and the next lookup starts over; a cache known to be
+    stale is never served.
 
-    A cached Version may lag Swarm's by an event: the update posted with it is refused ("update out of
-    sequence") and post_update re-inspects, so staleness costs a retry, never a wrong update. A service
-    created just before a push arrives is found if its event was read: a lookup waits out an event being
-    applied. An event dockerd has not yet written to the stream (within milliseconds on one host) is not
-    waited for: that one push misses the service, the event stores it for the next, and a full listing
-    (a reconcile pass, through replace) rolls it."""
+    A cached Version may lag Swarm's: the update posted with it is refused ("update out of sequence") and
+    post_update re-inspects, so staleness costs a retry, never a wrong update; nor a skipped one: dockerd
+    drops events for a subscriber that falls 100 ms behind (moby's pubsub), and a service that looks
+    moved is judged on the fresh read (Actor.pin). A service created just before a push arrives is
+    found if its event was read: a lookup waits out the events read and not yet applied. An event
+    dockerd has not yet written to the stream (within milliseconds on one host) is not waited for: that
+    one push misses the service, the event stores it for the next, and a full listing (a reconcile pass,
+    through replace) rolls it."""
 
     def __init__(self, docker: Docker):
         self.docker = docker
         self._changed = threading.Condition()  # guards all below
         self._cache = ServiceCache()
         self._generation: object | None = None  # the live stream's token; None: stale
-        self._applying = False  # an event was read and its service is being inspected
+        self._pending: dict[str, str] = {}  # service ID -> its last event's action, read and not yet applied
+        self._pending_since = self._last_event = 0.0  # time.monotonic() of the oldest and newest of them
+        self._applying = False  # a batch of them is being inspected
+        self._asked = 0  # lookups waiting for them
 
     # ---- lookups (the main thread)
 
@@ -2684,17 +2974,25 @@ class ServiceIndex:
 
     def replace(self, services: list[dict], listed_at: float | None = None) -> None:
         """Correct the cache with a full listing (a reconcile pass's own); pass listed_at, the
-        time.monotonic() before its GET, so that what events brought in since is kept."""
+        time.monotonic() before its GET, so that what events brought in (or removed) since is kept."""
         with self._changed:
             self._cache.replace(services, time.monotonic() if listed_at is None else listed_at)
 
+    def _settled(self) -> bool:
+        return self._generation is None or not (self._pending or self._applying)
+
     def _make_current(self) -> None:
-        """Wait out an event being applied (bounded); if stale, list afresh and follow events again."""
+        """Wait out the events read and not yet applied (bounded); if stale, list afresh and follow events again."""
         with self._changed:
-            settled = self._changed.wait_for(lambda: not self._applying, SETTLE_TIMEOUT)
+            self._asked += 1
+            self._changed.notify_all()
+            try:
+                settled = self._changed.wait_for(self._settled, SETTLE_TIMEOUT)
+            finally:
+                self._asked -= 1
             if self._generation is not None and settled:
                 return
-            generation = self._generation = object()  # a thread still applying an event ends with its generation
+            generation = self._end_generation(object())  # a thread still applying events ends with its generation
         ready: queues.Queue = queues.Queue(maxsize=1)
         threading.Thread(target=self._follow, args=(generation, ready), name="service-events", daemon=True).start()
         try:
@@ -2704,12 +3002,19 @@ class ServiceIndex:
         if failure:
             with self._changed:
                 if self._generation is generation:
-                    self._generation = None
+                    self._end_generation(None)
             if failure.status is None:  # (the thread's own client failed to reach Docker: say so to the loop's)
                 self.docker.answering = False
             raise failure
 
-    # ---- the event thread
+    def _end_generation(self, successor: object | None) -> object | None:
+        """(Holding the lock.) The stream and what it brought are over: its unapplied events with it."""
+        self._generation = successor
+        self._pending.clear()
+        self._changed.notify_all()
+        return successor
+
+    # ---- the event threads
 
     def _follow(self, generation: object, ready: queues.Queue) -> None:
         docker, listed = self.docker.for_another_thread(), False
@@ -2720,12 +3025,14 @@ class ServiceIndex:
                 self.replace(services, listed_at)
                 log.info("Listed %d service(s); following Docker's service events", len(services))
                 listed = True
+                threading.Thread(target=self._apply_events, args=(generation, docker.for_another_thread()),
+                                 name="service-inspects", daemon=True).start()
                 ready.put(None)
                 for line in stream.iter_lines():
                     if self._generation is not generation:
                         return  # superseded: a newer stream and listing took over
                     if line:
-                        self._apply(docker, json.loads(line))
+                        self._note(generation, json.loads(line))
             failure = DockerError("dockerd closed the stream")
         except DockerError as e:
             failure = e
@@ -2735,35 +3042,78 @@ class ServiceIndex:
             failure = DockerError(f"unexpected {type(e).__name__}: {e}")
         if not listed:
             ready.put(failure)
+        self._ended(generation, failure, listed)
+
+    def _ended(self, generation: object, failure: DockerError, listed: bool = True) -> None:
         with self._changed:
             if self._generation is generation:
-                self._generation = None
+                self._end_generation(None)
                 if listed:
                     log.info("Docker's service events ended (%s); the next push lists every service afresh", failure)
 
-    def _apply(self, docker: Docker, event: dict) -> None:
+    def _note(self, generation: object, event: dict) -> None:
         service_id = (event.get("Actor") or {}).get("ID")
         if not service_id:
             return
         with self._changed:
-            self._applying = True
+            if self._generation is not generation:
+                return
+            now = time.monotonic()
+            if not self._pending:
+                self._pending_since = now
+            self._pending[service_id] = event.get("Action") or ""
+            self._last_event = now
+            self._changed.notify_all()
+
+    def _next_batch(self, generation: object) -> dict[str, str] | None:
+        """(Holding the lock.) The events to apply once the stream is quiet, waited too long, or a lookup
+        asks; None once the generation is over."""
+        while self._generation is generation:
+            if self._pending:
+                now = time.monotonic()
+                due = min(self._last_event + EVENTS_QUIET, self._pending_since + EVENTS_DEFER_MAX)
+                if self._asked or now >= due:
+                    batch, self._pending, self._applying = self._pending, {}, True
+                    return batch
+                self._changed.wait(due - now)
+            else:
+                self._changed.wait()
+        return None
+
+    def _apply_events(self, generation: object, docker: Docker) -> None:
         try:
-            service = None
-            if event.get("Action") != "remove":
+            while True:
+                with self._changed:
+                    batch = self._next_batch(generation)
+                if batch is None:
+                    return
                 try:
-                    service = docker.service(service_id)
-                except DockerError as e:
-                    if e.status != 404:  # 404: removed since, dropped below; anything else: start over
-                        raise
-            with self._changed:
-                if service:
-                    self._cache.store(service, time.monotonic())
-                else:
-                    self._cache.drop(service_id)
-        finally:
-            with self._changed:
-                self._applying = False
-                self._changed.notify_all()
+                    for service_id, action in batch.items():
+                        service = None if action == "remove" else self._inspect(docker, service_id)
+                        with self._changed:
+                            if self._generation is not generation:
+                                return
+                            if service:
+                                self._cache.store(service, time.monotonic())
+                            else:
+                                self._cache.drop(service_id, time.monotonic())
+                finally:
+                    with self._changed:
+                        self._applying = False
+                        self._changed.notify_all()
+        except Exception as e:  # a bug must not leave the index trusted without its events applied
+            failure = e if isinstance(e, DockerError) else DockerError(f"unexpected {type(e).__name__}: {e}")
+            self._ended(generation, failure)  # (the reading thread ends at its next event: superseded)
+
+    @staticmethod
+    def _inspect(docker: Docker, service_id: str) -> dict | None:
+        """The service as it is now, None if it was removed since (anything else: start over)."""
+        try:
+            return docker.service(service_id)
+        except DockerError as e:
+            if e.status != 404:
+                raise
+            return None
 
 
 class ServiceCache:
@@ -2774,6 +3124,7 @@ class ServiceCache:
         self._repository: dict[str, tuple] = {}  # service ID -> repository_of(service), parsed once per version
         self._by_repository: dict[tuple, dict[str, dict]] = defaultdict(dict)
         self._stored_at: dict[str, float] = {}  # time.monotonic() of each entry, for replace()
+        self._removed_at: dict[str, float] = {}  # of services seen removed, for a listing made before that
 
     def in_repository(self, key: tuple) -> list[dict]:
         return list(self._by_repository.get(key, {}).values())
@@ -2783,13 +3134,20 @@ class ServiceCache:
         known = self.services.get(service_id)
         if known and known["Version"]["Index"] > service["Version"]["Index"]:
             return  # an older answer that arrived late
-        self.drop(service_id)
+        self._unlink(service_id)
         self.services[service_id], self._stored_at[service_id] = service, at
         key = self._repository[service_id] = repository_of(service)
         if key:
             self._by_repository[key][service_id] = service
 
-    def drop(self, service_id: str) -> None:
+    def drop(self, service_id: str, at: float) -> None:
+        """The service was seen removed at `at` (time.monotonic()): a listing made before cannot bring it back."""
+        self._unlink(service_id)
+        self._removed_at[service_id] = at
+        for gone in [i for i, removed in self._removed_at.items() if removed < at - REMOVED_KEPT]:
+            del self._removed_at[gone]
+
+    def _unlink(self, service_id: str) -> None:
         key = self._repository.pop(service_id, None)
         if key:
             del self._by_repository[key][service_id]
@@ -2800,12 +3158,14 @@ class ServiceCache:
 
     def replace(self, services: list[dict], listed_at: float) -> None:
         """A full listing made at listed_at (time.monotonic() before the GET) is the truth, except for
-        what is newer: entries stored after it (from events), and newer Versions of listed services."""
+        what is newer: entries stored after it (from events), newer Versions of listed services, and
+        removals seen after it."""
         listed = {service["ID"]: service for service in services}
         for service_id in [i for i in self.services if i not in listed and self._stored_at[i] < listed_at]:
-            self.drop(service_id)
+            self._unlink(service_id)
         for service in listed.values():
-            self.store(service, listed_at)
+            if self._removed_at.get(service["ID"], -math.inf) < listed_at:
+                self.store(service, listed_at)
 
 
 # --------------------------------------------------------------------------- the gates
@@ -3171,6 +3531,7 @@ class Deployer:
 
     def new_cycle(self) -> None:
         """A drain cycle or reconcile pass begins: what ECR and Swarm said before is stale."""
+        self.cycle_started = time.monotonic()
         self.ecr.new_cycle()
         for gate in self.gates:
             gate.new_cycle()
@@ -3594,16 +3955,26 @@ class Actor:
                                      rollouts.node_name(), reason, gate=gate), service["Spec"].get("Labels"))
 
     def pin(self, listed: dict, push: Push, digest: str, result: CycleResult) -> bool:
+        before = listed  # what the service ran before this cycle touched it
+
         def plan(service: dict) -> tuple[dict, ImageRef] | None:
+            nonlocal before
             ref = uses_image(service, push)
             if ref is None:
                 log.info("Service %s no longer uses %s; skipped", service_label(service), push.image)
                 return None
-            if ref.digest != (running_image(listed) or ref).digest and ref.digest != digest:
-                # another deployer (or operator) moved it since it was listed, maybe to a newer push than
-                # the one this cycle knows of: never roll it back; the next push or pass decides
-                log.info("Service %s moved to %s meanwhile; skipped", service_label(service), ref.digest)
-                return None
+            if ref.digest != (running_image(before) or ref).digest and ref.digest != digest:
+                if service is before or not updated_before(service, self.deployer.docker.date,
+                                                           time.monotonic() - self.deployer.cycle_started):
+                    # another deployer (or operator) moved it while this cycle ran, maybe to a newer push
+                    # than the one this cycle knows of: never roll it back; the next push or pass decides
+                    log.info("Service %s moved to %s meanwhile; skipped", service_label(service), ref.digest)
+                    return None
+                # The listing was stale, not the service moved meanwhile: the service index missed its
+                # update (dockerd drops the events of a subscriber that falls behind). Judge on this read.
+                log.info("Service %s runs %s since before this push was handled (listed at %s); rolling it",
+                         service_label(service), ref.digest, (running_image(before) or ref).digest)
+                before = service
             skip = skip_reason(service, push, digest)  # (decide() said so of the listing; Swarm may differ now)
             if skip:
                 log.info("Service %s %s", service_label(service), skip)
@@ -4092,8 +4463,18 @@ def tag_digests(ecr: Ecr, keys, heartbeat=lambda: None) -> tuple[dict[tuple, Tag
     runs), the main thread heartbeating while it waits. Also returns, per (account, region, repository),
     why ECR could not tell."""
     found, errors = {}, {}
+    asked = tags_by_repository(keys)
+    if len(asked) <= ECR_CONCURRENCY:  # a small fleet: no threads (each costs the process a malloc arena)
+        for key, tags in asked.items():
+            heartbeat()
+            try:
+                found.update(((*key, tag), answer) for tag, answer in ecr.tag_digests(*key, tags).items())
+            except AwsError as e:
+                errors[key] = e
+        return found, errors
+    import concurrent.futures  # (here: only a fleet with many repositories needs the pool)
     with concurrent.futures.ThreadPoolExecutor(ECR_CONCURRENCY) as pool:
-        asked = {pool.submit(ecr.tag_digests, *key, tags): key for key, tags in tags_by_repository(keys).items()}
+        asked = {pool.submit(ecr.tag_digests, *key, tags): key for key, tags in asked.items()}
         pending = set(asked)
         while pending:
             done, pending = concurrent.futures.wait(pending, timeout=CONNECT_TIMEOUT)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
+import doctest
+import hashlib
 import json
 import logging
 import os
@@ -31,6 +33,7 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import boto3
 import pytest
 import requests
 
@@ -494,7 +497,7 @@ def test_service_cache_keeps_what_is_newest_and_groups_by_repository():
     assert [s["ID"] for s in cache.in_repository(web)] == ["1"] and [s["ID"] for s in cache.in_repository(api)] == ["2"]
     cache.store(versioned(f"{HOST}/team/web:latest", "2", 12), at=102.0)  # an older answer arriving late: ignored
     assert [s["ID"] for s in cache.in_repository(api)] == ["2"]
-    cache.drop("1")
+    cache.drop("1", at=102.2)
     assert cache.in_repository(web) == [] and "1" not in cache.services
     cache.store(versioned(f"{HOST}/team/web:latest", "4", 14), at=103.0)  # created after the next listing was made
     # A listing made at 102.5, older than service 2's version 13: keeps 2's newer version and service 4.
@@ -505,6 +508,30 @@ def test_service_cache_keeps_what_is_newest_and_groups_by_repository():
     assert cache.services == {} and cache.in_repository(web) == cache.in_repository(api) == []
 
 
+def test_service_cache_never_brings_back_a_service_seen_removed_after_a_listing_was_made():
+    """A reconcile pass lists at 200, the service index sees the service removed at 201 (its event), the
+    listing's answer (made before the removal, so naming it) arrives after: the removal stands."""
+    web = ("123456789012", "us-east-1", "team/web")
+    cache = ed.ServiceCache()
+    cache.replace([versioned(f"{HOST}/team/web:latest", "1", 10)], listed_at=100.0)
+    cache.drop("1", at=201.0)
+    cache.replace([versioned(f"{HOST}/team/web:latest", "1", 10)], listed_at=200.0)
+    assert cache.services == {} and cache.in_repository(web) == []
+    cache.replace([versioned(f"{HOST}/team/web:latest", "1", 10)], listed_at=202.0)  # (IDs are never reused)
+    assert sorted(cache.services) == ["1"]
+
+
+@pytest.mark.parametrize("updated_at,now,seconds,expected", [
+    ("2026-12-07T10:00:00.123456789Z", "2026-12-07T10:00:05Z", 2.0, True),  # 4.9 s old, the cycle 2 s
+    ("2026-12-07T10:00:03.5Z", "2026-12-07T10:00:05Z", 2.0, False),  # within the cycle and the clocks' slack
+    ("2026-12-07T10:00:00Z", None, 0.0, False),  # Swarm's clock unknown: it may have moved meanwhile
+    (None, "2026-12-07T10:00:05Z", 0.0, False),
+])
+def test_a_service_counts_as_updated_before_a_cycle_only_by_swarms_own_clock(updated_at, now, seconds, expected):
+    swarm_now = ed.parse_swarm_time(now)
+    assert ed.updated_before({"UpdatedAt": updated_at} if updated_at else {}, swarm_now, seconds) is expected
+
+
 def test_the_event_threads_docker_client_never_heartbeats():
     beats = []
     main_thread = ed.Docker("unix:///nonexistent/docker.sock", on_request=lambda: beats.append(1))
@@ -512,6 +539,210 @@ def test_the_event_threads_docker_client_never_heartbeats():
         with pytest.raises(ed.DockerError, match="cannot reach Docker"):
             docker.negotiate()
     assert beats == [1]  # only the main thread's client vouches for the loop
+
+
+# =========================================================================== pure: versions
+
+# (range, tags it admits, tags it does not): every answer is npm's own, `semver.satisfies(tag, range)` of
+# npm's semver 7.8.6 (the reference node-semver ports), asked once when this table was written.
+NPM_RANGE_TABLE = [
+    ("^1.4", "1.4.0 1.4.1 1.9.2 v1.9.2",
+     "1.3.9 2.0.0 1.5.0-rc.1 1.4.0-rc.1 1.4 01.5.0 latest 1.4.2-alpine 1.4.2_b7 V1.5.0 1.5.0.1 1.05.0 1.5.0-rc.01"),
+    ("~1.4.2", "1.4.2 1.4.9", "1.5.0 1.4.1 1.4.3-beta"),
+    (">=1.4.0 <2.0.0", "1.4.0 1.99.99", "2.0.0 2.0.0-rc.1 1.3.99 1.5.0-rc.1"),
+    ("1.x", "1.0.0 1.99.0", "2.0.0 0.9.0 1.2.3-alpha"),
+    ("1.4.x", "1.4.0 1.4.7", "1.5.0"),
+    ("v1.x", "1.2.3 v1.2.3", ""),
+    ("^0.2", "0.2.0 0.2.9", "0.3.0"),
+    ("^0.0.3", "0.0.3", "0.0.4"),
+    ("^1.5.0-rc.1", "1.5.0-rc.1 1.5.0-rc.2 1.5.0 1.9.0", "1.6.0-rc.1 1.5.0-beta.9"),
+    (">=1.5.0-rc.1 <2", "1.5.0-rc.10 1.5.0-rc.9 1.7.0", "1.6.0-rc.1"),
+    ("~1.4.2-beta.1", "1.4.2-beta.2 1.4.2", "1.4.2-beta.0 1.4.3-beta.2"),
+    ("1.2 - 1.4", "1.2.0 1.4.9", "1.5.0"),
+    ("1.2.3 - 2.3.4", "1.2.3 2.3.4", "2.3.5"),
+    ("^1 || ^3", "1.0.0 3.1.0", "2.0.0"),
+    ("*", "0.0.1 9.9.9", "1.0.0-alpha"),
+    ("x", "1.2.3", ""),
+    ("=1.4.2", "1.4.2 v1.4.2", "1.4.3"),
+    ("1.4.2", "1.4.2", "1.4.3"),
+    (">1.4", "1.5.0", "1.4.9"),
+    ("<=1.4", "1.4.9", "1.5.0"),
+    ("~>1.4", "1.4.5", "1.5.0"),
+    (">= 1.4", "1.4.0", "1.3.0"),
+    ("^v1.4", "1.5.0", ""),
+    ("1.X", "1.2.0", ""),
+    ("^1.4.0-0", "1.4.0-alpha 1.4.0", "1.5.0-alpha"),
+    (">=1.0.0-0", "1.0.0-rc.1 2.0.0", "2.0.0-rc.1"),
+    ("^1.2.3-alpha.1", "1.2.3-alpha.2 1.2.3-alpha.10 1.2.3-alpha.beta 1.2.3-beta", "1.2.3-alpha"),
+    ("<2.0.0", "1.9.9 0.0.0", "2.0.0-rc.1"),
+]
+
+
+@pytest.mark.parametrize("range_, admits, refuses", NPM_RANGE_TABLE, ids=[row[0] for row in NPM_RANGE_TABLE])
+def test_a_semver_policy_admits_exactly_the_tags_npm_admits(range_, admits, refuses):
+    policy = ed.parse_version_policy(f"semver:{range_}")
+    assert policy.kind == "semver" and policy.text == f"semver:{range_}"
+    assert [tag for tag in admits.split() if ed.admitted(policy, tag) is None] == []
+    assert [tag for tag in refuses.split() if ed.admitted(policy, tag) is not None] == []
+
+
+# Ranges npm's semver 7.8.6 refuses (validRange: null), and the two it reads as every version ("^1.4 ||",
+# "|| ^2": an empty alternative is *) that are refused here: a typo must not follow every release.
+@pytest.mark.parametrize("text, says", [
+    ("semver:garbage", "semver:garbage is not an npm range (Invalid comparator: garbage); e.g. ^1.4, ~1.4.2"),
+    ("semver:^1.4.0.0", "is not an npm range"), ("semver:1.4.0 - ", "is not an npm range"),
+    ("semver:>1.4 <", "is not an npm range"), ("semver:!=1.4.0", "is not an npm range"),
+    ("semver:=>1.4.0", "is not an npm range"), ("semver:^1.4 garbage", "is not an npm range"),
+    ("semver:1.2.3-01", "is not an npm range"), ("semver:<=>1", "is not an npm range"),
+    ("semver:~1.4 ~>", "is not an npm range"), ("semver:^", "is not an npm range"),
+    ("semver:1.4 ||| 2", "is not an npm range"),
+    ("semver:>=1.4.0, <2.0.0", "npm ranges have no commas; write >=1.4.0 <2.0.0 (a space means and)"),
+    ("semver:^1.4 ||", "an empty alternative around || (npm would read it as every version)"),
+    ("semver:|| ^2", "an empty alternative around ||"),
+    ("semver:", "semver: needs a range, e.g. semver:^1.4 (semver:* follows every release)"),
+    ("^1.4", "'^1.4' is not a version policy (a range? write semver:^1.4): write semver:RANGE, or "
+             "regex:PATTERN numerical[:GROUP] or regex:PATTERN alphabetical[:GROUP]"),
+    ("1.x", "(a range? write semver:1.x)"),
+    ("latest", "'latest' is not a version policy: write semver:RANGE"),
+    ("  ", "empty version policy: write semver:RANGE"),
+    ("Semver:^1", "is not a version policy"),
+    ("regex:^main-(?P<ts>[0-9]+)$", "write regex:PATTERN numerical[:GROUP] or regex:PATTERN alphabetical[:GROUP] "
+                                    "(the order after a space)"),
+    ("regex:^main-[0-9]+$ newest", "(the order after a space)"),
+    ("regex:^main-[0-9]+$ numerical:", "(the order after a space)"),
+    ("regex: numerical", "(the order after a space)"),
+    ("regex:^main-([0-9]+$ numerical", "the pattern is not a regular expression: missing ), unterminated subpattern"),
+    ("regex:^main-[0-9]+$ numerical:ts", "the pattern has no group named ts (name one with (?P<ts>...))"),
+    ("semver:^1.4 " + "x" * 400, "version policy longer than 400 characters"),
+])
+def test_a_malformed_version_policy_is_one_line_saying_what_to_write(text, says):
+    with pytest.raises(ValueError) as raised:
+        ed.parse_version_policy(text)
+    assert says in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_the_newest_admitted_tag_by_semver_precedence():
+    caret = ed.parse_version_policy("semver:^1.4")
+    listing = ["latest", "1.3.9", "1.4.0", "1.10.0", "1.9.2", "2.0.0", "1.11.0-rc.1", "main-3f9c2e1", "v1.4.5"]
+    assert ed.newest_admitted(caret, listing) == "1.10.0"  # numeric, not text, order: 1.10.0 > 1.9.2
+    assert ed.newest_admitted(caret, ["latest", "2.0.0", "1.4"]) is None
+    assert ed.newest_admitted(caret, []) is None
+    pre = ed.parse_version_policy("semver:>=1.5.0-rc.1 <2")
+    assert ed.newest_admitted(pre, ["1.5.0-rc.9", "1.5.0-rc.10", "1.5.0-rc.2"]) == "1.5.0-rc.10"
+    assert ed.newest_admitted(pre, ["1.5.0-rc.10", "1.5.0", "1.6.0-rc.1"]) == "1.5.0"  # a release outranks its rcs
+    # one version spelt twice: the same tag whichever order ECR lists them in
+    assert ed.newest_admitted(caret, ["v1.5.0", "1.5.0"]) == ed.newest_admitted(caret, ["1.5.0", "v1.5.0"]) == "v1.5.0"
+
+
+def test_is_newer_moves_only_forward_within_the_policy():
+    caret = ed.parse_version_policy("semver:^1.4")
+    assert ed.is_newer(caret, "1.5.0", "1.4.2")
+    assert not ed.is_newer(caret, "1.4.1", "1.4.2")  # an out-of-order push of an older version
+    assert not ed.is_newer(caret, "1.4.2", "1.4.2")
+    assert not ed.is_newer(caret, "v1.4.2", "1.4.2")  # the same version: no move between its spellings
+    assert not ed.is_newer(caret, "2.0.0", "1.4.2") and not ed.is_newer(caret, "latest", "1.4.2")  # not admitted
+    assert not ed.is_newer(caret, "1.5.0-rc.1", "1.4.2")  # a pre-release the range does not name
+    assert ed.is_newer(caret, "1.4.0", "latest") and ed.is_newer(caret, "1.4.0", None)  # into the policy
+    assert ed.is_newer(caret, "1.4.0", "2.0.0")  # the policy says which versions the service runs
+
+
+def test_tags_picked_by_a_pattern_are_ordered_by_its_named_group():
+    builds = ed.parse_version_policy(r"regex:^main-[0-9a-f]+-(?P<ts>[0-9]+)$ numerical:ts")
+    assert (builds.kind, builds.group) == ("numerical", "ts")
+    listing = ["main-3f9c2e1-9", "main-77aa01b-10", "main-zzz-11", "feature-1a2b3c4-99", "main-0c0ffee-8", "latest"]
+    assert ed.newest_admitted(builds, listing) == "main-77aa01b-10"  # 10 > 9 as numbers (as text, "9" wins)
+    assert ed.admitted(builds, "main-zzz-11") is None and ed.admitted(builds, "feature-1a2b3c4-99") is None
+    assert ed.is_newer(builds, "main-0c0ffee-12", "main-77aa01b-10")
+    assert not ed.is_newer(builds, "main-0c0ffee-8", "main-77aa01b-10")
+
+    by_text = ed.parse_version_policy(r"regex:^main-[0-9a-f]+-(?P<ts>[0-9]+)$ alphabetical:ts")
+    assert ed.newest_admitted(by_text, listing) == "main-3f9c2e1-9"  # alphabetical: "9" > "10", as Flux sorts
+    dated = ed.parse_version_policy(r"regex:^release-(?P<day>[0-9]{4}-[0-9]{2}-[0-9]{2})$ alphabetical:day")
+    assert ed.newest_admitted(dated, ["release-2026-11-30", "release-2026-12-01", "release-2026-2-01"]) == \
+        "release-2026-12-01"
+
+    whole = ed.parse_version_policy("regex:^[0-9]+$ numerical")  # no group: the whole tag orders
+    assert whole.group is None and ed.newest_admitted(whole, ["2317", "998", "10000", "v3"]) == "10000"
+    decimal_ = ed.parse_version_policy(r"regex:^build-(?P<n>-?[0-9.]+)$ numerical:n")
+    assert ed.newest_admitted(decimal_, ["build-1.5", "build-1.25", "build--3", "build-1.2.3"]) == "build-1.5"
+    suffixed = ed.parse_version_policy(r"regex:^(?P<n>[0-9]+)(?:-rc)?$ numerical:n")
+    assert ed.newest_admitted(suffixed, ["7", "12-rc", "3"]) == "12-rc"
+
+    optional = ed.parse_version_policy(r"regex:^app(?:-(?P<n>[0-9]+))?$ numerical:n")
+    assert ed.admitted(optional, "app") is None and ed.newest_admitted(optional, ["app", "app-2"]) == "app-2"
+    searched = ed.parse_version_policy(r"regex:-(?P<n>[0-9]+)$ numerical:n")  # searched, unanchored, as Flux does
+    assert ed.newest_admitted(searched, ["a-1", "b-2-x", "c-3"]) == "c-3"
+    assert ed.admitted(builds, "main-3f9c2e1-9\n") is None  # not an ECR tag: never admitted
+
+
+def test_what_a_push_or_a_listing_means_for_a_service_that_runs_a_version():
+    caret = ed.parse_version_policy("semver:^1.4")
+    assert ed.why_not_newer(caret, "1.5.0", "1.4.2") is None
+    assert ed.why_not_newer(caret, "1.4.1", "1.4.2") == ":1.4.1 is not newer than :1.4.2, which it runs (semver:^1.4)"
+    assert ed.why_not_newer(caret, "2.0.0", "1.4.2") == ":2.0.0 is not a version its policy semver:^1.4 admits"
+    listing = {"1.4.2": DIGEST_A, "1.5.0": DIGEST_B, "2.0.0": "sha256:" + "c" * 64, "latest": DIGEST_B}
+    assert ed.newest_to_run(caret, listing, "1.4.2") == ("1.5.0", DIGEST_B)
+    assert ed.newest_to_run(caret, listing, "1.5.0") is None  # runs the newest already
+    assert ed.newest_to_run(caret, listing, "latest") == ("1.5.0", DIGEST_B)  # into the policy
+    assert ed.newest_to_run(caret, {}, "1.4.2") is None
+    # 1.6.0 was deleted after the service moved to it: it stays, and that is said
+    assert ed.newest_to_run(caret, listing, "1.6.0") is None and ed.newer_tag_deleted(caret, listing, "1.6.0")
+    assert ed.newer_tag_deleted(caret, {}, "1.6.0")
+    assert not ed.newer_tag_deleted(caret, listing, "1.5.0") and not ed.newer_tag_deleted(caret, listing, "1.3.0")
+    assert not ed.newer_tag_deleted(caret, {"1.7.0": DIGEST_A}, "1.6.0") and not ed.newer_tag_deleted(caret, {}, None)
+
+
+def test_a_service_follows_versions_by_its_label():
+    def service(labels):
+        return {"Spec": {"Labels": labels, "TaskTemplate": {"ContainerSpec": {"Image": "x"}}}}
+    assert ed.VERSIONS_LABEL == "ecr-deploy.versions"
+    assert ed.service_version_policy(service({})) is None and ed.service_version_policy({"Spec": {}}) is None
+    assert ed.service_version_policy(service({"ecr-deploy.versions": " semver:^1.4 "})).text == "semver:^1.4"
+    with pytest.raises(ValueError, match="write semver:RANGE"):
+        ed.service_version_policy(service({"ecr-deploy.versions": ""}))
+
+
+def test_the_following_versions_page_shows_what_the_functions_answer():
+    text = (HERE / "docs" / "following-versions.md").read_text()
+    example = doctest.DocTestParser().get_doctest(re.search(r"```python\n(>>> .*?)```", text, re.S)[1], {},
+                                                  "following-versions.md", None, 0)
+    runner = doctest.DocTestRunner()
+    runner.run(example)
+    assert (runner.tries, runner.failures) == (4, 0)
+    # the worked example's table: each push in turn, from 1.4.0, under semver:^1.4
+    table = text.split("CI pushes, in this order", 1)[1].split("\n\n", 2)[1]
+    rows = re.findall(r"^\| `([^`]+)`[^|]*\| `([^`]+)` \|", table, re.M)
+    policy, running = ed.parse_version_policy("semver:^1.4"), "1.4.0"
+    assert len(rows) == 6
+    for pushed, runs in rows:
+        running = pushed if ed.is_newer(policy, pushed, running) else running
+        assert running == runs, pushed
+
+
+NODESEMVER_GONE = "raise ModuleNotFoundError(\"No module named 'nodesemver'\", name='nodesemver')\n"
+
+
+def test_a_semver_policy_without_node_semver_installed_is_one_line_naming_the_install(tmp_path):
+    (tmp_path / "nodesemver.py").write_text(NODESEMVER_GONE)  # first on the path: as if it were not installed
+    probe = ("import ecr_deploy as ed\n"
+             "builds = ed.parse_version_policy('regex:^b-(?P<n>[0-9]+)$ numerical:n')\n"
+             "print(ed.newest_admitted(builds, ['b-9', 'b-10']))\n"
+             "try:\n"
+             "    ed.parse_version_policy('semver:^1.4')\n"
+             "except ed.Misconfigured as e:\n"
+             "    print(e)\n")
+    run = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": str(tmp_path)}, cwd=HERE,
+                         capture_output=True, text=True, timeout=60)
+    assert run.stdout.splitlines() == ["b-10", "ecr-deploy.versions semver:RANGE needs node-semver, which is not "
+                                       "installed: /opt/ecr-deploy/venv/bin/pip install node-semver"], run.stderr
+
+
+def test_without_a_semver_policy_node_semver_is_never_imported():
+    probe = ("import sys, ecr_deploy as ed\n"
+             "ed.newest_admitted(ed.parse_version_policy('regex:^b-(?P<n>[0-9]+)$ numerical:n'), ['b-1'])\n"
+             "print('nodesemver' in sys.modules)\n")
+    run = subprocess.run([sys.executable, "-c", probe], cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "False", run.stderr
 
 
 # =========================================================================== pure: specs
@@ -1279,7 +1510,9 @@ def test_loop_mode_survives_a_dockerd_restart(aws, images, clean_swarm):
 def test_a_docker_upgrade_under_a_running_deployer_moves_it_to_the_new_api_version(aws, images, registries, workdir):
     """apt-get upgrade docker.io on a manager: dockerd restarts as a newer release on the same data root
     while the deployer keeps running. It must speak the new release's API from then on, or its updates
-    would strip every field the old one did not know."""
+    would strip every field the old one did not know. A deploy before the upgrade leaves the main
+    thread nothing to ask Docker after it but the update itself: the spec it posts is the one the
+    service index's thread (its own client) read at the new version, and is posted at that version."""
     old_engine, new_engine = host_engine(), current_engine()
     if old_engine is None or new_engine is None:
         rig_unavailable("both engines are needed: Debian's docker.io and the current one in .rig/unstable "
@@ -1292,16 +1525,21 @@ def test_a_docker_upgrade_under_a_running_deployer_moves_it_to_the_new_api_versi
         repo, (v1, v2), sid = service_on_new_repo(images, node, "upgraded")
         queue = aws.new_queue(VisibilityTimeout=1)
         # No pass of its own: idle, it makes no Docker call, and so no failed one tells it of the restart.
-        running = Running(deployer_env(aws, node), "--queue", queue, "--reconcile-every", "0", "--auth-refresh", "0")
+        running = Running(deployer_env(aws, node), "--queue", queue, "--reconcile-every", "0", "--auth-refresh", "0",
+                          "--log-level", "debug")
         try:
             running.wait_line("API 1.41)")  # "… watching … (…; Docker at …, API 1.41)"
+            aws.send(queue, event(repository=repo, digest=v2))
+            running.wait_line("Rollout of ")  # followed to its end, and the pass a completed rollout wakes
+            running.wait_line("Reconcile pass: ")  # has run: no call of the main thread's is due any more
+            v3 = images.push(repo, "latest", "v3")
             node.stop()
             node.engine = new_engine
             node.start()
             # Set after the upgrade: a field 20.10 did not have (API 1.46).
             node.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(OomScoreAdj=100))
-            aws.send(queue, event(repository=repo, digest=v2))
-            wait_for(lambda: service_image_of(node, sid)[0].endswith(v2), 60,
+            aws.send(queue, event(repository=repo, digest=v3))
+            wait_for(lambda: service_image_of(node, sid)[0].endswith(v3), 60,
                      what=lambda: f"the deploy after the upgrade:\n{running.log}")
             assert running.stop() == 0
         finally:
@@ -1309,7 +1547,7 @@ def test_a_docker_upgrade_under_a_running_deployer_moves_it_to_the_new_api_versi
         assert node.service(sid)["Spec"]["TaskTemplate"]["ContainerSpec"].get("OomScoreAdj") == 100
         api = node.get("/version")["ApiVersion"]
         assert f"speaks API {api} now (it spoke 1.41)" in running.log and "cannot reach Docker" not in running.log
-        assert service_image_of(node, sid) == (f"{registry.host}/{repo}:latest@{v2}", 1)
+        assert service_image_of(node, sid) == (f"{registry.host}/{repo}:latest@{v3}", 2)
     finally:
         node.remove_all_services()
         node.close()
@@ -2808,6 +3046,93 @@ def test_service_index_follows_services_created_changed_and_removed_after_it_lis
     assert len(updated_lines(running.log)) == 4
 
 
+class EventWatcher:
+    """A subscriber of dockerd's service events that keeps up: each event and when it arrived, for
+    `seconds` (then dockerd ends the stream: closing it from another thread would hang)."""
+
+    def __init__(self, swarm, seconds=300):
+        self.seen: list[tuple[float, dict]] = []
+        http = swarm.for_another_thread().http
+        self.reply = http.get(swarm.base + "/events", stream=True, timeout=None, params={
+            "filters": json.dumps({"type": ["service"]}), "until": str(int(time.time() + seconds))})
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        try:
+            for line in self.reply.iter_lines():
+                if line:
+                    self.seen.append((time.monotonic(), json.loads(line)))
+        except requests.RequestException:
+            pass
+
+    def saw(self, service_id: str, after: int) -> bool:
+        return any(e["Actor"]["ID"] == service_id for _, e in self.seen[after:])
+
+    def publishing_stalls(self) -> bool:
+        """dockerd's event publisher waits 100 ms for each event that a stopped subscriber's full buffer
+        (1024 events, moby's events.New) cannot take, then drops it: events reach us 100 ms apart."""
+        times = [at for at, _ in self.seen[1024:]]
+        return any(later - earlier > 0.09 for earlier, later in zip(times, times[1:]))
+
+
+def test_a_service_update_whose_event_dockerd_dropped_never_costs_a_deploy(aws, images, clean_swarm):
+    """The deployer is stopped (SIGSTOP: a slow host, a long pause) while a few thousand service events
+    happen: dockerd drops events for it once its buffer is full. One of them was another manager's move
+    of the service to v3; the index still holds it at v2. The push of v4 must roll it: an index that
+    looks moved is judged on a fresh read, not skipped as "moved meanwhile" with its message deleted."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "dropped")
+    chatty = [swarm.create_service(f"chatty-{i}", "busybox:latest", replicas=0) for i in range(4)]
+    queue = aws.new_queue(VisibilityTimeout=1)
+    running = Running(deployer_env(aws, swarm), "--queue", queue, "--reconcile-every", "0", "--auth-refresh", "0",
+                      "--log-level", "debug")
+    watcher = EventWatcher(swarm)
+    try:
+        running.wait_line("watching")
+        pushed_and_rolled(aws, swarm, running, queue, repo, v2, sid)  # the index listed it at v2
+        running.wait_line("Rollout of ")
+        running.wait_line("Reconcile pass: ")  # (the pass a completed rollout wakes: none runs after this)
+        v3 = images.push(repo, "latest", "v3")
+        os.kill(running.proc.pid, signal.SIGSTOP)
+        try:
+            stop = threading.Event()
+
+            def relabel(service_id):  # as fast as dockerd takes them, four at a time
+                own, n = swarm.for_another_thread(), 0
+                while not stop.is_set():
+                    n += 1
+                    own.update(service_id, lambda spec: spec["Labels"].update(n=str(n)))
+
+            threads = [threading.Thread(target=relabel, args=(c,)) for c in chatty]
+            for thread in threads:
+                thread.start()
+            try:
+                wait_for(watcher.publishing_stalls, 120, interval=0.05, what="dockerd to drop events for the deployer")
+            finally:
+                stop.set()
+                for thread in threads:
+                    thread.join()
+            # Another manager rolls v3, and a last label update after it: when that one reaches us, the
+            # publisher is done with the move's event, which the stopped deployer's full buffer dropped.
+            seen = len(watcher.seen)
+            swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(
+                Image=f"{registry.host}/{repo}:latest@{v3}"))
+            swarm.update(chatty[0], lambda spec: spec["Labels"].update(last="yes"))
+            wait_for(lambda: watcher.saw(sid, seen) and watcher.saw(chatty[0], len(watcher.seen) - 1), 120,
+                     interval=0.05, what="the move's event to be published")
+        finally:
+            os.kill(running.proc.pid, signal.SIGCONT)
+        v4 = images.push(repo, "latest", "v4")
+        pushed_and_rolled(aws, swarm, running, queue, repo, v4, sid)
+        wait_for(lambda: aws.queue_depth(queue) == 0, 10, what="every message to be deleted")
+        assert running.stop() == 0
+    finally:
+        running.kill()
+    assert "meanwhile; skipped" not in running.log, running.log
+    assert f"runs {v3} since before this push was handled" in running.log, running.log
+    assert service_image_of(swarm, sid) == (f"{registry.host}/{repo}:latest@{v4}", 2)
+
+
 def test_service_index_recovers_after_a_dockerd_restart(aws, images, clean_swarm):
     swarm, registry = clean_swarm, REGISTRIES[0]
     repo, sid, queue, running = deployer_with_its_index_filled(aws, images, swarm, "reborn")
@@ -2848,7 +3173,10 @@ def test_benchmark_short_mode_runs_on_the_rig(aws, registries, images, clean_swa
                                            "api": clean_swarm.get("/version")["ApiVersion"]}
     assert {row["measure"] for row in report["targets"]} >= {"latency p50 (ms)", "(a)/(b)", "memory: peak RSS (MiB)",
                                                            "memory: deployer's share above it (MiB)",
-                                                           "scale: p50 N services / 1 service"}
+                                                           "scale: p50 N services / 1 service",
+                                                           "fan-out: (b)/(c), one push to N"}
+    assert len(report["side_by_side"]["deployer_ms"]) == len(report["side_by_side"]["floor_ms"]) == \
+        bench.SHORT["fan_out_rounds"]
     assert report["scale"]["services"] == bench.SHORT["scale_services"] and report["scale"]["p50_n_ms"] > 0
     # The targets that are counts hold whatever the machine (timings only get a verdict in the table).
     verdicts = {row["measure"]: row for row in report["targets"]}
@@ -4822,6 +5150,66 @@ def test_a_reconcile_pass_asks_ecr_once_per_repository_and_not_at_all_without_fo
     assert {sid: swarm.service(sid)["Version"]["Index"] for sid in versions} == versions  # all current: no update
 
 
+def put_in_moto(moto, repository: str, tag: str | None, content: str) -> str:
+    """An image put straight into moto_server (not through the rig's ECR endpoint): a thousand cost a
+    few seconds, not the proxy's three calls each. Returns its digest."""
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                           "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": 0,
+                                      "digest": "sha256:" + hashlib.sha256(content.encode()).hexdigest()},
+                           "layers": []})
+    digest = "sha256:" + hashlib.sha256(manifest.encode()).hexdigest()
+    moto.put_image(repositoryName=repository, imageManifest=manifest, imageDigest=digest,
+                   **({"imageTag": tag} if tag else {}))
+    return digest
+
+
+def test_the_tags_of_a_repository_are_listed_once_a_cycle_in_pages_of_a_thousand(aws):
+    """Ecr.list_tags: {tag: digest} from one paged ListImages of the tagged images per repository and
+    cycle, however often it is asked. moto answers ListImages in one page whatever maxResults says; the
+    rig's ECR endpoint pages as ECR documents (rig.aws.EcrAsDocumented)."""
+    account, region, repo = "123456789012", "us-east-1", f"team/versions-{uuid.uuid4().hex[:10]}"
+    moto = boto3.client("ecr", region_name=region, endpoint_url=aws.moto_url, aws_access_key_id="testing",
+                        aws_secret_access_key="testing")
+    moto.create_repository(repositoryName=repo)
+    started = time.monotonic()
+    expected = {f"1.0.{n}": put_in_moto(moto, repo, f"1.0.{n}", f"build {n}") for n in range(1001)}
+    put_seconds = time.monotonic() - started
+    moto.put_image(repositoryName=repo, imageTag="stable", imageManifest=moto.batch_get_image(
+        repositoryName=repo, imageIds=[{"imageTag": "1.0.1000"}])["images"][0]["imageManifest"])
+    expected["stable"] = expected["1.0.1000"]  # one image, two tags: listed once per tag
+    put_in_moto(moto, repo, None, "untagged")  # not a tag: not listed
+    ecr = ed.Ecr(ed.aws_session())
+    ecr._clients = {region: aws.client("ecr", region)}
+    proxy = aws.front.proxy
+
+    def listings_since(mark: int) -> list[dict]:
+        return [json.loads(body) for key, body in proxy.bodies[mark:] if key.endswith(".ListImages")]
+
+    mark, started = len(proxy.bodies), time.monotonic()
+    assert ecr.list_tags(account, region, repo) == expected
+    list_seconds = time.monotonic() - started
+    pages = listings_since(mark)
+    assert len(pages) == 2, pages  # 1,002 tags: 1,000, then 2
+    assert all(page["maxResults"] == 1000 and page["filter"] == {"tagStatus": "TAGGED"}
+               and page["registryId"] == account for page in pages)
+    assert "nextToken" not in pages[0] and pages[1]["nextToken"]
+
+    put_in_moto(moto, repo, "1.0.1001", "build 1001")
+    mark = len(proxy.bodies)
+    assert ecr.list_tags(account, region, repo) == expected  # the same cycle: its listing, not another call
+    assert listings_since(mark) == []
+    ecr.new_cycle()
+    listed = ecr.list_tags(account, region, repo, page_size=400)
+    assert listed["1.0.1001"] and len(listed) == 1003
+    assert [page["maxResults"] for page in listings_since(mark)] == [400] * 3
+
+    assert ecr.list_tags(account, region, "team/no-such-repository") == {}
+    # the rig answers as ECR documents: without maxResults, pages of 100
+    first = aws.client("ecr", region).list_images(repositoryName=repo, filter={"tagStatus": "TAGGED"})
+    assert len(first["imageIds"]) == 100 and first["nextToken"]
+    print(f"moto: 1,001 images put in {put_seconds:.1f} s; listed (2 pages) in {list_seconds:.2f} s")
+
+
 def test_two_deployers_reconciling_at_once_update_each_service_once(aws, images, clean_swarm, workdir):
     swarm, registry = clean_swarm, REGISTRIES[0]
     account, region = registry.account, registry.region
@@ -5642,6 +6030,9 @@ def at(text: str) -> datetime.datetime:
     ({**RUNS_B, "Spec": {**RUNS_B["Spec"], "Mode": {"Replicated": {"Replicas": 3}}}},
      ROLLED + [swarm_task(DIGEST_B, "running", "running", "55:00", 3)], None, at("50:05")),  # scaled up: same soak
     (RUNS_B, ROLLED + [swarm_task(DIGEST_B, "shutdown", "failed", "52:00", 1)], None, at("52:00")),  # a failure restarts it
+    # `docker node rm` of a dead node stamps its tasks orphaned then (swarmkit controlapi RemoveNode): no build failed
+    (RUNS_B, ROLLED + [swarm_task(DIGEST_B, "shutdown", "orphaned", "58:00", 3),
+                       swarm_task(DIGEST_A, "shutdown", "orphaned", "58:00", 4)], None, at("50:05")),
     (RUNS_B, ROLLED[:3] + [swarm_task(DIGEST_B, "running", "running", "59:58", 2)],
      "its newest task of this digest has run for less than Swarm's monitor period (5s)", at("59:58")),
     ({**RUNS_B, "UpdateStatus": {"State": "completed", "CompletedAt": "2026-12-07T07:59:59Z"}},  # Swarm watched it
@@ -5664,6 +6055,11 @@ def at(text: str) -> datetime.datetime:
      [swarm_task(DIGEST_B, "complete", "complete", "51:00")], None, at("51:00")),
     ({**RUNS_B, "Spec": {**RUNS_B["Spec"], "Mode": {"ReplicatedJob": {}}}},
      [swarm_task(DIGEST_B, "complete", "running", "51:00")], "its job has not completed on this digest", None),
+    # a job's failed task waits out its restart delay (swarmkit restart.go: desired state READY until StartNow
+    # makes it COMPLETED): the job has not completed, though its other task has
+    ({**RUNS_B, "Spec": {**RUNS_B["Spec"], "Mode": {"ReplicatedJob": {"TotalCompletions": 2}}}},
+     [swarm_task(DIGEST_B, "complete", "complete", "51:00", 1), swarm_task(DIGEST_B, "shutdown", "failed", "51:01", 2),
+      swarm_task(DIGEST_B, "ready", "ready", "51:01", 2)], "its job has not completed on this digest", None),
 ])
 def test_completed_and_soaked_are_read_from_swarms_tasks(service, tasks, pending, since):
     assert ed.rollout_of(service, tasks, DIGEST_B, at("59:59"))[:2] == (pending, since)
@@ -5678,6 +6074,18 @@ def test_swarm_rolled_back_names_the_digest_it_left():
     manual = {**auto, "PreviousSpec": RUNS_B["Spec"]}
     assert ed.swarm_rolled_back(manual, tasks[1:]) == DIGEST_B  # `docker service rollback` keeps PreviousSpec
     assert ed.swarm_rolled_back({**auto, "UpdateStatus": None}, tasks) is None
+
+
+def test_swarm_rolled_back_is_not_misled_by_a_removed_nodes_orphaned_task():
+    """`docker node rm` of a dead node marks its tasks orphaned, stamped now (swarmkit controlapi RemoveNode):
+    a task of an older build stuck there is no build that failed, and must not be taken for the one Swarm
+    rolled back from (the record would name it, and the next pass roll the failed build again)."""
+    older = "sha256:" + "c" * 64
+    auto = {**RUNS_B, "Spec": {"TaskTemplate": {"ContainerSpec": {"Image": f"{HOST}/team/web:latest@{DIGEST_A}"}}},
+            "UpdateStatus": {"State": "rollback_completed"}}
+    tasks = [swarm_task(DIGEST_B, "shutdown", "failed", "50:01"), swarm_task(DIGEST_A, "running", "running", "50:03"),
+             swarm_task(older, "shutdown", "orphaned", "58:00", 2)]
+    assert ed.swarm_rolled_back(auto, tasks) == DIGEST_B
 
 
 def test_a_follower_that_lost_sight_of_swarms_rollback_says_rolled_back():

@@ -48,10 +48,12 @@ from rig.registry import REGISTRIES, Images, service_on_new_repo, serving_regist
 from rig.swarm import Swarm, current_engine, host_engine, service_image_of  # noqa: E402
 
 FULL = {"latency_pushes": 30, "latency_interval": 1.0, "scale_services": 1000, "burst_images": 25,
-        "burst_pushes_per_image": 20, "idle_seconds": 60, "side_services": 20, "cold_runs": 10, "memory_messages": 5000,
+        "burst_pushes_per_image": 20, "idle_seconds": 60, "side_services": 20, "fan_out_rounds": 7, "cold_runs": 10,
+        "memory_messages": 5000,
         "reconcile_services": 1000, "reconcile_repositories": 100}
 SHORT = {"latency_pushes": 5, "latency_interval": 0.3, "scale_services": 100, "burst_images": 5,
-         "burst_pushes_per_image": 4, "idle_seconds": 21, "side_services": 5, "cold_runs": 2, "memory_messages": 400,
+         "burst_pushes_per_image": 4, "idle_seconds": 21, "side_services": 5, "fan_out_rounds": 2, "cold_runs": 2,
+         "memory_messages": 400,
          "reconcile_services": 50, "reconcile_repositories": 5}
 FILLER_REPOSITORIES = 10  # the scale measurement's other services run images of this many repositories
 CREATE_WORKERS = 8  # concurrent service creates: dockerd commits them about twice as fast as one by one
@@ -303,7 +305,7 @@ def measure_reconcile(aws, images, swarm, workdir, n_services: int, n_repositori
     return result
 
 
-def measure_side_by_side(aws, images, swarm, events, workdir, n: int) -> dict:
+def measure_side_by_side(aws, images, swarm, events, workdir, n: int, rounds: int) -> dict:
     registry = REGISTRIES[0]
     repo = images.new_repository()
     v1 = images.push(repo, "latest", "side-v1")
@@ -327,29 +329,37 @@ def measure_side_by_side(aws, images, swarm, events, workdir, n: int) -> dict:
                        env=cli_env, check=True, capture_output=True)
     result["cli_s"] = round(events.wait(set(ids), started) - started, 3)
 
-    # (b) ecr_deploy.py, already running: from SendMessage of one event until all specs show the digest
+    # (b) ecr_deploy.py, already running: from SendMessage of one event until all specs show the digest,
+    # and (c) the floor: the same inspect + update calls against the Engine API in a bare loop; in turns,
+    # `rounds` of each, so that both see the same machine (medians: one push is at the mercy of a hiccup)
+    auth = ed.registry_auth_header("AWS", token, registry.host)
     queue = aws.new_queue()
     running = deployer(deployer_env(aws, swarm), "--queue", queue, "--auth-refresh", "0")
+    deployer_ms, floor_ms = [], []
     try:
         time.sleep(1.5)  # past its first reconcile pass, which would otherwise find the new digest first
-        digest = images.push(repo, "latest", "side-deployer")
-        started = time.monotonic()
-        aws.send(queue, event(repository=repo, digest=digest))
-        result["deployer_s"] = round(events.wait(set(ids), started) - started, 3)
+        for _ in range(rounds):
+            digest = images.push(repo, "latest", f"side-deployer-{uuid.uuid4().hex}")
+            started = time.monotonic()
+            aws.send(queue, event(repository=repo, digest=digest))
+            deployer_ms.append((events.wait(set(ids), started) - started) * 1000)
+            assert all(image_of(swarm, sid).endswith(digest) for sid in ids)
+            time.sleep(1.0)  # its rollouts followed to their end, as between two pushes
+            digest = images.push(repo, "latest", f"side-floor-{uuid.uuid4().hex}")
+            started = time.monotonic()
+            for sid in ids:
+                service = swarm.get(f"/v1.41/services/{sid}")
+                swarm.post(f"/v1.41/services/{sid}/update", params={"version": service["Version"]["Index"]},
+                           json=ed.updated_spec(service["Spec"], f"{registry.host}/{repo}:latest@{digest}"),
+                           headers={"X-Registry-Auth": auth})
+            floor_ms.append((events.wait(set(ids), started) - started) * 1000)
+            time.sleep(0.5)
     finally:
         running.stop()
-    assert all(image_of(swarm, sid).endswith(digest) for sid in ids)
-
-    # (c) the floor: the same inspect + update calls against the Engine API in a bare loop
-    digest = images.push(repo, "latest", "side-floor")
-    auth = ed.registry_auth_header("AWS", token, registry.host)
-    started = time.monotonic()
-    for sid in ids:
-        service = swarm.get(f"/v1.41/services/{sid}")
-        swarm.post(f"/v1.41/services/{sid}/update", params={"version": service["Version"]["Index"]},
-                   json=ed.updated_spec(service["Spec"], f"{registry.host}/{repo}:latest@{digest}"),
-                   headers={"X-Registry-Auth": auth})
-    result["floor_s"] = round(events.wait(set(ids), started) - started, 3)
+    result["deployer_s"] = round(statistics.median(deployer_ms) / 1000, 3)
+    result["floor_s"] = round(statistics.median(floor_ms) / 1000, 3)
+    result["rounds"], result["deployer_ms"], result["floor_ms"] = rounds, \
+        [round(ms, 1) for ms in deployer_ms], [round(ms, 1) for ms in floor_ms]
     result["cli_over_deployer"] = round(result["cli_s"] / result["deployer_s"], 2)
     result["deployer_over_floor"] = round(result["deployer_s"] / result["floor_s"], 2)
     return result
@@ -451,15 +461,15 @@ TARGETS = [  # (section, key, comparison, target, label)
     ("reconcile", "updates_behind", "==", "services_behind", "reconcile pass, a tenth moved: updates"),
     ("reconcile", "wall_behind_s", None, None, "reconcile pass, a tenth moved: wall (s)"),
     ("side_by_side", "cli_s", None, None, "(a) docker CLI, N services (s)"),
-    ("side_by_side", "deployer_s", None, None, "(b) ecr-deploy, N services (s)"),
-    ("side_by_side", "floor_s", None, None, "(c) bare Engine API calls (s)"),
+    ("side_by_side", "deployer_s", None, None, "(b) ecr-deploy, N services (s, median)"),
+    ("side_by_side", "floor_s", None, None, "(c) bare Engine API calls (s, median)"),
     ("side_by_side", "cli_over_deployer", ">=", 5, "(a)/(b)"),
-    ("side_by_side", "deployer_over_floor", "<=", 1.3, "(b)/(c)"),
+    ("side_by_side", "deployer_over_floor", "<=", 1.2, "fan-out: (b)/(c), one push to N"),
     ("cold_start", "median_s", "<=", 1.5, "cold start, median wall (s)"),
     ("memory", "peak_rss_mib", "<=", 50, "memory: peak RSS (MiB)"),
     ("memory", "growth_mib", "<=", 2, "memory: growth checkpoint..end (MiB)"),
     ("memory", "floor_rss_mib", None, None, "memory: floor, bench/floor.py (MiB)"),
-    ("memory", "share_above_floor_mib", "<=", 3, "memory: deployer's share above it (MiB)"),
+    ("memory", "share_above_floor_mib", "<", 2, "memory: deployer's share above it (MiB)"),
 ]
 
 
@@ -469,7 +479,8 @@ def verdicts(report: dict) -> list[tuple[str, object, str, str]]:
         value = report[section][key]
         if isinstance(target, str):
             target = report[section][target]
-        ok = {"<=": lambda: value <= target, ">=": lambda: value >= target, "==": lambda: value == target,
+        ok = {"<=": lambda: value <= target, "<": lambda: value < target, ">=": lambda: value >= target,
+              "==": lambda: value == target,
               None: lambda: True}[op]()
         rows.append((label, value, f"{op} {target}" if op else "", "ok" if ok else "MISSED"))
     return rows
@@ -490,7 +501,8 @@ def run(aws, registries, images, swarm, workdir, sizes: dict) -> dict:
     report["burst"] = measure_burst(aws, images, swarm, workdir, sizes["burst_images"], sizes["burst_pushes_per_image"])
     swarm.remove_all_services()
     report["idle"] = measure_idle(aws, swarm, workdir, sizes["idle_seconds"])
-    report["side_by_side"] = measure_side_by_side(aws, images, swarm, events, workdir, sizes["side_services"])
+    report["side_by_side"] = measure_side_by_side(aws, images, swarm, events, workdir, sizes["side_services"],
+                                                  sizes["fan_out_rounds"])
     swarm.remove_all_services()
     reconcile = measure_reconcile(aws, images, swarm, workdir, sizes["reconcile_services"],
                                   sizes["reconcile_repositories"])

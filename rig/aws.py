@@ -1,6 +1,7 @@
 """moto_server: SQS and ECR (and SNS, EventBridge, IAM for the AWS setup blocks of docs/install.md) over real HTTP."""
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import pathlib
@@ -48,7 +49,7 @@ def tag_may_move(repository: dict, tag: str) -> bool:
 
 
 class EcrAsDocumented:
-    """The rig's ECR endpoint: moto_server behind a proxy that answers one call as ECR documents where
+    """The rig's ECR endpoint: moto_server behind a proxy that answers two calls as ECR documents where
     moto does not, everything else passed through to moto unchanged.
 
     PutImage of an existing tag at another digest in a tag-immutable repository: moto answers
@@ -61,7 +62,13 @@ class EcrAsDocumented:
     IMMUTABLE_WITH_EXCLUSION's WILDCARD filters (see tag_may_move); moto 5 knows those settings, but
     reads a filter as a regular expression (so a filter that is not a plain tag may differ: the tests
     use plain ones) and refuses a tag excluded under MUTABLE_WITH_EXCLUSION with the same wrong exception,
-    which this proxy also answers as ECR."""
+    which this proxy also answers as ECR.
+
+    ListImages pages: moto answers every image at once, ignoring maxResults and nextToken; ECR answers
+    at most maxResults image ids (1 to 1000; 100 when maxResults is not given) and a nextToken while
+    more remain, none on the last page (the Amazon ECR API Reference, ListImages, Request Parameters
+    maxResults and nextToken, Response Elements nextToken). The listing itself (which images, one entry
+    per tag, the tagStatus filter) stays moto's; the token is opaque, as ECR says to treat it."""
 
     def __init__(self, moto_url: str):
         self.moto_url = moto_url
@@ -70,8 +77,37 @@ class EcrAsDocumented:
         self.url = self.proxy.url
 
     def answer(self, key: str, headers, body: bytes):
-        if not key.endswith(" " + ECR_TARGET + "PutImage"):
+        if key.endswith(" " + ECR_TARGET + "PutImage"):
+            return self.put_image(headers, body)
+        if key.endswith(" " + ECR_TARGET + "ListImages"):
+            return self.list_images(headers, body)
+        return None
+
+    def list_images(self, headers, body: bytes):
+        request = json.loads(body or b"{}")
+        region = CREDENTIAL_REGION.search(headers.get("Authorization") or "")
+        if not region:
             return None
+        ecr = boto3.client("ecr", region_name=region[1], endpoint_url=self.moto_url,
+                           aws_access_key_id="testing", aws_secret_access_key="testing")
+        try:
+            listed = ecr.list_images(**{k: request[k] for k in ("registryId", "repositoryName", "filter")
+                                        if request.get(k)})["imageIds"]
+        except ecr.exceptions.ClientError:
+            return None  # no such repository: moto's answer is ECR's
+        page, start = int(request.get("maxResults") or 100), 0
+        if request.get("nextToken"):
+            try:
+                start = int(json.loads(base64.urlsafe_b64decode(request["nextToken"]))["next"])
+            except (ValueError, KeyError, TypeError):
+                return 400, {"__type": "InvalidParameterException", "message": "Invalid parameter at 'nextToken'"}, {
+                    "Content-Type": "application/x-amz-json-1.1", "x-amzn-RequestId": str(uuid.uuid4())}
+        reply = {"imageIds": listed[start:start + page]}
+        if start + page < len(listed):
+            reply["nextToken"] = base64.urlsafe_b64encode(json.dumps({"next": start + page}).encode()).decode()
+        return 200, reply, {"Content-Type": "application/x-amz-json-1.1", "x-amzn-RequestId": str(uuid.uuid4())}
+
+    def put_image(self, headers, body: bytes):
         request = json.loads(body or b"{}")
         tag, manifest = request.get("imageTag"), request.get("imageManifest") or ""
         region = CREDENTIAL_REGION.search(headers.get("Authorization") or "")
