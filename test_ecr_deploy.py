@@ -6400,8 +6400,11 @@ def test_two_managers_promoting_an_image_index_at_once_tag_it_once_as_the_same_i
     swarm, registry = clean_swarm, REGISTRIES[0]
     repo = images.new_repository()
     pushed = images.push_buildx(repo, "latest", "v1")
-    stage = swarm.create_service("stage-index", f"{registry.host}/{repo}:latest@{pushed.index}", replicas=0,
+    image = f"{registry.host}/{repo}:latest@{pushed.index}"
+    stage = swarm.create_service("stage-index", image, registry=registry, update_config=FAST_MONITOR,
                                  labels={ed.PROMOTE_LABEL: "prod"})
+    swarm.wait_running(stage, image)
+    time.sleep(2.5)  # its task has run Swarm's monitor period (2 s here): the rollout counts as completed
     together, arrived = threading.Barrier(2, timeout=30), []
 
     def put_images_together(key):
