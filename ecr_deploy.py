@@ -88,8 +88,9 @@ exit codes: 0 every received message handled; 1 something left on the queue for 
             or a runtime failure (unreachable Docker or AWS); 2 usage error; 3 misconfigured
             (no such queue, access denied, Docker not a swarm manager, bad DOCKER_HOST)
   --status: 0 every service current (or pinned); 4 some service behind or waiting (the deployer
-            will roll it); 5 some service held back, blocked, failed or following a tag gone from
-            ECR (the operator must act); 1 Docker or ECR could not be asked
+            will roll it), or an image it runs or rolls back to being restored; 5 some service held
+            back, blocked, failed or following a tag gone from ECR, or an image it runs or rolls back
+            to gone or archived (the operator must act); 1 Docker or ECR could not be asked
 
 examples:
   systemd (loop mode; see systemd/ecr-deploy.service):
@@ -109,6 +110,7 @@ documentation (README.md, and in docs/):
   rollouts.md         outcomes, rollback, auth refresh      release-policy.md   windows, min-age, waves
   scan-gate.md        --scan-threshold                      signature-gate.md   --signature, notation
   troubleshooting.md  what a log line means, and the fix  notifications.md    Slack, Teams, ntfy, e-mail
+  keeping-images.md   running and rollback images ECR must keep, --restore-archived
 """
 
 
@@ -183,6 +185,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "and roll those behind as a push would: in loop mode after the first poll and then "
                         "this often; with --once, one pass after draining (0 = off; env "
                         "DEPLOYER_RECONCILE_EVERY; default 5m)")
+    parser.add_argument("--restore-archived", action="store_true", default=env_true("DEPLOYER_RESTORE_ARCHIVED"),
+                        help="each reconcile pass checks that ECR still has the digest every service runs and its "
+                        "rollback target; with this, one that a lifecycle rule archived is restored to the "
+                        "standard storage class (ecr:UpdateImageStorageClass; env DEPLOYER_RESTORE_ARCHIVED=1)")
     parser.add_argument("--window", metavar="WINDOW", default=env("DEPLOYER_WINDOW"),
                         help=f"start rollouts only inside this window, e.g. 'Mon-Fri 09:00-16:00 Europe/Berlin' "
                         f"(several clauses separated by ';'); a service's label {WINDOW_LABEL} wins, 'always' "
@@ -196,7 +202,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="print one row per service that runs an ECR image: its tag, the digest it runs, "
                         "the digest the tag points to now, its state and its last rollout; read-only, needs "
                         "no queue; exit 0 all current, 4 some behind or waiting, 5 some held back, blocked "
-                        "or failed")
+                        "or failed, or an image a service runs or rolls back to gone or archived")
     parser.add_argument("--json", action="store_true", help="with --status: JSON instead of a table")
     parser.add_argument("--notify-url", metavar="URL", action="append",
                         default=env("DEPLOYER_NOTIFY_URL", "").split(),
@@ -1399,13 +1405,74 @@ def status_row(service: dict, followed: tuple | None, answer: TagAnswer | None, 
 
 def status_table(rows: list[dict]) -> str:
     """As `docker service ls` lays it out: what an operator reads first when something looks wrong."""
-    header = ("SERVICE", "TAG", "RUNNING", "TAG NOW", "STATE", "LAST ROLLOUT", "DETAIL")
+    header = ("SERVICE", "TAG", "RUNNING", "TAG NOW", "STATE", "IMAGES", "LAST ROLLOUT", "DETAIL")
     lines = [header] + [(r["service"], f"{r['repository']}:{r['tag'] or '-'}", short_digest(r["running"]),
-                         short_digest(r["tag_now"]), r["state"],
+                         short_digest(r["tag_now"]), r["state"], images_text(r.get("images") or {}),
                          f"{r['last_rollout']} {r['last_rollout_at']}".strip(), r["reason"]) for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     return "".join(("   ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "   " + line[-1]).rstrip()
                    + "\n" for line in lines)
+
+
+# --------------------------------------------------------------------------- images kept (pure)
+
+# ECR lifecycle rules delete images by count or age, and archive them by last pull time. A service that
+# never restarts never pulls: the digest it runs and the one `docker service rollback` restores look unused,
+# and the next reschedule (a node lost, a scale-up, a rollback) fails to pull. Each pass checks both.
+IMAGE_STATES = {"ACTIVE": "ok", "ARCHIVED": "archived", "ACTIVATING": "restoring"}  # ECR's imageStatus; absent: gone
+IMAGE_STATUS_EXIT = {"ok": 0, "restoring": 4, "archived": 5, "gone": 5}  # as STATUS_EXIT: 4 settles, 5 needs someone
+IMAGE_ROLES = ("running", "rollback")
+
+
+def kept_images(service: dict) -> dict[str, tuple[str, str, str, str]]:
+    """role -> (account, region, repository, digest) of the ECR images the service must be able to pull
+    again: the digest it runs, and its rollback target (PreviousSpec's digest, what `docker service
+    rollback` restores). An image named by tag alone cannot be checked: no digest, no entry."""
+    kept = {}
+    for role, spec in zip(IMAGE_ROLES, (service.get("Spec"), service.get("PreviousSpec"))):
+        ref = running_image({"Spec": spec or {}})
+        registry = ref and ecr_registry(ref.host)
+        if registry and ref.digest:
+            kept[role] = (*registry, ref.repository, ref.digest)
+    return kept
+
+
+def image_state(status: str | None) -> str:
+    """What --status says of an image, from ECR's imageStatus (None: ECR has no such image)."""
+    return "gone" if status is None else IMAGE_STATES.get(status, "ok")
+
+
+def images_text(states: dict[str, str]) -> str:
+    """The --status column: RUNNING/ROLLBACK, `-` where there is nothing to check."""
+    return "/".join(states.get(role, "-") for role in IMAGE_ROLES)
+
+
+def images_row(service: dict, states: dict[str, str], errors: dict) -> tuple[dict[str, str], list[str]]:
+    """--status: role -> state (unknown where ECR could not tell), and a line per image at risk."""
+    kept = kept_images(service)
+    states = {role: states.get(role) or ("unknown" if key[:3] in errors else "ok") for role, key in kept.items()}
+    name = service["Spec"].get("Name", "?")
+    problems = [image_problem(name, role, kept[role], state, False).partition(": ")[2]
+                for role, state in states.items() if state in ("archived", "gone", "restoring")]
+    problems += [f"ECR could not tell whether it still has these images ({errors[key]})"
+                 for key in {kept[role][:3] for role, state in states.items() if state == "unknown"}]
+    return states, problems
+
+
+def image_problem(service_name: str, role: str, key: tuple, state: str, restoring: bool) -> str:
+    """One line: which image, what ECR says of it, what that means at the service's next reschedule."""
+    account, region, repository, digest = key
+    what = "the digest it runs" if role == "running" else "its rollback target"
+    where = f"{repository}@{short_digest(digest)} in ECR ({account}, {region})"
+    if state == "gone":
+        return (f"Service {service_name}: {what}, {where}, is gone: a task rescheduled (node lost, scale-up, "
+                f"rollback) cannot pull it (manifest unknown); push it again, or pin a digest ECR still has")
+    if state == "archived":
+        fix = "restoring it to the standard storage class" if restoring else \
+            "restore it (`aws ecr update-image-storage-class --target-storage-class STANDARD`, or --restore-archived)"
+        return (f"Service {service_name}: {what}, {where}, is archived: a task rescheduled (node lost, scale-up, "
+                f"rollback) cannot pull it until it is restored; {fix}")
+    return f"Service {service_name}: {what}, {where}, is being restored to the standard storage class"
 
 
 # --------------------------------------------------------------------------- rollouts (pure)
@@ -1572,7 +1639,12 @@ def metrics_text(totals: dict) -> str:
               for outcome in OUTCOME_WORDS]
     lines += ["# HELP ecr_deploy_last_success_timestamp_seconds When a drain cycle last ended with nothing "
               "left for retry.", "# TYPE ecr_deploy_last_success_timestamp_seconds gauge",
-              f"ecr_deploy_last_success_timestamp_seconds {totals['last_success'] or 0}"]
+              f"ecr_deploy_last_success_timestamp_seconds {totals['last_success'] or 0}",
+              "# HELP ecr_deploy_images_at_risk Images services run or roll back to that ECR no longer holds in "
+              "its standard storage class, as the last reconcile pass found them.",
+              "# TYPE ecr_deploy_images_at_risk gauge"]
+    lines += [f'ecr_deploy_images_at_risk{{state="{state}"}} {(totals.get("images_at_risk") or {}).get(state, 0)}'
+              for state in IMAGE_STATUS_EXIT if state != "ok"]
     return "\n".join(lines) + "\n"
 
 
@@ -1581,13 +1653,14 @@ def metrics_text(totals: dict) -> str:
 # What a notification target can ask for (a filter per target): a service updated for a push, or for
 # drift a reconcile pass found; its rollout completed, failed (paused, timed out) or rolled back; a gate
 # blocked it; a failure record held it back; a window, min-age or wave makes it wait; a digest promoted;
-# the deployer unhealthy (Docker or the queue unreachable past a bound) and recovered.
+# the deployer unhealthy (Docker or the queue unreachable past a bound) and recovered; the image a service
+# runs or rolls back to gone from ECR, or archived.
 EVENT_CLASSES = ("updated", "drift", "completed", "failed", "rolled_back", "blocked", "held", "waiting",
-                 "promoted", "unhealthy", "recovered")
+                 "promoted", "unhealthy", "recovered", "image_at_risk")
 OUTCOME_CLASSES = {"completed": "completed", "superseded": "completed", "removed": "completed",
                    "paused": "failed", "timed_out": "failed", "rollback_paused": "failed", "rollback_failed": "failed",
                    "rollback_completed": "rolled_back", "blocked": "blocked", "promoted": "promoted"}
-BAD_CLASSES = ("failed", "rolled_back", "blocked", "unhealthy")  # said as failures (red, high priority)
+BAD_CLASSES = ("failed", "rolled_back", "blocked", "unhealthy", "image_at_risk")  # said as failures (red, high priority)
 NOTIFY_LABEL = "ecr-deploy.notify"  # a service's events go only to these named targets (comma separated)
 TARGET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 HEADLINE_MAX = 150  # characters: a phone's lock screen shows one line
@@ -2569,6 +2642,52 @@ class Ecr:
                 return None
             where = f"{repository}:{tags[0]}" if len(tags) == 1 else f"{len(tags)} tags of {repository}"
             raise AccessDenied.wrap(e, f"cannot look up {where} in ECR ({account}, {region})") from None
+
+    def image_statuses(self, account: str, region: str, repository: str, digests) -> dict[str, str | None]:
+        """digest -> ECR's imageStatus (ACTIVE, ARCHIVED, ACTIVATING), None for a digest ECR no longer has:
+        one DescribeImages per 100 digests, of every storage class (filter imageStatus ANY: without it
+        ECR describes ACTIVE images only). ECR fails a whole call for one missing image; that batch is
+        then asked in halves, down to the missing ones (about 2·log2(100) calls more for one gone image).
+        Not BatchGetImage: that is a pull, and what a lifecycle rule by last pull time must not be told."""
+        digests, statuses = sorted(set(digests)), {}
+        batches = [digests[start:start + DESCRIBE_IMAGES_MAX_IDS]
+                   for start in range(0, len(digests), DESCRIBE_IMAGES_MAX_IDS)]
+        while batches:
+            batch = batches.pop()
+            reply = self._describe_digests(account, region, repository, batch)
+            if reply is None and len(batch) > 1:
+                batches += [batch[:len(batch) // 2], batch[len(batch) // 2:]]
+                continue
+            statuses.update(dict.fromkeys(batch))
+            for detail in (reply or {}).get("imageDetails", []):
+                if detail.get("imageDigest") in statuses:
+                    status = detail.get("imageStatus")
+                    statuses[detail["imageDigest"]] = status if isinstance(status, str) else "ACTIVE"
+        return statuses
+
+    def _describe_digests(self, account: str, region: str, repository: str, digests: list[str]) -> dict | None:
+        try:
+            return self._client(region).describe_images(
+                registryId=account, repositoryName=repository, filter={"imageStatus": "ANY"},
+                imageIds=[{"imageDigest": digest} for digest in digests])
+        except AWS_ERRORS as e:
+            if error_code(e) == "RepositoryNotFoundException":
+                return {}
+            if error_code(e) == "ImageNotFoundException":
+                return None
+            raise AccessDenied.wrap(e, f"cannot look up {len(digests)} image(s) of {repository} in ECR "
+                                       f"({account}, {region})") from None
+
+    def restore_image(self, account: str, region: str, repository: str, digest: str) -> str | None:
+        """UpdateImageStorageClass to STANDARD: ECR's imageStatus after the call (ACTIVATING while it restores)."""
+        try:
+            reply = self._client(region).update_image_storage_class(
+                registryId=account, repositoryName=repository, imageId={"imageDigest": digest},
+                targetStorageClass="STANDARD")
+        except AWS_ERRORS as e:
+            raise AccessDenied.wrap(e, f"cannot restore {repository}@{short_digest(digest)} in ECR "
+                                       f"({account}, {region})") from None
+        return reply.get("imageStatus")
 
     def manifest(self, account: str, region: str, repository: str, image_id: dict) -> Manifest | None:
         """The manifest ECR holds for {"imageDigest": …} or {"imageTag": …} (BatchGetImage), None if
@@ -4499,6 +4618,7 @@ class Reconciler:
         self.due_at = 0.0 if interval else math.inf  # time.monotonic(): the first pass comes after the first poll
         self.denied: set[tuple[str, str, str]] = set()  # repositories ECR refused to describe: said once
         self.unpinned: set[str] = set()  # services whose spec names no digest: said once
+        self.images = ImageKeeper(deployer)
 
     def wake_at(self, epoch: float) -> None:
         """Something waits until then (a window opens, a soak ends): a pass comes at that moment."""
@@ -4532,10 +4652,12 @@ class Reconciler:
         services = deployer.listing = deployer.docker.services()
         if deployer.service_index:  # the pass checks the index, as an informer's resync does
             deployer.service_index.replace(services, listed_at)
+        images_checked = self.images.check([s for s in services if deployer.label_filter is None
+                                            or deployer.label_filter.admits(s["Spec"].get("Labels"))])
         followed = {s["ID"]: key for s in services if (key := followed_tag(s, deployer.label_filter))}
         if not followed:
             log.debug("Reconcile pass: no service follows an ECR tag")
-            return True
+            return images_checked
         promotes = {key for s in services if (key := promote_key(s, followed.get(s["ID"])))}
         now_at, errors = tag_digests(deployer.ecr, set(followed.values()) | promotes, deployer.systemd.heartbeat)
         deployer.answers.update(now_at)
@@ -4570,11 +4692,97 @@ class Reconciler:
                    f"{done.count(True) - len(result.updated)} not rolled now (the lines above say why), "
                    f"{done.count(False)} failed")
         log.log(logging.INFO if done or errors else logging.DEBUG, "%s", summary)
-        return not errors and False not in done + promoted
+        return images_checked and not errors and False not in done + promoted
 
 
 def service_label(service: dict) -> str:
     return f"{service.get('Spec', {}).get('Name', '?')} ({service.get('ID', '?')[:12]})"
+
+
+# --------------------------------------------------------------------------- images kept
+
+def image_statuses(ecr: Ecr, keys, heartbeat=lambda: None) -> tuple[dict[tuple, str | None], dict[tuple, AwsError]]:
+    """(account, region, repository, digest) -> ECR's imageStatus (None: gone), batched per repository as
+    tag_digests is; also, per repository, why ECR could not tell."""
+    by_repository: dict[tuple, set[str]] = defaultdict(set)
+    for *repository, digest in keys:
+        by_repository[tuple(repository)].add(digest)
+    found, errors = {}, {}
+    with concurrent.futures.ThreadPoolExecutor(ECR_CONCURRENCY) as pool:
+        asked = {pool.submit(ecr.image_statuses, *key, digests): key for key, digests in by_repository.items()}
+        pending = set(asked)
+        while pending:
+            done, pending = concurrent.futures.wait(pending, timeout=CONNECT_TIMEOUT)
+            heartbeat()
+            for future in done:
+                try:
+                    found.update(((*asked[future], digest), s) for digest, s in future.result().items())
+                except AwsError as e:
+                    errors[asked[future]] = e
+    return found, errors
+
+
+class ImageKeeper:
+    """Checks, for each service running an ECR image, that ECR still has the digest it runs and its
+    rollback target in the standard storage class. A problem is said once (one WARNING, one notification)
+    when it appears, again only if it changes; with `restore`, an archived one is restored
+    (UpdateImageStorageClass), once. One DescribeImages per repository and 100 digests per pass."""
+
+    def __init__(self, deployer: Deployer, restore: bool = False):
+        self.deployer, self.restore = deployer, restore
+        self.said: dict[tuple, str] = {}  # (service id, role, digest) -> the state last said
+        self.restored: set[tuple] = set()  # images this process asked ECR to restore
+
+    def states(self, services: list[dict]) -> tuple[dict[str, dict[str, str]], dict[tuple, AwsError]]:
+        """service id -> role -> ok, archived, restoring or gone; and per repository why ECR could not tell."""
+        kept = {s["ID"]: kept_images(s) for s in services}
+        statuses, errors = image_statuses(self.deployer.ecr, {key for roles in kept.values() for key in roles.values()},
+                                          self.deployer.systemd.heartbeat)
+        return {sid: {role: image_state(statuses[key]) for role, key in roles.items() if key in statuses}
+                for sid, roles in kept.items()}, errors
+
+    def check(self, services: list[dict]) -> bool:
+        """The reconcile pass's check; False if ECR could not tell for some repository."""
+        states, errors = self.states(services)
+        for error in errors.values():
+            log.error("Checking the images services run: %s", error)
+        counts = dict.fromkeys(IMAGE_STATUS_EXIT, 0)
+        listed = {s["ID"] for s in services}
+        self.said = {key: state for key, state in self.said.items() if key[0] in listed}  # (services removed)
+        for service in services:
+            name = service["Spec"].get("Name", "?")
+            for role, state in states.get(service["ID"], {}).items():
+                key = kept_images(service)[role]
+                counts[state] += 1
+                said_key = (service["ID"], role, key[3])
+                if state == "ok":
+                    self.said.pop(said_key, None)  # (a problem that comes back is said again, and repaired)
+                    self.restored.discard(key)
+                    continue
+                restoring = state == "archived" and self.restore and key not in self.restored \
+                    and self.restore_one(name, key)
+                if self.said.get(said_key) == ("restoring" if restoring else state):
+                    continue
+                self.said[said_key] = "restoring" if restoring else state
+                line = image_problem(name, role, key, state, bool(restoring))
+                log.warning("%s", line)
+                self.deployer.notifier.event(Event("image_at_risk", name, f"{key[2]}@{key[3]}",
+                                                   line.partition(": ")[2],  # (the event names the service)
+                                                   route=notify_route(service["Spec"].get("Labels"))))
+        self.deployer.totals["images_at_risk"] = {state: n for state, n in counts.items() if state != "ok"}
+        return not errors
+
+    def restore_one(self, name: str, key: tuple) -> bool:
+        """Asks ECR to restore an archived image (once per process: ECR restores it within minutes)."""
+        try:
+            self.deployer.ecr.restore_image(*key)
+        except AwsError as e:
+            log.error("Service %s: %s", name, e)
+            if isinstance(e, AccessDenied):  # (waiting will not help: said once, the WARNING says how by hand)
+                self.restored.add(key)
+            return False
+        self.restored.add(key)
+        return True
 
 
 # --------------------------------------------------------------------------- receiving
@@ -5053,6 +5261,7 @@ def status_rows(deployer: Deployer) -> list[dict]:
     keys |= {key for s in listed if (key := promote_key(s, followed[s["ID"]]))}
     now_at, errors = tag_digests(deployer.ecr, keys, deployer.systemd.heartbeat)
     deployer.answers.update(now_at)
+    images, image_errors = deployer.reconciler.images.states(listed)
     rows = []
     for service in listed:
         key = followed[service["ID"]]
@@ -5067,6 +5276,8 @@ def status_rows(deployer: Deployer) -> list[dict]:
             row["reason"] = "; ".join(filter(None, (row["reason"], row["promotion"])))
             if row["promotion"].startswith("cannot promote") and row["state"] == "current":
                 row["state"] = "held back"  # the operator must act
+        row["images"], problems = images_row(service, images.get(service["ID"], {}), image_errors)
+        row["reason"] = "; ".join(filter(None, (row["reason"], *problems)))
         rows.append(row)
     return rows
 
@@ -5138,7 +5349,8 @@ def status_fact(deployer: Deployer, fact: str, hint: Hint, facts: Facts) -> Fact
 def show_status(deployer: Deployer, as_json: bool) -> int:
     rows = status_rows(deployer)
     sys.stdout.write(json.dumps(rows, indent=2) + "\n" if as_json else status_table(rows))  # the result, not a log line
-    codes = {STATUS_EXIT[row["state"]] for row in rows}
+    codes = {STATUS_EXIT[row["state"]] for row in rows} | {IMAGE_STATUS_EXIT.get(state, 1) for row in rows
+                                                           for state in row["images"].values()}
     return next((code for code in (5, 1, 4) if code in codes), 0)  # what needs someone first, what settles last
 
 
@@ -5377,6 +5589,7 @@ def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deplo
                         # a one-shot process must list anyway: following events pays only in a loop
                         service_index=None if args.once or args.refresh_auth or args.reconcile or args.status
                         else ServiceIndex(docker), notifier=notifier)
+    deployer.reconciler.images.restore = args.restore_archived and not args.dry_run
     if not (args.status or args.dry_run):
         deployer.heartbeat = Heartbeat(os.environ.get("DEPLOYER_HEARTBEAT_URL"))
         if args.once or args.reconcile:

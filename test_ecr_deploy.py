@@ -2955,7 +2955,7 @@ def test_install_page_aws_setup_blocks_run_against_moto(aws, tmp_path):
                        "sqs:DeleteMessage", "ecr:GetAuthorizationToken",
                        "ecr:DescribeImages", "ecr:DescribeImageScanFindings", "ecr:BatchGetImage",
                        "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability", "ecr:PutImage",
-                       "ecr:DescribeRepositories"}
+                       "ecr:DescribeRepositories", "ecr:UpdateImageStorageClass"}  # (--restore-archived)
     promote = next(s for s in document["PolicyVersion"]["Document"]["Statement"] if s["Sid"] == "Promote")
     assert promote["Action"] == ["ecr:PutImage", "ecr:DescribeRepositories"]  # (--status: may the promote tag move?)
     assert promote["Resource"] == [f"arn:aws:ecr:{region}:{document_account(aws)}:repository/{name}"
@@ -5011,8 +5011,10 @@ def test_status_table_lines_up_columns_like_docker_service_ls():
             ed.status_row(service(f"{HOST}/team/api@{DIGEST_A}"), None, None, ("pinned", "pinned by digest"))]
     text = ed.status_table(rows)
     lines = text.splitlines()
-    assert lines[0].split() == ["SERVICE", "TAG", "RUNNING", "TAG", "NOW", "STATE", "LAST", "ROLLOUT", "DETAIL"]
-    assert lines[1].split()[:6] == ["svc", "team/web:latest", "aaaaaaaaaaaa", "bbbbbbbbbbbb", "behind", "completed"]
+    assert lines[0].split() == ["SERVICE", "TAG", "RUNNING", "TAG", "NOW", "STATE", "IMAGES", "LAST", "ROLLOUT",
+                                "DETAIL"]
+    assert lines[1].split()[:7] == ["svc", "team/web:latest", "aaaaaaaaaaaa", "bbbbbbbbbbbb", "behind", "-/-",
+                                    "completed"]
     assert lines[2].split()[:5] == ["svc", "team/api:-", "aaaaaaaaaaaa", "-", "pinned"]
     assert len({line.index("STATE") if "STATE" in line else line.index(" behind") + 1 for line in lines[:2]}) == 1
     assert rows[0]["tag_now"] == DIGEST_B and rows[0]["last_rollout_at"] == "2026-12-03T10:00:05"
@@ -5027,6 +5029,9 @@ def test_status_table_lines_up_columns_like_docker_service_ls():
     (["--reconcile", "--dry-run"], {}, {"reconcile": True, "dry_run": True}),
     (["--status"], {}, {"status": True, "json": False}),
     (["--status", "--json"], {}, {"status": True, "json": True}),
+    (["--reconcile"], {}, {"restore_archived": False}),
+    (["--reconcile", "--restore-archived"], {}, {"restore_archived": True}),
+    (["--queue", "q"], {"DEPLOYER_RESTORE_ARCHIVED": "1"}, {"restore_archived": True}),
 ])
 def test_reconcile_and_status_flags(monkeypatch, argv, env, expected):
     for key in list(os.environ):
@@ -5115,7 +5120,10 @@ def test_a_lost_push_reaches_its_services_within_one_reconcile_period(aws, image
     assert "Traceback" not in running.log and " ERROR " not in running.log
 
 
-def test_a_reconcile_pass_asks_ecr_once_per_repository_and_not_at_all_without_followers(aws, images, clean_swarm):
+def test_a_reconcile_pass_asks_ecr_once_per_repository_for_tags_and_once_for_the_images_it_keeps(
+        aws, images, clean_swarm):
+    """Tags: one DescribeImages per repository, none without a service following a tag. The images kept
+    (each service's running digest and rollback target, by digest): one more per repository."""
     swarm, registry = clean_swarm, REGISTRIES[0]
     account, region = registry.account, registry.region
     proxy = FaultProxy(aws.url)
@@ -5127,7 +5135,7 @@ def test_a_reconcile_pass_asks_ecr_once_per_repository_and_not_at_all_without_fo
         quiet = subprocess.run([sys.executable, DEPLOYER, "--reconcile"], env=env, capture_output=True, text=True,
                                timeout=60)
         assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
-        assert ecr_calls(proxy) == []  # no service follows a tag: ECR is not asked
+        assert by_digest(proxy) == [True]  # no service follows a tag: ECR is asked only whether it keeps v1
 
         repos = [images.new_repository() for _ in range(2)]
         current = {}
@@ -5139,15 +5147,25 @@ def test_a_reconcile_pass_asks_ecr_once_per_repository_and_not_at_all_without_fo
                                                  replicas=0)] = digest
         gone = swarm.create_service("many-gone", f"{registry.host}/{repos[0]}:deleted@{v1}", replicas=0)
         versions = {sid: swarm.service(sid)["Version"]["Index"] for sid in [*current, gone]}
-        del proxy.seen[:]
+        del proxy.seen[:], proxy.bodies[:]
         run = subprocess.run([sys.executable, DEPLOYER, "--reconcile"], env=env, capture_output=True, text=True,
                              timeout=60)
     finally:
         proxy.close()
     assert run.returncode == 0, run.stderr
-    # one DescribeImages per repository (the one with a deleted tag: once more per tag of its batch)
-    assert sorted(ecr_calls(proxy)) == ["DescribeImages"] * (2 + 4), proxy.seen
+    # one DescribeImages per repository (the one with a deleted tag: once more per tag of its batch), and one
+    # per repository for the digests services run; many-gone's digest is not in its repository: that batch of
+    # 4 digests is asked again in halves (2), and the half with it in halves again (2)
+    assert sorted(ecr_calls(proxy)) == ["DescribeImages"] * (2 + 4 + 3 + 4), proxy.seen
+    assert by_digest(proxy).count(True) == 3 + 2 + 2
+    assert f"Service many-gone: the digest it runs, {repos[0]}@{v1[7:19]} in ECR" in run.stderr
     assert {sid: swarm.service(sid)["Version"]["Index"] for sid in versions} == versions  # all current: no update
+
+
+def by_digest(proxy) -> list[bool]:
+    """For each DescribeImages the proxy saw: did it ask by digest (the images kept), not by tag?"""
+    return [all("imageDigest" in i for i in json.loads(body)["imageIds"]) for key, body in proxy.bodies
+            if key.endswith(".DescribeImages")]
 
 
 def put_in_moto(moto, repository: str, tag: str | None, content: str) -> str:
@@ -7738,3 +7756,133 @@ def test_per_service_metrics_are_served_for_prometheus_and_written_to_the_textfi
         deployed = samples[("ecr_deploy_service_last_deployed_timestamp_seconds", (("service", "measured"),))]
         assert abs(deployed - time.time()) < 120
         assert samples[("ecr_deploy_rollouts_total", (("outcome", "completed"),))] == 1  # the totals, as before
+
+
+# --------------------------------------------------------------------------- images kept
+
+def test_kept_images_are_the_running_digest_and_the_rollback_target_of_ecr_services():
+    svc = service(f"{HOST}/team/web:latest@{DIGEST_B}")
+    svc["PreviousSpec"] = {"TaskTemplate": {"ContainerSpec": {"Image": f"{HOST}/team/web:latest@{DIGEST_A}"}}}
+    assert ed.kept_images(svc) == {"running": ("123456789012", "us-east-1", "team/web", DIGEST_B),
+                                   "rollback": ("123456789012", "us-east-1", "team/web", DIGEST_A)}
+    assert ed.kept_images(service(f"{HOST}/team/web:latest")) == {}  # no digest: nothing to ask ECR about
+    assert ed.kept_images(service(f"busybox@{DIGEST_A}")) == {}  # not ECR
+    assert [ed.image_state(s) for s in ("ACTIVE", "ARCHIVED", "ACTIVATING", None)] == \
+        ["ok", "archived", "restoring", "gone"]
+    assert ed.images_text({"running": "ok"}) == "ok/-"
+
+
+def test_images_at_risk_are_metrics():
+    families = {f.name: f for f in prometheus_client.parser.text_string_to_metric_families(ed.metrics_text(
+        {"messages": dict.fromkeys(("deployed", "ignored", "failed"), 0), "services_updated": 0, "rollouts": {},
+         "last_success": None, "images_at_risk": {"gone": 2, "archived": 0, "restoring": 1}}))}
+    assert {s.labels["state"]: s.value for s in families["ecr_deploy_images_at_risk"].samples} == \
+        {"gone": 2, "archived": 0, "restoring": 1}
+
+
+def test_a_rollback_target_deleted_from_ecr_is_said_once_and_status_says_gone(aws, images, clean_swarm, webhook):
+    """A lifecycle rule expires the digest `docker service rollback` would restore: --status says so and
+    exits 5, and a loop-mode deployer says it once (one WARNING, one notification) over several passes."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region, host = registry.account, registry.region, registry.host
+    repo = images.new_repository()
+    v1, v2 = (aws.put_image(account, region, repo, tag, tag) for tag in ("v1", "v2"))
+    sid = swarm.create_service("keep-prev", f"{host}/{repo}@{v1}", replicas=0)
+    swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=f"{host}/{repo}@{v2}"))
+    env = deployer_env(aws, swarm, DEPLOYER_QUEUE="")
+    before = status(env, "--json")
+    assert before.returncode == 0, before.stdout + before.stderr
+    assert json.loads(before.stdout)[0]["images"] == {"running": "ok", "rollback": "ok"}
+
+    aws.client("ecr", region).batch_delete_image(registryId=account, repositoryName=repo,
+                                                 imageIds=[{"imageDigest": v1}])
+    gone = status(env, "--json")
+    assert gone.returncode == 5, gone.stdout + gone.stderr  # the operator must act
+    row = json.loads(gone.stdout)[0]
+    assert row["images"] == {"running": "ok", "rollback": "gone"}
+    assert "cannot pull it (manifest unknown)" in row["reason"]
+    table = status(env).stdout.splitlines()
+    assert "IMAGES" in table[0] and "   ok/gone   " in table[1]
+
+    notify = webhook.url.replace("http://", "json://")  # an Apprise target: it hears every class of event
+    running = Running({**env, "DEPLOYER_LOG_LEVEL": "DEBUG", "DEPLOYER_NOTIFY_URL": notify}, "--queue",
+                      aws.new_queue(), "--reconcile-every", "1s", "--auth-refresh", "0")
+    try:
+        running.wait_line("Reconcile pass: no service follows an ECR tag", count=3)
+    finally:
+        assert running.stop() == 0
+    said = [line for line in running.lines if "its rollback target" in line and " WARNING " in line]
+    assert len(said) == 1 and " WARNING Service keep-prev: its rollback target, " in said[0], running.log
+    assert f"{repo}@{v1[7:19]}" in said[0] and "a task rescheduled (node lost, scale-up, rollback) cannot pull" in said[0]
+    wait_for(lambda: any("its rollback target" in json.dumps(d) for d in webhook.received), 10, what="notification")
+    assert sum("its rollback target" in json.dumps(d) for d in webhook.received) == 1
+
+
+def test_an_archived_running_digest_is_restored_on_request_and_status_follows_it(aws, images, clean_swarm):
+    """A lifecycle rule by last pull time archives the digest a service runs (the rig's ECR answers
+    UpdateImageStorageClass and imageStatus as the Amazon ECR API Reference documents them: see
+    rig.aws.EcrAsDocumented). --status says "archived" (exit 5); a pass without --restore-archived only
+    says so; with it, it asks ECR to restore the image to STANDARD, --status says "restoring" (exit 4)
+    until ECR is done, then "ok" (exit 0)."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region, host = registry.account, registry.region, registry.host
+    repo = images.new_repository()
+    v1 = aws.put_image(account, region, repo, "v1", "v1")
+    swarm.create_service("keep-run", f"{host}/{repo}@{v1}", replicas=0)
+    aws.client("ecr", region).update_image_storage_class(registryId=account, repositoryName=repo,
+                                                         imageId={"imageDigest": v1}, targetStorageClass="ARCHIVE")
+    env = deployer_env(aws, swarm, DEPLOYER_QUEUE="")
+
+    def state() -> tuple[int, dict]:
+        run = status(env, "--json")
+        return run.returncode, json.loads(run.stdout)[0]["images"]
+
+    assert state() == (5, {"running": "archived"})
+    said = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)
+    assert said.returncode == 0, said.stderr
+    assert "the digest it runs" in said.stderr and "is archived" in said.stderr and "--restore-archived" in said.stderr
+    assert state() == (5, {"running": "archived"})  # seen, not repaired: that is opt-in
+
+    sent = len(aws.front.proxy.bodies)
+    repaired = ed_run([sys.executable, DEPLOYER, "--reconcile", "--restore-archived"], env)
+    assert repaired.returncode == 0, repaired.stderr
+    assert "restoring it to the standard storage class" in repaired.stderr
+    asked = [json.loads(body) for key, body in aws.front.proxy.bodies[sent:] if key.endswith("UpdateImageStorageClass")]
+    assert asked == [{"registryId": account, "repositoryName": repo, "imageId": {"imageDigest": v1},
+                      "targetStorageClass": "STANDARD"}]
+    assert state() == (4, {"running": "restoring"})
+    aws.front.restores_done()  # ECR restores within minutes
+    assert state() == (0, {"running": "ok"})
+
+
+def test_the_rigs_ecr_moves_images_between_storage_classes_as_ecr_documents(aws):
+    """moto 5 has no storage classes; the rig's ECR answers as the Amazon ECR API Reference documents:
+    UpdateImageStorageClass (response imageId and imageStatus; errors ImageNotFoundException,
+    ImageStorageClassUpdateNotSupportedException), DescribeImagesFilter imageStatus ("If not specified,
+    only images with ACTIVE status are returned"; ANY returns all) and ImageDetail.imageStatus."""
+    account, region = "123456789012", aws.region
+    ecr, repo = aws.client("ecr", region), f"team/classes-{uuid.uuid4().hex[:8]}"
+    ecr.create_repository(repositoryName=repo)
+    kept, other = (aws.put_image(account, region, repo, tag, tag) for tag in ("kept", "other"))
+
+    def described(**how) -> dict:
+        return {d["imageDigest"]: d["imageStatus"] for d in ecr.describe_images(repositoryName=repo, **how)[
+            "imageDetails"]}
+
+    archived = ecr.update_image_storage_class(repositoryName=repo, imageId={"imageDigest": kept},
+                                              targetStorageClass="ARCHIVE")
+    assert (archived["imageId"]["imageDigest"], archived["imageStatus"]) == (kept, "ARCHIVED")
+    assert described() == {other: "ACTIVE"}  # no filter: active images only
+    assert described(filter={"imageStatus": "ANY"}) == {kept: "ARCHIVED", other: "ACTIVE"}
+    assert described(filter={"imageStatus": "ARCHIVED"}) == {kept: "ARCHIVED"}
+    with pytest.raises(ecr.exceptions.ImageStorageClassUpdateNotSupportedException):
+        ecr.update_image_storage_class(repositoryName=repo, imageId={"imageDigest": kept}, targetStorageClass="ARCHIVE")
+    restoring = ecr.update_image_storage_class(repositoryName=repo, imageId={"imageTag": "kept"},
+                                               targetStorageClass="STANDARD")
+    assert restoring["imageStatus"] == "ACTIVATING"
+    assert described(imageIds=[{"imageDigest": kept}], filter={"imageStatus": "ANY"}) == {kept: "ACTIVATING"}
+    aws.front.restores_done()
+    assert described() == {kept: "ACTIVE", other: "ACTIVE"}
+    with pytest.raises(ecr.exceptions.ImageNotFoundException):
+        ecr.update_image_storage_class(repositoryName=repo, imageId={"imageDigest": "sha256:" + "0" * 64},
+                                       targetStorageClass="STANDARD")

@@ -49,7 +49,7 @@ def tag_may_move(repository: dict, tag: str) -> bool:
 
 
 class EcrAsDocumented:
-    """The rig's ECR endpoint: moto_server behind a proxy that answers two calls as ECR documents where
+    """The rig's ECR endpoint: moto_server behind a proxy that answers the calls below as ECR documents where
     moto does not, everything else passed through to moto unchanged.
 
     PutImage of an existing tag at another digest in a tag-immutable repository: moto answers
@@ -68,20 +68,94 @@ class EcrAsDocumented:
     at most maxResults image ids (1 to 1000; 100 when maxResults is not given) and a nextToken while
     more remain, none on the last page (the Amazon ECR API Reference, ListImages, Request Parameters
     maxResults and nextToken, Response Elements nextToken). The listing itself (which images, one entry
-    per tag, the tagStatus filter) stays moto's; the token is opaque, as ECR says to treat it."""
+    per tag, the tagStatus filter) stays moto's; the token is opaque, as ECR says to treat it.
+
+    Storage classes: moto 5 has neither imageStatus nor UpdateImageStorageClass. This proxy keeps which
+    images are archived or being restored (`statuses`; every other image is ACTIVE) and answers
+    UpdateImageStorageClass as the Amazon ECR API Reference documents it (UpdateImageStorageClass: request
+    imageId, targetStorageClass STANDARD | ARCHIVE; response registryId, repositoryName, imageId and
+    imageStatus ACTIVE | ARCHIVED | ACTIVATING; errors ImageNotFoundException, RepositoryNotFoundException,
+    ImageStorageClassUpdateNotSupportedException, InvalidParameterException), the image itself looked up
+    in moto. A restore takes ECR minutes: the image stays ACTIVATING until the test says the restore is
+    done (`restores_done`). DescribeImages of a repository with such images, or asked with an imageStatus
+    filter, is moto's answer with each image's imageStatus added and the filter applied (the Amazon ECR
+    API Reference, DescribeImagesFilter: "If not specified, only images with ACTIVE status are returned").
+    Elsewhere moto's answer lacks imageStatus, as ECR's did before storage classes (the deployer reads
+    none as ACTIVE).
+
+    PutImage moving a tag: see move_tag."""
 
     def __init__(self, moto_url: str):
         self.moto_url = moto_url
         self.proxy = FaultProxy(moto_url)
         self.proxy.answer = self.answer
         self.url = self.proxy.url
+        self.statuses: dict[tuple[str, str, str], str] = {}  # (region, repository, digest) -> ARCHIVED | ACTIVATING
+        self.classed: set[tuple[str, str]] = set()  # (region, repository) where an image ever changed class
 
     def answer(self, key: str, headers, body: bytes):
         if key.endswith(" " + ECR_TARGET + "PutImage"):
             return self.put_image(headers, body)
         if key.endswith(" " + ECR_TARGET + "ListImages"):
             return self.list_images(headers, body)
+        if key.endswith(" " + ECR_TARGET + "UpdateImageStorageClass"):
+            return self.update_image_storage_class(headers, body)
+        if key.endswith(" " + ECR_TARGET + "DescribeImages"):
+            return self.describe_images(key.split()[1], headers, body)
         return None
+
+    def restores_done(self) -> None:
+        """ECR has finished restoring every image it was restoring: they are ACTIVE again."""
+        for key, status in list(self.statuses.items()):
+            if status == "ACTIVATING":
+                del self.statuses[key]
+
+    def describe_images(self, path: str, headers, body: bytes):
+        request = json.loads(body or b"{}")
+        region = CREDENTIAL_REGION.search(headers.get("Authorization") or "")
+        wanted = (request.get("filter") or {}).get("imageStatus")
+        if not region or not (wanted or (region[1], request.get("repositoryName")) in self.classed):
+            return None  # every image here ACTIVE, no filter asked: moto's answer is ECR's (but for imageStatus)
+        reply = requests.post(self.moto_url + path, data=body, timeout=60, headers={
+            k: v for k, v in headers.items() if k.lower() not in ("host", "content-length", "connection")})
+        document = reply.json() if reply.content else {}
+        if reply.ok:
+            details = [{**detail, "imageStatus": self.statuses.get(
+                (region[1], detail.get("repositoryName"), detail.get("imageDigest")), "ACTIVE")}
+                for detail in document.get("imageDetails") or []]
+            document["imageDetails"] = [d for d in details if (wanted or "ACTIVE") in ("ANY", d["imageStatus"])]
+        return reply.status_code, document, {"Content-Type": "application/x-amz-json-1.1",
+                                             "x-amzn-RequestId": str(uuid.uuid4())}
+
+    def update_image_storage_class(self, headers, body: bytes):
+        request = json.loads(body or b"{}")
+        region = CREDENTIAL_REGION.search(headers.get("Authorization") or "")
+        reply_headers = {"Content-Type": "application/x-amz-json-1.1", "x-amzn-RequestId": str(uuid.uuid4())}
+        target, image_id = request.get("targetStorageClass"), request.get("imageId") or {}
+        if not region or target not in ("STANDARD", "ARCHIVE") or not image_id:
+            return 400, {"__type": "InvalidParameterException",
+                         "message": "Invalid parameter at 'targetStorageClass' or 'imageId'"}, reply_headers
+        ecr = boto3.client("ecr", region_name=region[1], endpoint_url=self.moto_url,
+                           aws_access_key_id="testing", aws_secret_access_key="testing")
+        where = {k: request[k] for k in ("registryId", "repositoryName") if request.get(k)}
+        try:
+            detail = ecr.describe_images(**where, imageIds=[image_id])["imageDetails"][0]
+        except ecr.exceptions.ClientError as e:
+            return 400, {"__type": e.response["Error"]["Code"], "message": e.response["Error"]["Message"]}, \
+                reply_headers
+        key = (region[1], detail["repositoryName"], detail["imageDigest"])
+        self.classed.add(key[:2])
+        status = self.statuses.get(key, "ACTIVE")
+        if (status, target) == ("ARCHIVED", "STANDARD"):
+            self.statuses[key] = "ACTIVATING"
+        elif (status, target) == ("ACTIVE", "ARCHIVE"):
+            self.statuses[key] = "ARCHIVED"
+        else:
+            return 400, {"__type": "ImageStorageClassUpdateNotSupportedException",
+                         "message": f"The image is {status}: it cannot move to {target}"}, reply_headers
+        return 200, {"registryId": detail["registryId"], "repositoryName": detail["repositoryName"],
+                     "imageId": {"imageDigest": detail["imageDigest"]}, "imageStatus": self.statuses[key]}, \
+            reply_headers
 
     def list_images(self, headers, body: bytes):
         request = json.loads(body or b"{}")
@@ -124,11 +198,32 @@ class EcrAsDocumented:
         except ecr.exceptions.ClientError:
             return None  # no such repository or tag: moto's answer is ECR's
         digest = request.get("imageDigest") or "sha256:" + hashlib.sha256(manifest.encode()).hexdigest()
-        if not tagged or tagged[0]["imageDigest"] == digest or tag_may_move(repository["repositories"][0], tag):
+        if not tagged or tagged[0]["imageDigest"] == digest:
             return None
+        if tag_may_move(repository["repositories"][0], tag):
+            return self.move_tag(ecr, where, tagged[0], headers, body)
         message = (f"The image tag '{tag}' already exists in the '{where['repositoryName']}' repository and cannot "
                    f"be overwritten because the repository is immutable.")
         return 400, {"__type": "ImageTagAlreadyExistsException", "message": message}, {
+            "Content-Type": "application/x-amz-json-1.1", "x-amzn-RequestId": str(uuid.uuid4())}
+
+    def move_tag(self, ecr, where: dict, left: dict, headers, body: bytes):
+        """PutImage of a tag that moves to another image: in ECR the image it leaves stays, untagged if that
+        was its last tag (what lifecycle rules on tagStatus UNTAGGED expire: the Amazon ECR User Guide,
+        Examples of lifecycle policies). moto deletes it with its last tag; it is put back, untagged."""
+        kept = None
+        if left.get("imageTags") == [json.loads(body)["imageTag"]]:
+            kept = ecr.batch_get_image(**where, imageIds=[{"imageDigest": left["imageDigest"]}])["images"][0]
+        reply = requests.post(self.moto_url + "/", data=body, timeout=60, headers={
+            k: v for k, v in headers.items() if k.lower() not in ("host", "content-length", "connection")})
+        if reply.ok and kept:
+            try:
+                ecr.put_image(**where, imageManifest=kept["imageManifest"], imageDigest=left["imageDigest"],
+                              **({"imageManifestMediaType": kept["imageManifestMediaType"]}
+                                 if kept.get("imageManifestMediaType") else {}))
+            except ecr.exceptions.ClientError:
+                pass  # moto 5 cannot put an untagged image into a repository with tag exclusion filters: lost there
+        return reply.status_code, reply.json() if reply.content else {}, {
             "Content-Type": "application/x-amz-json-1.1", "x-amzn-RequestId": str(uuid.uuid4())}
 
     def close(self):
