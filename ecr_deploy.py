@@ -17,11 +17,17 @@ promotion) decides when; what must survive a restart lives on the service's labe
 Read top-down: configuration, events (pure), images (pure: references, which tag a service
 follows), versions (pure: which tags a service may run, and the newest), specs (pure), service labels
 (pure: provenance, failure records), release policy (pure), Swarm's tasks (pure: completed, soaked),
-status (pure), rollouts (pure), scan gate (pure), signature gate (pure), AWS shell, Docker shell (and
-loop mode's ServiceIndex, kept current from Docker's events), the gates (ScanGate; SignatureGate, which
-runs notation or cosign), the drain cycle (Deployer; Rollouts, which follows and rolls back; AuthKeeper,
-the registry-auth keeper), the reconcile pass (Reconciler), receiving (Receiver: batches bounded in
-time, held invisible while worked on), reports, logging and systemd, status (read-only), main.
+status (pure), rollouts (pure), scan gate (pure), signature gate (pure), deciding (pure: a Hint,
+"service S should run digest D of tag T, because of this event or a reconcile pass", and decide(), the
+one answer to it: deploy, nothing, hold back, wait, block), AWS shell (SQS), ECR shell, Docker shell,
+the service index (loop mode's ServiceIndex, kept current from Docker's events), the gates (ScanGate;
+SignatureGate, which runs notation or cosign), the drain cycle (Deployer: messages in, hints converged,
+the messages whose hints are decided acknowledged), hints from events (EventHints), converging
+(Converger: reads the facts decide() asks for, then has them acted on; promotion), acting (Actor:
+posts, records failures, says why not, blocks, promotes), rollouts (Rollouts, which follows and rolls
+back), the auth keeper (AuthKeeper), the reconcile pass (Reconciler: a hint for every service behind
+its tag), receiving (Receiver: batches bounded in time, held invisible while worked on), reports,
+notifications, logging and systemd, status (read-only), main.
 """
 from __future__ import annotations
 
@@ -2224,6 +2230,88 @@ def signature_reason(tool: str, returncode: int, output: str) -> str:
 
 
 
+# --------------------------------------------------------------------------- deciding (pure)
+
+class Hint(NamedTuple):
+    """Service `service` (as listed) should run `digest` of the tag `push` names, because of `push`: an
+    event (its id, time and trigger: push, scan, signature) or a reconcile pass (push.reconcile)."""
+    service: dict
+    push: Push
+    digest: str
+
+    @property
+    def image(self) -> str:
+        return pinned_image(uses_image(self.service, self.push), self.push.tag, self.digest)
+
+
+class GateSaid(NamedTuple):
+    gate: str  # the gate's name: "scan gate", "signature gate"
+    verdict: Verdict | None  # None: the gate does not gate this service
+
+
+class Facts(NamedTuple):
+    """What the shell read about a hint, in the order decide() asks for it: a fact is read only when no
+    earlier one decides (no task history read, no verifier run, for a hint already decided)."""
+    failure_read: bool = False
+    failure: str | None = None  # why the digest must not roll here (its failure record, Swarm's rollback)
+    release: Release | None = None  # the release policy's answer; None: not read yet
+    verdicts: tuple[GateSaid, ...] = ()  # the gates asked so far, in their order
+
+
+GATE_ACTIONS = {"wait": "wait for gate", "gone": "gone", "blocked": "block"}  # a gate's verdict -> what is done
+
+
+class Decision(NamedTuple):
+    """What to do about a hint. action: "deploy"; "nothing" (reason: why, as logged); "hold back" (its
+    rollout failed here; record: write the failure record Swarm's own rollback left unwritten); "not
+    released" (the release policy's wait or hold); "wait for gate", "gone", "block" (a gate's verdict); or
+    "ask" (reason names the fact to read next: "failure", "release" or "gate")."""
+    action: str
+    reason: str = ""
+    release: Release | None = None
+    gate: str = ""
+    record: bool = False
+
+
+def skip_reason(service: dict, push: Push, digest: str) -> str | None:
+    """Why a service needs no update to the digest (a Swarm job, or it runs it already), or None."""
+    if is_job(service["Spec"]) and not reruns_on_push(service["Spec"]):
+        return f"is a Swarm job, which an update would run again; skipped (label it {RERUN_JOB_LABEL}=true to " \
+               f"re-run it on every push)"
+    if runs_digest(service, digest):
+        return f"already runs {pinned_image(uses_image(service, push), push.tag, digest)}; nothing to do"
+    return None
+
+
+def decide(hint: Hint, facts: Facts, gates: int) -> Decision:
+    """What to do about a hint, from the service as listed, the facts read so far and the number of
+    gates: the push path and the reconcile pass both come here."""
+    service, push, digest = hint
+    skip = skip_reason(service, push, digest)
+    if skip:
+        return Decision("nothing", skip)
+    status = service.get("UpdateStatus") or {}
+    if status.get("State") == "rollback_started":  # a post would cancel it
+        return Decision("nothing", "is being rolled back by Swarm; not rolled now")
+    if not facts.failure_read:
+        return Decision("ask", "failure")
+    if facts.failure:  # (not after rollback_paused: a re-post would resume that rollback)
+        record = failed_digest(service) != digest and status.get("State") == "rollback_completed"
+        return Decision("hold back", facts.failure, record=record)
+    if facts.release is None:
+        return Decision("ask", "release")
+    if facts.release.decision != "deploy":
+        return Decision("not released", facts.release.reason, release=facts.release)
+    for said in facts.verdicts:
+        if said.verdict is not None and said.verdict.decision in GATE_ACTIONS:
+            return Decision(GATE_ACTIONS[said.verdict.decision], said.verdict.reason, gate=said.gate)
+    if len(facts.verdicts) < gates:
+        return Decision("ask", "gate")
+    if push.trigger != "push" and not any(said.verdict for said in facts.verdicts):
+        return Decision("nothing", f"has no scan or signature gate: a {push.trigger} event does not roll it")
+    return Decision("deploy")
+
+
 # --------------------------------------------------------------------------- AWS shell
 
 # Every AWS call is bounded, so that no single step outlives the watchdog (Systemd.HEALTHY_FOR):
@@ -2390,6 +2478,8 @@ class Queue:
                 failed.add(message_id)
         return failed
 
+
+# --------------------------------------------------------------------------- ECR shell
 
 class TagAnswer(NamedTuple):
     """What ECR says a tag points to now."""
@@ -2956,6 +3046,8 @@ class Docker:
                           headers={"Accept": "application/json"}, timeout=(DOCKER_TIMEOUT[0], EVENTS_IDLE_TIMEOUT))
 
 
+# --------------------------------------------------------------------------- the service index (loop mode)
+
 class ServiceIndex:
     """Loop mode: the swarm's services, kept current from Docker's event stream the way a Kubernetes
     informer keeps its cache, so a push neither lists nor parses every service (with a thousand, that
@@ -2970,7 +3062,7 @@ class ServiceIndex:
     A cached Version may lag Swarm's: the update posted with it is refused ("update out of sequence") and
     post_update re-inspects, so staleness costs a retry, never a wrong update; nor a skipped one: dockerd
     drops events for a subscriber that falls 100 ms behind (moby's pubsub), and a service that looks
-    moved is judged on the fresh read (pin_service). A service created just before a push arrives is
+    moved is judged on the fresh read (Actor.pin). A service created just before a push arrives is
     found if its event was read: a lookup waits out the events read and not yet applied. An event
     dockerd has not yet written to the stream (within milliseconds on one host) is not waited for: that
     one push misses the service, the event stores it for the next, and a full listing (a reconcile pass,
@@ -3457,25 +3549,10 @@ class CycleResult:
         return [m for m in self.kept if m not in self.waiting]
 
 
-@dataclass
-class Rollout:
-    """A service update (or rollback) being followed until Swarm says how it ended."""
-    service_id: str
-    name: str
-    image: str  # what the service is being moved to
-    force_update: int  # the TaskTemplate.ForceUpdate we posted: with the image, our spec's identity
-    push: Push  # whose registry credentials apply
-    started: float  # time.monotonic() just before the update was posted
-    deadline: float
-    rollback: bool = False
-    replaced: dict = field(default_factory=dict)  # the spec our update replaced: what a rollback restores
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} ({self.service_id[:12]})"
-
-
 class Deployer:
+    """The drain cycle: messages in, hints (EventHints) to the one converge path (Converger: facts read,
+    decide(), Actor), the messages whose hints are decided acknowledged. Holds the parts and what they share."""
+
     def __init__(self, queue: Queue | None, ecr: Ecr, docker: Docker, label_filter: LabelFilter | None,
                  trust_events: bool = False, follow_rollouts: bool = False, rollout_timeout: float | None = None,
                  rollback_on_failure: bool = False, notify_urls: tuple[str, ...] = (), dry_run: bool = False,
@@ -3488,26 +3565,23 @@ class Deployer:
         self.heartbeat = Heartbeat(None)  # start() sets the operator's
         self.service_index = service_index  # loop mode; without it every cycle lists the services
         self.gates = gates  # ScanGate, SignatureGate: each says deploy, wait or blocked for a gated service
-        self.reported_blocked: set[tuple[str, str]] = set()  # (service ID, image): one ERROR and webhook each
-        self.reported_held: set[tuple[str, str]] = set()  # (service ID, digest): one WARNING each
-        self.reported_waits: dict[tuple[str, str], str] = {}  # (service ID, image) -> the wait last logged
-        self.recheck_after: dict[tuple[str, str], float] = {}  # (service ID, image) -> the next open wait's back-off
         self.release_defaults = dict(release_defaults or {})  # fleet-wide defaults of the release labels
         self.new_cycle()
         self.label_filter = label_filter
         self.trust_events = trust_events
         self.dry_run = dry_run
         self.systemd = systemd or Systemd({})
+        self.hints = EventHints(self)
+        self.converger = Converger(self)
+        self.actor = Actor(self)
         self.rollouts = Rollouts(self, follow_rollouts, rollout_timeout, rollback_on_failure, notify_urls)
         self.keeper = AuthKeeper(self, auth_refresh, state_directory)
         self.reconciler = Reconciler(self, reconcile_every)
         self.totals = {"messages": {"received": 0, "deployed": 0, "ignored": 0, "failed": 0},
                        "services_updated": 0, "rollouts": self.rollouts.counts, "last_success": None}
 
-    # ---- acknowledging (receiving: see Receiver)
-
     def handle(self, messages: list[dict]) -> CycleResult:
-        """Do what the messages ask, then delete exactly the ones whose work is done."""
+        """Turn the messages into hints, converge them, then delete exactly the messages whose hints are decided."""
         self.new_cycle()
         ignored: list[dict] = []
         pushes: dict[tuple, list[tuple[dict, Push]]] = defaultdict(list)
@@ -3522,7 +3596,7 @@ class Deployer:
                         "Ignoring message %s: %s", message["MessageId"], what.reason)
                 ignored.append(message)
             else:
-                asked = self.pushes_asked(what)
+                asked = self.hints.pushes_asked(what)
                 if asked is None:
                     continue  # ECR could not be asked which image it names: kept for retry
                 for push in asked:
@@ -3530,8 +3604,8 @@ class Deployer:
                 keys_of[message["MessageId"]] = {push.image_key for push in asked}
 
         result = CycleResult(received=len(messages))
-        targets, gone = self.resolve_targets(pushes)
-        deployed_keys, waiting_keys = self.deploy_all(targets, pushes, result)
+        targets, gone = self.hints.targets(pushes)
+        deployed_keys, waiting_keys = self.converge_all(targets, pushes, result)
         finished = set(gone) | set(deployed_keys)
         handled = [m for m in messages if keys_of.get(m["MessageId"], {None}) <= finished]
         ignored += [m for m in handled if keys_of[m["MessageId"]] <= set(gone)]
@@ -3551,39 +3625,28 @@ class Deployer:
         self.count(result)
         return result
 
-    def pushes_asked(self, what: Push | ScanDone | Signed) -> list[Push] | None:
-        """The tags an event asks to deploy: a push's own, a scan's, or those of the image a signature
-        signs (ECR is asked; None if it could not answer)."""
-        if isinstance(what, Push):
-            return [what]
-        if isinstance(what, ScanDone):
-            return self.scan_pushes(what)
-        if self.trust_events:  # which image a signature signs is ECR's to say (BatchGetImage, DescribeImages)
-            log.info("Signature %s@%s: not followed under --trust-events; the tag's next push rolls its gated "
-                     "services", what.repository, what.digest)
-            return []
-        key, gate = (what.account, what.region, what.repository), self.signature_gate
+    def converge_all(self, targets: dict, pushes: dict, result: CycleResult) -> tuple[list[tuple], set[tuple]]:
+        """Look up each pushed repository's services once (listed, or the index's in loop mode) and converge
+        each image's hints; returns the images fully deployed, and those where nothing failed but some
+        service waits for an ECR scan."""
+        if not targets:
+            return [], set()
         try:
-            gated = gate is not None and any(gate.gates(service) for service in self.services_in({key})[key])
+            in_repository = self.services_in({push.repository_key for push, _ in targets.values()})
+            self.listing = [service for group in in_repository.values() for service in group]
         except DockerError as e:
-            log.error("%s; the signature event of %s@%s is kept for retry", e, what.repository, what.digest)
-            return None
-        if not gated:  # (nothing asked of ECR for a repository nobody gates: every signature pushed comes here)
-            log.info("Signature %s@%s: no service of that repository has a signature gate; nothing to deploy",
-                     what.repository, what.digest)
-            return []
-        try:
-            signed = self.ecr.signed_image(what)
-        except AwsError as e:
-            log.error("%s; message kept for retry", e)
-            return None
-        if signed is None:
-            log.info("Signature %s@%s names no image in ECR; nothing to deploy", what.repository, what.digest)
-            return []
-        subject, tags = signed
-        log.info("Signature %s@%s signs %s (tags: %s)", what.repository, what.digest, subject, ", ".join(tags) or "none")
-        return ScanDone(what.account, what.region, what.repository, subject, tuple(tags), what.time, what.event_id,
-                        trigger="signature").pushes()
+            log.error("%s; %d message(s) kept for retry", e, sum(len(pushes[key]) for key in targets))
+            self.systemd.status("docker unreachable: retrying" if e.status is None else "docker error: retrying")
+            return [], set()
+        deployed, waiting = [], set()
+        for key, (push, digest) in targets.items():
+            done = [self.converger.converge(hint, result)
+                    for hint in self.hints.of_target(push, digest, in_repository[push.repository_key])]
+            if all(done):
+                deployed.append(key)
+            elif None in done and False not in done:
+                waiting.add(key)
+        return deployed, waiting
 
     def new_cycle(self) -> None:
         """A drain cycle or reconcile pass begins: what ECR and Swarm said before is stale."""
@@ -3605,8 +3668,6 @@ class Deployer:
         if not result.failed:
             self.totals["last_success"] = round(time.time(), 3)
 
-    # ---- deploying
-
     @property
     def scan_gate(self) -> ScanGate | None:
         return next((gate for gate in self.gates if isinstance(gate, ScanGate)), None)
@@ -3615,22 +3676,83 @@ class Deployer:
     def signature_gate(self) -> SignatureGate | None:
         return next((gate for gate in self.gates if isinstance(gate, SignatureGate)), None)
 
+    def services(self) -> list[dict]:
+        """Every service in the swarm, as a push cycle sees them: the index's in loop mode, else listed
+        once per cycle (the events of a batch that name no tag ask too: scans of untagged images, signatures)."""
+        if self.service_index:
+            return self.service_index.services()
+        if self._listed is None:
+            self._listed = self.docker.services()
+        return self._listed
+
+    def services_in(self, repositories: set[tuple]) -> dict[tuple, list[dict]]:
+        """The services running an image of each (account, region, repository), pinned or not."""
+        if self.service_index:
+            return self.service_index.services_in(repositories)
+        grouped = by_repository(self.services())
+        return {key: grouped.get(key, []) for key in repositories}
+
+
+# --------------------------------------------------------------------------- hints from events
+
+class EventHints:
+    """Turns events into hints: which tags an event asks to deploy (a push's own; a scan's or a signature's,
+    as ECR says), the digest each tag points to now (stale events lose), and the services that follow it."""
+
+    def __init__(self, deployer: Deployer):
+        self.deployer = deployer
+
+    def pushes_asked(self, what: Push | ScanDone | Signed) -> list[Push] | None:
+        """The tags an event asks to deploy: a push's own, a scan's, or those of the image a signature
+        signs (ECR is asked; None if it could not answer)."""
+        deployer = self.deployer
+        if isinstance(what, Push):
+            return [what]
+        if isinstance(what, ScanDone):
+            return self.scan_pushes(what)
+        if deployer.trust_events:  # which image a signature signs is ECR's to say (BatchGetImage, DescribeImages)
+            log.info("Signature %s@%s: not followed under --trust-events; the tag's next push rolls its gated "
+                     "services", what.repository, what.digest)
+            return []
+        key, gate = (what.account, what.region, what.repository), deployer.signature_gate
+        try:
+            gated = gate is not None and any(gate.gates(service) for service in deployer.services_in({key})[key])
+        except DockerError as e:
+            log.error("%s; the signature event of %s@%s is kept for retry", e, what.repository, what.digest)
+            return None
+        if not gated:  # (nothing asked of ECR for a repository nobody gates: every signature pushed comes here)
+            log.info("Signature %s@%s: no service of that repository has a signature gate; nothing to deploy",
+                     what.repository, what.digest)
+            return []
+        try:
+            signed = deployer.ecr.signed_image(what)
+        except AwsError as e:
+            log.error("%s; message kept for retry", e)
+            return None
+        if signed is None:
+            log.info("Signature %s@%s names no image in ECR; nothing to deploy", what.repository, what.digest)
+            return []
+        subject, tags = signed
+        log.info("Signature %s@%s signs %s (tags: %s)", what.repository, what.digest, subject, ", ".join(tags) or "none")
+        return ScanDone(what.account, what.region, what.repository, subject, tuple(tags), what.time, what.event_id,
+                        trigger="signature").pushes()
+
     def scan_pushes(self, scan: ScanDone) -> list[Push] | None:
         """The pushes a scan event stands for: one per tag the image had; for an untagged image, one per
         tag that a gated service follows and whose image index holds it (ECR scans an index's platform
         images, pushed untagged, never the index). None when ECR or Docker cannot tell now."""
         if scan.tags or scan.trigger != "scan":
             return scan.pushes()
-        if self.scan_gate is None:
+        if self.deployer.scan_gate is None:
             return []
         key = scan.repository_key
         try:
-            services = self.services_in({key})[key]
+            services = self.deployer.services_in({key})[key]
         except DockerError as e:
             log.error("%s; the scan event of %s@%s is kept for retry", e, scan.repository, scan.digest)
             return None
-        tags = sorted({followed[3] for service in services if self.scan_gate.gates(service)
-                       and (followed := followed_tag(service, self.label_filter)) and followed[:3] == key})
+        tags = sorted({followed[3] for service in services if self.deployer.scan_gate.gates(service)
+                       and (followed := followed_tag(service, self.deployer.label_filter)) and followed[:3] == key})
         try:
             holders = [Push(*key, tag, index, scan.time, trigger=scan.trigger, event_id=scan.event_id)
                        for tag, index in self.indexes_at(key, tags).items() if self.index_holds(key, index, {scan.digest})]
@@ -3650,36 +3772,37 @@ class Deployer:
         --trust-events: read with BatchGetImage (granted for pulls), never DescribeImages."""
         if not tags:
             return {}
-        if self.trust_events:
-            manifests = {tag: self.ecr.manifest(*key, {"imageTag": tag}) for tag in tags}
+        if self.deployer.trust_events:
+            manifests = {tag: self.deployer.ecr.manifest(*key, {"imageTag": tag}) for tag in tags}
             return {tag: m.digest for tag, m in manifests.items()
-                    if m and self.scan_gate.platform_images(*key, m.digest, manifest=m) is not None}
-        answers = self.ecr.tag_digests(*key, tags)
-        self.answers.update(((*key, tag), answer) for tag, answer in answers.items())
+                    if m and self.deployer.scan_gate.platform_images(*key, m.digest, manifest=m) is not None}
+        answers = self.deployer.ecr.tag_digests(*key, tags)
+        self.deployer.answers.update(((*key, tag), answer) for tag, answer in answers.items())
         return {tag: answer.digest for tag, answer in answers.items() if answer.media_type in INDEX_MEDIA_TYPES
                 or answer.media_type is None}
 
     def index_holds(self, key: tuple, digest: str, scanned: set[str], media_type: str | None = None) -> bool:
         """Is `digest` an image index holding one of the scanned digests among its platform images?"""
         try:
-            images = self.scan_gate.platform_images(*key, digest, media_type) if self.scan_gate else None
+            gate = self.deployer.scan_gate
+            images = gate.platform_images(*key, digest, media_type) if gate else None
         except ValueError:
             return False  # unreadable: a push of its tag is blocked by the gate, saying why
         return any(image.digest in scanned for image in images or ())
 
-    def resolve_targets(self, pushes: dict) -> tuple[dict[tuple, tuple[Push, str]], list[tuple]]:
+    def targets(self, pushes: dict) -> tuple[dict[tuple, tuple[Push, str]], list[tuple]]:
         """One ECR lookup per image: the digest its tag points to now (stale events lose).
         Returns the images to deploy, and those whose tag is gone (nothing to deploy)."""
-        targets, gone = {}, []
+        targets, gone, answers = {}, [], self.deployer.answers
         for key, group in pushes.items():
-            self.systemd.heartbeat()
+            self.deployer.systemd.heartbeat()
             real = [p for _, p in group if p.trigger == "push"]  # a scan event may name an older digest
             push = max(real or [p for _, p in group], key=lambda p: p.time)
-            if self.trust_events:  # the event's digest as is, a scan event's too: DescribeImages may be denied
+            if self.deployer.trust_events:  # the event's digest as is, a scan event's too: DescribeImages may be denied
                 targets[key] = (push, push.digest)
                 continue
             try:
-                answer = self.answers.get(key) or self.ecr.current_digest(push)  # (a scan event's may be in)
+                answer = answers.get(key) or self.deployer.ecr.current_digest(push)  # (a scan event's may be in)
                 digest = answer and answer.digest
                 scanned = {p.digest for _, p in group}
                 held = not real and digest and digest not in scanned and self.index_holds(
@@ -3688,7 +3811,7 @@ class Deployer:
                 log.error("%s; %d message(s) kept for retry", e, len(group))
                 continue
             if answer:
-                self.answers[key] = answer
+                answers[key] = answer
             if digest is None:
                 log.info("%s no longer exists in ECR; nothing to deploy", push.image)
                 gone.append(key)
@@ -3704,108 +3827,85 @@ class Deployer:
             targets[key] = (push, digest)
         return targets, gone
 
-    def deploy_all(self, targets: dict, pushes: dict, result: CycleResult) -> tuple[list[tuple], set[tuple]]:
-        """Look up each pushed repository's services once (listed, or the index's in loop mode) and roll
-        each image's users; returns the images fully deployed, and those where nothing failed but some
-        service waits for an ECR scan."""
-        if not targets:
-            return [], set()
-        try:
-            in_repository = self.services_in({push.repository_key for push, _ in targets.values()})
-            self.listing = [service for group in in_repository.values() for service in group]
-        except DockerError as e:
-            log.error("%s; %d message(s) kept for retry", e, sum(len(pushes[key]) for key in targets))
-            self.systemd.status("docker unreachable: retrying" if e.status is None else "docker error: retrying")
-            return [], set()
-        deployed, waiting = [], set()
-        for key, (push, digest) in targets.items():
-            services = in_repository[push.repository_key]
-            users = services_using(services, push, self.label_filter)
-            for service in services:
-                pinned = pinned_digest(service, push)
-                if pinned and (self.label_filter is None or self.label_filter.admits(service["Spec"].get("Labels"))):
-                    log.info("Service %s is pinned to %s; not following :%s", service_label(service), pinned, push.tag)
-            if not users:
-                log.info("No service uses %s", push.image)
-            done = [self.gated_pin(service, push, digest, result) for service in users]
-            if all(done):
-                deployed.append(key)
-            elif None in done and False not in done:
-                waiting.add(key)
-        return deployed, waiting
 
-    def services(self) -> list[dict]:
-        """Every service in the swarm, as a push cycle sees them: the index's in loop mode, else listed
-        once per cycle (the events of a batch that name no tag ask too: scans of untagged images, signatures)."""
-        if self.service_index:
-            return self.service_index.services()
-        if self._listed is None:
-            self._listed = self.docker.services()
-        return self._listed
+    def of_target(self, push: Push, digest: str, services: list[dict]) -> list[Hint]:
+        """The hints of one pushed image: every service (of its repository) that follows its tag should run
+        the digest; the pinned ones are only named."""
+        label_filter = self.deployer.label_filter
+        for service in services:
+            pinned = pinned_digest(service, push)
+            if pinned and (label_filter is None or label_filter.admits(service["Spec"].get("Labels"))):
+                log.info("Service %s is pinned to %s; not following :%s", service_label(service), pinned, push.tag)
+        users = services_using(services, push, label_filter)
+        if not users:
+            log.info("No service uses %s", push.image)
+        return [Hint(service, push, digest) for service in users]
 
-    def services_in(self, repositories: set[tuple]) -> dict[tuple, list[dict]]:
-        """The services running an image of each (account, region, repository), pinned or not."""
-        if self.service_index:
-            return self.service_index.services_in(repositories)
-        grouped = by_repository(self.services())
-        return {key: grouped.get(key, []) for key in repositories}
 
-    def gated_pin(self, service: dict, push: Push, digest: str, result: CycleResult) -> bool | None:
-        """pin_service behind the gates: True done (or blocked), False failed, None waits (for a scan)."""
-        if runs_digest(service, digest) or (is_job(service["Spec"]) and not reruns_on_push(service["Spec"])):
-            return self.pin_service(service, push, digest, result)  # says why it has nothing to do
-        if (service.get("UpdateStatus") or {}).get("State") == "rollback_started":  # a post would cancel it
-            log.info("Service %s is being rolled back by Swarm; not rolled now", service_label(service))
-            return True
-        try:
-            if self.held_back(service, push, digest):
-                return True
-        except DockerError as e:
-            log.error("Cannot read the task history of service %s: %s", service_label(service), e)
-            return False
-        try:
-            release = self.release(service, push, digest)
-        except DockerError as e:  # (reading a leader's tasks): a retry, not a verdict
-            log.error("Cannot apply the release policy of service %s: %s", service_label(service), e)
-            return False
-        except ValueError as e:
-            release = Release("held", f"cannot apply its release policy: {e}")
-        if release.decision != "deploy":
-            self.not_released(service, pinned_image(uses_image(service, push), push.tag, digest), release)
-            return True  # handled: a later reconcile pass rolls it to what the tag points to then
-        image = pinned_image(uses_image(service, push), push.tag, digest)
-        gated = False
-        for gate in self.gates:
-            try:
-                verdict = gate.verdict(service, push, digest)
-            except AwsError as e:
-                log.error("Cannot check the %s of service %s: %s", gate.name, service_label(service), e)
+# --------------------------------------------------------------------------- converging
+
+class Converger:
+    """The one converge path: for a hint (an event's or a reconcile pass's), read the facts decide() asks
+    for (failure record, Swarm's tasks, the release policy's leaders, the gates' verdicts), then have the
+    Actor do what it decided. Also promotion, whose rule (promotion()) is read from the same facts."""
+
+    def __init__(self, deployer: Deployer):
+        self.deployer = deployer
+
+    def converge(self, hint: Hint, result: CycleResult) -> bool | None:
+        """True done (or nothing to do, held, blocked), False failed (retried), None waits (for a gate)."""
+        facts: Facts | None = Facts()
+        while (decision := decide(hint, facts, len(self.deployer.gates))).action == "ask":
+            facts = self.read(decision.reason, hint, facts)
+            if facts is None:
                 return False
-            if verdict is None:
-                continue
-            gated = True
-            if verdict.decision == "wait":
-                log.info("Service %s waits for its %s before %s: %s%s", service_label(service), gate.name,
-                         image, verdict.reason, "" if push.reconcile else "; message kept")
+        return self.deployer.actor.act(hint, decision, result)
+
+    def read(self, fact: str, hint: Hint, facts: Facts) -> Facts | None:
+        """The facts with the one decide() asked for added; None (said why) if Docker or ECR failed."""
+        service, push, digest = hint
+        if fact == "failure":
+            try:
+                return facts._replace(failure_read=True, failure=self.failure_of(service, digest))
+            except DockerError as e:
+                log.error("Cannot read the task history of service %s: %s", service_label(service), e)
                 return None
-            if verdict.decision == "gone":
-                log.info("Service %s not rolled to %s: %s", service_label(service), image, verdict.reason)
-                return True
-            if verdict.decision == "blocked":
-                self.blocked(service, image, verdict.reason, gate.name)
-                return True
-            log.info("Service %s passes its %s for %s: %s", service_label(service), gate.name, image, verdict.reason)
-        if push.trigger != "push" and not gated:
-            log.info("Service %s has no scan or signature gate: a %s event does not roll it", service_label(service),
-                     push.trigger)
-            return True
-        return self.pin_service(service, push, digest, result)
+        if fact == "release":
+            try:
+                return facts._replace(release=self.release(service, push, digest))
+            except DockerError as e:  # (reading a leader's tasks): a retry, not a verdict
+                log.error("Cannot apply the release policy of service %s: %s", service_label(service), e)
+                return None
+            except ValueError as e:
+                return facts._replace(release=Release("held", f"cannot apply its release policy: {e}"))
+        gate = self.deployer.gates[len(facts.verdicts)]
+        try:
+            verdict = gate.verdict(service, push, digest)
+        except AwsError as e:
+            log.error("Cannot check the %s of service %s: %s", gate.name, service_label(service), e)
+            return None
+        if verdict is not None and verdict.decision not in GATE_ACTIONS:
+            log.info("Service %s passes its %s for %s: %s", service_label(service), gate.name, hint.image,
+                     verdict.reason)
+        return facts._replace(verdicts=(*facts.verdicts, GateSaid(gate.name, verdict)))
+
+    def failure_of(self, service: dict, digest: str) -> str | None:
+        """Why the digest must not be rolled onto the service (its rollout failed there), or None. Swarm's
+        own rollback keeps no record but its UpdateStatus and task history (pruned in time)."""
+        if failed_digest(service) == digest:
+            return service["Spec"]["Labels"][FAILED_LABEL]
+        status = service.get("UpdateStatus") or {}
+        if status.get("State") in SWARM_ROLLBACK and (rolled_back_from(service, digest) or
+                                                      tried_and_failed(self.deployer.docker.tasks(service["ID"]),
+                                                                       digest)):
+            return f"Swarm rolled back its rollout ({status['State']}): {status.get('Message', '')}"
+        return None
 
     def release(self, service: dict, push: Push, digest: str) -> Release:
         """The operator's release policy (labels, else the fleet defaults) for this service and digest."""
-        labels = service["Spec"].get("Labels") or {}
-        names = after_names(labels, self.release_defaults)
-        by_name = {s["Spec"].get("Name"): s for s in self.listing}
+        deployer, labels = self.deployer, service["Spec"].get("Labels") or {}
+        names = after_names(labels, deployer.release_defaults)
+        by_name = {s["Spec"].get("Name"): s for s in deployer.listing}
         leaders = []
         for name in names:
             leader = by_name.get(name) or self.service_named(name)
@@ -3813,71 +3913,97 @@ class Deployer:
                 leaders.append(Leader(name, False, None, None, None, exists=False))
                 continue
             runs = runs_digest(leader, digest)
-            ran = rollout_of(leader, self.docker.tasks(leader["ID"]), digest, self.docker.date) if runs \
+            ran = rollout_of(leader, deployer.docker.tasks(leader["ID"]), digest, deployer.docker.date) if runs \
                 else Ran(None, None)
             leaders.append(Leader(name, runs, ran.pending, ran.since, self.failure_of(leader, digest), ran.settles_in))
-        answer = self.answers.get(push.image_key)
+        answer = deployer.answers.get(push.image_key)
         age = answer.age if answer and answer.digest == digest else None
-        return release_policy(labels, self.release_defaults, time.time(), age, leaders,
-                              self.docker.date if names else None)
-
-    def promotion_of(self, service: dict, key: tuple, answers: dict) -> Release:
-        """The promotion rule for a service and the digest its tag points to (Swarm's task history is
-        read only while a promotion may still be due)."""
-        digest = answers[key].digest
-        target = answers.get(promote_key(service, key))
-        runs = runs_digest(service, digest)
-        due = runs and (target is None or target.digest != digest)
-        ran = rollout_of(service, self.docker.tasks(service["ID"]), digest, self.docker.date) if due \
-            else Ran(None, None)
-        return promotion(service["Spec"].get("Labels") or {}, runs, ran.pending, ran.since,
-                         self.failure_of(service, digest) if due else None, target and target.digest,
-                         digest, self.docker.date, time.time(), ran.settles_in)
+        return release_policy(labels, deployer.release_defaults, time.time(), age, leaders,
+                              deployer.docker.date if names else None)
 
     def service_named(self, name: str) -> dict | None:
         try:
-            return self.docker.service(name)  # Docker takes a name as well as an ID
+            return self.deployer.docker.service(name)  # Docker takes a name as well as an ID
         except DockerError as e:
             if e.status == 404:
                 return None
             raise
 
+    def promotion_of(self, service: dict, key: tuple, answers: dict) -> Release:
+        """The promotion rule for a service and the digest its tag points to (Swarm's task history is
+        read only while a promotion may still be due)."""
+        docker, digest = self.deployer.docker, answers[key].digest
+        target = answers.get(promote_key(service, key))
+        runs = runs_digest(service, digest)
+        due = runs and (target is None or target.digest != digest)
+        ran = rollout_of(service, docker.tasks(service["ID"]), digest, docker.date) if due else Ran(None, None)
+        return promotion(service["Spec"].get("Labels") or {}, runs, ran.pending, ran.since,
+                         self.failure_of(service, digest) if due else None, target and target.digest,
+                         digest, docker.date, time.time(), ran.settles_in)
+
     def promote_if_due(self, service: dict, key: tuple, answer: TagAnswer, answers: dict) -> bool:
         """Tag the digest this service runs as its PROMOTE_LABEL tag once its rollout completed and soaked,
         for whatever follows that tag (another swarm, account or region, through ECR's push event).
         Idempotent: a tag already at the digest is left alone. False if ECR or Docker failed."""
-        labels, digest = service["Spec"].get("Labels") or {}, answer.digest
-        tag = promote_key(service, key)[3]
         try:
             decision = self.promotion_of(service, key, answers)
         except (ValueError, DockerError) as e:
             log.error("Cannot promote from service %s: %s", service_label(service), e)
             return False
-        image = f"{running_image(service).name}:{tag}@{digest}"
-        if decision.decision == "wait":
-            self.not_released(service, image, decision, "will promote")
-        if decision.decision != "deploy":
-            return True
-        if self.dry_run:
-            log.info("Would promote %s (service %s)", image, service_label(service))
-            return True
-        try:
-            promoted = self.ecr.promote(*key[:3], digest, tag)
-        except TagImmutable as e:  # retrying changes nothing until the operator does: said once, not a failed pass
-            if (service["ID"], image) not in self.reported_blocked:
-                self.reported_blocked.add((service["ID"], image))
-                log.error("Cannot promote %s (service %s): %s", image, service_label(service), e)
-            return True
-        except AwsError as e:
-            log.error("Cannot promote %s: %s", image, e)
-            return False
-        if promoted:
-            log.info("Promoted %s: service %s runs it, rollout completed%s", image, service_label(service),
-                     f", soaked {labels[SOAK_LABEL]}" if labels.get(SOAK_LABEL) else "")
-            self.rollouts.counts["promoted"] += 1
-            self.rollouts.notify(notification("promoted", service["Spec"].get("Name", "?"), service["ID"], image, 0.0,
-                                              self.rollouts.node_name(), f"tagged as :{tag}"), labels)
+        return self.deployer.actor.promote(service, key, answer.digest, decision)
+
+
+# --------------------------------------------------------------------------- acting
+
+class Actor:
+    """Does what was decided, and says it once: posts updates (with fresh registry auth, retried out of
+    sequence), writes failure records, reports holds, waits and blocks, promotes, has rollouts followed
+    and notifications sent."""
+
+    def __init__(self, deployer: Deployer):
+        self.deployer = deployer
+        self.reported_blocked: set[tuple[str, str]] = set()  # (service ID, image): one ERROR and webhook each
+        self.reported_held: set[tuple[str, str]] = set()  # (service ID, digest): one WARNING each
+        self.reported_waits: dict[tuple[str, str], str] = {}  # (service ID, image) -> the wait last logged
+        self.recheck_after: dict[tuple[str, str], float] = {}  # (service ID, image) -> the next open wait's back-off
+
+    def act(self, hint: Hint, decision: Decision, result: CycleResult) -> bool | None:
+        """decide()'s answer done: True done, False failed, None waits for a gate (the message is kept)."""
+        service, push, digest = hint
+        if decision.action == "deploy":
+            return self.pin(service, push, digest, result)
+        if decision.action == "nothing":
+            log.info("Service %s %s", service_label(service), decision.reason)
+        elif decision.action == "hold back":
+            self.hold_back(hint, decision)
+        elif decision.action == "not released":
+            self.not_released(service, hint.image, decision.release)
+        elif decision.action == "wait for gate":
+            log.info("Service %s waits for its %s before %s: %s%s", service_label(service), decision.gate,
+                     hint.image, decision.reason, "" if push.reconcile else "; message kept")
+            return None
+        elif decision.action == "gone":
+            log.info("Service %s not rolled to %s: %s", service_label(service), hint.image, decision.reason)
+        elif decision.action == "block":
+            self.blocked(service, hint.image, decision.reason, decision.gate)
         return True
+
+    def hold_back(self, hint: Hint, decision: Decision) -> None:
+        """A digest whose rollout failed on a service is not rolled there again, by any manager, until
+        the tag moves on or the operator removes the record (FAILED_LABEL). When Swarm rolled it back
+        with nobody following, the record is written now."""
+        service, push, digest = hint
+        if decision.record:
+            status = service["UpdateStatus"]
+            self.record_failure(service, push.account, push.region, digest, status["State"], status.get("Message", ""))
+        if (service["ID"], digest) not in self.reported_held:
+            self.reported_held.add((service["ID"], digest))
+            name = service["Spec"].get("Name", "?")
+            log.warning("Service %s holds back %s: its rollout failed there; `docker service update --label-rm %s "
+                        "%s` lets it roll again", service_label(service), digest, FAILED_LABEL, name)
+            self.deployer.notifier.event(Event("held", name, f"{push.repository}:{push.tag}@{digest}",
+                                               f"held back: its rollout failed here ({decision.reason})",
+                                               route=notify_route(service["Spec"].get("Labels"))))
 
     def not_released(self, service: dict, image: str, release: Release, waits: str = "waits before") -> None:
         """Say once (per service, digest and reason) why a service is not rolled (or does not promote)
@@ -3887,7 +4013,7 @@ class Deployer:
         key = (service["ID"], image)
         reason = re.sub(r"\(?(?:in|rolls in) [0-9dhms ]+\)?", "", release.reason)  # the same wait, counting down
         open_ended = release.decision == "wait" and release.until is None
-        cap = recheck_cap(self.reconciler.interval)
+        cap = recheck_cap(self.deployer.reconciler.interval)
         if self.reported_waits.get(key) != reason:
             self.reported_waits[key] = reason
             self.recheck_after.pop(key, None)  # a new wait: looked at soon again
@@ -3897,47 +4023,15 @@ class Deployer:
                     service_label(service), "holds back" if release.decision == "held" else waits, image,
                     release.reason, then)
             held = release.decision == "held"
-            self.notifier.event(Event("held" if held else "waiting", service["Spec"].get("Name", "?"), image,
+            self.deployer.notifier.event(Event("held" if held else "waiting", service["Spec"].get("Name", "?"), image,
                                       f"{'holds back' if held else waits}: {release.reason}",
                                       route=notify_route(service["Spec"].get("Labels"))))
         if open_ended:
             delay = self.recheck_after.get(key, WAVE_RECHECK)
             self.recheck_after[key] = next_recheck(delay, cap)
-            self.reconciler.wake_at(time.time() + delay)
+            self.deployer.reconciler.wake_at(time.time() + delay)
         elif release.decision == "wait":
-            self.reconciler.wake_at(release.until)
-
-    def failure_of(self, service: dict, digest: str) -> str | None:
-        """Why the digest must not be rolled onto the service (its rollout failed there), or None. Swarm's
-        own rollback keeps no record but its UpdateStatus and task history (pruned in time)."""
-        if failed_digest(service) == digest:
-            return service["Spec"]["Labels"][FAILED_LABEL]
-        status = service.get("UpdateStatus") or {}
-        if status.get("State") in SWARM_ROLLBACK and (rolled_back_from(service, digest) or
-                                                      tried_and_failed(self.docker.tasks(service["ID"]), digest)):
-            return f"Swarm rolled back its rollout ({status['State']}): {status.get('Message', '')}"
-        return None
-
-    def held_back(self, service: dict, push: Push, digest: str) -> bool:
-        """A digest whose rollout failed on a service is not rolled there again, by any manager, until
-        the tag moves on or the operator removes the record (FAILED_LABEL). When Swarm rolled it back
-        with nobody following, the record is written now."""
-        failure = self.failure_of(service, digest)
-        if failure is None:
-            return False
-        status = service.get("UpdateStatus") or {}
-        if failed_digest(service) != digest and status.get("State") == "rollback_completed":
-            # (not rollback_paused: a re-post would resume that rollback)
-            self.record_failure(service, push.account, push.region, digest, status["State"], status.get("Message", ""))
-        if (service["ID"], digest) not in self.reported_held:
-            self.reported_held.add((service["ID"], digest))
-            name = service["Spec"].get("Name", "?")
-            log.warning("Service %s holds back %s: its rollout failed there; `docker service update --label-rm %s "
-                        "%s` lets it roll again", service_label(service), digest, FAILED_LABEL, name)
-            self.notifier.event(Event("held", name, f"{push.repository}:{push.tag}@{digest}",
-                                      f"held back: its rollout failed here ({failure})",
-                                      route=notify_route(service["Spec"].get("Labels"))))
-        return True
+            self.deployer.reconciler.wake_at(release.until)
 
     def record_failure(self, listed: dict, account: str, region: str, digest: str, outcome: str,
                        message: str) -> None:
@@ -3946,9 +4040,9 @@ class Deployer:
         as `listed` (read when the failure was seen) shows it: a service updated since (another manager
         posted a new digest, an operator scaled it) is left for the next pass, so a record never resumes
         a paused rollout of another digest, nor makes another digest the spec Swarm's rollback restores."""
-        if self.dry_run:
+        if self.deployer.dry_run:
             return
-        record = failure_record(digest, outcome, self.rollouts.node_name(), time.time(), message)
+        record = failure_record(digest, outcome, self.deployer.rollouts.node_name(), time.time(), message)
 
         def plan(service: dict) -> tuple[dict, ImageRef] | None:
             if failed_digest(service) == digest or runs_digest(service, digest) or running_image(service) is None:
@@ -3964,7 +4058,7 @@ class Deployer:
 
     def blocked(self, service: dict, image: str, reason: str, gate: str) -> None:
         """A final outcome, reported like a rollout's; the message is done (retrying changes nothing)."""
-        if self.dry_run:
+        if self.deployer.dry_run:
             log.info("Would block service %s from %s: %s", service_label(service), image, reason)
             return
         if (service["ID"], image) in self.reported_blocked:  # the push came back after its scan event, or vice versa
@@ -3972,13 +4066,14 @@ class Deployer:
             return
         self.reported_blocked.add((service["ID"], image))
         log.error("Blocked service %s from %s by its %s: %s", service_label(service), image, gate, reason)
-        self.totals["rollouts"]["blocked"] += 1
-        if self.rollouts.enabled:
-            self.rollouts.outcomes.append("blocked")
-        self.rollouts.notify(notification("blocked", service["Spec"].get("Name", "?"), service["ID"], image, 0.0,
-                                          self.rollouts.node_name(), reason, gate=gate), service["Spec"].get("Labels"))
+        self.deployer.totals["rollouts"]["blocked"] += 1
+        if self.deployer.rollouts.enabled:
+            self.deployer.rollouts.outcomes.append("blocked")
+        rollouts = self.deployer.rollouts
+        rollouts.notify(notification("blocked", service["Spec"].get("Name", "?"), service["ID"], image, 0.0,
+                                     rollouts.node_name(), reason, gate=gate), service["Spec"].get("Labels"))
 
-    def pin_service(self, listed: dict, push: Push, digest: str, result: CycleResult) -> bool:
+    def pin(self, listed: dict, push: Push, digest: str, result: CycleResult) -> bool:
         before = listed  # what the service ran before this cycle touched it
 
         def plan(service: dict) -> tuple[dict, ImageRef] | None:
@@ -3988,8 +4083,8 @@ class Deployer:
                 log.info("Service %s no longer uses %s; skipped", service_label(service), push.image)
                 return None
             if ref.digest != (running_image(before) or ref).digest and ref.digest != digest:
-                if service is before or not updated_before(service, self.docker.date,
-                                                           time.monotonic() - self.cycle_started):
+                if service is before or not updated_before(service, self.deployer.docker.date,
+                                                           time.monotonic() - self.deployer.cycle_started):
                     # another deployer (or operator) moved it while this cycle ran, maybe to a newer push
                     # than the one this cycle knows of: never roll it back; the next push or pass decides
                     log.info("Service %s moved to %s meanwhile; skipped", service_label(service), ref.digest)
@@ -3999,19 +4094,16 @@ class Deployer:
                 log.info("Service %s runs %s since before this push was handled (listed at %s); rolling it",
                          service_label(service), ref.digest, (running_image(before) or ref).digest)
                 before = service
-            if is_job(service["Spec"]) and not reruns_on_push(service["Spec"]):
-                log.info("Service %s is a Swarm job, which an update would run again; skipped (label it "
-                         "%s=true to re-run it on every push)", service_label(service), RERUN_JOB_LABEL)
+            skip = skip_reason(service, push, digest)  # (decide() said so of the listing; Swarm may differ now)
+            if skip:
+                log.info("Service %s %s", service_label(service), skip)
                 return None
             image = pinned_image(ref, push.tag, digest)
-            if runs_digest(service, digest):
-                log.info("Service %s already runs %s; nothing to do", service_label(service), image)
-                return None
-            if self.dry_run:
+            if self.deployer.dry_run:
                 log.info("Would update service %s to %s", service_label(service), image)
                 return None
-            self.systemd.status(f"deploying {service['Spec'].get('Name', '?')}")
-            labels = provenance_labels(push, digest, self.rollouts.node_name(), time.time())
+            self.deployer.systemd.status(f"deploying {service['Spec'].get('Name', '?')}")
+            labels = provenance_labels(push, digest, self.deployer.rollouts.node_name(), time.time())
             return updated_spec(service["Spec"], image, labels), ref
 
         def updated(service: dict, spec: dict, started: float) -> None:
@@ -4021,9 +4113,9 @@ class Deployer:
             was = (running_image(service) or ImageRef("", "", "", None, None)).digest
             why = f"drift: a reconcile pass found it behind :{push.tag}" + (f" (ran {was[:19]})" if was else "") \
                 if push.reconcile else f"updated: {UPDATE_REASONS.get(push.trigger, push.trigger)}"
-            self.notifier.event(Event("drift" if push.reconcile else "updated", spec.get("Name", "?"), image, why,
-                                      route=notify_route(spec.get("Labels"))))
-            self.rollouts.follow(service, spec, push, started)
+            self.deployer.notifier.event(Event("drift" if push.reconcile else "updated", spec.get("Name", "?"), image,
+                                               why, route=notify_route(spec.get("Labels"))))
+            self.deployer.rollouts.follow(service, spec, push, started)
 
         return self.post_update(listed, push.account, push.region, plan, updated)
 
@@ -4034,9 +4126,9 @@ class Deployer:
         and we inspect it afresh and start over, with jitter so two deployers fall out of step."""
         label = service_label(listed)
         for attempt in range(1, UPDATE_ATTEMPTS + 1):
-            self.systemd.heartbeat()
+            self.deployer.systemd.heartbeat()
             try:
-                service = listed if attempt == 1 else self.docker.service(listed["ID"])
+                service = listed if attempt == 1 else self.deployer.docker.service(listed["ID"])
             except DockerError as e:
                 if e.status == 404:
                     log.info("Service %s was removed; skipped", label)
@@ -4048,10 +4140,10 @@ class Deployer:
                 return True
             spec, ref = decision
             try:
-                auth = registry_auth_header(*self.ecr.credentials(account, region), ref.name.partition("/")[0]) \
-                    if with_auth else None
+                auth = registry_auth_header(*self.deployer.ecr.credentials(account, region),
+                                            ref.name.partition("/")[0]) if with_auth else None
                 started = time.monotonic()
-                warnings = self.docker.update_service(service, spec, auth)
+                warnings = self.deployer.docker.update_service(service, spec, auth)
             except DockerError as e:
                 if (e.out_of_sequence or e.status == 404) and attempt < UPDATE_ATTEMPTS:  # 404: removed?
                     log.info("Service %s changed while updating (attempt %d); retrying", label, attempt)
@@ -4067,6 +4159,58 @@ class Deployer:
             on_success(service, spec, started)
             return True
         return False
+
+
+    def promote(self, service: dict, key: tuple, digest: str, decision: Release) -> bool:
+        """The promotion rule's answer done: tag the digest, say why not yet, or nothing. False if ECR failed."""
+        labels, tag = service["Spec"].get("Labels") or {}, promote_key(service, key)[3]
+        image = f"{running_image(service).name}:{tag}@{digest}"
+        if decision.decision == "wait":
+            self.not_released(service, image, decision, "will promote")
+        if decision.decision != "deploy":
+            return True
+        if self.deployer.dry_run:
+            log.info("Would promote %s (service %s)", image, service_label(service))
+            return True
+        try:
+            promoted = self.deployer.ecr.promote(*key[:3], digest, tag)
+        except TagImmutable as e:  # retrying changes nothing until the operator does: said once, not a failed pass
+            if (service["ID"], image) not in self.reported_blocked:
+                self.reported_blocked.add((service["ID"], image))
+                log.error("Cannot promote %s (service %s): %s", image, service_label(service), e)
+            return True
+        except AwsError as e:
+            log.error("Cannot promote %s: %s", image, e)
+            return False
+        if promoted:
+            rollouts = self.deployer.rollouts
+            log.info("Promoted %s: service %s runs it, rollout completed%s", image, service_label(service),
+                     f", soaked {labels[SOAK_LABEL]}" if labels.get(SOAK_LABEL) else "")
+            rollouts.counts["promoted"] += 1
+            rollouts.notify(notification("promoted", service["Spec"].get("Name", "?"), service["ID"], image, 0.0,
+                                         rollouts.node_name(), f"tagged as :{tag}"), labels)
+        return True
+
+
+# --------------------------------------------------------------------------- rollouts
+
+@dataclass
+class Rollout:
+    """A service update (or rollback) being followed until Swarm says how it ended."""
+    service_id: str
+    name: str
+    image: str  # what the service is being moved to
+    force_update: int  # the TaskTemplate.ForceUpdate we posted: with the image, our spec's identity
+    push: Push  # whose registry credentials apply
+    started: float  # time.monotonic() just before the update was posted
+    deadline: float
+    rollback: bool = False
+    replaced: dict = field(default_factory=dict)  # the spec our update replaced: what a rollback restores
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.service_id[:12]})"
+
 
 
 class Rollouts:
@@ -4166,7 +4310,7 @@ class Rollouts:
                 or outcome == "paused" and (service["Spec"].get("UpdateConfig") or {}).get("FailureAction") != "rollback"):
             self.roll_back(rollout, outcome, message)
         elif outcome == "rollback_completed":  # Swarm's FailureAction=rollback: it keeps no record of what failed
-            self.deployer.record_failure(service, rollout.push.account, rollout.push.region,
+            self.deployer.actor.record_failure(service, rollout.push.account, rollout.push.region,
                                          rollout.image.rpartition("@")[2], outcome, message)
 
     def roll_back(self, rollout: Rollout, outcome: str, message: str) -> None:
@@ -4249,6 +4393,8 @@ class Rollouts:
                 status = getattr(e.response, "status_code", None)
                 log.warning("Cannot notify %s: %s", where, f"HTTP {status}" if status else type(e).__name__)
 
+
+# --------------------------------------------------------------------------- the auth keeper
 
 # Swarm's task states in order (swarmkit api.TaskState).
 TASK_STATES = ("new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting",
@@ -4377,7 +4523,7 @@ class AuthKeeper:
                 continue  # a job re-runs on every update: never touched
             if deployer.label_filter and not deployer.label_filter.admits(listed["Spec"].get("Labels")):
                 continue
-            if not deployer.post_update(listed, *registry, plan,
+            if not deployer.actor.post_update(listed, *registry, plan,
                                         lambda service, *_: refreshed.append(service_label(service))):
                 failed.append(listed["ID"])
         self.state["retry"] = failed
@@ -4539,8 +4685,9 @@ class Reconciler:
             if key in now_at and not runs_digest(service, now_at[key].digest):
                 answer = now_at[key]
                 push = Push(*key, answer.digest, time=answer.pushed_text, reconcile=True)
-                done.append(deployer.gated_pin(service, push, answer.digest, result))
-        promoted = [deployer.promote_if_due(service, followed[service["ID"]], now_at[followed[service["ID"]]], now_at)
+                done.append(deployer.converger.converge(Hint(service, push, answer.digest), result))
+        promoted = [deployer.converger.promote_if_due(service, followed[service["ID"]], now_at[followed[service["ID"]]],
+                                                      now_at)
                     for service in services if followed.get(service["ID"]) in now_at
                     and PROMOTE_LABEL in (service["Spec"].get("Labels") or {})]
         deployer.totals["services_updated"] += len(result.updated)
@@ -5129,7 +5276,7 @@ def status_rows(deployer: Deployer) -> list[dict]:
 
 def promotion_text(deployer: Deployer, service: dict, key: tuple, answers: dict) -> str:
     try:
-        decision = deployer.promotion_of(service, key, answers)
+        decision = deployer.converger.promotion_of(service, key, answers)
     except ValueError as e:
         return f"cannot promote: {e}"
     target = promote_key(service, key)
@@ -5156,27 +5303,39 @@ def status_of(deployer: Deployer, service: dict, key: tuple | None, answer: tupl
     digest, pushed_at = answer.digest, answer.pushed_text
     if running_image(service).digest is None:
         return "not pinned", "its spec names no digest, so which build it runs is unknown: the next push pins it"
-    if runs_digest(service, digest):
-        return current_state(service, digest)
-    if (service.get("UpdateStatus") or {}).get("State") == "rollback_started":
-        return "rolling back", (service.get("UpdateStatus") or {}).get("Message", "")
-    failure = deployer.failure_of(service, digest)
-    if failure:
-        return "held back", f"{failure} (`docker service update --label-rm {FAILED_LABEL} {spec.get('Name')}` " \
-                            f"lets it roll)"
-    push = Push(*key, digest, time=pushed_at, reconcile=True)
-    try:
-        release = deployer.release(service, push, digest)
-    except ValueError as e:
-        return "held back", f"cannot apply its release policy: {e}"
-    if release.decision != "deploy":
-        return ("waiting" if release.decision == "wait" else "held back"), release.reason
-    for gate in deployer.gates:
-        verdict = gate.verdict(service, push, digest)
-        if verdict and verdict.decision in ("blocked", "wait"):
-            return ("blocked" if verdict.decision == "blocked" else "waiting"), f"{gate.name}: {verdict.reason}"
+    hint = Hint(service, Push(*key, digest, time=pushed_at, reconcile=True), digest)
+    facts = Facts()
+    while (decision := decide(hint, facts, len(deployer.gates))).action == "ask":
+        facts = status_fact(deployer, decision.reason, hint, facts)
+    if decision.action == "nothing":
+        return current_state(service, digest) if runs_digest(service, digest) else \
+            ("rolling back", (service.get("UpdateStatus") or {}).get("Message", ""))
+    if decision.action == "hold back":
+        return "held back", f"{decision.reason} (`docker service update --label-rm {FAILED_LABEL} " \
+                            f"{spec.get('Name')}` lets it roll)"
+    if decision.action == "not released":
+        return ("waiting" if decision.release.decision == "wait" else "held back"), decision.reason
+    if decision.action in ("block", "wait for gate"):
+        return ("blocked" if decision.action == "block" else "waiting"), f"{decision.gate}: {decision.reason}"
     return "behind", f"the tag points to {short_digest(digest)} (pushed {pushed_at or '?'}): the next push or " \
                      f"reconcile pass rolls it"
+
+
+def status_fact(deployer: Deployer, fact: str, hint: Hint, facts: Facts) -> Facts:
+    """The fact decide() asks for, read as --status reads it: nothing logged, Docker's and ECR's errors
+    raised (the row says unknown), a gate's "gone" no verdict (a later gate may still say)."""
+    service, push, digest = hint
+    if fact == "failure":
+        return facts._replace(failure_read=True, failure=deployer.converger.failure_of(service, digest))
+    if fact == "release":
+        try:
+            return facts._replace(release=deployer.converger.release(service, push, digest))
+        except ValueError as e:
+            return facts._replace(release=Release("held", f"cannot apply its release policy: {e}"))
+    gate = deployer.gates[len(facts.verdicts)]
+    verdict = gate.verdict(service, push, digest)
+    return facts._replace(verdicts=(*facts.verdicts, GateSaid(gate.name, verdict if verdict and
+                                                              verdict.decision != "gone" else None)))
 
 
 def show_status(deployer: Deployer, as_json: bool) -> int:

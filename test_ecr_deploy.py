@@ -1411,7 +1411,7 @@ def test_update_out_of_sequence_is_retried_against_the_fresh_spec(aws, images, c
     push = ed.Push("123456789012", "us-east-1", repo, "latest", v2)
     result = ed.CycleResult()
     with caplog.at_level("INFO", logger="ecr-deploy"):
-        assert deployer.pin_service(listed, push, v2, result)
+        assert deployer.actor.pin(listed, push, v2, result)
     assert caplog.text.count("changed while updating") == 2  # two conflicts, then success
     spec = swarm.service(sid)["Spec"]
     assert spec["TaskTemplate"]["ContainerSpec"]["Image"] == f"{registry.host}/{repo}:latest@{v2}"
@@ -5572,7 +5572,7 @@ def test_a_follower_that_loses_sight_of_swarms_rollback_reports_it_rolled_back(a
     deployer = ed.Deployer(None, ecr, ed.Docker(swarm.docker_host), None, follow_rollouts=True)
     deployer.docker.negotiate()
     push = ed.Push(registry.account, registry.region, repo, "latest", broken)
-    assert deployer.pin_service(swarm.service(sid), push, broken, ed.CycleResult())
+    assert deployer.actor.pin(swarm.service(sid), push, broken, ed.CycleResult())
     wait_for(lambda: (swarm.service(sid).get("UpdateStatus") or {}).get("State") == "rollback_completed", 90,
              what=lambda: swarm.service(sid).get("UpdateStatus"))
     keeper = subprocess.run([sys.executable, DEPLOYER, "--refresh-auth"], env=deployer_env(aws, swarm),
@@ -5610,7 +5610,7 @@ def test_a_failure_record_never_lands_on_another_managers_rollout(aws, images, c
     deployer.docker.negotiate()
     push = ed.Push(registry.account, registry.region, repo, "latest", broken, reconcile=True)
     with caplog.at_level("INFO", logger="ecr-deploy"):
-        assert deployer.held_back(listed, push, broken)
+        assert deployer.converger.converge(ed.Hint(listed, push, broken), ed.CycleResult())
     now = swarm.service(sid)
     assert ed.FAILED_LABEL not in (now["Spec"].get("Labels") or {}), now["Spec"]["Labels"]
     assert now["PreviousSpec"]["TaskTemplate"]["ContainerSpec"]["Image"] == old  # a rollback of v3 restores v1
@@ -5941,6 +5941,65 @@ def test_a_rollback_that_cannot_restore_is_reported_from_the_failed_build():
 def test_promotion(labels, runs, pending, failed, target, expected):
     release = ed.promotion(labels, runs, pending, DONE_AT, failed, target, DIGEST_B, MONDAY_0759, NOW_EPOCH)
     assert (release.decision, release.until) == expected, release
+
+
+# ---- deciding: one answer to "service S should run digest D of tag T" (push path, reconcile pass, --status)
+
+RUNS_A = service(f"{HOST}/team/web:latest@{DIGEST_A}")
+SCAN_PASSED = ed.GateSaid("scan gate", ed.Verdict("deploy", "clean"))
+NOT_GATED = ed.GateSaid("signature gate", None)
+READ = ed.Facts(failure_read=True, release=ed.Release("deploy"))
+
+
+def with_status(svc, state):
+    return {**svc, "UpdateStatus": {"State": state, "Message": "update rolled back"}}
+
+
+def job(image, labels=None):
+    return service(image, labels, mode={"ReplicatedJob": {}})
+
+
+@pytest.mark.parametrize("svc,push,facts,gates,expected", [
+    (service(f"{HOST}/team/web:latest@{DIGEST_B}"), PUSH, ed.Facts(), 2, ("nothing", "already runs")),
+    (job(f"{HOST}/team/web:latest@{DIGEST_A}"), PUSH, ed.Facts(), 2, ("nothing", "is a Swarm job")),
+    (job(f"{HOST}/team/web:latest@{DIGEST_A}", {ed.RERUN_JOB_LABEL: "true"}), PUSH, ed.Facts(), 0, ("ask", "failure")),
+    (with_status(RUNS_A, "rollback_started"), PUSH, ed.Facts(), 2, ("nothing", "is being rolled back by Swarm")),
+    (RUNS_A, PUSH, ed.Facts(), 2, ("ask", "failure")),  # nothing read before it is needed
+    (RUNS_A, PUSH, ed.Facts(failure_read=True), 2, ("ask", "release")),
+    (RUNS_A, PUSH, ed.Facts(failure_read=True, failure="it failed"), 2, ("hold back", "it failed")),
+    (RUNS_A, PUSH, ed.Facts(failure_read=True, release=ed.Release("wait", "window shut")), 2,
+     ("not released", "window shut")),
+    (RUNS_A, PUSH, ed.Facts(failure_read=True, release=ed.Release("held", "leader failed")), 2,
+     ("not released", "leader failed")),
+    (RUNS_A, PUSH, READ, 2, ("ask", "gate")),  # the gates, one at a time: a verifier runs only when needed
+    (RUNS_A, PUSH, READ._replace(verdicts=(SCAN_PASSED,)), 2, ("ask", "gate")),
+    (RUNS_A, PUSH, READ._replace(verdicts=(ed.GateSaid("scan gate", ed.Verdict("wait", "scanning")),)), 2,
+     ("wait for gate", "scanning")),
+    (RUNS_A, PUSH, READ._replace(verdicts=(ed.GateSaid("scan gate", ed.Verdict("blocked", "CRITICAL")),)), 2,
+     ("block", "CRITICAL")),
+    (RUNS_A, PUSH, READ._replace(verdicts=(ed.GateSaid("scan gate", ed.Verdict("gone", "no digest")),)), 2,
+     ("gone", "no digest")),
+    (RUNS_A, PUSH, READ._replace(verdicts=(SCAN_PASSED, NOT_GATED)), 2, ("deploy", "")),
+    (RUNS_A, PUSH, READ, 0, ("deploy", "")),
+    (RUNS_A, ed.Push(*PUSH.image_key, DIGEST_B, trigger="scan"), READ._replace(verdicts=(NOT_GATED,)), 1,
+     ("nothing", "has no scan or signature gate: a scan event does not roll it")),
+    (RUNS_A, ed.Push(*PUSH.image_key, DIGEST_B, trigger="scan"), READ._replace(verdicts=(SCAN_PASSED,)), 1,
+     ("deploy", "")),
+])
+def test_decide(svc, push, facts, gates, expected):
+    decision = ed.decide(ed.Hint(svc, push, DIGEST_B), facts, gates)
+    assert decision.action == expected[0] and decision.reason.startswith(expected[1]), decision
+
+
+@pytest.mark.parametrize("state,labels,record", [
+    ("rollback_completed", {}, True),  # Swarm's own rollback, nobody followed: the record is written now
+    ("rollback_paused", {}, False),  # a re-post would resume that rollback
+    ("rollback_completed", {ed.FAILED_LABEL: ed.failure_record(DIGEST_B, "paused", "m1", NOW_EPOCH, "")}, False),
+])
+def test_a_hold_back_writes_the_record_only_where_swarm_rolled_back_and_none_is_written(state, labels, record):
+    svc = with_status(service(f"{HOST}/team/web:latest@{DIGEST_A}", labels), state)
+    decision = ed.decide(ed.Hint(svc, PUSH, DIGEST_B), ed.Facts(failure_read=True, failure="it failed"), 0)
+    assert (decision.action, decision.record) == ("hold back", record)
 
 
 @pytest.mark.parametrize("text,expected", [
