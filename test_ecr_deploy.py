@@ -2005,30 +2005,39 @@ def test_refresh_auth_needs_no_queue_and_notify_urls_accumulate(monkeypatch):
     assert args.auth_refresh == 6 * 3600
 
 
-class Webhook:
-    """A real local HTTP server collecting what the deployer POSTs."""
+class LocalServer:
+    """A real local HTTP server on loopback answering 200 to the given methods; `record(path, body)` notes each
+    request (the URL's path may carry a fake secret that must never be logged)."""
 
-    def __init__(self):
-        received = self.received = []
-
+    def __init__(self, path: str, record, methods=("POST",)):
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
 
-            def do_POST(self):
-                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            def answer(self):
+                record(self.path, self.rfile.read(int(self.headers.get("Content-Length") or 0)))
                 self.send_response(200)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")
 
+        for method in methods:
+            setattr(Handler, f"do_{method}", Handler.answer)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/SECRET-PATH"
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}{path}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class Webhook(LocalServer):
+    """Collects the JSON documents the deployer POSTs."""
+
+    def __init__(self):
+        self.received = []
+        super().__init__("/hooks/SECRET-PATH", lambda path, body: self.received.append(json.loads(body)))
 
 
 @pytest.fixture
@@ -7640,30 +7649,12 @@ def test_a_failed_rollouts_message_carries_its_tasks_errors_exit_codes_nodes_and
 
 # ---- the heartbeat
 
-class HeartbeatServer:
-    """A real local HTTP server answering healthchecks.io's ping URLs, recording the paths pinged in order."""
+class HeartbeatServer(LocalServer):
+    """Answers healthchecks.io's ping URLs, recording the paths pinged in order."""
 
     def __init__(self):
-        pinged = self.pinged = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                pinged.append(self.path)
-                self.send_response(200)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"OK")
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/ping/{SECRET}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.pinged = []
+        super().__init__(f"/ping/{SECRET}", lambda path, body: self.pinged.append(path), methods=("GET",))
 
 
 def test_the_heartbeat_is_pinged_start_and_success_by_a_run_and_at_most_once_a_minute_by_the_loop(aws, clean_swarm):
