@@ -868,6 +868,84 @@ def test_help_names_every_env_var(capsys):
 
 # =========================================================================== the real rig (rig/), as fixtures
 
+def test_a_push_decides_for_a_version_following_service_by_its_policy():
+    """The push path: every tag of its repository reaches a version-following service (uses_image), and decide()
+    says whether its policy takes it; it is not pinned, nor does it follow the tag it runs (followed_tag)."""
+    caret = {ed.VERSIONS_LABEL: "semver:^1.4"}
+    svc = service(f"{HOST}/team/web:1.4.2@{DIGEST_A}", caret)
+
+    def push(tag):
+        return ed.Push("123456789012", "us-east-1", "team/web", tag, DIGEST_B)
+
+    assert ed.uses_image(svc, push("1.5.0")) and ed.uses_image(svc, push("2.0.0"))
+    assert ed.uses_image(service(f"{HOST}/team/web:1.4.2@{DIGEST_A}"), push("1.5.0")) is None  # a tag follower
+    assert ed.pinned_digest(service(f"{HOST}/team/web@{DIGEST_A}", caret), push("1.5.0")) is None
+    assert ed.followed_tag(svc, None) is None and ed.versions_followed(svc, None) == ("123456789012", "us-east-1",
+                                                                                     "team/web")
+    assert ed.versions_followed(service(f"{HOST}/team/web:1.4.2@{DIGEST_A}"), None) is None
+    assert ed.decide(ed.Hint(svc, push("1.5.0"), DIGEST_B), ed.Facts(), 0) == ed.Decision("ask", "failure")
+    assert ed.Hint(svc, push("1.5.0"), DIGEST_B).image == f"{HOST}/team/web:1.5.0@{DIGEST_B}"
+    assert ed.decide(ed.Hint(svc, push("1.4.1"), DIGEST_B), ed.Facts(), 0) == ed.Decision(
+        "nothing", "is not moved: :1.4.1 is not newer than :1.4.2, which it runs (semver:^1.4)")
+    assert ed.decide(ed.Hint(svc, push("1.6.0-rc.1"), DIGEST_B), ed.Facts(), 0) == ed.Decision(
+        "nothing", "is not moved: :1.6.0-rc.1 is not a version its policy semver:^1.4 admits")
+    assert ed.decide(ed.Hint(svc, push("1.4.2"), DIGEST_B), ed.Facts(), 0).action == "ask"  # its own tag moved
+    malformed = service(f"{HOST}/team/web:1.4.2@{DIGEST_A}", {ed.VERSIONS_LABEL: "^1.4"})
+    decision = ed.decide(ed.Hint(malformed, push("1.5.0"), DIGEST_B), ed.Facts(), 0)
+    assert decision.action == "refused" and decision.reason == (
+        "cannot follow versions: ecr-deploy.versions='^1.4': '^1.4' is not a version policy (a range? write "
+        "semver:^1.4): write semver:RANGE, or regex:PATTERN numerical[:GROUP] or regex:PATTERN alphabetical[:GROUP]")
+
+
+def test_a_reconcile_pass_moves_a_version_following_service_to_the_newest_version_never_back():
+    caret = ed.parse_version_policy("semver:^1.4")
+    c = "sha256:" + "c" * 64
+    listing = {"1.4.2": DIGEST_A, "1.5.0": DIGEST_B, "2.0.0": c}
+
+    def runs(image):
+        return ed.parse_image_ref(f"{HOST}/team/web:{image}")
+
+    assert ed.version_target(caret, listing, runs(f"1.4.2@{DIGEST_A}")) == ("1.5.0", DIGEST_B)
+    assert ed.version_target(caret, listing, runs(f"1.5.0@{DIGEST_B}")) is None
+    assert ed.version_target(caret, listing, runs(f"1.5.0@{c}")) == ("1.5.0", DIGEST_B)  # its tag moved
+    assert ed.version_target(caret, listing, runs("1.5.0")) is None  # no digest: the tag's next push pins it
+    assert ed.version_target(caret, listing, runs("1.4.2")) == ("1.5.0", DIGEST_B)
+    assert ed.version_target(caret, listing, runs(f"1.6.0@{c}")) is None  # 1.6.0 deleted: never backwards
+    assert ed.version_target(caret, {"2.0.0": c}, runs(f"1.4.2@{DIGEST_A}")) is None
+    # an operator's spec put an older version back; what the deployer moved it to is not that
+    back = service(f"{HOST}/team/web:1.4.2@{DIGEST_A}", {ed.VERSIONS_LABEL: "semver:^1.4"})
+    assert ed.older_spec_named(back, caret, "1.5.0") == (
+        "its spec names :1.4.2, an older version than :1.5.0, the newest its policy semver:^1.4 admits (put back by "
+        "`docker stack deploy` or `docker service update --image`?)")
+    ours = service(f"{HOST}/team/web:1.4.2@{DIGEST_A}", {ed.VERSIONS_LABEL: "semver:^1.4", ed.DIGEST_LABEL: DIGEST_A})
+    assert ed.older_spec_named(ours, caret, "1.5.0") is None
+    assert ed.older_spec_named(service(f"{HOST}/team/web:latest@{DIGEST_A}"), caret, "1.5.0") is None
+
+
+def test_a_status_row_of_a_version_following_service_says_its_policy_and_why_not_yet():
+    caret = {ed.VERSIONS_LABEL: "semver:^1.4"}
+    listing = {"1.4.2": DIGEST_A, "1.5.0": DIGEST_B}
+    gone = service(f"{HOST}/team/web:1.6.0@{DIGEST_A}", caret)
+    assert ed.versions_state(gone, listing) == (
+        "tag gone", ":1.6.0, which it runs, is no longer in ECR and no version semver:^1.4 admits is newer (the "
+                    "newest left: :1.5.0): it stays on it, never moved backwards")
+    assert ed.versions_state(service(f"{HOST}/team/web:latest@{DIGEST_A}", caret), {"2.0.0": DIGEST_A}) == (
+        "tag gone", "ECR has no tag semver:^1.4 admits")
+    assert ed.versions_state(service(f"{HOST}/team/web:1.4.2@{DIGEST_A}", {ed.VERSIONS_LABEL: "1.x"}), listing)[0] \
+        == "held back"
+    behind = service(f"{HOST}/team/web:1.4.2@{DIGEST_A}", caret)
+    assert ed.version_in_view(behind, listing) == "1.5.0" and ed.versions_state(behind, listing) is None
+    answer = ed.TagAnswer(DIGEST_B, datetime.datetime(2026, 12, 7, 6, 0, tzinfo=UTC), None)
+    row = ed.status_row(behind, ("123456789012", "us-east-1", "team/web", "1.5.0"), answer, ("behind", "x"))
+    ed.version_row(row, behind, listing, answer)
+    assert (row["tag"], row["versions"], row["newest"]) == ("1.4.2", "semver:^1.4", "1.5.0")
+    assert row["reason"] == (
+        "versions semver:^1.4, newest :1.5.0; its spec names :1.4.2, an older version than :1.5.0, the newest its "
+        "policy semver:^1.4 admits (put back by `docker stack deploy` or `docker service update --image`?); the "
+        "newest version its policy admits is :1.5.0 (bbbbbbbbbbbb, pushed 2026-12-07T06:00:00Z): the next push or "
+        "reconcile pass rolls it")
+
+
 def rig_unavailable(reason: str):
     if REQUIRE_RIG:
         pytest.fail(f"the real test rig is required (ECR_DEPLOY_REQUIRE_RIG=1) but {reason}")
