@@ -6650,6 +6650,78 @@ def test_promotion_into_a_tag_immutable_repository_says_once_how_to_let_the_tag_
         "imageDigest"] == v2
 
 
+# =========================================================================== following versions on the rig
+
+def test_a_service_follows_semver_releases_forward_only_and_a_failed_version_is_held_back(aws, images, clean_swarm,
+                                                                                         webhook, tmp_path):
+    """semver:^1.4 in a tag-immutable repository (ECR.2): a push of a newer release rolls the service to
+    HOST/REPO:1.5.0@DIGEST; an older one pushed out of order, a pre-release, another major change nothing and
+    say why, one line per service; a lost push is made up for by the pass; a release whose rollout failed is
+    rolled back and not tried again, a newer one goes; the newest tag deleted, the service stays (--status says
+    why); the auth keeper keeps the version in the image."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    ecr = aws.client("ecr", registry.region)
+    repo = images.new_repository()
+    ecr.put_image_tag_mutability(repositoryName=repo, imageTagMutability="IMMUTABLE")
+    name = f"{registry.host}/{repo}"
+    v140 = images.push(repo, "1.4.0", "1.4.0")
+    web = swarm.create_service("semver-web", f"{name}:1.4.0@{v140}", registry=registry, update_config=FAST_MONITOR,
+                               labels={ed.VERSIONS_LABEL: "semver:^1.4"})
+    swarm.wait_running(web, f"{name}:1.4.0@{v140}")
+    env, queue = deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1"), aws.new_queue()
+
+    v150 = images.push(repo, "1.5.0", "1.5.0")
+    aws.send(queue, event(repository=repo, tag="1.5.0", digest=v150))
+    run = run_once(env, "--queue", queue, "--wait", "--notify-url", webhook.url)
+    assert run.returncode == 0, run.stderr
+    assert service_image_of(swarm, web)[0] == f"{name}:1.5.0@{v150}"  # docker service ls shows the version
+    assert f"Updated service semver-web ({web[:12]}) to {name}:1.5.0@{v150}" in run.stderr
+    assert [(d["outcome"], d["image"]) for d in webhook.received] == [("completed", f"{name}:1.5.0@{v150}")]
+
+    others = {tag: images.push(repo, tag, tag) for tag in ("1.4.1", "1.6.0-rc.1", "2.0.0")}
+    aws.send(queue, *(event(repository=repo, tag=tag, digest=digest) for tag, digest in others.items()))
+    run = run_once(env, "--queue", queue)
+    assert run.returncode == 0 and updated_lines(run.stderr) == [], run.stderr
+    said = [line.split(" INFO ")[-1] for line in run.stderr.splitlines() if "is not moved" in line]
+    assert sorted(said) == sorted(f"Service semver-web ({web[:12]}) is not moved: {why}" for why in (
+        ":1.4.1 is not newer than :1.5.0, which it runs (semver:^1.4)",
+        ":1.6.0-rc.1 is not a version its policy semver:^1.4 admits",
+        ":2.0.0 is not a version its policy semver:^1.4 admits")), run.stderr
+
+    broken = images.push(repo, "1.6.0", "1.6.0", cmd=BROKEN_CMD)  # its push event lost
+    run = run_once(env, "--queue", queue, "--wait")
+    assert run.returncode == 1, run.stderr
+    assert f"Updated service semver-web ({web[:12]}) to {name}:1.6.0@{broken}" in run.stderr
+    assert f"Rollback of semver-web ({web[:12]}) to {name}:1.5.0@{v150} completed" in run.stderr
+    run = run_once(env, "--queue", queue)
+    assert run.returncode == 0 and updated_lines(run.stderr) == [], run.stderr
+    assert f"Service semver-web ({web[:12]}) holds back {broken}: its rollout failed there" in run.stderr
+
+    v161 = images.push(repo, "1.6.1", "1.6.1")
+    aws.send(queue, event(repository=repo, tag="1.6.1", digest=v161))
+    run = run_once(env, "--queue", queue)
+    assert run.returncode == 0, run.stderr
+    assert service_image_of(swarm, web)[0] == f"{name}:1.6.1@{v161}"  # a newer version goes
+    assert ed.FAILED_LABEL not in labels_of(swarm, web)
+
+    ecr.batch_delete_image(repositoryName=repo, imageIds=[{"imageTag": "1.6.1"}])
+    run = subprocess.run([sys.executable, DEPLOYER, "--reconcile"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0 and updated_lines(run.stderr) == [], run.stderr  # never backwards, to 1.6.0 or 1.5.0
+    shown = status(env, "--json")
+    row = next(r for r in json.loads(shown.stdout) if r["service"] == "semver-web")
+    assert (row["tag"], row["versions"], row["newest"], row["state"]) == ("1.6.1", "semver:^1.4", "1.6.0", "tag gone")
+    assert row["reason"].startswith("versions semver:^1.4, newest :1.6.0; :1.6.1, which it runs, is no longer in ECR "
+                                    "and no version semver:^1.4 admits is newer (the newest left: :1.6.0): it stays on "
+                                    "it, never moved backwards; the digest it runs"), row  # (and the images check:
+    # deleting its last tag deleted the image, as in ECR)
+    assert shown.returncode == 5
+    keeper = subprocess.run([sys.executable, DEPLOYER, "--refresh-auth"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert keeper.returncode == 0 and "Refreshed registry auth of 1 service(s)" in keeper.stderr, keeper.stderr
+    assert service_image_of(swarm, web)[0] == f"{name}:1.6.1@{v161}"
+
+
 def index_of(*descriptors, media_type="application/vnd.oci.image.index.v1+json") -> str:
     return json.dumps({"schemaVersion": 2, **({"mediaType": media_type} if media_type else {}),
                        "manifests": list(descriptors)})
