@@ -4815,9 +4815,10 @@ class Reconciler:
                     for service in services if followed_or_runs.get(service["ID"]) in now_at
                     and PROMOTE_LABEL in (service["Spec"].get("Labels") or {})]
         deployer.totals["services_updated"] += len(result.updated)
-        in_versions = f" or versions in {len(set(versioned.values()))} repositories" if versioned else ""
-        summary = (f"Reconcile pass: {len(done)} of {len(followed) + len(versioned)} service(s) following "
-                   f"{len(set(followed.values()))} ECR tag(s){in_versions} behind; {len(result.updated)} updated, "
+        following = " and ".join(filter(None, (followed and f"{len(set(followed.values()))} ECR tag(s)", versioned and
+                                               f"versions in {len(set(versioned.values()))} repository(ies)")))
+        summary = (f"Reconcile pass: {len(done)} of {len(followed) + len(versioned)} service(s) following {following} "
+                   f"behind; {len(result.updated)} updated, "
                    f"{done.count(None)} waiting for a scan, "
                    f"{done.count(True) - len(result.updated)} not rolled now (the lines above say why), "
                    f"{done.count(False)} failed")

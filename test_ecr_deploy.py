@@ -6722,6 +6722,99 @@ def test_a_service_follows_semver_releases_forward_only_and_a_failed_version_is_
     assert service_image_of(swarm, web)[0] == f"{name}:1.6.1@{v161}"
 
 
+def test_builds_and_dated_releases_follow_their_pattern_continuously_into_an_immutable_repository(
+        aws, images, clean_swarm, tmp_path):
+    """CI pushes tags that never move (IMMUTABLE_WITH_EXCLUSION; only the promote tag :prod moves). One service
+    follows main-SHA-TIMESTAMP builds by the number (regex numerical:ts), a stack's service release-DATE tags by
+    text (regex alphabetical:day); a third's label is malformed. In loop mode the pass moves each to its newest
+    version, a build is promoted as :prod once its rollout completed, and again for the next build; older tags
+    pushed out of order and tags the pattern does not admit move nothing; the malformed label is said once, not
+    at every pass. A `docker stack deploy` naming an old release puts it back; --status says so and the next pass
+    moves it forward, saying so once; `--resolve-image changed` (the compose image unchanged) keeps the version.
+    Deleting the newest tags moves nothing back, and --status says why."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    ecr = aws.client("ecr", registry.region)
+    repo = images.new_repository()
+    ecr.put_image_tag_mutability(repositoryName=repo, imageTagMutability="IMMUTABLE_WITH_EXCLUSION",
+                                 imageTagMutabilityExclusionFilters=[{"filterType": "WILDCARD", "filter": "prod"}])
+    name = f"{registry.host}/{repo}"
+    d9, r1130 = images.push(repo, "main-aaa111-9", "b9"), images.push(repo, "release-2026-11-30", "r1130")
+    builds = swarm.create_service("builds", f"{name}:main-aaa111-9@{d9}", registry=registry,
+                                  update_config=FAST_MONITOR, labels={
+                                      ed.VERSIONS_LABEL: r"regex:^main-[0-9a-f]+-(?P<ts>[0-9]+)$ numerical:ts",
+                                      ed.PROMOTE_LABEL: "prod"})
+    malformed = swarm.create_service("malformed", f"{name}:main-aaa111-9@{d9}", registry=registry, replicas=0,
+                                     labels={ed.VERSIONS_LABEL: "^1.4"})
+    compose, cli = tmp_path / "stack.yml", tmp_path / "cli"
+    compose.write_text(json.dumps({"version": "3.8", "services": {"dated": {  # JSON is YAML
+        "image": f"{name}:release-2026-11-30", "deploy": {"replicas": 0, "labels": {
+            ed.VERSIONS_LABEL: r"regex:^release-(?P<day>[0-9]{4}-[0-9]{2}-[0-9]{2})$$ alphabetical:day"}}}}}))
+    # (compose interpolates $: a pattern's $ is written $$)
+    docker_cli(swarm, cli, "login", "-u", "AWS", "--password-stdin", registry.host, stdin=registry.password)
+    docker_cli(swarm, cli, "stack", "deploy", "--with-registry-auth", "-c", str(compose), "rel")
+    dated = next(s["ID"] for s in swarm.get("/services") if s["Spec"]["Name"] == "rel_dated")
+    assert service_image_of(swarm, dated)[0] == f"{name}:release-2026-11-30@{r1130}"
+    swarm.wait_running(builds, f"{name}:main-aaa111-9@{d9}")
+    d10 = images.push(repo, "main-bbb222-10", "b10")  # 10 > 9 as numbers ("9" > "10" as text)
+    r1201 = images.push(repo, "release-2026-12-01", "r1201")
+    images.push(repo, "main-zzz-11", "z11")  # not hex: the pattern does not admit it
+    images.push(repo, "release-2026-9-30", "r930")  # not the pattern's date
+
+    env, queue = deployer_env(aws, swarm), aws.new_queue()
+    running = Running(env, "--queue", queue, "--reconcile-every", "1s", "--auth-refresh", "0", "--log-level", "DEBUG")
+    try:
+        running.wait_line(f"Promoted {name}:prod@{d10}", timeout=60)  # the pass made up for the lost pushes
+        d8, r1115 = images.push(repo, "main-ccc333-8", "b8"), images.push(repo, "release-2026-11-15", "r1115")
+        d12 = images.push(repo, "main-ddd444-12", "b12")
+        aws.send(queue, *(event(repository=repo, tag=tag, digest=digest) for tag, digest in (
+            ("main-ccc333-8", d8), ("release-2026-11-15", r1115), ("main-ddd444-12", d12))))
+        running.wait_line(f"Promoted {name}:prod@{d12}", timeout=60)  # :prod moved: deployed continuously
+        passes = running.log.count("Reconcile pass:")
+        running.wait_line("Reconcile pass:", timeout=30, count=passes + 2)
+    finally:
+        assert running.stop() == 0
+    log = running.log
+    assert "Reconcile pass: 2 of 3 service(s) following versions in 1 repository(ies) behind; 2 updated" in log
+    assert [line.split(" INFO ")[-1] for line in updated_lines(log)] == [
+        f"Updated service builds ({builds[:12]}) to {name}:main-bbb222-10@{d10}",
+        f"Updated service rel_dated ({dated[:12]}) to {name}:release-2026-12-01@{r1201}",
+        f"Updated service builds ({builds[:12]}) to {name}:main-ddd444-12@{d12}"], log
+    assert f"Service builds ({builds[:12]}) is not moved: :main-ccc333-8 is not newer than :main-bbb222-10" in log
+    assert f"Service rel_dated ({dated[:12]}) is not moved: :release-2026-11-15 is not newer than " \
+           f":release-2026-12-01" in log
+    assert log.count(f"Service malformed ({malformed[:12]}) is not rolled: cannot follow versions: " \
+                     f"ecr-deploy.versions='^1.4': '^1.4' is not a version policy (a range? write semver:^1.4)") == 1
+    assert ecr.describe_images(repositoryName=repo, imageIds=[{"imageTag": "prod"}])["imageDetails"][0][
+        "imageDigest"] == d12
+    assert " ERROR " not in log and "Traceback" not in log
+
+    docker_cli(swarm, cli, "stack", "deploy", "--with-registry-auth", "-c", str(compose), "rel")  # as CI re-runs it
+    assert service_image_of(swarm, dated)[0] == f"{name}:release-2026-11-30@{r1130}"  # it names an old release
+    rows = {r["service"]: r for r in json.loads(status(env, "--json").stdout)}
+    assert rows["rel_dated"]["state"] == "behind" and "its spec names :release-2026-11-30, an older version than " \
+        ":release-2026-12-01, the newest its policy" in rows["rel_dated"]["reason"], rows["rel_dated"]
+    run = subprocess.run([sys.executable, DEPLOYER, "--reconcile"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert service_image_of(swarm, dated)[0] == f"{name}:release-2026-12-01@{r1201}"
+    assert f"Service rel_dated ({dated[:12]}): its spec names :release-2026-11-30, an older version than " \
+           f":release-2026-12-01" in run.stderr
+    docker_cli(swarm, cli, "stack", "deploy", "--with-registry-auth", "--resolve-image", "changed", "-c",
+               str(compose), "rel")  # the compose image unchanged: the CLI keeps the version the spec runs
+    assert service_image_of(swarm, dated)[0] == f"{name}:release-2026-12-01@{r1201}"
+
+    ecr.batch_delete_image(repositoryName=repo, imageIds=[{"imageTag": "main-ddd444-12"},
+                                                          {"imageTag": "release-2026-12-01"}])
+    run = subprocess.run([sys.executable, DEPLOYER, "--reconcile"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0 and updated_lines(run.stderr) == [], run.stderr
+    rows = {r["service"]: r for r in json.loads(status(env, "--json").stdout)}
+    assert (rows["builds"]["state"], rows["builds"]["newest"]) == ("tag gone", "main-bbb222-10")
+    assert (rows["rel_dated"]["state"], rows["rel_dated"]["newest"]) == ("tag gone", "release-2026-11-30")
+    assert "never moved backwards" in rows["builds"]["reason"] and "never moved backwards" in rows["rel_dated"]["reason"]
+    assert rows["malformed"]["state"] == "held back" and "cannot follow versions" in rows["malformed"]["reason"]
+
+
 def index_of(*descriptors, media_type="application/vnd.oci.image.index.v1+json") -> str:
     return json.dumps({"schemaVersion": 2, **({"mediaType": media_type} if media_type else {}),
                        "manifests": list(descriptors)})
