@@ -3321,6 +3321,10 @@ def test_quick_start_demo_rolls_a_service_and_leaves_nothing_behind():
         updated = [line for line in lines if "ecr_deploy.py |" in line and " Updated service web (" in line]
         completed = [line for line in lines if " Rollout of web (" in line and " completed after " in line]
         assert len(updated) == 1 and len(completed) == 1, output()
+        versioned = [line for line in lines if "ecr_deploy.py |" in line and " Updated service api (" in line]
+        assert len(versioned) == 1 and "/demo/api:1.1.0@sha256:" in versioned[0], output()  # semver:^1's newest
+        assert re.search(r"Service api \(\w+\) is not moved: :2\.0\.0 is not a version its policy semver:\^1 admits",
+                         output()), output()
         wait_for(lambda: re.search(r"\n    notification  \| web: web:latest → sha256:\w{12} completed after", output()), 30,
                  what=lambda: f"the rollout's notification in the terminal:\n{output()}")
         promoted = [line for line in lines if "ecr_deploy.py |" in line and " Promoted " in line]
