@@ -3040,7 +3040,7 @@ def test_install_page_aws_setup_blocks_run_against_moto(aws, tmp_path):
                for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
     assert actions == {"sqs:GetQueueUrl", "sqs:GetQueueAttributes", "sqs:ReceiveMessage", "sqs:ChangeMessageVisibility",
                        "sqs:DeleteMessage", "ecr:GetAuthorizationToken",
-                       "ecr:DescribeImages", "ecr:DescribeImageScanFindings", "ecr:BatchGetImage",
+                       "ecr:DescribeImages", "ecr:ListImages", "ecr:DescribeImageScanFindings", "ecr:BatchGetImage",
                        "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability", "ecr:PutImage",
                        "ecr:DescribeRepositories", "ecr:UpdateImageStorageClass"}  # (--restore-archived)
     promote = next(s for s in document["PolicyVersion"]["Document"]["Statement"] if s["Sid"] == "Promote")
@@ -3269,7 +3269,9 @@ def test_benchmark_short_mode_runs_on_the_rig(aws, registries, images, clean_swa
     verdicts = {row["measure"]: row for row in report["targets"]}
     for measure in ("burst: updates", "burst: GetAuthorizationToken", "idle: Docker calls",
                     "reconcile pass: DescribeImages", "reconcile pass, all current: Docker calls (all of start-up)",
-                    "reconcile pass, a tenth moved: updates"):
+                    "reconcile pass, a tenth moved: updates", "versions pass A: ListImages",
+                    "versions pass A, current: DescribeImages", "versions pass A, a tenth moved: updates",
+                    "versions pass B: ListImages", "push: ECR calls, versions (<= tag's)", "push: updates, one of each"):
         assert verdicts[measure]["verdict"] == "ok", verdicts[measure]
     # per repository: one DescribeImages for the followed tags, one for the images services run and roll back to
     assert report["reconcile"]["describe_images_current"] == 2 * bench.SHORT["reconcile_repositories"]
