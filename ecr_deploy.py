@@ -5524,7 +5524,7 @@ def version_row(row: dict, service: dict, listing: dict | None, answer: TagAnswe
                  f"{answer.pushed_text or '?'}): the next push or reconcile pass rolls it"
         detail = "; ".join(filter(None, (older_spec_named(service, policy, in_view), detail)))
     elif row["state"] in ("waiting", "held back", "blocked") and in_view != row["tag"] and policy:
-        detail = f":{in_view}: {detail}"
+        detail = f"moving to :{in_view}: {detail}"
     row["reason"] = "; ".join(filter(None, (f"versions {row['versions']}" + (f", newest :{newest}" if newest else ""),
                                             detail)))
 
