@@ -26,7 +26,7 @@ the messages whose hints are decided acknowledged), hints from events (EventHint
 (Converger: reads the facts decide() asks for, then has them acted on; promotion), acting (Actor:
 posts, records failures, says why not, blocks, promotes), rollouts (Rollouts, which follows and rolls
 back), the auth keeper (AuthKeeper), the reconcile pass (Reconciler: a hint for every service behind
-its tag), receiving (Receiver: batches bounded in time, held invisible while worked on), reports,
+its tag, or behind the newest version its policy admits), receiving (Receiver: batches bounded in time, held invisible while worked on), reports,
 notifications, logging and systemd, status (read-only), main.
 """
 from __future__ import annotations
@@ -4722,8 +4722,10 @@ class Reconciler:
     """Events are the fast path, not the truth: ECR sends them best effort, and queues lose them (DLQ,
     retention, purges). A pass compares, for every service that follows an ECR tag, the digest it runs
     with the digest its tag points to now, and rolls those behind exactly as a push would (scan gate,
-    failure records, rollouts, reports). One service listing and one DescribeImages per repository and
-    100 tags per pass; no ECR call at all when no service follows a tag."""
+    failure records, rollouts, reports). A service that follows versions is compared with the newest
+    version its policy admits, from one paged ListImages of its repository per pass. One service listing
+    and one DescribeImages per repository and 100 tags per pass; no ECR call at all when no service
+    follows a tag or versions."""
 
     def __init__(self, deployer: Deployer, interval: float):
         self.deployer, self.interval = deployer, interval
