@@ -6781,10 +6781,10 @@ def test_builds_and_dated_releases_follow_their_pattern_continuously_into_an_imm
         assert running.stop() == 0
     log = running.log
     assert "Reconcile pass: 2 of 3 service(s) following versions in 1 repository(ies) behind; 2 updated" in log
-    assert [line.split(" INFO ")[-1] for line in updated_lines(log)] == [
+    assert sorted(line.split(" INFO ")[-1] for line in updated_lines(log)) == sorted([  # (the services in any order)
         f"Updated service builds ({builds[:12]}) to {name}:main-bbb222-10@{d10}",
         f"Updated service rel_dated ({dated[:12]}) to {name}:release-2026-12-01@{r1201}",
-        f"Updated service builds ({builds[:12]}) to {name}:main-ddd444-12@{d12}"], log
+        f"Updated service builds ({builds[:12]}) to {name}:main-ddd444-12@{d12}"]), log
     assert f"Service builds ({builds[:12]}) is not moved: :main-ccc333-8 is not newer than :main-bbb222-10" in log
     assert f"Service rel_dated ({dated[:12]}) is not moved: :release-2026-11-15 is not newer than " \
            f":release-2026-12-01" in log
