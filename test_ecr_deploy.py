@@ -6722,6 +6722,8 @@ def test_a_service_follows_semver_releases_forward_only_and_a_failed_version_is_
                                     "it, never moved backwards; the digest it runs"), row  # (and the images check:
     # deleting its last tag deleted the image, as in ECR)
     assert shown.returncode == 5
+    wait_for(lambda: (swarm.service(web).get("UpdateStatus") or {}).get("State") == "completed", 30,
+             what=lambda: swarm.service(web).get("UpdateStatus"))  # (the keeper leaves a service mid-update)
     keeper = subprocess.run([sys.executable, DEPLOYER, "--refresh-auth"], env=env, capture_output=True, text=True,
                             timeout=60)
     assert keeper.returncode == 0 and "Refreshed registry auth of 1 service(s)" in keeper.stderr, keeper.stderr
