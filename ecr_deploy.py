@@ -26,7 +26,8 @@ the messages whose hints are decided acknowledged), hints from events (EventHint
 (Converger: reads the facts decide() asks for, then has them acted on; promotion), acting (Actor:
 posts, records failures, says why not, blocks, promotes), rollouts (Rollouts, which follows and rolls
 back), the auth keeper (AuthKeeper), the reconcile pass (Reconciler: a hint for every service behind
-its tag, or behind the newest version its policy admits), receiving (Receiver: batches bounded in time, held invisible while worked on), reports,
+its tag, or behind the newest version its policy admits), receiving (Receiver: batches bounded in time, held
+invisible while worked on), reports,
 notifications, logging and systemd, status (read-only), main.
 """
 from __future__ import annotations
@@ -894,7 +895,8 @@ def policy_or_why_not(service: dict) -> tuple[VersionPolicy | None, str | None]:
     try:
         return service_version_policy(service), None
     except (ValueError, Misconfigured) as e:
-        return None, f"cannot follow versions: {VERSIONS_LABEL}={shown(str(labels_of(service).get(VERSIONS_LABEL)))}: {e}"
+        label = shown(str(labels_of(service).get(VERSIONS_LABEL)))
+        return None, f"cannot follow versions: {VERSIONS_LABEL}={label}: {e}"
 
 
 def labels_of(service: dict) -> dict:
@@ -910,16 +912,32 @@ def why_not_to(policy: VersionPolicy, tag: str, running_tag: str | None) -> str 
     return why_not_newer(policy, tag, running_tag)
 
 
-def version_target(policy: VersionPolicy, listing: dict[str, str], running: ImageRef) -> tuple[str, str] | None:
+def version_target(policy: VersionPolicy, listing: dict[str, str], running: ImageRef,
+                   newest: str | None = "") -> tuple[str, str] | None:
     """(tag, digest) a service running `running` should move to after a listing of its repository, None
     when nothing is to do: it runs the newest admitted version (at the digest the tag points to now), none is
-    admitted, or the newest left is older than what it runs (a newer tag was deleted: never backwards)."""
-    newest = newest_admitted(policy, listing)
+    admitted, or the newest left is older than what it runs (a newer tag was deleted: never backwards).
+    `newest`: newest_admitted(policy, listing) if the caller has it (a pass: once per policy and repository)."""
+    newest = newest_admitted(policy, listing) if newest == "" else newest
     if newest is None or why_not_to(policy, newest, running.tag) is not None:
         return None
     if newest == running.tag and (running.digest is None or listing[newest] == running.digest):
         return None  # (no digest: which build it runs is unknown; the next push of the tag pins it)
     return newest, listing[newest]
+
+
+def newest_versions(services: list[dict], repositories: dict[str, tuple], listings: dict[tuple, dict]) -> dict:
+    """service ID -> the newest version its policy admits in its repository's listing (`repositories`: service
+    ID -> repository), read once per policy and repository: a thousand services of one repository of a thousand
+    tags would otherwise read a million tags."""
+    by_policy, newest = {}, {}
+    for service in services:
+        policy, repository = policy_or_why_not(service)[0], repositories.get(service["ID"])
+        if policy is not None and repository in listings:
+            if (policy.text, repository) not in by_policy:
+                by_policy[(policy.text, repository)] = newest_admitted(policy, listings[repository])
+            newest[service["ID"]] = by_policy[(policy.text, repository)]
+    return newest
 
 
 def older_spec_named(service: dict, policy: VersionPolicy, target_tag: str) -> str | None:
@@ -4210,7 +4228,7 @@ class Actor:
             log.info("Updated service %s to %s", service_label(service), image)
             result.updated.append(service_label(service))
             was = (running_image(service) or ImageRef("", "", "", None, None)).digest
-            behind = f":{push.tag}, the newest version its policy admits" if follows_versions(service) else f":{push.tag}"
+            behind = f":{push.tag}" + (", the newest version its policy admits" if follows_versions(service) else "")
             why = f"drift: a reconcile pass found it behind {behind}" + (f" (ran {was[:19]})" if was else "") \
                 if push.reconcile else f"updated: {UPDATE_REASONS.get(push.trigger, push.trigger)}"
             self.deployer.notifier.event(Event("drift" if push.reconcile else "updated", spec.get("Name", "?"), image,
@@ -4788,7 +4806,8 @@ class Reconciler:
                 log.error("Reconcile pass: %s", error)
             elif repository_key not in self.denied:  # (a pull-only cross-account policy): waiting will not help
                 self.denied.add(repository_key)
-                listed = ", ecr:ListImages (its services follow versions)" if repository_key in versioned.values() else ""
+                listed = ", ecr:ListImages (its services follow versions)" \
+                    if repository_key in versioned.values() else ""
                 log.error("Reconcile pass: %s; its services are not reconciled (grant ecr:DescribeImages%s, and for "
                           "another account's repository its repository policy too)", error, listed)
         errors = {key: e for key, e in errors.items() if not isinstance(e, AccessDenied)}
@@ -4827,18 +4846,17 @@ class Reconciler:
         log.log(logging.INFO if done or errors else logging.DEBUG, "%s", summary)
         return images_checked and not errors and False not in done + promoted
 
-
     def version_moves(self, services: list[dict], listings: dict[tuple, dict]) -> dict[str, tuple]:
         """service ID -> (account, region, repository, tag) of the newest version its policy admits, for each
         service that should move there; a policy that cannot be read is said once (the Actor's refused)."""
-        moves = {}
+        moves, newest = {}, newest_versions(services, {s["ID"]: repository_of(s) for s in services}, listings)
         for service in services:
             policy, malformed = policy_or_why_not(service)
             if malformed:
                 self.deployer.actor.refused(service, malformed)
                 continue
             repository = repository_of(service)
-            target = version_target(policy, listings[repository], running_image(service))
+            target = version_target(policy, listings[repository], running_image(service), newest[service["ID"]])
             if target:
                 moves[service["ID"]] = (*repository, target[0])
         return moves
@@ -5405,8 +5423,9 @@ def status_rows(deployer: Deployer) -> list[dict]:
     followed = {s["ID"]: followed_tag(s, None) for s in listed}
     versioned = {s["ID"]: key for s in listed if (key := versions_followed(s, None))}
     listings, errors = tag_listings(deployer.ecr, set(versioned.values()), deployer.systemd.heartbeat)
+    newest = newest_versions(listed, versioned, listings)
     for service in listed:  # a service that follows versions: its row is about the version it should run
-        tag = version_in_view(service, listings.get(versioned.get(service["ID"])))
+        tag = version_in_view(service, listings.get(versioned.get(service["ID"])), newest.get(service["ID"]))
         followed[service["ID"]] = (*versioned[service["ID"]], tag) if tag else followed[service["ID"]]
     keys = {key for key in followed.values() if key}
     keys |= {key for s in listed if (key := promote_key(s, followed[s["ID"]]))}
@@ -5418,15 +5437,16 @@ def status_rows(deployer: Deployer) -> list[dict]:
     for service in listed:
         key, repository = followed[service["ID"]], versioned.get(service["ID"])
         error = errors.get(key[:3] if key else repository)
+        newest_there = newest.get(service["ID"])
         try:
             state = ("unknown", str(error)) if error else \
-                repository and versions_state(service, listings[repository]) or \
+                repository and versions_state(service, listings[repository], newest_there) or \
                 status_of(deployer, service, key, now_at.get(key))
         except (AwsError, DockerError) as e:  # one row unknown, not the whole table
             state = ("unknown", str(e))
         row = status_row(service, key, now_at.get(key), state)
         if repository:
-            version_row(row, service, listings.get(repository), now_at.get(key))
+            version_row(row, service, listings.get(repository), now_at.get(key), newest_there)
         if key and key in now_at and PROMOTE_LABEL in (service["Spec"].get("Labels") or {}):
             row["promotion"] = promotion_text(deployer, service, key, now_at)
             row["reason"] = "; ".join(filter(None, (row["reason"], row["promotion"])))
@@ -5485,17 +5505,17 @@ def status_of(deployer: Deployer, service: dict, key: tuple | None, answer: tupl
                      f"reconcile pass rolls it"
 
 
-def version_in_view(service: dict, listing: dict | None) -> str | None:
+def version_in_view(service: dict, listing: dict | None, newest: str | None = "") -> str | None:
     """The tag a --status row of a version-following service is about: the version it should move to, else
-    the one it runs (None: its policy cannot be read, or it has no listing)."""
+    the one it runs (None: its policy cannot be read, or it has no listing). `newest`: as version_target's."""
     policy, _ = policy_or_why_not(service)
     if policy is None or listing is None:
         return None
-    target = version_target(policy, listing, running_image(service))
+    target = version_target(policy, listing, running_image(service), newest)
     return target[0] if target else running_image(service).tag
 
 
-def versions_state(service: dict, listing: dict) -> tuple[str, str] | None:
+def versions_state(service: dict, listing: dict, newest: str | None = "") -> tuple[str, str] | None:
     """The state of a version-following service that decide() is not asked about: its policy cannot be read,
     its repository holds no version the policy admits, or the newer version it runs was deleted (it stays:
     never backwards). None: the row is decided as any other, about the version in view."""
@@ -5503,7 +5523,7 @@ def versions_state(service: dict, listing: dict) -> tuple[str, str] | None:
     if malformed:
         return "held back", malformed
     running = running_image(service).tag
-    newest = newest_admitted(policy, listing)
+    newest = newest_admitted(policy, listing) if newest == "" else newest
     if newer_tag_deleted(policy, listing, running):
         return "tag gone", (f":{running}, which it runs, is no longer in ECR and no version {policy.text} admits is "
                             f"newer (the newest left: {':' + newest if newest else 'none'}): it stays on it, never "
@@ -5513,11 +5533,13 @@ def versions_state(service: dict, listing: dict) -> tuple[str, str] | None:
     return None
 
 
-def version_row(row: dict, service: dict, listing: dict | None, answer: TagAnswer | None) -> None:
+def version_row(row: dict, service: dict, listing: dict | None, answer: TagAnswer | None,
+                newest: str | None = "") -> None:
     """A --status row of a version-following service: its policy, the newest version it admits, and the detail
     worded for versions (which version, not which tag, it is behind; a spec an operator put back)."""
     policy, _ = policy_or_why_not(service)
-    newest = newest_admitted(policy, listing) if policy and listing is not None else None
+    if newest == "":
+        newest = newest_admitted(policy, listing) if policy and listing is not None else None
     in_view, row["tag"] = row["tag"], running_image(service).tag
     row["versions"], row["newest"] = labels_of(service).get(VERSIONS_LABEL), newest
     detail = row["reason"]

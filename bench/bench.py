@@ -443,9 +443,9 @@ def measure_push_cost(aws, images, swarm, workdir, n_tags: int) -> dict:
     registry = REGISTRIES[0]
     account, region = registry.account, registry.region
     result = {}
+    releases = [f"1.0.{t}" for t in range(n_tags)]
     for kind, tags, label, pushed in (("tag", ["latest"], {}, "latest"),
-                                      ("versions", [f"1.0.{t}" for t in range(n_tags)], {ed.VERSIONS_LABEL: "semver:^1"},
-                                       "1.1.0")):
+                                      ("versions", releases, {ed.VERSIONS_LABEL: "semver:^1"}, "1.1.0")):
         repo = images.new_repository(prefix="push")
         digest = [aws.put_image(account, region, repo, tag, f"{repo}-{tag}") for tag in tags][-1]
         sid = swarm.create_service(f"push-{kind}", f"{registry.host}/{repo}:{tags[-1]}@{digest}", replicas=0,
@@ -761,7 +761,8 @@ def table(report: dict) -> str:
                      f"{versions['tags_per_repository']} tags: all current {versions['current']}; a tenth moved "
                      f"{versions['behind']}")
     push = report["push_cost"]
-    lines.append(f"push ECR calls: tag-following {push['tag']['by_kind']}; version-following {push['versions']['by_kind']}")
+    lines.append(f"push ECR calls: tag-following {push['tag']['by_kind']}; "
+                 f"version-following {push['versions']['by_kind']}")
     return "\n".join(lines)
 
 
