@@ -54,7 +54,7 @@ import time
 import urllib.parse
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
 
@@ -343,6 +343,7 @@ class Push:
     trigger: str = "push"  # or "scan", "signature": an event about the digest; deploy only if the tag still points at it
     event_id: str = field(default="", compare=False)  # the EventBridge event's id: provenance only
     reconcile: bool = field(default=False, compare=False)  # made by a reconcile pass, not by an event
+    received: float = field(default=0.0, compare=False)  # when SQS first handed its message to any deployer (epoch s)
 
     @property
     def image_key(self) -> tuple[str, str, str, str]:
@@ -407,6 +408,13 @@ class Ignored(NamedTuple):
     """Why a message is not a deployable push; suspicious ones are logged as warnings."""
     reason: str
     suspicious: bool = False
+
+
+def first_received(message: dict) -> float:
+    """When SQS first handed this message to any deployer (its ApproximateFirstReceiveTimestamp, epoch
+    ms), in epoch seconds; 0.0 when SQS did not say."""
+    stamp = message.get("Attributes", {}).get("ApproximateFirstReceiveTimestamp", "")
+    return int(stamp) / 1000 if isinstance(stamp, str) and stamp.isascii() and stamp.isdigit() and len(stamp) <= 15 else 0.0
 
 
 def parse_message(body: object) -> Push | ScanDone | Signed | Ignored:
@@ -2439,7 +2447,7 @@ class Queue:
         try:
             reply = self._sqs.receive_message(
                 QueueUrl=self.url, MaxNumberOfMessages=SQS_MAX_MESSAGES, WaitTimeSeconds=wait_seconds,
-                MessageSystemAttributeNames=["ApproximateReceiveCount"])
+                MessageSystemAttributeNames=["ApproximateReceiveCount", "ApproximateFirstReceiveTimestamp"])
         except AWS_ERRORS as e:
             raise self._error(e, f"cannot receive from {self.url}") from None
         return reply.get("Messages", [])
@@ -3440,14 +3448,14 @@ class SignatureGate(Gate):
         return self._verdicts[key]
 
     def waited(self, key: tuple, push: Push) -> float:
-        """How long this digest's verification has gone unanswered: since its event (the message carries
-        that time through restarts and to other managers), else since this process first tried (a
-        reconcile pass's digest; a restart only lengthens the wait, the pass keeps asking)."""
+        """How long this digest's verification has gone unanswered: since SQS first handed its message to
+        any deployer (a time SQS keeps through restarts and for other managers; never the event's own
+        time, or a message read after a weekend's outage would block at its first unanswered try), else
+        since this process first tried (a reconcile pass's digest; a restart only lengthens the wait)."""
         now = time.time()
-        since_event = None if push.reconcile else seconds_after(push.time, datetime.fromtimestamp(now, timezone.utc))
         first = self._unanswered.get(key, (now, now))[0]
         self._unanswered[key] = (first, now)
-        return max(since_event or 0.0, now - first)
+        return max(now - push.received if push.received else 0.0, now - first)
 
     def verify(self, trust: Trust, push: Push, digest: str) -> Verdict:
         reference = f"{push.image.rpartition(':')[0]}@{digest}"  # HOST/REPOSITORY@DIGEST: exactly this digest
@@ -3599,8 +3607,9 @@ class Deployer:
                 asked = self.hints.pushes_asked(what)
                 if asked is None:
                     continue  # ECR could not be asked which image it names: kept for retry
+                received = first_received(message)
                 for push in asked:
-                    pushes[push.image_key].append((message, push))
+                    pushes[push.image_key].append((message, replace(push, received=received)))
                 keys_of[message["MessageId"]] = {push.image_key for push in asked}
 
         result = CycleResult(received=len(messages))

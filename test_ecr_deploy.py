@@ -1661,6 +1661,21 @@ def sqs_shell(aws, monkeypatch):
     return url, queue
 
 
+def test_sqs_keeps_a_message_first_receive_time_across_redeliveries(aws, sqs_shell):
+    """The verifiers' wait is counted from it: moto's SQS, as SQS, gives ApproximateFirstReceiveTimestamp
+    when asked and keeps it when the message comes back after its visibility timeout."""
+    url, queue = sqs_shell
+    aws.send(url, "once")
+    before = time.time()
+    first = queue.receive(1)
+    assert len(first) == 1 and before - 1 <= ed.first_received(first[0]) <= time.time() + 1, first
+    time.sleep(1.5)  # past the 1 s visibility timeout: redelivered
+    again = queue.receive(1)
+    assert [m["MessageId"] for m in again] == [first[0]["MessageId"]]
+    assert ed.first_received(again[0]) == ed.first_received(first[0])
+    assert again[0]["Attributes"]["ApproximateReceiveCount"] == "2"
+
+
 def test_messages_in_hand_stay_invisible_however_long_the_work_on_them_takes(aws, sqs_shell):
     url, queue = sqs_shell
     aws.send(url, *[f"slow-{i}" for i in range(12)])
@@ -4257,12 +4272,42 @@ def test_a_verifier_that_gives_no_answer_waits_and_blocks_once_the_bound_is_over
     fresh = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A, time=now.isoformat())
     verdict = gate.verdict({"Spec": {}}, fresh, DIGEST_A)
     assert verdict.decision == "wait" and re.fullmatch(
-        r"cosign gave no answer within 1s \(asked again for up to 5m; [12]s so far\)", verdict.reason), verdict
+        r"cosign gave no answer within 1s \(asked again for up to 5m; [0-2]s so far\)", verdict.reason), verdict
     assert len(beats) == 2  # before and after: the watchdog is fed around the run
-    stale = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_B,
-                    time=(now - datetime.timedelta(minutes=6)).isoformat())  # its message came back after the bound
+    stale = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_B, time=now.isoformat(),
+                    received=time.time() - 360)  # its message came back after the bound
     assert gate.verdict({"Spec": {}}, stale, DIGEST_B) == ed.Verdict(
         "blocked", "no verdict within 5m: cosign gave no answer within 1s")
+
+
+def test_a_message_read_days_after_its_event_waits_from_its_first_receive_not_from_the_event(tmp_path, monkeypatch):
+    """A deployer back from a weekend's outage reads a Friday push: a verifier that cannot answer at
+    that moment (the registry busy) is a wait, counted from when SQS first handed the message to any
+    deployer (kept across redeliveries and managers), not an instant block for a two-day-old event."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "cosign").write_text("#!/bin/sh\necho 'error during command execution: GET https://h/v2/: unexpected "
+                                   "status code 503 Service Unavailable' >&2\nexit 1\n")
+    (folder / "cosign").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}:/usr/bin:/bin")
+    key = tmp_path / "k.pub"
+    key.write_text("a public key")
+    gate = ed.SignatureGate(FixedCredentials(), ed.Trust("cosign", str(key)), str(tmp_path))
+    friday = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=2)).isoformat()
+    monday = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A, time=friday,
+                     received=time.time() - 1)
+    verdict = gate.verdict({"Spec": {}}, monday, DIGEST_A)
+    assert verdict.decision == "wait" and "up to 5m; 1s so far" in verdict.reason, verdict
+    handed_long_ago = monday.__class__(**{**monday.__dict__, "digest": DIGEST_B, "received": time.time() - 301})
+    assert gate.verdict({"Spec": {}}, handed_long_ago, DIGEST_B).decision == "blocked"
+
+
+@pytest.mark.parametrize("attributes, expected", [
+    ({"ApproximateFirstReceiveTimestamp": "1765000000123"}, 1765000000.123),
+    ({}, 0.0), ({"ApproximateFirstReceiveTimestamp": "soon"}, 0.0), ({"ApproximateFirstReceiveTimestamp": "²"}, 0.0),
+    ({"ApproximateFirstReceiveTimestamp": "9" * 16}, 0.0)])
+def test_first_received_reads_sqs_first_receive_time_strictly(attributes, expected):
+    assert ed.first_received({"Attributes": attributes}) == expected
 
 
 def test_a_reconcile_pass_waits_from_its_first_try_not_from_an_old_push(tmp_path, monkeypatch):
