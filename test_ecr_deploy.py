@@ -5953,6 +5953,72 @@ def test_promotion(labels, runs, pending, failed, target, expected):
     assert (release.decision, release.until) == expected, release
 
 
+# ---- checks after the rollout, and stuck rollouts
+
+@pytest.mark.parametrize("labels, error", [
+    ({ed.CHECK_LABEL: "ftp://web/health"}, "http:// or https://"),
+    ({ed.CHECK_LABEL: "file:///etc/passwd"}, "http:// or https://"),
+    ({ed.CHECK_LABEL: "https://user:s3cret@web/health"}, "must not carry credentials"),
+    ({ed.CHECK_LABEL: "https:///health"}, "names no host"),
+    ({ed.CHECK_LABEL: "https://web:99999/health"}, "invalid port"),
+    ({ed.CHECK_LABEL: "https://web/he alth"}, "spaces or control characters"),
+    ({ed.CHECK_LABEL: "https://web/health", ed.CHECK_PASSES_LABEL: "0"}, "from 1 to 100"),
+    ({ed.CHECK_LABEL: "https://web/health", ed.CHECK_PASSES_LABEL: "three"}, "from 1 to 100"),
+    ({ed.ALARMS_LABEL: "web-5xx," + "x" * 256}, "not a CloudWatch alarm name"),
+])
+def test_checks_labels_are_read_strictly_and_never_echo_a_secret(labels, error):
+    with pytest.raises(ValueError, match=error) as raised:
+        ed.checks_of(labels)
+    assert "s3cret" not in str(raised.value)
+
+
+def test_checks_labels_read():
+    assert ed.checks_of({}) is None and ed.checks_of({ed.ALARMS_LABEL: " , "}) is None
+    checks = ed.checks_of({ed.ALARMS_LABEL: "web-5xx, web-latency,web-5xx", ed.CHECK_LABEL: "https://web:8443/health?token=T0KEN#x"})
+    assert checks == ed.Checks(("web-5xx", "web-latency"), "https://web:8443/health?token=T0KEN", 3)
+    assert "T0KEN" not in checks.named and "https://web:8443/health?…" in checks.named
+
+
+def test_a_look_fails_on_an_alarm_in_alarm_a_missing_alarm_or_a_non_2xx_answer_never_on_insufficient_data():
+    checks = ed.Checks(("a", "b"), "http://web/health", 2)
+    first = ed.look_at(checks, {"a": "OK", "b": "INSUFFICIENT_DATA"}, 200, 0)
+    assert first.failed is None and first.passes == 1
+    assert first.said == "alarm a OK, alarm b INSUFFICIENT_DATA (no data yet: not a failure), check 1/2 (HTTP 200)"
+    assert not ed.checks_done(checks, first, soak_over=True)
+    second = ed.look_at(checks, {"a": "OK", "b": "OK"}, 204, first.passes)
+    assert ed.checks_done(checks, second, soak_over=True) and not ed.checks_done(checks, second, soak_over=False)
+    alarm = ed.look_at(checks, {"a": "ALARM", "b": "OK"}, 200, 1)
+    assert alarm.failed == "alarm a is in ALARM" and not ed.checks_done(checks, alarm, True)
+    missing = ed.look_at(checks, {"a": "OK"}, 200, 1)
+    assert missing.failed.startswith("alarm b does not exist")
+    answered = ed.look_at(checks, {"a": "OK", "b": "OK"}, 500, 1)
+    assert answered.failed == "check http://web/health answered HTTP 500" and answered.passes == 0
+    refused = ed.look_at(ed.Checks((), "http://web/h", 1), {}, "no connection", 0)
+    assert refused.failed == "check http://web/h answered no connection"
+    assert ed.checks_done(ed.Checks(("a",), None, 3), ed.look_at(ed.Checks(("a",), None, 3), {"a": "OK"}, None, 0), True)
+
+
+def test_a_stuck_rollout_says_what_swarm_says_of_its_tasks():
+    new = f"{HOST}/team/web:latest@{DIGEST_B}"
+
+    def task(state, desired="running", err=None, image=new, stamp="2026-12-07T06:00:00Z"):
+        return {"Spec": {"ContainerSpec": {"Image": image}}, "DesiredState": desired,
+                "Status": {"State": state, "Err": err, "Message": state, "Timestamp": stamp}}
+    tasks = [task("pending", err="no suitable node (scheduling constraints not satisfied on 1 node)"),
+             task("pending", err="no suitable node (scheduling constraints not satisfied on 1 node)"),
+             task("running", image=f"{HOST}/team/web:latest@{DIGEST_A}"),
+             task("rejected", desired="shutdown", err="No such image: team/web@sha256:bbb")]
+    assert ed.tasks_running(tasks, new) == 0
+    assert ed.stuck_reason(tasks, new, 300) == (
+        "no task of the new digest reached running within 5m (ecr-deploy.progress-deadline): 2 task(s) pending: "
+        "no suitable node (scheduling constraints not satisfied on 1 node); 1 task(s) rejected: No such image: "
+        "team/web@sha256:bbb")
+    assert ed.progress_deadline({ed.PROGRESS_DEADLINE_LABEL: "30s"}, 300) == 30
+    assert ed.progress_deadline({}, 300) == 300
+    assert ed.checks_window(ed.Checks((), "http://x/", 3), 0) == 3 * ed.CHECK_EVERY
+    assert ed.checks_window(ed.Checks(("a",), None, 3), 600) == 600
+
+
 # ---- deciding: one answer to "service S should run digest D of tag T" (push path, reconcile pass, --status)
 
 RUNS_A = service(f"{HOST}/team/web:latest@{DIGEST_A}")
