@@ -2006,17 +2006,17 @@ def test_refresh_auth_needs_no_queue_and_notify_urls_accumulate(monkeypatch):
 
 
 class LocalServer:
-    """A real local HTTP server on loopback answering 200 to the given methods; `record(path, body)` notes each
-    request (the URL's path may carry a fake secret that must never be logged)."""
+    """A real local HTTP server on loopback answering 200 (or what `status()` says) to the given methods;
+    `record(path, body)` notes each request (the URL's path may carry a fake secret that must never be logged)."""
 
-    def __init__(self, path: str, record, methods=("POST",)):
+    def __init__(self, path: str, record, methods=("POST",), status=lambda: 200):
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
 
             def answer(self):
                 record(self.path, self.rfile.read(int(self.headers.get("Content-Length") or 0)))
-                self.send_response(200)
+                self.send_response(status())
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")
@@ -6490,6 +6490,126 @@ def test_promotion_tags_a_soaked_digest_once_for_production_and_never_a_failed_o
     prod_now = ecr.describe_images(repositoryName=repo, imageIds=[{"imageTag": "prod"}])["imageDetails"][0]
     assert prod_now["imageDigest"] == v2  # a failed staging rollout never reaches production
     assert service_image_of(swarm, prod)[0].endswith(v2)
+
+# ---- checks after the rollout, and stuck rollouts (docs/around-a-rollout.md)
+
+def test_checks_after_the_rollout_fail_it_on_an_alarm_or_a_bad_answer_and_an_ok_run_promotes(aws, images, clean_swarm,
+                                                                                              webhook):
+    """One deployer, three pushes: a CloudWatch alarm set to ALARM during the soak, then the HTTP check
+    answering 500, each fail the rollout (rolled back, recorded, not promoted, the wave held); then all
+    checks pass, and the digest is promoted and the wave follows. CloudWatch is moto's
+    (put_metric_alarm, set_alarm_state, describe_alarms)."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    cloudwatch, ecr = aws.client("cloudwatch", registry.region), aws.client("ecr", registry.region)
+    alarm = f"chk-web-5xx-{uuid.uuid4().hex[:6]}"
+    cloudwatch.put_metric_alarm(AlarmName=alarm, MetricName="5xx", Namespace="chk", Statistic="Sum", Period=60,
+                                EvaluationPeriods=1, Threshold=1, ComparisonOperator="GreaterThanThreshold")
+    answers, asked = [200], []
+    health = LocalServer("/health?token=T0KEN", lambda path, body: asked.append(path), methods=("GET",),
+                         status=lambda: answers[-1])
+    try:
+        repo = images.new_repository()
+        v1 = images.push(repo, "latest", "v1")
+        manifest = ecr.batch_get_image(repositoryName=repo, imageIds=[{"imageDigest": v1}])["images"][0]["imageManifest"]
+        ecr.put_image(repositoryName=repo, imageManifest=manifest, imageTag="prod", imageDigest=v1)
+        old = f"{registry.host}/{repo}:latest@{v1}"
+        web = swarm.create_service("chk-web", old, registry=registry, update_config=FAST_MONITOR, labels={
+            ed.ALARMS_LABEL: alarm, ed.CHECK_LABEL: health.url, ed.CHECK_PASSES_LABEL: "2", ed.SOAK_LABEL: "6s",
+            ed.PROMOTE_LABEL: "prod"})
+        api = swarm.create_service("chk-api", old, registry=registry, replicas=0, labels={ed.AFTER_LABEL: "chk-web"})
+        swarm.wait_running(web, old)
+        queue = aws.new_queue()
+        env = deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1", DEPLOYER_NOTIFY_URL=webhook.url)
+        running = Running(env, "--queue", queue, "--reconcile-every", "2s")
+        try:
+            def prod():
+                return ecr.describe_images(repositoryName=repo, imageIds=[{"imageTag": "prod"}])["imageDetails"][0]
+
+            def failed_by_its_checks(content: str, why: str, count: int) -> str:
+                digest = images.push(repo, "latest", content)
+                image = f"{registry.host}/{repo}:latest@{digest}"
+                aws.send(queue, event(repository=repo, digest=digest))
+                running.wait_line(f"Rollout of chk-web ({web[:12]}) to {image}: Swarm completed it after", timeout=60)
+                if why == "alarm":  # during the soak
+                    cloudwatch.set_alarm_state(AlarmName=alarm, StateValue="ALARM", StateReason="5xx above 1")
+                running.wait_line(f"Rollout of chk-web ({web[:12]}) to {image} failed its checks after", timeout=30)
+                running.wait_line(f"Rollback of chk-web ({web[:12]}) to {old} completed", timeout=60, count=count)
+                running.wait_line(f"Service chk-api ({api[:12]}) holds back {image}: chk-web's rollout of this digest "
+                                  f"failed", timeout=20)
+                record = swarm.service(web)["Spec"]["Labels"][ed.FAILED_LABEL]
+                assert record.startswith(f"{digest} failed its checks at "), record
+                assert service_image_of(swarm, web)[0] == old and service_image_of(swarm, api)[0] == old
+                assert prod()["imageDigest"] == v1  # never promoted
+                return record
+
+            record = failed_by_its_checks("v2", "alarm", 1)
+            assert f"alarm {alarm} is in ALARM" in record
+            failure = next(d for d in webhook.received if d["outcome"] == "check_failed")
+            assert f"alarm {alarm} is in ALARM" in failure["message"]
+            cloudwatch.set_alarm_state(AlarmName=alarm, StateValue="OK", StateReason="fine")
+
+            answers.append(500)
+            record = failed_by_its_checks("v3", "answer", 2)
+            assert "answered HTTP 500" in record
+            failure = [d for d in webhook.received if d["outcome"] == "check_failed"][-1]
+            assert f"check {health.url.partition('?')[0]}?… answered HTTP 500" in failure["message"]
+
+            answers.append(200)
+            v4 = images.push(repo, "latest", "v4")
+            good = f"{registry.host}/{repo}:latest@{v4}"
+            aws.send(queue, event(repository=repo, digest=v4))
+            running.wait_line(f"Rollout of chk-web ({web[:12]}) to {good}: Swarm completed it after", timeout=60)
+            rows = {r["service"]: r for r in json.loads(status(env, "--json").stdout)}
+            assert rows["chk-web"]["state"] == "checking", rows["chk-web"]
+            assert f"checking: alarm {alarm} OK, check 1/2 (HTTP 200)" in rows["chk-web"]["reason"]
+            running.wait_line(f"Promoted {registry.host}/{repo}:prod@{v4}", timeout=30)
+            running.wait_line(f"Updated service chk-api ({api[:12]}) to {good}", timeout=30)
+        finally:
+            assert running.stop() == 0
+    finally:
+        health.close()
+    assert f"Rollout of chk-web ({web[:12]}) to {good} completed after" in running.log
+    assert f"checks passed: alarm {alarm} OK, check 2/2 (HTTP 200)" in running.log
+    assert f"Service chk-api ({api[:12]}) waits before {good}: waits for chk-web's rollout to complete (its checks " \
+           f"run: alarm {alarm}" in running.log  # the wave waited for the checks, not only for Swarm
+    assert prod()["imageDigest"] == v4
+    assert "T0KEN" not in running.log and asked and all(path == "/health?token=T0KEN" for path in asked)
+    assert [d["outcome"] for d in webhook.received if d["service"] == "chk-web"] == [
+        "check_failed", "rollback_completed", "check_failed", "rollback_completed", "completed", "promoted"]
+
+
+def test_a_rollout_no_node_can_take_fails_at_its_progress_deadline_with_swarms_reason(aws, images, clean_swarm,
+                                                                                      webhook):
+    """A constraint no node meets: the new task stays pending ("no suitable node"), and Swarm waits for ever.
+    The deployer fails the rollout at its progress deadline (3 s here), not at the rollout timeout (5 min)."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = aws.put_image(registry.account, registry.region, repo, "latest", "v1")  # (never pulled: never placed)
+    old = f"{registry.host}/{repo}:latest@{v1}"
+    sid = swarm.create_service("stuck", old, update_config=FAST_MONITOR, labels={ed.PROGRESS_DEADLINE_LABEL: "3s"},
+                               Placement={"Constraints": ["node.labels.ecr-deploy-zone==nowhere"]})
+    v2 = aws.put_image(registry.account, registry.region, repo, "latest", "v2")
+    new = f"{registry.host}/{repo}:latest@{v2}"
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    running = Running(deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1", DEPLOYER_NOTIFY_URL=webhook.url),
+                      "--queue", queue)
+    try:
+        running.wait_line(f"Rolling back service stuck ({sid[:12]}) to its previous spec ({old})", timeout=40)
+    finally:
+        assert running.stop() == 0
+    line = next(line for line in running.log.splitlines() if f"Rollout of stuck ({sid[:12]}) to {new} stuck after" in line)
+    seconds = float(re.search(r"stuck after ([0-9.]+)s", line)[1])
+    assert 3 <= seconds < 15, line  # the deadline, not the rollout timeout
+    assert "no task of the new digest reached running within 3s (ecr-deploy.progress-deadline): 1 task(s) " \
+           "pending: no suitable node (scheduling constraints not satisfied on 1 node)" in line, line
+    service = swarm.service(sid)
+    assert service["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == old
+    assert service["Spec"]["Labels"][ed.FAILED_LABEL].startswith(f"{v2} stuck at ")
+    assert "no suitable node" in service["Spec"]["Labels"][ed.FAILED_LABEL]
+    stuck = next(d for d in webhook.received if d["outcome"] == "stuck")
+    assert "no suitable node" in stuck["message"] and stuck["image"] == new
+
 
 def test_two_managers_promoting_an_image_index_at_once_tag_it_once_as_the_same_index(aws, images, clean_swarm):
     """Both deployers decide to promote, and both PutImage (held until both have come): ECR takes the first and
