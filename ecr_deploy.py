@@ -1370,7 +1370,7 @@ def rollout_of(service: dict, tasks: list[dict], digest: str, swarm_now: datetim
 # --------------------------------------------------------------------------- status (pure)
 
 # --status: each state, and what it tells cron or monitoring (the exit code is the worst row's).
-STATUS_EXIT = {"current": 0, "pinned": 0, "job": 0, "rolling out": 0, "not pinned": 0, "checking": 0,
+STATUS_EXIT = {"current": 0, "pinned": 0, "job": 0, "rolling out": 0, "not pinned": 0,
                "behind": 4, "waiting": 4, "rolling back": 4,
                "held back": 5, "blocked": 5, "failed": 5, "tag gone": 5, "unknown": 1}
 
@@ -5718,15 +5718,16 @@ def status_of(deployer: Deployer, service: dict, key: tuple | None, answer: tupl
 
 
 def checking_state(deployer: Deployer, service: dict, digest: str) -> tuple[str, str] | None:
-    """("checking", what one look at its checks says now) for a service whose rollout of the digest is within
-    its checks' window (checks_window); else None. The passes in a row the deployer counted are in its log."""
+    """("rolling out", "checking: " what one look at its checks says now) for a service whose rollout of the
+    digest is within its checks' window (checks_window): not done until they pass; else None. The passes in a
+    row the deployer counted are in its log."""
     labels = service["Spec"].get("Labels") or {}
     if not (labels.get(ALARMS_LABEL) or labels.get(CHECK_LABEL)) or failed_digest(service) == digest:
         return None
     try:
         checks, soak = checks_of(labels), parse_duration(labels.get(SOAK_LABEL) or "0")
     except ValueError as e:
-        return "checking", f"its checks cannot be read: {e} (the deployer fails its next rollout)"
+        return "rolling out", f"checking: its checks cannot be read: {e} (the deployer fails its next rollout)"
     if checks is None:
         return None
     docker = deployer.docker
@@ -5736,7 +5737,7 @@ def checking_state(deployer: Deployer, service: dict, digest: str) -> tuple[str,
         return None
     look = look_at(checks, deployer.checker.alarm_states(checks.alarms) if checks.alarms else {},
                    deployer.checker.answer(checks.url) if checks.url else None, 0)
-    return "checking", f"checking: {look.said}; its checks' window ends in " \
+    return "rolling out", f"checking: {look.said}; its checks' window ends in " \
                        f"{duration_text(checks_window(checks, soak) - ran_for)}" + \
         (f" ({look.failed}: the deployer fails the rollout)" if look.failed else "")
 

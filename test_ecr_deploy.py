@@ -2964,7 +2964,10 @@ def test_install_page_aws_setup_blocks_run_against_moto(aws, tmp_path):
                        "sqs:DeleteMessage", "ecr:GetAuthorizationToken",
                        "ecr:DescribeImages", "ecr:DescribeImageScanFindings", "ecr:BatchGetImage",
                        "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability", "ecr:PutImage",
-                       "ecr:DescribeRepositories", "ecr:UpdateImageStorageClass"}  # (--restore-archived)
+                       "ecr:DescribeRepositories", "ecr:UpdateImageStorageClass",  # (--restore-archived)
+                       "cloudwatch:DescribeAlarms"}  # (ecr-deploy.alarms)
+    alarms = next(s for s in document["PolicyVersion"]["Document"]["Statement"] if s["Sid"] == "Alarms")
+    assert alarms["Resource"] == f"arn:aws:cloudwatch:{region}:{document_account(aws)}:alarm:*"
     promote = next(s for s in document["PolicyVersion"]["Document"]["Statement"] if s["Sid"] == "Promote")
     assert promote["Action"] == ["ecr:PutImage", "ecr:DescribeRepositories"]  # (--status: may the promote tag move?)
     assert promote["Resource"] == [f"arn:aws:ecr:{region}:{document_account(aws)}:repository/{name}"
@@ -6560,7 +6563,7 @@ def test_checks_after_the_rollout_fail_it_on_an_alarm_or_a_bad_answer_and_an_ok_
             aws.send(queue, event(repository=repo, digest=v4))
             running.wait_line(f"Rollout of chk-web ({web[:12]}) to {good}: Swarm completed it after", timeout=60)
             rows = {r["service"]: r for r in json.loads(status(env, "--json").stdout)}
-            assert rows["chk-web"]["state"] == "checking", rows["chk-web"]
+            assert rows["chk-web"]["state"] == "rolling out", rows["chk-web"]
             assert f"checking: alarm {alarm} OK, check 1/2 (HTTP 200)" in rows["chk-web"]["reason"]
             running.wait_line(f"Promoted {registry.host}/{repo}:prod@{v4}", timeout=30)
             running.wait_line(f"Updated service chk-api ({api[:12]}) to {good}", timeout=30)
