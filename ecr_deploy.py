@@ -4429,6 +4429,8 @@ class Rollouts:
             log.warning("Service %s: label %s: %s; the default (%s) applies", rollout.label, PROGRESS_DEADLINE_LABEL,
                         e, duration_text(self.progress_deadline))
             rollout.progress_deadline = self.progress_deadline
+        if rollout.progress_deadline:  # Swarm's own pause between batches is no lack of progress
+            rollout.progress_deadline += ((spec.get("UpdateConfig") or {}).get("Delay") or 0) / 1e9
         self.pending.append(rollout)
 
     def global_tasks(self, service_id: str, spec: dict) -> int:
@@ -4602,7 +4604,11 @@ class Rollouts:
             return  # (said when a rollout to it is followed)
         if checks is None:
             return
-        ran = rollout_of(service, self.docker.tasks(service["ID"]), digest, self.docker.date)
+        try:
+            ran = rollout_of(service, self.docker.tasks(service["ID"]), digest, self.docker.date)
+        except DockerError as e:  # (the next pass looks again)
+            log.error("Cannot read the tasks of service %s: %s", service_label(service), e)
+            return
         ran_for = soaked_for(Leader("", True, None, ran.since, None), self.docker.date)
         if ran.pending or ran_for is None or ran_for >= checks_window(checks, soak):
             return

@@ -6001,6 +6001,44 @@ def test_a_look_fails_on_an_alarm_in_alarm_a_missing_alarm_or_a_non_2xx_answer_n
     assert ed.checks_done(ed.Checks(("a",), None, 3), ed.look_at(ed.Checks(("a",), None, 3), {"a": "OK"}, None, 0), True)
 
 
+def test_an_http_check_follows_a_redirect_only_on_its_own_host_and_sends_no_credentials(monkeypatch, tmp_path):
+    """Real loopback servers: /moved redirects on the same host (followed), /away to another host (127.0.0.2:
+    not followed, never asked); a ~/.netrc naming the host sends nothing (the check ignores the environment)."""
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            seen.append((self.headers.get("Host"), self.path, self.headers.get("Authorization")))
+            port = self.server.server_address[1]
+            where = {"/moved": "/health", "/away": f"http://127.0.0.2:{port}/health"}.get(self.path)
+            self.send_response(302 if where else 200 if self.path == "/health" else 503)
+            if where:
+                self.send_header("Location", where)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("0.0.0.0", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    netrc = tmp_path / ".netrc"
+    netrc.write_text("machine 127.0.0.1 login user password s3cret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        checker = ed.Checker()
+        assert checker.answer(base + "/moved") == 200
+        assert checker.answer(base + "/away") == "HTTP 302, a redirect to another host (not followed)"
+        assert checker.answer(base + "/down") == 503
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [path for _, path, _ in seen] == ["/moved", "/health", "/away", "/down"]  # 127.0.0.2 never asked
+    assert {auth for _, _, auth in seen} == {None}
+
+
 def test_a_stuck_rollout_says_what_swarm_says_of_its_tasks():
     new = f"{HOST}/team/web:latest@{DIGEST_B}"
 
