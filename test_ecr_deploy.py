@@ -6538,8 +6538,8 @@ def test_checks_after_the_rollout_fail_it_on_an_alarm_or_a_bad_answer_and_an_ok_
                                                                                               webhook):
     """One deployer, three pushes: a CloudWatch alarm set to ALARM during the soak, then the HTTP check
     answering 500, each fail the rollout (rolled back, recorded, not promoted, the wave held); then all
-    checks pass, and the digest is promoted and the wave follows. CloudWatch is moto's
-    (put_metric_alarm, set_alarm_state, describe_alarms)."""
+    checks pass, across a restart of the deployer during them, and the digest is promoted and the wave
+    follows. CloudWatch is moto's (put_metric_alarm, set_alarm_state, describe_alarms)."""
     swarm, registry = clean_swarm, REGISTRIES[0]
     cloudwatch, ecr = aws.client("cloudwatch", registry.region), aws.client("ecr", registry.region)
     alarm = f"chk-web-5xx-{uuid.uuid4().hex[:6]}"
@@ -6600,6 +6600,12 @@ def test_checks_after_the_rollout_fail_it_on_an_alarm_or_a_bad_answer_and_an_ok_
             good = f"{registry.host}/{repo}:latest@{v4}"
             aws.send(queue, event(repository=repo, digest=v4))
             running.wait_line(f"Rollout of chk-web ({web[:12]}) to {good}: Swarm completed it after", timeout=60)
+            first = running
+        finally:
+            assert running.stop() == 0  # restarted during the checks: the next process takes them up
+        running = Running(env, "--queue", queue, "--reconcile-every", "2s")
+        try:
+            running.wait_line(f"Service chk-web ({web[:12]}) runs {good}, its soak began ", timeout=30)
             rows = {r["service"]: r for r in json.loads(status(env, "--json").stdout)}
             assert rows["chk-web"]["state"] == "rolling out", rows["chk-web"]
             assert f"checking: alarm {alarm} OK, check 1/2 (HTTP 200)" in rows["chk-web"]["reason"]
@@ -6609,6 +6615,7 @@ def test_checks_after_the_rollout_fail_it_on_an_alarm_or_a_bad_answer_and_an_ok_
             assert running.stop() == 0
     finally:
         health.close()
+    assert "Promoted" not in first.log and f"Updated service chk-api ({api[:12]}) to {good}" not in first.log
     assert f"Rollout of chk-web ({web[:12]}) to {good} completed after" in running.log
     assert f"checks passed: alarm {alarm} OK, check 2/2 (HTTP 200)" in running.log
     assert f"Service chk-api ({api[:12]}) waits before {good}: waits for chk-web's rollout to complete (its checks " \
