@@ -17,15 +17,17 @@ promotion) decides when; what must survive a restart lives on the service's labe
 Read top-down: configuration, events (pure), images (pure: references, which tag a service
 follows), versions (pure: which tags a service may run, and the newest), specs (pure), service labels
 (pure: provenance, failure records), release policy (pure), Swarm's tasks (pure: completed, soaked),
-status (pure), rollouts (pure), scan gate (pure), signature gate (pure), deciding (pure: a Hint,
+status (pure), rollouts (pure), checks after the rollout (pure: what proves a rollout good, what proves it
+stuck), scan gate (pure), signature gate (pure), deciding (pure: a Hint,
 "service S should run digest D of tag T, because of this event or a reconcile pass", and decide(), the
 one answer to it: deploy, nothing, hold back, wait, block), AWS shell (SQS), ECR shell, Docker shell,
 the service index (loop mode's ServiceIndex, kept current from Docker's events), the gates (ScanGate;
 SignatureGate, which runs notation or cosign), the drain cycle (Deployer: messages in, hints converged,
 the messages whose hints are decided acknowledged), hints from events (EventHints), converging
 (Converger: reads the facts decide() asks for, then has them acted on; promotion), acting (Actor:
-posts, records failures, says why not, blocks, promotes), rollouts (Rollouts, which follows and rolls
-back), the auth keeper (AuthKeeper), the reconcile pass (Reconciler: a hint for every service behind
+posts, records failures, says why not, blocks, promotes), checks after the rollout (Checker: CloudWatch
+alarms, HTTP checks; RolloutChecks: a rollout's checks and progress), rollouts (Rollouts, which follows and
+rolls back), the auth keeper (AuthKeeper), the reconcile pass (Reconciler: a hint for every service behind
 its tag), receiving (Receiver: batches bounded in time, held invisible while worked on), reports,
 notifications, logging and systemd, status (read-only), main.
 """
@@ -4353,168 +4355,72 @@ class Actor:
         return True
 
 
-# --------------------------------------------------------------------------- rollouts
+# --------------------------------------------------------------------------- checks after the rollout
 
-@dataclass
-class Rollout:
-    """A service update (or rollback) being followed until Swarm says how it ended."""
-    service_id: str
-    name: str
-    image: str  # what the service is being moved to
-    force_update: int  # the TaskTemplate.ForceUpdate we posted: with the image, our spec's identity
-    push: Push  # whose registry credentials apply
-    started: float  # time.monotonic() just before the update was posted
-    deadline: float
-    rollback: bool = False
-    replaced: dict = field(default_factory=dict)  # the spec our update replaced: what a rollback restores
-    checks: Checks | None = None  # what must prove it good once Swarm completed it (checks_of)
-    checks_error: str | None = None  # its check labels cannot be read: it cannot be proved good
-    progress_deadline: float = 0.0  # s without a task of the image reaching running: stuck (0: never)
-    progress_at: float = 0.0  # time.monotonic() of the last progress seen (or the start)
-    running_seen: int = 0  # tasks of the image running at the last progress seen
-    checking: bool = False  # Swarm completed it; its checks run (in memory: a restart starts them afresh)
-    soak_over_at: float = 0.0  # time.monotonic() when its soak ends (by Swarm's clock when the checks began)
-    look: Look | None = None  # the last look at its checks
-    next_look: float = 0.0
+class Checker:
+    """Looks at what proves a rollout good (checks_of): CloudWatch alarms (DescribeAlarms by name, 100 a
+    call; the client is made when a service first names alarms, so a fleet without them needs neither the
+    permission nor the client) and HTTP checks (GET, bounded in time, redirects followed only on the same
+    scheme, host and port, no proxy or .netrc from the environment)."""
 
-    @property
-    def label(self) -> str:
-        return f"{self.name} ({self.service_id[:12]})"
+    def __init__(self, session: botocore.session.Session | None = None, on_request=None):
+        self._session, self._on_request = session, on_request
+        self._cloudwatch = None
+        self._http: requests.Session | None = None
 
-    @property
-    def digest(self) -> str:
-        return self.image.rpartition("@")[2]
+    def alarm_states(self, names: tuple[str, ...]) -> dict[str, str]:
+        """Alarm name -> StateValue (OK, ALARM, INSUFFICIENT_DATA), metric and composite alarms, in the
+        deployer's region; a name missing from the answer: no such alarm. AwsError if CloudWatch failed."""
+        if self._cloudwatch is None:
+            session = self._session or aws_session()
+            self._cloudwatch = aws_client(session, "cloudwatch", session.get_config_variable("region"), ECR_CONFIG,
+                                          self._on_request)
+        states: dict[str, str] = {}
+        for start in range(0, len(names), DESCRIBE_ALARMS_MAX):
+            asked, token = {"AlarmNames": list(names[start:start + DESCRIBE_ALARMS_MAX]),
+                            "AlarmTypes": ["MetricAlarm", "CompositeAlarm"], "MaxRecords": DESCRIBE_ALARMS_MAX}, None
+            while True:
+                try:
+                    reply = self._cloudwatch.describe_alarms(**asked, **({"NextToken": token} if token else {}))
+                except AWS_ERRORS as e:
+                    raise AccessDenied.wrap(e, "cannot describe CloudWatch alarms (cloudwatch:DescribeAlarms)") \
+                        from None
+                for alarm in reply.get("MetricAlarms", []) + reply.get("CompositeAlarms", []):
+                    states[alarm["AlarmName"]] = alarm["StateValue"]
+                token = reply.get("NextToken")
+                if not token:
+                    break
+        return states
 
-
-
-class Rollouts:
-    """Follows the rollouts this process started until Swarm says how each ended; reports them, and
-    with --rollback-on-failure rolls back the ones that paused or timed out."""
-
-    def __init__(self, deployer: Deployer, enabled: bool, timeout: float | None, rollback_on_failure: bool,
-                 notify_urls: tuple[str, ...], progress_deadline: float = DEFAULT_PROGRESS_DEADLINE):
-        self.deployer, self.enabled, self.timeout = deployer, enabled, timeout
-        self.progress_deadline = progress_deadline  # the default of PROGRESS_DEADLINE_LABEL
-        self.proved: set[tuple[str, str]] = set()  # (service ID, digest) whose checks passed here: not taken up again
-        self.rollback_on_failure, self.notify_urls = rollback_on_failure, notify_urls
-        self.pending: list[Rollout] = []
-        self.outcomes: list[str] = []  # of the rollouts this process followed to their end
-        self.counts: dict[str, int] = defaultdict(int)
-        self._node_name: str | None = None
-
-    @property
-    def docker(self) -> Docker:
-        return self.deployer.docker
-
-    def following(self) -> set[str]:
-        return {r.service_id for r in self.pending}
-
-    def follow(self, service: dict, spec: dict, push: Push, started: float, rollback: bool = False) -> None:
-        if not self.enabled or is_job(spec):  # a job runs to completion; there is no rolling update to follow
-            return
-        # A newer update of the same service supersedes the older one: Swarm reports only the newest.
-        self.pending = [r for r in self.pending if r.service_id != service["ID"]]
-        timeout = self.timeout or default_rollout_timeout(spec, self.global_tasks(service["ID"], spec))
-        task, labels = spec["TaskTemplate"], spec.get("Labels") or {}
-        rollout = Rollout(service["ID"], spec.get("Name", "?"), task["ContainerSpec"]["Image"],
-                          task.get("ForceUpdate", 0), push, started, started + timeout, rollback,
-                          replaced=service.get("Spec") or {}, progress_at=started)
-        try:
-            rollout.checks = None if rollback else checks_of(labels)
-        except ValueError as e:  # never "unchecked": a build nothing can prove good is not one to promote
-            rollout.checks_error = f"its checks cannot be read: {e}"
-        try:
-            rollout.progress_deadline = 0.0 if rollback else progress_deadline(labels, self.progress_deadline)
-        except ValueError as e:
-            log.warning("Service %s: label %s: %s; the default (%s) applies", rollout.label, PROGRESS_DEADLINE_LABEL,
-                        e, duration_text(self.progress_deadline))
-            rollout.progress_deadline = self.progress_deadline
-        if rollout.progress_deadline:  # Swarm's own pause between batches is no lack of progress
-            rollout.progress_deadline += ((spec.get("UpdateConfig") or {}).get("Delay") or 0) / 1e9
-        self.pending.append(rollout)
-
-    def global_tasks(self, service_id: str, spec: dict) -> int:
-        if "Global" not in (spec.get("Mode") or {}):
-            return 1
-        try:
-            return max(1, sum(t.get("DesiredState") == "running" for t in self.docker.tasks(service_id)))
-        except DockerError:
-            return 1
-
-    def check(self) -> None:
-        """Ask Swarm how each pending rollout is doing; report and act on the ones that ended. One that Swarm
-        completed and that has checks is looked at until they prove it good (or fail it)."""
-        for rollout in list(self.pending):
-            now = time.monotonic()
-            if rollout.checking:
-                self.look_at_checks(rollout, now)
-                continue
+    def answer(self, url: str) -> int | str:
+        """The check's HTTP status code, or why there is none (said without the URL's query)."""
+        if self._http is None:
+            self._http = requests.Session()
+            self._http.trust_env = False  # no proxy, no .netrc credentials sent to a check
+            self._http.verify = os.environ.get("REQUESTS_CA_BUNDLE") or True  # (a private CA, as requests reads it)
+        for _ in range(CHECK_REDIRECTS + 1):
             try:
-                service = self.docker.service(rollout.service_id)
-                state = rollout_state(service, rollout.image, rollout.force_update)
-                if state == "superseded" and not rollout.rollback and lost_sight_of_rollback(
-                        service, rollout.image, rollout.replaced, lambda: self.docker.tasks(rollout.service_id)):
-                    state = "rollback_completed"
-            except DockerError as e:
-                service, state = None, "removed" if e.status == 404 else None
-                if state is None:
-                    log.error("Cannot follow the rollout of %s: %s", rollout.label, e)
-            if state is None and service and now - rollout.started > NO_UPDATE_GRACE:
-                state = "completed"  # Swarm had nothing to roll (e.g. no replicas): nothing can hang
-            if state == "completed" and service and (rollout.checks or rollout.checks_error):
-                self.start_checks(rollout, service, now)
-                continue
-            stuck = self.stuck(rollout, now) if state in (None, "updating") and service else None
-            if state not in (*FINAL_STATES, "removed") and now > rollout.deadline:
-                state = "timed_out"  # also when Docker cannot be asked: --wait must end
-            elif stuck:
-                state = "stuck"
-            if state in (*FINAL_STATES, "removed", "timed_out", "stuck"):
-                self.pending.remove(rollout)
-                # Our rollback is an ordinary update (see roll_back): its outcomes are a rollback's.
-                if rollout.rollback and state in ("completed", "paused"):
-                    state = f"rollback_{state}"
-                self.ended(rollout, state, service, now, stuck or "")
+                with self._http.get(url, timeout=CHECK_TIMEOUT, allow_redirects=False, stream=True) as reply:
+                    status, location = reply.status_code, reply.headers.get("Location")
+            except requests.Timeout:
+                return f"no answer within {CHECK_TIMEOUT[1]:.0f}s"
+            except requests.ConnectionError:
+                return "no connection"
+            except requests.RequestException as e:
+                return type(e).__name__
+            if status not in (301, 302, 303, 307, 308) or not location:
+                return status
+            there = urllib.parse.urljoin(url, location)
+            before, after = urllib.parse.urlsplit(url), urllib.parse.urlsplit(there)
+            if (before.scheme, before.hostname, before.port) != (after.scheme, after.hostname, after.port):
+                return f"HTTP {status}, a redirect to another host (not followed)"
+            url = there
+        return f"more than {CHECK_REDIRECTS} redirects"
 
-    def ended(self, rollout: Rollout, outcome: str, service: dict | None, now: float, said: str = "") -> None:
-        """`said`: why, when the deployer judged it (stuck, its checks), not Swarm."""
-        duration = now - rollout.started
-        message, details = said, ""
-        failed = outcome in ("paused", "rollback_paused", "timed_out", "stuck", "check_failed") or \
-            outcome == "rollback_completed" and not rollout.rollback
-        if failed and service and outcome != "check_failed":  # (Swarm rolled back our rollout: say why)
-            swarm_says = (service.get("UpdateStatus") or {}).get("Message", "")
-            try:
-                tasks = self.docker.tasks(rollout.service_id)
-            except DockerError:
-                tasks = []
-            task_error = failing_task_error(tasks, rollout.image)
-            message = said or "; ".join(filter(None, [swarm_says, task_error and f"task error: {task_error}"]))
-            details = self.failure_details(tasks, rollout.image) if self.deployer.notifier.targets else ""
-        words = OUTCOME_WORDS[outcome.removeprefix("rollback_") if rollout.rollback else outcome]
-        log.log(logging.INFO if outcome in ("completed", "rollback_completed", "superseded") and not (failed and message)
-                else logging.ERROR, "%s of %s to %s %s after %.1fs%s", "Rollback" if rollout.rollback else "Rollout",
-                rollout.label, rollout.image, words, duration, f": {message}" if message else "")
-        self.outcomes.append(outcome)
-        self.counts[outcome] += 1
-        if outcome == "completed":  # a wave may follow it, a promotion may be due: look again soon
-            self.deployer.reconciler.wake_at(time.time())
-        self.notify(notification(outcome, rollout.name, rollout.service_id, rollout.image, duration,
-                                 self.node_name(), message, rollback=rollout.rollback),
-                    (service or {}).get("Spec", rollout.replaced).get("Labels"), details,
-                    # ECR's push time and Swarm's answer: both clocks not ours
-                    None if rollout.rollback else seconds_after(rollout.push.time, self.docker.date))
-        if rollout.rollback or not service:
-            return
-        if self.rollback_on_failure and (
-                outcome in ("timed_out", "stuck", "check_failed")  # Swarm rolls back failures, never slowness
-                or outcome == "paused" and (service["Spec"].get("UpdateConfig") or {}).get("FailureAction") != "rollback"):
-            self.roll_back(rollout, outcome, message)
-        elif outcome == "check_failed":  # Swarm says completed: only a record keeps waves and promotion off it
-            self.record_on_running(rollout, service, outcome, message)
-        elif outcome == "rollback_completed":  # Swarm's FailureAction=rollback: it keeps no record of what failed
-            self.deployer.actor.record_failure(service, rollout.push.account, rollout.push.region,
-                                         rollout.image.rpartition("@")[2], outcome, message)
+
+class RolloutChecks:
+    """The part of Rollouts that follows a rollout past Swarm's word: its checks once Swarm completed it
+    (taken up again by a reconcile pass after a restart), and its progress while Swarm rolls it (stuck)."""
 
     def stuck(self, rollout: Rollout, now: float) -> str | None:
         """Why the rollout is stuck (no task of its image reached running within its progress deadline), or
@@ -4646,6 +4552,170 @@ class Rollouts:
         self.deployer.actor.post_update(service, rollout.push.account, rollout.push.region, plan, lambda *_: log.info(
             "Recorded on service %s: %s=%s", rollout.label, FAILED_LABEL, record), with_auth=False)
 
+
+# --------------------------------------------------------------------------- rollouts
+
+@dataclass
+class Rollout:
+    """A service update (or rollback) being followed until Swarm says how it ended."""
+    service_id: str
+    name: str
+    image: str  # what the service is being moved to
+    force_update: int  # the TaskTemplate.ForceUpdate we posted: with the image, our spec's identity
+    push: Push  # whose registry credentials apply
+    started: float  # time.monotonic() just before the update was posted
+    deadline: float
+    rollback: bool = False
+    replaced: dict = field(default_factory=dict)  # the spec our update replaced: what a rollback restores
+    checks: Checks | None = None  # what must prove it good once Swarm completed it (checks_of)
+    checks_error: str | None = None  # its check labels cannot be read: it cannot be proved good
+    progress_deadline: float = 0.0  # s without a task of the image reaching running: stuck (0: never)
+    progress_at: float = 0.0  # time.monotonic() of the last progress seen (or the start)
+    running_seen: int = 0  # tasks of the image running at the last progress seen
+    checking: bool = False  # Swarm completed it; its checks run (in memory: a restart starts them afresh)
+    soak_over_at: float = 0.0  # time.monotonic() when its soak ends (by Swarm's clock when the checks began)
+    look: Look | None = None  # the last look at its checks
+    next_look: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.service_id[:12]})"
+
+    @property
+    def digest(self) -> str:
+        return self.image.rpartition("@")[2]
+
+
+
+class Rollouts(RolloutChecks):
+    """Follows the rollouts this process started until Swarm says how each ended; reports them, and
+    with --rollback-on-failure rolls back the ones that paused or timed out."""
+
+    def __init__(self, deployer: Deployer, enabled: bool, timeout: float | None, rollback_on_failure: bool,
+                 notify_urls: tuple[str, ...], progress_deadline: float = DEFAULT_PROGRESS_DEADLINE):
+        self.deployer, self.enabled, self.timeout = deployer, enabled, timeout
+        self.progress_deadline = progress_deadline  # the default of PROGRESS_DEADLINE_LABEL
+        self.proved: set[tuple[str, str]] = set()  # (service ID, digest) whose checks passed here: not taken up again
+        self.rollback_on_failure, self.notify_urls = rollback_on_failure, notify_urls
+        self.pending: list[Rollout] = []
+        self.outcomes: list[str] = []  # of the rollouts this process followed to their end
+        self.counts: dict[str, int] = defaultdict(int)
+        self._node_name: str | None = None
+
+    @property
+    def docker(self) -> Docker:
+        return self.deployer.docker
+
+    def following(self) -> set[str]:
+        return {r.service_id for r in self.pending}
+
+    def follow(self, service: dict, spec: dict, push: Push, started: float, rollback: bool = False) -> None:
+        if not self.enabled or is_job(spec):  # a job runs to completion; there is no rolling update to follow
+            return
+        # A newer update of the same service supersedes the older one: Swarm reports only the newest.
+        self.pending = [r for r in self.pending if r.service_id != service["ID"]]
+        timeout = self.timeout or default_rollout_timeout(spec, self.global_tasks(service["ID"], spec))
+        task, labels = spec["TaskTemplate"], spec.get("Labels") or {}
+        rollout = Rollout(service["ID"], spec.get("Name", "?"), task["ContainerSpec"]["Image"],
+                          task.get("ForceUpdate", 0), push, started, started + timeout, rollback,
+                          replaced=service.get("Spec") or {}, progress_at=started)
+        try:
+            rollout.checks = None if rollback else checks_of(labels)
+        except ValueError as e:  # never "unchecked": a build nothing can prove good is not one to promote
+            rollout.checks_error = f"its checks cannot be read: {e}"
+        try:
+            rollout.progress_deadline = 0.0 if rollback else progress_deadline(labels, self.progress_deadline)
+        except ValueError as e:
+            log.warning("Service %s: label %s: %s; the default (%s) applies", rollout.label, PROGRESS_DEADLINE_LABEL,
+                        e, duration_text(self.progress_deadline))
+            rollout.progress_deadline = self.progress_deadline
+        if rollout.progress_deadline:  # Swarm's own pause between batches is no lack of progress
+            rollout.progress_deadline += ((spec.get("UpdateConfig") or {}).get("Delay") or 0) / 1e9
+        self.pending.append(rollout)
+
+    def global_tasks(self, service_id: str, spec: dict) -> int:
+        if "Global" not in (spec.get("Mode") or {}):
+            return 1
+        try:
+            return max(1, sum(t.get("DesiredState") == "running" for t in self.docker.tasks(service_id)))
+        except DockerError:
+            return 1
+
+    def check(self) -> None:
+        """Ask Swarm how each pending rollout is doing; report and act on the ones that ended. One that Swarm
+        completed and that has checks is looked at until they prove it good (or fail it)."""
+        for rollout in list(self.pending):
+            now = time.monotonic()
+            if rollout.checking:
+                self.look_at_checks(rollout, now)
+                continue
+            try:
+                service = self.docker.service(rollout.service_id)
+                state = rollout_state(service, rollout.image, rollout.force_update)
+                if state == "superseded" and not rollout.rollback and lost_sight_of_rollback(
+                        service, rollout.image, rollout.replaced, lambda: self.docker.tasks(rollout.service_id)):
+                    state = "rollback_completed"
+            except DockerError as e:
+                service, state = None, "removed" if e.status == 404 else None
+                if state is None:
+                    log.error("Cannot follow the rollout of %s: %s", rollout.label, e)
+            if state is None and service and now - rollout.started > NO_UPDATE_GRACE:
+                state = "completed"  # Swarm had nothing to roll (e.g. no replicas): nothing can hang
+            if state == "completed" and service and (rollout.checks or rollout.checks_error):
+                self.start_checks(rollout, service, now)
+                continue
+            stuck = self.stuck(rollout, now) if state in (None, "updating") and service else None
+            if state not in (*FINAL_STATES, "removed") and now > rollout.deadline:
+                state = "timed_out"  # also when Docker cannot be asked: --wait must end
+            elif stuck:
+                state = "stuck"
+            if state in (*FINAL_STATES, "removed", "timed_out", "stuck"):
+                self.pending.remove(rollout)
+                # Our rollback is an ordinary update (see roll_back): its outcomes are a rollback's.
+                if rollout.rollback and state in ("completed", "paused"):
+                    state = f"rollback_{state}"
+                self.ended(rollout, state, service, now, stuck or "")
+
+    def ended(self, rollout: Rollout, outcome: str, service: dict | None, now: float, said: str = "") -> None:
+        """`said`: why, when the deployer judged it (stuck, its checks), not Swarm."""
+        duration = now - rollout.started
+        message, details = said, ""
+        failed = outcome in ("paused", "rollback_paused", "timed_out", "stuck", "check_failed") or \
+            outcome == "rollback_completed" and not rollout.rollback
+        if failed and service and outcome != "check_failed":  # (Swarm rolled back our rollout: say why)
+            swarm_says = (service.get("UpdateStatus") or {}).get("Message", "")
+            try:
+                tasks = self.docker.tasks(rollout.service_id)
+            except DockerError:
+                tasks = []
+            task_error = failing_task_error(tasks, rollout.image)
+            message = said or "; ".join(filter(None, [swarm_says, task_error and f"task error: {task_error}"]))
+            details = self.failure_details(tasks, rollout.image) if self.deployer.notifier.targets else ""
+        words = OUTCOME_WORDS[outcome.removeprefix("rollback_") if rollout.rollback else outcome]
+        log.log(logging.INFO if outcome in ("completed", "rollback_completed", "superseded") and not (failed and message)
+                else logging.ERROR, "%s of %s to %s %s after %.1fs%s", "Rollback" if rollout.rollback else "Rollout",
+                rollout.label, rollout.image, words, duration, f": {message}" if message else "")
+        self.outcomes.append(outcome)
+        self.counts[outcome] += 1
+        if outcome == "completed":  # a wave may follow it, a promotion may be due: look again soon
+            self.deployer.reconciler.wake_at(time.time())
+        self.notify(notification(outcome, rollout.name, rollout.service_id, rollout.image, duration,
+                                 self.node_name(), message, rollback=rollout.rollback),
+                    (service or {}).get("Spec", rollout.replaced).get("Labels"), details,
+                    # ECR's push time and Swarm's answer: both clocks not ours
+                    None if rollout.rollback else seconds_after(rollout.push.time, self.docker.date))
+        if rollout.rollback or not service:
+            return
+        if self.rollback_on_failure and (
+                outcome in ("timed_out", "stuck", "check_failed")  # Swarm rolls back failures, never slowness
+                or outcome == "paused" and (service["Spec"].get("UpdateConfig") or {}).get("FailureAction") != "rollback"):
+            self.roll_back(rollout, outcome, message)
+        elif outcome == "check_failed":  # Swarm says completed: only a record keeps waves and promotion off it
+            self.record_on_running(rollout, service, outcome, message)
+        elif outcome == "rollback_completed":  # Swarm's FailureAction=rollback: it keeps no record of what failed
+            self.deployer.actor.record_failure(service, rollout.push.account, rollout.push.region,
+                                         rollout.image.rpartition("@")[2], outcome, message)
+
     def roll_back(self, rollout: Rollout, outcome: str, message: str) -> None:
         """Undo our update, only if the current spec is still ours (our image and ForceUpdate), and
         only what our update changed (rollback_spec): an operator who scaled the service or added an
@@ -4725,69 +4795,6 @@ class Rollouts:
             except requests.RequestException as e:
                 status = getattr(e.response, "status_code", None)
                 log.warning("Cannot notify %s: %s", where, f"HTTP {status}" if status else type(e).__name__)
-
-
-# --------------------------------------------------------------------------- checks after the rollout
-
-class Checker:
-    """Looks at what proves a rollout good (checks_of): CloudWatch alarms (DescribeAlarms by name, 100 a
-    call; the client is made when a service first names alarms, so a fleet without them needs neither the
-    permission nor the client) and HTTP checks (GET, bounded in time, redirects followed only on the same
-    scheme, host and port, no proxy or .netrc from the environment)."""
-
-    def __init__(self, session: botocore.session.Session | None = None, on_request=None):
-        self._session, self._on_request = session, on_request
-        self._cloudwatch = None
-        self._http: requests.Session | None = None
-
-    def alarm_states(self, names: tuple[str, ...]) -> dict[str, str]:
-        """Alarm name -> StateValue (OK, ALARM, INSUFFICIENT_DATA), metric and composite alarms, in the
-        deployer's region; a name missing from the answer: no such alarm. AwsError if CloudWatch failed."""
-        if self._cloudwatch is None:
-            session = self._session or aws_session()
-            self._cloudwatch = aws_client(session, "cloudwatch", session.get_config_variable("region"), ECR_CONFIG,
-                                          self._on_request)
-        states: dict[str, str] = {}
-        for start in range(0, len(names), DESCRIBE_ALARMS_MAX):
-            asked, token = {"AlarmNames": list(names[start:start + DESCRIBE_ALARMS_MAX]),
-                            "AlarmTypes": ["MetricAlarm", "CompositeAlarm"], "MaxRecords": DESCRIBE_ALARMS_MAX}, None
-            while True:
-                try:
-                    reply = self._cloudwatch.describe_alarms(**asked, **({"NextToken": token} if token else {}))
-                except AWS_ERRORS as e:
-                    raise AccessDenied.wrap(e, "cannot describe CloudWatch alarms (cloudwatch:DescribeAlarms)") \
-                        from None
-                for alarm in reply.get("MetricAlarms", []) + reply.get("CompositeAlarms", []):
-                    states[alarm["AlarmName"]] = alarm["StateValue"]
-                token = reply.get("NextToken")
-                if not token:
-                    break
-        return states
-
-    def answer(self, url: str) -> int | str:
-        """The check's HTTP status code, or why there is none (said without the URL's query)."""
-        if self._http is None:
-            self._http = requests.Session()
-            self._http.trust_env = False  # no proxy, no .netrc credentials sent to a check
-            self._http.verify = os.environ.get("REQUESTS_CA_BUNDLE") or True  # (a private CA, as requests reads it)
-        for _ in range(CHECK_REDIRECTS + 1):
-            try:
-                with self._http.get(url, timeout=CHECK_TIMEOUT, allow_redirects=False, stream=True) as reply:
-                    status, location = reply.status_code, reply.headers.get("Location")
-            except requests.Timeout:
-                return f"no answer within {CHECK_TIMEOUT[1]:.0f}s"
-            except requests.ConnectionError:
-                return "no connection"
-            except requests.RequestException as e:
-                return type(e).__name__
-            if status not in (301, 302, 303, 307, 308) or not location:
-                return status
-            there = urllib.parse.urljoin(url, location)
-            before, after = urllib.parse.urlsplit(url), urllib.parse.urlsplit(there)
-            if (before.scheme, before.hostname, before.port) != (after.scheme, after.hostname, after.port):
-                return f"HTTP {status}, a redirect to another host (not followed)"
-            url = there
-        return f"more than {CHECK_REDIRECTS} redirects"
 
 
 # --------------------------------------------------------------------------- the auth keeper
