@@ -6536,10 +6536,11 @@ def test_promotion_tags_a_soaked_digest_once_for_production_and_never_a_failed_o
 
 def test_checks_after_the_rollout_fail_it_on_an_alarm_or_a_bad_answer_and_an_ok_run_promotes(aws, images, clean_swarm,
                                                                                               webhook):
-    """One deployer, three pushes: a CloudWatch alarm set to ALARM during the soak, then the HTTP check
-    answering 500, each fail the rollout (rolled back, recorded, not promoted, the wave held); then all
-    checks pass, across a restart of the deployer during them, and the digest is promoted and the wave
-    follows. CloudWatch is moto's (put_metric_alarm, set_alarm_state, describe_alarms)."""
+    """Three pushes: a CloudWatch alarm set to ALARM during the soak fails the rollout (rolled back with its
+    failure record); the HTTP check answering 500 fails the next (a deployer without --rollback-on-failure:
+    the record written on the service, which stays on the build); neither is promoted, the wave holds both.
+    Then all checks pass, across a restart of the deployer during them, and the digest is promoted and the
+    wave follows. CloudWatch is moto's (put_metric_alarm, set_alarm_state, describe_alarms)."""
     swarm, registry = clean_swarm, REGISTRIES[0]
     cloudwatch, ecr = aws.client("cloudwatch", registry.region), aws.client("ecr", registry.region)
     alarm = f"chk-web-5xx-{uuid.uuid4().hex[:6]}"
@@ -6548,6 +6549,32 @@ def test_checks_after_the_rollout_fail_it_on_an_alarm_or_a_bad_answer_and_an_ok_
     answers, asked = [200], []
     health = LocalServer("/health?token=T0KEN", lambda path, body: asked.append(path), methods=("GET",),
                          status=lambda: answers[-1])
+    logs = []
+
+    def deployer(rollback: bool) -> Running:
+        env = deployer_env(aws, swarm, DEPLOYER_NOTIFY_URL=webhook.url,
+                           **({"DEPLOYER_ROLLBACK_ON_FAILURE": "1"} if rollback else {}))
+        logs.append(Running(env, "--queue", queue, "--reconcile-every", "2s"))
+        return logs[-1]
+
+    def prod():
+        return ecr.describe_images(repositoryName=repo, imageIds=[{"imageTag": "prod"}])["imageDetails"][0]
+
+    def failed_by_its_checks(running: Running, content: str, why: str) -> tuple[str, str]:
+        digest = images.push(repo, "latest", content)
+        image = f"{registry.host}/{repo}:latest@{digest}"
+        aws.send(queue, event(repository=repo, digest=digest))
+        running.wait_line(f"Rollout of chk-web ({web[:12]}) to {image}: Swarm completed it after", timeout=60)
+        if why == "alarm":  # during the soak
+            cloudwatch.set_alarm_state(AlarmName=alarm, StateValue="ALARM", StateReason="5xx above 1")
+        running.wait_line(f"Rollout of chk-web ({web[:12]}) to {image} failed its checks after", timeout=30)
+        running.wait_line(f"Service chk-api ({api[:12]}) holds back {image}: chk-web's rollout of this digest "
+                          f"failed", timeout=30)
+        record = swarm.service(web)["Spec"]["Labels"][ed.FAILED_LABEL]
+        assert record.startswith(f"{digest} failed its checks at "), record
+        assert service_image_of(swarm, api)[0] == old and prod()["imageDigest"] == v1  # held, never promoted
+        return image, record
+
     try:
         repo = images.new_repository()
         v1 = images.push(repo, "latest", "v1")
@@ -6560,53 +6587,41 @@ def test_checks_after_the_rollout_fail_it_on_an_alarm_or_a_bad_answer_and_an_ok_
         api = swarm.create_service("chk-api", old, registry=registry, replicas=0, labels={ed.AFTER_LABEL: "chk-web"})
         swarm.wait_running(web, old)
         queue = aws.new_queue()
-        env = deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1", DEPLOYER_NOTIFY_URL=webhook.url)
-        running = Running(env, "--queue", queue, "--reconcile-every", "2s")
+        running = deployer(rollback=True)
         try:
-            def prod():
-                return ecr.describe_images(repositoryName=repo, imageIds=[{"imageTag": "prod"}])["imageDetails"][0]
+            _, record = failed_by_its_checks(running, "v2", "alarm")
+            running.wait_line(f"Rollback of chk-web ({web[:12]}) to {old} completed", timeout=60)
+        finally:
+            assert running.stop() == 0
+        assert f"alarm {alarm} is in ALARM" in record and service_image_of(swarm, web)[0] == old
+        failure = next(d for d in webhook.received if d["outcome"] == "check_failed")
+        assert f"alarm {alarm} is in ALARM" in failure["message"]
+        cloudwatch.set_alarm_state(AlarmName=alarm, StateValue="OK", StateReason="fine")
 
-            def failed_by_its_checks(content: str, why: str, count: int) -> str:
-                digest = images.push(repo, "latest", content)
-                image = f"{registry.host}/{repo}:latest@{digest}"
-                aws.send(queue, event(repository=repo, digest=digest))
-                running.wait_line(f"Rollout of chk-web ({web[:12]}) to {image}: Swarm completed it after", timeout=60)
-                if why == "alarm":  # during the soak
-                    cloudwatch.set_alarm_state(AlarmName=alarm, StateValue="ALARM", StateReason="5xx above 1")
-                running.wait_line(f"Rollout of chk-web ({web[:12]}) to {image} failed its checks after", timeout=30)
-                running.wait_line(f"Rollback of chk-web ({web[:12]}) to {old} completed", timeout=60, count=count)
-                running.wait_line(f"Service chk-api ({api[:12]}) holds back {image}: chk-web's rollout of this digest "
-                                  f"failed", timeout=20)
-                record = swarm.service(web)["Spec"]["Labels"][ed.FAILED_LABEL]
-                assert record.startswith(f"{digest} failed its checks at "), record
-                assert service_image_of(swarm, web)[0] == old and service_image_of(swarm, api)[0] == old
-                assert prod()["imageDigest"] == v1  # never promoted
-                return record
+        answers.append(500)
+        running = deployer(rollback=False)
+        try:
+            kept, record = failed_by_its_checks(running, "v3", "answer")
+        finally:
+            assert running.stop() == 0
+        assert "answered HTTP 500" in record and f"Recorded on service chk-web ({web[:12]})" in running.log
+        assert service_image_of(swarm, web)[0] == kept  # no rollback: the record alone holds it
+        failure = [d for d in webhook.received if d["outcome"] == "check_failed"][-1]
+        assert f"check {health.url.partition('?')[0]}?… answered HTTP 500" in failure["message"]
 
-            record = failed_by_its_checks("v2", "alarm", 1)
-            assert f"alarm {alarm} is in ALARM" in record
-            failure = next(d for d in webhook.received if d["outcome"] == "check_failed")
-            assert f"alarm {alarm} is in ALARM" in failure["message"]
-            cloudwatch.set_alarm_state(AlarmName=alarm, StateValue="OK", StateReason="fine")
-
-            answers.append(500)
-            record = failed_by_its_checks("v3", "answer", 2)
-            assert "answered HTTP 500" in record
-            failure = [d for d in webhook.received if d["outcome"] == "check_failed"][-1]
-            assert f"check {health.url.partition('?')[0]}?… answered HTTP 500" in failure["message"]
-
-            answers.append(200)
+        answers.append(200)
+        running = deployer(rollback=True)
+        try:
             v4 = images.push(repo, "latest", "v4")
             good = f"{registry.host}/{repo}:latest@{v4}"
             aws.send(queue, event(repository=repo, digest=v4))
             running.wait_line(f"Rollout of chk-web ({web[:12]}) to {good}: Swarm completed it after", timeout=60)
-            first = running
         finally:
             assert running.stop() == 0  # restarted during the checks: the next process takes them up
-        running = Running(env, "--queue", queue, "--reconcile-every", "2s")
+        running = deployer(rollback=True)
         try:
             running.wait_line(f"Service chk-web ({web[:12]}) runs {good}, its soak began ", timeout=30)
-            rows = {r["service"]: r for r in json.loads(status(env, "--json").stdout)}
+            rows = {r["service"]: r for r in json.loads(status(deployer_env(aws, swarm), "--json").stdout)}
             assert rows["chk-web"]["state"] == "rolling out", rows["chk-web"]
             assert f"checking: alarm {alarm} OK, check 1/2 (HTTP 200)" in rows["chk-web"]["reason"]
             running.wait_line(f"Promoted {registry.host}/{repo}:prod@{v4}", timeout=30)
@@ -6615,15 +6630,16 @@ def test_checks_after_the_rollout_fail_it_on_an_alarm_or_a_bad_answer_and_an_ok_
             assert running.stop() == 0
     finally:
         health.close()
-    assert "Promoted" not in first.log and f"Updated service chk-api ({api[:12]}) to {good}" not in first.log
+    assert "Promoted" not in logs[2].log and f"Updated service chk-api ({api[:12]}) to {good}" not in logs[2].log
     assert f"Rollout of chk-web ({web[:12]}) to {good} completed after" in running.log
     assert f"checks passed: alarm {alarm} OK, check 2/2 (HTTP 200)" in running.log
     assert f"Service chk-api ({api[:12]}) waits before {good}: waits for chk-web's rollout to complete (its checks " \
            f"run: alarm {alarm}" in running.log  # the wave waited for the checks, not only for Swarm
     assert prod()["imageDigest"] == v4
-    assert "T0KEN" not in running.log and asked and all(path == "/health?token=T0KEN" for path in asked)
+    everything = "".join(r.log for r in logs)
+    assert "T0KEN" not in everything and asked and all(path == "/health?token=T0KEN" for path in asked)
     assert [d["outcome"] for d in webhook.received if d["service"] == "chk-web"] == [
-        "check_failed", "rollback_completed", "check_failed", "rollback_completed", "completed", "promoted"]
+        "check_failed", "rollback_completed", "check_failed", "completed", "promoted"]
 
 
 def test_a_rollout_no_node_can_take_fails_at_its_progress_deadline_with_swarms_reason(aws, images, clean_swarm,
