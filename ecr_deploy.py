@@ -177,8 +177,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "default 5m)")
     parser.add_argument("--rollback-on-failure", action="store_true",
                         default=env_true("DEPLOYER_ROLLBACK_ON_FAILURE"),
-                        help="when a rollout of ours pauses, times out, is stuck or fails its checks, restore the previous spec with "
-                        "fresh registry auth (env DEPLOYER_ROLLBACK_ON_FAILURE=1); a failed rollout of a "
+                        help="when a rollout of ours pauses, times out, is stuck or fails its checks, restore "
+                        "the previous spec with fresh registry auth (env DEPLOYER_ROLLBACK_ON_FAILURE=1); a failed rollout of a "
                         "service whose UpdateConfig says FailureAction=rollback is left to Swarm")
     parser.add_argument("--auth-refresh", metavar="DURATION", default=env("DEPLOYER_AUTH_REFRESH", "6h"),
                         help="loop mode: this often, re-post every ECR service's unchanged spec with a "
@@ -4535,7 +4535,7 @@ class RolloutChecks:
                         and r.digest == digest and (r.checks or r.checks_error)), None)
         if rollout is None or not rollout.checking:
             return None
-        return f"its checks run: {rollout.checks.named if rollout.checks else rollout.checks_error}"  # (steady: said once)
+        return f"its checks run: {rollout.checks.named if rollout.checks else rollout.checks_error}"  # (steady text)
 
     def record_on_running(self, rollout: Rollout, service: dict, outcome: str, message: str) -> None:
         """The failure record on a service that still runs the failed digest (no rollback): a label-only
@@ -4545,7 +4545,8 @@ class RolloutChecks:
         record = failure_record(rollout.digest, outcome, self.node_name(), time.time(), message)
 
         def plan(fresh: dict) -> tuple[dict, ImageRef] | None:
-            if not posted(fresh.get("Spec"), rollout.image, rollout.force_update) or failed_digest(fresh) == rollout.digest:
+            if failed_digest(fresh) == rollout.digest or not posted(fresh.get("Spec"), rollout.image,
+                                                                    rollout.force_update):
                 return None
             return with_label(fresh["Spec"], FAILED_LABEL, record), running_image(fresh)
 

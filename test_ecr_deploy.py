@@ -5977,7 +5977,8 @@ def test_checks_labels_are_read_strictly_and_never_echo_a_secret(labels, error):
 
 def test_checks_labels_read():
     assert ed.checks_of({}) is None and ed.checks_of({ed.ALARMS_LABEL: " , "}) is None
-    checks = ed.checks_of({ed.ALARMS_LABEL: "web-5xx, web-latency,web-5xx", ed.CHECK_LABEL: "https://web:8443/health?token=T0KEN#x"})
+    checks = ed.checks_of({ed.ALARMS_LABEL: "web-5xx, web-latency,web-5xx",
+                           ed.CHECK_LABEL: "https://web:8443/health?token=T0KEN#x"})
     assert checks == ed.Checks(("web-5xx", "web-latency"), "https://web:8443/health?token=T0KEN", 3)
     assert "T0KEN" not in checks.named and "https://web:8443/health?…" in checks.named
 
@@ -6662,7 +6663,8 @@ def test_a_rollout_no_node_can_take_fails_at_its_progress_deadline_with_swarms_r
         running.wait_line(f"Rolling back service stuck ({sid[:12]}) to its previous spec ({old})", timeout=40)
     finally:
         assert running.stop() == 0
-    line = next(line for line in running.log.splitlines() if f"Rollout of stuck ({sid[:12]}) to {new} stuck after" in line)
+    line = next(line for line in running.log.splitlines()
+                if f"Rollout of stuck ({sid[:12]}) to {new} stuck after" in line)
     seconds = float(re.search(r"stuck after ([0-9.]+)s", line)[1])
     assert 3 <= seconds < 15, line  # the deadline, not the rollout timeout
     assert "no task of the new digest reached running within 3s (ecr-deploy.progress-deadline): 1 task(s) " \
