@@ -111,8 +111,9 @@ documentation (README.md, and in docs/):
   which-tag.md        which tag a service follows           converging.md       reconcile pass, --status
   rollouts.md         outcomes, rollback, auth refresh      release-policy.md   windows, min-age, waves
   scan-gate.md        --scan-threshold                      signature-gate.md   --signature, notation
-  troubleshooting.md  what a log line means, and the fix  notifications.md    Slack, Teams, ntfy, e-mail
+  troubleshooting.md  what a log line means, and the fix   notifications.md    Slack, Teams, ntfy, e-mail
   keeping-images.md   running and rollback images ECR must keep, --restore-archived
+  around-a-rollout.md checks after a rollout (alarms, HTTP), --progress-deadline
 """
 
 
