@@ -6052,6 +6052,109 @@ def at(text: str) -> datetime.datetime:
     return datetime.datetime.fromisoformat(f"2026-12-07T07:{text}+00:00")
 
 
+# ---- a job before the rollout (pure): BEFORE_LABEL names a Swarm job run on the digest before the service rolls
+
+WITH_JOB = service(f"{HOST}/team/web:latest@{DIGEST_A}", {ed.BEFORE_LABEL: "migrate"})
+
+
+@pytest.mark.parametrize("svc,facts,expected", [
+    (WITH_JOB, READ, ("ask", "before job", "")),  # read only once every earlier fact let it roll
+    (WITH_JOB, READ._replace(failure="it failed"), ("hold back", "it failed", "")),  # its record first: no job run
+    (WITH_JOB, ed.Facts(failure_read=True, release=ed.Release("wait", "window shut")), ("not released", "window", "")),
+    (RUNS_A, READ, ("deploy", "", "")),  # no label: nothing asked
+    (WITH_JOB, READ._replace(before=ed.JobRun("start", "not run")), ("run job", "not run", "pre-rollout job migrate")),
+    (WITH_JOB, READ._replace(before=ed.JobRun("running", "runs")), ("wait for job", "runs", "pre-rollout job migrate")),
+    (WITH_JOB, READ._replace(before=ed.JobRun("busy", "another")), ("wait for job", "another", "pre-rollout job migrate")),
+    (WITH_JOB, READ._replace(before=ed.JobRun("completed", "done")), ("deploy", "", "")),
+    (WITH_JOB, READ._replace(before=ed.JobRun("failed", "exit 3")), ("block", "exit 3", "pre-rollout job migrate")),
+    (WITH_JOB, READ._replace(before=ed.JobRun("timed out", "10m")), ("block", "10m", "pre-rollout job migrate")),
+    (WITH_JOB, READ._replace(before=ed.JobRun("missing", "no such")), ("block", "no such", "pre-rollout job migrate")),
+])
+def test_decide_with_a_pre_rollout_job(svc, facts, expected):
+    decision = ed.decide(ed.Hint(svc, PUSH, DIGEST_B), facts, 0)
+    assert (decision.action, decision.gate) == (expected[0], expected[2]) and decision.reason.startswith(expected[1])
+    # a failed or timed-out run leaves a failure record (the digest is not tried again here); a missing job does not
+    assert decision.record == (facts.before is not None and facts.before.state in ("failed", "timed out"))
+
+
+def job_task(desired, state, iteration=2, node="n1", at="50:00"):
+    return {**swarm_task(DIGEST_B, desired, state, at), "JobIteration": {"Index": iteration}, "NodeID": node}
+
+
+def migrate_job(labels=None, mode=None, iteration=2, started="2026-12-07T07:50:00Z"):
+    return {"ID": "job1", "Spec": {"Name": "migrate", "Labels": {ed.BEFORE_RUN_LABEL: DIGEST_B, **(labels or {})},
+                                   "Mode": mode or {"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}},
+                                   "TaskTemplate": {"ContainerSpec": {"Image": f"{HOST}/team/web:latest@{DIGEST_B}"}}},
+            "JobStatus": {"JobIteration": {"Index": iteration}, "LastExecution": started}}
+
+
+@pytest.mark.parametrize("job,tasks,expected", [
+    (None, [], "missing"),
+    ({"Spec": {"Name": "web", "Mode": {"Replicated": {"Replicas": 1}}}}, [], "not a job"),
+    (migrate_job({ed.BEFORE_RUN_LABEL: DIGEST_A}), [job_task("complete", "complete")], "start"),
+    (migrate_job({ed.BEFORE_RUN_LABEL: DIGEST_A}), [job_task("complete", "running")], "busy"),  # never cut short
+    (migrate_job(), [], "running"),  # just posted: Swarm has made no task yet
+    (migrate_job(), [job_task("complete", "starting")], "running"),
+    (migrate_job(), [job_task("complete", "complete", iteration=1)], "running"),  # an earlier run's task
+    (migrate_job(), [job_task("complete", "complete")], "completed"),
+    # a task that failed, and its replacement (RestartPolicy) that completed
+    (migrate_job(), [job_task("shutdown", "failed"), job_task("complete", "complete")], "completed"),
+    # failed, its replacement waiting out the restart delay (desired ready): not over
+    (migrate_job(), [job_task("shutdown", "failed"), job_task("ready", "ready")], "running"),
+    (migrate_job(), [job_task("complete", "failed")], "running"),  # not yet handled by the orchestrator
+    (migrate_job(), [job_task("shutdown", "failed")], "failed"),  # handled, no replacement: past its policy
+    (migrate_job(), [job_task("shutdown", "rejected")], "failed"),
+    (migrate_job(started="2026-12-07T07:39:00Z"), [job_task("complete", "running")], "timed out"),
+    (migrate_job(mode={"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 2}}),
+     [job_task("complete", "complete")], "running"),  # the second completion is still to come
+    (migrate_job(mode={"GlobalJob": {}}), [job_task("complete", "complete", node="n1"),
+                                           job_task("shutdown", "failed", node="n2")], "failed"),
+    (migrate_job(mode={"GlobalJob": {}}), [job_task("complete", "complete", node="n1"),
+                                           job_task("complete", "complete", node="n2")], "completed"),
+])
+def test_job_run(job, tasks, expected):
+    run = ed.job_run(job, tasks, DIGEST_B, at("50:30"), 600)
+    assert run.state == expected, run
+
+
+def test_job_run_says_why_it_failed_and_the_tasks_of_the_run():
+    tasks = [job_task("shutdown", "failed", at="50:01"), job_task("complete", "complete", iteration=1)]
+    tasks[0]["Status"]["Err"] = "task: non-zero exit (3)"
+    run = ed.job_run(migrate_job(), tasks, DIGEST_B, at("50:30"), 600)
+    assert (run.state, run.reason, run.tasks) == ("failed", "migrate failed: task: non-zero exit (3)", (tasks[0],))
+    late = ed.job_run(migrate_job(started="2026-12-07T07:39:00Z"), [], DIGEST_B, at("50:30"), 600)
+    assert late.reason == "migrate did not complete within 10m (0 of 1 task(s) completed)"
+
+
+@pytest.mark.parametrize("job_image,labels,expected", [
+    (f"{HOST}/team/web:migrate@{DIGEST_A}", ({}, {}), f"{HOST}/team/web:latest@{DIGEST_B}"),  # same repository
+    (f"{HOST}/team/web", ({}, {}), f"{HOST}/team/web:latest@{DIGEST_B}"),
+    (f"{HOST}/team/dbtool:v3@{DIGEST_A}", ({}, {}), f"{HOST}/team/dbtool:v3@{DIGEST_A}"),  # another: as it is
+    (f"{HOST}/team/dbtool:v3", ({ed.BEFORE_IMAGE_LABEL: "service"}, {}), f"{HOST}/team/web:latest@{DIGEST_B}"),
+    (f"{HOST}/team/dbtool:v3", ({}, {ed.BEFORE_IMAGE_LABEL: "Service "}), f"{HOST}/team/web:latest@{DIGEST_B}"),
+])
+def test_job_image(job_image, labels, expected):
+    job = service(job_image, labels[0], mode={"ReplicatedJob": {}})
+    web = service(f"{HOST}/team/web:latest@{DIGEST_A}", {ed.BEFORE_LABEL: "migrate", **labels[1]})
+    image = ed.job_image(job, web, f"{HOST}/team/web:latest@{DIGEST_B}", "latest", DIGEST_B)
+    assert image == expected
+    spec = ed.job_run_spec(job, image, DIGEST_B, "web")
+    assert spec["TaskTemplate"]["ContainerSpec"]["Image"] == expected and spec["TaskTemplate"]["ForceUpdate"] == 1
+    assert {k: spec["Labels"][k] for k in (ed.BEFORE_RUN_LABEL, ed.BEFORE_FOR_LABEL)} == {
+        ed.BEFORE_RUN_LABEL: DIGEST_B, ed.BEFORE_FOR_LABEL: "web"}
+
+
+@pytest.mark.parametrize("labels,error", [
+    ({ed.BEFORE_LABEL: "migrate; rm"}, "is not a Swarm service name"),
+    ({ed.BEFORE_LABEL: "migrate", ed.BEFORE_TIMEOUT_LABEL: "soon"}, "not a duration"),
+])
+def test_a_pre_rollout_job_label_that_cannot_be_read_is_said(labels, error):
+    with pytest.raises(ValueError, match=error):
+        svc = service(f"{HOST}/team/web:latest@{DIGEST_A}", labels)
+        ed.before_job(svc), ed.before_timeout(svc)
+
+
+
 @pytest.mark.parametrize("service,tasks,pending,since", [
     (RUNS_B, ROLLED, None, at("50:05")),  # stop-first: the last old task stopped, then the new one started
     ({**RUNS_B, "UpdateStatus": {"State": "completed"}}, ROLLED, None, at("50:05")),
