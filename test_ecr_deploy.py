@@ -2528,6 +2528,89 @@ def test_jobs_rerun_on_a_push_only_when_labelled_and_the_keeper_never_touches_th
     assert aws.queue_depth(queue) == 0  # the skipped job's message is done too
 
 
+# A migration as a job runs it: the image's /version says which build it is; "slow" takes a while, "broken" fails.
+MIGRATE_CMD = ["/bin/busybox", "sh", "-c", 'v=$(cat /version); echo "migrating the schema to $v"; case $v in '
+               '*slow*) sleep 4;; *broken*) echo "migration failed: relation users is locked" >&2; exit 3;; esac; '
+               'echo "migrated to $v"']
+
+
+def test_a_pre_rollout_job_runs_on_the_new_digest_first_once_across_a_restart_and_a_failed_one_blocks(
+        aws, images, clean_swarm, webhook):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    name = f"{registry.host}/{repo}"
+    v1 = images.push(repo, "latest", "v1")
+    web = swarm.create_service("shop", f"{name}:latest@{v1}", registry=registry, update_config=FAST_MONITOR,
+                               labels={ed.BEFORE_LABEL: "shop-migrate", ed.BEFORE_TIMEOUT_LABEL: "60s"})
+    job = swarm.create_service("shop-migrate", f"{name}:latest@{v1}", registry=registry, mode=JOB,
+                               RestartPolicy={"Condition": "none"},  # one failure is the run's end
+                               ContainerSpec={"Image": f"{name}:latest@{v1}", "Init": True, "Command": MIGRATE_CMD})
+
+    def runs(digest):  # the job's tasks that ran on this digest, whatever became of them
+        return [t for t in swarm.tasks(job) if t["Spec"]["ContainerSpec"]["Image"] == f"{name}:latest@{digest}"]
+
+    wait_for(lambda: [t["Status"]["State"] for t in runs(v1)] == ["complete"], 60,
+             what=lambda: f"the job's first run: {swarm.task_states(job)}")
+    swarm.wait_running(web, f"{name}:latest@{v1}")
+    queue = aws.new_queue()
+    env = deployer_env(aws, swarm, DEPLOYER_NOTIFY_URL=webhook.url.replace("http://", "json://"))
+    args = ("--queue", queue, "--auth-refresh", "0")
+
+    # 1. A push: the job runs on the new digest and completes; only then does the service roll to it.
+    v2 = images.push(repo, "latest", "v2")
+    aws.send(queue, event(repository=repo, digest=v2))
+    first = Running(env, *args)
+    try:
+        first.wait_line(f"Updated service shop ({web[:12]}) to {name}:latest@{v2}")
+        [ran] = runs(v2)
+        assert ran["Status"]["State"] == "complete"
+        swarm.wait_running(web, f"{name}:latest@{v2}")
+        [new_task] = [t for t in swarm.tasks(web) if t["Spec"]["ContainerSpec"]["Image"].endswith(v2)]
+        # by Swarm's clock: the service's task of v2 was made after the job's task of v2 completed
+        assert ed.parse_swarm_time(ran["Status"]["Timestamp"]) <= ed.parse_swarm_time(new_task["CreatedAt"])
+        assert f"Started the pre-rollout job shop-migrate ({job[:12]}) on {name}:latest@{v2}" in first.log
+        assert swarm.service(job)["Spec"]["Labels"][ed.BEFORE_RUN_LABEL] == v2
+
+        # 2. The deployer killed while the job runs: the one restarted follows that run, never starts another.
+        v3 = images.push(repo, "latest", "v3-slow")
+        aws.send(queue, event(repository=repo, digest=v3))
+        first.wait_line(f"Started the pre-rollout job shop-migrate ({job[:12]}) on {name}:latest@{v3}")
+        # its message is done: the swarm holds the run (the job's spec and tasks), nothing is lost with the process
+        wait_for(lambda: aws.queue_depth(queue) == 0, 3, what="the message deleted while the job runs")
+    finally:
+        first.kill()  # SIGKILL, as a crash or the OOM killer would
+    assert service_image_of(swarm, web)[0] == f"{name}:latest@{v2}"
+    assert [t["Status"]["State"] for t in runs(v3)] != ["complete"]  # killed while the job ran
+    forced = swarm.service(job)["Spec"]["TaskTemplate"]["ForceUpdate"]
+    second = Running(env, *args)
+    try:
+        second.wait_line(f"Updated service shop ({web[:12]}) to {name}:latest@{v3}", timeout=60)
+        assert "Started the pre-rollout job" not in second.log
+        assert f"Service shop ({web[:12]}) waits for its pre-rollout job shop-migrate before" in second.log
+        assert [t["Status"]["State"] for t in runs(v3)] == ["complete"]  # run once
+        assert swarm.service(job)["Spec"]["TaskTemplate"]["ForceUpdate"] == forced
+
+        # 3. A build whose migration fails: the service is not rolled, the failure said with the job's log.
+        v4 = images.push(repo, "latest", "v4-broken")
+        aws.send(queue, event(repository=repo, digest=v4))
+        second.wait_line(f"Blocked service shop ({web[:12]}) from {name}:latest@{v4} by its pre-rollout job "
+                         f"shop-migrate: shop-migrate failed: task: non-zero exit (3)", timeout=60)
+        second.wait_line("| migration failed: relation users is locked")
+        wait_for(lambda: aws.queue_depth(queue) == 0, 10, what="the message done")
+    finally:
+        assert second.stop() == 0
+    spec = swarm.service(web)["Spec"]
+    assert spec["TaskTemplate"]["ContainerSpec"]["Image"] == f"{name}:latest@{v3}"  # not rolled
+    assert spec["Labels"][ed.FAILED_LABEL].startswith(f"{v4} blocked by its pre-rollout job shop-migrate at ")
+    wait_for(lambda: any("| migration failed: relation users is locked" in d.get("message", "")
+                         for d in webhook.received), 10, what=lambda: f"the notification: {webhook.received}")
+    [blocked] = [d["message"] for d in webhook.received if "| migration failed" in d.get("message", "")]
+    assert "blocked by its pre-rollout job shop-migrate" in blocked and "(exit code 3)" in blocked
+    rows = json.loads(status(env, "--json").stdout)
+    row = next(r for r in rows if r["service"] == "shop")
+    assert row["state"] == "blocked" and "blocked by its pre-rollout job shop-migrate" in row["reason"]
+
+
 def test_keeper_refreshes_tasks_waiting_for_a_node_retries_only_failures_and_keeps_its_schedule_across_restarts(
         aws, images, clean_swarm, workdir, tmp_path):
     swarm, registry = clean_swarm, REGISTRIES[0]
