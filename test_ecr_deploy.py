@@ -3326,6 +3326,9 @@ def test_quick_start_demo_rolls_a_service_and_leaves_nothing_behind():
         updated = [line for line in lines if "ecr_deploy.py |" in line and " Updated service web (" in line]
         completed = [line for line in lines if " Rollout of web (" in line and " completed after " in line]
         assert len(updated) == 1 and len(completed) == 1, output()
+        migrated = [i for i, line in enumerate(lines) if " Started the pre-rollout job web-migrate " in line]
+        assert len(migrated) == 1 and migrated[0] < lines.index(updated[0]), output()  # the migration first
+        assert ">>> web-migrate on …@sha256:" in output() and "… complete; web is rolling to it" in output()
         wait_for(lambda: re.search(r"\n    notification  \| web: web:latest → sha256:\w{12} completed after", output()), 30,
                  what=lambda: f"the rollout's notification in the terminal:\n{output()}")
         promoted = [line for line in lines if "ecr_deploy.py |" in line and " Promoted " in line]
