@@ -111,6 +111,7 @@ documentation (README.md, and in docs/):
   scan-gate.md        --scan-threshold                      signature-gate.md   --signature, notation
   troubleshooting.md  what a log line means, and the fix  notifications.md    Slack, Teams, ntfy, e-mail
   keeping-images.md   running and rollback images ECR must keep, --restore-archived
+  around-a-rollout.md a job before the rollout (ecr-deploy.before: a database migration)
 """
 
 

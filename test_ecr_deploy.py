@@ -2556,21 +2556,23 @@ def test_a_pre_rollout_job_runs_on_the_new_digest_first_once_across_a_restart_an
     env = deployer_env(aws, swarm, DEPLOYER_NOTIFY_URL=webhook.url.replace("http://", "json://"))
     args = ("--queue", queue, "--auth-refresh", "0")
 
-    # 1. A push: the job runs on the new digest and completes; only then does the service roll to it.
+    # 1. A push (--once --wait): the job runs on the new digest and completes; only then does the service roll.
     v2 = images.push(repo, "latest", "v2")
     aws.send(queue, event(repository=repo, digest=v2))
+    run = run_once(env, *args, "--wait")
+    assert run.returncode == 0, run.stderr
+    [ran] = runs(v2)
+    assert ran["Status"]["State"] == "complete"
+    swarm.wait_running(web, f"{name}:latest@{v2}")
+    [new_task] = [t for t in swarm.tasks(web) if t["Spec"]["ContainerSpec"]["Image"].endswith(v2)]
+    # by Swarm's clock: the service's task of v2 was made after the job's task of v2 completed
+    assert ed.parse_swarm_time(ran["Status"]["Timestamp"]) <= ed.parse_swarm_time(new_task["CreatedAt"])
+    assert f"Started the pre-rollout job shop-migrate ({job[:12]}) on {name}:latest@{v2}" in run.stderr
+    assert f"Rollout of shop ({web[:12]}) to {name}:latest@{v2} completed" in run.stderr
+    assert swarm.service(job)["Spec"]["Labels"][ed.BEFORE_RUN_LABEL] == v2
+
     first = Running(env, *args)
     try:
-        first.wait_line(f"Updated service shop ({web[:12]}) to {name}:latest@{v2}")
-        [ran] = runs(v2)
-        assert ran["Status"]["State"] == "complete"
-        swarm.wait_running(web, f"{name}:latest@{v2}")
-        [new_task] = [t for t in swarm.tasks(web) if t["Spec"]["ContainerSpec"]["Image"].endswith(v2)]
-        # by Swarm's clock: the service's task of v2 was made after the job's task of v2 completed
-        assert ed.parse_swarm_time(ran["Status"]["Timestamp"]) <= ed.parse_swarm_time(new_task["CreatedAt"])
-        assert f"Started the pre-rollout job shop-migrate ({job[:12]}) on {name}:latest@{v2}" in first.log
-        assert swarm.service(job)["Spec"]["Labels"][ed.BEFORE_RUN_LABEL] == v2
-
         # 2. The deployer killed while the job runs: the one restarted follows that run, never starts another.
         v3 = images.push(repo, "latest", "v3-slow")
         aws.send(queue, event(repository=repo, digest=v3))
@@ -2601,6 +2603,7 @@ def test_a_pre_rollout_job_runs_on_the_new_digest_first_once_across_a_restart_an
         assert second.stop() == 0
     spec = swarm.service(web)["Spec"]
     assert spec["TaskTemplate"]["ContainerSpec"]["Image"] == f"{name}:latest@{v3}"  # not rolled
+    assert [t["Status"]["State"] for t in runs(v4)] == ["failed"]
     assert spec["Labels"][ed.FAILED_LABEL].startswith(f"{v4} blocked by its pre-rollout job shop-migrate at ")
     wait_for(lambda: any("| migration failed: relation users is locked" in d.get("message", "")
                          for d in webhook.received), 10, what=lambda: f"the notification: {webhook.received}")
