@@ -16,8 +16,8 @@ promotion) decides when; what must survive a restart lives on the service's labe
 
 Read top-down: configuration, events (pure), images (pure: references, which tag a service
 follows), versions (pure: which tags a service may run, and the newest), specs (pure), service labels
-(pure: provenance, failure records), release policy (pure), Swarm's tasks (pure: completed, soaked),
-status (pure), rollouts (pure), scan gate (pure), signature gate (pure), deciding (pure: a Hint,
+(pure: provenance, failure records), release policy (pure), Swarm's tasks (pure: completed, soaked), a
+job before the rollout (pure: which image a service's pre-rollout job runs, how its run ended), status (pure), rollouts (pure), scan gate (pure), signature gate (pure), deciding (pure: a Hint,
 "service S should run digest D of tag T, because of this event or a reconcile pass", and decide(), the
 one answer to it: deploy, nothing, hold back, wait, block), AWS shell (SQS), ECR shell, Docker shell,
 the service index (loop mode's ServiceIndex, kept current from Docker's events), the gates (ScanGate;
@@ -25,7 +25,8 @@ SignatureGate, which runs notation or cosign), the drain cycle (Deployer: messag
 the messages whose hints are decided acknowledged), hints from events (EventHints), converging
 (Converger: reads the facts decide() asks for, then has them acted on; promotion), acting (Actor:
 posts, records failures, says why not, blocks, promotes), rollouts (Rollouts, which follows and rolls
-back), the auth keeper (AuthKeeper), the reconcile pass (Reconciler: a hint for every service behind
+back), the job before the rollout (BeforeJobs: starts a service's pre-rollout job, follows it, blocks),
+the auth keeper (AuthKeeper), the reconcile pass (Reconciler: a hint for every service behind
 its tag), receiving (Receiver: batches bounded in time, held invisible while worked on), reports,
 notifications, logging and systemd, status (read-only), main.
 """
@@ -2392,6 +2393,9 @@ class Decision(NamedTuple):
 
 def skip_reason(service: dict, push: Push, digest: str) -> str | None:
     """Why a service needs no update to the digest (a Swarm job, or it runs it already), or None."""
+    if is_job(service["Spec"]) and not reruns_on_push(service["Spec"]) and \
+            (owner := (service["Spec"].get("Labels") or {}).get(BEFORE_FOR_LABEL)):
+        return f"is the pre-rollout job of {owner}: it runs before that service rolls, not on a push of its own"
     if is_job(service["Spec"]) and not reruns_on_push(service["Spec"]):
         return f"is a Swarm job, which an update would run again; skipped (label it {RERUN_JOB_LABEL}=true to " \
                f"re-run it on every push)"
@@ -4630,11 +4634,10 @@ class BeforeJobs:
             shown.append(self.deployer.rollouts.tasks_details(ended[:FAILED_TASKS_SHOWN]) if ended else "")
             return shown[-1]
 
-        if not self.deployer.actor.blocked(service, hint.image, decision.reason, decision.gate, details):
-            return
-        for line in "\n".join(shown).splitlines():
-            log.error("Service %s, its %s: %s", service_label(service), decision.gate, line)
-        if decision.record:
+        if self.deployer.actor.blocked(service, hint.image, decision.reason, decision.gate, details):
+            for line in "\n".join(shown).splitlines():
+                log.error("Service %s, its %s: %s", service_label(service), decision.gate, line)
+        if decision.record:  # (again if reported before: a record the service's own update kept out is retried)
             self.deployer.actor.record_failure(service, push.account, push.region, digest,
                                                f"blocked by its {decision.gate}", decision.reason)
 

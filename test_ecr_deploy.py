@@ -2598,6 +2598,7 @@ def test_a_pre_rollout_job_runs_on_the_new_digest_first_once_across_a_restart_an
         second.wait_line(f"Blocked service shop ({web[:12]}) from {name}:latest@{v4} by its pre-rollout job "
                          f"shop-migrate: shop-migrate failed: task: non-zero exit (3)", timeout=60)
         second.wait_line("| migration failed: relation users is locked")
+        assert f"Service shop-migrate ({job[:12]}) is the pre-rollout job of shop" in second.log  # the push names it too
         wait_for(lambda: aws.queue_depth(queue) == 0, 10, what="the message done")
     finally:
         assert second.stop() == 0
@@ -6151,6 +6152,9 @@ WITH_JOB = service(f"{HOST}/team/web:latest@{DIGEST_A}", {ed.BEFORE_LABEL: "migr
     (WITH_JOB, READ._replace(failure="it failed"), ("hold back", "it failed", "")),  # its record first: no job run
     (WITH_JOB, ed.Facts(failure_read=True, release=ed.Release("wait", "window shut")), ("not released", "window", "")),
     (RUNS_A, READ, ("deploy", "", "")),  # no label: nothing asked
+    # the job itself (of the same repository, so a push names it too) is run only for its service
+    (job(f"{HOST}/team/web:latest@{DIGEST_A}", {ed.BEFORE_FOR_LABEL: "web"}), ed.Facts(),
+     ("nothing", "is the pre-rollout job of web: it runs before that service rolls", "")),
     (WITH_JOB, READ._replace(before=ed.JobRun("start", "not run")), ("run job", "not run", "pre-rollout job migrate")),
     (WITH_JOB, READ._replace(before=ed.JobRun("running", "runs")), ("wait for job", "runs", "pre-rollout job migrate")),
     (WITH_JOB, READ._replace(before=ed.JobRun("busy", "another")), ("wait for job", "another", "pre-rollout job migrate")),
