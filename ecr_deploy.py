@@ -17,7 +17,8 @@ promotion) decides when; what must survive a restart lives on the service's labe
 Read top-down: configuration, events (pure), images (pure: references, which tag a service
 follows), versions (pure: which tags a service may run, and the newest), specs (pure), service labels
 (pure: provenance, failure records), release policy (pure), Swarm's tasks (pure: completed, soaked), a
-job before the rollout (pure: which image a service's pre-rollout job runs, how its run ended), status (pure), rollouts (pure), scan gate (pure), signature gate (pure), deciding (pure: a Hint,
+job before the rollout (pure: which image a service's pre-rollout job runs, how its run ended), status
+(pure), rollouts (pure), scan gate (pure), signature gate (pure), deciding (pure: a Hint,
 "service S should run digest D of tag T, because of this event or a reconcile pass", and decide(), the
 one answer to it: deploy, nothing, hold back, wait, block), AWS shell (SQS), ECR shell, Docker shell,
 the service index (loop mode's ServiceIndex, kept current from Docker's events), the gates (ScanGate;
