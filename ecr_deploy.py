@@ -4958,36 +4958,50 @@ class ImageKeeper:
         for repository in sorted(set(named) | self.tagged):
             try:
                 tags = ecr.list_tags(*repository)
-                moves, removals = protection_changes(prefix, wanted.get(repository, {}), named.get(repository, set()),
-                                                     tags)
-                for tag, digest in moves.items():
-                    ecr.promote(*repository, digest, tag)
-                    ecr.tag_listings.setdefault(repository, {})[tag] = digest
-                    log.info("Protection tag %s:%s now on %s", repository[2], tag, short_digest(digest))
-                for tag in removals:
-                    ecr.kept.untag(*repository, tag)
-                    ecr.tag_listings.get(repository, {}).pop(tag, None)
-                    log.info("Protection tag %s:%s removed: no service of ours names it", repository[2], tag)
-            except TagImmutable:
-                done = False
-                if repository not in self.immutable:
-                    self.immutable.add(repository)
-                    try:
-                        described = ecr.repository(*repository)
-                    except AwsError:
-                        described = None
-                    log.error("Protection tags: %s", immutable_tag_fix(*repository, f"{prefix}.*", described,
-                                                                       what="the protection tags"))
-                continue
             except AwsError as e:
-                done = False
                 log.error("Protection tags: %s", e)
+                done = False
                 continue
-            if any(is_protection_tag(prefix, tag) for tag in ecr.tag_listings.get(repository, {})):
-                self.tagged.add(repository)
+            moves, removals = protection_changes(prefix, wanted.get(repository, {}), named.get(repository, set()), tags)
+            for tag, digest in moves.items():
+                try:
+                    ecr.promote(*repository, digest, tag)
+                except TagImmutable:  # retrying changes nothing until the operator does: said once, not a failed pass
+                    self.say_immutable(repository)
+                    continue
+                except AwsError as e:
+                    log.error("Protection tags: %s", e)
+                    done = False
+                    continue
+                tags[tag] = ecr.tag_listings.setdefault(repository, {})[tag] = digest
+                log.info("Protection tag %s:%s now on %s", repository[2], tag, short_digest(digest))
+            for tag in removals:
+                try:
+                    ecr.kept.untag(*repository, tag)
+                except AwsError as e:
+                    log.error("Protection tags: %s", e)
+                    done = False
+                    continue
+                tags.pop(tag, None)
+                ecr.tag_listings.get(repository, {}).pop(tag, None)
+                log.info("Protection tag %s:%s removed: no service here names it now", repository[2], tag)
+            if any(is_protection_tag(prefix, tag) for tag in tags):
+                self.tagged.add(repository)  # (listed again next pass, also once no service uses it)
             else:
                 self.tagged.discard(repository)
         return done
+
+    def say_immutable(self, repository: tuple) -> None:
+        """Protection tags move: a tag-immutable repository must exclude them (once per process)."""
+        if repository in self.immutable:
+            return
+        self.immutable.add(repository)
+        try:
+            described = self.deployer.ecr.repository(*repository)
+        except AwsError:
+            described = None
+        log.error("Protection tags: %s", immutable_tag_fix(*repository, f"{self.protect_prefix}.*", described,
+                                                           what="the protection tags"))
 
     def restore_one(self, name: str, key: tuple) -> bool:
         """Asks ECR to restore an archived image (once per process: ECR restores it within minutes)."""

@@ -7956,6 +7956,39 @@ def test_protection_tags_follow_three_deploys_and_go_with_the_service(aws, image
                                                                   json.dumps([{"imageTag": "sw1.guarded.prev"}])]
 
 
+def test_protection_tags_in_a_tag_immutable_repository_say_once_how_to_let_them_move(aws, images, clean_swarm):
+    """A tag-immutable repository refuses to move sw1.SERVICE (the rig's ECR answers as documented:
+    ImageTagAlreadyExistsException): a loop-mode deployer says once, over several passes, the command that
+    excludes the prefix (IMMUTABLE_WITH_EXCLUSION, filter sw1.*), as promotion does for its tag; with it the
+    next pass moves the tag."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region, host = registry.account, registry.region, registry.host
+    ecr, repo = aws.client("ecr", region), images.new_repository()
+    v1, v2 = (aws.put_image(account, region, repo, version, version) for version in ("v1", "v2"))
+    ecr.put_image_tag_mutability(repositoryName=repo, imageTagMutability="IMMUTABLE")
+    sid = swarm.create_service("frozen", f"{host}/{repo}@{v1}", replicas=0)
+    env = deployer_env(aws, swarm, DEPLOYER_QUEUE="", DEPLOYER_PROTECT_TAG_PREFIX="sw1")
+    first = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)
+    assert first.returncode == 0 and f"Protection tag {repo}:sw1.frozen now on {v1[7:19]}" in first.stderr, first.stderr
+    swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=f"{host}/{repo}@{v2}"))
+    running = Running({**env, "DEPLOYER_LOG_LEVEL": "DEBUG"}, "--queue", aws.new_queue(), "--reconcile-every", "1s",
+                      "--auth-refresh", "0")
+    try:
+        running.wait_line("Reconcile pass: no service follows an ECR tag", count=2)
+    finally:
+        assert running.stop() == 0
+    said = [line for line in running.lines if "Protection tags: ECR refuses to move :sw1.*" in line]
+    assert len(said) == 1, running.log
+    assert (f"--repository-name {repo} --image-tag-mutability IMMUTABLE_WITH_EXCLUSION "
+            f"--image-tag-mutability-exclusion-filters filterType=WILDCARD,filter=sw1.*`") in said[0]
+    ecr.put_image_tag_mutability(repositoryName=repo, imageTagMutability="IMMUTABLE_WITH_EXCLUSION",
+                                 imageTagMutabilityExclusionFilters=[{"filterType": "WILDCARD", "filter": "sw1.*"}])
+    fixed = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)
+    assert fixed.returncode == 0, fixed.stderr
+    assert {d["imageDigest"]: sorted(d.get("imageTags") or []) for d in ecr.describe_images(
+        repositoryName=repo)["imageDetails"]} == {v1: ["sw1.frozen.prev", "v1"], v2: ["sw1.frozen", "v2"]}
+
+
 def test_the_lifecycle_lint_names_the_rule_that_would_expire_images_in_use_until_protection_tags_retain_them(
         aws, images, clean_swarm):
     """A rule keeping only the newest v* image would expire the digest a service runs and its rollback
