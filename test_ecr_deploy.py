@@ -2928,7 +2928,7 @@ def test_install_page_aws_setup_blocks_run_against_moto(aws, tmp_path):
     env = {**deployer_env(aws), "AWS_REGION": region, "AWS_DEFAULT_REGION": region,
            "PATH": f"{shim.parent}:{os.environ['PATH']}",
            "QUEUE": f"ecr-deploy-{suffix}", "SWARM": f"swarm-{suffix}", "SCAN_GATE": "", "SIGNATURE_GATE": "",
-           "PROMOTE_REPOS": "team/web team/api"}
+           "PROMOTE_REPOS": "team/web team/api", "PROTECT_TAGS": "1"}
 
     def run_block(block, **extra):
         run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], env={**env, **extra}, capture_output=True,
@@ -2964,7 +2964,11 @@ def test_install_page_aws_setup_blocks_run_against_moto(aws, tmp_path):
                        "sqs:DeleteMessage", "ecr:GetAuthorizationToken",
                        "ecr:DescribeImages", "ecr:DescribeImageScanFindings", "ecr:BatchGetImage",
                        "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability", "ecr:PutImage",
-                       "ecr:DescribeRepositories", "ecr:UpdateImageStorageClass"}  # (--restore-archived)
+                       "ecr:DescribeRepositories", "ecr:UpdateImageStorageClass",  # (--restore-archived)
+                       "ecr:GetLifecyclePolicy", "ecr:StartLifecyclePolicyPreview", "ecr:GetLifecyclePolicyPreview",
+                       "ecr:ListImages", "ecr:BatchDeleteImage"}  # (--lint-lifecycle, --protect-tag-prefix)
+    protect = next(s for s in document["PolicyVersion"]["Document"]["Statement"] if s["Sid"] == "ProtectionTags")
+    assert protect["Action"] == ["ecr:ListImages", "ecr:PutImage", "ecr:BatchDeleteImage", "ecr:DescribeRepositories"]
     promote = next(s for s in document["PolicyVersion"]["Document"]["Statement"] if s["Sid"] == "Promote")
     assert promote["Action"] == ["ecr:PutImage", "ecr:DescribeRepositories"]  # (--status: may the promote tag move?)
     assert promote["Resource"] == [f"arn:aws:ecr:{region}:{document_account(aws)}:repository/{name}"
