@@ -4954,14 +4954,16 @@ class ImageKeeper:
                 named[key[:3]].add(tag)
                 if states.get(service["ID"], {}).get(role) == "ok":
                     wanted[key[:3]][tag] = key[3]
-        done = True
-        for repository in sorted(set(named) | self.tagged):
-            try:
-                tags = ecr.list_tags(*repository)
-            except AwsError as e:
-                log.error("Protection tags: %s", e)
-                done = False
+        repositories = sorted(set(named) | self.tagged)
+        listed, errors = per_repository(lambda account, region, repository, _: {"tags": ecr.list_tags(
+            account, region, repository)}, dict.fromkeys(repositories, ()), self.deployer.systemd.heartbeat)
+        for error in errors.values():
+            log.error("Protection tags: %s", error)
+        done = not errors
+        for repository in repositories:
+            if repository in errors:
                 continue
+            tags = listed[(*repository, "tags")]
             moves, removals = protection_changes(prefix, wanted.get(repository, {}), named.get(repository, set()), tags)
             for tag, digest in moves.items():
                 try:
