@@ -4944,7 +4944,7 @@ class ImageKeeper:
         standard storage class), and removes those of services gone. One ListImages per repository (shared
         with the pass's version lookups); a PutImage (and the BatchGetImage of its bytes) per tag moved, a
         BatchDeleteImage per tag removed. False if ECR refused something."""
-        prefix, ecr = self.protect_prefix, self.deployer.ecr
+        prefix = self.protect_prefix
         wanted: dict[tuple, dict[str, str]] = defaultdict(dict)  # repository -> tag -> digest
         named: dict[tuple, set[str]] = defaultdict(set)
         for service in services:
@@ -4955,42 +4955,47 @@ class ImageKeeper:
                 if states.get(service["ID"], {}).get(role) == "ok":
                     wanted[key[:3]][tag] = key[3]
         repositories = sorted(set(named) | self.tagged)
-        listed, errors = per_repository(lambda account, region, repository, _: {"tags": ecr.list_tags(
-            account, region, repository)}, dict.fromkeys(repositories, ()), self.deployer.systemd.heartbeat)
+        done, errors = per_repository(  # a few repositories at a time: a first pass tags every digest in use
+            lambda account, region, repository, _: {"done": self.protect_repository(
+                (account, region, repository), wanted.get((account, region, repository), {}),
+                named.get((account, region, repository), set()))},
+            dict.fromkeys(repositories, ()), self.deployer.systemd.heartbeat)
         for error in errors.values():
             log.error("Protection tags: %s", error)
-        done = not errors
-        for repository in repositories:
-            if repository in errors:
+        return not errors and all(done.values())
+
+    def protect_repository(self, repository: tuple, wanted: dict[str, str], named: set[str]) -> bool:
+        """One repository's protection tags moved and removed; False if ECR refused one (but its immutability:
+        said once, the operator must act). AwsError if ECR cannot list its tags."""
+        prefix, ecr, done = self.protect_prefix, self.deployer.ecr, True
+        tags = ecr.list_tags(*repository)
+        moves, removals = protection_changes(prefix, wanted, named, tags)
+        for tag, digest in moves.items():
+            try:
+                ecr.promote(*repository, digest, tag)
+            except TagImmutable:  # retrying changes nothing until the operator does: said once, not a failed pass
+                self.say_immutable(repository)
                 continue
-            tags = listed[(*repository, "tags")]
-            moves, removals = protection_changes(prefix, wanted.get(repository, {}), named.get(repository, set()), tags)
-            for tag, digest in moves.items():
-                try:
-                    ecr.promote(*repository, digest, tag)
-                except TagImmutable:  # retrying changes nothing until the operator does: said once, not a failed pass
-                    self.say_immutable(repository)
-                    continue
-                except AwsError as e:
-                    log.error("Protection tags: %s", e)
-                    done = False
-                    continue
-                tags[tag] = ecr.tag_listings.setdefault(repository, {})[tag] = digest
-                log.info("Protection tag %s:%s now on %s", repository[2], tag, short_digest(digest))
-            for tag in removals:
-                try:
-                    ecr.kept.untag(*repository, tag)
-                except AwsError as e:
-                    log.error("Protection tags: %s", e)
-                    done = False
-                    continue
-                tags.pop(tag, None)
-                ecr.tag_listings.get(repository, {}).pop(tag, None)
-                log.info("Protection tag %s:%s removed: no service here names it now", repository[2], tag)
-            if any(is_protection_tag(prefix, tag) for tag in tags):
-                self.tagged.add(repository)  # (listed again next pass, also once no service uses it)
-            else:
-                self.tagged.discard(repository)
+            except AwsError as e:
+                log.error("Protection tags: %s", e)
+                done = False
+                continue
+            tags[tag] = ecr.tag_listings.setdefault(repository, {})[tag] = digest
+            log.info("Protection tag %s:%s now on %s", repository[2], tag, short_digest(digest))
+        for tag in removals:
+            try:
+                ecr.kept.untag(*repository, tag)
+            except AwsError as e:
+                log.error("Protection tags: %s", e)
+                done = False
+                continue
+            tags.pop(tag, None)
+            ecr.tag_listings.get(repository, {}).pop(tag, None)
+            log.info("Protection tag %s:%s removed: no service here names it now", repository[2], tag)
+        if any(is_protection_tag(prefix, tag) for tag in tags):
+            self.tagged.add(repository)  # (listed again next pass, also once no service uses it)
+        else:
+            self.tagged.discard(repository)
         return done
 
     def say_immutable(self, repository: tuple) -> None:
