@@ -92,6 +92,8 @@ exit codes: 0 every received message handled; 1 something left on the queue for 
             will roll it), or an image it runs or rolls back to being restored; 5 some service held
             back, blocked, failed or following a tag gone from ECR, or an image it runs or rolls back
             to gone or archived (the operator must act); 1 Docker or ECR could not be asked
+  --lint-lifecycle: 0 no lifecycle rule would expire or archive an image a service runs or rolls back to;
+            5 some rule would; 1 ECR could not be asked for some repository
 
 examples:
   systemd (loop mode; see systemd/ecr-deploy.service):
@@ -111,7 +113,8 @@ documentation (README.md, and in docs/):
   rollouts.md         outcomes, rollback, auth refresh      release-policy.md   windows, min-age, waves
   scan-gate.md        --scan-threshold                      signature-gate.md   --signature, notation
   troubleshooting.md  what a log line means, and the fix  notifications.md    Slack, Teams, ntfy, e-mail
-  keeping-images.md   running and rollback images ECR must keep, --restore-archived
+  keeping-images.md   running and rollback images ECR must keep, --restore-archived, --protect-tag-prefix,
+                      --lint-lifecycle
 """
 
 

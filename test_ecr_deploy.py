@@ -7897,7 +7897,8 @@ def test_lifecycle_findings_name_the_rule_that_would_take_an_image_in_use():
 
 def test_the_rigs_lifecycle_preview_evaluates_rules_as_ecr_documents():
     """rig.aws.preview_results: an image a higher-priority rule's tags select is never taken by a lower one;
-    imageCountMoreThan keeps the youngest (the Amazon ECR User Guide, How lifecycle policies work)."""
+    imageCountMoreThan keeps the youngest (the Amazon ECR User Guide, Automate the cleanup of images by using
+    lifecycle policies, Lifecycle policy evaluation rules)."""
     from rig.aws import preview_results
     images = [{"imageDigest": d, "imageTags": tags, "imagePushedAt": at}
               for d, tags, at in ((DIGEST_A, ["v1", "keep.web"], 1.0), (DIGEST_B, ["v2"], 2.0),

@@ -145,7 +145,7 @@ class EcrAsDocumented:
     imageDigest, imagePushedAt, action {type EXPIRE | TRANSITION, targetStorageClass}, appliedRulePriority,
     storageClass), summary, nextToken; error LifecyclePolicyPreviewNotFoundException), evaluated at once
     (COMPLETE on the first Get; ECR takes seconds) by preview_results, with the evaluation rules of the Amazon
-    ECR User Guide (Automate the cleanup of images by using lifecycle policies: How lifecycle policies work)."""
+    ECR User Guide (Automate the cleanup of images by using lifecycle policies, Lifecycle policy evaluation rules)."""
 
     def __init__(self, moto_url: str):
         self.moto_url = moto_url
