@@ -19,7 +19,8 @@ follows), versions (pure: which tags a service may run, and the newest), specs (
 (pure: provenance, failure records), release policy (pure), Swarm's tasks (pure: completed, soaked),
 status (pure), rollouts (pure), scan gate (pure), signature gate (pure), deciding (pure: a Hint,
 "service S should run digest D of tag T, because of this event or a reconcile pass", and decide(), the
-one answer to it: deploy, nothing, hold back, wait, block), AWS shell (SQS), ECR shell, Docker shell,
+one answer to it: deploy, nothing, hold back, wait, block), AWS shell (SQS), ECR shell, ECR shell: images
+kept (EcrKeptImages: storage classes, protection tags, lifecycle previews), Docker shell,
 the service index (loop mode's ServiceIndex, kept current from Docker's events), the gates (ScanGate;
 SignatureGate, which runs notation or cosign), the drain cycle (Deployer: messages in, hints converged,
 the messages whose hints are decided acknowledged), hints from events (EventHints), converging
