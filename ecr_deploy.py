@@ -1541,7 +1541,8 @@ def rule_descriptions(policy_text: str) -> dict[int, str]:
     """rulePriority -> description, of a lifecycle policy (an unreadable one: none)."""
     try:
         rules = json.loads(policy_text).get("rules") or []
-        return {int(r["rulePriority"]): str(r.get("description") or "") for r in rules if isinstance(r, dict)}
+        return {int(r["rulePriority"]): " ".join(str(r.get("description") or "").split())[:200]  # (one log line)
+                for r in rules if isinstance(r, dict)}
     except (ValueError, TypeError, KeyError, AttributeError):
         return {}
 
@@ -1555,8 +1556,9 @@ def lifecycle_findings(policy_text: str, results: list[dict], in_use: dict[str, 
         digest = result.get("imageDigest")
         if digest not in in_use:
             continue
-        action = ((result.get("action") or {}).get("type") or "EXPIRE").upper()
+        action = str((result.get("action") or {}).get("type") or "EXPIRE").upper()
         priority = result.get("appliedRulePriority")
+        priority = priority if isinstance(priority, int) else "?"
         rule = f"the lifecycle rule of priority {priority}" + (f' ("{rules[priority]}")' if rules.get(priority) else "")
         done = "archive it (a task rescheduled cannot pull it until it is restored)" if action == "TRANSITION" \
             else "expire it (a task rescheduled cannot pull it: manifest unknown)"

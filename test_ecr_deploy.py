@@ -7881,7 +7881,7 @@ def test_protection_tags_name_the_service_within_ecrs_tag_grammar_and_touch_only
 
 
 def test_lifecycle_findings_name_the_rule_that_would_take_an_image_in_use():
-    policy = json.dumps({"rules": [{"rulePriority": 3, "description": "keep 5 releases", "selection": {},
+    policy = json.dumps({"rules": [{"rulePriority": 3, "description": "keep 5\nreleases", "selection": {},
                                     "action": {"type": "expire"}}]})
     results = [{"imageDigest": DIGEST_A, "appliedRulePriority": 3, "action": {"type": "EXPIRE"}},
                {"imageDigest": DIGEST_B, "appliedRulePriority": 4, "action": {"type": "TRANSITION",
