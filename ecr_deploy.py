@@ -4982,19 +4982,19 @@ class ImageKeeper:
             except TagImmutable:  # retrying changes nothing until the operator does: said once, not a failed pass
                 self.say_immutable(repository)
                 continue
-            except AwsError as e:
+            except AwsError as e:  # (one line per repository and pass: the rest would fail alike)
                 log.error("Protection tags: %s", e)
                 done = False
-                continue
+                break
             tags[tag] = ecr.tag_listings.setdefault(repository, {})[tag] = digest
             log.info("Protection tag %s:%s now on %s", repository[2], tag, short_digest(digest))
-        for tag in removals:
+        for tag in removals if done else ():
             try:
                 ecr.kept.untag(*repository, tag)
             except AwsError as e:
                 log.error("Protection tags: %s", e)
                 done = False
-                continue
+                break
             tags.pop(tag, None)
             ecr.tag_listings.get(repository, {}).pop(tag, None)
             log.info("Protection tag %s:%s removed: no service here names it now", repository[2], tag)
