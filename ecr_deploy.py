@@ -2852,7 +2852,7 @@ class Ecr:
 # --------------------------------------------------------------------------- ECR shell: images kept
 
 LIFECYCLE_PREVIEW_TIMEOUT = 120.0  # s: ECR evaluates a preview in seconds, a large repository in a minute or two
-LIFECYCLE_PREVIEW_POLL = 2.0  # s
+LIFECYCLE_PREVIEW_POLL = 1.0  # s
 LIFECYCLE_PREVIEW_PAGE = 1000  # GetLifecyclePolicyPreview's largest page
 
 

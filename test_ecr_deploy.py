@@ -8019,8 +8019,12 @@ def test_the_lifecycle_lint_names_the_rule_that_would_expire_images_in_use_until
               "selection": {"tagStatus": "tagged", "tagPrefixList": ["v"], "countType": "imageCountMoreThan",
                             "countNumber": 1}}
     ecr.put_lifecycle_policy(repositoryName=repo, lifecyclePolicyText=json.dumps({"rules": [newest]}))
+    sent = len(aws.front.proxy.bodies)
     found = lint()
     assert found.returncode == 5, found.stdout + found.stderr
+    asked = [key.rpartition(".")[2] for key, _ in aws.front.proxy.bodies[sent:] if "LifecyclePolic" in key]
+    assert asked == ["GetLifecyclePolicy", "StartLifecyclePolicyPreview", "GetLifecyclePolicyPreview",
+                     "GetLifecyclePolicyPreview"]  # IN_PROGRESS first, as ECR's: polled until COMPLETE
     lines = found.stdout.splitlines()
     rule = 'the lifecycle rule of priority 2 ("only the newest release") would expire it'
     assert len(lines) == 2 and all(line.startswith("Service linted: ") and rule in line for line in lines), lines

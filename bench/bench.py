@@ -607,9 +607,10 @@ def reconcile_report(aws, images, swarm, workdir, sizes: dict) -> dict:
             "protect_steady_extra_calls": reconcile["protect_steady"]["aws_calls"]
             - reconcile["current"]["aws_calls"],
             "protect_steady_wall_s": reconcile["protect_steady"]["wall_s"],
-            # per repository: GetLifecyclePolicy, StartLifecyclePolicyPreview, GetLifecyclePolicyPreview
+            # per repository: GetLifecyclePolicy, StartLifecyclePolicyPreview, GetLifecyclePolicyPreview twice
+            # (the rig's preview, as ECR's, is IN_PROGRESS when first asked; a second later COMPLETE)
             "lint_calls": reconcile["lint"]["aws_calls"],
-            "lint_calls_expected": 3 * reconcile["repositories"],
+            "lint_calls_expected": 4 * reconcile["repositories"],
             "lint_wall_s": reconcile["lint"]["wall_s"]}
 
 

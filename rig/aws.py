@@ -143,8 +143,9 @@ class EcrAsDocumented:
     IN_PROGRESS; errors LifecyclePolicyNotFoundException, RepositoryNotFoundException.
     GetLifecyclePolicyPreview: response status, previewResults of LifecyclePolicyPreviewResult (imageTags,
     imageDigest, imagePushedAt, action {type EXPIRE | TRANSITION, targetStorageClass}, appliedRulePriority,
-    storageClass), summary, nextToken; error LifecyclePolicyPreviewNotFoundException), evaluated at once
-    (COMPLETE on the first Get; ECR takes seconds) by preview_results, with the evaluation rules of the Amazon
+    storageClass), summary, nextToken; error LifecyclePolicyPreviewNotFoundException), evaluated at once by
+    preview_results, the first Get after a Start answering IN_PROGRESS (ECR takes seconds; the caller must
+    poll), with the evaluation rules of the Amazon
     ECR User Guide (Automate the cleanup of images by using lifecycle policies, Lifecycle policy evaluation rules)."""
 
     def __init__(self, moto_url: str):
@@ -192,7 +193,7 @@ class EcrAsDocumented:
         registry = images[0]["registryId"] if images else request.get("registryId", "123456789012")
         self.previews[(region[1], request["repositoryName"])] = {
             "registryId": registry, "repositoryName": request["repositoryName"], "lifecyclePolicyText": policy,
-            "status": "COMPLETE", "previewResults": results,
+            "status": "IN_PROGRESS", "previewResults": results,
             "summary": {"expiringImageTotalCount": sum(r["action"]["type"] == "EXPIRE" for r in results)}}
         return 200, {"registryId": registry, "repositoryName": request["repositoryName"],
                      "lifecyclePolicyText": policy, "status": "IN_PROGRESS"}, reply_headers
@@ -205,6 +206,10 @@ class EcrAsDocumented:
         if not preview:
             return 400, {"__type": "LifecyclePolicyPreviewNotFoundException",
                          "message": "There is no dry run for this repository"}, reply_headers
+        if preview["status"] == "IN_PROGRESS":  # (the next Get finds it done)
+            preview["status"] = "COMPLETE"
+            return 200, {k: v for k, v in preview.items() if k not in ("previewResults", "summary")} | {
+                "status": "IN_PROGRESS"}, reply_headers
         results, page = preview["previewResults"], int(request.get("maxResults") or 100)
         if request.get("imageIds"):
             wanted = {i.get("imageDigest") for i in request["imageIds"]}
