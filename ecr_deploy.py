@@ -2937,44 +2937,41 @@ class EcrKeptImages:
             raise AccessDenied.wrap(e, f"cannot read the lifecycle policy of {repository} in ECR ({account}, "
                                        f"{region})") from None
 
-    def lifecycle_preview(self, account: str, region: str, repository: str, sleep=time.sleep) -> list[dict]:
-        """ECR's own evaluation of the repository's lifecycle policy as it stands (StartLifecyclePolicyPreview,
-        then GetLifecyclePolicyPreview until COMPLETE, paged): the images a rule would expire or archive now,
-        each with its action and appliedRulePriority. Another preview in progress is waited out, then ours
-        started."""
+    def start_lifecycle_preview(self, account: str, region: str, repository: str) -> bool:
+        """StartLifecyclePolicyPreview of the repository's policy as it stands; False while another preview of
+        the repository is in progress (ECR runs one at a time: ask again once it is done)."""
+        try:
+            self.ecr._client(region).start_lifecycle_policy_preview(registryId=account, repositoryName=repository)
+        except AWS_ERRORS as e:
+            if error_code(e) == "LifecyclePolicyPreviewInProgressException":
+                return False
+            raise AccessDenied.wrap(e, f"cannot preview the lifecycle policy of {repository} in ECR ({account}, "
+                                       f"{region})") from None
+        return True
+
+    def lifecycle_preview(self, account: str, region: str, repository: str) -> list[dict] | None:
+        """GetLifecyclePolicyPreview, paged: ECR's own evaluation of the policy, the images a rule would expire
+        or archive now, each with its action and appliedRulePriority; None while ECR is still evaluating."""
         client, where = self.ecr._client(region), {"registryId": account, "repositoryName": repository}
         what = f"the lifecycle policy of {repository} in ECR ({account}, {region})"
-        deadline = time.monotonic() + LIFECYCLE_PREVIEW_TIMEOUT
-        started = False
+        results, token, tokens = [], None, set()
         while True:
             try:
-                if not started:
-                    client.start_lifecycle_policy_preview(**where)
-                    started = True
-                reply = client.get_lifecycle_policy_preview(**where, maxResults=LIFECYCLE_PREVIEW_PAGE)
+                reply = client.get_lifecycle_policy_preview(**where, maxResults=LIFECYCLE_PREVIEW_PAGE,
+                                                            **({"nextToken": token} if token else {}))
             except AWS_ERRORS as e:
-                if error_code(e) != "LifecyclePolicyPreviewInProgressException":
-                    raise AccessDenied.wrap(e, f"cannot preview {what}") from None
-                reply = {"status": "IN_PROGRESS"}  # someone else's: wait it out, then start ours
-            if reply.get("status") == "COMPLETE" and started:
-                break
-            if reply.get("status") in ("FAILED", "EXPIRED"):
-                raise AwsError(f"ECR's preview of {what} ended {reply['status']}")
-            if time.monotonic() > deadline:
-                raise AwsError(f"ECR's preview of {what} did not complete in {LIFECYCLE_PREVIEW_TIMEOUT:.0f} s")
-            sleep(LIFECYCLE_PREVIEW_POLL)
-        results, tokens = list(reply.get("previewResults") or []), set()
-        while (token := reply.get("nextToken")):
+                raise AccessDenied.wrap(e, f"cannot preview {what}") from None
+            if reply.get("status") == "IN_PROGRESS":
+                return None
+            if reply.get("status") != "COMPLETE":
+                raise AwsError(f"ECR's preview of {what} ended {shown(reply.get('status'))}")
+            results += reply.get("previewResults") or []
+            token = reply.get("nextToken")
+            if not token:
+                return results
             if token in tokens:  # every call is bounded, the paging must be too
                 raise AwsError(f"ECR answered the same nextToken twice previewing {what}")
             tokens.add(token)
-            try:
-                reply = client.get_lifecycle_policy_preview(**where, maxResults=LIFECYCLE_PREVIEW_PAGE,
-                                                            nextToken=token)
-            except AWS_ERRORS as e:
-                raise AccessDenied.wrap(e, f"cannot preview {what}") from None
-            results += reply.get("previewResults") or []
-        return results
 
 
 # --------------------------------------------------------------------------- Docker shell
@@ -5029,30 +5026,51 @@ class ImageKeeper:
         return True
 
 
-def lifecycle_lint(deployer: Deployer, services: list[dict]) -> tuple[dict[str, list[str]], list[AwsError]]:
+def lifecycle_lint(deployer: Deployer, services: list[dict], sleep=time.sleep) \
+        -> tuple[dict[str, list[str]], list[AwsError]]:
     """Service name -> one line per image it runs or rolls back to that a rule of its repository's lifecycle
-    policy would expire or archive now, as ECR's preview of the policy says (GetLifecyclePolicy, then
-    StartLifecyclePolicyPreview and GetLifecyclePolicyPreview; a repository without a policy costs one call);
-    a few repositories at a time; and why ECR could not tell, per repository. Changes nothing."""
+    policy would expire or archive now, as ECR's preview of the policy says; and why ECR could not tell, per
+    repository. GetLifecyclePolicy per repository (one call where there is none), every preview started
+    before any is waited for (ECR evaluates them side by side), then asked for in rounds a second apart, a
+    few repositories at a time. Changes nothing."""
     in_use: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for service in services:
         for role, key in kept_images(service).items():
             in_use[key[:3]][key[3]].append((service["Spec"].get("Name", "?"), role))
-    kept = deployer.ecr.kept
-
-    def lint(account: str, region: str, repository: str, _digests) -> dict:
-        policy = kept.lifecycle_policy(account, region, repository)
-        if policy is None:
-            return {}
-        results = kept.lifecycle_preview(account, region, repository)
-        return {"lines": lifecycle_findings(policy, results, in_use[(account, region, repository)],
-                                            f"{repository} in ECR ({account}, {region})")}
-
-    found, errors = per_repository(lint, in_use, deployer.systemd.heartbeat)
+    kept, heartbeat = deployer.ecr.kept, deployer.systemd.heartbeat
+    policies, errors = per_repository(lambda *key: {"policy": kept.lifecycle_policy(*key[:3])}, in_use, heartbeat)
+    pending = {key[:3]: {"policy": text, "started": False} for key, text in policies.items() if text}
     lines: dict[str, list[str]] = defaultdict(list)
-    for name, line in sorted(line for found_lines in found.values() for line in found_lines):
-        lines[name].append(line)
-    return dict(lines), list(errors.values())
+    deadline = time.monotonic() + LIFECYCLE_PREVIEW_TIMEOUT
+
+    def step(account: str, region: str, repository: str, _) -> dict:
+        state = pending[(account, region, repository)]
+        if not state["started"]:
+            state["started"] = kept.start_lifecycle_preview(account, region, repository)
+            return {"results": None}
+        return {"results": kept.lifecycle_preview(account, region, repository)}
+
+    rounds = 0
+    while pending:
+        if rounds > 1:  # (the first round starts the previews, the second asks at once: a small one is done)
+            sleep(LIFECYCLE_PREVIEW_POLL)
+        rounds += 1
+        answers, failed = per_repository(step, dict.fromkeys(pending, ()), heartbeat)
+        errors.update(failed)
+        for repository in failed:
+            del pending[repository]
+        for (*repository, _), results in answers.items():
+            if results is None:
+                continue
+            where = f"{repository[2]} in ECR ({repository[0]}, {repository[1]})"
+            for name, line in lifecycle_findings(pending.pop(tuple(repository))["policy"], results,
+                                                 in_use[tuple(repository)], where):
+                lines[name].append(line)
+        if pending and time.monotonic() > deadline:
+            errors.update({key: AwsError(f"ECR's preview of the lifecycle policy of {key[2]} ({key[0]}, {key[1]}) "
+                                         f"did not complete in {LIFECYCLE_PREVIEW_TIMEOUT:.0f} s") for key in pending})
+            break
+    return {name: sorted(found) for name, found in lines.items()}, list(errors.values())
 
 
 def lint_lifecycle(deployer: Deployer) -> int:
