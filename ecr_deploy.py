@@ -20,7 +20,8 @@ follows), versions (pure: which tags a service may run, and the newest), specs (
 status (pure), rollouts (pure), checks after the rollout (pure: what proves a rollout good, what proves it
 stuck), scan gate (pure), signature gate (pure), deciding (pure: a Hint,
 "service S should run digest D of tag T, because of this event or a reconcile pass", and decide(), the
-one answer to it: deploy, nothing, hold back, wait, block), AWS shell (SQS), ECR shell, Docker shell,
+one answer to it: deploy, nothing, hold back, wait, block), AWS shell (SQS), ECR shell, ECR shell: images
+kept (EcrKeptImages: storage classes, protection tags, lifecycle previews), Docker shell,
 the service index (loop mode's ServiceIndex, kept current from Docker's events), the gates (ScanGate;
 SignatureGate, which runs notation or cosign), the drain cycle (Deployer: messages in, hints converged,
 the messages whose hints are decided acknowledged), hints from events (EventHints), converging
@@ -39,6 +40,7 @@ import copy
 import decimal
 import email.utils
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -93,6 +95,8 @@ exit codes: 0 every received message handled; 1 something left on the queue for 
             will roll it), or an image it runs or rolls back to being restored; 5 some service held
             back, blocked, failed or following a tag gone from ECR, or an image it runs or rolls back
             to gone or archived (the operator must act); 1 Docker or ECR could not be asked
+  --lint-lifecycle: 0 no lifecycle rule would expire or archive an image a service runs or rolls back to;
+            5 some rule would; 1 ECR could not be asked for some repository
 
 examples:
   systemd (loop mode; see systemd/ecr-deploy.service):
@@ -112,7 +116,8 @@ documentation (README.md, and in docs/):
   rollouts.md         outcomes, rollback, auth refresh      release-policy.md   windows, min-age, waves
   scan-gate.md        --scan-threshold                      signature-gate.md   --signature, notation
   troubleshooting.md  what a log line means, and the fix   notifications.md    Slack, Teams, ntfy, e-mail
-  keeping-images.md   running and rollback images ECR must keep, --restore-archived
+  keeping-images.md   running and rollback images ECR must keep, --restore-archived, --protect-tag-prefix,
+                      --lint-lifecycle
   around-a-rollout.md checks after a rollout (alarms, HTTP), --progress-deadline
 """
 
@@ -197,6 +202,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="each reconcile pass checks that ECR still has the digest every service runs and its "
                         "rollback target; with this, one that a lifecycle rule archived is restored to the "
                         "standard storage class (ecr:UpdateImageStorageClass; env DEPLOYER_RESTORE_ARCHIVED=1)")
+    parser.add_argument("--protect-tag-prefix", metavar="PREFIX", default=env("DEPLOYER_PROTECT_TAG_PREFIX"),
+                        help="each reconcile pass keeps the tag PREFIX.SERVICE on the digest every service runs and "
+                        "PREFIX.SERVICE.prev on its rollback target, and removes those of services gone, so that a "
+                        "lifecycle rule retaining PREFIX. keeps them; name the swarm (each swarm sharing a repository "
+                        "its own prefix; env DEPLOYER_PROTECT_TAG_PREFIX; default: off)")
+    parser.add_argument("--lint-lifecycle", action="store_true",
+                        help="ask ECR to preview each repository's lifecycle policy and say which rule would expire "
+                        "or archive an image a service runs or rolls back to; alone: exit 0 none, 5 some, 1 ECR "
+                        "could not be asked; with --status: in each row, and in its exit code")
     parser.add_argument("--window", metavar="WINDOW", default=env("DEPLOYER_WINDOW"),
                         help=f"start rollouts only inside this window, e.g. 'Mon-Fri 09:00-16:00 Europe/Berlin' "
                         f"(several clauses separated by ';'); a service's label {WINDOW_LABEL} wins, 'always' "
@@ -261,8 +275,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     args.queue = (args.queue or "").strip()
     one_shot = [flag for flag in ("refresh_auth", "reconcile", "status") if getattr(args, flag)]
+    if args.lint_lifecycle and not args.status:
+        one_shot.append("lint_lifecycle")
     if len(one_shot) > 1 or one_shot and args.once:
-        parser.error("--refresh-auth, --reconcile, --status and --once each run alone")
+        parser.error("--refresh-auth, --reconcile, --status, --lint-lifecycle (but with --status) and --once each "
+                     "run alone")
+    if args.protect_tag_prefix is not None:
+        args.protect_tag_prefix = args.protect_tag_prefix.strip() or None
+    if args.protect_tag_prefix and not PROTECT_PREFIX.fullmatch(args.protect_tag_prefix):
+        parser.error(f"--protect-tag-prefix must be 1 to 40 of A-Z a-z 0-9 _ - (not starting with -), no '.': "
+                     f"{shown(args.protect_tag_prefix)}")
     if not args.queue and not one_shot:
         parser.error("no queue given: use --queue NAME_OR_URL or set DEPLOYER_QUEUE")
     if args.json and not args.status:
@@ -1225,7 +1247,8 @@ def exclusion_filters_text(filters: list[dict]) -> str:
     return " ".join(f"filterType={f.get('filterType')},filter={f.get('filter')}" for f in filters)
 
 
-def immutable_tag_fix(account: str, region: str, repository: str, tag: str, described: dict | None = None) -> str:
+def immutable_tag_fix(account: str, region: str, repository: str, tag: str, described: dict | None = None,
+                      what: str = "the promote tag") -> str:
     """What lets the promote tag move, every other tag staying as the repository has it (`described`: its
     DescribeRepositories entry, None if unknown): under MUTABLE_WITH_EXCLUSION, the filters that match the
     tag dropped; else IMMUTABLE_WITH_EXCLUSION with the tag excluded besides the filters it has (a command
@@ -1243,7 +1266,7 @@ def immutable_tag_fix(account: str, region: str, repository: str, tag: str, desc
                 f"is: `{command} --image-tag-mutability {setting}`")
     kept = filters if mutability == "IMMUTABLE_WITH_EXCLUSION" else []
     return (f"ECR refuses to move :{tag} in {repository}, whose tags are immutable (ImageTagAlreadyExistsException); "
-            f"exclude the promote tag and keep every other tag immutable: `{command} --image-tag-mutability "
+            f"exclude {what} and keep every other tag immutable: `{command} --image-tag-mutability "
             f"IMMUTABLE_WITH_EXCLUSION --image-tag-mutability-exclusion-filters "
             f"{exclusion_filters_text([*kept, {'filterType': 'WILDCARD', 'filter': tag}])}`"
             + ("" if described else " (add any filters the repository has already; at most 5)"))
@@ -1490,6 +1513,78 @@ def image_problem(service_name: str, role: str, key: tuple, state: str, restorin
         return (f"Service {service_name}: {what}, {where}, is archived: a task rescheduled (node lost, scale-up, "
                 f"rollback) cannot pull it until it is restored; {fix}")
     return f"Service {service_name}: {what}, {where}, is being restored to the standard storage class"
+
+
+# Protection tags (opt-in, --protect-tag-prefix): one tag per service on the digest it runs, PREFIX.SERVICE,
+# and one on its rollback target, PREFIX.SERVICE.prev, that a lifecycle rule of the highest priority retains.
+# '.' separates: a Swarm service name has none (a DNS label), nor has a prefix, so no service's tag is another's,
+# and no prefix's tags begin with another prefix's (prod.web is never prod-eu's, prod-eu.web never prod's).
+PROTECT_PREFIX = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,39}")
+TAG_MAX_LENGTH = 128  # Docker's tag grammar, [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}, which ECR's tags follow
+ROLE_SUFFIXES = {"running": "", "rollback": ".prev"}
+NAME_HASH_LENGTH = 10
+
+
+def protection_tag(prefix: str, service_name: str, role: str) -> str:
+    """PREFIX.SERVICE (running) or PREFIX.SERVICE.prev (rollback). A name outside [A-Za-z0-9_-] or too long for
+    128 characters is mapped deterministically: its other characters turned to '-', cut short, and a short hash
+    of the whole name appended, so two names never share a tag."""
+    suffix, room = ROLE_SUFFIXES[role], TAG_MAX_LENGTH - len(prefix) - 1 - len(ROLE_SUFFIXES["rollback"])
+    name = service_name
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or len(name) > room:
+        mark = hashlib.sha256(service_name.encode()).hexdigest()[:NAME_HASH_LENGTH]
+        name = re.sub(r"[^A-Za-z0-9_-]", "-", service_name)[:room - NAME_HASH_LENGTH - 1] + "-" + mark
+    return f"{prefix}.{name}{suffix}"
+
+
+def is_protection_tag(prefix: str, tag: str) -> bool:
+    """A tag this prefix's deployer keeps: PREFIX.NAME or PREFIX.NAME.prev, and nothing else (not another
+    prefix's, not a tag someone else pushed)."""
+    return re.fullmatch(re.escape(prefix) + r"\.[A-Za-z0-9_-]+(\.prev)?", tag) is not None
+
+
+def protection_changes(prefix: str, wanted: dict[str, str], named: set[str], tags: dict[str, str]) \
+        -> tuple[dict[str, str], list[str]]:
+    """For one repository: the protection tags to move (tag -> digest: wanted where it points elsewhere or
+    nowhere) and to remove (tags of the prefix that no service names any more). `named`: every protection
+    tag of a service still there, also those left where they are (an image gone or archived cannot be
+    tagged; its tag stays on the old digest rather than go)."""
+    moves = {tag: digest for tag, digest in wanted.items() if tags.get(tag) != digest}
+    removals = sorted(tag for tag in tags if is_protection_tag(prefix, tag) and tag not in named)
+    return moves, removals
+
+
+def rule_descriptions(policy_text: str) -> dict[int, str]:
+    """rulePriority -> description, of a lifecycle policy (an unreadable one: none)."""
+    try:
+        rules = json.loads(policy_text).get("rules") or []
+        return {int(r["rulePriority"]): " ".join(str(r.get("description") or "").split())[:200]  # (one log line)
+                for r in rules if isinstance(r, dict)}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return {}
+
+
+def lifecycle_findings(policy_text: str, results: list[dict], in_use: dict[str, list[tuple[str, str]]],
+                       where: str) -> list[tuple[str, str]]:
+    """(service name, line), one per in-use image (digest -> [(service name, role)]) that ECR's preview of the repository's
+    lifecycle policy says a rule would expire or archive, naming the rule's priority and description."""
+    rules, lines = rule_descriptions(policy_text), []
+    for result in results:
+        digest = result.get("imageDigest")
+        if digest not in in_use:
+            continue
+        action = str((result.get("action") or {}).get("type") or "EXPIRE").upper()
+        priority = result.get("appliedRulePriority")
+        priority = priority if isinstance(priority, int) else "?"
+        rule = f"the lifecycle rule of priority {priority}" + (f' ("{rules[priority]}")' if rules.get(priority) else "")
+        done = "archive it (a task rescheduled cannot pull it until it is restored)" if action == "TRANSITION" \
+            else "expire it (a task rescheduled cannot pull it: manifest unknown)"
+        for name, role in in_use[digest]:
+            what = "the digest it runs" if role == "running" else "its rollback target"
+            lines.append((name, f"Service {name}: {what}, {where}@{short_digest(digest)}: {rule} would {done}; "
+                                f"retain it (--protect-tag-prefix and a rule of the highest priority for the prefix: "
+                                f"see docs/keeping-images.md) or change the rule"))
+    return lines
 
 
 # --------------------------------------------------------------------------- rollouts (pure)
@@ -2717,6 +2812,7 @@ class Ecr:
         self.tag_listings: dict[tuple, dict[str, str]] = {}  # (account, region, repository) -> {tag: digest}
         self._listing_locks: dict[tuple, threading.Lock] = {}
         self.cycle = 0
+        self.kept = EcrKeptImages(self)  # the calls that keep the images services run
 
     def new_cycle(self, fresh_tokens: bool = False) -> None:
         """A drain cycle (or refresh pass) begins: already-expired tokens are not reused past it."""
@@ -2811,52 +2907,6 @@ class Ecr:
                 return None
             where = f"{repository}:{tags[0]}" if len(tags) == 1 else f"{len(tags)} tags of {repository}"
             raise AccessDenied.wrap(e, f"cannot look up {where} in ECR ({account}, {region})") from None
-
-    def image_statuses(self, account: str, region: str, repository: str, digests) -> dict[str, str | None]:
-        """digest -> ECR's imageStatus (ACTIVE, ARCHIVED, ACTIVATING), None for a digest ECR no longer has:
-        one DescribeImages per 100 digests, of every storage class (filter imageStatus ANY: without it
-        ECR describes ACTIVE images only). ECR fails a whole call for one missing image; that batch is
-        then asked in halves, down to the missing ones (about 2·log2(100) calls more for one gone image).
-        Not BatchGetImage: that is a pull, and what a lifecycle rule by last pull time must not be told."""
-        digests, statuses = sorted(set(digests)), {}
-        batches = [digests[start:start + DESCRIBE_IMAGES_MAX_IDS]
-                   for start in range(0, len(digests), DESCRIBE_IMAGES_MAX_IDS)]
-        while batches:
-            batch = batches.pop()
-            reply = self._describe_digests(account, region, repository, batch)
-            if reply is None and len(batch) > 1:
-                batches += [batch[:len(batch) // 2], batch[len(batch) // 2:]]
-                continue
-            statuses.update(dict.fromkeys(batch))
-            for detail in (reply or {}).get("imageDetails", []):
-                if detail.get("imageDigest") in statuses:
-                    status = detail.get("imageStatus")
-                    statuses[detail["imageDigest"]] = status if isinstance(status, str) else "ACTIVE"
-        return statuses
-
-    def _describe_digests(self, account: str, region: str, repository: str, digests: list[str]) -> dict | None:
-        try:
-            return self._client(region).describe_images(
-                registryId=account, repositoryName=repository, filter={"imageStatus": "ANY"},
-                imageIds=[{"imageDigest": digest} for digest in digests])
-        except AWS_ERRORS as e:
-            if error_code(e) == "RepositoryNotFoundException":
-                return {}
-            if error_code(e) == "ImageNotFoundException":
-                return None
-            raise AccessDenied.wrap(e, f"cannot look up {len(digests)} image(s) of {repository} in ECR "
-                                       f"({account}, {region})") from None
-
-    def restore_image(self, account: str, region: str, repository: str, digest: str) -> str | None:
-        """UpdateImageStorageClass to STANDARD: ECR's imageStatus after the call (ACTIVATING while it restores)."""
-        try:
-            reply = self._client(region).update_image_storage_class(
-                registryId=account, repositoryName=repository, imageId={"imageDigest": digest},
-                targetStorageClass="STANDARD")
-        except AWS_ERRORS as e:
-            raise AccessDenied.wrap(e, f"cannot restore {repository}@{short_digest(digest)} in ECR "
-                                       f"({account}, {region})") from None
-        return reply.get("imageStatus")
 
     def manifest(self, account: str, region: str, repository: str, image_id: dict) -> Manifest | None:
         """The manifest ECR holds for {"imageDigest": …} or {"imageTag": …} (BatchGetImage), None if
@@ -2966,6 +3016,131 @@ class Ecr:
             token = Token(username, password, now + max(0.0, (expires - now) / 2), self.cycle)
             self._tokens[(account, region)] = token
         return token.username, token.password
+
+
+# --------------------------------------------------------------------------- ECR shell: images kept
+
+LIFECYCLE_PREVIEW_TIMEOUT = 120.0  # s: ECR evaluates a preview in seconds, a large repository in a minute or two
+LIFECYCLE_PREVIEW_POLL = 1.0  # s
+LIFECYCLE_PREVIEW_PAGE = 1000  # GetLifecyclePolicyPreview's largest page
+
+
+class EcrKeptImages:
+    """The ECR calls that keep the images services run and roll back to: their storage class
+    (DescribeImages, UpdateImageStorageClass), protection tags (PutImage as promotion does, BatchDeleteImage
+    of a tag), and the repository's lifecycle policy with ECR's preview of it."""
+
+    def __init__(self, ecr: Ecr):
+        self.ecr = ecr
+
+    def image_statuses(self, account: str, region: str, repository: str, digests) -> dict[str, str | None]:
+        """digest -> ECR's imageStatus (ACTIVE, ARCHIVED, ACTIVATING), None for a digest ECR no longer has:
+        one DescribeImages per 100 digests, of every storage class (filter imageStatus ANY: without it
+        ECR describes ACTIVE images only). ECR fails a whole call for one missing image; that batch is
+        then asked in halves, down to the missing ones (about 2·log2(100) calls more for one gone image).
+        Not BatchGetImage: that is a pull, and what a lifecycle rule by last pull time must not be told."""
+        digests, statuses = sorted(set(digests)), {}
+        batches = [digests[start:start + DESCRIBE_IMAGES_MAX_IDS]
+                   for start in range(0, len(digests), DESCRIBE_IMAGES_MAX_IDS)]
+        while batches:
+            batch = batches.pop()
+            reply = self._describe_digests(account, region, repository, batch)
+            if reply is None and len(batch) > 1:
+                batches += [batch[:len(batch) // 2], batch[len(batch) // 2:]]
+                continue
+            statuses.update(dict.fromkeys(batch))
+            for detail in (reply or {}).get("imageDetails", []):
+                if detail.get("imageDigest") in statuses:
+                    status = detail.get("imageStatus")
+                    statuses[detail["imageDigest"]] = status if isinstance(status, str) else "ACTIVE"
+        return statuses
+
+    def _describe_digests(self, account: str, region: str, repository: str, digests: list[str]) -> dict | None:
+        try:
+            return self.ecr._client(region).describe_images(
+                registryId=account, repositoryName=repository, filter={"imageStatus": "ANY"},
+                imageIds=[{"imageDigest": digest} for digest in digests])
+        except AWS_ERRORS as e:
+            if error_code(e) == "RepositoryNotFoundException":
+                return {}
+            if error_code(e) == "ImageNotFoundException":
+                return None
+            raise AccessDenied.wrap(e, f"cannot look up {len(digests)} image(s) of {repository} in ECR "
+                                       f"({account}, {region})") from None
+
+    def restore_image(self, account: str, region: str, repository: str, digest: str) -> str | None:
+        """UpdateImageStorageClass to STANDARD: ECR's imageStatus after the call (ACTIVATING while it restores)."""
+        try:
+            reply = self.ecr._client(region).update_image_storage_class(
+                registryId=account, repositoryName=repository, imageId={"imageDigest": digest},
+                targetStorageClass="STANDARD")
+        except AWS_ERRORS as e:
+            raise AccessDenied.wrap(e, f"cannot restore {repository}@{short_digest(digest)} in ECR "
+                                       f"({account}, {region})") from None
+        return reply.get("imageStatus")
+
+    def untag(self, account: str, region: str, repository: str, tag: str) -> None:
+        """BatchDeleteImage of one tag: ECR removes the tag only, and the image with it only when it was the
+        image's last tag (the Amazon ECR API Reference, BatchDeleteImage). A tag already gone is no error."""
+        try:
+            reply = self.ecr._client(region).batch_delete_image(
+                registryId=account, repositoryName=repository, imageIds=[{"imageTag": tag}])
+        except AWS_ERRORS as e:
+            if error_code(e) == "RepositoryNotFoundException":
+                return
+            raise AccessDenied.wrap(e, f"cannot remove the tag {repository}:{tag} in ECR ({account}, {region})") \
+                from None
+        failures = [f for f in reply.get("failures") or [] if f.get("failureCode") != "ImageNotFound"]
+        if failures:
+            raise AwsError(f"cannot remove the tag {repository}:{tag} in ECR ({account}, {region}): "
+                           f"{shown(failures[0].get('failureReason') or failures[0].get('failureCode'))}")
+
+    def lifecycle_policy(self, account: str, region: str, repository: str) -> str | None:
+        """GetLifecyclePolicy: the policy's text, None if the repository has none."""
+        try:
+            return self.ecr._client(region).get_lifecycle_policy(
+                registryId=account, repositoryName=repository).get("lifecyclePolicyText")
+        except AWS_ERRORS as e:
+            if error_code(e) in ("LifecyclePolicyNotFoundException", "RepositoryNotFoundException"):
+                return None
+            raise AccessDenied.wrap(e, f"cannot read the lifecycle policy of {repository} in ECR ({account}, "
+                                       f"{region})") from None
+
+    def start_lifecycle_preview(self, account: str, region: str, repository: str) -> bool:
+        """StartLifecyclePolicyPreview of the repository's policy as it stands; False while another preview of
+        the repository is in progress (ECR runs one at a time: ask again once it is done)."""
+        try:
+            self.ecr._client(region).start_lifecycle_policy_preview(registryId=account, repositoryName=repository)
+        except AWS_ERRORS as e:
+            if error_code(e) == "LifecyclePolicyPreviewInProgressException":
+                return False
+            raise AccessDenied.wrap(e, f"cannot preview the lifecycle policy of {repository} in ECR ({account}, "
+                                       f"{region})") from None
+        return True
+
+    def lifecycle_preview(self, account: str, region: str, repository: str) -> list[dict] | None:
+        """GetLifecyclePolicyPreview, paged: ECR's own evaluation of the policy, the images a rule would expire
+        or archive now, each with its action and appliedRulePriority; None while ECR is still evaluating."""
+        client, where = self.ecr._client(region), {"registryId": account, "repositoryName": repository}
+        what = f"the lifecycle policy of {repository} in ECR ({account}, {region})"
+        results, token, tokens = [], None, set()
+        while True:
+            try:
+                reply = client.get_lifecycle_policy_preview(**where, maxResults=LIFECYCLE_PREVIEW_PAGE,
+                                                            **({"nextToken": token} if token else {}))
+            except AWS_ERRORS as e:
+                raise AccessDenied.wrap(e, f"cannot preview {what}") from None
+            if reply.get("status") == "IN_PROGRESS":
+                return None
+            if reply.get("status") != "COMPLETE":
+                raise AwsError(f"ECR's preview of {what} ended {shown(reply.get('status'))}")
+            results += reply.get("previewResults") or []
+            token = reply.get("nextToken")
+            if not token:
+                return results
+            if token in tokens:  # every call is bounded, the paging must be too
+                raise AwsError(f"ECR answered the same nextToken twice previewing {what}")
+            tokens.add(token)
 
 
 # --------------------------------------------------------------------------- Docker shell
@@ -5129,7 +5304,7 @@ def image_statuses(ecr: Ecr, keys, heartbeat=lambda: None) -> tuple[dict[tuple, 
     by_repository: dict[tuple, set[str]] = defaultdict(set)
     for *repository, digest in keys:
         by_repository[tuple(repository)].add(digest)
-    return per_repository(ecr.image_statuses, by_repository, heartbeat)
+    return per_repository(ecr.kept.image_statuses, by_repository, heartbeat)
 
 
 class ImageKeeper:
@@ -5138,10 +5313,12 @@ class ImageKeeper:
     when it appears, again only if it changes; with `restore`, an archived one is restored
     (UpdateImageStorageClass), once. One DescribeImages per repository and 100 digests per pass."""
 
-    def __init__(self, deployer: Deployer, restore: bool = False):
-        self.deployer, self.restore = deployer, restore
+    def __init__(self, deployer: Deployer, restore: bool = False, protect_prefix: str | None = None):
+        self.deployer, self.restore, self.protect_prefix = deployer, restore, protect_prefix
         self.said: dict[tuple, str] = {}  # (service id, role, digest) -> the state last said
         self.restored: set[tuple] = set()  # images this process asked ECR to restore
+        self.tagged: set[tuple] = set()  # repositories holding protection tags of ours: listed until they hold none
+        self.immutable: set[tuple] = set()  # repositories whose tags ECR refused to move: said once
 
     def states(self, services: list[dict]) -> tuple[dict[str, dict[str, str]], dict[tuple, AwsError]]:
         """service id -> role -> ok, archived, restoring or gone; and per repository why ECR could not tell."""
@@ -5180,12 +5357,84 @@ class ImageKeeper:
                                                    line.partition(": ")[2],  # (the event names the service)
                                                    route=notify_route(service["Spec"].get("Labels"))))
         self.deployer.totals["images_at_risk"] = {state: n for state, n in counts.items() if state != "ok"}
-        return not errors
+        protected = self.protect(services, states) if self.protect_prefix else True
+        return not errors and protected
+
+    def protect(self, services: list[dict], states: dict[str, dict[str, str]]) -> bool:
+        """Moves the protection tags to the digests services run and roll back to (images ECR holds in the
+        standard storage class), and removes those of services gone. One ListImages per repository (shared
+        with the pass's version lookups); a PutImage (and the BatchGetImage of its bytes) per tag moved, a
+        BatchDeleteImage per tag removed. False if ECR refused something."""
+        prefix = self.protect_prefix
+        wanted: dict[tuple, dict[str, str]] = defaultdict(dict)  # repository -> tag -> digest
+        named: dict[tuple, set[str]] = defaultdict(set)
+        for service in services:
+            name = service["Spec"].get("Name", "?")
+            for role, key in kept_images(service).items():
+                tag = protection_tag(prefix, name, role)
+                named[key[:3]].add(tag)
+                if states.get(service["ID"], {}).get(role) == "ok":
+                    wanted[key[:3]][tag] = key[3]
+        repositories = sorted(set(named) | self.tagged)
+        done, errors = per_repository(  # a few repositories at a time: a first pass tags every digest in use
+            lambda account, region, repository, _: {"done": self.protect_repository(
+                (account, region, repository), wanted.get((account, region, repository), {}),
+                named.get((account, region, repository), set()))},
+            dict.fromkeys(repositories, ()), self.deployer.systemd.heartbeat)
+        for error in errors.values():
+            log.error("Protection tags: %s", error)
+        return not errors and all(done.values())
+
+    def protect_repository(self, repository: tuple, wanted: dict[str, str], named: set[str]) -> bool:
+        """One repository's protection tags moved and removed; False if ECR refused one (but its immutability:
+        said once, the operator must act). AwsError if ECR cannot list its tags."""
+        prefix, ecr, done = self.protect_prefix, self.deployer.ecr, True
+        tags = ecr.list_tags(*repository)
+        moves, removals = protection_changes(prefix, wanted, named, tags)
+        for tag, digest in moves.items():
+            try:
+                ecr.promote(*repository, digest, tag)
+            except TagImmutable:  # retrying changes nothing until the operator does: said once, not a failed pass
+                self.say_immutable(repository)
+                continue
+            except AwsError as e:  # (one line per repository and pass: the rest would fail alike)
+                log.error("Protection tags: %s", e)
+                done = False
+                break
+            tags[tag] = ecr.tag_listings.setdefault(repository, {})[tag] = digest
+            log.info("Protection tag %s:%s now on %s", repository[2], tag, short_digest(digest))
+        for tag in removals if done else ():
+            try:
+                ecr.kept.untag(*repository, tag)
+            except AwsError as e:
+                log.error("Protection tags: %s", e)
+                done = False
+                break
+            tags.pop(tag, None)
+            ecr.tag_listings.get(repository, {}).pop(tag, None)
+            log.info("Protection tag %s:%s removed: no service here names it now", repository[2], tag)
+        if any(is_protection_tag(prefix, tag) for tag in tags):
+            self.tagged.add(repository)  # (listed again next pass, also once no service uses it)
+        else:
+            self.tagged.discard(repository)
+        return done
+
+    def say_immutable(self, repository: tuple) -> None:
+        """Protection tags move: a tag-immutable repository must exclude them (once per process)."""
+        if repository in self.immutable:
+            return
+        self.immutable.add(repository)
+        try:
+            described = self.deployer.ecr.repository(*repository)
+        except AwsError:
+            described = None
+        log.error("Protection tags: %s", immutable_tag_fix(*repository, f"{self.protect_prefix}.*", described,
+                                                           what="the protection tags"))
 
     def restore_one(self, name: str, key: tuple) -> bool:
         """Asks ECR to restore an archived image (once per process: ECR restores it within minutes)."""
         try:
-            self.deployer.ecr.restore_image(*key)
+            self.deployer.ecr.kept.restore_image(*key)
         except AwsError as e:
             log.error("Service %s: %s", name, e)
             if isinstance(e, AccessDenied):  # (waiting will not help: said once, the WARNING says how by hand)
@@ -5193,6 +5442,67 @@ class ImageKeeper:
             return False
         self.restored.add(key)
         return True
+
+
+def lifecycle_lint(deployer: Deployer, services: list[dict], sleep=time.sleep) \
+        -> tuple[dict[str, list[str]], list[AwsError]]:
+    """Service name -> one line per image it runs or rolls back to that a rule of its repository's lifecycle
+    policy would expire or archive now, as ECR's preview of the policy says; and why ECR could not tell, per
+    repository. GetLifecyclePolicy per repository (one call where there is none), every preview started
+    before any is waited for (ECR evaluates them side by side), then asked for in rounds a second apart, a
+    few repositories at a time. Changes nothing."""
+    in_use: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for service in services:
+        for role, key in kept_images(service).items():
+            in_use[key[:3]][key[3]].append((service["Spec"].get("Name", "?"), role))
+    kept, heartbeat = deployer.ecr.kept, deployer.systemd.heartbeat
+    policies, errors = per_repository(lambda *key: {"policy": kept.lifecycle_policy(*key[:3])}, in_use, heartbeat)
+    pending = {key[:3]: {"policy": text, "started": False} for key, text in policies.items() if text}
+    lines: dict[str, list[str]] = defaultdict(list)
+    deadline = time.monotonic() + LIFECYCLE_PREVIEW_TIMEOUT
+
+    def step(account: str, region: str, repository: str, _) -> dict:
+        state = pending[(account, region, repository)]
+        if not state["started"]:
+            state["started"] = kept.start_lifecycle_preview(account, region, repository)
+            return {"results": None}
+        return {"results": kept.lifecycle_preview(account, region, repository)}
+
+    rounds = 0
+    while pending:
+        if rounds > 1:  # (the first round starts the previews, the second asks at once: a small one is done)
+            sleep(LIFECYCLE_PREVIEW_POLL)
+        rounds += 1
+        answers, failed = per_repository(step, dict.fromkeys(pending, ()), heartbeat)
+        errors.update(failed)
+        for repository in failed:
+            del pending[repository]
+        for (*repository, _), results in answers.items():
+            if results is None:
+                continue
+            where = f"{repository[2]} in ECR ({repository[0]}, {repository[1]})"
+            for name, line in lifecycle_findings(pending.pop(tuple(repository))["policy"], results,
+                                                 in_use[tuple(repository)], where):
+                lines[name].append(line)
+        if pending and time.monotonic() > deadline:
+            errors.update({key: AwsError(f"ECR's preview of the lifecycle policy of {key[2]} ({key[0]}, {key[1]}) "
+                                         f"did not complete in {LIFECYCLE_PREVIEW_TIMEOUT:.0f} s") for key in pending})
+            break
+    return {name: sorted(found) for name, found in lines.items()}, list(errors.values())
+
+
+def lint_lifecycle(deployer: Deployer) -> int:
+    """--lint-lifecycle: a line per image in use a lifecycle rule would expire or archive; exit 0 none,
+    5 some (the operator must act), 1 ECR could not be asked for some repository."""
+    services = [s for s in deployer.docker.services() if deployer.label_filter is None
+                or deployer.label_filter.admits(s["Spec"].get("Labels"))]
+    lines, errors = lifecycle_lint(deployer, services)
+    for error in errors:
+        log.error("Linting the lifecycle policies: %s", error)
+    found = [line for name in sorted(lines) for line in lines[name]]
+    sys.stdout.write("".join(line + "\n" for line in found) or  # the result, not a log line
+                     "No lifecycle rule would expire or archive an image a service runs or rolls back to\n")
+    return 5 if found else 1 if errors else 0
 
 
 # --------------------------------------------------------------------------- receiving
@@ -5783,11 +6093,22 @@ def status_fact(deployer: Deployer, fact: str, hint: Hint, facts: Facts) -> Fact
                                                               verdict.decision != "gone" else None)))
 
 
-def show_status(deployer: Deployer, as_json: bool) -> int:
+def show_status(deployer: Deployer, as_json: bool, lint: bool = False) -> int:
     rows = status_rows(deployer)
+    codes = set()
+    if lint:  # (on request: a preview per repository takes ECR seconds)
+        lines, errors = lifecycle_lint(deployer, [s for s in deployer.listing if deployer.label_filter is None
+                                                  or deployer.label_filter.admits(s["Spec"].get("Labels"))])
+        for error in errors:
+            log.error("Linting the lifecycle policies: %s", error)
+        codes |= {1} if errors else set()
+        for row in rows:
+            row["lifecycle"] = [line.partition(": ")[2] for line in lines.get(row["service"], [])]
+            row["reason"] = "; ".join(filter(None, (row["reason"], *row["lifecycle"])))
+            codes |= {5} if row["lifecycle"] else set()
     sys.stdout.write(json.dumps(rows, indent=2) + "\n" if as_json else status_table(rows))  # the result, not a log line
-    codes = {STATUS_EXIT[row["state"]] for row in rows} | {IMAGE_STATUS_EXIT.get(state, 1) for row in rows
-                                                           for state in row["images"].values()}
+    codes |= {STATUS_EXIT[row["state"]] for row in rows} | {IMAGE_STATUS_EXIT.get(state, 1) for row in rows
+                                                            for state in row["images"].values()}
     return next((code for code in (5, 1, 4) if code in codes), 0)  # what needs someone first, what settles last
 
 
@@ -6001,18 +6322,18 @@ def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deplo
     """Resolve the queue, read its visibility timeout, reach Docker and check that it is a swarm
     manager. Misconfigured: raised at once. Outages: in loop mode, waited out instead of failing."""
     # First: a target that needs Apprise while it is missing fails before any AWS or Docker call (exit 3).
-    notifier = Notifier([] if args.status or args.dry_run else args.notify_targets,
+    notifier = Notifier([] if args.status or args.lint_lifecycle or args.dry_run else args.notify_targets,
                         held=bool(args.once or args.reconcile or args.refresh_auth),  # one message per run
                         node_name=lambda: deployer.rollouts.node_name())
     docker = Docker(os.environ.get("DOCKER_HOST"), on_request=systemd.heartbeat)
     session = aws_session()
     # One-shot modes need no queue, nor its region (ECR's come from each service's image host).
-    one_shot = args.refresh_auth or args.reconcile or args.status
+    one_shot = args.refresh_auth or args.reconcile or args.status or args.lint_lifecycle
     queue = Queue(session, args.queue, on_request=systemd.heartbeat) if args.queue and not one_shot else None
     ecr = Ecr(session, on_request=systemd.heartbeat)
     deployer = Deployer(queue, ecr, docker, args.filter_label,
                         trust_events=args.trust_events, follow_rollouts=(args.wait or not (
-                            args.once or args.reconcile or args.status or args.refresh_auth)) and not args.dry_run,
+                            args.once or one_shot)) and not args.dry_run,
                         rollout_timeout=args.rollout_timeout, rollback_on_failure=args.rollback_on_failure,
                         notify_urls=tuple(args.notify_url), dry_run=args.dry_run, systemd=systemd,
                         gates=(ScanGate(ecr, args.scan_threshold, args.scan_timeout),
@@ -6024,12 +6345,13 @@ def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deplo
                         release_defaults={k: v for k, v in ((WINDOW_LABEL, args.window), (MIN_AGE_LABEL, args.min_age))
                                           if v},
                         # a one-shot process must list anyway: following events pays only in a loop
-                        service_index=None if args.once or args.refresh_auth or args.reconcile or args.status
+                        service_index=None if args.once or one_shot
                         else ServiceIndex(docker), notifier=notifier)
     deployer.reconciler.images.restore = args.restore_archived and not args.dry_run
+    deployer.reconciler.images.protect_prefix = None if args.dry_run else args.protect_tag_prefix
     deployer.rollouts.progress_deadline = args.progress_deadline
     deployer.checker = Checker(session, on_request=systemd.heartbeat)
-    if not (args.status or args.dry_run):
+    if not (args.status or args.lint_lifecycle or args.dry_run):
         deployer.heartbeat = Heartbeat(os.environ.get("DEPLOYER_HEARTBEAT_URL"))
         if args.once or args.reconcile:
             deployer.heartbeat.ping("start")
@@ -6064,7 +6386,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.reconcile:
             return finish_once(deployer, signals, args, not reconcile_once(deployer))
         if args.status:
-            return show_status(deployer, args.json)
+            return show_status(deployer, args.json, args.lint_lifecycle)
+        if args.lint_lifecycle:
+            return lint_lifecycle(deployer)
         queue, receiver = deployer.queue, Receiver(deployer.queue, once=args.once)
         if args.metrics_address and not args.once:
             serve_metrics(deployer, args.metrics_address)

@@ -2943,7 +2943,7 @@ def test_install_page_aws_setup_blocks_run_against_moto(aws, tmp_path):
     env = {**deployer_env(aws), "AWS_REGION": region, "AWS_DEFAULT_REGION": region,
            "PATH": f"{shim.parent}:{os.environ['PATH']}",
            "QUEUE": f"ecr-deploy-{suffix}", "SWARM": f"swarm-{suffix}", "SCAN_GATE": "", "SIGNATURE_GATE": "",
-           "PROMOTE_REPOS": "team/web team/api"}
+           "PROMOTE_REPOS": "team/web team/api", "PROTECT_TAGS": "1"}
 
     def run_block(block, **extra):
         run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], env={**env, **extra}, capture_output=True,
@@ -2980,9 +2980,13 @@ def test_install_page_aws_setup_blocks_run_against_moto(aws, tmp_path):
                        "ecr:DescribeImages", "ecr:DescribeImageScanFindings", "ecr:BatchGetImage",
                        "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability", "ecr:PutImage",
                        "ecr:DescribeRepositories", "ecr:UpdateImageStorageClass",  # (--restore-archived)
+                       "ecr:GetLifecyclePolicy", "ecr:StartLifecyclePolicyPreview", "ecr:GetLifecyclePolicyPreview",
+                       "ecr:ListImages", "ecr:BatchDeleteImage",  # (--lint-lifecycle, --protect-tag-prefix)
                        "cloudwatch:DescribeAlarms"}  # (ecr-deploy.alarms)
     alarms = next(s for s in document["PolicyVersion"]["Document"]["Statement"] if s["Sid"] == "Alarms")
     assert alarms["Resource"] == f"arn:aws:cloudwatch:{region}:{document_account(aws)}:alarm:*"
+    protect = next(s for s in document["PolicyVersion"]["Document"]["Statement"] if s["Sid"] == "ProtectionTags")
+    assert protect["Action"] == ["ecr:ListImages", "ecr:PutImage", "ecr:BatchDeleteImage", "ecr:DescribeRepositories"]
     promote = next(s for s in document["PolicyVersion"]["Document"]["Statement"] if s["Sid"] == "Promote")
     assert promote["Action"] == ["ecr:PutImage", "ecr:DescribeRepositories"]  # (--status: may the promote tag move?)
     assert promote["Resource"] == [f"arn:aws:ecr:{region}:{document_account(aws)}:repository/{name}"
@@ -5095,6 +5099,11 @@ def test_status_table_lines_up_columns_like_docker_service_ls():
     (["--reconcile"], {}, {"restore_archived": False}),
     (["--reconcile", "--restore-archived"], {}, {"restore_archived": True}),
     (["--queue", "q"], {"DEPLOYER_RESTORE_ARCHIVED": "1"}, {"restore_archived": True}),
+    (["--reconcile"], {}, {"protect_tag_prefix": None, "lint_lifecycle": False}),
+    (["--reconcile", "--protect-tag-prefix", "prod-eu"], {}, {"protect_tag_prefix": "prod-eu"}),
+    (["--queue", "q"], {"DEPLOYER_PROTECT_TAG_PREFIX": "swarm_1"}, {"protect_tag_prefix": "swarm_1"}),
+    (["--lint-lifecycle"], {}, {"lint_lifecycle": True, "queue": ""}),
+    (["--status", "--lint-lifecycle"], {}, {"lint_lifecycle": True, "status": True}),
 ])
 def test_reconcile_and_status_flags(monkeypatch, argv, env, expected):
     for key in list(os.environ):
@@ -5111,6 +5120,9 @@ def test_reconcile_and_status_flags(monkeypatch, argv, env, expected):
     (["--status", "--once", "--queue", "q"], "each run alone"),
     (["--json", "--queue", "q"], "--json goes with --status"),
     (["--queue", "q", "--reconcile-every", "soon"], "not a duration"),
+    (["--lint-lifecycle", "--reconcile"], "each run alone"),
+    (["--reconcile", "--protect-tag-prefix", "prod.eu"], "no '.'"),
+    (["--reconcile", "--protect-tag-prefix=-x"], "--protect-tag-prefix must be"),
 ])
 def test_reconcile_and_status_usage_errors(monkeypatch, capsys, argv, message):
     monkeypatch.delenv("DEPLOYER_QUEUE", raising=False)
@@ -8147,6 +8159,188 @@ def test_an_archived_running_digest_is_restored_on_request_and_status_follows_it
     assert state() == (4, {"running": "restoring"})
     aws.front.restores_done()  # ECR restores within minutes
     assert state() == (0, {"running": "ok"})
+
+
+def test_protection_tags_name_the_service_within_ecrs_tag_grammar_and_touch_only_the_prefixs_own():
+    assert ed.protection_tag("sw1", "web", "running") == "sw1.web"
+    assert ed.protection_tag("sw1", "web", "rollback") == "sw1.web.prev"
+    odd, long_ = ed.protection_tag("sw1", "a/b c", "running"), ed.protection_tag("p" * 40, "x" * 300, "rollback")
+    assert re.fullmatch(r"sw1\.a-b-c-[0-9a-f]{10}", odd) and odd != ed.protection_tag("sw1", "a/b_c", "running")
+    assert len(long_) == 128 and long_.endswith(".prev") and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", long_)
+    assert long_ != ed.protection_tag("p" * 40, "x" * 299, "rollback")  # cut short, still told apart
+    assert [ed.is_protection_tag("sw1", t) for t in ("sw1.web", "sw1.web.prev", "sw1-eu.web", "sw1.a.b", "sw1", "v1")] \
+        == [True, True, False, False, False, False]
+    moves, removals = ed.protection_changes(
+        "sw1", {"sw1.web": DIGEST_B, "sw1.web.prev": DIGEST_A}, {"sw1.web", "sw1.web.prev", "sw1.api"},
+        {"sw1.web": DIGEST_A, "sw1.api": DIGEST_A, "sw1.gone": DIGEST_A, "sw2.gone": DIGEST_A, "latest": DIGEST_A})
+    assert moves == {"sw1.web": DIGEST_B, "sw1.web.prev": DIGEST_A}  # sw1.api: its image not taggable now, left
+    assert removals == ["sw1.gone"]  # never another prefix's, never someone else's tag
+
+
+def test_lifecycle_findings_name_the_rule_that_would_take_an_image_in_use():
+    policy = json.dumps({"rules": [{"rulePriority": 3, "description": "keep 5\nreleases", "selection": {},
+                                    "action": {"type": "expire"}}]})
+    results = [{"imageDigest": DIGEST_A, "appliedRulePriority": 3, "action": {"type": "EXPIRE"}},
+               {"imageDigest": DIGEST_B, "appliedRulePriority": 4, "action": {"type": "TRANSITION",
+                                                                             "targetStorageClass": "ARCHIVE"}},
+               {"imageDigest": "sha256:" + "c" * 64, "appliedRulePriority": 3, "action": {"type": "EXPIRE"}}]
+    found = ed.lifecycle_findings(policy, results, {DIGEST_A: [("web", "rollback")], DIGEST_B: [("api", "running")]},
+                                  "team/web in ECR (1, r)")
+    assert [name for name, _ in found] == ["web", "api"]
+    assert 'its rollback target, team/web in ECR (1, r)@aaaaaaaaaaaa: the lifecycle rule of priority 3 ("keep 5 ' \
+           'releases") would expire it' in found[0][1]
+    assert "the lifecycle rule of priority 4 would archive it" in found[1][1]
+
+
+def test_the_rigs_lifecycle_preview_evaluates_rules_as_ecr_documents():
+    """rig.aws.preview_results: an image a higher-priority rule's tags select is never taken by a lower one;
+    imageCountMoreThan keeps the youngest (the Amazon ECR User Guide, Automate the cleanup of images by using
+    lifecycle policies, Lifecycle policy evaluation rules)."""
+    from rig.aws import preview_results
+    images = [{"imageDigest": d, "imageTags": tags, "imagePushedAt": at}
+              for d, tags, at in ((DIGEST_A, ["v1", "keep.web"], 1.0), (DIGEST_B, ["v2"], 2.0),
+                                  ("sha256:" + "c" * 64, ["v3"], 3.0))]
+    rule = {"rulePriority": 2, "selection": {"tagStatus": "tagged", "tagPrefixList": ["v"],
+                                             "countType": "imageCountMoreThan", "countNumber": 1},
+            "action": {"type": "expire"}}
+    assert [(r["imageDigest"], r["appliedRulePriority"]) for r in preview_results({"rules": [rule]}, images, {}, 9)] \
+        == [(DIGEST_B, 2), (DIGEST_A, 2)]
+    keep = {"rulePriority": 1, "selection": {"tagStatus": "tagged", "tagPrefixList": ["keep."],
+                                             "countType": "imageCountMoreThan", "countNumber": 9999},
+            "action": {"type": "expire"}}
+    assert [r["imageDigest"] for r in preview_results({"rules": [rule, keep]}, images, {}, 9)] == [DIGEST_B]
+
+
+def test_protection_tags_follow_three_deploys_and_go_with_the_service(aws, images, clean_swarm):
+    """--protect-tag-prefix sw1: after each pass ECR has sw1.SERVICE on the digest the service runs and
+    sw1.SERVICE.prev on its rollback target (read back from ECR). The digest a deploy leaves behind loses its
+    tag and stays in ECR, untagged; an image another tag holds keeps that tag. When the service goes, its tags
+    go, by BatchDeleteImage of each tag alone (moto answers it as the Amazon ECR API Reference, BatchDeleteImage,
+    documents: the tag removed, the image only with its last tag): the images stay with their other tags, and
+    another swarm's tag (sw2.) is never touched."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region, host = registry.account, registry.region, registry.host
+    ecr, repo = aws.client("ecr", region), images.new_repository()
+    v1, v2, v3 = (aws.put_image(account, region, repo, "ci", version) for version in ("v1", "v2", "v3"))  # ci moves
+
+    def tag(digest: str, name: str) -> None:
+        manifest = ecr.batch_get_image(repositoryName=repo, imageIds=[{"imageDigest": digest}])["images"][0]
+        ecr.put_image(repositoryName=repo, imageManifest=manifest["imageManifest"], imageTag=name, imageDigest=digest)
+
+    def tags() -> dict:
+        return {d["imageDigest"]: sorted(d.get("imageTags") or []) for d in ecr.describe_images(
+            repositoryName=repo)["imageDetails"]}
+
+    def reconcile() -> None:
+        run = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)
+        assert run.returncode == 0, run.stderr
+
+    tag(v2, "release")
+    sid = swarm.create_service("guarded", f"{host}/{repo}@{v1}", replicas=0)
+    swarm.create_service("bystander", f"{host}/{repo}@{v3}", replicas=0)
+    env = deployer_env(aws, swarm, DEPLOYER_QUEUE="", DEPLOYER_PROTECT_TAG_PREFIX="sw1")
+    reconcile()
+    assert tags() == {v1: ["sw1.guarded"], v2: ["release"], v3: ["ci", "sw1.bystander"]}
+    swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=f"{host}/{repo}@{v2}"))
+    reconcile()
+    assert tags() == {v1: ["sw1.guarded.prev"], v2: ["release", "sw1.guarded"], v3: ["ci", "sw1.bystander"]}
+    swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=f"{host}/{repo}@{v3}"))
+    reconcile()
+    assert tags() == {v1: [], v2: ["release", "sw1.guarded.prev"], v3: ["ci", "sw1.bystander", "sw1.guarded"]}
+
+    tag(v1, "sw2.guarded")  # another swarm's, sharing the repository
+    swarm.call("DELETE", f"/services/{sid}")
+    sent = len(aws.front.proxy.bodies)
+    reconcile()
+    assert tags() == {v1: ["sw2.guarded"], v2: ["release"], v3: ["ci", "sw1.bystander"]}
+    deleted = [json.loads(body) for key, body in aws.front.proxy.bodies[sent:] if key.endswith("BatchDeleteImage")]
+    assert sorted(json.dumps(d["imageIds"]) for d in deleted) == [json.dumps([{"imageTag": "sw1.guarded"}]),
+                                                                  json.dumps([{"imageTag": "sw1.guarded.prev"}])]
+
+
+def test_protection_tags_in_a_tag_immutable_repository_say_once_how_to_let_them_move(aws, images, clean_swarm):
+    """A tag-immutable repository refuses to move sw1.SERVICE (the rig's ECR answers as documented:
+    ImageTagAlreadyExistsException): a loop-mode deployer says once, over several passes, the command that
+    excludes the prefix (IMMUTABLE_WITH_EXCLUSION, filter sw1.*), as promotion does for its tag; with it the
+    next pass moves the tag."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region, host = registry.account, registry.region, registry.host
+    ecr, repo = aws.client("ecr", region), images.new_repository()
+    v1, v2 = (aws.put_image(account, region, repo, version, version) for version in ("v1", "v2"))
+    ecr.put_image_tag_mutability(repositoryName=repo, imageTagMutability="IMMUTABLE")
+    sid = swarm.create_service("frozen", f"{host}/{repo}@{v1}", replicas=0)
+    env = deployer_env(aws, swarm, DEPLOYER_QUEUE="", DEPLOYER_PROTECT_TAG_PREFIX="sw1")
+    first = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)
+    assert first.returncode == 0 and f"Protection tag {repo}:sw1.frozen now on {v1[7:19]}" in first.stderr, first.stderr
+    swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=f"{host}/{repo}@{v2}"))
+    running = Running({**env, "DEPLOYER_LOG_LEVEL": "DEBUG"}, "--queue", aws.new_queue(), "--reconcile-every", "1s",
+                      "--auth-refresh", "0")
+    try:
+        running.wait_line("Reconcile pass: no service follows an ECR tag", count=2)
+    finally:
+        assert running.stop() == 0
+    said = [line for line in running.lines if "Protection tags: ECR refuses to move :sw1.*" in line]
+    assert len(said) == 1, running.log
+    assert (f"--repository-name {repo} --image-tag-mutability IMMUTABLE_WITH_EXCLUSION "
+            f"--image-tag-mutability-exclusion-filters filterType=WILDCARD,filter=sw1.*`") in said[0]
+    ecr.put_image_tag_mutability(repositoryName=repo, imageTagMutability="IMMUTABLE_WITH_EXCLUSION",
+                                 imageTagMutabilityExclusionFilters=[{"filterType": "WILDCARD", "filter": "sw1.*"}])
+    fixed = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)
+    assert fixed.returncode == 0, fixed.stderr
+    assert {d["imageDigest"]: sorted(d.get("imageTags") or []) for d in ecr.describe_images(
+        repositoryName=repo)["imageDetails"]} == {v1: ["sw1.frozen.prev", "v1"], v2: ["sw1.frozen", "v2"]}
+
+
+def test_the_lifecycle_lint_names_the_rule_that_would_expire_images_in_use_until_protection_tags_retain_them(
+        aws, images, clean_swarm):
+    """A rule keeping only the newest v* image would expire the digest a service runs and its rollback
+    target: --lint-lifecycle names them and the rule (priority, description) and exits 5, --status
+    --lint-lifecycle says so in the row (exit 5); ECR's preview decides (the rig answers Start- and
+    GetLifecyclePolicyPreview as the Amazon ECR API Reference documents: see rig.aws.EcrAsDocumented). With
+    protection tags and a rule of the highest priority retaining their prefix, the lint finds nothing (exit 0)."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region, host = registry.account, registry.region, registry.host
+    ecr, repo = aws.client("ecr", region), images.new_repository()
+    v1, v2, _ = (aws.put_image(account, region, repo, version, version) for version in ("v1", "v2", "v3"))
+    sid = swarm.create_service("linted", f"{host}/{repo}@{v1}", replicas=0)
+    swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=f"{host}/{repo}@{v2}"))
+    env = deployer_env(aws, swarm, DEPLOYER_QUEUE="")
+
+    def lint() -> subprocess.CompletedProcess:
+        return ed_run([sys.executable, DEPLOYER, "--lint-lifecycle"], env)
+
+    clean = lint()
+    assert (clean.returncode, clean.stdout) == (0, "No lifecycle rule would expire or archive an image a service "
+                                                   "runs or rolls back to\n"), clean.stderr  # no policy at all
+    newest = {"rulePriority": 2, "description": "only the newest release", "action": {"type": "expire"},
+              "selection": {"tagStatus": "tagged", "tagPrefixList": ["v"], "countType": "imageCountMoreThan",
+                            "countNumber": 1}}
+    ecr.put_lifecycle_policy(repositoryName=repo, lifecyclePolicyText=json.dumps({"rules": [newest]}))
+    sent = len(aws.front.proxy.bodies)
+    found = lint()
+    assert found.returncode == 5, found.stdout + found.stderr
+    asked = [key.rpartition(".")[2] for key, _ in aws.front.proxy.bodies[sent:] if "LifecyclePolic" in key]
+    assert asked == ["GetLifecyclePolicy", "StartLifecyclePolicyPreview", "GetLifecyclePolicyPreview",
+                     "GetLifecyclePolicyPreview"]  # IN_PROGRESS first, as ECR's: polled until COMPLETE
+    lines = found.stdout.splitlines()
+    rule = 'the lifecycle rule of priority 2 ("only the newest release") would expire it'
+    assert len(lines) == 2 and all(line.startswith("Service linted: ") and rule in line for line in lines), lines
+    assert f"the digest it runs, {repo} in ECR ({account}, {region})@{v2[7:19]}" in found.stdout
+    assert f"its rollback target, {repo} in ECR ({account}, {region})@{v1[7:19]}" in found.stdout
+    shown = status(env, "--json", "--lint-lifecycle")
+    assert shown.returncode == 5, shown.stdout + shown.stderr
+    row = json.loads(shown.stdout)[0]
+    assert row["images"] == {"running": "ok", "rollback": "ok"} and len(row["lifecycle"]) == 2
+    assert rule in row["reason"]
+
+    keep = {"rulePriority": 1, "description": "what services run", "action": {"type": "expire"},
+            "selection": {"tagStatus": "tagged", "tagPrefixList": ["sw1."], "countType": "imageCountMoreThan",
+                          "countNumber": 10000}}
+    ecr.put_lifecycle_policy(repositoryName=repo, lifecyclePolicyText=json.dumps({"rules": [keep, newest]}))
+    protected = ed_run([sys.executable, DEPLOYER, "--reconcile", "--protect-tag-prefix", "sw1"], env)
+    assert protected.returncode == 0, protected.stderr
+    retained = lint()
+    assert retained.returncode == 0, retained.stdout + retained.stderr
 
 
 def test_the_rigs_ecr_moves_images_between_storage_classes_as_ecr_documents(aws):
