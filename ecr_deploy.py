@@ -18,16 +18,19 @@ Read top-down: configuration, events (pure), images (pure: references, which tag
 follows), versions (pure: which tags a service may run, and the newest), specs (pure), service labels
 (pure: provenance, failure records), release policy (pure), Swarm's tasks (pure: completed, soaked), a
 job before the rollout (pure: which image a service's pre-rollout job runs, how its run ended), status
-(pure), rollouts (pure), scan gate (pure), signature gate (pure), deciding (pure: a Hint,
+(pure), rollouts (pure), checks after the rollout (pure: what proves a rollout good, what proves it
+stuck), scan gate (pure), signature gate (pure), deciding (pure: a Hint,
 "service S should run digest D of tag T, because of this event or a reconcile pass", and decide(), the
-one answer to it: deploy, nothing, hold back, wait, block), AWS shell (SQS), ECR shell, Docker shell,
+one answer to it: deploy, nothing, hold back, wait, block), AWS shell (SQS), ECR shell, ECR shell: images
+kept (EcrKeptImages: storage classes, protection tags, lifecycle previews), Docker shell,
 the service index (loop mode's ServiceIndex, kept current from Docker's events), the gates (ScanGate;
 SignatureGate, which runs notation or cosign), the drain cycle (Deployer: messages in, hints converged,
 the messages whose hints are decided acknowledged), hints from events (EventHints), converging
 (Converger: reads the facts decide() asks for, then has them acted on; promotion), acting (Actor:
-posts, records failures, says why not, blocks, promotes), rollouts (Rollouts, which follows and rolls
-back), the job before the rollout (BeforeJobs: starts a service's pre-rollout job, follows it, blocks),
-the auth keeper (AuthKeeper), the reconcile pass (Reconciler: a hint for every service behind
+posts, records failures, says why not, blocks, promotes), checks after the rollout (Checker: CloudWatch
+alarms, HTTP checks; RolloutChecks: a rollout's checks and progress), rollouts (Rollouts, which follows and
+rolls back), the job before the rollout (BeforeJobs: starts a service's pre-rollout job, follows it,
+blocks), the auth keeper (AuthKeeper), the reconcile pass (Reconciler: a hint for every service behind
 its tag), receiving (Receiver: batches bounded in time, held invisible while worked on), reports,
 notifications, logging and systemd, status (read-only), main.
 """
@@ -39,6 +42,7 @@ import copy
 import decimal
 import email.utils
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -56,7 +60,7 @@ import time
 import urllib.parse
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
 
@@ -93,6 +97,8 @@ exit codes: 0 every received message handled; 1 something left on the queue for 
             will roll it), or an image it runs or rolls back to being restored; 5 some service held
             back, blocked, failed or following a tag gone from ECR, or an image it runs or rolls back
             to gone or archived (the operator must act); 1 Docker or ECR could not be asked
+  --lint-lifecycle: 0 no lifecycle rule would expire or archive an image a service runs or rolls back to;
+            5 some rule would; 1 ECR could not be asked for some repository
 
 examples:
   systemd (loop mode; see systemd/ecr-deploy.service):
@@ -111,9 +117,11 @@ documentation (README.md, and in docs/):
   which-tag.md        which tag a service follows           converging.md       reconcile pass, --status
   rollouts.md         outcomes, rollback, auth refresh      release-policy.md   windows, min-age, waves
   scan-gate.md        --scan-threshold                      signature-gate.md   --signature, notation
-  troubleshooting.md  what a log line means, and the fix  notifications.md    Slack, Teams, ntfy, e-mail
-  keeping-images.md   running and rollback images ECR must keep, --restore-archived
-  around-a-rollout.md a job before the rollout (ecr-deploy.before: a database migration)
+  troubleshooting.md  what a log line means, and the fix   notifications.md    Slack, Teams, ntfy, e-mail
+  keeping-images.md   running and rollback images ECR must keep, --restore-archived, --protect-tag-prefix,
+                      --lint-lifecycle
+  around-a-rollout.md a job before the rollout (ecr-deploy.before: a migration), checks after a rollout
+                      (alarms, HTTP), --progress-deadline
 """
 
 
@@ -171,10 +179,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rollout-timeout", metavar="DURATION", default=env("DEPLOYER_ROLLOUT_TIMEOUT"),
                         help="give up on a rollout after this long (e.g. 10m; env DEPLOYER_ROLLOUT_TIMEOUT); "
                         "default: from the service's UpdateConfig, at least 5m")
+    parser.add_argument("--progress-deadline", metavar="DURATION", default=env("DEPLOYER_PROGRESS_DEADLINE", "5m"),
+                        help="a rollout none of whose new tasks reaches running for this long is stuck: it "
+                        "fails then, with the tasks' errors, not at the rollout timeout (label "
+                        "ecr-deploy.progress-deadline per service; 0 = off; env DEPLOYER_PROGRESS_DEADLINE; "
+                        "default 5m)")
     parser.add_argument("--rollback-on-failure", action="store_true",
                         default=env_true("DEPLOYER_ROLLBACK_ON_FAILURE"),
-                        help="when a rollout of ours pauses or times out, restore the previous spec with "
-                        "fresh registry auth (env DEPLOYER_ROLLBACK_ON_FAILURE=1); a failed rollout of a "
+                        help="when a rollout of ours pauses, times out, is stuck or fails its checks, restore "
+                        "the previous spec with fresh registry auth (env DEPLOYER_ROLLBACK_ON_FAILURE=1); a failed rollout of a "
                         "service whose UpdateConfig says FailureAction=rollback is left to Swarm")
     parser.add_argument("--auth-refresh", metavar="DURATION", default=env("DEPLOYER_AUTH_REFRESH", "6h"),
                         help="loop mode: this often, re-post every ECR service's unchanged spec with a "
@@ -192,6 +205,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="each reconcile pass checks that ECR still has the digest every service runs and its "
                         "rollback target; with this, one that a lifecycle rule archived is restored to the "
                         "standard storage class (ecr:UpdateImageStorageClass; env DEPLOYER_RESTORE_ARCHIVED=1)")
+    parser.add_argument("--protect-tag-prefix", metavar="PREFIX", default=env("DEPLOYER_PROTECT_TAG_PREFIX"),
+                        help="each reconcile pass keeps the tag PREFIX.SERVICE on the digest every service runs and "
+                        "PREFIX.SERVICE.prev on its rollback target, and removes those of services gone, so that a "
+                        "lifecycle rule retaining PREFIX. keeps them; name the swarm (each swarm sharing a repository "
+                        "its own prefix; env DEPLOYER_PROTECT_TAG_PREFIX; default: off)")
+    parser.add_argument("--lint-lifecycle", action="store_true",
+                        help="ask ECR to preview each repository's lifecycle policy and say which rule would expire "
+                        "or archive an image a service runs or rolls back to; alone: exit 0 none, 5 some, 1 ECR "
+                        "could not be asked; with --status: in each row, and in its exit code")
     parser.add_argument("--window", metavar="WINDOW", default=env("DEPLOYER_WINDOW"),
                         help=f"start rollouts only inside this window, e.g. 'Mon-Fri 09:00-16:00 Europe/Berlin' "
                         f"(several clauses separated by ';'); a service's label {WINDOW_LABEL} wins, 'always' "
@@ -256,8 +278,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     args.queue = (args.queue or "").strip()
     one_shot = [flag for flag in ("refresh_auth", "reconcile", "status") if getattr(args, flag)]
+    if args.lint_lifecycle and not args.status:
+        one_shot.append("lint_lifecycle")
     if len(one_shot) > 1 or one_shot and args.once:
-        parser.error("--refresh-auth, --reconcile, --status and --once each run alone")
+        parser.error("--refresh-auth, --reconcile, --status, --lint-lifecycle (but with --status) and --once each "
+                     "run alone")
+    if args.protect_tag_prefix is not None:
+        args.protect_tag_prefix = args.protect_tag_prefix.strip() or None
+    if args.protect_tag_prefix and not PROTECT_PREFIX.fullmatch(args.protect_tag_prefix):
+        parser.error(f"--protect-tag-prefix must be 1 to 40 of A-Z a-z 0-9 _ - (not starting with -), no '.': "
+                     f"{shown(args.protect_tag_prefix)}")
     if not args.queue and not one_shot:
         parser.error("no queue given: use --queue NAME_OR_URL or set DEPLOYER_QUEUE")
     if args.json and not args.status:
@@ -285,6 +315,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.window and args.window.strip().lower() != "always":
             parse_window(args.window)
         args.rollout_timeout = parse_duration(args.rollout_timeout) if args.rollout_timeout else None
+        args.progress_deadline = parse_duration(args.progress_deadline)
     except ValueError as e:
         parser.error(str(e))
     try:
@@ -346,6 +377,7 @@ class Push:
     trigger: str = "push"  # or "scan", "signature": an event about the digest; deploy only if the tag still points at it
     event_id: str = field(default="", compare=False)  # the EventBridge event's id: provenance only
     reconcile: bool = field(default=False, compare=False)  # made by a reconcile pass, not by an event
+    received: float = field(default=0.0, compare=False)  # when SQS first handed its message to any deployer (epoch s)
 
     @property
     def image_key(self) -> tuple[str, str, str, str]:
@@ -410,6 +442,13 @@ class Ignored(NamedTuple):
     """Why a message is not a deployable push; suspicious ones are logged as warnings."""
     reason: str
     suspicious: bool = False
+
+
+def first_received(message: dict) -> float:
+    """When SQS first handed this message to any deployer (its ApproximateFirstReceiveTimestamp, epoch
+    ms), in epoch seconds; 0.0 when SQS did not say."""
+    stamp = message.get("Attributes", {}).get("ApproximateFirstReceiveTimestamp", "")
+    return int(stamp) / 1000 if isinstance(stamp, str) and stamp.isascii() and stamp.isdigit() and len(stamp) <= 15 else 0.0
 
 
 def parse_message(body: object) -> Push | ScanDone | Signed | Ignored:
@@ -1211,7 +1250,8 @@ def exclusion_filters_text(filters: list[dict]) -> str:
     return " ".join(f"filterType={f.get('filterType')},filter={f.get('filter')}" for f in filters)
 
 
-def immutable_tag_fix(account: str, region: str, repository: str, tag: str, described: dict | None = None) -> str:
+def immutable_tag_fix(account: str, region: str, repository: str, tag: str, described: dict | None = None,
+                      what: str = "the promote tag") -> str:
     """What lets the promote tag move, every other tag staying as the repository has it (`described`: its
     DescribeRepositories entry, None if unknown): under MUTABLE_WITH_EXCLUSION, the filters that match the
     tag dropped; else IMMUTABLE_WITH_EXCLUSION with the tag excluded besides the filters it has (a command
@@ -1229,7 +1269,7 @@ def immutable_tag_fix(account: str, region: str, repository: str, tag: str, desc
                 f"is: `{command} --image-tag-mutability {setting}`")
     kept = filters if mutability == "IMMUTABLE_WITH_EXCLUSION" else []
     return (f"ECR refuses to move :{tag} in {repository}, whose tags are immutable (ImageTagAlreadyExistsException); "
-            f"exclude the promote tag and keep every other tag immutable: `{command} --image-tag-mutability "
+            f"exclude {what} and keep every other tag immutable: `{command} --image-tag-mutability "
             f"IMMUTABLE_WITH_EXCLUSION --image-tag-mutability-exclusion-filters "
             f"{exclusion_filters_text([*kept, {'filterType': 'WILDCARD', 'filter': tag}])}`"
             + ("" if described else " (add any filters the repository has already; at most 5)"))
@@ -1592,6 +1632,78 @@ def image_problem(service_name: str, role: str, key: tuple, state: str, restorin
     return f"Service {service_name}: {what}, {where}, is being restored to the standard storage class"
 
 
+# Protection tags (opt-in, --protect-tag-prefix): one tag per service on the digest it runs, PREFIX.SERVICE,
+# and one on its rollback target, PREFIX.SERVICE.prev, that a lifecycle rule of the highest priority retains.
+# '.' separates: a Swarm service name has none (a DNS label), nor has a prefix, so no service's tag is another's,
+# and no prefix's tags begin with another prefix's (prod.web is never prod-eu's, prod-eu.web never prod's).
+PROTECT_PREFIX = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,39}")
+TAG_MAX_LENGTH = 128  # Docker's tag grammar, [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}, which ECR's tags follow
+ROLE_SUFFIXES = {"running": "", "rollback": ".prev"}
+NAME_HASH_LENGTH = 10
+
+
+def protection_tag(prefix: str, service_name: str, role: str) -> str:
+    """PREFIX.SERVICE (running) or PREFIX.SERVICE.prev (rollback). A name outside [A-Za-z0-9_-] or too long for
+    128 characters is mapped deterministically: its other characters turned to '-', cut short, and a short hash
+    of the whole name appended, so two names never share a tag."""
+    suffix, room = ROLE_SUFFIXES[role], TAG_MAX_LENGTH - len(prefix) - 1 - len(ROLE_SUFFIXES["rollback"])
+    name = service_name
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or len(name) > room:
+        mark = hashlib.sha256(service_name.encode()).hexdigest()[:NAME_HASH_LENGTH]
+        name = re.sub(r"[^A-Za-z0-9_-]", "-", service_name)[:room - NAME_HASH_LENGTH - 1] + "-" + mark
+    return f"{prefix}.{name}{suffix}"
+
+
+def is_protection_tag(prefix: str, tag: str) -> bool:
+    """A tag this prefix's deployer keeps: PREFIX.NAME or PREFIX.NAME.prev, and nothing else (not another
+    prefix's, not a tag someone else pushed)."""
+    return re.fullmatch(re.escape(prefix) + r"\.[A-Za-z0-9_-]+(\.prev)?", tag) is not None
+
+
+def protection_changes(prefix: str, wanted: dict[str, str], named: set[str], tags: dict[str, str]) \
+        -> tuple[dict[str, str], list[str]]:
+    """For one repository: the protection tags to move (tag -> digest: wanted where it points elsewhere or
+    nowhere) and to remove (tags of the prefix that no service names any more). `named`: every protection
+    tag of a service still there, also those left where they are (an image gone or archived cannot be
+    tagged; its tag stays on the old digest rather than go)."""
+    moves = {tag: digest for tag, digest in wanted.items() if tags.get(tag) != digest}
+    removals = sorted(tag for tag in tags if is_protection_tag(prefix, tag) and tag not in named)
+    return moves, removals
+
+
+def rule_descriptions(policy_text: str) -> dict[int, str]:
+    """rulePriority -> description, of a lifecycle policy (an unreadable one: none)."""
+    try:
+        rules = json.loads(policy_text).get("rules") or []
+        return {int(r["rulePriority"]): " ".join(str(r.get("description") or "").split())[:200]  # (one log line)
+                for r in rules if isinstance(r, dict)}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return {}
+
+
+def lifecycle_findings(policy_text: str, results: list[dict], in_use: dict[str, list[tuple[str, str]]],
+                       where: str) -> list[tuple[str, str]]:
+    """(service name, line), one per in-use image (digest -> [(service name, role)]) that ECR's preview of the repository's
+    lifecycle policy says a rule would expire or archive, naming the rule's priority and description."""
+    rules, lines = rule_descriptions(policy_text), []
+    for result in results:
+        digest = result.get("imageDigest")
+        if digest not in in_use:
+            continue
+        action = str((result.get("action") or {}).get("type") or "EXPIRE").upper()
+        priority = result.get("appliedRulePriority")
+        priority = priority if isinstance(priority, int) else "?"
+        rule = f"the lifecycle rule of priority {priority}" + (f' ("{rules[priority]}")' if rules.get(priority) else "")
+        done = "archive it (a task rescheduled cannot pull it until it is restored)" if action == "TRANSITION" \
+            else "expire it (a task rescheduled cannot pull it: manifest unknown)"
+        for name, role in in_use[digest]:
+            what = "the digest it runs" if role == "running" else "its rollback target"
+            lines.append((name, f"Service {name}: {what}, {where}@{short_digest(digest)}: {rule} would {done}; "
+                                f"retain it (--protect-tag-prefix and a rule of the highest priority for the prefix: "
+                                f"see docs/keeping-images.md) or change the rule"))
+    return lines
+
+
 # --------------------------------------------------------------------------- rollouts (pure)
 
 # Swarm's UpdateStatus.State values that end a rollout, and ours: another update replaced it.
@@ -1710,7 +1822,8 @@ def failure_details(tasks: list[dict], nodes: dict[str, str], logs: list[str] | 
 OUTCOME_WORDS = {"completed": "completed", "promoted": "promoted", "paused": "paused", "timed_out": "timed out",
                  "rollback_completed": "rolled back", "rollback_paused": "rollback paused",
                  "removed": "ended: service removed", "blocked": "blocked",
-                 "superseded": "superseded by another update", "rollback_failed": "impossible"}
+                 "superseded": "superseded by another update", "rollback_failed": "impossible",
+                 "stuck": "stuck", "check_failed": "failed its checks"}
 
 
 def notification(outcome: str, service: str, service_id: str, image: str, duration: float,
@@ -1765,6 +1878,156 @@ def metrics_text(totals: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------- checks after the rollout (pure)
+
+# What proves a rollout good, beyond Swarm's "completed": the operator's CloudWatch alarms and an HTTP
+# check, looked at from the rollout's completion through its soak; and what proves one stuck: no task of
+# the new digest reached running within the progress deadline (Kubernetes' progressDeadlineSeconds).
+# A failed check or a stuck rollout is a failed rollout: rolled back (--rollback-on-failure), recorded
+# (FAILED_LABEL), never promoted, never followed by a wave.
+ALARMS_LABEL = "ecr-deploy.alarms"  # "web-5xx,web-latency": any in ALARM fails the rollout
+CHECK_LABEL = "ecr-deploy.check"  # "https://web.internal/health": must answer 2xx ...
+CHECK_PASSES_LABEL = "ecr-deploy.check-passes"  # ... this many times in a row (default 3)
+PROGRESS_DEADLINE_LABEL = "ecr-deploy.progress-deadline"  # no new task running by then: the rollout is stuck
+DEFAULT_CHECK_PASSES = 3
+MAX_CHECK_PASSES = 100
+CHECK_EVERY = 5.0  # s between two looks at a service's checks
+CHECK_TIMEOUT = (3.05, 5.0)  # s: connect, read; a check that hangs is a failed check, never a hung deployer
+CHECK_REDIRECTS = 3  # followed on the same scheme, host and port only
+DESCRIBE_ALARMS_MAX = 100  # AlarmNames per DescribeAlarms call (CloudWatch API reference)
+ALARM_NAME = re.compile(r"[^\x00-\x1f,]{1,255}")  # CloudWatch: 1-255 characters; a comma separates them here
+DEFAULT_PROGRESS_DEADLINE = 300.0  # s
+
+
+class Checks(NamedTuple):
+    """A service's checks after the rollout, from its labels."""
+    alarms: tuple[str, ...]
+    url: str | None
+    passes: int  # 2xx answers in a row the HTTP check needs
+
+    @property
+    def named(self) -> str:
+        return ", ".join([*(f"alarm {a}" for a in self.alarms)] +
+                         ([f"check {shown_url(self.url)} ({self.passes} passes in a row)"] if self.url else []))
+
+
+def check_url(text: str) -> str:
+    """A check's URL, strictly: http or https, a host, no credentials (a label is readable by anyone who may
+    `docker service inspect`), no whitespace. ValueError names what is wrong, never the URL's query."""
+    text = str(text).strip()
+    if not text or re.search(r"[\s\x00-\x1f\x7f]", text):
+        raise ValueError(f"{CHECK_LABEL} is empty or has spaces or control characters")
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{CHECK_LABEL} must be an http:// or https:// URL")
+    try:
+        parts.port  # (ValueError: not a port)
+    except ValueError:
+        raise ValueError(f"{CHECK_LABEL} has an invalid port") from None
+    if not parts.hostname:
+        raise ValueError(f"{CHECK_LABEL} names no host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{CHECK_LABEL} must not carry credentials (user:password@): service labels are "
+                         f"readable by anyone who may inspect the service")
+    return urllib.parse.urlunsplit(parts._replace(fragment=""))
+
+
+def shown_url(url: str) -> str:
+    """A check's URL as logged: scheme, host, port and path; its query (which may carry a token) left out."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(query="", fragment="")) + ("?…" if parts.query else "")
+
+
+def checks_of(labels: dict) -> Checks | None:
+    """The checks a service's labels name (None: none). ValueError for a label that cannot be read."""
+    alarms_text, url, passes = labels.get(ALARMS_LABEL), labels.get(CHECK_LABEL), labels.get(CHECK_PASSES_LABEL)
+    alarms = tuple(dict.fromkeys(name.strip() for name in (alarms_text or "").split(",") if name.strip()))
+    if not alarms and not (url or "").strip():
+        return None
+    bad = [name for name in alarms if not ALARM_NAME.fullmatch(name)]
+    if bad:
+        raise ValueError(f"{ALARMS_LABEL}: {bad[0][:40]!r} is not a CloudWatch alarm name (1-255 characters)")
+    if passes is not None and not (str(passes).strip().isdigit() and 1 <= int(passes) <= MAX_CHECK_PASSES):
+        raise ValueError(f"{CHECK_PASSES_LABEL}={str(passes)[:20]!r} is not a number from 1 to {MAX_CHECK_PASSES}")
+    return Checks(alarms, check_url(url) if (url or "").strip() else None,
+                  int(passes) if passes is not None else DEFAULT_CHECK_PASSES)
+
+
+class Look(NamedTuple):
+    """One look at a service's checks."""
+    failed: str | None  # why the rollout failed: the alarm, or the check's answer
+    said: str  # what each check said, for --status and the log ("alarm web-5xx OK, check 2/3 (HTTP 200)")
+    passes: int  # 2xx answers of the HTTP check in a row, this look's included
+
+
+def look_at(checks: Checks, alarm_states: dict[str, str], answer: int | str | None, passes: int) -> Look:
+    """Judge one look: `alarm_states`: name -> CloudWatch's StateValue (a name missing: no such alarm);
+    `answer`: the HTTP check's status code, or why it gave none (None: no HTTP check); `passes`: the
+    2xx answers in a row before this look. An alarm in ALARM fails; INSUFFICIENT_DATA (a new alarm, or a
+    metric nobody has sent yet) does not: it says nothing either way, and --status shows it. An alarm
+    that does not exist fails: a typo would otherwise let every build through unchecked."""
+    said, failed = [], []
+    for name in checks.alarms:
+        state = alarm_states.get(name)
+        said.append(f"alarm {name} {state or 'missing'}" + (" (no data yet: not a failure)"
+                                                              if state == "INSUFFICIENT_DATA" else ""))
+        if state == "ALARM":
+            failed.append(f"alarm {name} is in ALARM")
+        elif state is None:
+            failed.append(f"alarm {name} does not exist (a typo in {ALARMS_LABEL}, or another region?)")
+    if checks.url:
+        ok = isinstance(answer, int) and 200 <= answer < 300
+        passes = passes + 1 if ok else 0
+        what = f"HTTP {answer}" if isinstance(answer, int) else str(answer)
+        said.append(f"check {min(passes, checks.passes)}/{checks.passes} ({what})")
+        if not ok:
+            failed.append(f"check {shown_url(checks.url)} answered {what}")
+    return Look("; ".join(failed) or None, ", ".join(said), passes)
+
+
+def checks_done(checks: Checks, look: Look | None, soak_over: bool) -> bool:
+    """Have the checks proved the rollout good: its soak is over, the alarms were looked at, and the HTTP
+    check answered 2xx its passes in a row?"""
+    return soak_over and look is not None and look.failed is None and \
+        (not checks.url or look.passes >= checks.passes)
+
+
+def checks_window(checks: Checks, soak: float) -> float:
+    """How long after its soak began (rollout_of's since, Swarm's clock) a rollout is checked: its soak, and at
+    least the looks its HTTP check needs. A deployer (re)started within it takes the checks up again."""
+    return max(soak, (checks.passes if checks.url else 1) * CHECK_EVERY)
+
+
+def progress_deadline(labels: dict, default: float) -> float:
+    """The service's progress deadline in s (0: none). ValueError for a label that cannot be read."""
+    text = labels.get(PROGRESS_DEADLINE_LABEL)
+    return parse_duration(text) if text is not None and str(text).strip() else default
+
+
+def tasks_running(tasks: list[dict], image: str) -> int:
+    return sum(1 for t in tasks if (t.get("Spec") or {}).get("ContainerSpec", {}).get("Image") == image
+               and task_state(t) == "running")
+
+
+def stuck_reason(tasks: list[dict], image: str, deadline: float) -> str:
+    """Why a rollout made no progress: what Swarm says of the tasks of `image` it wants running and that do
+    not run (each distinct error once, with how many tasks), e.g. "no suitable node (scheduling constraints
+    not satisfied on 3 nodes)", or the error of a task that was rejected (an image that cannot be pulled)."""
+    ours = [t for t in tasks if (t.get("Spec") or {}).get("ContainerSpec", {}).get("Image") == image]
+    waiting = [t for t in ours if t.get("DesiredState") in TASK_STATES[:TASK_STATES.index("running") + 1]
+               and task_state(t) != "running"]
+    rejected = sorted((t for t in ours if task_state(t) in ("rejected", "failed")),
+                      key=lambda t: (t.get("Status") or {}).get("Timestamp", ""), reverse=True)[:1]
+    said: dict[str, int] = {}
+    for task in waiting + rejected:
+        status = task.get("Status") or {}
+        text = f"{status.get('State', '?')}: {(status.get('Err') or status.get('Message') or '').strip() or '?'}"
+        said[text] = said.get(text, 0) + 1
+    what = "; ".join(f"{count} task(s) {text}" for text, count in said.items()) or "Swarm started no task of it"
+    return f"no task of the new digest reached running within {duration_text(deadline)} " \
+           f"({PROGRESS_DEADLINE_LABEL}): {what}"
+
+
 # --------------------------------------------------------------------------- notifications (pure)
 
 # What a notification target can ask for (a filter per target): a service updated for a push, or for
@@ -1776,6 +2039,7 @@ EVENT_CLASSES = ("updated", "drift", "completed", "failed", "rolled_back", "bloc
                  "promoted", "unhealthy", "recovered", "image_at_risk")
 OUTCOME_CLASSES = {"completed": "completed", "superseded": "completed", "removed": "completed",
                    "paused": "failed", "timed_out": "failed", "rollback_paused": "failed", "rollback_failed": "failed",
+                   "stuck": "failed", "check_failed": "failed",
                    "rollback_completed": "rolled_back", "blocked": "blocked", "promoted": "promoted"}
 BAD_CLASSES = ("failed", "rolled_back", "blocked", "unhealthy", "image_at_risk")  # said as failures (red, high priority)
 NOTIFY_LABEL = "ecr-deploy.notify"  # a service's events go only to these named targets (comma separated)
@@ -2573,7 +2837,7 @@ class Queue:
         try:
             reply = self._sqs.receive_message(
                 QueueUrl=self.url, MaxNumberOfMessages=SQS_MAX_MESSAGES, WaitTimeSeconds=wait_seconds,
-                MessageSystemAttributeNames=["ApproximateReceiveCount"])
+                MessageSystemAttributeNames=["ApproximateReceiveCount", "ApproximateFirstReceiveTimestamp"])
         except AWS_ERRORS as e:
             raise self._error(e, f"cannot receive from {self.url}") from None
         return reply.get("Messages", [])
@@ -2682,6 +2946,7 @@ class Ecr:
         self.tag_listings: dict[tuple, dict[str, str]] = {}  # (account, region, repository) -> {tag: digest}
         self._listing_locks: dict[tuple, threading.Lock] = {}
         self.cycle = 0
+        self.kept = EcrKeptImages(self)  # the calls that keep the images services run
 
     def new_cycle(self, fresh_tokens: bool = False) -> None:
         """A drain cycle (or refresh pass) begins: already-expired tokens are not reused past it."""
@@ -2776,52 +3041,6 @@ class Ecr:
                 return None
             where = f"{repository}:{tags[0]}" if len(tags) == 1 else f"{len(tags)} tags of {repository}"
             raise AccessDenied.wrap(e, f"cannot look up {where} in ECR ({account}, {region})") from None
-
-    def image_statuses(self, account: str, region: str, repository: str, digests) -> dict[str, str | None]:
-        """digest -> ECR's imageStatus (ACTIVE, ARCHIVED, ACTIVATING), None for a digest ECR no longer has:
-        one DescribeImages per 100 digests, of every storage class (filter imageStatus ANY: without it
-        ECR describes ACTIVE images only). ECR fails a whole call for one missing image; that batch is
-        then asked in halves, down to the missing ones (about 2·log2(100) calls more for one gone image).
-        Not BatchGetImage: that is a pull, and what a lifecycle rule by last pull time must not be told."""
-        digests, statuses = sorted(set(digests)), {}
-        batches = [digests[start:start + DESCRIBE_IMAGES_MAX_IDS]
-                   for start in range(0, len(digests), DESCRIBE_IMAGES_MAX_IDS)]
-        while batches:
-            batch = batches.pop()
-            reply = self._describe_digests(account, region, repository, batch)
-            if reply is None and len(batch) > 1:
-                batches += [batch[:len(batch) // 2], batch[len(batch) // 2:]]
-                continue
-            statuses.update(dict.fromkeys(batch))
-            for detail in (reply or {}).get("imageDetails", []):
-                if detail.get("imageDigest") in statuses:
-                    status = detail.get("imageStatus")
-                    statuses[detail["imageDigest"]] = status if isinstance(status, str) else "ACTIVE"
-        return statuses
-
-    def _describe_digests(self, account: str, region: str, repository: str, digests: list[str]) -> dict | None:
-        try:
-            return self._client(region).describe_images(
-                registryId=account, repositoryName=repository, filter={"imageStatus": "ANY"},
-                imageIds=[{"imageDigest": digest} for digest in digests])
-        except AWS_ERRORS as e:
-            if error_code(e) == "RepositoryNotFoundException":
-                return {}
-            if error_code(e) == "ImageNotFoundException":
-                return None
-            raise AccessDenied.wrap(e, f"cannot look up {len(digests)} image(s) of {repository} in ECR "
-                                       f"({account}, {region})") from None
-
-    def restore_image(self, account: str, region: str, repository: str, digest: str) -> str | None:
-        """UpdateImageStorageClass to STANDARD: ECR's imageStatus after the call (ACTIVATING while it restores)."""
-        try:
-            reply = self._client(region).update_image_storage_class(
-                registryId=account, repositoryName=repository, imageId={"imageDigest": digest},
-                targetStorageClass="STANDARD")
-        except AWS_ERRORS as e:
-            raise AccessDenied.wrap(e, f"cannot restore {repository}@{short_digest(digest)} in ECR "
-                                       f"({account}, {region})") from None
-        return reply.get("imageStatus")
 
     def manifest(self, account: str, region: str, repository: str, image_id: dict) -> Manifest | None:
         """The manifest ECR holds for {"imageDigest": …} or {"imageTag": …} (BatchGetImage), None if
@@ -2931,6 +3150,131 @@ class Ecr:
             token = Token(username, password, now + max(0.0, (expires - now) / 2), self.cycle)
             self._tokens[(account, region)] = token
         return token.username, token.password
+
+
+# --------------------------------------------------------------------------- ECR shell: images kept
+
+LIFECYCLE_PREVIEW_TIMEOUT = 120.0  # s: ECR evaluates a preview in seconds, a large repository in a minute or two
+LIFECYCLE_PREVIEW_POLL = 1.0  # s
+LIFECYCLE_PREVIEW_PAGE = 1000  # GetLifecyclePolicyPreview's largest page
+
+
+class EcrKeptImages:
+    """The ECR calls that keep the images services run and roll back to: their storage class
+    (DescribeImages, UpdateImageStorageClass), protection tags (PutImage as promotion does, BatchDeleteImage
+    of a tag), and the repository's lifecycle policy with ECR's preview of it."""
+
+    def __init__(self, ecr: Ecr):
+        self.ecr = ecr
+
+    def image_statuses(self, account: str, region: str, repository: str, digests) -> dict[str, str | None]:
+        """digest -> ECR's imageStatus (ACTIVE, ARCHIVED, ACTIVATING), None for a digest ECR no longer has:
+        one DescribeImages per 100 digests, of every storage class (filter imageStatus ANY: without it
+        ECR describes ACTIVE images only). ECR fails a whole call for one missing image; that batch is
+        then asked in halves, down to the missing ones (about 2·log2(100) calls more for one gone image).
+        Not BatchGetImage: that is a pull, and what a lifecycle rule by last pull time must not be told."""
+        digests, statuses = sorted(set(digests)), {}
+        batches = [digests[start:start + DESCRIBE_IMAGES_MAX_IDS]
+                   for start in range(0, len(digests), DESCRIBE_IMAGES_MAX_IDS)]
+        while batches:
+            batch = batches.pop()
+            reply = self._describe_digests(account, region, repository, batch)
+            if reply is None and len(batch) > 1:
+                batches += [batch[:len(batch) // 2], batch[len(batch) // 2:]]
+                continue
+            statuses.update(dict.fromkeys(batch))
+            for detail in (reply or {}).get("imageDetails", []):
+                if detail.get("imageDigest") in statuses:
+                    status = detail.get("imageStatus")
+                    statuses[detail["imageDigest"]] = status if isinstance(status, str) else "ACTIVE"
+        return statuses
+
+    def _describe_digests(self, account: str, region: str, repository: str, digests: list[str]) -> dict | None:
+        try:
+            return self.ecr._client(region).describe_images(
+                registryId=account, repositoryName=repository, filter={"imageStatus": "ANY"},
+                imageIds=[{"imageDigest": digest} for digest in digests])
+        except AWS_ERRORS as e:
+            if error_code(e) == "RepositoryNotFoundException":
+                return {}
+            if error_code(e) == "ImageNotFoundException":
+                return None
+            raise AccessDenied.wrap(e, f"cannot look up {len(digests)} image(s) of {repository} in ECR "
+                                       f"({account}, {region})") from None
+
+    def restore_image(self, account: str, region: str, repository: str, digest: str) -> str | None:
+        """UpdateImageStorageClass to STANDARD: ECR's imageStatus after the call (ACTIVATING while it restores)."""
+        try:
+            reply = self.ecr._client(region).update_image_storage_class(
+                registryId=account, repositoryName=repository, imageId={"imageDigest": digest},
+                targetStorageClass="STANDARD")
+        except AWS_ERRORS as e:
+            raise AccessDenied.wrap(e, f"cannot restore {repository}@{short_digest(digest)} in ECR "
+                                       f"({account}, {region})") from None
+        return reply.get("imageStatus")
+
+    def untag(self, account: str, region: str, repository: str, tag: str) -> None:
+        """BatchDeleteImage of one tag: ECR removes the tag only, and the image with it only when it was the
+        image's last tag (the Amazon ECR API Reference, BatchDeleteImage). A tag already gone is no error."""
+        try:
+            reply = self.ecr._client(region).batch_delete_image(
+                registryId=account, repositoryName=repository, imageIds=[{"imageTag": tag}])
+        except AWS_ERRORS as e:
+            if error_code(e) == "RepositoryNotFoundException":
+                return
+            raise AccessDenied.wrap(e, f"cannot remove the tag {repository}:{tag} in ECR ({account}, {region})") \
+                from None
+        failures = [f for f in reply.get("failures") or [] if f.get("failureCode") != "ImageNotFound"]
+        if failures:
+            raise AwsError(f"cannot remove the tag {repository}:{tag} in ECR ({account}, {region}): "
+                           f"{shown(failures[0].get('failureReason') or failures[0].get('failureCode'))}")
+
+    def lifecycle_policy(self, account: str, region: str, repository: str) -> str | None:
+        """GetLifecyclePolicy: the policy's text, None if the repository has none."""
+        try:
+            return self.ecr._client(region).get_lifecycle_policy(
+                registryId=account, repositoryName=repository).get("lifecyclePolicyText")
+        except AWS_ERRORS as e:
+            if error_code(e) in ("LifecyclePolicyNotFoundException", "RepositoryNotFoundException"):
+                return None
+            raise AccessDenied.wrap(e, f"cannot read the lifecycle policy of {repository} in ECR ({account}, "
+                                       f"{region})") from None
+
+    def start_lifecycle_preview(self, account: str, region: str, repository: str) -> bool:
+        """StartLifecyclePolicyPreview of the repository's policy as it stands; False while another preview of
+        the repository is in progress (ECR runs one at a time: ask again once it is done)."""
+        try:
+            self.ecr._client(region).start_lifecycle_policy_preview(registryId=account, repositoryName=repository)
+        except AWS_ERRORS as e:
+            if error_code(e) == "LifecyclePolicyPreviewInProgressException":
+                return False
+            raise AccessDenied.wrap(e, f"cannot preview the lifecycle policy of {repository} in ECR ({account}, "
+                                       f"{region})") from None
+        return True
+
+    def lifecycle_preview(self, account: str, region: str, repository: str) -> list[dict] | None:
+        """GetLifecyclePolicyPreview, paged: ECR's own evaluation of the policy, the images a rule would expire
+        or archive now, each with its action and appliedRulePriority; None while ECR is still evaluating."""
+        client, where = self.ecr._client(region), {"registryId": account, "repositoryName": repository}
+        what = f"the lifecycle policy of {repository} in ECR ({account}, {region})"
+        results, token, tokens = [], None, set()
+        while True:
+            try:
+                reply = client.get_lifecycle_policy_preview(**where, maxResults=LIFECYCLE_PREVIEW_PAGE,
+                                                            **({"nextToken": token} if token else {}))
+            except AWS_ERRORS as e:
+                raise AccessDenied.wrap(e, f"cannot preview {what}") from None
+            if reply.get("status") == "IN_PROGRESS":
+                return None
+            if reply.get("status") != "COMPLETE":
+                raise AwsError(f"ECR's preview of {what} ended {shown(reply.get('status'))}")
+            results += reply.get("previewResults") or []
+            token = reply.get("nextToken")
+            if not token:
+                return results
+            if token in tokens:  # every call is bounded, the paging must be too
+                raise AwsError(f"ECR answered the same nextToken twice previewing {what}")
+            tokens.add(token)
 
 
 # --------------------------------------------------------------------------- Docker shell
@@ -3574,14 +3918,14 @@ class SignatureGate(Gate):
         return self._verdicts[key]
 
     def waited(self, key: tuple, push: Push) -> float:
-        """How long this digest's verification has gone unanswered: since its event (the message carries
-        that time through restarts and to other managers), else since this process first tried (a
-        reconcile pass's digest; a restart only lengthens the wait, the pass keeps asking)."""
+        """How long this digest's verification has gone unanswered: since SQS first handed its message to
+        any deployer (a time SQS keeps through restarts and for other managers; never the event's own
+        time, or a message read after a weekend's outage would block at its first unanswered try), else
+        since this process first tried (a reconcile pass's digest; a restart only lengthens the wait)."""
         now = time.time()
-        since_event = None if push.reconcile else seconds_after(push.time, datetime.fromtimestamp(now, timezone.utc))
         first = self._unanswered.get(key, (now, now))[0]
         self._unanswered[key] = (first, now)
-        return max(since_event or 0.0, now - first)
+        return max(now - push.received if push.received else 0.0, now - first)
 
     def verify(self, trust: Trust, push: Push, digest: str) -> Verdict:
         reference = f"{push.image.rpartition(':')[0]}@{digest}"  # HOST/REPOSITORY@DIGEST: exactly this digest
@@ -3710,6 +4054,7 @@ class Deployer:
         self.actor = Actor(self)
         self.rollouts = Rollouts(self, follow_rollouts, rollout_timeout, rollback_on_failure, notify_urls)
         self.before_jobs = BeforeJobs(self)
+        self.checker = Checker()  # start() gives it the process's AWS session
         self.keeper = AuthKeeper(self, auth_refresh, state_directory)
         self.reconciler = Reconciler(self, reconcile_every)
         self.totals = {"messages": {"received": 0, "deployed": 0, "ignored": 0, "failed": 0},
@@ -3734,8 +4079,9 @@ class Deployer:
                 asked = self.hints.pushes_asked(what)
                 if asked is None:
                     continue  # ECR could not be asked which image it names: kept for retry
+                received = first_received(message)
                 for push in asked:
-                    pushes[push.image_key].append((message, push))
+                    pushes[push.image_key].append((message, replace(push, received=received)))
                 keys_of[message["MessageId"]] = {push.image_key for push in asked}
 
         result = CycleResult(received=len(messages))
@@ -4056,7 +4402,8 @@ class Converger:
             runs = runs_digest(leader, digest)
             ran = rollout_of(leader, deployer.docker.tasks(leader["ID"]), digest, deployer.docker.date) if runs \
                 else Ran(None, None)
-            leaders.append(Leader(name, runs, ran.pending, ran.since, self.failure_of(leader, digest), ran.settles_in))
+            pending = ran.pending or (deployer.rollouts.checks_pending(leader["ID"], digest) if runs else None)
+            leaders.append(Leader(name, runs, pending, ran.since, self.failure_of(leader, digest), ran.settles_in))
         answer = deployer.answers.get(push.image_key)
         age = answer.age if answer and answer.digest == digest else None
         return release_policy(labels, deployer.release_defaults, time.time(), age, leaders,
@@ -4088,7 +4435,8 @@ class Converger:
         runs = runs_digest(service, digest)
         due = runs and (target is None or target.digest != digest)
         ran = rollout_of(service, docker.tasks(service["ID"]), digest, docker.date) if due else Ran(None, None)
-        return promotion(service["Spec"].get("Labels") or {}, runs, ran.pending, ran.since,
+        pending = ran.pending or (self.deployer.rollouts.checks_pending(service["ID"], digest) if due else None)
+        return promotion(service["Spec"].get("Labels") or {}, runs, pending, ran.since,
                          self.failure_of(service, digest) if due else None, target and target.digest,
                          digest, docker.date, time.time(), ran.settles_in)
 
@@ -4349,6 +4697,205 @@ class Actor:
         return True
 
 
+# --------------------------------------------------------------------------- checks after the rollout
+
+class Checker:
+    """Looks at what proves a rollout good (checks_of): CloudWatch alarms (DescribeAlarms by name, 100 a
+    call; the client is made when a service first names alarms, so a fleet without them needs neither the
+    permission nor the client) and HTTP checks (GET, bounded in time, redirects followed only on the same
+    scheme, host and port, no proxy or .netrc from the environment)."""
+
+    def __init__(self, session: botocore.session.Session | None = None, on_request=None):
+        self._session, self._on_request = session, on_request
+        self._cloudwatch = None
+        self._http: requests.Session | None = None
+
+    def alarm_states(self, names: tuple[str, ...]) -> dict[str, str]:
+        """Alarm name -> StateValue (OK, ALARM, INSUFFICIENT_DATA), metric and composite alarms, in the
+        deployer's region; a name missing from the answer: no such alarm. AwsError if CloudWatch failed."""
+        if self._cloudwatch is None:
+            session = self._session or aws_session()
+            self._cloudwatch = aws_client(session, "cloudwatch", session.get_config_variable("region"), ECR_CONFIG,
+                                          self._on_request)
+        states: dict[str, str] = {}
+        for start in range(0, len(names), DESCRIBE_ALARMS_MAX):
+            asked, token = {"AlarmNames": list(names[start:start + DESCRIBE_ALARMS_MAX]),
+                            "AlarmTypes": ["MetricAlarm", "CompositeAlarm"], "MaxRecords": DESCRIBE_ALARMS_MAX}, None
+            while True:
+                try:
+                    reply = self._cloudwatch.describe_alarms(**asked, **({"NextToken": token} if token else {}))
+                except AWS_ERRORS as e:
+                    raise AccessDenied.wrap(e, "cannot describe CloudWatch alarms (cloudwatch:DescribeAlarms)") \
+                        from None
+                for alarm in reply.get("MetricAlarms", []) + reply.get("CompositeAlarms", []):
+                    states[alarm["AlarmName"]] = alarm["StateValue"]
+                token = reply.get("NextToken")
+                if not token:
+                    break
+        return states
+
+    def answer(self, url: str) -> int | str:
+        """The check's HTTP status code, or why there is none (said without the URL's query)."""
+        if self._http is None:
+            self._http = requests.Session()
+            self._http.trust_env = False  # no proxy, no .netrc credentials sent to a check
+            self._http.verify = os.environ.get("REQUESTS_CA_BUNDLE") or True  # (a private CA, as requests reads it)
+        for _ in range(CHECK_REDIRECTS + 1):
+            try:
+                with self._http.get(url, timeout=CHECK_TIMEOUT, allow_redirects=False, stream=True) as reply:
+                    status, location = reply.status_code, reply.headers.get("Location")
+            except requests.Timeout:
+                return f"no answer within {CHECK_TIMEOUT[1]:.0f}s"
+            except requests.ConnectionError:
+                return "no connection"
+            except requests.RequestException as e:
+                return type(e).__name__
+            if status not in (301, 302, 303, 307, 308) or not location:
+                return status
+            there = urllib.parse.urljoin(url, location)
+            before, after = urllib.parse.urlsplit(url), urllib.parse.urlsplit(there)
+            if (before.scheme, before.hostname, before.port) != (after.scheme, after.hostname, after.port):
+                return f"HTTP {status}, a redirect to another host (not followed)"
+            url = there
+        return f"more than {CHECK_REDIRECTS} redirects"
+
+
+class RolloutChecks:
+    """The part of Rollouts that follows a rollout past Swarm's word: its checks once Swarm completed it
+    (taken up again by a reconcile pass after a restart), and its progress while Swarm rolls it (stuck)."""
+
+    def stuck(self, rollout: Rollout, now: float) -> str | None:
+        """Why the rollout is stuck (no task of its image reached running within its progress deadline), or
+        None. Swarm's tasks are read only once a deadline has passed since the last progress seen."""
+        if not rollout.progress_deadline or now - rollout.progress_at < rollout.progress_deadline:
+            return None
+        try:
+            tasks = self.docker.tasks(rollout.service_id)
+        except DockerError as e:
+            log.error("Cannot read the tasks of %s: %s", rollout.label, e)
+            return None
+        running = tasks_running(tasks, rollout.image)
+        if running > rollout.running_seen:  # progress: the deadline starts again
+            rollout.running_seen, rollout.progress_at = running, now
+            return None
+        return stuck_reason(tasks, rollout.image, rollout.progress_deadline)
+
+    def start_checks(self, rollout: Rollout, service: dict, now: float) -> None:
+        """Swarm completed the rollout: its checks run from now through its soak (read from Swarm's tasks,
+        as promotion and waves read it)."""
+        rollout.checking, soak = True, 0.0
+        try:
+            soak = parse_duration((service["Spec"].get("Labels") or {}).get(SOAK_LABEL) or "0")
+            ran = rollout_of(service, self.docker.tasks(rollout.service_id), rollout.digest, self.docker.date)
+            soak -= soaked_for(Leader("", True, None, ran.since, None), self.docker.date) or 0
+        except (ValueError, DockerError):
+            pass  # (a soak that cannot be read holds promotion and waves anyway: the checks run their passes)
+        rollout.soak_over_at = now + max(0.0, soak)
+        log.info("Rollout of %s to %s: Swarm completed it after %.1fs; checking %s%s", rollout.label, rollout.image,
+                 now - rollout.started, rollout.checks.named if rollout.checks else "(unreadable)",
+                 f" through its soak (ends in {duration_text(soak)})" if soak > 0 else "")
+        self.look_at_checks(rollout, now)
+
+    def look_at_checks(self, rollout: Rollout, now: float) -> None:
+        """One look at the rollout's checks, when due: the rollout ends completed once they proved it good,
+        failed (check_failed) as soon as one fails."""
+        if now < rollout.next_look:
+            return
+        rollout.next_look = now + CHECK_EVERY
+        checks, checker = rollout.checks, self.deployer.checker
+        if rollout.checks_error:
+            look = Look(rollout.checks_error, "", 0)
+        else:
+            try:
+                states = checker.alarm_states(checks.alarms) if checks.alarms else {}
+            except AwsError as e:  # CloudWatch unreachable is no verdict on the build: looked at again
+                log.error("Cannot look at the alarms of %s: %s", rollout.label, e)
+                return
+            answer = checker.answer(checks.url) if checks.url else None
+            look = look_at(checks, states, answer, rollout.look.passes if rollout.look else 0)
+        said_before, rollout.look = rollout.look and rollout.look.said, look
+        if look.failed or checks_done(checks, look, now >= rollout.soak_over_at):
+            try:
+                service = self.docker.service(rollout.service_id)
+            except DockerError as e:
+                if e.status != 404:
+                    log.error("Cannot follow the rollout of %s: %s", rollout.label, e)
+                    return
+                service = None
+            self.pending.remove(rollout)
+            if service is None:
+                self.ended(rollout, "removed", None, now)
+            elif not posted(service.get("Spec"), rollout.image, rollout.force_update):
+                self.ended(rollout, "superseded", service, now)
+            elif look.failed:
+                self.ended(rollout, "check_failed", service, now, f"{look.failed} ({look.said})")
+            else:
+                self.proved.add((rollout.service_id, rollout.digest))
+                self.ended(rollout, "completed", service, now, f"checks passed: {look.said}")
+        elif look.said != said_before:
+            log.info("Rollout of %s to %s: checking: %s", rollout.label, rollout.image, look.said)
+
+    def adopt(self, service: dict, key: tuple, digest: str) -> None:
+        """A reconcile pass found the service running its tag's digest: if that rollout completed, is not
+        failed and is still within its checks' window (checks_window, by Swarm's clock: a restart or another
+        manager loses nothing), follow its checks, from zero passes. What our update replaced is unknown here:
+        a rollback restores Swarm's PreviousSpec, if that names another image."""
+        labels = service["Spec"].get("Labels") or {}
+        if not self.enabled or not (labels.get(ALARMS_LABEL) or labels.get(CHECK_LABEL)) \
+                or service["ID"] in self.following() or failed_digest(service) == digest \
+                or (service["ID"], digest) in self.proved:
+            return
+        try:
+            checks = checks_of(labels)
+            soak = parse_duration(labels.get(SOAK_LABEL) or "0")
+        except ValueError:
+            return  # (said when a rollout to it is followed)
+        if checks is None:
+            return
+        try:
+            ran = rollout_of(service, self.docker.tasks(service["ID"]), digest, self.docker.date)
+        except DockerError as e:  # (the next pass looks again)
+            log.error("Cannot read the tasks of service %s: %s", service_label(service), e)
+            return
+        ran_for = soaked_for(Leader("", True, None, ran.since, None), self.docker.date)
+        if ran.pending or ran_for is None or ran_for >= checks_window(checks, soak):
+            return
+        now, task = time.monotonic(), service["Spec"]["TaskTemplate"]
+        previous = service.get("PreviousSpec") or {}
+        replaced = previous if running_image({"Spec": previous}) and not runs_digest({"Spec": previous}, digest) else {}
+        log.info("Service %s runs %s, its soak began %s ago: checking %s", service_label(service),
+                 task["ContainerSpec"]["Image"], duration_text(ran_for), checks.named)
+        self.pending.append(Rollout(service["ID"], service["Spec"].get("Name", "?"), task["ContainerSpec"]["Image"],
+                                    task.get("ForceUpdate", 0), Push(*key, digest, reconcile=True), now, math.inf,
+                                    replaced=replaced, checks=checks, checking=True,
+                                    soak_over_at=now + max(0.0, soak - ran_for)))
+
+    def checks_pending(self, service_id: str, digest: str) -> str | None:
+        """Why a service's rollout of the digest has not been proved good yet (its checks run), or None: what
+        promotion and waves wait for besides Swarm's tasks."""
+        rollout = next((r for r in self.pending if r.service_id == service_id and not r.rollback
+                        and r.digest == digest and (r.checks or r.checks_error)), None)
+        if rollout is None or not rollout.checking:
+            return None
+        return f"its checks run: {rollout.checks.named if rollout.checks else rollout.checks_error}"  # (steady text)
+
+    def record_on_running(self, rollout: Rollout, service: dict, outcome: str, message: str) -> None:
+        """The failure record on a service that still runs the failed digest (no rollback): a label-only
+        update, which replaces no task, while the spec is still ours."""
+        if self.deployer.dry_run:
+            return
+        record = failure_record(rollout.digest, outcome, self.node_name(), time.time(), message)
+
+        def plan(fresh: dict) -> tuple[dict, ImageRef] | None:
+            if failed_digest(fresh) == rollout.digest or not posted(fresh.get("Spec"), rollout.image,
+                                                                    rollout.force_update):
+                return None
+            return with_label(fresh["Spec"], FAILED_LABEL, record), running_image(fresh)
+
+        self.deployer.actor.post_update(service, rollout.push.account, rollout.push.region, plan, lambda *_: log.info(
+            "Recorded on service %s: %s=%s", rollout.label, FAILED_LABEL, record), with_auth=False)
+
+
 # --------------------------------------------------------------------------- rollouts
 
 @dataclass
@@ -4363,20 +4910,35 @@ class Rollout:
     deadline: float
     rollback: bool = False
     replaced: dict = field(default_factory=dict)  # the spec our update replaced: what a rollback restores
+    checks: Checks | None = None  # what must prove it good once Swarm completed it (checks_of)
+    checks_error: str | None = None  # its check labels cannot be read: it cannot be proved good
+    progress_deadline: float = 0.0  # s without a task of the image reaching running: stuck (0: never)
+    progress_at: float = 0.0  # time.monotonic() of the last progress seen (or the start)
+    running_seen: int = 0  # tasks of the image running at the last progress seen
+    checking: bool = False  # Swarm completed it; its checks run (in memory: a restart starts them afresh)
+    soak_over_at: float = 0.0  # time.monotonic() when its soak ends (by Swarm's clock when the checks began)
+    look: Look | None = None  # the last look at its checks
+    next_look: float = 0.0
 
     @property
     def label(self) -> str:
         return f"{self.name} ({self.service_id[:12]})"
 
+    @property
+    def digest(self) -> str:
+        return self.image.rpartition("@")[2]
 
 
-class Rollouts:
+
+class Rollouts(RolloutChecks):
     """Follows the rollouts this process started until Swarm says how each ended; reports them, and
     with --rollback-on-failure rolls back the ones that paused or timed out."""
 
     def __init__(self, deployer: Deployer, enabled: bool, timeout: float | None, rollback_on_failure: bool,
-                 notify_urls: tuple[str, ...]):
+                 notify_urls: tuple[str, ...], progress_deadline: float = DEFAULT_PROGRESS_DEADLINE):
         self.deployer, self.enabled, self.timeout = deployer, enabled, timeout
+        self.progress_deadline = progress_deadline  # the default of PROGRESS_DEADLINE_LABEL
+        self.proved: set[tuple[str, str]] = set()  # (service ID, digest) whose checks passed here: not taken up again
         self.rollback_on_failure, self.notify_urls = rollback_on_failure, notify_urls
         self.pending: list[Rollout] = []
         self.outcomes: list[str] = []  # of the rollouts this process followed to their end
@@ -4396,10 +4958,23 @@ class Rollouts:
         # A newer update of the same service supersedes the older one: Swarm reports only the newest.
         self.pending = [r for r in self.pending if r.service_id != service["ID"]]
         timeout = self.timeout or default_rollout_timeout(spec, self.global_tasks(service["ID"], spec))
-        task = spec["TaskTemplate"]
-        self.pending.append(Rollout(service["ID"], spec.get("Name", "?"), task["ContainerSpec"]["Image"],
-                                    task.get("ForceUpdate", 0), push, started, started + timeout, rollback,
-                                    replaced=service.get("Spec") or {}))
+        task, labels = spec["TaskTemplate"], spec.get("Labels") or {}
+        rollout = Rollout(service["ID"], spec.get("Name", "?"), task["ContainerSpec"]["Image"],
+                          task.get("ForceUpdate", 0), push, started, started + timeout, rollback,
+                          replaced=service.get("Spec") or {}, progress_at=started)
+        try:
+            rollout.checks = None if rollback else checks_of(labels)
+        except ValueError as e:  # never "unchecked": a build nothing can prove good is not one to promote
+            rollout.checks_error = f"its checks cannot be read: {e}"
+        try:
+            rollout.progress_deadline = 0.0 if rollback else progress_deadline(labels, self.progress_deadline)
+        except ValueError as e:
+            log.warning("Service %s: label %s: %s; the default (%s) applies", rollout.label, PROGRESS_DEADLINE_LABEL,
+                        e, duration_text(self.progress_deadline))
+            rollout.progress_deadline = self.progress_deadline
+        if rollout.progress_deadline:  # Swarm's own pause between batches is no lack of progress
+            rollout.progress_deadline += ((spec.get("UpdateConfig") or {}).get("Delay") or 0) / 1e9
+        self.pending.append(rollout)
 
     def global_tasks(self, service_id: str, spec: dict) -> int:
         if "Global" not in (spec.get("Mode") or {}):
@@ -4410,9 +4985,13 @@ class Rollouts:
             return 1
 
     def check(self) -> None:
-        """Ask Swarm how each pending rollout is doing; report and act on the ones that ended."""
+        """Ask Swarm how each pending rollout is doing; report and act on the ones that ended. One that Swarm
+        completed and that has checks is looked at until they prove it good (or fail it)."""
         for rollout in list(self.pending):
             now = time.monotonic()
+            if rollout.checking:
+                self.look_at_checks(rollout, now)
+                continue
             try:
                 service = self.docker.service(rollout.service_id)
                 state = rollout_state(service, rollout.image, rollout.force_update)
@@ -4425,30 +5004,38 @@ class Rollouts:
                     log.error("Cannot follow the rollout of %s: %s", rollout.label, e)
             if state is None and service and now - rollout.started > NO_UPDATE_GRACE:
                 state = "completed"  # Swarm had nothing to roll (e.g. no replicas): nothing can hang
+            if state == "completed" and service and (rollout.checks or rollout.checks_error):
+                self.start_checks(rollout, service, now)
+                continue
+            stuck = self.stuck(rollout, now) if state in (None, "updating") and service else None
             if state not in (*FINAL_STATES, "removed") and now > rollout.deadline:
                 state = "timed_out"  # also when Docker cannot be asked: --wait must end
-            if state in (*FINAL_STATES, "removed", "timed_out"):
+            elif stuck:
+                state = "stuck"
+            if state in (*FINAL_STATES, "removed", "timed_out", "stuck"):
                 self.pending.remove(rollout)
                 # Our rollback is an ordinary update (see roll_back): its outcomes are a rollback's.
                 if rollout.rollback and state in ("completed", "paused"):
                     state = f"rollback_{state}"
-                self.ended(rollout, state, service, now)
+                self.ended(rollout, state, service, now, stuck or "")
 
-    def ended(self, rollout: Rollout, outcome: str, service: dict | None, now: float) -> None:
+    def ended(self, rollout: Rollout, outcome: str, service: dict | None, now: float, said: str = "") -> None:
+        """`said`: why, when the deployer judged it (stuck, its checks), not Swarm."""
         duration = now - rollout.started
-        message = details = ""
-        failed = outcome in ("paused", "rollback_paused", "timed_out") or outcome == "rollback_completed" and not rollout.rollback
-        if failed and service:  # (Swarm rolled back our rollout: say why)
+        message, details = said, ""
+        failed = outcome in ("paused", "rollback_paused", "timed_out", "stuck", "check_failed") or \
+            outcome == "rollback_completed" and not rollout.rollback
+        if failed and service and outcome != "check_failed":  # (Swarm rolled back our rollout: say why)
             swarm_says = (service.get("UpdateStatus") or {}).get("Message", "")
             try:
                 tasks = self.docker.tasks(rollout.service_id)
             except DockerError:
                 tasks = []
             task_error = failing_task_error(tasks, rollout.image)
-            message = "; ".join(filter(None, [swarm_says, task_error and f"task error: {task_error}"]))
+            message = said or "; ".join(filter(None, [swarm_says, task_error and f"task error: {task_error}"]))
             details = self.failure_details(tasks, rollout.image) if self.deployer.notifier.targets else ""
         words = OUTCOME_WORDS[outcome.removeprefix("rollback_") if rollout.rollback else outcome]
-        log.log(logging.INFO if outcome in ("completed", "rollback_completed", "superseded") and not message
+        log.log(logging.INFO if outcome in ("completed", "rollback_completed", "superseded") and not (failed and message)
                 else logging.ERROR, "%s of %s to %s %s after %.1fs%s", "Rollback" if rollout.rollback else "Rollout",
                 rollout.label, rollout.image, words, duration, f": {message}" if message else "")
         self.outcomes.append(outcome)
@@ -4463,9 +5050,11 @@ class Rollouts:
         if rollout.rollback or not service:
             return
         if self.rollback_on_failure and (
-                outcome == "timed_out"  # Swarm rolls back failures, never slowness
+                outcome in ("timed_out", "stuck", "check_failed")  # Swarm rolls back failures, never slowness
                 or outcome == "paused" and (service["Spec"].get("UpdateConfig") or {}).get("FailureAction") != "rollback"):
             self.roll_back(rollout, outcome, message)
+        elif outcome == "check_failed":  # Swarm says completed: only a record keeps waves and promotion off it
+            self.record_on_running(rollout, service, outcome, message)
         elif outcome == "rollback_completed":  # Swarm's FailureAction=rollback: it keeps no record of what failed
             self.deployer.actor.record_failure(service, rollout.push.account, rollout.push.region,
                                          rollout.image.rpartition("@")[2], outcome, message)
@@ -4936,6 +5525,10 @@ class Reconciler:
         promotes = {key for s in services if (key := promote_key(s, followed.get(s["ID"])))}
         now_at, errors = tag_digests(deployer.ecr, set(followed.values()) | promotes, deployer.systemd.heartbeat)
         deployer.answers.update(now_at)
+        for service in services:  # a rollout within its checks' window that this process does not follow
+            key = followed.get(service["ID"])
+            if key in now_at and runs_digest(service, now_at[key].digest):
+                deployer.rollouts.adopt(service, key, now_at[key].digest)
         for repository_key, error in errors.items():
             if not isinstance(error, AccessDenied):
                 log.error("Reconcile pass: %s", error)
@@ -4982,7 +5575,7 @@ def image_statuses(ecr: Ecr, keys, heartbeat=lambda: None) -> tuple[dict[tuple, 
     by_repository: dict[tuple, set[str]] = defaultdict(set)
     for *repository, digest in keys:
         by_repository[tuple(repository)].add(digest)
-    return per_repository(ecr.image_statuses, by_repository, heartbeat)
+    return per_repository(ecr.kept.image_statuses, by_repository, heartbeat)
 
 
 class ImageKeeper:
@@ -4991,10 +5584,12 @@ class ImageKeeper:
     when it appears, again only if it changes; with `restore`, an archived one is restored
     (UpdateImageStorageClass), once. One DescribeImages per repository and 100 digests per pass."""
 
-    def __init__(self, deployer: Deployer, restore: bool = False):
-        self.deployer, self.restore = deployer, restore
+    def __init__(self, deployer: Deployer, restore: bool = False, protect_prefix: str | None = None):
+        self.deployer, self.restore, self.protect_prefix = deployer, restore, protect_prefix
         self.said: dict[tuple, str] = {}  # (service id, role, digest) -> the state last said
         self.restored: set[tuple] = set()  # images this process asked ECR to restore
+        self.tagged: set[tuple] = set()  # repositories holding protection tags of ours: listed until they hold none
+        self.immutable: set[tuple] = set()  # repositories whose tags ECR refused to move: said once
 
     def states(self, services: list[dict]) -> tuple[dict[str, dict[str, str]], dict[tuple, AwsError]]:
         """service id -> role -> ok, archived, restoring or gone; and per repository why ECR could not tell."""
@@ -5033,12 +5628,84 @@ class ImageKeeper:
                                                    line.partition(": ")[2],  # (the event names the service)
                                                    route=notify_route(service["Spec"].get("Labels"))))
         self.deployer.totals["images_at_risk"] = {state: n for state, n in counts.items() if state != "ok"}
-        return not errors
+        protected = self.protect(services, states) if self.protect_prefix else True
+        return not errors and protected
+
+    def protect(self, services: list[dict], states: dict[str, dict[str, str]]) -> bool:
+        """Moves the protection tags to the digests services run and roll back to (images ECR holds in the
+        standard storage class), and removes those of services gone. One ListImages per repository (shared
+        with the pass's version lookups); a PutImage (and the BatchGetImage of its bytes) per tag moved, a
+        BatchDeleteImage per tag removed. False if ECR refused something."""
+        prefix = self.protect_prefix
+        wanted: dict[tuple, dict[str, str]] = defaultdict(dict)  # repository -> tag -> digest
+        named: dict[tuple, set[str]] = defaultdict(set)
+        for service in services:
+            name = service["Spec"].get("Name", "?")
+            for role, key in kept_images(service).items():
+                tag = protection_tag(prefix, name, role)
+                named[key[:3]].add(tag)
+                if states.get(service["ID"], {}).get(role) == "ok":
+                    wanted[key[:3]][tag] = key[3]
+        repositories = sorted(set(named) | self.tagged)
+        done, errors = per_repository(  # a few repositories at a time: a first pass tags every digest in use
+            lambda account, region, repository, _: {"done": self.protect_repository(
+                (account, region, repository), wanted.get((account, region, repository), {}),
+                named.get((account, region, repository), set()))},
+            dict.fromkeys(repositories, ()), self.deployer.systemd.heartbeat)
+        for error in errors.values():
+            log.error("Protection tags: %s", error)
+        return not errors and all(done.values())
+
+    def protect_repository(self, repository: tuple, wanted: dict[str, str], named: set[str]) -> bool:
+        """One repository's protection tags moved and removed; False if ECR refused one (but its immutability:
+        said once, the operator must act). AwsError if ECR cannot list its tags."""
+        prefix, ecr, done = self.protect_prefix, self.deployer.ecr, True
+        tags = ecr.list_tags(*repository)
+        moves, removals = protection_changes(prefix, wanted, named, tags)
+        for tag, digest in moves.items():
+            try:
+                ecr.promote(*repository, digest, tag)
+            except TagImmutable:  # retrying changes nothing until the operator does: said once, not a failed pass
+                self.say_immutable(repository)
+                continue
+            except AwsError as e:  # (one line per repository and pass: the rest would fail alike)
+                log.error("Protection tags: %s", e)
+                done = False
+                break
+            tags[tag] = ecr.tag_listings.setdefault(repository, {})[tag] = digest
+            log.info("Protection tag %s:%s now on %s", repository[2], tag, short_digest(digest))
+        for tag in removals if done else ():
+            try:
+                ecr.kept.untag(*repository, tag)
+            except AwsError as e:
+                log.error("Protection tags: %s", e)
+                done = False
+                break
+            tags.pop(tag, None)
+            ecr.tag_listings.get(repository, {}).pop(tag, None)
+            log.info("Protection tag %s:%s removed: no service here names it now", repository[2], tag)
+        if any(is_protection_tag(prefix, tag) for tag in tags):
+            self.tagged.add(repository)  # (listed again next pass, also once no service uses it)
+        else:
+            self.tagged.discard(repository)
+        return done
+
+    def say_immutable(self, repository: tuple) -> None:
+        """Protection tags move: a tag-immutable repository must exclude them (once per process)."""
+        if repository in self.immutable:
+            return
+        self.immutable.add(repository)
+        try:
+            described = self.deployer.ecr.repository(*repository)
+        except AwsError:
+            described = None
+        log.error("Protection tags: %s", immutable_tag_fix(*repository, f"{self.protect_prefix}.*", described,
+                                                           what="the protection tags"))
 
     def restore_one(self, name: str, key: tuple) -> bool:
         """Asks ECR to restore an archived image (once per process: ECR restores it within minutes)."""
         try:
-            self.deployer.ecr.restore_image(*key)
+            self.deployer.ecr.kept.restore_image(*key)
         except AwsError as e:
             log.error("Service %s: %s", name, e)
             if isinstance(e, AccessDenied):  # (waiting will not help: said once, the WARNING says how by hand)
@@ -5046,6 +5713,67 @@ class ImageKeeper:
             return False
         self.restored.add(key)
         return True
+
+
+def lifecycle_lint(deployer: Deployer, services: list[dict], sleep=time.sleep) \
+        -> tuple[dict[str, list[str]], list[AwsError]]:
+    """Service name -> one line per image it runs or rolls back to that a rule of its repository's lifecycle
+    policy would expire or archive now, as ECR's preview of the policy says; and why ECR could not tell, per
+    repository. GetLifecyclePolicy per repository (one call where there is none), every preview started
+    before any is waited for (ECR evaluates them side by side), then asked for in rounds a second apart, a
+    few repositories at a time. Changes nothing."""
+    in_use: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for service in services:
+        for role, key in kept_images(service).items():
+            in_use[key[:3]][key[3]].append((service["Spec"].get("Name", "?"), role))
+    kept, heartbeat = deployer.ecr.kept, deployer.systemd.heartbeat
+    policies, errors = per_repository(lambda *key: {"policy": kept.lifecycle_policy(*key[:3])}, in_use, heartbeat)
+    pending = {key[:3]: {"policy": text, "started": False} for key, text in policies.items() if text}
+    lines: dict[str, list[str]] = defaultdict(list)
+    deadline = time.monotonic() + LIFECYCLE_PREVIEW_TIMEOUT
+
+    def step(account: str, region: str, repository: str, _) -> dict:
+        state = pending[(account, region, repository)]
+        if not state["started"]:
+            state["started"] = kept.start_lifecycle_preview(account, region, repository)
+            return {"results": None}
+        return {"results": kept.lifecycle_preview(account, region, repository)}
+
+    rounds = 0
+    while pending:
+        if rounds > 1:  # (the first round starts the previews, the second asks at once: a small one is done)
+            sleep(LIFECYCLE_PREVIEW_POLL)
+        rounds += 1
+        answers, failed = per_repository(step, dict.fromkeys(pending, ()), heartbeat)
+        errors.update(failed)
+        for repository in failed:
+            del pending[repository]
+        for (*repository, _), results in answers.items():
+            if results is None:
+                continue
+            where = f"{repository[2]} in ECR ({repository[0]}, {repository[1]})"
+            for name, line in lifecycle_findings(pending.pop(tuple(repository))["policy"], results,
+                                                 in_use[tuple(repository)], where):
+                lines[name].append(line)
+        if pending and time.monotonic() > deadline:
+            errors.update({key: AwsError(f"ECR's preview of the lifecycle policy of {key[2]} ({key[0]}, {key[1]}) "
+                                         f"did not complete in {LIFECYCLE_PREVIEW_TIMEOUT:.0f} s") for key in pending})
+            break
+    return {name: sorted(found) for name, found in lines.items()}, list(errors.values())
+
+
+def lint_lifecycle(deployer: Deployer) -> int:
+    """--lint-lifecycle: a line per image in use a lifecycle rule would expire or archive; exit 0 none,
+    5 some (the operator must act), 1 ECR could not be asked for some repository."""
+    services = [s for s in deployer.docker.services() if deployer.label_filter is None
+                or deployer.label_filter.admits(s["Spec"].get("Labels"))]
+    lines, errors = lifecycle_lint(deployer, services)
+    for error in errors:
+        log.error("Linting the lifecycle policies: %s", error)
+    found = [line for name in sorted(lines) for line in lines[name]]
+    sys.stdout.write("".join(line + "\n" for line in found) or  # the result, not a log line
+                     "No lifecycle rule would expire or archive an image a service runs or rolls back to\n")
+    return 5 if found else 1 if errors else 0
 
 
 # --------------------------------------------------------------------------- receiving
@@ -5579,8 +6307,10 @@ def status_of(deployer: Deployer, service: dict, key: tuple | None, answer: tupl
     while (decision := decide(hint, facts, len(deployer.gates))).action == "ask":
         facts = status_fact(deployer, decision.reason, hint, facts)
     if decision.action == "nothing":
-        return current_state(service, digest) if runs_digest(service, digest) else \
-            ("rolling back", (service.get("UpdateStatus") or {}).get("Message", ""))
+        if runs_digest(service, digest):
+            state = current_state(service, digest)
+            return (state[0] == "current" and checking_state(deployer, service, digest)) or state
+        return "rolling back", (service.get("UpdateStatus") or {}).get("Message", "")
     if decision.action == "hold back":
         return "blocked" if f" by its {JOB_GATE} " in decision.reason else "held back", \
             f"{decision.reason} (`docker service update --label-rm {FAILED_LABEL} {spec.get('Name')}` lets it roll)"
@@ -5597,6 +6327,31 @@ def status_of(deployer: Deployer, service: dict, key: tuple | None, answer: tupl
         return ("blocked" if decision.action == "block" else "waiting"), f"{decision.gate}: {decision.reason}"
     return "behind", f"the tag points to {short_digest(digest)} (pushed {pushed_at or '?'}): the next push or " \
                      f"reconcile pass rolls it"
+
+
+def checking_state(deployer: Deployer, service: dict, digest: str) -> tuple[str, str] | None:
+    """("rolling out", "checking: " what one look at its checks says now) for a service whose rollout of the
+    digest is within its checks' window (checks_window): not done until they pass; else None. The passes in a
+    row the deployer counted are in its log."""
+    labels = service["Spec"].get("Labels") or {}
+    if not (labels.get(ALARMS_LABEL) or labels.get(CHECK_LABEL)) or failed_digest(service) == digest:
+        return None
+    try:
+        checks, soak = checks_of(labels), parse_duration(labels.get(SOAK_LABEL) or "0")
+    except ValueError as e:
+        return "rolling out", f"checking: its checks cannot be read: {e} (the deployer fails its next rollout)"
+    if checks is None:
+        return None
+    docker = deployer.docker
+    ran = rollout_of(service, docker.tasks(service["ID"]), digest, docker.date)
+    ran_for = soaked_for(Leader("", True, None, ran.since, None), docker.date)
+    if ran.pending or ran_for is None or ran_for >= checks_window(checks, soak):
+        return None
+    look = look_at(checks, deployer.checker.alarm_states(checks.alarms) if checks.alarms else {},
+                   deployer.checker.answer(checks.url) if checks.url else None, 0)
+    return "rolling out", f"checking: {look.said}; its checks' window ends in " \
+                       f"{duration_text(checks_window(checks, soak) - ran_for)}" + \
+        (f" ({look.failed}: the deployer fails the rollout)" if look.failed else "")
 
 
 def status_fact(deployer: Deployer, fact: str, hint: Hint, facts: Facts) -> Facts:
@@ -5618,11 +6373,22 @@ def status_fact(deployer: Deployer, fact: str, hint: Hint, facts: Facts) -> Fact
                                                               verdict.decision != "gone" else None)))
 
 
-def show_status(deployer: Deployer, as_json: bool) -> int:
+def show_status(deployer: Deployer, as_json: bool, lint: bool = False) -> int:
     rows = status_rows(deployer)
+    codes = set()
+    if lint:  # (on request: a preview per repository takes ECR seconds)
+        lines, errors = lifecycle_lint(deployer, [s for s in deployer.listing if deployer.label_filter is None
+                                                  or deployer.label_filter.admits(s["Spec"].get("Labels"))])
+        for error in errors:
+            log.error("Linting the lifecycle policies: %s", error)
+        codes |= {1} if errors else set()
+        for row in rows:
+            row["lifecycle"] = [line.partition(": ")[2] for line in lines.get(row["service"], [])]
+            row["reason"] = "; ".join(filter(None, (row["reason"], *row["lifecycle"])))
+            codes |= {5} if row["lifecycle"] else set()
     sys.stdout.write(json.dumps(rows, indent=2) + "\n" if as_json else status_table(rows))  # the result, not a log line
-    codes = {STATUS_EXIT[row["state"]] for row in rows} | {IMAGE_STATUS_EXIT.get(state, 1) for row in rows
-                                                           for state in row["images"].values()}
+    codes |= {STATUS_EXIT[row["state"]] for row in rows} | {IMAGE_STATUS_EXIT.get(state, 1) for row in rows
+                                                            for state in row["images"].values()}
     return next((code for code in (5, 1, 4) if code in codes), 0)  # what needs someone first, what settles last
 
 
@@ -5839,18 +6605,18 @@ def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deplo
     """Resolve the queue, read its visibility timeout, reach Docker and check that it is a swarm
     manager. Misconfigured: raised at once. Outages: in loop mode, waited out instead of failing."""
     # First: a target that needs Apprise while it is missing fails before any AWS or Docker call (exit 3).
-    notifier = Notifier([] if args.status or args.dry_run else args.notify_targets,
+    notifier = Notifier([] if args.status or args.lint_lifecycle or args.dry_run else args.notify_targets,
                         held=bool(args.once or args.reconcile or args.refresh_auth),  # one message per run
                         node_name=lambda: deployer.rollouts.node_name())
     docker = Docker(os.environ.get("DOCKER_HOST"), on_request=systemd.heartbeat)
     session = aws_session()
     # One-shot modes need no queue, nor its region (ECR's come from each service's image host).
-    one_shot = args.refresh_auth or args.reconcile or args.status
+    one_shot = args.refresh_auth or args.reconcile or args.status or args.lint_lifecycle
     queue = Queue(session, args.queue, on_request=systemd.heartbeat) if args.queue and not one_shot else None
     ecr = Ecr(session, on_request=systemd.heartbeat)
     deployer = Deployer(queue, ecr, docker, args.filter_label,
                         trust_events=args.trust_events, follow_rollouts=(args.wait or not (
-                            args.once or args.reconcile or args.status or args.refresh_auth)) and not args.dry_run,
+                            args.once or one_shot)) and not args.dry_run,
                         rollout_timeout=args.rollout_timeout, rollback_on_failure=args.rollback_on_failure,
                         notify_urls=tuple(args.notify_url), dry_run=args.dry_run, systemd=systemd,
                         gates=(ScanGate(ecr, args.scan_threshold, args.scan_timeout),
@@ -5862,10 +6628,13 @@ def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deplo
                         release_defaults={k: v for k, v in ((WINDOW_LABEL, args.window), (MIN_AGE_LABEL, args.min_age))
                                           if v},
                         # a one-shot process must list anyway: following events pays only in a loop
-                        service_index=None if args.once or args.refresh_auth or args.reconcile or args.status
+                        service_index=None if args.once or one_shot
                         else ServiceIndex(docker), notifier=notifier)
     deployer.reconciler.images.restore = args.restore_archived and not args.dry_run
-    if not (args.status or args.dry_run):
+    deployer.reconciler.images.protect_prefix = None if args.dry_run else args.protect_tag_prefix
+    deployer.rollouts.progress_deadline = args.progress_deadline
+    deployer.checker = Checker(session, on_request=systemd.heartbeat)
+    if not (args.status or args.lint_lifecycle or args.dry_run):
         deployer.heartbeat = Heartbeat(os.environ.get("DEPLOYER_HEARTBEAT_URL"))
         if args.once or args.reconcile:
             deployer.heartbeat.ping("start")
@@ -5900,7 +6669,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.reconcile:
             return finish_once(deployer, signals, args, not reconcile_once(deployer))
         if args.status:
-            return show_status(deployer, args.json)
+            return show_status(deployer, args.json, args.lint_lifecycle)
+        if args.lint_lifecycle:
+            return lint_lifecycle(deployer)
         queue, receiver = deployer.queue, Receiver(deployer.queue, once=args.once)
         if args.metrics_address and not args.once:
             serve_metrics(deployer, args.metrics_address)

@@ -1661,6 +1661,21 @@ def sqs_shell(aws, monkeypatch):
     return url, queue
 
 
+def test_sqs_keeps_a_message_first_receive_time_across_redeliveries(aws, sqs_shell):
+    """The verifiers' wait is counted from it: moto's SQS, as SQS, gives ApproximateFirstReceiveTimestamp
+    when asked and keeps it when the message comes back after its visibility timeout."""
+    url, queue = sqs_shell
+    aws.send(url, "once")
+    before = time.time()
+    first = queue.receive(1)
+    assert len(first) == 1 and before - 1 <= ed.first_received(first[0]) <= time.time() + 1, first
+    time.sleep(1.5)  # past the 1 s visibility timeout: redelivered
+    again = queue.receive(1)
+    assert [m["MessageId"] for m in again] == [first[0]["MessageId"]]
+    assert ed.first_received(again[0]) == ed.first_received(first[0])
+    assert again[0]["Attributes"]["ApproximateReceiveCount"] == "2"
+
+
 def test_messages_in_hand_stay_invisible_however_long_the_work_on_them_takes(aws, sqs_shell):
     url, queue = sqs_shell
     aws.send(url, *[f"slow-{i}" for i in range(12)])
@@ -2006,17 +2021,17 @@ def test_refresh_auth_needs_no_queue_and_notify_urls_accumulate(monkeypatch):
 
 
 class LocalServer:
-    """A real local HTTP server on loopback answering 200 to the given methods; `record(path, body)` notes each
-    request (the URL's path may carry a fake secret that must never be logged)."""
+    """A real local HTTP server on loopback answering 200 (or what `status()` says) to the given methods;
+    `record(path, body)` notes each request (the URL's path may carry a fake secret that must never be logged)."""
 
-    def __init__(self, path: str, record, methods=("POST",)):
+    def __init__(self, path: str, record, methods=("POST",), status=lambda: 200):
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
 
             def answer(self):
                 record(self.path, self.rfile.read(int(self.headers.get("Content-Length") or 0)))
-                self.send_response(200)
+                self.send_response(status())
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")
@@ -3015,7 +3030,7 @@ def test_install_page_aws_setup_blocks_run_against_moto(aws, tmp_path):
     env = {**deployer_env(aws), "AWS_REGION": region, "AWS_DEFAULT_REGION": region,
            "PATH": f"{shim.parent}:{os.environ['PATH']}",
            "QUEUE": f"ecr-deploy-{suffix}", "SWARM": f"swarm-{suffix}", "SCAN_GATE": "", "SIGNATURE_GATE": "",
-           "PROMOTE_REPOS": "team/web team/api"}
+           "PROMOTE_REPOS": "team/web team/api", "PROTECT_TAGS": "1"}
 
     def run_block(block, **extra):
         run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], env={**env, **extra}, capture_output=True,
@@ -3051,7 +3066,14 @@ def test_install_page_aws_setup_blocks_run_against_moto(aws, tmp_path):
                        "sqs:DeleteMessage", "ecr:GetAuthorizationToken",
                        "ecr:DescribeImages", "ecr:DescribeImageScanFindings", "ecr:BatchGetImage",
                        "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability", "ecr:PutImage",
-                       "ecr:DescribeRepositories", "ecr:UpdateImageStorageClass"}  # (--restore-archived)
+                       "ecr:DescribeRepositories", "ecr:UpdateImageStorageClass",  # (--restore-archived)
+                       "ecr:GetLifecyclePolicy", "ecr:StartLifecyclePolicyPreview", "ecr:GetLifecyclePolicyPreview",
+                       "ecr:ListImages", "ecr:BatchDeleteImage",  # (--lint-lifecycle, --protect-tag-prefix)
+                       "cloudwatch:DescribeAlarms"}  # (ecr-deploy.alarms)
+    alarms = next(s for s in document["PolicyVersion"]["Document"]["Statement"] if s["Sid"] == "Alarms")
+    assert alarms["Resource"] == f"arn:aws:cloudwatch:{region}:{document_account(aws)}:alarm:*"
+    protect = next(s for s in document["PolicyVersion"]["Document"]["Statement"] if s["Sid"] == "ProtectionTags")
+    assert protect["Action"] == ["ecr:ListImages", "ecr:PutImage", "ecr:BatchDeleteImage", "ecr:DescribeRepositories"]
     promote = next(s for s in document["PolicyVersion"]["Document"]["Statement"] if s["Sid"] == "Promote")
     assert promote["Action"] == ["ecr:PutImage", "ecr:DescribeRepositories"]  # (--status: may the promote tag move?)
     assert promote["Resource"] == [f"arn:aws:ecr:{region}:{document_account(aws)}:repository/{name}"
@@ -4347,12 +4369,42 @@ def test_a_verifier_that_gives_no_answer_waits_and_blocks_once_the_bound_is_over
     fresh = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A, time=now.isoformat())
     verdict = gate.verdict({"Spec": {}}, fresh, DIGEST_A)
     assert verdict.decision == "wait" and re.fullmatch(
-        r"cosign gave no answer within 1s \(asked again for up to 5m; [12]s so far\)", verdict.reason), verdict
+        r"cosign gave no answer within 1s \(asked again for up to 5m; [0-2]s so far\)", verdict.reason), verdict
     assert len(beats) == 2  # before and after: the watchdog is fed around the run
-    stale = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_B,
-                    time=(now - datetime.timedelta(minutes=6)).isoformat())  # its message came back after the bound
+    stale = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_B, time=now.isoformat(),
+                    received=time.time() - 360)  # its message came back after the bound
     assert gate.verdict({"Spec": {}}, stale, DIGEST_B) == ed.Verdict(
         "blocked", "no verdict within 5m: cosign gave no answer within 1s")
+
+
+def test_a_message_read_days_after_its_event_waits_from_its_first_receive_not_from_the_event(tmp_path, monkeypatch):
+    """A deployer back from a weekend's outage reads a Friday push: a verifier that cannot answer at
+    that moment (the registry busy) is a wait, counted from when SQS first handed the message to any
+    deployer (kept across redeliveries and managers), not an instant block for a two-day-old event."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "cosign").write_text("#!/bin/sh\necho 'error during command execution: GET https://h/v2/: unexpected "
+                                   "status code 503 Service Unavailable' >&2\nexit 1\n")
+    (folder / "cosign").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}:/usr/bin:/bin")
+    key = tmp_path / "k.pub"
+    key.write_text("a public key")
+    gate = ed.SignatureGate(FixedCredentials(), ed.Trust("cosign", str(key)), str(tmp_path))
+    friday = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=2)).isoformat()
+    monday = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A, time=friday,
+                     received=time.time() - 1)
+    verdict = gate.verdict({"Spec": {}}, monday, DIGEST_A)
+    assert verdict.decision == "wait" and "up to 5m; 1s so far" in verdict.reason, verdict
+    handed_long_ago = monday.__class__(**{**monday.__dict__, "digest": DIGEST_B, "received": time.time() - 301})
+    assert gate.verdict({"Spec": {}}, handed_long_ago, DIGEST_B).decision == "blocked"
+
+
+@pytest.mark.parametrize("attributes, expected", [
+    ({"ApproximateFirstReceiveTimestamp": "1765000000123"}, 1765000000.123),
+    ({}, 0.0), ({"ApproximateFirstReceiveTimestamp": "soon"}, 0.0), ({"ApproximateFirstReceiveTimestamp": "²"}, 0.0),
+    ({"ApproximateFirstReceiveTimestamp": "9" * 16}, 0.0)])
+def test_first_received_reads_sqs_first_receive_time_strictly(attributes, expected):
+    assert ed.first_received({"Attributes": attributes}) == expected
 
 
 def test_a_reconcile_pass_waits_from_its_first_try_not_from_an_old_push(tmp_path, monkeypatch):
@@ -5137,6 +5189,11 @@ def test_status_table_lines_up_columns_like_docker_service_ls():
     (["--reconcile"], {}, {"restore_archived": False}),
     (["--reconcile", "--restore-archived"], {}, {"restore_archived": True}),
     (["--queue", "q"], {"DEPLOYER_RESTORE_ARCHIVED": "1"}, {"restore_archived": True}),
+    (["--reconcile"], {}, {"protect_tag_prefix": None, "lint_lifecycle": False}),
+    (["--reconcile", "--protect-tag-prefix", "prod-eu"], {}, {"protect_tag_prefix": "prod-eu"}),
+    (["--queue", "q"], {"DEPLOYER_PROTECT_TAG_PREFIX": "swarm_1"}, {"protect_tag_prefix": "swarm_1"}),
+    (["--lint-lifecycle"], {}, {"lint_lifecycle": True, "queue": ""}),
+    (["--status", "--lint-lifecycle"], {}, {"lint_lifecycle": True, "status": True}),
 ])
 def test_reconcile_and_status_flags(monkeypatch, argv, env, expected):
     for key in list(os.environ):
@@ -5153,6 +5210,9 @@ def test_reconcile_and_status_flags(monkeypatch, argv, env, expected):
     (["--status", "--once", "--queue", "q"], "each run alone"),
     (["--json", "--queue", "q"], "--json goes with --status"),
     (["--queue", "q", "--reconcile-every", "soon"], "not a duration"),
+    (["--lint-lifecycle", "--reconcile"], "each run alone"),
+    (["--reconcile", "--protect-tag-prefix", "prod.eu"], "no '.'"),
+    (["--reconcile", "--protect-tag-prefix=-x"], "--protect-tag-prefix must be"),
 ])
 def test_reconcile_and_status_usage_errors(monkeypatch, capsys, argv, message):
     monkeypatch.delenv("DEPLOYER_QUEUE", raising=False)
@@ -6043,6 +6103,111 @@ def test_promotion(labels, runs, pending, failed, target, expected):
     assert (release.decision, release.until) == expected, release
 
 
+# ---- checks after the rollout, and stuck rollouts
+
+@pytest.mark.parametrize("labels, error", [
+    ({ed.CHECK_LABEL: "ftp://web/health"}, "http:// or https://"),
+    ({ed.CHECK_LABEL: "file:///etc/passwd"}, "http:// or https://"),
+    ({ed.CHECK_LABEL: "https://user:s3cret@web/health"}, "must not carry credentials"),
+    ({ed.CHECK_LABEL: "https:///health"}, "names no host"),
+    ({ed.CHECK_LABEL: "https://web:99999/health"}, "invalid port"),
+    ({ed.CHECK_LABEL: "https://web/he alth"}, "spaces or control characters"),
+    ({ed.CHECK_LABEL: "https://web/health", ed.CHECK_PASSES_LABEL: "0"}, "from 1 to 100"),
+    ({ed.CHECK_LABEL: "https://web/health", ed.CHECK_PASSES_LABEL: "three"}, "from 1 to 100"),
+    ({ed.ALARMS_LABEL: "web-5xx," + "x" * 256}, "not a CloudWatch alarm name"),
+])
+def test_checks_labels_are_read_strictly_and_never_echo_a_secret(labels, error):
+    with pytest.raises(ValueError, match=error) as raised:
+        ed.checks_of(labels)
+    assert "s3cret" not in str(raised.value)
+
+
+def test_checks_labels_read():
+    assert ed.checks_of({}) is None and ed.checks_of({ed.ALARMS_LABEL: " , "}) is None
+    checks = ed.checks_of({ed.ALARMS_LABEL: "web-5xx, web-latency,web-5xx",
+                           ed.CHECK_LABEL: "https://web:8443/health?token=T0KEN#x"})
+    assert checks == ed.Checks(("web-5xx", "web-latency"), "https://web:8443/health?token=T0KEN", 3)
+    assert "T0KEN" not in checks.named and "https://web:8443/health?…" in checks.named
+
+
+def test_a_look_fails_on_an_alarm_in_alarm_a_missing_alarm_or_a_non_2xx_answer_never_on_insufficient_data():
+    checks = ed.Checks(("a", "b"), "http://web/health", 2)
+    first = ed.look_at(checks, {"a": "OK", "b": "INSUFFICIENT_DATA"}, 200, 0)
+    assert first.failed is None and first.passes == 1
+    assert first.said == "alarm a OK, alarm b INSUFFICIENT_DATA (no data yet: not a failure), check 1/2 (HTTP 200)"
+    assert not ed.checks_done(checks, first, soak_over=True)
+    second = ed.look_at(checks, {"a": "OK", "b": "OK"}, 204, first.passes)
+    assert ed.checks_done(checks, second, soak_over=True) and not ed.checks_done(checks, second, soak_over=False)
+    alarm = ed.look_at(checks, {"a": "ALARM", "b": "OK"}, 200, 1)
+    assert alarm.failed == "alarm a is in ALARM" and not ed.checks_done(checks, alarm, True)
+    missing = ed.look_at(checks, {"a": "OK"}, 200, 1)
+    assert missing.failed.startswith("alarm b does not exist")
+    answered = ed.look_at(checks, {"a": "OK", "b": "OK"}, 500, 1)
+    assert answered.failed == "check http://web/health answered HTTP 500" and answered.passes == 0
+    refused = ed.look_at(ed.Checks((), "http://web/h", 1), {}, "no connection", 0)
+    assert refused.failed == "check http://web/h answered no connection"
+    assert ed.checks_done(ed.Checks(("a",), None, 3), ed.look_at(ed.Checks(("a",), None, 3), {"a": "OK"}, None, 0), True)
+
+
+def test_an_http_check_follows_a_redirect_only_on_its_own_host_and_sends_no_credentials(monkeypatch, tmp_path):
+    """Real loopback servers: /moved redirects on the same host (followed), /away to another host (127.0.0.2:
+    not followed, never asked); a ~/.netrc naming the host sends nothing (the check ignores the environment)."""
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            seen.append((self.headers.get("Host"), self.path, self.headers.get("Authorization")))
+            port = self.server.server_address[1]
+            where = {"/moved": "/health", "/away": f"http://127.0.0.2:{port}/health"}.get(self.path)
+            self.send_response(302 if where else 200 if self.path == "/health" else 503)
+            if where:
+                self.send_header("Location", where)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("0.0.0.0", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    netrc = tmp_path / ".netrc"
+    netrc.write_text("machine 127.0.0.1 login user password s3cret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        checker = ed.Checker()
+        assert checker.answer(base + "/moved") == 200
+        assert checker.answer(base + "/away") == "HTTP 302, a redirect to another host (not followed)"
+        assert checker.answer(base + "/down") == 503
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [path for _, path, _ in seen] == ["/moved", "/health", "/away", "/down"]  # 127.0.0.2 never asked
+    assert {auth for _, _, auth in seen} == {None}
+
+
+def test_a_stuck_rollout_says_what_swarm_says_of_its_tasks():
+    new = f"{HOST}/team/web:latest@{DIGEST_B}"
+
+    def task(state, desired="running", err=None, image=new, stamp="2026-12-07T06:00:00Z"):
+        return {"Spec": {"ContainerSpec": {"Image": image}}, "DesiredState": desired,
+                "Status": {"State": state, "Err": err, "Message": state, "Timestamp": stamp}}
+    tasks = [task("pending", err="no suitable node (scheduling constraints not satisfied on 1 node)"),
+             task("pending", err="no suitable node (scheduling constraints not satisfied on 1 node)"),
+             task("running", image=f"{HOST}/team/web:latest@{DIGEST_A}"),
+             task("rejected", desired="shutdown", err="No such image: team/web@sha256:bbb")]
+    assert ed.tasks_running(tasks, new) == 0
+    assert ed.stuck_reason(tasks, new, 300) == (
+        "no task of the new digest reached running within 5m (ecr-deploy.progress-deadline): 2 task(s) pending: "
+        "no suitable node (scheduling constraints not satisfied on 1 node); 1 task(s) rejected: No such image: "
+        "team/web@sha256:bbb")
+    assert ed.progress_deadline({ed.PROGRESS_DEADLINE_LABEL: "30s"}, 300) == 30
+    assert ed.progress_deadline({}, 300) == 300
+    assert ed.checks_window(ed.Checks((), "http://x/", 3), 0) == 3 * ed.CHECK_EVERY
+    assert ed.checks_window(ed.Checks(("a",), None, 3), 600) == 600
+
+
 # ---- deciding: one answer to "service S should run digest D of tag T" (push path, reconcile pass, --status)
 
 RUNS_A = service(f"{HOST}/team/web:latest@{DIGEST_A}")
@@ -6620,6 +6785,150 @@ def test_promotion_tags_a_soaked_digest_once_for_production_and_never_a_failed_o
     prod_now = ecr.describe_images(repositoryName=repo, imageIds=[{"imageTag": "prod"}])["imageDetails"][0]
     assert prod_now["imageDigest"] == v2  # a failed staging rollout never reaches production
     assert service_image_of(swarm, prod)[0].endswith(v2)
+
+# ---- checks after the rollout, and stuck rollouts (docs/around-a-rollout.md)
+
+def test_checks_after_the_rollout_fail_it_on_an_alarm_or_a_bad_answer_and_an_ok_run_promotes(aws, images, clean_swarm,
+                                                                                              webhook):
+    """Three pushes: a CloudWatch alarm set to ALARM during the soak fails the rollout (rolled back with its
+    failure record); the HTTP check answering 500 fails the next (a deployer without --rollback-on-failure:
+    the record written on the service, which stays on the build); neither is promoted, the wave holds both.
+    Then all checks pass, across a restart of the deployer during them, and the digest is promoted and the
+    wave follows. CloudWatch is moto's (put_metric_alarm, set_alarm_state, describe_alarms)."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    cloudwatch, ecr = aws.client("cloudwatch", registry.region), aws.client("ecr", registry.region)
+    alarm = f"chk-web-5xx-{uuid.uuid4().hex[:6]}"
+    cloudwatch.put_metric_alarm(AlarmName=alarm, MetricName="5xx", Namespace="chk", Statistic="Sum", Period=60,
+                                EvaluationPeriods=1, Threshold=1, ComparisonOperator="GreaterThanThreshold")
+    answers, asked = [200], []
+    health = LocalServer("/health?token=T0KEN", lambda path, body: asked.append(path), methods=("GET",),
+                         status=lambda: answers[-1])
+    logs = []
+
+    def deployer(rollback: bool) -> Running:
+        env = deployer_env(aws, swarm, DEPLOYER_NOTIFY_URL=webhook.url,
+                           **({"DEPLOYER_ROLLBACK_ON_FAILURE": "1"} if rollback else {}))
+        logs.append(Running(env, "--queue", queue, "--reconcile-every", "2s"))
+        return logs[-1]
+
+    def prod():
+        return ecr.describe_images(repositoryName=repo, imageIds=[{"imageTag": "prod"}])["imageDetails"][0]
+
+    def failed_by_its_checks(running: Running, content: str, why: str) -> tuple[str, str]:
+        digest = images.push(repo, "latest", content)
+        image = f"{registry.host}/{repo}:latest@{digest}"
+        aws.send(queue, event(repository=repo, digest=digest))
+        running.wait_line(f"Rollout of chk-web ({web[:12]}) to {image}: Swarm completed it after", timeout=60)
+        if why == "alarm":  # during the soak
+            cloudwatch.set_alarm_state(AlarmName=alarm, StateValue="ALARM", StateReason="5xx above 1")
+        running.wait_line(f"Rollout of chk-web ({web[:12]}) to {image} failed its checks after", timeout=30)
+        running.wait_line(f"Service chk-api ({api[:12]}) holds back {image}: chk-web's rollout of this digest "
+                          f"failed", timeout=30)
+        record = swarm.service(web)["Spec"]["Labels"][ed.FAILED_LABEL]
+        assert record.startswith(f"{digest} failed its checks at "), record
+        assert service_image_of(swarm, api)[0] == old and prod()["imageDigest"] == v1  # held, never promoted
+        return image, record
+
+    try:
+        repo = images.new_repository()
+        v1 = images.push(repo, "latest", "v1")
+        manifest = ecr.batch_get_image(repositoryName=repo, imageIds=[{"imageDigest": v1}])["images"][0]["imageManifest"]
+        ecr.put_image(repositoryName=repo, imageManifest=manifest, imageTag="prod", imageDigest=v1)
+        old = f"{registry.host}/{repo}:latest@{v1}"
+        web = swarm.create_service("chk-web", old, registry=registry, update_config=FAST_MONITOR, labels={
+            ed.ALARMS_LABEL: alarm, ed.CHECK_LABEL: health.url, ed.CHECK_PASSES_LABEL: "2", ed.SOAK_LABEL: "6s",
+            ed.PROMOTE_LABEL: "prod"})
+        api = swarm.create_service("chk-api", old, registry=registry, replicas=0, labels={ed.AFTER_LABEL: "chk-web"})
+        swarm.wait_running(web, old)
+        queue = aws.new_queue()
+        running = deployer(rollback=True)
+        try:
+            _, record = failed_by_its_checks(running, "v2", "alarm")
+            running.wait_line(f"Rollback of chk-web ({web[:12]}) to {old} completed", timeout=60)
+        finally:
+            assert running.stop() == 0
+        assert f"alarm {alarm} is in ALARM" in record and service_image_of(swarm, web)[0] == old
+        failure = next(d for d in webhook.received if d["outcome"] == "check_failed")
+        assert f"alarm {alarm} is in ALARM" in failure["message"]
+        cloudwatch.set_alarm_state(AlarmName=alarm, StateValue="OK", StateReason="fine")
+
+        answers.append(500)
+        running = deployer(rollback=False)
+        try:
+            kept, record = failed_by_its_checks(running, "v3", "answer")
+        finally:
+            assert running.stop() == 0
+        assert "answered HTTP 500" in record and f"Recorded on service chk-web ({web[:12]})" in running.log
+        assert service_image_of(swarm, web)[0] == kept  # no rollback: the record alone holds it
+        failure = [d for d in webhook.received if d["outcome"] == "check_failed"][-1]
+        assert f"check {health.url.partition('?')[0]}?… answered HTTP 500" in failure["message"]
+
+        answers.append(200)
+        running = deployer(rollback=True)
+        try:
+            v4 = images.push(repo, "latest", "v4")
+            good = f"{registry.host}/{repo}:latest@{v4}"
+            aws.send(queue, event(repository=repo, digest=v4))
+            running.wait_line(f"Rollout of chk-web ({web[:12]}) to {good}: Swarm completed it after", timeout=60)
+        finally:
+            assert running.stop() == 0  # restarted during the checks: the next process takes them up
+        running = deployer(rollback=True)
+        try:
+            running.wait_line(f"Service chk-web ({web[:12]}) runs {good}, its soak began ", timeout=30)
+            rows = {r["service"]: r for r in json.loads(status(deployer_env(aws, swarm), "--json").stdout)}
+            assert rows["chk-web"]["state"] == "rolling out", rows["chk-web"]
+            assert f"checking: alarm {alarm} OK, check 1/2 (HTTP 200)" in rows["chk-web"]["reason"]
+            running.wait_line(f"Promoted {registry.host}/{repo}:prod@{v4}", timeout=30)
+            running.wait_line(f"Updated service chk-api ({api[:12]}) to {good}", timeout=30)
+        finally:
+            assert running.stop() == 0
+    finally:
+        health.close()
+    assert "Promoted" not in logs[2].log and f"Updated service chk-api ({api[:12]}) to {good}" not in logs[2].log
+    assert f"Rollout of chk-web ({web[:12]}) to {good} completed after" in running.log
+    assert f"checks passed: alarm {alarm} OK, check 2/2 (HTTP 200)" in running.log
+    assert f"Service chk-api ({api[:12]}) waits before {good}: waits for chk-web's rollout to complete (its checks " \
+           f"run: alarm {alarm}" in running.log  # the wave waited for the checks, not only for Swarm
+    assert prod()["imageDigest"] == v4
+    everything = "".join(r.log for r in logs)
+    assert "T0KEN" not in everything and asked and all(path == "/health?token=T0KEN" for path in asked)
+    assert [d["outcome"] for d in webhook.received if d["service"] == "chk-web"] == [
+        "check_failed", "rollback_completed", "check_failed", "completed", "promoted"]
+
+
+def test_a_rollout_no_node_can_take_fails_at_its_progress_deadline_with_swarms_reason(aws, images, clean_swarm,
+                                                                                      webhook):
+    """A constraint no node meets: the new task stays pending ("no suitable node"), and Swarm waits for ever.
+    The deployer fails the rollout at its progress deadline (3 s here), not at the rollout timeout (5 min)."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = aws.put_image(registry.account, registry.region, repo, "latest", "v1")  # (never pulled: never placed)
+    old = f"{registry.host}/{repo}:latest@{v1}"
+    sid = swarm.create_service("stuck", old, update_config=FAST_MONITOR, labels={ed.PROGRESS_DEADLINE_LABEL: "3s"},
+                               Placement={"Constraints": ["node.labels.ecr-deploy-zone==nowhere"]})
+    v2 = aws.put_image(registry.account, registry.region, repo, "latest", "v2")
+    new = f"{registry.host}/{repo}:latest@{v2}"
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=repo, digest=v2))
+    running = Running(deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1", DEPLOYER_NOTIFY_URL=webhook.url),
+                      "--queue", queue)
+    try:
+        running.wait_line(f"Rolling back service stuck ({sid[:12]}) to its previous spec ({old})", timeout=40)
+    finally:
+        assert running.stop() == 0
+    line = next(line for line in running.log.splitlines()
+                if f"Rollout of stuck ({sid[:12]}) to {new} stuck after" in line)
+    seconds = float(re.search(r"stuck after ([0-9.]+)s", line)[1])
+    assert 3 <= seconds < 15, line  # the deadline, not the rollout timeout
+    assert "no task of the new digest reached running within 3s (ecr-deploy.progress-deadline): 1 task(s) " \
+           "pending: no suitable node (scheduling constraints not satisfied on 1 node)" in line, line
+    service = swarm.service(sid)
+    assert service["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == old
+    assert service["Spec"]["Labels"][ed.FAILED_LABEL].startswith(f"{v2} stuck at ")
+    assert "no suitable node" in service["Spec"]["Labels"][ed.FAILED_LABEL]
+    stuck = next(d for d in webhook.received if d["outcome"] == "stuck")
+    assert "no suitable node" in stuck["message"] and stuck["image"] == new
+
 
 def test_two_managers_promoting_an_image_index_at_once_tag_it_once_as_the_same_index(aws, images, clean_swarm):
     """Both deployers decide to promote, and both PutImage (held until both have come): ECR takes the first and
@@ -8046,6 +8355,188 @@ def test_an_archived_running_digest_is_restored_on_request_and_status_follows_it
     assert state() == (4, {"running": "restoring"})
     aws.front.restores_done()  # ECR restores within minutes
     assert state() == (0, {"running": "ok"})
+
+
+def test_protection_tags_name_the_service_within_ecrs_tag_grammar_and_touch_only_the_prefixs_own():
+    assert ed.protection_tag("sw1", "web", "running") == "sw1.web"
+    assert ed.protection_tag("sw1", "web", "rollback") == "sw1.web.prev"
+    odd, long_ = ed.protection_tag("sw1", "a/b c", "running"), ed.protection_tag("p" * 40, "x" * 300, "rollback")
+    assert re.fullmatch(r"sw1\.a-b-c-[0-9a-f]{10}", odd) and odd != ed.protection_tag("sw1", "a/b_c", "running")
+    assert len(long_) == 128 and long_.endswith(".prev") and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", long_)
+    assert long_ != ed.protection_tag("p" * 40, "x" * 299, "rollback")  # cut short, still told apart
+    assert [ed.is_protection_tag("sw1", t) for t in ("sw1.web", "sw1.web.prev", "sw1-eu.web", "sw1.a.b", "sw1", "v1")] \
+        == [True, True, False, False, False, False]
+    moves, removals = ed.protection_changes(
+        "sw1", {"sw1.web": DIGEST_B, "sw1.web.prev": DIGEST_A}, {"sw1.web", "sw1.web.prev", "sw1.api"},
+        {"sw1.web": DIGEST_A, "sw1.api": DIGEST_A, "sw1.gone": DIGEST_A, "sw2.gone": DIGEST_A, "latest": DIGEST_A})
+    assert moves == {"sw1.web": DIGEST_B, "sw1.web.prev": DIGEST_A}  # sw1.api: its image not taggable now, left
+    assert removals == ["sw1.gone"]  # never another prefix's, never someone else's tag
+
+
+def test_lifecycle_findings_name_the_rule_that_would_take_an_image_in_use():
+    policy = json.dumps({"rules": [{"rulePriority": 3, "description": "keep 5\nreleases", "selection": {},
+                                    "action": {"type": "expire"}}]})
+    results = [{"imageDigest": DIGEST_A, "appliedRulePriority": 3, "action": {"type": "EXPIRE"}},
+               {"imageDigest": DIGEST_B, "appliedRulePriority": 4, "action": {"type": "TRANSITION",
+                                                                             "targetStorageClass": "ARCHIVE"}},
+               {"imageDigest": "sha256:" + "c" * 64, "appliedRulePriority": 3, "action": {"type": "EXPIRE"}}]
+    found = ed.lifecycle_findings(policy, results, {DIGEST_A: [("web", "rollback")], DIGEST_B: [("api", "running")]},
+                                  "team/web in ECR (1, r)")
+    assert [name for name, _ in found] == ["web", "api"]
+    assert 'its rollback target, team/web in ECR (1, r)@aaaaaaaaaaaa: the lifecycle rule of priority 3 ("keep 5 ' \
+           'releases") would expire it' in found[0][1]
+    assert "the lifecycle rule of priority 4 would archive it" in found[1][1]
+
+
+def test_the_rigs_lifecycle_preview_evaluates_rules_as_ecr_documents():
+    """rig.aws.preview_results: an image a higher-priority rule's tags select is never taken by a lower one;
+    imageCountMoreThan keeps the youngest (the Amazon ECR User Guide, Automate the cleanup of images by using
+    lifecycle policies, Lifecycle policy evaluation rules)."""
+    from rig.aws import preview_results
+    images = [{"imageDigest": d, "imageTags": tags, "imagePushedAt": at}
+              for d, tags, at in ((DIGEST_A, ["v1", "keep.web"], 1.0), (DIGEST_B, ["v2"], 2.0),
+                                  ("sha256:" + "c" * 64, ["v3"], 3.0))]
+    rule = {"rulePriority": 2, "selection": {"tagStatus": "tagged", "tagPrefixList": ["v"],
+                                             "countType": "imageCountMoreThan", "countNumber": 1},
+            "action": {"type": "expire"}}
+    assert [(r["imageDigest"], r["appliedRulePriority"]) for r in preview_results({"rules": [rule]}, images, {}, 9)] \
+        == [(DIGEST_B, 2), (DIGEST_A, 2)]
+    keep = {"rulePriority": 1, "selection": {"tagStatus": "tagged", "tagPrefixList": ["keep."],
+                                             "countType": "imageCountMoreThan", "countNumber": 9999},
+            "action": {"type": "expire"}}
+    assert [r["imageDigest"] for r in preview_results({"rules": [rule, keep]}, images, {}, 9)] == [DIGEST_B]
+
+
+def test_protection_tags_follow_three_deploys_and_go_with_the_service(aws, images, clean_swarm):
+    """--protect-tag-prefix sw1: after each pass ECR has sw1.SERVICE on the digest the service runs and
+    sw1.SERVICE.prev on its rollback target (read back from ECR). The digest a deploy leaves behind loses its
+    tag and stays in ECR, untagged; an image another tag holds keeps that tag. When the service goes, its tags
+    go, by BatchDeleteImage of each tag alone (moto answers it as the Amazon ECR API Reference, BatchDeleteImage,
+    documents: the tag removed, the image only with its last tag): the images stay with their other tags, and
+    another swarm's tag (sw2.) is never touched."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region, host = registry.account, registry.region, registry.host
+    ecr, repo = aws.client("ecr", region), images.new_repository()
+    v1, v2, v3 = (aws.put_image(account, region, repo, "ci", version) for version in ("v1", "v2", "v3"))  # ci moves
+
+    def tag(digest: str, name: str) -> None:
+        manifest = ecr.batch_get_image(repositoryName=repo, imageIds=[{"imageDigest": digest}])["images"][0]
+        ecr.put_image(repositoryName=repo, imageManifest=manifest["imageManifest"], imageTag=name, imageDigest=digest)
+
+    def tags() -> dict:
+        return {d["imageDigest"]: sorted(d.get("imageTags") or []) for d in ecr.describe_images(
+            repositoryName=repo)["imageDetails"]}
+
+    def reconcile() -> None:
+        run = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)
+        assert run.returncode == 0, run.stderr
+
+    tag(v2, "release")
+    sid = swarm.create_service("guarded", f"{host}/{repo}@{v1}", replicas=0)
+    swarm.create_service("bystander", f"{host}/{repo}@{v3}", replicas=0)
+    env = deployer_env(aws, swarm, DEPLOYER_QUEUE="", DEPLOYER_PROTECT_TAG_PREFIX="sw1")
+    reconcile()
+    assert tags() == {v1: ["sw1.guarded"], v2: ["release"], v3: ["ci", "sw1.bystander"]}
+    swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=f"{host}/{repo}@{v2}"))
+    reconcile()
+    assert tags() == {v1: ["sw1.guarded.prev"], v2: ["release", "sw1.guarded"], v3: ["ci", "sw1.bystander"]}
+    swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=f"{host}/{repo}@{v3}"))
+    reconcile()
+    assert tags() == {v1: [], v2: ["release", "sw1.guarded.prev"], v3: ["ci", "sw1.bystander", "sw1.guarded"]}
+
+    tag(v1, "sw2.guarded")  # another swarm's, sharing the repository
+    swarm.call("DELETE", f"/services/{sid}")
+    sent = len(aws.front.proxy.bodies)
+    reconcile()
+    assert tags() == {v1: ["sw2.guarded"], v2: ["release"], v3: ["ci", "sw1.bystander"]}
+    deleted = [json.loads(body) for key, body in aws.front.proxy.bodies[sent:] if key.endswith("BatchDeleteImage")]
+    assert sorted(json.dumps(d["imageIds"]) for d in deleted) == [json.dumps([{"imageTag": "sw1.guarded"}]),
+                                                                  json.dumps([{"imageTag": "sw1.guarded.prev"}])]
+
+
+def test_protection_tags_in_a_tag_immutable_repository_say_once_how_to_let_them_move(aws, images, clean_swarm):
+    """A tag-immutable repository refuses to move sw1.SERVICE (the rig's ECR answers as documented:
+    ImageTagAlreadyExistsException): a loop-mode deployer says once, over several passes, the command that
+    excludes the prefix (IMMUTABLE_WITH_EXCLUSION, filter sw1.*), as promotion does for its tag; with it the
+    next pass moves the tag."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region, host = registry.account, registry.region, registry.host
+    ecr, repo = aws.client("ecr", region), images.new_repository()
+    v1, v2 = (aws.put_image(account, region, repo, version, version) for version in ("v1", "v2"))
+    ecr.put_image_tag_mutability(repositoryName=repo, imageTagMutability="IMMUTABLE")
+    sid = swarm.create_service("frozen", f"{host}/{repo}@{v1}", replicas=0)
+    env = deployer_env(aws, swarm, DEPLOYER_QUEUE="", DEPLOYER_PROTECT_TAG_PREFIX="sw1")
+    first = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)
+    assert first.returncode == 0 and f"Protection tag {repo}:sw1.frozen now on {v1[7:19]}" in first.stderr, first.stderr
+    swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=f"{host}/{repo}@{v2}"))
+    running = Running({**env, "DEPLOYER_LOG_LEVEL": "DEBUG"}, "--queue", aws.new_queue(), "--reconcile-every", "1s",
+                      "--auth-refresh", "0")
+    try:
+        running.wait_line("Reconcile pass: no service follows an ECR tag", count=2)
+    finally:
+        assert running.stop() == 0
+    said = [line for line in running.lines if "Protection tags: ECR refuses to move :sw1.*" in line]
+    assert len(said) == 1, running.log
+    assert (f"--repository-name {repo} --image-tag-mutability IMMUTABLE_WITH_EXCLUSION "
+            f"--image-tag-mutability-exclusion-filters filterType=WILDCARD,filter=sw1.*`") in said[0]
+    ecr.put_image_tag_mutability(repositoryName=repo, imageTagMutability="IMMUTABLE_WITH_EXCLUSION",
+                                 imageTagMutabilityExclusionFilters=[{"filterType": "WILDCARD", "filter": "sw1.*"}])
+    fixed = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)
+    assert fixed.returncode == 0, fixed.stderr
+    assert {d["imageDigest"]: sorted(d.get("imageTags") or []) for d in ecr.describe_images(
+        repositoryName=repo)["imageDetails"]} == {v1: ["sw1.frozen.prev", "v1"], v2: ["sw1.frozen", "v2"]}
+
+
+def test_the_lifecycle_lint_names_the_rule_that_would_expire_images_in_use_until_protection_tags_retain_them(
+        aws, images, clean_swarm):
+    """A rule keeping only the newest v* image would expire the digest a service runs and its rollback
+    target: --lint-lifecycle names them and the rule (priority, description) and exits 5, --status
+    --lint-lifecycle says so in the row (exit 5); ECR's preview decides (the rig answers Start- and
+    GetLifecyclePolicyPreview as the Amazon ECR API Reference documents: see rig.aws.EcrAsDocumented). With
+    protection tags and a rule of the highest priority retaining their prefix, the lint finds nothing (exit 0)."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region, host = registry.account, registry.region, registry.host
+    ecr, repo = aws.client("ecr", region), images.new_repository()
+    v1, v2, _ = (aws.put_image(account, region, repo, version, version) for version in ("v1", "v2", "v3"))
+    sid = swarm.create_service("linted", f"{host}/{repo}@{v1}", replicas=0)
+    swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=f"{host}/{repo}@{v2}"))
+    env = deployer_env(aws, swarm, DEPLOYER_QUEUE="")
+
+    def lint() -> subprocess.CompletedProcess:
+        return ed_run([sys.executable, DEPLOYER, "--lint-lifecycle"], env)
+
+    clean = lint()
+    assert (clean.returncode, clean.stdout) == (0, "No lifecycle rule would expire or archive an image a service "
+                                                   "runs or rolls back to\n"), clean.stderr  # no policy at all
+    newest = {"rulePriority": 2, "description": "only the newest release", "action": {"type": "expire"},
+              "selection": {"tagStatus": "tagged", "tagPrefixList": ["v"], "countType": "imageCountMoreThan",
+                            "countNumber": 1}}
+    ecr.put_lifecycle_policy(repositoryName=repo, lifecyclePolicyText=json.dumps({"rules": [newest]}))
+    sent = len(aws.front.proxy.bodies)
+    found = lint()
+    assert found.returncode == 5, found.stdout + found.stderr
+    asked = [key.rpartition(".")[2] for key, _ in aws.front.proxy.bodies[sent:] if "LifecyclePolic" in key]
+    assert asked == ["GetLifecyclePolicy", "StartLifecyclePolicyPreview", "GetLifecyclePolicyPreview",
+                     "GetLifecyclePolicyPreview"]  # IN_PROGRESS first, as ECR's: polled until COMPLETE
+    lines = found.stdout.splitlines()
+    rule = 'the lifecycle rule of priority 2 ("only the newest release") would expire it'
+    assert len(lines) == 2 and all(line.startswith("Service linted: ") and rule in line for line in lines), lines
+    assert f"the digest it runs, {repo} in ECR ({account}, {region})@{v2[7:19]}" in found.stdout
+    assert f"its rollback target, {repo} in ECR ({account}, {region})@{v1[7:19]}" in found.stdout
+    shown = status(env, "--json", "--lint-lifecycle")
+    assert shown.returncode == 5, shown.stdout + shown.stderr
+    row = json.loads(shown.stdout)[0]
+    assert row["images"] == {"running": "ok", "rollback": "ok"} and len(row["lifecycle"]) == 2
+    assert rule in row["reason"]
+
+    keep = {"rulePriority": 1, "description": "what services run", "action": {"type": "expire"},
+            "selection": {"tagStatus": "tagged", "tagPrefixList": ["sw1."], "countType": "imageCountMoreThan",
+                          "countNumber": 10000}}
+    ecr.put_lifecycle_policy(repositoryName=repo, lifecyclePolicyText=json.dumps({"rules": [keep, newest]}))
+    protected = ed_run([sys.executable, DEPLOYER, "--reconcile", "--protect-tag-prefix", "sw1"], env)
+    assert protected.returncode == 0, protected.stderr
+    retained = lint()
+    assert retained.returncode == 0, retained.stdout + retained.stderr
 
 
 def test_the_rigs_ecr_moves_images_between_storage_classes_as_ecr_documents(aws):
