@@ -16,8 +16,9 @@ promotion) decides when; what must survive a restart lives on the service's labe
 
 Read top-down: configuration, events (pure), images (pure: references, which tag a service
 follows), versions (pure: which tags a service may run, and the newest), specs (pure), service labels
-(pure: provenance, failure records), release policy (pure), Swarm's tasks (pure: completed, soaked),
-status (pure), rollouts (pure), checks after the rollout (pure: what proves a rollout good, what proves it
+(pure: provenance, failure records), release policy (pure), Swarm's tasks (pure: completed, soaked), a
+job before the rollout (pure: which image a service's pre-rollout job runs, how its run ended), status
+(pure), rollouts (pure), checks after the rollout (pure: what proves a rollout good, what proves it
 stuck), scan gate (pure), signature gate (pure), deciding (pure: a Hint,
 "service S should run digest D of tag T, because of this event or a reconcile pass", and decide(), the
 one answer to it: deploy, nothing, hold back, wait, block), AWS shell (SQS), ECR shell, ECR shell: images
@@ -28,7 +29,8 @@ the messages whose hints are decided acknowledged), hints from events (EventHint
 (Converger: reads the facts decide() asks for, then has them acted on; promotion), acting (Actor:
 posts, records failures, says why not, blocks, promotes), checks after the rollout (Checker: CloudWatch
 alarms, HTTP checks; RolloutChecks: a rollout's checks and progress), rollouts (Rollouts, which follows and
-rolls back), the auth keeper (AuthKeeper), the reconcile pass (Reconciler: a hint for every service behind
+rolls back), the job before the rollout (BeforeJobs: starts a service's pre-rollout job, follows it,
+blocks), the auth keeper (AuthKeeper), the reconcile pass (Reconciler: a hint for every service behind
 its tag), receiving (Receiver: batches bounded in time, held invisible while worked on), reports,
 notifications, logging and systemd, status (read-only), main.
 """
@@ -118,7 +120,8 @@ documentation (README.md, and in docs/):
   troubleshooting.md  what a log line means, and the fix   notifications.md    Slack, Teams, ntfy, e-mail
   keeping-images.md   running and rollback images ECR must keep, --restore-archived, --protect-tag-prefix,
                       --lint-lifecycle
-  around-a-rollout.md checks after a rollout (alarms, HTTP), --progress-deadline
+  around-a-rollout.md a job before the rollout (ecr-deploy.before: a migration), checks after a rollout
+                      (alarms, HTTP), --progress-deadline
 """
 
 
@@ -1401,6 +1404,120 @@ def rollout_of(service: dict, tasks: list[dict], digest: str, swarm_now: datetim
     return Ran(None, since)
 
 
+# --------------------------------------------------------------------------- a job before the rollout (pure)
+
+# A service labelled BEFORE_LABEL=JOB rolls to a new digest only once the Swarm job JOB (a replicated-job:
+# the database migration, say) has run on it and completed. What a run is for lives on the job itself (its
+# image pinned to the digest, BEFORE_RUN_LABEL) and in its tasks, never in a deployer's memory: a deployer
+# restarted, or another manager, follows a run under way and never starts one that ran.
+BEFORE_LABEL = "ecr-deploy.before"  # on a service: the Swarm job run on each new digest before it rolls
+BEFORE_IMAGE_LABEL = "ecr-deploy.before-image"  # "service" (on the job or the service): run the service's image
+BEFORE_TIMEOUT_LABEL = "ecr-deploy.before-timeout"  # how long the job may run before the rollout is blocked
+BEFORE_RUN_LABEL = "ecr-deploy.before-run"  # on the job: the digest of the run the deployer started last
+BEFORE_FOR_LABEL = "ecr-deploy.before-for"  # on the job: which service's rollout started that run
+DEFAULT_BEFORE_TIMEOUT = 600.0  # s: a migration that runs longer than 10 min wants its own label
+SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # Swarm's (and compose's) service names
+JOB_GATE = "pre-rollout job"
+
+
+def before_job(service: dict) -> str | None:
+    """The name of the job a service runs before it rolls (BEFORE_LABEL), or None. ValueError: not a name."""
+    value = str(((service.get("Spec") or {}).get("Labels") or {}).get(BEFORE_LABEL, "")).strip()
+    if value and not SERVICE_NAME.fullmatch(value):
+        raise ValueError(f"{BEFORE_LABEL}={value!r} is not a Swarm service name")
+    return value or None
+
+
+def before_timeout(service: dict) -> float:
+    """How long the job may run (BEFORE_TIMEOUT_LABEL, else 10 min). ValueError: not a duration."""
+    value = ((service.get("Spec") or {}).get("Labels") or {}).get(BEFORE_TIMEOUT_LABEL)
+    return parse_duration(value) if value else DEFAULT_BEFORE_TIMEOUT
+
+
+def job_image(job: dict, service: dict, service_image: str, tag: str, digest: str) -> str:
+    """The image the job runs for the service's new digest: the service's new image where the operator
+    says so (BEFORE_IMAGE_LABEL=service, on either), its own repository moved to the digest where it is
+    the service's, else its own image as it is (a job of another repository is only run again)."""
+    said = [((s.get("Spec") or {}).get("Labels") or {}).get(BEFORE_IMAGE_LABEL, "") for s in (job, service)]
+    if any(str(value).strip().lower() == "service" for value in said):
+        return service_image
+    own, new = running_image(job), parse_image_ref(service_image)
+    if own and new and (own.host, own.repository) == (new.host, new.repository):
+        return pinned_image(own, tag, digest)
+    return job["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+
+
+def job_run_spec(job: dict, image: str, digest: str, service_name: str) -> dict:
+    """The job's own spec, run again (ForceUpdate moves on: a new iteration even where the image is the
+    same) on `image`, labelled with the digest and the service the run is for."""
+    spec = updated_spec(job["Spec"], image)
+    spec["Labels"] = {**(spec.get("Labels") or {}), BEFORE_RUN_LABEL: digest, BEFORE_FOR_LABEL: service_name}
+    return spec
+
+
+class JobRun(NamedTuple):
+    """What a service's pre-rollout job says of a digest (job_run): "start" (it has not run for it), "busy"
+    (a run for another digest is under way: it is never cut short), "running", "completed", "failed" (a task
+    failed and its restart policy starts no other), "timed out", "missing" (no such service), "not a job"."""
+    state: str
+    reason: str
+    tasks: tuple = ()  # this run's tasks (a failed run's, for its errors and log)
+
+
+def job_tasks(job: dict, tasks: list[dict]) -> list[dict]:
+    """The tasks of the job's current run (JobIteration): Swarm keeps those of earlier runs too."""
+    iteration = ((job.get("JobStatus") or {}).get("JobIteration") or {}).get("Index")
+    return [t for t in tasks if iteration is None or (t.get("JobIteration") or {}).get("Index") == iteration]
+
+
+def live(task: dict) -> bool:
+    """Still wanted (desired "ready": a failed task's replacement waiting out its restart delay; desired
+    shutdown: stopped, or a failed task the restart supervisor has handled) and still to run, running, or
+    failed but not yet handled by the orchestrator (its replacement, if its policy allows one, comes)."""
+    wanted = TASK_STATES.index(task.get("DesiredState") or "new") <= TASK_STATES.index("complete")
+    return wanted and task_state(task) != "complete"
+
+
+def job_run(job: dict | None, tasks: list[dict], digest: str, swarm_now: datetime | None, timeout: float) -> JobRun:
+    """Has the job run for the digest, and how did it end? From the job's labels and its current run's tasks
+    (swarmkit's replicated job: TotalCompletions tasks must complete, MaxConcurrent at a time; a failed task
+    is replaced per its RestartPolicy, in the same transaction that shuts it down, so a failed task with no
+    live one beside it is final). The bound runs from the run's start by Swarm's clock (JobStatus.LastExecution)."""
+    if job is None:
+        return JobRun("missing", "no such service")
+    spec = job.get("Spec") or {}
+    name = spec.get("Name", "?")
+    if not is_job(spec):
+        return JobRun("not a job", f"{name} is not a Swarm job (deploy: mode: replicated-job)")
+    current = job_tasks(job, tasks)
+    running = [t for t in current if live(t)]
+    if (spec.get("Labels") or {}).get(BEFORE_RUN_LABEL) != digest:
+        if running:
+            return JobRun("busy", f"{name} still runs for another digest ({len(running)} task(s))")
+        return JobRun("start", f"{name} has not run for this digest")
+    done = [t for t in current if task_state(t) == "complete"]
+    failed = sorted((t for t in current if task_state(t) in ("failed", "rejected") and not live(t)),
+                    key=lambda t: (t.get("Status") or {}).get("Timestamp", ""))
+    mode = spec["Mode"].get("ReplicatedJob")
+    if mode is not None:  # failed tasks its restart policy replaced do not count once the run completed
+        wanted = mode.get("TotalCompletions") or mode.get("MaxConcurrent") or 1
+        if len(done) >= wanted:
+            return JobRun("completed", f"{name} completed ({len(done)} task(s))", tuple(current))
+    else:  # a global job: one task per node; a node whose tasks only failed fails it
+        wanted = len({t.get("NodeID") for t in done + failed + running})
+        failed = [t for t in failed if t.get("NodeID") not in {d.get("NodeID") for d in done}]
+        if done and not running and not failed:
+            return JobRun("completed", f"{name} completed ({len(done)} task(s))", tuple(current))
+    if failed and not running:
+        error = ((failed[-1].get("Status") or {}).get("Err") or task_state(failed[-1])).strip()
+        return JobRun("failed", f"{name} failed: {error}", tuple(current))
+    started = parse_swarm_time((job.get("JobStatus") or {}).get("LastExecution")) or parse_swarm_time(job.get("UpdatedAt"))
+    if started and swarm_now and (swarm_now - started).total_seconds() > timeout:
+        return JobRun("timed out", f"{name} did not complete within {duration_text(timeout)} "
+                                   f"({len(done)} of {wanted} task(s) completed)", tuple(current))
+    return JobRun("running", f"{name} runs ({len(done)} of {wanted} task(s) completed)")
+
+
 # --------------------------------------------------------------------------- status (pure)
 
 # --status: each state, and what it tells cron or monitoring (the exit code is the worst row's).
@@ -2520,6 +2637,7 @@ class Facts(NamedTuple):
     failure: str | None = None  # why the digest must not roll here (its failure record, Swarm's rollback)
     release: Release | None = None  # the release policy's answer; None: not read yet
     verdicts: tuple[GateSaid, ...] = ()  # the gates asked so far, in their order
+    before: JobRun | None = None  # what its pre-rollout job (BEFORE_LABEL) says of the digest; None: not read
 
 
 GATE_ACTIONS = {"wait": "wait for gate", "gone": "gone", "blocked": "block"}  # a gate's verdict -> what is done
@@ -2528,8 +2646,9 @@ GATE_ACTIONS = {"wait": "wait for gate", "gone": "gone", "blocked": "block"}  # 
 class Decision(NamedTuple):
     """What to do about a hint. action: "deploy"; "nothing" (reason: why, as logged); "hold back" (its
     rollout failed here; record: write the failure record Swarm's own rollback left unwritten); "not
-    released" (the release policy's wait or hold); "wait for gate", "gone", "block" (a gate's verdict); or
-    "ask" (reason names the fact to read next: "failure", "release" or "gate")."""
+    released" (the release policy's wait or hold); "wait for gate", "gone", "block" (a gate's verdict, or
+    its pre-rollout job's: record, a failure record too); "run job", "wait for job" (its pre-rollout job);
+    or "ask" (reason names the fact to read next: "failure", "release", "gate" or "before job")."""
     action: str
     reason: str = ""
     release: Release | None = None
@@ -2539,6 +2658,9 @@ class Decision(NamedTuple):
 
 def skip_reason(service: dict, push: Push, digest: str) -> str | None:
     """Why a service needs no update to the digest (a Swarm job, or it runs it already), or None."""
+    if is_job(service["Spec"]) and not reruns_on_push(service["Spec"]) and \
+            (owner := (service["Spec"].get("Labels") or {}).get(BEFORE_FOR_LABEL)):
+        return f"is the pre-rollout job of {owner}: it runs before that service rolls, not on a push of its own"
     if is_job(service["Spec"]) and not reruns_on_push(service["Spec"]):
         return f"is a Swarm job, which an update would run again; skipped (label it {RERUN_JOB_LABEL}=true to " \
                f"re-run it on every push)"
@@ -2573,7 +2695,19 @@ def decide(hint: Hint, facts: Facts, gates: int) -> Decision:
         return Decision("ask", "gate")
     if push.trigger != "push" and not any(said.verdict for said in facts.verdicts):
         return Decision("nothing", f"has no scan or signature gate: a {push.trigger} event does not roll it")
+    if BEFORE_LABEL in (service["Spec"].get("Labels") or {}):
+        if facts.before is None:
+            return Decision("ask", "before job")
+        gate = f"{JOB_GATE} {str(service['Spec']['Labels'][BEFORE_LABEL]).strip()}"
+        if facts.before.state in JOB_ACTIONS:
+            return Decision(JOB_ACTIONS[facts.before.state], facts.before.reason, gate=gate,
+                            record=facts.before.state in ("failed", "timed out"))
     return Decision("deploy")
+
+
+# What a pre-rollout job's run (JobRun.state) has done about the hint; "completed": it rolls.
+JOB_ACTIONS = {"start": "run job", "busy": "wait for job", "running": "wait for job", "failed": "block",
+               "timed out": "block", "missing": "block", "not a job": "block", "invalid": "block"}
 
 
 # --------------------------------------------------------------------------- AWS shell
@@ -3919,6 +4053,7 @@ class Deployer:
         self.converger = Converger(self)
         self.actor = Actor(self)
         self.rollouts = Rollouts(self, follow_rollouts, rollout_timeout, rollback_on_failure, notify_urls)
+        self.before_jobs = BeforeJobs(self)
         self.checker = Checker()  # start() gives it the process's AWS session
         self.keeper = AuthKeeper(self, auth_refresh, state_directory)
         self.reconciler = Reconciler(self, reconcile_every)
@@ -4224,6 +4359,12 @@ class Converger:
                 return None
             except ValueError as e:
                 return facts._replace(release=Release("held", f"cannot apply its release policy: {e}"))
+        if fact == "before job":
+            try:
+                return facts._replace(before=self.job_of(service, digest)[1])
+            except DockerError as e:
+                log.error("Cannot read the pre-rollout job of service %s: %s", service_label(service), e)
+                return None
         gate = self.deployer.gates[len(facts.verdicts)]
         try:
             verdict = gate.verdict(service, push, digest)
@@ -4267,6 +4408,16 @@ class Converger:
         age = answer.age if answer and answer.digest == digest else None
         return release_policy(labels, deployer.release_defaults, time.time(), age, leaders,
                               deployer.docker.date if names else None)
+
+    def job_of(self, service: dict, digest: str) -> tuple[dict | None, JobRun]:
+        """The service's pre-rollout job (BEFORE_LABEL), and what its run for the digest says (job_run)."""
+        try:
+            name, timeout = before_job(service), before_timeout(service)
+        except ValueError as e:
+            return None, JobRun("invalid", f"cannot run it: {e}")
+        job = self.service_named(name)
+        tasks = self.deployer.docker.tasks(job["ID"]) if job else []
+        return job, job_run(job, tasks, digest, self.deployer.docker.date, timeout)
 
     def service_named(self, name: str) -> dict | None:
         try:
@@ -4332,6 +4483,10 @@ class Actor:
             return None
         elif decision.action == "gone":
             log.info("Service %s not rolled to %s: %s", service_label(service), hint.image, decision.reason)
+        elif decision.action in ("run job", "wait for job"):
+            return self.deployer.before_jobs.act(hint, decision)
+        elif decision.action == "block" and decision.gate.startswith(JOB_GATE):
+            self.deployer.before_jobs.blocked(hint, decision)
         elif decision.action == "block":
             self.blocked(service, hint.image, decision.reason, decision.gate)
         return True
@@ -4404,14 +4559,15 @@ class Actor:
         self.post_update(listed, account, region, plan, lambda service, *_: log.info(
             "Recorded on service %s: %s=%s", service_label(service), FAILED_LABEL, record), with_auth=False)
 
-    def blocked(self, service: dict, image: str, reason: str, gate: str) -> None:
-        """A final outcome, reported like a rollout's; the message is done (retrying changes nothing)."""
+    def blocked(self, service: dict, image: str, reason: str, gate: str, details=lambda: "") -> bool:
+        """A final outcome, reported like a rollout's; the message is done (retrying changes nothing).
+        `details`: what the notification adds (read only when it is reported). False: reported before."""
         if self.deployer.dry_run:
             log.info("Would block service %s from %s: %s", service_label(service), image, reason)
-            return
+            return False
         if (service["ID"], image) in self.reported_blocked:  # the push came back after its scan event, or vice versa
             log.info("Service %s stays blocked from %s (reported before)", service_label(service), image)
-            return
+            return False
         self.reported_blocked.add((service["ID"], image))
         log.error("Blocked service %s from %s by its %s: %s", service_label(service), image, gate, reason)
         self.deployer.totals["rollouts"]["blocked"] += 1
@@ -4419,7 +4575,8 @@ class Actor:
             self.deployer.rollouts.outcomes.append("blocked")
         rollouts = self.deployer.rollouts
         rollouts.notify(notification("blocked", service["Spec"].get("Name", "?"), service["ID"], image, 0.0,
-                                     rollouts.node_name(), reason, gate=gate), service["Spec"].get("Labels"))
+                                     rollouts.node_name(), reason, gate=gate), service["Spec"].get("Labels"), details())
+        return True
 
     def pin(self, listed: dict, push: Push, digest: str, result: CycleResult) -> bool:
         before = listed  # what the service ran before this cycle touched it
@@ -4945,7 +5102,10 @@ class Rollouts(RolloutChecks):
 
     def failure_details(self, tasks: list[dict], image: str) -> str:
         """The failed tasks' errors, exit codes and nodes, and the newest one's last log lines (failure_details)."""
-        failed = failed_tasks(tasks, image)
+        return self.tasks_details(failed_tasks(tasks, image))
+
+    def tasks_details(self, failed: list[dict]) -> str:
+        """These tasks' errors, exit codes and nodes, and the first one's last log lines (failure_details)."""
         nodes: dict[str, str] = {}
         for node_id in {t["NodeID"] for t in failed if t.get("NodeID")}:
             try:
@@ -4981,6 +5141,117 @@ class Rollouts(RolloutChecks):
             except requests.RequestException as e:
                 status = getattr(e.response, "status_code", None)
                 log.warning("Cannot notify %s: %s", where, f"HTTP {status}" if status else type(e).__name__)
+
+
+# --------------------------------------------------------------------------- the job before the rollout
+
+class BeforeJobs:
+    """Runs a service's pre-rollout job (BEFORE_LABEL) on the digest, and has the service's hint converged
+    again once the run ended: the service rolls, or is blocked with a failure record. Neither the drain nor
+    other services wait for it: the run's state lives on the job (its image, BEFORE_RUN_LABEL) and in its
+    tasks, so the message is done once the run is started, and a reconcile pass (the first comes when a
+    deployer starts) picks up any run this process does not follow: it was restarted, or another manager
+    started it. This process follows the runs it started or met (`pending`) as it follows rollouts: each turn
+    of the loop (and with --once --wait), a look at the job (two Docker calls), the hint converged when it ended."""
+
+    def __init__(self, deployer: Deployer):
+        self.deployer = deployer
+        self.pending: dict[tuple[str, str], Hint] = {}  # (service ID, digest) -> the hint waiting for its job
+        self.said: set[tuple[str, str]] = set()  # (service ID, digest): its wait logged once
+
+    def act(self, hint: Hint, decision: Decision) -> bool:
+        """decide()'s "run job" or "wait for job" done: True (the swarm holds the run), False to retry."""
+        service, push, digest = hint
+        key = (service["ID"], digest)
+        if decision.action == "run job":
+            if self.deployer.dry_run:
+                log.info("Would run its %s on %s before service %s", decision.gate, hint.image, service_label(service))
+                return True
+            if not self.start(hint, decision.gate):
+                return False
+        elif key not in self.said:
+            log.info("Service %s waits for its %s before %s: %s", service_label(service), decision.gate, hint.image,
+                     decision.reason)
+        self.said.add(key)
+        if self.deployer.rollouts.enabled:  # loop mode, --wait: followed here; else a later pass looks again
+            self.pending[key] = hint
+        return True
+
+    def start(self, hint: Hint, gate: str) -> bool:
+        """Post the job's spec with its image moved to the digest (job_image), labelled with the digest: only
+        if no manager did so meanwhile (the version read is the one posted: Swarm refuses a stale one)."""
+        service, push, digest = hint
+        try:
+            job = self.deployer.converger.service_named(before_job(service))
+        except DockerError as e:
+            log.error("Cannot read the %s of service %s: %s", gate, service_label(service), e)
+            return False
+        if job is None:
+            return True  # removed meanwhile: the next look says so
+        image = job_image(job, service, hint.image, push.tag, digest)
+        ref = parse_image_ref(image)
+        registry = ecr_registry(ref.host) if ref else None
+
+        def plan(now: dict) -> tuple[dict, ImageRef] | None:
+            if (now["Spec"].get("Labels") or {}).get(BEFORE_RUN_LABEL) == digest:
+                log.info("Service %s: its %s was started for %s meanwhile; following it", service_label(service),
+                         gate, digest)
+                return None
+            return job_run_spec(now, image, digest, service["Spec"].get("Name", "?")), ref
+
+        def started(now: dict, spec: dict, _: float) -> None:
+            log.info("Started the %s (%s) on %s: service %s rolls once it completed", gate, now["ID"][:12], image,
+                     service_label(service))
+
+        account, region = registry or (push.account, push.region)
+        return self.deployer.actor.post_update(job, account, region, plan, started, with_auth=registry is not None)
+
+    def blocked(self, hint: Hint, decision: Decision) -> None:
+        """The run failed or timed out (or the job is missing): the service is not rolled, the outcome reported
+        with the run's task errors and log lines, and the digest recorded as failed here (FAILED_LABEL)."""
+        service, push, digest = hint
+        self.pending.pop((service["ID"], digest), None)
+        shown: list[str] = []
+
+        def details() -> str:
+            try:
+                job, run = self.deployer.converger.job_of(service, digest)
+            except DockerError as e:
+                return f"its tasks: {e}"
+            ended = [t for t in run.tasks if task_state(t) in ("failed", "rejected")] or \
+                [t for t in run.tasks if task_state(t) != "complete"]
+            ended.sort(key=lambda t: (t.get("Status") or {}).get("Timestamp", ""), reverse=True)
+            shown.append(self.deployer.rollouts.tasks_details(ended[:FAILED_TASKS_SHOWN]) if ended else "")
+            return shown[-1]
+
+        if self.deployer.actor.blocked(service, hint.image, decision.reason, decision.gate, details):
+            for line in "\n".join(shown).splitlines():
+                log.error("Service %s, its %s: %s", service_label(service), decision.gate, line)
+        if decision.record:  # (again if reported before: a record the service's own update kept out is retried)
+            self.deployer.actor.record_failure(service, push.account, push.region, digest,
+                                               f"blocked by its {decision.gate}", decision.reason)
+
+    def check(self) -> None:
+        """Look at each run followed: once it ended (or is not under way), converge its hint again, on the
+        service as it is now (the service rolls, is blocked, or waits again)."""
+        docker, converger = self.deployer.docker, self.deployer.converger
+        for key, hint in list(self.pending.items()):
+            try:
+                service = docker.service(key[0])
+                if BEFORE_LABEL in (service["Spec"].get("Labels") or {}) and \
+                        converger.job_of(service, key[1])[1].state in ("running", "busy"):
+                    continue
+            except DockerError as e:
+                if e.status == 404:
+                    self.pending.pop(key)
+                else:
+                    log.error("Cannot follow the pre-rollout job of service %s: %s", service_label(hint.service), e)
+                continue
+            self.pending.pop(key)
+            result = CycleResult()
+            if converger.converge(hint._replace(service=service), result) is False:
+                self.pending.setdefault(key, hint)  # tried again next turn (and by the next pass)
+            self.deployer.totals["services_updated"] += len(result.updated)
 
 
 # --------------------------------------------------------------------------- the auth keeper
@@ -6041,8 +6312,15 @@ def status_of(deployer: Deployer, service: dict, key: tuple | None, answer: tupl
             return (state[0] == "current" and checking_state(deployer, service, digest)) or state
         return "rolling back", (service.get("UpdateStatus") or {}).get("Message", "")
     if decision.action == "hold back":
-        return "held back", f"{decision.reason} (`docker service update --label-rm {FAILED_LABEL} " \
-                            f"{spec.get('Name')}` lets it roll)"
+        return "blocked" if f" by its {JOB_GATE} " in decision.reason else "held back", \
+            f"{decision.reason} (`docker service update --label-rm {FAILED_LABEL} {spec.get('Name')}` lets it roll)"
+    if decision.action == "wait for job":
+        return "waiting", f"running its {decision.gate}: {decision.reason}"
+    if decision.action == "run job":
+        return "behind", f"the tag points to {short_digest(digest)} (pushed {pushed_at or '?'}): the next push or " \
+                         f"reconcile pass runs its {decision.gate}, then rolls it"
+    if decision.action == "block" and decision.gate.startswith(JOB_GATE):
+        return "blocked", f"blocked by its {decision.gate}: {decision.reason}"
     if decision.action == "not released":
         return ("waiting" if decision.release.decision == "wait" else "held back"), decision.reason
     if decision.action in ("block", "wait for gate"):
@@ -6087,6 +6365,8 @@ def status_fact(deployer: Deployer, fact: str, hint: Hint, facts: Facts) -> Fact
             return facts._replace(release=deployer.converger.release(service, push, digest))
         except ValueError as e:
             return facts._replace(release=Release("held", f"cannot apply its release policy: {e}"))
+    if fact == "before job":
+        return facts._replace(before=deployer.converger.job_of(service, digest)[1])
     gate = deployer.gates[len(facts.verdicts)]
     verdict = gate.verdict(service, push, digest)
     return facts._replace(verdicts=(*facts.verdicts, GateSaid(gate.name, verdict if verdict and
@@ -6199,16 +6479,18 @@ def reconcile_once(deployer: Deployer) -> bool:
 def finish_once(deployer: Deployer, signals: Signals, args: argparse.Namespace, failed: bool) -> int:
     """The end of a one-shot run: with --wait, follow its rollouts to their end; write the reports; exit
     1 if anything failed or was left, or a rollout did not complete."""
-    while deployer.rollouts.pending and not signals.requested:  # --wait
+    while (deployer.rollouts.pending or deployer.before_jobs.pending) and not signals.requested:  # --wait
         try:
             signals.sleep(1)
         except Shutdown:
             break
         deployer.rollouts.check()
+        deployer.before_jobs.check()  # (a run that ended: its service rolls, a rollout to follow)
     write_reports(deployer, args)
     deployer.notifier.finish()  # one message per target that sums up the run
     rollouts = deployer.rollouts
-    incomplete = [o for o in rollouts.outcomes if o != "completed"] + [r.label for r in rollouts.pending]
+    incomplete = [o for o in rollouts.outcomes if o != "completed"] + [r.label for r in rollouts.pending] + \
+        list(deployer.before_jobs.pending)
     deployer.heartbeat.ping("fail" if failed or incomplete else "success")
     deployer.heartbeat.finish()
     return 1 if failed or incomplete else 0  # (a message waiting for its scan: left on the queue, for a later run)
@@ -6257,7 +6539,7 @@ def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args:
         try:
             if not systemd.is_ready:
                 wait = FIRST_WAIT_ONCE  # a quick first poll proves the queue works: READY=1 without delay
-            elif deployer.rollouts.pending:
+            elif deployer.rollouts.pending or deployer.before_jobs.pending:
                 wait = FIRST_WAIT_FOLLOWING
             else:
                 wait = min(FIRST_WAIT_LOOP, deployer.reconciler.seconds_until_due())
@@ -6272,6 +6554,7 @@ def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args:
                 receiver.release(messages)
             ended = len(deployer.rollouts.outcomes)
             deployer.rollouts.check()
+            deployer.before_jobs.check()  # pre-rollout jobs that ended: their services roll (or are blocked)
             if messages or len(deployer.rollouts.outcomes) != ended:
                 write_reports(deployer, args)
             updated = deployer.totals["services_updated"]

@@ -2543,6 +2543,93 @@ def test_jobs_rerun_on_a_push_only_when_labelled_and_the_keeper_never_touches_th
     assert aws.queue_depth(queue) == 0  # the skipped job's message is done too
 
 
+# A migration as a job runs it: the image's /version says which build it is; "slow" takes a while, "broken" fails.
+MIGRATE_CMD = ["/bin/busybox", "sh", "-c", 'v=$(cat /version); echo "migrating the schema to $v"; case $v in '
+               '*slow*) sleep 4;; *broken*) echo "migration failed: relation users is locked" >&2; exit 3;; esac; '
+               'echo "migrated to $v"']
+
+
+def test_a_pre_rollout_job_runs_on_the_new_digest_first_once_across_a_restart_and_a_failed_one_blocks(
+        aws, images, clean_swarm, webhook):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    name = f"{registry.host}/{repo}"
+    v1 = images.push(repo, "latest", "v1")
+    web = swarm.create_service("shop", f"{name}:latest@{v1}", registry=registry, update_config=FAST_MONITOR,
+                               labels={ed.BEFORE_LABEL: "shop-migrate", ed.BEFORE_TIMEOUT_LABEL: "60s"})
+    job = swarm.create_service("shop-migrate", f"{name}:latest@{v1}", registry=registry, mode=JOB,
+                               RestartPolicy={"Condition": "none"},  # one failure is the run's end
+                               ContainerSpec={"Image": f"{name}:latest@{v1}", "Init": True, "Command": MIGRATE_CMD})
+
+    def runs(digest):  # the job's tasks that ran on this digest, whatever became of them
+        return [t for t in swarm.tasks(job) if t["Spec"]["ContainerSpec"]["Image"] == f"{name}:latest@{digest}"]
+
+    wait_for(lambda: [t["Status"]["State"] for t in runs(v1)] == ["complete"], 60,
+             what=lambda: f"the job's first run: {swarm.task_states(job)}")
+    swarm.wait_running(web, f"{name}:latest@{v1}")
+    queue = aws.new_queue()
+    env = deployer_env(aws, swarm, DEPLOYER_NOTIFY_URL=webhook.url.replace("http://", "json://"))
+    args = ("--queue", queue, "--auth-refresh", "0")
+
+    # 1. A push (--once --wait): the job runs on the new digest and completes; only then does the service roll.
+    v2 = images.push(repo, "latest", "v2")
+    aws.send(queue, event(repository=repo, digest=v2))
+    run = run_once(env, *args, "--wait")
+    assert run.returncode == 0, run.stderr
+    [ran] = runs(v2)
+    assert ran["Status"]["State"] == "complete"
+    swarm.wait_running(web, f"{name}:latest@{v2}")
+    [new_task] = [t for t in swarm.tasks(web) if t["Spec"]["ContainerSpec"]["Image"].endswith(v2)]
+    # by Swarm's clock: the service's task of v2 was made after the job's task of v2 completed
+    assert ed.parse_swarm_time(ran["Status"]["Timestamp"]) <= ed.parse_swarm_time(new_task["CreatedAt"])
+    assert f"Started the pre-rollout job shop-migrate ({job[:12]}) on {name}:latest@{v2}" in run.stderr
+    assert f"Rollout of shop ({web[:12]}) to {name}:latest@{v2} completed" in run.stderr
+    assert swarm.service(job)["Spec"]["Labels"][ed.BEFORE_RUN_LABEL] == v2
+
+    first = Running(env, *args)
+    try:
+        # 2. The deployer killed while the job runs: the one restarted follows that run, never starts another.
+        v3 = images.push(repo, "latest", "v3-slow")
+        aws.send(queue, event(repository=repo, digest=v3))
+        first.wait_line(f"Started the pre-rollout job shop-migrate ({job[:12]}) on {name}:latest@{v3}")
+        # its message is done: the swarm holds the run (the job's spec and tasks), nothing is lost with the process
+        wait_for(lambda: aws.queue_depth(queue) == 0, 3, what="the message deleted while the job runs")
+    finally:
+        first.kill()  # SIGKILL, as a crash or the OOM killer would
+    assert service_image_of(swarm, web)[0] == f"{name}:latest@{v2}"
+    assert [t["Status"]["State"] for t in runs(v3)] != ["complete"]  # killed while the job ran
+    forced = swarm.service(job)["Spec"]["TaskTemplate"]["ForceUpdate"]
+    second = Running(env, *args)
+    try:
+        second.wait_line(f"Updated service shop ({web[:12]}) to {name}:latest@{v3}", timeout=60)
+        assert "Started the pre-rollout job" not in second.log
+        assert f"Service shop ({web[:12]}) waits for its pre-rollout job shop-migrate before" in second.log
+        assert [t["Status"]["State"] for t in runs(v3)] == ["complete"]  # run once
+        assert swarm.service(job)["Spec"]["TaskTemplate"]["ForceUpdate"] == forced
+
+        # 3. A build whose migration fails: the service is not rolled, the failure said with the job's log.
+        v4 = images.push(repo, "latest", "v4-broken")
+        aws.send(queue, event(repository=repo, digest=v4))
+        second.wait_line(f"Blocked service shop ({web[:12]}) from {name}:latest@{v4} by its pre-rollout job "
+                         f"shop-migrate: shop-migrate failed: task: non-zero exit (3)", timeout=60)
+        second.wait_line("| migration failed: relation users is locked")
+        assert f"Service shop-migrate ({job[:12]}) is the pre-rollout job of shop" in second.log  # the push names it too
+        wait_for(lambda: aws.queue_depth(queue) == 0, 10, what="the message done")
+    finally:
+        assert second.stop() == 0
+    spec = swarm.service(web)["Spec"]
+    assert spec["TaskTemplate"]["ContainerSpec"]["Image"] == f"{name}:latest@{v3}"  # not rolled
+    assert [t["Status"]["State"] for t in runs(v4)] == ["failed"]
+    assert spec["Labels"][ed.FAILED_LABEL].startswith(f"{v4} blocked by its pre-rollout job shop-migrate at ")
+    wait_for(lambda: any("| migration failed: relation users is locked" in d.get("message", "")
+                         for d in webhook.received), 10, what=lambda: f"the notification: {webhook.received}")
+    [blocked] = [d["message"] for d in webhook.received if "| migration failed" in d.get("message", "")]
+    assert "blocked by its pre-rollout job shop-migrate" in blocked and "(exit code 3)" in blocked
+    rows = json.loads(status(env, "--json").stdout)
+    row = next(r for r in rows if r["service"] == "shop")
+    assert row["state"] == "blocked" and "blocked by its pre-rollout job shop-migrate" in row["reason"]
+
+
 def test_keeper_refreshes_tasks_waiting_for_a_node_retries_only_failures_and_keeps_its_schedule_across_restarts(
         aws, images, clean_swarm, workdir, tmp_path):
     swarm, registry = clean_swarm, REGISTRIES[0]
@@ -3265,6 +3352,9 @@ def test_quick_start_demo_rolls_a_service_and_leaves_nothing_behind():
         updated = [line for line in lines if "ecr_deploy.py |" in line and " Updated service web (" in line]
         completed = [line for line in lines if " Rollout of web (" in line and " completed after " in line]
         assert len(updated) == 1 and len(completed) == 1, output()
+        migrated = [i for i, line in enumerate(lines) if " Started the pre-rollout job web-migrate " in line]
+        assert len(migrated) == 1 and migrated[0] < lines.index(updated[0]), output()  # the migration first
+        assert ">>> web-migrate on …@sha256:" in output() and "… complete; web is rolling to it" in output()
         wait_for(lambda: re.search(r"\n    notification  \| web: web:latest → sha256:\w{12} completed after", output()), 30,
                  what=lambda: f"the rollout's notification in the terminal:\n{output()}")
         promoted = [line for line in lines if "ecr_deploy.py |" in line and " Promoted " in line]
@@ -6215,6 +6305,112 @@ ROLLED = [swarm_task(DIGEST_A, "shutdown", "shutdown", "50:00.5", 1), swarm_task
 
 def at(text: str) -> datetime.datetime:
     return datetime.datetime.fromisoformat(f"2026-12-07T07:{text}+00:00")
+
+
+# ---- a job before the rollout (pure): BEFORE_LABEL names a Swarm job run on the digest before the service rolls
+
+WITH_JOB = service(f"{HOST}/team/web:latest@{DIGEST_A}", {ed.BEFORE_LABEL: "migrate"})
+
+
+@pytest.mark.parametrize("svc,facts,expected", [
+    (WITH_JOB, READ, ("ask", "before job", "")),  # read only once every earlier fact let it roll
+    (WITH_JOB, READ._replace(failure="it failed"), ("hold back", "it failed", "")),  # its record first: no job run
+    (WITH_JOB, ed.Facts(failure_read=True, release=ed.Release("wait", "window shut")), ("not released", "window", "")),
+    (RUNS_A, READ, ("deploy", "", "")),  # no label: nothing asked
+    # the job itself (of the same repository, so a push names it too) is run only for its service
+    (job(f"{HOST}/team/web:latest@{DIGEST_A}", {ed.BEFORE_FOR_LABEL: "web"}), ed.Facts(),
+     ("nothing", "is the pre-rollout job of web: it runs before that service rolls", "")),
+    (WITH_JOB, READ._replace(before=ed.JobRun("start", "not run")), ("run job", "not run", "pre-rollout job migrate")),
+    (WITH_JOB, READ._replace(before=ed.JobRun("running", "runs")), ("wait for job", "runs", "pre-rollout job migrate")),
+    (WITH_JOB, READ._replace(before=ed.JobRun("busy", "another")), ("wait for job", "another", "pre-rollout job migrate")),
+    (WITH_JOB, READ._replace(before=ed.JobRun("completed", "done")), ("deploy", "", "")),
+    (WITH_JOB, READ._replace(before=ed.JobRun("failed", "exit 3")), ("block", "exit 3", "pre-rollout job migrate")),
+    (WITH_JOB, READ._replace(before=ed.JobRun("timed out", "10m")), ("block", "10m", "pre-rollout job migrate")),
+    (WITH_JOB, READ._replace(before=ed.JobRun("missing", "no such")), ("block", "no such", "pre-rollout job migrate")),
+])
+def test_decide_with_a_pre_rollout_job(svc, facts, expected):
+    decision = ed.decide(ed.Hint(svc, PUSH, DIGEST_B), facts, 0)
+    assert (decision.action, decision.gate) == (expected[0], expected[2]) and decision.reason.startswith(expected[1])
+    # a failed or timed-out run leaves a failure record (the digest is not tried again here); a missing job does not
+    assert decision.record == (facts.before is not None and facts.before.state in ("failed", "timed out"))
+
+
+def job_task(desired, state, iteration=2, node="n1", at="50:00"):
+    return {**swarm_task(DIGEST_B, desired, state, at), "JobIteration": {"Index": iteration}, "NodeID": node}
+
+
+def migrate_job(labels=None, mode=None, iteration=2, started="2026-12-07T07:50:00Z"):
+    return {"ID": "job1", "Spec": {"Name": "migrate", "Labels": {ed.BEFORE_RUN_LABEL: DIGEST_B, **(labels or {})},
+                                   "Mode": mode or {"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}},
+                                   "TaskTemplate": {"ContainerSpec": {"Image": f"{HOST}/team/web:latest@{DIGEST_B}"}}},
+            "JobStatus": {"JobIteration": {"Index": iteration}, "LastExecution": started}}
+
+
+@pytest.mark.parametrize("job,tasks,expected", [
+    (None, [], "missing"),
+    ({"Spec": {"Name": "web", "Mode": {"Replicated": {"Replicas": 1}}}}, [], "not a job"),
+    (migrate_job({ed.BEFORE_RUN_LABEL: DIGEST_A}), [job_task("complete", "complete")], "start"),
+    (migrate_job({ed.BEFORE_RUN_LABEL: DIGEST_A}), [job_task("complete", "running")], "busy"),  # never cut short
+    (migrate_job(), [], "running"),  # just posted: Swarm has made no task yet
+    (migrate_job(), [job_task("complete", "starting")], "running"),
+    (migrate_job(), [job_task("complete", "complete", iteration=1)], "running"),  # an earlier run's task
+    (migrate_job(), [job_task("complete", "complete")], "completed"),
+    # a task that failed, and its replacement (RestartPolicy) that completed
+    (migrate_job(), [job_task("shutdown", "failed"), job_task("complete", "complete")], "completed"),
+    # failed, its replacement waiting out the restart delay (desired ready): not over
+    (migrate_job(), [job_task("shutdown", "failed"), job_task("ready", "ready")], "running"),
+    (migrate_job(), [job_task("complete", "failed")], "running"),  # not yet handled by the orchestrator
+    (migrate_job(), [job_task("shutdown", "failed")], "failed"),  # handled, no replacement: past its policy
+    (migrate_job(), [job_task("shutdown", "rejected")], "failed"),
+    (migrate_job(started="2026-12-07T07:39:00Z"), [job_task("complete", "running")], "timed out"),
+    (migrate_job(mode={"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 2}}),
+     [job_task("complete", "complete")], "running"),  # the second completion is still to come
+    (migrate_job(mode={"GlobalJob": {}}), [job_task("complete", "complete", node="n1"),
+                                           job_task("shutdown", "failed", node="n2")], "failed"),
+    (migrate_job(mode={"GlobalJob": {}}), [job_task("complete", "complete", node="n1"),
+                                           job_task("complete", "complete", node="n2")], "completed"),
+])
+def test_job_run(job, tasks, expected):
+    run = ed.job_run(job, tasks, DIGEST_B, at("50:30"), 600)
+    assert run.state == expected, run
+
+
+def test_job_run_says_why_it_failed_and_the_tasks_of_the_run():
+    tasks = [job_task("shutdown", "failed", at="50:01"), job_task("complete", "complete", iteration=1)]
+    tasks[0]["Status"]["Err"] = "task: non-zero exit (3)"
+    run = ed.job_run(migrate_job(), tasks, DIGEST_B, at("50:30"), 600)
+    assert (run.state, run.reason, run.tasks) == ("failed", "migrate failed: task: non-zero exit (3)", (tasks[0],))
+    late = ed.job_run(migrate_job(started="2026-12-07T07:39:00Z"), [], DIGEST_B, at("50:30"), 600)
+    assert late.reason == "migrate did not complete within 10m (0 of 1 task(s) completed)"
+
+
+@pytest.mark.parametrize("job_image,labels,expected", [
+    (f"{HOST}/team/web:migrate@{DIGEST_A}", ({}, {}), f"{HOST}/team/web:latest@{DIGEST_B}"),  # same repository
+    (f"{HOST}/team/web", ({}, {}), f"{HOST}/team/web:latest@{DIGEST_B}"),
+    (f"{HOST}/team/dbtool:v3@{DIGEST_A}", ({}, {}), f"{HOST}/team/dbtool:v3@{DIGEST_A}"),  # another: as it is
+    (f"{HOST}/team/dbtool:v3", ({ed.BEFORE_IMAGE_LABEL: "service"}, {}), f"{HOST}/team/web:latest@{DIGEST_B}"),
+    (f"{HOST}/team/dbtool:v3", ({}, {ed.BEFORE_IMAGE_LABEL: "Service "}), f"{HOST}/team/web:latest@{DIGEST_B}"),
+])
+def test_job_image(job_image, labels, expected):
+    job = service(job_image, labels[0], mode={"ReplicatedJob": {}})
+    web = service(f"{HOST}/team/web:latest@{DIGEST_A}", {ed.BEFORE_LABEL: "migrate", **labels[1]})
+    image = ed.job_image(job, web, f"{HOST}/team/web:latest@{DIGEST_B}", "latest", DIGEST_B)
+    assert image == expected
+    spec = ed.job_run_spec(job, image, DIGEST_B, "web")
+    assert spec["TaskTemplate"]["ContainerSpec"]["Image"] == expected and spec["TaskTemplate"]["ForceUpdate"] == 1
+    assert {k: spec["Labels"][k] for k in (ed.BEFORE_RUN_LABEL, ed.BEFORE_FOR_LABEL)} == {
+        ed.BEFORE_RUN_LABEL: DIGEST_B, ed.BEFORE_FOR_LABEL: "web"}
+
+
+@pytest.mark.parametrize("labels,error", [
+    ({ed.BEFORE_LABEL: "migrate; rm"}, "is not a Swarm service name"),
+    ({ed.BEFORE_LABEL: "migrate", ed.BEFORE_TIMEOUT_LABEL: "soon"}, "not a duration"),
+])
+def test_a_pre_rollout_job_label_that_cannot_be_read_is_said(labels, error):
+    with pytest.raises(ValueError, match=error):
+        svc = service(f"{HOST}/team/web:latest@{DIGEST_A}", labels)
+        ed.before_job(svc), ed.before_timeout(svc)
+
 
 
 @pytest.mark.parametrize("service,tasks,pending,since", [
