@@ -3955,6 +3955,28 @@ class Converger:
 
 # --------------------------------------------------------------------------- acting
 
+SAID_ONCE_KEPT = 1000  # (service, image) pairs each of a long-running process's "said once" memories keeps
+
+
+class SaidOnce(dict):
+    """What a long-running process has said once per service and image, bounded: beyond `kept` entries the
+    longest unchanged goes first (so it is said again, at worst). A set's add() too, for those that need
+    no value. Services and images come and go for months; without a bound this grows with every one."""
+
+    def __init__(self, kept: int | None = None):
+        super().__init__()
+        self.kept = kept or SAID_ONCE_KEPT
+
+    def __setitem__(self, key, value) -> None:
+        self.pop(key, None)  # the newest last
+        super().__setitem__(key, value)
+        while len(self) > self.kept:
+            del self[next(iter(self))]
+
+    def add(self, key) -> None:
+        self[key] = True
+
+
 class Actor:
     """Does what was decided, and says it once: posts updates (with fresh registry auth, retried out of
     sequence), writes failure records, reports holds, waits and blocks, promotes, has rollouts followed
@@ -3962,10 +3984,10 @@ class Actor:
 
     def __init__(self, deployer: Deployer):
         self.deployer = deployer
-        self.reported_blocked: set[tuple[str, str]] = set()  # (service ID, image): one ERROR and webhook each
-        self.reported_held: set[tuple[str, str]] = set()  # (service ID, digest): one WARNING each
-        self.reported_waits: dict[tuple[str, str], str] = {}  # (service ID, image) -> the wait last logged
-        self.recheck_after: dict[tuple[str, str], float] = {}  # (service ID, image) -> the next open wait's back-off
+        self.reported_blocked = SaidOnce()  # (service ID, image): one ERROR and webhook each
+        self.reported_held = SaidOnce()  # (service ID, digest): one WARNING each
+        self.reported_waits = SaidOnce()  # (service ID, image) -> the wait last logged
+        self.recheck_after = SaidOnce()  # (service ID, image) -> the next open wait's back-off
 
     def act(self, hint: Hint, decision: Decision, result: CycleResult) -> bool | None:
         """decide()'s answer done: True done, False failed, None waits for a gate (the message is kept)."""
@@ -4621,7 +4643,7 @@ class Reconciler:
         self.deployer, self.interval = deployer, interval
         self.due_at = 0.0 if interval else math.inf  # time.monotonic(): the first pass comes after the first poll
         self.denied: set[tuple[str, str, str]] = set()  # repositories ECR refused to describe: said once
-        self.unpinned: set[str] = set()  # services whose spec names no digest: said once
+        self.unpinned = SaidOnce()  # services whose spec names no digest: said once
         self.images = ImageKeeper(deployer)
 
     def wake_at(self, epoch: float) -> None:

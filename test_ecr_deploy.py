@@ -7222,6 +7222,32 @@ def test_a_label_that_routes_to_no_target_is_said_once_per_service(caplog):
     assert [len(t.backlog) for t in notifier.targets] == [0, 4]
 
 
+def test_what_a_long_running_deployer_said_once_is_bounded_and_the_oldest_is_said_again(caplog, monkeypatch):
+    """The waits, holds and blocks a loop-mode deployer said once per service and image, and the back-off of
+    each open wait, are kept for the SAID_ONCE_KEPT most recent only: services and images come and go for
+    months. A wait forgotten is said again (and looked at soon again); one still kept is not."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(ed, "SAID_ONCE_KEPT", 3)
+    woken, told = [], []
+    deployer = SimpleNamespace(reconciler=SimpleNamespace(interval=300.0, wake_at=woken.append),
+                               notifier=SimpleNamespace(event=told.append))
+    actor = ed.Actor(deployer)
+    leader_missing = ed.Release("wait", "its wave's leader api does not run it yet")
+    with caplog.at_level("INFO", logger="ecr-deploy"):
+        for i in (0, 1, 2, 3, 3, 0):
+            actor.not_released({"ID": f"svc{i}", "Spec": {"Name": f"web{i}"}}, "r/app:latest@sha256:" + "a" * 64,
+                               leader_missing)
+    said = [r.getMessage().split()[1] for r in caplog.records]
+    assert said == ["web0", "web1", "web2", "web3", "web0"]  # web3 said once; web0 forgotten, so said again
+    assert len(told) == 5
+    assert [len(m) for m in (actor.reported_waits, actor.recheck_after)] == [3, 3]
+    assert list(actor.reported_waits) == [(f"svc{i}", "r/app:latest@sha256:" + "a" * 64) for i in (2, 3, 0)]
+    for memory in (actor.reported_blocked, actor.reported_held):
+        for i in range(5):
+            memory.add((f"svc{i}", "img"))
+        assert list(memory) == [("svc2", "img"), ("svc3", "img"), ("svc4", "img")]
+
+
 def test_a_runs_message_sums_it_up_with_one_line_per_event():
     events = [ed.Event("updated", f"svc{i}", f"r/app:latest@sha256:{i:064x}", "updated: pushed to ECR")
               for i in range(70)] + [ed.Event("failed", "api", "r/api:v2@sha256:" + "f" * 64, "paused")]
