@@ -7248,6 +7248,29 @@ def test_what_a_long_running_deployer_said_once_is_bounded_and_the_oldest_is_sai
         assert list(memory) == [("svc2", "img"), ("svc3", "img"), ("svc4", "img")]
 
 
+def test_a_fault_proxy_keeps_the_last_bodies_only_and_says_when_asked_for_more(monkeypatch):
+    """rig.faults.FaultProxy records every request's body; the rig's ECR endpoint lives as long as the whole
+    suite, so it keeps the last BODIES_KEPT: `mark = len(bodies)` ... `bodies[mark:]` still reads what came
+    since, and a mark older than that fails loudly rather than reading less than was sent."""
+    import rig.faults
+    monkeypatch.setattr(rig.faults, "BODIES_KEPT", 3)
+    proxy = FaultProxy("http://127.0.0.1:9")  # answers every request itself: no upstream needed
+    proxy.rule = lambda key: 204
+    try:
+        with requests.Session() as http:
+            for n in range(5):
+                http.post(proxy.url + "/sent", data=str(n).encode(), timeout=10).raise_for_status()
+    finally:
+        proxy.close()
+    assert len(proxy.seen) == len(proxy.bodies) == 5
+    assert proxy.bodies[2:] == list(proxy.bodies) == [("POST /sent", str(n).encode()) for n in (2, 3, 4)]
+    assert proxy.bodies[4:] == [("POST /sent", b"4")]
+    with pytest.raises(IndexError):
+        proxy.bodies[1:]
+    del proxy.bodies[:]
+    assert len(proxy.bodies) == 0 and proxy.bodies[0:] == []
+
+
 def test_a_runs_message_sums_it_up_with_one_line_per_event():
     events = [ed.Event("updated", f"svc{i}", f"r/app:latest@sha256:{i:064x}", "updated: pushed to ECR")
               for i in range(70)] + [ed.Event("failed", "api", "r/api:v2@sha256:" + "f" * 64, "paused")]
