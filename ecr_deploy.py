@@ -2631,10 +2631,13 @@ class Ecr:
             tokens.add(token)
 
     def _describe_images(self, account: str, region: str, repository: str, tags: list[str]) -> dict | None:
-        """DescribeImages of these tags; None if one of them (or the repository) does not exist."""
+        """DescribeImages of these tags; None if one of them (or the repository) does not exist. Of every
+        storage class (filter imageStatus ANY): without it ECR describes ACTIVE images only, and a tag whose
+        image a lifecycle rule archived would read as a tag gone."""
         try:
             return self._client(region).describe_images(
-                registryId=account, repositoryName=repository, imageIds=[{"imageTag": tag} for tag in tags])
+                registryId=account, repositoryName=repository, filter={"imageStatus": "ANY"},
+                imageIds=[{"imageTag": tag} for tag in tags])
         except AWS_ERRORS as e:
             if error_code(e) == "RepositoryNotFoundException":
                 return {}  # no repository, no tags: not worth asking tag by tag

@@ -7255,7 +7255,7 @@ def test_a_fault_proxy_keeps_the_last_bodies_only_and_says_when_asked_for_more(m
     import rig.faults
     monkeypatch.setattr(rig.faults, "BODIES_KEPT", 3)
     proxy = FaultProxy("http://127.0.0.1:9")  # answers every request itself: no upstream needed
-    proxy.rule = lambda key: 204
+    proxy.rule = lambda key: 200
     try:
         with requests.Session() as http:
             for n in range(5):
@@ -7899,6 +7899,22 @@ def test_an_archived_running_digest_is_restored_on_request_and_status_follows_it
     assert state() == (4, {"running": "restoring"})
     aws.front.restores_done()  # ECR restores within minutes
     assert state() == (0, {"running": "ok"})
+
+
+def test_a_tag_whose_image_is_archived_is_not_a_tag_gone(aws, images, clean_swarm):
+    """Tag lookups ask DescribeImages of every storage class (filter imageStatus ANY; the Amazon ECR API
+    Reference, DescribeImagesFilter: "If not specified, only images with ACTIVE status are returned"): a
+    service that follows :latest, whose image a lifecycle rule archived, is current (its image archived:
+    exit 5), not following "a tag gone from ECR"."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = aws.put_image(registry.account, registry.region, repo, "latest", "v1")
+    swarm.create_service("arch-follow", f"{registry.host}/{repo}:latest@{v1}", replicas=0)
+    aws.client("ecr", registry.region).update_image_storage_class(
+        registryId=registry.account, repositoryName=repo, imageId={"imageDigest": v1}, targetStorageClass="ARCHIVE")
+    run = status(deployer_env(aws, swarm, DEPLOYER_QUEUE=""), "--json")
+    (row,) = json.loads(run.stdout)
+    assert (run.returncode, row["state"], row["images"]) == (5, "current", {"running": "archived"}), row
 
 
 def test_the_rigs_ecr_moves_images_between_storage_classes_as_ecr_documents(aws):
