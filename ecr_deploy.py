@@ -294,6 +294,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# Hosts of chat services whose incoming-webhook URL is itself the credential (a token in its path).
+WEBHOOK_SECRET_HOSTS = re.compile(r"(hooks\.slack\.com|[a-z0-9-]+\.webhook\.office\.com|outlook\.office(365)?\.com"
+                                  r"|[a-z0-9.-]+\.logic\.azure\.com|(ptb\.|canary\.)?discord(app)?\.com"
+                                  r"|chat\.googleapis\.com)", re.I)
+
+
+def webhook_secret_in(url: str) -> bool:
+    """Does this http(s) webhook URL carry a credential: a user or password, a query (Teams workflows'
+    sig=, Google Chat's key= and token=), or a chat service's webhook path (Slack, Teams, Discord)?"""
+    parts = urllib.parse.urlsplit(url)
+    return bool(parts.username or parts.password or parts.query
+                or WEBHOOK_SECRET_HOSTS.fullmatch(parts.hostname or ""))
+
+
 def notify_targets(urls: list[str], from_env: list[str], path: str | None) -> list[TargetConfig]:
     """The Apprise targets: DEPLOYER_NOTIFY_URL's (named url1, url2, ...; every event), then the file's.
     http(s) URLs stay the JSON webhook. Errors never quote a URL (it may carry credentials)."""
@@ -303,6 +317,9 @@ def notify_targets(urls: list[str], from_env: list[str], path: str | None) -> li
         if not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme) or "://" not in url:
             raise ValueError("--notify-url (or DEPLOYER_NOTIFY_URL) must be an http(s) or Apprise URL (SCHEME://...)")
         if scheme in ("http", "https"):
+            if url not in from_env and webhook_secret_in(url):
+                raise ValueError(f"--notify-url {scheme}://{urllib.parse.urlsplit(url).hostname}/...: this webhook URL "
+                                 "carries its credential, which a process listing shows: give it in DEPLOYER_NOTIFY_URL")
             continue
         if url not in from_env:
             raise ValueError(f"--notify-url {scheme}://...: an Apprise URL carries credentials, which a process "

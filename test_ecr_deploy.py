@@ -7182,6 +7182,26 @@ def test_an_apprise_url_is_refused_on_the_command_line_and_taken_from_the_enviro
     assert SECRET not in capsys.readouterr().out
 
 
+def test_a_webhook_url_that_carries_its_credential_is_refused_on_the_command_line(monkeypatch, capsys):
+    """A process listing shows argv: a JSON webhook URL whose token is in its path (Slack's, Teams',
+    Discord's incoming webhooks), its query (Teams workflows' sig=) or its user part is refused there with
+    exit 2, without quoting it, and taken from DEPLOYER_NOTIFY_URL; a plain webhook URL is taken as before."""
+    secret_urls = [f"https://hooks.slack.com/services/T0000/B0000/{SECRET}",
+                   f"https://acme.webhook.office.com/webhookb2/x@y/IncomingWebhook/{SECRET}/z",
+                   f"https://discord.com/api/webhooks/1/{SECRET}",
+                   f"https://prod-00.westeurope.logic.azure.com:443/workflows/w/triggers/manual/paths/invoke?sig={SECRET}",
+                   f"https://ops:{SECRET}@hooks.example/x"]
+    for url in secret_urls:
+        with pytest.raises(SystemExit) as exit_:
+            ed.parse_args(["--queue", "q", "--notify-url", url])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "give it in DEPLOYER_NOTIFY_URL" in err and SECRET not in err, err
+    assert ed.parse_args(["--queue", "q", "--notify-url", "https://hooks.example/x"]).notify_url == [
+        "https://hooks.example/x"]
+    monkeypatch.setenv("DEPLOYER_NOTIFY_URL", " ".join(secret_urls))
+    assert ed.parse_args(["--queue", "q"]).notify_url == secret_urls  # the JSON webhook, from the environment
+
+
 def test_an_event_says_service_image_tag_digest_and_why_in_one_short_line():
     image = f"123456789012.dkr.ecr.us-east-1.amazonaws.com/team/web:latest@sha256:{'ab' * 32}"
     event = ed.Event("failed", "web", image, "paused after 6.1s: " + "task: non-zero exit (1) " * 20)
