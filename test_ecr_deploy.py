@@ -5287,13 +5287,16 @@ def test_a_failed_digest_rolls_out_once_across_redeliveries_reconcile_passes_and
     first = Running(env, *args)
     try:
         first.wait_line(f"Rollback of flap-web ({web[:12]}) to {old} completed", timeout=90)
-        time.sleep(12)  # two more redeliveries of the kept message, and several reconcile passes
+        kept, passes = first.log.count("; message kept"), first.log.count("Reconcile pass:")
+        # two more redeliveries of the kept message, and several reconcile passes: chances to roll it again
+        first.wait_line("; message kept", timeout=30, count=kept + 2)
+        first.wait_line("Reconcile pass:", timeout=30, count=passes + 3)
     finally:
         assert first.stop() == 0
     second = Running(env, *args)  # a restart: nothing in memory
     try:
-        second.wait_line("Reconcile pass:", timeout=30)
-        time.sleep(8)
+        second.wait_line("; message kept", timeout=30)  # the message redelivered to it
+        second.wait_line("Reconcile pass:", timeout=30, count=3)
     finally:
         assert second.stop() == 0
     logs = first.log + second.log
