@@ -2210,7 +2210,7 @@ def test_a_rollback_that_would_pull_the_failed_build_again_is_never_posted_and_s
 
 def test_good_rollout_completes_and_a_dead_webhook_costs_at_most_its_timeout(aws, images, clean_swarm, webhook):
     swarm, registry = clean_swarm, REGISTRIES[0]
-    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "good", replicas=1)
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "good", replicas=1, update_config=FAST_MONITOR)
     swarm.wait_running(sid, f"{registry.host}/{repo}:latest@{v1}")
     blackhole = socket.socket()  # accepts connections, never answers
     blackhole.bind(("127.0.0.1", 0))
@@ -2288,7 +2288,7 @@ def test_refresh_auth_restarts_nothing_and_lets_swarm_pull_later(aws, images, cl
 
 def test_loop_mode_follows_rollouts_and_refreshes_auth_periodically(aws, images, clean_swarm, tmp_path):
     swarm, registry = clean_swarm, REGISTRIES[0]
-    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "looped", replicas=1)
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "looped", replicas=1, update_config=FAST_MONITOR)
     swarm.wait_running(sid, f"{registry.host}/{repo}:latest@{v1}")
     queue = aws.new_queue()
     summary = tmp_path / "summary.json"
@@ -5367,7 +5367,8 @@ def test_a_manual_rollback_of_a_healthy_digest_holds_it_back(aws, images, clean_
     """`docker service rollback` after a rollout that worked (a bug found in production): its tasks ended
     normally, so only the PreviousSpec Swarm keeps tells the deployer which digest was refused."""
     swarm, registry = clean_swarm, REGISTRIES[0]
-    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "manual-rb", replicas=1)
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "manual-rb", replicas=1,
+                                              update_config=FAST_MONITOR, rollback_config=FAST_MONITOR)
     old, new = f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{v2}"
     env = deployer_env(aws, swarm)
     assert run_once(env, "--queue", aws.new_queue(), "--wait").returncode == 0  # the pass rolls v2: it works
