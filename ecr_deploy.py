@@ -328,6 +328,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# Hosts of chat services whose incoming-webhook URL is itself the credential (a token in its path).
+WEBHOOK_SECRET_HOSTS = re.compile(r"(hooks\.slack\.com|[a-z0-9-]+\.webhook\.office\.com|outlook\.office(365)?\.com"
+                                  r"|[a-z0-9.-]+\.logic\.azure\.com|(ptb\.|canary\.)?discord(app)?\.com"
+                                  r"|chat\.googleapis\.com)", re.I)
+
+
+def webhook_secret_in(url: str) -> bool:
+    """Does this http(s) webhook URL carry a credential: a user or password, a query (Teams workflows'
+    sig=, Google Chat's key= and token=), or a chat service's webhook path (Slack, Teams, Discord)?"""
+    parts = urllib.parse.urlsplit(url)
+    return bool(parts.username or parts.password or parts.query
+                or WEBHOOK_SECRET_HOSTS.fullmatch(parts.hostname or ""))
+
+
 def notify_targets(urls: list[str], from_env: list[str], path: str | None) -> list[TargetConfig]:
     """The Apprise targets: DEPLOYER_NOTIFY_URL's (named url1, url2, ...; every event), then the file's.
     http(s) URLs stay the JSON webhook. Errors never quote a URL (it may carry credentials)."""
@@ -337,6 +351,9 @@ def notify_targets(urls: list[str], from_env: list[str], path: str | None) -> li
         if not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme) or "://" not in url:
             raise ValueError("--notify-url (or DEPLOYER_NOTIFY_URL) must be an http(s) or Apprise URL (SCHEME://...)")
         if scheme in ("http", "https"):
+            if url not in from_env and webhook_secret_in(url):
+                raise ValueError(f"--notify-url {scheme}://{urllib.parse.urlsplit(url).hostname}/...: this webhook URL "
+                                 "carries its credential, which a process listing shows: give it in DEPLOYER_NOTIFY_URL")
             continue
         if url not in from_env:
             raise ValueError(f"--notify-url {scheme}://...: an Apprise URL carries credentials, which a process "
@@ -3030,10 +3047,13 @@ class Ecr:
             tokens.add(token)
 
     def _describe_images(self, account: str, region: str, repository: str, tags: list[str]) -> dict | None:
-        """DescribeImages of these tags; None if one of them (or the repository) does not exist."""
+        """DescribeImages of these tags; None if one of them (or the repository) does not exist. Of every
+        storage class (filter imageStatus ANY): without it ECR describes ACTIVE images only, and a tag whose
+        image a lifecycle rule archived would read as a tag gone."""
         try:
             return self._client(region).describe_images(
-                registryId=account, repositoryName=repository, imageIds=[{"imageTag": tag} for tag in tags])
+                registryId=account, repositoryName=repository, filter={"imageStatus": "ANY"},
+                imageIds=[{"imageTag": tag} for tag in tags])
         except AWS_ERRORS as e:
             if error_code(e) == "RepositoryNotFoundException":
                 return {}  # no repository, no tags: not worth asking tag by tag
@@ -4454,6 +4474,28 @@ class Converger:
 
 # --------------------------------------------------------------------------- acting
 
+SAID_ONCE_KEPT = 1000  # (service, image) pairs each of a long-running process's "said once" memories keeps
+
+
+class SaidOnce(dict):
+    """What a long-running process has said once per service and image, bounded: beyond `kept` entries the
+    longest unchanged goes first (so it is said again, at worst). A set's add() too, for those that need
+    no value. Services and images come and go for months; without a bound this grows with every one."""
+
+    def __init__(self, kept: int | None = None):
+        super().__init__()
+        self.kept = kept or SAID_ONCE_KEPT
+
+    def __setitem__(self, key, value) -> None:
+        self.pop(key, None)  # the newest last
+        super().__setitem__(key, value)
+        while len(self) > self.kept:
+            del self[next(iter(self))]
+
+    def add(self, key) -> None:
+        self[key] = True
+
+
 class Actor:
     """Does what was decided, and says it once: posts updates (with fresh registry auth, retried out of
     sequence), writes failure records, reports holds, waits and blocks, promotes, has rollouts followed
@@ -4461,10 +4503,10 @@ class Actor:
 
     def __init__(self, deployer: Deployer):
         self.deployer = deployer
-        self.reported_blocked: set[tuple[str, str]] = set()  # (service ID, image): one ERROR and webhook each
-        self.reported_held: set[tuple[str, str]] = set()  # (service ID, digest): one WARNING each
-        self.reported_waits: dict[tuple[str, str], str] = {}  # (service ID, image) -> the wait last logged
-        self.recheck_after: dict[tuple[str, str], float] = {}  # (service ID, image) -> the next open wait's back-off
+        self.reported_blocked = SaidOnce()  # (service ID, image): one ERROR and webhook each
+        self.reported_held = SaidOnce()  # (service ID, digest): one WARNING each
+        self.reported_waits = SaidOnce()  # (service ID, image) -> the wait last logged
+        self.recheck_after = SaidOnce()  # (service ID, image) -> the next open wait's back-off
 
     def act(self, hint: Hint, decision: Decision, result: CycleResult) -> bool | None:
         """decide()'s answer done: True done, False failed, None waits for a gate (the message is kept)."""
@@ -5481,7 +5523,7 @@ class Reconciler:
         self.deployer, self.interval = deployer, interval
         self.due_at = 0.0 if interval else math.inf  # time.monotonic(): the first pass comes after the first poll
         self.denied: set[tuple[str, str, str]] = set()  # repositories ECR refused to describe: said once
-        self.unpinned: set[str] = set()  # services whose spec names no digest: said once
+        self.unpinned = SaidOnce()  # services whose spec names no digest: said once
         self.images = ImageKeeper(deployer)
 
     def wake_at(self, epoch: float) -> None:

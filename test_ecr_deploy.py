@@ -2225,7 +2225,7 @@ def test_a_rollback_that_would_pull_the_failed_build_again_is_never_posted_and_s
 
 def test_good_rollout_completes_and_a_dead_webhook_costs_at_most_its_timeout(aws, images, clean_swarm, webhook):
     swarm, registry = clean_swarm, REGISTRIES[0]
-    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "good", replicas=1)
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "good", replicas=1, update_config=FAST_MONITOR)
     swarm.wait_running(sid, f"{registry.host}/{repo}:latest@{v1}")
     blackhole = socket.socket()  # accepts connections, never answers
     blackhole.bind(("127.0.0.1", 0))
@@ -2303,7 +2303,7 @@ def test_refresh_auth_restarts_nothing_and_lets_swarm_pull_later(aws, images, cl
 
 def test_loop_mode_follows_rollouts_and_refreshes_auth_periodically(aws, images, clean_swarm, tmp_path):
     swarm, registry = clean_swarm, REGISTRIES[0]
-    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "looped", replicas=1)
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "looped", replicas=1, update_config=FAST_MONITOR)
     swarm.wait_running(sid, f"{registry.host}/{repo}:latest@{v1}")
     queue = aws.new_queue()
     summary = tmp_path / "summary.json"
@@ -5437,13 +5437,16 @@ def test_a_failed_digest_rolls_out_once_across_redeliveries_reconcile_passes_and
     first = Running(env, *args)
     try:
         first.wait_line(f"Rollback of flap-web ({web[:12]}) to {old} completed", timeout=90)
-        time.sleep(12)  # two more redeliveries of the kept message, and several reconcile passes
+        kept, passes = first.log.count("; message kept"), first.log.count("Reconcile pass:")
+        # two more redeliveries of the kept message, and several reconcile passes: chances to roll it again
+        first.wait_line("; message kept", timeout=30, count=kept + 2)
+        first.wait_line("Reconcile pass:", timeout=30, count=passes + 3)
     finally:
         assert first.stop() == 0
     second = Running(env, *args)  # a restart: nothing in memory
     try:
-        second.wait_line("Reconcile pass:", timeout=30)
-        time.sleep(8)
+        second.wait_line("; message kept", timeout=30)  # the message redelivered to it
+        second.wait_line("Reconcile pass:", timeout=30, count=3)
     finally:
         assert second.stop() == 0
     logs = first.log + second.log
@@ -5514,7 +5517,8 @@ def test_a_manual_rollback_of_a_healthy_digest_holds_it_back(aws, images, clean_
     """`docker service rollback` after a rollout that worked (a bug found in production): its tasks ended
     normally, so only the PreviousSpec Swarm keeps tells the deployer which digest was refused."""
     swarm, registry = clean_swarm, REGISTRIES[0]
-    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "manual-rb", replicas=1)
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "manual-rb", replicas=1,
+                                              update_config=FAST_MONITOR, rollback_config=FAST_MONITOR)
     old, new = f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{v2}"
     env = deployer_env(aws, swarm)
     assert run_once(env, "--queue", aws.new_queue(), "--wait").returncode == 0  # the pass rolls v2: it works
@@ -5912,13 +5916,17 @@ def test_status_exit_code_of_each_state_on_its_own(aws, images, clean_swarm):
                   "behind": 4, "waiting": 4, "rolling back": 4,
                   "held back": 5, "blocked": 5, "failed": 5, "tag gone": 5, "unknown": 1}
     assert documented.keys() == ed.STATUS_EXIT.keys()  # every state --status can show
-    seen = {}
-    try:
-        for state in documented:
-            run = status({**env, "AWS_ENDPOINT_URL": proxy.url} if state == "unknown" else env, "--json",
-                         "--scan-timeout", "1h", "--filter-label", f"status-case={state}")
-            rows = json.loads(run.stdout or "null")
-            seen[state] = (rows and [r["state"] for r in rows], run.returncode)
+
+    def seen_of(state: str) -> tuple[str, tuple]:
+        run = status({**env, "AWS_ENDPOINT_URL": proxy.url} if state == "unknown" else env, "--json",
+                     "--scan-timeout", "1h", "--filter-label", f"status-case={state}")
+        rows = json.loads(run.stdout or "null")
+        return state, (rows and [r["state"] for r in rows], run.returncode)
+
+    from concurrent.futures import ThreadPoolExecutor
+    try:  # read-only runs of one service each: four at a time (most of a run is Python starting)
+        with ThreadPoolExecutor(4) as runs:
+            seen = dict(runs.map(seen_of, documented))
     finally:
         proxy.close()
     assert seen == {state: ([state], code) for state, code in documented.items()}
@@ -7687,6 +7695,26 @@ def test_an_apprise_url_is_refused_on_the_command_line_and_taken_from_the_enviro
     assert SECRET not in capsys.readouterr().out
 
 
+def test_a_webhook_url_that_carries_its_credential_is_refused_on_the_command_line(monkeypatch, capsys):
+    """A process listing shows argv: a JSON webhook URL whose token is in its path (Slack's, Teams',
+    Discord's incoming webhooks), its query (Teams workflows' sig=) or its user part is refused there with
+    exit 2, without quoting it, and taken from DEPLOYER_NOTIFY_URL; a plain webhook URL is taken as before."""
+    secret_urls = [f"https://hooks.slack.com/services/T0000/B0000/{SECRET}",
+                   f"https://acme.webhook.office.com/webhookb2/x@y/IncomingWebhook/{SECRET}/z",
+                   f"https://discord.com/api/webhooks/1/{SECRET}",
+                   f"https://prod-00.westeurope.logic.azure.com:443/workflows/w/triggers/manual/paths/invoke?sig={SECRET}",
+                   f"https://ops:{SECRET}@hooks.example/x"]
+    for url in secret_urls:
+        with pytest.raises(SystemExit) as exit_:
+            ed.parse_args(["--queue", "q", "--notify-url", url])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "give it in DEPLOYER_NOTIFY_URL" in err and SECRET not in err, err
+    assert ed.parse_args(["--queue", "q", "--notify-url", "https://hooks.example/x"]).notify_url == [
+        "https://hooks.example/x"]
+    monkeypatch.setenv("DEPLOYER_NOTIFY_URL", " ".join(secret_urls))
+    assert ed.parse_args(["--queue", "q"]).notify_url == secret_urls  # the JSON webhook, from the environment
+
+
 def test_an_event_says_service_image_tag_digest_and_why_in_one_short_line():
     image = f"123456789012.dkr.ecr.us-east-1.amazonaws.com/team/web:latest@sha256:{'ab' * 32}"
     event = ed.Event("failed", "web", image, "paused after 6.1s: " + "task: non-zero exit (1) " * 20)
@@ -7725,6 +7753,55 @@ def test_a_label_that_routes_to_no_target_is_said_once_per_service(caplog):
         "Service api: its label ecr-deploy.notify names oncal, which no notification target is called "
         "(targets: oncall, team); its events go only to team"]
     assert [len(t.backlog) for t in notifier.targets] == [0, 4]
+
+
+def test_what_a_long_running_deployer_said_once_is_bounded_and_the_oldest_is_said_again(caplog, monkeypatch):
+    """The waits, holds and blocks a loop-mode deployer said once per service and image, and the back-off of
+    each open wait, are kept for the SAID_ONCE_KEPT most recent only: services and images come and go for
+    months. A wait forgotten is said again (and looked at soon again); one still kept is not."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(ed, "SAID_ONCE_KEPT", 3)
+    woken, told = [], []
+    deployer = SimpleNamespace(reconciler=SimpleNamespace(interval=300.0, wake_at=woken.append),
+                               notifier=SimpleNamespace(event=told.append))
+    actor = ed.Actor(deployer)
+    leader_missing = ed.Release("wait", "its wave's leader api does not run it yet")
+    with caplog.at_level("INFO", logger="ecr-deploy"):
+        for i in (0, 1, 2, 3, 3, 0):
+            actor.not_released({"ID": f"svc{i}", "Spec": {"Name": f"web{i}"}}, "r/app:latest@sha256:" + "a" * 64,
+                               leader_missing)
+    said = [r.getMessage().split()[1] for r in caplog.records]
+    assert said == ["web0", "web1", "web2", "web3", "web0"]  # web3 said once; web0 forgotten, so said again
+    assert len(told) == 5
+    assert [len(m) for m in (actor.reported_waits, actor.recheck_after)] == [3, 3]
+    assert list(actor.reported_waits) == [(f"svc{i}", "r/app:latest@sha256:" + "a" * 64) for i in (2, 3, 0)]
+    for memory in (actor.reported_blocked, actor.reported_held):
+        for i in range(5):
+            memory.add((f"svc{i}", "img"))
+        assert list(memory) == [("svc2", "img"), ("svc3", "img"), ("svc4", "img")]
+
+
+def test_a_fault_proxy_keeps_the_last_bodies_only_and_says_when_asked_for_more(monkeypatch):
+    """rig.faults.FaultProxy records every request's body; the rig's ECR endpoint lives as long as the whole
+    suite, so it keeps the last BODIES_KEPT: `mark = len(bodies)` ... `bodies[mark:]` still reads what came
+    since, and a mark older than that fails loudly rather than reading less than was sent."""
+    import rig.faults
+    monkeypatch.setattr(rig.faults, "BODIES_KEPT", 3)
+    proxy = FaultProxy("http://127.0.0.1:9")  # answers every request itself: no upstream needed
+    proxy.rule = lambda key: 200
+    try:
+        with requests.Session() as http:
+            for n in range(5):
+                http.post(proxy.url + "/sent", data=str(n).encode(), timeout=10).raise_for_status()
+    finally:
+        proxy.close()
+    assert len(proxy.seen) == len(proxy.bodies) == 5
+    assert proxy.bodies[2:] == list(proxy.bodies) == [("POST /sent", str(n).encode()) for n in (2, 3, 4)]
+    assert proxy.bodies[4:] == [("POST /sent", b"4")]
+    with pytest.raises(IndexError):
+        proxy.bodies[1:]
+    del proxy.bodies[:]
+    assert len(proxy.bodies) == 0 and proxy.bodies[0:] == []
 
 
 def test_a_runs_message_sums_it_up_with_one_line_per_event():
@@ -8537,6 +8614,22 @@ def test_the_lifecycle_lint_names_the_rule_that_would_expire_images_in_use_until
     assert protected.returncode == 0, protected.stderr
     retained = lint()
     assert retained.returncode == 0, retained.stdout + retained.stderr
+
+
+def test_a_tag_whose_image_is_archived_is_not_a_tag_gone(aws, images, clean_swarm):
+    """Tag lookups ask DescribeImages of every storage class (filter imageStatus ANY; the Amazon ECR API
+    Reference, DescribeImagesFilter: "If not specified, only images with ACTIVE status are returned"): a
+    service that follows :latest, whose image a lifecycle rule archived, is current (its image archived:
+    exit 5), not following "a tag gone from ECR"."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = aws.put_image(registry.account, registry.region, repo, "latest", "v1")
+    swarm.create_service("arch-follow", f"{registry.host}/{repo}:latest@{v1}", replicas=0)
+    aws.client("ecr", registry.region).update_image_storage_class(
+        registryId=registry.account, repositoryName=repo, imageId={"imageDigest": v1}, targetStorageClass="ARCHIVE")
+    run = status(deployer_env(aws, swarm, DEPLOYER_QUEUE=""), "--json")
+    (row,) = json.loads(run.stdout)
+    assert (run.returncode, row["state"], row["images"]) == (5, "current", {"running": "archived"}), row
 
 
 def test_the_rigs_ecr_moves_images_between_storage_classes_as_ecr_documents(aws):

@@ -53,9 +53,9 @@ FULL = {"latency_pushes": 30, "latency_interval": 1.0, "scale_services": 1000, "
         "burst_pushes_per_image": 20, "idle_seconds": 60, "side_services": 20, "fan_out_rounds": 7, "cold_runs": 10,
         "memory_messages": 5000, "notify_pushes": 10, "notify_rounds": 3,
         "reconcile_services": 1000, "reconcile_repositories": 100}
-SHORT = {"latency_pushes": 5, "latency_interval": 0.3, "scale_services": 100, "burst_images": 5,
+SHORT = {"latency_pushes": 5, "latency_interval": 0.3, "scale_services": 50, "burst_images": 5,
          "burst_pushes_per_image": 4, "idle_seconds": 21, "side_services": 5, "fan_out_rounds": 2, "cold_runs": 2,
-         "memory_messages": 400, "notify_pushes": 3, "notify_rounds": 1,
+         "memory_messages": 200, "notify_pushes": 3, "notify_rounds": 1,
          "reconcile_services": 50, "reconcile_repositories": 5}
 FILLER_REPOSITORIES = 10  # the scale measurement's other services run images of this many repositories
 CREATE_WORKERS = 8  # concurrent service creates: dockerd commits them about twice as fast as one by one
