@@ -3022,7 +3022,7 @@ class Ecr:
 
 LIFECYCLE_PREVIEW_TIMEOUT = 120.0  # s: ECR evaluates a preview in seconds, a large repository in a minute or two
 LIFECYCLE_PREVIEW_POLL = 1.0  # s
-LIFECYCLE_PREVIEW_PAGE = 1000  # GetLifecyclePolicyPreview's largest page
+LIFECYCLE_PREVIEW_PAGE = 100  # GetLifecyclePolicyPreview's largest page: maxResults "between 1 and 100" (not 1000)
 
 
 class EcrKeptImages:
