@@ -8177,6 +8177,23 @@ def test_protection_tags_name_the_service_within_ecrs_tag_grammar_and_touch_only
     assert removals == ["sw1.gone"]  # never another prefix's, never someone else's tag
 
 
+def test_a_protection_tag_that_is_the_last_tag_of_an_image_in_use_is_never_removed():
+    """ECR deletes an image with its last tag (the Amazon ECR API Reference, BatchDeleteImage). A tag of the
+    prefix that no service names (sw1.web.prev after a rollback left no PreviousSpec) sits on the digest web
+    runs, whose own tag could not be put (a tag-immutable repository refused the move, or the image was
+    archived): removing it would delete that image. It stays until the image holds another tag; a tag on an
+    image no service uses goes, as does one whose image keeps another tag."""
+    tags = {"sw1.web.prev": DIGEST_A, "sw1.web": DIGEST_B, "sw1.gone": DIGEST_B, "sw1.old": "sha256:" + "c" * 64}
+    named, in_use = {"sw1.web"}, {DIGEST_A, DIGEST_B}
+    assert ed.protection_removals("sw1", tags, named, in_use) == ["sw1.gone", "sw1.old"]
+    assert ed.protection_removals("sw1", {**tags, "v3": DIGEST_A}, named, in_use) == ["sw1.gone", "sw1.old",
+                                                                                      "sw1.web.prev"]
+    both = {"sw1.a": DIGEST_A, "sw1.b": DIGEST_A}  # two unnamed tags on an image in use: one of them stays
+    assert ed.protection_removals("sw1", both, set(), {DIGEST_A}) == ["sw1.a"]
+    assert ed.protection_changes("sw1", {"sw1.web": DIGEST_A}, {"sw1.web"}, {"sw1.web.prev": DIGEST_A}, {DIGEST_A}) \
+        == ({"sw1.web": DIGEST_A}, ["sw1.web.prev"])  # once moved there, the other tag holds the image
+
+
 def test_lifecycle_findings_name_the_rule_that_would_take_an_image_in_use():
     policy = json.dumps({"rules": [{"rulePriority": 3, "description": "keep 5\nreleases", "selection": {},
                                     "action": {"type": "expire"}}]})
@@ -8256,6 +8273,38 @@ def test_protection_tags_follow_three_deploys_and_go_with_the_service(aws, image
     deleted = [json.loads(body) for key, body in aws.front.proxy.bodies[sent:] if key.endswith("BatchDeleteImage")]
     assert sorted(json.dumps(d["imageIds"]) for d in deleted) == [json.dumps([{"imageTag": "sw1.guarded"}]),
                                                                   json.dumps([{"imageTag": "sw1.guarded.prev"}])]
+
+
+def test_protection_tags_of_a_service_another_deployer_of_the_swarm_keeps_stay_with_the_image_it_runs(
+        aws, images, clean_swarm):
+    """Two deployers of one swarm, one prefix, each its --filter-label (the prefix names the swarm): team a's
+    deployer leaves sw1.theirs, which team b's keeps on the digest `theirs` runs, though none of its own
+    services names it. That digest's only tag is sw1.theirs (ci moved on), and ECR deletes an image with its
+    last tag (BatchDeleteImage; moto answers so): removing the tag would delete the image a running service
+    pulls at its next reschedule. Once `theirs` is gone from the swarm, either deployer removes its tag."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region, host = registry.account, registry.region, registry.host
+    ecr, repo = aws.client("ecr", region), images.new_repository()
+    v1, v2 = (aws.put_image(account, region, repo, "ci", version) for version in ("v1", "v2"))  # v1: untagged
+
+    def tags() -> dict:
+        return {d["imageDigest"]: sorted(d.get("imageTags") or []) for d in ecr.describe_images(
+            repositoryName=repo)["imageDetails"]}
+
+    def reconcile(team: str) -> None:
+        run = ed_run([sys.executable, DEPLOYER, "--reconcile", "--filter-label", f"team={team}"], env)
+        assert run.returncode == 0, run.stderr
+
+    theirs = swarm.create_service("theirs", f"{host}/{repo}@{v1}", labels={"team": "b"}, replicas=0)
+    swarm.create_service("mine", f"{host}/{repo}@{v2}", labels={"team": "a"}, replicas=0)
+    env = deployer_env(aws, swarm, DEPLOYER_QUEUE="", DEPLOYER_PROTECT_TAG_PREFIX="sw1")
+    reconcile("b")
+    assert tags() == {v1: ["sw1.theirs"], v2: ["ci"]}
+    reconcile("a")
+    assert tags() == {v1: ["sw1.theirs"], v2: ["ci", "sw1.mine"]}  # theirs' image still in ECR, tagged
+    swarm.call("DELETE", f"/services/{theirs}")
+    reconcile("a")
+    assert tags() == {v2: ["ci", "sw1.mine"]}  # its last tag removed: the image no service runs goes with it
 
 
 def test_protection_tags_in_a_tag_immutable_repository_say_once_how_to_let_them_move(aws, images, clean_swarm):
