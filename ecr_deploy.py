@@ -2999,7 +2999,8 @@ class Ecr:
                 except AwsError:
                     described = None
                 raise TagImmutable(immutable_tag_fix(account, region, repository, tag, described)) from None
-            raise AwsError.wrap(e, f"cannot tag {repository}@{digest} as {tag} in ECR ({account}, {region})") from None
+            raise AccessDenied.wrap(e, f"cannot tag {repository}@{digest} as {tag} in ECR ({account}, {region})") \
+                from None
         except (ValueError, AttributeError):
             raise AwsError(f"ECR holds a manifest of {repository}@{digest} that is not JSON") from None
         return True
@@ -5344,6 +5345,7 @@ class ImageKeeper:
         self.restored: set[tuple] = set()  # images this process asked ECR to restore
         self.tagged: set[tuple] = set()  # repositories holding protection tags of ours: listed until they hold none
         self.immutable: set[tuple] = set()  # repositories whose tags ECR refused to move: said once
+        self.denied: set[tuple] = set()  # repositories where the role may not keep protection tags: said once
 
     def states(self, services: list[dict]) -> tuple[dict[str, dict[str, str]], dict[tuple, AwsError]]:
         """service id -> role -> ok, archived, restoring or gone; and per repository why ECR could not tell."""
@@ -5431,9 +5433,15 @@ class ImageKeeper:
                 self.tagged.add(repository)  # (listed again next pass, also once no service uses it)
             else:
                 self.tagged.discard(repository)
-        for error in errors.values():
-            log.error("Protection tags: %s", error)
-        return not errors and done
+        for repository, error in errors.items():
+            if not isinstance(error, AccessDenied):
+                log.error("Protection tags: %s", error)
+            elif repository not in self.denied:  # (another account's pull-only repository): waiting will not help
+                self.denied.add(repository)
+                log.error("Protection tags: %s; none are kept in %s (grant ecr:ListImages, ecr:PutImage and "
+                          "ecr:BatchDeleteImage, and for another account's repository its repository policy too)",
+                          error, repository[2])
+        return done and not any(not isinstance(error, AccessDenied) for error in errors.values())
 
     def move_tags(self, repository: tuple, wanted: dict[str, str]) -> dict[str, str] | None:
         """One repository's protection tags moved: its tags then (tag -> digest), None if ECR refused a move
@@ -5446,6 +5454,8 @@ class ImageKeeper:
             except TagImmutable:  # retrying changes nothing until the operator does: said once, not a failed pass
                 self.say_immutable(repository)
                 continue
+            except AccessDenied:
+                raise  # (said once for the repository, as a listing refused)
             except AwsError as e:  # (one line per repository and pass: the rest would fail alike)
                 log.error("Protection tags: %s", e)
                 return None
@@ -5459,6 +5469,8 @@ class ImageKeeper:
         for tag in removals:
             try:
                 ecr.kept.untag(*repository, tag)
+            except AccessDenied:
+                raise  # (said once for the repository)
             except AwsError as e:
                 log.error("Protection tags: %s", e)
                 return False

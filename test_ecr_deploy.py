@@ -8307,6 +8307,30 @@ def test_protection_tags_of_a_service_another_deployer_of_the_swarm_keeps_stay_w
     assert tags() == {v2: ["ci", "sw1.mine"]}  # its last tag removed: the image no service runs goes with it
 
 
+def test_protection_tags_the_role_may_not_put_are_said_once_and_do_not_fail_the_pass(aws, images, clean_swarm):
+    """A repository where the role may read but not tag (another account's, whose repository policy grants
+    pulls only): ECR answers PutImage AccessDeniedException. Waiting will not help, so the pass says it
+    once, with the grants that fix it, and is not a failed pass (a cron --reconcile exits 0, a loop does
+    not retry it every minute), as the pass's version lookups treat a denied repository."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region, host = registry.account, registry.region, registry.host
+    repo = images.new_repository()
+    v1 = aws.put_image(account, region, repo, "v1", "v1")
+    swarm.create_service("pulled", f"{host}/{repo}@{v1}", replicas=0)
+    proxy = FaultProxy(aws.url)
+    proxy.rule = lambda key: (400, {"__type": "AccessDeniedException", "message": "not authorized to perform: "
+                                    "ecr:PutImage"}) if key.endswith(".PutImage") else None
+    try:
+        run = ed_run([sys.executable, DEPLOYER, "--reconcile"], deployer_env(
+            aws, swarm, DEPLOYER_QUEUE="", DEPLOYER_PROTECT_TAG_PREFIX="sw1", AWS_ENDPOINT_URL=proxy.url))
+    finally:
+        proxy.close()
+    assert run.returncode == 0, run.stderr
+    said = [line for line in run.stderr.splitlines() if " ERROR " in line]
+    assert len(said) == 1 and f"cannot tag {repo}@{v1} as sw1.pulled" in said[0] and "AccessDeniedException" \
+        in said[0] and f"none are kept in {repo} (grant ecr:ListImages, ecr:PutImage" in said[0], run.stderr
+
+
 def test_protection_tags_in_a_tag_immutable_repository_say_once_how_to_let_them_move(aws, images, clean_swarm):
     """A tag-immutable repository refuses to move sw1.SERVICE (the rig's ECR answers as documented:
     ImageTagAlreadyExistsException): a loop-mode deployer says once, over several passes, the command that
