@@ -5560,8 +5560,10 @@ def lint_lifecycle(deployer: Deployer) -> int:
     for error in errors:
         log.error("Linting the lifecycle policies: %s", error)
     found = [line for name in sorted(lines) for line in lines[name]]
-    sys.stdout.write("".join(line + "\n" for line in found) or  # the result, not a log line
-                     "No lifecycle rule would expire or archive an image a service runs or rolls back to\n")
+    none = "No lifecycle rule would expire or archive an image a service runs or rolls back to" + (
+        f" in the repositories ECR answered for; {len(errors)} could not be asked (the ERROR lines say why)"
+        if errors else "")  # (not a plain "none" when some were never asked)
+    sys.stdout.write("".join(line + "\n" for line in found) or none + "\n")  # the result, not a log line
     return 5 if found else 1 if errors else 0
 
 

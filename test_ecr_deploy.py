@@ -8416,6 +8416,26 @@ def test_the_lifecycle_lint_names_the_rule_that_would_expire_images_in_use_until
     assert retained.returncode == 0, retained.stdout + retained.stderr
 
 
+def test_the_lifecycle_lint_does_not_say_none_when_ecr_could_not_be_asked(aws, images, clean_swarm):
+    """GetLifecyclePolicy refused (AccessDeniedException): --lint-lifecycle exits 1 and its result on stdout
+    does not read as "no rule would take an image" (what a script reading it would take for all clear)."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = aws.put_image(registry.account, registry.region, repo, "v1", "v1")
+    swarm.create_service("unlinted", f"{registry.host}/{repo}@{v1}", replicas=0)
+    proxy = FaultProxy(aws.url)
+    proxy.rule = lambda key: (400, {"__type": "AccessDeniedException", "message": "not granted"}) \
+        if key.endswith(".GetLifecyclePolicy") else None
+    try:
+        run = ed_run([sys.executable, DEPLOYER, "--lint-lifecycle"],
+                     deployer_env(aws, swarm, DEPLOYER_QUEUE="", AWS_ENDPOINT_URL=proxy.url))
+    finally:
+        proxy.close()
+    assert run.returncode == 1 and f"cannot read the lifecycle policy of {repo}" in run.stderr, run.stderr
+    assert run.stdout == ("No lifecycle rule would expire or archive an image a service runs or rolls back to in "
+                          "the repositories ECR answered for; 1 could not be asked (the ERROR lines say why)\n")
+
+
 def test_the_rigs_ecr_moves_images_between_storage_classes_as_ecr_documents(aws):
     """moto 5 has no storage classes; the rig's ECR answers as the Amazon ECR API Reference documents:
     UpdateImageStorageClass (response imageId and imageStatus; errors ImageNotFoundException,
