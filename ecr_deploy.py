@@ -1677,15 +1677,40 @@ def is_protection_tag(prefix: str, tag: str) -> bool:
     return re.fullmatch(re.escape(prefix) + r"\.[A-Za-z0-9_-]+(\.prev)?", tag) is not None
 
 
-def protection_changes(prefix: str, wanted: dict[str, str], named: set[str], tags: dict[str, str]) \
-        -> tuple[dict[str, str], list[str]]:
+def protection_changes(prefix: str, wanted: dict[str, str], named: set[str], tags: dict[str, str],
+                       in_use: set[str] = frozenset()) -> tuple[dict[str, str], list[str]]:
     """For one repository: the protection tags to move (tag -> digest: wanted where it points elsewhere or
-    nowhere) and to remove (tags of the prefix that no service names any more). `named`: every protection
-    tag of a service still there, also those left where they are (an image gone or archived cannot be
-    tagged; its tag stays on the old digest rather than go)."""
+    nowhere) and to remove once they have moved (protection_removals)."""
     moves = {tag: digest for tag, digest in wanted.items() if tags.get(tag) != digest}
-    removals = sorted(tag for tag in tags if is_protection_tag(prefix, tag) and tag not in named)
-    return moves, removals
+    return moves, protection_removals(prefix, {**tags, **moves}, named, in_use)
+
+
+def protection_removals(prefix: str, tags: dict[str, str], named: set[str], in_use: set[str]) -> list[str]:
+    """The tags of the prefix (of one repository's, tag -> digest) that no service names any more. `named`:
+    every protection tag of a service still there, also those left where they are (an image gone or archived
+    cannot be tagged; its tag stays on the old digest rather than go). Never the last tag of a digest in
+    `in_use` (one a service runs or rolls back to): ECR deletes an image with its last tag (BatchDeleteImage),
+    so such a tag stays until the image holds another (its own protection tag, once it could be put)."""
+    left, removals = dict(tags), []
+    for tag in sorted(tag for tag in tags if is_protection_tag(prefix, tag) and tag not in named):
+        digest = left.pop(tag)
+        if digest in in_use and digest not in left.values():
+            left[tag] = digest
+            continue
+        removals.append(tag)
+    return removals
+
+
+def protection_claims(prefix: str, services: list[dict]) -> tuple[dict[tuple, set[str]], dict[tuple, set[str]]]:
+    """Per (account, region, repository): the protection tags these services name, and the digests they run
+    or roll back to."""
+    named: dict[tuple, set[str]] = defaultdict(set)
+    in_use: dict[tuple, set[str]] = defaultdict(set)
+    for service in services:
+        for role, key in kept_images(service).items():
+            named[key[:3]].add(protection_tag(prefix, service["Spec"].get("Name", "?"), role))
+            in_use[key[:3]].add(key[3])
+    return named, in_use
 
 
 def rule_descriptions(policy_text: str) -> dict[int, str]:
@@ -3128,7 +3153,8 @@ class Ecr:
                 except AwsError:
                     described = None
                 raise TagImmutable(immutable_tag_fix(account, region, repository, tag, described)) from None
-            raise AwsError.wrap(e, f"cannot tag {repository}@{digest} as {tag} in ECR ({account}, {region})") from None
+            raise AccessDenied.wrap(e, f"cannot tag {repository}@{digest} as {tag} in ECR ({account}, {region})") \
+                from None
         except (ValueError, AttributeError):
             raise AwsError(f"ECR holds a manifest of {repository}@{digest} that is not JSON") from None
         return True
@@ -3176,7 +3202,7 @@ class Ecr:
 
 LIFECYCLE_PREVIEW_TIMEOUT = 120.0  # s: ECR evaluates a preview in seconds, a large repository in a minute or two
 LIFECYCLE_PREVIEW_POLL = 1.0  # s
-LIFECYCLE_PREVIEW_PAGE = 1000  # GetLifecyclePolicyPreview's largest page
+LIFECYCLE_PREVIEW_PAGE = 100  # GetLifecyclePolicyPreview's largest page: maxResults "between 1 and 100" (not 1000)
 
 
 class EcrKeptImages:
@@ -5632,6 +5658,7 @@ class ImageKeeper:
         self.restored: set[tuple] = set()  # images this process asked ECR to restore
         self.tagged: set[tuple] = set()  # repositories holding protection tags of ours: listed until they hold none
         self.immutable: set[tuple] = set()  # repositories whose tags ECR refused to move: said once
+        self.denied: set[tuple] = set()  # repositories where the role may not keep protection tags: said once
 
     def states(self, services: list[dict]) -> tuple[dict[str, dict[str, str]], dict[tuple, AwsError]]:
         """service id -> role -> ok, archived, restoring or gone; and per repository why ECR could not tell."""
@@ -5677,60 +5704,93 @@ class ImageKeeper:
         """Moves the protection tags to the digests services run and roll back to (images ECR holds in the
         standard storage class), and removes those of services gone. One ListImages per repository (shared
         with the pass's version lookups); a PutImage (and the BatchGetImage of its bytes) per tag moved, a
-        BatchDeleteImage per tag removed. False if ECR refused something."""
+        BatchDeleteImage per tag removed. False if ECR (or Docker, asked again before a removal) failed."""
         prefix = self.protect_prefix
         wanted: dict[tuple, dict[str, str]] = defaultdict(dict)  # repository -> tag -> digest
-        named: dict[tuple, set[str]] = defaultdict(set)
         for service in services:
-            name = service["Spec"].get("Name", "?")
             for role, key in kept_images(service).items():
-                tag = protection_tag(prefix, name, role)
-                named[key[:3]].add(tag)
                 if states.get(service["ID"], {}).get(role) == "ok":
-                    wanted[key[:3]][tag] = key[3]
-        repositories = sorted(set(named) | self.tagged)
-        done, errors = per_repository(  # a few repositories at a time: a first pass tags every digest in use
-            lambda account, region, repository, _: {"done": self.protect_repository(
-                (account, region, repository), wanted.get((account, region, repository), {}),
-                named.get((account, region, repository), set()))},
-            dict.fromkeys(repositories, ()), self.deployer.systemd.heartbeat)
-        for error in errors.values():
-            log.error("Protection tags: %s", error)
-        return not errors and all(done.values())
+                    wanted[key[:3]][protection_tag(prefix, service["Spec"].get("Name", "?"), role)] = key[3]
+        named, in_use = protection_claims(prefix, services)
+        heartbeat = self.deployer.systemd.heartbeat
+        moved, errors = per_repository(  # a few repositories at a time: a first pass tags every digest in use
+            lambda account, region, repository, _: {"tags": self.move_tags(
+                (account, region, repository), wanted.get((account, region, repository), {}))},
+            dict.fromkeys(sorted(set(named) | self.tagged), ()), heartbeat)
+        left = {key[:3]: tags for key, tags in moved.items()}  # None: a move failed, nothing removed there now
+        done = all(tags is not None for tags in left.values())
+        if any(tags and protection_removals(prefix, tags, named.get(repository, set()), in_use.get(repository, set()))
+               for repository, tags in left.items()):
+            # Asked again, now, and all of the swarm: the pass's listing is seconds old (another manager's
+            # deployer may have tagged a service created since) and admits only --filter-label's services
+            # (another deployer of this swarm keeps the others'); a tag goes only if no service names it now.
+            try:
+                swarm = self.deployer.docker.services()
+            except DockerError as e:
+                log.error("Protection tags: none removed this pass: %s", e)
+                swarm, done = None, False
+            if swarm is not None:
+                now_named, now_in_use = protection_claims(prefix, swarm)
+                removals = {repository: tuple(protection_removals(
+                    prefix, tags, named.get(repository, set()) | now_named.get(repository, set()),
+                    in_use.get(repository, set()) | now_in_use.get(repository, set())))
+                    for repository, tags in left.items() if tags}
+                removed, failed = per_repository(
+                    lambda account, region, repository, gone: {"done": self.remove_tags(
+                        (account, region, repository), gone, left[(account, region, repository)])},
+                    {repository: gone for repository, gone in removals.items() if gone}, heartbeat)
+                errors.update(failed)
+                done = done and all(removed.values())
+        for repository, tags in left.items():
+            if tags is None or any(is_protection_tag(prefix, tag) for tag in tags):
+                self.tagged.add(repository)  # (listed again next pass, also once no service uses it)
+            else:
+                self.tagged.discard(repository)
+        for repository, error in errors.items():
+            if not isinstance(error, AccessDenied):
+                log.error("Protection tags: %s", error)
+            elif repository not in self.denied:  # (another account's pull-only repository): waiting will not help
+                self.denied.add(repository)
+                log.error("Protection tags: %s; none are kept in %s (grant ecr:ListImages, ecr:PutImage and "
+                          "ecr:BatchDeleteImage, and for another account's repository its repository policy too)",
+                          error, repository[2])
+        return done and not any(not isinstance(error, AccessDenied) for error in errors.values())
 
-    def protect_repository(self, repository: tuple, wanted: dict[str, str], named: set[str]) -> bool:
-        """One repository's protection tags moved and removed; False if ECR refused one (but its immutability:
-        said once, the operator must act). AwsError if ECR cannot list its tags."""
-        prefix, ecr, done = self.protect_prefix, self.deployer.ecr, True
+    def move_tags(self, repository: tuple, wanted: dict[str, str]) -> dict[str, str] | None:
+        """One repository's protection tags moved: its tags then (tag -> digest), None if ECR refused a move
+        (but for its immutability: said once, the operator must act). AwsError if ECR cannot list its tags."""
+        ecr = self.deployer.ecr
         tags = ecr.list_tags(*repository)
-        moves, removals = protection_changes(prefix, wanted, named, tags)
-        for tag, digest in moves.items():
+        for tag, digest in protection_changes(self.protect_prefix, wanted, set(), tags)[0].items():
             try:
                 ecr.promote(*repository, digest, tag)
             except TagImmutable:  # retrying changes nothing until the operator does: said once, not a failed pass
                 self.say_immutable(repository)
                 continue
+            except AccessDenied:
+                raise  # (said once for the repository, as a listing refused)
             except AwsError as e:  # (one line per repository and pass: the rest would fail alike)
                 log.error("Protection tags: %s", e)
-                done = False
-                break
+                return None
             tags[tag] = ecr.tag_listings.setdefault(repository, {})[tag] = digest
             log.info("Protection tag %s:%s now on %s", repository[2], tag, short_digest(digest))
-        for tag in removals if done else ():
+        return tags
+
+    def remove_tags(self, repository: tuple, removals: tuple[str, ...], tags: dict[str, str]) -> bool:
+        """BatchDeleteImage of each tag alone; False if ECR refused one. `tags` (the repository's) kept current."""
+        ecr = self.deployer.ecr
+        for tag in removals:
             try:
                 ecr.kept.untag(*repository, tag)
+            except AccessDenied:
+                raise  # (said once for the repository)
             except AwsError as e:
                 log.error("Protection tags: %s", e)
-                done = False
-                break
+                return False
             tags.pop(tag, None)
             ecr.tag_listings.get(repository, {}).pop(tag, None)
-            log.info("Protection tag %s:%s removed: no service here names it now", repository[2], tag)
-        if any(is_protection_tag(prefix, tag) for tag in tags):
-            self.tagged.add(repository)  # (listed again next pass, also once no service uses it)
-        else:
-            self.tagged.discard(repository)
-        return done
+            log.info("Protection tag %s:%s removed: no service of the swarm names it now", repository[2], tag)
+        return True
 
     def say_immutable(self, repository: tuple) -> None:
         """Protection tags move: a tag-immutable repository must exclude them (once per process)."""
@@ -5813,8 +5873,10 @@ def lint_lifecycle(deployer: Deployer) -> int:
     for error in errors:
         log.error("Linting the lifecycle policies: %s", error)
     found = [line for name in sorted(lines) for line in lines[name]]
-    sys.stdout.write("".join(line + "\n" for line in found) or  # the result, not a log line
-                     "No lifecycle rule would expire or archive an image a service runs or rolls back to\n")
+    none = "No lifecycle rule would expire or archive an image a service runs or rolls back to" + (
+        f" in the repositories ECR answered for; {len(errors)} could not be asked (the ERROR lines say why)"
+        if errors else "")  # (not a plain "none" when some were never asked)
+    sys.stdout.write("".join(line + "\n" for line in found) or none + "\n")  # the result, not a log line
     return 5 if found else 1 if errors else 0
 
 

@@ -8450,6 +8450,23 @@ def test_protection_tags_name_the_service_within_ecrs_tag_grammar_and_touch_only
     assert removals == ["sw1.gone"]  # never another prefix's, never someone else's tag
 
 
+def test_a_protection_tag_that_is_the_last_tag_of_an_image_in_use_is_never_removed():
+    """ECR deletes an image with its last tag (the Amazon ECR API Reference, BatchDeleteImage). A tag of the
+    prefix that no service names (sw1.web.prev after a rollback left no PreviousSpec) sits on the digest web
+    runs, whose own tag could not be put (a tag-immutable repository refused the move, or the image was
+    archived): removing it would delete that image. It stays until the image holds another tag; a tag on an
+    image no service uses goes, as does one whose image keeps another tag."""
+    tags = {"sw1.web.prev": DIGEST_A, "sw1.web": DIGEST_B, "sw1.gone": DIGEST_B, "sw1.old": "sha256:" + "c" * 64}
+    named, in_use = {"sw1.web"}, {DIGEST_A, DIGEST_B}
+    assert ed.protection_removals("sw1", tags, named, in_use) == ["sw1.gone", "sw1.old"]
+    assert ed.protection_removals("sw1", {**tags, "v3": DIGEST_A}, named, in_use) == ["sw1.gone", "sw1.old",
+                                                                                      "sw1.web.prev"]
+    both = {"sw1.a": DIGEST_A, "sw1.b": DIGEST_A}  # two unnamed tags on an image in use: one of them stays
+    assert ed.protection_removals("sw1", both, set(), {DIGEST_A}) == ["sw1.a"]
+    assert ed.protection_changes("sw1", {"sw1.web": DIGEST_A}, {"sw1.web"}, {"sw1.web.prev": DIGEST_A}, {DIGEST_A}) \
+        == ({"sw1.web": DIGEST_A}, ["sw1.web.prev"])  # once moved there, the other tag holds the image
+
+
 def test_lifecycle_findings_name_the_rule_that_would_take_an_image_in_use():
     policy = json.dumps({"rules": [{"rulePriority": 3, "description": "keep 5\nreleases", "selection": {},
                                     "action": {"type": "expire"}}]})
@@ -8529,6 +8546,62 @@ def test_protection_tags_follow_three_deploys_and_go_with_the_service(aws, image
     deleted = [json.loads(body) for key, body in aws.front.proxy.bodies[sent:] if key.endswith("BatchDeleteImage")]
     assert sorted(json.dumps(d["imageIds"]) for d in deleted) == [json.dumps([{"imageTag": "sw1.guarded"}]),
                                                                   json.dumps([{"imageTag": "sw1.guarded.prev"}])]
+
+
+def test_protection_tags_of_a_service_another_deployer_of_the_swarm_keeps_stay_with_the_image_it_runs(
+        aws, images, clean_swarm):
+    """Two deployers of one swarm, one prefix, each its --filter-label (the prefix names the swarm): team a's
+    deployer leaves sw1.theirs, which team b's keeps on the digest `theirs` runs, though none of its own
+    services names it. That digest's only tag is sw1.theirs (ci moved on), and ECR deletes an image with its
+    last tag (BatchDeleteImage; moto answers so): removing the tag would delete the image a running service
+    pulls at its next reschedule. Once `theirs` is gone from the swarm, either deployer removes its tag."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region, host = registry.account, registry.region, registry.host
+    ecr, repo = aws.client("ecr", region), images.new_repository()
+    v1, v2 = (aws.put_image(account, region, repo, "ci", version) for version in ("v1", "v2"))  # v1: untagged
+
+    def tags() -> dict:
+        return {d["imageDigest"]: sorted(d.get("imageTags") or []) for d in ecr.describe_images(
+            repositoryName=repo)["imageDetails"]}
+
+    def reconcile(team: str) -> None:
+        run = ed_run([sys.executable, DEPLOYER, "--reconcile", "--filter-label", f"team={team}"], env)
+        assert run.returncode == 0, run.stderr
+
+    theirs = swarm.create_service("theirs", f"{host}/{repo}@{v1}", labels={"team": "b"}, replicas=0)
+    swarm.create_service("mine", f"{host}/{repo}@{v2}", labels={"team": "a"}, replicas=0)
+    env = deployer_env(aws, swarm, DEPLOYER_QUEUE="", DEPLOYER_PROTECT_TAG_PREFIX="sw1")
+    reconcile("b")
+    assert tags() == {v1: ["sw1.theirs"], v2: ["ci"]}
+    reconcile("a")
+    assert tags() == {v1: ["sw1.theirs"], v2: ["ci", "sw1.mine"]}  # theirs' image still in ECR, tagged
+    swarm.call("DELETE", f"/services/{theirs}")
+    reconcile("a")
+    assert tags() == {v2: ["ci", "sw1.mine"]}  # its last tag removed: the image no service runs goes with it
+
+
+def test_protection_tags_the_role_may_not_put_are_said_once_and_do_not_fail_the_pass(aws, images, clean_swarm):
+    """A repository where the role may read but not tag (another account's, whose repository policy grants
+    pulls only): ECR answers PutImage AccessDeniedException. Waiting will not help, so the pass says it
+    once, with the grants that fix it, and is not a failed pass (a cron --reconcile exits 0, a loop does
+    not retry it every minute), as the pass's version lookups treat a denied repository."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region, host = registry.account, registry.region, registry.host
+    repo = images.new_repository()
+    v1 = aws.put_image(account, region, repo, "v1", "v1")
+    swarm.create_service("pulled", f"{host}/{repo}@{v1}", replicas=0)
+    proxy = FaultProxy(aws.url)
+    proxy.rule = lambda key: (400, {"__type": "AccessDeniedException", "message": "not authorized to perform: "
+                                    "ecr:PutImage"}) if key.endswith(".PutImage") else None
+    try:
+        run = ed_run([sys.executable, DEPLOYER, "--reconcile"], deployer_env(
+            aws, swarm, DEPLOYER_QUEUE="", DEPLOYER_PROTECT_TAG_PREFIX="sw1", AWS_ENDPOINT_URL=proxy.url))
+    finally:
+        proxy.close()
+    assert run.returncode == 0, run.stderr
+    said = [line for line in run.stderr.splitlines() if " ERROR " in line]
+    assert len(said) == 1 and f"cannot tag {repo}@{v1} as sw1.pulled" in said[0] and "AccessDeniedException" \
+        in said[0] and f"none are kept in {repo} (grant ecr:ListImages, ecr:PutImage" in said[0], run.stderr
 
 
 def test_protection_tags_in_a_tag_immutable_repository_say_once_how_to_let_them_move(aws, images, clean_swarm):
@@ -8630,6 +8703,26 @@ def test_a_tag_whose_image_is_archived_is_not_a_tag_gone(aws, images, clean_swar
     run = status(deployer_env(aws, swarm, DEPLOYER_QUEUE=""), "--json")
     (row,) = json.loads(run.stdout)
     assert (run.returncode, row["state"], row["images"]) == (5, "current", {"running": "archived"}), row
+
+
+def test_the_lifecycle_lint_does_not_say_none_when_ecr_could_not_be_asked(aws, images, clean_swarm):
+    """GetLifecyclePolicy refused (AccessDeniedException): --lint-lifecycle exits 1 and its result on stdout
+    does not read as "no rule would take an image" (what a script reading it would take for all clear)."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = aws.put_image(registry.account, registry.region, repo, "v1", "v1")
+    swarm.create_service("unlinted", f"{registry.host}/{repo}@{v1}", replicas=0)
+    proxy = FaultProxy(aws.url)
+    proxy.rule = lambda key: (400, {"__type": "AccessDeniedException", "message": "not granted"}) \
+        if key.endswith(".GetLifecyclePolicy") else None
+    try:
+        run = ed_run([sys.executable, DEPLOYER, "--lint-lifecycle"],
+                     deployer_env(aws, swarm, DEPLOYER_QUEUE="", AWS_ENDPOINT_URL=proxy.url))
+    finally:
+        proxy.close()
+    assert run.returncode == 1 and f"cannot read the lifecycle policy of {repo}" in run.stderr, run.stderr
+    assert run.stdout == ("No lifecycle rule would expire or archive an image a service runs or rolls back to in "
+                          "the repositories ECR answered for; 1 could not be asked (the ERROR lines say why)\n")
 
 
 def test_the_rigs_ecr_moves_images_between_storage_classes_as_ecr_documents(aws):

@@ -28,6 +28,7 @@ def moto_server_command() -> str | None:
 
 
 ECR_TARGET = "AmazonEC2ContainerRegistry_V20150921."
+LIFECYCLE_PREVIEW_MAX_RESULTS = 100  # GetLifecyclePolicyPreview's maxResults: "can be between 1 and 100"
 CREDENTIAL_REGION = re.compile(r"Credential=[^/]+/[0-9]{8}/([a-z0-9-]+)/")
 
 
@@ -143,7 +144,8 @@ class EcrAsDocumented:
     IN_PROGRESS; errors LifecyclePolicyNotFoundException, RepositoryNotFoundException.
     GetLifecyclePolicyPreview: response status, previewResults of LifecyclePolicyPreviewResult (imageTags,
     imageDigest, imagePushedAt, action {type EXPIRE | TRANSITION, targetStorageClass}, appliedRulePriority,
-    storageClass), summary, nextToken; error LifecyclePolicyPreviewNotFoundException), evaluated at once by
+    storageClass), summary, nextToken; request maxResults "between 1 and 100", past it a ValidationException
+    (ECR checks the range; botocore only the minimum); error LifecyclePolicyPreviewNotFoundException), evaluated at once by
     preview_results, the first Get after a Start answering IN_PROGRESS (ECR takes seconds; the caller must
     poll), with the evaluation rules of the Amazon
     ECR User Guide (Automate the cleanup of images by using lifecycle policies, Lifecycle policy evaluation rules)."""
@@ -211,6 +213,10 @@ class EcrAsDocumented:
             return 200, {k: v for k, v in preview.items() if k not in ("previewResults", "summary")} | {
                 "status": "IN_PROGRESS"}, reply_headers
         results, page = preview["previewResults"], int(request.get("maxResults") or 100)
+        if not 1 <= page <= LIFECYCLE_PREVIEW_MAX_RESULTS:  # (botocore checks only the minimum: ECR the range)
+            return 400, {"__type": "ValidationException", "message": f"1 validation error detected: Value '{page}' at "
+                         f"'maxResults' failed to satisfy constraint: Member must have value less than or equal to "
+                         f"{LIFECYCLE_PREVIEW_MAX_RESULTS}"}, reply_headers
         if request.get("imageIds"):
             wanted = {i.get("imageDigest") for i in request["imageIds"]}
             return 200, {**preview, "previewResults": [r for r in results if r["imageDigest"] in wanted]}, reply_headers
