@@ -1792,9 +1792,24 @@ def progress_deadline(labels: dict, default: float) -> float:
     return parse_duration(text) if text is not None and str(text).strip() else default
 
 
-def tasks_running(tasks: list[dict], image: str) -> int:
-    return sum(1 for t in tasks if (t.get("Spec") or {}).get("ContainerSpec", {}).get("Image") == image
-               and task_state(t) == "running")
+def tasks_running(tasks: list[dict], image: str) -> set[str]:
+    """The IDs of the tasks of `image` that run: a task not seen running before is progress (a count is not:
+    a `docker service scale` down mid-rollout lowers it, and a later start would not count)."""
+    return {t.get("ID", "?") for t in tasks if (t.get("Spec") or {}).get("ContainerSpec", {}).get("Image") == image
+            and task_state(t) == "running"}
+
+
+def tasks_waiting(tasks: list[dict], image: str) -> list[dict]:
+    """The tasks of `image` Swarm wants running (or ready: a restart's delay) that do not run."""
+    return [t for t in tasks if (t.get("Spec") or {}).get("ContainerSpec", {}).get("Image") == image
+            and t.get("DesiredState") in TASK_STATES[:TASK_STATES.index("running") + 1] and task_state(t) != "running"]
+
+
+def may_be_stuck(tasks: list[dict], image: str) -> bool:
+    """Can a rollout that made no progress be stuck: a task of `image` waits to run, or none runs? Not when
+    every task of it Swarm wants runs: Swarm then waits by design (its updater watches the last batch for
+    UpdateConfig.Monitor, or Delay + 1 s, before it says completed: swarmkit update/updater.go Run)."""
+    return bool(tasks_waiting(tasks, image)) or not tasks_running(tasks, image)
 
 
 def stuck_reason(tasks: list[dict], image: str, deadline: float) -> str:
@@ -1802,8 +1817,7 @@ def stuck_reason(tasks: list[dict], image: str, deadline: float) -> str:
     not run (each distinct error once, with how many tasks), e.g. "no suitable node (scheduling constraints
     not satisfied on 3 nodes)", or the error of a task that was rejected (an image that cannot be pulled)."""
     ours = [t for t in tasks if (t.get("Spec") or {}).get("ContainerSpec", {}).get("Image") == image]
-    waiting = [t for t in ours if t.get("DesiredState") in TASK_STATES[:TASK_STATES.index("running") + 1]
-               and task_state(t) != "running"]
+    waiting = tasks_waiting(ours, image)
     rejected = sorted((t for t in ours if task_state(t) in ("rejected", "failed")),
                       key=lambda t: (t.get("Status") or {}).get("Timestamp", ""), reverse=True)[:1]
     said: dict[str, int] = {}
@@ -4443,8 +4457,10 @@ class RolloutChecks:
             log.error("Cannot read the tasks of %s: %s", rollout.label, e)
             return None
         running = tasks_running(tasks, rollout.image)
-        if running > rollout.running_seen:  # progress: the deadline starts again
-            rollout.running_seen, rollout.progress_at = running, now
+        if running - rollout.running_seen:  # progress: the deadline starts again
+            rollout.running_seen, rollout.progress_at = rollout.running_seen | running, now
+            return None
+        if not may_be_stuck(tasks, rollout.image):
             return None
         return stuck_reason(tasks, rollout.image, rollout.progress_deadline)
 
@@ -4582,7 +4598,7 @@ class Rollout:
     checks_error: str | None = None  # its check labels cannot be read: it cannot be proved good
     progress_deadline: float = 0.0  # s without a task of the image reaching running: stuck (0: never)
     progress_at: float = 0.0  # time.monotonic() of the last progress seen (or the start)
-    running_seen: int = 0  # tasks of the image running at the last progress seen
+    running_seen: set = field(default_factory=set)  # IDs of the tasks of the image seen running
     checking: bool = False  # Swarm completed it; its checks run (in memory: a restart starts them afresh)
     soak_over_at: float = 0.0  # time.monotonic() when its soak ends (by Swarm's clock when the checks began)
     look: Look | None = None  # the last look at its checks
@@ -4717,11 +4733,16 @@ class Rollouts(RolloutChecks):
                     None if rollout.rollback else seconds_after(rollout.push.time, self.docker.date))
         if rollout.rollback or not service:
             return
-        if self.rollback_on_failure and (
+        # (a rollout taken up by a reconcile pass whose PreviousSpec names no other image: nothing to restore)
+        restorable = outcome != "check_failed" or running_image({"Spec": rollout.replaced}) is not None
+        if self.rollback_on_failure and restorable and (
                 outcome in ("timed_out", "stuck", "check_failed")  # Swarm rolls back failures, never slowness
                 or outcome == "paused" and (service["Spec"].get("UpdateConfig") or {}).get("FailureAction") != "rollback"):
             self.roll_back(rollout, outcome, message)
         elif outcome == "check_failed":  # Swarm says completed: only a record keeps waves and promotion off it
+            if self.rollback_on_failure:
+                log.warning("Service %s: no earlier spec is known to roll back to (Swarm's PreviousSpec runs this "
+                            "digest, or there is none): its failure is recorded, the service left on it", rollout.label)
             self.record_on_running(rollout, service, outcome, message)
         elif outcome == "rollback_completed":  # Swarm's FailureAction=rollback: it keeps no record of what failed
             self.deployer.actor.record_failure(service, rollout.push.account, rollout.push.region,

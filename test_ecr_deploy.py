@@ -6095,7 +6095,7 @@ def test_a_stuck_rollout_says_what_swarm_says_of_its_tasks():
              task("pending", err="no suitable node (scheduling constraints not satisfied on 1 node)"),
              task("running", image=f"{HOST}/team/web:latest@{DIGEST_A}"),
              task("rejected", desired="shutdown", err="No such image: team/web@sha256:bbb")]
-    assert ed.tasks_running(tasks, new) == 0
+    assert ed.tasks_running(tasks, new) == set() and ed.may_be_stuck(tasks, new)
     assert ed.stuck_reason(tasks, new, 300) == (
         "no task of the new digest reached running within 5m (ecr-deploy.progress-deadline): 2 task(s) pending: "
         "no suitable node (scheduling constraints not satisfied on 1 node); 1 task(s) rejected: No such image: "
@@ -6720,6 +6720,48 @@ def test_a_rollout_no_node_can_take_fails_at_its_progress_deadline_with_swarms_r
     assert "no suitable node" in service["Spec"]["Labels"][ed.FAILED_LABEL]
     stuck = next(d for d in webhook.received if d["outcome"] == "stuck")
     assert "no suitable node" in stuck["message"] and stuck["image"] == new
+
+
+def test_a_failed_check_with_no_spec_to_restore_is_recorded_and_swarms_monitor_period_is_no_stuck_rollout(
+        aws, images, clean_swarm):
+    """Two services, one deployer with --rollback-on-failure. "made-here" was created at its tag's digest (no
+    PreviousSpec): a reconcile pass takes up its checks, its alarm is in ALARM, and with nothing to restore the
+    failure is recorded on the service (else a later pass would promote it, or a wave follow it). "watched"
+    has UpdateConfig.Monitor 10 s and a progress deadline of 3 s: its new task runs within the deadline, then
+    Swarm's updater watches it for the monitor period (swarmkit update/updater.go Run) with no further task to
+    start: that is no stuck rollout, and it completes."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    cloudwatch = aws.client("cloudwatch", registry.region)
+    alarm = f"chk-made-{uuid.uuid4().hex[:6]}"
+    cloudwatch.put_metric_alarm(AlarmName=alarm, MetricName="5xx", Namespace="chk", Statistic="Sum", Period=60,
+                                EvaluationPeriods=1, Threshold=1, ComparisonOperator="GreaterThanThreshold")
+    cloudwatch.set_alarm_state(AlarmName=alarm, StateValue="ALARM", StateReason="5xx above 1")
+    made_repo, watched_repo = images.new_repository(), images.new_repository()
+    made_v1, watched_v1 = images.push(made_repo, "latest", "v1"), images.push(watched_repo, "latest", "v1")
+    made_image = f"{registry.host}/{made_repo}:latest@{made_v1}"
+    made = swarm.create_service("made-here", made_image, registry=registry, update_config=FAST_MONITOR,
+                                labels={ed.ALARMS_LABEL: alarm, ed.SOAK_LABEL: "60s"})
+    watched = swarm.create_service("watched", f"{registry.host}/{watched_repo}:latest@{watched_v1}",
+                                   registry=registry, update_config={"Monitor": 10_000_000_000},
+                                   labels={ed.PROGRESS_DEADLINE_LABEL: "3s"})
+    swarm.wait_running(made, made_image)
+    watched_v2 = images.push(watched_repo, "latest", "v2")
+    new = f"{registry.host}/{watched_repo}:latest@{watched_v2}"
+    queue = aws.new_queue()
+    aws.send(queue, event(repository=watched_repo, digest=watched_v2))
+    running = Running(deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1"), "--queue", queue,
+                      "--reconcile-every", "2s")
+    try:
+        running.wait_line(f"Recorded on service made-here ({made[:12]})", timeout=40)
+        running.wait_line(f"Rollout of watched ({watched[:12]}) to {new} ", timeout=40)
+    finally:
+        assert running.stop() == 0
+    assert f"Rollout of made-here ({made[:12]}) to {made_image} failed its checks after" in running.log
+    service = swarm.service(made)
+    assert service["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == made_image  # nothing to restore
+    assert service["Spec"]["Labels"][ed.FAILED_LABEL].startswith(f"{made_v1} failed its checks at ")
+    assert f"Rollout of watched ({watched[:12]}) to {new} completed after" in running.log, running.log
+    assert service_image_of(swarm, watched)[0] == new and "stuck" not in running.log
 
 
 def test_two_managers_promoting_an_image_index_at_once_tag_it_once_as_the_same_index(aws, images, clean_swarm):
