@@ -1685,6 +1685,7 @@ CHECK_REDIRECTS = 3  # followed on the same scheme, host and port only
 DESCRIBE_ALARMS_MAX = 100  # AlarmNames per DescribeAlarms call (CloudWatch API reference)
 ALARM_NAME = re.compile(r"[^\x00-\x1f,]{1,255}")  # CloudWatch: 1-255 characters; a comma separates them here
 DEFAULT_PROGRESS_DEADLINE = 300.0  # s
+CHECKS_UNANSWERED = 120.0  # s past a rollout's soak that CloudWatch may fail to answer before the checks fail
 
 
 class Checks(NamedTuple):
@@ -4492,11 +4493,16 @@ class RolloutChecks:
         else:
             try:
                 states = checker.alarm_states(checks.alarms) if checks.alarms else {}
-            except AwsError as e:  # CloudWatch unreachable is no verdict on the build: looked at again
-                log.error("Cannot look at the alarms of %s: %s", rollout.label, e)
-                return
-            answer = checker.answer(checks.url) if checks.url else None
-            look = look_at(checks, states, answer, rollout.look.passes if rollout.look else 0)
+            except AwsError as e:
+                # CloudWatch unreachable is no verdict on the build: looked at again, but not for ever (--wait
+                # would never end, waves and promotion would wait for ever); a permission missing never heals.
+                if not isinstance(e, AccessDenied) and now < rollout.soak_over_at + CHECKS_UNANSWERED:
+                    log.error("Cannot look at the alarms of %s: %s", rollout.label, e)
+                    return
+                look = Look(f"its alarms cannot be looked at: {e}", "", 0)
+            else:
+                answer = checker.answer(checks.url) if checks.url else None
+                look = look_at(checks, states, answer, rollout.look.passes if rollout.look else 0)
         said_before, rollout.look = rollout.look and rollout.look.said, look
         if look.failed or checks_done(checks, look, now >= rollout.soak_over_at):
             try:

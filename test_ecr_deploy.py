@@ -6725,41 +6725,44 @@ def test_a_rollout_no_node_can_take_fails_at_its_progress_deadline_with_swarms_r
 def test_a_failed_check_with_no_spec_to_restore_is_recorded_and_swarms_monitor_period_is_no_stuck_rollout(
         aws, images, clean_swarm):
     """Two services, one deployer with --rollback-on-failure. "made-here" was created at its tag's digest (no
-    PreviousSpec): a reconcile pass takes up its checks, its alarm is in ALARM, and with nothing to restore the
-    failure is recorded on the service (else a later pass would promote it, or a wave follow it). "watched"
-    has UpdateConfig.Monitor 10 s and a progress deadline of 3 s: its new task runs within the deadline, then
+    PreviousSpec): a reconcile pass takes up its checks, and CloudWatch refuses DescribeAlarms (a permission
+    missing never heals: a failure, not checks that run for ever); with nothing to restore, the failure is
+    recorded on the service (else a later pass would promote it, or a wave follow it). "watched" has
+    UpdateConfig.Monitor 10 s and a progress deadline of 3 s: its new task runs within the deadline, then
     Swarm's updater watches it for the monitor period (swarmkit update/updater.go Run) with no further task to
     start: that is no stuck rollout, and it completes."""
     swarm, registry = clean_swarm, REGISTRIES[0]
-    cloudwatch = aws.client("cloudwatch", registry.region)
-    alarm = f"chk-made-{uuid.uuid4().hex[:6]}"
-    cloudwatch.put_metric_alarm(AlarmName=alarm, MetricName="5xx", Namespace="chk", Statistic="Sum", Period=60,
-                                EvaluationPeriods=1, Threshold=1, ComparisonOperator="GreaterThanThreshold")
-    cloudwatch.set_alarm_state(AlarmName=alarm, StateValue="ALARM", StateReason="5xx above 1")
     made_repo, watched_repo = images.new_repository(), images.new_repository()
     made_v1, watched_v1 = images.push(made_repo, "latest", "v1"), images.push(watched_repo, "latest", "v1")
     made_image = f"{registry.host}/{made_repo}:latest@{made_v1}"
     made = swarm.create_service("made-here", made_image, registry=registry, update_config=FAST_MONITOR,
-                                labels={ed.ALARMS_LABEL: alarm, ed.SOAK_LABEL: "60s"})
+                                labels={ed.ALARMS_LABEL: "made-5xx", ed.SOAK_LABEL: "60s"})
     watched = swarm.create_service("watched", f"{registry.host}/{watched_repo}:latest@{watched_v1}",
                                    registry=registry, update_config={"Monitor": 10_000_000_000},
                                    labels={ed.PROGRESS_DEADLINE_LABEL: "3s"})
     swarm.wait_running(made, made_image)
     watched_v2 = images.push(watched_repo, "latest", "v2")
     new = f"{registry.host}/{watched_repo}:latest@{watched_v2}"
-    queue = aws.new_queue()
+    queue, cloudwatch = aws.new_queue(), FaultProxy(aws.url)  # (botocore speaks CloudWatch's JSON 1.0 protocol)
+    cloudwatch.rule = lambda key: (400, {"__type": "AccessDeniedException", "message": "User: arn:aws:sts::"
+                                         "123456789012:assumed-role/deployer/i-0 is not authorized to perform: "
+                                         "cloudwatch:DescribeAlarms"}) if "DescribeAlarms" in key else None
     aws.send(queue, event(repository=watched_repo, digest=watched_v2))
-    running = Running(deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1"), "--queue", queue,
-                      "--reconcile-every", "2s")
+    running = Running(deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1",
+                                   AWS_ENDPOINT_URL_CLOUDWATCH=cloudwatch.url),
+                      "--queue", queue, "--reconcile-every", "2s")
     try:
         running.wait_line(f"Recorded on service made-here ({made[:12]})", timeout=40)
         running.wait_line(f"Rollout of watched ({watched[:12]}) to {new} ", timeout=40)
     finally:
         assert running.stop() == 0
-    assert f"Rollout of made-here ({made[:12]}) to {made_image} failed its checks after" in running.log
+        cloudwatch.close()
     service = swarm.service(made)
     assert service["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == made_image  # nothing to restore
-    assert service["Spec"]["Labels"][ed.FAILED_LABEL].startswith(f"{made_v1} failed its checks at ")
+    record = service["Spec"]["Labels"][ed.FAILED_LABEL]
+    assert record.startswith(f"{made_v1} failed its checks at ") and "cloudwatch:DescribeAlarms" in record, record
+    assert running.log.count(f"{made_image} failed its checks after") == 1  # once: not taken up again
+    assert any("DescribeAlarms" in key for key in cloudwatch.seen)
     assert f"Rollout of watched ({watched[:12]}) to {new} completed after" in running.log, running.log
     assert service_image_of(swarm, watched)[0] == new and "stuck" not in running.log
 
