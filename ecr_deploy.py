@@ -48,6 +48,7 @@ import random
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -1725,6 +1726,23 @@ def shown_url(url: str) -> str:
     """A check's URL as logged: scheme, host, port and path; its query (which may carry a token) left out."""
     parts = urllib.parse.urlsplit(url)
     return urllib.parse.urlunsplit(parts._replace(query="", fragment="")) + ("?…" if parts.query else "")
+
+
+def tls_failure(error: BaseException) -> str:
+    """What TLS said of a failed HTTPS check (requests' SSLError wraps urllib3's, which wraps the ssl module's),
+    e.g. "TLS: certificate verify failed: self-signed certificate": never requests' own text, which names the URL
+    with its query."""
+    for _ in range(6):
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return f"TLS: certificate verify failed: {error.verify_message}"
+        if isinstance(error, ssl.SSLError):
+            return f"TLS: {error.reason or type(error).__name__}"
+        inner = getattr(error, "reason", None)
+        error = inner if isinstance(inner, BaseException) else next(
+            (a for a in getattr(error, "args", ()) if isinstance(a, BaseException)), None)
+        if error is None:
+            break
+    return "TLS: handshake failed"
 
 
 def checks_of(labels: dict) -> Checks | None:
@@ -4429,6 +4447,8 @@ class Checker:
                     status, location = reply.status_code, reply.headers.get("Location")
             except requests.Timeout:
                 return f"no answer within {CHECK_TIMEOUT[1]:.0f}s"
+            except requests.exceptions.SSLError as e:  # (a ConnectionError too, but not "no connection")
+                return tls_failure(e)
             except requests.ConnectionError:
                 return "no connection"
             except requests.RequestException as e:

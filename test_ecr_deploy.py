@@ -25,6 +25,7 @@ import re
 import signal
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -6083,6 +6084,47 @@ def test_an_http_check_follows_a_redirect_only_on_its_own_host_and_sends_no_cred
         server.server_close()
     assert [path for _, path, _ in seen] == ["/moved", "/health", "/away", "/down"]  # 127.0.0.2 never asked
     assert {auth for _, _, auth in seen} == {None}
+
+
+def test_an_https_check_says_what_tls_said_and_never_reads_a_huge_body(monkeypatch, tmp_path):
+    """A check whose certificate the deployer cannot verify answers "TLS: certificate verify failed: ..." (not
+    "no connection", which sends the operator looking at the network), without the URL's query; with the CA in
+    REQUESTS_CA_BUNDLE it passes. A body of 10 GB that never comes is not waited for: the status is the answer."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=check",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tmp_path / "key.pem"),
+                    "-out", str(tmp_path / "cert.pem")], check=True, capture_output=True)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(10 ** 10) if self.path == "/huge" else "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+            if self.path == "/huge":
+                time.sleep(3)  # (the rest never comes)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"https://127.0.0.1:{server.server_address[1]}"
+    try:
+        monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+        assert ed.Checker().answer(base + "/health?token=T0KEN") == \
+            "TLS: certificate verify failed: self-signed certificate"
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "cert.pem"))
+        checker = ed.Checker()
+        assert checker.answer(base + "/health?token=T0KEN") == 200
+        started = time.monotonic()
+        assert checker.answer(base + "/huge") == 200 and time.monotonic() - started < 2
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_stuck_rollout_says_what_swarm_says_of_its_tasks():
