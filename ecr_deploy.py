@@ -1805,6 +1805,16 @@ def checks_window(checks: Checks, soak: float) -> float:
     return max(soak, (checks.passes if checks.url else 1) * CHECK_EVERY)
 
 
+def image_before(tasks: list[dict], digest: str) -> str | None:
+    """The image the service ran before the digest, from Swarm's task history (kept per slot, 5 tasks by
+    default: TaskHistoryRetentionLimit), which no later update of the spec rewrites: the newest task of
+    another image."""
+    others = [t for t in tasks if not task_runs(t, digest) and task_state(t) != "orphaned"
+              and (t.get("Spec") or {}).get("ContainerSpec", {}).get("Image")]
+    newest = max(others, key=lambda t: task_time(t) or datetime.min.replace(tzinfo=timezone.utc), default=None)
+    return newest["Spec"]["ContainerSpec"]["Image"] if newest else None
+
+
 def progress_deadline(labels: dict, default: float) -> float:
     """The service's progress deadline in s (0: none). ValueError for a label that cannot be read."""
     text = labels.get(PROGRESS_DEADLINE_LABEL)
@@ -4535,21 +4545,40 @@ class RolloutChecks:
             self.pending.remove(rollout)
             if service is None:
                 self.ended(rollout, "removed", None, now)
+            elif failed_digest(service) == rollout.digest:  # another manager's deployer checked it too, and
+                self.failed_elsewhere(rollout, service["Spec"]["Labels"][FAILED_LABEL])  # failed it first
             elif not posted(service.get("Spec"), rollout.image, rollout.force_update):
                 self.ended(rollout, "superseded", service, now)
             elif look.failed:
-                self.ended(rollout, "check_failed", service, now, f"{look.failed} ({look.said})")
+                message = f"{look.failed} ({look.said})"
+                # The record first, posted at the version read (Swarm refuses it if another manager's deployer,
+                # checking too, posted its own since): whoever records it notifies and rolls back, once.
+                theirs = self.record_on_running(rollout, service, "check_failed", message)
+                if theirs is None:
+                    self.ended(rollout, "check_failed", service, now, message)
+                else:
+                    self.failed_elsewhere(rollout, theirs)
             else:
                 self.proved.add((rollout.service_id, rollout.digest))
                 self.ended(rollout, "completed", service, now, f"checks passed: {look.said}")
         elif look.said != said_before:
             log.info("Rollout of %s to %s: checking: %s", rollout.label, rollout.image, look.said)
 
+    def failed_elsewhere(self, rollout: Rollout, record: str) -> None:
+        """A rollout whose failure record another deployer wrote while this one checked it too (every manager's
+        deployer takes up the checks within their window): counted as failed, but not notified, recorded or
+        rolled back twice."""
+        log.error("Rollout of %s to %s failed its checks (judged by another deployer: %s=%s)", rollout.label,
+                  rollout.image, FAILED_LABEL, record)
+        self.outcomes.append("check_failed")
+        self.counts["check_failed"] += 1
+
     def adopt(self, service: dict, key: tuple, digest: str) -> None:
         """A reconcile pass found the service running its tag's digest: if that rollout completed, is not
         failed and is still within its checks' window (checks_window, by Swarm's clock: a restart or another
         manager loses nothing), follow its checks, from zero passes. What our update replaced is unknown here:
-        a rollback restores Swarm's PreviousSpec, if that names another image."""
+        a rollback restores Swarm's PreviousSpec if that names another image, else the image Swarm's task
+        history ran before (image_before)."""
         labels = service["Spec"].get("Labels") or {}
         if not self.enabled or not (labels.get(ALARMS_LABEL) or labels.get(CHECK_LABEL)) \
                 or service["ID"] in self.following() or failed_digest(service) == digest \
@@ -4563,7 +4592,8 @@ class RolloutChecks:
         if checks is None:
             return
         try:
-            ran = rollout_of(service, self.docker.tasks(service["ID"]), digest, self.docker.date)
+            tasks = self.docker.tasks(service["ID"])
+            ran = rollout_of(service, tasks, digest, self.docker.date)
         except DockerError as e:  # (the next pass looks again)
             log.error("Cannot read the tasks of service %s: %s", service_label(service), e)
             return
@@ -4572,7 +4602,11 @@ class RolloutChecks:
             return
         now, task = time.monotonic(), service["Spec"]["TaskTemplate"]
         previous = service.get("PreviousSpec") or {}
-        replaced = previous if running_image({"Spec": previous}) and not runs_digest({"Spec": previous}, digest) else {}
+        if not running_image({"Spec": previous}) or runs_digest({"Spec": previous}, digest):
+            # (any update since, the auth keeper's re-post at start included, made PreviousSpec this spec)
+            before = image_before(tasks, digest)
+            previous = {"TaskTemplate": {"ContainerSpec": {"Image": before}}} if before else {}
+        replaced = previous
         log.info("Service %s runs %s, its soak began %s ago: checking %s", service_label(service),
                  task["ContainerSpec"]["Image"], duration_text(ran_for), checks.named)
         self.pending.append(Rollout(service["ID"], service["Spec"].get("Name", "?"), task["ContainerSpec"]["Image"],
@@ -4589,21 +4623,24 @@ class RolloutChecks:
             return None
         return f"its checks run: {rollout.checks.named if rollout.checks else rollout.checks_error}"  # (steady text)
 
-    def record_on_running(self, rollout: Rollout, service: dict, outcome: str, message: str) -> None:
-        """The failure record on a service that still runs the failed digest (no rollback): a label-only
-        update, which replaces no task, while the spec is still ours."""
+    def record_on_running(self, rollout: Rollout, service: dict, outcome: str, message: str) -> str | None:
+        """The failure record on a service that still runs the failed digest: a label-only update, which
+        replaces no task, while the spec is still ours. The record of the digest found there already, if any."""
         if self.deployer.dry_run:
-            return
-        record = failure_record(rollout.digest, outcome, self.node_name(), time.time(), message)
+            return None
+        record, found = failure_record(rollout.digest, outcome, self.node_name(), time.time(), message), []
 
         def plan(fresh: dict) -> tuple[dict, ImageRef] | None:
-            if failed_digest(fresh) == rollout.digest or not posted(fresh.get("Spec"), rollout.image,
-                                                                    rollout.force_update):
+            if failed_digest(fresh) == rollout.digest:
+                found.append(fresh["Spec"]["Labels"][FAILED_LABEL])
+                return None
+            if not posted(fresh.get("Spec"), rollout.image, rollout.force_update):
                 return None
             return with_label(fresh["Spec"], FAILED_LABEL, record), running_image(fresh)
 
         self.deployer.actor.post_update(service, rollout.push.account, rollout.push.region, plan, lambda *_: log.info(
             "Recorded on service %s: %s=%s", rollout.label, FAILED_LABEL, record), with_auth=False)
+        return found[-1] if found else None
 
 
 # --------------------------------------------------------------------------- rollouts

@@ -6809,6 +6809,49 @@ def test_a_failed_check_with_no_spec_to_restore_is_recorded_and_swarms_monitor_p
     assert service_image_of(swarm, watched)[0] == new and "stuck" not in running.log
 
 
+def test_two_deployers_checking_one_rollout_fail_it_once(aws, images, clean_swarm, webhook):
+    """Every manager's deployer takes up the checks of a rollout within their window (here: an operator's
+    `docker service update --image` to the tag's digest, then a re-post, as the auth keeper's at start, which
+    makes Swarm's PreviousSpec the current spec). The alarm goes to ALARM: the deployer that sees it first
+    records, notifies and rolls back to the build before (from Swarm's task history); the other finds the
+    record at its next look or when Swarm refuses its own, and neither notifies again nor calls the rollback
+    "superseded" (a success)."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    cloudwatch = aws.client("cloudwatch", registry.region)
+    alarm = f"chk-two-{uuid.uuid4().hex[:6]}"
+    cloudwatch.put_metric_alarm(AlarmName=alarm, MetricName="5xx", Namespace="chk", Statistic="Sum", Period=60,
+                                EvaluationPeriods=1, Threshold=1, ComparisonOperator="GreaterThanThreshold")
+    cloudwatch.set_alarm_state(AlarmName=alarm, StateValue="OK", StateReason="fine")
+    repo = images.new_repository()
+    v1, v2 = images.push(repo, "latest", "v1"), images.push(repo, "latest", "v2")
+    old, new = f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{v2}"
+    sid = swarm.create_service("two-checks", old, registry=registry, update_config=FAST_MONITOR,
+                               labels={ed.ALARMS_LABEL: alarm, ed.SOAK_LABEL: "60s"})
+    swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=new), registry=registry)
+    swarm.wait_running(sid, new)
+    swarm.scale(sid, 1)  # (as the auth keeper's re-post or any label does: PreviousSpec is now this spec)
+    assert service_image_of(swarm, sid)[0] == new and swarm.service(sid)["PreviousSpec"]["TaskTemplate"][
+        "ContainerSpec"]["Image"] == new
+    env = deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1", DEPLOYER_NOTIFY_URL=webhook.url)
+    deployers = [Running(env, "--queue", aws.new_queue(), "--reconcile-every", "2s") for _ in range(2)]
+    try:
+        for running in deployers:
+            running.wait_line(f"Service two-checks ({sid[:12]}) runs {new}, its soak began", timeout=30)
+        cloudwatch.set_alarm_state(AlarmName=alarm, StateValue="ALARM", StateReason="5xx above 1")
+        wait_for(lambda: sum("judged by another deployer" in r.log for r in deployers) == 1, 30,
+                 what=lambda: "\n".join(r.log for r in deployers))
+        wait_for(lambda: [d["outcome"] for d in webhook.received] == ["check_failed", "rollback_completed"], 30,
+                 what=lambda: f"{webhook.received}\n" + "\n".join(r.log for r in deployers))
+    finally:
+        for running in deployers:
+            assert running.stop() == 0
+    assert [d["outcome"] for d in webhook.received] == ["check_failed", "rollback_completed"]
+    service = swarm.service(sid)
+    assert service["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == old
+    assert service["Spec"]["Labels"][ed.FAILED_LABEL].startswith(f"{v2} failed its checks at ")
+    assert sum(f"Rolling back service two-checks ({sid[:12]})" in r.log for r in deployers) == 1
+
+
 def test_two_managers_promoting_an_image_index_at_once_tag_it_once_as_the_same_index(aws, images, clean_swarm):
     """Both deployers decide to promote, and both PutImage (held until both have come): ECR takes the first and
     refuses the second as ImageAlreadyExistsException, which counts as done. What ECR is sent is the index's
