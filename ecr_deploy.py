@@ -1684,6 +1684,8 @@ CHECK_EVERY = 5.0  # s between two looks at a service's checks
 CHECK_TIMEOUT = (3.05, 5.0)  # s: connect, read; a check that hangs is a failed check, never a hung deployer
 CHECK_REDIRECTS = 3  # followed on the same scheme, host and port only
 DESCRIBE_ALARMS_MAX = 100  # AlarmNames per DescribeAlarms call (CloudWatch API reference)
+# DescribeAlarms returns only metric alarms unless AlarmTypes asks for the others (its answer: "<type>s")
+ALARM_TYPES = ("MetricAlarm", "CompositeAlarm", "LogAlarm")
 ALARM_NAME = re.compile(r"[^\x00-\x1f,]{1,255}")  # CloudWatch: 1-255 characters; a comma separates them here
 DEFAULT_PROGRESS_DEADLINE = 300.0  # s
 CHECKS_UNANSWERED = 120.0  # s past a rollout's soak that CloudWatch may fail to answer before the checks fail
@@ -4422,7 +4424,7 @@ class Checker:
         self._http: requests.Session | None = None
 
     def alarm_states(self, names: tuple[str, ...]) -> dict[str, str]:
-        """Alarm name -> StateValue (OK, ALARM, INSUFFICIENT_DATA), metric and composite alarms, in the
+        """Alarm name -> StateValue (OK, ALARM, INSUFFICIENT_DATA), metric, composite and log alarms, in the
         deployer's region; a name missing from the answer: no such alarm. AwsError if CloudWatch failed."""
         if self._cloudwatch is None:
             session = self._session or aws_session()
@@ -4431,14 +4433,14 @@ class Checker:
         states: dict[str, str] = {}
         for start in range(0, len(names), DESCRIBE_ALARMS_MAX):
             asked, token = {"AlarmNames": list(names[start:start + DESCRIBE_ALARMS_MAX]),
-                            "AlarmTypes": ["MetricAlarm", "CompositeAlarm"], "MaxRecords": DESCRIBE_ALARMS_MAX}, None
+                            "AlarmTypes": list(ALARM_TYPES), "MaxRecords": DESCRIBE_ALARMS_MAX}, None
             while True:
                 try:
                     reply = self._cloudwatch.describe_alarms(**asked, **({"NextToken": token} if token else {}))
                 except AWS_ERRORS as e:
                     raise AccessDenied.wrap(e, "cannot describe CloudWatch alarms (cloudwatch:DescribeAlarms)") \
                         from None
-                for alarm in reply.get("MetricAlarms", []) + reply.get("CompositeAlarms", []):
+                for alarm in (a for kind in ALARM_TYPES for a in reply.get(f"{kind}s", [])):
                     states[alarm["AlarmName"]] = alarm["StateValue"]
                 token = reply.get("NextToken")
                 if not token:

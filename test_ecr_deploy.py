@@ -37,6 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import boto3
 import pytest
 import requests
+from botocore.stub import Stubber
 
 import ecr_deploy as ed
 from rig.aws import DIGEST_A, Aws, event, moto_server_command, referrer_event, scan_event
@@ -6125,6 +6126,25 @@ def test_an_https_check_says_what_tls_said_and_never_reads_a_huge_body(monkeypat
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_alarms_of_every_type_are_asked_for_and_read():
+    """DescribeAlarms returns only metric alarms unless AlarmTypes names the others (CloudWatch API reference,
+    DescribeAlarms): a composite or log alarm named in the label must not read as "does not exist". botocore's
+    Stubber checks the request against CloudWatch's model, and answers as that model says AWS does (moto
+    ignores AlarmTypes and has no log alarms)."""
+    client = boto3.client("cloudwatch", region_name="us-east-1", aws_access_key_id="a", aws_secret_access_key="b")
+    checker = ed.Checker()
+    checker._cloudwatch = client
+    with Stubber(client) as stub:
+        stub.add_response("describe_alarms", {
+            "MetricAlarms": [{"AlarmName": "web-5xx", "StateValue": "OK"}],
+            "CompositeAlarms": [{"AlarmName": "web-any", "StateValue": "INSUFFICIENT_DATA"}],
+            "LogAlarms": [{"AlarmName": "web-errors-logged", "StateValue": "ALARM"}]},
+            {"AlarmNames": ["web-5xx", "web-any", "web-errors-logged"],
+             "AlarmTypes": ["MetricAlarm", "CompositeAlarm", "LogAlarm"], "MaxRecords": 100})
+        assert checker.alarm_states(("web-5xx", "web-any", "web-errors-logged")) == {
+            "web-5xx": "OK", "web-any": "INSUFFICIENT_DATA", "web-errors-logged": "ALARM"}
 
 
 def test_a_stuck_rollout_says_what_swarm_says_of_its_tasks():
