@@ -4578,11 +4578,13 @@ class RolloutChecks:
     def adopt(self, service: dict, key: tuple, digest: str) -> None:
         """A reconcile pass found the service running its tag's digest: if that rollout completed, is not
         failed and is still within its checks' window (checks_window, by Swarm's clock: a restart or another
-        manager loses nothing), follow its checks, from zero passes. What our update replaced is unknown here:
+        manager loses nothing), follow its checks, from zero passes. Never a job's (follow() follows none):
+        every update of a job, a failure record's label-only one too, runs it again (swarmkit controlapi
+        UpdateService bumps JobIteration). What our update replaced is unknown here:
         a rollback restores Swarm's PreviousSpec if that names another image, else the image Swarm's task
         history ran before (image_before)."""
         labels = service["Spec"].get("Labels") or {}
-        if not self.enabled or not (labels.get(ALARMS_LABEL) or labels.get(CHECK_LABEL)) \
+        if not self.enabled or not (labels.get(ALARMS_LABEL) or labels.get(CHECK_LABEL)) or is_job(service["Spec"]) \
                 or service["ID"] in self.following() or failed_digest(service) == digest \
                 or (service["ID"], digest) in self.proved:
             return
@@ -5832,7 +5834,8 @@ def checking_state(deployer: Deployer, service: dict, digest: str) -> tuple[str,
     digest is within its checks' window (checks_window): not done until they pass; else None. The passes in a
     row the deployer counted are in its log."""
     labels = service["Spec"].get("Labels") or {}
-    if not (labels.get(ALARMS_LABEL) or labels.get(CHECK_LABEL)) or failed_digest(service) == digest:
+    if not (labels.get(ALARMS_LABEL) or labels.get(CHECK_LABEL)) or failed_digest(service) == digest \
+            or is_job(service["Spec"]):
         return None
     try:
         checks, soak = checks_of(labels), parse_duration(labels.get(SOAK_LABEL) or "0")

@@ -33,6 +33,7 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import boto3
 import pytest
@@ -6145,6 +6146,25 @@ def test_alarms_of_every_type_are_asked_for_and_read():
              "AlarmTypes": ["MetricAlarm", "CompositeAlarm", "LogAlarm"], "MaxRecords": 100})
         assert checker.alarm_states(("web-5xx", "web-any", "web-errors-logged")) == {
             "web-5xx": "OK", "web-any": "INSUFFICIENT_DATA", "web-errors-logged": "ALARM"}
+
+
+def test_a_jobs_checks_are_never_taken_up():
+    """A job with checks labels, its run of the tag's digest just completed: a reconcile pass takes up no checks
+    of it. A failed check would post a failure record or a rollback, and every update of a job runs it again
+    (swarmkit controlapi UpdateService bumps JobStatus.JobIteration)."""
+    image, now = f"{HOST}/team/batch:latest@{DIGEST_B}", datetime.datetime.now(datetime.timezone.utc)
+    job = {"ID": "job1", "Spec": {"Name": "batch", "Labels": {ed.ALARMS_LABEL: "batch-errors", ed.SOAK_LABEL: "1h"},
+                                  "Mode": {"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}},
+                                  "TaskTemplate": {"ContainerSpec": {"Image": image}}},
+           "JobStatus": {"JobIteration": {"Index": 3}}}
+    task = {"ID": "t1", "DesiredState": "complete", "JobIteration": {"Index": 3},
+            "Spec": {"ContainerSpec": {"Image": image}},
+            "Status": {"State": "complete", "Timestamp": (now - datetime.timedelta(seconds=5)).isoformat()}}
+    docker = SimpleNamespace(tasks=lambda service_id: [task], date=now)
+    rollouts = ed.Rollouts(SimpleNamespace(docker=docker), True, None, True, ())
+    assert ed.rollout_of(job, [task], DIGEST_B, now).pending is None  # (its run completed: within the window)
+    rollouts.adopt(job, ("123456789012", "us-east-1", "team/batch", "latest"), DIGEST_B)
+    assert rollouts.pending == []
 
 
 def test_a_stuck_rollout_says_what_swarm_says_of_its_tasks():
