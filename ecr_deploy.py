@@ -52,6 +52,7 @@ import random
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -1937,8 +1938,11 @@ CHECK_EVERY = 5.0  # s between two looks at a service's checks
 CHECK_TIMEOUT = (3.05, 5.0)  # s: connect, read; a check that hangs is a failed check, never a hung deployer
 CHECK_REDIRECTS = 3  # followed on the same scheme, host and port only
 DESCRIBE_ALARMS_MAX = 100  # AlarmNames per DescribeAlarms call (CloudWatch API reference)
+# DescribeAlarms returns only metric alarms unless AlarmTypes asks for the others (its answer: "<type>s")
+ALARM_TYPES = ("MetricAlarm", "CompositeAlarm", "LogAlarm")
 ALARM_NAME = re.compile(r"[^\x00-\x1f,]{1,255}")  # CloudWatch: 1-255 characters; a comma separates them here
 DEFAULT_PROGRESS_DEADLINE = 300.0  # s
+CHECKS_UNANSWERED = 120.0  # s past a rollout's soak that CloudWatch may fail to answer before the checks fail
 
 
 class Checks(NamedTuple):
@@ -1978,6 +1982,23 @@ def shown_url(url: str) -> str:
     """A check's URL as logged: scheme, host, port and path; its query (which may carry a token) left out."""
     parts = urllib.parse.urlsplit(url)
     return urllib.parse.urlunsplit(parts._replace(query="", fragment="")) + ("?…" if parts.query else "")
+
+
+def tls_failure(error: BaseException) -> str:
+    """What TLS said of a failed HTTPS check (requests' SSLError wraps urllib3's, which wraps the ssl module's),
+    e.g. "TLS: certificate verify failed: self-signed certificate": never requests' own text, which names the URL
+    with its query."""
+    for _ in range(6):
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return f"TLS: certificate verify failed: {error.verify_message}"
+        if isinstance(error, ssl.SSLError):
+            return f"TLS: {error.reason or type(error).__name__}"
+        inner = getattr(error, "reason", None)
+        error = inner if isinstance(inner, BaseException) else next(
+            (a for a in getattr(error, "args", ()) if isinstance(a, BaseException)), None)
+        if error is None:
+            break
+    return "TLS: handshake failed"
 
 
 def checks_of(labels: dict) -> Checks | None:
@@ -2040,15 +2061,40 @@ def checks_window(checks: Checks, soak: float) -> float:
     return max(soak, (checks.passes if checks.url else 1) * CHECK_EVERY)
 
 
+def image_before(tasks: list[dict], digest: str) -> str | None:
+    """The image the service ran before the digest, from Swarm's task history (kept per slot, 5 tasks by
+    default: TaskHistoryRetentionLimit), which no later update of the spec rewrites: the newest task of
+    another image."""
+    others = [t for t in tasks if not task_runs(t, digest) and task_state(t) != "orphaned"
+              and (t.get("Spec") or {}).get("ContainerSpec", {}).get("Image")]
+    newest = max(others, key=lambda t: task_time(t) or datetime.min.replace(tzinfo=timezone.utc), default=None)
+    return newest["Spec"]["ContainerSpec"]["Image"] if newest else None
+
+
 def progress_deadline(labels: dict, default: float) -> float:
     """The service's progress deadline in s (0: none). ValueError for a label that cannot be read."""
     text = labels.get(PROGRESS_DEADLINE_LABEL)
     return parse_duration(text) if text is not None and str(text).strip() else default
 
 
-def tasks_running(tasks: list[dict], image: str) -> int:
-    return sum(1 for t in tasks if (t.get("Spec") or {}).get("ContainerSpec", {}).get("Image") == image
-               and task_state(t) == "running")
+def tasks_running(tasks: list[dict], image: str) -> set[str]:
+    """The IDs of the tasks of `image` that run: a task not seen running before is progress (a count is not:
+    a `docker service scale` down mid-rollout lowers it, and a later start would not count)."""
+    return {t.get("ID", "?") for t in tasks if (t.get("Spec") or {}).get("ContainerSpec", {}).get("Image") == image
+            and task_state(t) == "running"}
+
+
+def tasks_waiting(tasks: list[dict], image: str) -> list[dict]:
+    """The tasks of `image` Swarm wants running (or ready: a restart's delay) that do not run."""
+    return [t for t in tasks if (t.get("Spec") or {}).get("ContainerSpec", {}).get("Image") == image
+            and t.get("DesiredState") in TASK_STATES[:TASK_STATES.index("running") + 1] and task_state(t) != "running"]
+
+
+def may_be_stuck(tasks: list[dict], image: str) -> bool:
+    """Can a rollout that made no progress be stuck: a task of `image` waits to run, or none runs? Not when
+    every task of it Swarm wants runs: Swarm then waits by design (its updater watches the last batch for
+    UpdateConfig.Monitor, or Delay + 1 s, before it says completed: swarmkit update/updater.go Run)."""
+    return bool(tasks_waiting(tasks, image)) or not tasks_running(tasks, image)
 
 
 def stuck_reason(tasks: list[dict], image: str, deadline: float) -> str:
@@ -2056,8 +2102,7 @@ def stuck_reason(tasks: list[dict], image: str, deadline: float) -> str:
     not run (each distinct error once, with how many tasks), e.g. "no suitable node (scheduling constraints
     not satisfied on 3 nodes)", or the error of a task that was rejected (an image that cannot be pulled)."""
     ours = [t for t in tasks if (t.get("Spec") or {}).get("ContainerSpec", {}).get("Image") == image]
-    waiting = [t for t in ours if t.get("DesiredState") in TASK_STATES[:TASK_STATES.index("running") + 1]
-               and task_state(t) != "running"]
+    waiting = tasks_waiting(ours, image)
     rejected = sorted((t for t in ours if task_state(t) in ("rejected", "failed")),
                       key=lambda t: (t.get("Status") or {}).get("Timestamp", ""), reverse=True)[:1]
     said: dict[str, int] = {}
@@ -4779,7 +4824,7 @@ class Checker:
         self._http: requests.Session | None = None
 
     def alarm_states(self, names: tuple[str, ...]) -> dict[str, str]:
-        """Alarm name -> StateValue (OK, ALARM, INSUFFICIENT_DATA), metric and composite alarms, in the
+        """Alarm name -> StateValue (OK, ALARM, INSUFFICIENT_DATA), metric, composite and log alarms, in the
         deployer's region; a name missing from the answer: no such alarm. AwsError if CloudWatch failed."""
         if self._cloudwatch is None:
             session = self._session or aws_session()
@@ -4788,14 +4833,14 @@ class Checker:
         states: dict[str, str] = {}
         for start in range(0, len(names), DESCRIBE_ALARMS_MAX):
             asked, token = {"AlarmNames": list(names[start:start + DESCRIBE_ALARMS_MAX]),
-                            "AlarmTypes": ["MetricAlarm", "CompositeAlarm"], "MaxRecords": DESCRIBE_ALARMS_MAX}, None
+                            "AlarmTypes": list(ALARM_TYPES), "MaxRecords": DESCRIBE_ALARMS_MAX}, None
             while True:
                 try:
                     reply = self._cloudwatch.describe_alarms(**asked, **({"NextToken": token} if token else {}))
                 except AWS_ERRORS as e:
                     raise AccessDenied.wrap(e, "cannot describe CloudWatch alarms (cloudwatch:DescribeAlarms)") \
                         from None
-                for alarm in reply.get("MetricAlarms", []) + reply.get("CompositeAlarms", []):
+                for alarm in (a for kind in ALARM_TYPES for a in reply.get(f"{kind}s", [])):
                     states[alarm["AlarmName"]] = alarm["StateValue"]
                 token = reply.get("NextToken")
                 if not token:
@@ -4814,6 +4859,8 @@ class Checker:
                     status, location = reply.status_code, reply.headers.get("Location")
             except requests.Timeout:
                 return f"no answer within {CHECK_TIMEOUT[1]:.0f}s"
+            except requests.exceptions.SSLError as e:  # (a ConnectionError too, but not "no connection")
+                return tls_failure(e)
             except requests.ConnectionError:
                 return "no connection"
             except requests.RequestException as e:
@@ -4843,8 +4890,10 @@ class RolloutChecks:
             log.error("Cannot read the tasks of %s: %s", rollout.label, e)
             return None
         running = tasks_running(tasks, rollout.image)
-        if running > rollout.running_seen:  # progress: the deadline starts again
-            rollout.running_seen, rollout.progress_at = running, now
+        if running - rollout.running_seen:  # progress: the deadline starts again
+            rollout.running_seen, rollout.progress_at = rollout.running_seen | running, now
+            return None
+        if not may_be_stuck(tasks, rollout.image):
             return None
         return stuck_reason(tasks, rollout.image, rollout.progress_deadline)
 
@@ -4876,11 +4925,16 @@ class RolloutChecks:
         else:
             try:
                 states = checker.alarm_states(checks.alarms) if checks.alarms else {}
-            except AwsError as e:  # CloudWatch unreachable is no verdict on the build: looked at again
-                log.error("Cannot look at the alarms of %s: %s", rollout.label, e)
-                return
-            answer = checker.answer(checks.url) if checks.url else None
-            look = look_at(checks, states, answer, rollout.look.passes if rollout.look else 0)
+            except AwsError as e:
+                # CloudWatch unreachable is no verdict on the build: looked at again, but not for ever (--wait
+                # would never end, waves and promotion would wait for ever); a permission missing never heals.
+                if not isinstance(e, AccessDenied) and now < rollout.soak_over_at + CHECKS_UNANSWERED:
+                    log.error("Cannot look at the alarms of %s: %s", rollout.label, e)
+                    return
+                look = Look(f"its alarms cannot be looked at: {e}", "", 0)
+            else:
+                answer = checker.answer(checks.url) if checks.url else None
+                look = look_at(checks, states, answer, rollout.look.passes if rollout.look else 0)
         said_before, rollout.look = rollout.look and rollout.look.said, look
         if look.failed or checks_done(checks, look, now >= rollout.soak_over_at):
             try:
@@ -4893,23 +4947,44 @@ class RolloutChecks:
             self.pending.remove(rollout)
             if service is None:
                 self.ended(rollout, "removed", None, now)
+            elif failed_digest(service) == rollout.digest:  # another manager's deployer checked it too, and
+                self.failed_elsewhere(rollout, service["Spec"]["Labels"][FAILED_LABEL])  # failed it first
             elif not posted(service.get("Spec"), rollout.image, rollout.force_update):
                 self.ended(rollout, "superseded", service, now)
             elif look.failed:
-                self.ended(rollout, "check_failed", service, now, f"{look.failed} ({look.said})")
+                message = f"{look.failed} ({look.said})"
+                # The record first, posted at the version read (Swarm refuses it if another manager's deployer,
+                # checking too, posted its own since): whoever records it notifies and rolls back, once.
+                theirs = self.record_on_running(rollout, service, "check_failed", message)
+                if theirs is None:
+                    self.ended(rollout, "check_failed", service, now, message)
+                else:
+                    self.failed_elsewhere(rollout, theirs)
             else:
                 self.proved.add((rollout.service_id, rollout.digest))
                 self.ended(rollout, "completed", service, now, f"checks passed: {look.said}")
         elif look.said != said_before:
             log.info("Rollout of %s to %s: checking: %s", rollout.label, rollout.image, look.said)
 
+    def failed_elsewhere(self, rollout: Rollout, record: str) -> None:
+        """A rollout whose failure record another deployer wrote while this one checked it too (every manager's
+        deployer takes up the checks within their window): counted as failed, but not notified, recorded or
+        rolled back twice."""
+        log.error("Rollout of %s to %s failed its checks (judged by another deployer: %s=%s)", rollout.label,
+                  rollout.image, FAILED_LABEL, record)
+        self.outcomes.append("check_failed")
+        self.counts["check_failed"] += 1
+
     def adopt(self, service: dict, key: tuple, digest: str) -> None:
         """A reconcile pass found the service running its tag's digest: if that rollout completed, is not
         failed and is still within its checks' window (checks_window, by Swarm's clock: a restart or another
-        manager loses nothing), follow its checks, from zero passes. What our update replaced is unknown here:
-        a rollback restores Swarm's PreviousSpec, if that names another image."""
+        manager loses nothing), follow its checks, from zero passes. Never a job's (follow() follows none):
+        every update of a job, a failure record's label-only one too, runs it again (swarmkit controlapi
+        UpdateService bumps JobIteration). What our update replaced is unknown here:
+        a rollback restores Swarm's PreviousSpec if that names another image, else the image Swarm's task
+        history ran before (image_before)."""
         labels = service["Spec"].get("Labels") or {}
-        if not self.enabled or not (labels.get(ALARMS_LABEL) or labels.get(CHECK_LABEL)) \
+        if not self.enabled or not (labels.get(ALARMS_LABEL) or labels.get(CHECK_LABEL)) or is_job(service["Spec"]) \
                 or service["ID"] in self.following() or failed_digest(service) == digest \
                 or (service["ID"], digest) in self.proved:
             return
@@ -4921,7 +4996,8 @@ class RolloutChecks:
         if checks is None:
             return
         try:
-            ran = rollout_of(service, self.docker.tasks(service["ID"]), digest, self.docker.date)
+            tasks = self.docker.tasks(service["ID"])
+            ran = rollout_of(service, tasks, digest, self.docker.date)
         except DockerError as e:  # (the next pass looks again)
             log.error("Cannot read the tasks of service %s: %s", service_label(service), e)
             return
@@ -4930,7 +5006,11 @@ class RolloutChecks:
             return
         now, task = time.monotonic(), service["Spec"]["TaskTemplate"]
         previous = service.get("PreviousSpec") or {}
-        replaced = previous if running_image({"Spec": previous}) and not runs_digest({"Spec": previous}, digest) else {}
+        if not running_image({"Spec": previous}) or runs_digest({"Spec": previous}, digest):
+            # (any update since, the auth keeper's re-post at start included, made PreviousSpec this spec)
+            before = image_before(tasks, digest)
+            previous = {"TaskTemplate": {"ContainerSpec": {"Image": before}}} if before else {}
+        replaced = previous
         log.info("Service %s runs %s, its soak began %s ago: checking %s", service_label(service),
                  task["ContainerSpec"]["Image"], duration_text(ran_for), checks.named)
         self.pending.append(Rollout(service["ID"], service["Spec"].get("Name", "?"), task["ContainerSpec"]["Image"],
@@ -4947,21 +5027,24 @@ class RolloutChecks:
             return None
         return f"its checks run: {rollout.checks.named if rollout.checks else rollout.checks_error}"  # (steady text)
 
-    def record_on_running(self, rollout: Rollout, service: dict, outcome: str, message: str) -> None:
-        """The failure record on a service that still runs the failed digest (no rollback): a label-only
-        update, which replaces no task, while the spec is still ours."""
+    def record_on_running(self, rollout: Rollout, service: dict, outcome: str, message: str) -> str | None:
+        """The failure record on a service that still runs the failed digest: a label-only update, which
+        replaces no task, while the spec is still ours. The record of the digest found there already, if any."""
         if self.deployer.dry_run:
-            return
-        record = failure_record(rollout.digest, outcome, self.node_name(), time.time(), message)
+            return None
+        record, found = failure_record(rollout.digest, outcome, self.node_name(), time.time(), message), []
 
         def plan(fresh: dict) -> tuple[dict, ImageRef] | None:
-            if failed_digest(fresh) == rollout.digest or not posted(fresh.get("Spec"), rollout.image,
-                                                                    rollout.force_update):
+            if failed_digest(fresh) == rollout.digest:
+                found.append(fresh["Spec"]["Labels"][FAILED_LABEL])
+                return None
+            if not posted(fresh.get("Spec"), rollout.image, rollout.force_update):
                 return None
             return with_label(fresh["Spec"], FAILED_LABEL, record), running_image(fresh)
 
         self.deployer.actor.post_update(service, rollout.push.account, rollout.push.region, plan, lambda *_: log.info(
             "Recorded on service %s: %s=%s", rollout.label, FAILED_LABEL, record), with_auth=False)
+        return found[-1] if found else None
 
 
 # --------------------------------------------------------------------------- rollouts
@@ -4982,7 +5065,7 @@ class Rollout:
     checks_error: str | None = None  # its check labels cannot be read: it cannot be proved good
     progress_deadline: float = 0.0  # s without a task of the image reaching running: stuck (0: never)
     progress_at: float = 0.0  # time.monotonic() of the last progress seen (or the start)
-    running_seen: int = 0  # tasks of the image running at the last progress seen
+    running_seen: set = field(default_factory=set)  # IDs of the tasks of the image seen running
     checking: bool = False  # Swarm completed it; its checks run (in memory: a restart starts them afresh)
     soak_over_at: float = 0.0  # time.monotonic() when its soak ends (by Swarm's clock when the checks began)
     look: Look | None = None  # the last look at its checks
@@ -5117,11 +5200,16 @@ class Rollouts(RolloutChecks):
                     None if rollout.rollback else seconds_after(rollout.push.time, self.docker.date))
         if rollout.rollback or not service:
             return
-        if self.rollback_on_failure and (
+        # (a rollout taken up by a reconcile pass whose PreviousSpec names no other image: nothing to restore)
+        restorable = outcome != "check_failed" or running_image({"Spec": rollout.replaced}) is not None
+        if self.rollback_on_failure and restorable and (
                 outcome in ("timed_out", "stuck", "check_failed")  # Swarm rolls back failures, never slowness
                 or outcome == "paused" and (service["Spec"].get("UpdateConfig") or {}).get("FailureAction") != "rollback"):
             self.roll_back(rollout, outcome, message)
         elif outcome == "check_failed":  # Swarm says completed: only a record keeps waves and promotion off it
+            if self.rollback_on_failure:
+                log.warning("Service %s: no earlier spec is known to roll back to (Swarm's PreviousSpec runs this "
+                            "digest, or there is none): its failure is recorded, the service left on it", rollout.label)
             self.record_on_running(rollout, service, outcome, message)
         elif outcome == "rollback_completed":  # Swarm's FailureAction=rollback: it keeps no record of what failed
             self.deployer.actor.record_failure(service, rollout.push.account, rollout.push.region,
@@ -6438,7 +6526,8 @@ def checking_state(deployer: Deployer, service: dict, digest: str) -> tuple[str,
     digest is within its checks' window (checks_window): not done until they pass; else None. The passes in a
     row the deployer counted are in its log."""
     labels = service["Spec"].get("Labels") or {}
-    if not (labels.get(ALARMS_LABEL) or labels.get(CHECK_LABEL)) or failed_digest(service) == digest:
+    if not (labels.get(ALARMS_LABEL) or labels.get(CHECK_LABEL)) or failed_digest(service) == digest \
+            or is_job(service["Spec"]):
         return None
     try:
         checks, soak = checks_of(labels), parse_duration(labels.get(SOAK_LABEL) or "0")

@@ -25,6 +25,7 @@ import re
 import signal
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -32,10 +33,12 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import boto3
 import pytest
 import requests
+from botocore.stub import Stubber
 
 import ecr_deploy as ed
 from rig.aws import DIGEST_A, Aws, event, moto_server_command, referrer_event, scan_event
@@ -6195,6 +6198,85 @@ def test_an_http_check_follows_a_redirect_only_on_its_own_host_and_sends_no_cred
     assert {auth for _, _, auth in seen} == {None}
 
 
+def test_an_https_check_says_what_tls_said_and_never_reads_a_huge_body(monkeypatch, tmp_path):
+    """A check whose certificate the deployer cannot verify answers "TLS: certificate verify failed: ..." (not
+    "no connection", which sends the operator looking at the network), without the URL's query; with the CA in
+    REQUESTS_CA_BUNDLE it passes. A body of 10 GB that never comes is not waited for: the status is the answer."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=check",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tmp_path / "key.pem"),
+                    "-out", str(tmp_path / "cert.pem")], check=True, capture_output=True)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(10 ** 10) if self.path == "/huge" else "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+            if self.path == "/huge":
+                time.sleep(3)  # (the rest never comes)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"https://127.0.0.1:{server.server_address[1]}"
+    try:
+        monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+        assert ed.Checker().answer(base + "/health?token=T0KEN") == \
+            "TLS: certificate verify failed: self-signed certificate"
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "cert.pem"))
+        checker = ed.Checker()
+        assert checker.answer(base + "/health?token=T0KEN") == 200
+        started = time.monotonic()
+        assert checker.answer(base + "/huge") == 200 and time.monotonic() - started < 2
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_alarms_of_every_type_are_asked_for_and_read():
+    """DescribeAlarms returns only metric alarms unless AlarmTypes names the others (CloudWatch API reference,
+    DescribeAlarms): a composite or log alarm named in the label must not read as "does not exist". botocore's
+    Stubber checks the request against CloudWatch's model, and answers as that model says AWS does (moto
+    ignores AlarmTypes and has no log alarms)."""
+    client = boto3.client("cloudwatch", region_name="us-east-1", aws_access_key_id="a", aws_secret_access_key="b")
+    checker = ed.Checker()
+    checker._cloudwatch = client
+    with Stubber(client) as stub:
+        stub.add_response("describe_alarms", {
+            "MetricAlarms": [{"AlarmName": "web-5xx", "StateValue": "OK"}],
+            "CompositeAlarms": [{"AlarmName": "web-any", "StateValue": "INSUFFICIENT_DATA"}],
+            "LogAlarms": [{"AlarmName": "web-errors-logged", "StateValue": "ALARM"}]},
+            {"AlarmNames": ["web-5xx", "web-any", "web-errors-logged"],
+             "AlarmTypes": ["MetricAlarm", "CompositeAlarm", "LogAlarm"], "MaxRecords": 100})
+        assert checker.alarm_states(("web-5xx", "web-any", "web-errors-logged")) == {
+            "web-5xx": "OK", "web-any": "INSUFFICIENT_DATA", "web-errors-logged": "ALARM"}
+
+
+def test_a_jobs_checks_are_never_taken_up():
+    """A job with checks labels, its run of the tag's digest just completed: a reconcile pass takes up no checks
+    of it. A failed check would post a failure record or a rollback, and every update of a job runs it again
+    (swarmkit controlapi UpdateService bumps JobStatus.JobIteration)."""
+    image, now = f"{HOST}/team/batch:latest@{DIGEST_B}", datetime.datetime.now(datetime.timezone.utc)
+    job = {"ID": "job1", "Spec": {"Name": "batch", "Labels": {ed.ALARMS_LABEL: "batch-errors", ed.SOAK_LABEL: "1h"},
+                                  "Mode": {"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}},
+                                  "TaskTemplate": {"ContainerSpec": {"Image": image}}},
+           "JobStatus": {"JobIteration": {"Index": 3}}}
+    task = {"ID": "t1", "DesiredState": "complete", "JobIteration": {"Index": 3},
+            "Spec": {"ContainerSpec": {"Image": image}},
+            "Status": {"State": "complete", "Timestamp": (now - datetime.timedelta(seconds=5)).isoformat()}}
+    docker = SimpleNamespace(tasks=lambda service_id: [task], date=now)
+    rollouts = ed.Rollouts(SimpleNamespace(docker=docker), True, None, True, ())
+    assert ed.rollout_of(job, [task], DIGEST_B, now).pending is None  # (its run completed: within the window)
+    rollouts.adopt(job, ("123456789012", "us-east-1", "team/batch", "latest"), DIGEST_B)
+    assert rollouts.pending == []
+
+
 def test_a_stuck_rollout_says_what_swarm_says_of_its_tasks():
     new = f"{HOST}/team/web:latest@{DIGEST_B}"
 
@@ -6205,7 +6287,7 @@ def test_a_stuck_rollout_says_what_swarm_says_of_its_tasks():
              task("pending", err="no suitable node (scheduling constraints not satisfied on 1 node)"),
              task("running", image=f"{HOST}/team/web:latest@{DIGEST_A}"),
              task("rejected", desired="shutdown", err="No such image: team/web@sha256:bbb")]
-    assert ed.tasks_running(tasks, new) == 0
+    assert ed.tasks_running(tasks, new) == set() and ed.may_be_stuck(tasks, new)
     assert ed.stuck_reason(tasks, new, 300) == (
         "no task of the new digest reached running within 5m (ecr-deploy.progress-deadline): 2 task(s) pending: "
         "no suitable node (scheduling constraints not satisfied on 1 node); 1 task(s) rejected: No such image: "
@@ -6936,6 +7018,94 @@ def test_a_rollout_no_node_can_take_fails_at_its_progress_deadline_with_swarms_r
     assert "no suitable node" in service["Spec"]["Labels"][ed.FAILED_LABEL]
     stuck = next(d for d in webhook.received if d["outcome"] == "stuck")
     assert "no suitable node" in stuck["message"] and stuck["image"] == new
+
+
+def test_a_failed_check_with_no_spec_to_restore_is_recorded_and_swarms_monitor_period_is_no_stuck_rollout(
+        aws, images, clean_swarm):
+    """Two services, one deployer with --rollback-on-failure. "made-here" was created at its tag's digest (no
+    PreviousSpec): a reconcile pass takes up its checks, and CloudWatch refuses DescribeAlarms (a permission
+    missing never heals: a failure, not checks that run for ever); with nothing to restore, the failure is
+    recorded on the service (else a later pass would promote it, or a wave follow it). "watched" has
+    UpdateConfig.Monitor 10 s and a progress deadline of 3 s: its new task runs within the deadline, then
+    Swarm's updater watches it for the monitor period (swarmkit update/updater.go Run) with no further task to
+    start: that is no stuck rollout, and it completes."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    made_repo, watched_repo = images.new_repository(), images.new_repository()
+    made_v1, watched_v1 = images.push(made_repo, "latest", "v1"), images.push(watched_repo, "latest", "v1")
+    made_image = f"{registry.host}/{made_repo}:latest@{made_v1}"
+    made = swarm.create_service("made-here", made_image, registry=registry, update_config=FAST_MONITOR,
+                                labels={ed.ALARMS_LABEL: "made-5xx", ed.SOAK_LABEL: "60s"})
+    watched = swarm.create_service("watched", f"{registry.host}/{watched_repo}:latest@{watched_v1}",
+                                   registry=registry, update_config={"Monitor": 10_000_000_000},
+                                   labels={ed.PROGRESS_DEADLINE_LABEL: "3s"})
+    swarm.wait_running(made, made_image)
+    watched_v2 = images.push(watched_repo, "latest", "v2")
+    new = f"{registry.host}/{watched_repo}:latest@{watched_v2}"
+    queue, cloudwatch = aws.new_queue(), FaultProxy(aws.url)  # (botocore speaks CloudWatch's JSON 1.0 protocol)
+    cloudwatch.rule = lambda key: (400, {"__type": "AccessDeniedException", "message": "User: arn:aws:sts::"
+                                         "123456789012:assumed-role/deployer/i-0 is not authorized to perform: "
+                                         "cloudwatch:DescribeAlarms"}) if "DescribeAlarms" in key else None
+    aws.send(queue, event(repository=watched_repo, digest=watched_v2))
+    running = Running(deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1",
+                                   AWS_ENDPOINT_URL_CLOUDWATCH=cloudwatch.url),
+                      "--queue", queue, "--reconcile-every", "2s")
+    try:
+        running.wait_line(f"Recorded on service made-here ({made[:12]})", timeout=40)
+        running.wait_line(f"Rollout of watched ({watched[:12]}) to {new} ", timeout=40)
+    finally:
+        assert running.stop() == 0
+        cloudwatch.close()
+    service = swarm.service(made)
+    assert service["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == made_image  # nothing to restore
+    record = service["Spec"]["Labels"][ed.FAILED_LABEL]
+    assert record.startswith(f"{made_v1} failed its checks at ") and "cloudwatch:DescribeAlarms" in record, record
+    assert running.log.count(f"{made_image} failed its checks after") == 1  # once: not taken up again
+    assert any("DescribeAlarms" in key for key in cloudwatch.seen)
+    assert f"Rollout of watched ({watched[:12]}) to {new} completed after" in running.log, running.log
+    assert service_image_of(swarm, watched)[0] == new and "stuck" not in running.log
+
+
+def test_two_deployers_checking_one_rollout_fail_it_once(aws, images, clean_swarm, webhook):
+    """Every manager's deployer takes up the checks of a rollout within their window (here: an operator's
+    `docker service update --image` to the tag's digest, then a re-post, as the auth keeper's at start, which
+    makes Swarm's PreviousSpec the current spec). The alarm goes to ALARM: the deployer that sees it first
+    records, notifies and rolls back to the build before (from Swarm's task history); the other finds the
+    record at its next look or when Swarm refuses its own, and neither notifies again nor calls the rollback
+    "superseded" (a success)."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    cloudwatch = aws.client("cloudwatch", registry.region)
+    alarm = f"chk-two-{uuid.uuid4().hex[:6]}"
+    cloudwatch.put_metric_alarm(AlarmName=alarm, MetricName="5xx", Namespace="chk", Statistic="Sum", Period=60,
+                                EvaluationPeriods=1, Threshold=1, ComparisonOperator="GreaterThanThreshold")
+    cloudwatch.set_alarm_state(AlarmName=alarm, StateValue="OK", StateReason="fine")
+    repo = images.new_repository()
+    v1, v2 = images.push(repo, "latest", "v1"), images.push(repo, "latest", "v2")
+    old, new = f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{v2}"
+    sid = swarm.create_service("two-checks", old, registry=registry, update_config=FAST_MONITOR,
+                               labels={ed.ALARMS_LABEL: alarm, ed.SOAK_LABEL: "60s"})
+    swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=new), registry=registry)
+    swarm.wait_running(sid, new)
+    swarm.scale(sid, 1)  # (as the auth keeper's re-post or any label does: PreviousSpec is now this spec)
+    assert service_image_of(swarm, sid)[0] == new and swarm.service(sid)["PreviousSpec"]["TaskTemplate"][
+        "ContainerSpec"]["Image"] == new
+    env = deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1", DEPLOYER_NOTIFY_URL=webhook.url)
+    deployers = [Running(env, "--queue", aws.new_queue(), "--reconcile-every", "2s") for _ in range(2)]
+    try:
+        for running in deployers:
+            running.wait_line(f"Service two-checks ({sid[:12]}) runs {new}, its soak began", timeout=30)
+        cloudwatch.set_alarm_state(AlarmName=alarm, StateValue="ALARM", StateReason="5xx above 1")
+        wait_for(lambda: sum("judged by another deployer" in r.log for r in deployers) == 1, 30,
+                 what=lambda: "\n".join(r.log for r in deployers))
+        wait_for(lambda: [d["outcome"] for d in webhook.received] == ["check_failed", "rollback_completed"], 30,
+                 what=lambda: f"{webhook.received}\n" + "\n".join(r.log for r in deployers))
+    finally:
+        for running in deployers:
+            assert running.stop() == 0
+    assert [d["outcome"] for d in webhook.received] == ["check_failed", "rollback_completed"]
+    service = swarm.service(sid)
+    assert service["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == old
+    assert service["Spec"]["Labels"][ed.FAILED_LABEL].startswith(f"{v2} failed its checks at ")
+    assert sum(f"Rolling back service two-checks ({sid[:12]})" in r.log for r in deployers) == 1
 
 
 def test_two_managers_promoting_an_image_index_at_once_tag_it_once_as_the_same_index(aws, images, clean_swarm):
