@@ -16,18 +16,21 @@ promotion) decides when; what must survive a restart lives on the service's labe
 
 Read top-down: configuration, events (pure), images (pure: references, which tag a service
 follows), versions (pure: which tags a service may run, and the newest), specs (pure), service labels
-(pure: provenance, failure records), release policy (pure), Swarm's tasks (pure: completed, soaked),
-status (pure), rollouts (pure), checks after the rollout (pure: what proves a rollout good, what proves it
+(pure: provenance, failure records), release policy (pure), Swarm's tasks (pure: completed, soaked), a
+job before the rollout (pure: which image a service's pre-rollout job runs, how its run ended), status
+(pure), rollouts (pure), checks after the rollout (pure: what proves a rollout good, what proves it
 stuck), scan gate (pure), signature gate (pure), deciding (pure: a Hint,
 "service S should run digest D of tag T, because of this event or a reconcile pass", and decide(), the
-one answer to it: deploy, nothing, hold back, wait, block), AWS shell (SQS), ECR shell, Docker shell,
+one answer to it: deploy, nothing, hold back, wait, block), AWS shell (SQS), ECR shell, ECR shell: images
+kept (EcrKeptImages: storage classes, protection tags, lifecycle previews), Docker shell,
 the service index (loop mode's ServiceIndex, kept current from Docker's events), the gates (ScanGate;
 SignatureGate, which runs notation or cosign), the drain cycle (Deployer: messages in, hints converged,
 the messages whose hints are decided acknowledged), hints from events (EventHints), converging
 (Converger: reads the facts decide() asks for, then has them acted on; promotion), acting (Actor:
 posts, records failures, says why not, blocks, promotes), checks after the rollout (Checker: CloudWatch
 alarms, HTTP checks; RolloutChecks: a rollout's checks and progress), rollouts (Rollouts, which follows and
-rolls back), the auth keeper (AuthKeeper), the reconcile pass (Reconciler: a hint for every service behind
+rolls back), the job before the rollout (BeforeJobs: starts a service's pre-rollout job, follows it,
+blocks), the auth keeper (AuthKeeper), the reconcile pass (Reconciler: a hint for every service behind
 its tag, or behind the newest version its policy admits), receiving (Receiver: batches bounded in time, held
 invisible while worked on), reports,
 notifications, logging and systemd, status (read-only), main.
@@ -40,6 +43,7 @@ import copy
 import decimal
 import email.utils
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -49,6 +53,7 @@ import random
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -94,6 +99,8 @@ exit codes: 0 every received message handled; 1 something left on the queue for 
             will roll it), or an image it runs or rolls back to being restored; 5 some service held
             back, blocked, failed or following a tag gone from ECR, or an image it runs or rolls back
             to gone or archived (the operator must act); 1 Docker or ECR could not be asked
+  --lint-lifecycle: 0 no lifecycle rule would expire or archive an image a service runs or rolls back to;
+            5 some rule would; 1 ECR could not be asked for some repository
 
 examples:
   systemd (loop mode; see systemd/ecr-deploy.service):
@@ -113,8 +120,10 @@ documentation (README.md, and in docs/):
   rollouts.md         outcomes, rollback, auth refresh      release-policy.md   windows, min-age, waves
   scan-gate.md        --scan-threshold                      signature-gate.md   --signature, notation
   troubleshooting.md  what a log line means, and the fix   notifications.md    Slack, Teams, ntfy, e-mail
-  keeping-images.md   running and rollback images ECR must keep, --restore-archived
-  around-a-rollout.md checks after a rollout (alarms, HTTP), --progress-deadline
+  keeping-images.md   running and rollback images ECR must keep, --restore-archived, --protect-tag-prefix,
+                      --lint-lifecycle
+  around-a-rollout.md a job before the rollout (ecr-deploy.before: a migration), checks after a rollout
+                      (alarms, HTTP), --progress-deadline
 """
 
 
@@ -198,6 +207,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="each reconcile pass checks that ECR still has the digest every service runs and its "
                         "rollback target; with this, one that a lifecycle rule archived is restored to the "
                         "standard storage class (ecr:UpdateImageStorageClass; env DEPLOYER_RESTORE_ARCHIVED=1)")
+    parser.add_argument("--protect-tag-prefix", metavar="PREFIX", default=env("DEPLOYER_PROTECT_TAG_PREFIX"),
+                        help="each reconcile pass keeps the tag PREFIX.SERVICE on the digest every service runs and "
+                        "PREFIX.SERVICE.prev on its rollback target, and removes those of services gone, so that a "
+                        "lifecycle rule retaining PREFIX. keeps them; name the swarm (each swarm sharing a repository "
+                        "its own prefix; env DEPLOYER_PROTECT_TAG_PREFIX; default: off)")
+    parser.add_argument("--lint-lifecycle", action="store_true",
+                        help="ask ECR to preview each repository's lifecycle policy and say which rule would expire "
+                        "or archive an image a service runs or rolls back to; alone: exit 0 none, 5 some, 1 ECR "
+                        "could not be asked; with --status: in each row, and in its exit code")
     parser.add_argument("--window", metavar="WINDOW", default=env("DEPLOYER_WINDOW"),
                         help=f"start rollouts only inside this window, e.g. 'Mon-Fri 09:00-16:00 Europe/Berlin' "
                         f"(several clauses separated by ';'); a service's label {WINDOW_LABEL} wins, 'always' "
@@ -262,8 +280,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     args.queue = (args.queue or "").strip()
     one_shot = [flag for flag in ("refresh_auth", "reconcile", "status") if getattr(args, flag)]
+    if args.lint_lifecycle and not args.status:
+        one_shot.append("lint_lifecycle")
     if len(one_shot) > 1 or one_shot and args.once:
-        parser.error("--refresh-auth, --reconcile, --status and --once each run alone")
+        parser.error("--refresh-auth, --reconcile, --status, --lint-lifecycle (but with --status) and --once each "
+                     "run alone")
+    if args.protect_tag_prefix is not None:
+        args.protect_tag_prefix = args.protect_tag_prefix.strip() or None
+    if args.protect_tag_prefix and not PROTECT_PREFIX.fullmatch(args.protect_tag_prefix):
+        parser.error(f"--protect-tag-prefix must be 1 to 40 of A-Z a-z 0-9 _ - (not starting with -), no '.': "
+                     f"{shown(args.protect_tag_prefix)}")
     if not args.queue and not one_shot:
         parser.error("no queue given: use --queue NAME_OR_URL or set DEPLOYER_QUEUE")
     if args.json and not args.status:
@@ -304,6 +330,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# Hosts of chat services whose incoming-webhook URL is itself the credential (a token in its path).
+WEBHOOK_SECRET_HOSTS = re.compile(r"(hooks\.slack\.com|[a-z0-9-]+\.webhook\.office\.com|outlook\.office(365)?\.com"
+                                  r"|[a-z0-9.-]+\.logic\.azure\.com|(ptb\.|canary\.)?discord(app)?\.com"
+                                  r"|chat\.googleapis\.com)", re.I)
+
+
+def webhook_secret_in(url: str) -> bool:
+    """Does this http(s) webhook URL carry a credential: a user or password, a query (Teams workflows'
+    sig=, Google Chat's key= and token=), or a chat service's webhook path (Slack, Teams, Discord)?"""
+    parts = urllib.parse.urlsplit(url)
+    return bool(parts.username or parts.password or parts.query
+                or WEBHOOK_SECRET_HOSTS.fullmatch(parts.hostname or ""))
+
+
 def notify_targets(urls: list[str], from_env: list[str], path: str | None) -> list[TargetConfig]:
     """The Apprise targets: DEPLOYER_NOTIFY_URL's (named url1, url2, ...; every event), then the file's.
     http(s) URLs stay the JSON webhook. Errors never quote a URL (it may carry credentials)."""
@@ -313,6 +353,9 @@ def notify_targets(urls: list[str], from_env: list[str], path: str | None) -> li
         if not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme) or "://" not in url:
             raise ValueError("--notify-url (or DEPLOYER_NOTIFY_URL) must be an http(s) or Apprise URL (SCHEME://...)")
         if scheme in ("http", "https"):
+            if url not in from_env and webhook_secret_in(url):
+                raise ValueError(f"--notify-url {scheme}://{urllib.parse.urlsplit(url).hostname}/...: this webhook URL "
+                                 "carries its credential, which a process listing shows: give it in DEPLOYER_NOTIFY_URL")
             continue
         if url not in from_env:
             raise ValueError(f"--notify-url {scheme}://...: an Apprise URL carries credentials, which a process "
@@ -1315,7 +1358,8 @@ def exclusion_filters_text(filters: list[dict]) -> str:
     return " ".join(f"filterType={f.get('filterType')},filter={f.get('filter')}" for f in filters)
 
 
-def immutable_tag_fix(account: str, region: str, repository: str, tag: str, described: dict | None = None) -> str:
+def immutable_tag_fix(account: str, region: str, repository: str, tag: str, described: dict | None = None,
+                      what: str = "the promote tag") -> str:
     """What lets the promote tag move, every other tag staying as the repository has it (`described`: its
     DescribeRepositories entry, None if unknown): under MUTABLE_WITH_EXCLUSION, the filters that match the
     tag dropped; else IMMUTABLE_WITH_EXCLUSION with the tag excluded besides the filters it has (a command
@@ -1333,7 +1377,7 @@ def immutable_tag_fix(account: str, region: str, repository: str, tag: str, desc
                 f"is: `{command} --image-tag-mutability {setting}`")
     kept = filters if mutability == "IMMUTABLE_WITH_EXCLUSION" else []
     return (f"ECR refuses to move :{tag} in {repository}, whose tags are immutable (ImageTagAlreadyExistsException); "
-            f"exclude the promote tag and keep every other tag immutable: `{command} --image-tag-mutability "
+            f"exclude {what} and keep every other tag immutable: `{command} --image-tag-mutability "
             f"IMMUTABLE_WITH_EXCLUSION --image-tag-mutability-exclusion-filters "
             f"{exclusion_filters_text([*kept, {'filterType': 'WILDCARD', 'filter': tag}])}`"
             + ("" if described else " (add any filters the repository has already; at most 5)"))
@@ -1468,6 +1512,120 @@ def rollout_of(service: dict, tasks: list[dict], digest: str, swarm_now: datetim
     return Ran(None, since)
 
 
+# --------------------------------------------------------------------------- a job before the rollout (pure)
+
+# A service labelled BEFORE_LABEL=JOB rolls to a new digest only once the Swarm job JOB (a replicated-job:
+# the database migration, say) has run on it and completed. What a run is for lives on the job itself (its
+# image pinned to the digest, BEFORE_RUN_LABEL) and in its tasks, never in a deployer's memory: a deployer
+# restarted, or another manager, follows a run under way and never starts one that ran.
+BEFORE_LABEL = "ecr-deploy.before"  # on a service: the Swarm job run on each new digest before it rolls
+BEFORE_IMAGE_LABEL = "ecr-deploy.before-image"  # "service" (on the job or the service): run the service's image
+BEFORE_TIMEOUT_LABEL = "ecr-deploy.before-timeout"  # how long the job may run before the rollout is blocked
+BEFORE_RUN_LABEL = "ecr-deploy.before-run"  # on the job: the digest of the run the deployer started last
+BEFORE_FOR_LABEL = "ecr-deploy.before-for"  # on the job: which service's rollout started that run
+DEFAULT_BEFORE_TIMEOUT = 600.0  # s: a migration that runs longer than 10 min wants its own label
+SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # Swarm's (and compose's) service names
+JOB_GATE = "pre-rollout job"
+
+
+def before_job(service: dict) -> str | None:
+    """The name of the job a service runs before it rolls (BEFORE_LABEL), or None. ValueError: not a name."""
+    value = str(((service.get("Spec") or {}).get("Labels") or {}).get(BEFORE_LABEL, "")).strip()
+    if value and not SERVICE_NAME.fullmatch(value):
+        raise ValueError(f"{BEFORE_LABEL}={value!r} is not a Swarm service name")
+    return value or None
+
+
+def before_timeout(service: dict) -> float:
+    """How long the job may run (BEFORE_TIMEOUT_LABEL, else 10 min). ValueError: not a duration."""
+    value = ((service.get("Spec") or {}).get("Labels") or {}).get(BEFORE_TIMEOUT_LABEL)
+    return parse_duration(value) if value else DEFAULT_BEFORE_TIMEOUT
+
+
+def job_image(job: dict, service: dict, service_image: str, tag: str, digest: str) -> str:
+    """The image the job runs for the service's new digest: the service's new image where the operator
+    says so (BEFORE_IMAGE_LABEL=service, on either), its own repository moved to the digest where it is
+    the service's, else its own image as it is (a job of another repository is only run again)."""
+    said = [((s.get("Spec") or {}).get("Labels") or {}).get(BEFORE_IMAGE_LABEL, "") for s in (job, service)]
+    if any(str(value).strip().lower() == "service" for value in said):
+        return service_image
+    own, new = running_image(job), parse_image_ref(service_image)
+    if own and new and (own.host, own.repository) == (new.host, new.repository):
+        return pinned_image(own, tag, digest)
+    return job["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+
+
+def job_run_spec(job: dict, image: str, digest: str, service_name: str) -> dict:
+    """The job's own spec, run again (ForceUpdate moves on: a new iteration even where the image is the
+    same) on `image`, labelled with the digest and the service the run is for."""
+    spec = updated_spec(job["Spec"], image)
+    spec["Labels"] = {**(spec.get("Labels") or {}), BEFORE_RUN_LABEL: digest, BEFORE_FOR_LABEL: service_name}
+    return spec
+
+
+class JobRun(NamedTuple):
+    """What a service's pre-rollout job says of a digest (job_run): "start" (it has not run for it), "busy"
+    (a run for another digest is under way: it is never cut short), "running", "completed", "failed" (a task
+    failed and its restart policy starts no other), "timed out", "missing" (no such service), "not a job"."""
+    state: str
+    reason: str
+    tasks: tuple = ()  # this run's tasks (a failed run's, for its errors and log)
+
+
+def job_tasks(job: dict, tasks: list[dict]) -> list[dict]:
+    """The tasks of the job's current run (JobIteration): Swarm keeps those of earlier runs too."""
+    iteration = ((job.get("JobStatus") or {}).get("JobIteration") or {}).get("Index")
+    return [t for t in tasks if iteration is None or (t.get("JobIteration") or {}).get("Index") == iteration]
+
+
+def live(task: dict) -> bool:
+    """Still wanted (desired "ready": a failed task's replacement waiting out its restart delay; desired
+    shutdown: stopped, or a failed task the restart supervisor has handled) and still to run, running, or
+    failed but not yet handled by the orchestrator (its replacement, if its policy allows one, comes)."""
+    wanted = TASK_STATES.index(task.get("DesiredState") or "new") <= TASK_STATES.index("complete")
+    return wanted and task_state(task) != "complete"
+
+
+def job_run(job: dict | None, tasks: list[dict], digest: str, swarm_now: datetime | None, timeout: float) -> JobRun:
+    """Has the job run for the digest, and how did it end? From the job's labels and its current run's tasks
+    (swarmkit's replicated job: TotalCompletions tasks must complete, MaxConcurrent at a time; a failed task
+    is replaced per its RestartPolicy, in the same transaction that shuts it down, so a failed task with no
+    live one beside it is final). The bound runs from the run's start by Swarm's clock (JobStatus.LastExecution)."""
+    if job is None:
+        return JobRun("missing", "no such service")
+    spec = job.get("Spec") or {}
+    name = spec.get("Name", "?")
+    if not is_job(spec):
+        return JobRun("not a job", f"{name} is not a Swarm job (deploy: mode: replicated-job)")
+    current = job_tasks(job, tasks)
+    running = [t for t in current if live(t)]
+    if (spec.get("Labels") or {}).get(BEFORE_RUN_LABEL) != digest:
+        if running:
+            return JobRun("busy", f"{name} still runs for another digest ({len(running)} task(s))")
+        return JobRun("start", f"{name} has not run for this digest")
+    done = [t for t in current if task_state(t) == "complete"]
+    failed = sorted((t for t in current if task_state(t) in ("failed", "rejected") and not live(t)),
+                    key=lambda t: (t.get("Status") or {}).get("Timestamp", ""))
+    mode = spec["Mode"].get("ReplicatedJob")
+    if mode is not None:  # failed tasks its restart policy replaced do not count once the run completed
+        wanted = mode.get("TotalCompletions") or mode.get("MaxConcurrent") or 1
+        if len(done) >= wanted:
+            return JobRun("completed", f"{name} completed ({len(done)} task(s))", tuple(current))
+    else:  # a global job: one task per node; a node whose tasks only failed fails it
+        wanted = len({t.get("NodeID") for t in done + failed + running})
+        failed = [t for t in failed if t.get("NodeID") not in {d.get("NodeID") for d in done}]
+        if done and not running and not failed:
+            return JobRun("completed", f"{name} completed ({len(done)} task(s))", tuple(current))
+    if failed and not running:
+        error = ((failed[-1].get("Status") or {}).get("Err") or task_state(failed[-1])).strip()
+        return JobRun("failed", f"{name} failed: {error}", tuple(current))
+    started = parse_swarm_time((job.get("JobStatus") or {}).get("LastExecution")) or parse_swarm_time(job.get("UpdatedAt"))
+    if started and swarm_now and (swarm_now - started).total_seconds() > timeout:
+        return JobRun("timed out", f"{name} did not complete within {duration_text(timeout)} "
+                                   f"({len(done)} of {wanted} task(s) completed)", tuple(current))
+    return JobRun("running", f"{name} runs ({len(done)} of {wanted} task(s) completed)")
+
+
 # --------------------------------------------------------------------------- status (pure)
 
 # --status: each state, and what it tells cron or monitoring (the exit code is the worst row's).
@@ -1580,6 +1738,103 @@ def image_problem(service_name: str, role: str, key: tuple, state: str, restorin
         return (f"Service {service_name}: {what}, {where}, is archived: a task rescheduled (node lost, scale-up, "
                 f"rollback) cannot pull it until it is restored; {fix}")
     return f"Service {service_name}: {what}, {where}, is being restored to the standard storage class"
+
+
+# Protection tags (opt-in, --protect-tag-prefix): one tag per service on the digest it runs, PREFIX.SERVICE,
+# and one on its rollback target, PREFIX.SERVICE.prev, that a lifecycle rule of the highest priority retains.
+# '.' separates: a Swarm service name has none (a DNS label), nor has a prefix, so no service's tag is another's,
+# and no prefix's tags begin with another prefix's (prod.web is never prod-eu's, prod-eu.web never prod's).
+PROTECT_PREFIX = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,39}")
+TAG_MAX_LENGTH = 128  # Docker's tag grammar, [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}, which ECR's tags follow
+ROLE_SUFFIXES = {"running": "", "rollback": ".prev"}
+NAME_HASH_LENGTH = 10
+
+
+def protection_tag(prefix: str, service_name: str, role: str) -> str:
+    """PREFIX.SERVICE (running) or PREFIX.SERVICE.prev (rollback). A name outside [A-Za-z0-9_-] or too long for
+    128 characters is mapped deterministically: its other characters turned to '-', cut short, and a short hash
+    of the whole name appended, so two names never share a tag."""
+    suffix, room = ROLE_SUFFIXES[role], TAG_MAX_LENGTH - len(prefix) - 1 - len(ROLE_SUFFIXES["rollback"])
+    name = service_name
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or len(name) > room:
+        mark = hashlib.sha256(service_name.encode()).hexdigest()[:NAME_HASH_LENGTH]
+        name = re.sub(r"[^A-Za-z0-9_-]", "-", service_name)[:room - NAME_HASH_LENGTH - 1] + "-" + mark
+    return f"{prefix}.{name}{suffix}"
+
+
+def is_protection_tag(prefix: str, tag: str) -> bool:
+    """A tag this prefix's deployer keeps: PREFIX.NAME or PREFIX.NAME.prev, and nothing else (not another
+    prefix's, not a tag someone else pushed)."""
+    return re.fullmatch(re.escape(prefix) + r"\.[A-Za-z0-9_-]+(\.prev)?", tag) is not None
+
+
+def protection_changes(prefix: str, wanted: dict[str, str], named: set[str], tags: dict[str, str],
+                       in_use: set[str] = frozenset()) -> tuple[dict[str, str], list[str]]:
+    """For one repository: the protection tags to move (tag -> digest: wanted where it points elsewhere or
+    nowhere) and to remove once they have moved (protection_removals)."""
+    moves = {tag: digest for tag, digest in wanted.items() if tags.get(tag) != digest}
+    return moves, protection_removals(prefix, {**tags, **moves}, named, in_use)
+
+
+def protection_removals(prefix: str, tags: dict[str, str], named: set[str], in_use: set[str]) -> list[str]:
+    """The tags of the prefix (of one repository's, tag -> digest) that no service names any more. `named`:
+    every protection tag of a service still there, also those left where they are (an image gone or archived
+    cannot be tagged; its tag stays on the old digest rather than go). Never the last tag of a digest in
+    `in_use` (one a service runs or rolls back to): ECR deletes an image with its last tag (BatchDeleteImage),
+    so such a tag stays until the image holds another (its own protection tag, once it could be put)."""
+    left, removals = dict(tags), []
+    for tag in sorted(tag for tag in tags if is_protection_tag(prefix, tag) and tag not in named):
+        digest = left.pop(tag)
+        if digest in in_use and digest not in left.values():
+            left[tag] = digest
+            continue
+        removals.append(tag)
+    return removals
+
+
+def protection_claims(prefix: str, services: list[dict]) -> tuple[dict[tuple, set[str]], dict[tuple, set[str]]]:
+    """Per (account, region, repository): the protection tags these services name, and the digests they run
+    or roll back to."""
+    named: dict[tuple, set[str]] = defaultdict(set)
+    in_use: dict[tuple, set[str]] = defaultdict(set)
+    for service in services:
+        for role, key in kept_images(service).items():
+            named[key[:3]].add(protection_tag(prefix, service["Spec"].get("Name", "?"), role))
+            in_use[key[:3]].add(key[3])
+    return named, in_use
+
+
+def rule_descriptions(policy_text: str) -> dict[int, str]:
+    """rulePriority -> description, of a lifecycle policy (an unreadable one: none)."""
+    try:
+        rules = json.loads(policy_text).get("rules") or []
+        return {int(r["rulePriority"]): " ".join(str(r.get("description") or "").split())[:200]  # (one log line)
+                for r in rules if isinstance(r, dict)}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return {}
+
+
+def lifecycle_findings(policy_text: str, results: list[dict], in_use: dict[str, list[tuple[str, str]]],
+                       where: str) -> list[tuple[str, str]]:
+    """(service name, line), one per in-use image (digest -> [(service name, role)]) that ECR's preview of the repository's
+    lifecycle policy says a rule would expire or archive, naming the rule's priority and description."""
+    rules, lines = rule_descriptions(policy_text), []
+    for result in results:
+        digest = result.get("imageDigest")
+        if digest not in in_use:
+            continue
+        action = str((result.get("action") or {}).get("type") or "EXPIRE").upper()
+        priority = result.get("appliedRulePriority")
+        priority = priority if isinstance(priority, int) else "?"
+        rule = f"the lifecycle rule of priority {priority}" + (f' ("{rules[priority]}")' if rules.get(priority) else "")
+        done = "archive it (a task rescheduled cannot pull it until it is restored)" if action == "TRANSITION" \
+            else "expire it (a task rescheduled cannot pull it: manifest unknown)"
+        for name, role in in_use[digest]:
+            what = "the digest it runs" if role == "running" else "its rollback target"
+            lines.append((name, f"Service {name}: {what}, {where}@{short_digest(digest)}: {rule} would {done}; "
+                                f"retain it (--protect-tag-prefix and a rule of the highest priority for the prefix: "
+                                f"see docs/keeping-images.md) or change the rule"))
+    return lines
 
 
 # --------------------------------------------------------------------------- rollouts (pure)
@@ -1773,8 +2028,11 @@ CHECK_EVERY = 5.0  # s between two looks at a service's checks
 CHECK_TIMEOUT = (3.05, 5.0)  # s: connect, read; a check that hangs is a failed check, never a hung deployer
 CHECK_REDIRECTS = 3  # followed on the same scheme, host and port only
 DESCRIBE_ALARMS_MAX = 100  # AlarmNames per DescribeAlarms call (CloudWatch API reference)
+# DescribeAlarms returns only metric alarms unless AlarmTypes asks for the others (its answer: "<type>s")
+ALARM_TYPES = ("MetricAlarm", "CompositeAlarm", "LogAlarm")
 ALARM_NAME = re.compile(r"[^\x00-\x1f,]{1,255}")  # CloudWatch: 1-255 characters; a comma separates them here
 DEFAULT_PROGRESS_DEADLINE = 300.0  # s
+CHECKS_UNANSWERED = 120.0  # s past a rollout's soak that CloudWatch may fail to answer before the checks fail
 
 
 class Checks(NamedTuple):
@@ -1814,6 +2072,23 @@ def shown_url(url: str) -> str:
     """A check's URL as logged: scheme, host, port and path; its query (which may carry a token) left out."""
     parts = urllib.parse.urlsplit(url)
     return urllib.parse.urlunsplit(parts._replace(query="", fragment="")) + ("?…" if parts.query else "")
+
+
+def tls_failure(error: BaseException) -> str:
+    """What TLS said of a failed HTTPS check (requests' SSLError wraps urllib3's, which wraps the ssl module's),
+    e.g. "TLS: certificate verify failed: self-signed certificate": never requests' own text, which names the URL
+    with its query."""
+    for _ in range(6):
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return f"TLS: certificate verify failed: {error.verify_message}"
+        if isinstance(error, ssl.SSLError):
+            return f"TLS: {error.reason or type(error).__name__}"
+        inner = getattr(error, "reason", None)
+        error = inner if isinstance(inner, BaseException) else next(
+            (a for a in getattr(error, "args", ()) if isinstance(a, BaseException)), None)
+        if error is None:
+            break
+    return "TLS: handshake failed"
 
 
 def checks_of(labels: dict) -> Checks | None:
@@ -1876,15 +2151,40 @@ def checks_window(checks: Checks, soak: float) -> float:
     return max(soak, (checks.passes if checks.url else 1) * CHECK_EVERY)
 
 
+def image_before(tasks: list[dict], digest: str) -> str | None:
+    """The image the service ran before the digest, from Swarm's task history (kept per slot, 5 tasks by
+    default: TaskHistoryRetentionLimit), which no later update of the spec rewrites: the newest task of
+    another image."""
+    others = [t for t in tasks if not task_runs(t, digest) and task_state(t) != "orphaned"
+              and (t.get("Spec") or {}).get("ContainerSpec", {}).get("Image")]
+    newest = max(others, key=lambda t: task_time(t) or datetime.min.replace(tzinfo=timezone.utc), default=None)
+    return newest["Spec"]["ContainerSpec"]["Image"] if newest else None
+
+
 def progress_deadline(labels: dict, default: float) -> float:
     """The service's progress deadline in s (0: none). ValueError for a label that cannot be read."""
     text = labels.get(PROGRESS_DEADLINE_LABEL)
     return parse_duration(text) if text is not None and str(text).strip() else default
 
 
-def tasks_running(tasks: list[dict], image: str) -> int:
-    return sum(1 for t in tasks if (t.get("Spec") or {}).get("ContainerSpec", {}).get("Image") == image
-               and task_state(t) == "running")
+def tasks_running(tasks: list[dict], image: str) -> set[str]:
+    """The IDs of the tasks of `image` that run: a task not seen running before is progress (a count is not:
+    a `docker service scale` down mid-rollout lowers it, and a later start would not count)."""
+    return {t.get("ID", "?") for t in tasks if (t.get("Spec") or {}).get("ContainerSpec", {}).get("Image") == image
+            and task_state(t) == "running"}
+
+
+def tasks_waiting(tasks: list[dict], image: str) -> list[dict]:
+    """The tasks of `image` Swarm wants running (or ready: a restart's delay) that do not run."""
+    return [t for t in tasks if (t.get("Spec") or {}).get("ContainerSpec", {}).get("Image") == image
+            and t.get("DesiredState") in TASK_STATES[:TASK_STATES.index("running") + 1] and task_state(t) != "running"]
+
+
+def may_be_stuck(tasks: list[dict], image: str) -> bool:
+    """Can a rollout that made no progress be stuck: a task of `image` waits to run, or none runs? Not when
+    every task of it Swarm wants runs: Swarm then waits by design (its updater watches the last batch for
+    UpdateConfig.Monitor, or Delay + 1 s, before it says completed: swarmkit update/updater.go Run)."""
+    return bool(tasks_waiting(tasks, image)) or not tasks_running(tasks, image)
 
 
 def stuck_reason(tasks: list[dict], image: str, deadline: float) -> str:
@@ -1892,8 +2192,7 @@ def stuck_reason(tasks: list[dict], image: str, deadline: float) -> str:
     not run (each distinct error once, with how many tasks), e.g. "no suitable node (scheduling constraints
     not satisfied on 3 nodes)", or the error of a task that was rejected (an image that cannot be pulled)."""
     ours = [t for t in tasks if (t.get("Spec") or {}).get("ContainerSpec", {}).get("Image") == image]
-    waiting = [t for t in ours if t.get("DesiredState") in TASK_STATES[:TASK_STATES.index("running") + 1]
-               and task_state(t) != "running"]
+    waiting = tasks_waiting(ours, image)
     rejected = sorted((t for t in ours if task_state(t) in ("rejected", "failed")),
                       key=lambda t: (t.get("Status") or {}).get("Timestamp", ""), reverse=True)[:1]
     said: dict[str, int] = {}
@@ -2515,6 +2814,7 @@ class Facts(NamedTuple):
     failure: str | None = None  # why the digest must not roll here (its failure record, Swarm's rollback)
     release: Release | None = None  # the release policy's answer; None: not read yet
     verdicts: tuple[GateSaid, ...] = ()  # the gates asked so far, in their order
+    before: JobRun | None = None  # what its pre-rollout job (BEFORE_LABEL) says of the digest; None: not read
 
 
 GATE_ACTIONS = {"wait": "wait for gate", "gone": "gone", "blocked": "block"}  # a gate's verdict -> what is done
@@ -2524,8 +2824,9 @@ class Decision(NamedTuple):
     """What to do about a hint. action: "deploy"; "nothing" (reason: why, as logged); "refused" (its version
     policy cannot be read: reason says why, once); "hold back" (its
     rollout failed here; record: write the failure record Swarm's own rollback left unwritten); "not
-    released" (the release policy's wait or hold); "wait for gate", "gone", "block" (a gate's verdict); or
-    "ask" (reason names the fact to read next: "failure", "release" or "gate")."""
+    released" (the release policy's wait or hold); "wait for gate", "gone", "block" (a gate's verdict, or
+    its pre-rollout job's: record, a failure record too); "run job", "wait for job" (its pre-rollout job);
+    or "ask" (reason names the fact to read next: "failure", "release", "gate" or "before job")."""
     action: str
     reason: str = ""
     release: Release | None = None
@@ -2535,6 +2836,9 @@ class Decision(NamedTuple):
 
 def skip_reason(service: dict, push: Push, digest: str) -> str | None:
     """Why a service needs no update to the digest (a Swarm job, or it runs it already), or None."""
+    if is_job(service["Spec"]) and not reruns_on_push(service["Spec"]) and \
+            (owner := (service["Spec"].get("Labels") or {}).get(BEFORE_FOR_LABEL)):
+        return f"is the pre-rollout job of {owner}: it runs before that service rolls, not on a push of its own"
     if is_job(service["Spec"]) and not reruns_on_push(service["Spec"]):
         return f"is a Swarm job, which an update would run again; skipped (label it {RERUN_JOB_LABEL}=true to " \
                f"re-run it on every push)"
@@ -2584,7 +2888,19 @@ def decide(hint: Hint, facts: Facts, gates: int) -> Decision:
         return Decision("ask", "gate")
     if push.trigger != "push" and not any(said.verdict for said in facts.verdicts):
         return Decision("nothing", f"has no scan or signature gate: a {push.trigger} event does not roll it")
+    if BEFORE_LABEL in (service["Spec"].get("Labels") or {}):
+        if facts.before is None:
+            return Decision("ask", "before job")
+        gate = f"{JOB_GATE} {str(service['Spec']['Labels'][BEFORE_LABEL]).strip()}"
+        if facts.before.state in JOB_ACTIONS:
+            return Decision(JOB_ACTIONS[facts.before.state], facts.before.reason, gate=gate,
+                            record=facts.before.state in ("failed", "timed out"))
     return Decision("deploy")
+
+
+# What a pre-rollout job's run (JobRun.state) has done about the hint; "completed": it rolls.
+JOB_ACTIONS = {"start": "run job", "busy": "wait for job", "running": "wait for job", "failed": "block",
+               "timed out": "block", "missing": "block", "not a job": "block", "invalid": "block"}
 
 
 # --------------------------------------------------------------------------- AWS shell
@@ -2823,6 +3139,7 @@ class Ecr:
         self.tag_listings: dict[tuple, dict[str, str]] = {}  # (account, region, repository) -> {tag: digest}
         self._listing_locks: dict[tuple, threading.Lock] = {}
         self.cycle = 0
+        self.kept = EcrKeptImages(self)  # the calls that keep the images services run
 
     def new_cycle(self, fresh_tokens: bool = False) -> None:
         """A drain cycle (or refresh pass) begins: already-expired tokens are not reused past it."""
@@ -2906,10 +3223,13 @@ class Ecr:
             tokens.add(token)
 
     def _describe_images(self, account: str, region: str, repository: str, tags: list[str]) -> dict | None:
-        """DescribeImages of these tags; None if one of them (or the repository) does not exist."""
+        """DescribeImages of these tags; None if one of them (or the repository) does not exist. Of every
+        storage class (filter imageStatus ANY): without it ECR describes ACTIVE images only, and a tag whose
+        image a lifecycle rule archived would read as a tag gone."""
         try:
             return self._client(region).describe_images(
-                registryId=account, repositoryName=repository, imageIds=[{"imageTag": tag} for tag in tags])
+                registryId=account, repositoryName=repository, filter={"imageStatus": "ANY"},
+                imageIds=[{"imageTag": tag} for tag in tags])
         except AWS_ERRORS as e:
             if error_code(e) == "RepositoryNotFoundException":
                 return {}  # no repository, no tags: not worth asking tag by tag
@@ -2917,52 +3237,6 @@ class Ecr:
                 return None
             where = f"{repository}:{tags[0]}" if len(tags) == 1 else f"{len(tags)} tags of {repository}"
             raise AccessDenied.wrap(e, f"cannot look up {where} in ECR ({account}, {region})") from None
-
-    def image_statuses(self, account: str, region: str, repository: str, digests) -> dict[str, str | None]:
-        """digest -> ECR's imageStatus (ACTIVE, ARCHIVED, ACTIVATING), None for a digest ECR no longer has:
-        one DescribeImages per 100 digests, of every storage class (filter imageStatus ANY: without it
-        ECR describes ACTIVE images only). ECR fails a whole call for one missing image; that batch is
-        then asked in halves, down to the missing ones (about 2·log2(100) calls more for one gone image).
-        Not BatchGetImage: that is a pull, and what a lifecycle rule by last pull time must not be told."""
-        digests, statuses = sorted(set(digests)), {}
-        batches = [digests[start:start + DESCRIBE_IMAGES_MAX_IDS]
-                   for start in range(0, len(digests), DESCRIBE_IMAGES_MAX_IDS)]
-        while batches:
-            batch = batches.pop()
-            reply = self._describe_digests(account, region, repository, batch)
-            if reply is None and len(batch) > 1:
-                batches += [batch[:len(batch) // 2], batch[len(batch) // 2:]]
-                continue
-            statuses.update(dict.fromkeys(batch))
-            for detail in (reply or {}).get("imageDetails", []):
-                if detail.get("imageDigest") in statuses:
-                    status = detail.get("imageStatus")
-                    statuses[detail["imageDigest"]] = status if isinstance(status, str) else "ACTIVE"
-        return statuses
-
-    def _describe_digests(self, account: str, region: str, repository: str, digests: list[str]) -> dict | None:
-        try:
-            return self._client(region).describe_images(
-                registryId=account, repositoryName=repository, filter={"imageStatus": "ANY"},
-                imageIds=[{"imageDigest": digest} for digest in digests])
-        except AWS_ERRORS as e:
-            if error_code(e) == "RepositoryNotFoundException":
-                return {}
-            if error_code(e) == "ImageNotFoundException":
-                return None
-            raise AccessDenied.wrap(e, f"cannot look up {len(digests)} image(s) of {repository} in ECR "
-                                       f"({account}, {region})") from None
-
-    def restore_image(self, account: str, region: str, repository: str, digest: str) -> str | None:
-        """UpdateImageStorageClass to STANDARD: ECR's imageStatus after the call (ACTIVATING while it restores)."""
-        try:
-            reply = self._client(region).update_image_storage_class(
-                registryId=account, repositoryName=repository, imageId={"imageDigest": digest},
-                targetStorageClass="STANDARD")
-        except AWS_ERRORS as e:
-            raise AccessDenied.wrap(e, f"cannot restore {repository}@{short_digest(digest)} in ECR "
-                                       f"({account}, {region})") from None
-        return reply.get("imageStatus")
 
     def manifest(self, account: str, region: str, repository: str, image_id: dict) -> Manifest | None:
         """The manifest ECR holds for {"imageDigest": …} or {"imageTag": …} (BatchGetImage), None if
@@ -3030,7 +3304,8 @@ class Ecr:
                 except AwsError:
                     described = None
                 raise TagImmutable(immutable_tag_fix(account, region, repository, tag, described)) from None
-            raise AwsError.wrap(e, f"cannot tag {repository}@{digest} as {tag} in ECR ({account}, {region})") from None
+            raise AccessDenied.wrap(e, f"cannot tag {repository}@{digest} as {tag} in ECR ({account}, {region})") \
+                from None
         except (ValueError, AttributeError):
             raise AwsError(f"ECR holds a manifest of {repository}@{digest} that is not JSON") from None
         return True
@@ -3072,6 +3347,131 @@ class Ecr:
             token = Token(username, password, now + max(0.0, (expires - now) / 2), self.cycle)
             self._tokens[(account, region)] = token
         return token.username, token.password
+
+
+# --------------------------------------------------------------------------- ECR shell: images kept
+
+LIFECYCLE_PREVIEW_TIMEOUT = 120.0  # s: ECR evaluates a preview in seconds, a large repository in a minute or two
+LIFECYCLE_PREVIEW_POLL = 1.0  # s
+LIFECYCLE_PREVIEW_PAGE = 100  # GetLifecyclePolicyPreview's largest page: maxResults "between 1 and 100" (not 1000)
+
+
+class EcrKeptImages:
+    """The ECR calls that keep the images services run and roll back to: their storage class
+    (DescribeImages, UpdateImageStorageClass), protection tags (PutImage as promotion does, BatchDeleteImage
+    of a tag), and the repository's lifecycle policy with ECR's preview of it."""
+
+    def __init__(self, ecr: Ecr):
+        self.ecr = ecr
+
+    def image_statuses(self, account: str, region: str, repository: str, digests) -> dict[str, str | None]:
+        """digest -> ECR's imageStatus (ACTIVE, ARCHIVED, ACTIVATING), None for a digest ECR no longer has:
+        one DescribeImages per 100 digests, of every storage class (filter imageStatus ANY: without it
+        ECR describes ACTIVE images only). ECR fails a whole call for one missing image; that batch is
+        then asked in halves, down to the missing ones (about 2·log2(100) calls more for one gone image).
+        Not BatchGetImage: that is a pull, and what a lifecycle rule by last pull time must not be told."""
+        digests, statuses = sorted(set(digests)), {}
+        batches = [digests[start:start + DESCRIBE_IMAGES_MAX_IDS]
+                   for start in range(0, len(digests), DESCRIBE_IMAGES_MAX_IDS)]
+        while batches:
+            batch = batches.pop()
+            reply = self._describe_digests(account, region, repository, batch)
+            if reply is None and len(batch) > 1:
+                batches += [batch[:len(batch) // 2], batch[len(batch) // 2:]]
+                continue
+            statuses.update(dict.fromkeys(batch))
+            for detail in (reply or {}).get("imageDetails", []):
+                if detail.get("imageDigest") in statuses:
+                    status = detail.get("imageStatus")
+                    statuses[detail["imageDigest"]] = status if isinstance(status, str) else "ACTIVE"
+        return statuses
+
+    def _describe_digests(self, account: str, region: str, repository: str, digests: list[str]) -> dict | None:
+        try:
+            return self.ecr._client(region).describe_images(
+                registryId=account, repositoryName=repository, filter={"imageStatus": "ANY"},
+                imageIds=[{"imageDigest": digest} for digest in digests])
+        except AWS_ERRORS as e:
+            if error_code(e) == "RepositoryNotFoundException":
+                return {}
+            if error_code(e) == "ImageNotFoundException":
+                return None
+            raise AccessDenied.wrap(e, f"cannot look up {len(digests)} image(s) of {repository} in ECR "
+                                       f"({account}, {region})") from None
+
+    def restore_image(self, account: str, region: str, repository: str, digest: str) -> str | None:
+        """UpdateImageStorageClass to STANDARD: ECR's imageStatus after the call (ACTIVATING while it restores)."""
+        try:
+            reply = self.ecr._client(region).update_image_storage_class(
+                registryId=account, repositoryName=repository, imageId={"imageDigest": digest},
+                targetStorageClass="STANDARD")
+        except AWS_ERRORS as e:
+            raise AccessDenied.wrap(e, f"cannot restore {repository}@{short_digest(digest)} in ECR "
+                                       f"({account}, {region})") from None
+        return reply.get("imageStatus")
+
+    def untag(self, account: str, region: str, repository: str, tag: str) -> None:
+        """BatchDeleteImage of one tag: ECR removes the tag only, and the image with it only when it was the
+        image's last tag (the Amazon ECR API Reference, BatchDeleteImage). A tag already gone is no error."""
+        try:
+            reply = self.ecr._client(region).batch_delete_image(
+                registryId=account, repositoryName=repository, imageIds=[{"imageTag": tag}])
+        except AWS_ERRORS as e:
+            if error_code(e) == "RepositoryNotFoundException":
+                return
+            raise AccessDenied.wrap(e, f"cannot remove the tag {repository}:{tag} in ECR ({account}, {region})") \
+                from None
+        failures = [f for f in reply.get("failures") or [] if f.get("failureCode") != "ImageNotFound"]
+        if failures:
+            raise AwsError(f"cannot remove the tag {repository}:{tag} in ECR ({account}, {region}): "
+                           f"{shown(failures[0].get('failureReason') or failures[0].get('failureCode'))}")
+
+    def lifecycle_policy(self, account: str, region: str, repository: str) -> str | None:
+        """GetLifecyclePolicy: the policy's text, None if the repository has none."""
+        try:
+            return self.ecr._client(region).get_lifecycle_policy(
+                registryId=account, repositoryName=repository).get("lifecyclePolicyText")
+        except AWS_ERRORS as e:
+            if error_code(e) in ("LifecyclePolicyNotFoundException", "RepositoryNotFoundException"):
+                return None
+            raise AccessDenied.wrap(e, f"cannot read the lifecycle policy of {repository} in ECR ({account}, "
+                                       f"{region})") from None
+
+    def start_lifecycle_preview(self, account: str, region: str, repository: str) -> bool:
+        """StartLifecyclePolicyPreview of the repository's policy as it stands; False while another preview of
+        the repository is in progress (ECR runs one at a time: ask again once it is done)."""
+        try:
+            self.ecr._client(region).start_lifecycle_policy_preview(registryId=account, repositoryName=repository)
+        except AWS_ERRORS as e:
+            if error_code(e) == "LifecyclePolicyPreviewInProgressException":
+                return False
+            raise AccessDenied.wrap(e, f"cannot preview the lifecycle policy of {repository} in ECR ({account}, "
+                                       f"{region})") from None
+        return True
+
+    def lifecycle_preview(self, account: str, region: str, repository: str) -> list[dict] | None:
+        """GetLifecyclePolicyPreview, paged: ECR's own evaluation of the policy, the images a rule would expire
+        or archive now, each with its action and appliedRulePriority; None while ECR is still evaluating."""
+        client, where = self.ecr._client(region), {"registryId": account, "repositoryName": repository}
+        what = f"the lifecycle policy of {repository} in ECR ({account}, {region})"
+        results, token, tokens = [], None, set()
+        while True:
+            try:
+                reply = client.get_lifecycle_policy_preview(**where, maxResults=LIFECYCLE_PREVIEW_PAGE,
+                                                            **({"nextToken": token} if token else {}))
+            except AWS_ERRORS as e:
+                raise AccessDenied.wrap(e, f"cannot preview {what}") from None
+            if reply.get("status") == "IN_PROGRESS":
+                return None
+            if reply.get("status") != "COMPLETE":
+                raise AwsError(f"ECR's preview of {what} ended {shown(reply.get('status'))}")
+            results += reply.get("previewResults") or []
+            token = reply.get("nextToken")
+            if not token:
+                return results
+            if token in tokens:  # every call is bounded, the paging must be too
+                raise AwsError(f"ECR answered the same nextToken twice previewing {what}")
+            tokens.add(token)
 
 
 # --------------------------------------------------------------------------- Docker shell
@@ -3850,6 +4250,7 @@ class Deployer:
         self.converger = Converger(self)
         self.actor = Actor(self)
         self.rollouts = Rollouts(self, follow_rollouts, rollout_timeout, rollback_on_failure, notify_urls)
+        self.before_jobs = BeforeJobs(self)
         self.checker = Checker()  # start() gives it the process's AWS session
         self.keeper = AuthKeeper(self, auth_refresh, state_directory)
         self.reconciler = Reconciler(self, reconcile_every)
@@ -4155,6 +4556,12 @@ class Converger:
                 return None
             except ValueError as e:
                 return facts._replace(release=Release("held", f"cannot apply its release policy: {e}"))
+        if fact == "before job":
+            try:
+                return facts._replace(before=self.job_of(service, digest)[1])
+            except DockerError as e:
+                log.error("Cannot read the pre-rollout job of service %s: %s", service_label(service), e)
+                return None
         gate = self.deployer.gates[len(facts.verdicts)]
         try:
             verdict = gate.verdict(service, push, digest)
@@ -4199,6 +4606,16 @@ class Converger:
         return release_policy(labels, deployer.release_defaults, time.time(), age, leaders,
                               deployer.docker.date if names else None)
 
+    def job_of(self, service: dict, digest: str) -> tuple[dict | None, JobRun]:
+        """The service's pre-rollout job (BEFORE_LABEL), and what its run for the digest says (job_run)."""
+        try:
+            name, timeout = before_job(service), before_timeout(service)
+        except ValueError as e:
+            return None, JobRun("invalid", f"cannot run it: {e}")
+        job = self.service_named(name)
+        tasks = self.deployer.docker.tasks(job["ID"]) if job else []
+        return job, job_run(job, tasks, digest, self.deployer.docker.date, timeout)
+
     def service_named(self, name: str) -> dict | None:
         try:
             return self.deployer.docker.service(name)  # Docker takes a name as well as an ID
@@ -4234,6 +4651,28 @@ class Converger:
 
 # --------------------------------------------------------------------------- acting
 
+SAID_ONCE_KEPT = 1000  # (service, image) pairs each of a long-running process's "said once" memories keeps
+
+
+class SaidOnce(dict):
+    """What a long-running process has said once per service and image, bounded: beyond `kept` entries the
+    longest unchanged goes first (so it is said again, at worst). A set's add() too, for those that need
+    no value. Services and images come and go for months; without a bound this grows with every one."""
+
+    def __init__(self, kept: int | None = None):
+        super().__init__()
+        self.kept = kept or SAID_ONCE_KEPT
+
+    def __setitem__(self, key, value) -> None:
+        self.pop(key, None)  # the newest last
+        super().__setitem__(key, value)
+        while len(self) > self.kept:
+            del self[next(iter(self))]
+
+    def add(self, key) -> None:
+        self[key] = True
+
+
 class Actor:
     """Does what was decided, and says it once: posts updates (with fresh registry auth, retried out of
     sequence), writes failure records, reports holds, waits and blocks, promotes, has rollouts followed
@@ -4241,12 +4680,12 @@ class Actor:
 
     def __init__(self, deployer: Deployer):
         self.deployer = deployer
-        self.reported_blocked: set[tuple[str, str]] = set()  # (service ID, image): one ERROR and webhook each
-        self.reported_held: set[tuple[str, str]] = set()  # (service ID, digest): one WARNING each
-        self.reported_refused: set[tuple[str, str]] = set()  # (service ID, why its version policy is unreadable)
-        self.reported_older: set[tuple[str, str]] = set()  # (service ID, the version of its spec that put one back)
-        self.reported_waits: dict[tuple[str, str], str] = {}  # (service ID, image) -> the wait last logged
-        self.recheck_after: dict[tuple[str, str], float] = {}  # (service ID, image) -> the next open wait's back-off
+        self.reported_blocked = SaidOnce()  # (service ID, image): one ERROR and webhook each
+        self.reported_held = SaidOnce()  # (service ID, digest): one WARNING each
+        self.reported_refused = SaidOnce()  # (service ID, why its version policy is unreadable): one WARNING each
+        self.reported_older = SaidOnce()  # (service ID, the version of its spec that put an older version back)
+        self.reported_waits = SaidOnce()  # (service ID, image) -> the wait last logged
+        self.recheck_after = SaidOnce()  # (service ID, image) -> the next open wait's back-off
 
     def act(self, hint: Hint, decision: Decision, result: CycleResult) -> bool | None:
         """decide()'s answer done: True done, False failed, None waits for a gate (the message is kept)."""
@@ -4267,6 +4706,10 @@ class Actor:
             return None
         elif decision.action == "gone":
             log.info("Service %s not rolled to %s: %s", service_label(service), hint.image, decision.reason)
+        elif decision.action in ("run job", "wait for job"):
+            return self.deployer.before_jobs.act(hint, decision)
+        elif decision.action == "block" and decision.gate.startswith(JOB_GATE):
+            self.deployer.before_jobs.blocked(hint, decision)
         elif decision.action == "block":
             self.blocked(service, hint.image, decision.reason, decision.gate)
         return True
@@ -4345,14 +4788,15 @@ class Actor:
         self.post_update(listed, account, region, plan, lambda service, *_: log.info(
             "Recorded on service %s: %s=%s", service_label(service), FAILED_LABEL, record), with_auth=False)
 
-    def blocked(self, service: dict, image: str, reason: str, gate: str) -> None:
-        """A final outcome, reported like a rollout's; the message is done (retrying changes nothing)."""
+    def blocked(self, service: dict, image: str, reason: str, gate: str, details=lambda: "") -> bool:
+        """A final outcome, reported like a rollout's; the message is done (retrying changes nothing).
+        `details`: what the notification adds (read only when it is reported). False: reported before."""
         if self.deployer.dry_run:
             log.info("Would block service %s from %s: %s", service_label(service), image, reason)
-            return
+            return False
         if (service["ID"], image) in self.reported_blocked:  # the push came back after its scan event, or vice versa
             log.info("Service %s stays blocked from %s (reported before)", service_label(service), image)
-            return
+            return False
         self.reported_blocked.add((service["ID"], image))
         log.error("Blocked service %s from %s by its %s: %s", service_label(service), image, gate, reason)
         self.deployer.totals["rollouts"]["blocked"] += 1
@@ -4360,7 +4804,8 @@ class Actor:
             self.deployer.rollouts.outcomes.append("blocked")
         rollouts = self.deployer.rollouts
         rollouts.notify(notification("blocked", service["Spec"].get("Name", "?"), service["ID"], image, 0.0,
-                                     rollouts.node_name(), reason, gate=gate), service["Spec"].get("Labels"))
+                                     rollouts.node_name(), reason, gate=gate), service["Spec"].get("Labels"), details())
+        return True
 
     def pin(self, listed: dict, push: Push, digest: str, result: CycleResult) -> bool:
         before = listed  # what the service ran before this cycle touched it
@@ -4497,7 +4942,7 @@ class Checker:
         self._http: requests.Session | None = None
 
     def alarm_states(self, names: tuple[str, ...]) -> dict[str, str]:
-        """Alarm name -> StateValue (OK, ALARM, INSUFFICIENT_DATA), metric and composite alarms, in the
+        """Alarm name -> StateValue (OK, ALARM, INSUFFICIENT_DATA), metric, composite and log alarms, in the
         deployer's region; a name missing from the answer: no such alarm. AwsError if CloudWatch failed."""
         if self._cloudwatch is None:
             session = self._session or aws_session()
@@ -4506,14 +4951,14 @@ class Checker:
         states: dict[str, str] = {}
         for start in range(0, len(names), DESCRIBE_ALARMS_MAX):
             asked, token = {"AlarmNames": list(names[start:start + DESCRIBE_ALARMS_MAX]),
-                            "AlarmTypes": ["MetricAlarm", "CompositeAlarm"], "MaxRecords": DESCRIBE_ALARMS_MAX}, None
+                            "AlarmTypes": list(ALARM_TYPES), "MaxRecords": DESCRIBE_ALARMS_MAX}, None
             while True:
                 try:
                     reply = self._cloudwatch.describe_alarms(**asked, **({"NextToken": token} if token else {}))
                 except AWS_ERRORS as e:
                     raise AccessDenied.wrap(e, "cannot describe CloudWatch alarms (cloudwatch:DescribeAlarms)") \
                         from None
-                for alarm in reply.get("MetricAlarms", []) + reply.get("CompositeAlarms", []):
+                for alarm in (a for kind in ALARM_TYPES for a in reply.get(f"{kind}s", [])):
                     states[alarm["AlarmName"]] = alarm["StateValue"]
                 token = reply.get("NextToken")
                 if not token:
@@ -4532,6 +4977,8 @@ class Checker:
                     status, location = reply.status_code, reply.headers.get("Location")
             except requests.Timeout:
                 return f"no answer within {CHECK_TIMEOUT[1]:.0f}s"
+            except requests.exceptions.SSLError as e:  # (a ConnectionError too, but not "no connection")
+                return tls_failure(e)
             except requests.ConnectionError:
                 return "no connection"
             except requests.RequestException as e:
@@ -4561,8 +5008,10 @@ class RolloutChecks:
             log.error("Cannot read the tasks of %s: %s", rollout.label, e)
             return None
         running = tasks_running(tasks, rollout.image)
-        if running > rollout.running_seen:  # progress: the deadline starts again
-            rollout.running_seen, rollout.progress_at = running, now
+        if running - rollout.running_seen:  # progress: the deadline starts again
+            rollout.running_seen, rollout.progress_at = rollout.running_seen | running, now
+            return None
+        if not may_be_stuck(tasks, rollout.image):
             return None
         return stuck_reason(tasks, rollout.image, rollout.progress_deadline)
 
@@ -4594,11 +5043,16 @@ class RolloutChecks:
         else:
             try:
                 states = checker.alarm_states(checks.alarms) if checks.alarms else {}
-            except AwsError as e:  # CloudWatch unreachable is no verdict on the build: looked at again
-                log.error("Cannot look at the alarms of %s: %s", rollout.label, e)
-                return
-            answer = checker.answer(checks.url) if checks.url else None
-            look = look_at(checks, states, answer, rollout.look.passes if rollout.look else 0)
+            except AwsError as e:
+                # CloudWatch unreachable is no verdict on the build: looked at again, but not for ever (--wait
+                # would never end, waves and promotion would wait for ever); a permission missing never heals.
+                if not isinstance(e, AccessDenied) and now < rollout.soak_over_at + CHECKS_UNANSWERED:
+                    log.error("Cannot look at the alarms of %s: %s", rollout.label, e)
+                    return
+                look = Look(f"its alarms cannot be looked at: {e}", "", 0)
+            else:
+                answer = checker.answer(checks.url) if checks.url else None
+                look = look_at(checks, states, answer, rollout.look.passes if rollout.look else 0)
         said_before, rollout.look = rollout.look and rollout.look.said, look
         if look.failed or checks_done(checks, look, now >= rollout.soak_over_at):
             try:
@@ -4611,23 +5065,44 @@ class RolloutChecks:
             self.pending.remove(rollout)
             if service is None:
                 self.ended(rollout, "removed", None, now)
+            elif failed_digest(service) == rollout.digest:  # another manager's deployer checked it too, and
+                self.failed_elsewhere(rollout, service["Spec"]["Labels"][FAILED_LABEL])  # failed it first
             elif not posted(service.get("Spec"), rollout.image, rollout.force_update):
                 self.ended(rollout, "superseded", service, now)
             elif look.failed:
-                self.ended(rollout, "check_failed", service, now, f"{look.failed} ({look.said})")
+                message = f"{look.failed} ({look.said})"
+                # The record first, posted at the version read (Swarm refuses it if another manager's deployer,
+                # checking too, posted its own since): whoever records it notifies and rolls back, once.
+                theirs = self.record_on_running(rollout, service, "check_failed", message)
+                if theirs is None:
+                    self.ended(rollout, "check_failed", service, now, message)
+                else:
+                    self.failed_elsewhere(rollout, theirs)
             else:
                 self.proved.add((rollout.service_id, rollout.digest))
                 self.ended(rollout, "completed", service, now, f"checks passed: {look.said}")
         elif look.said != said_before:
             log.info("Rollout of %s to %s: checking: %s", rollout.label, rollout.image, look.said)
 
+    def failed_elsewhere(self, rollout: Rollout, record: str) -> None:
+        """A rollout whose failure record another deployer wrote while this one checked it too (every manager's
+        deployer takes up the checks within their window): counted as failed, but not notified, recorded or
+        rolled back twice."""
+        log.error("Rollout of %s to %s failed its checks (judged by another deployer: %s=%s)", rollout.label,
+                  rollout.image, FAILED_LABEL, record)
+        self.outcomes.append("check_failed")
+        self.counts["check_failed"] += 1
+
     def adopt(self, service: dict, key: tuple, digest: str) -> None:
         """A reconcile pass found the service running its tag's digest: if that rollout completed, is not
         failed and is still within its checks' window (checks_window, by Swarm's clock: a restart or another
-        manager loses nothing), follow its checks, from zero passes. What our update replaced is unknown here:
-        a rollback restores Swarm's PreviousSpec, if that names another image."""
+        manager loses nothing), follow its checks, from zero passes. Never a job's (follow() follows none):
+        every update of a job, a failure record's label-only one too, runs it again (swarmkit controlapi
+        UpdateService bumps JobIteration). What our update replaced is unknown here:
+        a rollback restores Swarm's PreviousSpec if that names another image, else the image Swarm's task
+        history ran before (image_before)."""
         labels = service["Spec"].get("Labels") or {}
-        if not self.enabled or not (labels.get(ALARMS_LABEL) or labels.get(CHECK_LABEL)) \
+        if not self.enabled or not (labels.get(ALARMS_LABEL) or labels.get(CHECK_LABEL)) or is_job(service["Spec"]) \
                 or service["ID"] in self.following() or failed_digest(service) == digest \
                 or (service["ID"], digest) in self.proved:
             return
@@ -4639,7 +5114,8 @@ class RolloutChecks:
         if checks is None:
             return
         try:
-            ran = rollout_of(service, self.docker.tasks(service["ID"]), digest, self.docker.date)
+            tasks = self.docker.tasks(service["ID"])
+            ran = rollout_of(service, tasks, digest, self.docker.date)
         except DockerError as e:  # (the next pass looks again)
             log.error("Cannot read the tasks of service %s: %s", service_label(service), e)
             return
@@ -4648,7 +5124,11 @@ class RolloutChecks:
             return
         now, task = time.monotonic(), service["Spec"]["TaskTemplate"]
         previous = service.get("PreviousSpec") or {}
-        replaced = previous if running_image({"Spec": previous}) and not runs_digest({"Spec": previous}, digest) else {}
+        if not running_image({"Spec": previous}) or runs_digest({"Spec": previous}, digest):
+            # (any update since, the auth keeper's re-post at start included, made PreviousSpec this spec)
+            before = image_before(tasks, digest)
+            previous = {"TaskTemplate": {"ContainerSpec": {"Image": before}}} if before else {}
+        replaced = previous
         log.info("Service %s runs %s, its soak began %s ago: checking %s", service_label(service),
                  task["ContainerSpec"]["Image"], duration_text(ran_for), checks.named)
         self.pending.append(Rollout(service["ID"], service["Spec"].get("Name", "?"), task["ContainerSpec"]["Image"],
@@ -4665,21 +5145,24 @@ class RolloutChecks:
             return None
         return f"its checks run: {rollout.checks.named if rollout.checks else rollout.checks_error}"  # (steady text)
 
-    def record_on_running(self, rollout: Rollout, service: dict, outcome: str, message: str) -> None:
-        """The failure record on a service that still runs the failed digest (no rollback): a label-only
-        update, which replaces no task, while the spec is still ours."""
+    def record_on_running(self, rollout: Rollout, service: dict, outcome: str, message: str) -> str | None:
+        """The failure record on a service that still runs the failed digest: a label-only update, which
+        replaces no task, while the spec is still ours. The record of the digest found there already, if any."""
         if self.deployer.dry_run:
-            return
-        record = failure_record(rollout.digest, outcome, self.node_name(), time.time(), message)
+            return None
+        record, found = failure_record(rollout.digest, outcome, self.node_name(), time.time(), message), []
 
         def plan(fresh: dict) -> tuple[dict, ImageRef] | None:
-            if failed_digest(fresh) == rollout.digest or not posted(fresh.get("Spec"), rollout.image,
-                                                                    rollout.force_update):
+            if failed_digest(fresh) == rollout.digest:
+                found.append(fresh["Spec"]["Labels"][FAILED_LABEL])
+                return None
+            if not posted(fresh.get("Spec"), rollout.image, rollout.force_update):
                 return None
             return with_label(fresh["Spec"], FAILED_LABEL, record), running_image(fresh)
 
         self.deployer.actor.post_update(service, rollout.push.account, rollout.push.region, plan, lambda *_: log.info(
             "Recorded on service %s: %s=%s", rollout.label, FAILED_LABEL, record), with_auth=False)
+        return found[-1] if found else None
 
 
 # --------------------------------------------------------------------------- rollouts
@@ -4700,7 +5183,7 @@ class Rollout:
     checks_error: str | None = None  # its check labels cannot be read: it cannot be proved good
     progress_deadline: float = 0.0  # s without a task of the image reaching running: stuck (0: never)
     progress_at: float = 0.0  # time.monotonic() of the last progress seen (or the start)
-    running_seen: int = 0  # tasks of the image running at the last progress seen
+    running_seen: set = field(default_factory=set)  # IDs of the tasks of the image seen running
     checking: bool = False  # Swarm completed it; its checks run (in memory: a restart starts them afresh)
     soak_over_at: float = 0.0  # time.monotonic() when its soak ends (by Swarm's clock when the checks began)
     look: Look | None = None  # the last look at its checks
@@ -4835,11 +5318,16 @@ class Rollouts(RolloutChecks):
                     None if rollout.rollback else seconds_after(rollout.push.time, self.docker.date))
         if rollout.rollback or not service:
             return
-        if self.rollback_on_failure and (
+        # (a rollout taken up by a reconcile pass whose PreviousSpec names no other image: nothing to restore)
+        restorable = outcome != "check_failed" or running_image({"Spec": rollout.replaced}) is not None
+        if self.rollback_on_failure and restorable and (
                 outcome in ("timed_out", "stuck", "check_failed")  # Swarm rolls back failures, never slowness
                 or outcome == "paused" and (service["Spec"].get("UpdateConfig") or {}).get("FailureAction") != "rollback"):
             self.roll_back(rollout, outcome, message)
         elif outcome == "check_failed":  # Swarm says completed: only a record keeps waves and promotion off it
+            if self.rollback_on_failure:
+                log.warning("Service %s: no earlier spec is known to roll back to (Swarm's PreviousSpec runs this "
+                            "digest, or there is none): its failure is recorded, the service left on it", rollout.label)
             self.record_on_running(rollout, service, outcome, message)
         elif outcome == "rollback_completed":  # Swarm's FailureAction=rollback: it keeps no record of what failed
             self.deployer.actor.record_failure(service, rollout.push.account, rollout.push.region,
@@ -4888,7 +5376,10 @@ class Rollouts(RolloutChecks):
 
     def failure_details(self, tasks: list[dict], image: str) -> str:
         """The failed tasks' errors, exit codes and nodes, and the newest one's last log lines (failure_details)."""
-        failed = failed_tasks(tasks, image)
+        return self.tasks_details(failed_tasks(tasks, image))
+
+    def tasks_details(self, failed: list[dict]) -> str:
+        """These tasks' errors, exit codes and nodes, and the first one's last log lines (failure_details)."""
         nodes: dict[str, str] = {}
         for node_id in {t["NodeID"] for t in failed if t.get("NodeID")}:
             try:
@@ -4924,6 +5415,117 @@ class Rollouts(RolloutChecks):
             except requests.RequestException as e:
                 status = getattr(e.response, "status_code", None)
                 log.warning("Cannot notify %s: %s", where, f"HTTP {status}" if status else type(e).__name__)
+
+
+# --------------------------------------------------------------------------- the job before the rollout
+
+class BeforeJobs:
+    """Runs a service's pre-rollout job (BEFORE_LABEL) on the digest, and has the service's hint converged
+    again once the run ended: the service rolls, or is blocked with a failure record. Neither the drain nor
+    other services wait for it: the run's state lives on the job (its image, BEFORE_RUN_LABEL) and in its
+    tasks, so the message is done once the run is started, and a reconcile pass (the first comes when a
+    deployer starts) picks up any run this process does not follow: it was restarted, or another manager
+    started it. This process follows the runs it started or met (`pending`) as it follows rollouts: each turn
+    of the loop (and with --once --wait), a look at the job (two Docker calls), the hint converged when it ended."""
+
+    def __init__(self, deployer: Deployer):
+        self.deployer = deployer
+        self.pending: dict[tuple[str, str], Hint] = {}  # (service ID, digest) -> the hint waiting for its job
+        self.said: set[tuple[str, str]] = set()  # (service ID, digest): its wait logged once
+
+    def act(self, hint: Hint, decision: Decision) -> bool:
+        """decide()'s "run job" or "wait for job" done: True (the swarm holds the run), False to retry."""
+        service, push, digest = hint
+        key = (service["ID"], digest)
+        if decision.action == "run job":
+            if self.deployer.dry_run:
+                log.info("Would run its %s on %s before service %s", decision.gate, hint.image, service_label(service))
+                return True
+            if not self.start(hint, decision.gate):
+                return False
+        elif key not in self.said:
+            log.info("Service %s waits for its %s before %s: %s", service_label(service), decision.gate, hint.image,
+                     decision.reason)
+        self.said.add(key)
+        if self.deployer.rollouts.enabled:  # loop mode, --wait: followed here; else a later pass looks again
+            self.pending[key] = hint
+        return True
+
+    def start(self, hint: Hint, gate: str) -> bool:
+        """Post the job's spec with its image moved to the digest (job_image), labelled with the digest: only
+        if no manager did so meanwhile (the version read is the one posted: Swarm refuses a stale one)."""
+        service, push, digest = hint
+        try:
+            job = self.deployer.converger.service_named(before_job(service))
+        except DockerError as e:
+            log.error("Cannot read the %s of service %s: %s", gate, service_label(service), e)
+            return False
+        if job is None:
+            return True  # removed meanwhile: the next look says so
+        image = job_image(job, service, hint.image, push.tag, digest)
+        ref = parse_image_ref(image)
+        registry = ecr_registry(ref.host) if ref else None
+
+        def plan(now: dict) -> tuple[dict, ImageRef] | None:
+            if (now["Spec"].get("Labels") or {}).get(BEFORE_RUN_LABEL) == digest:
+                log.info("Service %s: its %s was started for %s meanwhile; following it", service_label(service),
+                         gate, digest)
+                return None
+            return job_run_spec(now, image, digest, service["Spec"].get("Name", "?")), ref
+
+        def started(now: dict, spec: dict, _: float) -> None:
+            log.info("Started the %s (%s) on %s: service %s rolls once it completed", gate, now["ID"][:12], image,
+                     service_label(service))
+
+        account, region = registry or (push.account, push.region)
+        return self.deployer.actor.post_update(job, account, region, plan, started, with_auth=registry is not None)
+
+    def blocked(self, hint: Hint, decision: Decision) -> None:
+        """The run failed or timed out (or the job is missing): the service is not rolled, the outcome reported
+        with the run's task errors and log lines, and the digest recorded as failed here (FAILED_LABEL)."""
+        service, push, digest = hint
+        self.pending.pop((service["ID"], digest), None)
+        shown: list[str] = []
+
+        def details() -> str:
+            try:
+                job, run = self.deployer.converger.job_of(service, digest)
+            except DockerError as e:
+                return f"its tasks: {e}"
+            ended = [t for t in run.tasks if task_state(t) in ("failed", "rejected")] or \
+                [t for t in run.tasks if task_state(t) != "complete"]
+            ended.sort(key=lambda t: (t.get("Status") or {}).get("Timestamp", ""), reverse=True)
+            shown.append(self.deployer.rollouts.tasks_details(ended[:FAILED_TASKS_SHOWN]) if ended else "")
+            return shown[-1]
+
+        if self.deployer.actor.blocked(service, hint.image, decision.reason, decision.gate, details):
+            for line in "\n".join(shown).splitlines():
+                log.error("Service %s, its %s: %s", service_label(service), decision.gate, line)
+        if decision.record:  # (again if reported before: a record the service's own update kept out is retried)
+            self.deployer.actor.record_failure(service, push.account, push.region, digest,
+                                               f"blocked by its {decision.gate}", decision.reason)
+
+    def check(self) -> None:
+        """Look at each run followed: once it ended (or is not under way), converge its hint again, on the
+        service as it is now (the service rolls, is blocked, or waits again)."""
+        docker, converger = self.deployer.docker, self.deployer.converger
+        for key, hint in list(self.pending.items()):
+            try:
+                service = docker.service(key[0])
+                if BEFORE_LABEL in (service["Spec"].get("Labels") or {}) and \
+                        converger.job_of(service, key[1])[1].state in ("running", "busy"):
+                    continue
+            except DockerError as e:
+                if e.status == 404:
+                    self.pending.pop(key)
+                else:
+                    log.error("Cannot follow the pre-rollout job of service %s: %s", service_label(hint.service), e)
+                continue
+            self.pending.pop(key)
+            result = CycleResult()
+            if converger.converge(hint._replace(service=service), result) is False:
+                self.pending.setdefault(key, hint)  # tried again next turn (and by the next pass)
+            self.deployer.totals["services_updated"] += len(result.updated)
 
 
 # --------------------------------------------------------------------------- the auth keeper
@@ -5163,7 +5765,7 @@ class Reconciler:
         self.deployer, self.interval = deployer, interval
         self.due_at = 0.0 if interval else math.inf  # time.monotonic(): the first pass comes after the first poll
         self.denied: set[tuple[str, str, str]] = set()  # repositories ECR refused to describe: said once
-        self.unpinned: set[str] = set()  # services whose spec names no digest: said once
+        self.unpinned = SaidOnce()  # services whose spec names no digest: said once
         self.images = ImageKeeper(deployer)
 
     def wake_at(self, epoch: float) -> None:
@@ -5302,7 +5904,7 @@ def image_statuses(ecr: Ecr, keys, heartbeat=lambda: None) -> tuple[dict[tuple, 
     by_repository: dict[tuple, set[str]] = defaultdict(set)
     for *repository, digest in keys:
         by_repository[tuple(repository)].add(digest)
-    return per_repository(ecr.image_statuses, by_repository, heartbeat)
+    return per_repository(ecr.kept.image_statuses, by_repository, heartbeat)
 
 
 class ImageKeeper:
@@ -5311,10 +5913,13 @@ class ImageKeeper:
     when it appears, again only if it changes; with `restore`, an archived one is restored
     (UpdateImageStorageClass), once. One DescribeImages per repository and 100 digests per pass."""
 
-    def __init__(self, deployer: Deployer, restore: bool = False):
-        self.deployer, self.restore = deployer, restore
+    def __init__(self, deployer: Deployer, restore: bool = False, protect_prefix: str | None = None):
+        self.deployer, self.restore, self.protect_prefix = deployer, restore, protect_prefix
         self.said: dict[tuple, str] = {}  # (service id, role, digest) -> the state last said
         self.restored: set[tuple] = set()  # images this process asked ECR to restore
+        self.tagged: set[tuple] = set()  # repositories holding protection tags of ours: listed until they hold none
+        self.immutable: set[tuple] = set()  # repositories whose tags ECR refused to move: said once
+        self.denied: set[tuple] = set()  # repositories where the role may not keep protection tags: said once
 
     def states(self, services: list[dict]) -> tuple[dict[str, dict[str, str]], dict[tuple, AwsError]]:
         """service id -> role -> ok, archived, restoring or gone; and per repository why ECR could not tell."""
@@ -5353,12 +5958,117 @@ class ImageKeeper:
                                                    line.partition(": ")[2],  # (the event names the service)
                                                    route=notify_route(service["Spec"].get("Labels"))))
         self.deployer.totals["images_at_risk"] = {state: n for state, n in counts.items() if state != "ok"}
-        return not errors
+        protected = self.protect(services, states) if self.protect_prefix else True
+        return not errors and protected
+
+    def protect(self, services: list[dict], states: dict[str, dict[str, str]]) -> bool:
+        """Moves the protection tags to the digests services run and roll back to (images ECR holds in the
+        standard storage class), and removes those of services gone. One ListImages per repository (shared
+        with the pass's version lookups); a PutImage (and the BatchGetImage of its bytes) per tag moved, a
+        BatchDeleteImage per tag removed. False if ECR (or Docker, asked again before a removal) failed."""
+        prefix = self.protect_prefix
+        wanted: dict[tuple, dict[str, str]] = defaultdict(dict)  # repository -> tag -> digest
+        for service in services:
+            for role, key in kept_images(service).items():
+                if states.get(service["ID"], {}).get(role) == "ok":
+                    wanted[key[:3]][protection_tag(prefix, service["Spec"].get("Name", "?"), role)] = key[3]
+        named, in_use = protection_claims(prefix, services)
+        heartbeat = self.deployer.systemd.heartbeat
+        moved, errors = per_repository(  # a few repositories at a time: a first pass tags every digest in use
+            lambda account, region, repository, _: {"tags": self.move_tags(
+                (account, region, repository), wanted.get((account, region, repository), {}))},
+            dict.fromkeys(sorted(set(named) | self.tagged), ()), heartbeat)
+        left = {key[:3]: tags for key, tags in moved.items()}  # None: a move failed, nothing removed there now
+        done = all(tags is not None for tags in left.values())
+        if any(tags and protection_removals(prefix, tags, named.get(repository, set()), in_use.get(repository, set()))
+               for repository, tags in left.items()):
+            # Asked again, now, and all of the swarm: the pass's listing is seconds old (another manager's
+            # deployer may have tagged a service created since) and admits only --filter-label's services
+            # (another deployer of this swarm keeps the others'); a tag goes only if no service names it now.
+            try:
+                swarm = self.deployer.docker.services()
+            except DockerError as e:
+                log.error("Protection tags: none removed this pass: %s", e)
+                swarm, done = None, False
+            if swarm is not None:
+                now_named, now_in_use = protection_claims(prefix, swarm)
+                removals = {repository: tuple(protection_removals(
+                    prefix, tags, named.get(repository, set()) | now_named.get(repository, set()),
+                    in_use.get(repository, set()) | now_in_use.get(repository, set())))
+                    for repository, tags in left.items() if tags}
+                removed, failed = per_repository(
+                    lambda account, region, repository, gone: {"done": self.remove_tags(
+                        (account, region, repository), gone, left[(account, region, repository)])},
+                    {repository: gone for repository, gone in removals.items() if gone}, heartbeat)
+                errors.update(failed)
+                done = done and all(removed.values())
+        for repository, tags in left.items():
+            if tags is None or any(is_protection_tag(prefix, tag) for tag in tags):
+                self.tagged.add(repository)  # (listed again next pass, also once no service uses it)
+            else:
+                self.tagged.discard(repository)
+        for repository, error in errors.items():
+            if not isinstance(error, AccessDenied):
+                log.error("Protection tags: %s", error)
+            elif repository not in self.denied:  # (another account's pull-only repository): waiting will not help
+                self.denied.add(repository)
+                log.error("Protection tags: %s; none are kept in %s (grant ecr:ListImages, ecr:PutImage and "
+                          "ecr:BatchDeleteImage, and for another account's repository its repository policy too)",
+                          error, repository[2])
+        return done and not any(not isinstance(error, AccessDenied) for error in errors.values())
+
+    def move_tags(self, repository: tuple, wanted: dict[str, str]) -> dict[str, str] | None:
+        """One repository's protection tags moved: its tags then (tag -> digest), None if ECR refused a move
+        (but for its immutability: said once, the operator must act). AwsError if ECR cannot list its tags."""
+        ecr = self.deployer.ecr
+        tags = ecr.list_tags(*repository)
+        for tag, digest in protection_changes(self.protect_prefix, wanted, set(), tags)[0].items():
+            try:
+                ecr.promote(*repository, digest, tag)
+            except TagImmutable:  # retrying changes nothing until the operator does: said once, not a failed pass
+                self.say_immutable(repository)
+                continue
+            except AccessDenied:
+                raise  # (said once for the repository, as a listing refused)
+            except AwsError as e:  # (one line per repository and pass: the rest would fail alike)
+                log.error("Protection tags: %s", e)
+                return None
+            tags[tag] = ecr.tag_listings.setdefault(repository, {})[tag] = digest
+            log.info("Protection tag %s:%s now on %s", repository[2], tag, short_digest(digest))
+        return tags
+
+    def remove_tags(self, repository: tuple, removals: tuple[str, ...], tags: dict[str, str]) -> bool:
+        """BatchDeleteImage of each tag alone; False if ECR refused one. `tags` (the repository's) kept current."""
+        ecr = self.deployer.ecr
+        for tag in removals:
+            try:
+                ecr.kept.untag(*repository, tag)
+            except AccessDenied:
+                raise  # (said once for the repository)
+            except AwsError as e:
+                log.error("Protection tags: %s", e)
+                return False
+            tags.pop(tag, None)
+            ecr.tag_listings.get(repository, {}).pop(tag, None)
+            log.info("Protection tag %s:%s removed: no service of the swarm names it now", repository[2], tag)
+        return True
+
+    def say_immutable(self, repository: tuple) -> None:
+        """Protection tags move: a tag-immutable repository must exclude them (once per process)."""
+        if repository in self.immutable:
+            return
+        self.immutable.add(repository)
+        try:
+            described = self.deployer.ecr.repository(*repository)
+        except AwsError:
+            described = None
+        log.error("Protection tags: %s", immutable_tag_fix(*repository, f"{self.protect_prefix}.*", described,
+                                                           what="the protection tags"))
 
     def restore_one(self, name: str, key: tuple) -> bool:
         """Asks ECR to restore an archived image (once per process: ECR restores it within minutes)."""
         try:
-            self.deployer.ecr.restore_image(*key)
+            self.deployer.ecr.kept.restore_image(*key)
         except AwsError as e:
             log.error("Service %s: %s", name, e)
             if isinstance(e, AccessDenied):  # (waiting will not help: said once, the WARNING says how by hand)
@@ -5366,6 +6076,69 @@ class ImageKeeper:
             return False
         self.restored.add(key)
         return True
+
+
+def lifecycle_lint(deployer: Deployer, services: list[dict], sleep=time.sleep) \
+        -> tuple[dict[str, list[str]], list[AwsError]]:
+    """Service name -> one line per image it runs or rolls back to that a rule of its repository's lifecycle
+    policy would expire or archive now, as ECR's preview of the policy says; and why ECR could not tell, per
+    repository. GetLifecyclePolicy per repository (one call where there is none), every preview started
+    before any is waited for (ECR evaluates them side by side), then asked for in rounds a second apart, a
+    few repositories at a time. Changes nothing."""
+    in_use: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for service in services:
+        for role, key in kept_images(service).items():
+            in_use[key[:3]][key[3]].append((service["Spec"].get("Name", "?"), role))
+    kept, heartbeat = deployer.ecr.kept, deployer.systemd.heartbeat
+    policies, errors = per_repository(lambda *key: {"policy": kept.lifecycle_policy(*key[:3])}, in_use, heartbeat)
+    pending = {key[:3]: {"policy": text, "started": False} for key, text in policies.items() if text}
+    lines: dict[str, list[str]] = defaultdict(list)
+    deadline = time.monotonic() + LIFECYCLE_PREVIEW_TIMEOUT
+
+    def step(account: str, region: str, repository: str, _) -> dict:
+        state = pending[(account, region, repository)]
+        if not state["started"]:
+            state["started"] = kept.start_lifecycle_preview(account, region, repository)
+            return {"results": None}
+        return {"results": kept.lifecycle_preview(account, region, repository)}
+
+    rounds = 0
+    while pending:
+        if rounds > 1:  # (the first round starts the previews, the second asks at once: a small one is done)
+            sleep(LIFECYCLE_PREVIEW_POLL)
+        rounds += 1
+        answers, failed = per_repository(step, dict.fromkeys(pending, ()), heartbeat)
+        errors.update(failed)
+        for repository in failed:
+            del pending[repository]
+        for (*repository, _), results in answers.items():
+            if results is None:
+                continue
+            where = f"{repository[2]} in ECR ({repository[0]}, {repository[1]})"
+            for name, line in lifecycle_findings(pending.pop(tuple(repository))["policy"], results,
+                                                 in_use[tuple(repository)], where):
+                lines[name].append(line)
+        if pending and time.monotonic() > deadline:
+            errors.update({key: AwsError(f"ECR's preview of the lifecycle policy of {key[2]} ({key[0]}, {key[1]}) "
+                                         f"did not complete in {LIFECYCLE_PREVIEW_TIMEOUT:.0f} s") for key in pending})
+            break
+    return {name: sorted(found) for name, found in lines.items()}, list(errors.values())
+
+
+def lint_lifecycle(deployer: Deployer) -> int:
+    """--lint-lifecycle: a line per image in use a lifecycle rule would expire or archive; exit 0 none,
+    5 some (the operator must act), 1 ECR could not be asked for some repository."""
+    services = [s for s in deployer.docker.services() if deployer.label_filter is None
+                or deployer.label_filter.admits(s["Spec"].get("Labels"))]
+    lines, errors = lifecycle_lint(deployer, services)
+    for error in errors:
+        log.error("Linting the lifecycle policies: %s", error)
+    found = [line for name in sorted(lines) for line in lines[name]]
+    none = "No lifecycle rule would expire or archive an image a service runs or rolls back to" + (
+        f" in the repositories ECR answered for; {len(errors)} could not be asked (the ERROR lines say why)"
+        if errors else "")  # (not a plain "none" when some were never asked)
+    sys.stdout.write("".join(line + "\n" for line in found) or none + "\n")  # the result, not a log line
+    return 5 if found else 1 if errors else 0
 
 
 # --------------------------------------------------------------------------- receiving
@@ -5916,8 +6689,15 @@ def status_of(deployer: Deployer, service: dict, key: tuple | None, answer: tupl
             return (state[0] == "current" and checking_state(deployer, service, digest)) or state
         return "rolling back", (service.get("UpdateStatus") or {}).get("Message", "")
     if decision.action == "hold back":
-        return "held back", f"{decision.reason} (`docker service update --label-rm {FAILED_LABEL} " \
-                            f"{spec.get('Name')}` lets it roll)"
+        return "blocked" if f" by its {JOB_GATE} " in decision.reason else "held back", \
+            f"{decision.reason} (`docker service update --label-rm {FAILED_LABEL} {spec.get('Name')}` lets it roll)"
+    if decision.action == "wait for job":
+        return "waiting", f"running its {decision.gate}: {decision.reason}"
+    if decision.action == "run job":
+        return "behind", f"the tag points to {short_digest(digest)} (pushed {pushed_at or '?'}): the next push or " \
+                         f"reconcile pass runs its {decision.gate}, then rolls it"
+    if decision.action == "block" and decision.gate.startswith(JOB_GATE):
+        return "blocked", f"blocked by its {decision.gate}: {decision.reason}"
     if decision.action == "not released":
         return ("waiting" if decision.release.decision == "wait" else "held back"), decision.reason
     if decision.action in ("block", "wait for gate"):
@@ -5931,7 +6711,8 @@ def checking_state(deployer: Deployer, service: dict, digest: str) -> tuple[str,
     digest is within its checks' window (checks_window): not done until they pass; else None. The passes in a
     row the deployer counted are in its log."""
     labels = service["Spec"].get("Labels") or {}
-    if not (labels.get(ALARMS_LABEL) or labels.get(CHECK_LABEL)) or failed_digest(service) == digest:
+    if not (labels.get(ALARMS_LABEL) or labels.get(CHECK_LABEL)) or failed_digest(service) == digest \
+            or is_job(service["Spec"]):
         return None
     try:
         checks, soak = checks_of(labels), parse_duration(labels.get(SOAK_LABEL) or "0")
@@ -6010,17 +6791,30 @@ def status_fact(deployer: Deployer, fact: str, hint: Hint, facts: Facts) -> Fact
             return facts._replace(release=deployer.converger.release(service, push, digest))
         except ValueError as e:
             return facts._replace(release=Release("held", f"cannot apply its release policy: {e}"))
+    if fact == "before job":
+        return facts._replace(before=deployer.converger.job_of(service, digest)[1])
     gate = deployer.gates[len(facts.verdicts)]
     verdict = gate.verdict(service, push, digest)
     return facts._replace(verdicts=(*facts.verdicts, GateSaid(gate.name, verdict if verdict and
                                                               verdict.decision != "gone" else None)))
 
 
-def show_status(deployer: Deployer, as_json: bool) -> int:
+def show_status(deployer: Deployer, as_json: bool, lint: bool = False) -> int:
     rows = status_rows(deployer)
+    codes = set()
+    if lint:  # (on request: a preview per repository takes ECR seconds)
+        lines, errors = lifecycle_lint(deployer, [s for s in deployer.listing if deployer.label_filter is None
+                                                  or deployer.label_filter.admits(s["Spec"].get("Labels"))])
+        for error in errors:
+            log.error("Linting the lifecycle policies: %s", error)
+        codes |= {1} if errors else set()
+        for row in rows:
+            row["lifecycle"] = [line.partition(": ")[2] for line in lines.get(row["service"], [])]
+            row["reason"] = "; ".join(filter(None, (row["reason"], *row["lifecycle"])))
+            codes |= {5} if row["lifecycle"] else set()
     sys.stdout.write(json.dumps(rows, indent=2) + "\n" if as_json else status_table(rows))  # the result, not a log line
-    codes = {STATUS_EXIT[row["state"]] for row in rows} | {IMAGE_STATUS_EXIT.get(state, 1) for row in rows
-                                                           for state in row["images"].values()}
+    codes |= {STATUS_EXIT[row["state"]] for row in rows} | {IMAGE_STATUS_EXIT.get(state, 1) for row in rows
+                                                            for state in row["images"].values()}
     return next((code for code in (5, 1, 4) if code in codes), 0)  # what needs someone first, what settles last
 
 
@@ -6111,16 +6905,18 @@ def reconcile_once(deployer: Deployer) -> bool:
 def finish_once(deployer: Deployer, signals: Signals, args: argparse.Namespace, failed: bool) -> int:
     """The end of a one-shot run: with --wait, follow its rollouts to their end; write the reports; exit
     1 if anything failed or was left, or a rollout did not complete."""
-    while deployer.rollouts.pending and not signals.requested:  # --wait
+    while (deployer.rollouts.pending or deployer.before_jobs.pending) and not signals.requested:  # --wait
         try:
             signals.sleep(1)
         except Shutdown:
             break
         deployer.rollouts.check()
+        deployer.before_jobs.check()  # (a run that ended: its service rolls, a rollout to follow)
     write_reports(deployer, args)
     deployer.notifier.finish()  # one message per target that sums up the run
     rollouts = deployer.rollouts
-    incomplete = [o for o in rollouts.outcomes if o != "completed"] + [r.label for r in rollouts.pending]
+    incomplete = [o for o in rollouts.outcomes if o != "completed"] + [r.label for r in rollouts.pending] + \
+        list(deployer.before_jobs.pending)
     deployer.heartbeat.ping("fail" if failed or incomplete else "success")
     deployer.heartbeat.finish()
     return 1 if failed or incomplete else 0  # (a message waiting for its scan: left on the queue, for a later run)
@@ -6169,7 +6965,7 @@ def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args:
         try:
             if not systemd.is_ready:
                 wait = FIRST_WAIT_ONCE  # a quick first poll proves the queue works: READY=1 without delay
-            elif deployer.rollouts.pending:
+            elif deployer.rollouts.pending or deployer.before_jobs.pending:
                 wait = FIRST_WAIT_FOLLOWING
             else:
                 wait = min(FIRST_WAIT_LOOP, deployer.reconciler.seconds_until_due())
@@ -6184,6 +6980,7 @@ def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args:
                 receiver.release(messages)
             ended = len(deployer.rollouts.outcomes)
             deployer.rollouts.check()
+            deployer.before_jobs.check()  # pre-rollout jobs that ended: their services roll (or are blocked)
             if messages or len(deployer.rollouts.outcomes) != ended:
                 write_reports(deployer, args)
             updated = deployer.totals["services_updated"]
@@ -6234,18 +7031,18 @@ def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deplo
     """Resolve the queue, read its visibility timeout, reach Docker and check that it is a swarm
     manager. Misconfigured: raised at once. Outages: in loop mode, waited out instead of failing."""
     # First: a target that needs Apprise while it is missing fails before any AWS or Docker call (exit 3).
-    notifier = Notifier([] if args.status or args.dry_run else args.notify_targets,
+    notifier = Notifier([] if args.status or args.lint_lifecycle or args.dry_run else args.notify_targets,
                         held=bool(args.once or args.reconcile or args.refresh_auth),  # one message per run
                         node_name=lambda: deployer.rollouts.node_name())
     docker = Docker(os.environ.get("DOCKER_HOST"), on_request=systemd.heartbeat)
     session = aws_session()
     # One-shot modes need no queue, nor its region (ECR's come from each service's image host).
-    one_shot = args.refresh_auth or args.reconcile or args.status
+    one_shot = args.refresh_auth or args.reconcile or args.status or args.lint_lifecycle
     queue = Queue(session, args.queue, on_request=systemd.heartbeat) if args.queue and not one_shot else None
     ecr = Ecr(session, on_request=systemd.heartbeat)
     deployer = Deployer(queue, ecr, docker, args.filter_label,
                         trust_events=args.trust_events, follow_rollouts=(args.wait or not (
-                            args.once or args.reconcile or args.status or args.refresh_auth)) and not args.dry_run,
+                            args.once or one_shot)) and not args.dry_run,
                         rollout_timeout=args.rollout_timeout, rollback_on_failure=args.rollback_on_failure,
                         notify_urls=tuple(args.notify_url), dry_run=args.dry_run, systemd=systemd,
                         gates=(ScanGate(ecr, args.scan_threshold, args.scan_timeout),
@@ -6257,12 +7054,13 @@ def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deplo
                         release_defaults={k: v for k, v in ((WINDOW_LABEL, args.window), (MIN_AGE_LABEL, args.min_age))
                                           if v},
                         # a one-shot process must list anyway: following events pays only in a loop
-                        service_index=None if args.once or args.refresh_auth or args.reconcile or args.status
+                        service_index=None if args.once or one_shot
                         else ServiceIndex(docker), notifier=notifier)
     deployer.reconciler.images.restore = args.restore_archived and not args.dry_run
+    deployer.reconciler.images.protect_prefix = None if args.dry_run else args.protect_tag_prefix
     deployer.rollouts.progress_deadline = args.progress_deadline
     deployer.checker = Checker(session, on_request=systemd.heartbeat)
-    if not (args.status or args.dry_run):
+    if not (args.status or args.lint_lifecycle or args.dry_run):
         deployer.heartbeat = Heartbeat(os.environ.get("DEPLOYER_HEARTBEAT_URL"))
         if args.once or args.reconcile:
             deployer.heartbeat.ping("start")
@@ -6297,7 +7095,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.reconcile:
             return finish_once(deployer, signals, args, not reconcile_once(deployer))
         if args.status:
-            return show_status(deployer, args.json)
+            return show_status(deployer, args.json, args.lint_lifecycle)
+        if args.lint_lifecycle:
+            return lint_lifecycle(deployer)
         queue, receiver = deployer.queue, Receiver(deployer.queue, once=args.once)
         if args.metrics_address and not args.once:
             serve_metrics(deployer, args.metrics_address)

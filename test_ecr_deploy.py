@@ -25,6 +25,7 @@ import re
 import signal
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -32,10 +33,12 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import boto3
 import pytest
 import requests
+from botocore.stub import Stubber
 
 import ecr_deploy as ed
 from rig.aws import DIGEST_A, Aws, event, moto_server_command, referrer_event, scan_event
@@ -2303,7 +2306,7 @@ def test_a_rollback_that_would_pull_the_failed_build_again_is_never_posted_and_s
 
 def test_good_rollout_completes_and_a_dead_webhook_costs_at_most_its_timeout(aws, images, clean_swarm, webhook):
     swarm, registry = clean_swarm, REGISTRIES[0]
-    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "good", replicas=1)
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "good", replicas=1, update_config=FAST_MONITOR)
     swarm.wait_running(sid, f"{registry.host}/{repo}:latest@{v1}")
     blackhole = socket.socket()  # accepts connections, never answers
     blackhole.bind(("127.0.0.1", 0))
@@ -2381,7 +2384,7 @@ def test_refresh_auth_restarts_nothing_and_lets_swarm_pull_later(aws, images, cl
 
 def test_loop_mode_follows_rollouts_and_refreshes_auth_periodically(aws, images, clean_swarm, tmp_path):
     swarm, registry = clean_swarm, REGISTRIES[0]
-    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "looped", replicas=1)
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "looped", replicas=1, update_config=FAST_MONITOR)
     swarm.wait_running(sid, f"{registry.host}/{repo}:latest@{v1}")
     queue = aws.new_queue()
     summary = tmp_path / "summary.json"
@@ -2619,6 +2622,93 @@ def test_jobs_rerun_on_a_push_only_when_labelled_and_the_keeper_never_touches_th
     assert completed_runs(migrate) == 1 and len(swarm.tasks(migrate)) == 1  # never re-run, then or later:
     unchanged_for(lambda: [t["ID"] for t in swarm.tasks(migrate)], what="the skipped job's one task")
     assert aws.queue_depth(queue) == 0  # the skipped job's message is done too
+
+
+# A migration as a job runs it: the image's /version says which build it is; "slow" takes a while, "broken" fails.
+MIGRATE_CMD = ["/bin/busybox", "sh", "-c", 'v=$(cat /version); echo "migrating the schema to $v"; case $v in '
+               '*slow*) sleep 4;; *broken*) echo "migration failed: relation users is locked" >&2; exit 3;; esac; '
+               'echo "migrated to $v"']
+
+
+def test_a_pre_rollout_job_runs_on_the_new_digest_first_once_across_a_restart_and_a_failed_one_blocks(
+        aws, images, clean_swarm, webhook):
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    name = f"{registry.host}/{repo}"
+    v1 = images.push(repo, "latest", "v1")
+    web = swarm.create_service("shop", f"{name}:latest@{v1}", registry=registry, update_config=FAST_MONITOR,
+                               labels={ed.BEFORE_LABEL: "shop-migrate", ed.BEFORE_TIMEOUT_LABEL: "60s"})
+    job = swarm.create_service("shop-migrate", f"{name}:latest@{v1}", registry=registry, mode=JOB,
+                               RestartPolicy={"Condition": "none"},  # one failure is the run's end
+                               ContainerSpec={"Image": f"{name}:latest@{v1}", "Init": True, "Command": MIGRATE_CMD})
+
+    def runs(digest):  # the job's tasks that ran on this digest, whatever became of them
+        return [t for t in swarm.tasks(job) if t["Spec"]["ContainerSpec"]["Image"] == f"{name}:latest@{digest}"]
+
+    wait_for(lambda: [t["Status"]["State"] for t in runs(v1)] == ["complete"], 60,
+             what=lambda: f"the job's first run: {swarm.task_states(job)}")
+    swarm.wait_running(web, f"{name}:latest@{v1}")
+    queue = aws.new_queue()
+    env = deployer_env(aws, swarm, DEPLOYER_NOTIFY_URL=webhook.url.replace("http://", "json://"))
+    args = ("--queue", queue, "--auth-refresh", "0")
+
+    # 1. A push (--once --wait): the job runs on the new digest and completes; only then does the service roll.
+    v2 = images.push(repo, "latest", "v2")
+    aws.send(queue, event(repository=repo, digest=v2))
+    run = run_once(env, *args, "--wait")
+    assert run.returncode == 0, run.stderr
+    [ran] = runs(v2)
+    assert ran["Status"]["State"] == "complete"
+    swarm.wait_running(web, f"{name}:latest@{v2}")
+    [new_task] = [t for t in swarm.tasks(web) if t["Spec"]["ContainerSpec"]["Image"].endswith(v2)]
+    # by Swarm's clock: the service's task of v2 was made after the job's task of v2 completed
+    assert ed.parse_swarm_time(ran["Status"]["Timestamp"]) <= ed.parse_swarm_time(new_task["CreatedAt"])
+    assert f"Started the pre-rollout job shop-migrate ({job[:12]}) on {name}:latest@{v2}" in run.stderr
+    assert f"Rollout of shop ({web[:12]}) to {name}:latest@{v2} completed" in run.stderr
+    assert swarm.service(job)["Spec"]["Labels"][ed.BEFORE_RUN_LABEL] == v2
+
+    first = Running(env, *args)
+    try:
+        # 2. The deployer killed while the job runs: the one restarted follows that run, never starts another.
+        v3 = images.push(repo, "latest", "v3-slow")
+        aws.send(queue, event(repository=repo, digest=v3))
+        first.wait_line(f"Started the pre-rollout job shop-migrate ({job[:12]}) on {name}:latest@{v3}")
+        # its message is done: the swarm holds the run (the job's spec and tasks), nothing is lost with the process
+        wait_for(lambda: aws.queue_depth(queue) == 0, 3, what="the message deleted while the job runs")
+    finally:
+        first.kill()  # SIGKILL, as a crash or the OOM killer would
+    assert service_image_of(swarm, web)[0] == f"{name}:latest@{v2}"
+    assert [t["Status"]["State"] for t in runs(v3)] != ["complete"]  # killed while the job ran
+    forced = swarm.service(job)["Spec"]["TaskTemplate"]["ForceUpdate"]
+    second = Running(env, *args)
+    try:
+        second.wait_line(f"Updated service shop ({web[:12]}) to {name}:latest@{v3}", timeout=60)
+        assert "Started the pre-rollout job" not in second.log
+        assert f"Service shop ({web[:12]}) waits for its pre-rollout job shop-migrate before" in second.log
+        assert [t["Status"]["State"] for t in runs(v3)] == ["complete"]  # run once
+        assert swarm.service(job)["Spec"]["TaskTemplate"]["ForceUpdate"] == forced
+
+        # 3. A build whose migration fails: the service is not rolled, the failure said with the job's log.
+        v4 = images.push(repo, "latest", "v4-broken")
+        aws.send(queue, event(repository=repo, digest=v4))
+        second.wait_line(f"Blocked service shop ({web[:12]}) from {name}:latest@{v4} by its pre-rollout job "
+                         f"shop-migrate: shop-migrate failed: task: non-zero exit (3)", timeout=60)
+        second.wait_line("| migration failed: relation users is locked")
+        assert f"Service shop-migrate ({job[:12]}) is the pre-rollout job of shop" in second.log  # the push names it too
+        wait_for(lambda: aws.queue_depth(queue) == 0, 10, what="the message done")
+    finally:
+        assert second.stop() == 0
+    spec = swarm.service(web)["Spec"]
+    assert spec["TaskTemplate"]["ContainerSpec"]["Image"] == f"{name}:latest@{v3}"  # not rolled
+    assert [t["Status"]["State"] for t in runs(v4)] == ["failed"]
+    assert spec["Labels"][ed.FAILED_LABEL].startswith(f"{v4} blocked by its pre-rollout job shop-migrate at ")
+    wait_for(lambda: any("| migration failed: relation users is locked" in d.get("message", "")
+                         for d in webhook.received), 10, what=lambda: f"the notification: {webhook.received}")
+    [blocked] = [d["message"] for d in webhook.received if "| migration failed" in d.get("message", "")]
+    assert "blocked by its pre-rollout job shop-migrate" in blocked and "(exit code 3)" in blocked
+    rows = json.loads(status(env, "--json").stdout)
+    row = next(r for r in rows if r["service"] == "shop")
+    assert row["state"] == "blocked" and "blocked by its pre-rollout job shop-migrate" in row["reason"]
 
 
 def test_keeper_refreshes_tasks_waiting_for_a_node_retries_only_failures_and_keeps_its_schedule_across_restarts(
@@ -3021,7 +3111,7 @@ def test_install_page_aws_setup_blocks_run_against_moto(aws, tmp_path):
     env = {**deployer_env(aws), "AWS_REGION": region, "AWS_DEFAULT_REGION": region,
            "PATH": f"{shim.parent}:{os.environ['PATH']}",
            "QUEUE": f"ecr-deploy-{suffix}", "SWARM": f"swarm-{suffix}", "SCAN_GATE": "", "SIGNATURE_GATE": "",
-           "PROMOTE_REPOS": "team/web team/api"}
+           "PROMOTE_REPOS": "team/web team/api", "PROTECT_TAGS": "1"}
 
     def run_block(block, **extra):
         run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], env={**env, **extra}, capture_output=True,
@@ -3055,12 +3145,16 @@ def test_install_page_aws_setup_blocks_run_against_moto(aws, tmp_path):
                for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
     assert actions == {"sqs:GetQueueUrl", "sqs:GetQueueAttributes", "sqs:ReceiveMessage", "sqs:ChangeMessageVisibility",
                        "sqs:DeleteMessage", "ecr:GetAuthorizationToken",
-                       "ecr:DescribeImages", "ecr:ListImages", "ecr:DescribeImageScanFindings", "ecr:BatchGetImage",
+                       "ecr:DescribeImages", "ecr:DescribeImageScanFindings", "ecr:BatchGetImage",
                        "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability", "ecr:PutImage",
                        "ecr:DescribeRepositories", "ecr:UpdateImageStorageClass",  # (--restore-archived)
+                       "ecr:GetLifecyclePolicy", "ecr:StartLifecyclePolicyPreview", "ecr:GetLifecyclePolicyPreview",
+                       "ecr:ListImages", "ecr:BatchDeleteImage",  # (--lint-lifecycle, --protect-tag-prefix)
                        "cloudwatch:DescribeAlarms"}  # (ecr-deploy.alarms)
     alarms = next(s for s in document["PolicyVersion"]["Document"]["Statement"] if s["Sid"] == "Alarms")
     assert alarms["Resource"] == f"arn:aws:cloudwatch:{region}:{document_account(aws)}:alarm:*"
+    protect = next(s for s in document["PolicyVersion"]["Document"]["Statement"] if s["Sid"] == "ProtectionTags")
+    assert protect["Action"] == ["ecr:ListImages", "ecr:PutImage", "ecr:BatchDeleteImage", "ecr:DescribeRepositories"]
     promote = next(s for s in document["PolicyVersion"]["Document"]["Statement"] if s["Sid"] == "Promote")
     assert promote["Action"] == ["ecr:PutImage", "ecr:DescribeRepositories"]  # (--status: may the promote tag move?)
     assert promote["Resource"] == [f"arn:aws:ecr:{region}:{document_account(aws)}:repository/{name}"
@@ -3342,6 +3436,9 @@ def test_quick_start_demo_rolls_a_service_and_leaves_nothing_behind():
         updated = [line for line in lines if "ecr_deploy.py |" in line and " Updated service web (" in line]
         completed = [line for line in lines if " Rollout of web (" in line and " completed after " in line]
         assert len(updated) == 1 and len(completed) == 1, output()
+        migrated = [i for i, line in enumerate(lines) if " Started the pre-rollout job web-migrate " in line]
+        assert len(migrated) == 1 and migrated[0] < lines.index(updated[0]), output()  # the migration first
+        assert ">>> web-migrate on …@sha256:" in output() and "… complete; web is rolling to it" in output()
         versioned = [line for line in lines if "ecr_deploy.py |" in line and " Updated service api (" in line]
         assert len(versioned) == 1 and "/demo/api:1.1.0@sha256:" in versioned[0], output()  # semver:^1's newest
         assert re.search(r"Service api \(\w+\) is not moved: :2\.0\.0 is not a version its policy semver:\^1 admits",
@@ -5180,6 +5277,11 @@ def test_status_table_lines_up_columns_like_docker_service_ls():
     (["--reconcile"], {}, {"restore_archived": False}),
     (["--reconcile", "--restore-archived"], {}, {"restore_archived": True}),
     (["--queue", "q"], {"DEPLOYER_RESTORE_ARCHIVED": "1"}, {"restore_archived": True}),
+    (["--reconcile"], {}, {"protect_tag_prefix": None, "lint_lifecycle": False}),
+    (["--reconcile", "--protect-tag-prefix", "prod-eu"], {}, {"protect_tag_prefix": "prod-eu"}),
+    (["--queue", "q"], {"DEPLOYER_PROTECT_TAG_PREFIX": "swarm_1"}, {"protect_tag_prefix": "swarm_1"}),
+    (["--lint-lifecycle"], {}, {"lint_lifecycle": True, "queue": ""}),
+    (["--status", "--lint-lifecycle"], {}, {"lint_lifecycle": True, "status": True}),
 ])
 def test_reconcile_and_status_flags(monkeypatch, argv, env, expected):
     for key in list(os.environ):
@@ -5196,6 +5298,9 @@ def test_reconcile_and_status_flags(monkeypatch, argv, env, expected):
     (["--status", "--once", "--queue", "q"], "each run alone"),
     (["--json", "--queue", "q"], "--json goes with --status"),
     (["--queue", "q", "--reconcile-every", "soon"], "not a duration"),
+    (["--lint-lifecycle", "--reconcile"], "each run alone"),
+    (["--reconcile", "--protect-tag-prefix", "prod.eu"], "no '.'"),
+    (["--reconcile", "--protect-tag-prefix=-x"], "--protect-tag-prefix must be"),
 ])
 def test_reconcile_and_status_usage_errors(monkeypatch, capsys, argv, message):
     monkeypatch.delenv("DEPLOYER_QUEUE", raising=False)
@@ -5420,13 +5525,16 @@ def test_a_failed_digest_rolls_out_once_across_redeliveries_reconcile_passes_and
     first = Running(env, *args)
     try:
         first.wait_line(f"Rollback of flap-web ({web[:12]}) to {old} completed", timeout=90)
-        time.sleep(12)  # two more redeliveries of the kept message, and several reconcile passes
+        kept, passes = first.log.count("; message kept"), first.log.count("Reconcile pass:")
+        # two more redeliveries of the kept message, and several reconcile passes: chances to roll it again
+        first.wait_line("; message kept", timeout=30, count=kept + 2)
+        first.wait_line("Reconcile pass:", timeout=30, count=passes + 3)
     finally:
         assert first.stop() == 0
     second = Running(env, *args)  # a restart: nothing in memory
     try:
-        second.wait_line("Reconcile pass:", timeout=30)
-        time.sleep(8)
+        second.wait_line("; message kept", timeout=30)  # the message redelivered to it
+        second.wait_line("Reconcile pass:", timeout=30, count=3)
     finally:
         assert second.stop() == 0
     logs = first.log + second.log
@@ -5497,7 +5605,8 @@ def test_a_manual_rollback_of_a_healthy_digest_holds_it_back(aws, images, clean_
     """`docker service rollback` after a rollout that worked (a bug found in production): its tasks ended
     normally, so only the PreviousSpec Swarm keeps tells the deployer which digest was refused."""
     swarm, registry = clean_swarm, REGISTRIES[0]
-    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "manual-rb", replicas=1)
+    repo, (v1, v2), sid = service_on_new_repo(images, swarm, "manual-rb", replicas=1,
+                                              update_config=FAST_MONITOR, rollback_config=FAST_MONITOR)
     old, new = f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{v2}"
     env = deployer_env(aws, swarm)
     assert run_once(env, "--queue", aws.new_queue(), "--wait").returncode == 0  # the pass rolls v2: it works
@@ -5895,13 +6004,17 @@ def test_status_exit_code_of_each_state_on_its_own(aws, images, clean_swarm):
                   "behind": 4, "waiting": 4, "rolling back": 4,
                   "held back": 5, "blocked": 5, "failed": 5, "tag gone": 5, "unknown": 1}
     assert documented.keys() == ed.STATUS_EXIT.keys()  # every state --status can show
-    seen = {}
-    try:
-        for state in documented:
-            run = status({**env, "AWS_ENDPOINT_URL": proxy.url} if state == "unknown" else env, "--json",
-                         "--scan-timeout", "1h", "--filter-label", f"status-case={state}")
-            rows = json.loads(run.stdout or "null")
-            seen[state] = (rows and [r["state"] for r in rows], run.returncode)
+
+    def seen_of(state: str) -> tuple[str, tuple]:
+        run = status({**env, "AWS_ENDPOINT_URL": proxy.url} if state == "unknown" else env, "--json",
+                     "--scan-timeout", "1h", "--filter-label", f"status-case={state}")
+        rows = json.loads(run.stdout or "null")
+        return state, (rows and [r["state"] for r in rows], run.returncode)
+
+    from concurrent.futures import ThreadPoolExecutor
+    try:  # read-only runs of one service each: four at a time (most of a run is Python starting)
+        with ThreadPoolExecutor(4) as runs:
+            seen = dict(runs.map(seen_of, documented))
     finally:
         proxy.close()
     assert seen == {state: ([state], code) for state, code in documented.items()}
@@ -6170,6 +6283,85 @@ def test_an_http_check_follows_a_redirect_only_on_its_own_host_and_sends_no_cred
     assert {auth for _, _, auth in seen} == {None}
 
 
+def test_an_https_check_says_what_tls_said_and_never_reads_a_huge_body(monkeypatch, tmp_path):
+    """A check whose certificate the deployer cannot verify answers "TLS: certificate verify failed: ..." (not
+    "no connection", which sends the operator looking at the network), without the URL's query; with the CA in
+    REQUESTS_CA_BUNDLE it passes. A body of 10 GB that never comes is not waited for: the status is the answer."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=check",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tmp_path / "key.pem"),
+                    "-out", str(tmp_path / "cert.pem")], check=True, capture_output=True)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(10 ** 10) if self.path == "/huge" else "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+            if self.path == "/huge":
+                time.sleep(3)  # (the rest never comes)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"https://127.0.0.1:{server.server_address[1]}"
+    try:
+        monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+        assert ed.Checker().answer(base + "/health?token=T0KEN") == \
+            "TLS: certificate verify failed: self-signed certificate"
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "cert.pem"))
+        checker = ed.Checker()
+        assert checker.answer(base + "/health?token=T0KEN") == 200
+        started = time.monotonic()
+        assert checker.answer(base + "/huge") == 200 and time.monotonic() - started < 2
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_alarms_of_every_type_are_asked_for_and_read():
+    """DescribeAlarms returns only metric alarms unless AlarmTypes names the others (CloudWatch API reference,
+    DescribeAlarms): a composite or log alarm named in the label must not read as "does not exist". botocore's
+    Stubber checks the request against CloudWatch's model, and answers as that model says AWS does (moto
+    ignores AlarmTypes and has no log alarms)."""
+    client = boto3.client("cloudwatch", region_name="us-east-1", aws_access_key_id="a", aws_secret_access_key="b")
+    checker = ed.Checker()
+    checker._cloudwatch = client
+    with Stubber(client) as stub:
+        stub.add_response("describe_alarms", {
+            "MetricAlarms": [{"AlarmName": "web-5xx", "StateValue": "OK"}],
+            "CompositeAlarms": [{"AlarmName": "web-any", "StateValue": "INSUFFICIENT_DATA"}],
+            "LogAlarms": [{"AlarmName": "web-errors-logged", "StateValue": "ALARM"}]},
+            {"AlarmNames": ["web-5xx", "web-any", "web-errors-logged"],
+             "AlarmTypes": ["MetricAlarm", "CompositeAlarm", "LogAlarm"], "MaxRecords": 100})
+        assert checker.alarm_states(("web-5xx", "web-any", "web-errors-logged")) == {
+            "web-5xx": "OK", "web-any": "INSUFFICIENT_DATA", "web-errors-logged": "ALARM"}
+
+
+def test_a_jobs_checks_are_never_taken_up():
+    """A job with checks labels, its run of the tag's digest just completed: a reconcile pass takes up no checks
+    of it. A failed check would post a failure record or a rollback, and every update of a job runs it again
+    (swarmkit controlapi UpdateService bumps JobStatus.JobIteration)."""
+    image, now = f"{HOST}/team/batch:latest@{DIGEST_B}", datetime.datetime.now(datetime.timezone.utc)
+    job = {"ID": "job1", "Spec": {"Name": "batch", "Labels": {ed.ALARMS_LABEL: "batch-errors", ed.SOAK_LABEL: "1h"},
+                                  "Mode": {"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}},
+                                  "TaskTemplate": {"ContainerSpec": {"Image": image}}},
+           "JobStatus": {"JobIteration": {"Index": 3}}}
+    task = {"ID": "t1", "DesiredState": "complete", "JobIteration": {"Index": 3},
+            "Spec": {"ContainerSpec": {"Image": image}},
+            "Status": {"State": "complete", "Timestamp": (now - datetime.timedelta(seconds=5)).isoformat()}}
+    docker = SimpleNamespace(tasks=lambda service_id: [task], date=now)
+    rollouts = ed.Rollouts(SimpleNamespace(docker=docker), True, None, True, ())
+    assert ed.rollout_of(job, [task], DIGEST_B, now).pending is None  # (its run completed: within the window)
+    rollouts.adopt(job, ("123456789012", "us-east-1", "team/batch", "latest"), DIGEST_B)
+    assert rollouts.pending == []
+
+
 def test_a_stuck_rollout_says_what_swarm_says_of_its_tasks():
     new = f"{HOST}/team/web:latest@{DIGEST_B}"
 
@@ -6180,7 +6372,7 @@ def test_a_stuck_rollout_says_what_swarm_says_of_its_tasks():
              task("pending", err="no suitable node (scheduling constraints not satisfied on 1 node)"),
              task("running", image=f"{HOST}/team/web:latest@{DIGEST_A}"),
              task("rejected", desired="shutdown", err="No such image: team/web@sha256:bbb")]
-    assert ed.tasks_running(tasks, new) == 0
+    assert ed.tasks_running(tasks, new) == set() and ed.may_be_stuck(tasks, new)
     assert ed.stuck_reason(tasks, new, 300) == (
         "no task of the new digest reached running within 5m (ecr-deploy.progress-deadline): 2 task(s) pending: "
         "no suitable node (scheduling constraints not satisfied on 1 node); 1 task(s) rejected: No such image: "
@@ -6288,6 +6480,112 @@ ROLLED = [swarm_task(DIGEST_A, "shutdown", "shutdown", "50:00.5", 1), swarm_task
 
 def at(text: str) -> datetime.datetime:
     return datetime.datetime.fromisoformat(f"2026-12-07T07:{text}+00:00")
+
+
+# ---- a job before the rollout (pure): BEFORE_LABEL names a Swarm job run on the digest before the service rolls
+
+WITH_JOB = service(f"{HOST}/team/web:latest@{DIGEST_A}", {ed.BEFORE_LABEL: "migrate"})
+
+
+@pytest.mark.parametrize("svc,facts,expected", [
+    (WITH_JOB, READ, ("ask", "before job", "")),  # read only once every earlier fact let it roll
+    (WITH_JOB, READ._replace(failure="it failed"), ("hold back", "it failed", "")),  # its record first: no job run
+    (WITH_JOB, ed.Facts(failure_read=True, release=ed.Release("wait", "window shut")), ("not released", "window", "")),
+    (RUNS_A, READ, ("deploy", "", "")),  # no label: nothing asked
+    # the job itself (of the same repository, so a push names it too) is run only for its service
+    (job(f"{HOST}/team/web:latest@{DIGEST_A}", {ed.BEFORE_FOR_LABEL: "web"}), ed.Facts(),
+     ("nothing", "is the pre-rollout job of web: it runs before that service rolls", "")),
+    (WITH_JOB, READ._replace(before=ed.JobRun("start", "not run")), ("run job", "not run", "pre-rollout job migrate")),
+    (WITH_JOB, READ._replace(before=ed.JobRun("running", "runs")), ("wait for job", "runs", "pre-rollout job migrate")),
+    (WITH_JOB, READ._replace(before=ed.JobRun("busy", "another")), ("wait for job", "another", "pre-rollout job migrate")),
+    (WITH_JOB, READ._replace(before=ed.JobRun("completed", "done")), ("deploy", "", "")),
+    (WITH_JOB, READ._replace(before=ed.JobRun("failed", "exit 3")), ("block", "exit 3", "pre-rollout job migrate")),
+    (WITH_JOB, READ._replace(before=ed.JobRun("timed out", "10m")), ("block", "10m", "pre-rollout job migrate")),
+    (WITH_JOB, READ._replace(before=ed.JobRun("missing", "no such")), ("block", "no such", "pre-rollout job migrate")),
+])
+def test_decide_with_a_pre_rollout_job(svc, facts, expected):
+    decision = ed.decide(ed.Hint(svc, PUSH, DIGEST_B), facts, 0)
+    assert (decision.action, decision.gate) == (expected[0], expected[2]) and decision.reason.startswith(expected[1])
+    # a failed or timed-out run leaves a failure record (the digest is not tried again here); a missing job does not
+    assert decision.record == (facts.before is not None and facts.before.state in ("failed", "timed out"))
+
+
+def job_task(desired, state, iteration=2, node="n1", at="50:00"):
+    return {**swarm_task(DIGEST_B, desired, state, at), "JobIteration": {"Index": iteration}, "NodeID": node}
+
+
+def migrate_job(labels=None, mode=None, iteration=2, started="2026-12-07T07:50:00Z"):
+    return {"ID": "job1", "Spec": {"Name": "migrate", "Labels": {ed.BEFORE_RUN_LABEL: DIGEST_B, **(labels or {})},
+                                   "Mode": mode or {"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}},
+                                   "TaskTemplate": {"ContainerSpec": {"Image": f"{HOST}/team/web:latest@{DIGEST_B}"}}},
+            "JobStatus": {"JobIteration": {"Index": iteration}, "LastExecution": started}}
+
+
+@pytest.mark.parametrize("job,tasks,expected", [
+    (None, [], "missing"),
+    ({"Spec": {"Name": "web", "Mode": {"Replicated": {"Replicas": 1}}}}, [], "not a job"),
+    (migrate_job({ed.BEFORE_RUN_LABEL: DIGEST_A}), [job_task("complete", "complete")], "start"),
+    (migrate_job({ed.BEFORE_RUN_LABEL: DIGEST_A}), [job_task("complete", "running")], "busy"),  # never cut short
+    (migrate_job(), [], "running"),  # just posted: Swarm has made no task yet
+    (migrate_job(), [job_task("complete", "starting")], "running"),
+    (migrate_job(), [job_task("complete", "complete", iteration=1)], "running"),  # an earlier run's task
+    (migrate_job(), [job_task("complete", "complete")], "completed"),
+    # a task that failed, and its replacement (RestartPolicy) that completed
+    (migrate_job(), [job_task("shutdown", "failed"), job_task("complete", "complete")], "completed"),
+    # failed, its replacement waiting out the restart delay (desired ready): not over
+    (migrate_job(), [job_task("shutdown", "failed"), job_task("ready", "ready")], "running"),
+    (migrate_job(), [job_task("complete", "failed")], "running"),  # not yet handled by the orchestrator
+    (migrate_job(), [job_task("shutdown", "failed")], "failed"),  # handled, no replacement: past its policy
+    (migrate_job(), [job_task("shutdown", "rejected")], "failed"),
+    (migrate_job(started="2026-12-07T07:39:00Z"), [job_task("complete", "running")], "timed out"),
+    (migrate_job(mode={"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 2}}),
+     [job_task("complete", "complete")], "running"),  # the second completion is still to come
+    (migrate_job(mode={"GlobalJob": {}}), [job_task("complete", "complete", node="n1"),
+                                           job_task("shutdown", "failed", node="n2")], "failed"),
+    (migrate_job(mode={"GlobalJob": {}}), [job_task("complete", "complete", node="n1"),
+                                           job_task("complete", "complete", node="n2")], "completed"),
+])
+def test_job_run(job, tasks, expected):
+    run = ed.job_run(job, tasks, DIGEST_B, at("50:30"), 600)
+    assert run.state == expected, run
+
+
+def test_job_run_says_why_it_failed_and_the_tasks_of_the_run():
+    tasks = [job_task("shutdown", "failed", at="50:01"), job_task("complete", "complete", iteration=1)]
+    tasks[0]["Status"]["Err"] = "task: non-zero exit (3)"
+    run = ed.job_run(migrate_job(), tasks, DIGEST_B, at("50:30"), 600)
+    assert (run.state, run.reason, run.tasks) == ("failed", "migrate failed: task: non-zero exit (3)", (tasks[0],))
+    late = ed.job_run(migrate_job(started="2026-12-07T07:39:00Z"), [], DIGEST_B, at("50:30"), 600)
+    assert late.reason == "migrate did not complete within 10m (0 of 1 task(s) completed)"
+
+
+@pytest.mark.parametrize("job_image,labels,expected", [
+    (f"{HOST}/team/web:migrate@{DIGEST_A}", ({}, {}), f"{HOST}/team/web:latest@{DIGEST_B}"),  # same repository
+    (f"{HOST}/team/web", ({}, {}), f"{HOST}/team/web:latest@{DIGEST_B}"),
+    (f"{HOST}/team/dbtool:v3@{DIGEST_A}", ({}, {}), f"{HOST}/team/dbtool:v3@{DIGEST_A}"),  # another: as it is
+    (f"{HOST}/team/dbtool:v3", ({ed.BEFORE_IMAGE_LABEL: "service"}, {}), f"{HOST}/team/web:latest@{DIGEST_B}"),
+    (f"{HOST}/team/dbtool:v3", ({}, {ed.BEFORE_IMAGE_LABEL: "Service "}), f"{HOST}/team/web:latest@{DIGEST_B}"),
+])
+def test_job_image(job_image, labels, expected):
+    job = service(job_image, labels[0], mode={"ReplicatedJob": {}})
+    web = service(f"{HOST}/team/web:latest@{DIGEST_A}", {ed.BEFORE_LABEL: "migrate", **labels[1]})
+    image = ed.job_image(job, web, f"{HOST}/team/web:latest@{DIGEST_B}", "latest", DIGEST_B)
+    assert image == expected
+    spec = ed.job_run_spec(job, image, DIGEST_B, "web")
+    assert spec["TaskTemplate"]["ContainerSpec"]["Image"] == expected and spec["TaskTemplate"]["ForceUpdate"] == 1
+    assert {k: spec["Labels"][k] for k in (ed.BEFORE_RUN_LABEL, ed.BEFORE_FOR_LABEL)} == {
+        ed.BEFORE_RUN_LABEL: DIGEST_B, ed.BEFORE_FOR_LABEL: "web"}
+
+
+@pytest.mark.parametrize("labels,error", [
+    ({ed.BEFORE_LABEL: "migrate; rm"}, "is not a Swarm service name"),
+    ({ed.BEFORE_LABEL: "migrate", ed.BEFORE_TIMEOUT_LABEL: "soon"}, "not a duration"),
+])
+def test_a_pre_rollout_job_label_that_cannot_be_read_is_said(labels, error):
+    with pytest.raises(ValueError, match=error):
+        svc = service(f"{HOST}/team/web:latest@{DIGEST_A}", labels)
+        ed.before_job(svc), ed.before_timeout(svc)
+
 
 
 @pytest.mark.parametrize("service,tasks,pending,since", [
@@ -6805,6 +7103,94 @@ def test_a_rollout_no_node_can_take_fails_at_its_progress_deadline_with_swarms_r
     assert "no suitable node" in service["Spec"]["Labels"][ed.FAILED_LABEL]
     stuck = next(d for d in webhook.received if d["outcome"] == "stuck")
     assert "no suitable node" in stuck["message"] and stuck["image"] == new
+
+
+def test_a_failed_check_with_no_spec_to_restore_is_recorded_and_swarms_monitor_period_is_no_stuck_rollout(
+        aws, images, clean_swarm):
+    """Two services, one deployer with --rollback-on-failure. "made-here" was created at its tag's digest (no
+    PreviousSpec): a reconcile pass takes up its checks, and CloudWatch refuses DescribeAlarms (a permission
+    missing never heals: a failure, not checks that run for ever); with nothing to restore, the failure is
+    recorded on the service (else a later pass would promote it, or a wave follow it). "watched" has
+    UpdateConfig.Monitor 10 s and a progress deadline of 3 s: its new task runs within the deadline, then
+    Swarm's updater watches it for the monitor period (swarmkit update/updater.go Run) with no further task to
+    start: that is no stuck rollout, and it completes."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    made_repo, watched_repo = images.new_repository(), images.new_repository()
+    made_v1, watched_v1 = images.push(made_repo, "latest", "v1"), images.push(watched_repo, "latest", "v1")
+    made_image = f"{registry.host}/{made_repo}:latest@{made_v1}"
+    made = swarm.create_service("made-here", made_image, registry=registry, update_config=FAST_MONITOR,
+                                labels={ed.ALARMS_LABEL: "made-5xx", ed.SOAK_LABEL: "60s"})
+    watched = swarm.create_service("watched", f"{registry.host}/{watched_repo}:latest@{watched_v1}",
+                                   registry=registry, update_config={"Monitor": 10_000_000_000},
+                                   labels={ed.PROGRESS_DEADLINE_LABEL: "3s"})
+    swarm.wait_running(made, made_image)
+    watched_v2 = images.push(watched_repo, "latest", "v2")
+    new = f"{registry.host}/{watched_repo}:latest@{watched_v2}"
+    queue, cloudwatch = aws.new_queue(), FaultProxy(aws.url)  # (botocore speaks CloudWatch's JSON 1.0 protocol)
+    cloudwatch.rule = lambda key: (400, {"__type": "AccessDeniedException", "message": "User: arn:aws:sts::"
+                                         "123456789012:assumed-role/deployer/i-0 is not authorized to perform: "
+                                         "cloudwatch:DescribeAlarms"}) if "DescribeAlarms" in key else None
+    aws.send(queue, event(repository=watched_repo, digest=watched_v2))
+    running = Running(deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1",
+                                   AWS_ENDPOINT_URL_CLOUDWATCH=cloudwatch.url),
+                      "--queue", queue, "--reconcile-every", "2s")
+    try:
+        running.wait_line(f"Recorded on service made-here ({made[:12]})", timeout=40)
+        running.wait_line(f"Rollout of watched ({watched[:12]}) to {new} ", timeout=40)
+    finally:
+        assert running.stop() == 0
+        cloudwatch.close()
+    service = swarm.service(made)
+    assert service["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == made_image  # nothing to restore
+    record = service["Spec"]["Labels"][ed.FAILED_LABEL]
+    assert record.startswith(f"{made_v1} failed its checks at ") and "cloudwatch:DescribeAlarms" in record, record
+    assert running.log.count(f"{made_image} failed its checks after") == 1  # once: not taken up again
+    assert any("DescribeAlarms" in key for key in cloudwatch.seen)
+    assert f"Rollout of watched ({watched[:12]}) to {new} completed after" in running.log, running.log
+    assert service_image_of(swarm, watched)[0] == new and "stuck" not in running.log
+
+
+def test_two_deployers_checking_one_rollout_fail_it_once(aws, images, clean_swarm, webhook):
+    """Every manager's deployer takes up the checks of a rollout within their window (here: an operator's
+    `docker service update --image` to the tag's digest, then a re-post, as the auth keeper's at start, which
+    makes Swarm's PreviousSpec the current spec). The alarm goes to ALARM: the deployer that sees it first
+    records, notifies and rolls back to the build before (from Swarm's task history); the other finds the
+    record at its next look or when Swarm refuses its own, and neither notifies again nor calls the rollback
+    "superseded" (a success)."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    cloudwatch = aws.client("cloudwatch", registry.region)
+    alarm = f"chk-two-{uuid.uuid4().hex[:6]}"
+    cloudwatch.put_metric_alarm(AlarmName=alarm, MetricName="5xx", Namespace="chk", Statistic="Sum", Period=60,
+                                EvaluationPeriods=1, Threshold=1, ComparisonOperator="GreaterThanThreshold")
+    cloudwatch.set_alarm_state(AlarmName=alarm, StateValue="OK", StateReason="fine")
+    repo = images.new_repository()
+    v1, v2 = images.push(repo, "latest", "v1"), images.push(repo, "latest", "v2")
+    old, new = f"{registry.host}/{repo}:latest@{v1}", f"{registry.host}/{repo}:latest@{v2}"
+    sid = swarm.create_service("two-checks", old, registry=registry, update_config=FAST_MONITOR,
+                               labels={ed.ALARMS_LABEL: alarm, ed.SOAK_LABEL: "60s"})
+    swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=new), registry=registry)
+    swarm.wait_running(sid, new)
+    swarm.scale(sid, 1)  # (as the auth keeper's re-post or any label does: PreviousSpec is now this spec)
+    assert service_image_of(swarm, sid)[0] == new and swarm.service(sid)["PreviousSpec"]["TaskTemplate"][
+        "ContainerSpec"]["Image"] == new
+    env = deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1", DEPLOYER_NOTIFY_URL=webhook.url)
+    deployers = [Running(env, "--queue", aws.new_queue(), "--reconcile-every", "2s") for _ in range(2)]
+    try:
+        for running in deployers:
+            running.wait_line(f"Service two-checks ({sid[:12]}) runs {new}, its soak began", timeout=30)
+        cloudwatch.set_alarm_state(AlarmName=alarm, StateValue="ALARM", StateReason="5xx above 1")
+        wait_for(lambda: sum("judged by another deployer" in r.log for r in deployers) == 1, 30,
+                 what=lambda: "\n".join(r.log for r in deployers))
+        wait_for(lambda: [d["outcome"] for d in webhook.received] == ["check_failed", "rollback_completed"], 30,
+                 what=lambda: f"{webhook.received}\n" + "\n".join(r.log for r in deployers))
+    finally:
+        for running in deployers:
+            assert running.stop() == 0
+    assert [d["outcome"] for d in webhook.received] == ["check_failed", "rollback_completed"]
+    service = swarm.service(sid)
+    assert service["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == old
+    assert service["Spec"]["Labels"][ed.FAILED_LABEL].startswith(f"{v2} failed its checks at ")
+    assert sum(f"Rolling back service two-checks ({sid[:12]})" in r.log for r in deployers) == 1
 
 
 def test_two_managers_promoting_an_image_index_at_once_tag_it_once_as_the_same_index(aws, images, clean_swarm):
@@ -7731,6 +8117,26 @@ def test_an_apprise_url_is_refused_on_the_command_line_and_taken_from_the_enviro
     assert SECRET not in capsys.readouterr().out
 
 
+def test_a_webhook_url_that_carries_its_credential_is_refused_on_the_command_line(monkeypatch, capsys):
+    """A process listing shows argv: a JSON webhook URL whose token is in its path (Slack's, Teams',
+    Discord's incoming webhooks), its query (Teams workflows' sig=) or its user part is refused there with
+    exit 2, without quoting it, and taken from DEPLOYER_NOTIFY_URL; a plain webhook URL is taken as before."""
+    secret_urls = [f"https://hooks.slack.com/services/T0000/B0000/{SECRET}",
+                   f"https://acme.webhook.office.com/webhookb2/x@y/IncomingWebhook/{SECRET}/z",
+                   f"https://discord.com/api/webhooks/1/{SECRET}",
+                   f"https://prod-00.westeurope.logic.azure.com:443/workflows/w/triggers/manual/paths/invoke?sig={SECRET}",
+                   f"https://ops:{SECRET}@hooks.example/x"]
+    for url in secret_urls:
+        with pytest.raises(SystemExit) as exit_:
+            ed.parse_args(["--queue", "q", "--notify-url", url])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "give it in DEPLOYER_NOTIFY_URL" in err and SECRET not in err, err
+    assert ed.parse_args(["--queue", "q", "--notify-url", "https://hooks.example/x"]).notify_url == [
+        "https://hooks.example/x"]
+    monkeypatch.setenv("DEPLOYER_NOTIFY_URL", " ".join(secret_urls))
+    assert ed.parse_args(["--queue", "q"]).notify_url == secret_urls  # the JSON webhook, from the environment
+
+
 def test_an_event_says_service_image_tag_digest_and_why_in_one_short_line():
     image = f"123456789012.dkr.ecr.us-east-1.amazonaws.com/team/web:latest@sha256:{'ab' * 32}"
     event = ed.Event("failed", "web", image, "paused after 6.1s: " + "task: non-zero exit (1) " * 20)
@@ -7769,6 +8175,55 @@ def test_a_label_that_routes_to_no_target_is_said_once_per_service(caplog):
         "Service api: its label ecr-deploy.notify names oncal, which no notification target is called "
         "(targets: oncall, team); its events go only to team"]
     assert [len(t.backlog) for t in notifier.targets] == [0, 4]
+
+
+def test_what_a_long_running_deployer_said_once_is_bounded_and_the_oldest_is_said_again(caplog, monkeypatch):
+    """The waits, holds and blocks a loop-mode deployer said once per service and image, and the back-off of
+    each open wait, are kept for the SAID_ONCE_KEPT most recent only: services and images come and go for
+    months. A wait forgotten is said again (and looked at soon again); one still kept is not."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(ed, "SAID_ONCE_KEPT", 3)
+    woken, told = [], []
+    deployer = SimpleNamespace(reconciler=SimpleNamespace(interval=300.0, wake_at=woken.append),
+                               notifier=SimpleNamespace(event=told.append))
+    actor = ed.Actor(deployer)
+    leader_missing = ed.Release("wait", "its wave's leader api does not run it yet")
+    with caplog.at_level("INFO", logger="ecr-deploy"):
+        for i in (0, 1, 2, 3, 3, 0):
+            actor.not_released({"ID": f"svc{i}", "Spec": {"Name": f"web{i}"}}, "r/app:latest@sha256:" + "a" * 64,
+                               leader_missing)
+    said = [r.getMessage().split()[1] for r in caplog.records]
+    assert said == ["web0", "web1", "web2", "web3", "web0"]  # web3 said once; web0 forgotten, so said again
+    assert len(told) == 5
+    assert [len(m) for m in (actor.reported_waits, actor.recheck_after)] == [3, 3]
+    assert list(actor.reported_waits) == [(f"svc{i}", "r/app:latest@sha256:" + "a" * 64) for i in (2, 3, 0)]
+    for memory in (actor.reported_blocked, actor.reported_held):
+        for i in range(5):
+            memory.add((f"svc{i}", "img"))
+        assert list(memory) == [("svc2", "img"), ("svc3", "img"), ("svc4", "img")]
+
+
+def test_a_fault_proxy_keeps_the_last_bodies_only_and_says_when_asked_for_more(monkeypatch):
+    """rig.faults.FaultProxy records every request's body; the rig's ECR endpoint lives as long as the whole
+    suite, so it keeps the last BODIES_KEPT: `mark = len(bodies)` ... `bodies[mark:]` still reads what came
+    since, and a mark older than that fails loudly rather than reading less than was sent."""
+    import rig.faults
+    monkeypatch.setattr(rig.faults, "BODIES_KEPT", 3)
+    proxy = FaultProxy("http://127.0.0.1:9")  # answers every request itself: no upstream needed
+    proxy.rule = lambda key: 200
+    try:
+        with requests.Session() as http:
+            for n in range(5):
+                http.post(proxy.url + "/sent", data=str(n).encode(), timeout=10).raise_for_status()
+    finally:
+        proxy.close()
+    assert len(proxy.seen) == len(proxy.bodies) == 5
+    assert proxy.bodies[2:] == list(proxy.bodies) == [("POST /sent", str(n).encode()) for n in (2, 3, 4)]
+    assert proxy.bodies[4:] == [("POST /sent", b"4")]
+    with pytest.raises(IndexError):
+        proxy.bodies[1:]
+    del proxy.bodies[:]
+    assert len(proxy.bodies) == 0 and proxy.bodies[0:] == []
 
 
 def test_a_runs_message_sums_it_up_with_one_line_per_event():
@@ -8399,6 +8854,297 @@ def test_an_archived_running_digest_is_restored_on_request_and_status_follows_it
     assert state() == (4, {"running": "restoring"})
     aws.front.restores_done()  # ECR restores within minutes
     assert state() == (0, {"running": "ok"})
+
+
+def test_protection_tags_name_the_service_within_ecrs_tag_grammar_and_touch_only_the_prefixs_own():
+    assert ed.protection_tag("sw1", "web", "running") == "sw1.web"
+    assert ed.protection_tag("sw1", "web", "rollback") == "sw1.web.prev"
+    odd, long_ = ed.protection_tag("sw1", "a/b c", "running"), ed.protection_tag("p" * 40, "x" * 300, "rollback")
+    assert re.fullmatch(r"sw1\.a-b-c-[0-9a-f]{10}", odd) and odd != ed.protection_tag("sw1", "a/b_c", "running")
+    assert len(long_) == 128 and long_.endswith(".prev") and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", long_)
+    assert long_ != ed.protection_tag("p" * 40, "x" * 299, "rollback")  # cut short, still told apart
+    assert [ed.is_protection_tag("sw1", t) for t in ("sw1.web", "sw1.web.prev", "sw1-eu.web", "sw1.a.b", "sw1", "v1")] \
+        == [True, True, False, False, False, False]
+    moves, removals = ed.protection_changes(
+        "sw1", {"sw1.web": DIGEST_B, "sw1.web.prev": DIGEST_A}, {"sw1.web", "sw1.web.prev", "sw1.api"},
+        {"sw1.web": DIGEST_A, "sw1.api": DIGEST_A, "sw1.gone": DIGEST_A, "sw2.gone": DIGEST_A, "latest": DIGEST_A})
+    assert moves == {"sw1.web": DIGEST_B, "sw1.web.prev": DIGEST_A}  # sw1.api: its image not taggable now, left
+    assert removals == ["sw1.gone"]  # never another prefix's, never someone else's tag
+
+
+def test_a_protection_tag_that_is_the_last_tag_of_an_image_in_use_is_never_removed():
+    """ECR deletes an image with its last tag (the Amazon ECR API Reference, BatchDeleteImage). A tag of the
+    prefix that no service names (sw1.web.prev after a rollback left no PreviousSpec) sits on the digest web
+    runs, whose own tag could not be put (a tag-immutable repository refused the move, or the image was
+    archived): removing it would delete that image. It stays until the image holds another tag; a tag on an
+    image no service uses goes, as does one whose image keeps another tag."""
+    tags = {"sw1.web.prev": DIGEST_A, "sw1.web": DIGEST_B, "sw1.gone": DIGEST_B, "sw1.old": "sha256:" + "c" * 64}
+    named, in_use = {"sw1.web"}, {DIGEST_A, DIGEST_B}
+    assert ed.protection_removals("sw1", tags, named, in_use) == ["sw1.gone", "sw1.old"]
+    assert ed.protection_removals("sw1", {**tags, "v3": DIGEST_A}, named, in_use) == ["sw1.gone", "sw1.old",
+                                                                                      "sw1.web.prev"]
+    both = {"sw1.a": DIGEST_A, "sw1.b": DIGEST_A}  # two unnamed tags on an image in use: one of them stays
+    assert ed.protection_removals("sw1", both, set(), {DIGEST_A}) == ["sw1.a"]
+    assert ed.protection_changes("sw1", {"sw1.web": DIGEST_A}, {"sw1.web"}, {"sw1.web.prev": DIGEST_A}, {DIGEST_A}) \
+        == ({"sw1.web": DIGEST_A}, ["sw1.web.prev"])  # once moved there, the other tag holds the image
+
+
+def test_lifecycle_findings_name_the_rule_that_would_take_an_image_in_use():
+    policy = json.dumps({"rules": [{"rulePriority": 3, "description": "keep 5\nreleases", "selection": {},
+                                    "action": {"type": "expire"}}]})
+    results = [{"imageDigest": DIGEST_A, "appliedRulePriority": 3, "action": {"type": "EXPIRE"}},
+               {"imageDigest": DIGEST_B, "appliedRulePriority": 4, "action": {"type": "TRANSITION",
+                                                                             "targetStorageClass": "ARCHIVE"}},
+               {"imageDigest": "sha256:" + "c" * 64, "appliedRulePriority": 3, "action": {"type": "EXPIRE"}}]
+    found = ed.lifecycle_findings(policy, results, {DIGEST_A: [("web", "rollback")], DIGEST_B: [("api", "running")]},
+                                  "team/web in ECR (1, r)")
+    assert [name for name, _ in found] == ["web", "api"]
+    assert 'its rollback target, team/web in ECR (1, r)@aaaaaaaaaaaa: the lifecycle rule of priority 3 ("keep 5 ' \
+           'releases") would expire it' in found[0][1]
+    assert "the lifecycle rule of priority 4 would archive it" in found[1][1]
+
+
+def test_the_rigs_lifecycle_preview_evaluates_rules_as_ecr_documents():
+    """rig.aws.preview_results: an image a higher-priority rule's tags select is never taken by a lower one;
+    imageCountMoreThan keeps the youngest (the Amazon ECR User Guide, Automate the cleanup of images by using
+    lifecycle policies, Lifecycle policy evaluation rules)."""
+    from rig.aws import preview_results
+    images = [{"imageDigest": d, "imageTags": tags, "imagePushedAt": at}
+              for d, tags, at in ((DIGEST_A, ["v1", "keep.web"], 1.0), (DIGEST_B, ["v2"], 2.0),
+                                  ("sha256:" + "c" * 64, ["v3"], 3.0))]
+    rule = {"rulePriority": 2, "selection": {"tagStatus": "tagged", "tagPrefixList": ["v"],
+                                             "countType": "imageCountMoreThan", "countNumber": 1},
+            "action": {"type": "expire"}}
+    assert [(r["imageDigest"], r["appliedRulePriority"]) for r in preview_results({"rules": [rule]}, images, {}, 9)] \
+        == [(DIGEST_B, 2), (DIGEST_A, 2)]
+    keep = {"rulePriority": 1, "selection": {"tagStatus": "tagged", "tagPrefixList": ["keep."],
+                                             "countType": "imageCountMoreThan", "countNumber": 9999},
+            "action": {"type": "expire"}}
+    assert [r["imageDigest"] for r in preview_results({"rules": [rule, keep]}, images, {}, 9)] == [DIGEST_B]
+
+
+def test_protection_tags_follow_three_deploys_and_go_with_the_service(aws, images, clean_swarm):
+    """--protect-tag-prefix sw1: after each pass ECR has sw1.SERVICE on the digest the service runs and
+    sw1.SERVICE.prev on its rollback target (read back from ECR). The digest a deploy leaves behind loses its
+    tag and stays in ECR, untagged; an image another tag holds keeps that tag. When the service goes, its tags
+    go, by BatchDeleteImage of each tag alone (moto answers it as the Amazon ECR API Reference, BatchDeleteImage,
+    documents: the tag removed, the image only with its last tag): the images stay with their other tags, and
+    another swarm's tag (sw2.) is never touched."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region, host = registry.account, registry.region, registry.host
+    ecr, repo = aws.client("ecr", region), images.new_repository()
+    v1, v2, v3 = (aws.put_image(account, region, repo, "ci", version) for version in ("v1", "v2", "v3"))  # ci moves
+
+    def tag(digest: str, name: str) -> None:
+        manifest = ecr.batch_get_image(repositoryName=repo, imageIds=[{"imageDigest": digest}])["images"][0]
+        ecr.put_image(repositoryName=repo, imageManifest=manifest["imageManifest"], imageTag=name, imageDigest=digest)
+
+    def tags() -> dict:
+        return {d["imageDigest"]: sorted(d.get("imageTags") or []) for d in ecr.describe_images(
+            repositoryName=repo)["imageDetails"]}
+
+    def reconcile() -> None:
+        run = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)
+        assert run.returncode == 0, run.stderr
+
+    tag(v2, "release")
+    sid = swarm.create_service("guarded", f"{host}/{repo}@{v1}", replicas=0)
+    swarm.create_service("bystander", f"{host}/{repo}@{v3}", replicas=0)
+    env = deployer_env(aws, swarm, DEPLOYER_QUEUE="", DEPLOYER_PROTECT_TAG_PREFIX="sw1")
+    reconcile()
+    assert tags() == {v1: ["sw1.guarded"], v2: ["release"], v3: ["ci", "sw1.bystander"]}
+    swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=f"{host}/{repo}@{v2}"))
+    reconcile()
+    assert tags() == {v1: ["sw1.guarded.prev"], v2: ["release", "sw1.guarded"], v3: ["ci", "sw1.bystander"]}
+    swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=f"{host}/{repo}@{v3}"))
+    reconcile()
+    assert tags() == {v1: [], v2: ["release", "sw1.guarded.prev"], v3: ["ci", "sw1.bystander", "sw1.guarded"]}
+
+    tag(v1, "sw2.guarded")  # another swarm's, sharing the repository
+    swarm.call("DELETE", f"/services/{sid}")
+    sent = len(aws.front.proxy.bodies)
+    reconcile()
+    assert tags() == {v1: ["sw2.guarded"], v2: ["release"], v3: ["ci", "sw1.bystander"]}
+    deleted = [json.loads(body) for key, body in aws.front.proxy.bodies[sent:] if key.endswith("BatchDeleteImage")]
+    assert sorted(json.dumps(d["imageIds"]) for d in deleted) == [json.dumps([{"imageTag": "sw1.guarded"}]),
+                                                                  json.dumps([{"imageTag": "sw1.guarded.prev"}])]
+
+
+def test_protection_tags_of_a_service_another_deployer_of_the_swarm_keeps_stay_with_the_image_it_runs(
+        aws, images, clean_swarm):
+    """Two deployers of one swarm, one prefix, each its --filter-label (the prefix names the swarm): team a's
+    deployer leaves sw1.theirs, which team b's keeps on the digest `theirs` runs, though none of its own
+    services names it. That digest's only tag is sw1.theirs (ci moved on), and ECR deletes an image with its
+    last tag (BatchDeleteImage; moto answers so): removing the tag would delete the image a running service
+    pulls at its next reschedule. Once `theirs` is gone from the swarm, either deployer removes its tag."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region, host = registry.account, registry.region, registry.host
+    ecr, repo = aws.client("ecr", region), images.new_repository()
+    v1, v2 = (aws.put_image(account, region, repo, "ci", version) for version in ("v1", "v2"))  # v1: untagged
+
+    def tags() -> dict:
+        return {d["imageDigest"]: sorted(d.get("imageTags") or []) for d in ecr.describe_images(
+            repositoryName=repo)["imageDetails"]}
+
+    def reconcile(team: str) -> None:
+        run = ed_run([sys.executable, DEPLOYER, "--reconcile", "--filter-label", f"team={team}"], env)
+        assert run.returncode == 0, run.stderr
+
+    theirs = swarm.create_service("theirs", f"{host}/{repo}@{v1}", labels={"team": "b"}, replicas=0)
+    swarm.create_service("mine", f"{host}/{repo}@{v2}", labels={"team": "a"}, replicas=0)
+    env = deployer_env(aws, swarm, DEPLOYER_QUEUE="", DEPLOYER_PROTECT_TAG_PREFIX="sw1")
+    reconcile("b")
+    assert tags() == {v1: ["sw1.theirs"], v2: ["ci"]}
+    reconcile("a")
+    assert tags() == {v1: ["sw1.theirs"], v2: ["ci", "sw1.mine"]}  # theirs' image still in ECR, tagged
+    swarm.call("DELETE", f"/services/{theirs}")
+    reconcile("a")
+    assert tags() == {v2: ["ci", "sw1.mine"]}  # its last tag removed: the image no service runs goes with it
+
+
+def test_protection_tags_the_role_may_not_put_are_said_once_and_do_not_fail_the_pass(aws, images, clean_swarm):
+    """A repository where the role may read but not tag (another account's, whose repository policy grants
+    pulls only): ECR answers PutImage AccessDeniedException. Waiting will not help, so the pass says it
+    once, with the grants that fix it, and is not a failed pass (a cron --reconcile exits 0, a loop does
+    not retry it every minute), as the pass's version lookups treat a denied repository."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region, host = registry.account, registry.region, registry.host
+    repo = images.new_repository()
+    v1 = aws.put_image(account, region, repo, "v1", "v1")
+    swarm.create_service("pulled", f"{host}/{repo}@{v1}", replicas=0)
+    proxy = FaultProxy(aws.url)
+    proxy.rule = lambda key: (400, {"__type": "AccessDeniedException", "message": "not authorized to perform: "
+                                    "ecr:PutImage"}) if key.endswith(".PutImage") else None
+    try:
+        run = ed_run([sys.executable, DEPLOYER, "--reconcile"], deployer_env(
+            aws, swarm, DEPLOYER_QUEUE="", DEPLOYER_PROTECT_TAG_PREFIX="sw1", AWS_ENDPOINT_URL=proxy.url))
+    finally:
+        proxy.close()
+    assert run.returncode == 0, run.stderr
+    said = [line for line in run.stderr.splitlines() if " ERROR " in line]
+    assert len(said) == 1 and f"cannot tag {repo}@{v1} as sw1.pulled" in said[0] and "AccessDeniedException" \
+        in said[0] and f"none are kept in {repo} (grant ecr:ListImages, ecr:PutImage" in said[0], run.stderr
+
+
+def test_protection_tags_in_a_tag_immutable_repository_say_once_how_to_let_them_move(aws, images, clean_swarm):
+    """A tag-immutable repository refuses to move sw1.SERVICE (the rig's ECR answers as documented:
+    ImageTagAlreadyExistsException): a loop-mode deployer says once, over several passes, the command that
+    excludes the prefix (IMMUTABLE_WITH_EXCLUSION, filter sw1.*), as promotion does for its tag; with it the
+    next pass moves the tag."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region, host = registry.account, registry.region, registry.host
+    ecr, repo = aws.client("ecr", region), images.new_repository()
+    v1, v2 = (aws.put_image(account, region, repo, version, version) for version in ("v1", "v2"))
+    ecr.put_image_tag_mutability(repositoryName=repo, imageTagMutability="IMMUTABLE")
+    sid = swarm.create_service("frozen", f"{host}/{repo}@{v1}", replicas=0)
+    env = deployer_env(aws, swarm, DEPLOYER_QUEUE="", DEPLOYER_PROTECT_TAG_PREFIX="sw1")
+    first = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)
+    assert first.returncode == 0 and f"Protection tag {repo}:sw1.frozen now on {v1[7:19]}" in first.stderr, first.stderr
+    swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=f"{host}/{repo}@{v2}"))
+    running = Running({**env, "DEPLOYER_LOG_LEVEL": "DEBUG"}, "--queue", aws.new_queue(), "--reconcile-every", "1s",
+                      "--auth-refresh", "0")
+    try:
+        running.wait_line("Reconcile pass: no service follows an ECR tag", count=2)
+    finally:
+        assert running.stop() == 0
+    said = [line for line in running.lines if "Protection tags: ECR refuses to move :sw1.*" in line]
+    assert len(said) == 1, running.log
+    assert (f"--repository-name {repo} --image-tag-mutability IMMUTABLE_WITH_EXCLUSION "
+            f"--image-tag-mutability-exclusion-filters filterType=WILDCARD,filter=sw1.*`") in said[0]
+    ecr.put_image_tag_mutability(repositoryName=repo, imageTagMutability="IMMUTABLE_WITH_EXCLUSION",
+                                 imageTagMutabilityExclusionFilters=[{"filterType": "WILDCARD", "filter": "sw1.*"}])
+    fixed = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)
+    assert fixed.returncode == 0, fixed.stderr
+    assert {d["imageDigest"]: sorted(d.get("imageTags") or []) for d in ecr.describe_images(
+        repositoryName=repo)["imageDetails"]} == {v1: ["sw1.frozen.prev", "v1"], v2: ["sw1.frozen", "v2"]}
+
+
+def test_the_lifecycle_lint_names_the_rule_that_would_expire_images_in_use_until_protection_tags_retain_them(
+        aws, images, clean_swarm):
+    """A rule keeping only the newest v* image would expire the digest a service runs and its rollback
+    target: --lint-lifecycle names them and the rule (priority, description) and exits 5, --status
+    --lint-lifecycle says so in the row (exit 5); ECR's preview decides (the rig answers Start- and
+    GetLifecyclePolicyPreview as the Amazon ECR API Reference documents: see rig.aws.EcrAsDocumented). With
+    protection tags and a rule of the highest priority retaining their prefix, the lint finds nothing (exit 0)."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region, host = registry.account, registry.region, registry.host
+    ecr, repo = aws.client("ecr", region), images.new_repository()
+    v1, v2, _ = (aws.put_image(account, region, repo, version, version) for version in ("v1", "v2", "v3"))
+    sid = swarm.create_service("linted", f"{host}/{repo}@{v1}", replicas=0)
+    swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=f"{host}/{repo}@{v2}"))
+    env = deployer_env(aws, swarm, DEPLOYER_QUEUE="")
+
+    def lint() -> subprocess.CompletedProcess:
+        return ed_run([sys.executable, DEPLOYER, "--lint-lifecycle"], env)
+
+    clean = lint()
+    assert (clean.returncode, clean.stdout) == (0, "No lifecycle rule would expire or archive an image a service "
+                                                   "runs or rolls back to\n"), clean.stderr  # no policy at all
+    newest = {"rulePriority": 2, "description": "only the newest release", "action": {"type": "expire"},
+              "selection": {"tagStatus": "tagged", "tagPrefixList": ["v"], "countType": "imageCountMoreThan",
+                            "countNumber": 1}}
+    ecr.put_lifecycle_policy(repositoryName=repo, lifecyclePolicyText=json.dumps({"rules": [newest]}))
+    sent = len(aws.front.proxy.bodies)
+    found = lint()
+    assert found.returncode == 5, found.stdout + found.stderr
+    asked = [key.rpartition(".")[2] for key, _ in aws.front.proxy.bodies[sent:] if "LifecyclePolic" in key]
+    assert asked == ["GetLifecyclePolicy", "StartLifecyclePolicyPreview", "GetLifecyclePolicyPreview",
+                     "GetLifecyclePolicyPreview"]  # IN_PROGRESS first, as ECR's: polled until COMPLETE
+    lines = found.stdout.splitlines()
+    rule = 'the lifecycle rule of priority 2 ("only the newest release") would expire it'
+    assert len(lines) == 2 and all(line.startswith("Service linted: ") and rule in line for line in lines), lines
+    assert f"the digest it runs, {repo} in ECR ({account}, {region})@{v2[7:19]}" in found.stdout
+    assert f"its rollback target, {repo} in ECR ({account}, {region})@{v1[7:19]}" in found.stdout
+    shown = status(env, "--json", "--lint-lifecycle")
+    assert shown.returncode == 5, shown.stdout + shown.stderr
+    row = json.loads(shown.stdout)[0]
+    assert row["images"] == {"running": "ok", "rollback": "ok"} and len(row["lifecycle"]) == 2
+    assert rule in row["reason"]
+
+    keep = {"rulePriority": 1, "description": "what services run", "action": {"type": "expire"},
+            "selection": {"tagStatus": "tagged", "tagPrefixList": ["sw1."], "countType": "imageCountMoreThan",
+                          "countNumber": 10000}}
+    ecr.put_lifecycle_policy(repositoryName=repo, lifecyclePolicyText=json.dumps({"rules": [keep, newest]}))
+    protected = ed_run([sys.executable, DEPLOYER, "--reconcile", "--protect-tag-prefix", "sw1"], env)
+    assert protected.returncode == 0, protected.stderr
+    retained = lint()
+    assert retained.returncode == 0, retained.stdout + retained.stderr
+
+
+def test_a_tag_whose_image_is_archived_is_not_a_tag_gone(aws, images, clean_swarm):
+    """Tag lookups ask DescribeImages of every storage class (filter imageStatus ANY; the Amazon ECR API
+    Reference, DescribeImagesFilter: "If not specified, only images with ACTIVE status are returned"): a
+    service that follows :latest, whose image a lifecycle rule archived, is current (its image archived:
+    exit 5), not following "a tag gone from ECR"."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = aws.put_image(registry.account, registry.region, repo, "latest", "v1")
+    swarm.create_service("arch-follow", f"{registry.host}/{repo}:latest@{v1}", replicas=0)
+    aws.client("ecr", registry.region).update_image_storage_class(
+        registryId=registry.account, repositoryName=repo, imageId={"imageDigest": v1}, targetStorageClass="ARCHIVE")
+    run = status(deployer_env(aws, swarm, DEPLOYER_QUEUE=""), "--json")
+    (row,) = json.loads(run.stdout)
+    assert (run.returncode, row["state"], row["images"]) == (5, "current", {"running": "archived"}), row
+
+
+def test_the_lifecycle_lint_does_not_say_none_when_ecr_could_not_be_asked(aws, images, clean_swarm):
+    """GetLifecyclePolicy refused (AccessDeniedException): --lint-lifecycle exits 1 and its result on stdout
+    does not read as "no rule would take an image" (what a script reading it would take for all clear)."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    v1 = aws.put_image(registry.account, registry.region, repo, "v1", "v1")
+    swarm.create_service("unlinted", f"{registry.host}/{repo}@{v1}", replicas=0)
+    proxy = FaultProxy(aws.url)
+    proxy.rule = lambda key: (400, {"__type": "AccessDeniedException", "message": "not granted"}) \
+        if key.endswith(".GetLifecyclePolicy") else None
+    try:
+        run = ed_run([sys.executable, DEPLOYER, "--lint-lifecycle"],
+                     deployer_env(aws, swarm, DEPLOYER_QUEUE="", AWS_ENDPOINT_URL=proxy.url))
+    finally:
+        proxy.close()
+    assert run.returncode == 1 and f"cannot read the lifecycle policy of {repo}" in run.stderr, run.stderr
+    assert run.stdout == ("No lifecycle rule would expire or archive an image a service runs or rolls back to in "
+                          "the repositories ECR answered for; 1 could not be asked (the ERROR lines say why)\n")
 
 
 def test_the_rigs_ecr_moves_images_between_storage_classes_as_ecr_documents(aws):

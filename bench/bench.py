@@ -55,9 +55,9 @@ FULL = {"latency_pushes": 30, "latency_interval": 1.0, "scale_services": 1000, "
         "memory_messages": 5000, "notify_pushes": 10, "notify_rounds": 3,
         "reconcile_services": 1000, "reconcile_repositories": 100,
         "versions": ((1000, 100, 100), (1000, 10, 1000)), "push_cost_tags": 1000}
-SHORT = {"latency_pushes": 5, "latency_interval": 0.3, "scale_services": 100, "burst_images": 5,
+SHORT = {"latency_pushes": 5, "latency_interval": 0.3, "scale_services": 50, "burst_images": 5,
          "burst_pushes_per_image": 4, "idle_seconds": 21, "side_services": 5, "fan_out_rounds": 2, "cold_runs": 2,
-         "memory_messages": 400, "notify_pushes": 3, "notify_rounds": 1,
+         "memory_messages": 200, "notify_pushes": 3, "notify_rounds": 1,
          "reconcile_services": 50, "reconcile_repositories": 5,
          "versions": ((20, 2, 10), (4, 1, 30)), "push_cost_tags": 10}
 FILLER_REPOSITORIES = 10  # the scale measurement's other services run images of this many repositories
@@ -356,25 +356,39 @@ def measure_reconcile(aws, images, swarm, workdir, n_services: int, n_repositori
     created = in_parallel(swarm, lambda own, spec: own.create_service(*spec, replicas=0), specs)
     result = {"services": len(specs), "repositories": n_repositories, "tags": n_repositories * tags_per_repository}
 
-    def one_pass() -> dict:
+    def one_pass(mode: str = "--reconcile", expect: int = 0, **env) -> dict:
         aws_proxy = FaultProxy(aws.url)
         docker_proxy = FaultProxy(swarm.base, unix_path=str(workdir / f"bench-{uuid.uuid4().hex[:6]}.sock"))
         try:
             started = time.monotonic()
-            run = subprocess.run([sys.executable, str(ROOT / "ecr_deploy.py"), "--reconcile"], capture_output=True,
+            run = subprocess.run([sys.executable, str(ROOT / "ecr_deploy.py"), mode], capture_output=True,
                                  text=True, timeout=600, env=deployer_env(aws, swarm, AWS_ENDPOINT_URL=aws_proxy.url,
-                                                                          DOCKER_HOST=docker_proxy.url))
+                                                                          DOCKER_HOST=docker_proxy.url, **env))
             wall = time.monotonic() - started
         finally:
             aws_proxy.close()
             docker_proxy.close()
-        assert run.returncode == 0, run.stderr
+        assert run.returncode == expect, run.stdout + run.stderr
         aws_calls, docker_calls = counted(aws_proxy.seen), counted(docker_proxy.seen)
         return {"wall_s": round(wall, 2), "describe_images": aws_calls["DescribeImages"],
-                "aws_calls": sum(aws_calls.values()), "docker_calls": sum(docker_calls.values()),
+                "aws_calls": sum(aws_calls.values()), "aws_calls_by_kind": dict(aws_calls),
+                "docker_calls": sum(docker_calls.values()),
                 "docker_calls_by_kind": dict(docker_calls), "updates": len(updated_lines(run.stderr))}
 
     result["current"] = one_pass()
+    # Protection tags: the first pass tags every running digest (a PutImage and its BatchGetImage each), the
+    # next ones find them in place (one ListImages per repository, shared with the tag lookups).
+    result["protect_first"] = one_pass(DEPLOYER_PROTECT_TAG_PREFIX="bench")
+    result["protect_steady"] = one_pass(DEPLOYER_PROTECT_TAG_PREFIX="bench")
+    # The lifecycle lint (on request, not a pass): a policy on every repository that would expire none of
+    # the digests in use, so that ECR's preview is asked and answers with nothing to say.
+    ecr = aws.client("ecr", region)
+    policy = json.dumps({"rules": [{"rulePriority": 1, "description": "untagged after 30 days", "action": {
+        "type": "expire"}, "selection": {"tagStatus": "untagged", "countType": "sinceImagePushed",
+                                         "countUnit": "days", "countNumber": 30}}]})
+    for repo in {spec[1].split("/", 1)[1].split(":")[0] for spec in specs}:
+        ecr.put_lifecycle_policy(registryId=account, repositoryName=repo, lifecyclePolicyText=policy)
+    result["lint"] = one_pass("--lint-lifecycle")
     for repo, tag in moved:
         aws.put_image(account, region, repo, tag, f"{repo}-{tag}-v2")
     result["behind"] = one_pass()
@@ -621,6 +635,13 @@ TARGETS = [  # (section, key, comparison, target, label)
     ("reconcile", "wall_current_s", None, None, "reconcile pass, all current: wall (s)"),
     ("reconcile", "updates_behind", "==", "services_behind", "reconcile pass, a tenth moved: updates"),
     ("reconcile", "wall_behind_s", None, None, "reconcile pass, a tenth moved: wall (s)"),
+    ("reconcile", "protect_first_puts", "==", "services", "protection tags, first pass: PutImage"),
+    ("reconcile", "protect_first_wall_s", None, None, "protection tags, first pass: wall (s)"),
+    # in place: one ListImages per repository more, nothing put
+    ("reconcile", "protect_steady_extra_calls", "==", "repositories", "protection tags, in place: AWS calls more"),
+    ("reconcile", "protect_steady_wall_s", None, None, "protection tags, in place: wall (s)"),
+    ("reconcile", "lint_calls", "==", "lint_calls_expected", "--lint-lifecycle: ECR calls"),
+    ("reconcile", "lint_wall_s", None, None, "--lint-lifecycle: wall (s)"),
     # services that follow versions: one paged ListImages per repository, whatever the number of services
     ("versions_many", "list_images_current", "==", "list_images_expected", "versions pass A: ListImages"),
     ("versions_many", "describe_images_current", "==", "repositories", "versions pass A, current: DescribeImages"),
@@ -655,6 +676,8 @@ TARGETS = [  # (section, key, comparison, target, label)
 def verdicts(report: dict) -> list[tuple[str, object, str, str]]:
     rows = []
     for section, key, op, target, label in TARGETS:
+        if section not in report:  # (--only-reconcile)
+            continue
         value = report[section][key]
         if isinstance(target, str):
             target = report[section][target]
@@ -663,6 +686,39 @@ def verdicts(report: dict) -> list[tuple[str, object, str, str]]:
               None: lambda: True}[op]()
         rows.append((label, value, f"{op} {target}" if op else "", "ok" if ok else "MISSED"))
     return rows
+
+
+def reconcile_report(aws, images, swarm, workdir, sizes: dict) -> dict:
+    reconcile = measure_reconcile(aws, images, swarm, workdir, sizes["reconcile_services"],
+                                  sizes["reconcile_repositories"])
+    return {**reconcile, "describe_images_current": reconcile["current"]["describe_images"],
+            "describe_images_expected": 2 * reconcile["repositories"],
+            "docker_calls_current": reconcile["current"]["docker_calls"],
+            "wall_current_s": reconcile["current"]["wall_s"],
+            "updates_behind": reconcile["behind"]["updates"],
+            "services_behind": reconcile["behind"]["services_behind"],
+            "wall_behind_s": reconcile["behind"]["wall_s"],
+            "protect_first_puts": reconcile["protect_first"]["aws_calls_by_kind"].get("PutImage", 0),
+            "protect_first_wall_s": reconcile["protect_first"]["wall_s"],
+            "protect_steady_extra_calls": reconcile["protect_steady"]["aws_calls"]
+            - reconcile["current"]["aws_calls"],
+            "protect_steady_wall_s": reconcile["protect_steady"]["wall_s"],
+            # per repository: GetLifecyclePolicy, StartLifecyclePolicyPreview, GetLifecyclePolicyPreview twice
+            # (the rig's preview, as ECR's, is IN_PROGRESS when first asked; a second later COMPLETE)
+            "lint_calls": reconcile["lint"]["aws_calls"],
+            "lint_calls_expected": 4 * reconcile["repositories"],
+            "lint_wall_s": reconcile["lint"]["wall_s"]}
+
+
+def run_reconcile(aws, registries, images, swarm, workdir, sizes: dict) -> dict:
+    """--only-reconcile: the machine, the reconcile section, its targets."""
+    version = swarm.get("/version")
+    report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
+                          "docker": {"engine": swarm.engine.name, "version": version["Version"],
+                                     "api": version["ApiVersion"]}},
+              "sizes": sizes, "reconcile": reconcile_report(aws, images, swarm, workdir, sizes)}
+    report["targets"] = [dict(zip(("measure", "value", "target", "verdict"), row)) for row in verdicts(report)]
+    return report
 
 
 def run(aws, registries, images, swarm, workdir, sizes: dict) -> dict:
@@ -686,15 +742,7 @@ def run(aws, registries, images, swarm, workdir, sizes: dict) -> dict:
     report["side_by_side"] = measure_side_by_side(aws, images, swarm, events, workdir, sizes["side_services"],
                                                   sizes["fan_out_rounds"])
     swarm.remove_all_services()
-    reconcile = measure_reconcile(aws, images, swarm, workdir, sizes["reconcile_services"],
-                                  sizes["reconcile_repositories"])
-    report["reconcile"] = {**reconcile, "describe_images_current": reconcile["current"]["describe_images"],
-                           "describe_images_expected": 2 * reconcile["repositories"],
-                           "docker_calls_current": reconcile["current"]["docker_calls"],
-                           "wall_current_s": reconcile["current"]["wall_s"],
-                           "updates_behind": reconcile["behind"]["updates"],
-                           "services_behind": reconcile["behind"]["services_behind"],
-                           "wall_behind_s": reconcile["behind"]["wall_s"]}
+    report["reconcile"] = reconcile_report(aws, images, swarm, workdir, sizes)
     swarm.remove_all_services()
     report.update(versions_report(aws, images, swarm, workdir, sizes))
     swarm.remove_all_services()
@@ -738,6 +786,8 @@ def table(report: dict) -> str:
              f"{'measure':42} {'value':>10}  {'target':>10}  verdict"]
     for row in report["targets"]:
         lines.append(f"{row['measure']:42} {row['value']!s:>10}  {row['target']:>10}  {row['verdict']}")
+    if "burst" not in report:  # (--only-reconcile)
+        return "\n".join(lines + [reconcile_line(report["reconcile"])])
     burst = report["burst"]
     lines.append(f"burst calls: AWS {burst['aws_calls']}; Docker {burst['docker_calls']}")
     lines.append(f"burst time upstream (s): {burst['upstream_seconds']}; deployer CPU {burst['deployer_cpu_s']} s")
@@ -751,10 +801,7 @@ def table(report: dict) -> str:
                  f"ms without a target, {notify['max_one_ms']} ms with one answering after {notify['sink_delay_s']} s; "
                  f"{notify['messages']} message(s) to it; memory at the end {notify['memory_one_rss_at_end_mib']} MiB "
                  f"with it, {report['memory']['rss_at_end_mib']} MiB without")
-    reconcile = report["reconcile"]
-    lines.append(f"reconcile pass over {reconcile['services']} services, {reconcile['tags']} tags in "
-                 f"{reconcile['repositories']} repositories: all current {reconcile['current']}; "
-                 f"a tenth moved {reconcile['behind']}")
+    lines.append(reconcile_line(report["reconcile"]))
     for name in ("versions_many", "versions_long"):
         versions = report[name]
         lines.append(f"versions pass over {versions['services']} services, {versions['repositories']} repositories of "
@@ -766,10 +813,19 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def reconcile_line(reconcile: dict) -> str:
+    return (f"reconcile pass over {reconcile['services']} services, {reconcile['tags']} tags in "
+            f"{reconcile['repositories']} repositories: all current {reconcile['current']}; "
+            f"a tenth moved {reconcile['behind']}; protection tags, first pass {reconcile['protect_first']}, "
+            f"in place {reconcile['protect_steady']}; --lint-lifecycle {reconcile['lint']}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--short", action="store_true", help="few iterations (CI)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--only-reconcile", action="store_true",
+                        help="only the reconcile pass's measures (the checks of the images services run)")
     parser.add_argument("--engine", choices=("current", "bookworm"), default="current",
                         help="the Docker to run on: Debian unstable's (28, unpacked in .rig/) or the host's own "
                              "dockerd (bookworm's 20.10); default: %(default)s")
@@ -786,8 +842,8 @@ def main() -> int:
         aws = Aws(workdir)
         with serving_registries(workdir) as registries:
             swarm = Swarm(workdir, engine=engine)
-            report = run(aws, registries, Images(aws, registries), swarm, workdir,
-                         SHORT if args.short else FULL)
+            report = (run_reconcile if args.only_reconcile else run)(aws, registries, Images(aws, registries), swarm,
+                                                                      workdir, SHORT if args.short else FULL)
     finally:
         if swarm:
             swarm.close()

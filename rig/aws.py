@@ -28,6 +28,7 @@ def moto_server_command() -> str | None:
 
 
 ECR_TARGET = "AmazonEC2ContainerRegistry_V20150921."
+LIFECYCLE_PREVIEW_MAX_RESULTS = 100  # GetLifecyclePolicyPreview's maxResults: "can be between 1 and 100"
 CREDENTIAL_REGION = re.compile(r"Credential=[^/]+/[0-9]{8}/([a-z0-9-]+)/")
 
 
@@ -46,6 +47,57 @@ def tag_may_move(repository: dict, tag: str) -> bool:
                    for f in repository.get("imageTagMutabilityExclusionFilters") or [])
     return {"IMMUTABLE": False, "IMMUTABLE_WITH_EXCLUSION": excluded, "MUTABLE_WITH_EXCLUSION": not excluded}.get(
         mutability, True)
+
+
+def tag_selected(selection: dict, tags: list[str]) -> bool:
+    """Does a rule's tag selection take an image with these tags? tagStatus untagged: no tags; any: every
+    image; tagged: every entry of tagPrefixList (or tagPatternList, `*` a wildcard) matched by one of its tags
+    (the Amazon ECR User Guide: "an image is successfully matched if all of the tags in the tagPrefixList
+    value are matched against any of the image's tags")."""
+    status = selection.get("tagStatus")
+    if status == "any":
+        return True
+    if status == "untagged":
+        return not tags
+    prefixes = [p + "*" for p in selection.get("tagPrefixList") or []] + list(selection.get("tagPatternList") or [])
+    return bool(tags) and bool(prefixes) and all(any(wildcard_matches(p, t) for t in tags) for p in prefixes)
+
+
+def preview_results(policy: dict, images: list[dict], statuses: dict[str, str], now: float) -> list[dict]:
+    """The images a lifecycle policy acts on, as the Amazon ECR User Guide says ECR evaluates one: rules by
+    rulePriority, lowest first; an image is acted on by one rule at most; an image a rule's tag selection
+    takes is never acted on by a rule of lower priority (a higher rulePriority); imageCountMoreThan counts the
+    images the rule selects, youngest first by imagePushedAt, and acts on those past the count;
+    sinceImagePushed (countUnit days) on those pushed longer ago. (The rig evaluates these two count types,
+    the ones its tests use; moto refuses policies with the others.)"""
+    def pushed(image):
+        at = image.get("imagePushedAt")  # (a datetime, as boto3 reads moto's answer)
+        return at.timestamp() if hasattr(at, "timestamp") else float(at or 0)
+
+    order = {image["imageDigest"]: n for n, image in enumerate(images)}  # pushed in this order (ties: same second)
+    claimed, results = set(), []
+    for rule in sorted(policy.get("rules") or [], key=lambda r: r["rulePriority"]):
+        selection, action = rule["selection"], rule["action"]
+        storage = (selection.get("storageClass") or "standard").upper()
+        selected = sorted((i for i in images if tag_selected(selection, i.get("imageTags") or [])
+                           and (statuses.get(i["imageDigest"]) == "ARCHIVED") == (storage == "ARCHIVE")),
+                          key=lambda i: (pushed(i), order[i["imageDigest"]]), reverse=True)
+        if selection["countType"] == "imageCountMoreThan":
+            acted = selected[selection["countNumber"]:]
+        elif selection["countType"] == "sinceImagePushed":
+            acted = [i for i in selected if now - pushed(i) > selection["countNumber"] * 86400]
+        else:
+            acted = []
+        for image in acted:
+            if image["imageDigest"] not in claimed:
+                kind = action["type"].upper()
+                results.append({"imageTags": image.get("imageTags") or [], "imageDigest": image["imageDigest"],
+                                "imagePushedAt": pushed(image), "appliedRulePriority": rule["rulePriority"],
+                                "storageClass": "ARCHIVE" if storage == "ARCHIVE" else "STANDARD",
+                                "action": {"type": kind, **({"targetStorageClass": "ARCHIVE"} if kind == "TRANSITION"
+                                                            else {})}})
+        claimed |= {i["imageDigest"] for i in selected}
+    return results
 
 
 class EcrAsDocumented:
@@ -83,7 +135,20 @@ class EcrAsDocumented:
     Elsewhere moto's answer lacks imageStatus, as ECR's did before storage classes (the deployer reads
     none as ACTIVE).
 
-    PutImage moving a tag: see move_tag."""
+    PutImage moving a tag: see move_tag.
+
+    Lifecycle policy previews: moto 5 keeps lifecycle policies (PutLifecyclePolicy, GetLifecyclePolicy: moto's)
+    but has neither StartLifecyclePolicyPreview nor GetLifecyclePolicyPreview. This proxy answers them as the
+    Amazon ECR API Reference documents (StartLifecyclePolicyPreview: request lifecyclePolicyText, optional,
+    "If you do not specify a policy, the current policy for the repository is used"; response status
+    IN_PROGRESS; errors LifecyclePolicyNotFoundException, RepositoryNotFoundException.
+    GetLifecyclePolicyPreview: response status, previewResults of LifecyclePolicyPreviewResult (imageTags,
+    imageDigest, imagePushedAt, action {type EXPIRE | TRANSITION, targetStorageClass}, appliedRulePriority,
+    storageClass), summary, nextToken; request maxResults "between 1 and 100", past it a ValidationException
+    (ECR checks the range; botocore only the minimum); error LifecyclePolicyPreviewNotFoundException), evaluated at once by
+    preview_results, the first Get after a Start answering IN_PROGRESS (ECR takes seconds; the caller must
+    poll), with the evaluation rules of the Amazon
+    ECR User Guide (Automate the cleanup of images by using lifecycle policies, Lifecycle policy evaluation rules)."""
 
     def __init__(self, moto_url: str):
         self.moto_url = moto_url
@@ -92,6 +157,7 @@ class EcrAsDocumented:
         self.url = self.proxy.url
         self.statuses: dict[tuple[str, str, str], str] = {}  # (region, repository, digest) -> ARCHIVED | ACTIVATING
         self.classed: set[tuple[str, str]] = set()  # (region, repository) where an image ever changed class
+        self.previews: dict[tuple[str, str], dict] = {}  # (region, repository) -> the last preview's answer
 
     def answer(self, key: str, headers, body: bytes):
         if key.endswith(" " + ECR_TARGET + "PutImage"):
@@ -102,7 +168,63 @@ class EcrAsDocumented:
             return self.update_image_storage_class(headers, body)
         if key.endswith(" " + ECR_TARGET + "DescribeImages"):
             return self.describe_images(key.split()[1], headers, body)
+        if key.endswith(" " + ECR_TARGET + "StartLifecyclePolicyPreview"):
+            return self.start_lifecycle_policy_preview(headers, body)
+        if key.endswith(" " + ECR_TARGET + "GetLifecyclePolicyPreview"):
+            return self.get_lifecycle_policy_preview(headers, body)
         return None
+
+    def start_lifecycle_policy_preview(self, headers, body: bytes):
+        request = json.loads(body or b"{}")
+        region = CREDENTIAL_REGION.search(headers.get("Authorization") or "")
+        reply_headers = {"Content-Type": "application/x-amz-json-1.1", "x-amzn-RequestId": str(uuid.uuid4())}
+        if not region:
+            return None
+        ecr = boto3.client("ecr", region_name=region[1], endpoint_url=self.moto_url,
+                           aws_access_key_id="testing", aws_secret_access_key="testing")
+        where = {k: request[k] for k in ("registryId", "repositoryName") if request.get(k)}
+        try:
+            policy = request.get("lifecyclePolicyText") or ecr.get_lifecycle_policy(**where)["lifecyclePolicyText"]
+            images = ecr.describe_images(**where)["imageDetails"]  # (moto answers every image at once)
+        except ecr.exceptions.ClientError as e:
+            return 400, {"__type": e.response["Error"]["Code"], "message": e.response["Error"]["Message"]}, \
+                reply_headers
+        statuses = {d["imageDigest"]: self.statuses.get((region[1], d["repositoryName"], d["imageDigest"]), "ACTIVE")
+                    for d in images}
+        results = preview_results(json.loads(policy), images, statuses, time.time())
+        registry = images[0]["registryId"] if images else request.get("registryId", "123456789012")
+        self.previews[(region[1], request["repositoryName"])] = {
+            "registryId": registry, "repositoryName": request["repositoryName"], "lifecyclePolicyText": policy,
+            "status": "IN_PROGRESS", "previewResults": results,
+            "summary": {"expiringImageTotalCount": sum(r["action"]["type"] == "EXPIRE" for r in results)}}
+        return 200, {"registryId": registry, "repositoryName": request["repositoryName"],
+                     "lifecyclePolicyText": policy, "status": "IN_PROGRESS"}, reply_headers
+
+    def get_lifecycle_policy_preview(self, headers, body: bytes):
+        request = json.loads(body or b"{}")
+        region = CREDENTIAL_REGION.search(headers.get("Authorization") or "")
+        reply_headers = {"Content-Type": "application/x-amz-json-1.1", "x-amzn-RequestId": str(uuid.uuid4())}
+        preview = region and self.previews.get((region[1], request.get("repositoryName")))
+        if not preview:
+            return 400, {"__type": "LifecyclePolicyPreviewNotFoundException",
+                         "message": "There is no dry run for this repository"}, reply_headers
+        if preview["status"] == "IN_PROGRESS":  # (the next Get finds it done)
+            preview["status"] = "COMPLETE"
+            return 200, {k: v for k, v in preview.items() if k not in ("previewResults", "summary")} | {
+                "status": "IN_PROGRESS"}, reply_headers
+        results, page = preview["previewResults"], int(request.get("maxResults") or 100)
+        if not 1 <= page <= LIFECYCLE_PREVIEW_MAX_RESULTS:  # (botocore checks only the minimum: ECR the range)
+            return 400, {"__type": "ValidationException", "message": f"1 validation error detected: Value '{page}' at "
+                         f"'maxResults' failed to satisfy constraint: Member must have value less than or equal to "
+                         f"{LIFECYCLE_PREVIEW_MAX_RESULTS}"}, reply_headers
+        if request.get("imageIds"):
+            wanted = {i.get("imageDigest") for i in request["imageIds"]}
+            return 200, {**preview, "previewResults": [r for r in results if r["imageDigest"] in wanted]}, reply_headers
+        start = int(request.get("nextToken") or 0)
+        reply = {**preview, "previewResults": results[start:start + page]}
+        if start + page < len(results):
+            reply["nextToken"] = str(start + page)
+        return 200, reply, reply_headers
 
     def restores_done(self) -> None:
         """ECR has finished restoring every image it was restoring: they are ACTIVE again."""

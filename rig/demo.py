@@ -30,6 +30,8 @@ REGISTRY = Registry("111122223333", "eu-central-1", "127.0.0.9")  # apart from t
 REPOSITORY = "demo/web"
 SERVICE = "web"  # staging: follows :latest, promotes each digest that soaked to :prod
 PRODUCTION = "web-prod"  # follows :prod (in life: another swarm, account or region)
+MIGRATION = "web-migrate"  # a Swarm job that runs on each new digest of web before web rolls (ecr-deploy.before)
+MIGRATE_CMD = ["/bin/busybox", "sh", "-c", 'echo "migrating the database schema to $(cat /version)"; echo done']
 VERSIONED_REPOSITORY = "demo/api"  # tags that never move: 1.0.0, 1.1.0, …
 VERSIONED = "api"  # follows versions: the newest 1.x release (ecr-deploy.versions=semver:^1)
 POLICY = "semver:^1"
@@ -132,7 +134,12 @@ def main() -> int:
         image, production = f"{REGISTRY.host}/{REPOSITORY}:latest", f"{REGISTRY.host}/{REPOSITORY}:prod"
         service_id = swarm.create_service(SERVICE, f"{image}@{v1}", registry=REGISTRY, replicas=2,
                                           update_config={"Parallelism": 1, "Monitor": 3_000_000_000},
-                                          labels={"ecr-deploy.promote": "prod", "ecr-deploy.soak": SOAK})
+                                          labels={"ecr-deploy.promote": "prod", "ecr-deploy.soak": SOAK,
+                                                  "ecr-deploy.before": MIGRATION})
+        migration_id = swarm.create_service(MIGRATION, f"{image}@{v1}", registry=REGISTRY,
+                                            mode={"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}},
+                                            RestartPolicy={"Condition": "none"},
+                                            ContainerSpec={"Image": f"{image}@{v1}", "Init": True, "Command": MIGRATE_CMD})
         production_id = swarm.create_service(PRODUCTION, f"{production}@{v1}", registry=REGISTRY, replicas=1)
         images.new_repository(account=REGISTRY.account, name=VERSIONED_REPOSITORY)
         ecr.put_image_tag_mutability(registryId=REGISTRY.account, repositoryName=VERSIONED_REPOSITORY,
@@ -142,7 +149,8 @@ def main() -> int:
         api_id = swarm.create_service(VERSIONED, api, registry=REGISTRY, replicas=1,
                                       labels={"ecr-deploy.versions": POLICY})
         say(f"Service {SERVICE} (staging) runs {image}@{v1[:19]}… (2 replicas), labelled ecr-deploy.promote=prod "
-            f"ecr-deploy.soak={SOAK};\n    service {PRODUCTION} runs {production} (1 replica);\n    service "
+            f"ecr-deploy.soak={SOAK}\n    and ecr-deploy.before={MIGRATION} (a Swarm job, its migration, runs on each "
+            f"new digest before it rolls);\n    service {PRODUCTION} runs {production} (1 replica);\n    service "
             f"{VERSIONED} runs {api.partition('@')[0]} from a tag-immutable repository, labelled "
             f"ecr-deploy.versions={POLICY}:\n    it follows versions, the newest 1.x release; waiting for their tasks")
         swarm.wait_running(service_id, f"{image}@{v1}", replicas=2)
@@ -167,7 +175,12 @@ def main() -> int:
             f"newest release {POLICY} admits")
         push_version(aws, images, queue_url, "2.0.0")
         push_version(aws, images, queue_url, "1.1.0")
+        deployer.wait_line(f"Started the pre-rollout job {MIGRATION} ")
+        say(f"The migration job {MIGRATION} runs on …@{v2[:19]}… first; {SERVICE} rolls once it has completed")
         deployer.wait_line(f"Updated service {SERVICE} ")
+        migrated = [t for t in swarm.tasks(migration_id) if t["Spec"]["ContainerSpec"]["Image"].endswith(v2)]
+        say(f"{MIGRATION} on …@{v2[:19]}… {migrated[0]['Status']['State'] if migrated else '?'}; "
+            f"{SERVICE} is rolling to it")
         deployer.wait_line(f"Updated service {VERSIONED} ")
         deployer.wait_line(f"Rollout of {SERVICE} ", timeout=120)
         deployer.wait_line(f"Rollout of {VERSIONED} ", timeout=120)

@@ -1,6 +1,7 @@
 """Real HTTP hops that fail or stall chosen requests, in front of moto_server or dockerd."""
 from __future__ import annotations
 
+import collections
 import json
 import socketserver
 import sys
@@ -13,6 +14,45 @@ import requests
 import requests_unixsocket
 
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "host"}
+BODIES_KEPT = 2000  # request bodies a proxy keeps: the ECR endpoint's lives as long as the whole suite
+
+
+class Recent:
+    """The last `kept` items appended, indexed as if none had been dropped: len() counts every item ever
+    appended, so `mark = len(recent)` then `recent[mark:]` is what came since. Asking for items already
+    dropped raises IndexError rather than answering less than was sent."""
+
+    def __init__(self, kept: int):
+        self._items: collections.deque = collections.deque(maxlen=kept)
+        self._dropped, self._lock = 0, threading.Lock()
+
+    def append(self, item) -> None:
+        with self._lock:
+            self._dropped += len(self._items) == self._items.maxlen
+            self._items.append(item)
+
+    def __len__(self) -> int:
+        return self._dropped + len(self._items)
+
+    def __iter__(self):
+        return iter(list(self._items))
+
+    def __getitem__(self, since: slice) -> list:
+        with self._lock:
+            if not isinstance(since, slice) or since.stop is not None or since.step is not None:
+                raise TypeError("only recent[mark:] is kept")
+            start = since.start or 0
+            if start < self._dropped:
+                raise IndexError(f"only the last {self._items.maxlen} are kept: {self._dropped - start} "
+                                 f"since {start} were dropped")
+            return list(self._items)[start - self._dropped:]
+
+    def __delitem__(self, everything: slice) -> None:
+        if everything != slice(None):
+            raise TypeError("only del recent[:]")
+        with self._lock:
+            self._items.clear()
+            self._dropped = 0
 
 
 class FaultProxy:
@@ -20,7 +60,8 @@ class FaultProxy:
 
     rule(key) -> None (forward) | an HTTP status to answer instead | (status, JSON document) to answer
     instead (an AWS error: {"__type": "AccessDenied", ...}) | "stall" (hold until released)
-    where key is "METHOD PATH X-Amz-Target". Every key is recorded in `seen`, with its body in `bodies`.
+    where key is "METHOD PATH X-Amz-Target". Every key is recorded in `seen`, with its body in `bodies` (the
+    last BODIES_KEPT: see Recent).
     answer(key, headers, body) -> None (forward) | (status, JSON document, headers): the hook of a
     proxy that corrects what the upstream answers (see rig.aws.EcrAsDocumented), asked after `rule`.
     An upstream that is down (moto_server restarting) closes the client's connection, unanswered.
@@ -28,7 +69,7 @@ class FaultProxy:
 
     def __init__(self, upstream: str, unix_path: str | None = None):
         self.rule, self.answer, self.seen, self.seconds = None, None, [], []  # seconds: (key, upstream time)
-        self.bodies: list[tuple[str, bytes]] = []  # (key, request body): what the server was sent
+        self.bodies = Recent(BODIES_KEPT)  # (key, request body): what the server was sent, lately
         self.stalled, self.released = threading.Event(), threading.Event()
         http = requests_unixsocket.Session() if unix_path or upstream.startswith("http+unix") else requests.Session()
         http.trust_env = False

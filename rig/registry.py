@@ -356,12 +356,13 @@ class Upload:
                            imageManifestMediaType=media_type, imageDigest=sha256(manifest), **tag)
 
 
-def service_on_new_repo(images, swarm, name, contents=("v1", "v2"), replicas=0, registry=None):
+def service_on_new_repo(images, swarm, name, contents=("v1", "v2"), replicas=0, registry=None, **service):
     """A fresh repository with one push of :latest per content (ECR ends at the last), and a
-    service pinned to the first. Returns (repository, digests, service id)."""
+    service pinned to the first (`service`: more of Swarm.create_service's arguments, e.g. update_config).
+    Returns (repository, digests, service id)."""
     registry = registry or REGISTRIES[0]
     repo = images.new_repository(account=registry.account)
     digests = [images.push(repo, "latest", content, account=registry.account) for content in contents]
     sid = swarm.create_service(name, f"{registry.host}/{repo}:latest@{digests[0]}", registry=registry,
-                               replicas=replicas)
+                               replicas=replicas, **service)
     return repo, digests, sid
