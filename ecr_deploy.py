@@ -31,7 +31,8 @@ posts, records failures, says why not, blocks, promotes), checks after the rollo
 alarms, HTTP checks; RolloutChecks: a rollout's checks and progress), rollouts (Rollouts, which follows and
 rolls back), the job before the rollout (BeforeJobs: starts a service's pre-rollout job, follows it,
 blocks), the auth keeper (AuthKeeper), the reconcile pass (Reconciler: a hint for every service behind
-its tag), receiving (Receiver: batches bounded in time, held invisible while worked on), reports,
+its tag, or behind the newest version its policy admits), receiving (Receiver: batches bounded in time, held
+invisible while worked on), reports,
 notifications, logging and systemd, status (read-only), main.
 """
 from __future__ import annotations
@@ -692,15 +693,18 @@ def runs_digest(service: dict, digest: str) -> bool:
 
 
 def uses_image(service: dict, push: Push) -> ImageRef | None:
-    """The service's reference to the pushed REPOSITORY:TAG, or None if it runs something else."""
+    """The service's reference to the pushed REPOSITORY:TAG, or None if it runs something else. A service
+    that follows versions uses every tag of its repository: decide() says whether its policy takes this one."""
     ref = running_image(service)
-    return ref if in_repository(ref, push) and following(service) == push.tag else None
+    return ref if in_repository(ref, push) and (following(service) == push.tag or follows_versions(service)) \
+        else None
 
 
 def pinned_digest(service: dict, push: Push) -> str | None:
-    """The digest a service of the pushed repository is pinned to (it follows no tag), else None."""
+    """The digest a service of the pushed repository is pinned to (it follows no tag nor versions), else None."""
     ref = running_image(service)
-    return ref.digest if in_repository(ref, push) and following(service) is None else None
+    return ref.digest if in_repository(ref, push) and following(service) is None and not follows_versions(service) \
+        else None
 
 
 def repository_of(service: dict) -> tuple[str, str, str] | None:
@@ -728,14 +732,27 @@ def services_using(services: list[dict], push: Push, label_filter: LabelFilter |
 
 def followed_tag(service: dict, label_filter: LabelFilter | None) -> tuple[str, str, str, str] | None:
     """(account, region, repository, tag) of the ECR tag whose push would roll this service: the same
-    rule as for pushes (not pinned, not a job that has not opted in, admitted by --filter-label)."""
+    rule as for pushes (not pinned, not a job that has not opted in, admitted by --filter-label). None for
+    a service that follows versions (versions_followed): no one tag's push is its whole story."""
     ref, tag, spec = running_image(service), following(service), service.get("Spec") or {}
     registry = ecr_registry(ref.host) if ref else None
-    if not registry or not tag or (is_job(spec) and not reruns_on_push(spec)):
+    if not registry or not tag or (is_job(spec) and not reruns_on_push(spec)) or follows_versions(service):
         return None
     if label_filter is not None and not label_filter.admits(spec.get("Labels")):
         return None
     return (*registry, ref.repository, tag)
+
+
+def versions_followed(service: dict, label_filter: LabelFilter | None) -> tuple[str, str, str] | None:
+    """(account, region, repository) whose tags this service follows by version (VERSIONS_LABEL), by the
+    same rule as followed_tag; None if it follows a tag, is pinned by it, or is not an ECR image."""
+    ref, spec = running_image(service), service.get("Spec") or {}
+    registry = ecr_registry(ref.host) if ref else None
+    if not registry or not follows_versions(service) or (is_job(spec) and not reruns_on_push(spec)):
+        return None
+    if label_filter is not None and not label_filter.admits(spec.get("Labels")):
+        return None
+    return (*registry, ref.repository)
 
 
 def is_job(spec: dict) -> bool:
@@ -920,7 +937,80 @@ def newer_tag_deleted(policy: VersionPolicy, listing: dict[str, str], running_ta
 def service_version_policy(service: dict) -> VersionPolicy | None:
     """The service's version policy (VERSIONS_LABEL), None if it follows a tag. ValueError: malformed."""
     text = ((service.get("Spec") or {}).get("Labels") or {}).get(VERSIONS_LABEL)
-    return None if text is None else parse_version_policy(text)
+    return None if text is None else cached_policy(text)
+
+
+@functools.lru_cache(maxsize=1024)  # a pass reads the label of every service that follows versions
+def cached_policy(text: object) -> VersionPolicy:
+    return parse_version_policy(text)
+
+
+def follows_versions(service: dict) -> bool:
+    """Does the service follow versions (its VERSIONS_LABEL, well-formed or not) rather than a tag?"""
+    return VERSIONS_LABEL in (((service.get("Spec") or {}).get("Labels")) or {})
+
+
+def policy_or_why_not(service: dict) -> tuple[VersionPolicy | None, str | None]:
+    """(the service's version policy, None), or (None, the one line saying why its label cannot be read)."""
+    try:
+        return service_version_policy(service), None
+    except (ValueError, Misconfigured) as e:
+        label = shown(str(labels_of(service).get(VERSIONS_LABEL)))
+        return None, f"cannot follow versions: {VERSIONS_LABEL}={label}: {e}"
+
+
+def labels_of(service: dict) -> dict:
+    return ((service.get("Spec") or {}).get("Labels")) or {}
+
+
+def why_not_to(policy: VersionPolicy, tag: str, running_tag: str | None) -> str | None:
+    """Why a service that runs running_tag does not move to `tag` (a push's, a pass's newest), None if it
+    does: to a newer admitted version, or to the very tag it runs when that tag moved (a mutable repository;
+    the digests then tell whether there is anything to do)."""
+    if tag == running_tag and admitted(policy, tag) is not None:
+        return None
+    return why_not_newer(policy, tag, running_tag)
+
+
+def version_target(policy: VersionPolicy, listing: dict[str, str], running: ImageRef,
+                   newest: str | None = "") -> tuple[str, str] | None:
+    """(tag, digest) a service running `running` should move to after a listing of its repository, None
+    when nothing is to do: it runs the newest admitted version (at the digest the tag points to now), none is
+    admitted, or the newest left is older than what it runs (a newer tag was deleted: never backwards).
+    `newest`: newest_admitted(policy, listing) if the caller has it (a pass: once per policy and repository)."""
+    newest = newest_admitted(policy, listing) if newest == "" else newest
+    if newest is None or why_not_to(policy, newest, running.tag) is not None:
+        return None
+    if newest == running.tag and (running.digest is None or listing[newest] == running.digest):
+        return None  # (no digest: which build it runs is unknown; the next push of the tag pins it)
+    return newest, listing[newest]
+
+
+def newest_versions(services: list[dict], repositories: dict[str, tuple], listings: dict[tuple, dict]) -> dict:
+    """service ID -> the newest version its policy admits in its repository's listing (`repositories`: service
+    ID -> repository), read once per policy and repository: a thousand services of one repository of a thousand
+    tags would otherwise read a million tags."""
+    by_policy, newest = {}, {}
+    for service in services:
+        policy, repository = policy_or_why_not(service)[0], repositories.get(service["ID"])
+        if policy is not None and repository in listings:
+            if (policy.text, repository) not in by_policy:
+                by_policy[(policy.text, repository)] = newest_admitted(policy, listings[repository])
+            newest[service["ID"]] = by_policy[(policy.text, repository)]
+    return newest
+
+
+def older_spec_named(service: dict, policy: VersionPolicy, target_tag: str) -> str | None:
+    """When someone else's spec (`docker stack deploy`, `docker service update --image`) put an older version
+    than the policy admits back on the service: what to say once, as it is moved forward. None when the
+    deployer moved it to what it runs (its DIGEST_LABEL names that digest) or it runs no admitted version."""
+    ref, labels = running_image(service), labels_of(service)
+    if ref is None or not ref.tag or admitted(policy, ref.tag) is None or labels.get(DIGEST_LABEL) == ref.digest:
+        return None
+    if not is_newer(policy, target_tag, ref.tag):
+        return None
+    return (f"its spec names :{ref.tag}, an older version than :{target_tag}, the newest its policy {policy.text} "
+            f"admits (put back by `docker stack deploy` or `docker service update --image`?)")
 
 
 # --------------------------------------------------------------------------- specs (pure)
@@ -2731,7 +2821,8 @@ GATE_ACTIONS = {"wait": "wait for gate", "gone": "gone", "blocked": "block"}  # 
 
 
 class Decision(NamedTuple):
-    """What to do about a hint. action: "deploy"; "nothing" (reason: why, as logged); "hold back" (its
+    """What to do about a hint. action: "deploy"; "nothing" (reason: why, as logged); "refused" (its version
+    policy cannot be read: reason says why, once); "hold back" (its
     rollout failed here; record: write the failure record Swarm's own rollback left unwritten); "not
     released" (the release policy's wait or hold); "wait for gate", "gone", "block" (a gate's verdict, or
     its pre-rollout job's: record, a failure record too); "run job", "wait for job" (its pre-rollout job);
@@ -2756,10 +2847,25 @@ def skip_reason(service: dict, push: Push, digest: str) -> str | None:
     return None
 
 
+def versions_say(service: dict, push: Push) -> Decision | None:
+    """For a service that follows versions: whether its policy takes the hint's tag (None: go on deciding),
+    refused if its label cannot be read, nothing (saying why) for an older or not admitted version."""
+    if not follows_versions(service):
+        return None
+    policy, malformed = policy_or_why_not(service)
+    if malformed:
+        return Decision("refused", malformed)
+    why = why_not_to(policy, push.tag, following(service))
+    return Decision("nothing", f"is not moved: {why}") if why else None
+
+
 def decide(hint: Hint, facts: Facts, gates: int) -> Decision:
     """What to do about a hint, from the service as listed, the facts read so far and the number of
     gates: the push path and the reconcile pass both come here."""
     service, push, digest = hint
+    versions = versions_say(service, push)
+    if versions:
+        return versions
     skip = skip_reason(service, push, digest)
     if skip:
         return Decision("nothing", skip)
@@ -4576,6 +4682,8 @@ class Actor:
         self.deployer = deployer
         self.reported_blocked = SaidOnce()  # (service ID, image): one ERROR and webhook each
         self.reported_held = SaidOnce()  # (service ID, digest): one WARNING each
+        self.reported_refused = SaidOnce()  # (service ID, why its version policy is unreadable): one WARNING each
+        self.reported_older = SaidOnce()  # (service ID, the version of its spec that put an older version back)
         self.reported_waits = SaidOnce()  # (service ID, image) -> the wait last logged
         self.recheck_after = SaidOnce()  # (service ID, image) -> the next open wait's back-off
 
@@ -4586,6 +4694,8 @@ class Actor:
             return self.pin(service, push, digest, result)
         if decision.action == "nothing":
             log.info("Service %s %s", service_label(service), decision.reason)
+        elif decision.action == "refused":
+            self.refused(service, decision.reason)
         elif decision.action == "hold back":
             self.hold_back(hint, decision)
         elif decision.action == "not released":
@@ -4603,6 +4713,12 @@ class Actor:
         elif decision.action == "block":
             self.blocked(service, hint.image, decision.reason, decision.gate)
         return True
+
+    def refused(self, service: dict, reason: str) -> None:
+        """A version policy that cannot be read: one line per service and label text, not one per push or pass."""
+        if (service["ID"], reason) not in self.reported_refused:
+            self.reported_refused.add((service["ID"], reason))
+            log.warning("Service %s is not rolled: %s", service_label(service), reason)
 
     def hold_back(self, hint: Hint, decision: Decision) -> None:
         """A digest whose rollout failed on a service is not rolled there again, by any manager, until
@@ -4712,8 +4828,9 @@ class Actor:
                 log.info("Service %s runs %s since before this push was handled (listed at %s); rolling it",
                          service_label(service), ref.digest, (running_image(before) or ref).digest)
                 before = service
-            skip = skip_reason(service, push, digest)  # (decide() said so of the listing; Swarm may differ now)
-            if skip:
+            versions = versions_say(service, push)  # (another manager may have moved it on to a newer version)
+            skip = versions.reason if versions else skip_reason(service, push, digest)  # (decide() said so of the
+            if skip:  # listing; Swarm may differ now)
                 log.info("Service %s %s", service_label(service), skip)
                 return None
             image = pinned_image(ref, push.tag, digest)
@@ -4729,7 +4846,8 @@ class Actor:
             log.info("Updated service %s to %s", service_label(service), image)
             result.updated.append(service_label(service))
             was = (running_image(service) or ImageRef("", "", "", None, None)).digest
-            why = f"drift: a reconcile pass found it behind :{push.tag}" + (f" (ran {was[:19]})" if was else "") \
+            behind = f":{push.tag}" + (", the newest version its policy admits" if follows_versions(service) else "")
+            why = f"drift: a reconcile pass found it behind {behind}" + (f" (ran {was[:19]})" if was else "") \
                 if push.reconcile else f"updated: {UPDATE_REASONS.get(push.trigger, push.trigger)}"
             self.deployer.notifier.event(Event("drift" if push.reconcile else "updated", spec.get("Name", "?"), image,
                                                why, route=notify_route(spec.get("Labels"))))
@@ -5626,12 +5744,22 @@ def tag_digests(ecr: Ecr, keys, heartbeat=lambda: None) -> tuple[dict[tuple, Tag
     return per_repository(ecr.tag_digests, tags_by_repository(keys), heartbeat)
 
 
+def tag_listings(ecr: Ecr, repositories, heartbeat=lambda: None) -> tuple[dict[tuple, dict], dict[tuple, AwsError]]:
+    """(account, region, repository) -> {tag: digest} of all its tags (one paged ListImages each, a few
+    repositories at a time, as tag_digests); also, per repository, why ECR could not tell."""
+    found, errors = per_repository(lambda *key_and_items: {"": ecr.list_tags(*key_and_items[:3])},
+                                   {key: [""] for key in repositories}, heartbeat)
+    return {key[:3]: listing for key, listing in found.items()}, errors
+
+
 class Reconciler:
     """Events are the fast path, not the truth: ECR sends them best effort, and queues lose them (DLQ,
     retention, purges). A pass compares, for every service that follows an ECR tag, the digest it runs
     with the digest its tag points to now, and rolls those behind exactly as a push would (scan gate,
-    failure records, rollouts, reports). One service listing and one DescribeImages per repository and
-    100 tags per pass; no ECR call at all when no service follows a tag."""
+    failure records, rollouts, reports). A service that follows versions is compared with the newest
+    version its policy admits, from one paged ListImages of its repository per pass. One service listing
+    and one DescribeImages per repository and 100 tags per pass; no ECR call at all when no service
+    follows a tag or versions."""
 
     def __init__(self, deployer: Deployer, interval: float):
         self.deployer, self.interval = deployer, interval
@@ -5675,14 +5803,23 @@ class Reconciler:
         images_checked = self.images.check([s for s in services if deployer.label_filter is None
                                             or deployer.label_filter.admits(s["Spec"].get("Labels"))])
         followed = {s["ID"]: key for s in services if (key := followed_tag(s, deployer.label_filter))}
-        if not followed:
-            log.debug("Reconcile pass: no service follows an ECR tag")
+        versioned = {s["ID"]: key for s in services if (key := versions_followed(s, deployer.label_filter))}
+        if not followed and not versioned:
+            log.debug("Reconcile pass: no service follows an ECR tag or versions")
             return images_checked
-        promotes = {key for s in services if (key := promote_key(s, followed.get(s["ID"])))}
-        now_at, errors = tag_digests(deployer.ecr, set(followed.values()) | promotes, deployer.systemd.heartbeat)
+        listings, errors = tag_listings(deployer.ecr, set(versioned.values()), deployer.systemd.heartbeat)
+        moves = self.version_moves([s for s in services if versioned.get(s["ID"]) in listings], listings)
+        runs = {s["ID"]: (*versioned[s["ID"]], running_image(s).tag) for s in services  # (what promotion and
+                if versioned.get(s["ID"]) in listings and running_image(s).tag  # the checks after a rollout read)
+                and {PROMOTE_LABEL, ALARMS_LABEL, CHECK_LABEL} & set(labels_of(s))}
+        followed_or_runs = {**runs, **followed}
+        promotes = {key for s in services if (key := promote_key(s, followed_or_runs.get(s["ID"])))}
+        now_at, described_errors = tag_digests(deployer.ecr, set(followed_or_runs.values()) | promotes |
+                                               set(moves.values()), deployer.systemd.heartbeat)
+        errors.update(described_errors)
         deployer.answers.update(now_at)
         for service in services:  # a rollout within its checks' window that this process does not follow
-            key = followed.get(service["ID"])
+            key = followed_or_runs.get(service["ID"])
             if key in now_at and runs_digest(service, now_at[key].digest):
                 deployer.rollouts.adopt(service, key, now_at[key].digest)
         for repository_key, error in errors.items():
@@ -5690,8 +5827,10 @@ class Reconciler:
                 log.error("Reconcile pass: %s", error)
             elif repository_key not in self.denied:  # (a pull-only cross-account policy): waiting will not help
                 self.denied.add(repository_key)
-                log.error("Reconcile pass: %s; its services are not reconciled (grant ecr:DescribeImages, and for "
-                          "another account's repository its repository policy too)", error)
+                listed = ", ecr:ListImages (its services follow versions)" \
+                    if repository_key in versioned.values() else ""
+                log.error("Reconcile pass: %s; its services are not reconciled (grant ecr:DescribeImages%s, and for "
+                          "another account's repository its repository policy too)", error, listed)
         errors = {key: e for key, e in errors.items() if not isinstance(e, AccessDenied)}
         result, done = CycleResult(), []
         for service in services:
@@ -5706,17 +5845,51 @@ class Reconciler:
                 answer = now_at[key]
                 push = Push(*key, answer.digest, time=answer.pushed_text, reconcile=True)
                 done.append(deployer.converger.converge(Hint(service, push, answer.digest), result))
-        promoted = [deployer.converger.promote_if_due(service, followed[service["ID"]], now_at[followed[service["ID"]]],
-                                                      now_at)
-                    for service in services if followed.get(service["ID"]) in now_at
+        for service in services:
+            key = moves.get(service["ID"])
+            if key in now_at:  # (not: the tag was deleted since the listing; the next pass sees what is left)
+                answer = now_at[key]
+                self.moving_forward(service, key[3])
+                push = Push(*key, answer.digest, time=answer.pushed_text, reconcile=True)
+                done.append(deployer.converger.converge(Hint(service, push, answer.digest), result))
+        promoted = [deployer.converger.promote_if_due(service, followed_or_runs[service["ID"]],
+                                                      now_at[followed_or_runs[service["ID"]]], now_at)
+                    for service in services if followed_or_runs.get(service["ID"]) in now_at
                     and PROMOTE_LABEL in (service["Spec"].get("Labels") or {})]
         deployer.totals["services_updated"] += len(result.updated)
-        summary = (f"Reconcile pass: {len(done)} of {len(followed)} service(s) following {len(set(followed.values()))} "
-                   f"ECR tag(s) behind; {len(result.updated)} updated, {done.count(None)} waiting for a scan, "
+        following = " and ".join(filter(None, (followed and f"{len(set(followed.values()))} ECR tag(s)", versioned and
+                                               f"versions in {len(set(versioned.values()))} repository(ies)")))
+        summary = (f"Reconcile pass: {len(done)} of {len(followed) + len(versioned)} service(s) following {following} "
+                   f"behind; {len(result.updated)} updated, "
+                   f"{done.count(None)} waiting for a scan, "
                    f"{done.count(True) - len(result.updated)} not rolled now (the lines above say why), "
                    f"{done.count(False)} failed")
         log.log(logging.INFO if done or errors else logging.DEBUG, "%s", summary)
         return images_checked and not errors and False not in done + promoted
+
+    def version_moves(self, services: list[dict], listings: dict[tuple, dict]) -> dict[str, tuple]:
+        """service ID -> (account, region, repository, tag) of the newest version its policy admits, for each
+        service that should move there; a policy that cannot be read is said once (the Actor's refused)."""
+        moves, newest = {}, newest_versions(services, {s["ID"]: repository_of(s) for s in services}, listings)
+        for service in services:
+            policy, malformed = policy_or_why_not(service)
+            if malformed:
+                self.deployer.actor.refused(service, malformed)
+                continue
+            repository = repository_of(service)
+            target = version_target(policy, listings[repository], running_image(service), newest[service["ID"]])
+            if target:
+                moves[service["ID"]] = (*repository, target[0])
+        return moves
+
+    def moving_forward(self, service: dict, tag: str) -> None:
+        """Say once (per service and the image its spec names) that an operator's spec put an older version
+        back, as the pass moves it forward: a compose file that names an old version does this on each deploy."""
+        note = older_spec_named(service, service_version_policy(service), tag)
+        key = (service["ID"], str((service.get("Version") or {}).get("Index")))  # (each put-back is a new version)
+        if note and key not in self.deployer.actor.reported_older:
+            self.deployer.actor.reported_older.add(key)
+            log.info("Service %s: %s; the reconcile pass moves it to :%s", service_label(service), note, tag)
 
 
 def service_label(service: dict) -> str:
@@ -6440,20 +6613,32 @@ def status_rows(deployer: Deployer) -> list[dict]:
     listed = [s for s in services if (ref := running_image(s)) and ecr_registry(ref.host)
               and (deployer.label_filter is None or deployer.label_filter.admits(s["Spec"].get("Labels")))]
     followed = {s["ID"]: followed_tag(s, None) for s in listed}
+    versioned = {s["ID"]: key for s in listed if (key := versions_followed(s, None))}
+    listings, errors = tag_listings(deployer.ecr, set(versioned.values()), deployer.systemd.heartbeat)
+    newest = newest_versions(listed, versioned, listings)
+    for service in listed:  # a service that follows versions: its row is about the version it should run
+        tag = version_in_view(service, listings.get(versioned.get(service["ID"])), newest.get(service["ID"]))
+        followed[service["ID"]] = (*versioned[service["ID"]], tag) if tag else followed[service["ID"]]
     keys = {key for key in followed.values() if key}
     keys |= {key for s in listed if (key := promote_key(s, followed[s["ID"]]))}
-    now_at, errors = tag_digests(deployer.ecr, keys, deployer.systemd.heartbeat)
+    now_at, described_errors = tag_digests(deployer.ecr, keys, deployer.systemd.heartbeat)
+    errors.update(described_errors)
     deployer.answers.update(now_at)
     images, image_errors = deployer.reconciler.images.states(listed)
     rows = []
     for service in listed:
-        key = followed[service["ID"]]
-        error = errors.get(key[:3]) if key else None
+        key, repository = followed[service["ID"]], versioned.get(service["ID"])
+        error = errors.get(key[:3] if key else repository)
+        newest_there = newest.get(service["ID"])
         try:
-            state = ("unknown", str(error)) if error else status_of(deployer, service, key, now_at.get(key))
+            state = ("unknown", str(error)) if error else \
+                repository and versions_state(service, listings[repository], newest_there) or \
+                status_of(deployer, service, key, now_at.get(key))
         except (AwsError, DockerError) as e:  # one row unknown, not the whole table
             state = ("unknown", str(e))
         row = status_row(service, key, now_at.get(key), state)
+        if repository:
+            version_row(row, service, listings.get(repository), now_at.get(key), newest_there)
         if key and key in now_at and PROMOTE_LABEL in (service["Spec"].get("Labels") or {}):
             row["promotion"] = promotion_text(deployer, service, key, now_at)
             row["reason"] = "; ".join(filter(None, (row["reason"], row["promotion"])))
@@ -6545,6 +6730,54 @@ def checking_state(deployer: Deployer, service: dict, digest: str) -> tuple[str,
     return "rolling out", f"checking: {look.said}; its checks' window ends in " \
                        f"{duration_text(checks_window(checks, soak) - ran_for)}" + \
         (f" ({look.failed}: the deployer fails the rollout)" if look.failed else "")
+
+
+def version_in_view(service: dict, listing: dict | None, newest: str | None = "") -> str | None:
+    """The tag a --status row of a version-following service is about: the version it should move to, else
+    the one it runs (None: its policy cannot be read, or it has no listing). `newest`: as version_target's."""
+    policy, _ = policy_or_why_not(service)
+    if policy is None or listing is None:
+        return None
+    target = version_target(policy, listing, running_image(service), newest)
+    return target[0] if target else running_image(service).tag
+
+
+def versions_state(service: dict, listing: dict, newest: str | None = "") -> tuple[str, str] | None:
+    """The state of a version-following service that decide() is not asked about: its policy cannot be read,
+    its repository holds no version the policy admits, or the newer version it runs was deleted (it stays:
+    never backwards). None: the row is decided as any other, about the version in view."""
+    policy, malformed = policy_or_why_not(service)
+    if malformed:
+        return "held back", malformed
+    running = running_image(service).tag
+    newest = newest_admitted(policy, listing) if newest == "" else newest
+    if newer_tag_deleted(policy, listing, running):
+        return "tag gone", (f":{running}, which it runs, is no longer in ECR and no version {policy.text} admits is "
+                            f"newer (the newest left: {':' + newest if newest else 'none'}): it stays on it, never "
+                            f"moved backwards")
+    if newest is None:
+        return "tag gone", f"ECR has no tag {policy.text} admits"
+    return None
+
+
+def version_row(row: dict, service: dict, listing: dict | None, answer: TagAnswer | None,
+                newest: str | None = "") -> None:
+    """A --status row of a version-following service: its policy, the newest version it admits, and the detail
+    worded for versions (which version, not which tag, it is behind; a spec an operator put back)."""
+    policy, _ = policy_or_why_not(service)
+    if newest == "":
+        newest = newest_admitted(policy, listing) if policy and listing is not None else None
+    in_view, row["tag"] = row["tag"], running_image(service).tag
+    row["versions"], row["newest"] = labels_of(service).get(VERSIONS_LABEL), newest
+    detail = row["reason"]
+    if row["state"] == "behind" and answer:
+        detail = f"the newest version its policy admits is :{in_view} ({short_digest(answer.digest)}, pushed " \
+                 f"{answer.pushed_text or '?'}): the next push or reconcile pass rolls it"
+        detail = "; ".join(filter(None, (older_spec_named(service, policy, in_view), detail)))
+    elif row["state"] in ("waiting", "held back", "blocked") and in_view != row["tag"] and policy:
+        detail = f"moving to :{in_view}: {detail}"
+    row["reason"] = "; ".join(filter(None, (f"versions {row['versions']}" + (f", newest :{newest}" if newest else ""),
+                                            detail)))
 
 
 def status_fact(deployer: Deployer, fact: str, hint: Hint, facts: Facts) -> Facts:

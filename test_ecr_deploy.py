@@ -871,6 +871,84 @@ def test_help_names_every_env_var(capsys):
 
 # =========================================================================== the real rig (rig/), as fixtures
 
+def test_a_push_decides_for_a_version_following_service_by_its_policy():
+    """The push path: every tag of its repository reaches a version-following service (uses_image), and decide()
+    says whether its policy takes it; it is not pinned, nor does it follow the tag it runs (followed_tag)."""
+    caret = {ed.VERSIONS_LABEL: "semver:^1.4"}
+    svc = service(f"{HOST}/team/web:1.4.2@{DIGEST_A}", caret)
+
+    def push(tag):
+        return ed.Push("123456789012", "us-east-1", "team/web", tag, DIGEST_B)
+
+    assert ed.uses_image(svc, push("1.5.0")) and ed.uses_image(svc, push("2.0.0"))
+    assert ed.uses_image(service(f"{HOST}/team/web:1.4.2@{DIGEST_A}"), push("1.5.0")) is None  # a tag follower
+    assert ed.pinned_digest(service(f"{HOST}/team/web@{DIGEST_A}", caret), push("1.5.0")) is None
+    assert ed.followed_tag(svc, None) is None and ed.versions_followed(svc, None) == ("123456789012", "us-east-1",
+                                                                                     "team/web")
+    assert ed.versions_followed(service(f"{HOST}/team/web:1.4.2@{DIGEST_A}"), None) is None
+    assert ed.decide(ed.Hint(svc, push("1.5.0"), DIGEST_B), ed.Facts(), 0) == ed.Decision("ask", "failure")
+    assert ed.Hint(svc, push("1.5.0"), DIGEST_B).image == f"{HOST}/team/web:1.5.0@{DIGEST_B}"
+    assert ed.decide(ed.Hint(svc, push("1.4.1"), DIGEST_B), ed.Facts(), 0) == ed.Decision(
+        "nothing", "is not moved: :1.4.1 is not newer than :1.4.2, which it runs (semver:^1.4)")
+    assert ed.decide(ed.Hint(svc, push("1.6.0-rc.1"), DIGEST_B), ed.Facts(), 0) == ed.Decision(
+        "nothing", "is not moved: :1.6.0-rc.1 is not a version its policy semver:^1.4 admits")
+    assert ed.decide(ed.Hint(svc, push("1.4.2"), DIGEST_B), ed.Facts(), 0).action == "ask"  # its own tag moved
+    malformed = service(f"{HOST}/team/web:1.4.2@{DIGEST_A}", {ed.VERSIONS_LABEL: "^1.4"})
+    decision = ed.decide(ed.Hint(malformed, push("1.5.0"), DIGEST_B), ed.Facts(), 0)
+    assert decision.action == "refused" and decision.reason == (
+        "cannot follow versions: ecr-deploy.versions='^1.4': '^1.4' is not a version policy (a range? write "
+        "semver:^1.4): write semver:RANGE, or regex:PATTERN numerical[:GROUP] or regex:PATTERN alphabetical[:GROUP]")
+
+
+def test_a_reconcile_pass_moves_a_version_following_service_to_the_newest_version_never_back():
+    caret = ed.parse_version_policy("semver:^1.4")
+    c = "sha256:" + "c" * 64
+    listing = {"1.4.2": DIGEST_A, "1.5.0": DIGEST_B, "2.0.0": c}
+
+    def runs(image):
+        return ed.parse_image_ref(f"{HOST}/team/web:{image}")
+
+    assert ed.version_target(caret, listing, runs(f"1.4.2@{DIGEST_A}")) == ("1.5.0", DIGEST_B)
+    assert ed.version_target(caret, listing, runs(f"1.5.0@{DIGEST_B}")) is None
+    assert ed.version_target(caret, listing, runs(f"1.5.0@{c}")) == ("1.5.0", DIGEST_B)  # its tag moved
+    assert ed.version_target(caret, listing, runs("1.5.0")) is None  # no digest: the tag's next push pins it
+    assert ed.version_target(caret, listing, runs("1.4.2")) == ("1.5.0", DIGEST_B)
+    assert ed.version_target(caret, listing, runs(f"1.6.0@{c}")) is None  # 1.6.0 deleted: never backwards
+    assert ed.version_target(caret, {"2.0.0": c}, runs(f"1.4.2@{DIGEST_A}")) is None
+    # an operator's spec put an older version back; what the deployer moved it to is not that
+    back = service(f"{HOST}/team/web:1.4.2@{DIGEST_A}", {ed.VERSIONS_LABEL: "semver:^1.4"})
+    assert ed.older_spec_named(back, caret, "1.5.0") == (
+        "its spec names :1.4.2, an older version than :1.5.0, the newest its policy semver:^1.4 admits (put back by "
+        "`docker stack deploy` or `docker service update --image`?)")
+    ours = service(f"{HOST}/team/web:1.4.2@{DIGEST_A}", {ed.VERSIONS_LABEL: "semver:^1.4", ed.DIGEST_LABEL: DIGEST_A})
+    assert ed.older_spec_named(ours, caret, "1.5.0") is None
+    assert ed.older_spec_named(service(f"{HOST}/team/web:latest@{DIGEST_A}"), caret, "1.5.0") is None
+
+
+def test_a_status_row_of_a_version_following_service_says_its_policy_and_why_not_yet():
+    caret = {ed.VERSIONS_LABEL: "semver:^1.4"}
+    listing = {"1.4.2": DIGEST_A, "1.5.0": DIGEST_B}
+    gone = service(f"{HOST}/team/web:1.6.0@{DIGEST_A}", caret)
+    assert ed.versions_state(gone, listing) == (
+        "tag gone", ":1.6.0, which it runs, is no longer in ECR and no version semver:^1.4 admits is newer (the "
+                    "newest left: :1.5.0): it stays on it, never moved backwards")
+    assert ed.versions_state(service(f"{HOST}/team/web:latest@{DIGEST_A}", caret), {"2.0.0": DIGEST_A}) == (
+        "tag gone", "ECR has no tag semver:^1.4 admits")
+    assert ed.versions_state(service(f"{HOST}/team/web:1.4.2@{DIGEST_A}", {ed.VERSIONS_LABEL: "1.x"}), listing)[0] \
+        == "held back"
+    behind = service(f"{HOST}/team/web:1.4.2@{DIGEST_A}", caret)
+    assert ed.version_in_view(behind, listing) == "1.5.0" and ed.versions_state(behind, listing) is None
+    answer = ed.TagAnswer(DIGEST_B, datetime.datetime(2026, 12, 7, 6, 0, tzinfo=UTC), None)
+    row = ed.status_row(behind, ("123456789012", "us-east-1", "team/web", "1.5.0"), answer, ("behind", "x"))
+    ed.version_row(row, behind, listing, answer)
+    assert (row["tag"], row["versions"], row["newest"]) == ("1.4.2", "semver:^1.4", "1.5.0")
+    assert row["reason"] == (
+        "versions semver:^1.4, newest :1.5.0; its spec names :1.4.2, an older version than :1.5.0, the newest its "
+        "policy semver:^1.4 admits (put back by `docker stack deploy` or `docker service update --image`?); the "
+        "newest version its policy admits is :1.5.0 (bbbbbbbbbbbb, pushed 2026-12-07T06:00:00Z): the next push or "
+        "reconcile pass rolls it")
+
+
 def rig_unavailable(reason: str):
     if REQUIRE_RIG:
         pytest.fail(f"the real test rig is required (ECR_DEPLOY_REQUIRE_RIG=1) but {reason}")
@@ -3303,7 +3381,10 @@ def test_benchmark_short_mode_runs_on_the_rig(aws, registries, images, clean_swa
     verdicts = {row["measure"]: row for row in report["targets"]}
     for measure in ("burst: updates", "burst: GetAuthorizationToken", "idle: Docker calls",
                     "reconcile pass: DescribeImages", "reconcile pass, all current: Docker calls (all of start-up)",
-                    "reconcile pass, a tenth moved: updates"):
+                    "reconcile pass, a tenth moved: updates", "versions pass A: ListImages",
+                    "versions pass A, current: DescribeImages", "versions pass A, a tenth moved: updates",
+                    "versions pass B: ListImages", "push: ECR calls, versions (<= tag's)",
+                    "push: updates, one of each"):
         assert verdicts[measure]["verdict"] == "ok", verdicts[measure]
     # per repository: one DescribeImages for the followed tags, one for the images services run and roll back to
     assert report["reconcile"]["describe_images_current"] == 2 * bench.SHORT["reconcile_repositories"]
@@ -3358,6 +3439,10 @@ def test_quick_start_demo_rolls_a_service_and_leaves_nothing_behind():
         migrated = [i for i, line in enumerate(lines) if " Started the pre-rollout job web-migrate " in line]
         assert len(migrated) == 1 and migrated[0] < lines.index(updated[0]), output()  # the migration first
         assert ">>> web-migrate on …@sha256:" in output() and "… complete; web is rolling to it" in output()
+        versioned = [line for line in lines if "ecr_deploy.py |" in line and " Updated service api (" in line]
+        assert len(versioned) == 1 and "/demo/api:1.1.0@sha256:" in versioned[0], output()  # semver:^1's newest
+        assert re.search(r"Service api \(\w+\) is not moved: :2\.0\.0 is not a version its policy semver:\^1 admits",
+                         output()), output()
         wait_for(lambda: re.search(r"\n    notification  \| web: web:latest → sha256:\w{12} completed after", output()), 30,
                  what=lambda: f"the rollout's notification in the terminal:\n{output()}")
         promoted = [line for line in lines if "ecr_deploy.py |" in line and " Promoted " in line]
@@ -7253,6 +7338,173 @@ def test_promotion_into_a_tag_immutable_repository_says_once_how_to_let_the_tag_
            "filterType=WILDCARD,filter=prod`" in row["promotion"], row
     assert ecr.describe_images(repositoryName=repo, imageIds=[{"imageTag": "prod"}])["imageDetails"][0][
         "imageDigest"] == v2
+
+
+# =========================================================================== following versions on the rig
+
+def test_a_service_follows_semver_releases_forward_only_and_a_failed_version_is_held_back(aws, images, clean_swarm,
+                                                                                         webhook, tmp_path):
+    """semver:^1.4 in a tag-immutable repository (ECR.2): a push of a newer release rolls the service to
+    HOST/REPO:1.5.0@DIGEST; an older one pushed out of order, a pre-release, another major change nothing and
+    say why, one line per service; a lost push is made up for by the pass; a release whose rollout failed is
+    rolled back and not tried again, a newer one goes; the newest tag deleted, the service stays (--status says
+    why); the auth keeper keeps the version in the image."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    ecr = aws.client("ecr", registry.region)
+    repo = images.new_repository()
+    ecr.put_image_tag_mutability(repositoryName=repo, imageTagMutability="IMMUTABLE")
+    name = f"{registry.host}/{repo}"
+    v140 = images.push(repo, "1.4.0", "1.4.0")
+    web = swarm.create_service("semver-web", f"{name}:1.4.0@{v140}", registry=registry, update_config=FAST_MONITOR,
+                               labels={ed.VERSIONS_LABEL: "semver:^1.4"})
+    swarm.wait_running(web, f"{name}:1.4.0@{v140}")
+    env, queue = deployer_env(aws, swarm, DEPLOYER_ROLLBACK_ON_FAILURE="1"), aws.new_queue()
+
+    v150 = images.push(repo, "1.5.0", "1.5.0")
+    aws.send(queue, event(repository=repo, tag="1.5.0", digest=v150))
+    run = run_once(env, "--queue", queue, "--wait", "--notify-url", webhook.url)
+    assert run.returncode == 0, run.stderr
+    assert service_image_of(swarm, web)[0] == f"{name}:1.5.0@{v150}"  # docker service ls shows the version
+    assert f"Updated service semver-web ({web[:12]}) to {name}:1.5.0@{v150}" in run.stderr
+    assert [(d["outcome"], d["image"]) for d in webhook.received] == [("completed", f"{name}:1.5.0@{v150}")]
+
+    others = {tag: images.push(repo, tag, tag) for tag in ("1.4.1", "1.6.0-rc.1", "2.0.0")}
+    aws.send(queue, *(event(repository=repo, tag=tag, digest=digest) for tag, digest in others.items()))
+    run = run_once(env, "--queue", queue)
+    assert run.returncode == 0 and updated_lines(run.stderr) == [], run.stderr
+    said = [line.split(" INFO ")[-1] for line in run.stderr.splitlines() if "is not moved" in line]
+    assert sorted(said) == sorted(f"Service semver-web ({web[:12]}) is not moved: {why}" for why in (
+        ":1.4.1 is not newer than :1.5.0, which it runs (semver:^1.4)",
+        ":1.6.0-rc.1 is not a version its policy semver:^1.4 admits",
+        ":2.0.0 is not a version its policy semver:^1.4 admits")), run.stderr
+
+    broken = images.push(repo, "1.6.0", "1.6.0", cmd=BROKEN_CMD)  # its push event lost
+    run = run_once(env, "--queue", queue, "--wait")
+    assert run.returncode == 1, run.stderr
+    assert f"Updated service semver-web ({web[:12]}) to {name}:1.6.0@{broken}" in run.stderr
+    assert f"Rollback of semver-web ({web[:12]}) to {name}:1.5.0@{v150} completed" in run.stderr
+    run = run_once(env, "--queue", queue)
+    assert run.returncode == 0 and updated_lines(run.stderr) == [], run.stderr
+    assert f"Service semver-web ({web[:12]}) holds back {broken}: its rollout failed there" in run.stderr
+
+    v161 = images.push(repo, "1.6.1", "1.6.1")
+    aws.send(queue, event(repository=repo, tag="1.6.1", digest=v161))
+    run = run_once(env, "--queue", queue)
+    assert run.returncode == 0, run.stderr
+    assert service_image_of(swarm, web)[0] == f"{name}:1.6.1@{v161}"  # a newer version goes
+    assert ed.FAILED_LABEL not in labels_of(swarm, web)
+
+    ecr.batch_delete_image(repositoryName=repo, imageIds=[{"imageTag": "1.6.1"}])
+    run = subprocess.run([sys.executable, DEPLOYER, "--reconcile"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0 and updated_lines(run.stderr) == [], run.stderr  # never backwards, to 1.6.0 or 1.5.0
+    shown = status(env, "--json")
+    row = next(r for r in json.loads(shown.stdout) if r["service"] == "semver-web")
+    assert (row["tag"], row["versions"], row["newest"], row["state"]) == ("1.6.1", "semver:^1.4", "1.6.0", "tag gone")
+    assert row["reason"].startswith("versions semver:^1.4, newest :1.6.0; :1.6.1, which it runs, is no longer in ECR "
+                                    "and no version semver:^1.4 admits is newer (the newest left: :1.6.0): it stays on "
+                                    "it, never moved backwards; the digest it runs"), row  # (and the images check:
+    # deleting its last tag deleted the image, as in ECR)
+    assert shown.returncode == 5
+    wait_for(lambda: (swarm.service(web).get("UpdateStatus") or {}).get("State") == "completed", 30,
+             what=lambda: swarm.service(web).get("UpdateStatus"))  # (the keeper leaves a service mid-update)
+    keeper = subprocess.run([sys.executable, DEPLOYER, "--refresh-auth"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert keeper.returncode == 0 and "Refreshed registry auth of 1 service(s)" in keeper.stderr, keeper.stderr
+    assert service_image_of(swarm, web)[0] == f"{name}:1.6.1@{v161}"
+
+
+def test_builds_and_dated_releases_follow_their_pattern_continuously_into_an_immutable_repository(
+        aws, images, clean_swarm, tmp_path):
+    """CI pushes tags that never move (IMMUTABLE_WITH_EXCLUSION; only the promote tag :prod moves). One service
+    follows main-SHA-TIMESTAMP builds by the number (regex numerical:ts), a stack's service release-DATE tags by
+    text (regex alphabetical:day); a third's label is malformed. In loop mode the pass moves each to its newest
+    version, a build is promoted as :prod once its rollout completed, and again for the next build; older tags
+    pushed out of order and tags the pattern does not admit move nothing; the malformed label is said once, not
+    at every pass. A `docker stack deploy` naming an old release puts it back; --status says so and the next pass
+    moves it forward, saying so once; `--resolve-image changed` (the compose image unchanged) keeps the version.
+    Deleting the newest tags moves nothing back, and --status says why."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    ecr = aws.client("ecr", registry.region)
+    repo = images.new_repository()
+    ecr.put_image_tag_mutability(repositoryName=repo, imageTagMutability="IMMUTABLE_WITH_EXCLUSION",
+                                 imageTagMutabilityExclusionFilters=[{"filterType": "WILDCARD", "filter": "prod"}])
+    name = f"{registry.host}/{repo}"
+    d9, r1130 = images.push(repo, "main-aaa111-9", "b9"), images.push(repo, "release-2026-11-30", "r1130")
+    builds = swarm.create_service("builds", f"{name}:main-aaa111-9@{d9}", registry=registry,
+                                  update_config=FAST_MONITOR, labels={
+                                      ed.VERSIONS_LABEL: r"regex:^main-[0-9a-f]+-(?P<ts>[0-9]+)$ numerical:ts",
+                                      ed.PROMOTE_LABEL: "prod"})
+    malformed = swarm.create_service("malformed", f"{name}:main-aaa111-9@{d9}", registry=registry, replicas=0,
+                                     labels={ed.VERSIONS_LABEL: "^1.4"})
+    compose, cli = tmp_path / "stack.yml", tmp_path / "cli"
+    compose.write_text(json.dumps({"version": "3.8", "services": {"dated": {  # JSON is YAML
+        "image": f"{name}:release-2026-11-30", "deploy": {"replicas": 0, "labels": {
+            ed.VERSIONS_LABEL: r"regex:^release-(?P<day>[0-9]{4}-[0-9]{2}-[0-9]{2})$$ alphabetical:day"}}}}}))
+    # (compose interpolates $: a pattern's $ is written $$)
+    docker_cli(swarm, cli, "login", "-u", "AWS", "--password-stdin", registry.host, stdin=registry.password)
+    docker_cli(swarm, cli, "stack", "deploy", "--with-registry-auth", "-c", str(compose), "rel")
+    dated = next(s["ID"] for s in swarm.get("/services") if s["Spec"]["Name"] == "rel_dated")
+    assert service_image_of(swarm, dated)[0] == f"{name}:release-2026-11-30@{r1130}"
+    swarm.wait_running(builds, f"{name}:main-aaa111-9@{d9}")
+    d10 = images.push(repo, "main-bbb222-10", "b10")  # 10 > 9 as numbers ("9" > "10" as text)
+    r1201 = images.push(repo, "release-2026-12-01", "r1201")
+    images.push(repo, "main-zzz-11", "z11")  # not hex: the pattern does not admit it
+    images.push(repo, "release-2026-9-30", "r930")  # not the pattern's date
+
+    env, queue = deployer_env(aws, swarm), aws.new_queue()
+    running = Running(env, "--queue", queue, "--reconcile-every", "1s", "--auth-refresh", "0", "--log-level", "DEBUG")
+    try:
+        running.wait_line(f"Promoted {name}:prod@{d10}", timeout=60)  # the pass made up for the lost pushes
+        d8, r1115 = images.push(repo, "main-ccc333-8", "b8"), images.push(repo, "release-2026-11-15", "r1115")
+        d12 = images.push(repo, "main-ddd444-12", "b12")
+        aws.send(queue, *(event(repository=repo, tag=tag, digest=digest) for tag, digest in (
+            ("main-ccc333-8", d8), ("release-2026-11-15", r1115), ("main-ddd444-12", d12))))
+        running.wait_line(f"Promoted {name}:prod@{d12}", timeout=60)  # :prod moved: deployed continuously
+        passes = running.log.count("Reconcile pass:")
+        running.wait_line("Reconcile pass:", timeout=30, count=passes + 2)
+    finally:
+        assert running.stop() == 0
+    log = running.log
+    assert "Reconcile pass: 2 of 3 service(s) following versions in 1 repository(ies) behind; 2 updated" in log
+    assert sorted(line.split(" INFO ")[-1] for line in updated_lines(log)) == sorted([  # (the services in any order)
+        f"Updated service builds ({builds[:12]}) to {name}:main-bbb222-10@{d10}",
+        f"Updated service rel_dated ({dated[:12]}) to {name}:release-2026-12-01@{r1201}",
+        f"Updated service builds ({builds[:12]}) to {name}:main-ddd444-12@{d12}"]), log
+    assert f"Service builds ({builds[:12]}) is not moved: :main-ccc333-8 is not newer than :main-bbb222-10" in log
+    assert f"Service rel_dated ({dated[:12]}) is not moved: :release-2026-11-15 is not newer than " \
+           f":release-2026-12-01" in log
+    assert log.count(f"Service malformed ({malformed[:12]}) is not rolled: cannot follow versions: " \
+                     f"ecr-deploy.versions='^1.4': '^1.4' is not a version policy (a range? write semver:^1.4)") == 1
+    assert ecr.describe_images(repositoryName=repo, imageIds=[{"imageTag": "prod"}])["imageDetails"][0][
+        "imageDigest"] == d12
+    assert " ERROR " not in log and "Traceback" not in log
+
+    docker_cli(swarm, cli, "stack", "deploy", "--with-registry-auth", "-c", str(compose), "rel")  # as CI re-runs it
+    assert service_image_of(swarm, dated)[0] == f"{name}:release-2026-11-30@{r1130}"  # it names an old release
+    rows = {r["service"]: r for r in json.loads(status(env, "--json").stdout)}
+    assert rows["rel_dated"]["state"] == "behind" and "its spec names :release-2026-11-30, an older version than " \
+        ":release-2026-12-01, the newest its policy" in rows["rel_dated"]["reason"], rows["rel_dated"]
+    run = subprocess.run([sys.executable, DEPLOYER, "--reconcile"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert service_image_of(swarm, dated)[0] == f"{name}:release-2026-12-01@{r1201}"
+    assert f"Service rel_dated ({dated[:12]}): its spec names :release-2026-11-30, an older version than " \
+           f":release-2026-12-01" in run.stderr
+    docker_cli(swarm, cli, "stack", "deploy", "--with-registry-auth", "--resolve-image", "changed", "-c",
+               str(compose), "rel")  # the compose image unchanged: the CLI keeps the version the spec runs
+    assert service_image_of(swarm, dated)[0] == f"{name}:release-2026-12-01@{r1201}"
+
+    ecr.batch_delete_image(repositoryName=repo, imageIds=[{"imageTag": "main-ddd444-12"},
+                                                          {"imageTag": "release-2026-12-01"}])
+    run = subprocess.run([sys.executable, DEPLOYER, "--reconcile"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0 and updated_lines(run.stderr) == [], run.stderr
+    rows = {r["service"]: r for r in json.loads(status(env, "--json").stdout)}
+    assert (rows["builds"]["state"], rows["builds"]["newest"]) == ("tag gone", "main-bbb222-10")
+    assert (rows["rel_dated"]["state"], rows["rel_dated"]["newest"]) == ("tag gone", "release-2026-11-30")
+    assert all("never moved backwards" in rows[name]["reason"] for name in ("builds", "rel_dated")), rows
+    assert rows["malformed"]["state"] == "held back" and "cannot follow versions" in rows["malformed"]["reason"]
 
 
 def index_of(*descriptors, media_type="application/vnd.oci.image.index.v1+json") -> str:

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""ecr-deploy benchmark: latency, latency with 1 vs N services in the swarm, burst cost, idle cost,
+"""ecr-deploy benchmark: latency, latency with 1 vs N services in the swarm, burst cost, idle cost, the
+reconcile pass over services that follow tags and over services that follow versions,
 the docker CLI way side by side, cold start and memory (beside a floor process, bench/floor.py), and
 latency and memory without and with a notification target (Apprise's json:// to a slow local sink) —
 measured on the same real rig as the tests (moto_server, a private dockerd swarm, TLS registries
@@ -52,11 +53,13 @@ from rig.swarm import Swarm, current_engine, host_engine, service_image_of  # no
 FULL = {"latency_pushes": 30, "latency_interval": 1.0, "scale_services": 1000, "burst_images": 25,
         "burst_pushes_per_image": 20, "idle_seconds": 60, "side_services": 20, "fan_out_rounds": 7, "cold_runs": 10,
         "memory_messages": 5000, "notify_pushes": 10, "notify_rounds": 3,
-        "reconcile_services": 1000, "reconcile_repositories": 100}
+        "reconcile_services": 1000, "reconcile_repositories": 100,
+        "versions": ((1000, 100, 100), (1000, 10, 1000)), "push_cost_tags": 1000}
 SHORT = {"latency_pushes": 5, "latency_interval": 0.3, "scale_services": 50, "burst_images": 5,
          "burst_pushes_per_image": 4, "idle_seconds": 21, "side_services": 5, "fan_out_rounds": 2, "cold_runs": 2,
          "memory_messages": 200, "notify_pushes": 3, "notify_rounds": 1,
-         "reconcile_services": 50, "reconcile_repositories": 5}
+         "reconcile_services": 50, "reconcile_repositories": 5,
+         "versions": ((20, 2, 10), (4, 1, 30)), "push_cost_tags": 10}
 FILLER_REPOSITORIES = 10  # the scale measurement's other services run images of this many repositories
 CREATE_WORKERS = 8  # concurrent service creates: dockerd commits them about twice as fast as one by one
 SERVICE_ID = re.compile(r"/(services|tasks)/[^/?]+")
@@ -394,6 +397,87 @@ def measure_reconcile(aws, images, swarm, workdir, n_services: int, n_repositori
     return result
 
 
+def counted_run(aws, swarm, workdir, *args: str) -> tuple[subprocess.CompletedProcess, float, collections.Counter,
+                                                         collections.Counter]:
+    """ecr_deploy.py ARGS behind the counting proxies: the run, its wall time, its AWS and Docker calls by kind."""
+    aws_proxy = FaultProxy(aws.url)
+    docker_proxy = FaultProxy(swarm.base, unix_path=str(workdir / f"bench-{uuid.uuid4().hex[:6]}.sock"))
+    try:
+        started = time.monotonic()
+        run = subprocess.run([sys.executable, str(ROOT / "ecr_deploy.py"), *args], capture_output=True, text=True,
+                             timeout=600, env=deployer_env(aws, swarm, AWS_ENDPOINT_URL=aws_proxy.url,
+                                                           DOCKER_HOST=docker_proxy.url))
+        wall = time.monotonic() - started
+    finally:
+        aws_proxy.close()
+        docker_proxy.close()
+    assert run.returncode == 0, run.stderr
+    return run, wall, counted(aws_proxy.seen), counted(docker_proxy.seen)
+
+
+def measure_reconcile_versions(aws, images, swarm, workdir, n_services: int, n_repositories: int,
+                               n_tags: int) -> dict:
+    """One `--reconcile` pass over n services that follow versions (semver:^1), in n_repositories repositories
+    of n_tags releases each (1.0.0, 1.0.1, …; images in ECR only, services without replicas): first each at
+    its newest, then with a newer release in a tenth of the repositories, as if their push events had been
+    lost. ListImages pages by 1,000 tags: a repository of more is listed in more calls."""
+    registry = REGISTRIES[0]
+    account, region = registry.account, registry.region
+    specs, moved = [], []
+    per_repository = max(1, n_services // n_repositories)
+    for r in range(n_repositories):
+        repo = images.new_repository(prefix="versions")
+        newest = [aws.put_image(account, region, repo, f"1.0.{t}", f"{repo}-{t}") for t in range(n_tags)][-1]
+        specs += [(f"vr-{r}-{n}", f"{registry.host}/{repo}:1.0.{n_tags - 1}@{newest}") for n in range(per_repository)]
+        if r % 10 == 0:
+            moved.append(repo)
+    created = in_parallel(swarm, lambda own, spec: own.create_service(*spec, replicas=0, labels={
+        ed.VERSIONS_LABEL: "semver:^1"}), specs)
+    result = {"services": len(specs), "repositories": n_repositories, "tags_per_repository": n_tags}
+
+    def one_pass() -> dict:
+        run, wall, aws_calls, docker_calls = counted_run(aws, swarm, workdir, "--reconcile")
+        return {"wall_s": round(wall, 2), "list_images": aws_calls["ListImages"],
+                "describe_images": aws_calls["DescribeImages"], "aws_calls": sum(aws_calls.values()),
+                "docker_calls": sum(docker_calls.values()), "updates": len(updated_lines(run.stderr))}
+
+    result["current"] = one_pass()
+    for repo in moved:
+        aws.put_image(account, region, repo, "1.1.0", f"{repo}-1.1.0")
+    result["behind"] = one_pass()
+    result["behind"]["services_behind"] = per_repository * len(moved)
+    result["list_images_expected"] = n_repositories * -(-n_tags // ed.LIST_IMAGES_MAX_RESULTS)  # (all current)
+    in_parallel(swarm, lambda own, sid: own.call("DELETE", f"/services/{sid}"), created)
+    return result
+
+
+def measure_push_cost(aws, images, swarm, workdir, n_tags: int) -> dict:
+    """The ECR calls of one push event that rolls one service: one that follows :latest, one that follows
+    versions (semver:^1, its repository holding n_tags releases); --once with the reconcile pass off."""
+    registry = REGISTRIES[0]
+    account, region = registry.account, registry.region
+    result = {}
+    releases = [f"1.0.{t}" for t in range(n_tags)]
+    for kind, tags, label, pushed in (("tag", ["latest"], {}, "latest"),
+                                      ("versions", releases, {ed.VERSIONS_LABEL: "semver:^1"}, "1.1.0")):
+        repo = images.new_repository(prefix="push")
+        digest = [aws.put_image(account, region, repo, tag, f"{repo}-{tag}") for tag in tags][-1]
+        sid = swarm.create_service(f"push-{kind}", f"{registry.host}/{repo}:{tags[-1]}@{digest}", replicas=0,
+                                   labels=label)
+        queue = aws.new_queue()
+        aws.send(queue, event(account=account, region=region, repository=repo, tag=pushed,
+                              digest=aws.put_image(account, region, repo, pushed, f"{repo}-{pushed}-2")))
+        run, wall, aws_calls, _ = counted_run(aws, swarm, workdir, "--once", "--queue", queue, "--reconcile-every", "0")
+        ecr_calls = {k: v for k, v in aws_calls.items() if k not in ("ReceiveMessage", "DeleteMessageBatch",
+                                                                      "GetQueueUrl", "GetQueueAttributes")}
+        result[kind] = {"ecr_calls": sum(ecr_calls.values()), "by_kind": ecr_calls,
+                        "updates": len(updated_lines(run.stderr))}
+        swarm.call("DELETE", f"/services/{sid}")
+    result.update(ecr_calls_tag=result["tag"]["ecr_calls"], ecr_calls_versions=result["versions"]["ecr_calls"],
+                  updates=result["tag"]["updates"] + result["versions"]["updates"])
+    return result
+
+
 def measure_side_by_side(aws, images, swarm, events, workdir, n: int, rounds: int) -> dict:
     registry = REGISTRIES[0]
     repo = images.new_repository()
@@ -558,6 +642,18 @@ TARGETS = [  # (section, key, comparison, target, label)
     ("reconcile", "protect_steady_wall_s", None, None, "protection tags, in place: wall (s)"),
     ("reconcile", "lint_calls", "==", "lint_calls_expected", "--lint-lifecycle: ECR calls"),
     ("reconcile", "lint_wall_s", None, None, "--lint-lifecycle: wall (s)"),
+    # services that follow versions: one paged ListImages per repository, whatever the number of services
+    ("versions_many", "list_images_current", "==", "list_images_expected", "versions pass A: ListImages"),
+    ("versions_many", "describe_images_current", "==", "repositories", "versions pass A, current: DescribeImages"),
+    ("versions_many", "wall_current_s", None, None, "versions pass A, all current: wall (s)"),
+    ("versions_many", "updates_behind", "==", "services_behind", "versions pass A, a tenth moved: updates"),
+    ("versions_many", "wall_behind_s", None, None, "versions pass A, a tenth moved: wall (s)"),
+    ("versions_long", "list_images_current", "==", "list_images_expected", "versions pass B: ListImages"),
+    ("versions_long", "wall_current_s", None, None, "versions pass B, all current: wall (s)"),
+    ("versions_long", "updates_behind", "==", "services_behind", "versions pass B, a tenth moved: updates"),
+    ("versions_long", "wall_behind_s", None, None, "versions pass B, a tenth moved: wall (s)"),
+    ("push_cost", "ecr_calls_versions", "<=", "ecr_calls_tag", "push: ECR calls, versions (<= tag's)"),
+    ("push_cost", "updates", "==", 2, "push: updates, one of each"),
     ("side_by_side", "cli_s", None, None, "(a) docker CLI, N services (s)"),
     ("side_by_side", "deployer_s", None, None, "(b) ecr-deploy, N services (s, median)"),
     ("side_by_side", "floor_s", None, None, "(c) bare Engine API calls (s, median)"),
@@ -648,6 +744,8 @@ def run(aws, registries, images, swarm, workdir, sizes: dict) -> dict:
     swarm.remove_all_services()
     report["reconcile"] = reconcile_report(aws, images, swarm, workdir, sizes)
     swarm.remove_all_services()
+    report.update(versions_report(aws, images, swarm, workdir, sizes))
+    swarm.remove_all_services()
     report["cold_start"] = measure_cold_start(aws, swarm, sizes["cold_runs"])
     report["memory"] = measure_memory(aws, images, swarm, sizes["memory_messages"])
     swarm.remove_all_services()
@@ -661,6 +759,22 @@ def run(aws, registries, images, swarm, workdir, sizes: dict) -> dict:
                             memory_one_over_none_mib=round(with_target["rss_at_end_mib"]
                                                            - report["memory"]["rss_at_end_mib"], 1))
     report["targets"] = [dict(zip(("measure", "value", "target", "verdict"), row)) for row in verdicts(report)]
+    return report
+
+
+def versions_report(aws, images, swarm, workdir, sizes: dict) -> dict:
+    """The passes over services that follow versions (many repositories of few tags, few of many), and a push."""
+    report = {}
+    for name, (services, repositories, tags) in zip(("versions_many", "versions_long"), sizes["versions"]):
+        measured = measure_reconcile_versions(aws, images, swarm, workdir, services, repositories, tags)
+        report[name] = {**measured, "list_images_current": measured["current"]["list_images"],
+                        "describe_images_current": measured["current"]["describe_images"],
+                        "wall_current_s": measured["current"]["wall_s"],
+                        "updates_behind": measured["behind"]["updates"],
+                        "services_behind": measured["behind"]["services_behind"],
+                        "wall_behind_s": measured["behind"]["wall_s"]}
+        swarm.remove_all_services()
+    report["push_cost"] = measure_push_cost(aws, images, swarm, workdir, sizes["push_cost_tags"])
     return report
 
 
@@ -688,6 +802,14 @@ def table(report: dict) -> str:
                  f"{notify['messages']} message(s) to it; memory at the end {notify['memory_one_rss_at_end_mib']} MiB "
                  f"with it, {report['memory']['rss_at_end_mib']} MiB without")
     lines.append(reconcile_line(report["reconcile"]))
+    for name in ("versions_many", "versions_long"):
+        versions = report[name]
+        lines.append(f"versions pass over {versions['services']} services, {versions['repositories']} repositories of "
+                     f"{versions['tags_per_repository']} tags: all current {versions['current']}; a tenth moved "
+                     f"{versions['behind']}")
+    push = report["push_cost"]
+    lines.append(f"push ECR calls: tag-following {push['tag']['by_kind']}; "
+                 f"version-following {push['versions']['by_kind']}")
     return "\n".join(lines)
 
 

@@ -32,6 +32,10 @@ SERVICE = "web"  # staging: follows :latest, promotes each digest that soaked to
 PRODUCTION = "web-prod"  # follows :prod (in life: another swarm, account or region)
 MIGRATION = "web-migrate"  # a Swarm job that runs on each new digest of web before web rolls (ecr-deploy.before)
 MIGRATE_CMD = ["/bin/busybox", "sh", "-c", 'echo "migrating the database schema to $(cat /version)"; echo done']
+VERSIONED_REPOSITORY = "demo/api"  # tags that never move: 1.0.0, 1.1.0, …
+VERSIONED = "api"  # follows versions: the newest 1.x release (ecr-deploy.versions=semver:^1)
+POLICY = "semver:^1"
+SEMVER_TAG = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+")
 SOAK = "5s"
 QUEUE = "ecr-deploy-demo"
 STATE = pathlib.Path("/run/ecr-deploy-demo.json")  # how `python3 -m rig push` finds the running demo
@@ -87,13 +91,19 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def push_and_notify(aws: Aws, images: Images, queue_url: str, version: str, broken: bool = False) -> str:
+def push_and_notify(aws: Aws, images: Images, queue_url: str, version: str, broken: bool = False,
+                    repository: str = REPOSITORY, tag: str = "latest") -> str:
     """What a `docker push` to ECR causes: the image lands in the registry, ECR records the tag,
     and EventBridge sends an "ECR Image Action" event to the queue."""
-    digest = images.push(REPOSITORY, "latest", version, account=REGISTRY.account, cmd=BROKEN_CMD if broken else None)
-    aws.send(queue_url, event(account=REGISTRY.account, region=REGISTRY.region, repository=REPOSITORY,
-                              digest=digest, time=utc_now()))
+    digest = images.push(repository, tag, version, account=REGISTRY.account, cmd=BROKEN_CMD if broken else None)
+    aws.send(queue_url, event(account=REGISTRY.account, region=REGISTRY.region, repository=repository,
+                              tag=tag, digest=digest, time=utc_now()))
     return digest
+
+
+def push_version(aws: Aws, images: Images, queue_url: str, version: str, broken: bool = False) -> str:
+    """CI's push of a release that never moves: demo/api:VERSION."""
+    return push_and_notify(aws, images, queue_url, version, broken, VERSIONED_REPOSITORY, version)
 
 
 def main() -> int:
@@ -131,11 +141,21 @@ def main() -> int:
                                             RestartPolicy={"Condition": "none"},
                                             ContainerSpec={"Image": f"{image}@{v1}", "Init": True, "Command": MIGRATE_CMD})
         production_id = swarm.create_service(PRODUCTION, f"{production}@{v1}", registry=REGISTRY, replicas=1)
+        images.new_repository(account=REGISTRY.account, name=VERSIONED_REPOSITORY)
+        ecr.put_image_tag_mutability(registryId=REGISTRY.account, repositoryName=VERSIONED_REPOSITORY,
+                                     imageTagMutability="IMMUTABLE")  # (Security Hub's ECR.2)
+        api = f"{REGISTRY.host}/{VERSIONED_REPOSITORY}:1.0.0@" + images.push(VERSIONED_REPOSITORY, "1.0.0", "1.0.0",
+                                                                             account=REGISTRY.account)
+        api_id = swarm.create_service(VERSIONED, api, registry=REGISTRY, replicas=1,
+                                      labels={"ecr-deploy.versions": POLICY})
         say(f"Service {SERVICE} (staging) runs {image}@{v1[:19]}… (2 replicas), labelled ecr-deploy.promote=prod "
             f"ecr-deploy.soak={SOAK}\n    and ecr-deploy.before={MIGRATION} (a Swarm job, its migration, runs on each "
-            f"new digest before it rolls);\n    service {PRODUCTION} runs {production} (1 replica); waiting for their tasks")
+            f"new digest before it rolls);\n    service {PRODUCTION} runs {production} (1 replica);\n    service "
+            f"{VERSIONED} runs {api.partition('@')[0]} from a tag-immutable repository, labelled "
+            f"ecr-deploy.versions={POLICY}:\n    it follows versions, the newest 1.x release; waiting for their tasks")
         swarm.wait_running(service_id, f"{image}@{v1}", replicas=2)
         swarm.wait_running(production_id, f"{production}@{v1}")
+        swarm.wait_running(api_id, api)
         queue_url = aws.new_queue(QUEUE)
         STATE.write_text(json.dumps({"aws": aws.url, "ca": REGISTRY.ca, "queue": queue_url}))
 
@@ -151,13 +171,21 @@ def main() -> int:
         say(f"docker push {image} (v2): the image goes to the registry, ECR records the tag, "
             "EventBridge sends the push event to the queue")
         v2 = push_and_notify(aws, images, queue_url, "v2")
+        say(f"CI pushes {VERSIONED_REPOSITORY}:2.0.0 and {VERSIONED_REPOSITORY}:1.1.0: {VERSIONED} takes 1.1.0, the "
+            f"newest release {POLICY} admits")
+        push_version(aws, images, queue_url, "2.0.0")
+        push_version(aws, images, queue_url, "1.1.0")
         deployer.wait_line(f"Started the pre-rollout job {MIGRATION} ")
         say(f"The migration job {MIGRATION} runs on …@{v2[:19]}… first; {SERVICE} rolls once it has completed")
         deployer.wait_line(f"Updated service {SERVICE} ")
         migrated = [t for t in swarm.tasks(migration_id) if t["Spec"]["ContainerSpec"]["Image"].endswith(v2)]
         say(f"{MIGRATION} on …@{v2[:19]}… {migrated[0]['Status']['State'] if migrated else '?'}; "
             f"{SERVICE} is rolling to it")
+        deployer.wait_line(f"Updated service {VERSIONED} ")
         deployer.wait_line(f"Rollout of {SERVICE} ", timeout=120)
+        deployer.wait_line(f"Rollout of {VERSIONED} ", timeout=120)
+        say(f"{VERSIONED} now runs {VERSIONED_REPOSITORY}:1.1.0 (`docker service ls` shows the version); 2.0.0 is "
+            f"not a version {POLICY} admits, so it stays on 1.x")
         tasks = swarm.running_images(service_id)
         say(f"{len(tasks)} task(s) of {SERVICE} now run …@{v2[:19]}… — ECR push to running service, for real.\n"
             f"    Once the rollout has run for {SOAK} without a failure, the deployer tags that digest :prod in ECR, "
@@ -168,6 +196,8 @@ def main() -> int:
             f"    Push another version from a second terminal (as root, in this directory):\n\n"
             f"        {PUSH_COMMAND} v3\n\n"
             f"    or a build that crashes, and watch the rollout pause:  {PUSH_COMMAND} v4 --broken\n"
+            f"    or a release of {VERSIONED_REPOSITORY} (a version: {VERSIONED} takes it if {POLICY} admits it and it "
+            f"is newer):  {PUSH_COMMAND} 1.2.0\n"
             f"    Ctrl-C stops the demo and removes everything it made.")
         stop.wait()
         say("Stopping: the deployer, the swarm, the registry and moto_server; removing their files")
@@ -188,7 +218,11 @@ def push(args: list[str]) -> int:
     version = versions[0] if versions else f"v{os.getpid()}"
     aws = Aws.attach(state["aws"], REGISTRY.region)
     REGISTRY.ca = state["ca"]
-    digest = push_and_notify(aws, Images(aws, [REGISTRY]), state["queue"], version, broken)
-    print(f"Pushed {REGISTRY.host}/{REPOSITORY}:latest ({version}{', broken' if broken else ''}) = {digest}\n"
-          "and sent its ECR push event; watch the demo's terminal.")
+    if SEMVER_TAG.fullmatch(version):  # a release: demo/api:VERSION
+        digest = push_version(aws, Images(aws, [REGISTRY]), state["queue"], version, broken)
+        pushed = f"{REGISTRY.host}/{VERSIONED_REPOSITORY}:{version}{' (broken)' if broken else ''}"
+    else:
+        digest = push_and_notify(aws, Images(aws, [REGISTRY]), state["queue"], version, broken)
+        pushed = f"{REGISTRY.host}/{REPOSITORY}:latest ({version}{', broken' if broken else ''})"
+    print(f"Pushed {pushed} = {digest}\nand sent its ECR push event; watch the demo's terminal.")
     return 0
