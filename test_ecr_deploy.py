@@ -6238,6 +6238,11 @@ def job(image, labels=None):
     (job(f"{HOST}/team/web:latest@{DIGEST_A}", {ed.RERUN_JOB_LABEL: "true"}), PUSH, ed.Facts(), 0, ("ask", "failure")),
     (with_status(RUNS_A, "rollback_started"), PUSH, ed.Facts(), 2, ("nothing", "is being rolled back by Swarm")),
     (RUNS_A, PUSH, ed.Facts(), 2, ("ask", "failure")),  # nothing read before it is needed
+    (RUNS_A, PUSH, ed.Facts(image="ACTIVE"), 2, ("ask", "failure")),
+    (RUNS_A, PUSH, ed.Facts(image="ARCHIVED"), 2, ("archived", "team/web:latest points at bbbbbbbbbbbb, an archived")),
+    (RUNS_A, PUSH, READ._replace(image="ACTIVATING"), 0, ("archived", "team/web:latest points at bbbbbbbbbbbb, an "
+                                                                      "image ECR is restoring")),
+    (service(f"{HOST}/team/web:latest@{DIGEST_B}"), PUSH, ed.Facts(image="ARCHIVED"), 2, ("nothing", "already runs")),
     (RUNS_A, PUSH, ed.Facts(failure_read=True), 2, ("ask", "release")),
     (RUNS_A, PUSH, ed.Facts(failure_read=True, failure="it failed"), 2, ("hold back", "it failed")),
     (RUNS_A, PUSH, ed.Facts(failure_read=True, release=ed.Release("wait", "window shut")), 2,
@@ -6262,6 +6267,17 @@ def job(image, labels=None):
 def test_decide(svc, push, facts, gates, expected):
     decision = ed.decide(ed.Hint(svc, push, DIGEST_B), facts, gates)
     assert decision.action == expected[0] and decision.reason.startswith(expected[1]), decision
+
+
+def test_a_tag_whose_image_is_archived_is_held_back_until_it_is_restored_and_waits_while_it_is():
+    """ECR refuses to pull an archived image (the Amazon ECR User Guide, Archiving an image): the tag's digest is
+    held back (the operator must act: the command that restores it), and waits while ECR restores it."""
+    held = ed.decide(ed.Hint(RUNS_A, PUSH, DIGEST_B), ed.Facts(image="ARCHIVED"), 0)
+    assert (held.action, held.release.decision) == ("archived", "held")
+    assert "--restore-archived" in held.reason and f"--registry-id {PUSH.account} --repository-name team/web " \
+        f"--image-id imageDigest={DIGEST_B} --target-storage-class STANDARD`" in held.reason
+    restoring = ed.decide(ed.Hint(RUNS_A, PUSH, DIGEST_B), ed.Facts(image="ACTIVATING"), 0)
+    assert (restoring.release.decision, restoring.release.until) == ("wait", None)  # looked at again, ever less often
 
 
 @pytest.mark.parametrize("state,labels,record", [
@@ -8703,6 +8719,57 @@ def test_a_tag_whose_image_is_archived_is_not_a_tag_gone(aws, images, clean_swar
     run = status(deployer_env(aws, swarm, DEPLOYER_QUEUE=""), "--json")
     (row,) = json.loads(run.stdout)
     assert (run.returncode, row["state"], row["images"]) == (5, "current", {"running": "archived"}), row
+
+
+def test_a_service_behind_a_tag_whose_image_is_archived_is_not_rolled_until_ecr_restored_it(aws, images, clean_swarm):
+    """:latest moved to v2, and a lifecycle rule archived v2 before any pass rolled it: ECR refuses to pull an
+    archived image (the Amazon ECR User Guide, Archiving an image: "Archived images cannot be pulled"; the
+    rig's ECR answers imageStatus as the Amazon ECR API Reference documents), so rolling to it would fail
+    every task. --status says held back and why (exit 5); a loop says it once over several passes and leaves
+    the service on v1; --restore-archived asks ECR to restore v2, and the service waits (--status: waiting,
+    exit 4); once ECR has restored it, the next pass rolls it."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region, host = registry.account, registry.region, registry.host
+    ecr, repo = aws.client("ecr", region), images.new_repository()
+    v1 = aws.put_image(account, region, repo, "latest", "v1")
+    sid = swarm.create_service("arch-behind", f"{host}/{repo}:latest@{v1}", replicas=0)
+    v2 = aws.put_image(account, region, repo, "latest", "v2")
+    ecr.update_image_storage_class(registryId=account, repositoryName=repo, imageId={"imageDigest": v2},
+                                   targetStorageClass="ARCHIVE")
+    env = deployer_env(aws, swarm, DEPLOYER_QUEUE="")
+
+    def state() -> tuple[int, str, str]:
+        run = status(env, "--json")
+        (row,) = json.loads(run.stdout)
+        return run.returncode, row["state"], row["reason"]
+
+    def runs() -> str:
+        return swarm.service(sid)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"].rpartition("@")[2]
+
+    code, shown, reason = state()
+    assert (code, shown) == (5, "held back") and f"{repo}:latest points at {v2[7:19]}, an archived image in ECR, " \
+        f"which no node can pull: restore it (--restore-archived, or `aws ecr update-image-storage-class" in reason, reason
+    running = Running(env, "--queue", aws.new_queue(), "--reconcile-every", "1s", "--auth-refresh", "0")
+    try:
+        running.wait_line("Reconcile pass: 1 of 1 service(s)", count=2)
+    finally:
+        assert running.stop() == 0
+    said = [line for line in running.lines if "an archived image in ECR" in line]
+    assert len(said) == 1 and " WARNING " in said[0] and "holds back" in said[0], running.log
+    assert runs() == v1
+
+    sent = len(aws.front.proxy.bodies)
+    restoring = ed_run([sys.executable, DEPLOYER, "--reconcile", "--restore-archived"], env)
+    assert restoring.returncode == 0 and runs() == v1, restoring.stderr
+    asked = [json.loads(body) for key, body in aws.front.proxy.bodies[sent:] if key.endswith("UpdateImageStorageClass")]
+    assert asked == [{"registryId": account, "repositoryName": repo, "imageId": {"imageDigest": v2},
+                      "targetStorageClass": "STANDARD"}]
+    code, shown, reason = state()
+    assert (code, shown) == (4, "waiting") and "an image ECR is restoring from the archive" in reason, reason
+    aws.front.restores_done()
+    rolled = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)
+    assert rolled.returncode == 0 and runs() == v2, rolled.stderr
+    assert state()[:2] == (0, "current")
 
 
 def test_the_lifecycle_lint_does_not_say_none_when_ecr_could_not_be_asked(aws, images, clean_swarm):
