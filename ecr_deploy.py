@@ -207,10 +207,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "standard storage class, as is the archived digest a followed tag points to (which is "
                         "never rolled to) (ecr:UpdateImageStorageClass; env DEPLOYER_RESTORE_ARCHIVED=1)")
     parser.add_argument("--protect-tag-prefix", metavar="PREFIX", default=env("DEPLOYER_PROTECT_TAG_PREFIX"),
-                        help="each reconcile pass keeps the tag PREFIX.SERVICE on the digest every service runs and "
-                        "PREFIX.SERVICE.prev on its rollback target, and removes those of services gone, so that a "
-                        "lifecycle rule retaining PREFIX. keeps them; name the swarm (each swarm sharing a repository "
-                        "its own prefix; env DEPLOYER_PROTECT_TAG_PREFIX; default: off)")
+                        help="each reconcile pass keeps the tag PREFIX.SERVICE.running on the digest every service "
+                        "runs and PREFIX.SERVICE.rollback on its rollback target, and removes those of services "
+                        "gone, so that a lifecycle rule retaining them keeps the images; name the swarm (each swarm "
+                        "sharing a repository its own prefix; env DEPLOYER_PROTECT_TAG_PREFIX; default: off)")
     parser.add_argument("--lint-lifecycle", action="store_true",
                         help="ask ECR to preview each repository's lifecycle policy and say which rule would expire "
                         "or archive an image a service runs or rolls back to; alone: exit 0 none, 5 some, 1 ECR "
@@ -1665,21 +1665,25 @@ def archived_release(push: Push, digest: str, status: str | None) -> Release | N
     return None
 
 
-# Protection tags (opt-in, --protect-tag-prefix): one tag per service on the digest it runs, PREFIX.SERVICE,
-# and one on its rollback target, PREFIX.SERVICE.prev, that a lifecycle rule of the highest priority retains.
-# '.' separates: a Swarm service name has none (a DNS label), nor has a prefix, so no service's tag is another's,
-# and no prefix's tags begin with another prefix's (prod.web is never prod-eu's, prod-eu.web never prod's).
+# Protection tags (opt-in, --protect-tag-prefix): one tag per service on the digest it runs,
+# PREFIX.SERVICE.running, and one on its rollback target, PREFIX.SERVICE.rollback, that a lifecycle rule of the
+# highest priority retains. '.' separates: a Swarm service name has none (a DNS label), nor has a prefix, so no
+# service's tag is another's, and no prefix's tags begin with another prefix's (prod.web.running is never
+# prod-eu's). The role word ends every one: a tag is ours by that exact form only, never by its prefix alone,
+# so a release tag that starts with the prefix (main.4f2c1a9, v1.2 for the prefix main or v1) is never taken
+# for one (and removed, its image deleted with its last tag).
 PROTECT_PREFIX = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,39}")
 TAG_MAX_LENGTH = 128  # Docker's tag grammar, [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}, which ECR's tags follow
-ROLE_SUFFIXES = {"running": "", "rollback": ".prev"}
+ROLE_SUFFIXES = {"running": ".running", "rollback": ".rollback"}
 NAME_HASH_LENGTH = 10
 
 
 def protection_tag(prefix: str, service_name: str, role: str) -> str:
-    """PREFIX.SERVICE (running) or PREFIX.SERVICE.prev (rollback). A name outside [A-Za-z0-9_-] or too long for
-    128 characters is mapped deterministically: its other characters turned to '-', cut short, and a short hash
-    of the whole name appended, so two names never share a tag."""
-    suffix, room = ROLE_SUFFIXES[role], TAG_MAX_LENGTH - len(prefix) - 1 - len(ROLE_SUFFIXES["rollback"])
+    """PREFIX.SERVICE.running or PREFIX.SERVICE.rollback. A name outside [A-Za-z0-9_-] or too long for 128
+    characters (a 40-character prefix leaves 78, more than a Swarm name's 63) is mapped deterministically: its
+    other characters turned to '-', cut short, and a short hash of the whole name appended, so two names never
+    share a tag."""
+    suffix, room = ROLE_SUFFIXES[role], TAG_MAX_LENGTH - len(prefix) - 1 - max(map(len, ROLE_SUFFIXES.values()))
     name = service_name
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or len(name) > room:
         mark = hashlib.sha256(service_name.encode()).hexdigest()[:NAME_HASH_LENGTH]
@@ -1688,9 +1692,9 @@ def protection_tag(prefix: str, service_name: str, role: str) -> str:
 
 
 def is_protection_tag(prefix: str, tag: str) -> bool:
-    """A tag this prefix's deployer keeps: PREFIX.NAME or PREFIX.NAME.prev, and nothing else (not another
-    prefix's, not a tag someone else pushed)."""
-    return re.fullmatch(re.escape(prefix) + r"\.[A-Za-z0-9_-]+(\.prev)?", tag) is not None
+    """A tag this prefix's deployer keeps: PREFIX.NAME.running or PREFIX.NAME.rollback, and nothing else (not
+    another prefix's, not a tag someone else pushed that starts with the prefix: PREFIX.4f2c1a9, PREFIX.2)."""
+    return re.fullmatch(re.escape(prefix) + r"\.[A-Za-z0-9_-]+\.(running|rollback)", tag) is not None
 
 
 def protection_changes(prefix: str, wanted: dict[str, str], named: set[str], tags: dict[str, str],

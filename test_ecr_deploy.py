@@ -8451,36 +8451,49 @@ def test_an_archived_running_digest_is_restored_on_request_and_status_follows_it
 
 
 def test_protection_tags_name_the_service_within_ecrs_tag_grammar_and_touch_only_the_prefixs_own():
-    assert ed.protection_tag("sw1", "web", "running") == "sw1.web"
-    assert ed.protection_tag("sw1", "web", "rollback") == "sw1.web.prev"
+    assert ed.protection_tag("sw1", "web", "running") == "sw1.web.running"
+    assert ed.protection_tag("sw1", "web", "rollback") == "sw1.web.rollback"
     odd, long_ = ed.protection_tag("sw1", "a/b c", "running"), ed.protection_tag("p" * 40, "x" * 300, "rollback")
-    assert re.fullmatch(r"sw1\.a-b-c-[0-9a-f]{10}", odd) and odd != ed.protection_tag("sw1", "a/b_c", "running")
-    assert len(long_) == 128 and long_.endswith(".prev") and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", long_)
+    assert re.fullmatch(r"sw1\.a-b-c-[0-9a-f]{10}\.running", odd)
+    assert odd != ed.protection_tag("sw1", "a/b_c", "running")
+    assert len(long_) == 128 and long_.endswith(".rollback") and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}",
+                                                                                long_)
     assert long_ != ed.protection_tag("p" * 40, "x" * 299, "rollback")  # cut short, still told apart
-    assert [ed.is_protection_tag("sw1", t) for t in ("sw1.web", "sw1.web.prev", "sw1-eu.web", "sw1.a.b", "sw1", "v1")] \
-        == [True, True, False, False, False, False]
+    longest = ed.protection_tag("p" * 40, "s" * 63, "rollback")  # the longest prefix and Swarm name: kept whole
+    assert longest == "p" * 40 + "." + "s" * 63 + ".rollback" and len(longest) <= 128
+    # Only the exact forms: never a release tag that starts with the prefix, nor an old-style PREFIX.NAME(.prev).
+    assert [ed.is_protection_tag("sw1", t) for t in (
+        "sw1.web.running", "sw1.web.rollback", "sw1.web", "sw1.web.prev", "sw1.4f2c1a9", "sw1.2", "sw1.2.1",
+        "sw1-eu.web.running", "sw1.a.b.running", "sw1..running", "sw1.running", "v1")] \
+        == [True, True] + [False] * 10
+    assert [ed.is_protection_tag(prefix, tag) for prefix, tag in (("main", "main.4f2c1a9"), ("v1", "v1.2"))] \
+        == [False, False]
     moves, removals = ed.protection_changes(
-        "sw1", {"sw1.web": DIGEST_B, "sw1.web.prev": DIGEST_A}, {"sw1.web", "sw1.web.prev", "sw1.api"},
-        {"sw1.web": DIGEST_A, "sw1.api": DIGEST_A, "sw1.gone": DIGEST_A, "sw2.gone": DIGEST_A, "latest": DIGEST_A})
-    assert moves == {"sw1.web": DIGEST_B, "sw1.web.prev": DIGEST_A}  # sw1.api: its image not taggable now, left
-    assert removals == ["sw1.gone"]  # never another prefix's, never someone else's tag
+        "sw1", {"sw1.web.running": DIGEST_B, "sw1.web.rollback": DIGEST_A},
+        {"sw1.web.running", "sw1.web.rollback", "sw1.api.running"},
+        {"sw1.web.running": DIGEST_A, "sw1.api.running": DIGEST_A, "sw1.gone.running": DIGEST_A,
+         "sw2.gone.running": DIGEST_A, "latest": DIGEST_A, "sw1.4f2c1a9": DIGEST_A, "sw1.gone": DIGEST_A})
+    assert moves == {"sw1.web.running": DIGEST_B, "sw1.web.rollback": DIGEST_A}  # sw1.api: its image not taggable now
+    assert removals == ["sw1.gone.running"]  # never another prefix's, never someone else's tag
 
 
 def test_a_protection_tag_that_is_the_last_tag_of_an_image_in_use_is_never_removed():
     """ECR deletes an image with its last tag (the Amazon ECR API Reference, BatchDeleteImage). A tag of the
-    prefix that no service names (sw1.web.prev after a rollback left no PreviousSpec) sits on the digest web
+    prefix that no service names (sw1.web.rollback after a rollback left no PreviousSpec) sits on the digest web
     runs, whose own tag could not be put (a tag-immutable repository refused the move, or the image was
     archived): removing it would delete that image. It stays until the image holds another tag; a tag on an
     image no service uses goes, as does one whose image keeps another tag."""
-    tags = {"sw1.web.prev": DIGEST_A, "sw1.web": DIGEST_B, "sw1.gone": DIGEST_B, "sw1.old": "sha256:" + "c" * 64}
-    named, in_use = {"sw1.web"}, {DIGEST_A, DIGEST_B}
-    assert ed.protection_removals("sw1", tags, named, in_use) == ["sw1.gone", "sw1.old"]
-    assert ed.protection_removals("sw1", {**tags, "v3": DIGEST_A}, named, in_use) == ["sw1.gone", "sw1.old",
-                                                                                      "sw1.web.prev"]
-    both = {"sw1.a": DIGEST_A, "sw1.b": DIGEST_A}  # two unnamed tags on an image in use: one of them stays
-    assert ed.protection_removals("sw1", both, set(), {DIGEST_A}) == ["sw1.a"]
-    assert ed.protection_changes("sw1", {"sw1.web": DIGEST_A}, {"sw1.web"}, {"sw1.web.prev": DIGEST_A}, {DIGEST_A}) \
-        == ({"sw1.web": DIGEST_A}, ["sw1.web.prev"])  # once moved there, the other tag holds the image
+    tags = {"sw1.web.rollback": DIGEST_A, "sw1.web.running": DIGEST_B, "sw1.gone.running": DIGEST_B,
+            "sw1.old.running": "sha256:" + "c" * 64}
+    named, in_use = {"sw1.web.running"}, {DIGEST_A, DIGEST_B}
+    assert ed.protection_removals("sw1", tags, named, in_use) == ["sw1.gone.running", "sw1.old.running"]
+    assert ed.protection_removals("sw1", {**tags, "v3": DIGEST_A}, named, in_use) == [
+        "sw1.gone.running", "sw1.old.running", "sw1.web.rollback"]
+    both = {"sw1.a.running": DIGEST_A, "sw1.b.running": DIGEST_A}  # two unnamed tags on an image in use: one stays
+    assert ed.protection_removals("sw1", both, set(), {DIGEST_A}) == ["sw1.a.running"]
+    assert ed.protection_changes("sw1", {"sw1.web.running": DIGEST_A}, {"sw1.web.running"},
+                                 {"sw1.web.rollback": DIGEST_A}, {DIGEST_A}) \
+        == ({"sw1.web.running": DIGEST_A}, ["sw1.web.rollback"])  # once moved there, the other tag holds the image
 
 
 def test_lifecycle_findings_name_the_rule_that_would_take_an_image_in_use():
@@ -8518,12 +8531,13 @@ def test_the_rigs_lifecycle_preview_evaluates_rules_as_ecr_documents():
 
 
 def test_protection_tags_follow_three_deploys_and_go_with_the_service(aws, images, clean_swarm):
-    """--protect-tag-prefix sw1: after each pass ECR has sw1.SERVICE on the digest the service runs and
-    sw1.SERVICE.prev on its rollback target (read back from ECR). The digest a deploy leaves behind loses its
+    """--protect-tag-prefix sw1: after each pass ECR has sw1.SERVICE.running on the digest the service runs and
+    sw1.SERVICE.rollback on its rollback target (read back from ECR). The digest a deploy leaves behind loses its
     tag and stays in ECR, untagged; an image another tag holds keeps that tag. When the service goes, its tags
     go, by BatchDeleteImage of each tag alone (moto answers it as the Amazon ECR API Reference, BatchDeleteImage,
     documents: the tag removed, the image only with its last tag): the images stay with their other tags, and
-    another swarm's tag (sw2.) is never touched."""
+    another swarm's tag (sw2.) is never touched. Nor is a tag CI pushed that starts with the prefix: a release
+    tag sw1.4f2c1a9, or sw1.web (the form protection tags had before they ended in .running or .rollback)."""
     swarm, registry = clean_swarm, REGISTRIES[0]
     account, region, host = registry.account, registry.region, registry.host
     ecr, repo = aws.client("ecr", region), images.new_repository()
@@ -8542,34 +8556,42 @@ def test_protection_tags_follow_three_deploys_and_go_with_the_service(aws, image
         assert run.returncode == 0, run.stderr
 
     tag(v2, "release")
+    tag(v2, "sw1.4f2c1a9")  # CI's release tags, in the prefix's namespace
+    tag(v1, "sw1.web")
     sid = swarm.create_service("guarded", f"{host}/{repo}@{v1}", replicas=0)
     swarm.create_service("bystander", f"{host}/{repo}@{v3}", replicas=0)
     env = deployer_env(aws, swarm, DEPLOYER_QUEUE="", DEPLOYER_PROTECT_TAG_PREFIX="sw1")
     reconcile()
-    assert tags() == {v1: ["sw1.guarded"], v2: ["release"], v3: ["ci", "sw1.bystander"]}
+    released = {v1: ["sw1.web"], v2: ["release", "sw1.4f2c1a9"], v3: ["ci"]}
+
+    def with_released(kept: dict) -> dict:
+        return {digest: sorted(released[digest] + kept.get(digest, [])) for digest in released}
+
+    assert tags() == with_released({v1: ["sw1.guarded.running"], v3: ["sw1.bystander.running"]})
     swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=f"{host}/{repo}@{v2}"))
     reconcile()
-    assert tags() == {v1: ["sw1.guarded.prev"], v2: ["release", "sw1.guarded"], v3: ["ci", "sw1.bystander"]}
+    assert tags() == with_released({v1: ["sw1.guarded.rollback"], v2: ["sw1.guarded.running"],
+                                    v3: ["sw1.bystander.running"]})
     swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=f"{host}/{repo}@{v3}"))
     reconcile()
-    assert tags() == {v1: [], v2: ["release", "sw1.guarded.prev"], v3: ["ci", "sw1.bystander", "sw1.guarded"]}
+    assert tags() == with_released({v2: ["sw1.guarded.rollback"], v3: ["sw1.bystander.running", "sw1.guarded.running"]})
 
-    tag(v1, "sw2.guarded")  # another swarm's, sharing the repository
+    tag(v1, "sw2.guarded.running")  # another swarm's, sharing the repository
     swarm.call("DELETE", f"/services/{sid}")
     sent = len(aws.front.proxy.bodies)
     reconcile()
-    assert tags() == {v1: ["sw2.guarded"], v2: ["release"], v3: ["ci", "sw1.bystander"]}
+    assert tags() == with_released({v1: ["sw2.guarded.running"], v3: ["sw1.bystander.running"]})
     deleted = [json.loads(body) for key, body in aws.front.proxy.bodies[sent:] if key.endswith("BatchDeleteImage")]
-    assert sorted(json.dumps(d["imageIds"]) for d in deleted) == [json.dumps([{"imageTag": "sw1.guarded"}]),
-                                                                  json.dumps([{"imageTag": "sw1.guarded.prev"}])]
+    assert sorted(json.dumps(d["imageIds"]) for d in deleted) == [json.dumps([{"imageTag": "sw1.guarded.rollback"}]),
+                                                                  json.dumps([{"imageTag": "sw1.guarded.running"}])]
 
 
 def test_protection_tags_of_a_service_another_deployer_of_the_swarm_keeps_stay_with_the_image_it_runs(
         aws, images, clean_swarm):
     """Two deployers of one swarm, one prefix, each its --filter-label (the prefix names the swarm): team a's
-    deployer leaves sw1.theirs, which team b's keeps on the digest `theirs` runs, though none of its own
-    services names it. That digest's only tag is sw1.theirs (ci moved on), and ECR deletes an image with its
-    last tag (BatchDeleteImage; moto answers so): removing the tag would delete the image a running service
+    deployer leaves sw1.theirs.running, which team b's keeps on the digest `theirs` runs, though none of its own
+    services names it. That digest's only tag is sw1.theirs.running (ci moved on), and ECR deletes an image with
+    its last tag (BatchDeleteImage; moto answers so): removing the tag would delete the image a running service
     pulls at its next reschedule. Once `theirs` is gone from the swarm, either deployer removes its tag."""
     swarm, registry = clean_swarm, REGISTRIES[0]
     account, region, host = registry.account, registry.region, registry.host
@@ -8588,12 +8610,12 @@ def test_protection_tags_of_a_service_another_deployer_of_the_swarm_keeps_stay_w
     swarm.create_service("mine", f"{host}/{repo}@{v2}", labels={"team": "a"}, replicas=0)
     env = deployer_env(aws, swarm, DEPLOYER_QUEUE="", DEPLOYER_PROTECT_TAG_PREFIX="sw1")
     reconcile("b")
-    assert tags() == {v1: ["sw1.theirs"], v2: ["ci"]}
+    assert tags() == {v1: ["sw1.theirs.running"], v2: ["ci"]}
     reconcile("a")
-    assert tags() == {v1: ["sw1.theirs"], v2: ["ci", "sw1.mine"]}  # theirs' image still in ECR, tagged
+    assert tags() == {v1: ["sw1.theirs.running"], v2: ["ci", "sw1.mine.running"]}  # theirs' image still tagged
     swarm.call("DELETE", f"/services/{theirs}")
     reconcile("a")
-    assert tags() == {v2: ["ci", "sw1.mine"]}  # its last tag removed: the image no service runs goes with it
+    assert tags() == {v2: ["ci", "sw1.mine.running"]}  # its last tag removed: the image no service runs goes with it
 
 
 def test_protection_tags_the_role_may_not_put_are_said_once_and_do_not_fail_the_pass(aws, images, clean_swarm):
@@ -8616,12 +8638,12 @@ def test_protection_tags_the_role_may_not_put_are_said_once_and_do_not_fail_the_
         proxy.close()
     assert run.returncode == 0, run.stderr
     said = [line for line in run.stderr.splitlines() if " ERROR " in line]
-    assert len(said) == 1 and f"cannot tag {repo}@{v1} as sw1.pulled" in said[0] and "AccessDeniedException" \
+    assert len(said) == 1 and f"cannot tag {repo}@{v1} as sw1.pulled.running" in said[0] and "AccessDeniedException" \
         in said[0] and f"none are kept in {repo} (grant ecr:ListImages, ecr:PutImage" in said[0], run.stderr
 
 
 def test_protection_tags_in_a_tag_immutable_repository_say_once_how_to_let_them_move(aws, images, clean_swarm):
-    """A tag-immutable repository refuses to move sw1.SERVICE (the rig's ECR answers as documented:
+    """A tag-immutable repository refuses to move sw1.SERVICE.running (the rig's ECR answers as documented:
     ImageTagAlreadyExistsException): a loop-mode deployer says once, over several passes, the command that
     excludes the prefix (IMMUTABLE_WITH_EXCLUSION, filter sw1.*), as promotion does for its tag; with it the
     next pass moves the tag."""
@@ -8633,7 +8655,8 @@ def test_protection_tags_in_a_tag_immutable_repository_say_once_how_to_let_them_
     sid = swarm.create_service("frozen", f"{host}/{repo}@{v1}", replicas=0)
     env = deployer_env(aws, swarm, DEPLOYER_QUEUE="", DEPLOYER_PROTECT_TAG_PREFIX="sw1")
     first = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)
-    assert first.returncode == 0 and f"Protection tag {repo}:sw1.frozen now on {v1[7:19]}" in first.stderr, first.stderr
+    assert first.returncode == 0 and f"Protection tag {repo}:sw1.frozen.running now on {v1[7:19]}" in first.stderr, \
+        first.stderr
     swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=f"{host}/{repo}@{v2}"))
     running = Running({**env, "DEPLOYER_LOG_LEVEL": "DEBUG"}, "--queue", aws.new_queue(), "--reconcile-every", "1s",
                       "--auth-refresh", "0")
@@ -8650,7 +8673,8 @@ def test_protection_tags_in_a_tag_immutable_repository_say_once_how_to_let_them_
     fixed = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)
     assert fixed.returncode == 0, fixed.stderr
     assert {d["imageDigest"]: sorted(d.get("imageTags") or []) for d in ecr.describe_images(
-        repositoryName=repo)["imageDetails"]} == {v1: ["sw1.frozen.prev", "v1"], v2: ["sw1.frozen", "v2"]}
+        repositoryName=repo)["imageDetails"]} == {v1: ["sw1.frozen.rollback", "v1"],
+                                                  v2: ["sw1.frozen.running", "v2"]}
 
 
 def test_the_lifecycle_lint_names_the_rule_that_would_expire_images_in_use_until_protection_tags_retain_them(
@@ -8695,10 +8719,12 @@ def test_the_lifecycle_lint_names_the_rule_that_would_expire_images_in_use_until
     assert row["images"] == {"running": "ok", "rollback": "ok"} and len(row["lifecycle"]) == 2
     assert rule in row["reason"]
 
-    keep = {"rulePriority": 1, "description": "what services run", "action": {"type": "expire"},
-            "selection": {"tagStatus": "tagged", "tagPrefixList": ["sw1."], "countType": "imageCountMoreThan",
-                          "countNumber": 10000}}
-    ecr.put_lifecycle_policy(repositoryName=repo, lifecyclePolicyText=json.dumps({"rules": [keep, newest]}))
+    keep = [{"rulePriority": priority, "description": f"what services {role}", "action": {"type": "expire"},
+             "selection": {"tagStatus": "tagged", "tagPatternList": [f"sw1.*.{role}"],
+                           "countType": "imageCountMoreThan", "countNumber": 10000}}
+            for priority, role in ((1, "running"), (2, "rollback"))]  # as docs/keeping-images.md has them
+    ecr.put_lifecycle_policy(repositoryName=repo, lifecyclePolicyText=json.dumps(
+        {"rules": [*keep, {**newest, "rulePriority": 3}]}))
     protected = ed_run([sys.executable, DEPLOYER, "--reconcile", "--protect-tag-prefix", "sw1"], env)
     assert protected.returncode == 0, protected.stderr
     retained = lint()
