@@ -3030,7 +3030,8 @@ def test_install_page_aws_setup_blocks_run_against_moto(aws, tmp_path):
     env = {**deployer_env(aws), "AWS_REGION": region, "AWS_DEFAULT_REGION": region,
            "PATH": f"{shim.parent}:{os.environ['PATH']}",
            "QUEUE": f"ecr-deploy-{suffix}", "SWARM": f"swarm-{suffix}", "SCAN_GATE": "", "SIGNATURE_GATE": "",
-           "PROMOTE_REPOS": "team/web team/api", "PROTECT_TAGS": "1"}
+           "PROMOTE_REPOS": "team/web team/api",
+           "PROTECT_REPOS": "team/web arn:aws:ecr:us-east-1:210987654321:repository/shared/base"}
 
     def run_block(block, **extra):
         run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], env={**env, **extra}, capture_output=True,
@@ -3074,6 +3075,8 @@ def test_install_page_aws_setup_blocks_run_against_moto(aws, tmp_path):
     assert alarms["Resource"] == f"arn:aws:cloudwatch:{region}:{document_account(aws)}:alarm:*"
     protect = next(s for s in document["PolicyVersion"]["Document"]["Statement"] if s["Sid"] == "ProtectionTags")
     assert protect["Action"] == ["ecr:ListImages", "ecr:PutImage", "ecr:BatchDeleteImage", "ecr:DescribeRepositories"]
+    assert protect["Resource"] == [f"arn:aws:ecr:{region}:{document_account(aws)}:repository/team/web",
+                                   "arn:aws:ecr:us-east-1:210987654321:repository/shared/base"]  # named only, an ARN as is
     promote = next(s for s in document["PolicyVersion"]["Document"]["Statement"] if s["Sid"] == "Promote")
     assert promote["Action"] == ["ecr:PutImage", "ecr:DescribeRepositories"]  # (--status: may the promote tag move?)
     assert promote["Resource"] == [f"arn:aws:ecr:{region}:{document_account(aws)}:repository/{name}"
@@ -3093,6 +3096,16 @@ def test_install_page_aws_setup_blocks_run_against_moto(aws, tmp_path):
          "detail": {"action-type": ["PUSH"], "result": ["SUCCESS"]}},
         {"source": ["aws.ecr"], "detail-type": ["ECR Referrer Action"],
          "detail": {"action-type": ["PUSH"], "result": ["SUCCESS"]}}]}
+    # Neither list set: no statement that may put or delete a tag (the block's own policy program, run alone: the
+    # AWS CLI around it was run above, and costs seconds a call).
+    (program,) = re.findall(r"python3 -c '(.*?)'", next(block for block in blocks if "aws iam create-policy" in block),
+                            re.S)
+    bare = subprocess.run([sys.executable, "-c", program, region, "123456789012", queue, "", ""], capture_output=True,
+                          text=True, timeout=30, check=True)
+    statements = json.loads(bare.stdout)["Statement"]
+    assert "ProtectionTags" not in {s["Sid"] for s in statements} and "Promote" not in {s["Sid"] for s in statements}
+    assert not {"ecr:PutImage", "ecr:BatchDeleteImage"} & {a for s in statements for a in (
+        [s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
 
 
 def document_account(aws) -> str:
