@@ -206,12 +206,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--restore-archived", action="store_true", default=env_true("DEPLOYER_RESTORE_ARCHIVED"),
                         help="each reconcile pass checks that ECR still has the digest every service runs and its "
                         "rollback target; with this, one that a lifecycle rule archived is restored to the "
-                        "standard storage class (ecr:UpdateImageStorageClass; env DEPLOYER_RESTORE_ARCHIVED=1)")
+                        "standard storage class, as is the archived digest a followed tag points to (which is "
+                        "never rolled to) (ecr:UpdateImageStorageClass; env DEPLOYER_RESTORE_ARCHIVED=1)")
     parser.add_argument("--protect-tag-prefix", metavar="PREFIX", default=env("DEPLOYER_PROTECT_TAG_PREFIX"),
-                        help="each reconcile pass keeps the tag PREFIX.SERVICE on the digest every service runs and "
-                        "PREFIX.SERVICE.prev on its rollback target, and removes those of services gone, so that a "
-                        "lifecycle rule retaining PREFIX. keeps them; name the swarm (each swarm sharing a repository "
-                        "its own prefix; env DEPLOYER_PROTECT_TAG_PREFIX; default: off)")
+                        help="each reconcile pass keeps the tag PREFIX.SERVICE.running on the digest every service "
+                        "runs and PREFIX.SERVICE.rollback on its rollback target, and removes those of services "
+                        "gone, so that a lifecycle rule retaining them keeps the images; name the swarm (each swarm "
+                        "sharing a repository its own prefix; env DEPLOYER_PROTECT_TAG_PREFIX; default: off)")
     parser.add_argument("--lint-lifecycle", action="store_true",
                         help="ask ECR to preview each repository's lifecycle policy and say which rule would expire "
                         "or archive an image a service runs or rolls back to; alone: exit 0 none, 5 some, 1 ECR "
@@ -1740,21 +1741,40 @@ def image_problem(service_name: str, role: str, key: tuple, state: str, restorin
     return f"Service {service_name}: {what}, {where}, is being restored to the standard storage class"
 
 
-# Protection tags (opt-in, --protect-tag-prefix): one tag per service on the digest it runs, PREFIX.SERVICE,
-# and one on its rollback target, PREFIX.SERVICE.prev, that a lifecycle rule of the highest priority retains.
-# '.' separates: a Swarm service name has none (a DNS label), nor has a prefix, so no service's tag is another's,
-# and no prefix's tags begin with another prefix's (prod.web is never prod-eu's, prod-eu.web never prod's).
+def archived_release(push: Push, digest: str, status: str | None) -> Release | None:
+    """Why a service must not roll to the digest its tag points to, as ECR's imageStatus of it says, or None.
+    ECR refuses to pull an archived image (404, "Archived images cannot be pulled": the Amazon ECR User Guide,
+    Archiving an image), and one being restored until it is done: every task of a rollout would fail to pull."""
+    where = f"{push.repository}:{push.tag} points at {short_digest(digest)}"
+    if status == "ARCHIVED":
+        return Release("held", f"{where}, an archived image in ECR, which no node can pull: restore it "
+                               f"(--restore-archived, or `aws ecr update-image-storage-class --region {push.region} "
+                               f"--registry-id {push.account} --repository-name {push.repository} --image-id "
+                               f"imageDigest={digest} --target-storage-class STANDARD`) or push it again")
+    if status == "ACTIVATING":
+        return Release("wait", f"{where}, an image ECR is restoring from the archive: rolls once it is restored")
+    return None
+
+
+# Protection tags (opt-in, --protect-tag-prefix): one tag per service on the digest it runs,
+# PREFIX.SERVICE.running, and one on its rollback target, PREFIX.SERVICE.rollback, that a lifecycle rule of the
+# highest priority retains. '.' separates: a Swarm service name has none (a DNS label), nor has a prefix, so no
+# service's tag is another's, and no prefix's tags begin with another prefix's (prod.web.running is never
+# prod-eu's). The role word ends every one: a tag is ours by that exact form only, never by its prefix alone,
+# so a release tag that starts with the prefix (main.4f2c1a9, v1.2 for the prefix main or v1) is never taken
+# for one (and removed, its image deleted with its last tag).
 PROTECT_PREFIX = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,39}")
 TAG_MAX_LENGTH = 128  # Docker's tag grammar, [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}, which ECR's tags follow
-ROLE_SUFFIXES = {"running": "", "rollback": ".prev"}
+ROLE_SUFFIXES = {"running": ".running", "rollback": ".rollback"}
 NAME_HASH_LENGTH = 10
 
 
 def protection_tag(prefix: str, service_name: str, role: str) -> str:
-    """PREFIX.SERVICE (running) or PREFIX.SERVICE.prev (rollback). A name outside [A-Za-z0-9_-] or too long for
-    128 characters is mapped deterministically: its other characters turned to '-', cut short, and a short hash
-    of the whole name appended, so two names never share a tag."""
-    suffix, room = ROLE_SUFFIXES[role], TAG_MAX_LENGTH - len(prefix) - 1 - len(ROLE_SUFFIXES["rollback"])
+    """PREFIX.SERVICE.running or PREFIX.SERVICE.rollback. A name outside [A-Za-z0-9_-] or too long for 128
+    characters (a 40-character prefix leaves 78, more than a Swarm name's 63) is mapped deterministically: its
+    other characters turned to '-', cut short, and a short hash of the whole name appended, so two names never
+    share a tag."""
+    suffix, room = ROLE_SUFFIXES[role], TAG_MAX_LENGTH - len(prefix) - 1 - max(map(len, ROLE_SUFFIXES.values()))
     name = service_name
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or len(name) > room:
         mark = hashlib.sha256(service_name.encode()).hexdigest()[:NAME_HASH_LENGTH]
@@ -1763,9 +1783,9 @@ def protection_tag(prefix: str, service_name: str, role: str) -> str:
 
 
 def is_protection_tag(prefix: str, tag: str) -> bool:
-    """A tag this prefix's deployer keeps: PREFIX.NAME or PREFIX.NAME.prev, and nothing else (not another
-    prefix's, not a tag someone else pushed)."""
-    return re.fullmatch(re.escape(prefix) + r"\.[A-Za-z0-9_-]+(\.prev)?", tag) is not None
+    """A tag this prefix's deployer keeps: PREFIX.NAME.running or PREFIX.NAME.rollback, and nothing else (not
+    another prefix's, not a tag someone else pushed that starts with the prefix: PREFIX.4f2c1a9, PREFIX.2)."""
+    return re.fullmatch(re.escape(prefix) + r"\.[A-Za-z0-9_-]+\.(running|rollback)", tag) is not None
 
 
 def protection_changes(prefix: str, wanted: dict[str, str], named: set[str], tags: dict[str, str],
@@ -2815,6 +2835,7 @@ class Facts(NamedTuple):
     release: Release | None = None  # the release policy's answer; None: not read yet
     verdicts: tuple[GateSaid, ...] = ()  # the gates asked so far, in their order
     before: JobRun | None = None  # what its pre-rollout job (BEFORE_LABEL) says of the digest; None: not read
+    image: str | None = None  # ECR's imageStatus of the digest, known with the tag's answer (given, never asked)
 
 
 GATE_ACTIONS = {"wait": "wait for gate", "gone": "gone", "blocked": "block"}  # a gate's verdict -> what is done
@@ -2826,7 +2847,8 @@ class Decision(NamedTuple):
     rollout failed here; record: write the failure record Swarm's own rollback left unwritten); "not
     released" (the release policy's wait or hold); "wait for gate", "gone", "block" (a gate's verdict, or
     its pre-rollout job's: record, a failure record too); "run job", "wait for job" (its pre-rollout job);
-    or "ask" (reason names the fact to read next: "failure", "release", "gate" or "before job")."""
+    "archived" (ECR holds the digest archived or is restoring it: no node could pull it; release: held or
+    wait, said as the release policy's); or "ask" (reason names the fact to read next: "failure", "release", "gate" or "before job")."""
     action: str
     reason: str = ""
     release: Release | None = None
@@ -2872,6 +2894,9 @@ def decide(hint: Hint, facts: Facts, gates: int) -> Decision:
     status = service.get("UpdateStatus") or {}
     if status.get("State") == "rollback_started":  # a post would cancel it
         return Decision("nothing", "is being rolled back by Swarm; not rolled now")
+    unpullable = archived_release(push, digest, facts.image)
+    if unpullable:
+        return Decision("archived", unpullable.reason, release=unpullable)
     if not facts.failure_read:
         return Decision("ask", "failure")
     if facts.failure:  # (not after rollback_paused: a re-post would resume that rollback)
@@ -3078,6 +3103,7 @@ class TagAnswer(NamedTuple):
     pushed_at: datetime | None  # imagePushedAt: ECR's clock
     answered_at: datetime | None  # the Date of ECR's answer: ECR's clock too, so the age needs no other
     media_type: str | None = None  # imageManifestMediaType: an image index is gated on its platform images
+    status: str | None = None  # imageStatus: ARCHIVED and ACTIVATING cannot be pulled; None: not said (ACTIVE)
 
     @property
     def age(self) -> float | None:
@@ -3180,8 +3206,9 @@ class Ecr:
                     media_type = media_type if isinstance(media_type, str) else None
                     if media_type:  # the scan gate needs no BatchGetImage to know a single image from an index
                         self.media_types[(account, region, repository, digest)] = media_type
+                    status = detail.get("imageStatus")
                     answer = TagAnswer(digest, in_utc(pushed_at) if isinstance(pushed_at, datetime) else None,
-                                       answered_at, media_type)
+                                       answered_at, media_type, status if isinstance(status, str) else None)
                     found.update((tag, answer) for tag in detail.get("imageTags") or [] if tag in batch)
         return found
 
@@ -4532,12 +4559,17 @@ class Converger:
 
     def converge(self, hint: Hint, result: CycleResult) -> bool | None:
         """True done (or nothing to do, held, blocked), False failed (retried), None waits (for a gate)."""
-        facts: Facts | None = Facts()
+        facts: Facts | None = Facts(image=self.image_status(hint))
         while (decision := decide(hint, facts, len(self.deployer.gates))).action == "ask":
             facts = self.read(decision.reason, hint, facts)
             if facts is None:
                 return False
         return self.deployer.actor.act(hint, decision, result)
+
+    def image_status(self, hint: Hint) -> str | None:
+        """ECR's imageStatus of the hint's digest, as this cycle's answer for its tag said (None: not asked)."""
+        answer = self.deployer.answers.get(hint.push.image_key)
+        return answer.status if answer and answer.digest == hint.digest else None
 
     def read(self, fact: str, hint: Hint, facts: Facts) -> Facts | None:
         """The facts with the one decide() asked for added; None (said why) if Docker or ECR failed."""
@@ -4700,6 +4732,9 @@ class Actor:
             self.hold_back(hint, decision)
         elif decision.action == "not released":
             self.not_released(service, hint.image, decision.release)
+        elif decision.action == "archived":  # (--restore-archived: restored, then a wait)
+            self.not_released(service, hint.image,
+                              self.deployer.reconciler.images.restore_followed(hint, decision.release))
         elif decision.action == "wait for gate":
             log.info("Service %s waits for its %s before %s: %s%s", service_label(service), decision.gate,
                      hint.image, decision.reason, "" if push.reconcile else "; message kept")
@@ -6065,6 +6100,18 @@ class ImageKeeper:
         log.error("Protection tags: %s", immutable_tag_fix(*repository, f"{self.protect_prefix}.*", described,
                                                            what="the protection tags"))
 
+    def restore_followed(self, hint: Hint, release: Release) -> Release:
+        """A service's tag points at an archived image (archived_release): with `restore`, ECR is asked to
+        restore it (once), and the service waits for it; else the release as it was (held)."""
+        service, push, digest = hint
+        key = (push.account, push.region, push.repository, digest)
+        if not self.restore or release.decision != "held" or key in self.restored or \
+                not self.restore_one(service["Spec"].get("Name", "?"), key):
+            return release
+        log.info("Service %s: asked ECR to restore %s@%s, which its tag points at, to the standard storage class",
+                 service_label(service), push.repository, short_digest(digest))
+        return archived_release(push, digest, "ACTIVATING")
+
     def restore_one(self, name: str, key: tuple) -> bool:
         """Asks ECR to restore an archived image (once per process: ECR restores it within minutes)."""
         try:
@@ -6680,7 +6727,7 @@ def status_of(deployer: Deployer, service: dict, key: tuple | None, answer: tupl
     if running_image(service).digest is None:
         return "not pinned", "its spec names no digest, so which build it runs is unknown: the next push pins it"
     hint = Hint(service, Push(*key, digest, time=pushed_at, reconcile=True), digest)
-    facts = Facts()
+    facts = Facts(image=answer.status)
     while (decision := decide(hint, facts, len(deployer.gates))).action == "ask":
         facts = status_fact(deployer, decision.reason, hint, facts)
     if decision.action == "nothing":
@@ -6698,7 +6745,7 @@ def status_of(deployer: Deployer, service: dict, key: tuple | None, answer: tupl
                          f"reconcile pass runs its {decision.gate}, then rolls it"
     if decision.action == "block" and decision.gate.startswith(JOB_GATE):
         return "blocked", f"blocked by its {decision.gate}: {decision.reason}"
-    if decision.action == "not released":
+    if decision.action in ("not released", "archived"):
         return ("waiting" if decision.release.decision == "wait" else "held back"), decision.reason
     if decision.action in ("block", "wait for gate"):
         return ("blocked" if decision.action == "block" else "waiting"), f"{decision.gate}: {decision.reason}"

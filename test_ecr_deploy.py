@@ -3111,7 +3111,8 @@ def test_install_page_aws_setup_blocks_run_against_moto(aws, tmp_path):
     env = {**deployer_env(aws), "AWS_REGION": region, "AWS_DEFAULT_REGION": region,
            "PATH": f"{shim.parent}:{os.environ['PATH']}",
            "QUEUE": f"ecr-deploy-{suffix}", "SWARM": f"swarm-{suffix}", "SCAN_GATE": "", "SIGNATURE_GATE": "",
-           "PROMOTE_REPOS": "team/web team/api", "PROTECT_TAGS": "1"}
+           "PROMOTE_REPOS": "team/web team/api",
+           "PROTECT_REPOS": "team/web arn:aws:ecr:us-east-1:210987654321:repository/shared/base"}
 
     def run_block(block, **extra):
         run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], env={**env, **extra}, capture_output=True,
@@ -3155,6 +3156,8 @@ def test_install_page_aws_setup_blocks_run_against_moto(aws, tmp_path):
     assert alarms["Resource"] == f"arn:aws:cloudwatch:{region}:{document_account(aws)}:alarm:*"
     protect = next(s for s in document["PolicyVersion"]["Document"]["Statement"] if s["Sid"] == "ProtectionTags")
     assert protect["Action"] == ["ecr:ListImages", "ecr:PutImage", "ecr:BatchDeleteImage", "ecr:DescribeRepositories"]
+    assert protect["Resource"] == [f"arn:aws:ecr:{region}:{document_account(aws)}:repository/team/web",
+                                   "arn:aws:ecr:us-east-1:210987654321:repository/shared/base"]  # named only, an ARN as is
     promote = next(s for s in document["PolicyVersion"]["Document"]["Statement"] if s["Sid"] == "Promote")
     assert promote["Action"] == ["ecr:PutImage", "ecr:DescribeRepositories"]  # (--status: may the promote tag move?)
     assert promote["Resource"] == [f"arn:aws:ecr:{region}:{document_account(aws)}:repository/{name}"
@@ -3174,6 +3177,16 @@ def test_install_page_aws_setup_blocks_run_against_moto(aws, tmp_path):
          "detail": {"action-type": ["PUSH"], "result": ["SUCCESS"]}},
         {"source": ["aws.ecr"], "detail-type": ["ECR Referrer Action"],
          "detail": {"action-type": ["PUSH"], "result": ["SUCCESS"]}}]}
+    # Neither list set: no statement that may put or delete a tag (the block's own policy program, run alone: the
+    # AWS CLI around it was run above, and costs seconds a call).
+    (program,) = re.findall(r"python3 -c '(.*?)'", next(block for block in blocks if "aws iam create-policy" in block),
+                            re.S)
+    bare = subprocess.run([sys.executable, "-c", program, region, "123456789012", queue, "", ""], capture_output=True,
+                          text=True, timeout=30, check=True)
+    statements = json.loads(bare.stdout)["Statement"]
+    assert "ProtectionTags" not in {s["Sid"] for s in statements} and "Promote" not in {s["Sid"] for s in statements}
+    assert not {"ecr:PutImage", "ecr:BatchDeleteImage"} & {a for s in statements for a in (
+        [s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
 
 
 def document_account(aws) -> str:
@@ -6405,6 +6418,11 @@ def job(image, labels=None):
     (job(f"{HOST}/team/web:latest@{DIGEST_A}", {ed.RERUN_JOB_LABEL: "true"}), PUSH, ed.Facts(), 0, ("ask", "failure")),
     (with_status(RUNS_A, "rollback_started"), PUSH, ed.Facts(), 2, ("nothing", "is being rolled back by Swarm")),
     (RUNS_A, PUSH, ed.Facts(), 2, ("ask", "failure")),  # nothing read before it is needed
+    (RUNS_A, PUSH, ed.Facts(image="ACTIVE"), 2, ("ask", "failure")),
+    (RUNS_A, PUSH, ed.Facts(image="ARCHIVED"), 2, ("archived", "team/web:latest points at bbbbbbbbbbbb, an archived")),
+    (RUNS_A, PUSH, READ._replace(image="ACTIVATING"), 0, ("archived", "team/web:latest points at bbbbbbbbbbbb, an "
+                                                                      "image ECR is restoring")),
+    (service(f"{HOST}/team/web:latest@{DIGEST_B}"), PUSH, ed.Facts(image="ARCHIVED"), 2, ("nothing", "already runs")),
     (RUNS_A, PUSH, ed.Facts(failure_read=True), 2, ("ask", "release")),
     (RUNS_A, PUSH, ed.Facts(failure_read=True, failure="it failed"), 2, ("hold back", "it failed")),
     (RUNS_A, PUSH, ed.Facts(failure_read=True, release=ed.Release("wait", "window shut")), 2,
@@ -6429,6 +6447,17 @@ def job(image, labels=None):
 def test_decide(svc, push, facts, gates, expected):
     decision = ed.decide(ed.Hint(svc, push, DIGEST_B), facts, gates)
     assert decision.action == expected[0] and decision.reason.startswith(expected[1]), decision
+
+
+def test_a_tag_whose_image_is_archived_is_held_back_until_it_is_restored_and_waits_while_it_is():
+    """ECR refuses to pull an archived image (the Amazon ECR User Guide, Archiving an image): the tag's digest is
+    held back (the operator must act: the command that restores it), and waits while ECR restores it."""
+    held = ed.decide(ed.Hint(RUNS_A, PUSH, DIGEST_B), ed.Facts(image="ARCHIVED"), 0)
+    assert (held.action, held.release.decision) == ("archived", "held")
+    assert "--restore-archived" in held.reason and f"--registry-id {PUSH.account} --repository-name team/web " \
+        f"--image-id imageDigest={DIGEST_B} --target-storage-class STANDARD`" in held.reason
+    restoring = ed.decide(ed.Hint(RUNS_A, PUSH, DIGEST_B), ed.Facts(image="ACTIVATING"), 0)
+    assert (restoring.release.decision, restoring.release.until) == ("wait", None)  # looked at again, ever less often
 
 
 @pytest.mark.parametrize("state,labels,record", [
@@ -8857,36 +8886,49 @@ def test_an_archived_running_digest_is_restored_on_request_and_status_follows_it
 
 
 def test_protection_tags_name_the_service_within_ecrs_tag_grammar_and_touch_only_the_prefixs_own():
-    assert ed.protection_tag("sw1", "web", "running") == "sw1.web"
-    assert ed.protection_tag("sw1", "web", "rollback") == "sw1.web.prev"
+    assert ed.protection_tag("sw1", "web", "running") == "sw1.web.running"
+    assert ed.protection_tag("sw1", "web", "rollback") == "sw1.web.rollback"
     odd, long_ = ed.protection_tag("sw1", "a/b c", "running"), ed.protection_tag("p" * 40, "x" * 300, "rollback")
-    assert re.fullmatch(r"sw1\.a-b-c-[0-9a-f]{10}", odd) and odd != ed.protection_tag("sw1", "a/b_c", "running")
-    assert len(long_) == 128 and long_.endswith(".prev") and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", long_)
+    assert re.fullmatch(r"sw1\.a-b-c-[0-9a-f]{10}\.running", odd)
+    assert odd != ed.protection_tag("sw1", "a/b_c", "running")
+    assert len(long_) == 128 and long_.endswith(".rollback") and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}",
+                                                                                long_)
     assert long_ != ed.protection_tag("p" * 40, "x" * 299, "rollback")  # cut short, still told apart
-    assert [ed.is_protection_tag("sw1", t) for t in ("sw1.web", "sw1.web.prev", "sw1-eu.web", "sw1.a.b", "sw1", "v1")] \
-        == [True, True, False, False, False, False]
+    longest = ed.protection_tag("p" * 40, "s" * 63, "rollback")  # the longest prefix and Swarm name: kept whole
+    assert longest == "p" * 40 + "." + "s" * 63 + ".rollback" and len(longest) <= 128
+    # Only the exact forms: never a release tag that starts with the prefix, nor an old-style PREFIX.NAME(.prev).
+    assert [ed.is_protection_tag("sw1", t) for t in (
+        "sw1.web.running", "sw1.web.rollback", "sw1.web", "sw1.web.prev", "sw1.4f2c1a9", "sw1.2", "sw1.2.1",
+        "sw1-eu.web.running", "sw1.a.b.running", "sw1..running", "sw1.running", "v1")] \
+        == [True, True] + [False] * 10
+    assert [ed.is_protection_tag(prefix, tag) for prefix, tag in (("main", "main.4f2c1a9"), ("v1", "v1.2"))] \
+        == [False, False]
     moves, removals = ed.protection_changes(
-        "sw1", {"sw1.web": DIGEST_B, "sw1.web.prev": DIGEST_A}, {"sw1.web", "sw1.web.prev", "sw1.api"},
-        {"sw1.web": DIGEST_A, "sw1.api": DIGEST_A, "sw1.gone": DIGEST_A, "sw2.gone": DIGEST_A, "latest": DIGEST_A})
-    assert moves == {"sw1.web": DIGEST_B, "sw1.web.prev": DIGEST_A}  # sw1.api: its image not taggable now, left
-    assert removals == ["sw1.gone"]  # never another prefix's, never someone else's tag
+        "sw1", {"sw1.web.running": DIGEST_B, "sw1.web.rollback": DIGEST_A},
+        {"sw1.web.running", "sw1.web.rollback", "sw1.api.running"},
+        {"sw1.web.running": DIGEST_A, "sw1.api.running": DIGEST_A, "sw1.gone.running": DIGEST_A,
+         "sw2.gone.running": DIGEST_A, "latest": DIGEST_A, "sw1.4f2c1a9": DIGEST_A, "sw1.gone": DIGEST_A})
+    assert moves == {"sw1.web.running": DIGEST_B, "sw1.web.rollback": DIGEST_A}  # sw1.api: its image not taggable now
+    assert removals == ["sw1.gone.running"]  # never another prefix's, never someone else's tag
 
 
 def test_a_protection_tag_that_is_the_last_tag_of_an_image_in_use_is_never_removed():
     """ECR deletes an image with its last tag (the Amazon ECR API Reference, BatchDeleteImage). A tag of the
-    prefix that no service names (sw1.web.prev after a rollback left no PreviousSpec) sits on the digest web
+    prefix that no service names (sw1.web.rollback after a rollback left no PreviousSpec) sits on the digest web
     runs, whose own tag could not be put (a tag-immutable repository refused the move, or the image was
     archived): removing it would delete that image. It stays until the image holds another tag; a tag on an
     image no service uses goes, as does one whose image keeps another tag."""
-    tags = {"sw1.web.prev": DIGEST_A, "sw1.web": DIGEST_B, "sw1.gone": DIGEST_B, "sw1.old": "sha256:" + "c" * 64}
-    named, in_use = {"sw1.web"}, {DIGEST_A, DIGEST_B}
-    assert ed.protection_removals("sw1", tags, named, in_use) == ["sw1.gone", "sw1.old"]
-    assert ed.protection_removals("sw1", {**tags, "v3": DIGEST_A}, named, in_use) == ["sw1.gone", "sw1.old",
-                                                                                      "sw1.web.prev"]
-    both = {"sw1.a": DIGEST_A, "sw1.b": DIGEST_A}  # two unnamed tags on an image in use: one of them stays
-    assert ed.protection_removals("sw1", both, set(), {DIGEST_A}) == ["sw1.a"]
-    assert ed.protection_changes("sw1", {"sw1.web": DIGEST_A}, {"sw1.web"}, {"sw1.web.prev": DIGEST_A}, {DIGEST_A}) \
-        == ({"sw1.web": DIGEST_A}, ["sw1.web.prev"])  # once moved there, the other tag holds the image
+    tags = {"sw1.web.rollback": DIGEST_A, "sw1.web.running": DIGEST_B, "sw1.gone.running": DIGEST_B,
+            "sw1.old.running": "sha256:" + "c" * 64}
+    named, in_use = {"sw1.web.running"}, {DIGEST_A, DIGEST_B}
+    assert ed.protection_removals("sw1", tags, named, in_use) == ["sw1.gone.running", "sw1.old.running"]
+    assert ed.protection_removals("sw1", {**tags, "v3": DIGEST_A}, named, in_use) == [
+        "sw1.gone.running", "sw1.old.running", "sw1.web.rollback"]
+    both = {"sw1.a.running": DIGEST_A, "sw1.b.running": DIGEST_A}  # two unnamed tags on an image in use: one stays
+    assert ed.protection_removals("sw1", both, set(), {DIGEST_A}) == ["sw1.a.running"]
+    assert ed.protection_changes("sw1", {"sw1.web.running": DIGEST_A}, {"sw1.web.running"},
+                                 {"sw1.web.rollback": DIGEST_A}, {DIGEST_A}) \
+        == ({"sw1.web.running": DIGEST_A}, ["sw1.web.rollback"])  # once moved there, the other tag holds the image
 
 
 def test_lifecycle_findings_name_the_rule_that_would_take_an_image_in_use():
@@ -8924,12 +8966,13 @@ def test_the_rigs_lifecycle_preview_evaluates_rules_as_ecr_documents():
 
 
 def test_protection_tags_follow_three_deploys_and_go_with_the_service(aws, images, clean_swarm):
-    """--protect-tag-prefix sw1: after each pass ECR has sw1.SERVICE on the digest the service runs and
-    sw1.SERVICE.prev on its rollback target (read back from ECR). The digest a deploy leaves behind loses its
+    """--protect-tag-prefix sw1: after each pass ECR has sw1.SERVICE.running on the digest the service runs and
+    sw1.SERVICE.rollback on its rollback target (read back from ECR). The digest a deploy leaves behind loses its
     tag and stays in ECR, untagged; an image another tag holds keeps that tag. When the service goes, its tags
     go, by BatchDeleteImage of each tag alone (moto answers it as the Amazon ECR API Reference, BatchDeleteImage,
     documents: the tag removed, the image only with its last tag): the images stay with their other tags, and
-    another swarm's tag (sw2.) is never touched."""
+    another swarm's tag (sw2.) is never touched. Nor is a tag CI pushed that starts with the prefix: a release
+    tag sw1.4f2c1a9, or sw1.web (the form protection tags had before they ended in .running or .rollback)."""
     swarm, registry = clean_swarm, REGISTRIES[0]
     account, region, host = registry.account, registry.region, registry.host
     ecr, repo = aws.client("ecr", region), images.new_repository()
@@ -8948,34 +8991,42 @@ def test_protection_tags_follow_three_deploys_and_go_with_the_service(aws, image
         assert run.returncode == 0, run.stderr
 
     tag(v2, "release")
+    tag(v2, "sw1.4f2c1a9")  # CI's release tags, in the prefix's namespace
+    tag(v1, "sw1.web")
     sid = swarm.create_service("guarded", f"{host}/{repo}@{v1}", replicas=0)
     swarm.create_service("bystander", f"{host}/{repo}@{v3}", replicas=0)
     env = deployer_env(aws, swarm, DEPLOYER_QUEUE="", DEPLOYER_PROTECT_TAG_PREFIX="sw1")
     reconcile()
-    assert tags() == {v1: ["sw1.guarded"], v2: ["release"], v3: ["ci", "sw1.bystander"]}
+    released = {v1: ["sw1.web"], v2: ["release", "sw1.4f2c1a9"], v3: ["ci"]}
+
+    def with_released(kept: dict) -> dict:
+        return {digest: sorted(released[digest] + kept.get(digest, [])) for digest in released}
+
+    assert tags() == with_released({v1: ["sw1.guarded.running"], v3: ["sw1.bystander.running"]})
     swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=f"{host}/{repo}@{v2}"))
     reconcile()
-    assert tags() == {v1: ["sw1.guarded.prev"], v2: ["release", "sw1.guarded"], v3: ["ci", "sw1.bystander"]}
+    assert tags() == with_released({v1: ["sw1.guarded.rollback"], v2: ["sw1.guarded.running"],
+                                    v3: ["sw1.bystander.running"]})
     swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=f"{host}/{repo}@{v3}"))
     reconcile()
-    assert tags() == {v1: [], v2: ["release", "sw1.guarded.prev"], v3: ["ci", "sw1.bystander", "sw1.guarded"]}
+    assert tags() == with_released({v2: ["sw1.guarded.rollback"], v3: ["sw1.bystander.running", "sw1.guarded.running"]})
 
-    tag(v1, "sw2.guarded")  # another swarm's, sharing the repository
+    tag(v1, "sw2.guarded.running")  # another swarm's, sharing the repository
     swarm.call("DELETE", f"/services/{sid}")
     sent = len(aws.front.proxy.bodies)
     reconcile()
-    assert tags() == {v1: ["sw2.guarded"], v2: ["release"], v3: ["ci", "sw1.bystander"]}
+    assert tags() == with_released({v1: ["sw2.guarded.running"], v3: ["sw1.bystander.running"]})
     deleted = [json.loads(body) for key, body in aws.front.proxy.bodies[sent:] if key.endswith("BatchDeleteImage")]
-    assert sorted(json.dumps(d["imageIds"]) for d in deleted) == [json.dumps([{"imageTag": "sw1.guarded"}]),
-                                                                  json.dumps([{"imageTag": "sw1.guarded.prev"}])]
+    assert sorted(json.dumps(d["imageIds"]) for d in deleted) == [json.dumps([{"imageTag": "sw1.guarded.rollback"}]),
+                                                                  json.dumps([{"imageTag": "sw1.guarded.running"}])]
 
 
 def test_protection_tags_of_a_service_another_deployer_of_the_swarm_keeps_stay_with_the_image_it_runs(
         aws, images, clean_swarm):
     """Two deployers of one swarm, one prefix, each its --filter-label (the prefix names the swarm): team a's
-    deployer leaves sw1.theirs, which team b's keeps on the digest `theirs` runs, though none of its own
-    services names it. That digest's only tag is sw1.theirs (ci moved on), and ECR deletes an image with its
-    last tag (BatchDeleteImage; moto answers so): removing the tag would delete the image a running service
+    deployer leaves sw1.theirs.running, which team b's keeps on the digest `theirs` runs, though none of its own
+    services names it. That digest's only tag is sw1.theirs.running (ci moved on), and ECR deletes an image with
+    its last tag (BatchDeleteImage; moto answers so): removing the tag would delete the image a running service
     pulls at its next reschedule. Once `theirs` is gone from the swarm, either deployer removes its tag."""
     swarm, registry = clean_swarm, REGISTRIES[0]
     account, region, host = registry.account, registry.region, registry.host
@@ -8994,12 +9045,12 @@ def test_protection_tags_of_a_service_another_deployer_of_the_swarm_keeps_stay_w
     swarm.create_service("mine", f"{host}/{repo}@{v2}", labels={"team": "a"}, replicas=0)
     env = deployer_env(aws, swarm, DEPLOYER_QUEUE="", DEPLOYER_PROTECT_TAG_PREFIX="sw1")
     reconcile("b")
-    assert tags() == {v1: ["sw1.theirs"], v2: ["ci"]}
+    assert tags() == {v1: ["sw1.theirs.running"], v2: ["ci"]}
     reconcile("a")
-    assert tags() == {v1: ["sw1.theirs"], v2: ["ci", "sw1.mine"]}  # theirs' image still in ECR, tagged
+    assert tags() == {v1: ["sw1.theirs.running"], v2: ["ci", "sw1.mine.running"]}  # theirs' image still tagged
     swarm.call("DELETE", f"/services/{theirs}")
     reconcile("a")
-    assert tags() == {v2: ["ci", "sw1.mine"]}  # its last tag removed: the image no service runs goes with it
+    assert tags() == {v2: ["ci", "sw1.mine.running"]}  # its last tag removed: the image no service runs goes with it
 
 
 def test_protection_tags_the_role_may_not_put_are_said_once_and_do_not_fail_the_pass(aws, images, clean_swarm):
@@ -9022,12 +9073,12 @@ def test_protection_tags_the_role_may_not_put_are_said_once_and_do_not_fail_the_
         proxy.close()
     assert run.returncode == 0, run.stderr
     said = [line for line in run.stderr.splitlines() if " ERROR " in line]
-    assert len(said) == 1 and f"cannot tag {repo}@{v1} as sw1.pulled" in said[0] and "AccessDeniedException" \
+    assert len(said) == 1 and f"cannot tag {repo}@{v1} as sw1.pulled.running" in said[0] and "AccessDeniedException" \
         in said[0] and f"none are kept in {repo} (grant ecr:ListImages, ecr:PutImage" in said[0], run.stderr
 
 
 def test_protection_tags_in_a_tag_immutable_repository_say_once_how_to_let_them_move(aws, images, clean_swarm):
-    """A tag-immutable repository refuses to move sw1.SERVICE (the rig's ECR answers as documented:
+    """A tag-immutable repository refuses to move sw1.SERVICE.running (the rig's ECR answers as documented:
     ImageTagAlreadyExistsException): a loop-mode deployer says once, over several passes, the command that
     excludes the prefix (IMMUTABLE_WITH_EXCLUSION, filter sw1.*), as promotion does for its tag; with it the
     next pass moves the tag."""
@@ -9039,7 +9090,8 @@ def test_protection_tags_in_a_tag_immutable_repository_say_once_how_to_let_them_
     sid = swarm.create_service("frozen", f"{host}/{repo}@{v1}", replicas=0)
     env = deployer_env(aws, swarm, DEPLOYER_QUEUE="", DEPLOYER_PROTECT_TAG_PREFIX="sw1")
     first = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)
-    assert first.returncode == 0 and f"Protection tag {repo}:sw1.frozen now on {v1[7:19]}" in first.stderr, first.stderr
+    assert first.returncode == 0 and f"Protection tag {repo}:sw1.frozen.running now on {v1[7:19]}" in first.stderr, \
+        first.stderr
     swarm.update(sid, lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=f"{host}/{repo}@{v2}"))
     running = Running({**env, "DEPLOYER_LOG_LEVEL": "DEBUG"}, "--queue", aws.new_queue(), "--reconcile-every", "1s",
                       "--auth-refresh", "0")
@@ -9056,7 +9108,8 @@ def test_protection_tags_in_a_tag_immutable_repository_say_once_how_to_let_them_
     fixed = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)
     assert fixed.returncode == 0, fixed.stderr
     assert {d["imageDigest"]: sorted(d.get("imageTags") or []) for d in ecr.describe_images(
-        repositoryName=repo)["imageDetails"]} == {v1: ["sw1.frozen.prev", "v1"], v2: ["sw1.frozen", "v2"]}
+        repositoryName=repo)["imageDetails"]} == {v1: ["sw1.frozen.rollback", "v1"],
+                                                  v2: ["sw1.frozen.running", "v2"]}
 
 
 def test_the_lifecycle_lint_names_the_rule_that_would_expire_images_in_use_until_protection_tags_retain_them(
@@ -9101,10 +9154,12 @@ def test_the_lifecycle_lint_names_the_rule_that_would_expire_images_in_use_until
     assert row["images"] == {"running": "ok", "rollback": "ok"} and len(row["lifecycle"]) == 2
     assert rule in row["reason"]
 
-    keep = {"rulePriority": 1, "description": "what services run", "action": {"type": "expire"},
-            "selection": {"tagStatus": "tagged", "tagPrefixList": ["sw1."], "countType": "imageCountMoreThan",
-                          "countNumber": 10000}}
-    ecr.put_lifecycle_policy(repositoryName=repo, lifecyclePolicyText=json.dumps({"rules": [keep, newest]}))
+    keep = [{"rulePriority": priority, "description": f"what services {role}", "action": {"type": "expire"},
+             "selection": {"tagStatus": "tagged", "tagPatternList": [f"sw1.*.{role}"],
+                           "countType": "imageCountMoreThan", "countNumber": 10000}}
+            for priority, role in ((1, "running"), (2, "rollback"))]  # as docs/keeping-images.md has them
+    ecr.put_lifecycle_policy(repositoryName=repo, lifecyclePolicyText=json.dumps(
+        {"rules": [*keep, {**newest, "rulePriority": 3}]}))
     protected = ed_run([sys.executable, DEPLOYER, "--reconcile", "--protect-tag-prefix", "sw1"], env)
     assert protected.returncode == 0, protected.stderr
     retained = lint()
@@ -9125,6 +9180,57 @@ def test_a_tag_whose_image_is_archived_is_not_a_tag_gone(aws, images, clean_swar
     run = status(deployer_env(aws, swarm, DEPLOYER_QUEUE=""), "--json")
     (row,) = json.loads(run.stdout)
     assert (run.returncode, row["state"], row["images"]) == (5, "current", {"running": "archived"}), row
+
+
+def test_a_service_behind_a_tag_whose_image_is_archived_is_not_rolled_until_ecr_restored_it(aws, images, clean_swarm):
+    """:latest moved to v2, and a lifecycle rule archived v2 before any pass rolled it: ECR refuses to pull an
+    archived image (the Amazon ECR User Guide, Archiving an image: "Archived images cannot be pulled"; the
+    rig's ECR answers imageStatus as the Amazon ECR API Reference documents), so rolling to it would fail
+    every task. --status says held back and why (exit 5); a loop says it once over several passes and leaves
+    the service on v1; --restore-archived asks ECR to restore v2, and the service waits (--status: waiting,
+    exit 4); once ECR has restored it, the next pass rolls it."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region, host = registry.account, registry.region, registry.host
+    ecr, repo = aws.client("ecr", region), images.new_repository()
+    v1 = aws.put_image(account, region, repo, "latest", "v1")
+    sid = swarm.create_service("arch-behind", f"{host}/{repo}:latest@{v1}", replicas=0)
+    v2 = aws.put_image(account, region, repo, "latest", "v2")
+    ecr.update_image_storage_class(registryId=account, repositoryName=repo, imageId={"imageDigest": v2},
+                                   targetStorageClass="ARCHIVE")
+    env = deployer_env(aws, swarm, DEPLOYER_QUEUE="")
+
+    def state() -> tuple[int, str, str]:
+        run = status(env, "--json")
+        (row,) = json.loads(run.stdout)
+        return run.returncode, row["state"], row["reason"]
+
+    def runs() -> str:
+        return swarm.service(sid)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"].rpartition("@")[2]
+
+    code, shown, reason = state()
+    assert (code, shown) == (5, "held back") and f"{repo}:latest points at {v2[7:19]}, an archived image in ECR, " \
+        f"which no node can pull: restore it (--restore-archived, or `aws ecr update-image-storage-class" in reason, reason
+    running = Running(env, "--queue", aws.new_queue(), "--reconcile-every", "1s", "--auth-refresh", "0")
+    try:
+        running.wait_line("Reconcile pass: 1 of 1 service(s)", count=2)
+    finally:
+        assert running.stop() == 0
+    said = [line for line in running.lines if "an archived image in ECR" in line]
+    assert len(said) == 1 and " WARNING " in said[0] and "holds back" in said[0], running.log
+    assert runs() == v1
+
+    sent = len(aws.front.proxy.bodies)
+    restoring = ed_run([sys.executable, DEPLOYER, "--reconcile", "--restore-archived"], env)
+    assert restoring.returncode == 0 and runs() == v1, restoring.stderr
+    asked = [json.loads(body) for key, body in aws.front.proxy.bodies[sent:] if key.endswith("UpdateImageStorageClass")]
+    assert asked == [{"registryId": account, "repositoryName": repo, "imageId": {"imageDigest": v2},
+                      "targetStorageClass": "STANDARD"}]
+    code, shown, reason = state()
+    assert (code, shown) == (4, "waiting") and "an image ECR is restoring from the archive" in reason, reason
+    aws.front.restores_done()
+    rolled = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)
+    assert rolled.returncode == 0 and runs() == v2, rolled.stderr
+    assert state()[:2] == (0, "current")
 
 
 def test_the_lifecycle_lint_does_not_say_none_when_ecr_could_not_be_asked(aws, images, clean_swarm):
