@@ -1491,8 +1491,12 @@ def job_run(job: dict | None, tasks: list[dict], digest: str, swarm_now: datetim
         return JobRun("not a job", f"{name} is not a Swarm job (deploy: mode: replicated-job)")
     current = job_tasks(job, tasks)
     running = [t for t in current if live(t)]
-    if (spec.get("Labels") or {}).get(BEFORE_RUN_LABEL) != digest:
-        if running:
+    started = parse_swarm_time((job.get("JobStatus") or {}).get("LastExecution")) or parse_swarm_time(job.get("UpdatedAt"))
+    within = bool(started and swarm_now and (swarm_now - started).total_seconds() <= timeout)
+    other = (spec.get("Labels") or {}).get(BEFORE_RUN_LABEL)
+    if other != digest:
+        # (a run just posted has no task until Swarm's orchestrator makes them: it is under way all the same)
+        if running or (other and not current and within):
             return JobRun("busy", f"{name} still runs for another digest ({len(running)} task(s))")
         return JobRun("start", f"{name} has not run for this digest")
     done = [t for t in current if task_state(t) == "complete"]
@@ -1511,8 +1515,7 @@ def job_run(job: dict | None, tasks: list[dict], digest: str, swarm_now: datetim
     if failed and not running:
         error = ((failed[-1].get("Status") or {}).get("Err") or task_state(failed[-1])).strip()
         return JobRun("failed", f"{name} failed: {error}", tuple(current))
-    started = parse_swarm_time((job.get("JobStatus") or {}).get("LastExecution")) or parse_swarm_time(job.get("UpdatedAt"))
-    if started and swarm_now and (swarm_now - started).total_seconds() > timeout:
+    if started and swarm_now and not within:
         return JobRun("timed out", f"{name} did not complete within {duration_text(timeout)} "
                                    f"({len(done)} of {wanted} task(s) completed)", tuple(current))
     return JobRun("running", f"{name} runs ({len(done)} of {wanted} task(s) completed)")

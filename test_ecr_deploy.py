@@ -6351,6 +6351,10 @@ def migrate_job(labels=None, mode=None, iteration=2, started="2026-12-07T07:50:0
     ({"Spec": {"Name": "web", "Mode": {"Replicated": {"Replicas": 1}}}}, [], "not a job"),
     (migrate_job({ed.BEFORE_RUN_LABEL: DIGEST_A}), [job_task("complete", "complete")], "start"),
     (migrate_job({ed.BEFORE_RUN_LABEL: DIGEST_A}), [job_task("complete", "running")], "busy"),  # never cut short
+    # another digest's run just posted: Swarm has made no task of it yet, and a post now would cut it short
+    (migrate_job({ed.BEFORE_RUN_LABEL: DIGEST_A}), [job_task("complete", "complete", iteration=1)], "busy"),
+    (migrate_job({ed.BEFORE_RUN_LABEL: DIGEST_A}, started="2026-12-07T07:39:00Z"), [], "start"),  # long past: stuck
+    (migrate_job({ed.BEFORE_RUN_LABEL: ""}), [], "start"),  # never run by a deployer
     (migrate_job(), [], "running"),  # just posted: Swarm has made no task yet
     (migrate_job(), [job_task("complete", "starting")], "running"),
     (migrate_job(), [job_task("complete", "complete", iteration=1)], "running"),  # an earlier run's task
