@@ -1436,13 +1436,14 @@ def before_timeout(service: dict) -> float:
 
 def job_image(job: dict, service: dict, service_image: str, tag: str, digest: str) -> str:
     """The image the job runs for the service's new digest: the service's new image where the operator
-    says so (BEFORE_IMAGE_LABEL=service, on either), its own repository moved to the digest where it is
-    the service's, else its own image as it is (a job of another repository is only run again)."""
+    says so (BEFORE_IMAGE_LABEL=service, on either), its own moved to the digest where it is the service's
+    repository and tag (or no tag), else its own image as it is (a job of another repository, or of another
+    tag of it, say a migration image pushed as :migrate-latest beside :latest, is only run again)."""
     said = [((s.get("Spec") or {}).get("Labels") or {}).get(BEFORE_IMAGE_LABEL, "") for s in (job, service)]
     if any(str(value).strip().lower() == "service" for value in said):
         return service_image
     own, new = running_image(job), parse_image_ref(service_image)
-    if own and new and (own.host, own.repository) == (new.host, new.repository):
+    if own and new and (own.host, own.repository) == (new.host, new.repository) and following(job) in (None, tag):
         return pinned_image(own, tag, digest)
     return job["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
 

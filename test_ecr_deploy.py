@@ -6389,7 +6389,10 @@ def test_job_run_says_why_it_failed_and_the_tasks_of_the_run():
 
 
 @pytest.mark.parametrize("job_image,labels,expected", [
-    (f"{HOST}/team/web:migrate@{DIGEST_A}", ({}, {}), f"{HOST}/team/web:latest@{DIGEST_B}"),  # same repository
+    (f"{HOST}/team/web:latest@{DIGEST_A}", ({}, {}), f"{HOST}/team/web:latest@{DIGEST_B}"),  # the service's tag
+    (f"{HOST}/team/web@{DIGEST_A}", ({}, {}), f"{HOST}/team/web:latest@{DIGEST_B}"),  # pinned, no tag
+    # another tag of the same repository is another build (a migration image): run as it is, its tag kept
+    (f"{HOST}/team/web:migrate@{DIGEST_A}", ({}, {}), f"{HOST}/team/web:migrate@{DIGEST_A}"),
     (f"{HOST}/team/web", ({}, {}), f"{HOST}/team/web:latest@{DIGEST_B}"),
     (f"{HOST}/team/dbtool:v3@{DIGEST_A}", ({}, {}), f"{HOST}/team/dbtool:v3@{DIGEST_A}"),  # another: as it is
     (f"{HOST}/team/dbtool:v3", ({ed.BEFORE_IMAGE_LABEL: "service"}, {}), f"{HOST}/team/web:latest@{DIGEST_B}"),
