@@ -5162,6 +5162,10 @@ class BeforeJobs:
         self.deployer = deployer
         self.pending: dict[tuple[str, str], Hint] = {}  # (service ID, digest) -> the hint waiting for its job
         self.said: set[tuple[str, str]] = set()  # (service ID, digest): its wait logged once
+        # (service ID, digest): its run was seen under way. Such a hint never starts another: once the job has
+        # run another digest since, a newer hint of this process or another deployer's superseded it (run
+        # again, the older migration would follow the newer, and the service be rolled back to it)
+        self.ran: set[tuple[str, str]] = set()
 
     def act(self, hint: Hint, decision: Decision) -> bool:
         """decide()'s "run job" or "wait for job" done: True (the swarm holds the run), False to retry."""
@@ -5173,6 +5177,7 @@ class BeforeJobs:
                 return True
             if not self.start(hint, decision.gate):
                 return False
+            self.ran.add(key)
         elif key not in self.said:
             log.info("Service %s waits for its %s before %s: %s", service_label(service), decision.gate, hint.image,
                      decision.reason)
@@ -5242,20 +5247,29 @@ class BeforeJobs:
         for key, hint in list(self.pending.items()):
             try:
                 service = docker.service(key[0])
-                if BEFORE_LABEL in (service["Spec"].get("Labels") or {}) and \
-                        converger.job_of(service, key[1])[1].state in ("running", "busy"):
-                    continue
+                state = converger.job_of(service, key[1])[1].state if BEFORE_LABEL in (
+                    service["Spec"].get("Labels") or {}) else None
             except DockerError as e:
                 if e.status == 404:
                     self.pending.pop(key)
                 else:
                     log.error("Cannot follow the pre-rollout job of service %s: %s", service_label(hint.service), e)
                 continue
+            if state == "running":
+                self.ran.add(key)
+            if state in ("running", "busy"):
+                continue
             self.pending.pop(key)
+            if state == "start" and key in self.ran:
+                self.ran.discard(key)
+                log.info("Service %s: its %s ran another digest after %s; not run again for that one (superseded)",
+                         service_label(service), JOB_GATE, key[1])
+                continue
             result = CycleResult()
             if converger.converge(hint._replace(service=service), result) is False:
                 self.pending.setdefault(key, hint)  # tried again next turn (and by the next pass)
             self.deployer.totals["services_updated"] += len(result.updated)
+        self.ran.intersection_update(self.pending)
 
 
 # --------------------------------------------------------------------------- the auth keeper

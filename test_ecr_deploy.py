@@ -2629,6 +2629,33 @@ def test_a_pre_rollout_job_runs_on_the_new_digest_first_once_across_a_restart_an
     row = next(r for r in rows if r["service"] == "shop")
     assert row["state"] == "blocked" and "blocked by its pre-rollout job shop-migrate" in row["reason"]
 
+    # 4. Two pushes while a run goes on: each runs the job once, in the order pushed, never an older build's after
+    # a newer one's (its hint superseded), and the service ends on the newest.
+    third = Running(env, *args)
+    try:
+        v5 = images.push(repo, "latest", "v5-slow")
+        aws.send(queue, event(repository=repo, digest=v5))
+        started = f"Started the pre-rollout job shop-migrate ({job[:12]}) on {name}:latest@"
+        third.wait_line(started + v5)
+        waiting = []
+        for build in ("v6", "v7"):
+            waiting.append(images.push(repo, "latest", build))
+            aws.send(queue, event(repository=repo, digest=waiting[-1]))
+            third.wait_line(f"Service shop ({web[:12]}) waits for its pre-rollout job shop-migrate before "
+                            f"{name}:latest@{waiting[-1]}", timeout=10)
+        v6, v7 = waiting
+        assert [t["Status"]["State"] for t in runs(v5)] != ["complete"]  # both came while v5's run went on
+        rolled = f"Updated service shop ({web[:12]}) to {name}:latest@{v7}"
+        wait_for(lambda: rolled in third.log or third.log.count(started + v6) > 1, 60,
+                 what=lambda: f"shop rolled to v7:\n{third.log}")
+        third.wait_line(f"Rollout of shop ({web[:12]}) to {name}:latest@{v7} completed")
+    finally:
+        assert third.stop() == 0
+    assert [third.log.count(started + digest) for digest in (v5, v6, v7)] == [1, 1, 1], third.log
+    assert third.log.index(started + v6) < third.log.index(started + v7)
+    assert swarm.service(job)["Spec"]["Labels"][ed.BEFORE_RUN_LABEL] == v7
+    assert service_image_of(swarm, web)[0] == f"{name}:latest@{v7}"
+
 
 def test_keeper_refreshes_tasks_waiting_for_a_node_retries_only_failures_and_keeps_its_schedule_across_restarts(
         aws, images, clean_swarm, workdir, tmp_path):
