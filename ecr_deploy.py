@@ -5201,10 +5201,17 @@ class BeforeJobs:
         ref = parse_image_ref(image)
         registry = ecr_registry(ref.host) if ref else None
 
+        read = (job["Spec"].get("Labels") or {}).get(BEFORE_RUN_LABEL)
+
         def plan(now: dict) -> tuple[dict, ImageRef] | None:
-            if (now["Spec"].get("Labels") or {}).get(BEFORE_RUN_LABEL) == digest:
+            label = (now["Spec"].get("Labels") or {}).get(BEFORE_RUN_LABEL)
+            if label == digest:
                 log.info("Service %s: its %s was started for %s meanwhile; following it", service_label(service),
                          gate, digest)
+                return None
+            if label != read:  # (another deployer's run: posted over, Swarm would remove its tasks at once)
+                log.info("Service %s: its %s was started for another digest meanwhile (%s); never cut short, "
+                         "looked at again once it ended", service_label(service), gate, label)
                 return None
             return job_run_spec(now, image, digest, service["Spec"].get("Name", "?")), ref
 

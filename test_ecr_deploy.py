@@ -2657,6 +2657,44 @@ def test_a_pre_rollout_job_runs_on_the_new_digest_first_once_across_a_restart_an
     assert service_image_of(swarm, web)[0] == f"{name}:latest@{v7}"
 
 
+def test_a_pre_rollout_job_another_deployer_starts_for_another_digest_meanwhile_is_never_cut_short(
+        aws, images, clean_swarm, caplog):
+    """Two deployers (HA): between one's read of the job and its post, the other starts a run for another digest.
+    The post is refused as out of sequence; posted again on the fresh spec, it would end the other's run (a new
+    JobIteration has Swarm remove the tasks of the one before, swarmkit jobs/replicated reconciler)."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    name = f"{registry.host}/{repo}"
+    v1, v2, v3 = (images.push(repo, "latest", build) for build in ("v1", "v2", "v3"))
+    web = swarm.create_service("shop", f"{name}:latest@{v1}", registry=registry, labels={ed.BEFORE_LABEL: "shop-migrate"})
+    job = swarm.create_service("shop-migrate", f"{name}:latest@{v1}", registry=registry, mode=JOB,
+                               ContainerSpec={"Image": f"{name}:latest@{v1}", "Init": True, "Command": MIGRATE_CMD})
+
+    class AnotherDeployer(ed.Docker):  # starts the job's run for v3 right after our read of the job
+        def service(self, service_id):
+            fresh = super().service(service_id)
+            if service_id == "shop-migrate" and not ed.before_job(fresh) and self.run_for is None:
+                self.run_for = ed.job_run_spec(fresh, f"{name}:latest@{v3}", v3, "shop")
+                swarm.post(f"/services/{fresh['ID']}/update", params={"version": fresh["Version"]["Index"]},
+                           json=self.run_for)
+            return fresh
+
+    docker = AnotherDeployer(swarm.docker_host)
+    docker.run_for = None
+    ecr = ed.Ecr(ed.aws_session())
+    ecr._clients = {"us-east-1": aws.client("ecr", "us-east-1")}
+    deployer = ed.Deployer(None, ecr, docker, None)
+    hint = ed.Hint(swarm.service(web), ed.Push("123456789012", "us-east-1", repo, "latest", v2), v2)
+    with caplog.at_level("INFO", logger="ecr-deploy"):
+        assert deployer.before_jobs.start(hint, "pre-rollout job shop-migrate")
+    assert docker.run_for is not None
+    spec = swarm.service(job)["Spec"]
+    assert spec["Labels"][ed.BEFORE_RUN_LABEL] == v3, caplog.text  # the other's run stands
+    assert spec["TaskTemplate"]["ContainerSpec"]["Image"] == f"{name}:latest@{v3}"
+    assert "Started the pre-rollout job" not in caplog.text
+    assert "started for another digest meanwhile" in caplog.text
+
+
 def test_keeper_refreshes_tasks_waiting_for_a_node_retries_only_failures_and_keeps_its_schedule_across_restarts(
         aws, images, clean_swarm, workdir, tmp_path):
     swarm, registry = clean_swarm, REGISTRIES[0]
