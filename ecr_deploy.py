@@ -1498,7 +1498,8 @@ def job_run(job: dict | None, tasks: list[dict], digest: str, swarm_now: datetim
     if other != digest:
         # (a run just posted has no task until Swarm's orchestrator makes them: it is under way all the same)
         if running or (other and not current and within):
-            return JobRun("busy", f"{name} still runs for another digest ({len(running)} task(s))")
+            return JobRun("busy", f"{name} still runs for another digest "
+                                  f"({f'{len(running)} task(s)' if running else 'just started'})")
         return JobRun("start", f"{name} has not run for this digest")
     done = [t for t in current if task_state(t) == "complete"]
     failed = sorted((t for t in current if task_state(t) in ("failed", "rejected") and not live(t)),
@@ -5254,8 +5255,9 @@ class BeforeJobs:
         for key, hint in list(self.pending.items()):
             try:
                 service = docker.service(key[0])
-                state = converger.job_of(service, key[1])[1].state if BEFORE_LABEL in (
-                    service["Spec"].get("Labels") or {}) else None
+                job, run = converger.job_of(service, key[1]) if BEFORE_LABEL in (
+                    service["Spec"].get("Labels") or {}) else (None, None)
+                state = run and run.state
             except DockerError as e:
                 if e.status == 404:
                     self.pending.pop(key)
@@ -5267,7 +5269,9 @@ class BeforeJobs:
             if state in ("running", "busy"):
                 continue
             self.pending.pop(key)
-            if state == "start" and key in self.ran:
+            # (a run for no digest, say `docker stack deploy` reset the job's labels, superseded nothing: run again)
+            if state == "start" and key in self.ran and ((job or {}).get("Spec", {}).get("Labels") or {}).get(
+                    BEFORE_RUN_LABEL):
                 self.ran.discard(key)
                 log.info("Service %s: its %s ran another digest after %s; not run again for that one (superseded)",
                          service_label(service), JOB_GATE, key[1])
