@@ -1466,9 +1466,10 @@ class JobRun(NamedTuple):
 
 
 def job_tasks(job: dict, tasks: list[dict]) -> list[dict]:
-    """The tasks of the job's current run (JobIteration): Swarm keeps those of earlier runs too."""
-    iteration = ((job.get("JobStatus") or {}).get("JobIteration") or {}).get("Index")
-    return [t for t in tasks if iteration is None or (t.get("JobIteration") or {}).get("Index") == iteration]
+    """The tasks of the job's current run (JobIteration): Swarm keeps those of earlier runs too. (The Engine
+    API leaves an Index of 0, the run at the job's creation, out.)"""
+    iteration = ((job.get("JobStatus") or {}).get("JobIteration") or {}).get("Index") or 0
+    return [t for t in tasks if ((t.get("JobIteration") or {}).get("Index") or 0) == iteration]
 
 
 def live(task: dict) -> bool:
@@ -5192,12 +5193,12 @@ class BeforeJobs:
         if no manager did so meanwhile (the version read is the one posted: Swarm refuses a stale one)."""
         service, push, digest = hint
         try:
-            job = self.deployer.converger.service_named(before_job(service))
+            job, run = self.deployer.converger.job_of(service, digest)
         except DockerError as e:
             log.error("Cannot read the %s of service %s: %s", gate, service_label(service), e)
             return False
-        if job is None:
-            return True  # removed meanwhile: the next look says so
+        if job is None or run.state != "start":  # removed, or another deployer started a run since decide() read it
+            return True  # (the next look says so)
         image = job_image(job, service, hint.image, push.tag, digest)
         ref = parse_image_ref(image)
         registry = ecr_registry(ref.host) if ref else None
