@@ -2543,9 +2543,10 @@ def test_jobs_rerun_on_a_push_only_when_labelled_and_the_keeper_never_touches_th
     assert aws.queue_depth(queue) == 0  # the skipped job's message is done too
 
 
-# A migration as a job runs it: the image's /version says which build it is; "slow" takes a while, "broken" fails.
+# A migration as a job runs it: the image's /version says which build it is; "slow" takes a while ("slowest" long
+# enough for two more pushes to arrive meanwhile on a busy machine), "broken" fails.
 MIGRATE_CMD = ["/bin/busybox", "sh", "-c", 'v=$(cat /version); echo "migrating the schema to $v"; case $v in '
-               '*slow*) sleep 4;; *broken*) echo "migration failed: relation users is locked" >&2; exit 3;; esac; '
+               '*slowest*) sleep 8;; *slow*) sleep 4;; *broken*) echo "migration failed: relation users is locked" >&2; exit 3;; esac; '
                'echo "migrated to $v"']
 
 
@@ -2633,7 +2634,7 @@ def test_a_pre_rollout_job_runs_on_the_new_digest_first_once_across_a_restart_an
     # a newer one's (its hint superseded), and the service ends on the newest.
     third = Running(env, *args)
     try:
-        v5 = images.push(repo, "latest", "v5-slow")
+        v5 = images.push(repo, "latest", "v5-slowest")
         aws.send(queue, event(repository=repo, digest=v5))
         started = f"Started the pre-rollout job shop-migrate ({job[:12]}) on {name}:latest@"
         third.wait_line(started + v5)
@@ -2657,9 +2658,8 @@ def test_a_pre_rollout_job_runs_on_the_new_digest_first_once_across_a_restart_an
     assert service_image_of(swarm, web)[0] == f"{name}:latest@{v7}"
 
 
-@pytest.mark.parametrize("between", ["decide", "post"])
 def test_a_pre_rollout_job_another_deployer_starts_for_another_digest_meanwhile_is_never_cut_short(
-        aws, images, clean_swarm, caplog, between):
+        aws, images, clean_swarm, caplog):
     """Two deployers (HA): the other starts a run for another digest right after one's first read of the job
     (decide's), or its second (the one posted at). Posted over, the other's run would end at once (a new
     JobIteration has Swarm remove the tasks of the one before, swarmkit jobs/replicated reconciler)."""
@@ -2670,37 +2670,41 @@ def test_a_pre_rollout_job_another_deployer_starts_for_another_digest_meanwhile_
     web = swarm.create_service("shop", f"{name}:latest@{v1}", registry=registry, labels={ed.BEFORE_LABEL: "shop-migrate"})
     job = swarm.create_service("shop-migrate", f"{name}:latest@{v1}", registry=registry, mode=JOB,
                                ContainerSpec={"Image": f"{name}:latest@{v1}", "Init": True, "Command": MIGRATE_CMD})
-    wait_for(lambda: [t["Status"]["State"] for t in swarm.tasks(job)] == ["complete"], 30,
-             what=lambda: f"the job's run at its creation: {swarm.task_states(job)}")
 
-    class AnotherDeployer(ed.Docker):  # starts the job's run for v3 right after our first (or second) read of it
+    class AnotherDeployer(ed.Docker):  # starts the job's run for another digest right after our n-th read of it
+        reads, interfere_at, other, run_for = 0, 0, "", None
+
         def service(self, service_id):
             fresh = super().service(service_id)
             self.reads += service_id == "shop-migrate"
-            if self.reads == (1 if between == "decide" else 2) and self.run_for is None:
-                self.run_for = ed.job_run_spec(fresh, f"{name}:latest@{v3}", v3, "shop")
+            if self.reads == self.interfere_at and self.run_for is None:  # (once)
+                self.run_for = ed.job_run_spec(fresh, f"{name}:latest@{self.other}", self.other, "shop")
                 swarm.post(f"/services/{fresh['ID']}/update", params={"version": fresh["Version"]["Index"]},
                            json=self.run_for)
             return fresh
 
     docker = AnotherDeployer(swarm.docker_host)
-    docker.run_for, docker.reads = None, 0
     ecr = ed.Ecr(ed.aws_session())
     ecr._clients = {"us-east-1": aws.client("ecr", "us-east-1")}
     deployer = ed.Deployer(None, ecr, docker, None)
     hint = ed.Hint(swarm.service(web), ed.Push("123456789012", "us-east-1", repo, "latest", v2), v2)
-    with caplog.at_level("INFO", logger="ecr-deploy"):
-        decision = ed.decide(hint, ed.Facts(True, None, ed.Release("deploy", ""), before=deployer.converger.job_of(
-            hint.service, v2)[1]), 0)
-        assert decision.action == "run job", decision  # as decide() read the job
-        assert deployer.actor.act(hint, decision, ed.CycleResult())
-    assert docker.run_for is not None
-    spec = swarm.service(job)["Spec"]
-    assert spec["Labels"][ed.BEFORE_RUN_LABEL] == v3, caplog.text  # the other's run stands
-    assert spec["TaskTemplate"]["ContainerSpec"]["Image"] == f"{name}:latest@{v3}"
-    assert "Started the pre-rollout job" not in caplog.text
-    if between == "post":  # (refused as out of sequence, then seen on the fresh spec)
-        assert "started for another digest meanwhile" in caplog.text
+    for between, other in (("decide", v3), ("post", v1)):
+        wait_for(lambda: ed.job_run(swarm.service(job), swarm.tasks(job), v2, None, 600).state == "start", 30,
+                 what=lambda: f"the job's run before ended: {swarm.task_states(job)}")
+        docker.reads, docker.interfere_at, docker.other, docker.run_for = 0, 1 if between == "decide" else 2, other, None
+        caplog.clear()
+        with caplog.at_level("INFO", logger="ecr-deploy"):
+            decision = ed.decide(hint, ed.Facts(True, None, ed.Release("deploy", ""), before=deployer.converger.job_of(
+                hint.service, v2)[1]), 0)
+            assert decision.action == "run job", decision  # as decide() read the job
+            assert deployer.actor.act(hint, decision, ed.CycleResult())
+        assert docker.run_for is not None
+        spec = swarm.service(job)["Spec"]
+        assert spec["Labels"][ed.BEFORE_RUN_LABEL] == other, (between, caplog.text)  # the other's run stands
+        assert spec["TaskTemplate"]["ContainerSpec"]["Image"] == f"{name}:latest@{other}"
+        assert "Started the pre-rollout job" not in caplog.text
+        if between == "post":  # (refused as out of sequence, then seen on the fresh spec)
+            assert "started for another digest meanwhile" in caplog.text
 
 
 def test_keeper_refreshes_tasks_waiting_for_a_node_retries_only_failures_and_keeps_its_schedule_across_restarts(
