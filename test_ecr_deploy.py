@@ -2649,6 +2649,7 @@ def test_a_pre_rollout_job_runs_on_the_new_digest_first_once_across_a_restart_an
         rolled = f"Updated service shop ({web[:12]}) to {name}:latest@{v7}"
         wait_for(lambda: rolled in third.log or third.log.count(started + v6) > 1, 60,
                  what=lambda: f"shop rolled to v7:\n{third.log}")
+        assert third.log.count(started + v6) == 1, third.log  # (not run again after v7's run: superseded)
         third.wait_line(f"Rollout of shop ({web[:12]}) to {name}:latest@{v7} completed")
     finally:
         assert third.stop() == 0
