@@ -1545,13 +1545,14 @@ def before_timeout(service: dict) -> float:
 
 def job_image(job: dict, service: dict, service_image: str, tag: str, digest: str) -> str:
     """The image the job runs for the service's new digest: the service's new image where the operator
-    says so (BEFORE_IMAGE_LABEL=service, on either), its own repository moved to the digest where it is
-    the service's, else its own image as it is (a job of another repository is only run again)."""
+    says so (BEFORE_IMAGE_LABEL=service, on either), its own moved to the digest where it is the service's
+    repository and tag (or no tag), else its own image as it is (a job of another repository, or of another
+    tag of it, say a migration image pushed as :migrate-latest beside :latest, is only run again)."""
     said = [((s.get("Spec") or {}).get("Labels") or {}).get(BEFORE_IMAGE_LABEL, "") for s in (job, service)]
     if any(str(value).strip().lower() == "service" for value in said):
         return service_image
     own, new = running_image(job), parse_image_ref(service_image)
-    if own and new and (own.host, own.repository) == (new.host, new.repository):
+    if own and new and (own.host, own.repository) == (new.host, new.repository) and following(job) in (None, tag):
         return pinned_image(own, tag, digest)
     return job["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
 
@@ -1574,9 +1575,10 @@ class JobRun(NamedTuple):
 
 
 def job_tasks(job: dict, tasks: list[dict]) -> list[dict]:
-    """The tasks of the job's current run (JobIteration): Swarm keeps those of earlier runs too."""
-    iteration = ((job.get("JobStatus") or {}).get("JobIteration") or {}).get("Index")
-    return [t for t in tasks if iteration is None or (t.get("JobIteration") or {}).get("Index") == iteration]
+    """The tasks of the job's current run (JobIteration): Swarm keeps those of earlier runs too. (The Engine
+    API leaves an Index of 0, the run at the job's creation, out.)"""
+    iteration = ((job.get("JobStatus") or {}).get("JobIteration") or {}).get("Index") or 0
+    return [t for t in tasks if ((t.get("JobIteration") or {}).get("Index") or 0) == iteration]
 
 
 def live(task: dict) -> bool:
@@ -1600,9 +1602,14 @@ def job_run(job: dict | None, tasks: list[dict], digest: str, swarm_now: datetim
         return JobRun("not a job", f"{name} is not a Swarm job (deploy: mode: replicated-job)")
     current = job_tasks(job, tasks)
     running = [t for t in current if live(t)]
-    if (spec.get("Labels") or {}).get(BEFORE_RUN_LABEL) != digest:
-        if running:
-            return JobRun("busy", f"{name} still runs for another digest ({len(running)} task(s))")
+    started = parse_swarm_time((job.get("JobStatus") or {}).get("LastExecution")) or parse_swarm_time(job.get("UpdatedAt"))
+    within = bool(started and swarm_now and (swarm_now - started).total_seconds() <= timeout)
+    other = (spec.get("Labels") or {}).get(BEFORE_RUN_LABEL)
+    if other != digest:
+        # (a run just posted has no task until Swarm's orchestrator makes them: it is under way all the same)
+        if running or (other and not current and within):
+            return JobRun("busy", f"{name} still runs for another digest "
+                                  f"({f'{len(running)} task(s)' if running else 'just started'})")
         return JobRun("start", f"{name} has not run for this digest")
     done = [t for t in current if task_state(t) == "complete"]
     failed = sorted((t for t in current if task_state(t) in ("failed", "rejected") and not live(t)),
@@ -1620,8 +1627,7 @@ def job_run(job: dict | None, tasks: list[dict], digest: str, swarm_now: datetim
     if failed and not running:
         error = ((failed[-1].get("Status") or {}).get("Err") or task_state(failed[-1])).strip()
         return JobRun("failed", f"{name} failed: {error}", tuple(current))
-    started = parse_swarm_time((job.get("JobStatus") or {}).get("LastExecution")) or parse_swarm_time(job.get("UpdatedAt"))
-    if started and swarm_now and (swarm_now - started).total_seconds() > timeout:
+    if started and swarm_now and not within:
         return JobRun("timed out", f"{name} did not complete within {duration_text(timeout)} "
                                    f"({len(done)} of {wanted} task(s) completed)", tuple(current))
     return JobRun("running", f"{name} runs ({len(done)} of {wanted} task(s) completed)")
@@ -5467,6 +5473,10 @@ class BeforeJobs:
         self.deployer = deployer
         self.pending: dict[tuple[str, str], Hint] = {}  # (service ID, digest) -> the hint waiting for its job
         self.said: set[tuple[str, str]] = set()  # (service ID, digest): its wait logged once
+        # (service ID, digest): its run was seen under way. Such a hint never starts another: once the job has
+        # run another digest since, a newer hint of this process or another deployer's superseded it (run
+        # again, the older migration would follow the newer, and the service be rolled back to it)
+        self.ran: set[tuple[str, str]] = set()
 
     def act(self, hint: Hint, decision: Decision) -> bool:
         """decide()'s "run job" or "wait for job" done: True (the swarm holds the run), False to retry."""
@@ -5478,6 +5488,7 @@ class BeforeJobs:
                 return True
             if not self.start(hint, decision.gate):
                 return False
+            self.ran.add(key)
         elif key not in self.said:
             log.info("Service %s waits for its %s before %s: %s", service_label(service), decision.gate, hint.image,
                      decision.reason)
@@ -5491,20 +5502,27 @@ class BeforeJobs:
         if no manager did so meanwhile (the version read is the one posted: Swarm refuses a stale one)."""
         service, push, digest = hint
         try:
-            job = self.deployer.converger.service_named(before_job(service))
+            job, run = self.deployer.converger.job_of(service, digest)
         except DockerError as e:
             log.error("Cannot read the %s of service %s: %s", gate, service_label(service), e)
             return False
-        if job is None:
-            return True  # removed meanwhile: the next look says so
+        if job is None or run.state != "start":  # removed, or another deployer started a run since decide() read it
+            return True  # (the next look says so)
         image = job_image(job, service, hint.image, push.tag, digest)
         ref = parse_image_ref(image)
         registry = ecr_registry(ref.host) if ref else None
 
+        read = (job["Spec"].get("Labels") or {}).get(BEFORE_RUN_LABEL)
+
         def plan(now: dict) -> tuple[dict, ImageRef] | None:
-            if (now["Spec"].get("Labels") or {}).get(BEFORE_RUN_LABEL) == digest:
+            label = (now["Spec"].get("Labels") or {}).get(BEFORE_RUN_LABEL)
+            if label == digest:
                 log.info("Service %s: its %s was started for %s meanwhile; following it", service_label(service),
                          gate, digest)
+                return None
+            if label != read:  # (another deployer's run: posted over, Swarm would remove its tasks at once)
+                log.info("Service %s: its %s was started for another digest meanwhile (%s); never cut short, "
+                         "looked at again once it ended", service_label(service), gate, label)
                 return None
             return job_run_spec(now, image, digest, service["Spec"].get("Name", "?")), ref
 
@@ -5547,20 +5565,32 @@ class BeforeJobs:
         for key, hint in list(self.pending.items()):
             try:
                 service = docker.service(key[0])
-                if BEFORE_LABEL in (service["Spec"].get("Labels") or {}) and \
-                        converger.job_of(service, key[1])[1].state in ("running", "busy"):
-                    continue
+                job, run = converger.job_of(service, key[1]) if BEFORE_LABEL in (
+                    service["Spec"].get("Labels") or {}) else (None, None)
+                state = run and run.state
             except DockerError as e:
                 if e.status == 404:
                     self.pending.pop(key)
                 else:
                     log.error("Cannot follow the pre-rollout job of service %s: %s", service_label(hint.service), e)
                 continue
+            if state == "running":
+                self.ran.add(key)
+            if state in ("running", "busy"):
+                continue
             self.pending.pop(key)
+            # (a run for no digest, say `docker stack deploy` reset the job's labels, superseded nothing: run again)
+            if state == "start" and key in self.ran and ((job or {}).get("Spec", {}).get("Labels") or {}).get(
+                    BEFORE_RUN_LABEL):
+                self.ran.discard(key)
+                log.info("Service %s: its %s ran another digest after %s; not run again for that one (superseded)",
+                         service_label(service), JOB_GATE, key[1])
+                continue
             result = CycleResult()
             if converger.converge(hint._replace(service=service), result) is False:
                 self.pending.setdefault(key, hint)  # tried again next turn (and by the next pass)
             self.deployer.totals["services_updated"] += len(result.updated)
+        self.ran.intersection_update(self.pending)
 
 
 # --------------------------------------------------------------------------- the auth keeper

@@ -2624,9 +2624,10 @@ def test_jobs_rerun_on_a_push_only_when_labelled_and_the_keeper_never_touches_th
     assert aws.queue_depth(queue) == 0  # the skipped job's message is done too
 
 
-# A migration as a job runs it: the image's /version says which build it is; "slow" takes a while, "broken" fails.
+# A migration as a job runs it: the image's /version says which build it is; "slow" takes a while ("slowest" long
+# enough for two more pushes to arrive meanwhile on a busy machine), "broken" fails.
 MIGRATE_CMD = ["/bin/busybox", "sh", "-c", 'v=$(cat /version); echo "migrating the schema to $v"; case $v in '
-               '*slow*) sleep 4;; *broken*) echo "migration failed: relation users is locked" >&2; exit 3;; esac; '
+               '*slowest*) sleep 8;; *slow*) sleep 4;; *broken*) echo "migration failed: relation users is locked" >&2; exit 3;; esac; '
                'echo "migrated to $v"']
 
 
@@ -2709,6 +2710,83 @@ def test_a_pre_rollout_job_runs_on_the_new_digest_first_once_across_a_restart_an
     rows = json.loads(status(env, "--json").stdout)
     row = next(r for r in rows if r["service"] == "shop")
     assert row["state"] == "blocked" and "blocked by its pre-rollout job shop-migrate" in row["reason"]
+
+    # 4. Two pushes while a run goes on: each runs the job once, in the order pushed, never an older build's after
+    # a newer one's (its hint superseded), and the service ends on the newest.
+    third = Running(env, *args)
+    try:
+        v5 = images.push(repo, "latest", "v5-slowest")
+        aws.send(queue, event(repository=repo, digest=v5))
+        started = f"Started the pre-rollout job shop-migrate ({job[:12]}) on {name}:latest@"
+        third.wait_line(started + v5)
+        waiting = []
+        for build in ("v6", "v7"):
+            waiting.append(images.push(repo, "latest", build))
+            aws.send(queue, event(repository=repo, digest=waiting[-1]))
+            third.wait_line(f"Service shop ({web[:12]}) waits for its pre-rollout job shop-migrate before "
+                            f"{name}:latest@{waiting[-1]}", timeout=10)
+        v6, v7 = waiting
+        assert [t["Status"]["State"] for t in runs(v5)] != ["complete"]  # both came while v5's run went on
+        rolled = f"Updated service shop ({web[:12]}) to {name}:latest@{v7}"
+        wait_for(lambda: rolled in third.log or third.log.count(started + v6) > 1, 60,
+                 what=lambda: f"shop rolled to v7:\n{third.log}")
+        assert third.log.count(started + v6) == 1, third.log  # (not run again after v7's run: superseded)
+        third.wait_line(f"Rollout of shop ({web[:12]}) to {name}:latest@{v7} completed")
+    finally:
+        assert third.stop() == 0
+    assert [third.log.count(started + digest) for digest in (v5, v6, v7)] == [1, 1, 1], third.log
+    assert third.log.index(started + v6) < third.log.index(started + v7)
+    assert swarm.service(job)["Spec"]["Labels"][ed.BEFORE_RUN_LABEL] == v7
+    assert service_image_of(swarm, web)[0] == f"{name}:latest@{v7}"
+
+
+def test_a_pre_rollout_job_another_deployer_starts_for_another_digest_meanwhile_is_never_cut_short(
+        aws, images, clean_swarm, caplog):
+    """Two deployers (HA): the other starts a run for another digest right after one's first read of the job
+    (decide's), or its second (the one posted at). Posted over, the other's run would end at once (a new
+    JobIteration has Swarm remove the tasks of the one before, swarmkit jobs/replicated reconciler)."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    repo = images.new_repository()
+    name = f"{registry.host}/{repo}"
+    v1, v2, v3 = (images.push(repo, "latest", build) for build in ("v1", "v2", "v3"))
+    web = swarm.create_service("shop", f"{name}:latest@{v1}", registry=registry, labels={ed.BEFORE_LABEL: "shop-migrate"})
+    job = swarm.create_service("shop-migrate", f"{name}:latest@{v1}", registry=registry, mode=JOB,
+                               ContainerSpec={"Image": f"{name}:latest@{v1}", "Init": True, "Command": MIGRATE_CMD})
+
+    class AnotherDeployer(ed.Docker):  # starts the job's run for another digest right after our n-th read of it
+        reads, interfere_at, other, run_for = 0, 0, "", None
+
+        def service(self, service_id):
+            fresh = super().service(service_id)
+            self.reads += service_id == "shop-migrate"
+            if self.reads == self.interfere_at and self.run_for is None:  # (once)
+                self.run_for = ed.job_run_spec(fresh, f"{name}:latest@{self.other}", self.other, "shop")
+                swarm.post(f"/services/{fresh['ID']}/update", params={"version": fresh["Version"]["Index"]},
+                           json=self.run_for)
+            return fresh
+
+    docker = AnotherDeployer(swarm.docker_host)
+    ecr = ed.Ecr(ed.aws_session())
+    ecr._clients = {"us-east-1": aws.client("ecr", "us-east-1")}
+    deployer = ed.Deployer(None, ecr, docker, None)
+    hint = ed.Hint(swarm.service(web), ed.Push("123456789012", "us-east-1", repo, "latest", v2), v2)
+    for between, other in (("decide", v3), ("post", v1)):
+        wait_for(lambda: ed.job_run(swarm.service(job), swarm.tasks(job), v2, None, 600).state == "start", 30,
+                 what=lambda: f"the job's run before ended: {swarm.task_states(job)}")
+        docker.reads, docker.interfere_at, docker.other, docker.run_for = 0, 1 if between == "decide" else 2, other, None
+        caplog.clear()
+        with caplog.at_level("INFO", logger="ecr-deploy"):
+            decision = ed.decide(hint, ed.Facts(True, None, ed.Release("deploy", ""), before=deployer.converger.job_of(
+                hint.service, v2)[1]), 0)
+            assert decision.action == "run job", decision  # as decide() read the job
+            assert deployer.actor.act(hint, decision, ed.CycleResult())
+        assert docker.run_for is not None
+        spec = swarm.service(job)["Spec"]
+        assert spec["Labels"][ed.BEFORE_RUN_LABEL] == other, (between, caplog.text)  # the other's run stands
+        assert spec["TaskTemplate"]["ContainerSpec"]["Image"] == f"{name}:latest@{other}"
+        assert "Started the pre-rollout job" not in caplog.text
+        if between == "post":  # (refused as out of sequence, then seen on the fresh spec)
+            assert "started for another digest meanwhile" in caplog.text
 
 
 def test_keeper_refreshes_tasks_waiting_for_a_node_retries_only_failures_and_keeps_its_schedule_across_restarts(
@@ -6555,6 +6633,10 @@ def migrate_job(labels=None, mode=None, iteration=2, started="2026-12-07T07:50:0
     ({"Spec": {"Name": "web", "Mode": {"Replicated": {"Replicas": 1}}}}, [], "not a job"),
     (migrate_job({ed.BEFORE_RUN_LABEL: DIGEST_A}), [job_task("complete", "complete")], "start"),
     (migrate_job({ed.BEFORE_RUN_LABEL: DIGEST_A}), [job_task("complete", "running")], "busy"),  # never cut short
+    # another digest's run just posted: Swarm has made no task of it yet, and a post now would cut it short
+    (migrate_job({ed.BEFORE_RUN_LABEL: DIGEST_A}), [job_task("complete", "complete", iteration=1)], "busy"),
+    (migrate_job({ed.BEFORE_RUN_LABEL: DIGEST_A}, started="2026-12-07T07:39:00Z"), [], "start"),  # long past: stuck
+    (migrate_job({ed.BEFORE_RUN_LABEL: ""}), [], "start"),  # never run by a deployer
     (migrate_job(), [], "running"),  # just posted: Swarm has made no task yet
     (migrate_job(), [job_task("complete", "starting")], "running"),
     (migrate_job(), [job_task("complete", "complete", iteration=1)], "running"),  # an earlier run's task
@@ -6589,7 +6671,10 @@ def test_job_run_says_why_it_failed_and_the_tasks_of_the_run():
 
 
 @pytest.mark.parametrize("job_image,labels,expected", [
-    (f"{HOST}/team/web:migrate@{DIGEST_A}", ({}, {}), f"{HOST}/team/web:latest@{DIGEST_B}"),  # same repository
+    (f"{HOST}/team/web:latest@{DIGEST_A}", ({}, {}), f"{HOST}/team/web:latest@{DIGEST_B}"),  # the service's tag
+    (f"{HOST}/team/web@{DIGEST_A}", ({}, {}), f"{HOST}/team/web:latest@{DIGEST_B}"),  # pinned, no tag
+    # another tag of the same repository is another build (a migration image): run as it is, its tag kept
+    (f"{HOST}/team/web:migrate@{DIGEST_A}", ({}, {}), f"{HOST}/team/web:migrate@{DIGEST_A}"),
     (f"{HOST}/team/web", ({}, {}), f"{HOST}/team/web:latest@{DIGEST_B}"),
     (f"{HOST}/team/dbtool:v3@{DIGEST_A}", ({}, {}), f"{HOST}/team/dbtool:v3@{DIGEST_A}"),  # another: as it is
     (f"{HOST}/team/dbtool:v3", ({ed.BEFORE_IMAGE_LABEL: "service"}, {}), f"{HOST}/team/web:latest@{DIGEST_B}"),
