@@ -837,9 +837,10 @@ def parse_version_policy(text: object) -> VersionPolicy:
         except re.error as e:
             raise ValueError(f"{shown(text)}: the pattern is not a regular expression: {e}") from None
         if repeats_a_repeat(pattern_text):
-            raise ValueError(f"{shown(text)}: the pattern repeats a repeat, as (a+)+ does: on a tag it does not "
-                             f"match, Python's re tries every way to split it, for hours, and no deploy goes on "
-                             f"meanwhile; drop one repeat, or make the inner one possessive (a++) or atomic ((?>a+))")
+            raise ValueError(f"{shown(text)}: the pattern repeats a repeat or an alternation, as (a+)+ and (a|aa)+ "
+                             f"do: on a tag it does not match, Python's re tries every way to split it, for hours, "
+                             f"and no deploy goes on meanwhile; drop one repeat, or make the inner one possessive "
+                             f"(a++) or atomic ((?>a+))")
         if order[2] and order[2] not in pattern.groupindex:
             raise ValueError(f"{shown(text)}: the pattern has no group named {order[2]} (name one with "
                              f"(?P<{order[2]}>...))")
@@ -852,15 +853,17 @@ REPEATS = {re._constants.MAX_REPEAT, re._constants.MIN_REPEAT}  # (a POSSESSIVE_
 
 
 def repeats_a_repeat(pattern_text: str) -> bool:
-    """Does the pattern repeat (more than once) something that itself repeats, backtracking: (a+)+, (\\w*-?)*,
-    (x{1,3})+? Such nesting is how a pattern takes exponential time (Python's re has no time bound, and runs
-    with the GIL held: a pass would stop there), while a tag is at most 128 characters. Flux's patterns are
-    Go's RE2, linear in time; here the common way to lose that is refused. (Alternatives that overlap under a
-    repeat, (a|ab)+, can be slow too: the docs say so.)"""
+    """Does the pattern repeat (more than once) something that itself repeats or alternates, backtracking:
+    (a+)+, (\\w*-?)*, (x{1,3})+, (a|aa)+? Such nesting is how a pattern takes exponential time on a tag it does
+    not match (Python's re has no time bound, and runs with the GIL held: a pass would stop there), while a tag
+    is at most 128 characters. Flux's patterns are Go's RE2, linear in time; here the ways to lose that are
+    refused. (Single characters, (a|b)+, are a set to re, not alternatives: they pass.)"""
     def walk(items, inside: bool) -> bool:
         for op, arguments in items:
             if op == re._constants.ATOMIC_GROUP:
                 continue  # (nothing in an atomic group is tried again)
+            if op == re._constants.BRANCH and inside:
+                return True  # (alternatives that overlap, (a|ab)+, split a tag as many ways as nested repeats)
             if op in REPEATS:
                 low, high, body = arguments
                 if inside and high > low or walk(body, inside or high > 1):  # (a{2} has no choice to undo)
@@ -888,6 +891,7 @@ def semver_range(text: str):
         raise ValueError("semver: needs a range, e.g. semver:^1.4 (semver:* follows every release)")
     if "," in text:
         raise ValueError(f"semver:{text}: npm ranges have no commas; write >=1.4.0 <2.0.0 (a space means and)")
+    text = " ".join(text.split())  # (node-semver's patterns take minutes over a run of spaces: npm's CVE-2022-25883)
     if any(not alternative.strip() for alternative in text.split("||")):
         raise ValueError(f"semver:{text}: an empty alternative around || (npm would read it as every version)")
     try:

@@ -967,16 +967,29 @@ def test_tags_the_deployer_writes_are_never_versions():
 
 
 @pytest.mark.parametrize("pattern", [r"^(a+)+$", r"^(?P<n>[0-9]+\.?)+$", r"(\w*-?)*", r"^(?:(?:[0-9]{1,3})\.)*x$",
-                                     r"(a|b+)+"])
+                                     r"(a|b+)+", r"^(a|aa)+$", r"(?:-rc|-r)*$"])
 def test_a_pattern_that_repeats_a_repeat_is_refused_before_it_stops_every_deploy(pattern):
     """(a+)+ against a tag of 30 a's and a dash backtracks for half a minute, 128 characters for ages, with
     the GIL held: no pass, no push would go on. Refused as the label is read, saying how to write it."""
-    with pytest.raises(ValueError, match=r"the pattern repeats a repeat, as \(a\+\)\+ does: .* make the inner one "
-                                         r"possessive \(a\+\+\) or atomic \(\(\?>a\+\)\)"):
+    with pytest.raises(ValueError, match=r"the pattern repeats a repeat or an alternation, as \(a\+\)\+ and "
+                                         r"\(a\|aa\)\+ do: .* make the inner one possessive \(a\+\+\) or atomic "
+                                         r"\(\(\?>a\+\)\)"):
         ed.parse_version_policy(f"regex:{pattern} alphabetical")
-    for fine in (r"^(?:[a-z]+-)*+(?P<n>[0-9]+)$", r"^(?>(?:[a-z]+-)*)(?P<n>[0-9]+)$", r"^(?:ab{2})+$",
-                 r"^main-[0-9a-f]+-(?P<ts>[0-9]+)$", r"^release-(?P<day>[0-9]{4}-[0-9]{2}-[0-9]{2})$"):
+    for fine in (r"^(?:[a-z]+-)*+(?P<n>[0-9]+)$", r"^(?>(?:[a-z]+-)*)(?P<n>[0-9]+)$", r"^(?:ab{2})+$", r"^(a|b)+$",
+                 r"^main-[0-9a-f]+-(?P<ts>[0-9]+)$", r"^release-(?P<day>[0-9]{4}-[0-9]{2}-[0-9]{2})$",
+                 r"^(?:v|release-)(?P<n>[0-9]+)$"):
         assert ed.parse_version_policy(f"regex:{fine} numerical").pattern.pattern == fine
+
+
+def test_a_range_with_a_run_of_spaces_is_read_at_once():
+    """node-semver's patterns, as npm's before CVE-2022-25883, take time cubic in a run of spaces: 390 of them
+    took 35 s, and a range that fails to parse is read again at every push and pass. Spaces mean one space."""
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="is not an npm range"):
+        ed.parse_version_policy("semver:1" + " " * 390 + "<")
+    assert time.monotonic() - started < 2
+    spaced = ed.parse_version_policy("semver:>=1.4.0 \t   <2.0.0")
+    assert spaced.text == "semver:>=1.4.0 \t   <2.0.0" and ed.newest_admitted(spaced, ["1.9.0", "2.0.0"]) == "1.9.0"
 
 
 def test_a_status_row_of_a_version_following_service_says_its_policy_and_why_not_yet():
