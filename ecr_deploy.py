@@ -1023,8 +1023,10 @@ def version_target(policy: VersionPolicy, listing: dict[str, str], running: Imag
         newest = running.tag  # (the version it runs, spelt as it runs it: 1.5.0 beside v1.5.0, each its own digest)
     if newest is None or why_not_to(policy, newest, running.tag) is not None:
         return None
-    if newest == running.tag and (running.digest is None or listing[newest] == running.digest):
+    if newest == running.tag and running.digest is None:
         return None  # (no digest: which build it runs is unknown; the next push of the tag pins it)
+    if listing[newest] == running.digest:
+        return None  # (it runs that build: 1.5.1 pushed from 1.5.0's image rolls nothing, pass after pass)
     return newest, listing[newest]
 
 

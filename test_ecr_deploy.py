@@ -940,6 +940,9 @@ def test_a_service_running_one_spelling_of_a_version_follows_that_tag_when_it_mo
     assert ed.version_target(caret, moved, runs(f"v1.5.0@{DIGEST_B}")) is None  # no move between spellings
     assert ed.version_target(caret, {"1.5.0": DIGEST_B, "v1.5.0": DIGEST_B}, runs(f"1.5.0@{DIGEST_B}")) is None
     assert ed.version_target(caret, {**moved, "1.6.0": DIGEST_A}, runs(f"1.5.0@{DIGEST_B}")) == ("1.6.0", DIGEST_A)
+    # a newer version of the very build it runs (a release tagged on the image of 1.5.0): nothing to roll, and a
+    # pass must not count it behind and "not rolled now" at every pass
+    assert ed.version_target(caret, {"1.5.0": DIGEST_B, "1.5.1": DIGEST_B}, runs(f"1.5.0@{DIGEST_B}")) is None
 
 
 def test_tags_the_deployer_writes_are_never_versions():
