@@ -1019,7 +1019,8 @@ def version_target(policy: VersionPolicy, listing: dict[str, str], running: Imag
     admitted, or the newest left is older than what it runs (a newer tag was deleted: never backwards).
     `newest`: newest_admitted(policy, listing) if the caller has it (a pass: once per policy and repository)."""
     newest = newest_admitted(policy, listing) if newest == "" else newest
-    if newest and running.tag in listing and admitted(policy, running.tag) and not is_newer(policy, newest, running.tag):
+    if newest and running.tag in listing and admitted(policy, running.tag) \
+            and not is_newer(policy, newest, running.tag):
         newest = running.tag  # (the version it runs, spelt as it runs it: 1.5.0 beside v1.5.0, each its own digest)
     if newest is None or why_not_to(policy, newest, running.tag) is not None:
         return None
