@@ -837,12 +837,51 @@ def parse_version_policy(text: object) -> VersionPolicy:
             pattern = re.compile(pattern_text)
         except re.error as e:
             raise ValueError(f"{shown(text)}: the pattern is not a regular expression: {e}") from None
+        if repeats_a_repeat(pattern_text):
+            raise ValueError(f"{shown(text)}: the pattern repeats a repeat or an alternation, as (a+)+ and (a|aa)+ "
+                             f"do: on a tag it does not match, Python's re tries every way to split it, for hours, "
+                             f"and no deploy goes on meanwhile; drop one repeat, or make the inner one possessive "
+                             f"(a++) or atomic ((?>a+))")
         if order[2] and order[2] not in pattern.groupindex:
             raise ValueError(f"{shown(text)}: the pattern has no group named {order[2]} (name one with "
                              f"(?P<{order[2]}>...))")
         return VersionPolicy(text, order[1], pattern=pattern, group=order[2])
     hint = f" (a range? write semver:{text})" if LOOKS_LIKE_A_RANGE.match(text) else ""
     raise ValueError(f"{shown(text)} is not a version policy{hint}: write {POLICY_FORMS}")
+
+
+REPEATS = {re._constants.MAX_REPEAT, re._constants.MIN_REPEAT}  # (a POSSESSIVE_REPEAT never backtracks)
+
+
+def repeats_a_repeat(pattern_text: str) -> bool:
+    """Does the pattern repeat (more than once) something that itself repeats or alternates, backtracking:
+    (a+)+, (\\w*-?)*, (x{1,3})+, (a|aa)+? Such nesting is how a pattern takes exponential time on a tag it does
+    not match (Python's re has no time bound, and runs with the GIL held: a pass would stop there), while a tag
+    is at most 128 characters. Flux's patterns are Go's RE2, linear in time; here the ways to lose that are
+    refused. (Single characters, (a|b)+, are a set to re, not alternatives: they pass.)"""
+    def walk(items, inside: bool) -> bool:
+        for op, arguments in items:
+            if op == re._constants.ATOMIC_GROUP:
+                continue  # (nothing in an atomic group is tried again)
+            if op == re._constants.BRANCH and inside:
+                return True  # (alternatives that overlap, (a|ab)+, split a tag as many ways as nested repeats)
+            if op in REPEATS:
+                low, high, body = arguments
+                if inside and high > low or walk(body, inside or high > 1):  # (a{2} has no choice to undo)
+                    return True
+            elif any(walk(part, inside) for part in nested_patterns(arguments)):
+                return True
+        return False
+    return walk(re._parser.parse(pattern_text), False)
+
+
+def nested_patterns(arguments) -> list:
+    """The sub-patterns inside one parsed item's arguments (a group's, an alternation's, a lookaround's)."""
+    if isinstance(arguments, re._parser.SubPattern):
+        return [arguments]
+    if isinstance(arguments, (tuple, list)):
+        return [found for argument in arguments for found in nested_patterns(argument)]
+    return []
 
 
 def semver_range(text: str):
@@ -853,6 +892,7 @@ def semver_range(text: str):
         raise ValueError("semver: needs a range, e.g. semver:^1.4 (semver:* follows every release)")
     if "," in text:
         raise ValueError(f"semver:{text}: npm ranges have no commas; write >=1.4.0 <2.0.0 (a space means and)")
+    text = " ".join(text.split())  # (node-semver's patterns take minutes over a run of spaces: npm's CVE-2022-25883)
     if any(not alternative.strip() for alternative in text.split("||")):
         raise ValueError(f"semver:{text}: an empty alternative around || (npm would read it as every version)")
     try:
@@ -980,10 +1020,15 @@ def version_target(policy: VersionPolicy, listing: dict[str, str], running: Imag
     admitted, or the newest left is older than what it runs (a newer tag was deleted: never backwards).
     `newest`: newest_admitted(policy, listing) if the caller has it (a pass: once per policy and repository)."""
     newest = newest_admitted(policy, listing) if newest == "" else newest
+    if newest and running.tag in listing and admitted(policy, running.tag) \
+            and not is_newer(policy, newest, running.tag):
+        newest = running.tag  # (the version it runs, spelt as it runs it: 1.5.0 beside v1.5.0, each its own digest)
     if newest is None or why_not_to(policy, newest, running.tag) is not None:
         return None
-    if newest == running.tag and (running.digest is None or listing[newest] == running.digest):
+    if newest == running.tag and running.digest is None:
         return None  # (no digest: which build it runs is unknown; the next push of the tag pins it)
+    if listing[newest] == running.digest:
+        return None  # (it runs that build: 1.5.1 pushed from 1.5.0's image rolls nothing, pass after pass)
     return newest, listing[newest]
 
 
@@ -999,6 +1044,35 @@ def newest_versions(services: list[dict], repositories: dict[str, tuple], listin
                 by_policy[(policy.text, repository)] = newest_admitted(policy, listings[repository])
             newest[service["ID"]] = by_policy[(policy.text, repository)]
     return newest
+
+
+class DeployersTags(NamedTuple):
+    """The tags the deployer writes itself: services' promote tags (PROMOTE_LABEL) and the protection tags of
+    its --protect-tag-prefix (PREFIX.SERVICE, PREFIX.SERVICE.prev). `tag in` them: never a version. A `regex:`
+    policy that admits them (`.*`, an unanchored `[0-9]+`) would move a service onto :prod, or onto its own
+    rollback target PREFIX.SERVICE.prev, and at the next pass back again: those tags move after it."""
+    promoted: frozenset
+    protect_prefix: str | None
+
+    def __contains__(self, tag: object) -> bool:
+        return tag in self.promoted or bool(self.protect_prefix) and is_protection_tag(self.protect_prefix, str(tag))
+
+
+def deployers_tags(services: list[dict], protect_prefix: str | None) -> DeployersTags:
+    return DeployersTags(frozenset(str(labels_of(s)[PROMOTE_LABEL]).strip() for s in services
+                                   if PROMOTE_LABEL in labels_of(s)), protect_prefix)
+
+
+def without_deployers_tags(listings: dict[tuple, dict], services: list[dict], protect_prefix: str | None) \
+        -> dict[tuple, dict]:
+    """Listings of repositories (Ecr.list_tags) without the tags the deployer writes in each (DeployersTags)."""
+    promoting = defaultdict(list)
+    for service in services:
+        if PROMOTE_LABEL in labels_of(service):
+            promoting[repository_of(service)].append(service)
+    own = {key: deployers_tags(promoting[key], protect_prefix) for key in listings}
+    return {key: {tag: digest for tag, digest in listing.items() if tag not in own[key]}
+            for key, listing in listings.items()}
 
 
 def older_spec_named(service: dict, policy: VersionPolicy, target_tag: str) -> str | None:
@@ -4260,6 +4334,7 @@ class CycleResult:
 class Deployer:
     """The drain cycle: messages in, hints (EventHints) to the one converge path (Converger: facts read,
     decide(), Actor), the messages whose hints are decided acknowledged. Holds the parts and what they share."""
+    protect_prefix: str | None = None  # --protect-tag-prefix (also in a dry run): its tags are never versions
 
     def __init__(self, queue: Queue | None, ecr: Ecr, docker: Docker, label_filter: LabelFilter | None,
                  trust_events: bool = False, follow_rollouts: bool = False, rollout_timeout: float | None = None,
@@ -4548,6 +4623,11 @@ class EventHints:
             if pinned and (label_filter is None or label_filter.admits(service["Spec"].get("Labels"))):
                 log.info("Service %s is pinned to %s; not following :%s", service_label(service), pinned, push.tag)
         users = services_using(services, push, label_filter)
+        if push.tag in deployers_tags(services, self.deployer.protect_prefix):  # (a promotion's, a protection tag's)
+            for service in [s for s in users if follows_versions(s)]:
+                log.info("Service %s is not moved: :%s is a tag the deployer writes (promotion, protection), never a "
+                         "version", service_label(service), push.tag)
+                users.remove(service)
         if not users:
             log.info("No service uses %s", push.image)
         return [Hint(service, push, digest) for service in users]
@@ -5873,6 +5953,7 @@ class Reconciler:
             log.debug("Reconcile pass: no service follows an ECR tag or versions")
             return images_checked
         listings, errors = tag_listings(deployer.ecr, set(versioned.values()), deployer.systemd.heartbeat)
+        listings = without_deployers_tags(listings, services, deployer.protect_prefix)
         moves = self.version_moves([s for s in services if versioned.get(s["ID"]) in listings], listings)
         runs = {s["ID"]: (*versioned[s["ID"]], running_image(s).tag) for s in services  # (what promotion and
                 if versioned.get(s["ID"]) in listings and running_image(s).tag  # the checks after a rollout read)
@@ -6692,6 +6773,7 @@ def status_rows(deployer: Deployer) -> list[dict]:
     followed = {s["ID"]: followed_tag(s, None) for s in listed}
     versioned = {s["ID"]: key for s in listed if (key := versions_followed(s, None))}
     listings, errors = tag_listings(deployer.ecr, set(versioned.values()), deployer.systemd.heartbeat)
+    listings = without_deployers_tags(listings, services, deployer.protect_prefix)
     newest = newest_versions(listed, versioned, listings)
     for service in listed:  # a service that follows versions: its row is about the version it should run
         tag = version_in_view(service, listings.get(versioned.get(service["ID"])), newest.get(service["ID"]))
@@ -7135,6 +7217,7 @@ def start(args: argparse.Namespace, signals: Signals, systemd: Systemd) -> Deplo
                         else ServiceIndex(docker), notifier=notifier)
     deployer.reconciler.images.restore = args.restore_archived and not args.dry_run
     deployer.reconciler.images.protect_prefix = None if args.dry_run else args.protect_tag_prefix
+    deployer.protect_prefix = args.protect_tag_prefix
     deployer.rollouts.progress_deadline = args.progress_deadline
     deployer.checker = Checker(session, on_request=systemd.heartbeat)
     if not (args.status or args.lint_lifecycle or args.dry_run):

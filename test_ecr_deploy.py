@@ -925,6 +925,76 @@ def test_a_reconcile_pass_moves_a_version_following_service_to_the_newest_versio
     assert ed.older_spec_named(service(f"{HOST}/team/web:latest@{DIGEST_A}"), caret, "1.5.0") is None
 
 
+def test_a_service_running_one_spelling_of_a_version_follows_that_tag_when_it_moves():
+    """1.5.0 and v1.5.0 are one version: the newest of a listing is v1.5.0 (by text, to be the same tag every
+    time). A service that runs 1.5.0 is never moved to v1.5.0, nor back; when 1.5.0 itself is moved (a mutable
+    repository) and its push event is lost, the pass rolls it to where 1.5.0 points now, as a push would."""
+    caret, c = ed.parse_version_policy("semver:^1.4"), "sha256:" + "c" * 64
+
+    def runs(image):
+        return ed.parse_image_ref(f"{HOST}/team/web:{image}")
+
+    moved = {"1.5.0": c, "v1.5.0": DIGEST_B}
+    assert ed.version_target(caret, moved, runs(f"1.5.0@{DIGEST_B}")) == ("1.5.0", c)
+    assert ed.version_target(caret, moved, runs(f"1.5.0@{c}")) is None
+    assert ed.version_target(caret, moved, runs(f"v1.5.0@{DIGEST_B}")) is None  # no move between spellings
+    assert ed.version_target(caret, {"1.5.0": DIGEST_B, "v1.5.0": DIGEST_B}, runs(f"1.5.0@{DIGEST_B}")) is None
+    assert ed.version_target(caret, {**moved, "1.6.0": DIGEST_A}, runs(f"1.5.0@{DIGEST_B}")) == ("1.6.0", DIGEST_A)
+    # a newer version of the very build it runs (a release tagged on the image of 1.5.0): nothing to roll, and a
+    # pass must not count it behind and "not rolled now" at every pass
+    assert ed.version_target(caret, {"1.5.0": DIGEST_B, "1.5.1": DIGEST_B}, runs(f"1.5.0@{DIGEST_B}")) is None
+
+
+def test_tags_the_deployer_writes_are_never_versions():
+    """A loose pattern (`.*`, an unanchored number) admits the tags the deployer writes in the same repository:
+    the promote tag, and the protection tags PREFIX.SERVICE and PREFIX.SERVICE.prev (its rollback target). A
+    service moved onto one of those would be moved again as they move after it."""
+    loose = {ed.VERSIONS_LABEL: r"regex:(?P<n>[0-9]+) numerical:n", ed.PROMOTE_LABEL: "prod9"}
+    web = service(f"{HOST}/team/web:build-5@{DIGEST_A}", loose)
+    key = ("123456789012", "us-east-1", "team/web")
+    listing = {"build-5": DIGEST_A, "build-6": DIGEST_B, "keep.web2": DIGEST_A, "keep.web2.prev": DIGEST_B,
+               "prod9": DIGEST_A, "keep-eu.web1": DIGEST_A}
+    kept = ed.without_deployers_tags({key: listing}, [web], "keep")[key]
+    assert sorted(kept) == ["build-5", "build-6", "keep-eu.web1"]  # (another prefix's: another deployer's tags)
+    assert ed.newest_admitted(ed.service_version_policy(web), kept) == "build-6"
+    assert sorted(ed.without_deployers_tags({key: listing}, [], None)[key]) == sorted(listing)
+
+    hints = ed.EventHints(SimpleNamespace(label_filter=None, protect_prefix="keep"))
+    tag_follower = service(f"{HOST}/team/web:keep.web2@{DIGEST_A}", sid="f" * 16)
+    for tag in ("keep.web2", "keep.web2.prev", "prod9"):  # (a tag follower of one of them still follows it)
+        push = ed.Push(*key, tag, DIGEST_B)
+        assert [h.service["ID"] for h in hints.of_target(push, DIGEST_B, [web, tag_follower])] == \
+            (["f" * 16] if tag == "keep.web2" else [])
+    assert [h.service["ID"] for h in hints.of_target(ed.Push(*key, "build-6", DIGEST_B), DIGEST_B, [web])] == \
+        [web["ID"]]
+
+
+@pytest.mark.parametrize("pattern", [r"^(a+)+$", r"^(?P<n>[0-9]+\.?)+$", r"(\w*-?)*", r"^(?:(?:[0-9]{1,3})\.)*x$",
+                                     r"(a|b+)+", r"^(a|aa)+$", r"(?:-rc|-r)*$"])
+def test_a_pattern_that_repeats_a_repeat_is_refused_before_it_stops_every_deploy(pattern):
+    """(a+)+ against a tag of 30 a's and a dash backtracks for half a minute, 128 characters for ages, with
+    the GIL held: no pass, no push would go on. Refused as the label is read, saying how to write it."""
+    with pytest.raises(ValueError, match=r"the pattern repeats a repeat or an alternation, as \(a\+\)\+ and "
+                                         r"\(a\|aa\)\+ do: .* make the inner one possessive \(a\+\+\) or atomic "
+                                         r"\(\(\?>a\+\)\)"):
+        ed.parse_version_policy(f"regex:{pattern} alphabetical")
+    for fine in (r"^(?:[a-z]+-)*+(?P<n>[0-9]+)$", r"^(?>(?:[a-z]+-)*)(?P<n>[0-9]+)$", r"^(?:ab{2})+$", r"^(a|b)+$",
+                 r"^main-[0-9a-f]+-(?P<ts>[0-9]+)$", r"^release-(?P<day>[0-9]{4}-[0-9]{2}-[0-9]{2})$",
+                 r"^(?:v|release-)(?P<n>[0-9]+)$"):
+        assert ed.parse_version_policy(f"regex:{fine} numerical").pattern.pattern == fine
+
+
+def test_a_range_with_a_run_of_spaces_is_read_at_once():
+    """node-semver's patterns, as npm's before CVE-2022-25883, take time cubic in a run of spaces: 390 of them
+    took 35 s, and a range that fails to parse is read again at every push and pass. Spaces mean one space."""
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="is not an npm range"):
+        ed.parse_version_policy("semver:1" + " " * 390 + "<")
+    assert time.monotonic() - started < 2
+    spaced = ed.parse_version_policy("semver:>=1.4.0 \t   <2.0.0")
+    assert spaced.text == "semver:>=1.4.0 \t   <2.0.0" and ed.newest_admitted(spaced, ["1.9.0", "2.0.0"]) == "1.9.0"
+
+
 def test_a_status_row_of_a_version_following_service_says_its_policy_and_why_not_yet():
     caret = {ed.VERSIONS_LABEL: "semver:^1.4"}
     listing = {"1.4.2": DIGEST_A, "1.5.0": DIGEST_B}
@@ -7620,6 +7690,29 @@ def test_builds_and_dated_releases_follow_their_pattern_continuously_into_an_imm
     assert (rows["rel_dated"]["state"], rows["rel_dated"]["newest"]) == ("tag gone", "release-2026-11-30")
     assert all("never moved backwards" in rows[name]["reason"] for name in ("builds", "rel_dated")), rows
     assert rows["malformed"]["state"] == "held back" and "cannot follow versions" in rows["malformed"]["reason"]
+
+
+def test_a_loose_pattern_never_takes_the_deployers_own_tags_for_versions(aws, images, clean_swarm):
+    """regex:.* alphabetical admits every tag of the repository, also those the deployer writes there: its
+    protection tag sw1.loose (on the digest the service runs) and a promote tag :prod. Taken for the newest
+    versions ("sw1.loose" > "prod" > "build-6" by text), they would hold the service on build-5 for good; the
+    pass rolls it to build-6, and --status is about build-6 too."""
+    swarm, registry = clean_swarm, REGISTRIES[0]
+    account, region, host = registry.account, registry.region, registry.host
+    repo = images.new_repository()
+    b5 = aws.put_image(account, region, repo, "build-5", "b5")
+    aws.put_image(account, region, repo, "prod", "b5")  # (as the promotion of build-5 left it)
+    sid = swarm.create_service("loose", f"{host}/{repo}:build-5@{b5}", replicas=0, labels={
+        ed.VERSIONS_LABEL: "regex:.* alphabetical", ed.PROMOTE_LABEL: "prod"})
+    env = deployer_env(aws, swarm, DEPLOYER_QUEUE="", DEPLOYER_PROTECT_TAG_PREFIX="sw1")
+    run = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)
+    assert run.returncode == 0 and updated_lines(run.stderr) == [], run.stderr  # (sw1.loose now tags b5)
+    b6 = aws.put_image(account, region, repo, "build-6", "b6")
+    run = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)
+    assert run.returncode == 0, run.stderr
+    assert service_image_of(swarm, sid)[0] == f"{host}/{repo}:build-6@{b6}", run.stderr
+    row = json.loads(status(env, "--json").stdout)[0]
+    assert (row["tag"], row["newest"], row["state"]) == ("build-6", "build-6", "current"), row
 
 
 def index_of(*descriptors, media_type="application/vnd.oci.image.index.v1+json") -> str:
