@@ -1048,9 +1048,9 @@ def newest_versions(services: list[dict], repositories: dict[str, tuple], listin
 
 class DeployersTags(NamedTuple):
     """The tags the deployer writes itself: services' promote tags (PROMOTE_LABEL) and the protection tags of
-    its --protect-tag-prefix (PREFIX.SERVICE, PREFIX.SERVICE.prev). `tag in` them: never a version. A `regex:`
-    policy that admits them (`.*`, an unanchored `[0-9]+`) would move a service onto :prod, or onto its own
-    rollback target PREFIX.SERVICE.prev, and at the next pass back again: those tags move after it."""
+    its --protect-tag-prefix (PREFIX.SERVICE.running, PREFIX.SERVICE.rollback). `tag in` them: never a
+    version. A `regex:` policy that admits them (`.*`, an unanchored `[0-9]+`) would move a service onto
+    :prod, or onto its own rollback target's tag, and at the next pass back again: those tags move after it."""
     promoted: frozenset
     protect_prefix: str | None
 

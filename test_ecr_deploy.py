@@ -947,24 +947,24 @@ def test_a_service_running_one_spelling_of_a_version_follows_that_tag_when_it_mo
 
 def test_tags_the_deployer_writes_are_never_versions():
     """A loose pattern (`.*`, an unanchored number) admits the tags the deployer writes in the same repository:
-    the promote tag, and the protection tags PREFIX.SERVICE and PREFIX.SERVICE.prev (its rollback target). A
+    the promote tag, and the protection tags PREFIX.SERVICE.running and PREFIX.SERVICE.rollback. A
     service moved onto one of those would be moved again as they move after it."""
     loose = {ed.VERSIONS_LABEL: r"regex:(?P<n>[0-9]+) numerical:n", ed.PROMOTE_LABEL: "prod9"}
     web = service(f"{HOST}/team/web:build-5@{DIGEST_A}", loose)
     key = ("123456789012", "us-east-1", "team/web")
-    listing = {"build-5": DIGEST_A, "build-6": DIGEST_B, "keep.web2": DIGEST_A, "keep.web2.prev": DIGEST_B,
-               "prod9": DIGEST_A, "keep-eu.web1": DIGEST_A}
+    listing = {"build-5": DIGEST_A, "build-6": DIGEST_B, "keep.web2.running": DIGEST_A, "keep.web2.rollback": DIGEST_B,
+               "prod9": DIGEST_A, "keep-eu.web1.running": DIGEST_A}
     kept = ed.without_deployers_tags({key: listing}, [web], "keep")[key]
-    assert sorted(kept) == ["build-5", "build-6", "keep-eu.web1"]  # (another prefix's: another deployer's tags)
+    assert sorted(kept) == ["build-5", "build-6", "keep-eu.web1.running"]  # (another prefix's: another deployer's tags)
     assert ed.newest_admitted(ed.service_version_policy(web), kept) == "build-6"
     assert sorted(ed.without_deployers_tags({key: listing}, [], None)[key]) == sorted(listing)
 
     hints = ed.EventHints(SimpleNamespace(label_filter=None, protect_prefix="keep"))
-    tag_follower = service(f"{HOST}/team/web:keep.web2@{DIGEST_A}", sid="f" * 16)
-    for tag in ("keep.web2", "keep.web2.prev", "prod9"):  # (a tag follower of one of them still follows it)
+    tag_follower = service(f"{HOST}/team/web:keep.web2.running@{DIGEST_A}", sid="f" * 16)
+    for tag in ("keep.web2.running", "keep.web2.rollback", "prod9"):  # (a tag follower of one of them still follows it)
         push = ed.Push(*key, tag, DIGEST_B)
         assert [h.service["ID"] for h in hints.of_target(push, DIGEST_B, [web, tag_follower])] == \
-            (["f" * 16] if tag == "keep.web2" else [])
+            (["f" * 16] if tag == "keep.web2.running" else [])
     assert [h.service["ID"] for h in hints.of_target(ed.Push(*key, "build-6", DIGEST_B), DIGEST_B, [web])] == \
         [web["ID"]]
 
@@ -7694,8 +7694,8 @@ def test_builds_and_dated_releases_follow_their_pattern_continuously_into_an_imm
 
 def test_a_loose_pattern_never_takes_the_deployers_own_tags_for_versions(aws, images, clean_swarm):
     """regex:.* alphabetical admits every tag of the repository, also those the deployer writes there: its
-    protection tag sw1.loose (on the digest the service runs) and a promote tag :prod. Taken for the newest
-    versions ("sw1.loose" > "prod" > "build-6" by text), they would hold the service on build-5 for good; the
+    protection tag sw1.loose.running (on the digest the service runs) and a promote tag :prod. Taken for the
+    newest versions ("sw1.loose.running" > "prod" > "build-6" by text), they would hold the service on build-5 for good; the
     pass rolls it to build-6, and --status is about build-6 too."""
     swarm, registry = clean_swarm, REGISTRIES[0]
     account, region, host = registry.account, registry.region, registry.host
@@ -7706,7 +7706,7 @@ def test_a_loose_pattern_never_takes_the_deployers_own_tags_for_versions(aws, im
         ed.VERSIONS_LABEL: "regex:.* alphabetical", ed.PROMOTE_LABEL: "prod"})
     env = deployer_env(aws, swarm, DEPLOYER_QUEUE="", DEPLOYER_PROTECT_TAG_PREFIX="sw1")
     run = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)
-    assert run.returncode == 0 and updated_lines(run.stderr) == [], run.stderr  # (sw1.loose now tags b5)
+    assert run.returncode == 0 and updated_lines(run.stderr) == [], run.stderr  # (sw1.loose.running now tags b5)
     b6 = aws.put_image(account, region, repo, "build-6", "b6")
     run = ed_run([sys.executable, DEPLOYER, "--reconcile"], env)
     assert run.returncode == 0, run.stderr
