@@ -3234,6 +3234,16 @@ SCAN_ERRORS = {"ScanNotFoundException": "NOT_FOUND", "AccessDeniedException": "D
                "ImageNotFoundException": "GONE", "RepositoryNotFoundException": "GONE"}
 
 
+def next_page(reply: dict, tokens: set, doing: str) -> str | None:
+    """The nextToken of one page of a paged ECR answer, None after the last; a token answered twice is an
+    error (every call is bounded, so must the paging be)."""
+    token = reply.get("nextToken")
+    if token in tokens:
+        raise AwsError(f"ECR answered the same nextToken twice {doing}")
+    tokens.add(token)
+    return token
+
+
 class Ecr:
     def __init__(self, session: botocore.session.Session, on_request=None):
         self._session = session
@@ -3322,12 +3332,9 @@ class Ecr:
                     raise AwsError(f"ECR answered an invalid digest {shown(digest)} for {repository}")
                 if is_valid("tag", tag):
                     tags[tag] = digest
-            token = reply.get("nextToken")
+            token = next_page(reply, tokens, f"listing the tags of {repository}")
             if not token:
                 return tags
-            if token in tokens:  # every call is bounded, the listing must be too
-                raise AwsError(f"ECR answered the same nextToken twice listing the tags of {repository}")
-            tokens.add(token)
 
     def _describe_images(self, account: str, region: str, repository: str, tags: list[str]) -> dict | None:
         """DescribeImages of these tags; None if one of them (or the repository) does not exist. Of every
@@ -3573,12 +3580,9 @@ class EcrKeptImages:
             if reply.get("status") != "COMPLETE":
                 raise AwsError(f"ECR's preview of {what} ended {shown(reply.get('status'))}")
             results += reply.get("previewResults") or []
-            token = reply.get("nextToken")
+            token = next_page(reply, tokens, f"previewing {what}")
             if not token:
                 return results
-            if token in tokens:  # every call is bounded, the paging must be too
-                raise AwsError(f"ECR answered the same nextToken twice previewing {what}")
-            tokens.add(token)
 
 
 # --------------------------------------------------------------------------- Docker shell

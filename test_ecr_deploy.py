@@ -4626,10 +4626,8 @@ def test_a_verifier_that_gives_no_answer_waits_and_blocks_once_the_bound_is_over
         "blocked", "no verdict within 5m: cosign gave no answer within 1s")
 
 
-def test_a_message_read_days_after_its_event_waits_from_its_first_receive_not_from_the_event(tmp_path, monkeypatch):
-    """A deployer back from a weekend's outage reads a Friday push: a verifier that cannot answer at
-    that moment (the registry busy) is a wait, counted from when SQS first handed the message to any
-    deployer (kept across redeliveries and managers), not an instant block for a two-day-old event."""
+def gate_whose_cosign_gets_503(tmp_path, monkeypatch):
+    """A cosign signature gate whose cosign (a stub on PATH) finds the registry answering 503."""
     folder = tmp_path / "bin"
     folder.mkdir()
     (folder / "cosign").write_text("#!/bin/sh\necho 'error during command execution: GET https://h/v2/: unexpected "
@@ -4638,7 +4636,14 @@ def test_a_message_read_days_after_its_event_waits_from_its_first_receive_not_fr
     monkeypatch.setenv("PATH", f"{folder}:/usr/bin:/bin")
     key = tmp_path / "k.pub"
     key.write_text("a public key")
-    gate = ed.SignatureGate(FixedCredentials(), ed.Trust("cosign", str(key)), str(tmp_path))
+    return ed.SignatureGate(FixedCredentials(), ed.Trust("cosign", str(key)), str(tmp_path)), folder
+
+
+def test_a_message_read_days_after_its_event_waits_from_its_first_receive_not_from_the_event(tmp_path, monkeypatch):
+    """A deployer back from a weekend's outage reads a Friday push: a verifier that cannot answer at
+    that moment (the registry busy) is a wait, counted from when SQS first handed the message to any
+    deployer (kept across redeliveries and managers), not an instant block for a two-day-old event."""
+    gate, folder = gate_whose_cosign_gets_503(tmp_path, monkeypatch)
     friday = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=2)).isoformat()
     monday = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A, time=friday,
                      received=time.time() - 1)
@@ -4685,15 +4690,7 @@ def test_a_verifier_unanswered_past_the_bound_stays_blocked_not_waiting_afresh_e
     """Past the bound, a digest whose verifier still cannot answer is blocked at every pass (asked each
     time), not given a fresh wait by the pass after the block: --status would flip between waiting and
     blocked for ever, each other pass promising a retry."""
-    folder = tmp_path / "bin"
-    folder.mkdir()
-    (folder / "cosign").write_text("#!/bin/sh\necho 'error during command execution: GET https://h/v2/: unexpected "
-                                   "status code 503 Service Unavailable' >&2\nexit 1\n")
-    (folder / "cosign").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{folder}:/usr/bin:/bin")
-    key = tmp_path / "k.pub"
-    key.write_text("a public key")
-    gate = ed.SignatureGate(FixedCredentials(), ed.Trust("cosign", str(key)), str(tmp_path))
+    gate, folder = gate_whose_cosign_gets_503(tmp_path, monkeypatch)
     push = ed.Push("123456789012", "us-east-1", "team/web", "latest", DIGEST_A, reconcile=True)
     clock = [time.time()]
     monkeypatch.setattr(time, "time", lambda: clock[0])
