@@ -15,7 +15,8 @@ tag with what the tag points to in ECR now; the operator's release policy (windo
 promotion) decides when; what must survive a restart lives on the service's labels.
 
 Read top-down: configuration, events (pure), images (pure: references, which tag a service
-follows), versions (pure: which tags a service may run, and the newest), specs (pure), service labels
+follows), versions (pure: which tags a version policy admits, and the newest), a service's version (pure:
+its policy, the version it should run, the deployer's own tags never versions), specs (pure), service labels
 (pure: provenance, failure records), release policy (pure), Swarm's tasks (pure: completed, soaked), a
 job before the rollout (pure: which image a service's pre-rollout job runs, how its run ended), status
 (pure), rollouts (pure), checks after the rollout (pure: what proves a rollout good, what proves it
@@ -33,7 +34,8 @@ rolls back), the job before the rollout (BeforeJobs: starts a service's pre-roll
 blocks), the auth keeper (AuthKeeper), the reconcile pass (Reconciler: a hint for every service behind
 its tag, or behind the newest version its policy admits), receiving (Receiver: batches bounded in time, held
 invisible while worked on), reports,
-notifications, logging and systemd, status (read-only), main.
+notifications, logging and systemd, status (read-only), running once or in a loop (signals, drain_once,
+poll_forever), starting (start, main).
 """
 from __future__ import annotations
 
@@ -974,6 +976,8 @@ def newer_tag_deleted(policy: VersionPolicy, listing: dict[str, str], running_ta
     newest = newest_admitted(policy, listing)
     return newest is None or is_newer(policy, running_tag, newest)
 
+
+# --------------------------------------------------------------------------- a service's version (pure)
 
 def service_version_policy(service: dict) -> VersionPolicy | None:
     """The service's version policy (VERSIONS_LABEL), None if it follows a tag. ValueError: malformed."""
@@ -6981,7 +6985,7 @@ def show_status(deployer: Deployer, as_json: bool, lint: bool = False) -> int:
     return next((code for code in (5, 1, 4) if code in codes), 0)  # what needs someone first, what settles last
 
 
-# --------------------------------------------------------------------------- main
+# --------------------------------------------------------------------------- running once or in a loop
 
 EXIT_MISCONFIGURED = 3
 
@@ -7178,6 +7182,8 @@ def poll_forever(deployer: Deployer, receiver: Receiver, signals: Signals, args:
     deployer.heartbeat.finish()
     return 0
 
+
+# --------------------------------------------------------------------------- starting
 
 def aws_session() -> botocore.session.Session:
     """boto3's credential and config chain, from botocore itself: boto3's own import (s3transfer,
