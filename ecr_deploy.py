@@ -5581,8 +5581,9 @@ class BeforeJobs:
             log.info("Service %s waits for its %s before %s: %s", service_label(service), decision.gate, hint.image,
                      decision.reason)
         self.said.add(key)
-        if self.deployer.rollouts.enabled:  # loop mode, --wait: followed here; else a later pass looks again
-            self.pending[key] = hint
+        kept = self.pending.get(key)
+        if self.deployer.rollouts.enabled and (kept is None or kept.push.reconcile and not push.reconcile):
+            self.pending[key] = hint  # followed here (loop mode, --wait); the event's over a pass's: it says why
         return True
 
     def start(self, hint: Hint, gate: str) -> bool:
